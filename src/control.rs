@@ -1,0 +1,340 @@
+//! The control block: one heap allocation holding the counts, the head of the
+//! death-callback list, and the value.
+//!
+//! ```text
+//!  Strong ─┐                       ┌──────────────── ControlBlock<T> ─────────────┐
+//!  Strong ─┼──► NonNull ──────────►│ Header { strong, weak, callbacks } │ value  │
+//!  Weak ───┘                       └──────────────────────────────────────────────┘
+//! ```
+//!
+//! The protocol (SAFETY.md, invariants I1–I6):
+//!
+//! * `strong` counts `Strong` handles. The value is alive while it is nonzero
+//!   and is dropped by the thread whose decrement takes it to zero. Once zero
+//!   it stays zero: `upgrade` only increments a nonzero count.
+//! * `weak` counts `Weak` handles plus one shared by all `Strong` handles
+//!   together (the "implicit weak"). The thread whose decrement takes it to
+//!   zero frees the allocation.
+//! * `weak == WEAK_LOCKED` only inside `Strong::get_mut`'s uniqueness check.
+//!
+//! Code outside this file never touches the counts directly: it calls the
+//! named transitions below, each of which documents its ordering.
+
+use std::mem::ManuallyDrop;
+use std::ptr::{self, NonNull};
+
+use crate::sync::{acquire_fence, spin_loop, AtomicPtr, AtomicUsize, LeakCheck, Ordering};
+
+/// Counts above this abort the process (I5). Half the address space: no
+/// program can hold this many handles without leaking them with
+/// `mem::forget`, and stopping there leaves `isize::MAX` of headroom for
+/// the increments other threads make before they see the overflow.
+const MAX_REFCOUNT: usize = isize::MAX as usize;
+
+/// The value `weak` holds while `Strong::get_mut` checks uniqueness (I6).
+const WEAK_LOCKED: usize = usize::MAX;
+
+/// The type-independent part of a control block. `Weak` handles reach the
+/// counts through `&Header` only, never through a reference that covers the
+/// value, which may already be dropped (I4).
+#[repr(C)]
+pub(crate) struct Header {
+    strong: AtomicUsize,
+    weak: AtomicUsize,
+    /// Head of this object's death-callback list, newest first. Null while
+    /// no callback is registered; the death-callback machinery owns the
+    /// nodes it points at.
+    callbacks: AtomicPtr<()>,
+}
+
+/// One allocation: header first (`repr(C)`), then the value.
+#[repr(C)]
+pub(crate) struct ControlBlock<T> {
+    header: Header,
+    /// Dropped in place by the last `Strong` (I2); the allocation itself is
+    /// freed later by the last weak reference (I3), which must not drop it
+    /// again, hence `ManuallyDrop`.
+    value: ManuallyDrop<T>,
+    leak_check: LeakCheck,
+}
+
+impl<T> ControlBlock<T> {
+    /// Allocates a block holding `value` with one strong handle and the
+    /// implicit weak handle.
+    pub(crate) fn allocate(value: T) -> NonNull<Self> {
+        let block = Box::new(ControlBlock {
+            header: Header {
+                strong: AtomicUsize::new(1),
+                weak: AtomicUsize::new(1),
+                callbacks: AtomicPtr::new(ptr::null_mut()),
+            },
+            value: ManuallyDrop::new(value),
+            leak_check: LeakCheck::new(()),
+        });
+        // `Box::into_raw` never returns null; the pointer keeps the Box's
+        // provenance over the whole allocation.
+        NonNull::from(Box::leak(block))
+    }
+
+    /// The header of the block at `this`.
+    ///
+    /// # Safety
+    ///
+    /// 1. `this` came from [`ControlBlock::allocate`] and the allocation is
+    ///    still live, i.e. the caller owns a strong or weak reference to it.
+    #[inline(always)]
+    pub(crate) unsafe fn header<'a>(this: NonNull<Self>) -> &'a Header {
+        // SAFETY: precondition 1 keeps the allocation live for as long as
+        // the caller's reference, which bounds 'a. `&raw const` projects to
+        // the header field alone, so no reference covers the value (I4).
+        unsafe { &*ptr::addr_of!((*this.as_ptr()).header) }
+    }
+
+    /// A pointer to the value; dereferencing it is the caller's business.
+    #[inline(always)]
+    pub(crate) fn value_ptr(this: NonNull<Self>) -> *mut T {
+        // `addr_of_mut!` projects without creating a reference, and
+        // `ManuallyDrop<T>` is `repr(transparent)` over `T`.
+        // SAFETY: the projection stays inside the allocation `this` points
+        // at; `addr_of_mut!` on a raw place reads nothing.
+        unsafe { ptr::addr_of_mut!((*this.as_ptr()).value).cast::<T>() }
+    }
+
+    /// Drops the value in place. Called once, by the thread that took the
+    /// strong count to zero (I2).
+    ///
+    /// # Safety
+    ///
+    /// 1. The caller's decrement took `strong` from 1 to 0 (or its
+    ///    `try_unwrap` CAS did), and it has executed the Acquire that makes
+    ///    every other handle's use of the value happen-before this call.
+    /// 2. It is called at most once per block.
+    pub(crate) unsafe fn drop_value(this: NonNull<Self>) {
+        // SAFETY: by 1 and 2 no other thread can reach the value any more
+        // (`upgrade` never revives a zero count), and the value was
+        // initialised by `allocate` and not yet dropped.
+        unsafe { ptr::drop_in_place(Self::value_ptr(this)) }
+    }
+
+    /// Frees the allocation without touching the value.
+    ///
+    /// # Safety
+    ///
+    /// 1. The caller's decrement took `weak` from 1 to 0 and it has executed
+    ///    the Acquire that orders every other handle's accesses before this.
+    /// 2. The value has already been dropped or moved out (I3).
+    pub(crate) unsafe fn deallocate(this: NonNull<Self>) {
+        // SAFETY: `this` came from `Box::leak` in `allocate` (1 makes us the
+        // only owner left); `value` is `ManuallyDrop`, so dropping the Box
+        // frees the memory without dropping the value a second time (2).
+        drop(unsafe { Box::from_raw(this.as_ptr()) });
+    }
+}
+
+impl Header {
+    /// Current strong count (a snapshot; it may change at once).
+    #[inline]
+    pub(crate) fn strong(&self) -> usize {
+        // Relaxed: a statistic; no memory access depends on it.
+        self.strong.load(Ordering::Relaxed)
+    }
+
+    /// Number of `Weak` handles: the weak count less the implicit weak held
+    /// by the `Strong` handles, or 0 once no `Strong` remains.
+    #[inline]
+    pub(crate) fn weak_handles(&self) -> usize {
+        // Relaxed: a statistic; no memory access depends on it.
+        let weak = self.weak.load(Ordering::Relaxed);
+        // Relaxed: as above.
+        let strong = self.strong.load(Ordering::Relaxed);
+        if strong == 0 || weak == WEAK_LOCKED {
+            // No strong handle: the implicit weak may or may not have been
+            // released yet; report no weak handles rather than guess. Locked:
+            // `get_mut` only locks when it sees no `Weak` handle at all.
+            0
+        } else {
+            weak - 1
+        }
+    }
+
+    /// A new `Strong` from an existing one.
+    #[inline]
+    pub(crate) fn increment_strong(&self) {
+        // Relaxed: the caller already holds a strong handle, which keeps the
+        // value alive across this increment; the handle it creates will be
+        // passed to other threads only through their own synchronisation
+        // (std's `Arc::clone` argues the same).
+        let old = self.strong.fetch_add(1, Ordering::Relaxed);
+        if old > MAX_REFCOUNT {
+            crate::sync::abort();
+        }
+    }
+
+    /// Releases one strong handle. Returns true when it was the last, in
+    /// which case the caller must drop the value and then release the
+    /// implicit weak.
+    #[inline]
+    pub(crate) fn decrement_strong(&self) -> bool {
+        // Release: every use of the value through this handle happens-before
+        // the decrement, so the thread that sees zero (Acquire below) sees
+        // them finished before it drops the value (O2).
+        if self.strong.fetch_sub(1, Ordering::Release) != 1 {
+            return false;
+        }
+        // Acquire: pairs with the Release decrements of every other strong
+        // handle (O2), so their uses of the value happen-before the drop.
+        acquire_fence!(self.strong);
+        true
+    }
+
+    /// `Weak::upgrade`: a new strong handle unless the count is zero, in
+    /// which case it stays zero forever (I1).
+    #[inline]
+    pub(crate) fn try_increment_strong(&self) -> bool {
+        // Relaxed: only the count matters for the first attempt; a stale
+        // value just fails the CAS.
+        let mut current = self.strong.load(Ordering::Relaxed);
+        loop {
+            if current == 0 {
+                return false;
+            }
+            if current > MAX_REFCOUNT {
+                crate::sync::abort();
+            }
+            // Relaxed on success (O3): nothing is acquired by an upgrade.
+            // The value is written only before any `Weak` can exist (at
+            // construction, or through `get_mut`, which refuses while a
+            // `Weak` exists), and the `Weak` reached this thread through
+            // synchronisation that happens-after those writes. Once the count
+            // is nonzero the value is only read. Relaxed on failure: we learn
+            // the new count and retry.
+            match self.strong.compare_exchange_weak(
+                current,
+                current + 1,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// `Strong::try_unwrap`: takes the count from exactly 1 to 0, leaving
+    /// the caller the sole owner of the value.
+    #[inline]
+    pub(crate) fn try_take_last_strong(&self) -> bool {
+        // Relaxed on success is enough together with the fence that follows:
+        // the fence gives the Acquire side of O2.
+        if self
+            .strong
+            .compare_exchange(1, 0, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            return false;
+        }
+        // Acquire: pairs with the Release decrements of the handles dropped
+        // before ours (O2), so their uses of the value happen-before the
+        // caller moves it out.
+        acquire_fence!(self.strong);
+        true
+    }
+
+    /// `Strong::downgrade`: a new weak handle. Waits out `get_mut`'s
+    /// uniqueness check, which holds the weak count at `WEAK_LOCKED` for a
+    /// few instructions (I6).
+    #[inline]
+    pub(crate) fn increment_weak_from_strong(&self) {
+        // Relaxed: only the count matters for the first attempt.
+        let mut current = self.weak.load(Ordering::Relaxed);
+        loop {
+            if current == WEAK_LOCKED {
+                spin_loop();
+                // Relaxed: re-read until the lock is gone.
+                current = self.weak.load(Ordering::Relaxed);
+                continue;
+            }
+            if current > MAX_REFCOUNT {
+                crate::sync::abort();
+            }
+            // Acquire on success: pairs with the Release store that unlocks
+            // the weak count in `is_unique` (O4), so a downgrade that waited
+            // for the lock happens-after the whole uniqueness check.
+            match self.weak.compare_exchange_weak(
+                current,
+                current + 1,
+                Ordering::Acquire,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return,
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// `Weak::clone`: a new weak handle from an existing one.
+    #[inline]
+    pub(crate) fn increment_weak(&self) {
+        // Relaxed: the caller's weak handle keeps the allocation alive and
+        // the count above 1, so `get_mut` cannot be holding the lock.
+        let old = self.weak.fetch_add(1, Ordering::Relaxed);
+        if old > MAX_REFCOUNT {
+            crate::sync::abort();
+        }
+    }
+
+    /// Releases one weak reference (a `Weak` or the implicit one). Returns
+    /// true when it was the last: the caller must free the allocation.
+    #[inline]
+    pub(crate) fn decrement_weak(&self) -> bool {
+        // Release: this handle's reads of the counts happen-before the free
+        // (O5).
+        if self.weak.fetch_sub(1, Ordering::Release) != 1 {
+            return false;
+        }
+        // Acquire: pairs with every other weak reference's Release
+        // decrement, and through the implicit weak with the value's drop
+        // (O5), before the allocation is freed.
+        acquire_fence!(self.weak);
+        true
+    }
+
+    /// `Strong::get_mut`'s check: true when the caller's strong handle is
+    /// the only handle of either kind.
+    pub(crate) fn is_unique(&self) -> bool {
+        // Lock the weak count so that no `downgrade` can slip in between the
+        // two loads below (I6): a second strong handle could otherwise be
+        // downgraded and dropped after we read `weak` and before we read
+        // `strong`, leaving a `Weak` that could upgrade while we hand out
+        // `&mut T`.
+        // Acquire: pairs with the Release decrement of the last `Weak` (O5).
+        // A `Weak` that upgraded and used the value is also ordered by the
+        // strong load below; this keeps each count's argument local.
+        // Relaxed on failure: we learn nothing we act on.
+        if self
+            .weak
+            .compare_exchange(1, WEAK_LOCKED, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            return false;
+        }
+        // Acquire: pairs with the Release decrements of other strong handles
+        // (O2), so their uses of the value happen-before our `&mut T`.
+        let unique = self.strong.load(Ordering::Acquire) == 1;
+        // Release: pairs with the Acquire CAS in
+        // `increment_weak_from_strong` (O4).
+        self.weak.store(1, Ordering::Release);
+        unique
+    }
+
+    /// Reads the death-callback list head at the moment of death.
+    ///
+    /// Called once, by the thread that dropped the value. Registration needs
+    /// a `Strong`, so no registration can race with this read.
+    pub(crate) fn callbacks_at_death(&self) -> *mut () {
+        // Acquire: pairs with the Release that will publish registered
+        // callback nodes, so their contents are visible to the thread that
+        // runs them.
+        self.callbacks.load(Ordering::Acquire)
+    }
+}

@@ -1,0 +1,232 @@
+//! Epoch-based reclamation: the one module that talks to crossbeam-epoch.
+//!
+//! A lock-free reader may hold a pointer to memory that a writer has just
+//! unlinked. The writer must not free that memory until every such reader is
+//! done; it *retires* the memory instead, and crossbeam-epoch frees it once
+//! every thread that was pinned at retirement time has unpinned (SAFETY.md,
+//! I7).
+//!
+//! Two things are added on top of crossbeam-epoch:
+//!
+//! * **An injectable collector.** [`Reclaimer::global`] uses crossbeam's
+//!   process-wide default collector and its cached per-thread handle (the
+//!   fast path). [`Reclaimer::with_collector`] uses a collector of the
+//!   caller's own, so a loom model or a test gets a fresh, isolated one
+//!   whose garbage it can account for exactly.
+//! * **Bounded garbage.** crossbeam-epoch frees retired memory only when a
+//!   thread happens to collect, which it does every 128 pins; a thread that
+//!   retires faster than that piles garbage up without bound (crossbeam
+//!   issue 566). Every [`FLUSH_EVERY`] retirements on a thread, [`Pinned::retire`]
+//!   flushes that thread's bag and runs a collection step, so garbage in
+//!   flight stays proportional to the number of threads, not to the number
+//!   of retirements.
+
+// The collections are the users of this module; until they land, only its
+// tests and loom model exercise it.
+#![allow(dead_code)]
+
+use std::cell::Cell;
+
+use crossbeam_epoch::{Collector, Guard, Shared};
+
+use crate::sync::thread_local;
+
+/// Retirements per thread between two forced flushes. Under loom a model
+/// retires a handful of objects, so the threshold shrinks to exercise the
+/// flush path.
+#[cfg(not(weakrefs_loom))]
+pub(crate) const FLUSH_EVERY: usize = 32;
+#[cfg(weakrefs_loom)]
+pub(crate) const FLUSH_EVERY: usize = 2;
+
+thread_local! {
+    /// Retirements made by this thread since its last forced flush.
+    static RETIRED_SINCE_FLUSH: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Where retired memory goes: crossbeam's global collector or one of the
+/// caller's own.
+#[derive(Debug, Default)]
+pub(crate) struct Reclaimer {
+    /// `None`: crossbeam-epoch's default collector, pinned through its
+    /// cached thread-local handle.
+    own: Option<Collector>,
+}
+
+impl Reclaimer {
+    /// The process-wide reclaimer that the public collections use.
+    pub(crate) const fn global() -> Self {
+        Reclaimer { own: None }
+    }
+
+    /// A reclaimer over the caller's own collector (tests, loom models).
+    pub(crate) fn with_collector(collector: Collector) -> Self {
+        Reclaimer {
+            own: Some(collector),
+        }
+    }
+
+    /// Pins the current thread: memory retired by anyone after this call is
+    /// not freed before the returned guard is dropped.
+    #[inline]
+    pub(crate) fn pin(&self) -> Pinned {
+        let guard = match &self.own {
+            None => crossbeam_epoch::pin(),
+            // Registering per pin is slow, but this path serves tests and
+            // models only. The guard keeps its participant alive after the
+            // handle is dropped.
+            Some(collector) => collector.register().pin(),
+        };
+        Pinned { guard }
+    }
+}
+
+/// A pinned thread: reads under it may follow pointers that writers retire.
+#[derive(Debug)]
+pub(crate) struct Pinned {
+    guard: Guard,
+}
+
+impl Pinned {
+    /// The crossbeam guard, for `Atomic::load` and friends.
+    #[inline]
+    pub(crate) fn guard(&self) -> &Guard {
+        &self.guard
+    }
+
+    /// Hands `ptr` to the collector, which drops and frees it once no thread
+    /// pinned now can still read it.
+    ///
+    /// # Safety
+    ///
+    /// 1. `ptr` points at a live heap object allocated by crossbeam's `Owned`
+    ///    (or `Box`), and has been unlinked: no thread that pins after this
+    ///    call can reach it.
+    /// 2. It is retired once.
+    pub(crate) unsafe fn retire<T: Send + 'static>(&self, ptr: Shared<'_, T>) {
+        // SAFETY: preconditions 1 and 2 are crossbeam's own for
+        // `defer_destroy`: unlinked, so only threads pinned now can hold it,
+        // and the collector waits for them (I7); retired once, so freed once.
+        unsafe { self.guard.defer_destroy(ptr) };
+        let due = RETIRED_SINCE_FLUSH.with(|count| {
+            let next = count.get() + 1;
+            count.set(if next >= FLUSH_EVERY { 0 } else { next });
+            next >= FLUSH_EVERY
+        });
+        if due {
+            self.flush();
+        }
+    }
+
+    /// Moves this thread's retired memory to the global queue and runs a
+    /// collection step, freeing whatever no pinned thread can still read.
+    pub(crate) fn flush(&self) {
+        self.guard.flush();
+    }
+}
+
+#[cfg(all(test, not(weakrefs_loom)))]
+mod tests {
+    use super::*;
+    use crossbeam_epoch::{Atomic, Owned};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    /// Counts drops, so a test can see what was freed.
+    struct Tracked(Arc<AtomicUsize>);
+    impl Drop for Tracked {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn retired_memory_is_freed_once_no_reader_is_pinned() {
+        let reclaimer = Reclaimer::with_collector(Collector::new());
+        let drops = Arc::new(AtomicUsize::new(0));
+        let slot = Atomic::new(Tracked(drops.clone()));
+        let count = if cfg!(miri) { 20 } else { 1000 };
+        for _ in 0..count {
+            let pinned = reclaimer.pin();
+            let old = slot.swap(
+                Owned::new(Tracked(drops.clone())),
+                Ordering::AcqRel,
+                pinned.guard(),
+            );
+            // SAFETY: `old` was unlinked by the swap and is retired once.
+            unsafe { pinned.retire(old) };
+        }
+        for _ in 0..16 {
+            reclaimer.pin().flush();
+        }
+        assert_eq!(drops.load(Ordering::Relaxed), count);
+        // SAFETY: the slot is ours alone now; take back its last value.
+        drop(unsafe { slot.into_owned() });
+        assert_eq!(drops.load(Ordering::Relaxed), count + 1);
+    }
+
+    #[test]
+    fn a_pinned_reader_keeps_retired_memory_alive() {
+        let reclaimer = Reclaimer::with_collector(Collector::new());
+        let drops = Arc::new(AtomicUsize::new(0));
+        let slot = Atomic::new(Tracked(drops.clone()));
+        let reader = reclaimer.pin();
+        let seen = slot.load(Ordering::Acquire, reader.guard());
+        {
+            let writer = reclaimer.pin();
+            let old = slot.swap(
+                Owned::new(Tracked(drops.clone())),
+                Ordering::AcqRel,
+                writer.guard(),
+            );
+            // SAFETY: unlinked by the swap, retired once.
+            unsafe { writer.retire(old) };
+        }
+        for _ in 0..16 {
+            reclaimer.pin().flush();
+        }
+        // The reader is still pinned: what it loaded must not be freed.
+        assert_eq!(drops.load(Ordering::Relaxed), 0);
+        // SAFETY: `reader` is pinned, so `seen` is still allocated.
+        assert!(Arc::ptr_eq(&unsafe { seen.deref() }.0, &drops));
+        drop(reader);
+        for _ in 0..16 {
+            reclaimer.pin().flush();
+        }
+        assert_eq!(drops.load(Ordering::Relaxed), 1);
+        // SAFETY: the slot is ours alone now.
+        drop(unsafe { slot.into_owned() });
+    }
+
+    #[test]
+    fn garbage_stays_bounded_when_a_thread_only_retires() {
+        // The global collector, as the collections use it: one thread
+        // retiring without pause must not pile up garbage (crossbeam #566).
+        let reclaimer = Reclaimer::global();
+        let drops = Arc::new(AtomicUsize::new(0));
+        let slot = Atomic::new(Tracked(drops.clone()));
+        let count = if cfg!(miri) { 600 } else { 200_000 };
+        let mut worst_backlog = 0;
+        for retired in 1..=count {
+            let pinned = reclaimer.pin();
+            let old = slot.swap(
+                Owned::new(Tracked(drops.clone())),
+                Ordering::AcqRel,
+                pinned.guard(),
+            );
+            // SAFETY: unlinked by the swap, retired once.
+            unsafe { pinned.retire(old) };
+            drop(pinned);
+            worst_backlog = worst_backlog.max(retired - drops.load(Ordering::Relaxed));
+        }
+        // Other tests share the global collector and may hold it back a
+        // little; the bound is generous but far below `count`.
+        let bound = if cfg!(miri) { 400 } else { 20_000 };
+        assert!(worst_backlog <= bound, "backlog reached {worst_backlog}");
+        let pinned = reclaimer.pin();
+        let last = slot.swap(Shared::null(), Ordering::AcqRel, pinned.guard());
+        // SAFETY: unlinked by the swap (no other thread knows the slot),
+        // retired once.
+        unsafe { pinned.retire(last) };
+    }
+}

@@ -1,0 +1,84 @@
+//! The one place that names atomics, fences and model-checker types.
+//!
+//! Every other module imports its synchronisation primitives from here, so a
+//! build with `--cfg weakrefs_loom` swaps the whole crate onto loom's model
+//! checker and a build with `--cfg weakrefs_tsan` swaps fences for loads that
+//! ThreadSanitizer understands. Nothing else in the crate may spell
+//! `std::sync::atomic` or `loom`.
+
+#[cfg(not(weakrefs_loom))]
+pub(crate) use std::sync::atomic::{fence, AtomicPtr, AtomicUsize, Ordering};
+
+#[cfg(weakrefs_loom)]
+pub(crate) use loom::sync::atomic::{fence, AtomicPtr, AtomicUsize, Ordering};
+
+/// Issues an Acquire fence that synchronises with the Release operations
+/// that preceded the value `$atomic` holds now.
+///
+/// ThreadSanitizer does not model fences, so under `--cfg weakrefs_tsan` the
+/// fence becomes an Acquire load of the same atomic: a stronger-or-equal
+/// ordering for that one location, which is all the callers rely on (std's
+/// `Arc` does the same with its `acquire!` macro).
+macro_rules! acquire_fence {
+    ($atomic:expr) => {{
+        #[cfg(not(weakrefs_tsan))]
+        {
+            let _ = &$atomic;
+            $crate::sync::fence($crate::sync::Ordering::Acquire);
+        }
+        #[cfg(weakrefs_tsan)]
+        {
+            let _ = $atomic.load($crate::sync::Ordering::Acquire);
+        }
+    }};
+}
+pub(crate) use acquire_fence;
+
+/// Hint for a short busy wait (the only spin in the crate is
+/// `Strong::get_mut`'s few-instruction weak-count lock).
+#[inline]
+pub(crate) fn spin_loop() {
+    #[cfg(not(weakrefs_loom))]
+    std::hint::spin_loop();
+    // Under loom a spin must yield, or the model would explore an endless
+    // schedule in which the lock holder never runs.
+    #[cfg(weakrefs_loom)]
+    loom::thread::yield_now();
+}
+
+/// Ends the process: the response to a reference count that would overflow,
+/// as in std's `Arc`. Unwinding is not an option, since the count is already
+/// corrupt for every other thread holding a handle.
+#[cold]
+#[inline(never)]
+pub(crate) fn abort() -> ! {
+    std::process::abort()
+}
+
+/// Leak detector for allocations the model checker should see freed.
+///
+/// Under loom it is loom's `Track`, so a model that leaks a control block
+/// fails; elsewhere it is a zero-sized marker that costs nothing.
+#[cfg(weakrefs_loom)]
+pub(crate) type LeakCheck = loom::alloc::Track<()>;
+
+/// Zero-sized stand-in for loom's leak tracker in ordinary builds.
+#[cfg(not(weakrefs_loom))]
+#[derive(Debug)]
+pub(crate) struct LeakCheck(());
+
+#[cfg(not(weakrefs_loom))]
+impl LeakCheck {
+    #[inline(always)]
+    pub(crate) fn new(_: ()) -> Self {
+        LeakCheck(())
+    }
+}
+
+/// Thread-local storage that loom can see.
+#[cfg(not(weakrefs_loom))]
+pub(crate) use std::thread_local;
+
+/// Thread-local storage that loom can see.
+#[cfg(weakrefs_loom)]
+pub(crate) use loom::thread_local;

@@ -1,0 +1,253 @@
+//! `Weak<T>`: the non-owning handle.
+
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::marker::PhantomData;
+use std::ptr::NonNull;
+
+use crate::control::{ControlBlock, Header};
+use crate::error::ReferenceError;
+use crate::strong::Strong;
+
+/// A non-owning handle that names an object without keeping it alive, like
+/// Python's `weakref.ref` or [`std::sync::Weak`].
+///
+/// [`upgrade`](Weak::upgrade) returns a [`Strong`] while the object lives
+/// and `None` forever after. Equality and hashing are by identity and never
+/// change when the object dies, so a `Weak` is a stable key in a
+/// `HashSet` or `HashMap` (Python instead compares referents and refuses to
+/// hash a dead reference).
+///
+/// # Examples
+///
+/// ```
+/// use weakrefs::{Strong, Weak};
+///
+/// let template = Strong::new("compiled template");
+/// let weak: Weak<&str> = Strong::downgrade(&template);
+/// assert_eq!(*weak.upgrade().unwrap(), "compiled template");
+///
+/// drop(template);
+/// assert!(!weak.is_alive());
+/// assert!(weak.upgrade().is_none());
+/// ```
+pub struct Weak<T> {
+    /// `None` for [`Weak::new`], which names no object.
+    block: Option<NonNull<ControlBlock<T>>>,
+    _names: PhantomData<ControlBlock<T>>,
+}
+
+// SAFETY: a `Weak<T>` can become a `Strong<T>` in the thread that holds it,
+// so it needs what `Strong<T>` needs, as `std::sync::Weak` does.
+unsafe impl<T: Send + Sync> Send for Weak<T> {}
+// SAFETY: `&Weak<T>` can be upgraded to a `Strong<T>` in the borrowing
+// thread; same bounds as `Send`.
+unsafe impl<T: Send + Sync> Sync for Weak<T> {}
+
+impl<T> Weak<T> {
+    /// A `Weak` that names no object and never upgrades.
+    ///
+    /// ```
+    /// let w = weakrefs::Weak::<u32>::new();
+    /// assert!(w.upgrade().is_none());
+    /// assert_eq!(w.strong_count(), 0);
+    /// ```
+    pub const fn new() -> Self {
+        Weak {
+            block: None,
+            _names: PhantomData,
+        }
+    }
+
+    /// Wraps a block whose weak count already includes this handle.
+    pub(crate) fn from_block(block: NonNull<ControlBlock<T>>) -> Self {
+        Weak {
+            block: Some(block),
+            _names: PhantomData,
+        }
+    }
+
+    #[inline(always)]
+    fn header(&self) -> Option<&Header> {
+        // SAFETY: this handle holds a weak count, which keeps the allocation
+        // (not the value) live for as long as `&self` (I3). Only the header
+        // is borrowed (I4).
+        self.block
+            .map(|block| unsafe { ControlBlock::header(block) })
+    }
+
+    /// A [`Strong`] handle if the object is still alive.
+    ///
+    /// Never revives a dead object: once the last `Strong` is gone, every
+    /// upgrade fails, even one racing with that last drop.
+    ///
+    /// ```
+    /// use weakrefs::Strong;
+    ///
+    /// let session = Strong::new(42);
+    /// let weak = Strong::downgrade(&session);
+    /// if let Some(s) = weak.upgrade() {
+    ///     assert_eq!(*s, 42);
+    /// }
+    /// ```
+    #[inline]
+    pub fn upgrade(&self) -> Option<Strong<T>> {
+        let block = self.block?;
+        if self.header()?.try_increment_strong() {
+            Some(Strong::from_block(block))
+        } else {
+            None
+        }
+    }
+
+    /// [`upgrade`](Weak::upgrade) with an error that says what went wrong,
+    /// the analogue of using a dead Python `weakref.proxy`.
+    ///
+    /// ```
+    /// use weakrefs::Strong;
+    ///
+    /// let obj = Strong::new(1);
+    /// let weak = Strong::downgrade(&obj);
+    /// drop(obj);
+    /// let err = weak.try_upgrade().unwrap_err();
+    /// assert_eq!(err.to_string(), "weakly-referenced object no longer exists");
+    /// ```
+    pub fn try_upgrade(&self) -> Result<Strong<T>, ReferenceError> {
+        self.upgrade().ok_or(ReferenceError)
+    }
+
+    /// True while at least one [`Strong`] exists. Another thread may drop
+    /// it a moment later: to use the object, [`upgrade`](Weak::upgrade).
+    ///
+    /// ```
+    /// use weakrefs::Strong;
+    ///
+    /// let obj = Strong::new(());
+    /// let weak = Strong::downgrade(&obj);
+    /// assert!(weak.is_alive());
+    /// drop(obj);
+    /// assert!(!weak.is_alive());
+    /// ```
+    pub fn is_alive(&self) -> bool {
+        self.strong_count() != 0
+    }
+
+    /// Number of [`Strong`] handles to the object; 0 once it is dead or for
+    /// [`Weak::new`].
+    ///
+    /// ```
+    /// use weakrefs::Strong;
+    ///
+    /// let obj = Strong::new(());
+    /// let weak = Strong::downgrade(&obj);
+    /// assert_eq!(weak.strong_count(), 1);
+    /// ```
+    pub fn strong_count(&self) -> usize {
+        self.header().map_or(0, Header::strong)
+    }
+
+    /// Number of `Weak` handles to the object, this one included; 0 once the
+    /// object is dead (as for `std::sync::Weak`) or for [`Weak::new`].
+    ///
+    /// ```
+    /// use weakrefs::Strong;
+    ///
+    /// let obj = Strong::new(());
+    /// let w1 = Strong::downgrade(&obj);
+    /// let _w2 = w1.clone();
+    /// assert_eq!(w1.weak_count(), 2);
+    /// drop(obj);
+    /// assert_eq!(w1.weak_count(), 0);
+    /// ```
+    pub fn weak_count(&self) -> usize {
+        self.header().map_or(0, Header::weak_handles)
+    }
+
+    /// True when both name the same object, or both came from
+    /// [`Weak::new`]. Works after death too.
+    ///
+    /// ```
+    /// use weakrefs::Strong;
+    ///
+    /// let obj = Strong::new(());
+    /// let a = Strong::downgrade(&obj);
+    /// let b = Strong::downgrade(&obj);
+    /// drop(obj);
+    /// assert!(a.ptr_eq(&b));
+    /// ```
+    pub fn ptr_eq(&self, other: &Self) -> bool {
+        self.block == other.block
+    }
+
+    /// The identity used by `Eq` and `Hash`: the block's address, which a
+    /// `Weak` keeps allocated, so no other object can take it while this
+    /// handle lives.
+    fn identity(&self) -> usize {
+        self.block.map_or(0, |block| block.as_ptr() as usize)
+    }
+}
+
+impl<T> Clone for Weak<T> {
+    /// Another handle to the same object.
+    fn clone(&self) -> Self {
+        if let Some(header) = self.header() {
+            header.increment_weak();
+        }
+        Weak {
+            block: self.block,
+            _names: PhantomData,
+        }
+    }
+}
+
+impl<T> Drop for Weak<T> {
+    #[inline]
+    fn drop(&mut self) {
+        let Some(block) = self.block else { return };
+        // SAFETY: see `header`: our weak count keeps the block live until the
+        // decrement below.
+        let header = unsafe { ControlBlock::header(block) };
+        if header.decrement_weak() {
+            // SAFETY: our decrement took the weak count to zero and executed
+            // the Acquire fence (O5). The implicit weak is released only
+            // after the value was dropped or moved out, so it is gone (I3).
+            unsafe { ControlBlock::deallocate(block) };
+        }
+    }
+}
+
+impl<T> Default for Weak<T> {
+    /// Same as [`Weak::new`].
+    fn default() -> Self {
+        Weak::new()
+    }
+}
+
+impl<T> fmt::Debug for Weak<T> {
+    /// `(Weak: alive)` or `(Weak: dead)`; never touches the value.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_alive() {
+            f.write_str("(Weak: alive)")
+        } else {
+            f.write_str("(Weak: dead)")
+        }
+    }
+}
+
+impl<T> PartialEq for Weak<T> {
+    /// Identity, as [`Weak::ptr_eq`].
+    fn eq(&self, other: &Self) -> bool {
+        self.ptr_eq(other)
+    }
+}
+
+impl<T> Eq for Weak<T> {}
+
+impl<T> Hash for Weak<T> {
+    /// Hashes the identity, which never changes when the object dies.
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.identity().hash(state)
+    }
+}
+
+impl<T> Unpin for Weak<T> {}
