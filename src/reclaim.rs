@@ -41,7 +41,7 @@ pub(crate) const FLUSH_EVERY: usize = 2;
 
 thread_local! {
     /// Retirements made by this thread since its last forced flush.
-    static RETIRED_SINCE_FLUSH: Cell<usize> = const { Cell::new(0) };
+    static RETIRED_SINCE_FLUSH: Cell<usize> = Cell::new(0);
 }
 
 /// Where retired memory goes: crossbeam's global collector or one of the
@@ -228,5 +228,69 @@ mod tests {
         // SAFETY: unlinked by the swap (no other thread knows the slot),
         // retired once.
         unsafe { pinned.retire(last) };
+    }
+}
+
+/// Loom model (SAFETY.md, I7): a reader pinned before a writer unlinks and
+/// retires a node may still read it; the node's destructor, which writes the
+/// memory, is ordered after that read. Run by `.ci/loom`.
+#[cfg(all(test, weakrefs_loom))]
+mod loom_model {
+    use super::*;
+    use crossbeam_epoch::{Atomic, Owned};
+    use loom::cell::UnsafeCell;
+    use loom::sync::atomic::Ordering;
+    use loom::sync::Arc;
+    use loom::thread;
+
+    struct Node(UnsafeCell<u64>);
+
+    impl Node {
+        fn read(&self) -> u64 {
+            // SAFETY: shared read; loom checks it against the write in drop.
+            self.0.with(|p| unsafe { *p })
+        }
+    }
+
+    impl Drop for Node {
+        fn drop(&mut self) {
+            // SAFETY: exclusive if reclamation is right; loom checks it.
+            self.0.with_mut(|p| unsafe { *p = 0 });
+        }
+    }
+
+    #[test]
+    fn retired_node_outlives_pinned_reader() {
+        loom::model(|| {
+            let reclaimer = Arc::new(Reclaimer::with_collector(Collector::new()));
+            let slot = Arc::new(Atomic::new(Node(UnsafeCell::new(1))));
+            let reader = {
+                let reclaimer = reclaimer.clone();
+                let slot = slot.clone();
+                thread::spawn(move || {
+                    let pinned = reclaimer.pin();
+                    let node = slot.load(Ordering::Acquire, pinned.guard());
+                    // SAFETY: loaded under `pinned`; never null here.
+                    unsafe { node.deref() }.read()
+                })
+            };
+            for value in [2, 3] {
+                let pinned = reclaimer.pin();
+                let new = Owned::new(Node(UnsafeCell::new(value)));
+                let old = slot.swap(new, Ordering::AcqRel, pinned.guard());
+                // SAFETY: unlinked by the swap, retired once.
+                unsafe { pinned.retire(old) };
+            }
+            let seen = reader.join().unwrap();
+            assert!((1..=3).contains(&seen));
+            let pinned = reclaimer.pin();
+            let last = slot.swap(
+                crossbeam_epoch::Shared::null(),
+                Ordering::AcqRel,
+                pinned.guard(),
+            );
+            // SAFETY: unlinked by the swap, retired once.
+            unsafe { pinned.retire(last) };
+        });
     }
 }
