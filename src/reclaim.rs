@@ -41,6 +41,8 @@ pub(crate) const FLUSH_EVERY: usize = 2;
 
 thread_local! {
     /// Retirements made by this thread since its last forced flush.
+    // loom's `thread_local!` takes no `const` initialiser.
+    #[allow(clippy::missing_const_for_thread_local)]
     static RETIRED_SINCE_FLUSH: Cell<usize> = Cell::new(0);
 }
 
