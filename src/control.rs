@@ -135,7 +135,7 @@ impl Header {
     /// Current strong count (a snapshot; it may change at once).
     #[inline]
     pub(crate) fn strong(&self) -> usize {
-        // Relaxed: a statistic; no memory access depends on it.
+        // Relaxed (O8): a statistic; no memory access depends on it.
         self.strong.load(Ordering::Relaxed)
     }
 
@@ -143,9 +143,9 @@ impl Header {
     /// by the `Strong` handles, or 0 once no `Strong` remains.
     #[inline]
     pub(crate) fn weak_handles(&self) -> usize {
-        // Relaxed: a statistic; no memory access depends on it.
+        // Relaxed (O8): a statistic; no memory access depends on it.
         let weak = self.weak.load(Ordering::Relaxed);
-        // Relaxed: as above.
+        // Relaxed (O8): as above.
         let strong = self.strong.load(Ordering::Relaxed);
         if strong == 0 || weak == WEAK_LOCKED {
             // No strong handle: the implicit weak may or may not have been
@@ -160,7 +160,7 @@ impl Header {
     /// A new `Strong` from an existing one.
     #[inline]
     pub(crate) fn increment_strong(&self) {
-        // Relaxed: the caller already holds a strong handle, which keeps the
+        // Relaxed (O1): the caller already holds a strong handle, which keeps the
         // value alive across this increment; the handle it creates will be
         // passed to other threads only through their own synchronisation
         // (std's `Arc::clone` argues the same).
@@ -224,8 +224,7 @@ impl Header {
     /// the caller the sole owner of the value.
     #[inline]
     pub(crate) fn try_take_last_strong(&self) -> bool {
-        // Relaxed on success is enough together with the fence that follows:
-        // the fence gives the Acquire side of O2.
+        // Relaxed (O2′): the fence that follows gives the Acquire side.
         if self
             .strong
             .compare_exchange(1, 0, Ordering::Relaxed, Ordering::Relaxed)
@@ -234,7 +233,7 @@ impl Header {
             return false;
         }
         // Acquire: pairs with the Release decrements of the handles dropped
-        // before ours (O2), so their uses of the value happen-before the
+        // before ours (O2′), so their uses of the value happen-before the
         // caller moves it out.
         acquire_fence!(self.strong);
         true
@@ -257,8 +256,8 @@ impl Header {
             if current > MAX_REFCOUNT {
                 crate::sync::abort();
             }
-            // Acquire on success: pairs with the Release store that unlocks
-            // the weak count in `is_unique` (O4), so a downgrade that waited
+            // Acquire on success (O7): pairs with the Release store that
+            // unlocks the weak count in `is_unique` (O4), so a downgrade that waited
             // for the lock happens-after the whole uniqueness check.
             match self.weak.compare_exchange_weak(
                 current,
@@ -275,7 +274,7 @@ impl Header {
     /// `Weak::clone`: a new weak handle from an existing one.
     #[inline]
     pub(crate) fn increment_weak(&self) {
-        // Relaxed: the caller's weak handle keeps the allocation alive and
+        // Relaxed (O6): the caller's weak handle keeps the allocation alive and
         // the count above 1, so `get_mut` cannot be holding the lock.
         let old = self.weak.fetch_add(1, Ordering::Relaxed);
         if old > MAX_REFCOUNT {
@@ -318,8 +317,8 @@ impl Header {
         {
             return false;
         }
-        // Acquire: pairs with the Release decrements of other strong handles
-        // (O2), so their uses of the value happen-before our `&mut T`.
+        // Acquire (O4′): pairs with the Release decrements of other strong
+        // handles (O2), so their uses of the value happen-before our `&mut T`.
         let unique = self.strong.load(Ordering::Acquire) == 1;
         // Release: pairs with the Acquire CAS in
         // `increment_weak_from_strong` (O4).
@@ -332,7 +331,7 @@ impl Header {
     /// Called once, by the thread that dropped the value. Registration needs
     /// a `Strong`, so no registration can race with this read.
     pub(crate) fn callbacks_at_death(&self) -> *mut () {
-        // Acquire: pairs with the Release that will publish registered
+        // Acquire (O9): pairs with the Release that will publish registered
         // callback nodes, so their contents are visible to the thread that
         // runs them.
         self.callbacks.load(Ordering::Acquire)

@@ -1,0 +1,111 @@
+//! A short tour of what `weakrefs` does today: `Strong`/`Weak` handles shared
+//! across threads, and objects that live exactly as long as someone holds
+//! them.
+//!
+//! `cargo run --release --example tour`
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::thread;
+
+use weakrefs::{Strong, Weak};
+
+/// A big object a server would rather not build twice: here, a "decoded
+/// image" of a few hundred kilobytes.
+struct Image {
+    name: String,
+    pixels: Vec<u8>,
+}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        println!(
+            "    [{}] dropped {} ({} KiB), by the last holder",
+            thread::current().name().unwrap_or("?"),
+            self.name,
+            self.pixels.len() / 1024
+        );
+    }
+}
+
+fn decode(name: &str) -> Image {
+    Image {
+        name: name.to_string(),
+        pixels: vec![name.len() as u8; 256 * 1024],
+    }
+}
+
+fn main() {
+    println!("1. A Weak names an object without keeping it alive");
+    let logo = Strong::new(decode("logo.png"));
+    let weak_logo: Weak<Image> = Strong::downgrade(&logo);
+    println!(
+        "    strong_count = {}, weak_count = {}, alive = {}",
+        Strong::strong_count(&logo),
+        Strong::weak_count(&logo),
+        weak_logo.is_alive()
+    );
+    drop(logo);
+    println!(
+        "    after the last Strong: upgrade() = {:?}",
+        weak_logo.upgrade().map(|i| i.name.clone())
+    );
+    match weak_logo.try_upgrade() {
+        Ok(_) => unreachable!("the object is dead"),
+        Err(e) => println!("    try_upgrade(): {e}"),
+    }
+
+    println!("\n2. Weak handles are stable keys: identity, even after death");
+    let a = Strong::new(decode("a.png"));
+    let b = Strong::new(decode("b.png"));
+    let mut seen: HashSet<Weak<Image>> = HashSet::new();
+    seen.insert(Strong::downgrade(&a));
+    seen.insert(Strong::downgrade(&b));
+    let weak_a = Strong::downgrade(&a);
+    drop(a);
+    println!(
+        "    {} entries; the dead one is still found: {}",
+        seen.len(),
+        seen.contains(&weak_a)
+    );
+    drop(b);
+
+    println!("\n3. Worker threads share a cache of Weak handles");
+    println!("   (WeakValueMap will do this lock-free and clean up by itself)");
+    let cache: Mutex<HashMap<String, Weak<Image>>> = Mutex::new(HashMap::new());
+    let requests = ["hero.png", "hero.png", "icon.png", "hero.png"];
+    thread::scope(|scope| {
+        for (i, name) in requests.into_iter().enumerate() {
+            let cache = &cache;
+            thread::Builder::new()
+                .name(format!("worker-{i}"))
+                .spawn_scoped(scope, move || {
+                    let image = {
+                        let mut cache = cache.lock().unwrap();
+                        match cache.get(name).and_then(Weak::upgrade) {
+                            Some(image) => image,
+                            None => {
+                                let image = Strong::new(decode(name));
+                                cache.insert(name.to_string(), Strong::downgrade(&image));
+                                image
+                            }
+                        }
+                    };
+                    println!(
+                        "    [worker-{i}] serving {} ({} holders)",
+                        image.name,
+                        Strong::strong_count(&image)
+                    );
+                })
+                .expect("spawn worker");
+        }
+    });
+    let cache = cache.into_inner().unwrap();
+    let live = cache.values().filter(|w| w.is_alive()).count();
+    println!(
+        "    requests done: {} cache entries, {} still alive (the images went with their last request)",
+        cache.len(),
+        live
+    );
+    assert_eq!(live, 0);
+}
