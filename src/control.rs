@@ -23,6 +23,7 @@
 use std::mem::ManuallyDrop;
 use std::ptr::{self, NonNull};
 
+use crate::callbacks::ObjectCallbacks;
 use crate::sync::{acquire_fence, spin_loop, AtomicPtr, AtomicUsize, LeakCheck, Ordering};
 
 /// Counts above this abort the process (I5). Half the address space: no
@@ -41,10 +42,9 @@ const WEAK_LOCKED: usize = usize::MAX;
 pub(crate) struct Header {
     strong: AtomicUsize,
     weak: AtomicUsize,
-    /// Head of this object's death-callback list, newest first. Null while
-    /// no callback is registered; the death-callback machinery owns the
-    /// nodes it points at.
-    callbacks: AtomicPtr<()>,
+    /// This object's death-callback list, allocated by the first
+    /// `finalize` on it (null until then) and taken by its death.
+    callbacks: AtomicPtr<ObjectCallbacks>,
 }
 
 /// One allocation: header first (`repr(C)`), then the value.
@@ -326,14 +326,54 @@ impl Header {
         unique
     }
 
-    /// Reads the death-callback list head at the moment of death.
+    /// The object's callback list, allocated on first use.
     ///
-    /// Called once, by the thread that dropped the value. Registration needs
-    /// a `Strong`, so no registration can race with this read.
-    pub(crate) fn callbacks_at_death(&self) -> *mut () {
-        // Acquire (O9): pairs with the Release that will publish registered
-        // callback nodes, so their contents are visible to the thread that
-        // runs them.
-        self.callbacks.load(Ordering::Acquire)
+    /// The list lives until the object dies, so the caller must hold a
+    /// strong handle for as long as it uses the reference (C6).
+    pub(crate) fn callback_list(&self) -> &ObjectCallbacks {
+        // Acquire (C12): pairs with the Release CAS that installed the list,
+        // so its initialisation is visible.
+        let current = self.callbacks.load(Ordering::Acquire);
+        if !current.is_null() {
+            // SAFETY: installed lists are freed only at death (C6), and the
+            // caller's strong handle keeps the object alive.
+            return unsafe { &*current };
+        }
+        self.install_callback_list()
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn install_callback_list(&self) -> &ObjectCallbacks {
+        let fresh = Box::into_raw(Box::new(ObjectCallbacks::new()));
+        // Release (C12): publishes the new list's initialisation. Acquire on
+        // failure: pairs with the winner's Release, as in `callback_list`.
+        match self.callbacks.compare_exchange(
+            ptr::null_mut(),
+            fresh,
+            Ordering::Release,
+            Ordering::Acquire,
+        ) {
+            // SAFETY: installed by us; freed only at death (C6), which the
+            // caller's strong handle holds off.
+            Ok(_) => unsafe { &*fresh },
+            Err(winner) => {
+                // SAFETY: `fresh` was never published; it is still ours.
+                drop(unsafe { Box::from_raw(fresh) });
+                // SAFETY: as for `fresh` above, for the winner's list.
+                unsafe { &*winner }
+            }
+        }
+    }
+
+    /// Takes the callback list at the object's death. Called once, by the
+    /// thread that took the strong count to zero; registration needs a
+    /// `Strong`, so none can race with this.
+    pub(crate) fn take_callback_list(&self) -> Option<Box<ObjectCallbacks>> {
+        // Acquire (C12): pairs with the Release CAS that installed the list.
+        let list = self.callbacks.swap(ptr::null_mut(), Ordering::Acquire);
+        // SAFETY: a non-null pointer here came from `Box::into_raw` in
+        // `install_callback_list`, and the swap makes us its only owner.
+        (!list.is_null()).then(|| unsafe { Box::from_raw(list) })
     }
 }

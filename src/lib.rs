@@ -8,13 +8,18 @@
     clippy::undocumented_unsafe_blocks
 )]
 
+mod callbacks;
 mod control;
 mod error;
+mod finalizer;
 mod reclaim;
 mod strong;
 mod sync;
 mod weak;
+mod weak_method;
 
 pub use error::ReferenceError;
+pub use finalizer::{finalize, flush, shutdown, stats, Finalizer, Stats};
 pub use strong::Strong;
 pub use weak::Weak;
+pub use weak_method::WeakMethod;

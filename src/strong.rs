@@ -186,8 +186,9 @@ impl<T> Strong<T> {
         // `upgrade` can reach it again (I1, I2). It is read exactly once,
         // and `ManuallyDrop` keeps `Strong::drop` from dropping it again.
         let value = unsafe { ptr::read(ControlBlock::value_ptr(this.block)) };
-        // The implicit weak reference goes with the last strong handle.
-        drop(Weak::from_block(this.block));
+        // The object is dead: its callbacks run and the implicit weak
+        // reference goes with the last strong handle.
+        drop(AfterDeath(this.block));
         Ok(value)
     }
 
@@ -216,28 +217,42 @@ impl<T> Strong<T> {
         }
     }
 
+    /// The object's callback list (allocated on first use), for
+    /// `finalize`. The reference lives as long as this handle.
+    pub(crate) fn callback_list(this: &Self) -> &crate::callbacks::ObjectCallbacks {
+        this.header().callback_list()
+    }
+
     /// The slow half of `drop`: runs in the thread whose decrement took the
     /// strong count to zero.
     #[cold]
     #[inline(never)]
     fn drop_slow(&mut self) {
-        /// Releases the implicit weak reference even if the value's `Drop`
-        /// panics, so a panicking destructor does not also leak the block.
-        struct ReleaseImplicitWeak<T>(NonNull<ControlBlock<T>>);
-        impl<T> Drop for ReleaseImplicitWeak<T> {
-            fn drop(&mut self) {
-                drop(Weak::from_block(self.0));
-            }
-        }
-        let _release = ReleaseImplicitWeak(self.block);
-        debug_assert!(
-            self.header().callbacks_at_death().is_null(),
-            "no death-callback registration exists yet"
-        );
+        // Declared first, dropped last: callbacks and the implicit weak go
+        // even if the value's `Drop` panics.
+        let _after = AfterDeath(self.block);
         // SAFETY: `decrement_strong` returned true: our decrement took the
         // count to zero and executed the Acquire fence (O2), and it can only
         // do so once per object (I1).
         unsafe { ControlBlock::drop_value(self.block) };
+    }
+}
+
+/// What follows an object's death, once its value is gone (dropped, or
+/// moved out by `try_unwrap`): hand its callbacks to the runtime, then
+/// release the implicit weak reference. A drop guard, so that a panicking
+/// `T::drop` loses neither.
+struct AfterDeath<T>(NonNull<ControlBlock<T>>);
+
+impl<T> Drop for AfterDeath<T> {
+    fn drop(&mut self) {
+        // SAFETY: the implicit weak reference, released below, keeps the
+        // block allocated until then.
+        let header = unsafe { ControlBlock::header(self.0) };
+        if let Some(callbacks) = header.take_callback_list() {
+            crate::callbacks::global().on_death(callbacks);
+        }
+        drop(Weak::from_block(self.0));
     }
 }
 

@@ -7,10 +7,46 @@
 //! `std::sync::atomic` or `loom`.
 
 #[cfg(not(weakrefs_loom))]
-pub(crate) use std::sync::atomic::{fence, AtomicPtr, AtomicUsize, Ordering};
+pub(crate) use std::sync::atomic::{
+    fence, AtomicBool, AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering,
+};
+#[cfg(not(weakrefs_loom))]
+pub(crate) use std::sync::{Arc, Condvar, Mutex};
 
 #[cfg(weakrefs_loom)]
-pub(crate) use loom::sync::atomic::{fence, AtomicPtr, AtomicUsize, Ordering};
+pub(crate) use loom::sync::atomic::{
+    fence, AtomicBool, AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, Ordering,
+};
+#[cfg(weakrefs_loom)]
+pub(crate) use loom::sync::{Arc, Condvar, Mutex};
+
+/// Parking for the finalizer thread: crossbeam-utils switches it to loom's
+/// primitives under `--cfg crossbeam_loom`.
+pub(crate) use crossbeam_utils::sync::{Parker, Unparker};
+
+/// A cell whose contents are reached only through closures, so that loom
+/// can check every access (tokio's `UnsafeCell` shape). In ordinary builds
+/// it is `core::cell::UnsafeCell` and the closures inline away.
+#[cfg(not(weakrefs_loom))]
+#[derive(Debug)]
+pub(crate) struct UnsafeCell<T>(std::cell::UnsafeCell<T>);
+
+#[cfg(not(weakrefs_loom))]
+impl<T> UnsafeCell<T> {
+    pub(crate) const fn new(value: T) -> Self {
+        UnsafeCell(std::cell::UnsafeCell::new(value))
+    }
+
+    /// Calls `f` with a pointer through which it may write; the caller
+    /// guarantees exclusivity.
+    #[inline(always)]
+    pub(crate) fn with_mut<R>(&self, f: impl FnOnce(*mut T) -> R) -> R {
+        f(self.0.get())
+    }
+}
+
+#[cfg(weakrefs_loom)]
+pub(crate) use loom::cell::UnsafeCell;
 
 /// Issues an Acquire fence that synchronises with the Release operations
 /// that preceded the value `$atomic` holds now.

@@ -1,0 +1,248 @@
+//! `EntryList`: a lock-free stack of callback entries with one compactor at
+//! a time. It serves as each object's callback list and as the runtime's
+//! registry of all entries.
+//!
+//! * **Push** (any number of threads at once): link the new node to the
+//!   head read, CAS the head. A pusher never dereferences a node already in
+//!   the list, so a recycled address at the head (ABA) is harmless: a
+//!   successful CAS means the new node now points at the real head (C4).
+//! * **Compact** (one thread, holding the `compacting` flag, while pushes go
+//!   on): walk from a snapshot of the head and unlink settled entries by
+//!   rewriting the previous node's link. Only the compactor writes links of
+//!   published nodes and only it frees unlinked ones, so nobody can be
+//!   reading what it frees (C5). The head node itself is left for a later
+//!   pass, so compaction never races a pusher's CAS.
+//! * **Take all** (object lists only, at death): swap the head for null.
+//!   Death excludes both pushes and compaction, since both run inside
+//!   `finalize`, which holds a `Strong` (C6).
+//!
+//! A compaction runs once the pushes since the last one exceed both a small
+//! constant and the number of entries the last one kept, so it costs O(1)
+//! amortised per push and the list never holds more than about twice its
+//! live entries plus the constant: registering and detaching on one object
+//! forever leaves its memory flat.
+
+use std::marker::PhantomData;
+use std::ptr;
+
+use super::entry::{from_link, into_link, Entry};
+use crate::sync::{spin_loop, Arc, AtomicBool, AtomicPtr, AtomicUsize, Ordering};
+
+/// Pushes between compactions, at least. Shrinks under loom so the models
+/// reach the compaction path.
+#[cfg(not(weakrefs_loom))]
+const COMPACT_MIN: usize = 16;
+#[cfg(weakrefs_loom)]
+const COMPACT_MIN: usize = 1;
+
+/// Which of an entry's links a list threads through.
+pub(crate) trait Link {
+    fn next(entry: &Entry) -> &AtomicPtr<Entry>;
+}
+
+/// An object's callback list (`Entry::object_next`).
+#[derive(Debug)]
+pub(crate) struct ObjectLink;
+
+impl Link for ObjectLink {
+    fn next(entry: &Entry) -> &AtomicPtr<Entry> {
+        &entry.object_next
+    }
+}
+
+/// The runtime's registry (`Entry::registry_next`).
+#[derive(Debug)]
+pub(crate) struct RegistryLink;
+
+impl Link for RegistryLink {
+    fn next(entry: &Entry) -> &AtomicPtr<Entry> {
+        &entry.registry_next
+    }
+}
+
+/// A lock-free stack of entries, newest first; see the module docs.
+pub(crate) struct EntryList<L: Link> {
+    head: AtomicPtr<Entry>,
+    compacting: AtomicBool,
+    pushes_since_compaction: AtomicUsize,
+    kept_by_compaction: AtomicUsize,
+    _link: PhantomData<L>,
+}
+
+/// Holds the `compacting` flag; releases it on drop.
+struct CompactionGuard<'a>(&'a AtomicBool);
+
+impl Drop for CompactionGuard<'_> {
+    fn drop(&mut self) {
+        // Release (C5): pairs with the next holder's Acquire, so its walk
+        // sees the links this holder rewrote.
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+impl<L: Link> EntryList<L> {
+    pub(crate) fn new() -> Self {
+        EntryList {
+            head: AtomicPtr::new(ptr::null_mut()),
+            compacting: AtomicBool::new(false),
+            pushes_since_compaction: AtomicUsize::new(0),
+            kept_by_compaction: AtomicUsize::new(0),
+            _link: PhantomData,
+        }
+    }
+
+    /// Adds `entry` at the head (newest first), then compacts if due.
+    pub(crate) fn push(&self, entry: Arc<Entry>) {
+        let node = into_link(entry);
+        // SAFETY: `node` is ours until the CAS publishes it, and the list's
+        // reference keeps it alive after.
+        let link = L::next(unsafe { &*node });
+        // Relaxed: the value only seeds the CAS.
+        let mut head = self.head.load(Ordering::Relaxed);
+        loop {
+            // Relaxed: published by the Release CAS below.
+            link.store(head, Ordering::Relaxed);
+            // Release (C4): publishes the node's fields (callback, links) to
+            // whoever loads the head with Acquire: the compactor, the
+            // dying thread, `shutdown`. Relaxed on failure: just retry.
+            match self
+                .head
+                .compare_exchange_weak(head, node, Ordering::Release, Ordering::Relaxed)
+            {
+                Ok(_) => break,
+                Err(actual) => head = actual,
+            }
+        }
+        // Relaxed: a heuristic trigger; exactness does not matter.
+        let pushes = self.pushes_since_compaction.fetch_add(1, Ordering::Relaxed) + 1;
+        // Relaxed: as above.
+        if pushes > COMPACT_MIN.max(self.kept_by_compaction.load(Ordering::Relaxed)) {
+            if let Some(guard) = self.try_lock() {
+                self.compact(&guard);
+            }
+        }
+    }
+
+    fn try_lock(&self) -> Option<CompactionGuard<'_>> {
+        // Acquire (C5): pairs with the previous holder's Release, so we see
+        // the links it rewrote. Relaxed on failure: someone else compacts.
+        self.compacting
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .ok()
+            .map(|_| CompactionGuard(&self.compacting))
+    }
+
+    fn lock(&self) -> CompactionGuard<'_> {
+        loop {
+            if let Some(guard) = self.try_lock() {
+                return guard;
+            }
+            spin_loop();
+        }
+    }
+
+    /// Unlinks every settled entry below the head (C5).
+    fn compact(&self, _held: &CompactionGuard<'_>) {
+        // Acquire (C4): pairs with the pushes' Release CAS (a release
+        // sequence of RMWs), so every node below is fully visible.
+        let head = self.head.load(Ordering::Acquire);
+        if head.is_null() {
+            return;
+        }
+        let mut kept = 1;
+        let mut previous = head;
+        loop {
+            // SAFETY: `previous` is in the list, and only the compactor,
+            // which is us, unlinks and frees nodes (C5).
+            let previous_link = L::next(unsafe { &*previous });
+            // Relaxed: links of published nodes are written only by
+            // compactors, ordered by the flag's Acquire/Release.
+            let current = previous_link.load(Ordering::Relaxed);
+            if current.is_null() {
+                break;
+            }
+            // SAFETY: as for `previous`.
+            let current_entry = unsafe { &*current };
+            if current_entry.is_alive() {
+                kept += 1;
+                previous = current;
+            } else {
+                // Relaxed: see above.
+                let after = L::next(current_entry).load(Ordering::Relaxed);
+                previous_link.store(after, Ordering::Relaxed);
+                // SAFETY: unlinked just now, so the list's reference is ours
+                // to give back, once (C5).
+                drop(unsafe { from_link(current) });
+            }
+        }
+        // Relaxed: heuristics, see `push`.
+        self.kept_by_compaction.store(kept, Ordering::Relaxed);
+        self.pushes_since_compaction.store(0, Ordering::Relaxed);
+    }
+
+    /// Removes and returns every node, newest first, as a chain through
+    /// `L`'s link whose references the caller now owns.
+    ///
+    /// # Safety
+    ///
+    /// 1. No push or compaction runs concurrently (an object's list at its
+    ///    death: C6).
+    pub(crate) unsafe fn take_all(&self) -> *mut Entry {
+        // Acquire (C4): pairs with the pushes' Release CAS. By 1 no other
+        // thread touches the chain afterwards.
+        self.head.swap(ptr::null_mut(), Ordering::Acquire)
+    }
+
+    /// The entries still alive, newest first, taken under the compaction
+    /// flag so nothing is freed while we walk.
+    pub(crate) fn alive_entries(&self) -> Vec<Arc<Entry>> {
+        let _held = self.lock();
+        let mut alive = Vec::new();
+        // Acquire (C4): as in `compact`.
+        let mut node = self.head.load(Ordering::Acquire);
+        while !node.is_null() {
+            // SAFETY: we hold the compaction flag, so nodes in the list stay
+            // allocated (C5).
+            let entry = unsafe { &*node };
+            if entry.is_alive() {
+                // SAFETY: the list holds a reference to `node`, so cloning
+                // one more is sound; the clone is ours.
+                alive.push(unsafe { clone_link(node) });
+            }
+            // Relaxed: see `compact`.
+            node = L::next(entry).load(Ordering::Relaxed);
+        }
+        alive
+    }
+}
+
+/// A new `Arc` to the entry behind a link, leaving the link's reference.
+///
+/// # Safety
+///
+/// 1. `link` is a live link (its reference not yet given back).
+unsafe fn clone_link(link: *mut Entry) -> Arc<Entry> {
+    // SAFETY: by 1 the link owns a reference; `ManuallyDrop` leaves it.
+    let borrowed = std::mem::ManuallyDrop::new(unsafe { from_link(link) });
+    Arc::clone(&borrowed)
+}
+
+impl<L: Link> Drop for EntryList<L> {
+    fn drop(&mut self) {
+        // `&mut self`: no push, compaction or walk can run.
+        // SAFETY: exclusive access, as just said (precondition 1).
+        let mut node = unsafe { self.take_all() };
+        while !node.is_null() {
+            // SAFETY: every node in the list owns one reference.
+            let entry = unsafe { from_link(node) };
+            // Relaxed: exclusive access.
+            node = L::next(&entry).load(Ordering::Relaxed);
+        }
+    }
+}
+
+impl<L: Link> std::fmt::Debug for EntryList<L> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EntryList").finish_non_exhaustive()
+    }
+}

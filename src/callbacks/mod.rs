@@ -1,0 +1,11 @@
+//! Death-callback machinery: entries and their exactly-once state machine
+//! (`entry`), the lock-free lists that hold them (`list`), and the runtime
+//! that queues, runs and flushes them (`runtime`). The public face is
+//! `crate::finalizer`.
+
+mod entry;
+mod list;
+mod runtime;
+
+pub(crate) use entry::Entry;
+pub(crate) use runtime::{global, ObjectCallbacks};

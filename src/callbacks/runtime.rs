@@ -1,0 +1,500 @@
+//! The runtime that delivers death callbacks: a lock-free queue of death
+//! batches, the plain `drain` function that runs them, the background
+//! thread that loops over it, and `flush`/`shutdown`.
+//!
+//! * **Queue.** When an object dies, the dying thread claims every alive
+//!   entry of its callback list (C1) and pushes the chain, newest first, as
+//!   one *batch* onto a Treiber stack. Consumers take the whole stack with
+//!   one swap and run the batches oldest first. Producers never dereference
+//!   a queued node and consumers never pop one at a time, so there is no
+//!   ABA and no reclamation problem (C7).
+//! * **Worker.** One thread, `weakrefs-finalizer`, started by the first
+//!   batch, loops `drain(); park()`. A producer unparks it after every
+//!   push; a crossbeam `Parker` keeps the token, so an unpark that lands
+//!   between the worker's last drain and its `park` makes that `park`
+//!   return at once (no lost wake-up, C8).
+//! * **Shutdown.** `shutdown` sets `shut_down`, stops the worker, drains,
+//!   then runs the still-registered entries whose `atexit` is set, newest
+//!   first. Afterwards the dying thread runs its callbacks inline. A
+//!   producer that raced the flag re-checks it after pushing and drains the
+//!   queue itself: with the push, the flag store, the re-check and
+//!   shutdown's drain all `SeqCst`, either the producer sees the flag or
+//!   shutdown's drain sees the batch (C9), so no callback is lost.
+
+use std::cmp::Reverse;
+use std::panic::{self, AssertUnwindSafe};
+use std::ptr;
+use std::sync::PoisonError;
+
+use super::entry::{from_link, Callback, Entry};
+use super::list::{EntryList, ObjectLink, RegistryLink};
+use crate::sync::{
+    thread_local, Arc, AtomicBool, AtomicPtr, AtomicU64, Condvar, Mutex, Ordering, Parker, Unparker,
+};
+
+/// An object's callback list, allocated at its first registration.
+pub(crate) type ObjectCallbacks = EntryList<ObjectLink>;
+
+thread_local! {
+    /// Callbacks running on this thread right now (they may nest: a
+    /// callback that drops the last handle of an object after `shutdown`).
+    // loom's `thread_local!` takes no `const` initialiser.
+    #[allow(clippy::missing_const_for_thread_local)]
+    static CALLBACK_DEPTH: std::cell::Cell<usize> = std::cell::Cell::new(0);
+}
+
+/// Process-wide counters, as `weakrefs::stats()` reports them.
+#[derive(Debug, Default)]
+struct Counters {
+    queued: AtomicU64,
+    run: AtomicU64,
+    panicked: AtomicU64,
+    pending: AtomicU64,
+}
+
+/// A snapshot of the counters: `(queued, run, panicked, pending)`.
+pub(crate) type CounterSnapshot = (u64, u64, u64, u64);
+
+/// Who runs a runtime's worker loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WorkerMode {
+    /// The runtime spawns `weakrefs-finalizer` at the first batch (global).
+    Spawn,
+    /// A test or model runs `worker_loop` on a thread of its own.
+    #[cfg(any(test, weakrefs_loom))]
+    External,
+    /// Nobody: `flush` drains on the calling thread.
+    #[cfg(any(test, weakrefs_loom))]
+    Inline,
+}
+
+/// The callback runtime. `Runtime::global()` is the one `finalize` uses;
+/// tests and loom models build their own with `Runtime::new`, which never
+/// spawns a thread: they drive `drain` (or `worker_loop`) themselves.
+#[derive(Debug)]
+pub(crate) struct Runtime {
+    /// Death batches, newest first; each is a chain through `object_next`,
+    /// and batches link through their head's `queue_next`.
+    queue: AtomicPtr<Entry>,
+    /// Every entry, for `shutdown`'s atexit pass.
+    registry: EntryList<RegistryLink>,
+    next_seq: AtomicU64,
+    counters: Counters,
+    shut_down: AtomicBool,
+    stop_requested: AtomicBool,
+    /// Who runs the worker loop.
+    worker_mode: WorkerMode,
+    worker_started: AtomicBool,
+    /// The worker thread could not be spawned: `flush` drains inline.
+    worker_failed: AtomicBool,
+    /// The worker's parker, until the worker takes it.
+    parker: Mutex<Option<Parker>>,
+    unparker: Unparker,
+    worker: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// `flush` waits here for `pending` to reach zero.
+    idle: Mutex<()>,
+    became_idle: Condvar,
+}
+
+impl Runtime {
+    /// A runtime without a worker: `flush` drains on the calling thread.
+    #[cfg(any(test, weakrefs_loom))]
+    pub(crate) fn inline() -> Self {
+        Self::build(WorkerMode::Inline)
+    }
+
+    /// A runtime whose worker loop the caller runs, on a thread of its own,
+    /// with the parker from [`Runtime::take_parker`].
+    #[cfg(any(test, weakrefs_loom))]
+    pub(crate) fn external() -> Self {
+        Self::build(WorkerMode::External)
+    }
+
+    /// The worker's parker, for a runtime built by [`Runtime::external`].
+    #[cfg(any(test, weakrefs_loom))]
+    pub(crate) fn take_parker(&self) -> Parker {
+        self.parker
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .expect("the parker is taken once")
+    }
+
+    fn build(worker_mode: WorkerMode) -> Self {
+        let parker = Parker::new();
+        let unparker = parker.unparker().clone();
+        Runtime {
+            queue: AtomicPtr::new(ptr::null_mut()),
+            registry: EntryList::new(),
+            next_seq: AtomicU64::new(0),
+            counters: Counters::default(),
+            shut_down: AtomicBool::new(false),
+            stop_requested: AtomicBool::new(false),
+            worker_mode,
+            worker_started: AtomicBool::new(false),
+            worker_failed: AtomicBool::new(false),
+            parker: Mutex::new(Some(parker)),
+            unparker,
+            worker: Mutex::new(None),
+            idle: Mutex::new(()),
+            became_idle: Condvar::new(),
+        }
+    }
+
+    /// Registers `callback` on the object whose list is `list`.
+    pub(crate) fn register(&self, list: &ObjectCallbacks, callback: Callback) -> Arc<Entry> {
+        // Relaxed (C10): a unique, increasing number is all `shutdown`
+        // needs; the pushes below publish the entry.
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let entry = Entry::new(callback, seq);
+        list.push(entry.clone());
+        self.registry.push(entry.clone());
+        entry
+    }
+
+    /// The object owning `list` has died (its value is gone): claim its
+    /// alive callbacks and deliver them, newest first.
+    pub(crate) fn on_death(&self, list: Box<ObjectCallbacks>) {
+        // SAFETY: the object is dead, so no `finalize` can run on it: no
+        // push or compaction races with this (C6).
+        let mut node = unsafe { list.take_all() };
+        drop(list);
+        let (mut head, mut tail, mut count) =
+            (ptr::null_mut::<Entry>(), ptr::null_mut::<Entry>(), 0);
+        while !node.is_null() {
+            let current = node;
+            // SAFETY: the chain's references are ours (`take_all`).
+            let entry = unsafe { &*current };
+            // Relaxed: the chain is ours alone now (C6).
+            node = entry.object_next.load(Ordering::Relaxed);
+            if entry.claim() {
+                // Relaxed: still ours alone; published by the queue push.
+                entry.object_next.store(ptr::null_mut(), Ordering::Relaxed);
+                if tail.is_null() {
+                    head = current;
+                } else {
+                    // SAFETY: `tail` is a claimed node of our chain.
+                    unsafe { &*tail }
+                        .object_next
+                        .store(current, Ordering::Relaxed);
+                }
+                tail = current;
+                count += 1;
+            } else {
+                // Detached or called already: give back the list's reference.
+                // SAFETY: the reference is ours, given back once.
+                drop(unsafe { from_link(current) });
+            }
+        }
+        if count > 0 {
+            self.dispatch(head, count);
+        }
+    }
+
+    /// Hands a chain of `count` claimed entries to the worker, or runs it
+    /// inline after `shutdown`.
+    fn dispatch(&self, batch: *mut Entry, count: u64) {
+        // SeqCst (C9): see the module docs.
+        if self.shut_down.load(Ordering::SeqCst) {
+            // SAFETY: a chain of claimed entries whose references we own.
+            unsafe { self.run_chain(batch) };
+            return;
+        }
+        // Relaxed: statistics.
+        self.counters.queued.fetch_add(count, Ordering::Relaxed);
+        // Relaxed: sequenced before the push, whose Release the consumer
+        // acquires before it subtracts, so `pending` never underflows (C11).
+        self.counters.pending.fetch_add(count, Ordering::Relaxed);
+        // SAFETY: `batch` is a claimed node we own.
+        let link = &unsafe { &*batch }.queue_next;
+        // Relaxed: the value only seeds the CAS.
+        let mut head = self.queue.load(Ordering::Relaxed);
+        loop {
+            // Relaxed: published by the CAS.
+            link.store(head, Ordering::Relaxed);
+            // SeqCst (C7, C9): Release publishes the batch to the consumer's
+            // swap; SeqCst orders it against the shutdown flag.
+            match self
+                .queue
+                .compare_exchange_weak(head, batch, Ordering::SeqCst, Ordering::Relaxed)
+            {
+                Ok(_) => break,
+                Err(actual) => head = actual,
+            }
+        }
+        self.wake_worker();
+        // SeqCst (C9): if shutdown's final drain may have missed our batch,
+        // we see its flag here and drain ourselves.
+        if self.shut_down.load(Ordering::SeqCst) {
+            self.drain();
+        }
+    }
+
+    fn wake_worker(&self) {
+        // Acquire: pairs with the Release in `start_worker`; a stale `false`
+        // only costs a trip through the mutex.
+        if self.worker_mode == WorkerMode::Spawn && !self.worker_started.load(Ordering::Acquire) {
+            self.start_worker();
+        }
+        self.unparker.unpark();
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn start_worker(&self) {
+        let mut worker = self.worker.lock().unwrap_or_else(PoisonError::into_inner);
+        // Relaxed: the mutex orders starts.
+        if self.worker_started.load(Ordering::Relaxed) {
+            return;
+        }
+        let parker = self
+            .parker
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .expect("the parker is taken only by the one worker start");
+        let spawned = spawn_worker(parker);
+        if spawned.is_none() {
+            // Relaxed: read by `flush` of this or a later call; a stale
+            // `false` there is corrected by the drain in `dispatch`'s caller
+            // at the next flush.
+            self.worker_failed.store(true, Ordering::Relaxed);
+        }
+        *worker = spawned;
+        // Release: pairs with `wake_worker`'s Acquire.
+        self.worker_started.store(true, Ordering::Release);
+    }
+
+    /// Runs everything queued so far, oldest death first. Returns how many
+    /// callbacks ran. Any thread may call it; each batch runs once (C7).
+    pub(crate) fn drain(&self) -> u64 {
+        // SeqCst (C7, C9): Acquire pairs with the producers' push; SeqCst
+        // orders shutdown's drain after its flag store.
+        let mut newest_first = self.queue.swap(ptr::null_mut(), Ordering::SeqCst);
+        // Reverse the batches to run the oldest death first.
+        let mut oldest_first = ptr::null_mut::<Entry>();
+        while !newest_first.is_null() {
+            // SAFETY: the batches are ours after the swap.
+            let link = &unsafe { &*newest_first }.queue_next;
+            // Relaxed: ours alone.
+            let next = link.load(Ordering::Relaxed);
+            link.store(oldest_first, Ordering::Relaxed);
+            oldest_first = newest_first;
+            newest_first = next;
+        }
+        let mut ran = 0;
+        while !oldest_first.is_null() {
+            let batch = oldest_first;
+            // SAFETY: as above. Relaxed: ours alone.
+            oldest_first = unsafe { &*batch }.queue_next.load(Ordering::Relaxed);
+            // SAFETY: a queued chain of claimed entries, ours after the swap.
+            let count = unsafe { self.run_chain(batch) };
+            ran += count;
+            // AcqRel (C11): Release so a `flush` that sees the drop to zero
+            // also sees the callbacks' effects; Acquire pairs with the
+            // producers' increments.
+            if self.counters.pending.fetch_sub(count, Ordering::AcqRel) == count {
+                let _idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+                self.became_idle.notify_all();
+            }
+        }
+        ran
+    }
+
+    /// Runs a chain of claimed entries (through `object_next`), giving back
+    /// their references. Returns how many ran.
+    ///
+    /// # Safety
+    ///
+    /// 1. `node` heads a chain of entries this thread claimed (or took from
+    ///    the queue), each owning one reference, not run yet.
+    unsafe fn run_chain(&self, mut node: *mut Entry) -> u64 {
+        let mut count = 0;
+        while !node.is_null() {
+            // SAFETY: by 1 the chain's references are ours.
+            let entry = unsafe { from_link(node) };
+            // Relaxed: ours alone.
+            node = entry.object_next.load(Ordering::Relaxed);
+            // SAFETY: by 1 the entry was claimed for running, and this is
+            // the one take for that claim.
+            if let Some(callback) = unsafe { entry.take_claimed() } {
+                self.run_callback(callback);
+            }
+            count += 1;
+        }
+        count
+    }
+
+    /// Runs one callback, catching and reporting a panic.
+    pub(crate) fn run_callback(&self, callback: Callback) {
+        CALLBACK_DEPTH.with(|depth| depth.set(depth.get() + 1));
+        let outcome = panic::catch_unwind(AssertUnwindSafe(callback));
+        CALLBACK_DEPTH.with(|depth| depth.set(depth.get() - 1));
+        // Relaxed: statistics.
+        self.counters.run.fetch_add(1, Ordering::Relaxed);
+        if let Err(payload) = outcome {
+            // Relaxed: statistics.
+            self.counters.panicked.fetch_add(1, Ordering::Relaxed);
+            let message = payload
+                .downcast_ref::<&str>()
+                .copied()
+                .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+                .unwrap_or("(non-string panic payload)");
+            eprintln!("weakrefs: a death callback panicked: {message}");
+        }
+    }
+
+    /// Blocks until nothing is queued and no queued callback is running.
+    /// Inside a callback, or on a runtime without a worker, it runs the
+    /// queue on this thread instead of waiting (waiting would deadlock on
+    /// the callback that is calling it).
+    pub(crate) fn flush(&self) {
+        let in_callback = CALLBACK_DEPTH.with(|depth| depth.get() > 0);
+        // Relaxed: see `start_worker`.
+        let no_worker = self.worker_mode_is_inline() || self.worker_failed.load(Ordering::Relaxed);
+        if in_callback || no_worker {
+            self.drain();
+            if in_callback || no_worker {
+                return;
+            }
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        // Acquire (C11): pairs with the AcqRel decrement that reached zero.
+        while self.counters.pending.load(Ordering::Acquire) != 0 {
+            idle = self
+                .became_idle
+                .wait(idle)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    fn worker_mode_is_inline(&self) -> bool {
+        #[cfg(any(test, weakrefs_loom))]
+        if self.worker_mode == WorkerMode::Inline {
+            return true;
+        }
+        false
+    }
+
+    /// Drains, stops the worker, runs every alive `atexit` entry newest
+    /// first; afterwards callbacks run inline. Idempotent.
+    pub(crate) fn shutdown(&self) {
+        // SeqCst (C9): ordered against the producers' push and re-check.
+        if self.shut_down.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        self.stop_worker();
+        self.drain();
+        let mut alive = self.registry.alive_entries();
+        alive.sort_by_key(|entry| Reverse(entry.seq()));
+        for entry in alive {
+            if entry.atexit() && entry.claim() {
+                // SAFETY: we won the claim just now; this is its one take.
+                if let Some(callback) = unsafe { entry.take_claimed() } {
+                    self.run_callback(callback);
+                }
+            }
+        }
+    }
+
+    fn stop_worker(&self) {
+        // Release: pairs with the worker's Acquire load.
+        self.stop_requested.store(true, Ordering::Release);
+        self.unparker.unpark();
+        let handle = self
+            .worker
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(handle) = handle {
+            if handle.thread().id() != std::thread::current().id() {
+                // The worker catches callback panics, so it cannot panic.
+                let _ = handle.join();
+            }
+        }
+    }
+
+    /// The worker's loop: drain, then park until a producer unparks.
+    pub(crate) fn worker_loop(&self, parker: Parker) {
+        loop {
+            self.drain();
+            // Acquire: pairs with `stop_worker`'s Release.
+            if self.stop_requested.load(Ordering::Acquire) {
+                self.drain();
+                return;
+            }
+            parker.park();
+        }
+    }
+
+    /// `(queued, run, panicked, pending)`.
+    pub(crate) fn counters(&self) -> CounterSnapshot {
+        // Relaxed: a statistics snapshot; the four loads need not agree.
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        (
+            load(&self.counters.queued),
+            load(&self.counters.run),
+            load(&self.counters.panicked),
+            load(&self.counters.pending),
+        )
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        // Batches still queued in a runtime that is going away (tests,
+        // models): run them rather than lose them.
+        self.drain();
+    }
+}
+
+#[cfg(not(weakrefs_loom))]
+mod global {
+    use super::Runtime;
+    use std::sync::OnceLock;
+
+    static GLOBAL: OnceLock<Runtime> = OnceLock::new();
+
+    /// The process-wide runtime that `finalize` uses.
+    pub(crate) fn global() -> &'static Runtime {
+        GLOBAL.get_or_init(|| Runtime::build(super::WorkerMode::Spawn))
+    }
+
+    /// Starts the worker thread over the global runtime.
+    pub(super) fn spawn_worker(parker: crate::sync::Parker) -> Option<std::thread::JoinHandle<()>> {
+        let spawned = std::thread::Builder::new()
+            .name("weakrefs-finalizer".into())
+            .spawn(move || global().worker_loop(parker));
+        match spawned {
+            Ok(handle) => Some(handle),
+            Err(error) => {
+                // No thread: callbacks still run, at the next `flush` or
+                // death that drains (or at `shutdown`), never lost.
+                eprintln!("weakrefs: cannot start the finalizer thread ({error}); callbacks will run when the queue is drained");
+                None
+            }
+        }
+    }
+}
+
+#[cfg(weakrefs_loom)]
+mod global {
+    use super::Runtime;
+
+    loom::lazy_static! {
+        static ref GLOBAL: Runtime = Runtime::inline();
+    }
+
+    /// Under loom the global runtime spawns no thread: `flush` drains it on
+    /// the calling thread, so models stay finite.
+    pub(crate) fn global() -> &'static Runtime {
+        &GLOBAL
+    }
+
+    pub(super) fn spawn_worker(_: crate::sync::Parker) -> Option<std::thread::JoinHandle<()>> {
+        None
+    }
+}
+
+pub(crate) use global::global;
+use global::spawn_worker;

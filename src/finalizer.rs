@@ -1,0 +1,242 @@
+//! Death callbacks, the public face: `finalize`, `Finalizer`, `flush`,
+//! `shutdown`, `stats`.
+
+use std::fmt;
+
+use crate::callbacks::{global, Entry};
+use crate::strong::Strong;
+use crate::sync::Arc;
+
+/// Registers `callback` to run once after `obj`'s value has been dropped,
+/// like Python's `weakref.finalize`.
+///
+/// The callback runs on the background thread `weakrefs-finalizer`, so the
+/// thread that drops the last [`Strong`] pays only for handing it over.
+/// Callbacks of one object run newest-registered first. The returned
+/// [`Finalizer`] can cancel it ([`detach`](Finalizer::detach)) or run it
+/// early ([`call`](Finalizer::call)); dropping the `Finalizer` does
+/// **not** cancel it.
+///
+/// The callback must not own a `Strong` to `obj` itself: that handle would
+/// keep the object alive forever (reference counting cannot free cycles).
+/// Capture what the clean-up needs instead, or a [`Weak`](crate::Weak).
+///
+/// Unlike JavaScript's `FinalizationRegistry` or Java's `Cleaner`, whose
+/// callbacks run at some unspecified time after a garbage collection, if at
+/// all, a callback here is deterministic: it is queued at the moment the
+/// last `Strong` is dropped, and [`flush`] waits for it.
+///
+/// # Examples
+///
+/// ```
+/// use std::sync::atomic::{AtomicBool, Ordering};
+/// use std::sync::Arc;
+/// use weakrefs::{finalize, flush, Strong};
+///
+/// let closed = Arc::new(AtomicBool::new(false));
+/// let session = Strong::new("session 42");
+/// let flag = closed.clone();
+/// let finalizer = finalize(&session, move || flag.store(true, Ordering::SeqCst));
+/// assert!(finalizer.alive());
+///
+/// drop(session); // the value is dropped here; the callback is queued
+/// flush();       // wait until the finalizer thread has run it
+/// assert!(closed.load(Ordering::SeqCst));
+/// assert!(!finalizer.alive());
+/// ```
+pub fn finalize<T, F>(obj: &Strong<T>, callback: F) -> Finalizer
+where
+    F: FnOnce() + Send + 'static,
+{
+    let list = Strong::callback_list(obj);
+    Finalizer {
+        entry: global().register(list, Box::new(callback)),
+    }
+}
+
+/// A handle to a callback registered by [`finalize`]: query, cancel or run
+/// it early. Cloning gives another handle to the same callback; dropping
+/// handles never cancels it.
+#[derive(Clone)]
+pub struct Finalizer {
+    entry: Arc<Entry>,
+}
+
+impl Finalizer {
+    /// True until the callback has run, been claimed to run (its object has
+    /// died, or `call`/`shutdown` took it), or been detached.
+    ///
+    /// ```
+    /// let obj = weakrefs::Strong::new(());
+    /// let f = weakrefs::finalize(&obj, || {});
+    /// assert!(f.alive());
+    /// f.detach();
+    /// assert!(!f.alive());
+    /// ```
+    pub fn alive(&self) -> bool {
+        self.entry.is_alive()
+    }
+
+    /// Cancels the callback, dropping it unrun in this thread. Returns true
+    /// if it was alive, false if it had already run, been claimed or been
+    /// detached.
+    ///
+    /// ```
+    /// let obj = weakrefs::Strong::new(());
+    /// let f = weakrefs::finalize(&obj, || unreachable!("detached"));
+    /// assert!(f.detach());
+    /// assert!(!f.detach());
+    /// drop(obj);
+    /// weakrefs::flush();
+    /// ```
+    pub fn detach(&self) -> bool {
+        self.entry.detach()
+    }
+
+    /// Runs the callback now, in this thread, if it is alive; it will not
+    /// run again at death. Returns true if it ran. A panic in the callback
+    /// is caught, counted in [`stats`] and reported on stderr, as on the
+    /// finalizer thread.
+    ///
+    /// ```
+    /// use std::sync::atomic::{AtomicUsize, Ordering};
+    /// use std::sync::Arc;
+    ///
+    /// let runs = Arc::new(AtomicUsize::new(0));
+    /// let obj = weakrefs::Strong::new(());
+    /// let counter = runs.clone();
+    /// let f = weakrefs::finalize(&obj, move || {
+    ///     counter.fetch_add(1, Ordering::SeqCst);
+    /// });
+    /// assert!(f.call());
+    /// assert!(!f.call());
+    /// drop(obj);
+    /// weakrefs::flush();
+    /// assert_eq!(runs.load(Ordering::SeqCst), 1);
+    /// ```
+    pub fn call(&self) -> bool {
+        if !self.entry.claim() {
+            return false;
+        }
+        // SAFETY: we won the claim just now; this is its one take.
+        if let Some(callback) = unsafe { self.entry.take_claimed() } {
+            global().run_callback(callback);
+        }
+        true
+    }
+
+    /// Whether [`shutdown`] runs this callback if it is still alive then.
+    /// True unless changed, as in Python.
+    ///
+    /// ```
+    /// let obj = weakrefs::Strong::new(());
+    /// let f = weakrefs::finalize(&obj, || {});
+    /// assert!(f.atexit());
+    /// f.set_atexit(false);
+    /// assert!(!f.atexit());
+    /// ```
+    pub fn atexit(&self) -> bool {
+        self.entry.atexit()
+    }
+
+    /// Sets whether [`shutdown`] runs this callback if it is still alive.
+    /// A callback that `shutdown` skips still runs, inline, when its object
+    /// dies.
+    ///
+    /// ```
+    /// let obj = weakrefs::Strong::new(());
+    /// let f = weakrefs::finalize(&obj, || {});
+    /// f.set_atexit(false);
+    /// assert!(!f.atexit());
+    /// ```
+    pub fn set_atexit(&self, run_at_exit: bool) {
+        self.entry.set_atexit(run_at_exit)
+    }
+}
+
+impl fmt::Debug for Finalizer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Finalizer")
+            .field("alive", &self.alive())
+            .field("atexit", &self.atexit())
+            .finish()
+    }
+}
+
+/// Blocks until the callback queue is empty and no queued callback is
+/// running: the analogue of Python's `gc.collect()` in tests.
+///
+/// Called from inside a callback, it runs the rest of the queue on the
+/// calling thread instead of waiting (waiting would wait for itself).
+///
+/// ```
+/// use std::sync::atomic::{AtomicBool, Ordering};
+/// use std::sync::Arc;
+///
+/// let ran = Arc::new(AtomicBool::new(false));
+/// let obj = weakrefs::Strong::new(());
+/// let flag = ran.clone();
+/// weakrefs::finalize(&obj, move || flag.store(true, Ordering::SeqCst));
+/// drop(obj);
+/// weakrefs::flush();
+/// assert!(ran.load(Ordering::SeqCst));
+/// ```
+pub fn flush() {
+    global().flush()
+}
+
+/// Drains the callback queue, runs every still-registered callback whose
+/// [`atexit`](Finalizer::atexit) is set (newest first), and stops the
+/// finalizer thread. Idempotent: later calls return at once.
+///
+/// Afterwards callbacks run inline, in the thread that drops an object's
+/// last `Strong`, so none is ever lost: one that `shutdown` skipped
+/// (`atexit` unset) still runs when its object dies; one that `shutdown`
+/// ran never runs again. Rust has no interpreter exit to hook: call it at
+/// the end of `main` if `atexit` callbacks matter.
+///
+/// ```
+/// // In the last lines of `main`:
+/// weakrefs::shutdown();
+/// ```
+pub fn shutdown() {
+    global().shutdown()
+}
+
+/// Process-wide counters of the death-callback runtime since start.
+///
+/// ```
+/// let before = weakrefs::stats();
+/// let obj = weakrefs::Strong::new(());
+/// weakrefs::finalize(&obj, || {});
+/// drop(obj);
+/// weakrefs::flush();
+/// let after = weakrefs::stats();
+/// assert!(after.run > before.run);
+/// ```
+pub fn stats() -> Stats {
+    let (queued, run, panicked, pending) = global().counters();
+    Stats {
+        queued,
+        run,
+        panicked,
+        pending,
+    }
+}
+
+/// Counters returned by [`stats`]. Each is read separately, so under
+/// concurrent activity they are a close but not an atomic snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Callbacks handed to the finalizer thread so far.
+    pub queued: u64,
+    /// Callbacks that have finished, wherever they ran (the finalizer
+    /// thread, [`Finalizer::call`], `shutdown`, inline after it), panicked
+    /// ones included.
+    pub run: u64,
+    /// Callbacks that panicked (caught and reported on stderr).
+    pub panicked: u64,
+    /// Callbacks queued but not yet finished.
+    pub pending: u64,
+}
