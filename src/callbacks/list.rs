@@ -216,6 +216,23 @@ impl<L: Link> EntryList<L> {
     }
 }
 
+#[cfg(all(test, not(weakrefs_loom)))]
+impl<L: Link> EntryList<L> {
+    /// Nodes in the list, settled or not (tests only; not thread-safe
+    /// against compaction).
+    pub(crate) fn node_count(&self) -> usize {
+        let _held = self.lock();
+        let mut count = 0;
+        let mut node = self.head.load(Ordering::Acquire);
+        while !node.is_null() {
+            count += 1;
+            // SAFETY: nodes stay allocated while we hold the flag (C5).
+            node = L::next(unsafe { &*node }).load(Ordering::Relaxed);
+        }
+        count
+    }
+}
+
 /// A new `Arc` to the entry behind a link, leaving the link's reference.
 ///
 /// # Safety

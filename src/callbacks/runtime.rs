@@ -61,7 +61,7 @@ enum WorkerMode {
     /// The runtime spawns `weakrefs-finalizer` at the first batch (global).
     Spawn,
     /// A test or model runs `worker_loop` on a thread of its own.
-    #[cfg(any(test, weakrefs_loom))]
+    #[cfg(test)]
     External,
     /// Nobody: `flush` drains on the calling thread.
     #[cfg(any(test, weakrefs_loom))]
@@ -105,13 +105,13 @@ impl Runtime {
 
     /// A runtime whose worker loop the caller runs, on a thread of its own,
     /// with the parker from [`Runtime::take_parker`].
-    #[cfg(any(test, weakrefs_loom))]
+    #[cfg(test)]
     pub(crate) fn external() -> Self {
         Self::build(WorkerMode::External)
     }
 
     /// The worker's parker, for a runtime built by [`Runtime::external`].
-    #[cfg(any(test, weakrefs_loom))]
+    #[cfg(test)]
     pub(crate) fn take_parker(&self) -> Parker {
         self.parker
             .lock()
@@ -415,6 +415,7 @@ impl Runtime {
     }
 
     /// The worker's loop: drain, then park until a producer unparks.
+    #[cfg(any(test, not(weakrefs_loom)))]
     pub(crate) fn worker_loop(&self, parker: Parker) {
         loop {
             self.drain();
@@ -498,3 +499,227 @@ mod global {
 
 pub(crate) use global::global;
 use global::spawn_worker;
+
+#[cfg(all(test, not(weakrefs_loom)))]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Arc as StdArc;
+
+    fn logger(log: &StdArc<std::sync::Mutex<Vec<u32>>>, tag: u32) -> Callback {
+        let log = log.clone();
+        Box::new(move || log.lock().unwrap().push(tag))
+    }
+
+    #[test]
+    fn drain_runs_a_death_newest_first_and_skips_settled_entries() {
+        let runtime = Runtime::inline();
+        let log = StdArc::new(std::sync::Mutex::new(Vec::new()));
+        let list = ObjectCallbacks::new();
+        let _first = runtime.register(&list, logger(&log, 1));
+        let second = runtime.register(&list, logger(&log, 2));
+        let _third = runtime.register(&list, logger(&log, 3));
+        assert!(second.detach());
+        runtime.on_death(Box::new(list));
+        assert!(log.lock().unwrap().is_empty(), "ran before the drain");
+        assert_eq!(runtime.counters(), (2, 0, 0, 2));
+        assert_eq!(runtime.drain(), 2);
+        assert_eq!(*log.lock().unwrap(), [3, 1]);
+        assert_eq!(runtime.counters(), (2, 2, 0, 0));
+    }
+
+    #[test]
+    fn batches_run_oldest_death_first() {
+        let runtime = Runtime::inline();
+        let log = StdArc::new(std::sync::Mutex::new(Vec::new()));
+        for tag in 0..5 {
+            let list = ObjectCallbacks::new();
+            runtime.register(&list, logger(&log, tag));
+            runtime.on_death(Box::new(list));
+        }
+        runtime.flush();
+        assert_eq!(*log.lock().unwrap(), [0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn an_external_worker_runs_everything_before_flush_returns() {
+        let runtime = StdArc::new(Runtime::external());
+        let parker = runtime.take_parker();
+        let worker = {
+            let runtime = runtime.clone();
+            std::thread::spawn(move || runtime.worker_loop(parker))
+        };
+        let runs = StdArc::new(AtomicUsize::new(0));
+        let rounds = if cfg!(miri) { 20 } else { 2_000 };
+        std::thread::scope(|scope| {
+            for _ in 0..2 {
+                scope.spawn(|| {
+                    for _ in 0..rounds {
+                        let list = ObjectCallbacks::new();
+                        let runs = runs.clone();
+                        runtime.register(
+                            &list,
+                            Box::new(move || {
+                                runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            }),
+                        );
+                        runtime.on_death(Box::new(list));
+                    }
+                });
+            }
+        });
+        runtime.flush();
+        assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 2 * rounds);
+        assert_eq!(runtime.counters().3, 0);
+        runtime.shutdown();
+        worker.join().unwrap();
+    }
+
+    #[test]
+    fn shutdown_runs_atexit_entries_newest_first_then_deaths_run_inline() {
+        let runtime = Runtime::inline();
+        let log = StdArc::new(std::sync::Mutex::new(Vec::new()));
+        let first_list = ObjectCallbacks::new();
+        let second_list = ObjectCallbacks::new();
+        let a = runtime.register(&first_list, logger(&log, 1));
+        let b = runtime.register(&second_list, logger(&log, 2));
+        let c = runtime.register(&first_list, logger(&log, 3));
+        let skipped = runtime.register(&second_list, logger(&log, 4));
+        skipped.set_atexit(false);
+        runtime.shutdown();
+        assert_eq!(*log.lock().unwrap(), [3, 2, 1]);
+        assert!(!a.is_alive() && !b.is_alive() && !c.is_alive());
+        assert!(skipped.is_alive());
+        runtime.shutdown(); // idempotent
+        assert_eq!(log.lock().unwrap().len(), 3);
+        // After shutdown a death runs its callbacks at once, inline.
+        runtime.on_death(Box::new(second_list));
+        assert_eq!(*log.lock().unwrap(), [3, 2, 1, 4]);
+        runtime.on_death(Box::new(first_list));
+        assert_eq!(log.lock().unwrap().len(), 4, "shutdown's runs never repeat");
+        assert_eq!(runtime.counters().0, 0, "nothing was queued");
+    }
+
+    #[test]
+    fn register_detach_churn_leaves_lists_bounded() {
+        let runtime = Runtime::inline();
+        let list = ObjectCallbacks::new();
+        let keep = runtime.register(&list, Box::new(|| {}));
+        let rounds = if cfg!(miri) { 300 } else { 100_000 };
+        let mut longest = 0;
+        for _ in 0..rounds {
+            let entry = runtime.register(&list, Box::new(|| {}));
+            assert!(entry.detach());
+            longest = longest.max(list.node_count());
+        }
+        assert!(longest <= 40, "object list grew to {longest} nodes");
+        assert!(runtime.registry.node_count() <= 40, "registry grew");
+        assert!(keep.is_alive());
+        // Weak references to the entries: all detached ones are freed.
+        let probe = runtime.register(&list, Box::new(|| {}));
+        let weak_probe = std::sync::Arc::downgrade(&probe);
+        probe.detach();
+        drop(probe);
+        for _ in 0..64 {
+            runtime.register(&list, Box::new(|| {})).detach();
+        }
+        assert!(weak_probe.upgrade().is_none(), "a detached entry was never freed");
+        runtime.on_death(Box::new(list));
+        assert_eq!(runtime.drain(), 1);
+    }
+}
+
+/// Loom models of the queue, the worker's parking and `flush` (SAFETY.md,
+/// C7–C9, C11). Run by `.ci/loom`.
+#[cfg(all(test, weakrefs_loom))]
+mod loom_models {
+    use super::*;
+    use loom::sync::atomic::AtomicUsize;
+    use loom::thread;
+
+    fn counting(runs: &Arc<AtomicUsize>) -> Callback {
+        let runs = runs.clone();
+        Box::new(move || {
+            runs.fetch_add(1, Ordering::SeqCst);
+        })
+    }
+
+    fn die_with_one_callback(runtime: &Runtime, runs: &Arc<AtomicUsize>) {
+        let list = ObjectCallbacks::new();
+        runtime.register(&list, counting(runs));
+        runtime.on_death(Box::new(list));
+    }
+
+    /// A death racing the worker's drain-then-park: the unpark is never
+    /// lost, so `flush` returns (loom reports a deadlock otherwise) with the
+    /// callback run exactly once.
+    #[test]
+    fn push_races_drain_and_park() {
+        loom::model(|| {
+            let runtime = Arc::new(Runtime::external());
+            let parker = runtime.take_parker();
+            let worker = {
+                let runtime = runtime.clone();
+                thread::spawn(move || runtime.worker_loop(parker))
+            };
+            let runs = Arc::new(AtomicUsize::new(0));
+            die_with_one_callback(&runtime, &runs);
+            runtime.flush();
+            assert_eq!(runs.load(Ordering::SeqCst), 1);
+            runtime.shutdown();
+            worker.join().unwrap();
+            assert_eq!(runs.load(Ordering::SeqCst), 1);
+        });
+    }
+
+    /// `flush` racing a death on another thread: when both are done and a
+    /// final flush returns, the callback ran exactly once, and `pending` is
+    /// back to zero.
+    #[test]
+    fn flush_races_new_work() {
+        loom::model(|| {
+            let runtime = Arc::new(Runtime::external());
+            let parker = runtime.take_parker();
+            let worker = {
+                let runtime = runtime.clone();
+                thread::spawn(move || runtime.worker_loop(parker))
+            };
+            let runs = Arc::new(AtomicUsize::new(0));
+            let producer = {
+                let runtime = runtime.clone();
+                let runs = runs.clone();
+                thread::spawn(move || die_with_one_callback(&runtime, &runs))
+            };
+            runtime.flush();
+            producer.join().unwrap();
+            runtime.flush();
+            assert_eq!(runs.load(Ordering::SeqCst), 1);
+            assert_eq!(runtime.counters().3, 0);
+            runtime.shutdown();
+            worker.join().unwrap();
+        });
+    }
+
+    /// A death racing `shutdown`: the callback runs exactly once, whether
+    /// the worker, shutdown's drain, or the dying thread's own re-check
+    /// runs it (C9).
+    #[test]
+    fn death_races_shutdown() {
+        loom::model(|| {
+            let runtime = Arc::new(Runtime::inline());
+            let runs = Arc::new(AtomicUsize::new(0));
+            let list = ObjectCallbacks::new();
+            let entry = runtime.register(&list, counting(&runs));
+            entry.set_atexit(false);
+            let dying = {
+                let runtime = runtime.clone();
+                thread::spawn(move || runtime.on_death(Box::new(list)))
+            };
+            runtime.shutdown();
+            dying.join().unwrap();
+            // No drain here: shutdown's drain or the dying thread's re-check
+            // must already have run it.
+            assert_eq!(runs.load(Ordering::SeqCst), 1);
+        });
+    }
+}
