@@ -20,6 +20,7 @@
 //! Code outside this file never touches the counts directly: it calls the
 //! named transitions below, each of which documents its ordering.
 
+use std::alloc::Layout;
 use std::mem::ManuallyDrop;
 use std::ptr::{self, NonNull};
 
@@ -71,7 +72,7 @@ impl<T> ControlBlock<T> {
             value: ManuallyDrop::new(value),
             leak_check: LeakCheck::new(()),
         });
-        // `Box::into_raw` never returns null; the pointer keeps the Box's
+        // `Box::leak` never returns null; the pointer keeps the Box's
         // provenance over the whole allocation.
         NonNull::from(Box::leak(block))
     }
@@ -124,10 +125,16 @@ impl<T> ControlBlock<T> {
     ///    the Acquire that orders every other handle's accesses before this.
     /// 2. The value has already been dropped or moved out (I3).
     pub(crate) unsafe fn deallocate(this: NonNull<Self>) {
-        // SAFETY: `this` came from `Box::leak` in `allocate` (1 makes us the
-        // only owner left); `value` is `ManuallyDrop`, so dropping the Box
-        // frees the memory without dropping the value a second time (2).
-        drop(unsafe { Box::from_raw(this.as_ptr()) });
+        let block = this.as_ptr();
+        // SAFETY: by 1 we are the block's only owner. The leak tracker is the
+        // one field besides the value with drop glue; it is dropped in place
+        // through a field projection, so no reference or `Box` ever covers
+        // the dead value (I4). The header's fields have no drop glue.
+        unsafe { ptr::drop_in_place(ptr::addr_of_mut!((*block).leak_check)) };
+        // SAFETY: `allocate` got this memory from the global allocator with
+        // this very layout (through `Box::new`), and by 1 and 2 nothing will
+        // touch it again.
+        unsafe { std::alloc::dealloc(block.cast(), Layout::new::<Self>()) };
     }
 }
 
@@ -202,12 +209,12 @@ impl Header {
                 crate::sync::abort();
             }
             // Relaxed on success (O3): nothing is acquired by an upgrade.
-            // The value is written only before any `Weak` can exist (at
-            // construction, or through `get_mut`, which refuses while a
-            // `Weak` exists), and the `Weak` reached this thread through
-            // synchronisation that happens-after those writes. Once the count
-            // is nonzero the value is only read. Relaxed on failure: we learn
-            // the new count and retry.
+            // Every non-atomic write to the value (construction, `get_mut`)
+            // happens-before the `downgrade` that created any `Weak` alive
+            // at or after it (`get_mut` ends before its handle can be
+            // downgraded, cloned or sent), and this `Weak` reached us
+            // through synchronisation that happens-after that `downgrade`.
+            // Relaxed on failure: we learn the new count and retry.
             match self.strong.compare_exchange_weak(
                 current,
                 current + 1,
@@ -274,8 +281,10 @@ impl Header {
     /// `Weak::clone`: a new weak handle from an existing one.
     #[inline]
     pub(crate) fn increment_weak(&self) {
-        // Relaxed (O6): the caller's weak handle keeps the allocation alive and
-        // the count above 1, so `get_mut` cannot be holding the lock.
+        // Relaxed (O6): the caller's weak handle keeps the allocation alive.
+        // `get_mut` cannot be holding the lock: it locks only a count of
+        // exactly 1, and while a `Strong` exists the caller's `Weak` makes
+        // it at least 2; with no `Strong`, nobody can call `get_mut`.
         let old = self.weak.fetch_add(1, Ordering::Relaxed);
         if old > MAX_REFCOUNT {
             crate::sync::abort();
@@ -306,10 +315,12 @@ impl Header {
         // downgraded and dropped after we read `weak` and before we read
         // `strong`, leaving a `Weak` that could upgrade while we hand out
         // `&mut T`.
-        // Acquire: pairs with the Release decrement of the last `Weak` (O5).
-        // A `Weak` that upgraded and used the value is also ordered by the
-        // strong load below; this keeps each count's argument local.
-        // Relaxed on failure: we learn nothing we act on.
+        // Acquire (O4, required): pairs with the Release decrement of the
+        // last `Weak` (O5). A `Weak` may have upgraded, used the value and
+        // dropped both handles; without this Acquire the strong load below
+        // could read a stale 1 written before that upgrade and we would
+        // hand out `&mut T` racing its reads (loom model 4 fails). Relaxed
+        // on failure: we learn nothing we act on.
         if self
             .weak
             .compare_exchange(1, WEAK_LOCKED, Ordering::Acquire, Ordering::Relaxed)

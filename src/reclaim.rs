@@ -110,11 +110,16 @@ impl Pinned {
         // `defer_destroy`: unlinked, so only threads pinned now can hold it,
         // and the collector waits for them (I7); retired once, so freed once.
         unsafe { self.guard.defer_destroy(ptr) };
-        let due = RETIRED_SINCE_FLUSH.with(|count| {
-            let next = count.get() + 1;
-            count.set(if next >= FLUSH_EVERY { 0 } else { next });
-            next >= FLUSH_EVERY
-        });
+        // `try_with`: during thread-local teardown, flush every time rather
+        // than panic. The count is per thread, shared by all collectors: the
+        // bound it keeps is per thread, which is what issue 566 is about.
+        let due = RETIRED_SINCE_FLUSH
+            .try_with(|count| {
+                let next = count.get() + 1;
+                count.set(if next >= FLUSH_EVERY { 0 } else { next });
+                next >= FLUSH_EVERY
+            })
+            .unwrap_or(true);
         if due {
             self.flush();
         }

@@ -2,7 +2,6 @@
 
 use std::fmt;
 use std::hash::{Hash, Hasher};
-use std::marker::PhantomData;
 use std::ptr::NonNull;
 
 use crate::control::{ControlBlock, Header};
@@ -32,9 +31,9 @@ use crate::strong::Strong;
 /// assert!(weak.upgrade().is_none());
 /// ```
 pub struct Weak<T> {
-    /// `None` for [`Weak::new`], which names no object.
+    /// `None` for [`Weak::new`], which names no object. No `PhantomData<T>`:
+    /// a `Weak` never drops a `T`, so drop check need not assume it does.
     block: Option<NonNull<ControlBlock<T>>>,
-    _names: PhantomData<ControlBlock<T>>,
 }
 
 // SAFETY: a `Weak<T>` can become a `Strong<T>` in the thread that holds it,
@@ -53,18 +52,12 @@ impl<T> Weak<T> {
     /// assert_eq!(w.strong_count(), 0);
     /// ```
     pub const fn new() -> Self {
-        Weak {
-            block: None,
-            _names: PhantomData,
-        }
+        Weak { block: None }
     }
 
     /// Wraps a block whose weak count already includes this handle.
     pub(crate) fn from_block(block: NonNull<ControlBlock<T>>) -> Self {
-        Weak {
-            block: Some(block),
-            _names: PhantomData,
-        }
+        Weak { block: Some(block) }
     }
 
     #[inline(always)]
@@ -193,10 +186,7 @@ impl<T> Clone for Weak<T> {
         if let Some(header) = self.header() {
             header.increment_weak();
         }
-        Weak {
-            block: self.block,
-            _names: PhantomData,
-        }
+        Weak { block: self.block }
     }
 }
 

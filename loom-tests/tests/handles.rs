@@ -121,6 +121,8 @@ fn last_weak_drop_races_last_strong_drop() {
 /// Model 4: `get_mut` racing a `downgrade` + drop of a second strong handle
 /// and an upgrade through the new `Weak` (the case the weak-count lock,
 /// I6, exists for). A `&mut` never coexists with another handle's read.
+/// The worker's `Weak` lives until it returns, so `get_mut` can only
+/// succeed after the worker is done: it always reads the original value.
 #[test]
 fn get_mut_races_downgrade_of_another_strong() {
     loom::model(|| {
@@ -137,8 +139,75 @@ fn get_mut_races_downgrade_of_another_strong() {
             payload.data.with_mut(|p| unsafe { *p = 8 });
         }
         let seen = worker.join().unwrap();
-        assert!(matches!(seen, Some(7) | Some(8)));
+        assert_eq!(seen, Some(7));
         drop(mine);
         assert_eq!(drops.load(Ordering::SeqCst), 1);
+    });
+}
+
+/// Model 5 (O4′): another `Strong` reads the value and is dropped, with no
+/// `Weak` ever created, while `get_mut` writes. Fails if `is_unique`'s
+/// strong load is Relaxed.
+#[test]
+fn get_mut_races_read_and_drop_of_another_strong() {
+    loom::model(|| {
+        let drops = Arc::new(AtomicUsize::new(0));
+        let mut mine = Strong::new(Payload::new(&drops));
+        let theirs = mine.clone();
+        let worker = thread::spawn(move || {
+            let value = theirs.read();
+            drop(theirs);
+            value
+        });
+        if let Some(payload) = Strong::get_mut(&mut mine) {
+            // SAFETY: `get_mut` promised exclusivity; loom checks it.
+            payload.data.with_mut(|p| unsafe { *p = 8 });
+        }
+        assert_eq!(worker.join().unwrap(), 7);
+    });
+}
+
+/// Model 6 (O2′): `try_unwrap` racing another `Strong` that reads, drops,
+/// and then tries to upgrade. Fails without the fence after
+/// `try_unwrap`'s CAS.
+#[test]
+fn try_unwrap_races_read_and_drop_of_another_strong() {
+    loom::model(|| {
+        let drops = Arc::new(AtomicUsize::new(0));
+        let mine = Strong::new(Payload::new(&drops));
+        let theirs = mine.clone();
+        let weak = Strong::downgrade(&mine);
+        let worker = thread::spawn(move || {
+            let value = theirs.read();
+            drop(theirs);
+            (value, weak.upgrade().map(|s| s.read()))
+        });
+        match Strong::try_unwrap(mine) {
+            Ok(payload) => drop(payload),
+            Err(still_shared) => drop(still_shared),
+        }
+        let (value, after) = worker.join().unwrap();
+        assert_eq!(value, 7);
+        assert!(after.is_none() || after == Some(7));
+        assert_eq!(drops.load(Ordering::SeqCst), 1);
+    });
+}
+
+/// Model 7 (O3): a write through `get_mut`, then a `Weak` sent to another
+/// thread that upgrades (Relaxed CAS) and reads. The write is ordered by
+/// the thread spawn that carries the `Weak`, not by the upgrade.
+#[test]
+fn upgrade_sees_writes_made_through_get_mut() {
+    loom::model(|| {
+        let drops = Arc::new(AtomicUsize::new(0));
+        let mut mine = Strong::new(Payload::new(&drops));
+        let payload = Strong::get_mut(&mut mine).expect("sole handle");
+        // SAFETY: `get_mut` promised exclusivity; loom checks it.
+        payload.data.with_mut(|p| unsafe { *p = 9 });
+        let weak = Strong::downgrade(&mine);
+        let reader = thread::spawn(move || weak.upgrade().map(|s| s.read()));
+        drop(mine);
+        let seen = reader.join().unwrap();
+        assert!(seen.is_none() || seen == Some(9));
     });
 }
