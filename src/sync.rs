@@ -24,6 +24,9 @@ pub(crate) use loom::sync::{Arc, Condvar, Mutex};
 /// primitives under `--cfg crossbeam_loom`.
 pub(crate) use crossbeam_utils::sync::{Parker, Unparker};
 
+/// Pads a value to its own cache line (crossbeam-utils).
+pub(crate) use crossbeam_utils::CachePadded;
+
 /// A cell whose contents are reached only through closures, so that loom
 /// can check every access (tokio's `UnsafeCell` shape). In ordinary builds
 /// it is `core::cell::UnsafeCell` and the closures inline away.
@@ -80,6 +83,25 @@ pub(crate) fn spin_loop() {
     // schedule in which the lock holder never runs.
     #[cfg(weakrefs_loom)]
     loom::thread::yield_now();
+}
+
+/// Spins briefly (exponential backoff, then a few yields: crossbeam's
+/// `Backoff::snooze`, some microseconds in all) until `ready` holds.
+/// Returns whether it did. A consumer calls it before parking, so a steady
+/// stream of work does not pay a park and a wake-up system call per item.
+/// Under loom it only checks once: a model must not spin.
+pub(crate) fn spin_briefly_until(ready: impl Fn() -> bool) -> bool {
+    #[cfg(not(weakrefs_loom))]
+    {
+        let backoff = crossbeam_utils::Backoff::new();
+        while !backoff.is_completed() {
+            if ready() {
+                return true;
+            }
+            backoff.snooze();
+        }
+    }
+    ready()
 }
 
 /// Ends the process: the response to a reference count that would overflow,

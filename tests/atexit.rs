@@ -46,7 +46,10 @@ fn shutdown_runs_atexit_finalizers_newest_first_then_deaths_run_inline() {
     drop(a); // every callback of `a` already ran or was detached
     assert_eq!(log.lock().unwrap().len(), 4);
     drop(b);
-    assert_eq!(*log.lock().unwrap(), ["c", "a2", "b1", "a1", "late", "skipped"]);
+    assert_eq!(
+        *log.lock().unwrap(),
+        ["c", "a2", "b1", "a1", "late", "skipped"]
+    );
     assert_eq!(*dropper.lock().unwrap(), Some(thread::current().id()));
     assert!(!skipped.alive());
 
@@ -54,7 +57,9 @@ fn shutdown_runs_atexit_finalizers_newest_first_then_deaths_run_inline() {
     let d = Strong::new("d");
     let ran_on = Arc::new(Mutex::new(None));
     let slot = ran_on.clone();
-    finalize(&d, move || *slot.lock().unwrap() = Some(thread::current().id()));
+    finalize(&d, move || {
+        *slot.lock().unwrap() = Some(thread::current().id())
+    });
     let other = thread::spawn(move || {
         drop(d);
         thread::current().id()

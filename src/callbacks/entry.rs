@@ -28,8 +28,6 @@ pub(crate) struct Entry {
     state: AtomicU8,
     /// Run by `shutdown()` if still alive (Python's `finalize.atexit`).
     atexit: AtomicBool,
-    /// Registration order, process-wide: `shutdown()` runs newest first.
-    seq: u64,
     /// `Some` until the winner of the state machine takes it (C1).
     callback: UnsafeCell<Option<Callback>>,
     /// Link in the object's callback list, then in its death batch.
@@ -49,20 +47,15 @@ unsafe impl Send for Entry {}
 unsafe impl Sync for Entry {}
 
 impl Entry {
-    pub(crate) fn new(callback: Callback, seq: u64) -> Arc<Entry> {
+    pub(crate) fn new(callback: Callback) -> Arc<Entry> {
         Arc::new(Entry {
             state: AtomicU8::new(ALIVE),
             atexit: AtomicBool::new(true),
-            seq,
             callback: UnsafeCell::new(Some(callback)),
             object_next: AtomicPtr::new(ptr::null_mut()),
             registry_next: AtomicPtr::new(ptr::null_mut()),
             queue_next: AtomicPtr::new(ptr::null_mut()),
         })
-    }
-
-    pub(crate) fn seq(&self) -> u64 {
-        self.seq
     }
 
     /// Neither run, claimed to run, nor detached.
@@ -130,7 +123,6 @@ impl std::fmt::Debug for Entry {
         f.debug_struct("Entry")
             .field("alive", &self.is_alive())
             .field("atexit", &self.atexit())
-            .field("seq", &self.seq)
             .finish_non_exhaustive()
     }
 }

@@ -21,15 +21,17 @@
 //!   shutdown's drain all `SeqCst`, either the producer sees the flag or
 //!   shutdown's drain sees the batch (C9), so no callback is lost.
 
-use std::cmp::Reverse;
 use std::panic::{self, AssertUnwindSafe};
 use std::ptr;
 use std::sync::PoisonError;
 
 use super::entry::{from_link, Callback, Entry};
 use super::list::{EntryList, ObjectLink, RegistryLink};
+#[cfg(any(test, not(weakrefs_loom)))]
+use crate::sync::spin_briefly_until;
 use crate::sync::{
-    thread_local, Arc, AtomicBool, AtomicPtr, AtomicU64, Condvar, Mutex, Ordering, Parker, Unparker,
+    thread_local, Arc, AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, CachePadded, Condvar, Mutex,
+    Ordering, Parker, Unparker,
 };
 
 /// An object's callback list, allocated at its first registration.
@@ -43,13 +45,18 @@ thread_local! {
     static CALLBACK_DEPTH: std::cell::Cell<usize> = std::cell::Cell::new(0);
 }
 
-/// Process-wide counters, as `weakrefs::stats()` reports them.
+/// Process-wide counters, as `weakrefs::stats()` reports them. Producers
+/// write `queued`, consumers `run` and `panicked`, both `pending`: each
+/// group on its own cache line, so the dying thread and the worker do not
+/// bounce one line between them.
 #[derive(Debug, Default)]
 struct Counters {
-    queued: AtomicU64,
+    /// Queued and not yet finished. `queued` is derived: `pending` plus
+    /// `finished_from_queue`, which saves the dying thread an RMW.
+    pending: CachePadded<AtomicU64>,
+    finished_from_queue: CachePadded<AtomicU64>,
     run: AtomicU64,
     panicked: AtomicU64,
-    pending: AtomicU64,
 }
 
 /// A snapshot of the counters: `(queued, run, panicked, pending)`.
@@ -75,10 +82,9 @@ enum WorkerMode {
 pub(crate) struct Runtime {
     /// Death batches, newest first; each is a chain through `object_next`,
     /// and batches link through their head's `queue_next`.
-    queue: AtomicPtr<Entry>,
-    /// Every entry, for `shutdown`'s atexit pass.
-    registry: EntryList<RegistryLink>,
-    next_seq: AtomicU64,
+    queue: CachePadded<AtomicPtr<Entry>>,
+    /// Every entry, newest first, for `shutdown`'s atexit pass.
+    registry: CachePadded<EntryList<RegistryLink>>,
     counters: Counters,
     shut_down: AtomicBool,
     stop_requested: AtomicBool,
@@ -94,6 +100,9 @@ pub(crate) struct Runtime {
     /// `flush` waits here for `pending` to reach zero.
     idle: Mutex<()>,
     became_idle: Condvar,
+    /// `flush` calls waiting on `became_idle`; the consumer skips the
+    /// mutex and the wake-up system call when there are none (C11).
+    flush_waiters: AtomicUsize,
 }
 
 impl Runtime {
@@ -124,9 +133,8 @@ impl Runtime {
         let parker = Parker::new();
         let unparker = parker.unparker().clone();
         Runtime {
-            queue: AtomicPtr::new(ptr::null_mut()),
-            registry: EntryList::new(),
-            next_seq: AtomicU64::new(0),
+            queue: CachePadded::new(AtomicPtr::new(ptr::null_mut())),
+            registry: CachePadded::new(EntryList::new()),
             counters: Counters::default(),
             shut_down: AtomicBool::new(false),
             stop_requested: AtomicBool::new(false),
@@ -138,15 +146,13 @@ impl Runtime {
             worker: Mutex::new(None),
             idle: Mutex::new(()),
             became_idle: Condvar::new(),
+            flush_waiters: AtomicUsize::new(0),
         }
     }
 
     /// Registers `callback` on the object whose list is `list`.
     pub(crate) fn register(&self, list: &ObjectCallbacks, callback: Callback) -> Arc<Entry> {
-        // Relaxed (C10): a unique, increasing number is all `shutdown`
-        // needs; the pushes below publish the entry.
-        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
-        let entry = Entry::new(callback, seq);
+        let entry = Entry::new(callback);
         list.push(entry.clone());
         self.registry.push(entry.clone());
         entry
@@ -200,8 +206,6 @@ impl Runtime {
             unsafe { self.run_chain(batch) };
             return;
         }
-        // Relaxed: statistics.
-        self.counters.queued.fetch_add(count, Ordering::Relaxed);
         // Relaxed: sequenced before the push, whose Release the consumer
         // acquires before it subtracts, so `pending` never underflows (C11).
         self.counters.pending.fetch_add(count, Ordering::Relaxed);
@@ -290,10 +294,19 @@ impl Runtime {
             // SAFETY: a queued chain of claimed entries, ours after the swap.
             let count = unsafe { self.run_chain(batch) };
             ran += count;
-            // AcqRel (C11): Release so a `flush` that sees the drop to zero
+            // Relaxed: statistics; incremented before `pending` drops, so
+            // their sum never undercounts what was queued.
+            self.counters
+                .finished_from_queue
+                .fetch_add(count, Ordering::Relaxed);
+            // SeqCst (C11): Release so a `flush` that sees the drop to zero
             // also sees the callbacks' effects; Acquire pairs with the
-            // producers' increments.
-            if self.counters.pending.fetch_sub(count, Ordering::AcqRel) == count {
+            // producers' increments; SeqCst against `flush`'s registration
+            // as a waiter, so that either we see the waiter or it sees zero.
+            if self.counters.pending.fetch_sub(count, Ordering::SeqCst) == count
+                // SeqCst (C11): the other half of that handshake.
+                && self.flush_waiters.load(Ordering::SeqCst) != 0
+            {
                 let _idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
                 self.became_idle.notify_all();
             }
@@ -354,18 +367,22 @@ impl Runtime {
         let no_worker = self.worker_mode_is_inline() || self.worker_failed.load(Ordering::Relaxed);
         if in_callback || no_worker {
             self.drain();
-            if in_callback || no_worker {
-                return;
-            }
+            return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        // Acquire (C11): pairs with the AcqRel decrement that reached zero.
-        while self.counters.pending.load(Ordering::Acquire) != 0 {
+        // SeqCst (C11): registers us before we read `pending`; pairs with
+        // the consumer's SeqCst decrement and waiter load.
+        self.flush_waiters.fetch_add(1, Ordering::SeqCst);
+        // SeqCst (C11): see above; Acquire pairs with the decrement that
+        // reached zero, so the callbacks' effects are visible.
+        while self.counters.pending.load(Ordering::SeqCst) != 0 {
             idle = self
                 .became_idle
                 .wait(idle)
                 .unwrap_or_else(PoisonError::into_inner);
         }
+        // Relaxed: only the count matters; we hold the mutex.
+        self.flush_waiters.fetch_sub(1, Ordering::Relaxed);
     }
 
     fn worker_mode_is_inline(&self) -> bool {
@@ -385,9 +402,9 @@ impl Runtime {
         }
         self.stop_worker();
         self.drain();
-        let mut alive = self.registry.alive_entries();
-        alive.sort_by_key(|entry| Reverse(entry.seq()));
-        for entry in alive {
+        // Newest first: the registry is a stack, and compaction keeps the
+        // relative order of what it keeps.
+        for entry in self.registry.alive_entries() {
             if entry.atexit() && entry.claim() {
                 // SAFETY: we won the claim just now; this is its one take.
                 if let Some(callback) = unsafe { entry.take_claimed() } {
@@ -424,7 +441,12 @@ impl Runtime {
                 self.drain();
                 return;
             }
-            parker.park();
+            // Relaxed: a hint; the drain's swap does the synchronising, and
+            // a miss costs one park, which the producer's unpark ends (C8).
+            let more_work = || !self.queue.load(Ordering::Relaxed).is_null();
+            if !spin_briefly_until(more_work) {
+                parker.park();
+            }
         }
     }
 
@@ -432,11 +454,12 @@ impl Runtime {
     pub(crate) fn counters(&self) -> CounterSnapshot {
         // Relaxed: a statistics snapshot; the four loads need not agree.
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let pending = load(&self.counters.pending);
         (
-            load(&self.counters.queued),
+            load(&self.counters.finished_from_queue) + pending,
             load(&self.counters.run),
             load(&self.counters.panicked),
-            load(&self.counters.pending),
+            pending,
         )
     }
 }
@@ -623,7 +646,10 @@ mod tests {
         for _ in 0..64 {
             runtime.register(&list, Box::new(|| {})).detach();
         }
-        assert!(weak_probe.upgrade().is_none(), "a detached entry was never freed");
+        assert!(
+            weak_probe.upgrade().is_none(),
+            "a detached entry was never freed"
+        );
         runtime.on_death(Box::new(list));
         assert_eq!(runtime.drain(), 1);
     }
