@@ -17,9 +17,12 @@
 //!   then runs the still-registered entries whose `atexit` is set, newest
 //!   first. Afterwards the dying thread runs its callbacks inline. A
 //!   producer that raced the flag re-checks it after pushing and drains the
-//!   queue itself: with the push, the flag store, the re-check and
-//!   shutdown's drain all `SeqCst`, either the producer sees the flag or
-//!   shutdown's drain sees the batch (C9), so no callback is lost.
+//!   queue itself. A `SeqCst` fence between the push and the re-check, and
+//!   another between shutdown's flag store and its drain, mean that either
+//!   the producer sees the flag or shutdown's drain sees the batch (C9), so
+//!   no callback is lost. (Fences rather than `SeqCst` accesses: loom
+//!   models `SeqCst` fences exactly but treats `SeqCst` accesses as
+//!   `AcqRel`, so only the fence form can be checked.)
 
 use std::panic::{self, AssertUnwindSafe};
 use std::ptr;
@@ -30,8 +33,8 @@ use super::list::{EntryList, ObjectLink, RegistryLink};
 #[cfg(any(test, not(weakrefs_loom)))]
 use crate::sync::spin_briefly_until;
 use crate::sync::{
-    thread_local, Arc, AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, CachePadded, Condvar, Mutex,
-    Ordering, Parker, Unparker,
+    fence, thread_local, Arc, AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, CachePadded, Condvar,
+    Mutex, Ordering, Parker, Unparker,
 };
 
 /// An object's callback list, allocated at its first registration.
@@ -200,8 +203,9 @@ impl Runtime {
     /// Hands a chain of `count` claimed entries to the worker, or runs it
     /// inline after `shutdown`.
     fn dispatch(&self, batch: *mut Entry, count: u64) {
-        // SeqCst (C9): see the module docs.
-        if self.shut_down.load(Ordering::SeqCst) {
+        // Relaxed: a shortcut only; a stale `false` is caught by the
+        // re-check after the push (C9).
+        if self.shut_down.load(Ordering::Relaxed) {
             // SAFETY: a chain of claimed entries whose references we own.
             unsafe { self.run_chain(batch) };
             return;
@@ -216,20 +220,25 @@ impl Runtime {
         loop {
             // Relaxed: published by the CAS.
             link.store(head, Ordering::Relaxed);
-            // SeqCst (C7, C9): Release publishes the batch to the consumer's
-            // swap; SeqCst orders it against the shutdown flag.
-            match self
-                .queue
-                .compare_exchange_weak(head, batch, Ordering::SeqCst, Ordering::Relaxed)
-            {
+            // Release (C7): publishes the batch to the consumer's swap.
+            match self.queue.compare_exchange_weak(
+                head,
+                batch,
+                Ordering::Release,
+                Ordering::Relaxed,
+            ) {
                 Ok(_) => break,
                 Err(actual) => head = actual,
             }
         }
         self.wake_worker();
-        // SeqCst (C9): if shutdown's final drain may have missed our batch,
+        // SeqCst fence (C9): pairs with the fence in `shutdown`. If
+        // shutdown's drain may have missed our batch, the load below sees
+        // its flag, and we drain ourselves.
+        fence(Ordering::SeqCst);
+        // Relaxed: ordered by the fence (C9).
         // we see its flag here and drain ourselves.
-        if self.shut_down.load(Ordering::SeqCst) {
+        if self.shut_down.load(Ordering::Relaxed) {
             self.drain();
         }
     }
@@ -272,9 +281,9 @@ impl Runtime {
     /// Runs everything queued so far, oldest death first. Returns how many
     /// callbacks ran. Any thread may call it; each batch runs once (C7).
     pub(crate) fn drain(&self) -> u64 {
-        // SeqCst (C7, C9): Acquire pairs with the producers' push; SeqCst
-        // orders shutdown's drain after its flag store.
-        let mut newest_first = self.queue.swap(ptr::null_mut(), Ordering::SeqCst);
+        // Acquire (C7): pairs with the producers' Release push. (Shutdown's
+        // drain is ordered after its flag by the fence in `shutdown`, C9.)
+        let mut newest_first = self.queue.swap(ptr::null_mut(), Ordering::Acquire);
         // Reverse the batches to run the oldest death first.
         let mut oldest_first = ptr::null_mut::<Entry>();
         while !newest_first.is_null() {
@@ -299,13 +308,11 @@ impl Runtime {
             self.counters
                 .finished_from_queue
                 .fetch_add(count, Ordering::Relaxed);
-            // SeqCst (C11): Release so a `flush` that sees the drop to zero
+            // AcqRel (C11): Release so a `flush` that sees the drop to zero
             // also sees the callbacks' effects; Acquire pairs with the
-            // producers' increments; SeqCst against `flush`'s registration
-            // as a waiter, so that either we see the waiter or it sees zero.
-            if self.counters.pending.fetch_sub(count, Ordering::SeqCst) == count
-                // SeqCst (C11): the other half of that handshake.
-                && self.flush_waiters.load(Ordering::SeqCst) != 0
+            // producers' increments.
+            if self.counters.pending.fetch_sub(count, Ordering::AcqRel) == count
+                && self.flush_is_waiting()
             {
                 let _idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
                 self.became_idle.notify_all();
@@ -370,12 +377,15 @@ impl Runtime {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        // SeqCst (C11): registers us before we read `pending`; pairs with
-        // the consumer's SeqCst decrement and waiter load.
-        self.flush_waiters.fetch_add(1, Ordering::SeqCst);
-        // SeqCst (C11): see above; Acquire pairs with the decrement that
-        // reached zero, so the callbacks' effects are visible.
-        while self.counters.pending.load(Ordering::SeqCst) != 0 {
+        // Relaxed: ordered against the consumer by the fence below (C11).
+        self.flush_waiters.fetch_add(1, Ordering::Relaxed);
+        // SeqCst fence (C11): pairs with the fence in `flush_is_waiting`:
+        // either the consumer that takes `pending` to zero sees us waiting,
+        // or our load below sees zero.
+        fence(Ordering::SeqCst);
+        // Acquire (C11): pairs with the AcqRel decrement that reached zero,
+        // so the callbacks' effects are visible.
+        while self.counters.pending.load(Ordering::Acquire) != 0 {
             idle = self
                 .became_idle
                 .wait(idle)
@@ -383,6 +393,15 @@ impl Runtime {
         }
         // Relaxed: only the count matters; we hold the mutex.
         self.flush_waiters.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Called by the consumer that took `pending` to zero: is a `flush`
+    /// waiting to be woken?
+    fn flush_is_waiting(&self) -> bool {
+        // SeqCst fence (C11): pairs with the fence in `flush`.
+        fence(Ordering::SeqCst);
+        // Relaxed: ordered by the fence.
+        self.flush_waiters.load(Ordering::Relaxed) != 0
     }
 
     fn worker_mode_is_inline(&self) -> bool {
@@ -396,10 +415,13 @@ impl Runtime {
     /// Drains, stops the worker, runs every alive `atexit` entry newest
     /// first; afterwards callbacks run inline. Idempotent.
     pub(crate) fn shutdown(&self) {
-        // SeqCst (C9): ordered against the producers' push and re-check.
-        if self.shut_down.swap(true, Ordering::SeqCst) {
+        // Relaxed: idempotence only; the fence below orders the flag (C9).
+        if self.shut_down.swap(true, Ordering::Relaxed) {
             return;
         }
+        // SeqCst fence (C9): pairs with the fence after a producer's push:
+        // either that producer sees the flag, or the drain below sees its
+        // batch.
         self.stop_worker();
         self.drain();
         // Newest first: the registry is a stack, and compaction keeps the
