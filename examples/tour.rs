@@ -1,6 +1,6 @@
 //! A short tour of what `weakrefs` does today: `Strong`/`Weak` handles shared
-//! across threads, and objects that live exactly as long as someone holds
-//! them.
+//! across threads, objects that live exactly as long as someone holds them,
+//! and death callbacks run by the finalizer thread.
 //!
 //! `cargo run --release --example tour`
 
@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::thread;
 
-use weakrefs::{Strong, Weak};
+use weakrefs::{finalize, flush, shutdown, stats, Strong, Weak, WeakMethod};
 
 /// A big object a server would rather not build twice: here, a "decoded
 /// image" of a few hundred kilobytes.
@@ -108,4 +108,39 @@ fn main() {
         live
     );
     assert_eq!(live, 0);
+
+    println!("\n4. Death callbacks: run once, newest first, on the finalizer thread");
+    let page = Strong::new(decode("page.png"));
+    for step in ["close the file", "update the metrics"] {
+        finalize(&page, move || {
+            println!(
+                "    [{}] callback: {step}",
+                thread::current().name().unwrap_or("?")
+            )
+        });
+    }
+    let cancelled = finalize(&page, || unreachable!("detached"));
+    cancelled.detach();
+    let on_render = WeakMethod::new(&page, |img: &Image, scale: u32| {
+        img.pixels.len() as u32 / scale
+    });
+    println!("    WeakMethod while alive: {:?}", on_render.call(1024));
+    drop(page);
+    flush();
+    println!("    WeakMethod after death: {:?}", on_render.call(1024));
+
+    let atexit_probe = Strong::new(decode("kept-until-exit.png"));
+    finalize(&atexit_probe, || {
+        println!(
+            "    [{}] atexit callback at shutdown()",
+            thread::current().name().unwrap_or("?")
+        )
+    });
+    shutdown();
+    let stats = stats();
+    println!(
+        "    stats: queued {}, run {}, panicked {}, pending {}",
+        stats.queued, stats.run, stats.panicked, stats.pending
+    );
+    drop(atexit_probe);
 }
