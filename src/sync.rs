@@ -85,6 +85,16 @@ pub(crate) fn spin_loop() {
     loom::thread::yield_now();
 }
 
+/// Gives the processor to another thread (a waiter whose lock holder may
+/// be descheduled). Under loom, a model yield point.
+#[inline]
+pub(crate) fn yield_now() {
+    #[cfg(not(weakrefs_loom))]
+    std::thread::yield_now();
+    #[cfg(weakrefs_loom)]
+    loom::thread::yield_now();
+}
+
 /// Spins briefly (exponential backoff, then a few yields: crossbeam's
 /// `Backoff::snooze`, some microseconds in all) until `ready` holds.
 /// Returns whether it did. A consumer calls it before parking, so a steady

@@ -26,7 +26,7 @@ use std::marker::PhantomData;
 use std::ptr;
 
 use super::entry::{from_link, into_link, Entry};
-use crate::sync::{spin_loop, Arc, AtomicBool, AtomicPtr, AtomicUsize, Ordering};
+use crate::sync::{yield_now, Arc, AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 
 /// Pushes between compactions, at least. Shrinks under loom so the models
 /// reach the compaction path.
@@ -34,6 +34,16 @@ use crate::sync::{spin_loop, Arc, AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 const COMPACT_MIN: usize = 16;
 #[cfg(weakrefs_loom)]
 const COMPACT_MIN: usize = 1;
+
+/// Whether [`EntryList::note_work`] may make its caller wait for a
+/// compaction in progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Backpressure {
+    /// Registration: wait (yielding) when the list is far overdue.
+    Apply,
+    /// The consumer reporting settled entries: never wait.
+    Skip,
+}
 
 /// Which of an entry's links a list threads through.
 pub(crate) trait Link {
@@ -64,7 +74,8 @@ impl Link for RegistryLink {
 pub(crate) struct EntryList<L: Link> {
     head: AtomicPtr<Entry>,
     compacting: AtomicBool,
-    pushes_since_compaction: AtomicUsize,
+    /// Pushes plus settled entries reported since the last compaction.
+    work_since_compaction: AtomicUsize,
     kept_by_compaction: AtomicUsize,
     _link: PhantomData<L>,
 }
@@ -85,7 +96,7 @@ impl<L: Link> EntryList<L> {
         EntryList {
             head: AtomicPtr::new(ptr::null_mut()),
             compacting: AtomicBool::new(false),
-            pushes_since_compaction: AtomicUsize::new(0),
+            work_since_compaction: AtomicUsize::new(0),
             kept_by_compaction: AtomicUsize::new(0),
             _link: PhantomData,
         }
@@ -113,18 +124,32 @@ impl<L: Link> EntryList<L> {
                 Err(actual) => head = actual,
             }
         }
-        // Relaxed, and a load plus a store rather than an RMW: a heuristic
-        // trigger. Concurrent pushers may lose each other's increments,
-        // which only delays a compaction by at most one push per pusher;
-        // it saves a locked instruction on every registration (C5′).
-        let pushes = self.pushes_since_compaction.load(Ordering::Relaxed) + 1;
-        self.pushes_since_compaction
-            .store(pushes, Ordering::Relaxed);
-        // Relaxed: as above.
-        if pushes > COMPACT_MIN.max(self.kept_by_compaction.load(Ordering::Relaxed)) {
-            if let Some(guard) = self.try_lock() {
-                self.compact(&guard);
-            }
+        self.note_work(1, Backpressure::Apply);
+    }
+
+    /// Records `count` pushes or settled entries since the last compaction
+    /// and compacts when they exceed both `COMPACT_MIN` and what the last
+    /// compaction kept. With `Backpressure::Apply`, a caller that finds the
+    /// list four times overdue while another thread holds the compaction
+    /// flag yields until it can compact itself: a compactor descheduled
+    /// mid-walk would otherwise let concurrent pushers grow the list
+    /// without bound (C5).
+    pub(crate) fn note_work(&self, count: usize, backpressure: Backpressure) {
+        // Relaxed (C5′): a trigger; the flag orders the compaction itself.
+        let work = self
+            .work_since_compaction
+            .fetch_add(count, Ordering::Relaxed)
+            + count;
+        // Relaxed (C5′): as above.
+        let due = COMPACT_MIN.max(self.kept_by_compaction.load(Ordering::Relaxed));
+        if work <= due {
+            return;
+        }
+        if let Some(guard) = self.try_lock() {
+            self.compact(&guard);
+        } else if backpressure == Backpressure::Apply && work > 4 * due {
+            let guard = self.lock();
+            self.compact(&guard);
         }
     }
 
@@ -137,21 +162,29 @@ impl<L: Link> EntryList<L> {
             .map(|_| CompactionGuard(&self.compacting))
     }
 
+    /// Takes the flag, yielding the processor while another thread holds
+    /// it (it may be descheduled in the middle of a walk).
     fn lock(&self) -> CompactionGuard<'_> {
         loop {
             if let Some(guard) = self.try_lock() {
                 return guard;
             }
-            spin_loop();
+            yield_now();
         }
     }
 
     /// Unlinks every settled entry below the head (C5).
     fn compact(&self, _held: &CompactionGuard<'_>) {
+        // Relaxed (C5′): work reported from now on counts towards the next
+        // compaction; only what was seen here is subtracted below.
+        let seen = self.work_since_compaction.load(Ordering::Relaxed);
         // Acquire (C4): pairs with the pushes' Release CAS (a release
         // sequence of RMWs), so every node below is fully visible.
         let head = self.head.load(Ordering::Acquire);
         if head.is_null() {
+            // Relaxed (C5′): nothing to keep; forget the work seen.
+            self.work_since_compaction
+                .fetch_sub(seen, Ordering::Relaxed);
             return;
         }
         let mut kept = 1;
@@ -180,9 +213,11 @@ impl<L: Link> EntryList<L> {
                 drop(unsafe { from_link(current) });
             }
         }
-        // Relaxed: heuristics, see `push`.
+        // Relaxed (C5′): heuristics, see `note_work`.
         self.kept_by_compaction.store(kept, Ordering::Relaxed);
-        self.pushes_since_compaction.store(0, Ordering::Relaxed);
+        // Relaxed (C5′): as above.
+        self.work_since_compaction
+            .fetch_sub(seen, Ordering::Relaxed);
     }
 
     /// Removes and returns every node, newest first, as a chain through

@@ -24,12 +24,13 @@
 //!   models `SeqCst` fences exactly but treats `SeqCst` accesses as
 //!   `AcqRel`, so only the fence form can be checked.)
 
+use std::io::Write;
 use std::panic::{self, AssertUnwindSafe};
 use std::ptr;
 use std::sync::PoisonError;
 
 use super::entry::{from_link, Callback, Entry};
-use super::list::{EntryList, ObjectLink, RegistryLink};
+use super::list::{Backpressure, EntryList, ObjectLink, RegistryLink};
 #[cfg(any(test, not(weakrefs_loom)))]
 use crate::sync::spin_briefly_until;
 use crate::sync::{
@@ -103,6 +104,9 @@ pub(crate) struct Runtime {
     /// `flush` waits here for `pending` to reach zero.
     idle: Mutex<()>,
     became_idle: Condvar,
+    /// Set, under its mutex, when the first `shutdown` has finished.
+    shutdown_done: Mutex<bool>,
+    shutdown_finished: Condvar,
     /// `flush` calls waiting on `became_idle`; the consumer skips the
     /// mutex and the wake-up system call when there are none (C11).
     flush_waiters: AtomicUsize,
@@ -150,6 +154,8 @@ impl Runtime {
             idle: Mutex::new(()),
             became_idle: Condvar::new(),
             flush_waiters: AtomicUsize::new(0),
+            shutdown_done: Mutex::new(false),
+            shutdown_finished: Condvar::new(),
         }
     }
 
@@ -260,6 +266,15 @@ impl Runtime {
         if self.worker_started.load(Ordering::Relaxed) {
             return;
         }
+        // Acquire: pairs with `stop_worker`'s Release. `stop_worker` sets
+        // the flag before it takes this mutex, so a start that comes after
+        // that sees it and does not spawn a thread nobody would join; the
+        // producer's own re-check of `shut_down` drains its batch (C9).
+        if self.stop_requested.load(Ordering::Acquire) {
+            // Release: as below.
+            self.worker_started.store(true, Ordering::Release);
+            return;
+        }
         let parker = self
             .parker
             .lock()
@@ -268,10 +283,7 @@ impl Runtime {
             .expect("the parker is taken only by the one worker start");
         let spawned = spawn_worker(parker);
         if spawned.is_none() {
-            // Relaxed: read by `flush` of this or a later call; a stale
-            // `false` there is corrected by the drain in `dispatch`'s caller
-            // at the next flush.
-            self.worker_failed.store(true, Ordering::Relaxed);
+            self.mark_worker_failed();
         }
         *worker = spawned;
         // Release: pairs with `wake_worker`'s Acquire.
@@ -318,6 +330,15 @@ impl Runtime {
                 self.became_idle.notify_all();
             }
         }
+        if ran > 0 {
+            // The entries just run are settled: count them towards the
+            // registry's next compaction, so that it shrinks after a wave of
+            // deaths even if nobody registers again (C5).
+            self.registry.note_work(
+                usize::try_from(ran).unwrap_or(usize::MAX),
+                Backpressure::Skip,
+            );
+        }
         ran
     }
 
@@ -360,8 +381,27 @@ impl Runtime {
                 .copied()
                 .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
                 .unwrap_or("(non-string panic payload)");
-            eprintln!("weakrefs: a death callback panicked: {message}");
+            // `writeln!` rather than `eprintln!`, which panics when stderr is
+            // a closed pipe: nothing here may unwind into the worker.
+            let _ = writeln!(
+                std::io::stderr(),
+                "weakrefs: a death callback panicked: {message}"
+            );
+            // The payload's own `Drop` is user code too.
+            if let Err(nested) = panic::catch_unwind(AssertUnwindSafe(move || drop(payload))) {
+                std::mem::forget(nested);
+            }
         }
+    }
+
+    /// The worker is gone (its thread could not be spawned, or it died):
+    /// from now on `flush` drains on the calling thread. Wakes any `flush`
+    /// already waiting, so it notices.
+    fn mark_worker_failed(&self) {
+        // Release: pairs with the Acquire load in `flush`.
+        self.worker_failed.store(true, Ordering::Release);
+        let _idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        self.became_idle.notify_all();
     }
 
     /// Blocks until nothing is queued and no queued callback is running.
@@ -370,9 +410,7 @@ impl Runtime {
     /// the callback that is calling it).
     pub(crate) fn flush(&self) {
         let in_callback = CALLBACK_DEPTH.with(|depth| depth.get() > 0);
-        // Relaxed: see `start_worker`.
-        let no_worker = self.worker_mode_is_inline() || self.worker_failed.load(Ordering::Relaxed);
-        if in_callback || no_worker {
+        if in_callback || self.has_no_worker() {
             self.drain();
             return;
         }
@@ -383,9 +421,16 @@ impl Runtime {
         // either the consumer that takes `pending` to zero sees us waiting,
         // or our load below sees zero.
         fence(Ordering::SeqCst);
+        let mut worker_gone = false;
         // Acquire (C11): pairs with the AcqRel decrement that reached zero,
         // so the callbacks' effects are visible.
         while self.counters.pending.load(Ordering::Acquire) != 0 {
+            // `mark_worker_failed` notifies under `idle`, so a worker that
+            // dies while we wait wakes us here.
+            if self.has_no_worker() {
+                worker_gone = true;
+                break;
+            }
             idle = self
                 .became_idle
                 .wait(idle)
@@ -393,6 +438,17 @@ impl Runtime {
         }
         // Relaxed: only the count matters; we hold the mutex.
         self.flush_waiters.fetch_sub(1, Ordering::Relaxed);
+        drop(idle);
+        if worker_gone {
+            self.drain();
+        }
+    }
+
+    /// No worker thread will drain the queue: this runtime has none, or it
+    /// could not be spawned, or it died.
+    fn has_no_worker(&self) -> bool {
+        // Acquire: pairs with `mark_worker_failed`'s Release.
+        self.worker_mode_is_inline() || self.worker_failed.load(Ordering::Acquire)
     }
 
     /// Called by the consumer that took `pending` to zero: is a `flush`
@@ -415,13 +471,16 @@ impl Runtime {
     /// Drains, stops the worker, runs every alive `atexit` entry newest
     /// first; afterwards callbacks run inline. Idempotent.
     pub(crate) fn shutdown(&self) {
-        // Relaxed: idempotence only; the fence below orders the flag (C9).
+        // Relaxed: who runs shutdown is decided by the swap alone; the fence
+        // below orders the flag against producers (C9).
         if self.shut_down.swap(true, Ordering::Relaxed) {
+            self.wait_for_shutdown();
             return;
         }
         // SeqCst fence (C9): pairs with the fence after a producer's push:
         // either that producer sees the flag, or the drain below sees its
         // batch.
+        fence(Ordering::SeqCst);
         self.stop_worker();
         self.drain();
         // Newest first: the registry is a stack, and compaction keeps the
@@ -433,6 +492,31 @@ impl Runtime {
                     self.run_callback(callback);
                 }
             }
+        }
+        *self
+            .shutdown_done
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = true;
+        self.shutdown_finished.notify_all();
+    }
+
+    /// A second `shutdown` waits for the first to finish its atexit pass, so
+    /// that returning from `shutdown` always means the pass is over. From
+    /// inside a callback it returns at once: the first call may be the one
+    /// running that callback.
+    fn wait_for_shutdown(&self) {
+        if CALLBACK_DEPTH.with(|depth| depth.get() > 0) {
+            return;
+        }
+        let mut done = self
+            .shutdown_done
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        while !*done {
+            done = self
+                .shutdown_finished
+                .wait(done)
+                .unwrap_or_else(PoisonError::into_inner);
         }
     }
 
@@ -447,7 +531,7 @@ impl Runtime {
             .take();
         if let Some(handle) = handle {
             if handle.thread().id() != std::thread::current().id() {
-                // The worker catches callback panics, so it cannot panic.
+                // A worker that died has already marked itself failed.
                 let _ = handle.join();
             }
         }
@@ -456,6 +540,17 @@ impl Runtime {
     /// The worker's loop: drain, then park until a producer unparks.
     #[cfg(any(test, not(weakrefs_loom)))]
     pub(crate) fn worker_loop(&self, parker: Parker) {
+        /// If the worker ever unwinds (nothing in it should panic: callbacks
+        /// and their payloads are caught), `flush` must stop waiting for it.
+        struct DiesLoudly<'a>(&'a Runtime);
+        impl Drop for DiesLoudly<'_> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    self.0.mark_worker_failed();
+                }
+            }
+        }
+        let _guard = DiesLoudly(self);
         loop {
             self.drain();
             // Acquire: pairs with `stop_worker`'s Release.
@@ -646,6 +741,71 @@ mod tests {
     }
 
     #[test]
+    fn churn_on_one_list_from_more_threads_than_cores_stays_bounded() {
+        // Without backpressure, a compactor descheduled mid-walk let other
+        // pushers grow a list to millions of nodes here.
+        let runtime = Runtime::inline();
+        let list = ObjectCallbacks::new();
+        let live: Vec<_> = (0..64)
+            .map(|_| runtime.register(&list, Box::new(|| {})))
+            .collect();
+        let (threads, rounds) = if cfg!(miri) { (2, 50) } else { (6, 20_000) };
+        let longest = AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(|| {
+                    for round in 0..rounds {
+                        assert!(runtime.register(&list, Box::new(|| {})).detach());
+                        if round % 512 == 0 {
+                            longest
+                                .fetch_max(list.node_count(), std::sync::atomic::Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        let longest = longest.into_inner().max(list.node_count());
+        // A compaction keeps at most the 64 live entries, one registered
+        // but not yet detached per thread, and the head. Backpressure stops
+        // every pusher once the work since then exceeds four times that, so
+        // a list holds at most five times it, plus one push per thread
+        // between its CAS and its count.
+        let kept = 64 + threads + 1;
+        let bound = 5 * kept + threads;
+        assert!(
+            longest <= bound,
+            "object list reached {longest} nodes (bound {bound})"
+        );
+        assert!(runtime.registry.node_count() <= bound, "registry grew");
+        assert!(live.iter().all(|entry| entry.is_alive()));
+        runtime.on_death(Box::new(list));
+        assert_eq!(runtime.drain(), 64);
+    }
+
+    #[test]
+    fn the_registry_shrinks_after_deaths_without_new_registrations() {
+        let runtime = Runtime::inline();
+        let count = if cfg!(miri) { 100 } else { 10_000 };
+        let lists: Vec<_> = (0..count)
+            .map(|_| {
+                let list = ObjectCallbacks::new();
+                runtime.register(&list, Box::new(|| {}));
+                list
+            })
+            .collect();
+        assert!(runtime.registry.node_count() >= count);
+        for list in lists {
+            runtime.on_death(Box::new(list));
+        }
+        assert_eq!(runtime.drain(), count as u64);
+        assert!(
+            runtime.registry.node_count() <= 2 * 16,
+            "registry kept {} settled entries",
+            runtime.registry.node_count()
+        );
+    }
+
+    #[test]
     fn register_detach_churn_leaves_lists_bounded() {
         let runtime = Runtime::inline();
         let list = ObjectCallbacks::new();
@@ -745,6 +905,100 @@ mod loom_models {
             assert_eq!(runtime.counters().3, 0);
             runtime.shutdown();
             worker.join().unwrap();
+        });
+    }
+
+    /// Two `shutdown` calls at once: whichever returns, the atexit pass is
+    /// over and ran each callback once.
+    #[test]
+    fn concurrent_shutdowns_return_after_the_atexit_pass() {
+        loom::model(|| {
+            let runtime = Arc::new(Runtime::inline());
+            let runs = Arc::new(AtomicUsize::new(0));
+            let list = ObjectCallbacks::new();
+            runtime.register(&list, counting(&runs));
+            let other = {
+                let runtime = runtime.clone();
+                let runs = runs.clone();
+                thread::spawn(move || {
+                    runtime.shutdown();
+                    runs.load(Ordering::SeqCst)
+                })
+            };
+            runtime.shutdown();
+            assert_eq!(runs.load(Ordering::SeqCst), 1);
+            assert_eq!(other.join().unwrap(), 1);
+            runtime.on_death(Box::new(list));
+            assert_eq!(runs.load(Ordering::SeqCst), 1);
+        });
+    }
+
+    /// A death racing `shutdown` with `atexit` set: death and the atexit
+    /// pass compete for the claim; the callback runs exactly once.
+    #[test]
+    fn death_races_shutdown_with_atexit() {
+        loom::model(|| {
+            let runtime = Arc::new(Runtime::inline());
+            let runs = Arc::new(AtomicUsize::new(0));
+            let list = ObjectCallbacks::new();
+            runtime.register(&list, counting(&runs));
+            let dying = {
+                let runtime = runtime.clone();
+                thread::spawn(move || runtime.on_death(Box::new(list)))
+            };
+            runtime.shutdown();
+            dying.join().unwrap();
+            assert_eq!(runs.load(Ordering::SeqCst), 1);
+        });
+    }
+
+    /// Compaction unlinking and freeing detached nodes while another thread
+    /// pushes and a third detaches (the compaction threshold is 1 under
+    /// loom, so every push compacts).
+    #[test]
+    fn compaction_frees_while_others_push_and_detach() {
+        loom::model(|| {
+            let runtime = Arc::new(Runtime::inline());
+            let runs = Arc::new(AtomicUsize::new(0));
+            let list = Arc::new(ObjectCallbacks::new());
+            let first = runtime.register(&list, counting(&runs));
+            let second = runtime.register(&list, counting(&runs));
+            let pusher = {
+                let (runtime, list, runs) = (runtime.clone(), list.clone(), runs.clone());
+                thread::spawn(move || runtime.register(&list, counting(&runs)))
+            };
+            let detacher = thread::spawn(move || assert!(first.detach()));
+            let third = runtime.register(&list, counting(&runs));
+            assert!(second.detach());
+            detacher.join().unwrap();
+            let fourth = pusher.join().unwrap();
+            let list = Arc::try_unwrap(list).expect("threads joined");
+            runtime.on_death(Box::new(list));
+            runtime.flush();
+            assert_eq!(runs.load(Ordering::SeqCst), 2);
+            assert!(!third.is_alive() && !fourth.is_alive());
+        });
+    }
+
+    /// `shutdown`'s registry walk racing a registration whose registry
+    /// compaction frees a detached entry.
+    #[test]
+    fn shutdown_races_registration_and_compaction() {
+        loom::model(|| {
+            let runtime = Arc::new(Runtime::inline());
+            let runs = Arc::new(AtomicUsize::new(0));
+            let list = Arc::new(ObjectCallbacks::new());
+            assert!(runtime.register(&list, counting(&runs)).detach());
+            let registrar = {
+                let (runtime, list, runs) = (runtime.clone(), list.clone(), runs.clone());
+                thread::spawn(move || runtime.register(&list, counting(&runs)))
+            };
+            runtime.shutdown();
+            let late = registrar.join().unwrap();
+            let list = Arc::try_unwrap(list).expect("threads joined");
+            runtime.on_death(Box::new(list));
+            assert_eq!(runs.load(Ordering::SeqCst), 1);
+            assert!(!late.is_alive());
         });
     }
 
