@@ -21,6 +21,16 @@ use crate::sync::Arc;
 /// keep the object alive forever (reference counting cannot free cycles).
 /// Capture what the clean-up needs instead, or a [`Weak`](crate::Weak).
 ///
+/// Registration is lock-free with one exception that bounds memory: a
+/// registration that finds the object's list (or the process-wide registry)
+/// four times overdue for compaction while another thread is compacting it
+/// yields until that compaction is done. Callbacks registered concurrently
+/// on one object count as registered in the order their pushes land.
+///
+/// The object dies when its last `Strong` goes away, by drop or by
+/// [`Strong::try_unwrap`]; in the latter case the callbacks run although
+/// the value itself lives on in the caller's hands.
+///
 /// Unlike JavaScript's `FinalizationRegistry` or Java's `Cleaner`, whose
 /// callbacks run at some unspecified time after a garbage collection, if at
 /// all, a callback here is deterministic: it is queued at the moment the
@@ -166,8 +176,13 @@ impl fmt::Debug for Finalizer {
 /// Blocks until the callback queue is empty and no queued callback is
 /// running: the analogue of Python's `gc.collect()` in tests.
 ///
-/// Called from inside a callback, it runs the rest of the queue on the
-/// calling thread instead of waiting (waiting would wait for itself).
+/// It waits for a quiet moment: while other threads keep objects dying,
+/// it returns once the finalizer thread catches up. It does not wait for
+/// callbacks that run outside the queue ([`Finalizer::call`], `shutdown`,
+/// inline after `shutdown`). Called from inside a callback it cannot wait
+/// (it would wait for itself): it runs whatever is queued now on the
+/// calling thread and returns, so callbacks of the batch it is part of may
+/// still be pending.
 ///
 /// ```
 /// use std::sync::atomic::{AtomicBool, Ordering};
@@ -192,8 +207,14 @@ pub fn flush() {
 /// Afterwards callbacks run inline, in the thread that drops an object's
 /// last `Strong`, so none is ever lost: one that `shutdown` skipped
 /// (`atexit` unset) still runs when its object dies; one that `shutdown`
-/// ran never runs again. Rust has no interpreter exit to hook: call it at
-/// the end of `main` if `atexit` callbacks matter.
+/// ran never runs again. (Inline callbacks nest: a callback that drops the
+/// last handle of another object runs that object's callbacks before it
+/// returns.) Rust has no interpreter exit to hook: call it at the end of
+/// `main` if `atexit` callbacks matter.
+///
+/// A call made while another thread's `shutdown` is running waits for it
+/// to finish, so returning always means the atexit pass is over; a call
+/// from inside a callback returns at once.
 ///
 /// ```
 /// // In the last lines of `main`:

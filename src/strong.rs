@@ -163,7 +163,9 @@ impl<T> Strong<T> {
 
     /// Returns the value if this is the only `Strong`; otherwise gives the
     /// handle back. `Weak` handles do not prevent it: they simply find the
-    /// object dead afterwards.
+    /// object dead afterwards. The object dies here, so its death callbacks
+    /// (see [`finalize`](crate::finalize)) are queued, although the value
+    /// lives on in the caller's hands.
     ///
     /// ```
     /// use weakrefs::Strong;

@@ -16,11 +16,15 @@
 //!   Death excludes both pushes and compaction, since both run inside
 //!   `finalize`, which holds a `Strong` (C6).
 //!
-//! A compaction runs once the pushes since the last one exceed both a small
-//! constant and the number of entries the last one kept, so it costs O(1)
-//! amortised per push and the list never holds more than about twice its
-//! live entries plus the constant: registering and detaching on one object
-//! forever leaves its memory flat.
+//! A compaction runs once the work since the last one (pushes, plus
+//! entries the consumer reports settled) exceeds both a small constant and
+//! the number of entries the last one kept, so it costs O(1) amortised per
+//! push. A compactor can be descheduled mid-walk while others keep
+//! pushing, so a pusher that finds the list four times overdue yields until
+//! it can compact itself (backpressure). The list therefore never holds
+//! more than about five times what the last compaction kept, plus one
+//! node per pushing thread: registering and detaching on one object
+//! forever, from any number of threads, leaves its memory flat.
 
 use std::marker::PhantomData;
 use std::ptr;
