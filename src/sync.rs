@@ -100,6 +100,7 @@ pub(crate) fn yield_now() {
 /// Returns whether it did. A consumer calls it before parking, so a steady
 /// stream of work does not pay a park and a wake-up system call per item.
 /// Under loom it only checks once: a model must not spin.
+#[cfg(any(test, not(weakrefs_loom)))]
 pub(crate) fn spin_briefly_until(ready: impl Fn() -> bool) -> bool {
     #[cfg(not(weakrefs_loom))]
     {

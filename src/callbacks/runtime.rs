@@ -5,7 +5,7 @@
 //! * **Queue.** When an object dies, the dying thread claims every alive
 //!   entry of its callback list (C1) and pushes the chain, newest first, as
 //!   one *batch* onto a Treiber stack. Consumers take the whole stack with
-//!   one swap and run the batches oldest first. Producers never dereference
+//!   one compare-exchange to null and run the batches oldest first. Producers never dereference
 //!   a queued node and consumers never pop one at a time, so there is no
 //!   ABA and no reclamation problem (C7).
 //! * **Worker.** One thread, `weakrefs-finalizer`, started by the first
@@ -13,16 +13,13 @@
 //!   push; a crossbeam `Parker` keeps the token, so an unpark that lands
 //!   between the worker's last drain and its `park` makes that `park`
 //!   return at once (no lost wake-up, C8).
-//! * **Shutdown.** `shutdown` sets `shut_down`, stops the worker, drains,
-//!   then runs the still-registered entries whose `atexit` is set, newest
-//!   first. Afterwards the dying thread runs its callbacks inline. A
-//!   producer that raced the flag re-checks it after pushing and drains the
-//!   queue itself. A `SeqCst` fence between the push and the re-check, and
-//!   another between shutdown's flag store and its drain, mean that either
-//!   the producer sees the flag or shutdown's drain sees the batch (C9), so
-//!   no callback is lost. (Fences rather than `SeqCst` accesses: loom
-//!   models `SeqCst` fences exactly but treats `SeqCst` accesses as
-//!   `AcqRel`, so only the fence form can be checked.)
+//! * **Shutdown.** `shutdown` stops the worker, closes the queue by
+//!   swapping in a marker, runs what the swap took, then runs the
+//!   still-registered entries whose `atexit` is set, newest first. The swap
+//!   takes every batch pushed before it, and a producer whose push finds
+//!   the marker runs its callbacks inline instead. One location, ordered by
+//!   its RMWs, decides each batch's fate (C9), so no callback is lost and
+//!   the producers' fast path needs no fence.
 
 use std::io::Write;
 use std::panic::{self, AssertUnwindSafe};
@@ -37,6 +34,12 @@ use crate::sync::{
     fence, thread_local, Arc, AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, CachePadded, Condvar,
     Mutex, Ordering, Parker, Unparker,
 };
+
+/// The queue head after `shutdown`: producers that find it run their
+/// callbacks inline (C9). Never a real entry's address.
+fn closed() -> *mut Entry {
+    ptr::dangling_mut()
+}
 
 /// An object's callback list, allocated at its first registration.
 pub(crate) type ObjectCallbacks = EntryList<ObjectLink>;
@@ -209,13 +212,6 @@ impl Runtime {
     /// Hands a chain of `count` claimed entries to the worker, or runs it
     /// inline after `shutdown`.
     fn dispatch(&self, batch: *mut Entry, count: u64) {
-        // Relaxed: a shortcut only; a stale `false` is caught by the
-        // re-check after the push (C9).
-        if self.shut_down.load(Ordering::Relaxed) {
-            // SAFETY: a chain of claimed entries whose references we own.
-            unsafe { self.run_chain(batch) };
-            return;
-        }
         // Relaxed: sequenced before the push, whose Release the consumer
         // acquires before it subtracts, so `pending` never underflows (C11).
         self.counters.pending.fetch_add(count, Ordering::Relaxed);
@@ -224,9 +220,19 @@ impl Runtime {
         // Relaxed: the value only seeds the CAS.
         let mut head = self.queue.load(Ordering::Relaxed);
         loop {
+            if head == closed() {
+                // Shutdown has closed the queue (C9): run the chain here,
+                // in the dying thread, and take back our `pending`.
+                // SAFETY: a chain of claimed entries whose references we own.
+                unsafe { self.run_chain(batch) };
+                self.finish_pending(count);
+                return;
+            }
             // Relaxed: published by the CAS.
             link.store(head, Ordering::Relaxed);
             // Release (C7): publishes the batch to the consumer's swap.
+            // Relaxed on failure: we only learn the new head (which may be
+            // the closed marker) and retry.
             match self.queue.compare_exchange_weak(
                 head,
                 batch,
@@ -238,14 +244,19 @@ impl Runtime {
             }
         }
         self.wake_worker();
-        // SeqCst fence (C9): pairs with the fence in `shutdown`. If
-        // shutdown's drain may have missed our batch, the load below sees
-        // its flag, and we drain ourselves.
-        fence(Ordering::SeqCst);
-        // Relaxed: ordered by the fence (C9).
-        // we see its flag here and drain ourselves.
-        if self.shut_down.load(Ordering::Relaxed) {
-            self.drain();
+    }
+
+    /// Records `count` queued callbacks as finished and wakes a waiting
+    /// `flush` if that leaves nothing pending.
+    fn finish_pending(&self, count: u64) {
+        // AcqRel (C11): Release so a `flush` that sees the drop to zero
+        // also sees the callbacks' effects; Acquire pairs with the
+        // producers' increments.
+        if self.counters.pending.fetch_sub(count, Ordering::AcqRel) == count
+            && self.flush_is_waiting()
+        {
+            let _idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            self.became_idle.notify_all();
         }
     }
 
@@ -293,9 +304,35 @@ impl Runtime {
     /// Runs everything queued so far, oldest death first. Returns how many
     /// callbacks ran. Any thread may call it; each batch runs once (C7).
     pub(crate) fn drain(&self) -> u64 {
-        // Acquire (C7): pairs with the producers' Release push. (Shutdown's
-        // drain is ordered after its flag by the fence in `shutdown`, C9.)
-        let mut newest_first = self.queue.swap(ptr::null_mut(), Ordering::Acquire);
+        // Acquire (C7): pairs with the producers' Release push.
+        let mut head = self.queue.load(Ordering::Acquire);
+        let newest_first = loop {
+            if head.is_null() || head == closed() {
+                return 0;
+            }
+            // Acquire (C7): as above. Never swap blindly: after shutdown the
+            // head is the closed marker, which must stay (C9).
+            match self.queue.compare_exchange_weak(
+                head,
+                ptr::null_mut(),
+                Ordering::Acquire,
+                Ordering::Acquire,
+            ) {
+                Ok(taken) => break taken,
+                Err(actual) => head = actual,
+            }
+        };
+        // SAFETY: everything below runs what the CAS took; see `run_taken`.
+        unsafe { self.run_taken(newest_first) }
+    }
+
+    /// Runs the batches taken from the queue, oldest death first.
+    ///
+    /// # Safety
+    ///
+    /// 1. `*newest_first` heads a stack of batches this thread took from the
+    ///    queue (C7), or is null.
+    unsafe fn run_taken(&self, mut newest_first: *mut Entry) -> u64 {
         // Reverse the batches to run the oldest death first.
         let mut oldest_first = ptr::null_mut::<Entry>();
         while !newest_first.is_null() {
@@ -320,15 +357,7 @@ impl Runtime {
             self.counters
                 .finished_from_queue
                 .fetch_add(count, Ordering::Relaxed);
-            // AcqRel (C11): Release so a `flush` that sees the drop to zero
-            // also sees the callbacks' effects; Acquire pairs with the
-            // producers' increments.
-            if self.counters.pending.fetch_sub(count, Ordering::AcqRel) == count
-                && self.flush_is_waiting()
-            {
-                let _idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-                self.became_idle.notify_all();
-            }
+            self.finish_pending(count);
         }
         if ran > 0 {
             // The entries just run are settled: count them towards the
@@ -471,18 +500,20 @@ impl Runtime {
     /// Drains, stops the worker, runs every alive `atexit` entry newest
     /// first; afterwards callbacks run inline. Idempotent.
     pub(crate) fn shutdown(&self) {
-        // Relaxed: who runs shutdown is decided by the swap alone; the fence
-        // below orders the flag against producers (C9).
+        // Relaxed: who runs shutdown is decided by the swap alone; producers
+        // learn of shutdown from the queue's closed marker, not this flag.
         if self.shut_down.swap(true, Ordering::Relaxed) {
             self.wait_for_shutdown();
             return;
         }
-        // SeqCst fence (C9): pairs with the fence after a producer's push:
-        // either that producer sees the flag, or the drain below sees its
-        // batch.
-        fence(Ordering::SeqCst);
         self.stop_worker();
-        self.drain();
+        // Close the queue (C9): the swap takes every batch pushed before it,
+        // and every push after it finds the marker and runs inline.
+        // AcqRel: Acquire pairs with the producers' Release pushes; Release
+        // orders our earlier work before producers that see the marker.
+        let taken = self.queue.swap(closed(), Ordering::AcqRel);
+        // SAFETY: the swap took these batches; nobody else can reach them.
+        unsafe { self.run_taken(taken) };
         // Newest first: the registry is a stack, and compaction keeps the
         // relative order of what it keeps.
         for entry in self.registry.alive_entries() {
