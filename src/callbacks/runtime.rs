@@ -280,7 +280,8 @@ impl Runtime {
         // Acquire: pairs with `stop_worker`'s Release. `stop_worker` sets
         // the flag before it takes this mutex, so a start that comes after
         // that sees it and does not spawn a thread nobody would join; the
-        // producer's own re-check of `shut_down` drains its batch (C9).
+        // producer's batch is taken by shutdown's closing swap or runs
+        // inline (C9).
         if self.stop_requested.load(Ordering::Acquire) {
             // Release: as below.
             self.worker_started.store(true, Ordering::Release);
@@ -1034,7 +1035,7 @@ mod loom_models {
     }
 
     /// A death racing `shutdown`: the callback runs exactly once, whether
-    /// the worker, shutdown's drain, or the dying thread's own re-check
+    /// the worker, shutdown's closing swap, or the dying thread inline
     /// runs it (C9).
     #[test]
     fn death_races_shutdown() {
@@ -1050,7 +1051,7 @@ mod loom_models {
             };
             runtime.shutdown();
             dying.join().unwrap();
-            // No drain here: shutdown's drain or the dying thread's re-check
+            // No drain here: shutdown's closing swap or the dying thread
             // must already have run it.
             assert_eq!(runs.load(Ordering::SeqCst), 1);
         });
