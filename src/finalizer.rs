@@ -3,9 +3,8 @@
 
 use std::fmt;
 
-use crate::callbacks::{global, Entry};
+use crate::callbacks::{global, EntryRef};
 use crate::strong::Strong;
-use crate::sync::Arc;
 
 /// Registers `callback` to run once after `obj`'s value has been dropped,
 /// like Python's `weakref.finalize`.
@@ -60,7 +59,7 @@ where
 {
     let list = Strong::callback_list(obj);
     Finalizer {
-        entry: global().register(list, Box::new(callback)),
+        entry: global().register(list, callback),
     }
 }
 
@@ -69,7 +68,7 @@ where
 /// handles never cancels it.
 #[derive(Clone)]
 pub struct Finalizer {
-    entry: Arc<Entry>,
+    entry: EntryRef,
 }
 
 impl Finalizer {
@@ -128,10 +127,8 @@ impl Finalizer {
         if !self.entry.claim() {
             return false;
         }
-        // SAFETY: we won the claim just now; this is its one take.
-        if let Some(callback) = unsafe { self.entry.take_claimed() } {
-            global().run_callback(callback);
-        }
+        // SAFETY: we won the claim just now; this is its one run.
+        global().run_callback(|| unsafe { self.entry.run_claimed() });
         true
     }
 

@@ -29,8 +29,8 @@
 use std::marker::PhantomData;
 use std::ptr;
 
-use super::entry::{from_link, into_link, Entry};
-use crate::sync::{yield_now, Arc, AtomicBool, AtomicPtr, AtomicUsize, Ordering};
+use super::entry::{Entry, EntryRef};
+use crate::sync::{yield_now, AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 
 /// Pushes between compactions, at least. Shrinks under loom so the models
 /// reach the compaction path.
@@ -107,8 +107,8 @@ impl<L: Link> EntryList<L> {
     }
 
     /// Adds `entry` at the head (newest first), then compacts if due.
-    pub(crate) fn push(&self, entry: Arc<Entry>) {
-        let node = into_link(entry);
+    pub(crate) fn push(&self, entry: EntryRef) {
+        let node = entry.into_link();
         // SAFETY: `node` is ours until the CAS publishes it, and the list's
         // reference keeps it alive after.
         let link = L::next(unsafe { &*node });
@@ -214,7 +214,7 @@ impl<L: Link> EntryList<L> {
                 previous_link.store(after, Ordering::Relaxed);
                 // SAFETY: unlinked just now, so the list's reference is ours
                 // to give back, once (C5).
-                drop(unsafe { from_link(current) });
+                drop(unsafe { EntryRef::from_link(current) });
             }
         }
         // Relaxed (C5′): heuristics, see `note_work`.
@@ -239,7 +239,7 @@ impl<L: Link> EntryList<L> {
 
     /// The entries still alive, newest first, taken under the compaction
     /// flag so nothing is freed while we walk.
-    pub(crate) fn alive_entries(&self) -> Vec<Arc<Entry>> {
+    pub(crate) fn alive_entries(&self) -> Vec<EntryRef> {
         let _held = self.lock();
         let mut alive = Vec::new();
         // Acquire (C4): as in `compact`.
@@ -277,15 +277,15 @@ impl<L: Link> EntryList<L> {
     }
 }
 
-/// A new `Arc` to the entry behind a link, leaving the link's reference.
+/// A new reference to the entry behind a link, leaving the link's own.
 ///
 /// # Safety
 ///
 /// 1. `link` is a live link (its reference not yet given back).
-unsafe fn clone_link(link: *mut Entry) -> Arc<Entry> {
+unsafe fn clone_link(link: *mut Entry) -> EntryRef {
     // SAFETY: by 1 the link owns a reference; `ManuallyDrop` leaves it.
-    let borrowed = std::mem::ManuallyDrop::new(unsafe { from_link(link) });
-    Arc::clone(&borrowed)
+    let borrowed = std::mem::ManuallyDrop::new(unsafe { EntryRef::from_link(link) });
+    EntryRef::clone(&borrowed)
 }
 
 impl<L: Link> Drop for EntryList<L> {
@@ -295,7 +295,7 @@ impl<L: Link> Drop for EntryList<L> {
         let mut node = unsafe { self.take_all() };
         while !node.is_null() {
             // SAFETY: every node in the list owns one reference.
-            let entry = unsafe { from_link(node) };
+            let entry = unsafe { EntryRef::from_link(node) };
             // Relaxed: exclusive access.
             node = L::next(&entry).load(Ordering::Relaxed);
         }

@@ -7,5 +7,5 @@ mod entry;
 mod list;
 mod runtime;
 
-pub(crate) use entry::Entry;
+pub(crate) use entry::EntryRef;
 pub(crate) use runtime::{global, ObjectCallbacks};

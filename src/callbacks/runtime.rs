@@ -26,12 +26,12 @@ use std::panic::{self, AssertUnwindSafe};
 use std::ptr;
 use std::sync::PoisonError;
 
-use super::entry::{from_link, Callback, Entry};
+use super::entry::{Entry, EntryRef};
 use super::list::{Backpressure, EntryList, ObjectLink, RegistryLink};
 #[cfg(any(test, not(weakrefs_loom)))]
 use crate::sync::spin_briefly_until;
 use crate::sync::{
-    fence, thread_local, Arc, AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, CachePadded, Condvar,
+    fence, thread_local, AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, CachePadded, Condvar,
     Mutex, Ordering, Parker, Unparker,
 };
 
@@ -163,11 +163,14 @@ impl Runtime {
     }
 
     /// Registers `callback` on the object whose list is `list`.
-    pub(crate) fn register(&self, list: &ObjectCallbacks, callback: Callback) -> Arc<Entry> {
-        let entry = Entry::new(callback);
-        list.push(entry.clone());
-        self.registry.push(entry.clone());
-        entry
+    pub(crate) fn register<F>(&self, list: &ObjectCallbacks, callback: F) -> EntryRef
+    where
+        F: FnOnce() + Send + 'static,
+    {
+        let [handle, in_list, in_registry] = EntryRef::new_with_three_owners(callback);
+        list.push(in_list);
+        self.registry.push(in_registry);
+        handle
     }
 
     /// The object owning `list` has died (its value is gone): claim its
@@ -201,7 +204,7 @@ impl Runtime {
             } else {
                 // Detached or called already: give back the list's reference.
                 // SAFETY: the reference is ours, given back once.
-                drop(unsafe { from_link(current) });
+                drop(unsafe { EntryRef::from_link(current) });
             }
         }
         if count > 0 {
@@ -383,21 +386,19 @@ impl Runtime {
         let mut count = 0;
         while !node.is_null() {
             // SAFETY: by 1 the chain's references are ours.
-            let entry = unsafe { from_link(node) };
+            let entry = unsafe { EntryRef::from_link(node) };
             // Relaxed: ours alone.
             node = entry.object_next.load(Ordering::Relaxed);
             // SAFETY: by 1 the entry was claimed for running, and this is
-            // the one take for that claim.
-            if let Some(callback) = unsafe { entry.take_claimed() } {
-                self.run_callback(callback);
-            }
+            // the one run for that claim.
+            self.run_callback(|| unsafe { entry.run_claimed() });
             count += 1;
         }
         count
     }
 
     /// Runs one callback, catching and reporting a panic.
-    pub(crate) fn run_callback(&self, callback: Callback) {
+    pub(crate) fn run_callback(&self, callback: impl FnOnce()) {
         CALLBACK_DEPTH.with(|depth| depth.set(depth.get() + 1));
         let outcome = panic::catch_unwind(AssertUnwindSafe(callback));
         CALLBACK_DEPTH.with(|depth| depth.set(depth.get() - 1));
@@ -519,10 +520,8 @@ impl Runtime {
         // relative order of what it keeps.
         for entry in self.registry.alive_entries() {
             if entry.atexit() && entry.claim() {
-                // SAFETY: we won the claim just now; this is its one take.
-                if let Some(callback) = unsafe { entry.take_claimed() } {
-                    self.run_callback(callback);
-                }
+                // SAFETY: we won the claim just now; this is its one run.
+                self.run_callback(|| unsafe { entry.run_claimed() });
             }
         }
         *self
@@ -678,7 +677,7 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
     use std::sync::Arc as StdArc;
 
-    fn logger(log: &StdArc<std::sync::Mutex<Vec<u32>>>, tag: u32) -> Callback {
+    fn logger(log: &StdArc<std::sync::Mutex<Vec<u32>>>, tag: u32) -> impl FnOnce() + Send {
         let log = log.clone();
         Box::new(move || log.lock().unwrap().push(tag))
     }
@@ -852,18 +851,14 @@ mod tests {
         assert!(longest <= 40, "object list grew to {longest} nodes");
         assert!(runtime.registry.node_count() <= 40, "registry grew");
         assert!(keep.is_alive());
-        // Weak references to the entries: all detached ones are freed.
+        // Both lists let go of a detached entry once they compact.
         let probe = runtime.register(&list, Box::new(|| {}));
-        let weak_probe = std::sync::Arc::downgrade(&probe);
+        assert_eq!(probe.ref_count(), 3);
         probe.detach();
-        drop(probe);
         for _ in 0..64 {
             runtime.register(&list, Box::new(|| {})).detach();
         }
-        assert!(
-            weak_probe.upgrade().is_none(),
-            "a detached entry was never freed"
-        );
+        assert_eq!(probe.ref_count(), 1, "a list kept a detached entry");
         runtime.on_death(Box::new(list));
         assert_eq!(runtime.drain(), 1);
     }
@@ -875,9 +870,10 @@ mod tests {
 mod loom_models {
     use super::*;
     use loom::sync::atomic::AtomicUsize;
+    use loom::sync::Arc;
     use loom::thread;
 
-    fn counting(runs: &Arc<AtomicUsize>) -> Callback {
+    fn counting(runs: &Arc<AtomicUsize>) -> impl FnOnce() + Send {
         let runs = runs.clone();
         Box::new(move || {
             runs.fetch_add(1, Ordering::SeqCst);
