@@ -25,7 +25,7 @@ use std::mem::ManuallyDrop;
 use std::ptr::{self, NonNull};
 
 use crate::callbacks::ObjectCallbacks;
-use crate::sync::{acquire_fence, spin_loop, AtomicPtr, AtomicUsize, LeakCheck, Ordering};
+use crate::sync::{acquire_fence, spin_loop, AtomicUsize, LeakCheck, Ordering};
 
 /// Counts above this abort the process (I5). Half the address space: no
 /// program can hold this many handles without leaking them with
@@ -43,9 +43,8 @@ const WEAK_LOCKED: usize = usize::MAX;
 pub(crate) struct Header {
     strong: AtomicUsize,
     weak: AtomicUsize,
-    /// This object's death-callback list, allocated by the first
-    /// `finalize` on it (null until then) and taken by its death.
-    callbacks: AtomicPtr<ObjectCallbacks>,
+    /// This object's death-callback list (two words), emptied at death.
+    callbacks: ObjectCallbacks,
 }
 
 /// One allocation: header first (`repr(C)`), then the value.
@@ -67,7 +66,7 @@ impl<T> ControlBlock<T> {
             header: Header {
                 strong: AtomicUsize::new(1),
                 weak: AtomicUsize::new(1),
-                callbacks: AtomicPtr::new(ptr::null_mut()),
+                callbacks: ObjectCallbacks::new(),
             },
             value: ManuallyDrop::new(value),
             leak_check: LeakCheck::new(()),
@@ -126,11 +125,15 @@ impl<T> ControlBlock<T> {
     /// 2. The value has already been dropped or moved out (I3).
     pub(crate) unsafe fn deallocate(this: NonNull<Self>) {
         let block = this.as_ptr();
-        // SAFETY: by 1 we are the block's only owner. The leak tracker is the
-        // one field besides the value with drop glue; it is dropped in place
-        // through a field projection, so no reference or `Box` ever covers
-        // the dead value (I4). The header's fields have no drop glue.
-        unsafe { ptr::drop_in_place(ptr::addr_of_mut!((*block).leak_check)) };
+        // SAFETY: by 1 we are the block's only owner. The leak tracker is
+        // dropped in place through a field projection, so no reference or
+        // `Box` ever covers the dead value (I4). The header's callback list
+        // has drop glue too, but the object's death emptied it (C6), so
+        // there is nothing to release; the counts have none.
+        unsafe {
+            debug_assert!((*block).header.callbacks.is_empty());
+            ptr::drop_in_place(ptr::addr_of_mut!((*block).leak_check));
+        }
         // SAFETY: `allocate` got this memory from the global allocator with
         // this very layout (through `Box::new`), and by 1 and 2 nothing will
         // touch it again.
@@ -337,54 +340,9 @@ impl Header {
         unique
     }
 
-    /// The object's callback list, allocated on first use.
-    ///
-    /// The list lives until the object dies, so the caller must hold a
-    /// strong handle for as long as it uses the reference (C6).
+    /// The object's callback list. Pushes to it need a live object (the
+    /// caller's strong handle), and only the dying thread empties it (C6).
     pub(crate) fn callback_list(&self) -> &ObjectCallbacks {
-        // Acquire (C12): pairs with the Release CAS that installed the list,
-        // so its initialisation is visible.
-        let current = self.callbacks.load(Ordering::Acquire);
-        if !current.is_null() {
-            // SAFETY: installed lists are freed only at death (C6), and the
-            // caller's strong handle keeps the object alive.
-            return unsafe { &*current };
-        }
-        self.install_callback_list()
-    }
-
-    #[cold]
-    #[inline(never)]
-    fn install_callback_list(&self) -> &ObjectCallbacks {
-        let fresh = Box::into_raw(Box::new(ObjectCallbacks::new()));
-        // Release (C12): publishes the new list's initialisation. Acquire on
-        // failure: pairs with the winner's Release, as in `callback_list`.
-        match self.callbacks.compare_exchange(
-            ptr::null_mut(),
-            fresh,
-            Ordering::Release,
-            Ordering::Acquire,
-        ) {
-            // SAFETY: installed by us; freed only at death (C6), which the
-            // caller's strong handle holds off.
-            Ok(_) => unsafe { &*fresh },
-            Err(winner) => {
-                // SAFETY: `fresh` was never published; it is still ours.
-                drop(unsafe { Box::from_raw(fresh) });
-                // SAFETY: as for `fresh` above, for the winner's list.
-                unsafe { &*winner }
-            }
-        }
-    }
-
-    /// Takes the callback list at the object's death. Called once, by the
-    /// thread that took the strong count to zero; registration needs a
-    /// `Strong`, so none can race with this.
-    pub(crate) fn take_callback_list(&self) -> Option<Box<ObjectCallbacks>> {
-        // Acquire (C12): pairs with the Release CAS that installed the list.
-        let list = self.callbacks.swap(ptr::null_mut(), Ordering::Acquire);
-        // SAFETY: a non-null pointer here came from `Box::into_raw` in
-        // `install_callback_list`, and the swap makes us its only owner.
-        (!list.is_null()).then(|| unsafe { Box::from_raw(list) })
+        &self.callbacks
     }
 }

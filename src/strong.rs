@@ -251,7 +251,10 @@ impl<T> Drop for AfterDeath<T> {
         // SAFETY: the implicit weak reference, released below, keeps the
         // block allocated until then.
         let header = unsafe { ControlBlock::header(self.0) };
-        if let Some(callbacks) = header.take_callback_list() {
+        let callbacks = header.callback_list();
+        // No registration can race with the death (C6), so an empty list
+        // stays empty: objects without callbacks skip the runtime.
+        if !callbacks.is_empty() {
             crate::callbacks::global().on_death(callbacks);
         }
         drop(Weak::from_block(self.0));

@@ -86,7 +86,11 @@ impl<F: FnOnce() + Send + 'static> EntryNode<F> {
         // SAFETY: by 1 the cast is valid (`repr(C)`, header first) and in
         // bounds; by 2 the closure is present and we are its only user
         // (C1), so moving it out once is sound.
-        unsafe { (*node).callback.with_mut(|cell| ManuallyDrop::take(&mut *cell)) }
+        unsafe {
+            (*node)
+                .callback
+                .with_mut(|cell| ManuallyDrop::take(&mut *cell))
+        }
     }
 
     unsafe fn call(entry: NonNull<Entry>) {

@@ -30,7 +30,7 @@ use std::marker::PhantomData;
 use std::ptr;
 
 use super::entry::{Entry, EntryRef};
-use crate::sync::{yield_now, AtomicBool, AtomicPtr, AtomicUsize, Ordering};
+use crate::sync::{yield_now, AtomicPtr, AtomicUsize, Ordering};
 
 /// Pushes between compactions, at least. Shrinks under loom so the models
 /// reach the compaction path.
@@ -38,16 +38,6 @@ use crate::sync::{yield_now, AtomicBool, AtomicPtr, AtomicUsize, Ordering};
 const COMPACT_MIN: usize = 16;
 #[cfg(weakrefs_loom)]
 const COMPACT_MIN: usize = 1;
-
-/// Whether [`EntryList::note_work`] may make its caller wait for a
-/// compaction in progress.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Backpressure {
-    /// Registration: wait (yielding) when the list is far overdue.
-    Apply,
-    /// The consumer reporting settled entries: never wait.
-    Skip,
-}
 
 /// Which of an entry's links a list threads through.
 pub(crate) trait Link {
@@ -74,24 +64,46 @@ impl Link for RegistryLink {
     }
 }
 
-/// A lock-free stack of entries, newest first; see the module docs.
+/// A lock-free stack of entries, newest first; see the module docs. Two
+/// words, so an object's list lives in its control block's header.
 pub(crate) struct EntryList<L: Link> {
     head: AtomicPtr<Entry>,
-    compacting: AtomicBool,
-    /// Pushes plus settled entries reported since the last compaction.
-    work_since_compaction: AtomicUsize,
-    kept_by_compaction: AtomicUsize,
+    /// The compaction state, packed: bit 0 is the `compacting` flag, the
+    /// next `WORK_BITS` bits count pushes plus settled entries reported
+    /// since the last compaction, the high half holds how many entries
+    /// that compaction kept.
+    state: AtomicUsize,
     _link: PhantomData<L>,
 }
 
+const COMPACTING: usize = 1;
+const WORK_SHIFT: u32 = 1;
+const WORK_BITS: u32 = usize::BITS / 2 - 1;
+const WORK_MASK: usize = (1 << WORK_BITS) - 1;
+const KEPT_SHIFT: u32 = usize::BITS / 2;
+const KEPT_MAX: usize = usize::MAX >> KEPT_SHIFT;
+/// Compactions fall due at most this far apart, so that the work count,
+/// which backpressure holds below five times this, never overflows its
+/// field.
+const DUE_CAP: usize = WORK_MASK / 8;
+
+fn work_of(state: usize) -> usize {
+    (state >> WORK_SHIFT) & WORK_MASK
+}
+
+fn kept_of(state: usize) -> usize {
+    state >> KEPT_SHIFT
+}
+
 /// Holds the `compacting` flag; releases it on drop.
-struct CompactionGuard<'a>(&'a AtomicBool);
+struct CompactionGuard<'a>(&'a AtomicUsize);
 
 impl Drop for CompactionGuard<'_> {
     fn drop(&mut self) {
         // Release (C5): pairs with the next holder's Acquire, so its walk
-        // sees the links this holder rewrote.
-        self.0.store(false, Ordering::Release);
+        // sees the links this holder rewrote. The pushers' RMWs on the same
+        // word in between continue the release sequence.
+        self.0.fetch_and(!COMPACTING, Ordering::Release);
     }
 }
 
@@ -99,9 +111,7 @@ impl<L: Link> EntryList<L> {
     pub(crate) fn new() -> Self {
         EntryList {
             head: AtomicPtr::new(ptr::null_mut()),
-            compacting: AtomicBool::new(false),
-            work_since_compaction: AtomicUsize::new(0),
-            kept_by_compaction: AtomicUsize::new(0),
+            state: AtomicUsize::new(0),
             _link: PhantomData,
         }
     }
@@ -128,42 +138,62 @@ impl<L: Link> EntryList<L> {
                 Err(actual) => head = actual,
             }
         }
-        self.note_work(1, Backpressure::Apply);
+        self.note_push();
     }
 
-    /// Records `count` pushes or settled entries since the last compaction
-    /// and compacts when they exceed both `COMPACT_MIN` and what the last
-    /// compaction kept. With `Backpressure::Apply`, a caller that finds the
-    /// list four times overdue while another thread holds the compaction
-    /// flag yields until it can compact itself: a compactor descheduled
-    /// mid-walk would otherwise let concurrent pushers grow the list
-    /// without bound (C5).
-    pub(crate) fn note_work(&self, count: usize, backpressure: Backpressure) {
+    /// Records one push and compacts when the work since the last
+    /// compaction exceeds both `COMPACT_MIN` and what that compaction kept.
+    /// A pusher that finds the list four times overdue while another thread
+    /// holds the compaction flag yields until it can compact itself: a
+    /// compactor descheduled mid-walk would otherwise let concurrent pushers
+    /// grow the list without bound (C5).
+    fn note_push(&self) {
         // Relaxed (C5′): a trigger; the flag orders the compaction itself.
-        let work = self
-            .work_since_compaction
-            .fetch_add(count, Ordering::Relaxed)
-            + count;
-        // Relaxed (C5′): as above.
-        let due = COMPACT_MIN.max(self.kept_by_compaction.load(Ordering::Relaxed));
+        let state = self.state.fetch_add(1 << WORK_SHIFT, Ordering::Relaxed) + (1 << WORK_SHIFT);
+        let (work, due) = (work_of(state), Self::due(state));
         if work <= due {
             return;
         }
         if let Some(guard) = self.try_lock() {
             self.compact(&guard);
-        } else if backpressure == Backpressure::Apply && work > 4 * due {
+        } else if work > 4 * due {
             let guard = self.lock();
             self.compact(&guard);
         }
     }
 
+    /// Records `count` entries settled by the consumer (they ran), and
+    /// compacts if that makes a compaction due. Never waits.
+    pub(crate) fn note_settled(&self, count: usize) {
+        // Relaxed (C5′): a trigger. A CAS loop rather than an add: `count`
+        // can be large, and the work count saturates below its field's top.
+        let update = |state: usize| {
+            let work = (work_of(state) + count).min(4 * DUE_CAP);
+            Some((state & !(WORK_MASK << WORK_SHIFT)) | (work << WORK_SHIFT))
+        };
+        let Ok(before) = self
+            .state
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, update)
+        else {
+            return;
+        };
+        let after = update(before).unwrap_or(before);
+        if work_of(after) > Self::due(after) {
+            if let Some(guard) = self.try_lock() {
+                self.compact(&guard);
+            }
+        }
+    }
+
+    fn due(state: usize) -> usize {
+        COMPACT_MIN.max(kept_of(state).min(DUE_CAP))
+    }
+
     fn try_lock(&self) -> Option<CompactionGuard<'_>> {
         // Acquire (C5): pairs with the previous holder's Release, so we see
-        // the links it rewrote. Relaxed on failure: someone else compacts.
-        self.compacting
-            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-            .ok()
-            .map(|_| CompactionGuard(&self.compacting))
+        // the links it rewrote. Setting an already-set bit changes nothing.
+        let before = self.state.fetch_or(COMPACTING, Ordering::Acquire);
+        (before & COMPACTING == 0).then(|| CompactionGuard(&self.state))
     }
 
     /// Takes the flag, yielding the processor while another thread holds
@@ -181,16 +211,30 @@ impl<L: Link> EntryList<L> {
     fn compact(&self, _held: &CompactionGuard<'_>) {
         // Relaxed (C5′): work reported from now on counts towards the next
         // compaction; only what was seen here is subtracted below.
-        let seen = self.work_since_compaction.load(Ordering::Relaxed);
+        let seen = work_of(self.state.load(Ordering::Relaxed));
         // Acquire (C4): pairs with the pushes' Release CAS (a release
         // sequence of RMWs), so every node below is fully visible.
         let head = self.head.load(Ordering::Acquire);
-        if head.is_null() {
-            // Relaxed (C5′): nothing to keep; forget the work seen.
-            self.work_since_compaction
-                .fetch_sub(seen, Ordering::Relaxed);
-            return;
+        let mut kept = 0;
+        if !head.is_null() {
+            kept = self.unlink_settled_below(head);
         }
+        // Relaxed (C5′): heuristics. The flag bit (ours) is left as it is.
+        let _ = self
+            .state
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |state| {
+                let work = work_of(state).saturating_sub(seen);
+                Some(
+                    (kept.min(KEPT_MAX) << KEPT_SHIFT)
+                        | (work << WORK_SHIFT)
+                        | (state & COMPACTING),
+                )
+            });
+    }
+
+    /// The walk of `compact`: unlinks settled entries below `head`, returns
+    /// how many entries it kept (the head included).
+    fn unlink_settled_below(&self, head: *mut Entry) -> usize {
         let mut kept = 1;
         let mut previous = head;
         loop {
@@ -217,11 +261,13 @@ impl<L: Link> EntryList<L> {
                 drop(unsafe { EntryRef::from_link(current) });
             }
         }
-        // Relaxed (C5′): heuristics, see `note_work`.
-        self.kept_by_compaction.store(kept, Ordering::Relaxed);
-        // Relaxed (C5′): as above.
-        self.work_since_compaction
-            .fetch_sub(seen, Ordering::Relaxed);
+        kept
+    }
+
+    /// True when no entry is linked (a snapshot).
+    pub(crate) fn is_empty(&self) -> bool {
+        // Acquire (C4): pairs with the pushes' Release CAS.
+        self.head.load(Ordering::Acquire).is_null()
     }
 
     /// Removes and returns every node, newest first, as a chain through

@@ -27,7 +27,7 @@ use std::ptr;
 use std::sync::PoisonError;
 
 use super::entry::{Entry, EntryRef};
-use super::list::{Backpressure, EntryList, ObjectLink, RegistryLink};
+use super::list::{EntryList, ObjectLink, RegistryLink};
 #[cfg(any(test, not(weakrefs_loom)))]
 use crate::sync::spin_briefly_until;
 use crate::sync::{
@@ -41,7 +41,7 @@ fn closed() -> *mut Entry {
     ptr::dangling_mut()
 }
 
-/// An object's callback list, allocated at its first registration.
+/// An object's callback list, embedded in its control block's header.
 pub(crate) type ObjectCallbacks = EntryList<ObjectLink>;
 
 thread_local! {
@@ -175,11 +175,10 @@ impl Runtime {
 
     /// The object owning `list` has died (its value is gone): claim its
     /// alive callbacks and deliver them, newest first.
-    pub(crate) fn on_death(&self, list: Box<ObjectCallbacks>) {
+    pub(crate) fn on_death(&self, list: &ObjectCallbacks) {
         // SAFETY: the object is dead, so no `finalize` can run on it: no
         // push or compaction races with this (C6).
         let mut node = unsafe { list.take_all() };
-        drop(list);
         let (mut head, mut tail, mut count) =
             (ptr::null_mut::<Entry>(), ptr::null_mut::<Entry>(), 0);
         while !node.is_null() {
@@ -367,10 +366,8 @@ impl Runtime {
             // The entries just run are settled: count them towards the
             // registry's next compaction, so that it shrinks after a wave of
             // deaths even if nobody registers again (C5).
-            self.registry.note_work(
-                usize::try_from(ran).unwrap_or(usize::MAX),
-                Backpressure::Skip,
-            );
+            self.registry
+                .note_settled(usize::try_from(ran).unwrap_or(usize::MAX));
         }
         ran
     }
@@ -691,7 +688,7 @@ mod tests {
         let second = runtime.register(&list, logger(&log, 2));
         let _third = runtime.register(&list, logger(&log, 3));
         assert!(second.detach());
-        runtime.on_death(Box::new(list));
+        runtime.on_death(&list);
         assert!(log.lock().unwrap().is_empty(), "ran before the drain");
         assert_eq!(runtime.counters(), (2, 0, 0, 2));
         assert_eq!(runtime.drain(), 2);
@@ -706,7 +703,7 @@ mod tests {
         for tag in 0..5 {
             let list = ObjectCallbacks::new();
             runtime.register(&list, logger(&log, tag));
-            runtime.on_death(Box::new(list));
+            runtime.on_death(&list);
         }
         runtime.flush();
         assert_eq!(*log.lock().unwrap(), [0, 1, 2, 3, 4]);
@@ -734,7 +731,7 @@ mod tests {
                                 runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                             }),
                         );
-                        runtime.on_death(Box::new(list));
+                        runtime.on_death(&list);
                     }
                 });
             }
@@ -764,9 +761,9 @@ mod tests {
         runtime.shutdown(); // idempotent
         assert_eq!(log.lock().unwrap().len(), 3);
         // After shutdown a death runs its callbacks at once, inline.
-        runtime.on_death(Box::new(second_list));
+        runtime.on_death(&second_list);
         assert_eq!(*log.lock().unwrap(), [3, 2, 1, 4]);
-        runtime.on_death(Box::new(first_list));
+        runtime.on_death(&first_list);
         assert_eq!(log.lock().unwrap().len(), 4, "shutdown's runs never repeat");
         assert_eq!(runtime.counters().0, 0, "nothing was queued");
     }
@@ -809,7 +806,7 @@ mod tests {
         );
         assert!(runtime.registry.node_count() <= bound, "registry grew");
         assert!(live.iter().all(|entry| entry.is_alive()));
-        runtime.on_death(Box::new(list));
+        runtime.on_death(&list);
         assert_eq!(runtime.drain(), 64);
     }
 
@@ -826,7 +823,7 @@ mod tests {
             .collect();
         assert!(runtime.registry.node_count() >= count);
         for list in lists {
-            runtime.on_death(Box::new(list));
+            runtime.on_death(&list);
         }
         assert_eq!(runtime.drain(), count as u64);
         assert!(
@@ -859,7 +856,7 @@ mod tests {
             runtime.register(&list, Box::new(|| {})).detach();
         }
         assert_eq!(probe.ref_count(), 1, "a list kept a detached entry");
-        runtime.on_death(Box::new(list));
+        runtime.on_death(&list);
         assert_eq!(runtime.drain(), 1);
     }
 }
@@ -883,7 +880,7 @@ mod loom_models {
     fn die_with_one_callback(runtime: &Runtime, runs: &Arc<AtomicUsize>) {
         let list = ObjectCallbacks::new();
         runtime.register(&list, counting(runs));
-        runtime.on_death(Box::new(list));
+        runtime.on_death(&list);
     }
 
     /// A death racing the worker's drain-then-park: the unpark is never
@@ -956,7 +953,7 @@ mod loom_models {
             runtime.shutdown();
             assert_eq!(runs.load(Ordering::SeqCst), 1);
             assert_eq!(other.join().unwrap(), 1);
-            runtime.on_death(Box::new(list));
+            runtime.on_death(&list);
             assert_eq!(runs.load(Ordering::SeqCst), 1);
         });
     }
@@ -972,7 +969,7 @@ mod loom_models {
             runtime.register(&list, counting(&runs));
             let dying = {
                 let runtime = runtime.clone();
-                thread::spawn(move || runtime.on_death(Box::new(list)))
+                thread::spawn(move || runtime.on_death(&list))
             };
             runtime.shutdown();
             dying.join().unwrap();
@@ -1001,7 +998,7 @@ mod loom_models {
             detacher.join().unwrap();
             let fourth = pusher.join().unwrap();
             let list = Arc::try_unwrap(list).expect("threads joined");
-            runtime.on_death(Box::new(list));
+            runtime.on_death(&list);
             runtime.flush();
             assert_eq!(runs.load(Ordering::SeqCst), 2);
             assert!(!third.is_alive() && !fourth.is_alive());
@@ -1024,7 +1021,7 @@ mod loom_models {
             runtime.shutdown();
             let late = registrar.join().unwrap();
             let list = Arc::try_unwrap(list).expect("threads joined");
-            runtime.on_death(Box::new(list));
+            runtime.on_death(&list);
             assert_eq!(runs.load(Ordering::SeqCst), 1);
             assert!(!late.is_alive());
         });
@@ -1043,7 +1040,7 @@ mod loom_models {
             entry.set_atexit(false);
             let dying = {
                 let runtime = runtime.clone();
-                thread::spawn(move || runtime.on_death(Box::new(list)))
+                thread::spawn(move || runtime.on_death(&list))
             };
             runtime.shutdown();
             dying.join().unwrap();
