@@ -58,9 +58,6 @@ thread_local! {
 /// bounce one line between them.
 #[derive(Debug, Default)]
 struct Counters {
-    /// Queued and not yet finished. `queued` is derived: `pending` plus
-    /// `finished_from_queue`, which saves the dying thread an RMW.
-    pending: CachePadded<AtomicU64>,
     finished_from_queue: CachePadded<AtomicU64>,
     run: AtomicU64,
     panicked: AtomicU64,
@@ -82,6 +79,17 @@ enum WorkerMode {
     Inline,
 }
 
+/// The queue's head and the count of queued, unfinished callbacks, on one
+/// cache line: producers and the consumer touch both together, so keeping
+/// them apart would move two lines between cores per death instead of one.
+#[derive(Debug)]
+struct QueueHead {
+    head: AtomicPtr<Entry>,
+    /// Queued and not yet finished. `queued` is derived: `pending` plus
+    /// `finished_from_queue`, which saves the dying thread an RMW.
+    pending: AtomicU64,
+}
+
 /// The callback runtime. `Runtime::global()` is the one `finalize` uses;
 /// tests and loom models build their own with `Runtime::new`, which never
 /// spawns a thread: they drive `drain` (or `worker_loop`) themselves.
@@ -89,7 +97,7 @@ enum WorkerMode {
 pub(crate) struct Runtime {
     /// Death batches, newest first; each is a chain through `object_next`,
     /// and batches link through their head's `queue_next`.
-    queue: CachePadded<AtomicPtr<Entry>>,
+    queue: CachePadded<QueueHead>,
     /// Every entry, newest first, for `shutdown`'s atexit pass.
     registry: CachePadded<EntryList<RegistryLink>>,
     counters: Counters,
@@ -143,7 +151,10 @@ impl Runtime {
         let parker = Parker::new();
         let unparker = parker.unparker().clone();
         Runtime {
-            queue: CachePadded::new(AtomicPtr::new(ptr::null_mut())),
+            queue: CachePadded::new(QueueHead {
+                head: AtomicPtr::new(ptr::null_mut()),
+                pending: AtomicU64::new(0),
+            }),
             registry: CachePadded::new(EntryList::new()),
             counters: Counters::default(),
             shut_down: AtomicBool::new(false),
@@ -216,11 +227,11 @@ impl Runtime {
     fn dispatch(&self, batch: *mut Entry, count: u64) {
         // Relaxed: sequenced before the push, whose Release the consumer
         // acquires before it subtracts, so `pending` never underflows (C11).
-        self.counters.pending.fetch_add(count, Ordering::Relaxed);
+        self.queue.pending.fetch_add(count, Ordering::Relaxed);
         // SAFETY: `batch` is a claimed node we own.
         let link = &unsafe { &*batch }.queue_next;
         // Relaxed: the value only seeds the CAS.
-        let mut head = self.queue.load(Ordering::Relaxed);
+        let mut head = self.queue.head.load(Ordering::Relaxed);
         loop {
             if head == closed() {
                 // Shutdown has closed the queue (C9): run the chain here,
@@ -235,7 +246,7 @@ impl Runtime {
             // Release (C7): publishes the batch to the consumer's swap.
             // Relaxed on failure: we only learn the new head (which may be
             // the closed marker) and retry.
-            match self.queue.compare_exchange_weak(
+            match self.queue.head.compare_exchange_weak(
                 head,
                 batch,
                 Ordering::Release,
@@ -254,8 +265,7 @@ impl Runtime {
         // AcqRel (C11): Release so a `flush` that sees the drop to zero
         // also sees the callbacks' effects; Acquire pairs with the
         // producers' increments.
-        if self.counters.pending.fetch_sub(count, Ordering::AcqRel) == count
-            && self.flush_is_waiting()
+        if self.queue.pending.fetch_sub(count, Ordering::AcqRel) == count && self.flush_is_waiting()
         {
             let _idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
             self.became_idle.notify_all();
@@ -308,14 +318,14 @@ impl Runtime {
     /// callbacks ran. Any thread may call it; each batch runs once (C7).
     pub(crate) fn drain(&self) -> u64 {
         // Acquire (C7): pairs with the producers' Release push.
-        let mut head = self.queue.load(Ordering::Acquire);
+        let mut head = self.queue.head.load(Ordering::Acquire);
         let newest_first = loop {
             if head.is_null() || head == closed() {
                 return 0;
             }
             // Acquire (C7): as above. Never swap blindly: after shutdown the
             // head is the closed marker, which must stay (C9).
-            match self.queue.compare_exchange_weak(
+            match self.queue.head.compare_exchange_weak(
                 head,
                 ptr::null_mut(),
                 Ordering::Acquire,
@@ -452,7 +462,7 @@ impl Runtime {
         let mut worker_gone = false;
         // Acquire (C11): pairs with the AcqRel decrement that reached zero,
         // so the callbacks' effects are visible.
-        while self.counters.pending.load(Ordering::Acquire) != 0 {
+        while self.queue.pending.load(Ordering::Acquire) != 0 {
             // `mark_worker_failed` notifies under `idle`, so a worker that
             // dies while we wait wakes us here.
             if self.has_no_worker() {
@@ -510,7 +520,7 @@ impl Runtime {
         // and every push after it finds the marker and runs inline.
         // AcqRel: Acquire pairs with the producers' Release pushes; Release
         // orders our earlier work before producers that see the marker.
-        let taken = self.queue.swap(closed(), Ordering::AcqRel);
+        let taken = self.queue.head.swap(closed(), Ordering::AcqRel);
         // SAFETY: the swap took these batches; nobody else can reach them.
         unsafe { self.run_taken(taken) };
         // Newest first: the registry is a stack, and compaction keeps the
@@ -588,7 +598,7 @@ impl Runtime {
             }
             // Relaxed: a hint; the drain's swap does the synchronising, and
             // a miss costs one park, which the producer's unpark ends (C8).
-            let more_work = || !self.queue.load(Ordering::Relaxed).is_null();
+            let more_work = || !self.queue.head.load(Ordering::Relaxed).is_null();
             if !spin_briefly_until(more_work) {
                 parker.park();
             }
@@ -599,7 +609,7 @@ impl Runtime {
     pub(crate) fn counters(&self) -> CounterSnapshot {
         // Relaxed: a statistics snapshot; the four loads need not agree.
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
-        let pending = load(&self.counters.pending);
+        let pending = load(&self.queue.pending);
         (
             load(&self.counters.finished_from_queue) + pending,
             load(&self.counters.run),
