@@ -9,10 +9,11 @@
 //!   a queued node and consumers never pop one at a time, so there is no
 //!   ABA and no reclamation problem (C7).
 //! * **Worker.** One thread, `weakrefs-finalizer`, started by the first
-//!   batch, loops `drain(); park()`. A producer unparks it after every
-//!   push; a crossbeam `Parker` keeps the token, so an unpark that lands
-//!   between the worker's last drain and its `park` makes that `park`
-//!   return at once (no lost wake-up, C8).
+//!   batch, loops: drain, spin briefly for more, then announce that it is
+//!   going to sleep, re-check, and park. A producer unparks it after a push
+//!   only if it has announced sleep (a fence on each side orders the flag
+//!   against the queue), and a crossbeam `Parker` keeps the token, so no
+//!   wake-up is lost (C8).
 //! * **Shutdown.** `shutdown` stops the worker, closes the queue by
 //!   swapping in a marker, runs what the swap took, then runs the
 //!   still-registered entries whose `atexit` is set, newest first. The swap
@@ -108,6 +109,8 @@ pub(crate) struct Runtime {
     worker_started: AtomicBool,
     /// The worker thread could not be spawned: `flush` drains inline.
     worker_failed: AtomicBool,
+    /// The worker is about to park or parked: producers must unpark it.
+    worker_sleeping: AtomicBool,
     /// The worker's parker, until the worker takes it.
     parker: Mutex<Option<Parker>>,
     unparker: Unparker,
@@ -162,6 +165,7 @@ impl Runtime {
             worker_mode,
             worker_started: AtomicBool::new(false),
             worker_failed: AtomicBool::new(false),
+            worker_sleeping: AtomicBool::new(false),
             parker: Mutex::new(Some(parker)),
             unparker,
             worker: Mutex::new(None),
@@ -278,7 +282,15 @@ impl Runtime {
         if self.worker_mode == WorkerMode::Spawn && !self.worker_started.load(Ordering::Acquire) {
             self.start_worker();
         }
-        self.unparker.unpark();
+        // SeqCst fence (C8): pairs with the worker's fence between raising
+        // `worker_sleeping` and re-checking the queue. Either the worker
+        // sees our batch and does not park, or we see it about to park and
+        // unpark it. An awake worker costs us no RMW on the parker's line.
+        fence(Ordering::SeqCst);
+        // Relaxed: ordered by the fence.
+        if self.worker_sleeping.load(Ordering::Relaxed) {
+            self.unparker.unpark();
+        }
     }
 
     #[cold]
@@ -599,9 +611,20 @@ impl Runtime {
             // Relaxed: a hint; the drain's swap does the synchronising, and
             // a miss costs one park, which the producer's unpark ends (C8).
             let more_work = || !self.queue.head.load(Ordering::Relaxed).is_null();
-            if !spin_briefly_until(more_work) {
+            if spin_briefly_until(more_work) {
+                continue;
+            }
+            // Relaxed: ordered by the fence (C8).
+            self.worker_sleeping.store(true, Ordering::Relaxed);
+            // SeqCst fence (C8): pairs with the producers' fence in
+            // `wake_worker`.
+            fence(Ordering::SeqCst);
+            if !more_work() {
                 parker.park();
             }
+            // Relaxed: a producer that still sees `true` unparks needlessly,
+            // leaving a token that costs one extra loop.
+            self.worker_sleeping.store(false, Ordering::Relaxed);
         }
     }
 
