@@ -12,14 +12,17 @@ mod callbacks;
 mod control;
 mod error;
 mod finalizer;
+mod raw;
 mod reclaim;
 mod strong;
 mod sync;
 mod weak;
 mod weak_method;
+mod weak_value_map;
 
 pub use error::ReferenceError;
 pub use finalizer::{finalize, flush, shutdown, stats, Finalizer, Stats};
 pub use strong::Strong;
 pub use weak::Weak;
 pub use weak_method::WeakMethod;
+pub use weak_value_map::WeakValueMap;

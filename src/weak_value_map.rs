@@ -1,0 +1,762 @@
+//! `WeakValueMap`: a concurrent map whose values are held weakly.
+
+use std::borrow::Borrow;
+use std::collections::hash_map::RandomState;
+use std::fmt;
+use std::hash::{BuildHasher, Hash};
+use std::sync::PoisonError;
+
+use crate::finalizer::{finalize, Finalizer};
+use crate::raw::table::{Hashed, ShardWriter, ShardedTable};
+use crate::strong::Strong;
+use crate::sync::{Condvar, Mutex, MutexGuard};
+use crate::weak::Weak;
+
+/// One entry: immutable once published (SAFETY.md, section 7).
+struct Item<K, V> {
+    hash: u64,
+    key: K,
+    value: Weak<V>,
+    /// The death callback that removes this item (M4); detached when the
+    /// item is removed any other way (M5).
+    finalizer: Finalizer,
+}
+
+impl<K, V> Hashed for Item<K, V> {
+    fn hash(&self) -> u64 {
+        self.hash
+    }
+}
+
+impl<K, V> Drop for Item<K, V> {
+    fn drop(&mut self) {
+        // Removal paths detach eagerly; this covers the map being dropped.
+        // After the value's death the callback is claimed and this is a
+        // no-op.
+        self.finalizer.detach();
+    }
+}
+
+/// The single-flight loads of one shard.
+type LoadsInFlight<K, V> = Vec<Strong<Load<K, V>>>;
+
+/// A single-flight load in progress for one key (M6).
+struct Load<K, V> {
+    hash: u64,
+    /// Moved into the item when the load succeeds.
+    key: Mutex<Option<K>>,
+    leader: std::thread::ThreadId,
+    state: Mutex<LoadState<V>>,
+    settled: Condvar,
+}
+
+enum LoadState<V> {
+    Running,
+    Done(Strong<V>),
+    Failed,
+}
+
+/// The shared core; death callbacks hold a `Weak` to it, so they never keep
+/// a map alive, and do nothing once it is gone (M4).
+struct MapCore<K, V, S> {
+    hasher: S,
+    table: ShardedTable<Item<K, V>>,
+    /// Loads in flight, per shard; locked after the shard's writer.
+    loads: Box<[Mutex<LoadsInFlight<K, V>>]>,
+}
+
+/// A concurrent map whose values are held weakly, like Python's
+/// `weakref.WeakValueDictionary`: an entry disappears on its own once the
+/// last [`Strong`] to its value is dropped.
+///
+/// Reads ([`get`](Self::get), [`contains_key`](Self::contains_key),
+/// iteration) take no lock and never block. Writes lock one shard at a
+/// time and never block readers. The removal of a dead entry runs as a
+/// death callback (see [`finalize`](crate::finalize)), so [`len`](Self::len)
+/// is exact after [`flush`](crate::flush), and it removes only the entry
+/// that named the dead value: a newer value inserted under the same key
+/// survives it.
+///
+/// # Examples
+///
+/// A cache of decoded images shared by worker threads; each image lives as
+/// long as some request holds it:
+///
+/// ```
+/// use weakrefs::{flush, Strong, WeakValueMap};
+///
+/// let cache: WeakValueMap<String, Vec<u8>> = WeakValueMap::new();
+/// let image = cache.get_or_insert_with("logo.png".to_string(), || vec![0; 1024]);
+/// let again = cache.get_or_insert_with("logo.png".to_string(), || unreachable!());
+/// assert!(Strong::ptr_eq(&image, &again));
+///
+/// drop((image, again)); // the last holders are gone
+/// flush();              // let the death callback remove the entry
+/// assert!(cache.get("logo.png").is_none());
+/// assert_eq!(cache.len(), 0);
+/// ```
+pub struct WeakValueMap<K, V, S = RandomState> {
+    core: Strong<MapCore<K, V, S>>,
+}
+
+impl<K, V> WeakValueMap<K, V, RandomState>
+where
+    K: Hash + Eq + Send + Sync + 'static,
+    V: Send + Sync + 'static,
+{
+    /// An empty map.
+    ///
+    /// ```
+    /// let map: weakrefs::WeakValueMap<u32, String> = weakrefs::WeakValueMap::new();
+    /// assert!(map.is_empty());
+    /// ```
+    pub fn new() -> Self {
+        Self::with_capacity_and_hasher(0, RandomState::new())
+    }
+
+    /// An empty map with room for about `capacity` entries before any
+    /// shard grows.
+    ///
+    /// ```
+    /// let map: weakrefs::WeakValueMap<u32, String> = weakrefs::WeakValueMap::with_capacity(10_000);
+    /// assert_eq!(map.len(), 0);
+    /// ```
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self::with_capacity_and_hasher(capacity, RandomState::new())
+    }
+}
+
+impl<K, V, S> WeakValueMap<K, V, S>
+where
+    K: Hash + Eq + Send + Sync + 'static,
+    V: Send + Sync + 'static,
+    S: BuildHasher + Send + Sync + 'static,
+{
+    /// An empty map that hashes keys with `hasher`.
+    ///
+    /// ```
+    /// use std::collections::hash_map::RandomState;
+    /// let map: weakrefs::WeakValueMap<u32, u32> =
+    ///     weakrefs::WeakValueMap::with_hasher(RandomState::new());
+    /// assert!(map.is_empty());
+    /// ```
+    pub fn with_hasher(hasher: S) -> Self {
+        Self::with_capacity_and_hasher(0, hasher)
+    }
+
+    /// An empty map with room for about `capacity` entries, hashing keys
+    /// with `hasher`.
+    ///
+    /// ```
+    /// use std::collections::hash_map::RandomState;
+    /// let map: weakrefs::WeakValueMap<u32, u32> =
+    ///     weakrefs::WeakValueMap::with_capacity_and_hasher(64, RandomState::new());
+    /// assert!(map.is_empty());
+    /// ```
+    pub fn with_capacity_and_hasher(capacity: usize, hasher: S) -> Self {
+        let table = ShardedTable::with_capacity(capacity);
+        let loads = (0..table.shard_len())
+            .map(|_| Mutex::new(Vec::new()))
+            .collect();
+        WeakValueMap {
+            core: Strong::new(MapCore {
+                hasher,
+                table,
+                loads,
+            }),
+        }
+    }
+
+    fn hash<Q: Hash + ?Sized>(&self, key: &Q) -> u64 {
+        self.core.hasher.hash_one(key)
+    }
+
+    /// Makes the item for `value` under `key`, registering the death
+    /// callback that will remove exactly this item (M4).
+    fn new_item(&self, hash: u64, key: K, value: &Strong<V>) -> Item<K, V> {
+        let map = Strong::downgrade(&self.core);
+        let dead = Strong::downgrade(value);
+        let finalizer = finalize(value, move || {
+            if let Some(core) = map.upgrade() {
+                core.table.write(hash).rewrite_bucket(
+                    hash,
+                    |item, _| !item.value.ptr_eq(&dead),
+                    None,
+                );
+            }
+        });
+        Item {
+            hash,
+            key,
+            value: Strong::downgrade(value),
+            finalizer,
+        }
+    }
+
+    /// Inserts `value` under `key`, holding it weakly. Returns the value
+    /// the key held before, if it was still alive.
+    ///
+    /// ```
+    /// use weakrefs::{Strong, WeakValueMap};
+    ///
+    /// let map = WeakValueMap::new();
+    /// let a = Strong::new("a");
+    /// let b = Strong::new("b");
+    /// assert!(map.insert(1, &a).is_none());
+    /// assert_eq!(map.insert(1, &b).as_deref(), Some(&"a"));
+    /// assert_eq!(map.get(&1).as_deref(), Some(&"b"));
+    /// ```
+    pub fn insert(&self, key: K, value: &Strong<V>) -> Option<Strong<V>> {
+        let hash = self.hash(&key);
+        let item = self.new_item(hash, key, value);
+        let previous = self.publish(item);
+        // Dropped (by the caller) after the shard is unlocked: it may be the
+        // last handle.
+        previous
+    }
+
+    /// Publishes `item`, replacing any item under the same key (whose
+    /// callback it detaches, M5). Returns the replaced value if alive.
+    fn publish(&self, item: Item<K, V>) -> Option<Strong<V>> {
+        let mut writer = self.core.table.write(item.hash);
+        Self::publish_locked(&mut writer, item)
+    }
+
+    /// [`Self::publish`] under a writer the caller already holds.
+    fn publish_locked(
+        writer: &mut ShardWriter<'_, Item<K, V>>,
+        item: Item<K, V>,
+    ) -> Option<Strong<V>> {
+        let hash = item.hash;
+        let mut previous = None;
+        writer.rewrite_bucket(
+            hash,
+            |old, new| {
+                let new = new.expect("publish always adds an item");
+                let same = old.hash == hash && old.key == new.key;
+                if same {
+                    previous = old.value.upgrade();
+                    old.finalizer.detach();
+                }
+                !same
+            },
+            Some(item),
+        );
+        previous
+    }
+
+    /// The value under `key`, if it is still alive. Lock-free.
+    ///
+    /// ```
+    /// use weakrefs::{Strong, WeakValueMap};
+    ///
+    /// let map = WeakValueMap::new();
+    /// let doc = Strong::new(String::from("parsed"));
+    /// map.insert("doc", &doc);
+    /// assert_eq!(map.get("doc").as_deref().map(String::as_str), Some("parsed"));
+    /// drop(doc);
+    /// assert!(map.get("doc").is_none()); // dead at once, removed at flush
+    /// ```
+    pub fn get<Q>(&self, key: &Q) -> Option<Strong<V>>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let hash = self.hash(key);
+        let pinned = self.core.table.pin();
+        self.core
+            .table
+            .bucket_items(hash, &pinned)
+            .find(|item| item.hash == hash && item.key.borrow() == key)
+            .and_then(|item| item.value.upgrade())
+    }
+
+    /// True if `key` holds a live value. Lock-free, and takes no reference.
+    ///
+    /// ```
+    /// use weakrefs::{Strong, WeakValueMap};
+    ///
+    /// let map = WeakValueMap::new();
+    /// let v = Strong::new(1);
+    /// map.insert('k', &v);
+    /// assert!(map.contains_key(&'k'));
+    /// drop(v);
+    /// assert!(!map.contains_key(&'k'));
+    /// ```
+    pub fn contains_key<Q>(&self, key: &Q) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let hash = self.hash(key);
+        let pinned = self.core.table.pin();
+        self.core
+            .table
+            .bucket_items(hash, &pinned)
+            .any(|item| item.hash == hash && item.key.borrow() == key && item.value.is_alive())
+    }
+
+    /// Removes `key`'s entry, returning its value if it was still alive.
+    ///
+    /// ```
+    /// use weakrefs::{Strong, WeakValueMap};
+    ///
+    /// let map = WeakValueMap::new();
+    /// let v = Strong::new(5);
+    /// map.insert("five", &v);
+    /// assert_eq!(map.remove("five").as_deref(), Some(&5));
+    /// assert!(map.remove("five").is_none());
+    /// ```
+    pub fn remove<Q>(&self, key: &Q) -> Option<Strong<V>>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let hash = self.hash(key);
+        let mut removed = None;
+        {
+            let mut writer = self.core.table.write(hash);
+            writer.rewrite_bucket(
+                hash,
+                |item, _| {
+                    let same = item.hash == hash && item.key.borrow() == key;
+                    if same {
+                        removed = item.value.upgrade();
+                        item.finalizer.detach();
+                    }
+                    !same
+                },
+                None,
+            );
+        }
+        removed
+    }
+
+    /// The value under `key`, or the one `init` builds, inserted. Single
+    /// flight: callers racing on one key run `init` once and all receive
+    /// the same value. If `init` panics, the panic reaches its own caller
+    /// only, and the waiting callers retry.
+    ///
+    /// `init` must not request the same key from this map (that would wait
+    /// for itself): such a call panics with a message saying so.
+    ///
+    /// ```
+    /// use weakrefs::{Strong, WeakValueMap};
+    ///
+    /// let templates: WeakValueMap<&str, String> = WeakValueMap::new();
+    /// let page = templates.get_or_insert_with("page", || "<h1>{{t}}</h1>".into());
+    /// let same = templates.get_or_insert_with("page", || unreachable!());
+    /// assert!(Strong::ptr_eq(&page, &same));
+    /// ```
+    pub fn get_or_insert_with<F: FnOnce() -> V>(&self, key: K, init: F) -> Strong<V> {
+        match self.try_get_or_insert_with(key, || Ok::<V, std::convert::Infallible>(init())) {
+            Ok(value) => value,
+            Err(never) => match never {},
+        }
+    }
+
+    /// [`get_or_insert_with`](Self::get_or_insert_with) for a fallible
+    /// `init`: an `Err` inserts nothing, reaches this caller only, and lets
+    /// waiting callers retry.
+    ///
+    /// ```
+    /// use weakrefs::WeakValueMap;
+    ///
+    /// let map: WeakValueMap<u32, String> = WeakValueMap::new();
+    /// let failed = map.try_get_or_insert_with(7, || Err("not found"));
+    /// assert_eq!(failed.unwrap_err(), "not found");
+    /// assert!(map.is_empty());
+    /// let loaded = map.try_get_or_insert_with(7, || Ok::<_, &str>("seven".to_string()));
+    /// assert_eq!(loaded.unwrap().as_str(), "seven");
+    /// ```
+    pub fn try_get_or_insert_with<E, F>(&self, key: K, init: F) -> Result<Strong<V>, E>
+    where
+        F: FnOnce() -> Result<V, E>,
+    {
+        let hash = self.hash(&key);
+        let mut key = Some(key);
+        loop {
+            let wanted = key
+                .as_ref()
+                .expect("the key is taken only by a leader that returns");
+            if let Some(value) = self.get_hashed(hash, wanted) {
+                return Ok(value);
+            }
+            match self.join_or_lead(hash, &mut key) {
+                Role::Found(value) => return Ok(value),
+                Role::Wait(load) => {
+                    if let Some(value) = load.wait() {
+                        return Ok(value);
+                    }
+                    // The leader failed: try again (perhaps as the leader).
+                }
+                Role::Lead(load) => return self.lead(load, init),
+            }
+        }
+    }
+
+    fn get_hashed(&self, hash: u64, key: &K) -> Option<Strong<V>> {
+        let pinned = self.core.table.pin();
+        self.core
+            .table
+            .bucket_items(hash, &pinned)
+            .find(|item| item.hash == hash && item.key == *key)
+            .and_then(|item| item.value.upgrade())
+    }
+
+    /// Under the shard's lock: a live value, a load to wait for, or a new
+    /// load for us to lead (M6).
+    fn join_or_lead(&self, hash: u64, key: &mut Option<K>) -> Role<K, V> {
+        let writer = self.core.table.write(hash);
+        let wanted = key.as_ref().expect("the key is present until we lead");
+        let live = writer
+            .items(hash)
+            .find(|item| item.hash == hash && item.key == *wanted)
+            .and_then(|item| item.value.upgrade());
+        if let Some(value) = live {
+            drop(writer);
+            return Role::Found(value);
+        }
+        let mut loads = self.loads_for(hash);
+        let in_flight = loads.iter().find(|load| {
+            load.hash == hash
+                && load
+                    .key
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .as_ref()
+                    == Some(wanted)
+        });
+        if let Some(load) = in_flight {
+            assert!(
+                load.leader != std::thread::current().id(),
+                "WeakValueMap::get_or_insert_with: the init closure for a key requested the same key \
+                 (it would wait for itself)"
+            );
+            return Role::Wait(load.clone());
+        }
+        let load = Strong::new(Load {
+            hash,
+            key: Mutex::new(key.take()),
+            leader: std::thread::current().id(),
+            state: Mutex::new(LoadState::Running),
+            settled: Condvar::new(),
+        });
+        loads.push(load.clone());
+        Role::Lead(load)
+    }
+
+    fn loads_for(&self, hash: u64) -> MutexGuard<'_, LoadsInFlight<K, V>> {
+        let index = self.core.table.shard_index(hash);
+        self.core.loads[index]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `init` as the leader of `load` and publishes the outcome.
+    fn lead<E, F>(&self, load: Strong<Load<K, V>>, init: F) -> Result<Strong<V>, E>
+    where
+        F: FnOnce() -> Result<V, E>,
+    {
+        /// Settles the load as failed unless disarmed: covers `Err` and
+        /// panics in `init` alike.
+        struct FailOnDrop<'a, K, V, S>
+        where
+            K: Hash + Eq + Send + Sync + 'static,
+            V: Send + Sync + 'static,
+            S: BuildHasher + Send + Sync + 'static,
+        {
+            map: &'a WeakValueMap<K, V, S>,
+            load: Option<Strong<Load<K, V>>>,
+        }
+        impl<K, V, S> Drop for FailOnDrop<'_, K, V, S>
+        where
+            K: Hash + Eq + Send + Sync + 'static,
+            V: Send + Sync + 'static,
+            S: BuildHasher + Send + Sync + 'static,
+        {
+            fn drop(&mut self) {
+                if let Some(load) = self.load.take() {
+                    self.map.finish_load(&load, None);
+                }
+            }
+        }
+
+        let mut guard = FailOnDrop {
+            map: self,
+            load: Some(load),
+        };
+        let value = Strong::new(init()?);
+        let load = guard.load.take().expect("armed until here");
+        self.finish_load(&load, Some(&value));
+        Ok(value)
+    }
+
+    /// Ends a load: on success inserts `value` under the load's key; in
+    /// either case removes the load and wakes its waiters.
+    fn finish_load(&self, load: &Strong<Load<K, V>>, value: Option<&Strong<V>>) {
+        let hash = load.hash;
+        // Withdraw the load under the shard's writer lock, so that no caller
+        // can find neither the load nor the item (M6).
+        let mut writer = self.core.table.write(hash);
+        let key = {
+            let mut loads = self.loads_for(hash);
+            loads.retain(|other| !Strong::ptr_eq(other, load));
+            load.key
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take()
+        };
+        let mut previous = None;
+        if let (Some(value), Some(key)) = (value, key) {
+            let item = self.new_item(hash, key, value);
+            previous = Self::publish_locked(&mut writer, item);
+        }
+        drop(writer);
+        // After the unlock: it may be the last handle of the old value.
+        drop(previous);
+        let mut state = load.state.lock().unwrap_or_else(PoisonError::into_inner);
+        *state = match value {
+            Some(value) => LoadState::Done(value.clone()),
+            None => LoadState::Failed,
+        };
+        load.settled.notify_all();
+    }
+
+    /// Number of entries not yet removed: exact after
+    /// [`flush`](crate::flush); entries whose values died since may still
+    /// be counted until their removal callbacks run.
+    ///
+    /// ```
+    /// use weakrefs::{flush, Strong, WeakValueMap};
+    ///
+    /// let map = WeakValueMap::new();
+    /// let v = Strong::new(());
+    /// map.insert(1, &v);
+    /// assert_eq!(map.len(), 1);
+    /// drop(v);
+    /// flush();
+    /// assert_eq!(map.len(), 0);
+    /// ```
+    pub fn len(&self) -> usize {
+        self.core.table.len()
+    }
+
+    /// True if [`len`](Self::len) is zero.
+    ///
+    /// ```
+    /// let map: weakrefs::WeakValueMap<u8, u8> = weakrefs::WeakValueMap::new();
+    /// assert!(map.is_empty());
+    /// ```
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Live entries, with cloned keys. Weakly consistent: never yields a
+    /// dead value or panics while other threads change the map; it may or
+    /// may not see those changes.
+    ///
+    /// ```
+    /// use weakrefs::{Strong, WeakValueMap};
+    ///
+    /// let map = WeakValueMap::new();
+    /// let (a, b) = (Strong::new('a'), Strong::new('b'));
+    /// map.insert(1, &a);
+    /// map.insert(2, &b);
+    /// drop(b);
+    /// let live: Vec<_> = map.iter().map(|(k, v)| (k, *v)).collect();
+    /// assert_eq!(live, [(1, 'a')]);
+    /// ```
+    pub fn iter(&self) -> impl Iterator<Item = (K, Strong<V>)> + '_
+    where
+        K: Clone,
+    {
+        self.snapshots(|item| Some((item.key.clone(), item.value.upgrade()?)))
+    }
+
+    /// Keys of live entries (cloned).
+    ///
+    /// ```
+    /// use weakrefs::{Strong, WeakValueMap};
+    ///
+    /// let map = WeakValueMap::new();
+    /// let v = Strong::new(0);
+    /// map.insert("only", &v);
+    /// assert_eq!(map.keys().collect::<Vec<_>>(), ["only"]);
+    /// ```
+    pub fn keys(&self) -> impl Iterator<Item = K> + '_
+    where
+        K: Clone,
+    {
+        self.snapshots(|item| item.value.is_alive().then(|| item.key.clone()))
+    }
+
+    /// Live values.
+    ///
+    /// ```
+    /// use weakrefs::{Strong, WeakValueMap};
+    ///
+    /// let map = WeakValueMap::new();
+    /// let v = Strong::new(3);
+    /// map.insert("three", &v);
+    /// assert_eq!(map.values().map(|v| *v).sum::<i32>(), 3);
+    /// ```
+    pub fn values(&self) -> impl Iterator<Item = Strong<V>> + '_ {
+        self.snapshots(|item| item.value.upgrade())
+    }
+
+    /// Iterates shard by shard, snapshotting one shard at a time (M8).
+    fn snapshots<'a, T: 'a>(
+        &'a self,
+        mut project: impl FnMut(&Item<K, V>) -> Option<T> + 'a,
+    ) -> impl Iterator<Item = T> + 'a {
+        let table = &self.core.table;
+        (0..table.shard_len()).flat_map(move |shard| {
+            let mut batch = Vec::new();
+            table.for_each_in_shard(shard, |item| batch.extend(project(item)));
+            batch
+        })
+    }
+
+    /// Keeps only the live entries for which `f` returns true; removes the
+    /// rest (and any dead ones). `f` runs without any lock held.
+    ///
+    /// ```
+    /// use weakrefs::{Strong, WeakValueMap};
+    ///
+    /// let map = WeakValueMap::new();
+    /// let values: Vec<_> = (0..6).map(Strong::new).collect();
+    /// for (i, v) in values.iter().enumerate() {
+    ///     map.insert(i, v);
+    /// }
+    /// map.retain(|_, v| v % 2 == 0);
+    /// assert_eq!(map.len(), 3);
+    /// ```
+    pub fn retain<F: FnMut(&K, &V) -> bool>(&self, mut f: F) {
+        for shard in 0..self.core.table.shard_len() {
+            // Decide outside the lock, while pinned: an item's address then
+            // names it unambiguously when we come back under the lock.
+            let pinned = self.core.table.pin();
+            let mut doomed = Vec::new();
+            let mut held = Vec::new();
+            self.core
+                .table
+                .for_each_in_shard_pinned(shard, &pinned, |item| match item.value.upgrade() {
+                    Some(value) => {
+                        if !f(&item.key, &value) {
+                            doomed.push(item as *const Item<K, V> as usize);
+                        }
+                        held.push(value);
+                    }
+                    None => doomed.push(item as *const Item<K, V> as usize),
+                });
+            if !doomed.is_empty() {
+                doomed.sort_unstable();
+                let mut writer = self.core.table.write_shard(shard);
+                writer.retain_all(|item| {
+                    let address = item as *const Item<K, V> as usize;
+                    let keep = doomed.binary_search(&address).is_err();
+                    if !keep {
+                        item.finalizer.detach();
+                    }
+                    keep
+                });
+            }
+            // The upgraded values go after the lock: they may be the last.
+            drop(held);
+            drop(pinned);
+        }
+    }
+
+    /// Removes every entry.
+    ///
+    /// ```
+    /// use weakrefs::{Strong, WeakValueMap};
+    ///
+    /// let map = WeakValueMap::new();
+    /// let v = Strong::new(1);
+    /// map.insert(1, &v);
+    /// map.clear();
+    /// assert!(map.is_empty());
+    /// assert_eq!(*v, 1); // the value itself is untouched
+    /// ```
+    pub fn clear(&self) {
+        for shard in 0..self.core.table.shard_len() {
+            self.core.table.write_shard(shard).retain_all(|item| {
+                item.finalizer.detach();
+                false
+            });
+        }
+    }
+
+    /// Removes the entries whose values are dead now, without waiting for
+    /// their death callbacks; returns how many.
+    ///
+    /// ```
+    /// use weakrefs::{Strong, WeakValueMap};
+    ///
+    /// let map = WeakValueMap::new();
+    /// let v = Strong::new(1);
+    /// map.insert(1, &v);
+    /// drop(v);
+    /// let removed = map.purge(); // 1, or 0 if the callback got there first
+    /// assert!(removed <= 1);
+    /// assert!(map.is_empty());
+    /// ```
+    pub fn purge(&self) -> usize {
+        (0..self.core.table.shard_len())
+            .map(|shard| {
+                self.core
+                    .table
+                    .write_shard(shard)
+                    .retain_all(|item| item.value.is_alive())
+            })
+            .sum()
+    }
+}
+
+/// What `join_or_lead` found.
+enum Role<K, V> {
+    Found(Strong<V>),
+    Wait(Strong<Load<K, V>>),
+    Lead(Strong<Load<K, V>>),
+}
+
+impl<K, V> Load<K, V> {
+    /// Parks until the leader settles the load: its value, or `None` if it
+    /// failed.
+    fn wait(&self) -> Option<Strong<V>> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            match &*state {
+                LoadState::Running => {
+                    state = self
+                        .settled
+                        .wait(state)
+                        .unwrap_or_else(PoisonError::into_inner);
+                }
+                LoadState::Done(value) => return Some(value.clone()),
+                LoadState::Failed => return None,
+            }
+        }
+    }
+}
+
+impl<K, V, S> Default for WeakValueMap<K, V, S>
+where
+    K: Hash + Eq + Send + Sync + 'static,
+    V: Send + Sync + 'static,
+    S: BuildHasher + Default + Send + Sync + 'static,
+{
+    fn default() -> Self {
+        Self::with_capacity_and_hasher(0, S::default())
+    }
+}
+
+impl<K, V, S> fmt::Debug for WeakValueMap<K, V, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WeakValueMap")
+            .field("len", &self.core.table.len())
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,348 @@
+//! `WeakValueMap`: ports of CPython's `WeakValueDictionary` cases and the
+//! concurrent guarantees of API.md.
+
+use std::collections::HashSet;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Barrier};
+use std::thread;
+
+use weakrefs::{flush, Strong, WeakValueMap};
+
+/// Counts drops of a value.
+struct Counted {
+    id: usize,
+    drops: Arc<AtomicUsize>,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.drops.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn entries_vanish_with_their_values() {
+    let map = WeakValueMap::new();
+    let values: Vec<_> = (0..10).map(Strong::new).collect();
+    for (i, v) in values.iter().enumerate() {
+        assert!(map.insert(i, v).is_none());
+    }
+    assert_eq!(map.len(), 10);
+    let mut values = values;
+    let kept = values.split_off(5); // drop 0..5
+    drop(values);
+    flush();
+    assert_eq!(map.len(), 5);
+    for i in 0..5 {
+        assert!(map.get(&i).is_none());
+        assert!(!map.contains_key(&i));
+    }
+    for (i, v) in (5..10).zip(&kept) {
+        assert!(Strong::ptr_eq(&map.get(&i).unwrap(), v));
+    }
+    drop(kept);
+    flush();
+    assert!(map.is_empty());
+}
+
+/// CPython bug 28427: the death of an old value must not remove a newer
+/// value inserted under the same key.
+#[test]
+fn a_dead_value_never_removes_a_newer_one() {
+    let map = WeakValueMap::new();
+    let old = Strong::new("old");
+    map.insert("k", &old);
+    let new = Strong::new("new");
+    let replaced = map.insert("k", &new).expect("old was alive");
+    assert!(Strong::ptr_eq(&replaced, &old));
+    drop((old, replaced));
+    flush();
+    assert_eq!(map.get("k").as_deref(), Some(&"new"));
+    assert_eq!(map.len(), 1);
+    // And the other way round: a value re-inserted after its entry died.
+    drop(new);
+    flush();
+    let newest = Strong::new("newest");
+    map.insert("k", &newest);
+    flush();
+    assert_eq!(map.get("k").as_deref(), Some(&"newest"));
+}
+
+#[test]
+fn remove_retain_clear_purge() {
+    let map = WeakValueMap::new();
+    let values: Vec<_> = (0..8).map(Strong::new).collect();
+    for v in &values {
+        map.insert(**v, v);
+    }
+    assert_eq!(map.remove(&3).as_deref(), Some(&3));
+    assert!(map.remove(&3).is_none());
+    map.retain(|k, v| {
+        assert_eq!(k, v);
+        k % 2 == 0
+    });
+    let mut keys: Vec<_> = map.keys().collect();
+    keys.sort();
+    assert_eq!(keys, [0, 2, 4, 6]);
+    map.clear();
+    assert!(map.is_empty());
+    assert!(values.iter().all(|v| Strong::strong_count(v) == 1));
+
+    let temp = Strong::new(100);
+    map.insert(100, &temp);
+    drop(temp);
+    let purged = map.purge();
+    flush();
+    assert!(purged <= 1);
+    assert!(map.is_empty());
+}
+
+#[test]
+fn iteration_yields_live_entries_with_their_keys() {
+    let map = WeakValueMap::new();
+    let values: Vec<_> = (0..100).map(Strong::new).collect();
+    for v in &values {
+        map.insert(**v, v);
+    }
+    let mut seen: Vec<_> = map.iter().map(|(k, v)| (k, *v)).collect();
+    seen.sort();
+    assert_eq!(seen, (0..100).map(|i| (i, i)).collect::<Vec<_>>());
+    assert_eq!(map.values().count(), 100);
+    assert_eq!(map.keys().collect::<HashSet<_>>().len(), 100);
+}
+
+/// CPython's destroy-while-iterating: dropping values during iteration
+/// neither panics nor yields them once dead.
+#[test]
+fn values_dying_during_iteration() {
+    let map = WeakValueMap::new();
+    let mut values: Vec<_> = (0..200).map(|i| Some(Strong::new(i))).collect();
+    for v in values.iter().flatten() {
+        map.insert(**v, v);
+    }
+    let mut yielded = 0;
+    for (key, value) in map.iter() {
+        assert_eq!(key, *value);
+        yielded += 1;
+        // Kill a few others as we go.
+        for slot in values.iter_mut().skip(key).step_by(7).take(3) {
+            slot.take();
+        }
+    }
+    assert!(yielded > 0);
+    flush();
+    let alive = values.iter().flatten().count();
+    assert_eq!(map.len(), alive);
+}
+
+#[test]
+fn single_flight_runs_init_once_for_racing_callers() {
+    let threads = 8;
+    let rounds = if cfg!(miri) { 2 } else { 50 };
+    for round in 0..rounds {
+        let map: WeakValueMap<u32, usize> = WeakValueMap::new();
+        let inits = AtomicUsize::new(0);
+        let start = Barrier::new(threads);
+        let results: Vec<Strong<usize>> = thread::scope(|scope| {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    scope.spawn(|| {
+                        start.wait();
+                        map.get_or_insert_with(round, || {
+                            inits.fetch_add(1, Ordering::SeqCst);
+                            round as usize * 10
+                        })
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap()).collect()
+        });
+        assert_eq!(inits.load(Ordering::SeqCst), 1, "init ran more than once");
+        assert!(results.iter().all(|r| Strong::ptr_eq(r, &results[0])));
+        assert_eq!(*results[0], round as usize * 10);
+    }
+}
+
+#[test]
+fn a_panicking_leader_fails_alone_and_waiters_retry() {
+    let map: Arc<WeakValueMap<&str, String>> = Arc::new(WeakValueMap::new());
+    let (started, leader_started) = mpsc::channel();
+    let (go, leader_go) = mpsc::channel::<()>();
+    let leader = {
+        let map = map.clone();
+        thread::spawn(move || {
+            catch_unwind(AssertUnwindSafe(|| {
+                map.get_or_insert_with("key", || {
+                    started.send(()).unwrap();
+                    leader_go.recv().unwrap();
+                    panic!("init failure (expected by this test)")
+                })
+            }))
+        })
+    };
+    leader_started.recv().unwrap();
+    let inits = Arc::new(AtomicUsize::new(0));
+    let waiter = {
+        let (map, inits) = (map.clone(), inits.clone());
+        thread::spawn(move || {
+            map.get_or_insert_with("key", || {
+                inits.fetch_add(1, Ordering::SeqCst);
+                "loaded".to_string()
+            })
+        })
+    };
+    go.send(()).unwrap();
+    assert!(
+        leader.join().unwrap().is_err(),
+        "the panic reaches the leader"
+    );
+    let value = waiter.join().expect("the waiter does not see the panic");
+    assert_eq!(value.as_str(), "loaded");
+    assert_eq!(inits.load(Ordering::SeqCst), 1);
+    assert!(Strong::ptr_eq(&map.get("key").unwrap(), &value));
+}
+
+#[test]
+fn an_err_from_init_inserts_nothing() {
+    let map: WeakValueMap<u8, u8> = WeakValueMap::new();
+    assert_eq!(
+        map.try_get_or_insert_with(1, || Err("no")).unwrap_err(),
+        "no"
+    );
+    assert!(map.is_empty());
+    assert!(map.get(&1).is_none());
+    let v = map.try_get_or_insert_with(1, || Ok::<u8, ()>(9)).unwrap();
+    assert_eq!(*v, 9);
+}
+
+#[test]
+#[should_panic(expected = "requested the same key")]
+fn a_recursive_load_of_the_same_key_panics_instead_of_deadlocking() {
+    let map: WeakValueMap<u8, u8> = WeakValueMap::new();
+    map.get_or_insert_with(1, || *map.get_or_insert_with(1, || 2));
+}
+
+/// Inserting and removing one long-lived value many times leaves no
+/// growing bookkeeping: its weak count (items and registered callbacks
+/// each hold one) stays bounded.
+#[test]
+fn insert_remove_churn_leaves_nothing_behind() {
+    let map = WeakValueMap::new();
+    let value = Strong::new(42);
+    let rounds = if cfg!(miri) { 200 } else { 100_000 };
+    for i in 0..rounds {
+        map.insert(i % 3, &value);
+        map.remove(&(i % 3));
+    }
+    assert!(map.is_empty());
+    let weak = Strong::weak_count(&value);
+    assert!(
+        weak < 1_000,
+        "{weak} weak handles left behind after {rounds} rounds"
+    );
+}
+
+/// A map dropped while its values live, the values dropped afterwards.
+#[test]
+fn dropping_the_map_before_its_values_is_sound() {
+    let drops = Arc::new(AtomicUsize::new(0));
+    let values: Vec<_> = (0..50)
+        .map(|id| {
+            Strong::new(Counted {
+                id,
+                drops: drops.clone(),
+            })
+        })
+        .collect();
+    {
+        let map = WeakValueMap::new();
+        for v in &values {
+            map.insert(v.id, v);
+        }
+        assert_eq!(map.len(), 50);
+    }
+    drop(values);
+    flush();
+    assert_eq!(drops.load(Ordering::SeqCst), 50);
+}
+
+/// Many threads insert, get, remove and drop; every value is dropped
+/// exactly once, and after `flush` no entry outlives its value.
+#[test]
+fn mixed_stress_with_exact_accounting() {
+    let threads = 4;
+    let ops = if cfg!(miri) { 40 } else { 20_000 };
+    let keys = 64;
+    let map: WeakValueMap<usize, Counted> = WeakValueMap::new();
+    let drops = Arc::new(AtomicUsize::new(0));
+    let created = AtomicUsize::new(0);
+    let survivors: Vec<Vec<Strong<Counted>>> = thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let (map, drops, created) = (&map, &drops, &created);
+                scope.spawn(move || {
+                    let mut held = Vec::new();
+                    let mut state = t as u64 * 7919 + 1;
+                    for _ in 0..ops {
+                        state = state
+                            .wrapping_mul(6364136223846793005)
+                            .wrapping_add(1442695040888963407);
+                        let key = (state >> 33) as usize % keys;
+                        match (state >> 20) % 5 {
+                            0 | 1 => {
+                                let value = Strong::new(Counted {
+                                    id: key,
+                                    drops: drops.clone(),
+                                });
+                                created.fetch_add(1, Ordering::SeqCst);
+                                map.insert(key, &value);
+                                held.push(value);
+                            }
+                            2 => {
+                                if let Some(v) = map.get(&key) {
+                                    assert_eq!(v.id, key, "a value under the wrong key");
+                                }
+                            }
+                            3 => drop(map.remove(&key)),
+                            _ => {
+                                if !held.is_empty() {
+                                    held.swap_remove((state as usize) % held.len());
+                                }
+                            }
+                        }
+                        if held.len() > 16 {
+                            held.remove(0);
+                        }
+                    }
+                    held
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    flush();
+    let alive: usize = survivors.iter().map(Vec::len).sum();
+    assert_eq!(
+        drops.load(Ordering::SeqCst) + alive,
+        created.load(Ordering::SeqCst),
+        "a value was dropped twice or leaked"
+    );
+    // No entry outlives its value.
+    assert!(map.len() <= alive);
+    for (key, value) in map.iter() {
+        assert_eq!(value.id, key);
+    }
+    drop(survivors);
+    flush();
+    assert!(map.is_empty());
+    assert_eq!(drops.load(Ordering::SeqCst), created.load(Ordering::SeqCst));
+}
+
+#[test]
+fn the_map_is_send_sync_and_debug() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<WeakValueMap<String, Vec<u8>>>();
+    let map: WeakValueMap<u8, u8> = WeakValueMap::default();
+    assert!(format!("{map:?}").starts_with("WeakValueMap { len: 0"));
+}
