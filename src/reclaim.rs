@@ -73,7 +73,12 @@ impl Reclaimer {
     #[inline]
     pub(crate) fn pin(&self) -> Pinned {
         let guard = match &self.own {
+            #[cfg(not(weakrefs_loom))]
             None => crossbeam_epoch::pin(),
+            // Under loom, the crate's own collector, dropped in a fixed order
+            // with the other globals (see `callbacks::loom_collector`).
+            #[cfg(weakrefs_loom)]
+            None => crate::callbacks::loom_collector().register().pin(),
             // Registering per pin is slow, but this path serves tests and
             // models only. The guard keeps its participant alive after the
             // handle is dropped.

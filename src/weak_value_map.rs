@@ -9,7 +9,7 @@ use std::sync::PoisonError;
 use crate::finalizer::{finalize, Finalizer};
 use crate::raw::table::{Hashed, ShardWriter, ShardedTable};
 use crate::strong::Strong;
-use crate::sync::{Condvar, Mutex, MutexGuard};
+use crate::sync::{current_thread_id, Condvar, Mutex, MutexGuard, ThreadId};
 use crate::weak::Weak;
 
 /// One entry: immutable once published (SAFETY.md, section 7).
@@ -45,7 +45,7 @@ struct Load<K, V> {
     hash: u64,
     /// Moved into the item when the load succeeds.
     key: Mutex<Option<K>>,
-    leader: std::thread::ThreadId,
+    leader: ThreadId,
     state: Mutex<LoadState<V>>,
     settled: Condvar,
 }
@@ -429,7 +429,7 @@ where
         });
         if let Some(load) = in_flight {
             assert!(
-                load.leader != std::thread::current().id(),
+                load.leader != current_thread_id(),
                 "WeakValueMap::get_or_insert_with: the init closure for a key requested the same key \
                  (it would wait for itself)"
             );
@@ -438,7 +438,7 @@ where
         let load = Strong::new(Load {
             hash,
             key: Mutex::new(key.take()),
-            leader: std::thread::current().id(),
+            leader: current_thread_id(),
             state: Mutex::new(LoadState::Running),
             settled: Condvar::new(),
         });

@@ -8,4 +8,6 @@ mod list;
 mod runtime;
 
 pub(crate) use entry::EntryRef;
+#[cfg(weakrefs_loom)]
+pub(crate) use runtime::loom_collector;
 pub(crate) use runtime::{global, ObjectCallbacks};

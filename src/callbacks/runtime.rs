@@ -683,14 +683,32 @@ mod global {
 mod global {
     use super::Runtime;
 
+    /// Every process-wide object of the crate under loom, in one lazy
+    /// static: loom drops its lazy statics in an order that changes between
+    /// executions, and two of them touching loom atomics in their
+    /// destructors would make a model nondeterministic. The epoch collector
+    /// is dropped after the runtime.
+    pub(crate) struct LoomGlobals {
+        runtime: Runtime,
+        collector: crossbeam_epoch::Collector,
+    }
+
     loom::lazy_static! {
-        static ref GLOBAL: Runtime = Runtime::inline();
+        static ref GLOBAL: LoomGlobals = LoomGlobals {
+            runtime: Runtime::inline(),
+            collector: crossbeam_epoch::Collector::new(),
+        };
     }
 
     /// Under loom the global runtime spawns no thread: `flush` drains it on
     /// the calling thread, so models stay finite.
     pub(crate) fn global() -> &'static Runtime {
-        &GLOBAL
+        &GLOBAL.runtime
+    }
+
+    /// The epoch collector that `Reclaimer::global` uses under loom.
+    pub(crate) fn loom_collector() -> &'static crossbeam_epoch::Collector {
+        &GLOBAL.collector
     }
 
     pub(super) fn spawn_worker(_: crate::sync::Parker) -> Option<std::thread::JoinHandle<()>> {
@@ -699,6 +717,8 @@ mod global {
 }
 
 pub(crate) use global::global;
+#[cfg(weakrefs_loom)]
+pub(crate) use global::loom_collector;
 use global::spawn_worker;
 
 #[cfg(all(test, not(weakrefs_loom)))]

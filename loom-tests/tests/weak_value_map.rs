@@ -1,0 +1,128 @@
+//! Loom models of the `WeakValueMap` protocol (SAFETY.md, section 7).
+//! Under loom the map has two shards that start with one bucket, so
+//! inserts grow tables, and the global callback runtime has no thread:
+//! `flush` runs the removal callbacks on the calling thread.
+
+#![cfg(weakrefs_loom)]
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::BuildHasherDefault;
+
+use loom::sync::atomic::{AtomicUsize, Ordering};
+use loom::sync::Arc;
+use loom::thread;
+use weakrefs::{flush, Strong};
+
+/// Loom needs every execution to take the same path: a fixed hasher, not
+/// `RandomState`.
+type WeakValueMap<K, V> = weakrefs::WeakValueMap<K, V, BuildHasherDefault<DefaultHasher>>;
+
+/// M4: the death of the previous value under a key, and its removal
+/// callback, racing the insert of a newer value under the same key: the
+/// newer value always survives.
+#[test]
+fn insert_races_death_of_the_previous_value() {
+    loom::model(|| {
+        let map = Arc::new(WeakValueMap::default());
+        let old = Strong::new(1u8);
+        map.insert(0u8, &old);
+        let dying = thread::spawn(move || {
+            drop(old);
+            flush(); // runs the removal callback here, racing the insert
+        });
+        let new = Strong::new(2u8);
+        map.insert(0u8, &new);
+        dying.join().unwrap();
+        flush();
+        assert_eq!(map.get(&0).as_deref(), Some(&2));
+        assert_eq!(map.len(), 1);
+    });
+}
+
+/// M1, M2: a lock-free `get` racing `remove` and the value's death never
+/// sees freed memory and never returns a dead value.
+#[test]
+fn get_races_remove_and_death() {
+    loom::model(|| {
+        let map = Arc::new(WeakValueMap::default());
+        let value = Strong::new(7u8);
+        map.insert(0u8, &value);
+        let reader = {
+            let map = map.clone();
+            thread::spawn(move || map.get(&0).map(|v| *v))
+        };
+        let removed = map.remove(&0);
+        drop(value);
+        drop(removed);
+        let seen = reader.join().unwrap();
+        assert!(seen.is_none() || seen == Some(7));
+        flush();
+        assert!(map.is_empty());
+    });
+}
+
+/// M3: a read racing the growth of its shard finds the item that was
+/// there before.
+#[test]
+fn read_races_growth() {
+    loom::model(|| {
+        let map = Arc::new(WeakValueMap::default());
+        let first = Strong::new(1u8);
+        map.insert(1u8, &first);
+        let reader = {
+            let map = map.clone();
+            thread::spawn(move || map.get(&1).map(|v| *v))
+        };
+        let others: Vec<_> = (2u8..4).map(Strong::new).collect();
+        for value in &others {
+            map.insert(**value, value);
+        }
+        assert_eq!(reader.join().unwrap(), Some(1));
+        assert_eq!(map.len(), 3);
+    });
+}
+
+/// M6: two callers race on one key; `init` runs once and both get the
+/// same value.
+#[test]
+fn single_flight_leader_races_waiter() {
+    loom::model(|| {
+        let map = Arc::new(WeakValueMap::default());
+        let inits = Arc::new(AtomicUsize::new(0));
+        let other = {
+            let (map, inits) = (map.clone(), inits.clone());
+            thread::spawn(move || {
+                map.get_or_insert_with(0u8, || {
+                    inits.fetch_add(1, Ordering::SeqCst);
+                    5u8
+                })
+            })
+        };
+        let mine = map.get_or_insert_with(0u8, || {
+            inits.fetch_add(1, Ordering::SeqCst);
+            5u8
+        });
+        let theirs = other.join().unwrap();
+        assert!(Strong::ptr_eq(&mine, &theirs));
+        assert_eq!(inits.load(Ordering::SeqCst), 1);
+    });
+}
+
+/// M6: a leader whose `init` fails settles its load as failed; a caller
+/// that was waiting on it retries and loads the value itself.
+#[test]
+fn a_failing_leader_lets_the_waiter_lead() {
+    loom::model(|| {
+        let map: Arc<WeakValueMap<u8, u8>> = Arc::new(WeakValueMap::default());
+        let failing = {
+            let map = map.clone();
+            thread::spawn(move || map.try_get_or_insert_with(0, || Err(())).is_err())
+        };
+        let value = map.get_or_insert_with(0, || 9);
+        let failed = failing.join().unwrap();
+        assert_eq!(*value, 9);
+        // The failing call either failed, or came late and found the value.
+        let _ = failed;
+        assert_eq!(map.get(&0).as_deref(), Some(&9));
+    });
+}
