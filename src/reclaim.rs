@@ -21,10 +21,6 @@
 //!   flight stays proportional to the number of threads, not to the number
 //!   of retirements.
 
-// The collections are the users of this module; until they land, only its
-// tests and loom model exercise it.
-#![allow(dead_code)]
-
 use std::cell::Cell;
 
 use crossbeam_epoch::{Collector, Guard, Shared};
@@ -62,6 +58,7 @@ impl Reclaimer {
     }
 
     /// A reclaimer over the caller's own collector (tests, loom models).
+    #[cfg(test)]
     pub(crate) fn with_collector(collector: Collector) -> Self {
         Reclaimer {
             own: Some(collector),
