@@ -1,0 +1,238 @@
+//! `WeakValueMap` against what users would pick instead, in one run:
+//!
+//! * `dashmap`: `DashMap<K, std::sync::Weak<V>>`, get + upgrade;
+//! * `rwlock_hashmap`: `RwLock<HashMap<K, std::sync::Weak<V>>>`;
+//! * `rwlock_weak_table`: `RwLock<weak_table::WeakValueHashMap<K, Weak<V>>>`;
+//! * `papaya`: `papaya::HashMap<K, std::sync::Weak<V>>`.
+//!
+//! Groups: `read_hit/{uniform,skewed}/{1,2}_thread` (100k live keys, every
+//! read hits), and `churn` (insert a fresh value, then it dies), where the
+//! baselines clean up with a periodic `retain` and this crate with its
+//! death callbacks. `cargo bench --bench maps`.
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::sync::{Arc, Barrier, RwLock, Weak as StdWeak};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use criterion::measurement::WallTime;
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
+use dashmap::DashMap;
+
+const KEYS: u64 = 100_000;
+const SEQUENCE: usize = 1 << 20;
+
+/// A reader of one map kind: `get` returns whether the key held a live
+/// value (after upgrading it, as a user would).
+trait ReadMap: Sync {
+    fn hit(&self, key: u64) -> bool;
+}
+
+struct Ours {
+    map: weakrefs::WeakValueMap<u64, u64>,
+    _values: Vec<weakrefs::Strong<u64>>,
+}
+impl ReadMap for Ours {
+    fn hit(&self, key: u64) -> bool {
+        self.map.get(&key).is_some()
+    }
+}
+
+struct Dash {
+    map: DashMap<u64, StdWeak<u64>>,
+    _values: Vec<Arc<u64>>,
+}
+impl ReadMap for Dash {
+    fn hit(&self, key: u64) -> bool {
+        self.map.get(&key).and_then(|w| w.upgrade()).is_some()
+    }
+}
+
+struct Locked {
+    map: RwLock<HashMap<u64, StdWeak<u64>>>,
+    _values: Vec<Arc<u64>>,
+}
+impl ReadMap for Locked {
+    fn hit(&self, key: u64) -> bool {
+        let map = self.map.read().unwrap();
+        map.get(&key).and_then(StdWeak::upgrade).is_some()
+    }
+}
+
+struct WeakTable {
+    map: RwLock<weak_table::WeakValueHashMap<u64, StdWeak<u64>>>,
+    _values: Vec<Arc<u64>>,
+}
+impl ReadMap for WeakTable {
+    fn hit(&self, key: u64) -> bool {
+        self.map.read().unwrap().get(&key).is_some()
+    }
+}
+
+struct Papaya {
+    map: papaya::HashMap<u64, StdWeak<u64>>,
+    _values: Vec<Arc<u64>>,
+}
+impl ReadMap for Papaya {
+    fn hit(&self, key: u64) -> bool {
+        self.map.pin().get(&key).and_then(StdWeak::upgrade).is_some()
+    }
+}
+
+fn std_values() -> Vec<Arc<u64>> {
+    (0..KEYS).map(Arc::new).collect()
+}
+
+fn build_all() -> Vec<(&'static str, Box<dyn ReadMap>)> {
+    let ours = {
+        let values: Vec<_> = (0..KEYS).map(weakrefs::Strong::new).collect();
+        let map = weakrefs::WeakValueMap::with_capacity(KEYS as usize);
+        for v in &values {
+            map.insert(**v, v);
+        }
+        Ours { map, _values: values }
+    };
+    let dash = {
+        let values = std_values();
+        let map = DashMap::with_capacity(KEYS as usize);
+        for v in &values {
+            map.insert(**v, Arc::downgrade(v));
+        }
+        Dash { map, _values: values }
+    };
+    let locked = {
+        let values = std_values();
+        let map = values.iter().map(|v| (**v, Arc::downgrade(v))).collect();
+        Locked { map: RwLock::new(map), _values: values }
+    };
+    let weak_table = {
+        let values = std_values();
+        let mut map = weak_table::WeakValueHashMap::with_capacity(KEYS as usize);
+        for v in &values {
+            map.insert(**v, v.clone());
+        }
+        WeakTable { map: RwLock::new(map), _values: values }
+    };
+    let papaya = {
+        let values = std_values();
+        let map = papaya::HashMap::with_capacity(KEYS as usize);
+        {
+            let pinned = map.pin();
+            for v in &values {
+                pinned.insert(**v, Arc::downgrade(v));
+            }
+        }
+        Papaya { map, _values: values }
+    };
+    vec![
+        ("weakrefs", Box::new(ours) as Box<dyn ReadMap>),
+        ("dashmap", Box::new(dash)),
+        ("rwlock_hashmap", Box::new(locked)),
+        ("rwlock_weak_table", Box::new(weak_table)),
+        ("papaya", Box::new(papaya)),
+    ]
+}
+
+/// A fixed pseudo-random key sequence: uniform over all keys, or skewed
+/// (about 80% of reads on 1% of the keys).
+fn key_sequence(skewed: bool) -> Vec<u64> {
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    (0..SEQUENCE)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            if skewed && state % 10 < 8 {
+                (state >> 8) % (KEYS / 100)
+            } else {
+                (state >> 8) % KEYS
+            }
+        })
+        .collect()
+}
+
+fn reads_on_threads(map: &dyn ReadMap, keys: &[u64], threads: usize, iters: u64) -> Duration {
+    let start = Barrier::new(threads + 1);
+    thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let start = &start;
+                scope.spawn(move || {
+                    start.wait();
+                    let mut index = t * (SEQUENCE / threads);
+                    for _ in 0..iters {
+                        assert!(map.hit(black_box(keys[index])));
+                        index = (index + 1) & (SEQUENCE - 1);
+                    }
+                })
+            })
+            .collect();
+        start.wait();
+        let began = Instant::now();
+        for worker in workers {
+            worker.join().expect("benchmark thread panicked");
+        }
+        began.elapsed()
+    })
+}
+
+fn read_hits(c: &mut Criterion) {
+    let maps = build_all();
+    for (distribution, skewed) in [("uniform", false), ("skewed", true)] {
+        let keys = key_sequence(skewed);
+        for threads in [1, 2] {
+            let mut group = c.benchmark_group(format!("read_hit/{distribution}/{threads}_thread"));
+            group.throughput(Throughput::Elements(threads as u64));
+            for (name, map) in &maps {
+                group.bench_function(*name, |b| {
+                    b.iter_custom(|iters| reads_on_threads(map.as_ref(), &keys, threads, iters))
+                });
+            }
+            group.finish();
+        }
+    }
+}
+
+/// Insert a fresh value under one of 1024 keys, then drop it: the
+/// baselines run `retain` every 1024 operations to clear dead entries.
+fn churn(c: &mut Criterion) {
+    let mut group: BenchmarkGroup<'_, WallTime> = c.benchmark_group("churn");
+    const BATCH: u64 = 1024;
+    group.throughput(Throughput::Elements(BATCH));
+    let ours: weakrefs::WeakValueMap<u64, u64> = weakrefs::WeakValueMap::new();
+    group.bench_function("weakrefs", |b| {
+        b.iter(|| {
+            for i in 0..BATCH {
+                let value = weakrefs::Strong::new(i);
+                ours.insert(i, &value);
+            }
+            weakrefs::flush();
+        })
+    });
+    assert_eq!(ours.len(), 0, "dead entries left after flush");
+    let dash: DashMap<u64, StdWeak<u64>> = DashMap::new();
+    group.bench_function("dashmap_retain", |b| {
+        b.iter(|| {
+            for i in 0..BATCH {
+                let value = Arc::new(i);
+                dash.insert(i, Arc::downgrade(&value));
+            }
+            dash.retain(|_, weak| weak.strong_count() > 0);
+        })
+    });
+    let table: RwLock<weak_table::WeakValueHashMap<u64, StdWeak<u64>>> = RwLock::default();
+    group.bench_function("rwlock_weak_table", |b| {
+        b.iter(|| {
+            for i in 0..BATCH {
+                let value = Arc::new(i);
+                table.write().unwrap().insert(i, value);
+            }
+            table.write().unwrap().remove_expired();
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, read_hits, churn);
+criterion_main!(benches);
