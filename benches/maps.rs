@@ -76,7 +76,11 @@ struct Papaya {
 }
 impl ReadMap for Papaya {
     fn hit(&self, key: u64) -> bool {
-        self.map.pin().get(&key).and_then(StdWeak::upgrade).is_some()
+        self.map
+            .pin()
+            .get(&key)
+            .and_then(StdWeak::upgrade)
+            .is_some()
     }
 }
 
@@ -91,7 +95,10 @@ fn build_all() -> Vec<(&'static str, Box<dyn ReadMap>)> {
         for v in &values {
             map.insert(**v, v);
         }
-        Ours { map, _values: values }
+        Ours {
+            map,
+            _values: values,
+        }
     };
     let dash = {
         let values = std_values();
@@ -99,12 +106,18 @@ fn build_all() -> Vec<(&'static str, Box<dyn ReadMap>)> {
         for v in &values {
             map.insert(**v, Arc::downgrade(v));
         }
-        Dash { map, _values: values }
+        Dash {
+            map,
+            _values: values,
+        }
     };
     let locked = {
         let values = std_values();
         let map = values.iter().map(|v| (**v, Arc::downgrade(v))).collect();
-        Locked { map: RwLock::new(map), _values: values }
+        Locked {
+            map: RwLock::new(map),
+            _values: values,
+        }
     };
     let weak_table = {
         let values = std_values();
@@ -112,7 +125,10 @@ fn build_all() -> Vec<(&'static str, Box<dyn ReadMap>)> {
         for v in &values {
             map.insert(**v, v.clone());
         }
-        WeakTable { map: RwLock::new(map), _values: values }
+        WeakTable {
+            map: RwLock::new(map),
+            _values: values,
+        }
     };
     let papaya = {
         let values = std_values();
@@ -123,7 +139,10 @@ fn build_all() -> Vec<(&'static str, Box<dyn ReadMap>)> {
                 pinned.insert(**v, Arc::downgrade(v));
             }
         }
-        Papaya { map, _values: values }
+        Papaya {
+            map,
+            _values: values,
+        }
     };
     vec![
         ("weakrefs", Box::new(ours) as Box<dyn ReadMap>),

@@ -4,11 +4,10 @@
 //!
 //! `cargo run --release --example tour`
 
-use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::collections::HashSet;
 use std::thread;
 
-use weakrefs::{finalize, flush, shutdown, stats, Strong, Weak, WeakMethod};
+use weakrefs::{finalize, flush, shutdown, stats, Strong, Weak, WeakMethod, WeakValueMap};
 
 /// A big object a server would rather not build twice: here, a "decoded
 /// image" of a few hundred kilobytes.
@@ -70,9 +69,8 @@ fn main() {
     );
     drop(b);
 
-    println!("\n3. Worker threads share a cache of Weak handles");
-    println!("   (WeakValueMap will do this lock-free and clean up by itself)");
-    let cache: Mutex<HashMap<String, Weak<Image>>> = Mutex::new(HashMap::new());
+    println!("\n3. Worker threads share a WeakValueMap cache: one build per image, gone with its last request");
+    let cache: WeakValueMap<String, Image> = WeakValueMap::new();
     let requests = ["hero.png", "hero.png", "icon.png", "hero.png"];
     thread::scope(|scope| {
         for (i, name) in requests.into_iter().enumerate() {
@@ -80,17 +78,8 @@ fn main() {
             thread::Builder::new()
                 .name(format!("worker-{i}"))
                 .spawn_scoped(scope, move || {
-                    let image = {
-                        let mut cache = cache.lock().unwrap();
-                        match cache.get(name).and_then(Weak::upgrade) {
-                            Some(image) => image,
-                            None => {
-                                let image = Strong::new(decode(name));
-                                cache.insert(name.to_string(), Strong::downgrade(&image));
-                                image
-                            }
-                        }
-                    };
+                    // Single flight: racing workers decode each name once.
+                    let image = cache.get_or_insert_with(name.to_string(), || decode(name));
                     println!(
                         "    [worker-{i}] serving {} ({} holders)",
                         image.name,
@@ -100,14 +89,12 @@ fn main() {
                 .expect("spawn worker");
         }
     });
-    let cache = cache.into_inner().unwrap();
-    let live = cache.values().filter(|w| w.is_alive()).count();
+    flush(); // the entries' removal callbacks run on the finalizer thread
     println!(
-        "    requests done: {} cache entries, {} still alive (the images went with their last request)",
-        cache.len(),
-        live
+        "    requests done: {} cache entries left (removed without any purge call)",
+        cache.len()
     );
-    assert_eq!(live, 0);
+    assert!(cache.is_empty());
 
     println!("\n4. Death callbacks: run once, newest first, on the finalizer thread");
     let page = Strong::new(decode("page.png"));
