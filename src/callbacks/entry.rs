@@ -14,7 +14,7 @@
 //! **Layout.** A node is an `EntryNode<F>`: the type-erased header `Entry`
 //! first (`repr(C)`), then the closure. Lists and handles hold thin
 //! `NonNull<Entry>` pointers that keep the provenance of the whole node
-//! (they all come from the one `Box::into_raw`); the closure is reached
+//! (they all come from the one `Box::leak`); the closure is reached
 //! only through the header's vtable, from such a pointer, never from a
 //! `&Entry` (C13). One allocation per registration, and the node starts
 //! with its three owners (handle, object list, registry) counted, so

@@ -148,8 +148,11 @@ impl<L: Link> EntryList<L> {
     /// compactor descheduled mid-walk would otherwise let concurrent pushers
     /// grow the list without bound (C5).
     fn note_push(&self) {
-        // Relaxed (C5′): a trigger; the flag orders the compaction itself.
-        let state = self.state.fetch_add(1 << WORK_SHIFT, Ordering::Relaxed) + (1 << WORK_SHIFT);
+        // Release (C5′): orders our push before this count, so a compactor
+        // whose Acquire load of the state sees the count also walks from a
+        // head that includes our node (it never subtracts work it did not
+        // walk).
+        let state = self.state.fetch_add(1 << WORK_SHIFT, Ordering::Release) + (1 << WORK_SHIFT);
         let (work, due) = (work_of(state), Self::due(state));
         if work <= due {
             return;
@@ -168,7 +171,7 @@ impl<L: Link> EntryList<L> {
         // Relaxed (C5′): a trigger. A CAS loop rather than an add: `count`
         // can be large, and the work count saturates below its field's top.
         let update = |state: usize| {
-            let work = (work_of(state) + count).min(4 * DUE_CAP);
+            let work = work_of(state).saturating_add(count).min(4 * DUE_CAP);
             Some((state & !(WORK_MASK << WORK_SHIFT)) | (work << WORK_SHIFT))
         };
         let Ok(before) = self
@@ -209,9 +212,11 @@ impl<L: Link> EntryList<L> {
 
     /// Unlinks every settled entry below the head (C5).
     fn compact(&self, _held: &CompactionGuard<'_>) {
-        // Relaxed (C5′): work reported from now on counts towards the next
-        // compaction; only what was seen here is subtracted below.
-        let seen = work_of(self.state.load(Ordering::Relaxed));
+        // Acquire (C5′): pairs with the pushers' Release count, so every
+        // push counted in `seen` is visible to the head load below. Work
+        // reported from now on counts towards the next compaction; only
+        // what was seen here is subtracted.
+        let seen = work_of(self.state.load(Ordering::Acquire));
         // Acquire (C4): pairs with the pushes' Release CAS (a release
         // sequence of RMWs), so every node below is fully visible.
         let head = self.head.load(Ordering::Acquire);
@@ -351,5 +356,43 @@ impl<L: Link> Drop for EntryList<L> {
 impl<L: Link> std::fmt::Debug for EntryList<L> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EntryList").finish_non_exhaustive()
+    }
+}
+
+/// Loom model (SAFETY.md, C5′): a compaction that counts a concurrent push
+/// in the work it subtracts also walks that push's node, so the bound
+/// "nodes <= kept + work" holds after every compaction. Fails when the
+/// push's count is Relaxed and the compactor's load of it is not Acquire.
+#[cfg(all(test, weakrefs_loom))]
+mod loom_model {
+    use super::*;
+    use loom::sync::Arc;
+
+    #[test]
+    fn compaction_never_forgets_a_push_it_counted() {
+        loom::model(|| {
+            let list = Arc::new(EntryList::<ObjectLink>::new());
+            let [first, in_list, _first_registry] = EntryRef::new_with_three_owners(|| {});
+            list.push(in_list);
+            let pusher = {
+                let list = list.clone();
+                loom::thread::spawn(move || {
+                    let [second, in_list, _registry] = EntryRef::new_with_three_owners(|| {});
+                    list.push(in_list);
+                    second
+                })
+            };
+            if let Some(guard) = list.try_lock() {
+                list.compact(&guard);
+            }
+            let second = pusher.join().unwrap();
+            // Relaxed: the threads are joined.
+            let state = list.state.load(Ordering::Relaxed);
+            assert!(
+                kept_of(state) + work_of(state) >= 2,
+                "a compaction subtracted a push whose node it never walked"
+            );
+            drop((first, second));
+        });
     }
 }

@@ -196,6 +196,7 @@ impl Runtime {
         let mut node = unsafe { list.take_all() };
         let (mut head, mut tail, mut count) =
             (ptr::null_mut::<Entry>(), ptr::null_mut::<Entry>(), 0);
+        let mut settled = 0;
         while !node.is_null() {
             let current = node;
             // SAFETY: the chain's references are ours (`take_all`).
@@ -219,7 +220,13 @@ impl Runtime {
                 // Detached or called already: give back the list's reference.
                 // SAFETY: the reference is ours, given back once.
                 drop(unsafe { EntryRef::from_link(current) });
+                settled += 1;
             }
+        }
+        if settled > 0 {
+            // They are settled in the registry too: count them towards its
+            // next compaction, so a wave of detaches shrinks it (C5).
+            self.registry.note_settled(settled);
         }
         if count > 0 {
             self.dispatch(head, count);
@@ -311,13 +318,15 @@ impl Runtime {
             self.worker_started.store(true, Ordering::Release);
             return;
         }
+        // Nothing below may panic before the outcome is recorded: a start
+        // that dies half-way would leave later deaths queued with no worker
+        // and no `worker_failed` for `flush` to see.
         let parker = self
             .parker
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .take()
-            .expect("the parker is taken only by the one worker start");
-        let spawned = spawn_worker(parker);
+            .take();
+        let spawned = parker.and_then(spawn_worker);
         if spawned.is_none() {
             self.mark_worker_failed();
         }
@@ -610,7 +619,10 @@ impl Runtime {
             }
             // Relaxed: a hint; the drain's swap does the synchronising, and
             // a miss costs one park, which the producer's unpark ends (C8).
-            let more_work = || !self.queue.head.load(Ordering::Relaxed).is_null();
+            let more_work = || {
+                let head = self.queue.head.load(Ordering::Relaxed);
+                !head.is_null() && head != closed()
+            };
             if spin_briefly_until(more_work) {
                 continue;
             }
@@ -653,6 +665,7 @@ impl Drop for Runtime {
 #[cfg(not(weakrefs_loom))]
 mod global {
     use super::Runtime;
+    use std::io::Write;
     use std::sync::OnceLock;
 
     static GLOBAL: OnceLock<Runtime> = OnceLock::new();
@@ -670,9 +683,13 @@ mod global {
         match spawned {
             Ok(handle) => Some(handle),
             Err(error) => {
-                // No thread: callbacks still run, at the next `flush` or
-                // death that drains (or at `shutdown`), never lost.
-                eprintln!("weakrefs: cannot start the finalizer thread ({error}); callbacks will run when the queue is drained");
+                // No thread: callbacks still run, at the next `flush` (which
+                // drains inline) or at `shutdown`, never lost. Write errors
+                // are ignored: `eprintln!` would panic on a closed stderr.
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "weakrefs: cannot start the finalizer thread ({error}); callbacks will run when the queue is drained"
+                );
                 None
             }
         }
@@ -884,6 +901,86 @@ mod tests {
             "registry kept {} settled entries",
             runtime.registry.node_count()
         );
+    }
+
+    #[test]
+    fn an_alive_entry_freed_with_its_lists_drops_its_closure_once() {
+        struct CountDrop(StdArc<AtomicUsize>);
+        impl Drop for CountDrop {
+            fn drop(&mut self) {
+                self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let drops = StdArc::new(AtomicUsize::new(0));
+        let token = CountDrop(drops.clone());
+        let runtime = Runtime::inline();
+        let list = ObjectCallbacks::new();
+        let handle = runtime.register(&list, move || drop(token));
+        drop(list);
+        drop(runtime);
+        assert_eq!(drops.load(std::sync::atomic::Ordering::SeqCst), 0);
+        drop(handle); // the last reference frees the still-alive entry
+        assert_eq!(drops.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_runtime_dropped_with_a_queued_batch_runs_it() {
+        let ran = StdArc::new(AtomicUsize::new(0));
+        let counter = ran.clone();
+        let runtime = Runtime::inline();
+        let list = ObjectCallbacks::new();
+        runtime.register(&list, move || {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        });
+        runtime.on_death(&list);
+        drop(runtime);
+        assert_eq!(ran.load(std::sync::atomic::Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn panics_in_a_callback_or_in_a_detached_closures_drop_are_contained() {
+        struct PanicOnDrop;
+        impl Drop for PanicOnDrop {
+            fn drop(&mut self) {
+                panic!("drop failure (expected by this test)");
+            }
+        }
+        let runtime = Runtime::inline();
+        let list = ObjectCallbacks::new();
+        runtime.register(&list, || panic!("callback failure (expected by this test)"));
+        let bomb = PanicOnDrop;
+        let detached = runtime.register(&list, move || drop(bomb));
+        // `detach` drops the closure in this thread: its panic is the
+        // caller's, and the entry stays consistent.
+        let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| detached.detach()));
+        assert!(outcome.is_err());
+        assert!(!detached.is_alive());
+        runtime.on_death(&list);
+        assert_eq!(runtime.drain(), 1);
+        assert_eq!(runtime.counters().2, 1, "the callback's panic is counted");
+    }
+
+    #[test]
+    fn over_aligned_and_zero_sized_closures() {
+        #[repr(align(128))]
+        struct Aligned([u8; 128]);
+        let seen = StdArc::new(AtomicUsize::new(0));
+        let runtime = Runtime::inline();
+        let list = ObjectCallbacks::new();
+        let aligned = Aligned([7; 128]);
+        let counter = seen.clone();
+        runtime.register(&list, move || {
+            assert_eq!(&aligned as *const Aligned as usize % 128, 0);
+            counter.fetch_add(
+                usize::from(aligned.0[0]),
+                std::sync::atomic::Ordering::SeqCst,
+            );
+        });
+        fn zero_sized() {}
+        runtime.register(&list, zero_sized);
+        runtime.on_death(&list);
+        assert_eq!(runtime.drain(), 2);
+        assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 7);
     }
 
     #[test]
