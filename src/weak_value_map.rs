@@ -71,7 +71,10 @@ struct MapCore<K, V, S> {
 ///
 /// Reads ([`get`](Self::get), [`contains_key`](Self::contains_key),
 /// iteration) take no lock and never block. Writes lock one shard at a
-/// time and never block readers. The removal of a dead entry runs as a
+/// time and never block readers. Keys' `Hash` and `Eq` run while a shard
+/// is locked and must not use the same map; no destructor of a key or
+/// value ever runs under a lock. [`retain`](Self::retain)'s predicate runs
+/// unlocked, but keeps its shard's epoch pinned while it runs. The removal of a dead entry runs as a
 /// death callback (see [`finalize`](crate::finalize)), so [`len`](Self::len)
 /// is exact after [`flush`](crate::flush), and it removes only the entry
 /// that named the dead value: a newer value inserted under the same key
@@ -228,21 +231,25 @@ where
         item: Item<K, V>,
     ) -> Option<Strong<V>> {
         let hash = item.hash;
-        let mut previous = None;
+        let mut replaced = None;
         writer.rewrite_bucket(
             hash,
             |old, new| {
                 let new = new.expect("publish always adds an item");
                 let same = old.hash == hash && old.key == new.key;
                 if same {
-                    previous = old.value.upgrade();
-                    old.finalizer.detach();
+                    replaced = Some((old.value.upgrade(), old.finalizer.clone()));
                 }
                 !same
             },
             Some(item),
         );
-        previous
+        // Detached only once the replacement is published: a panicking
+        // `Eq` above leaves every entry and its callback as they were (M5).
+        replaced.and_then(|(previous, finalizer)| {
+            finalizer.detach();
+            previous
+        })
     }
 
     /// The value under `key`, if it is still alive. Lock-free.
@@ -321,15 +328,18 @@ where
                 |item, _| {
                     let same = item.hash == hash && item.key.borrow() == key;
                     if same {
-                        removed = item.value.upgrade();
-                        item.finalizer.detach();
+                        removed = Some((item.value.upgrade(), item.finalizer.clone()));
                     }
                     !same
                 },
                 None,
             );
         }
-        removed
+        // As in `publish_locked`: detach after the removal is published.
+        removed.and_then(|(value, finalizer)| {
+            finalizer.detach();
+            value
+        })
     }
 
     /// The value under `key`, or the one `init` builds, inserted. Single
@@ -477,7 +487,7 @@ where
         {
             fn drop(&mut self) {
                 if let Some(load) = self.load.take() {
-                    self.map.finish_load(&load, None);
+                    let _ = self.map.finish_load(&load, None);
                 }
             }
         }
@@ -488,18 +498,40 @@ where
         };
         let value = Strong::new(init()?);
         let load = guard.load.take().expect("armed until here");
-        self.finish_load(&load, Some(&value));
-        Ok(value)
+        Ok(self
+            .finish_load(&load, Some(value))
+            .expect("a successful load settles with a value"))
     }
 
-    /// Ends a load: on success inserts `value` under the load's key; in
-    /// either case removes the load and wakes its waiters.
-    fn finish_load(&self, load: &Strong<Load<K, V>>, value: Option<&Strong<V>>) {
+    /// Ends a load under the shard's writer lock: withdraws it and, on
+    /// success, publishes `value` under the load's key, unless a live value
+    /// was inserted there meanwhile, which then wins for everyone (M6).
+    /// Wakes the waiters on every exit, unwinding included, so none is
+    /// stranded. Returns the value the load settled on.
+    fn finish_load(
+        &self,
+        load: &Strong<Load<K, V>>,
+        value: Option<Strong<V>>,
+    ) -> Option<Strong<V>> {
+        /// Settles the load when dropped: `Done` with the chosen value, or
+        /// `Failed` (also if anything below panics).
+        struct Settle<'l, K, V>(&'l Load<K, V>, Option<Strong<V>>);
+        impl<K, V> Drop for Settle<'_, K, V> {
+            fn drop(&mut self) {
+                let mut state = self.0.state.lock().unwrap_or_else(PoisonError::into_inner);
+                *state = match self.1.take() {
+                    Some(value) => LoadState::Done(value),
+                    None => LoadState::Failed,
+                };
+                self.0.settled.notify_all();
+            }
+        }
+        let mut settle = Settle(load, None);
         let hash = load.hash;
         // Withdraw the load under the shard's writer lock, so that no caller
         // can find neither the load nor the item (M6).
         let mut writer = self.core.table.write(hash);
-        let key = {
+        let mut key = {
             let mut loads = self.loads_for(hash);
             loads.retain(|other| !Strong::ptr_eq(other, load));
             load.key
@@ -507,20 +539,33 @@ where
                 .unwrap_or_else(PoisonError::into_inner)
                 .take()
         };
-        let mut previous = None;
-        if let (Some(value), Some(key)) = (value, key) {
-            let item = self.new_item(hash, key, value);
-            previous = Self::publish_locked(&mut writer, item);
+        let mut outcome = None;
+        let mut replaced = None;
+        if let (Some(value), Some(wanted)) = (&value, &key) {
+            let existing = writer
+                .items(hash)
+                .find(|item| item.hash == hash && item.key == *wanted)
+                .and_then(|item| item.value.upgrade());
+            outcome = match existing {
+                // Inserted meanwhile: adopt it, so every caller gets one value.
+                Some(existing) => Some(existing),
+                None => {
+                    let key = key.take().expect("checked above");
+                    let item = self.new_item(hash, key, value);
+                    replaced = Self::publish_locked(&mut writer, item);
+                    Some(value.clone())
+                }
+            };
         }
         drop(writer);
-        // After the unlock: it may be the last handle of the old value.
-        drop(previous);
-        let mut state = load.state.lock().unwrap_or_else(PoisonError::into_inner);
-        *state = match value {
-            Some(value) => LoadState::Done(value.clone()),
-            None => LoadState::Failed,
-        };
-        load.settled.notify_all();
+        // After the unlock: the key's and the values' destructors are user
+        // code, and a value may be the last handle of its object.
+        drop(key);
+        settle.1.clone_from(&outcome);
+        drop(settle);
+        drop(replaced);
+        drop(value);
+        outcome
     }
 
     /// Number of entries not yet removed: exact after

@@ -346,3 +346,143 @@ fn the_map_is_send_sync_and_debug() {
     let map: WeakValueMap<u8, u8> = WeakValueMap::default();
     assert!(format!("{map:?}").starts_with("WeakValueMap { len: 0"));
 }
+
+/// Every key hashes to 0: one shard, one bucket, so a write compares the
+/// key with every entry.
+#[derive(Clone, Default)]
+struct OneBucket;
+
+struct ZeroHasher;
+
+impl std::hash::Hasher for ZeroHasher {
+    fn finish(&self) -> u64 {
+        0
+    }
+    fn write(&mut self, _: &[u8]) {}
+}
+
+impl std::hash::BuildHasher for OneBucket {
+    type Hasher = ZeroHasher;
+    fn build_hasher(&self) -> ZeroHasher {
+        ZeroHasher
+    }
+}
+
+/// A key whose `Eq` panics on demand, and which counts the drops of the
+/// copies the map owns.
+#[derive(Debug)]
+struct TrickyKey {
+    id: u32,
+    in_map: bool,
+}
+
+static TRICKY_EQ_PANICS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+static TRICKY_MAP_KEY_DROPS: AtomicUsize = AtomicUsize::new(0);
+
+impl PartialEq for TrickyKey {
+    fn eq(&self, other: &Self) -> bool {
+        if TRICKY_EQ_PANICS.load(Ordering::SeqCst) && self.id != other.id {
+            panic!("Eq failure (expected by this test)");
+        }
+        self.id == other.id
+    }
+}
+impl Eq for TrickyKey {}
+impl std::hash::Hash for TrickyKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.id.hash(state);
+    }
+}
+impl Drop for TrickyKey {
+    fn drop(&mut self) {
+        if self.in_map {
+            TRICKY_MAP_KEY_DROPS.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// A panicking `Eq` half-way through a removal must leave the map as it
+/// was: nothing still linked may be retired (a use-after-free otherwise),
+/// and no callback detached.
+#[test]
+fn a_panicking_eq_during_a_write_leaves_the_map_intact() {
+    let map: WeakValueMap<TrickyKey, u32, OneBucket> = WeakValueMap::with_hasher(OneBucket);
+    let (a, b) = (Strong::new(1), Strong::new(2));
+    map.insert(
+        TrickyKey {
+            id: 1,
+            in_map: true,
+        },
+        &a,
+    );
+    map.insert(
+        TrickyKey {
+            id: 2,
+            in_map: true,
+        },
+        &b,
+    );
+    let probe = TrickyKey {
+        id: 1,
+        in_map: false,
+    };
+    TRICKY_EQ_PANICS.store(true, Ordering::SeqCst);
+    let outcome = catch_unwind(AssertUnwindSafe(|| map.remove(&probe)));
+    TRICKY_EQ_PANICS.store(false, Ordering::SeqCst);
+    assert!(outcome.is_err());
+    // Push the epoch forward so anything wrongly retired would be freed.
+    let other: WeakValueMap<u32, u32> = WeakValueMap::new();
+    let filler = Strong::new(0);
+    for i in 0..if cfg!(miri) { 300 } else { 5_000 } {
+        other.insert(i % 4, &filler);
+        other.remove(&(i % 4));
+    }
+    assert_eq!(
+        TRICKY_MAP_KEY_DROPS.load(Ordering::SeqCst),
+        0,
+        "a linked item was freed"
+    );
+    assert_eq!(map.len(), 2);
+    assert_eq!(map.get(&probe).as_deref(), Some(&1));
+    drop(a);
+    flush();
+    assert_eq!(
+        map.len(),
+        1,
+        "the entry's death callback was detached by the failed write"
+    );
+}
+
+/// A key's destructor may use the map: it never runs under a shard lock,
+/// not even when a failed load gives its key back.
+#[test]
+fn a_key_dropped_after_a_failed_load_may_use_the_map() {
+    #[derive(Hash, PartialEq, Eq)]
+    struct DropKey(u32);
+    static MAP: std::sync::OnceLock<WeakValueMap<DropKey, u32, OneBucket>> =
+        std::sync::OnceLock::new();
+    impl Drop for DropKey {
+        fn drop(&mut self) {
+            if self.0 == 7 {
+                // A write to the same (only) shard: deadlocks under its lock.
+                MAP.get().expect("set").remove(&DropKey(8));
+            }
+        }
+    }
+    MAP.get_or_init(|| WeakValueMap::with_hasher(OneBucket));
+    let (done, finished) = mpsc::channel();
+    thread::spawn(move || {
+        let failed = MAP
+            .get()
+            .expect("set")
+            .try_get_or_insert_with(DropKey(7), || Err::<u32, _>("no"))
+            .is_err();
+        let _ = done.send(failed);
+    });
+    // A generous limit: only a deadlock comes near it.
+    let failed = finished
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("deadlock: the key was dropped under the shard lock");
+    assert!(failed);
+    assert!(MAP.get().expect("set").is_empty());
+}

@@ -25,7 +25,7 @@ use std::sync::PoisonError;
 use crossbeam_epoch::{Atomic, Guard, Owned, Shared};
 
 use crate::reclaim::{Pinned, Reclaimer};
-use crate::sync::{AtomicUsize, Mutex, MutexGuard, Ordering};
+use crate::sync::{AtomicUsize, CachePadded, Mutex, MutexGuard, Ordering};
 
 /// Shards per table: about four per CPU, a power of two. Two under loom.
 fn shard_count() -> usize {
@@ -111,7 +111,9 @@ impl<I> Default for Garbage<I> {
 
 /// Items of one collection, sharded; see the module docs.
 pub(crate) struct ShardedTable<I> {
-    shards: Box<[Shard<I>]>,
+    /// Each on its own cache line: a write to one shard's mutex and count
+    /// must not invalidate the table pointer readers of its neighbours load.
+    shards: Box<[CachePadded<Shard<I>>]>,
     /// `64 - log2(shards)`: the hash's top bits pick the shard.
     shard_shift: u32,
     reclaimer: Reclaimer,
@@ -133,10 +135,12 @@ impl<I: Hashed + Send + Sync + 'static> ShardedTable<I> {
         let buckets = per_shard.next_power_of_two().max(MIN_BUCKETS);
         ShardedTable {
             shards: (0..shards)
-                .map(|_| Shard {
-                    table: Atomic::new(Table::with_buckets(buckets)),
-                    writer: Mutex::new(()),
-                    len: AtomicUsize::new(0),
+                .map(|_| {
+                    CachePadded::new(Shard {
+                        table: Atomic::new(Table::with_buckets(buckets)),
+                        writer: Mutex::new(()),
+                        len: AtomicUsize::new(0),
+                    })
                 })
                 .collect(),
             shard_shift: 64 - shards.trailing_zeros(),
@@ -364,7 +368,10 @@ impl<'a, I: Hashed + Send + Sync + 'static> ShardWriter<'a, I> {
         // Relaxed: writers are ordered by the mutex.
         let old = bucket.load(Ordering::Relaxed, guard);
         let mut kept: Vec<ItemPtr<I>> = Vec::new();
-        let mut removed = 0;
+        // Retired only once the new array is published: if `keep` (user
+        // code: `Eq`, `Borrow`) panics half-way, nothing still linked may
+        // be retired.
+        let mut unlinked: Vec<ItemPtr<I>> = Vec::new();
         // SAFETY: under the mutex the old array is current and alive.
         if let Some(array) = unsafe { old.as_ref() } {
             for item in array.items.iter() {
@@ -372,11 +379,11 @@ impl<'a, I: Hashed + Send + Sync + 'static> ShardWriter<'a, I> {
                 if keep(unsafe { &*item.0 }, add.as_ref()) {
                     kept.push(*item);
                 } else {
-                    self.garbage.items.push(*item);
-                    removed += 1;
+                    unlinked.push(*item);
                 }
             }
         }
+        let removed = unlinked.len();
         let added = add.is_some();
         if let Some(item) = add {
             kept.push(ItemPtr(Box::into_raw(Box::new(item))));
@@ -395,6 +402,7 @@ impl<'a, I: Hashed + Send + Sync + 'static> ShardWriter<'a, I> {
         // Release (M2): publishes the new array and the items it points at
         // to readers' Acquire loads.
         bucket.store(new, Ordering::Release);
+        self.garbage.items.extend(unlinked);
         if !old.is_null() {
             self.garbage.arrays.push(old.as_raw().cast_mut());
         }
