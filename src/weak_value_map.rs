@@ -269,13 +269,35 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let hash = self.hash(key);
+        self.with_item(key, |item| item.value.upgrade())
+    }
+
+    /// Looks `key` up lock-free and applies `f` to its item, while pinned.
+    fn with_item<Q, R>(&self, key: &Q, f: impl FnOnce(&Item<K, V>) -> Option<R>) -> Option<R>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.with_hashed_item(self.hash(key), key, f)
+    }
+
+    /// [`Self::with_item`] for a key whose hash is known.
+    fn with_hashed_item<Q, R>(
+        &self,
+        hash: u64,
+        key: &Q,
+        f: impl FnOnce(&Item<K, V>) -> Option<R>,
+    ) -> Option<R>
+    where
+        K: Borrow<Q>,
+        Q: Eq + ?Sized,
+    {
         let pinned = self.core.table.pin();
         self.core
             .table
             .bucket_items(hash, &pinned)
             .find(|item| item.hash == hash && item.key.borrow() == key)
-            .and_then(|item| item.value.upgrade())
+            .and_then(f)
     }
 
     /// True if `key` holds a live value. Lock-free, and takes no reference.
@@ -295,12 +317,8 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let hash = self.hash(key);
-        let pinned = self.core.table.pin();
-        self.core
-            .table
-            .bucket_items(hash, &pinned)
-            .any(|item| item.hash == hash && item.key.borrow() == key && item.value.is_alive())
+        self.with_item(key, |item| item.value.is_alive().then_some(()))
+            .is_some()
     }
 
     /// Removes `key`'s entry, returning its value if it was still alive.
@@ -389,7 +407,7 @@ where
             let wanted = key
                 .as_ref()
                 .expect("the key is taken only by a leader that returns");
-            if let Some(value) = self.get_hashed(hash, wanted) {
+            if let Some(value) = self.with_hashed_item(hash, wanted, |item| item.value.upgrade()) {
                 return Ok(value);
             }
             match self.join_or_lead(hash, &mut key) {
@@ -403,15 +421,6 @@ where
                 Role::Lead(load) => return self.lead(load, init),
             }
         }
-    }
-
-    fn get_hashed(&self, hash: u64, key: &K) -> Option<Strong<V>> {
-        let pinned = self.core.table.pin();
-        self.core
-            .table
-            .bucket_items(hash, &pinned)
-            .find(|item| item.hash == hash && item.key == *key)
-            .and_then(|item| item.value.upgrade())
     }
 
     /// Under the shard's lock: a live value, a load to wait for, or a new

@@ -1027,6 +1027,17 @@ mod loom_models {
         })
     }
 
+    /// A runtime whose worker loop runs on a model thread of its own.
+    fn with_worker() -> (Arc<Runtime>, thread::JoinHandle<()>) {
+        let runtime = Arc::new(Runtime::external());
+        let parker = runtime.take_parker();
+        let worker = {
+            let runtime = runtime.clone();
+            thread::spawn(move || runtime.worker_loop(parker))
+        };
+        (runtime, worker)
+    }
+
     fn die_with_one_callback(runtime: &Runtime, runs: &Arc<AtomicUsize>) {
         let list = ObjectCallbacks::new();
         runtime.register(&list, counting(runs));
@@ -1039,12 +1050,7 @@ mod loom_models {
     #[test]
     fn push_races_drain_and_park() {
         loom::model(|| {
-            let runtime = Arc::new(Runtime::external());
-            let parker = runtime.take_parker();
-            let worker = {
-                let runtime = runtime.clone();
-                thread::spawn(move || runtime.worker_loop(parker))
-            };
+            let (runtime, worker) = with_worker();
             let runs = Arc::new(AtomicUsize::new(0));
             die_with_one_callback(&runtime, &runs);
             runtime.flush();
@@ -1061,12 +1067,7 @@ mod loom_models {
     #[test]
     fn flush_races_new_work() {
         loom::model(|| {
-            let runtime = Arc::new(Runtime::external());
-            let parker = runtime.take_parker();
-            let worker = {
-                let runtime = runtime.clone();
-                thread::spawn(move || runtime.worker_loop(parker))
-            };
+            let (runtime, worker) = with_worker();
             let runs = Arc::new(AtomicUsize::new(0));
             let producer = {
                 let runtime = runtime.clone();
