@@ -253,5 +253,59 @@ fn churn(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, read_hits, churn);
+/// Two threads asking for one hot key through the get-or-insert API,
+/// where the value stays alive: `get_or_insert_with` against DashMap's
+/// `entry().or_insert_with` on a weak value (upgrade, and rebuild if dead).
+fn single_flight(c: &mut Criterion) {
+    let mut group = c.benchmark_group("single_flight_hot_key/2_thread");
+    group.throughput(Throughput::Elements(2));
+    let ours: weakrefs::WeakValueMap<u64, u64> = weakrefs::WeakValueMap::new();
+    let held = ours.get_or_insert_with(7, || 7);
+    group.bench_function("weakrefs", |b| {
+        b.iter_custom(|iters| {
+            on_two_threads(iters, || {
+                black_box(ours.get_or_insert_with(black_box(7), || 7));
+            })
+        })
+    });
+    let dash: DashMap<u64, StdWeak<u64>> = DashMap::new();
+    let dash_held = Arc::new(7u64);
+    group.bench_function("dashmap_entry", |b| {
+        b.iter_custom(|iters| {
+            on_two_threads(iters, || {
+                let value = dash
+                    .entry(black_box(7))
+                    .or_insert_with(|| Arc::downgrade(&dash_held))
+                    .upgrade();
+                black_box(value);
+            })
+        })
+    });
+    group.finish();
+    drop(held);
+}
+
+fn on_two_threads(iters: u64, op: impl Fn() + Sync) -> Duration {
+    let start = Barrier::new(3);
+    thread::scope(|scope| {
+        let workers: Vec<_> = (0..2)
+            .map(|_| {
+                scope.spawn(|| {
+                    start.wait();
+                    for _ in 0..iters {
+                        op();
+                    }
+                })
+            })
+            .collect();
+        start.wait();
+        let began = Instant::now();
+        for worker in workers {
+            worker.join().expect("benchmark thread panicked");
+        }
+        began.elapsed()
+    })
+}
+
+criterion_group!(benches, read_hits, churn, single_flight);
 criterion_main!(benches);
