@@ -125,11 +125,11 @@ impl<T> ControlBlock<T> {
     /// 2. The value has already been dropped or moved out (I3).
     pub(crate) unsafe fn deallocate(this: NonNull<Self>) {
         let block = this.as_ptr();
-        // SAFETY: by 1 we are the block's only owner. The leak tracker is
-        // dropped in place through a field projection, so no reference or
-        // `Box` ever covers the dead value (I4). The header's callback list
-        // has drop glue too, but the object's death emptied it (C6), so
-        // there is nothing to release; the counts have none.
+        // The leak tracker is dropped in place through a field projection, so
+        // no reference or `Box` ever covers the dead value (I4). The header's
+        // callback list has drop glue too, but the object's death emptied it
+        // (C6), so there is nothing to release; the counts have none.
+        // SAFETY: by 1 we are the block's only owner; see above.
         unsafe {
             debug_assert!((*block).header.callbacks.is_empty());
             ptr::drop_in_place(ptr::addr_of_mut!((*block).leak_check));

@@ -183,10 +183,10 @@ impl<T> Strong<T> {
             return Err(this);
         }
         let this = ManuallyDrop::new(this);
-        // SAFETY: `try_take_last_strong` took the count from 1 to 0 and
-        // executed the Acquire fence, so we are the value's only user and no
-        // `upgrade` can reach it again (I1, I2). It is read exactly once,
-        // and `ManuallyDrop` keeps `Strong::drop` from dropping it again.
+        // It is read exactly once, and `ManuallyDrop` keeps `Strong::drop`
+        // from dropping it again.
+        // SAFETY: `try_take_last_strong` took the count from 1 to 0 and ran
+        // the Acquire fence: we are the value's only user, for good (I1, I2).
         let value = unsafe { ptr::read(ControlBlock::value_ptr(this.block)) };
         // The object is dead: its callbacks run and the implicit weak
         // reference goes with the last strong handle.
@@ -209,10 +209,10 @@ impl<T> Strong<T> {
     /// ```
     pub fn get_mut(this: &mut Self) -> Option<&mut T> {
         if this.header().is_unique() {
+            // `&mut self` stops this handle from being cloned or downgraded
+            // while the borrow lives.
             // SAFETY: `is_unique` saw no other strong or weak handle while the
-            // weak count was locked (I6), and `&mut self` stops this handle
-            // from being cloned or downgraded while the borrow lives, so no
-            // other reference to the value can exist or be created.
+            // weak count was locked (I6), and none can be created (above).
             Some(unsafe { &mut *ControlBlock::value_ptr(this.block) })
         } else {
             None

@@ -62,11 +62,12 @@ impl<T> Weak<T> {
 
     #[inline(always)]
     fn header(&self) -> Option<&Header> {
-        // SAFETY: this handle holds a weak count, which keeps the allocation
-        // (not the value) live for as long as `&self` (I3). Only the header
-        // is borrowed (I4).
-        self.block
-            .map(|block| unsafe { ControlBlock::header(block) })
+        self.block.map(|block| {
+            // SAFETY: this handle's weak count keeps the allocation (not the
+            // value) live for as long as `&self` (I3); only the header is
+            // borrowed (I4).
+            unsafe { ControlBlock::header(block) }
+        })
     }
 
     /// A [`Strong`] handle if the object is still alive.

@@ -106,10 +106,11 @@ impl<F: FnOnce() + Send + 'static> EntryNode<F> {
 
     unsafe fn free(entry: NonNull<Entry>) {
         let node = entry.cast::<EntryNode<F>>().as_ptr();
-        // SAFETY: the last reference is gone and its release fence ran
-        // (C13), so we own the node. The closure is still present iff the
-        // state is ALIVE (a claimant always runs it before letting go of
-        // its reference); Relaxed suffices for the load, as we are alone.
+        // The closure is still present iff the state is ALIVE: a claimant
+        // always runs it before letting go of its reference. Relaxed suffices
+        // for the load, as we are alone.
+        // SAFETY: the last reference is gone and its fence ran (C13): we own
+        // the node, which `Box::leak` made from this very `Box<EntryNode<F>>`.
         unsafe {
             if (*node).entry.state.load(Ordering::Relaxed) == ALIVE {
                 (*node)

@@ -53,10 +53,10 @@ impl<I> Clone for ItemPtr<I> {
 }
 impl<I> Copy for ItemPtr<I> {}
 
-// SAFETY: an `ItemPtr` is a shared reference to an immutable `I` in all but
-// name; sending or sharing it is sending or sharing `&I`, sound when `I` is
-// `Send + Sync` (the item itself is dropped on whichever thread retires
-// it, which needs `Send`).
+// An `ItemPtr` is a shared reference to an immutable `I` in all but name;
+// the item itself is dropped on whichever thread retires it.
+// SAFETY: sending or sharing it is sending or sharing `&I` (needs `Sync`)
+// and may end in dropping the `I` elsewhere (needs `Send`).
 unsafe impl<I: Send + Sync> Send for ItemPtr<I> {}
 // SAFETY: as for `Send`.
 unsafe impl<I: Send + Sync> Sync for ItemPtr<I> {}
