@@ -172,18 +172,26 @@ fn key_sequence(skewed: bool) -> Vec<u64> {
 }
 
 fn reads_on_threads(map: &dyn ReadMap, keys: &[u64], threads: usize, iters: u64) -> Duration {
+    on_threads(threads, |t| {
+        let mut index = t * (SEQUENCE / threads);
+        for _ in 0..iters {
+            assert!(map.hit(black_box(keys[index])));
+            index = (index + 1) & (SEQUENCE - 1);
+        }
+    })
+}
+
+/// Runs `work(thread_index)` on `threads` threads released together; the
+/// time from the common start to the last thread's finish.
+fn on_threads(threads: usize, work: impl Fn(usize) + Sync) -> Duration {
     let start = Barrier::new(threads + 1);
     thread::scope(|scope| {
         let workers: Vec<_> = (0..threads)
             .map(|t| {
-                let start = &start;
+                let (start, work) = (&start, &work);
                 scope.spawn(move || {
                     start.wait();
-                    let mut index = t * (SEQUENCE / threads);
-                    for _ in 0..iters {
-                        assert!(map.hit(black_box(keys[index])));
-                        index = (index + 1) & (SEQUENCE - 1);
-                    }
+                    work(t);
                 })
             })
             .collect();
@@ -286,24 +294,10 @@ fn single_flight(c: &mut Criterion) {
 }
 
 fn on_two_threads(iters: u64, op: impl Fn() + Sync) -> Duration {
-    let start = Barrier::new(3);
-    thread::scope(|scope| {
-        let workers: Vec<_> = (0..2)
-            .map(|_| {
-                scope.spawn(|| {
-                    start.wait();
-                    for _ in 0..iters {
-                        op();
-                    }
-                })
-            })
-            .collect();
-        start.wait();
-        let began = Instant::now();
-        for worker in workers {
-            worker.join().expect("benchmark thread panicked");
+    on_threads(2, |_| {
+        for _ in 0..iters {
+            op();
         }
-        began.elapsed()
     })
 }
 
