@@ -238,7 +238,7 @@ where
                 let new = new.expect("publish always adds an item");
                 let same = old.hash == hash && old.key == new.key;
                 if same {
-                    replaced = Some((old.value.upgrade(), old.finalizer.clone()));
+                    replaced = Some((old.value.clone(), old.finalizer.clone()));
                 }
                 !same
             },
@@ -248,7 +248,7 @@ where
         // `Eq` above leaves every entry and its callback as they were (M5).
         replaced.and_then(|(previous, finalizer)| {
             finalizer.detach();
-            previous
+            previous.upgrade()
         })
     }
 
@@ -537,10 +537,13 @@ where
         }
         let mut settle = Settle(load, None);
         let hash = load.hash;
+        // Declared before the writer so that, on unwinding, it is dropped
+        // after the unlock.
+        let mut key: Option<K>;
         // Withdraw the load under the shard's writer lock, so that no caller
         // can find neither the load nor the item (M6).
         let mut writer = self.core.table.write(hash);
-        let mut key = {
+        key = {
             let mut loads = self.loads_for(hash);
             loads.retain(|other| !Strong::ptr_eq(other, load));
             load.key
@@ -569,8 +572,10 @@ where
         drop(writer);
         // After the unlock: the key's and the values' destructors are user
         // code, and a value may be the last handle of its object.
-        drop(key);
+        // Settle before the key's destructor: a panic there must not turn a
+        // published value into a failed load.
         settle.1.clone_from(&outcome);
+        drop(key);
         drop(settle);
         drop(replaced);
         drop(value);

@@ -486,3 +486,91 @@ fn a_key_dropped_after_a_failed_load_may_use_the_map() {
     assert!(failed);
     assert!(MAP.get().expect("set").is_empty());
 }
+
+/// Keys whose `Eq` can be told to panic and whose key-7 destructor writes
+/// to the map: a panicking `Eq` must not make a key's destructor run under
+/// a shard lock (it would deadlock here).
+macro_rules! panicky_key {
+    ($name:ident, $flag:ident, $map:ident) => {
+        static $flag: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        static $map: std::sync::OnceLock<WeakValueMap<$name, u32, OneBucket>> =
+            std::sync::OnceLock::new();
+        struct $name(u32);
+        impl std::hash::Hash for $name {
+            fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+                self.0.hash(state);
+            }
+        }
+        impl PartialEq for $name {
+            fn eq(&self, other: &Self) -> bool {
+                if $flag.load(Ordering::SeqCst) && self.0 != other.0 {
+                    panic!("Eq failure (expected by this test)");
+                }
+                self.0 == other.0
+            }
+        }
+        impl Eq for $name {}
+        impl Drop for $name {
+            fn drop(&mut self) {
+                if self.0 == 7 {
+                    $flag.store(false, Ordering::SeqCst);
+                    $map.get().expect("set").remove(&$name(8));
+                }
+            }
+        }
+    };
+}
+
+panicky_key!(InsertKey, INSERT_EQ_PANICS, INSERT_MAP);
+panicky_key!(LoadKey, LOAD_EQ_PANICS, LOAD_MAP);
+
+/// Runs `body` on a thread; fails if it has not finished in a generous
+/// limit that only a deadlock comes near.
+fn within_deadlock_limit(what: &str, body: impl FnOnce() -> bool + Send + 'static) -> bool {
+    let (done, finished) = mpsc::channel();
+    thread::spawn(move || {
+        let _ = done.send(body());
+    });
+    finished
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .unwrap_or_else(|_| panic!("deadlock: {what}"))
+}
+
+#[test]
+fn a_panicking_eq_in_insert_drops_the_new_key_outside_the_lock() {
+    let map = INSERT_MAP.get_or_init(|| WeakValueMap::with_hasher(OneBucket));
+    let existing = Strong::new(1);
+    map.insert(InsertKey(1), &existing);
+    let panicked = within_deadlock_limit("the new key was dropped under the shard lock", || {
+        let value = Strong::new(2);
+        INSERT_EQ_PANICS.store(true, Ordering::SeqCst);
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            INSERT_MAP.get().expect("set").insert(InsertKey(7), &value)
+        }));
+        INSERT_EQ_PANICS.store(false, Ordering::SeqCst);
+        outcome.is_err()
+    });
+    assert!(panicked);
+    assert_eq!(map.len(), 1);
+}
+
+#[test]
+fn a_panicking_eq_while_a_load_publishes_drops_its_key_outside_the_lock() {
+    let map = LOAD_MAP.get_or_init(|| WeakValueMap::with_hasher(OneBucket));
+    let existing = Strong::new(1);
+    map.insert(LoadKey(1), &existing);
+    let panicked = within_deadlock_limit("the load's key was dropped under the shard lock", || {
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            LOAD_MAP
+                .get()
+                .expect("set")
+                .get_or_insert_with(LoadKey(7), || {
+                    LOAD_EQ_PANICS.store(true, Ordering::SeqCst);
+                    7
+                })
+        }));
+        LOAD_EQ_PANICS.store(false, Ordering::SeqCst);
+        outcome.is_err()
+    });
+    assert!(panicked);
+}

@@ -368,25 +368,45 @@ impl<'a, I: Hashed + Send + Sync + 'static> ShardWriter<'a, I> {
         // Relaxed: writers are ordered by the mutex.
         let old = bucket.load(Ordering::Relaxed, guard);
         let mut kept: Vec<ItemPtr<I>> = Vec::new();
-        // Retired only once the new array is published: if `keep` (user
-        // code: `Eq`, `Borrow`) panics half-way, nothing still linked may
-        // be retired.
         let mut unlinked: Vec<ItemPtr<I>> = Vec::new();
+        // Boxed up front: if `keep` panics, the unpublished item is handed to
+        // the garbage and so dropped after the unlock (its key's destructor
+        // is user code).
+        let add = add.map(|item| ItemPtr(Box::into_raw(Box::new(item))));
+        /// Hands the unpublished item to the garbage if we unwind before
+        /// publishing it.
+        struct Unpublished<'g, I>(&'g mut Vec<ItemPtr<I>>, Option<ItemPtr<I>>);
+        impl<I> Drop for Unpublished<'_, I> {
+            fn drop(&mut self) {
+                if let Some(item) = self.1.take() {
+                    self.0.push(item);
+                }
+            }
+        }
+        let mut pending = Unpublished(&mut self.garbage.items, add);
+        // SAFETY: the boxed item is ours until published, and the guard
+        // frees it (after the unlock) only if we unwind.
+        let add_ref = add.map(|item| unsafe { &*item.0 });
+        // Unlinked items are retired only once the new array is published:
+        // if `keep` (user code: `Eq`, `Borrow`) panics half-way, nothing
+        // still linked may be retired.
         // SAFETY: under the mutex the old array is current and alive.
         if let Some(array) = unsafe { old.as_ref() } {
             for item in array.items.iter() {
                 // SAFETY: items of the current array are alive.
-                if keep(unsafe { &*item.0 }, add.as_ref()) {
+                if keep(unsafe { &*item.0 }, add_ref) {
                     kept.push(*item);
                 } else {
                     unlinked.push(*item);
                 }
             }
         }
+        pending.1 = None;
+        drop(pending);
         let removed = unlinked.len();
         let added = add.is_some();
         if let Some(item) = add {
-            kept.push(ItemPtr(Box::into_raw(Box::new(item))));
+            kept.push(item);
         }
         if removed == 0 && !added {
             return 0;
@@ -399,6 +419,9 @@ impl<'a, I: Hashed + Send + Sync + 'static> ShardWriter<'a, I> {
             })
             .into_shared(guard)
         };
+        // Nothing may fail between the store and the bookkeeping below.
+        self.garbage.items.reserve(unlinked.len());
+        self.garbage.arrays.reserve(1);
         // Release (M2): publishes the new array and the items it points at
         // to readers' Acquire loads.
         bucket.store(new, Ordering::Release);
@@ -422,6 +445,11 @@ impl<'a, I: Hashed + Send + Sync + 'static> ShardWriter<'a, I> {
         let old = self.current_table();
         let new = Table::with_buckets(old.buckets.len() * 2);
         let mut arrays: Vec<Vec<ItemPtr<I>>> = vec![Vec::new(); new.buckets.len()];
+        // Queued only after the swap: if an allocation below panics, the old
+        // arrays are still linked and must not be retired.
+        let mut old_arrays: Vec<*mut BucketArray<I>> = Vec::with_capacity(old.buckets.len());
+        self.garbage.arrays.reserve(old.buckets.len());
+        self.garbage.tables.reserve(1);
         for bucket in old.buckets.iter() {
             // Relaxed: writers are ordered by the mutex.
             let array = bucket.load(Ordering::Relaxed, guard);
@@ -432,7 +460,7 @@ impl<'a, I: Hashed + Send + Sync + 'static> ShardWriter<'a, I> {
                     let hash = unsafe { &*item.0 }.hash();
                     arrays[(hash as usize) & (new.buckets.len() - 1)].push(*item);
                 }
-                self.garbage.arrays.push(array as *const _ as *mut _);
+                old_arrays.push(array as *const _ as *mut _);
             }
         }
         for (bucket, items) in new.buckets.iter().zip(arrays) {
@@ -449,6 +477,7 @@ impl<'a, I: Hashed + Send + Sync + 'static> ShardWriter<'a, I> {
             .shard
             .table
             .swap(Owned::new(new), Ordering::Release, guard);
+        self.garbage.arrays.extend(old_arrays);
         self.garbage.tables.push(previous.as_raw().cast_mut());
     }
 }
