@@ -219,8 +219,8 @@ impl<T> Strong<T> {
         }
     }
 
-    /// The object's callback list (allocated on first use), for
-    /// `finalize`. The reference lives as long as this handle.
+    /// The object's callback list (in the control block), for `finalize`.
+    /// The reference lives as long as this handle.
     pub(crate) fn callback_list(this: &Self) -> &crate::callbacks::ObjectCallbacks {
         this.header().callback_list()
     }

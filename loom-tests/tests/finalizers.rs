@@ -7,7 +7,7 @@
 use loom::sync::atomic::{AtomicUsize, Ordering};
 use loom::sync::Arc;
 use loom::thread;
-use weakrefs::{finalize, flush, Strong};
+use weakrefs::{finalize, flush, Finalizer, Strong};
 
 fn counting(runs: &Arc<AtomicUsize>) -> impl FnOnce() + Send + 'static {
     let runs = runs.clone();
@@ -16,23 +16,30 @@ fn counting(runs: &Arc<AtomicUsize>) -> impl FnOnce() + Send + 'static {
     }
 }
 
+/// Races `op` on a `Finalizer` against its object's death; returns how
+/// many times the callback ran and what `op` returned.
+fn race_with_death(op: fn(&Finalizer) -> bool) -> (usize, bool) {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let obj = Strong::new(1u8);
+    let finalizer = finalize(&obj, counting(&runs));
+    let racer = {
+        let finalizer = finalizer.clone();
+        thread::spawn(move || op(&finalizer))
+    };
+    drop(obj);
+    let won = racer.join().unwrap();
+    flush();
+    assert!(!finalizer.alive());
+    (runs.load(Ordering::SeqCst), won)
+}
+
 /// `detach` racing the object's death: exactly one of "detached" and "ran
 /// at death" happens.
 #[test]
 fn detach_races_death() {
     loom::model(|| {
-        let runs = Arc::new(AtomicUsize::new(0));
-        let obj = Strong::new(1u8);
-        let finalizer = finalize(&obj, counting(&runs));
-        let racer = {
-            let finalizer = finalizer.clone();
-            thread::spawn(move || finalizer.detach())
-        };
-        drop(obj);
-        let detached = racer.join().unwrap();
-        flush();
-        assert_eq!(runs.load(Ordering::SeqCst) + usize::from(detached), 1);
-        assert!(!finalizer.alive());
+        let (runs, detached) = race_with_death(Finalizer::detach);
+        assert_eq!(runs + usize::from(detached), 1);
     });
 }
 
@@ -41,17 +48,8 @@ fn detach_races_death() {
 #[test]
 fn call_races_death() {
     loom::model(|| {
-        let runs = Arc::new(AtomicUsize::new(0));
-        let obj = Strong::new(1u8);
-        let finalizer = finalize(&obj, counting(&runs));
-        let racer = {
-            let finalizer = finalizer.clone();
-            thread::spawn(move || finalizer.call())
-        };
-        drop(obj);
-        racer.join().unwrap();
-        flush();
-        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        let (runs, _) = race_with_death(Finalizer::call);
+        assert_eq!(runs, 1);
     });
 }
 
