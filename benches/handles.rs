@@ -7,9 +7,11 @@
 //! two-thread figures count the operations of both threads.
 
 use std::hint::black_box;
-use std::sync::Barrier;
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+#[path = "support/threads.rs"]
+mod threads;
+use threads::on_threads;
 
 use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
@@ -75,24 +77,10 @@ fn run_op<H: Handles>(op: Op, strong: &H, weak: &H::Weak) {
 fn timed_on_threads<H: Handles>(op: Op, threads: usize, iters: u64) -> Duration {
     let strong = H::new(7);
     let weak = strong.downgrade();
-    let start = Barrier::new(threads + 1);
-    thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads)
-            .map(|_| {
-                scope.spawn(|| {
-                    start.wait();
-                    for _ in 0..iters {
-                        run_op(op, &strong, &weak);
-                    }
-                })
-            })
-            .collect();
-        start.wait();
-        let began = Instant::now();
-        for worker in workers {
-            worker.join().expect("benchmark thread panicked");
+    on_threads(threads, |_| {
+        for _ in 0..iters {
+            run_op(op, &strong, &weak);
         }
-        began.elapsed()
     })
 }
 

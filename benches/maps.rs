@@ -12,13 +12,16 @@
 
 use std::collections::HashMap;
 use std::hint::black_box;
-use std::sync::{Arc, Barrier, RwLock, Weak as StdWeak};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::sync::{Arc, RwLock, Weak as StdWeak};
+use std::time::Duration;
 
 use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
 use dashmap::DashMap;
+
+#[path = "support/threads.rs"]
+mod threads;
+use threads::on_threads;
 
 const KEYS: u64 = 100_000;
 const SEQUENCE: usize = 1 << 20;
@@ -178,29 +181,6 @@ fn reads_on_threads(map: &dyn ReadMap, keys: &[u64], threads: usize, iters: u64)
             assert!(map.hit(black_box(keys[index])));
             index = (index + 1) & (SEQUENCE - 1);
         }
-    })
-}
-
-/// Runs `work(thread_index)` on `threads` threads released together; the
-/// time from the common start to the last thread's finish.
-fn on_threads(threads: usize, work: impl Fn(usize) + Sync) -> Duration {
-    let start = Barrier::new(threads + 1);
-    thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads)
-            .map(|t| {
-                let (start, work) = (&start, &work);
-                scope.spawn(move || {
-                    start.wait();
-                    work(t);
-                })
-            })
-            .collect();
-        start.wait();
-        let began = Instant::now();
-        for worker in workers {
-            worker.join().expect("benchmark thread panicked");
-        }
-        began.elapsed()
     })
 }
 

@@ -1,0 +1,28 @@
+//! The thread harness the benchmarks share.
+
+use std::sync::Barrier;
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// Runs `work(thread_index)` on `threads` threads released together; the
+/// time from the common start to the last thread's finish.
+pub fn on_threads(threads: usize, work: impl Fn(usize) + Sync) -> Duration {
+    let start = Barrier::new(threads + 1);
+    thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let (start, work) = (&start, &work);
+                scope.spawn(move || {
+                    start.wait();
+                    work(t);
+                })
+            })
+            .collect();
+        start.wait();
+        let began = Instant::now();
+        for worker in workers {
+            worker.join().expect("benchmark thread panicked");
+        }
+        began.elapsed()
+    })
+}
