@@ -16,14 +16,16 @@
 //! * **Bounded garbage.** crossbeam-epoch frees retired memory only when a
 //!   thread happens to collect, which it does every 128 pins; a thread that
 //!   retires faster than that piles garbage up without bound (crossbeam
-//!   issue 566). Every [`FLUSH_EVERY`] retirements on a thread, [`Pinned::retire`]
+//!   issue 566). Every [`FLUSH_EVERY`] retirements on a thread, [`Pinned::defer`]
 //!   flushes that thread's bag and runs a collection step, so garbage in
 //!   flight stays proportional to the number of threads, not to the number
 //!   of retirements.
 
 use std::cell::Cell;
 
-use crossbeam_epoch::{Collector, Guard, Shared};
+use crossbeam_epoch::{Collector, Guard};
+#[cfg(test)]
+use crossbeam_epoch::Shared;
 
 use crate::sync::thread_local;
 
@@ -40,6 +42,19 @@ thread_local! {
     // loom's `thread_local!` takes no `const` initialiser.
     #[allow(clippy::missing_const_for_thread_local)]
     static RETIRED_SINCE_FLUSH: Cell<usize> = Cell::new(0);
+}
+
+/// Hands the calling thread's retired memory to the global collector's
+/// queue, if it retired any since its last flush. A thread about to go idle
+/// calls it, so that what it retired last (up to [`FLUSH_EVERY`] - 1 items:
+/// keys, dead values' blocks) is not held until it next retires.
+pub(crate) fn hand_over_garbage() {
+    let retired = RETIRED_SINCE_FLUSH
+        .try_with(|count| count.replace(0))
+        .unwrap_or(0);
+    if retired > 0 {
+        Reclaimer::global().pin().flush();
+    }
 }
 
 /// Where retired memory goes: crossbeam's global collector or one of the
@@ -92,7 +107,8 @@ pub(crate) struct Pinned {
 }
 
 impl Pinned {
-    /// The crossbeam guard, for `Atomic::load` and friends.
+    /// The crossbeam guard, for `Atomic::load` and friends (tests).
+    #[cfg(test)]
     #[inline]
     pub(crate) fn guard(&self) -> &Guard {
         &self.guard
@@ -107,11 +123,35 @@ impl Pinned {
     ///    (or `Box`), and has been unlinked: no thread that pins after this
     ///    call can reach it.
     /// 2. It is retired once.
+    #[cfg(test)]
     pub(crate) unsafe fn retire<T: Send + 'static>(&self, ptr: Shared<'_, T>) {
         // SAFETY: preconditions 1 and 2 are crossbeam's own for
         // `defer_destroy`: unlinked, so only threads pinned now can hold it,
         // and the collector waits for them (I7); retired once, so freed once.
         unsafe { self.guard.defer_destroy(ptr) };
+        self.count_retirement();
+    }
+
+    /// Runs `f` once no thread pinned now can still read what it frees.
+    ///
+    /// # Safety
+    ///
+    /// 1. `f` may run on any thread, at any later time, or at process exit
+    ///    never: whatever it touches must stay valid until it runs and be
+    ///    safe to touch from any thread.
+    /// 2. What `f` frees has been unlinked: no thread that pins after this
+    ///    call can reach it.
+    pub(crate) unsafe fn defer(&self, f: impl FnOnce()) {
+        // SAFETY: precondition 1 is crossbeam's own for `defer_unchecked`
+        // (the closure's validity wherever and whenever it runs); 2 makes
+        // waiting for the threads pinned now enough (I7).
+        unsafe { self.guard.defer_unchecked(f) };
+        self.count_retirement();
+    }
+
+    /// Counts one retirement on this thread, flushing every
+    /// [`FLUSH_EVERY`].
+    fn count_retirement(&self) {
         // `try_with`: during thread-local teardown, flush every time rather
         // than panic. The count is per thread, shared by all collectors: the
         // bound it keeps is per thread, which is what issue 566 is about.

@@ -7,25 +7,18 @@ use std::hash::{BuildHasher, Hash};
 use std::sync::PoisonError;
 
 use crate::finalizer::{finalize, Finalizer};
-use crate::raw::table::{Hashed, ShardWriter, ShardedTable};
+use crate::raw::table::{ShardWriter, ShardedTable};
 use crate::strong::Strong;
 use crate::sync::{current_thread_id, Condvar, Mutex, MutexGuard, ThreadId};
 use crate::weak::Weak;
 
 /// One entry: immutable once published (SAFETY.md, section 7).
 struct Item<K, V> {
-    hash: u64,
     key: K,
     value: Weak<V>,
     /// The death callback that removes this item (M4); detached when the
     /// item is removed any other way (M5).
     finalizer: Finalizer,
-}
-
-impl<K, V> Hashed for Item<K, V> {
-    fn hash(&self) -> u64 {
-        self.hash
-    }
 }
 
 impl<K, V> Drop for Item<K, V> {
@@ -181,15 +174,11 @@ where
         let dead = Strong::downgrade(value);
         let finalizer = finalize(value, move || {
             if let Some(core) = map.upgrade() {
-                core.table.write(hash).rewrite_bucket(
-                    hash,
-                    |item, _| !item.value.ptr_eq(&dead),
-                    None,
-                );
+                let mut writer = core.table.write(hash);
+                writer.remove(hash, |item| item.value.ptr_eq(&dead));
             }
         });
         Item {
-            hash,
             key,
             value: Strong::downgrade(value),
             finalizer,
@@ -212,7 +201,7 @@ where
     pub fn insert(&self, key: K, value: &Strong<V>) -> Option<Strong<V>> {
         let hash = self.hash(&key);
         let item = self.new_item(hash, key, value);
-        let previous = self.publish(item);
+        let previous = self.publish(hash, item);
         // Dropped (by the caller) after the shard is unlocked: it may be the
         // last handle.
         previous
@@ -220,36 +209,23 @@ where
 
     /// Publishes `item`, replacing any item under the same key (whose
     /// callback it detaches, M5). Returns the replaced value if alive.
-    fn publish(&self, item: Item<K, V>) -> Option<Strong<V>> {
-        let mut writer = self.core.table.write(item.hash);
-        Self::publish_locked(&mut writer, item)
+    fn publish(&self, hash: u64, item: Item<K, V>) -> Option<Strong<V>> {
+        let mut writer = self.core.table.write(hash);
+        Self::publish_locked(&mut writer, hash, item)
     }
 
     /// [`Self::publish`] under a writer the caller already holds.
     fn publish_locked(
         writer: &mut ShardWriter<'_, Item<K, V>>,
+        hash: u64,
         item: Item<K, V>,
     ) -> Option<Strong<V>> {
-        let hash = item.hash;
-        let mut replaced = None;
-        writer.rewrite_bucket(
-            hash,
-            |old, new| {
-                let new = new.expect("publish always adds an item");
-                let same = old.hash == hash && old.key == new.key;
-                if same {
-                    replaced = Some((old.value.clone(), old.finalizer.clone()));
-                }
-                !same
-            },
-            Some(item),
-        );
+        let replaced = writer.upsert(hash, item, |old, new| old.key == new.key)?;
         // Detached only once the replacement is published: a panicking
-        // `Eq` above leaves every entry and its callback as they were (M5).
-        replaced.and_then(|(previous, finalizer)| {
-            finalizer.detach();
-            previous.upgrade()
-        })
+        // `Eq` in `upsert` leaves every entry and its callback as they were
+        // (M5).
+        replaced.finalizer.detach();
+        replaced.value.upgrade()
     }
 
     /// The value under `key`, if it is still alive. Lock-free.
@@ -295,8 +271,8 @@ where
         let pinned = self.core.table.pin();
         self.core
             .table
-            .bucket_items(hash, &pinned)
-            .find(|item| item.hash == hash && item.key.borrow() == key)
+            .candidates(hash, &pinned)
+            .find(|item| item.key.borrow() == key)
             .and_then(f)
     }
 
@@ -338,26 +314,12 @@ where
         Q: Hash + Eq + ?Sized,
     {
         let hash = self.hash(key);
-        let mut removed = None;
-        {
-            let mut writer = self.core.table.write(hash);
-            writer.rewrite_bucket(
-                hash,
-                |item, _| {
-                    let same = item.hash == hash && item.key.borrow() == key;
-                    if same {
-                        removed = Some((item.value.upgrade(), item.finalizer.clone()));
-                    }
-                    !same
-                },
-                None,
-            );
-        }
-        // As in `publish_locked`: detach after the removal is published.
-        removed.and_then(|(value, finalizer)| {
-            finalizer.detach();
-            value
-        })
+        let mut writer = self.core.table.write(hash);
+        let removed = writer.remove(hash, |item| item.key.borrow() == key)?;
+        // As in `publish_locked`: detached after the removal is published.
+        removed.finalizer.detach();
+        // Dropped by the caller, after the unlock: it may be the last handle.
+        removed.value.upgrade()
     }
 
     /// The value under `key`, or the one `init` builds, inserted. Single
@@ -429,8 +391,8 @@ where
         let writer = self.core.table.write(hash);
         let wanted = key.as_ref().expect("the key is present until we lead");
         let live = writer
-            .items(hash)
-            .find(|item| item.hash == hash && item.key == *wanted)
+            .candidates(hash)
+            .find(|item| item.key == *wanted)
             .and_then(|item| item.value.upgrade());
         if let Some(value) = live {
             drop(writer);
@@ -555,8 +517,8 @@ where
         let mut replaced = None;
         if let (Some(value), Some(wanted)) = (&value, &key) {
             let existing = writer
-                .items(hash)
-                .find(|item| item.hash == hash && item.key == *wanted)
+                .candidates(hash)
+                .find(|item| item.key == *wanted)
                 .and_then(|item| item.value.upgrade());
             outcome = match existing {
                 // Inserted meanwhile: adopt it, so every caller gets one value.
@@ -564,7 +526,7 @@ where
                 None => {
                     let key = key.take().expect("checked above");
                     let item = self.new_item(hash, key, value);
-                    replaced = Self::publish_locked(&mut writer, item);
+                    replaced = Self::publish_locked(&mut writer, hash, item);
                     Some(value.clone())
                 }
             };
@@ -693,37 +655,24 @@ where
     /// ```
     pub fn retain<F: FnMut(&K, &V) -> bool>(&self, mut f: F) {
         for shard in 0..self.core.table.shard_len() {
-            // Decide outside the lock, while pinned: an item's address then
-            // names it unambiguously when we come back under the lock.
-            let pinned = self.core.table.pin();
-            let mut doomed = Vec::new();
+            // The values upgraded while deciding are dropped after the lock:
+            // they may be the last handles.
             let mut held = Vec::new();
-            self.core
-                .table
-                .for_each_in_shard_pinned(shard, &pinned, |item| match item.value.upgrade() {
+            self.core.table.retain_shard(
+                shard,
+                |item| match item.value.upgrade() {
                     Some(value) => {
-                        if !f(&item.key, &value) {
-                            doomed.push(item as *const Item<K, V> as usize);
-                        }
+                        let keep = f(&item.key, &value);
                         held.push(value);
+                        keep
                     }
-                    None => doomed.push(item as *const Item<K, V> as usize),
-                });
-            if !doomed.is_empty() {
-                doomed.sort_unstable();
-                let mut writer = self.core.table.write_shard(shard);
-                writer.retain_all(|item| {
-                    let address = item as *const Item<K, V> as usize;
-                    let keep = doomed.binary_search(&address).is_err();
-                    if !keep {
-                        item.finalizer.detach();
-                    }
-                    keep
-                });
-            }
-            // The upgraded values go after the lock: they may be the last.
+                    None => false,
+                },
+                |item| {
+                    item.finalizer.detach();
+                },
+            );
             drop(held);
-            drop(pinned);
         }
     }
 

@@ -126,3 +126,95 @@ fn a_failing_leader_lets_the_waiter_lead() {
         assert_eq!(map.get(&0).as_deref(), Some(&9));
     });
 }
+
+/// M2: a read racing the replacement of a live value under its key finds
+/// the old value or the new one, never neither.
+#[test]
+fn a_read_racing_a_replacement_finds_old_or_new() {
+    loom::model(|| {
+        // Room for the replacement without a rebuild: it fills an empty
+        // slot, then turns the old one into a tombstone.
+        let map = Arc::new(WeakValueMap::with_capacity_and_hasher(4, Default::default()));
+        let (old, new) = (Strong::new(1u8), Strong::new(2u8));
+        map.insert(0u8, &old);
+        let reader = {
+            let map = map.clone();
+            thread::spawn(move || map.get(&0).map(|v| *v))
+        };
+        map.insert(0u8, &new);
+        let seen = reader.join().unwrap();
+        assert!(seen == Some(1) || seen == Some(2), "saw {seen:?}");
+        drop((old, new));
+    });
+}
+
+/// A key whose hash is its id, so that small ids share a shard, and whose
+/// copy in the map is tracked: loom fails the model if one is never
+/// dropped.
+struct TrackedKey {
+    id: u8,
+    _track: loom::alloc::Track<()>,
+}
+
+impl TrackedKey {
+    fn new(id: u8) -> Self {
+        TrackedKey {
+            id,
+            _track: loom::alloc::Track::new(()),
+        }
+    }
+}
+
+impl PartialEq for TrackedKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+    }
+}
+impl Eq for TrackedKey {}
+impl std::hash::Hash for TrackedKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(u64::from(self.id));
+    }
+}
+
+/// Hashes a key to the `u64` it writes: small ids land in one shard.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.0 = self.0 << 8 | u64::from(*byte);
+        }
+    }
+    fn write_u64(&mut self, value: u64) {
+        self.0 = value;
+    }
+}
+
+/// M2, M3: a removal racing a rebuild of its shard (inserts past 3/4 of
+/// the two starting slots): the removed item is dropped once, after both,
+/// and every item the rebuild moved is dropped once, with the map.
+#[test]
+fn a_removal_racing_a_rebuild_drops_every_key_once() {
+    loom::model(|| {
+        let map: Arc<weakrefs::WeakValueMap<TrackedKey, u8, BuildHasherDefault<IdHasher>>> =
+            Arc::new(weakrefs::WeakValueMap::default());
+        let values: Vec<_> = (0u8..3).map(Strong::new).collect();
+        map.insert(TrackedKey::new(0), &values[0]);
+        let remover = {
+            let map = map.clone();
+            thread::spawn(move || map.remove(&TrackedKey::new(0)).map(|v| *v))
+        };
+        for value in &values[1..] {
+            map.insert(TrackedKey::new(**value), value);
+        }
+        assert_eq!(remover.join().unwrap(), Some(0));
+        assert_eq!(map.len(), 2);
+        assert!(map.get(&TrackedKey::new(0)).is_none());
+        assert_eq!(map.get(&TrackedKey::new(2)).as_deref(), Some(&2));
+    });
+}

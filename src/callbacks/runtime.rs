@@ -626,6 +626,9 @@ impl Runtime {
             if spin_briefly_until(more_work) {
                 continue;
             }
+            // Idle: what the callbacks retired (a map's removed entries)
+            // must not wait for the next death to be freed.
+            crate::reclaim::hand_over_garbage();
             // Relaxed: ordered by the fence (C8).
             self.worker_sleeping.store(true, Ordering::Relaxed);
             // SeqCst fence (C8): pairs with the producers' fence in

@@ -1,31 +1,44 @@
 //! The shard machinery the collections share (SAFETY.md, section 7).
 //!
 //! A `ShardedTable<I>` holds items of type `I` (a collection's entry) in
-//! shards picked by the top bits of a 64-bit hash. Within a shard, a table
-//! of buckets, each an immutable *bucket array* of item pointers, published
-//! through a crossbeam-epoch `Atomic`.
+//! shards picked by the top bits of a 64-bit hash. Each shard is an
+//! open-addressing table with linear probing: one flat array of slots, each
+//! a tag word and the item itself, inline, so a lookup touches the slot's
+//! cache line and nothing else of the table's.
 //!
-//! * **Reads** pin the epoch and follow table → bucket array → items with
-//!   Acquire loads; they take no lock and never block (M1).
-//! * **Writes** take the shard's mutex, build a new bucket array (copy on
-//!   write), publish it with a Release store, and retire what they
-//!   unlinked (M2). Retirement happens after the mutex is released, so the
-//!   destructors of keys and values, which are user code, never run under
-//!   a shard lock.
-//! * **Growth** builds a table twice as large whose arrays point at the
-//!   same items and publishes it; readers still on the old table find
-//!   every item that was there when they loaded it (M3).
+//! **Slots are written once per table.** A slot goes from *empty* (tag 0)
+//! to *full* (the item is written, then the tag, a hash with bit 1 set, is
+//! stored with Release) to *tombstone* (tag 1), and never back. Readers
+//! never race a write of the item they read, and an item's bytes stay where
+//! they are until no reader can see them (M1, M2).
 //!
-//! Items are immutable once published. Replacing one means publishing a
-//! new item and retiring the old.
+//! * **Reads** pin the epoch, load the table with Acquire and walk the
+//!   probe sequence from the hash's home slot to the first empty slot,
+//!   reading the items whose tags match. No lock, no wait (M1).
+//! * **Writes** take the shard's mutex. A new item fills the first empty
+//!   slot of its probe sequence; a replacement fills one and only then
+//!   turns the old slot into a tombstone, so a reader finds the old item or
+//!   the new one, never neither; a removal leaves a tombstone (M2). A
+//!   removed item is dropped in place by an epoch-deferred function once no
+//!   reader can see it; a count of such pending drops keeps the table's
+//!   memory alive until they have run.
+//! * **Rebuilds** happen when filling an empty slot would take the table
+//!   past 3/4 full (tombstones count): a table sized for twice the live
+//!   items receives bitwise copies of them and is published whole. Readers
+//!   still on the old table read the old copies, which are never written
+//!   and never dropped (the items moved), only freed with the old table
+//!   once no reader can see it (M3).
 
 use std::marker::PhantomData;
+use std::mem::MaybeUninit;
+use std::ptr;
 use std::sync::PoisonError;
 
-use crossbeam_epoch::{Atomic, Guard, Owned, Shared};
-
 use crate::reclaim::{Pinned, Reclaimer};
-use crate::sync::{AtomicUsize, CachePadded, Mutex, MutexGuard, Ordering};
+use crate::sync::{
+    acquire_fence, AtomicPtr, AtomicU64, AtomicUsize, CachePadded, Mutex, MutexGuard, Ordering,
+    UnsafeCell,
+};
 
 /// Shards per table: about four per CPU, a power of two. Two under loom.
 fn shard_count() -> usize {
@@ -40,73 +53,124 @@ fn shard_count() -> usize {
     }
 }
 
-/// Buckets a new shard starts with (a power of two).
-const MIN_BUCKETS: usize = if cfg!(weakrefs_loom) { 1 } else { 8 };
+/// Slots a shard's table has at least. Two under loom, so that models
+/// rebuild tables.
+const MIN_SLOTS: usize = if cfg!(weakrefs_loom) { 2 } else { 8 };
 
-/// An owned item pointer, as stored in bucket arrays.
-struct ItemPtr<I>(*mut I);
+/// The tag of a slot never written since its table was built.
+const EMPTY: u64 = 0;
+/// The tag of a slot whose item was removed.
+const TOMBSTONE: u64 = 1;
 
-impl<I> Clone for ItemPtr<I> {
-    fn clone(&self) -> Self {
-        *self
-    }
-}
-impl<I> Copy for ItemPtr<I> {}
-
-// An `ItemPtr` is a shared reference to an immutable `I` in all but name;
-// the item itself is dropped on whichever thread retires it.
-// SAFETY: sending or sharing it is sending or sharing `&I` (needs `Sync`)
-// and may end in dropping the `I` elsewhere (needs `Send`).
-unsafe impl<I: Send + Sync> Send for ItemPtr<I> {}
-// SAFETY: as for `Send`.
-unsafe impl<I: Send + Sync> Sync for ItemPtr<I> {}
-
-/// An immutable array of the items whose hashes share a bucket.
-struct BucketArray<I> {
-    items: Box<[ItemPtr<I>]>,
+/// The tag of a full slot for `hash`: bit 1 set, so never `EMPTY` or
+/// `TOMBSTONE`. The other 63 bits filter candidates; keys decide.
+#[inline(always)]
+fn tag_of(hash: u64) -> u64 {
+    hash | 2
 }
 
-/// One table of buckets; replaced whole when the shard grows.
+/// One slot: its tag and, once the tag says full, its item.
+struct Slot<I> {
+    tag: AtomicU64,
+    item: UnsafeCell<MaybeUninit<I>>,
+}
+
+/// One shard's slot array; replaced whole by a rebuild.
 struct Table<I> {
-    buckets: Box<[Atomic<BucketArray<I>>]>,
+    slots: Box<[Slot<I>]>,
+    /// One for being a shard's current table, plus one per removed item
+    /// whose deferred drop has not run yet. On its own cache line: writers
+    /// change it, readers only read `slots`.
+    refs: CachePadded<AtomicUsize>,
 }
 
 impl<I> Table<I> {
-    fn with_buckets(count: usize) -> Self {
-        debug_assert!(count.is_power_of_two());
-        Table {
-            buckets: (0..count).map(|_| Atomic::null()).collect(),
+    /// A table of `count` empty slots, owned by its shard.
+    fn with_slots(count: usize) -> Box<Self> {
+        Box::new(Table {
+            slots: (0..count)
+                .map(|_| Slot {
+                    tag: AtomicU64::new(EMPTY),
+                    item: UnsafeCell::new(MaybeUninit::uninit()),
+                })
+                .collect(),
+            refs: CachePadded::new(AtomicUsize::new(1)),
+        })
+    }
+
+    /// The slot a tag's probe sequence starts at. The low 32 bits scaled to
+    /// the table (any size, not only powers of two); the shard used the
+    /// high bits.
+    #[inline(always)]
+    fn home(&self, tag: u64) -> usize {
+        (((tag & 0xFFFF_FFFF) * self.slots.len() as u64) >> 32) as usize
+    }
+
+    /// The slot after `index`, wrapping around.
+    #[inline(always)]
+    fn next(&self, index: usize) -> usize {
+        if index + 1 == self.slots.len() {
+            0
+        } else {
+            index + 1
         }
     }
 
-    fn bucket(&self, hash: u64) -> &Atomic<BucketArray<I>> {
-        // Low bits pick the bucket; the shard used the high bits.
-        &self.buckets[(hash as usize) & (self.buckets.len() - 1)]
+    /// The item of slot `index`.
+    ///
+    /// # Safety
+    ///
+    /// 1. The caller saw the slot full: loaded its tag with Acquire (or holds
+    ///    the shard's mutex), and the tag was a full one.
+    /// 2. The item is not dropped while the reference lives: the caller is
+    ///    pinned, or holds the shard's mutex and keeps the reference no
+    ///    longer than its writer.
+    #[inline(always)]
+    unsafe fn item(&self, index: usize) -> &I {
+        // SAFETY: by 1 the item was written before its tag was published,
+        // and slots are written once per table, so nothing writes it now;
+        // by 2 it is not dropped while borrowed.
+        self.slots[index]
+            .item
+            .with(|item| unsafe { (*item).assume_init_ref() })
     }
+}
+
+/// Releases one reference to `table`, freeing it with the last.
+///
+/// # Safety
+///
+/// 1. The caller owns one of the table's references.
+/// 2. No full slot's item is still owned by the table: the items were
+///    moved to a newer table, dropped by deferred drops, or dropped by
+///    `ShardedTable::drop`.
+unsafe fn release<I>(table: *const Table<I>) {
+    // SAFETY: by 1 the table is alive while we hold a reference.
+    let refs = unsafe { &(*table).refs };
+    // Release: orders our use of the table (a deferred drop of one of its
+    // items) before the free below, on whichever thread frees it.
+    if refs.fetch_sub(1, Ordering::Release) == 1 {
+        // Acquire: pairs with the Release decrements of the other holders.
+        acquire_fence!(refs);
+        // SAFETY: the last reference; allocated by `Box` in `with_slots`.
+        // By 2, freeing the slots (`MaybeUninit`) drops no item.
+        drop(unsafe { Box::from_raw(table.cast_mut()) });
+    }
+}
+
+/// Writer-side bookkeeping of one shard, under its mutex.
+struct ShardState {
+    /// Slots of the current table that are not empty (full or tombstones).
+    used: usize,
 }
 
 /// One shard: its current table, its writers' mutex, its item count.
 struct Shard<I> {
-    table: Atomic<Table<I>>,
-    writer: Mutex<()>,
+    /// Never null; owns one reference to the table.
+    table: AtomicPtr<Table<I>>,
+    writer: Mutex<ShardState>,
+    /// Items in the table. Written under the mutex, read without it.
     len: AtomicUsize,
-}
-
-/// What a write unlinked, retired after the shard's mutex is released.
-pub(crate) struct Garbage<I> {
-    items: Vec<ItemPtr<I>>,
-    arrays: Vec<*mut BucketArray<I>>,
-    tables: Vec<*mut Table<I>>,
-}
-
-impl<I> Default for Garbage<I> {
-    fn default() -> Self {
-        Garbage {
-            items: Vec::new(),
-            arrays: Vec::new(),
-            tables: Vec::new(),
-        }
-    }
 }
 
 /// Items of one collection, sharded; see the module docs.
@@ -127,18 +191,26 @@ unsafe impl<I: Send + Sync> Send for ShardedTable<I> {}
 // SAFETY: as for `Send`.
 unsafe impl<I: Send + Sync> Sync for ShardedTable<I> {}
 
-impl<I: Hashed + Send + Sync + 'static> ShardedTable<I> {
-    /// A table sized for about `capacity` items.
+/// Slots for a table that holds `items` at most 3/4 full, with room to
+/// spare before the next rebuild.
+fn slots_for(items: usize) -> usize {
+    items.saturating_mul(2).max(MIN_SLOTS)
+}
+
+impl<I: Send + Sync + 'static> ShardedTable<I> {
+    /// A table with room for about `capacity` items before any shard
+    /// rebuilds.
     pub(crate) fn with_capacity(capacity: usize) -> Self {
         let shards = shard_count();
-        let per_shard = (capacity / shards + 1) * 4 / 3;
-        let buckets = per_shard.next_power_of_two().max(MIN_BUCKETS);
+        let per_shard = capacity.div_ceil(shards);
+        // Full at 3/4, plus one slot: no rebuild before `per_shard` items.
+        let slots = (per_shard.saturating_mul(4) / 3 + 2).max(MIN_SLOTS);
         ShardedTable {
             shards: (0..shards)
                 .map(|_| {
                     CachePadded::new(Shard {
-                        table: Atomic::new(Table::with_buckets(buckets)),
-                        writer: Mutex::new(()),
+                        table: AtomicPtr::new(Box::into_raw(Table::with_slots(slots))),
+                        writer: Mutex::new(ShardState { used: 0 }),
                         len: AtomicUsize::new(0),
                     })
                 })
@@ -149,25 +221,30 @@ impl<I: Hashed + Send + Sync + 'static> ShardedTable<I> {
         }
     }
 
-    fn shard(&self, hash: u64) -> &Shard<I> {
-        &self.shards[self.shard_index(hash)]
-    }
-
     /// Pins the current thread for reads (M1).
+    #[inline]
     pub(crate) fn pin(&self) -> Pinned {
         self.reclaimer.pin()
     }
 
-    /// The items in `hash`'s bucket, as seen now. Lock-free (M1).
-    pub(crate) fn bucket_items<'g>(&self, hash: u64, pinned: &'g Pinned) -> BucketIter<'g, I> {
-        let guard = pinned.guard();
-        // Acquire (M1): pairs with the Release store that published the
-        // table (construction or growth), so its buckets are initialised.
-        let table = self.shard(hash).table.load(Ordering::Acquire, guard);
-        // SAFETY: tables are retired only after being replaced, and we are
-        // pinned (I7); a shard always has a table.
-        let table = unsafe { table.deref() };
-        BucketIter::new(table.bucket(hash), guard)
+    /// The table a pinned reader of shard `index` uses.
+    #[inline]
+    fn table_for_read<'g>(&self, index: usize, _pinned: &'g Pinned) -> &'g Table<I> {
+        // Acquire (M1, M3): pairs with the Release store or swap that
+        // published the table (construction, `rebuild`), so its slots, and
+        // the items a rebuild copied into them, are initialised.
+        let table = self.shards[index].table.load(Ordering::Acquire);
+        // SAFETY: a table is released by its shard only through an
+        // epoch-deferred function queued after it was replaced, and we are
+        // pinned for 'g (I7, M3); a shard's table is never null.
+        unsafe { &*table }
+    }
+
+    /// The items whose tags match `hash`, in probe order, as seen now.
+    /// Lock-free (M1). Other items may share the tag: callers compare keys.
+    #[inline]
+    pub(crate) fn candidates<'g>(&self, hash: u64, pinned: &'g Pinned) -> Candidates<'g, I> {
+        Candidates::new(self.table_for_read(self.shard_index(hash), pinned), hash)
     }
 
     /// Calls `f` on every item of shard `index`, as seen now (M8).
@@ -176,42 +253,86 @@ impl<I: Hashed + Send + Sync + 'static> ShardedTable<I> {
         self.for_each_in_shard_pinned(index, &pinned, f);
     }
 
-    /// As [`Self::for_each_in_shard`], under the caller's pin, so the item
-    /// references (and addresses) stay valid for as long as it lasts.
-    pub(crate) fn for_each_in_shard_pinned<'g>(
+    /// As [`Self::for_each_in_shard`], under the caller's pin.
+    fn for_each_in_shard_pinned<'g>(
         &self,
         index: usize,
         pinned: &'g Pinned,
         mut f: impl FnMut(&'g I),
     ) {
-        let guard = pinned.guard();
-        // Acquire (M1): as in `bucket_items`.
-        let table = self.shards[index].table.load(Ordering::Acquire, guard);
-        // SAFETY: as in `bucket_items`.
-        let table = unsafe { table.deref() };
-        for bucket in table.buckets.iter() {
-            for item in BucketIter::new(bucket, guard) {
-                f(item);
+        let table = self.table_for_read(index, pinned);
+        for (index, slot) in table.slots.iter().enumerate() {
+            // Acquire (M1): pairs with the Release store of the tag that
+            // published the item.
+            if slot.tag.load(Ordering::Acquire) > TOMBSTONE {
+                // SAFETY: seen full (1); pinned, and a removed item is
+                // dropped only by an epoch-deferred function (2, I7).
+                f(unsafe { table.item(index) });
             }
+        }
+    }
+
+    /// Removes from shard `index` the items `keep` rejects, deciding
+    /// without the lock: `keep` runs while the shard is pinned but not
+    /// locked, then the rejected items still present are removed under the
+    /// lock, each after `on_remove` has seen it (M8). Returns how many.
+    pub(crate) fn retain_shard(
+        &self,
+        index: usize,
+        mut keep: impl FnMut(&I) -> bool,
+        mut on_remove: impl FnMut(&I),
+    ) -> usize {
+        loop {
+            let pinned = self.pin();
+            let table = self.table_for_read(index, &pinned);
+            let mut doomed = Vec::new();
+            for (slot_index, slot) in table.slots.iter().enumerate() {
+                // Acquire (M1): as in `for_each_in_shard_pinned`.
+                if slot.tag.load(Ordering::Acquire) <= TOMBSTONE {
+                    continue;
+                }
+                // SAFETY: as in `for_each_in_shard_pinned`.
+                if !keep(unsafe { table.item(slot_index) }) {
+                    doomed.push(slot_index);
+                }
+            }
+            if doomed.is_empty() {
+                return 0;
+            }
+            let mut writer = self.write_shard(index);
+            // A slot is written once per table, so while the table is the
+            // same one, a doomed slot still full holds the item `keep`
+            // rejected. A rebuild in between moved the items: decide again.
+            if !ptr::eq(writer.current_table(), table) {
+                continue;
+            }
+            let mut removed = 0;
+            for slot_index in doomed {
+                // Relaxed: writers are ordered by the mutex.
+                if table.slots[slot_index].tag.load(Ordering::Relaxed) > TOMBSTONE {
+                    // SAFETY: full, under the mutex (1, 2).
+                    on_remove(unsafe { table.item(slot_index) });
+                    writer.unlink(slot_index);
+                    removed += 1;
+                }
+            }
+            return removed;
         }
     }
 
     /// Locks `hash`'s shard for writing (M2).
     pub(crate) fn write(&self, hash: u64) -> ShardWriter<'_, I> {
-        self.writer_for(self.shard(hash))
+        self.write_shard(self.shard_index(hash))
     }
 
     /// Locks shard `index` for writing.
     pub(crate) fn write_shard(&self, index: usize) -> ShardWriter<'_, I> {
-        self.writer_for(&self.shards[index])
-    }
-
-    fn writer_for<'a>(&'a self, shard: &'a Shard<I>) -> ShardWriter<'a, I> {
-        let lock = shard.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let shard = &self.shards[index];
+        let state = shard.writer.lock().unwrap_or_else(PoisonError::into_inner);
         ShardWriter {
             table: self,
             shard,
-            lock: Some(lock),
+            state: Some(state),
             garbage: Garbage::default(),
         }
     }
@@ -241,274 +362,364 @@ impl<I> ShardedTable<I> {
 
 impl<I> Drop for ShardedTable<I> {
     fn drop(&mut self) {
-        // `&mut self`: no reader is pinned on our tables any more, since a
-        // reader borrows the table; retired garbage owns itself.
-        // SAFETY: nobody else can reach the shards (no guard is needed for
-        // exclusive access).
-        let guard = unsafe { crossbeam_epoch::unprotected() };
+        // `&mut self`: no reader or writer is using our tables any more,
+        // since both borrow the `ShardedTable`; retired tables and pending
+        // drops are owned by their deferred functions.
         for shard in self.shards.iter() {
-            let table = shard.table.swap(Shared::null(), Ordering::Relaxed, guard);
-            if table.is_null() {
-                continue;
-            }
-            // SAFETY: exclusive access; the table, its arrays and its items
-            // are ours to free, each once (an item is in exactly one array
-            // of the current table).
+            // Relaxed: exclusive access.
+            let table = shard.table.swap(ptr::null_mut(), Ordering::Relaxed);
+            // SAFETY: exclusive access; the current table owns its full
+            // slots' items (tombstones' items belong to deferred drops), and
+            // we drop each once before giving up the shard's reference.
             unsafe {
-                let table = table.into_owned();
-                for bucket in table.buckets.iter() {
-                    let array = bucket.load(Ordering::Relaxed, guard);
-                    if array.is_null() {
-                        continue;
-                    }
-                    let array = array.into_owned();
-                    for item in array.items.iter() {
-                        drop(Box::from_raw(item.0));
+                for slot in (*table).slots.iter() {
+                    if slot.tag.load(Ordering::Relaxed) > TOMBSTONE {
+                        slot.item.with_mut(|item| (*item).assume_init_drop());
                     }
                 }
+                release(table);
             }
         }
     }
 }
 
-/// Iterates the items of one bucket array.
-pub(crate) struct BucketIter<'g, I> {
-    items: std::slice::Iter<'g, ItemPtr<I>>,
+/// The items of one probe sequence whose tags match.
+pub(crate) struct Candidates<'g, I> {
+    table: &'g Table<I>,
+    tag: u64,
+    /// Next slot to look at.
+    index: usize,
+    /// Slots left before every slot has been seen once.
+    left: usize,
 }
 
-impl<'g, I> BucketIter<'g, I> {
-    fn new(bucket: &Atomic<BucketArray<I>>, guard: &'g Guard) -> Self {
-        // Acquire (M1, M2): pairs with the Release store that published the
-        // array, so the array and its items are initialised.
-        let array = bucket.load(Ordering::Acquire, guard);
-        // SAFETY: arrays are retired only after being unlinked, and the
-        // guard keeps us pinned (I7).
-        let items = match unsafe { array.as_ref() } {
-            Some(array) => array.items.iter(),
-            None => [].iter(),
-        };
-        BucketIter { items }
+impl<'g, I> Candidates<'g, I> {
+    #[inline]
+    fn new(table: &'g Table<I>, hash: u64) -> Self {
+        let tag = tag_of(hash);
+        Candidates {
+            table,
+            tag,
+            index: table.home(tag),
+            left: table.slots.len(),
+        }
     }
 }
 
-impl<'g, I> Iterator for BucketIter<'g, I> {
+impl<'g, I> Iterator for Candidates<'g, I> {
     type Item = &'g I;
 
+    #[inline]
     fn next(&mut self) -> Option<&'g I> {
-        // SAFETY: items in a reachable array are retired only after the
-        // array is replaced; our guard outlives 'g (I7, M1).
-        self.items.next().map(|item| unsafe { &*item.0 })
+        while self.left > 0 {
+            let index = self.index;
+            self.index = self.table.next(index);
+            self.left -= 1;
+            // Acquire (M1, M2): pairs with the Release store that published
+            // the tag, so the item written before it is visible.
+            let tag = self.table.slots[index].tag.load(Ordering::Acquire);
+            if tag == EMPTY {
+                return None; // no probe sequence through here goes further
+            }
+            if tag == self.tag {
+                // SAFETY: seen full (1); the caller is pinned for 'g or holds
+                // the mutex for 'g (a `ShardWriter` borrow) (2).
+                return Some(unsafe { self.table.item(index) });
+            }
+        }
+        None
+    }
+}
+
+/// What a write unlinked, released after the shard's mutex is released.
+struct Garbage<I> {
+    /// Removed items: (their table, their slot). Each holds a table
+    /// reference, taken at removal.
+    items: Vec<(*const Table<I>, usize)>,
+    /// Replaced tables, each with the shard's reference to it.
+    tables: Vec<*const Table<I>>,
+    /// An item a panic kept from being published; dropped after the unlock.
+    unpublished: Option<I>,
+}
+
+impl<I> Default for Garbage<I> {
+    fn default() -> Self {
+        Garbage {
+            items: Vec::new(),
+            tables: Vec::new(),
+            unpublished: None,
+        }
     }
 }
 
 /// A locked shard. Changes go live as they are made; what they unlinked is
-/// retired when the writer is dropped, after the mutex is released.
-pub(crate) struct ShardWriter<'a, I: Hashed + Send + Sync + 'static> {
+/// handed to the epoch when the writer is dropped, after the mutex is
+/// released.
+pub(crate) struct ShardWriter<'a, I: Send + Sync + 'static> {
     table: &'a ShardedTable<I>,
     shard: &'a Shard<I>,
-    lock: Option<MutexGuard<'a, ()>>,
+    state: Option<MutexGuard<'a, ShardState>>,
     garbage: Garbage<I>,
 }
 
-impl<'a, I: Hashed + Send + Sync + 'static> ShardWriter<'a, I> {
-    /// The shard's table. Valid while we hold the mutex and until our own
-    /// `grow` replaces it (it is then retired only after we unlock).
+impl<'a, I: Send + Sync + 'static> ShardWriter<'a, I> {
+    /// The shard's table. Valid while we hold the mutex and until we drop
+    /// the writer (a table our own `rebuild` replaced is released only
+    /// then).
     fn current_table(&self) -> &'a Table<I> {
-        // SAFETY: we hold the writer mutex, so the table cannot be replaced
-        // (and so retired) while we use it; it is never null.
-        unsafe {
-            self.shard
-                .table
-                // Relaxed: writers are ordered by the mutex.
-                .load(Ordering::Relaxed, crossbeam_epoch::unprotected())
-                .deref()
-        }
+        // SAFETY: under the mutex the current table cannot be replaced by
+        // anyone else, and one we replace is released after the unlock.
+        unsafe { &*self.current_table_ptr() }
     }
 
-    /// The items of `hash`'s bucket (including dead ones).
-    pub(crate) fn items(&self, hash: u64) -> impl Iterator<Item = &I> + '_ {
-        // SAFETY: under the mutex, nothing we can see is retired.
-        let guard = unsafe { crossbeam_epoch::unprotected() };
-        BucketIter::new(self.current_table().bucket(hash), guard)
+    /// The shard's table as a raw pointer, with the provenance of the
+    /// allocation: what `release` eventually frees must not be derived
+    /// from a shared reference.
+    fn current_table_ptr(&self) -> *mut Table<I> {
+        // Relaxed: writers are ordered by the mutex.
+        self.shard.table.load(Ordering::Relaxed)
     }
 
-    /// Rewrites every bucket of the shard with the items `keep` accepts.
-    /// Returns how many were removed.
-    pub(crate) fn retain_all(&mut self, mut keep: impl FnMut(&I) -> bool) -> usize {
-        let buckets = self.current_table().buckets.len();
-        (0..buckets)
-            .map(|index| self.rewrite_bucket_at(index, &mut |item, _| keep(item), None))
-            .sum()
+    fn used(&mut self) -> &mut usize {
+        &mut self.state.as_mut().expect("locked until dropped").used
     }
 
-    /// Publishes `hash`'s bucket with the items `keep` accepts, plus `add`
-    /// if given; the rejected items are retired after unlock. `keep` sees
-    /// each old item and the one being added. Returns how many were
-    /// removed.
-    pub(crate) fn rewrite_bucket(
+    /// The items whose tags match `hash` (dead ones included), under the
+    /// lock.
+    pub(crate) fn candidates(&self, hash: u64) -> Candidates<'_, I> {
+        Candidates::new(self.current_table(), hash)
+    }
+
+    /// Removes the first item whose tag matches `hash` that `matches`.
+    /// Returns it; it stays readable until the writer is dropped.
+    pub(crate) fn remove(&mut self, hash: u64, matches: impl FnMut(&I) -> bool) -> Option<&I> {
+        let table = self.current_table();
+        let index = find(table, tag_of(hash), matches).ok()?;
+        self.unlink(index);
+        // SAFETY: full until just now (1); its drop is deferred until after
+        // the writer is dropped (2).
+        Some(unsafe { table.item(index) })
+    }
+
+    /// Inserts `item` under `hash`, replacing the first item whose tag
+    /// matches and for which `same(old, &item)`. Returns the replaced item;
+    /// it stays readable until the writer is dropped.
+    pub(crate) fn upsert(
         &mut self,
         hash: u64,
-        mut keep: impl FnMut(&I, Option<&I>) -> bool,
-        add: Option<I>,
-    ) -> usize {
-        let index = (hash as usize) & (self.current_table().buckets.len() - 1);
-        self.rewrite_bucket_at(index, &mut keep, add)
+        item: I,
+        mut same: impl FnMut(&I, &I) -> bool,
+    ) -> Option<&I> {
+        let tag = tag_of(hash);
+        let table = self.current_table();
+        // Parked in the garbage while `same` (user code: `Eq`) runs: if it
+        // panics, the item is dropped after the unlock, like everything a
+        // writer lets go of (its key's destructor is user code too).
+        let pending = self.garbage.unpublished.insert(item);
+        let old = find(table, tag, |old| same(old, pending)).ok();
+        let item = self.garbage.unpublished.take().expect("parked above");
+        if (*self.used() + 1) * 4 > table.slots.len() * 3 {
+            // The new item in and the old one out, published together.
+            self.rebuild(tag, item, old);
+        } else {
+            self.fill(table, first_empty(table, tag), tag, item);
+            // The old item goes only once the new one is visible (M2).
+            if let Some(old) = old {
+                self.unlink(old);
+            }
+        }
+        // SAFETY: full until just now (1); its drop is deferred until after
+        // the writer is dropped, and `table` stays allocated until then (2).
+        old.map(|old| unsafe { table.item(old) })
     }
 
-    fn rewrite_bucket_at(
-        &mut self,
-        index: usize,
-        keep: &mut impl FnMut(&I, Option<&I>) -> bool,
-        add: Option<I>,
-    ) -> usize {
-        // SAFETY: as in `items`.
-        let guard = unsafe { crossbeam_epoch::unprotected() };
-        let table = self.current_table();
-        let bucket = &table.buckets[index];
-        // Relaxed: writers are ordered by the mutex.
-        let old = bucket.load(Ordering::Relaxed, guard);
-        let mut kept: Vec<ItemPtr<I>> = Vec::new();
-        let mut unlinked: Vec<ItemPtr<I>> = Vec::new();
-        // Boxed up front: if `keep` panics, the unpublished item is handed to
-        // the garbage and so dropped after the unlock (its key's destructor
-        // is user code).
-        let add = add.map(|item| ItemPtr(Box::into_raw(Box::new(item))));
-        /// Hands the unpublished item to the garbage if we unwind before
-        /// publishing it.
-        struct Unpublished<'g, I>(&'g mut Vec<ItemPtr<I>>, Option<ItemPtr<I>>);
-        impl<I> Drop for Unpublished<'_, I> {
-            fn drop(&mut self) {
-                if let Some(item) = self.1.take() {
-                    self.0.push(item);
-                }
-            }
-        }
-        let mut pending = Unpublished(&mut self.garbage.items, add);
-        // SAFETY: the boxed item is ours until published, and the guard
-        // frees it (after the unlock) only if we unwind.
-        let add_ref = add.map(|item| unsafe { &*item.0 });
-        // Unlinked items are retired only once the new array is published:
-        // if `keep` (user code: `Eq`, `Borrow`) panics half-way, nothing
-        // still linked may be retired.
-        // SAFETY: under the mutex the old array is current and alive.
-        if let Some(array) = unsafe { old.as_ref() } {
-            for item in array.items.iter() {
-                // SAFETY: items of the current array are alive.
-                if keep(unsafe { &*item.0 }, add_ref) {
-                    kept.push(*item);
-                } else {
-                    unlinked.push(*item);
-                }
-            }
-        }
-        pending.1 = None;
-        drop(pending);
-        let removed = unlinked.len();
-        let added = add.is_some();
-        if let Some(item) = add {
-            kept.push(item);
-        }
-        if removed == 0 && !added {
-            return 0;
-        }
-        let new = if kept.is_empty() {
-            Shared::null()
-        } else {
-            Owned::new(BucketArray {
-                items: kept.into_boxed_slice(),
-            })
-            .into_shared(guard)
-        };
-        // Nothing may fail between the store and the bookkeeping below.
-        self.garbage.items.reserve(unlinked.len());
-        self.garbage.arrays.reserve(1);
-        // Release (M2): publishes the new array and the items it points at
-        // to readers' Acquire loads.
-        bucket.store(new, Ordering::Release);
-        self.garbage.items.extend(unlinked);
-        if !old.is_null() {
-            self.garbage.arrays.push(old.as_raw().cast_mut());
-        }
-        // Relaxed: the count is read as a statistic.
+    /// Writes `item` into the empty slot `index` of the current `table` and
+    /// publishes it.
+    fn fill(&mut self, table: &Table<I>, index: usize, tag: u64, item: I) {
+        let slot = &table.slots[index];
+        // SAFETY: the slot is empty and we hold the mutex: no reader reads
+        // an empty slot's item (it checks the tag first), and no other
+        // writer runs; a slot is written once per table.
+        slot.item.with_mut(|cell| unsafe { (*cell).write(item) });
+        // Release (M1, M2): publishes the item to readers' Acquire loads of
+        // the tag.
+        slot.tag.store(tag, Ordering::Release);
+        *self.used() += 1;
+        self.add_len(1);
+    }
+
+    /// Adds `delta` to the shard's item count.
+    fn add_len(&self, delta: isize) {
         let len = &self.shard.len;
-        let count = len.load(Ordering::Relaxed) + usize::from(added) - removed;
-        len.store(count, Ordering::Relaxed);
-        if added && count > table.buckets.len() / 4 * 3 {
-            self.grow(guard);
+        // Relaxed: the count is read as a statistic, exact when writers are
+        // quiet; only writers (ordered by the mutex) store it.
+        len.store(
+            len.load(Ordering::Relaxed).wrapping_add_signed(delta),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Turns slot `index` of the current table into a tombstone and queues
+    /// its item's drop for after the unlock (M2).
+    fn unlink(&mut self, index: usize) {
+        let table = self.current_table();
+        let table_ptr = self.current_table_ptr();
+        self.garbage.items.reserve(1);
+        // Relaxed: a new reference taken while we hold one (the shard's), as
+        // `Arc::clone` does; `release` orders the free.
+        table.refs.fetch_add(1, Ordering::Relaxed);
+        // Release (M2): a reader that sees the tombstone goes on along the
+        // probe sequence and must find what we published before it, notably
+        // the item that replaces this one. (A reader that saw the item
+        // before is protected by the epoch: the item's drop is deferred.)
+        table.slots[index].tag.store(TOMBSTONE, Ordering::Release);
+        self.garbage.items.push((table_ptr, index));
+        self.add_len(-1);
+    }
+
+    /// Removes every item `keep` rejects, under the lock. Returns how many.
+    pub(crate) fn retain_all(&mut self, mut keep: impl FnMut(&I) -> bool) -> usize {
+        let table = self.current_table();
+        let mut removed = 0;
+        for index in 0..table.slots.len() {
+            // Relaxed: writers are ordered by the mutex.
+            if table.slots[index].tag.load(Ordering::Relaxed) <= TOMBSTONE {
+                continue;
+            }
+            // SAFETY: full (1), under the mutex (2).
+            if !keep(unsafe { table.item(index) }) {
+                self.unlink(index);
+                removed += 1;
+            }
         }
         removed
     }
 
-    /// Replaces the shard's table with one twice as large that points at
-    /// the same items (M3).
-    fn grow(&mut self, guard: &Guard) {
+    /// Replaces the shard's table with one sized for twice its items,
+    /// holding bitwise copies of them (M3), plus the new `item` under `tag`
+    /// and minus the item in slot `without`, which is dropped once no
+    /// reader of the old table can see it.
+    #[cold]
+    #[inline(never)]
+    fn rebuild(&mut self, tag: u64, item: I, without: Option<usize>) {
         let old = self.current_table();
-        let new = Table::with_buckets(old.buckets.len() * 2);
-        let mut arrays: Vec<Vec<ItemPtr<I>>> = vec![Vec::new(); new.buckets.len()];
-        // Queued only after the swap: if an allocation below panics, the old
-        // arrays are still linked and must not be retired.
-        let mut old_arrays: Vec<*mut BucketArray<I>> = Vec::with_capacity(old.buckets.len());
-        self.garbage.arrays.reserve(old.buckets.len());
+        let old_ptr = self.current_table_ptr();
+        // Relaxed: written under the mutex we hold.
+        let items = self.shard.len.load(Ordering::Relaxed) + 1 - usize::from(without.is_some());
+        let new = Table::with_slots(slots_for(items));
+        // Nothing below may panic: moved items must end up in exactly one
+        // live table.
         self.garbage.tables.reserve(1);
-        for bucket in old.buckets.iter() {
+        self.garbage.items.reserve(1);
+        for (index, slot) in old.slots.iter().enumerate() {
             // Relaxed: writers are ordered by the mutex.
-            let array = bucket.load(Ordering::Relaxed, guard);
-            // SAFETY: the current table's arrays are alive under the mutex.
-            if let Some(array) = unsafe { array.as_ref() } {
-                for item in array.items.iter() {
-                    // SAFETY: as above, for items.
-                    let hash = unsafe { &*item.0 }.hash();
-                    arrays[(hash as usize) & (new.buckets.len() - 1)].push(*item);
-                }
-                old_arrays.push(array as *const _ as *mut _);
+            let moving = slot.tag.load(Ordering::Relaxed);
+            if moving <= TOMBSTONE || Some(index) == without {
+                continue;
             }
+            let target = &new.slots[first_empty(&new, moving)];
+            // SAFETY: the old slot is full and, under the mutex, will never
+            // be written or dropped again: its item now lives in the new
+            // table, whose target slot is empty and unpublished. The old
+            // bytes stay readable for the old table's readers (M3).
+            slot.item.with(|from| {
+                target.item.with_mut(|to| {
+                    // SAFETY: as just said; distinct allocations.
+                    unsafe { ptr::copy_nonoverlapping(from, to, 1) }
+                })
+            });
+            // Relaxed: published by the table's Release store below.
+            target.tag.store(moving, Ordering::Relaxed);
         }
-        for (bucket, items) in new.buckets.iter().zip(arrays) {
-            if !items.is_empty() {
-                let array = Owned::new(BucketArray {
-                    items: items.into_boxed_slice(),
-                });
-                // Relaxed: published by the table's Release store below.
-                bucket.store(array, Ordering::Relaxed);
-            }
-        }
-        // Release (M3): publishes the new table and its arrays.
-        let previous = self
-            .shard
+        let target = &new.slots[first_empty(&new, tag)];
+        // SAFETY: empty and unpublished.
+        target.item.with_mut(|cell| unsafe { (*cell).write(item) });
+        // Relaxed: published by the table's Release store below.
+        target.tag.store(tag, Ordering::Relaxed);
+        // Release (M3): publishes the new table, its slots and their items
+        // to readers' Acquire loads of the table pointer.
+        self.shard
             .table
-            .swap(Owned::new(new), Ordering::Release, guard);
-        self.garbage.arrays.extend(old_arrays);
-        self.garbage.tables.push(previous.as_raw().cast_mut());
+            .store(Box::into_raw(new), Ordering::Release);
+        // The shard's reference to the old table, released after the unlock.
+        self.garbage.tables.push(old_ptr);
+        if let Some(index) = without {
+            // As in `unlink`, but the slot stays full in the old table: its
+            // readers may still find the item until the new table reaches
+            // them.
+            old.refs.fetch_add(1, Ordering::Relaxed);
+            self.garbage.items.push((old_ptr, index));
+        }
+        *self.used() = items;
+        self.add_len(if without.is_some() { 0 } else { 1 });
     }
 }
 
-/// Items report the hash they were filed under, so growth can redistribute
-/// them without rehashing keys.
-pub(crate) trait Hashed {
-    fn hash(&self) -> u64;
-}
-
-impl<I: Hashed + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
+impl<I: Send + Sync + 'static> Drop for ShardWriter<'_, I> {
     fn drop(&mut self) {
-        drop(self.lock.take());
+        drop(self.state.take());
         let garbage = std::mem::take(&mut self.garbage);
-        if garbage.items.is_empty() && garbage.arrays.is_empty() && garbage.tables.is_empty() {
+        // After the unlock: user code.
+        drop(garbage.unpublished);
+        if garbage.items.is_empty() && garbage.tables.is_empty() {
             return;
         }
         let pinned = self.table.pin();
-        // SAFETY: everything in `garbage` was unlinked under the mutex (no
-        // reader that pins from now on can reach it) and is retired once
-        // (I7). Items, arrays and tables were allocated by `Box`/`Owned`.
-        unsafe {
-            for item in garbage.items {
-                pinned.retire(Shared::from(item.0.cast_const()));
-            }
-            for array in garbage.arrays {
-                pinned.retire(Shared::from(array.cast_const()));
-            }
-            for table in garbage.tables {
-                pinned.retire(Shared::from(table.cast_const()));
+        for (table, index) in garbage.items {
+            // SAFETY: the item was unlinked under the mutex (a tombstone, or
+            // left out of the table that replaced its own), so no reader
+            // that pins from now on can reach it (2); the deferred function
+            // owns one reference to its table, which keeps the slot
+            // allocated until it runs (1), and drops the item once, then
+            // releases the reference. `I: Send` lets it run anywhere.
+            unsafe {
+                pinned.defer(move || {
+                    (*table).slots[index]
+                        .item
+                        .with_mut(|item| (*item).assume_init_drop());
+                    release(table);
+                });
             }
         }
+        for table in garbage.tables {
+            // SAFETY: replaced under the mutex, so no reader that pins from
+            // now on can reach it (2); the function owns the shard's
+            // reference (1). Its items moved to the new table or belong to
+            // deferred drops, so releasing it drops none (release, 2).
+            unsafe { pinned.defer(move || release(table)) };
+        }
+    }
+}
+
+/// The slot of the first item in `tag`'s probe sequence that `matches`,
+/// or the first empty slot if none does (`None` if the table has no empty
+/// slot, which a rebuild prevents). Under the shard mutex.
+fn find<I>(
+    table: &Table<I>,
+    tag: u64,
+    mut matches: impl FnMut(&I) -> bool,
+) -> Result<usize, Option<usize>> {
+    let mut index = table.home(tag);
+    for _ in 0..table.slots.len() {
+        // Relaxed: writers are ordered by the mutex.
+        let seen = table.slots[index].tag.load(Ordering::Relaxed);
+        if seen == EMPTY {
+            return Err(Some(index));
+        }
+        // SAFETY: full (1), under the mutex (2).
+        if seen == tag && matches(unsafe { table.item(index) }) {
+            return Ok(index);
+        }
+        index = table.next(index);
+    }
+    Err(None)
+}
+
+/// The first empty slot of `tag`'s probe sequence. Under the shard mutex,
+/// in a table that has one.
+fn first_empty<I>(table: &Table<I>, tag: u64) -> usize {
+    match find(table, tag, |_| false) {
+        Err(Some(index)) => index,
+        _ => unreachable!("a table is rebuilt before its last empty slot fills"),
     }
 }
