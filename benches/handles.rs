@@ -11,7 +11,7 @@ use std::time::Duration;
 
 #[path = "support/threads.rs"]
 mod threads;
-use threads::on_threads;
+use threads::{on_threads, thread_counts};
 
 use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
@@ -113,7 +113,7 @@ fn handles(c: &mut Criterion) {
         ("clone_drop", Op::CloneDrop),
         ("downgrade", Op::Downgrade),
     ] {
-        for threads in [1, 2] {
+        for threads in thread_counts() {
             let mut group = c.benchmark_group(format!("{name}/{threads}_thread"));
             compare(&mut group, op, threads);
             group.finish();

@@ -21,7 +21,7 @@ use dashmap::DashMap;
 
 #[path = "support/threads.rs"]
 mod threads;
-use threads::on_threads;
+use threads::{on_threads, thread_counts};
 
 const KEYS: u64 = 100_000;
 const SEQUENCE: usize = 1 << 20;
@@ -188,7 +188,7 @@ fn read_hits(c: &mut Criterion) {
     let maps = build_all();
     for (distribution, skewed) in [("uniform", false), ("skewed", true)] {
         let keys = key_sequence(skewed);
-        for threads in [1, 2] {
+        for threads in thread_counts() {
             let mut group = c.benchmark_group(format!("read_hit/{distribution}/{threads}_thread"));
             group.throughput(Throughput::Elements(threads as u64));
             for (name, map) in &maps {
@@ -241,40 +241,44 @@ fn churn(c: &mut Criterion) {
     group.finish();
 }
 
-/// Two threads asking for one hot key through the get-or-insert API,
+/// Every thread asking for one hot key through the get-or-insert API,
 /// where the value stays alive: `get_or_insert_with` against DashMap's
 /// `entry().or_insert_with` on a weak value (upgrade, and rebuild if dead).
+/// At each thread count of two or more.
 fn single_flight(c: &mut Criterion) {
-    let mut group = c.benchmark_group("single_flight_hot_key/2_thread");
-    group.throughput(Throughput::Elements(2));
     let ours: weakrefs::WeakValueMap<u64, u64> = weakrefs::WeakValueMap::new();
     let held = ours.get_or_insert_with(7, || 7);
-    group.bench_function("weakrefs", |b| {
-        b.iter_custom(|iters| {
-            on_two_threads(iters, || {
-                black_box(ours.get_or_insert_with(black_box(7), || 7));
-            })
-        })
-    });
     let dash: DashMap<u64, StdWeak<u64>> = DashMap::new();
     let dash_held = Arc::new(7u64);
-    group.bench_function("dashmap_entry", |b| {
-        b.iter_custom(|iters| {
-            on_two_threads(iters, || {
-                let value = dash
-                    .entry(black_box(7))
-                    .or_insert_with(|| Arc::downgrade(&dash_held))
-                    .upgrade();
-                black_box(value);
+    for threads in thread_counts().into_iter().filter(|&threads| threads >= 2) {
+        let mut group = c.benchmark_group(format!("single_flight_hot_key/{threads}_thread"));
+        group.throughput(Throughput::Elements(threads as u64));
+        group.bench_function("weakrefs", |b| {
+            b.iter_custom(|iters| {
+                on_each_thread(threads, iters, || {
+                    black_box(ours.get_or_insert_with(black_box(7), || 7));
+                })
             })
-        })
-    });
-    group.finish();
+        });
+        group.bench_function("dashmap_entry", |b| {
+            b.iter_custom(|iters| {
+                on_each_thread(threads, iters, || {
+                    let value = dash
+                        .entry(black_box(7))
+                        .or_insert_with(|| Arc::downgrade(&dash_held))
+                        .upgrade();
+                    black_box(value);
+                })
+            })
+        });
+        group.finish();
+    }
     drop(held);
 }
 
-fn on_two_threads(iters: u64, op: impl Fn() + Sync) -> Duration {
-    on_threads(2, |_| {
+/// Runs `op` `iters` times on each of `threads` threads.
+fn on_each_thread(threads: usize, iters: u64, op: impl Fn() + Sync) -> Duration {
+    on_threads(threads, |_| {
         for _ in 0..iters {
             op();
         }

@@ -12,6 +12,7 @@ mod callbacks;
 mod control;
 mod error;
 mod finalizer;
+mod panics;
 mod raw;
 mod reclaim;
 mod strong;

@@ -23,9 +23,9 @@
 
 use std::cell::Cell;
 
-use crossbeam_epoch::{Collector, Guard};
 #[cfg(test)]
 use crossbeam_epoch::Shared;
+use crossbeam_epoch::{Collector, Guard};
 
 use crate::sync::thread_local;
 

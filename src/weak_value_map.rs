@@ -7,18 +7,31 @@ use std::hash::{BuildHasher, Hash};
 use std::sync::PoisonError;
 
 use crate::finalizer::{finalize, Finalizer};
-use crate::raw::table::{ShardWriter, ShardedTable};
+use crate::raw::boxed::Boxed;
+use crate::raw::table::{Relocatable, ShardWriter, ShardedTable};
 use crate::strong::Strong;
 use crate::sync::{current_thread_id, Condvar, Mutex, MutexGuard, ThreadId};
 use crate::weak::Weak;
 
-/// One entry: immutable once published (SAFETY.md, section 7).
+/// One entry: immutable once published (SAFETY.md, section 7). The key is
+/// out of line: a rebuild copies items bitwise while readers may be running
+/// the key's `Eq` (M3).
 struct Item<K, V> {
-    key: K,
+    key: Boxed<K>,
     value: Weak<V>,
     /// The death callback that removes this item (M4); detached when the
     /// item is removed any other way (M5).
     finalizer: Finalizer,
+}
+
+// SAFETY: every field is a pointer (`Boxed`, `Weak`, `Finalizer`): nothing
+// writes an item's own bytes through `&Item` (1). The key's address is
+// unique among live items, survives bitwise moves, and is freed only with
+// the item, after every thread that saw it has unpinned (2).
+unsafe impl<K, V> Relocatable for Item<K, V> {
+    fn identity(&self) -> usize {
+        self.key.address()
+    }
 }
 
 impl<K, V> Drop for Item<K, V> {
@@ -67,7 +80,9 @@ struct MapCore<K, V, S> {
 /// time and never block readers. Keys' `Hash` and `Eq` run while a shard
 /// is locked and must not use the same map; no destructor of a key or
 /// value ever runs under a lock. [`retain`](Self::retain)'s predicate runs
-/// unlocked, but keeps its shard's epoch pinned while it runs. The removal of a dead entry runs as a
+/// unlocked, once per entry, but keeps the thread pinned while it runs
+/// (which holds back the freeing of memory that any thread retires
+/// meanwhile: keep it short). The removal of a dead entry runs as a
 /// death callback (see [`finalize`](crate::finalize)), so [`len`](Self::len)
 /// is exact after [`flush`](crate::flush), and it removes only the entry
 /// that named the dead value: a newer value inserted under the same key
@@ -179,7 +194,7 @@ where
             }
         });
         Item {
-            key,
+            key: Boxed::new(key),
             value: Strong::downgrade(value),
             finalizer,
         }
@@ -220,7 +235,7 @@ where
         hash: u64,
         item: Item<K, V>,
     ) -> Option<Strong<V>> {
-        let replaced = writer.upsert(hash, item, |old, new| old.key == new.key)?;
+        let replaced = writer.upsert(hash, item, |old, new| *old.key == *new.key)?;
         // Detached only once the replacement is published: a panicking
         // `Eq` in `upsert` leaves every entry and its callback as they were
         // (M5).
@@ -272,7 +287,7 @@ where
         self.core
             .table
             .candidates(hash, &pinned)
-            .find(|item| item.key.borrow() == key)
+            .find(|item| (*item.key).borrow() == key)
             .and_then(f)
     }
 
@@ -315,7 +330,7 @@ where
     {
         let hash = self.hash(key);
         let mut writer = self.core.table.write(hash);
-        let removed = writer.remove(hash, |item| item.key.borrow() == key)?;
+        let removed = writer.remove(hash, |item| (*item.key).borrow() == key)?;
         // As in `publish_locked`: detached after the removal is published.
         removed.finalizer.detach();
         // Dropped by the caller, after the unlock: it may be the last handle.
@@ -392,7 +407,7 @@ where
         let wanted = key.as_ref().expect("the key is present until we lead");
         let live = writer
             .candidates(hash)
-            .find(|item| item.key == *wanted)
+            .find(|item| *item.key == *wanted)
             .and_then(|item| item.value.upgrade());
         if let Some(value) = live {
             drop(writer);
@@ -518,7 +533,7 @@ where
         if let (Some(value), Some(wanted)) = (&value, &key) {
             let existing = writer
                 .candidates(hash)
-                .find(|item| item.key == *wanted)
+                .find(|item| *item.key == *wanted)
                 .and_then(|item| item.value.upgrade());
             outcome = match existing {
                 // Inserted meanwhile: adopt it, so every caller gets one value.
@@ -592,7 +607,7 @@ where
     where
         K: Clone,
     {
-        self.snapshots(|item| Some((item.key.clone(), item.value.upgrade()?)))
+        self.snapshots(|item| Some(((*item.key).clone(), item.value.upgrade()?)))
     }
 
     /// Keys of live entries (cloned).
@@ -609,7 +624,7 @@ where
     where
         K: Clone,
     {
-        self.snapshots(|item| item.value.is_alive().then(|| item.key.clone()))
+        self.snapshots(|item| item.value.is_alive().then(|| (*item.key).clone()))
     }
 
     /// Live values.
@@ -640,7 +655,8 @@ where
     }
 
     /// Keeps only the live entries for which `f` returns true; removes the
-    /// rest (and any dead ones). `f` runs without any lock held.
+    /// rest (and any dead ones). `f` runs once per live entry, without any
+    /// lock held; an entry replaced or removed meanwhile is left alone.
     ///
     /// ```
     /// use weakrefs::{Strong, WeakValueMap};

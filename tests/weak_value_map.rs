@@ -654,3 +654,113 @@ fn keys_are_dropped_exactly_once_across_rebuilds() {
     let live = LIVE_OWNED_KEYS.load(Ordering::SeqCst);
     assert!(live < 32, "{live} keys were never dropped");
 }
+
+/// A key with interior mutability that its own `Eq` writes: a hit counter.
+struct CountingKey {
+    id: u64,
+    hits: AtomicUsize,
+}
+
+impl CountingKey {
+    fn new(id: u64) -> Self {
+        CountingKey {
+            id,
+            hits: AtomicUsize::new(0),
+        }
+    }
+}
+
+impl PartialEq for CountingKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        other.hits.fetch_add(1, Ordering::Relaxed);
+        self.id == other.id
+    }
+}
+impl Eq for CountingKey {}
+impl std::hash::Hash for CountingKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.id.hash(state);
+    }
+}
+
+/// A reader's `Eq` writes through `&K` while the writer rebuilds the
+/// shard: the rebuild must not copy the key's bytes (it did, once: a data
+/// race Miri reports), and every lookup of a present key succeeds.
+#[test]
+fn a_key_written_through_eq_during_rebuilds_is_sound() {
+    let map: WeakValueMap<CountingKey, u64, OneBucket> = WeakValueMap::with_hasher(OneBucket);
+    let count = if cfg!(miri) { 24 } else { 2_000 };
+    let values: Vec<_> = (0..count).map(Strong::new).collect();
+    map.insert(CountingKey::new(0), &values[0]);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    thread::scope(|scope| {
+        scope.spawn(|| {
+            let probe = CountingKey::new(0);
+            while !done.load(Ordering::Relaxed) {
+                assert_eq!(map.get(&probe).as_deref(), Some(&0));
+                thread::yield_now();
+            }
+        });
+        for value in &values[1..] {
+            map.insert(CountingKey::new(**value), value);
+        }
+        done.store(true, Ordering::Relaxed);
+    });
+    assert_eq!(map.len(), values.len());
+}
+
+/// A key whose destructor panics if armed (the map's copy); equal and
+/// hashed by `id` alone.
+struct PanickingDropKey {
+    id: u32,
+    armed: bool,
+}
+
+impl PartialEq for PanickingDropKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+    }
+}
+impl Eq for PanickingDropKey {}
+impl std::hash::Hash for PanickingDropKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.id.hash(state);
+    }
+}
+
+impl Drop for PanickingDropKey {
+    fn drop(&mut self) {
+        if self.armed {
+            panic!("key destructor failure (expected by this test)");
+        }
+    }
+}
+
+/// The destructor of a removed key runs later, on whichever thread
+/// collects garbage: its panic is caught and reported there, never
+/// surfacing in an unrelated operation (it once came out of `get` on
+/// another map).
+#[test]
+fn a_panicking_key_destructor_never_surfaces_elsewhere() {
+    let map: WeakValueMap<PanickingDropKey, u32> = WeakValueMap::new();
+    let value = Strong::new(1);
+    map.insert(PanickingDropKey { id: 7, armed: true }, &value);
+    let probe = PanickingDropKey {
+        id: 7,
+        armed: false,
+    };
+    assert_eq!(map.remove(&probe).as_deref(), Some(&1));
+    let other: WeakValueMap<u32, u32> = WeakValueMap::new();
+    for i in 0..if cfg!(miri) { 300 } else { 10_000 } {
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            other.insert(i, &value);
+            other.get(&i);
+            other.remove(&i);
+        }));
+        assert!(
+            outcome.is_ok(),
+            "a key's destructor panic surfaced in another map"
+        );
+    }
+}

@@ -26,3 +26,21 @@ pub fn on_threads(threads: usize, work: impl Fn(usize) + Sync) -> Duration {
         began.elapsed()
     })
 }
+
+/// The thread counts a benchmark compares at: 1 and 2 (the CI machine's
+/// cores), or the comma-separated list in `WEAKREFS_BENCH_THREADS` (for a
+/// thread-scaling run on a larger machine, e.g. `1,2,4,8,16`).
+pub fn thread_counts() -> Vec<usize> {
+    match std::env::var("WEAKREFS_BENCH_THREADS") {
+        Ok(list) => {
+            list.split(',')
+                .map(|count| {
+                    count.trim().parse().unwrap_or_else(|_| {
+                        panic!("WEAKREFS_BENCH_THREADS: {count:?} is not a count")
+                    })
+                })
+                .collect()
+        }
+        Err(_) => vec![1, 2],
+    }
+}

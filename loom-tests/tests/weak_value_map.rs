@@ -1,5 +1,5 @@
 //! Loom models of the `WeakValueMap` protocol (SAFETY.md, section 7).
-//! Under loom the map has two shards that start with one bucket, so
+//! Under loom the map has two shards whose tables start with two slots, so
 //! inserts grow tables, and the global callback runtime has no thread:
 //! `flush` runs the removal callbacks on the calling thread.
 
@@ -134,7 +134,10 @@ fn a_read_racing_a_replacement_finds_old_or_new() {
     loom::model(|| {
         // Room for the replacement without a rebuild: it fills an empty
         // slot, then turns the old one into a tombstone.
-        let map = Arc::new(WeakValueMap::with_capacity_and_hasher(4, Default::default()));
+        let map = Arc::new(WeakValueMap::with_capacity_and_hasher(
+            4,
+            Default::default(),
+        ));
         let (old, new) = (Strong::new(1u8), Strong::new(2u8));
         map.insert(0u8, &old);
         let reader = {

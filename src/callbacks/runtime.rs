@@ -22,7 +22,6 @@
 //!   its RMWs, decides each batch's fate (C9), so no callback is lost
 //!   without adding a flag or a fence to the producers' path.
 
-use std::io::Write;
 use std::panic::{self, AssertUnwindSafe};
 use std::ptr;
 use std::sync::PoisonError;
@@ -435,21 +434,7 @@ impl Runtime {
         if let Err(payload) = outcome {
             // Relaxed: statistics.
             self.counters.panicked.fetch_add(1, Ordering::Relaxed);
-            let message = payload
-                .downcast_ref::<&str>()
-                .copied()
-                .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
-                .unwrap_or("(non-string panic payload)");
-            // `writeln!` rather than `eprintln!`, which panics when stderr is
-            // a closed pipe: nothing here may unwind into the worker.
-            let _ = writeln!(
-                std::io::stderr(),
-                "weakrefs: a death callback panicked: {message}"
-            );
-            // The payload's own `Drop` is user code too.
-            if let Err(nested) = panic::catch_unwind(AssertUnwindSafe(move || drop(payload))) {
-                std::mem::forget(nested);
-            }
+            crate::panics::report("a death callback", payload);
         }
     }
 

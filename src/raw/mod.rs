@@ -1,4 +1,6 @@
 //! Machinery under the collections' public faces: the sharded,
-//! epoch-protected table they share (`table`).
+//! epoch-protected table they share (`table`), and the out-of-line box its
+//! items keep keys and values in (`boxed`).
 
+pub(crate) mod boxed;
 pub(crate) mod table;

@@ -27,13 +27,18 @@
 //!   items receives bitwise copies of them and is published whole. Readers
 //!   still on the old table read the old copies, which are never written
 //!   and never dropped (the items moved), only freed with the old table
-//!   once no reader can see it (M3).
+//!   once no reader can see it (M3). Copying bytes that readers may be
+//!   reading is sound only because nothing writes an item's own bytes
+//!   through a shared reference: items are [`Relocatable`], their keys and
+//!   values out of line ([`Boxed`](super::boxed::Boxed)).
 
 use std::marker::PhantomData;
 use std::mem::MaybeUninit;
+use std::panic::{self, AssertUnwindSafe};
 use std::ptr;
 use std::sync::PoisonError;
 
+use crate::panics::catch_and_report;
 use crate::reclaim::{Pinned, Reclaimer};
 use crate::sync::{
     acquire_fence, AtomicPtr, AtomicU64, AtomicUsize, CachePadded, Mutex, MutexGuard, Ordering,
@@ -67,6 +72,25 @@ const TOMBSTONE: u64 = 1;
 #[inline(always)]
 fn tag_of(hash: u64) -> u64 {
     hash | 2
+}
+
+/// Items a table may copy bitwise while readers hold references to them.
+///
+/// # Safety
+///
+/// Implementors promise:
+///
+/// 1. No code writes to an item's own bytes through a shared reference:
+///    they hold no `UnsafeCell` inline (whatever a reader may mutate, such
+///    as a key's interior state, lives behind a pointer), so a rebuild's
+///    copy never races a write (M3).
+/// 2. [`identity`](Relocatable::identity) is unique among the live items
+///    of a table, is unchanged by a bitwise move, and is not reused while a
+///    thread that saw the item is pinned (it is the address of something the
+///    item owns, freed with the item).
+pub(crate) unsafe trait Relocatable {
+    /// Names this item across rebuilds.
+    fn identity(&self) -> usize;
 }
 
 /// One slot: its tag and, once the tag says full, its item.
@@ -103,7 +127,7 @@ impl<I> Table<I> {
     /// high bits.
     #[inline(always)]
     fn home(&self, tag: u64) -> usize {
-        (((tag & 0xFFFF_FFFF) * self.slots.len() as u64) >> 32) as usize
+        ((u128::from(tag as u32) * self.slots.len() as u128) >> 32) as usize
     }
 
     /// The slot after `index`, wrapping around.
@@ -197,7 +221,7 @@ fn slots_for(items: usize) -> usize {
     items.saturating_mul(2).max(MIN_SLOTS)
 }
 
-impl<I: Send + Sync + 'static> ShardedTable<I> {
+impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
     /// A table with room for about `capacity` items before any shard
     /// rebuilds.
     pub(crate) fn with_capacity(capacity: usize) -> Self {
@@ -273,51 +297,51 @@ impl<I: Send + Sync + 'static> ShardedTable<I> {
     }
 
     /// Removes from shard `index` the items `keep` rejects, deciding
-    /// without the lock: `keep` runs while the shard is pinned but not
-    /// locked, then the rejected items still present are removed under the
-    /// lock, each after `on_remove` has seen it (M8). Returns how many.
+    /// without the lock: `keep` runs while the thread is pinned but holds no
+    /// lock, then the rejected items still present are removed under the
+    /// lock, each after `on_remove` has seen it (M8). Items are named by
+    /// tag and identity, which a rebuild in between does not change; one
+    /// replaced or removed meanwhile is left alone. Returns how many it
+    /// removed.
     pub(crate) fn retain_shard(
         &self,
         index: usize,
         mut keep: impl FnMut(&I) -> bool,
         mut on_remove: impl FnMut(&I),
     ) -> usize {
-        loop {
-            let pinned = self.pin();
-            let table = self.table_for_read(index, &pinned);
-            let mut doomed = Vec::new();
-            for (slot_index, slot) in table.slots.iter().enumerate() {
-                // Acquire (M1): as in `for_each_in_shard_pinned`.
-                if slot.tag.load(Ordering::Acquire) <= TOMBSTONE {
-                    continue;
-                }
-                // SAFETY: as in `for_each_in_shard_pinned`.
-                if !keep(unsafe { table.item(slot_index) }) {
-                    doomed.push(slot_index);
-                }
-            }
-            if doomed.is_empty() {
-                return 0;
-            }
-            let mut writer = self.write_shard(index);
-            // A slot is written once per table, so while the table is the
-            // same one, a doomed slot still full holds the item `keep`
-            // rejected. A rebuild in between moved the items: decide again.
-            if !ptr::eq(writer.current_table(), table) {
+        // Held until the removals are done, so no identity is reused.
+        let pinned = self.pin();
+        let table = self.table_for_read(index, &pinned);
+        let mut doomed = Vec::new();
+        for (slot_index, slot) in table.slots.iter().enumerate() {
+            // Acquire (M1): as in `for_each_in_shard_pinned`.
+            let tag = slot.tag.load(Ordering::Acquire);
+            if tag <= TOMBSTONE {
                 continue;
             }
-            let mut removed = 0;
-            for slot_index in doomed {
-                // Relaxed: writers are ordered by the mutex.
-                if table.slots[slot_index].tag.load(Ordering::Relaxed) > TOMBSTONE {
-                    // SAFETY: full, under the mutex (1, 2).
-                    on_remove(unsafe { table.item(slot_index) });
-                    writer.unlink(slot_index);
-                    removed += 1;
-                }
+            // SAFETY: as in `for_each_in_shard_pinned`.
+            let item = unsafe { table.item(slot_index) };
+            if !keep(item) {
+                doomed.push((tag, item.identity()));
             }
-            return removed;
         }
+        if doomed.is_empty() {
+            return 0;
+        }
+        let mut writer = self.write_shard(index);
+        let table = writer.current_table();
+        let mut removed = 0;
+        for (tag, identity) in doomed {
+            if let Ok(slot_index) = find(table, tag, |item| item.identity() == identity) {
+                // SAFETY: full, under the mutex (1, 2).
+                on_remove(unsafe { table.item(slot_index) });
+                writer.unlink(slot_index);
+                removed += 1;
+            }
+        }
+        drop(writer);
+        drop(pinned);
+        removed
     }
 
     /// Locks `hash`'s shard for writing (M2).
@@ -364,7 +388,10 @@ impl<I> Drop for ShardedTable<I> {
     fn drop(&mut self) {
         // `&mut self`: no reader or writer is using our tables any more,
         // since both borrow the `ShardedTable`; retired tables and pending
-        // drops are owned by their deferred functions.
+        // drops are owned by their deferred functions. A destructor that
+        // panics does not stop the others: the first panic is resumed once
+        // every item is dropped and every table released.
+        let mut first_panic = None;
         for shard in self.shards.iter() {
             // Relaxed: exclusive access.
             let table = shard.table.swap(ptr::null_mut(), Ordering::Relaxed);
@@ -374,11 +401,17 @@ impl<I> Drop for ShardedTable<I> {
             unsafe {
                 for slot in (*table).slots.iter() {
                     if slot.tag.load(Ordering::Relaxed) > TOMBSTONE {
-                        slot.item.with_mut(|item| (*item).assume_init_drop());
+                        let drop_item = || slot.item.with_mut(|item| (*item).assume_init_drop());
+                        if let Err(payload) = panic::catch_unwind(AssertUnwindSafe(drop_item)) {
+                            first_panic.get_or_insert(payload);
+                        }
                     }
                 }
                 release(table);
             }
+        }
+        if let Some(payload) = first_panic {
+            panic::resume_unwind(payload);
         }
     }
 }
@@ -455,14 +488,14 @@ impl<I> Default for Garbage<I> {
 /// A locked shard. Changes go live as they are made; what they unlinked is
 /// handed to the epoch when the writer is dropped, after the mutex is
 /// released.
-pub(crate) struct ShardWriter<'a, I: Send + Sync + 'static> {
+pub(crate) struct ShardWriter<'a, I: Relocatable + Send + Sync + 'static> {
     table: &'a ShardedTable<I>,
     shard: &'a Shard<I>,
     state: Option<MutexGuard<'a, ShardState>>,
     garbage: Garbage<I>,
 }
 
-impl<'a, I: Send + Sync + 'static> ShardWriter<'a, I> {
+impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
     /// The shard's table. Valid while we hold the mutex and until we drop
     /// the writer (a table our own `rebuild` replaced is released only
     /// then).
@@ -512,20 +545,29 @@ impl<'a, I: Send + Sync + 'static> ShardWriter<'a, I> {
     ) -> Option<&I> {
         let tag = tag_of(hash);
         let table = self.current_table();
-        // Parked in the garbage while `same` (user code: `Eq`) runs: if it
-        // panics, the item is dropped after the unlock, like everything a
-        // writer lets go of (its key's destructor is user code too).
+        // Parked in the garbage while `same` (user code: `Eq`) and the
+        // allocations run: if one panics, nothing has changed and the item
+        // is dropped after the unlock, like everything a writer lets go of
+        // (its key's destructor is user code too).
         let pending = self.garbage.unpublished.insert(item);
         let old = find(table, tag, |old| same(old, pending)).ok();
+        self.garbage.items.reserve(1);
+        self.garbage.tables.reserve(1);
+        let rebuilt = ((*self.used() + 1) * 4 > table.slots.len() * 3).then(|| {
+            // Relaxed: written under the mutex we hold.
+            let live = self.shard.len.load(Ordering::Relaxed) + 1 - usize::from(old.is_some());
+            Table::with_slots(slots_for(live))
+        });
         let item = self.garbage.unpublished.take().expect("parked above");
-        if (*self.used() + 1) * 4 > table.slots.len() * 3 {
+        match rebuilt {
             // The new item in and the old one out, published together.
-            self.rebuild(tag, item, old);
-        } else {
-            self.fill(table, first_empty(table, tag), tag, item);
-            // The old item goes only once the new one is visible (M2).
-            if let Some(old) = old {
-                self.unlink(old);
+            Some(new) => self.rebuild(new, tag, item, old),
+            None => {
+                self.fill(table, first_empty(table, tag), tag, item);
+                // The old item goes only once the new one is visible (M2).
+                if let Some(old) = old {
+                    self.unlink(old);
+                }
             }
         }
         // SAFETY: full until just now (1); its drop is deferred until after
@@ -595,22 +637,19 @@ impl<'a, I: Send + Sync + 'static> ShardWriter<'a, I> {
         removed
     }
 
-    /// Replaces the shard's table with one sized for twice its items,
-    /// holding bitwise copies of them (M3), plus the new `item` under `tag`
-    /// and minus the item in slot `without`, which is dropped once no
-    /// reader of the old table can see it.
+    /// Replaces the shard's table with `new` (empty, sized for twice the
+    /// items), holding bitwise copies of the items (M3), plus the new
+    /// `item` under `tag` and minus the item in slot `without`, which is
+    /// dropped once no reader of the old table can see it. The caller has
+    /// reserved room for one table and one item in the garbage.
     #[cold]
     #[inline(never)]
-    fn rebuild(&mut self, tag: u64, item: I, without: Option<usize>) {
+    fn rebuild(&mut self, new: Box<Table<I>>, tag: u64, item: I, without: Option<usize>) {
         let old = self.current_table();
         let old_ptr = self.current_table_ptr();
-        // Relaxed: written under the mutex we hold.
-        let items = self.shard.len.load(Ordering::Relaxed) + 1 - usize::from(without.is_some());
-        let new = Table::with_slots(slots_for(items));
-        // Nothing below may panic: moved items must end up in exactly one
-        // live table.
-        self.garbage.tables.reserve(1);
-        self.garbage.items.reserve(1);
+        // Nothing below may panic or allocate: moved items must end up in
+        // exactly one live table.
+        let mut items = 1;
         for (index, slot) in old.slots.iter().enumerate() {
             // Relaxed: writers are ordered by the mutex.
             let moving = slot.tag.load(Ordering::Relaxed);
@@ -630,6 +669,7 @@ impl<'a, I: Send + Sync + 'static> ShardWriter<'a, I> {
             });
             // Relaxed: published by the table's Release store below.
             target.tag.store(moving, Ordering::Relaxed);
+            items += 1;
         }
         let target = &new.slots[first_empty(&new, tag)];
         // SAFETY: empty and unpublished.
@@ -655,7 +695,7 @@ impl<'a, I: Send + Sync + 'static> ShardWriter<'a, I> {
     }
 }
 
-impl<I: Send + Sync + 'static> Drop for ShardWriter<'_, I> {
+impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
     fn drop(&mut self) {
         drop(self.state.take());
         let garbage = std::mem::take(&mut self.garbage);
@@ -674,9 +714,14 @@ impl<I: Send + Sync + 'static> Drop for ShardWriter<'_, I> {
             // releases the reference. `I: Send` lets it run anywhere.
             unsafe {
                 pinned.defer(move || {
-                    (*table).slots[index]
-                        .item
-                        .with_mut(|item| (*item).assume_init_drop());
+                    // A panicking key or value destructor must neither skip
+                    // the release nor unwind into whichever thread happens
+                    // to collect garbage.
+                    catch_and_report("a removed entry's destructor", || {
+                        (*table).slots[index]
+                            .item
+                            .with_mut(|item| (*item).assume_init_drop());
+                    });
                     release(table);
                 });
             }
