@@ -63,6 +63,20 @@ where
     }
 }
 
+/// [`finalize`] for the collections' own removal callbacks: never run by
+/// [`shutdown`] (removing map entries at exit would be pointless), and
+/// kept out of the process-wide registry, so a map insert pays for no
+/// push there.
+pub(crate) fn finalize_unlisted<T, F>(obj: &Strong<T>, callback: F) -> Finalizer
+where
+    F: FnOnce() + Send + 'static,
+{
+    let list = Strong::callback_list(obj);
+    Finalizer {
+        entry: global().register_unlisted(list, callback),
+    }
+}
+
 /// A handle to a callback registered by [`finalize`]: query, cancel or run
 /// it early. Cloning gives another handle to the same callback; dropping
 /// handles never cancels it.

@@ -6,7 +6,7 @@ use std::fmt;
 use std::hash::{BuildHasher, Hash};
 use std::sync::PoisonError;
 
-use crate::finalizer::{finalize, Finalizer};
+use crate::finalizer::{finalize_unlisted, Finalizer};
 use crate::raw::boxed::Boxed;
 use crate::raw::table::{Relocatable, ShardWriter, ShardedTable};
 use crate::strong::Strong;
@@ -187,7 +187,7 @@ where
     fn new_item(&self, hash: u64, key: K, value: &Strong<V>) -> Item<K, V> {
         let map = Strong::downgrade(&self.core);
         let dead = Strong::downgrade(value);
-        let finalizer = finalize(value, move || {
+        let finalizer = finalize_unlisted(value, move || {
             if let Some(core) = map.upgrade() {
                 let mut writer = core.table.write(hash);
                 writer.remove(hash, |item| item.value.ptr_eq(&dead));

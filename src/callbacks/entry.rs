@@ -17,8 +17,8 @@
 //! (they all come from the one `Box::leak`); the closure is reached
 //! only through the header's vtable, from such a pointer, never from a
 //! `&Entry` (C13). One allocation per registration, and the node starts
-//! with its three owners (handle, object list, registry) counted, so
-//! registering costs no reference-count RMW.
+//! with its owners (handle, object list and, for `finalize`, the registry)
+//! counted, so registering costs no reference-count RMW.
 
 use std::mem::ManuallyDrop;
 use std::ptr::{self, NonNull};
@@ -133,18 +133,23 @@ unsafe impl Send for EntryRef {}
 unsafe impl Sync for EntryRef {}
 
 impl EntryRef {
-    /// A new alive entry holding `callback`, returned as its three owners:
-    /// the `Finalizer` handle, the object's list and the registry. The count
-    /// starts at three, before anyone else can see the node.
-    pub(crate) fn new_with_three_owners<F>(callback: F) -> [EntryRef; 3]
+    /// A new alive entry holding `callback`, returned as its `OWNERS`
+    /// owners: the `Finalizer` handle, the object's list and, for a
+    /// `finalize` registration, the registry. The count starts at
+    /// `OWNERS`, before anyone else can see the node. `atexit` is its
+    /// initial setting (meaningful only for an entry in the registry).
+    pub(crate) fn new_with_owners<const OWNERS: usize, F>(
+        callback: F,
+        atexit: bool,
+    ) -> [EntryRef; OWNERS]
     where
         F: FnOnce() + Send + 'static,
     {
         let node = Box::new(EntryNode {
             entry: Entry {
-                refs: AtomicUsize::new(3),
+                refs: AtomicUsize::new(OWNERS),
                 state: AtomicU8::new(ALIVE),
-                atexit: AtomicBool::new(true),
+                atexit: AtomicBool::new(atexit),
                 object_next: AtomicPtr::new(ptr::null_mut()),
                 registry_next: AtomicPtr::new(ptr::null_mut()),
                 queue_next: AtomicPtr::new(ptr::null_mut()),
@@ -156,7 +161,7 @@ impl EntryRef {
         // The one pointer every owner derives from: it carries the
         // provenance of the whole node (C13).
         let entry = NonNull::from(Box::leak(node)).cast::<Entry>();
-        [EntryRef(entry), EntryRef(entry), EntryRef(entry)]
+        [(); OWNERS].map(|()| EntryRef(entry))
     }
 
     /// Moves the closure out and calls it.

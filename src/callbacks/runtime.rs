@@ -181,9 +181,24 @@ impl Runtime {
     where
         F: FnOnce() + Send + 'static,
     {
-        let [handle, in_list, in_registry] = EntryRef::new_with_three_owners(callback);
+        let [handle, in_list, in_registry] = EntryRef::new_with_owners(callback, true);
         list.push(in_list);
         self.registry.push(in_registry);
+        handle
+    }
+
+    /// Registers `callback` on `list` without entering it in the registry:
+    /// `shutdown` never runs it (it is not `atexit`), and registering costs
+    /// no push on the process-wide registry. For the collections' internal
+    /// removal callbacks, which have nothing to do at exit. Deaths and
+    /// drains still count such entries towards the registry's next
+    /// compaction (a trigger, C5): at worst an early scan of the registry.
+    pub(crate) fn register_unlisted<F>(&self, list: &ObjectCallbacks, callback: F) -> EntryRef
+    where
+        F: FnOnce() + Send + 'static,
+    {
+        let [handle, in_list] = EntryRef::new_with_owners(callback, false);
+        list.push(in_list);
         handle
     }
 

@@ -62,6 +62,10 @@ fn shard_count() -> usize {
 /// rebuild tables.
 const MIN_SLOTS: usize = if cfg!(weakrefs_loom) { 2 } else { 8 };
 
+/// Slots below which a rebuild does not shrink a table that has had them
+/// (see `upsert`).
+const CHURN_FLOOR: usize = if cfg!(weakrefs_loom) { 4 } else { 64 };
+
 /// The tag of a slot never written since its table was built.
 const EMPTY: u64 = 0;
 /// The tag of a slot whose item was removed.
@@ -464,13 +468,52 @@ impl<'g, I> Iterator for Candidates<'g, I> {
     }
 }
 
+/// A list whose first element is held inline: a write usually lets go of
+/// one item at most, and must not allocate to record it.
+struct Few<T> {
+    first: Option<T>,
+    rest: Vec<T>,
+}
+
+impl<T> Few<T> {
+    const fn new() -> Self {
+        Few {
+            first: None,
+            rest: Vec::new(),
+        }
+    }
+
+    /// Makes room for one more element: the next `push` cannot allocate
+    /// (nor so panic).
+    fn reserve_one(&mut self) {
+        if self.first.is_some() {
+            self.rest.reserve(1);
+        }
+    }
+
+    fn push(&mut self, value: T) {
+        match self.first {
+            None => self.first = Some(value),
+            Some(_) => self.rest.push(value),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.first.is_none()
+    }
+
+    fn into_iter(self) -> impl Iterator<Item = T> {
+        self.first.into_iter().chain(self.rest)
+    }
+}
+
 /// What a write unlinked, released after the shard's mutex is released.
 struct Garbage<I> {
     /// Removed items: (their table, their slot). Each holds a table
     /// reference, taken at removal.
-    items: Vec<(*const Table<I>, usize)>,
+    items: Few<(*const Table<I>, usize)>,
     /// Replaced tables, each with the shard's reference to it.
-    tables: Vec<*const Table<I>>,
+    tables: Few<*const Table<I>>,
     /// An item a panic kept from being published; dropped after the unlock.
     unpublished: Option<I>,
 }
@@ -478,8 +521,8 @@ struct Garbage<I> {
 impl<I> Default for Garbage<I> {
     fn default() -> Self {
         Garbage {
-            items: Vec::new(),
-            tables: Vec::new(),
+            items: Few::new(),
+            tables: Few::new(),
             unpublished: None,
         }
     }
@@ -551,12 +594,17 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
         // (its key's destructor is user code too).
         let pending = self.garbage.unpublished.insert(item);
         let old = find(table, tag, |old| same(old, pending)).ok();
-        self.garbage.items.reserve(1);
-        self.garbage.tables.reserve(1);
+        self.garbage.items.reserve_one();
+        self.garbage.tables.reserve_one();
         let rebuilt = ((*self.used() + 1) * 4 > table.slots.len() * 3).then(|| {
             // Relaxed: written under the mutex we hold.
             let live = self.shard.len.load(Ordering::Relaxed) + 1 - usize::from(old.is_some());
-            Table::with_slots(slots_for(live))
+            // Twice the live items, but a table that has grown past the
+            // churn floor keeps at least that many slots: under churn
+            // (insert, then the value dies) few items are live while
+            // tombstones pile up, and a tiny table would be rebuilt every
+            // few inserts.
+            Table::with_slots(slots_for(live).max(table.slots.len().min(CHURN_FLOOR)))
         });
         let item = self.garbage.unpublished.take().expect("parked above");
         match rebuilt {
@@ -606,7 +654,7 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
     fn unlink(&mut self, index: usize) {
         let table = self.current_table();
         let table_ptr = self.current_table_ptr();
-        self.garbage.items.reserve(1);
+        self.garbage.items.reserve_one();
         // Relaxed: a new reference taken while we hold one (the shard's), as
         // `Arc::clone` does; `release` orders the free.
         table.refs.fetch_add(1, Ordering::Relaxed);
@@ -705,7 +753,7 @@ impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
             return;
         }
         let pinned = self.table.pin();
-        for (table, index) in garbage.items {
+        for (table, index) in garbage.items.into_iter() {
             // SAFETY: the item was unlinked under the mutex (a tombstone, or
             // left out of the table that replaced its own), so no reader
             // that pins from now on can reach it (2); the deferred function
@@ -726,7 +774,7 @@ impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
                 });
             }
         }
-        for table in garbage.tables {
+        for table in garbage.tables.into_iter() {
             // SAFETY: replaced under the mutex, so no reader that pins from
             // now on can reach it (2); the function owns the shard's
             // reference (1). Its items moved to the new table or belong to
