@@ -147,6 +147,12 @@ impl<T> Strong<T> {
         this.block == other.block
     }
 
+    /// The object's identity, as [`Weak`]'s `Eq` and `Hash` see it: its
+    /// block's address.
+    pub(crate) fn identity(this: &Self) -> usize {
+        this.block.as_ptr() as usize
+    }
+
     /// A pointer to the value. It stays valid while any `Strong` lives.
     ///
     /// ```

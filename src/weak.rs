@@ -176,8 +176,13 @@ impl<T> Weak<T> {
     /// The identity used by `Eq` and `Hash`: the block's address, which a
     /// `Weak` keeps allocated, so no other object can take it while this
     /// handle lives.
-    fn identity(&self) -> usize {
+    pub(crate) fn identity(&self) -> usize {
         self.block.map_or(0, |block| block.as_ptr() as usize)
+    }
+
+    /// True if this handle names `strong`'s object.
+    pub(crate) fn names(&self, strong: &Strong<T>) -> bool {
+        self.identity() == Strong::identity(strong)
     }
 }
 

@@ -6,8 +6,9 @@ use std::fmt;
 use std::hash::{BuildHasher, Hash};
 use std::sync::PoisonError;
 
-use crate::finalizer::{finalize_unlisted, Finalizer};
+use crate::finalizer::Finalizer;
 use crate::raw::boxed::Boxed;
+use crate::raw::collection::{self, Collection, Watching};
 use crate::raw::table::{Relocatable, ShardWriter, ShardedTable};
 use crate::strong::Strong;
 use crate::sync::{current_thread_id, Condvar, Mutex, MutexGuard, ThreadId};
@@ -31,6 +32,22 @@ struct Item<K, V> {
 unsafe impl<K, V> Relocatable for Item<K, V> {
     fn identity(&self) -> usize {
         self.key.address()
+    }
+}
+
+impl<K, V> Watching for Item<K, V>
+where
+    K: Send + Sync + 'static,
+    V: Send + Sync + 'static,
+{
+    type Target = V;
+
+    fn watched(&self) -> &Weak<V> {
+        &self.value
+    }
+
+    fn finalizer(&self) -> &Finalizer {
+        &self.finalizer
     }
 }
 
@@ -69,6 +86,17 @@ struct MapCore<K, V, S> {
     table: ShardedTable<Item<K, V>>,
     /// Loads in flight, per shard; locked after the shard's writer.
     loads: Box<[Mutex<LoadsInFlight<K, V>>]>,
+}
+
+impl<K, V, S> Collection<Item<K, V>> for MapCore<K, V, S>
+where
+    K: Send + Sync + 'static,
+    V: Send + Sync + 'static,
+    S: Send + Sync + 'static,
+{
+    fn table(&self) -> &ShardedTable<Item<K, V>> {
+        &self.table
+    }
 }
 
 /// A concurrent map whose values are held weakly, like Python's
@@ -185,18 +213,10 @@ where
     /// Makes the item for `value` under `key`, registering the death
     /// callback that will remove exactly this item (M4).
     fn new_item(&self, hash: u64, key: K, value: &Strong<V>) -> Item<K, V> {
-        let map = Strong::downgrade(&self.core);
-        let dead = Strong::downgrade(value);
-        let finalizer = finalize_unlisted(value, move || {
-            if let Some(core) = map.upgrade() {
-                let mut writer = core.table.write(hash);
-                writer.remove(hash, |item| item.value.ptr_eq(&dead));
-            }
-        });
         Item {
             key: Boxed::new(key),
             value: Strong::downgrade(value),
-            finalizer,
+            finalizer: collection::remove_on_death(&self.core, hash, value),
         }
     }
 
@@ -644,14 +664,9 @@ where
     /// Iterates shard by shard, snapshotting one shard at a time (M8).
     fn snapshots<'a, T: 'a>(
         &'a self,
-        mut project: impl FnMut(&Item<K, V>) -> Option<T> + 'a,
+        project: impl FnMut(&Item<K, V>) -> Option<T> + 'a,
     ) -> impl Iterator<Item = T> + 'a {
-        let table = &self.core.table;
-        (0..table.shard_len()).flat_map(move |shard| {
-            let mut batch = Vec::new();
-            table.for_each_in_shard(shard, |item| batch.extend(project(item)));
-            batch
-        })
+        collection::snapshots(&self.core.table, project)
     }
 
     /// Keeps only the live entries for which `f` returns true; removes the
@@ -670,26 +685,7 @@ where
     /// assert_eq!(map.len(), 3);
     /// ```
     pub fn retain<F: FnMut(&K, &V) -> bool>(&self, mut f: F) {
-        for shard in 0..self.core.table.shard_len() {
-            // The values upgraded while deciding are dropped after the lock:
-            // they may be the last handles.
-            let mut held = Vec::new();
-            self.core.table.retain_shard(
-                shard,
-                |item| match item.value.upgrade() {
-                    Some(value) => {
-                        let keep = f(&item.key, &value);
-                        held.push(value);
-                        keep
-                    }
-                    None => false,
-                },
-                |item| {
-                    item.finalizer.detach();
-                },
-            );
-            drop(held);
-        }
+        collection::retain_live(&self.core.table, |item, value| f(&item.key, value));
     }
 
     /// Removes every entry.
@@ -705,12 +701,7 @@ where
     /// assert_eq!(*v, 1); // the value itself is untouched
     /// ```
     pub fn clear(&self) {
-        for shard in 0..self.core.table.shard_len() {
-            self.core.table.write_shard(shard).retain_all(|item| {
-                item.finalizer.detach();
-                false
-            });
-        }
+        collection::clear(&self.core.table);
     }
 
     /// Removes the entries whose values are dead now, without waiting for
@@ -728,14 +719,7 @@ where
     /// assert!(map.is_empty());
     /// ```
     pub fn purge(&self) -> usize {
-        (0..self.core.table.shard_len())
-            .map(|shard| {
-                self.core
-                    .table
-                    .write_shard(shard)
-                    .retain_all(|item| item.value.is_alive())
-            })
-            .sum()
+        collection::purge(&self.core.table)
     }
 }
 

@@ -3,4 +3,5 @@
 //! items keep keys and values in (`boxed`).
 
 pub(crate) mod boxed;
+pub(crate) mod collection;
 pub(crate) mod table;

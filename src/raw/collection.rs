@@ -1,0 +1,119 @@
+//! What the collections do alike on top of the shard table: remove an
+//! entry when the object it watches dies, and iterate, retain, clear and
+//! purge shard by shard (SAFETY.md, section 7: M4, M5, M8).
+
+use crate::finalizer::{finalize_unlisted, Finalizer};
+use crate::raw::table::{Relocatable, ShardedTable};
+use crate::strong::Strong;
+use crate::weak::Weak;
+
+/// An entry that watches one object weakly and goes when it dies.
+pub(crate) trait Watching: Relocatable + Send + Sync + 'static {
+    /// The type of the watched object.
+    type Target: Send + Sync + 'static;
+
+    /// The watched object.
+    fn watched(&self) -> &Weak<Self::Target>;
+
+    /// The death callback that removes this entry; detached when the entry
+    /// goes any other way (M5).
+    fn finalizer(&self) -> &Finalizer;
+}
+
+/// A collection's shared core: what its removal callbacks reach through a
+/// `Weak`, so that they never keep it alive (M4).
+pub(crate) trait Collection<I>: Send + Sync + 'static {
+    fn table(&self) -> &ShardedTable<I>;
+}
+
+/// Registers on `object` the callback that removes from `core`'s table the
+/// entry filed under `hash` that watches `object`, and only that one: a
+/// newer entry under the same key watches another object and survives
+/// (M4). The callback holds a `Weak` to the core and does nothing once the
+/// collection is gone, and a `Weak` to `object`, which keeps its address
+/// reserved, so no other object can be taken for it.
+pub(crate) fn remove_on_death<C, I>(
+    core: &Strong<C>,
+    hash: u64,
+    object: &Strong<I::Target>,
+) -> Finalizer
+where
+    C: Collection<I>,
+    I: Watching,
+{
+    let collection = Strong::downgrade(core);
+    let dead = Strong::downgrade(object);
+    finalize_unlisted(object, move || {
+        if let Some(core) = collection.upgrade() {
+            // Dropped before `core`, which may be the last handle.
+            let mut writer = core.table().write(hash);
+            writer.remove(hash, |item| item.watched().ptr_eq(&dead));
+        }
+    })
+}
+
+/// Iterates `table` shard by shard, snapshotting one shard at a time
+/// through `project` (M8): a long iteration never holds a pin for long.
+pub(crate) fn snapshots<'a, I, T: 'a>(
+    table: &'a ShardedTable<I>,
+    mut project: impl FnMut(&I) -> Option<T> + 'a,
+) -> impl Iterator<Item = T> + 'a
+where
+    I: Watching,
+{
+    (0..table.shard_len()).flat_map(move |shard| {
+        let mut batch = Vec::new();
+        table.for_each_in_shard(shard, |item| batch.extend(project(item)));
+        batch
+    })
+}
+
+/// Keeps the entries whose object is alive and for which `keep` returns
+/// true; removes the others, detaching their callbacks. `keep` runs once
+/// per live entry, without any lock (M8). The objects upgraded to call it
+/// are dropped after each shard's lock: they may be the last handles.
+pub(crate) fn retain_live<I: Watching>(
+    table: &ShardedTable<I>,
+    mut keep: impl FnMut(&I, &I::Target) -> bool,
+) {
+    for shard in 0..table.shard_len() {
+        let mut held = Vec::new();
+        table.retain_shard(
+            shard,
+            |item| match item.watched().upgrade() {
+                Some(object) => {
+                    let kept = keep(item, &object);
+                    held.push(object);
+                    kept
+                }
+                None => false,
+            },
+            |item| {
+                item.finalizer().detach();
+            },
+        );
+        drop(held);
+    }
+}
+
+/// Removes every entry, detaching their callbacks.
+pub(crate) fn clear<I: Watching>(table: &ShardedTable<I>) {
+    for shard in 0..table.shard_len() {
+        table.write_shard(shard).retain_all(|item| {
+            item.finalizer().detach();
+            false
+        });
+    }
+}
+
+/// Removes the entries whose objects are dead now, without waiting for
+/// their callbacks. Returns how many.
+pub(crate) fn purge<I: Watching>(table: &ShardedTable<I>) -> usize {
+    (0..table.shard_len())
+        .map(|shard| {
+            table
+                .write_shard(shard)
+                .retain_all(|item| item.watched().is_alive())
+        })
+        .sum()
+}

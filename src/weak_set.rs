@@ -1,0 +1,363 @@
+//! `WeakSet`: a concurrent set whose members are held weakly, by identity.
+
+use std::collections::hash_map::RandomState;
+use std::fmt;
+use std::hash::BuildHasher;
+
+use crate::finalizer::Finalizer;
+use crate::raw::collection::{self, Collection, Watching};
+use crate::raw::table::{Relocatable, ShardedTable};
+use crate::strong::Strong;
+use crate::weak::Weak;
+
+/// One member: immutable once published (SAFETY.md, section 7).
+struct Member<T> {
+    object: Weak<T>,
+    /// The death callback that removes this member (M4); detached when it
+    /// is removed any other way (M5).
+    finalizer: Finalizer,
+}
+
+// SAFETY: both fields are pointers: nothing writes a member's own bytes
+// through `&Member` (1). The object's block address is unique among the
+// members of a set (one member per object), survives bitwise moves, and is
+// kept reserved by the member's `Weak` until the member is dropped, after
+// every thread that saw it has unpinned (2).
+unsafe impl<T> Relocatable for Member<T> {
+    fn identity(&self) -> usize {
+        self.object.identity()
+    }
+}
+
+impl<T: Send + Sync + 'static> Watching for Member<T> {
+    type Target = T;
+
+    fn watched(&self) -> &Weak<T> {
+        &self.object
+    }
+
+    fn finalizer(&self) -> &Finalizer {
+        &self.finalizer
+    }
+}
+
+impl<T> Drop for Member<T> {
+    fn drop(&mut self) {
+        // Removal paths detach eagerly; this covers the set being dropped.
+        self.finalizer.detach();
+    }
+}
+
+/// The shared core; removal callbacks hold a `Weak` to it (M4).
+struct SetCore<T, S> {
+    hasher: S,
+    table: ShardedTable<Member<T>>,
+}
+
+impl<T: Send + Sync + 'static, S: Send + Sync + 'static> Collection<Member<T>> for SetCore<T, S> {
+    fn table(&self) -> &ShardedTable<Member<T>> {
+        &self.table
+    }
+}
+
+/// A concurrent set whose members are held weakly and compared by
+/// identity, like JavaScript's `WeakSet` (Python's `weakref.WeakSet`
+/// compares members by value): a member disappears on its own once the
+/// last [`Strong`] to it is dropped.
+///
+/// Membership is by object: two objects with equal values are two members,
+/// and an object's address being reused after its death never makes a new
+/// object a member (the set's `Weak` keeps the old address reserved until
+/// its entry is gone). Reads ([`contains`](Self::contains), iteration)
+/// take no lock and never block; writes lock one shard at a time. The
+/// removal of a dead member runs as a death callback, so
+/// [`len`](Self::len) is exact after [`flush`](crate::flush).
+///
+/// # Examples
+///
+/// An observer registry that never keeps an observer alive:
+///
+/// ```
+/// use weakrefs::{flush, Strong, WeakSet};
+///
+/// let listeners: WeakSet<String> = WeakSet::new();
+/// let a = Strong::new("listener a".to_string());
+/// let b = Strong::new("listener b".to_string());
+/// listeners.insert(&a);
+/// listeners.insert(&b);
+/// assert_eq!(listeners.len(), 2);
+///
+/// drop(b); // b unsubscribes by going away
+/// flush();
+/// let names: Vec<_> = listeners.iter().map(|l| l.to_string()).collect();
+/// assert_eq!(names, ["listener a"]);
+/// ```
+pub struct WeakSet<T, S = RandomState> {
+    core: Strong<SetCore<T, S>>,
+}
+
+impl<T: Send + Sync + 'static> WeakSet<T, RandomState> {
+    /// An empty set.
+    ///
+    /// ```
+    /// let set: weakrefs::WeakSet<u32> = weakrefs::WeakSet::new();
+    /// assert!(set.is_empty());
+    /// ```
+    pub fn new() -> Self {
+        Self::with_capacity_and_hasher(0, RandomState::new())
+    }
+
+    /// An empty set with room for about `capacity` members before any
+    /// shard grows.
+    ///
+    /// ```
+    /// let set: weakrefs::WeakSet<u32> = weakrefs::WeakSet::with_capacity(1_000);
+    /// assert!(set.is_empty());
+    /// ```
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self::with_capacity_and_hasher(capacity, RandomState::new())
+    }
+}
+
+impl<T, S> WeakSet<T, S>
+where
+    T: Send + Sync + 'static,
+    S: BuildHasher + Send + Sync + 'static,
+{
+    /// An empty set that hashes member addresses with `hasher`.
+    ///
+    /// ```
+    /// use std::collections::hash_map::RandomState;
+    /// let set: weakrefs::WeakSet<u8> = weakrefs::WeakSet::with_hasher(RandomState::new());
+    /// assert!(set.is_empty());
+    /// ```
+    pub fn with_hasher(hasher: S) -> Self {
+        Self::with_capacity_and_hasher(0, hasher)
+    }
+
+    /// An empty set with room for about `capacity` members, hashing member
+    /// addresses with `hasher`.
+    ///
+    /// ```
+    /// use std::collections::hash_map::RandomState;
+    /// let set: weakrefs::WeakSet<u8> =
+    ///     weakrefs::WeakSet::with_capacity_and_hasher(64, RandomState::new());
+    /// assert!(set.is_empty());
+    /// ```
+    pub fn with_capacity_and_hasher(capacity: usize, hasher: S) -> Self {
+        WeakSet {
+            core: Strong::new(SetCore {
+                hasher,
+                table: ShardedTable::with_capacity(capacity),
+            }),
+        }
+    }
+
+    fn hash(&self, object: &Strong<T>) -> u64 {
+        self.core.hasher.hash_one(Strong::identity(object))
+    }
+
+    /// Adds `object`, held weakly. Returns true if it was not a member.
+    ///
+    /// ```
+    /// use weakrefs::{Strong, WeakSet};
+    ///
+    /// let set = WeakSet::new();
+    /// let obj = Strong::new(1);
+    /// assert!(set.insert(&obj));
+    /// assert!(!set.insert(&obj)); // already a member
+    /// assert!(set.insert(&Strong::new(1))); // an equal value, another object
+    /// ```
+    pub fn insert(&self, object: &Strong<T>) -> bool {
+        let hash = self.hash(object);
+        if self.contains_hashed(hash, object) {
+            return false;
+        }
+        let member = Member {
+            object: Strong::downgrade(object),
+            finalizer: collection::remove_on_death(&self.core, hash, object),
+        };
+        let mut writer = self.core.table.write(hash);
+        if writer
+            .candidates(hash)
+            .any(|member| member.object.names(object))
+        {
+            // Inserted meanwhile. Ours is dropped (its callback detached)
+            // after the unlock.
+            drop(writer);
+            drop(member);
+            return false;
+        }
+        // Never matches: the object is not a member (checked under the lock).
+        writer.upsert(hash, member, |_, _| false);
+        true
+    }
+
+    /// Removes `object`. Returns true if it was a member.
+    ///
+    /// ```
+    /// use weakrefs::{Strong, WeakSet};
+    ///
+    /// let set = WeakSet::new();
+    /// let obj = Strong::new("x");
+    /// set.insert(&obj);
+    /// assert!(set.remove(&obj));
+    /// assert!(!set.remove(&obj));
+    /// ```
+    pub fn remove(&self, object: &Strong<T>) -> bool {
+        let hash = self.hash(object);
+        let mut writer = self.core.table.write(hash);
+        match writer.remove(hash, |member| member.object.names(object)) {
+            Some(member) => {
+                // Detached once the removal is published (M5).
+                member.finalizer.detach();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// True if `object` is a member. Lock-free.
+    ///
+    /// ```
+    /// use weakrefs::{Strong, WeakSet};
+    ///
+    /// let set = WeakSet::new();
+    /// let (a, b) = (Strong::new(0), Strong::new(0));
+    /// set.insert(&a);
+    /// assert!(set.contains(&a));
+    /// assert!(!set.contains(&b)); // equal value, other object
+    /// ```
+    pub fn contains(&self, object: &Strong<T>) -> bool {
+        self.contains_hashed(self.hash(object), object)
+    }
+
+    fn contains_hashed(&self, hash: u64, object: &Strong<T>) -> bool {
+        let pinned = self.core.table.pin();
+        // The caller's `Strong` keeps the object alive: a member naming it
+        // is a live member.
+        let found = self
+            .core
+            .table
+            .candidates(hash, &pinned)
+            .any(|member| member.object.names(object));
+        found
+    }
+
+    /// Members not yet removed: exact after [`flush`](crate::flush);
+    /// members that died since may still be counted until their removal
+    /// callbacks run.
+    ///
+    /// ```
+    /// use weakrefs::{flush, Strong, WeakSet};
+    ///
+    /// let set = WeakSet::new();
+    /// let obj = Strong::new(());
+    /// set.insert(&obj);
+    /// assert_eq!(set.len(), 1);
+    /// drop(obj);
+    /// flush();
+    /// assert_eq!(set.len(), 0);
+    /// ```
+    pub fn len(&self) -> usize {
+        self.core.table.len()
+    }
+
+    /// True if [`len`](Self::len) is zero.
+    ///
+    /// ```
+    /// let set: weakrefs::WeakSet<()> = weakrefs::WeakSet::new();
+    /// assert!(set.is_empty());
+    /// ```
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The live members. Weakly consistent: never yields a dead member or
+    /// panics while other threads change the set; it may or may not see
+    /// those changes.
+    ///
+    /// ```
+    /// use weakrefs::{Strong, WeakSet};
+    ///
+    /// let set = WeakSet::new();
+    /// let (a, b) = (Strong::new(1), Strong::new(2));
+    /// set.insert(&a);
+    /// set.insert(&b);
+    /// drop(b);
+    /// let live: Vec<i32> = set.iter().map(|m| *m).collect();
+    /// assert_eq!(live, [1]);
+    /// ```
+    pub fn iter(&self) -> impl Iterator<Item = Strong<T>> + '_ {
+        collection::snapshots(&self.core.table, |member| member.object.upgrade())
+    }
+
+    /// Keeps only the live members for which `f` returns true; removes the
+    /// rest (and any dead ones). `f` runs once per live member, without any
+    /// lock held, but keeps the thread pinned while it runs (keep it short).
+    ///
+    /// ```
+    /// use weakrefs::{Strong, WeakSet};
+    ///
+    /// let set = WeakSet::new();
+    /// let objects: Vec<_> = (0..6).map(Strong::new).collect();
+    /// for obj in &objects {
+    ///     set.insert(obj);
+    /// }
+    /// set.retain(|n| n % 3 == 0);
+    /// assert_eq!(set.len(), 2);
+    /// ```
+    pub fn retain<F: FnMut(&T) -> bool>(&self, mut f: F) {
+        collection::retain_live(&self.core.table, |_, object| f(object));
+    }
+
+    /// Removes every member.
+    ///
+    /// ```
+    /// use weakrefs::{Strong, WeakSet};
+    ///
+    /// let set = WeakSet::new();
+    /// let obj = Strong::new(1);
+    /// set.insert(&obj);
+    /// set.clear();
+    /// assert!(set.is_empty());
+    /// ```
+    pub fn clear(&self) {
+        collection::clear(&self.core.table);
+    }
+
+    /// Removes the members that are dead now, without waiting for their
+    /// death callbacks; returns how many.
+    ///
+    /// ```
+    /// use weakrefs::{Strong, WeakSet};
+    ///
+    /// let set = WeakSet::new();
+    /// let obj = Strong::new(1);
+    /// set.insert(&obj);
+    /// drop(obj);
+    /// assert!(set.purge() <= 1); // 0 if the callback got there first
+    /// assert!(set.is_empty());
+    /// ```
+    pub fn purge(&self) -> usize {
+        collection::purge(&self.core.table)
+    }
+}
+
+impl<T, S> Default for WeakSet<T, S>
+where
+    T: Send + Sync + 'static,
+    S: BuildHasher + Default + Send + Sync + 'static,
+{
+    fn default() -> Self {
+        Self::with_capacity_and_hasher(0, S::default())
+    }
+}
+
+impl<T, S> fmt::Debug for WeakSet<T, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WeakSet")
+            .field("len", &self.core.table.len())
+            .finish_non_exhaustive()
+    }
+}

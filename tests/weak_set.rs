@@ -1,0 +1,269 @@
+//! `WeakSet`: ports of CPython's `WeakSet` cases that make sense with
+//! identity membership, and the concurrent guarantees of API.md.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier};
+use std::thread;
+
+use weakrefs::{flush, Strong, WeakSet};
+
+/// CPython `test_len`, `test_contains`: membership and length follow the
+/// members' lives.
+#[test]
+fn len_and_contains_follow_the_members_lives() {
+    let set = WeakSet::new();
+    let members: Vec<_> = (0..10).map(Strong::new).collect();
+    for member in &members {
+        assert!(set.insert(member));
+    }
+    assert_eq!(set.len(), 10);
+    assert!(members.iter().all(|member| set.contains(member)));
+    let mut members = members;
+    let gone = members.split_off(5);
+    drop(gone);
+    flush();
+    assert_eq!(set.len(), 5);
+    assert!(members.iter().all(|member| set.contains(member)));
+    drop(members);
+    flush();
+    assert!(set.is_empty());
+}
+
+/// Identity, not equality: equal values are distinct members.
+#[test]
+fn members_are_compared_by_identity() {
+    let set = WeakSet::new();
+    let (a, b) = (Strong::new("same"), Strong::new("same"));
+    assert!(set.insert(&a));
+    assert!(!set.contains(&b));
+    assert!(set.insert(&b));
+    assert!(!set.insert(&a.clone()), "a clone is the same object");
+    assert_eq!(set.len(), 2);
+}
+
+/// CPython `test_add`, `test_remove`, `test_discard`.
+#[test]
+fn insert_remove_and_their_answers() {
+    let set = WeakSet::new();
+    let x = Strong::new(1);
+    assert!(set.insert(&x));
+    assert!(!set.insert(&x));
+    assert!(set.remove(&x));
+    assert!(!set.remove(&x));
+    assert!(!set.contains(&x));
+    assert!(set.is_empty());
+    assert!(set.insert(&x));
+    assert!(set.contains(&x));
+}
+
+/// A dead member's address may be reused by a new object, which must not
+/// find itself a member: the set's `Weak` keeps the address reserved until
+/// the entry is gone.
+#[test]
+fn a_new_object_never_inherits_a_dead_members_entry() {
+    let set = WeakSet::new();
+    for round in 0..if cfg!(miri) { 20 } else { 2_000 } {
+        let old = Strong::new(round);
+        set.insert(&old);
+        drop(old);
+        let new = Strong::new(round);
+        assert!(
+            !set.contains(&new),
+            "round {round}: a new object found an old entry"
+        );
+        assert!(set.insert(&new));
+        assert!(set.remove(&new));
+    }
+    flush();
+    assert!(set.is_empty());
+}
+
+/// CPython `test_weak_destroy_while_iterating` and
+/// `test_weak_destroy_and_mutate_while_iterating`: iteration never yields a
+/// dead member and never panics while members die and the set changes.
+#[test]
+fn members_dying_and_the_set_changing_during_iteration() {
+    let set = WeakSet::new();
+    let mut members: Vec<_> = (0..100).map(Strong::new).collect();
+    let mut seen = 0;
+    for (step, member) in set_iter_after_fill(&set, &members).enumerate() {
+        assert!(Strong::strong_count(&member) >= 1);
+        seen += 1;
+        if step % 3 == 0 && !members.is_empty() {
+            members.pop(); // a member dies mid-iteration
+        }
+        if step % 5 == 0 {
+            set.insert(&Strong::new(-1)); // dies at once, too
+        }
+    }
+    assert!(seen <= 100);
+    flush();
+    assert_eq!(set.len(), members.len());
+}
+
+fn set_iter_after_fill<'a>(
+    set: &'a WeakSet<i32>,
+    members: &[Strong<i32>],
+) -> impl Iterator<Item = Strong<i32>> + 'a {
+    for member in members {
+        set.insert(member);
+    }
+    set.iter()
+}
+
+#[test]
+fn retain_clear_and_purge() {
+    let set = WeakSet::new();
+    let members: Vec<_> = (0..12).map(Strong::new).collect();
+    for member in &members {
+        set.insert(member);
+    }
+    let mut calls = 0;
+    set.retain(|n| {
+        calls += 1;
+        n % 2 == 0
+    });
+    assert_eq!(calls, 12, "the predicate runs once per live member");
+    assert_eq!(set.len(), 6);
+    assert!(set.contains(&members[4]) && !set.contains(&members[5]));
+    let dying = Strong::new(99);
+    set.insert(&dying);
+    drop(dying);
+    assert!(set.purge() <= 1);
+    assert_eq!(set.len(), 6);
+    set.clear();
+    assert!(set.is_empty());
+    // Cleared members' callbacks were detached: nothing is left to run.
+    drop(members);
+    flush();
+    assert!(set.is_empty());
+}
+
+/// Inserting and removing one long-lived member forever leaves nothing
+/// behind: each removal detaches its callback, which is then freed.
+#[test]
+fn insert_remove_churn_leaves_nothing_behind() {
+    let set = WeakSet::new();
+    let member = Strong::new(0u64);
+    for _ in 0..if cfg!(miri) { 200 } else { 100_000 } {
+        assert!(set.insert(&member));
+        assert!(set.remove(&member));
+    }
+    // The set's `Weak`s are gone with their entries (freed after the epoch
+    // moves on; a few may be pending).
+    assert!(
+        Strong::weak_count(&member) < 100,
+        "{} weak handles left",
+        Strong::weak_count(&member)
+    );
+}
+
+/// Dropping the set before its members, then the members, is sound: the
+/// removal callbacks find the set gone and do nothing.
+#[test]
+fn dropping_the_set_before_its_members_is_sound() {
+    let members: Vec<_> = (0..50).map(Strong::new).collect();
+    {
+        let set = WeakSet::new();
+        for member in &members {
+            set.insert(member);
+        }
+    }
+    drop(members);
+    flush();
+}
+
+/// Cascading deletes (CPython's `test_len_cycles` spirit): a member whose
+/// value owns the only handle to another member; dropping the first kills
+/// the second from inside a callback chain.
+#[test]
+fn a_dying_member_that_owns_another_takes_it_along() {
+    let set: WeakSet<Option<Strong<u8>>> = WeakSet::new();
+    let inner = Strong::new(None);
+    let outer = Strong::new(Some(Strong::new(7u8)));
+    set.insert(&inner);
+    set.insert(&outer);
+    let owned_by_outer: WeakSet<u8> = WeakSet::new();
+    owned_by_outer.insert(outer.as_ref().as_ref().unwrap());
+    drop(outer);
+    flush();
+    assert_eq!(set.len(), 1);
+    assert!(
+        owned_by_outer.is_empty(),
+        "the owned member died with its owner"
+    );
+    assert!(set.contains(&inner));
+}
+
+/// Threads insert, remove and drop members concurrently (CPython's
+/// threaded consistency tests): every object is dropped exactly once, no
+/// entry outlives its member, and after `flush` the length is exact.
+#[test]
+fn mixed_stress_with_exact_accounting() {
+    struct Counted(Arc<AtomicUsize>);
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    let threads = 4;
+    let rounds = if cfg!(miri) { 30 } else { 5_000 };
+    let set: WeakSet<Counted> = WeakSet::new();
+    let drops = Arc::new(AtomicUsize::new(0));
+    let start = Barrier::new(threads);
+    let survivors: Vec<Vec<Strong<Counted>>> = thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let (set, drops, start) = (&set, drops.clone(), &start);
+                scope.spawn(move || {
+                    start.wait();
+                    let mut kept = Vec::new();
+                    for round in 0..rounds {
+                        let object = Strong::new(Counted(drops.clone()));
+                        assert!(set.insert(&object));
+                        assert!(set.contains(&object));
+                        match (round + t) % 4 {
+                            0 => kept.push(object),
+                            1 => assert!(set.remove(&object)),
+                            _ => drop(object),
+                        }
+                        if kept.len() > 16 {
+                            kept.swap_remove(round % 16);
+                        }
+                        for member in set.iter().take(4) {
+                            assert!(Strong::strong_count(&member) >= 1);
+                        }
+                    }
+                    kept
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    flush();
+    let survivors: Vec<_> = survivors.into_iter().flatten().collect();
+    assert_eq!(
+        set.len(),
+        survivors.len(),
+        "an entry outlived its member or a live one went missing"
+    );
+    let live: HashSet<_> = set.iter().map(|m| Strong::as_ptr(&m) as usize).collect();
+    let expected: HashSet<_> = survivors
+        .iter()
+        .map(|m| Strong::as_ptr(m) as usize)
+        .collect();
+    assert_eq!(live, expected);
+    assert_eq!(
+        drops.load(Ordering::SeqCst),
+        threads * rounds - survivors.len()
+    );
+}
+
+#[test]
+fn the_set_is_send_sync_default_and_debug() {
+    fn is_send_sync<T: Send + Sync>() {}
+    is_send_sync::<WeakSet<String>>();
+    let set: WeakSet<String> = WeakSet::default();
+    assert_eq!(format!("{set:?}"), "WeakSet { len: 0, .. }");
+}
