@@ -86,6 +86,14 @@ pub struct Finalizer {
 }
 
 impl Finalizer {
+    /// Names the registration: its node's address, unique among live
+    /// registrations and reserved while this handle lives.
+    pub(crate) fn identity(&self) -> usize {
+        self.entry.address()
+    }
+}
+
+impl Finalizer {
     /// True until the callback has run, been claimed to run (its object has
     /// died, or `call`/`shutdown` took it), or been detached.
     ///

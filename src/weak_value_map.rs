@@ -26,12 +26,15 @@ struct Item<K, V> {
 }
 
 // SAFETY: every field is a pointer (`Boxed`, `Weak`, `Finalizer`): nothing
-// writes an item's own bytes through `&Item` (1). The key's address is
-// unique among live items, survives bitwise moves, and is freed only with
-// the item, after every thread that saw it has unpinned (2).
+// writes an item's own bytes through `&Item` (1). Each item registers its
+// own callback, whose node the item's `Finalizer` keeps allocated until the
+// item is dropped, after every thread that saw it has unpinned: the node's
+// address is unique among live items and survives bitwise moves (2). (The
+// key's address would not do: a zero-sized key is never allocated, so all
+// share one address.)
 unsafe impl<K, V> Relocatable for Item<K, V> {
     fn identity(&self) -> usize {
-        self.key.address()
+        self.finalizer.identity()
     }
 }
 
@@ -105,9 +108,13 @@ where
 ///
 /// Reads ([`get`](Self::get), [`contains_key`](Self::contains_key),
 /// iteration) take no lock and never block. Writes lock one shard at a
-/// time and never block readers. Keys' `Hash` and `Eq` run while a shard
-/// is locked and must not use the same map; no destructor of a key or
-/// value ever runs under a lock. [`retain`](Self::retain)'s predicate runs
+/// time and never block readers. Keys' `Eq` (and `Borrow`, with the
+/// borrowed form's `Eq`, in [`remove`](Self::remove)) run while a shard is
+/// locked and must not use the same map; `Hash` runs before locking.
+/// A removed entry's key is dropped once no reader can still see it, by
+/// whichever thread next collects the process's epoch garbage, which may be
+/// inside any lookup or update of any map: a key's destructor must not use a
+/// map, nor wait for anything a map operation could be holding. [`retain`](Self::retain)'s predicate runs
 /// unlocked, once per entry, but keeps the thread pinned while it runs
 /// (which holds back the freeing of memory that any thread retires
 /// meanwhile: keep it short). The removal of a dead entry runs as a

@@ -764,3 +764,29 @@ fn a_panicking_key_destructor_never_surfaces_elsewhere() {
         );
     }
 }
+
+/// `retain` names the entries it rejects across the unlocked decision and
+/// the locked removal; an entry replaced meanwhile must be left alone even
+/// when every key is the same zero-sized value (whose boxes all share one
+/// address).
+#[test]
+fn retain_leaves_a_replaced_zero_sized_key_alone() {
+    let map: WeakValueMap<(), u32> = WeakValueMap::new();
+    let (a, b) = (Strong::new(1), Strong::new(2));
+    map.insert((), &a);
+    map.retain(|_, value| {
+        if *value == 1 {
+            map.insert((), &b); // replaces the entry being judged
+            return false; // rejects the old entry only
+        }
+        true
+    });
+    assert_eq!(
+        map.get(&()).as_deref(),
+        Some(&2),
+        "the replacement was removed"
+    );
+    drop(b);
+    flush();
+    assert!(map.is_empty(), "the replacement's callback was detached");
+}

@@ -176,6 +176,12 @@ impl EntryRef {
         unsafe { (self.vtable.call)(self.0) }
     }
 
+    /// The node's address: unique among live entries, since the node stays
+    /// allocated while this reference lives.
+    pub(crate) fn address(&self) -> usize {
+        self.0.as_ptr() as usize
+    }
+
     /// Cancels the callback if it is alive, dropping it in this thread.
     pub(crate) fn detach(&self) -> bool {
         if !self.settle(DETACHED) {

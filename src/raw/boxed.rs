@@ -31,12 +31,6 @@ impl<T> Boxed<T> {
             value: NonNull::from(Box::leak(Box::new(value))),
         }
     }
-
-    /// The value's address: unique among live values, and unchanged when
-    /// the `Boxed` itself moves.
-    pub(crate) fn address(&self) -> usize {
-        self.value.as_ptr() as usize
-    }
 }
 
 impl<T> Deref for Boxed<T> {
