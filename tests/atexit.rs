@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::thread;
 
-use weakrefs::{finalize, flush, shutdown, stats, Strong, WeakValueMap};
+use weakrefs::{finalize, flush, shutdown, stats, Strong};
 
 #[test]
 fn shutdown_runs_atexit_finalizers_newest_first_then_deaths_run_inline() {
@@ -15,12 +15,6 @@ fn shutdown_runs_atexit_finalizers_newest_first_then_deaths_run_inline() {
     };
     let a = Strong::new("a");
     let b = Strong::new("b");
-    // A map's own removal callbacks are not atexit finalizers: shutdown
-    // leaves entries of live values alone, and a death after it removes
-    // its entry inline.
-    let map = WeakValueMap::new();
-    map.insert("a", &a);
-    map.insert("b", &b);
     let a1 = finalize(&a, push("a1"));
     let b1 = finalize(&b, push("b1"));
     let a2 = finalize(&a, push("a2"));
@@ -40,8 +34,6 @@ fn shutdown_runs_atexit_finalizers_newest_first_then_deaths_run_inline() {
 
     shutdown(); // idempotent
     assert_eq!(log.lock().unwrap().len(), 4);
-    assert_eq!(map.len(), 2, "shutdown ran a map's removal callbacks");
-    assert_eq!(map.get("a").as_deref(), Some(&"a"));
 
     // Afterwards callbacks run inline, in the dropping thread, at the drop.
     let dropper = Arc::new(Mutex::new(None));
@@ -53,7 +45,6 @@ fn shutdown_runs_atexit_finalizers_newest_first_then_deaths_run_inline() {
     });
     drop(a); // every callback of `a` already ran or was detached
     assert_eq!(log.lock().unwrap().len(), 4);
-    assert_eq!(map.len(), 1, "the map's entry for a went with it, inline");
     drop(b);
     assert_eq!(
         *log.lock().unwrap(),
