@@ -24,6 +24,10 @@ struct Member<T> {
 // kept reserved by the member's `Weak` until the member is dropped, after
 // every thread that saw it has unpinned (2).
 unsafe impl<T> Relocatable for Member<T> {
+    /// A `Weak` and a `Finalizer`: no user code (a `Weak` never drops its
+    /// object's value).
+    const DROP_RUNS_USER_CODE: bool = false;
+
     fn identity(&self) -> usize {
         self.object.identity()
     }

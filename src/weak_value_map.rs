@@ -33,6 +33,10 @@ struct Item<K, V> {
 // key's address would not do: a zero-sized key is never allocated, so all
 // share one address.)
 unsafe impl<K, V> Relocatable for Item<K, V> {
+    /// The key's destructor is user code; the rest (`Weak`, `Finalizer`,
+    /// the box itself) is ours.
+    const DROP_RUNS_USER_CODE: bool = std::mem::needs_drop::<K>();
+
     fn identity(&self) -> usize {
         self.finalizer.identity()
     }
@@ -111,10 +115,11 @@ where
 /// time and never block readers. Keys' `Eq` (and `Borrow`, with the
 /// borrowed form's `Eq`, in [`remove`](Self::remove)) run while a shard is
 /// locked and must not use the same map; `Hash` runs before locking.
-/// A removed entry's key is dropped once no reader can still see it, by
-/// whichever thread next collects the process's epoch garbage, which may be
-/// inside any lookup or update of any map: a key's destructor must not use a
-/// map, nor wait for anything a map operation could be holding. [`retain`](Self::retain)'s predicate runs
+/// A removed entry's key is dropped on the finalizer thread once no reader
+/// can still see it, so a key's destructor may use maps (after
+/// [`shutdown`](crate::shutdown), where it arises). A value's death removes
+/// its entry on the dying thread when the shard is free, else on the
+/// finalizer thread. [`retain`](Self::retain)'s predicate runs
 /// unlocked, once per entry, but keeps the thread pinned while it runs
 /// (which holds back the freeing of memory that any thread retires
 /// meanwhile: keep it short). The removal of a dead entry runs as a

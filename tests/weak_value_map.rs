@@ -236,6 +236,19 @@ fn insert_remove_churn_leaves_nothing_behind() {
         map.remove(&(i % 3));
     }
     assert!(map.is_empty());
+    // Removed items are freed once every pinned thread has moved on; other
+    // tests' threads may hold the epoch back for a moment, so give them a
+    // (bounded) chance before judging what is left.
+    for _ in 0..10_000 {
+        if Strong::weak_count(&value) < 100 {
+            break;
+        }
+        let nudge: WeakValueMap<u8, u8> = WeakValueMap::new();
+        let v = Strong::new(0);
+        nudge.insert(0, &v);
+        nudge.remove(&0);
+        thread::yield_now();
+    }
     let weak = Strong::weak_count(&value);
     assert!(
         weak < 1_000,
@@ -638,19 +651,21 @@ fn keys_are_dropped_exactly_once_across_rebuilds() {
         assert!(map.len() <= 8);
     }
     flush();
-    // Deferred drops run when threads pin and collect: push the epoch on.
+    // Deferred drops run when threads pin and collect (push the epoch on);
+    // they hand keys to the finalizer thread, which `flush` waits for.
     for _ in 0..if cfg!(miri) { 200 } else { 2_000 } {
         let other: WeakValueMap<u8, u8> = WeakValueMap::new();
         let v = Strong::new(0);
         other.insert(0, &v);
         other.remove(&0);
+        flush();
         if LIVE_OWNED_KEYS.load(Ordering::SeqCst) == 0 {
             break;
         }
     }
-    // The finalizer thread hands its garbage over when it goes idle, which
-    // this thread cannot wait for; what it may still hold is bounded by the
-    // per-thread flush threshold (32 retirements).
+    // The finalizer thread hands its own garbage over when it goes idle,
+    // which this thread cannot wait for; what it may still hold is bounded
+    // by the per-thread flush threshold (32 retirements).
     let live = LIVE_OWNED_KEYS.load(Ordering::SeqCst);
     assert!(live < 32, "{live} keys were never dropped");
 }
@@ -789,4 +804,103 @@ fn retain_leaves_a_replaced_zero_sized_key_alone() {
     drop(b);
     flush();
     assert!(map.is_empty(), "the replacement's callback was detached");
+}
+
+/// A value's death removes its entry on the dying thread, at once, when
+/// its shard's lock is free: no `flush` needed.
+#[test]
+fn a_death_removes_its_entry_at_once_when_the_shard_is_free() {
+    let map = WeakValueMap::new();
+    let value = Strong::new(5);
+    map.insert("five", &value);
+    drop(value);
+    assert!(map.is_empty(), "the entry outlived its value's drop");
+}
+
+/// A key whose `Eq` drops the last handle of another value in the same
+/// (only) shard: that death happens under the shard's lock, held by this
+/// very thread, so its removal cannot run there; it goes to the finalizer
+/// thread, and nothing deadlocks.
+#[test]
+fn a_death_under_the_dying_threads_own_shard_lock_is_handed_off() {
+    struct DroppingKey(u32);
+    impl std::hash::Hash for DroppingKey {
+        fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+            self.0.hash(state);
+        }
+    }
+    static VICTIM: std::sync::Mutex<Option<Strong<u32>>> = std::sync::Mutex::new(None);
+    impl PartialEq for DroppingKey {
+        fn eq(&self, other: &Self) -> bool {
+            drop(VICTIM.lock().unwrap().take()); // the last handle, if still held
+            self.0 == other.0
+        }
+    }
+    impl Eq for DroppingKey {}
+    let finished = within_deadlock_limit("a death under its own shard's lock", || {
+        let map: WeakValueMap<DroppingKey, u32, OneBucket> = WeakValueMap::with_hasher(OneBucket);
+        let victim = Strong::new(1);
+        map.insert(DroppingKey(1), &victim);
+        *VICTIM.lock().unwrap() = Some(victim);
+        let survivor = Strong::new(2);
+        // Compares with key 1 under the lock: the victim dies there.
+        map.insert(DroppingKey(2), &survivor);
+        assert!(VICTIM.lock().unwrap().is_none(), "Eq never ran");
+        flush();
+        map.len() == 1 && map.get(&DroppingKey(2)).as_deref() == Some(&2)
+    });
+    assert!(finished, "the victim's entry was not removed after flush");
+}
+
+/// A key whose destructor uses its own map, while lookups elsewhere pin
+/// and collect garbage inside user `Eq` under a shard lock: removed keys
+/// are dropped on the finalizer thread, never where garbage happens to be
+/// collected, so this cannot deadlock (it did, when deferred functions
+/// dropped keys in place).
+#[test]
+fn a_key_destructor_may_use_its_own_map() {
+    static SAME: std::sync::OnceLock<WeakValueMap<UsingKey, u32, OneBucket>> =
+        std::sync::OnceLock::new();
+    static OTHER: std::sync::OnceLock<WeakValueMap<u32, u32>> = std::sync::OnceLock::new();
+    struct UsingKey(u32);
+    impl std::hash::Hash for UsingKey {
+        fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+            self.0.hash(state);
+        }
+    }
+    impl PartialEq for UsingKey {
+        fn eq(&self, other: &Self) -> bool {
+            // A lookup elsewhere: pins, and may collect garbage.
+            let _ = OTHER.get().expect("set").get(&self.0);
+            self.0 == other.0
+        }
+    }
+    impl Eq for UsingKey {}
+    impl Drop for UsingKey {
+        fn drop(&mut self) {
+            // The probe below is a key too: it must not recurse.
+            if self.0 == u32::MAX {
+                return;
+            }
+            if let Some(map) = SAME.get() {
+                let _ = map.get(&UsingKey(u32::MAX));
+                map.purge();
+            }
+        }
+    }
+    let finished = within_deadlock_limit("a key destructor using its own map", || {
+        let same = SAME.get_or_init(|| WeakValueMap::with_hasher(OneBucket));
+        let other = OTHER.get_or_init(WeakValueMap::new);
+        let held = Strong::new(0);
+        other.insert(0, &held);
+        for round in 0..if cfg!(miri) { 50 } else { 5_000 } {
+            let value = Strong::new(round);
+            same.insert(UsingKey(round % 4), &value);
+            same.insert(UsingKey(round % 4), &value); // replaces: Eq under the lock
+            same.remove(&UsingKey(round % 4));
+        }
+        flush();
+        true
+    });
+    assert!(finished);
 }

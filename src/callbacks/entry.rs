@@ -51,6 +51,9 @@ pub(crate) struct Entry {
     state: AtomicU8,
     /// Run by `shutdown()` if still alive (Python's `finalize.atexit`).
     atexit: AtomicBool,
+    /// Run by the dying thread itself rather than queued: a collection's
+    /// removal callback (set at construction, never changed).
+    on_dying_thread: bool,
     /// Link in the object's callback list, then in its death batch.
     pub(crate) object_next: AtomicPtr<Entry>,
     /// Link in the runtime's registry of all entries (for `shutdown`).
@@ -137,10 +140,13 @@ impl EntryRef {
     /// owners: the `Finalizer` handle, the object's list and, for a
     /// `finalize` registration, the registry. The count starts at
     /// `OWNERS`, before anyone else can see the node. `atexit` is its
-    /// initial setting (meaningful only for an entry in the registry).
+    /// initial setting (meaningful only for an entry in the registry);
+    /// `on_dying_thread` makes a death run it at once, on the dying
+    /// thread, instead of queueing it.
     pub(crate) fn new_with_owners<const OWNERS: usize, F>(
         callback: F,
         atexit: bool,
+        on_dying_thread: bool,
     ) -> [EntryRef; OWNERS]
     where
         F: FnOnce() + Send + 'static,
@@ -150,6 +156,7 @@ impl EntryRef {
                 refs: AtomicUsize::new(OWNERS),
                 state: AtomicU8::new(ALIVE),
                 atexit: AtomicBool::new(atexit),
+                on_dying_thread,
                 object_next: AtomicPtr::new(ptr::null_mut()),
                 registry_next: AtomicPtr::new(ptr::null_mut()),
                 queue_next: AtomicPtr::new(ptr::null_mut()),
@@ -257,6 +264,11 @@ impl Entry {
         // Acquire (C2): pairs with the AcqRel claim, so a thread that sees
         // the entry settled also sees what the claimant did before it.
         self.state.load(Ordering::Acquire) == ALIVE
+    }
+
+    /// True for a callback its object's death runs on the dying thread.
+    pub(crate) fn on_dying_thread(&self) -> bool {
+        self.on_dying_thread
     }
 
     pub(crate) fn atexit(&self) -> bool {

@@ -372,13 +372,14 @@ mod loom_model {
     fn compaction_never_forgets_a_push_it_counted() {
         loom::model(|| {
             let list = Arc::new(EntryList::<ObjectLink>::new());
-            let [first, in_list, _first_registry] = EntryRef::new_with_owners::<3, _>(|| {}, true);
+            let [first, in_list, _first_registry] =
+                EntryRef::new_with_owners::<3, _>(|| {}, true, false);
             list.push(in_list);
             let pusher = {
                 let list = list.clone();
                 loom::thread::spawn(move || {
                     let [second, in_list, _registry] =
-                        EntryRef::new_with_owners::<3, _>(|| {}, true);
+                        EntryRef::new_with_owners::<3, _>(|| {}, true, false);
                     list.push(in_list);
                     second
                 })

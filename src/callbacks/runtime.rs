@@ -181,25 +181,41 @@ impl Runtime {
     where
         F: FnOnce() + Send + 'static,
     {
-        let [handle, in_list, in_registry] = EntryRef::new_with_owners(callback, true);
+        let [handle, in_list, in_registry] = EntryRef::new_with_owners(callback, true, false);
         list.push(in_list);
         self.registry.push(in_registry);
         handle
     }
 
-    /// Registers `callback` on `list` without entering it in the registry:
-    /// `shutdown` never runs it (it is not `atexit`), and registering costs
-    /// no push on the process-wide registry. For the collections' internal
-    /// removal callbacks, which have nothing to do at exit. Deaths and
-    /// drains still count such entries towards the registry's next
-    /// compaction (a trigger, C5): at worst an early scan of the registry.
+    /// Registers a collection's removal callback on `list`: kept out of the
+    /// registry (`shutdown` never runs it, and registering costs no push on
+    /// the process-wide registry), and run by the object's death at once,
+    /// on the dying thread, not queued (C14). It must be short, never
+    /// block, and run no user code. Deaths and drains still count such
+    /// entries towards the registry's next compaction (a trigger, C5): at
+    /// worst an early scan of the registry.
     pub(crate) fn register_unlisted<F>(&self, list: &ObjectCallbacks, callback: F) -> EntryRef
     where
         F: FnOnce() + Send + 'static,
     {
-        let [handle, in_list] = EntryRef::new_with_owners(callback, false);
+        let [handle, in_list] = EntryRef::new_with_owners(callback, false, true);
         list.push(in_list);
         handle
+    }
+
+    /// Runs `job` on the finalizer thread (inline once shutdown has closed
+    /// the queue), counted in `pending` so that `flush` waits for it, and
+    /// in the statistics as a callback. For work that must not run where it
+    /// arises: a removal whose shard is busy, a key's destructor.
+    pub(crate) fn post<F>(&self, job: F)
+    where
+        F: FnOnce() + Send + 'static,
+    {
+        let [in_queue] = EntryRef::new_with_owners(job, false, false);
+        let claimed = in_queue.claim();
+        debug_assert!(claimed, "a new entry is alive");
+        // The queue's reference, given back by `run_chain`.
+        self.dispatch(in_queue.into_link(), 1);
     }
 
     /// The object owning `list` has died (its value is gone): claim its
@@ -211,6 +227,9 @@ impl Runtime {
         let (mut head, mut tail, mut count) =
             (ptr::null_mut::<Entry>(), ptr::null_mut::<Entry>(), 0);
         let mut settled = 0;
+        // Claimed collection callbacks, chained through `object_next` and
+        // run below on this thread (C14).
+        let mut here = ptr::null_mut::<Entry>();
         while !node.is_null() {
             let current = node;
             // SAFETY: the chain's references are ours (`take_all`).
@@ -218,6 +237,12 @@ impl Runtime {
             // Relaxed: the chain is ours alone now (C6).
             node = entry.object_next.load(Ordering::Relaxed);
             if entry.claim() {
+                if entry.on_dying_thread() {
+                    // Relaxed: ours alone.
+                    entry.object_next.store(here, Ordering::Relaxed);
+                    here = current;
+                    continue;
+                }
                 // Relaxed: still ours alone; published by the queue push.
                 entry.object_next.store(ptr::null_mut(), Ordering::Relaxed);
                 if tail.is_null() {
@@ -244,6 +269,19 @@ impl Runtime {
         }
         if count > 0 {
             self.dispatch(head, count);
+        }
+        while !here.is_null() {
+            // SAFETY: the list's reference to a node we claimed (`take_all`),
+            // given back when `entry` drops.
+            let entry = unsafe { EntryRef::from_link(here) };
+            // Relaxed: ours alone.
+            here = entry.object_next.load(Ordering::Relaxed);
+            // C14: short, non-blocking, no user code; a panic (none is
+            // expected) is reported, never unwound into the dropping code.
+            // SAFETY: claimed just now by us, and run once for that claim.
+            crate::panics::catch_and_report("a collection's removal callback", || unsafe {
+                entry.run_claimed()
+            });
         }
     }
 
@@ -709,14 +747,16 @@ mod global {
     /// destructors would make a model nondeterministic. The epoch collector
     /// is dropped after the runtime.
     pub(crate) struct LoomGlobals {
-        runtime: Runtime,
+        // Dropped first: its pending deferred functions may post work to
+        // the runtime, which must still be there (fields drop in order).
         collector: crossbeam_epoch::Collector,
+        runtime: Runtime,
     }
 
     loom::lazy_static! {
         static ref GLOBAL: LoomGlobals = LoomGlobals {
-            runtime: Runtime::inline(),
             collector: crossbeam_epoch::Collector::new(),
+            runtime: Runtime::inline(),
         };
     }
 

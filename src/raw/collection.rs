@@ -2,6 +2,7 @@
 //! entry when the object it watches dies, and iterate, retain, clear and
 //! purge shard by shard (SAFETY.md, section 7: M4, M5, M8).
 
+use crate::callbacks::global;
 use crate::finalizer::{finalize_unlisted, Finalizer};
 use crate::raw::table::{Relocatable, ShardedTable};
 use crate::strong::Strong;
@@ -32,6 +33,12 @@ pub(crate) trait Collection<I>: Send + Sync + 'static {
 /// (M4). The callback holds a `Weak` to the core and does nothing once the
 /// collection is gone, and a `Weak` to `object`, which keeps its address
 /// reserved, so no other object can be taken for it.
+///
+/// The callback runs on the thread that drops the object's last `Strong`
+/// (C14, M10). It takes the shard's lock only if it is free: the dying
+/// thread may hold it already (a drop inside user `Eq` under a write), and
+/// a drop must not wait for other writers. If the lock is taken, the
+/// removal goes to the finalizer thread, which may wait for it.
 pub(crate) fn remove_on_death<C, I>(
     core: &Strong<C>,
     hash: u64,
@@ -44,11 +51,19 @@ where
     let collection = Strong::downgrade(core);
     let dead = Strong::downgrade(object);
     finalize_unlisted(object, move || {
-        if let Some(core) = collection.upgrade() {
-            // Dropped before `core`, which may be the last handle.
+        let Some(core) = collection.upgrade() else {
+            return;
+        };
+        if let Some(mut writer) = core.table().try_write(hash) {
+            writer.remove(hash, |item| item.watched().ptr_eq(&dead));
+            // Dropped here, before `core`, which may be the last handle.
+            drop(writer);
+            return;
+        }
+        global().post(move || {
             let mut writer = core.table().write(hash);
             writer.remove(hash, |item| item.watched().ptr_eq(&dead));
-        }
+        });
     })
 }
 

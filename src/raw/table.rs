@@ -36,8 +36,9 @@ use std::marker::PhantomData;
 use std::mem::MaybeUninit;
 use std::panic::{self, AssertUnwindSafe};
 use std::ptr;
-use std::sync::PoisonError;
+use std::sync::{PoisonError, TryLockError};
 
+use crate::callbacks::global;
 use crate::panics::catch_and_report;
 use crate::reclaim::{Pinned, Reclaimer};
 use crate::sync::{
@@ -93,6 +94,12 @@ fn tag_of(hash: u64) -> u64 {
 ///    thread that saw the item is pinned (it is the address of something the
 ///    item owns, freed with the item).
 pub(crate) unsafe trait Relocatable {
+    /// True if dropping an item may run user code (a key's destructor).
+    /// Such an item is not dropped where epoch garbage happens to be
+    /// collected (inside any lookup, or under another shard's lock): it is
+    /// handed to the finalizer thread (M10).
+    const DROP_RUNS_USER_CODE: bool;
+
     /// Names this item across rebuilds.
     fn identity(&self) -> usize;
 }
@@ -351,6 +358,23 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
     /// Locks `hash`'s shard for writing (M2).
     pub(crate) fn write(&self, hash: u64) -> ShardWriter<'_, I> {
         self.write_shard(self.shard_index(hash))
+    }
+
+    /// Locks `hash`'s shard for writing if nobody holds its lock, this
+    /// thread included: never blocks.
+    pub(crate) fn try_write(&self, hash: u64) -> Option<ShardWriter<'_, I>> {
+        let shard = &self.shards[self.shard_index(hash)];
+        let state = match shard.writer.try_lock() {
+            Ok(state) => state,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => return None,
+        };
+        Some(ShardWriter {
+            table: self,
+            shard,
+            state: Some(state),
+            garbage: Garbage::default(),
+        })
     }
 
     /// Locks shard `index` for writing.
@@ -753,6 +777,9 @@ impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
             return;
         }
         let pinned = self.table.pin();
+        // Looked up now, not when the functions run: they may run while the
+        // process (or a loom model) tears its statics down.
+        let runtime = global();
         for (table, index) in garbage.items.into_iter() {
             // SAFETY: the item was unlinked under the mutex (a tombstone, or
             // left out of the table that replaced its own), so no reader
@@ -762,15 +789,24 @@ impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
             // releases the reference. `I: Send` lets it run anywhere.
             unsafe {
                 pinned.defer(move || {
-                    // A panicking key or value destructor must neither skip
-                    // the release nor unwind into whichever thread happens
-                    // to collect garbage.
-                    catch_and_report("a removed entry's destructor", || {
-                        (*table).slots[index]
-                            .item
-                            .with_mut(|item| (*item).assume_init_drop());
-                    });
-                    release(table);
+                    let slot = &(*table).slots[index].item;
+                    if I::DROP_RUNS_USER_CODE {
+                        // Moved out, and dropped on the finalizer thread:
+                        // this function runs wherever garbage is collected,
+                        // which may be inside a lookup or under a shard lock
+                        // (M10). The slot is never read again.
+                        let item = slot.with(|item| ptr::read((*item).as_ptr()));
+                        release(table);
+                        runtime.post(move || drop(item));
+                    } else {
+                        // Our own types only; a panic (none is expected)
+                        // must neither skip the release nor unwind into the
+                        // collecting thread.
+                        catch_and_report("a removed entry's destructor", || {
+                            slot.with_mut(|item| (*item).assume_init_drop());
+                        });
+                        release(table);
+                    }
                 });
             }
         }
