@@ -197,6 +197,30 @@ impl Header {
         true
     }
 
+    /// Gives up one strong handle unless it is the last: true if it was
+    /// given up, false (count untouched) if the caller holds the last one.
+    #[inline]
+    pub(crate) fn decrement_strong_unless_last(&self) -> bool {
+        // Relaxed: only seeds the CAS.
+        let mut current = self.strong.load(Ordering::Relaxed);
+        loop {
+            if current == 1 {
+                return false;
+            }
+            // Release (O2): as in `decrement_strong`, for a decrement that
+            // is not the last; Relaxed on failure, which only reloads.
+            match self.strong.compare_exchange_weak(
+                current,
+                current - 1,
+                Ordering::Release,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
     /// `Weak::upgrade`: a new strong handle unless the count is zero, in
     /// which case it stays zero forever (I1).
     #[inline]

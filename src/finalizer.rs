@@ -269,7 +269,9 @@ pub fn stats() -> Stats {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub struct Stats {
-    /// Callbacks handed to the finalizer thread so far.
+    /// Callbacks handed to the finalizer thread so far. The collections'
+    /// own work handed to it (a removal whose shard was busy, a removed
+    /// key's destructor) counts here and in `run` and `pending` too.
     pub queued: u64,
     /// Callbacks that have finished, wherever they ran (the finalizer
     /// thread, [`Finalizer::call`], `shutdown`, inline after it), panicked

@@ -147,6 +147,18 @@ impl<T> Strong<T> {
         this.block == other.block
     }
 
+    /// Drops `this` unless it is the last handle, which it gives back: a
+    /// thread that must not run the value's destructor (a collection's
+    /// removal callback, on a dying thread) hands that one elsewhere.
+    pub(crate) fn drop_unless_last(this: Self) -> Option<Self> {
+        if this.header().decrement_strong_unless_last() {
+            std::mem::forget(this);
+            None
+        } else {
+            Some(this)
+        }
+    }
+
     /// The object's identity, as [`Weak`]'s `Eq` and `Hash` see it: its
     /// block's address.
     pub(crate) fn identity(this: &Self) -> usize {

@@ -2,6 +2,11 @@
 //! shutdown is process-wide (and Miri runs it with the map tests, which
 //! need crossbeam-epoch's relaxations).
 
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::{mpsc, Mutex};
+use std::thread;
+use std::time::Duration;
+
 use weakrefs::{shutdown, Strong, WeakSet, WeakValueMap};
 
 /// The collections' removal callbacks are not `atexit` finalizers:
@@ -26,4 +31,60 @@ fn shutdown_leaves_live_entries_and_later_deaths_remove_theirs_inline() {
     assert_eq!(map.len(), 1, "the entry went with its value, inline");
     assert_eq!(set.len(), 1, "the member went with its object, inline");
     assert!(set.contains(&b));
+
+    // A death under the dying thread's own shard lock (inside `Eq` during a
+    // write): with no finalizer thread to hand the removal to, it must not
+    // wait for that lock; the dead entry stays until `purge`.
+    let (done, finished) = mpsc::channel();
+    thread::spawn(move || {
+        let map: WeakValueMap<DroppingKey, u32, OneShard> = WeakValueMap::with_hasher(OneShard);
+        let victim = Strong::new(1);
+        map.insert(DroppingKey(1), &victim);
+        *VICTIM.lock().unwrap() = Some(victim);
+        let survivor = Strong::new(2);
+        map.insert(DroppingKey(2), &survivor); // the victim dies in `Eq`
+        let purged = map.purge();
+        let _ = done.send((purged, map.len()));
+    });
+    let (purged, len) = finished
+        .recv_timeout(Duration::from_secs(120))
+        .expect("deadlock: a death under its own shard lock after shutdown");
+    assert_eq!((purged, len), (1, 1));
+}
+
+static VICTIM: Mutex<Option<Strong<u32>>> = Mutex::new(None);
+
+/// A key whose `Eq` drops the last handle to the victim.
+struct DroppingKey(u32);
+
+impl PartialEq for DroppingKey {
+    fn eq(&self, other: &Self) -> bool {
+        drop(VICTIM.lock().unwrap().take());
+        self.0 == other.0
+    }
+}
+impl Eq for DroppingKey {}
+impl Hash for DroppingKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
+
+/// Every key in one shard and one probe sequence.
+struct OneShard;
+
+impl BuildHasher for OneShard {
+    type Hasher = ZeroHasher;
+    fn build_hasher(&self) -> ZeroHasher {
+        ZeroHasher
+    }
+}
+
+struct ZeroHasher;
+
+impl Hasher for ZeroHasher {
+    fn finish(&self) -> u64 {
+        0
+    }
+    fn write(&mut self, _: &[u8]) {}
 }

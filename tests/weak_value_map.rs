@@ -904,3 +904,46 @@ fn a_key_destructor_may_use_its_own_map() {
     });
     assert!(finished);
 }
+
+/// A value's death racing the drop of its map: the dying thread must never
+/// end up dropping the map (its keys' destructors are user code, which a
+/// drop must not run there); the last handle goes to the finalizer thread.
+#[test]
+fn a_dying_value_never_drops_the_map_it_races() {
+    thread_local! {
+        static DYING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    #[derive(PartialEq, Eq, Hash)]
+    struct WatchedKey(u32);
+    static DROPPED_WHILE_DYING: AtomicUsize = AtomicUsize::new(0);
+    impl Drop for WatchedKey {
+        fn drop(&mut self) {
+            if DYING.with(std::cell::Cell::get) {
+                DROPPED_WHILE_DYING.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+    for _ in 0..if cfg!(miri) { 10 } else { 2_000 } {
+        let map = WeakValueMap::new();
+        let (dying, staying) = (Strong::new(1), Strong::new(2));
+        map.insert(WatchedKey(1), &dying);
+        map.insert(WatchedKey(2), &staying);
+        let start = Barrier::new(2);
+        thread::scope(|scope| {
+            scope.spawn(|| {
+                start.wait();
+                DYING.with(|flag| flag.set(true));
+                drop(dying);
+                DYING.with(|flag| flag.set(false));
+            });
+            start.wait();
+            drop(map);
+        });
+        flush();
+    }
+    assert_eq!(
+        DROPPED_WHILE_DYING.load(Ordering::SeqCst),
+        0,
+        "keys were dropped on a dying value's thread"
+    );
+}

@@ -258,7 +258,11 @@ fn set_inserts_of_one_object_race_and_add_it_once() {
 /// `WeakSet`, M3, M4 and M10: a member's death racing the insert of another
 /// member into its two-slot shard, which rebuilds it. The removal runs on
 /// the dying thread if the shard's lock is free, else on `flush`: the dead
-/// member goes, the new one stays, the length is exact.
+/// member goes, the new one stays, the length is exact. (With two inserts,
+/// and so two rebuilds, the model exceeds loom's default branch limit, and
+/// with a higher limit loom reports it nondeterministic; earlier, with the
+/// removal always queued and also drained by the dying thread, it was
+/// nondeterministic too. The cause is not yet understood.)
 #[test]
 fn set_member_death_races_an_insert_that_rebuilds() {
     loom::model(|| {

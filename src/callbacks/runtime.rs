@@ -191,9 +191,9 @@ impl Runtime {
     /// registry (`shutdown` never runs it, and registering costs no push on
     /// the process-wide registry), and run by the object's death at once,
     /// on the dying thread, not queued (C14). It must be short, never
-    /// block, and run no user code. Deaths and drains still count such
-    /// entries towards the registry's next compaction (a trigger, C5): at
-    /// worst an early scan of the registry.
+    /// block, and run no user code. Work it posts (and any posted job) is
+    /// counted towards the registry's next compaction when it runs (a
+    /// trigger, C5): at worst an early scan of the registry.
     pub(crate) fn register_unlisted<F>(&self, list: &ObjectCallbacks, callback: F) -> EntryRef
     where
         F: FnOnce() + Send + 'static,
@@ -206,7 +206,7 @@ impl Runtime {
     /// Runs `job` on the finalizer thread (inline once shutdown has closed
     /// the queue), counted in `pending` so that `flush` waits for it, and
     /// in the statistics as a callback. For work that must not run where it
-    /// arises: a removal whose shard is busy, a key's destructor.
+    /// arises: a key's destructor, the last handle to a collection.
     pub(crate) fn post<F>(&self, job: F)
     where
         F: FnOnce() + Send + 'static,
@@ -216,6 +216,14 @@ impl Runtime {
         debug_assert!(claimed, "a new entry is alive");
         // The queue's reference, given back by `run_chain`.
         self.dispatch(in_queue.into_link(), 1);
+    }
+
+    /// True once `shutdown` has closed the queue: from then on posted work
+    /// runs inline, where it arises. A caller with work that may block
+    /// checks this first; a post racing the closing still runs inline (C9).
+    pub(crate) fn is_closed(&self) -> bool {
+        // Acquire: pairs with the store that closed the queue.
+        self.queue.head.load(Ordering::Acquire) == closed()
     }
 
     /// The object owning `list` has died (its value is gone): claim its
@@ -267,9 +275,9 @@ impl Runtime {
             // next compaction, so a wave of detaches shrinks it (C5).
             self.registry.note_settled(settled);
         }
-        if count > 0 {
-            self.dispatch(head, count);
-        }
+        // The collections' removals first: a user callback on the finalizer
+        // thread then finds the dead entries gone (as when all ran there,
+        // newest first, and the map's were registered after the user's).
         while !here.is_null() {
             // SAFETY: the list's reference to a node we claimed (`take_all`),
             // given back when `entry` drops.
@@ -282,6 +290,9 @@ impl Runtime {
             crate::panics::catch_and_report("a collection's removal callback", || unsafe {
                 entry.run_claimed()
             });
+        }
+        if count > 0 {
+            self.dispatch(head, count);
         }
     }
 

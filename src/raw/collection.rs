@@ -35,10 +35,15 @@ pub(crate) trait Collection<I>: Send + Sync + 'static {
 /// reserved, so no other object can be taken for it.
 ///
 /// The callback runs on the thread that drops the object's last `Strong`
-/// (C14, M10). It takes the shard's lock only if it is free: the dying
-/// thread may hold it already (a drop inside user `Eq` under a write), and
-/// a drop must not wait for other writers. If the lock is taken, the
-/// removal goes to the finalizer thread, which may wait for it.
+/// (C14, M10), which must not block or run user code there:
+///
+/// * it takes the shard's lock only if it is free (the dying thread may
+///   hold it already, when a drop happens inside user `Eq` under a write),
+///   else posts the removal, which may wait for the lock, to the finalizer
+///   thread; after `shutdown` there is none, and the dead entry stays, out
+///   of sight of lookups, until `purge`, `retain` or `clear`;
+/// * it never lets go of the last handle to the collection there: that
+///   would drop every key (user code) on the dying thread.
 pub(crate) fn remove_on_death<C, I>(
     core: &Strong<C>,
     hash: u64,
@@ -54,16 +59,25 @@ where
         let Some(core) = collection.upgrade() else {
             return;
         };
-        if let Some(mut writer) = core.table().try_write(hash) {
-            writer.remove(hash, |item| item.watched().ptr_eq(&dead));
-            // Dropped here, before `core`, which may be the last handle.
-            drop(writer);
+        let removed_here = match core.table().try_write(hash) {
+            Some(mut writer) => {
+                writer.remove(hash, |item| item.watched().ptr_eq(&dead));
+                true
+            }
+            None => false,
+        };
+        if !removed_here && !global().is_closed() {
+            global().post(move || {
+                let mut writer = core.table().write(hash);
+                writer.remove(hash, |item| item.watched().ptr_eq(&dead));
+            });
             return;
         }
-        global().post(move || {
-            let mut writer = core.table().write(hash);
-            writer.remove(hash, |item| item.watched().ptr_eq(&dead));
-        });
+        // The collection may have been dropped meanwhile: if ours is the
+        // last handle, its drop goes to the finalizer thread.
+        if let Some(last) = Strong::drop_unless_last(core) {
+            global().post(move || drop(last));
+        }
     })
 }
 

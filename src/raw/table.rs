@@ -19,9 +19,10 @@
 //!   slot of its probe sequence; a replacement fills one and only then
 //!   turns the old slot into a tombstone, so a reader finds the old item or
 //!   the new one, never neither; a removal leaves a tombstone (M2). A
-//!   removed item is dropped in place by an epoch-deferred function once no
-//!   reader can see it; a count of such pending drops keeps the table's
-//!   memory alive until they have run.
+//!   removed item is dropped by an epoch-deferred function once no reader
+//!   can see it, in place, or, if its drop runs user code, moved out and
+//!   dropped on the finalizer thread (M10); a count of such pending drops
+//!   keeps the table's memory alive until they have run.
 //! * **Rebuilds** happen when filling an empty slot would take the table
 //!   past 3/4 full (tombstones count): a table sized for twice the live
 //!   items receives bitwise copies of them and is published whole. Readers
@@ -177,8 +178,8 @@ impl<I> Table<I> {
 ///
 /// 1. The caller owns one of the table's references.
 /// 2. No full slot's item is still owned by the table: the items were
-///    moved to a newer table, dropped by deferred drops, or dropped by
-///    `ShardedTable::drop`.
+///    moved to a newer table, dropped (or moved out) by deferred functions,
+///    or dropped by `ShardedTable::drop`.
 unsafe fn release<I>(table: *const Table<I>) {
     // SAFETY: by 1 the table is alive while we hold a reference.
     let refs = unsafe { &(*table).refs };
@@ -785,7 +786,8 @@ impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
             // left out of the table that replaced its own), so no reader
             // that pins from now on can reach it (2); the deferred function
             // owns one reference to its table, which keeps the slot
-            // allocated until it runs (1), and drops the item once, then
+            // allocated until it runs (1), and drops the item once (or
+            // moves it out once, for the finalizer thread to drop), then
             // releases the reference. `I: Send` lets it run anywhere.
             unsafe {
                 pinned.defer(move || {
@@ -797,7 +799,9 @@ impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
                         // (M10). The slot is never read again.
                         let item = slot.with(|item| ptr::read((*item).as_ptr()));
                         release(table);
-                        runtime.post(move || drop(item));
+                        runtime.post(move || {
+                            catch_and_report("a removed entry's destructor", || drop(item));
+                        });
                     } else {
                         // Our own types only; a panic (none is expected)
                         // must neither skip the release nor unwind into the
