@@ -116,13 +116,16 @@ where
 /// borrowed form's `Eq`, in [`remove`](Self::remove)) run while a shard is
 /// locked and must not use the same map; `Hash` runs before locking.
 /// A removed entry's key is dropped on the finalizer thread once no reader
-/// can still see it (after [`shutdown`](crate::shutdown): wherever that
-/// happens to be noticed, which may be inside another map operation);
-/// keys still in the map when it goes are dropped by whoever drops its last
-/// handle, never by a dying value's thread. A value's death removes its
-/// entry on the dying thread when the shard's lock is free, else on the
-/// finalizer thread; after `shutdown`, a dead entry whose shard was busy
-/// stays, invisible to lookups, until [`purge`](Self::purge). [`retain`](Self::retain)'s predicate runs
+/// can still see it; keys still in the map when it goes are dropped by
+/// whoever drops its last handle, never by a dying value's thread. A
+/// value's death removes its entry on the dying thread when the shard's
+/// lock is free, else on the finalizer thread. After
+/// [`shutdown`](crate::shutdown) there is no finalizer thread: a removed
+/// key is dropped wherever that is noticed, which may be inside another map
+/// operation (so a key's destructor must not use a map after shutdown), the
+/// map may be dropped by a dying value's thread, and a dead entry whose
+/// shard was busy stays, invisible to lookups, until
+/// [`purge`](Self::purge). [`retain`](Self::retain)'s predicate runs
 /// unlocked, once per entry, but keeps the thread pinned while it runs
 /// (which holds back the freeing of memory that any thread retires
 /// meanwhile: keep it short). The removal of a dead entry runs as a

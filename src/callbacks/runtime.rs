@@ -191,7 +191,9 @@ impl Runtime {
     /// registry (`shutdown` never runs it, and registering costs no push on
     /// the process-wide registry), and run by the object's death at once,
     /// on the dying thread, not queued (C14). It must be short, never
-    /// block, and run no user code. Work it posts (and any posted job) is
+    /// block, and run none of its own user code (its writer's pin may
+    /// collect other epoch garbage, as any lookup's does). Work it posts
+    /// (and any posted job) is
     /// counted towards the registry's next compaction when it runs (a
     /// trigger, C5): at worst an early scan of the registry.
     pub(crate) fn register_unlisted<F>(&self, list: &ObjectCallbacks, callback: F) -> EntryRef

@@ -43,7 +43,8 @@ pub(crate) trait Collection<I>: Send + Sync + 'static {
 ///   thread; after `shutdown` there is none, and the dead entry stays, out
 ///   of sight of lookups, until `purge`, `retain` or `clear`;
 /// * it never lets go of the last handle to the collection there: that
-///   would drop every key (user code) on the dying thread.
+///   would drop every key (user code) on the dying thread. (After
+///   `shutdown`, posted work runs inline, so then it does.)
 pub(crate) fn remove_on_death<C, I>(
     core: &Strong<C>,
     hash: u64,
@@ -68,8 +69,16 @@ where
         };
         if !removed_here && !global().is_closed() {
             global().post(move || {
-                let mut writer = core.table().write(hash);
-                writer.remove(hash, |item| item.watched().ptr_eq(&dead));
+                // Inline if shutdown closed the queue meanwhile: then this
+                // runs where the death happened, and must not wait.
+                let writer = if global().is_closed() {
+                    core.table().try_write(hash)
+                } else {
+                    Some(core.table().write(hash))
+                };
+                if let Some(mut writer) = writer {
+                    writer.remove(hash, |item| item.watched().ptr_eq(&dead));
+                }
             });
             return;
         }
