@@ -18,14 +18,32 @@ use crate::weak::Weak;
 /// out of line: a rebuild copies items bitwise while readers may be running
 /// the key's `Eq` (M3).
 struct Item<K, V> {
-    key: Boxed<K>,
+    /// The key and the callback, out of line: a lookup reads the slot (tag,
+    /// this pointer, the value's) and then the key, so the slot stays at 24
+    /// bytes.
+    keyed: Boxed<Keyed<K>>,
     value: Weak<V>,
+}
+
+/// What an item keeps out of line.
+struct Keyed<K> {
+    key: K,
     /// The death callback that removes this item (M4); detached when the
     /// item is removed any other way (M5).
     finalizer: Finalizer,
 }
 
-// SAFETY: every field is a pointer (`Boxed`, `Weak`, `Finalizer`): nothing
+impl<K, V> Item<K, V> {
+    fn key(&self) -> &K {
+        &self.keyed.key
+    }
+
+    fn finalizer(&self) -> &Finalizer {
+        &self.keyed.finalizer
+    }
+}
+
+// SAFETY: both fields are pointers (`Boxed`, `Weak`): nothing
 // writes an item's own bytes through `&Item` (1). Each item registers its
 // own callback, whose node the item's `Finalizer` keeps allocated until the
 // item is dropped, after every thread that saw it has unpinned: the node's
@@ -38,7 +56,7 @@ unsafe impl<K, V> Relocatable for Item<K, V> {
     const DROP_RUNS_USER_CODE: bool = std::mem::needs_drop::<K>();
 
     fn identity(&self) -> usize {
-        self.finalizer.identity()
+        self.finalizer().identity()
     }
 }
 
@@ -54,7 +72,7 @@ where
     }
 
     fn finalizer(&self) -> &Finalizer {
-        &self.finalizer
+        Item::finalizer(self)
     }
 }
 
@@ -63,7 +81,7 @@ impl<K, V> Drop for Item<K, V> {
         // Removal paths detach eagerly; this covers the map being dropped.
         // After the value's death the callback is claimed and this is a
         // no-op.
-        self.finalizer.detach();
+        self.finalizer().detach();
     }
 }
 
@@ -232,9 +250,11 @@ where
     /// callback that will remove exactly this item (M4).
     fn new_item(&self, hash: u64, key: K, value: &Strong<V>) -> Item<K, V> {
         Item {
-            key: Boxed::new(key),
             value: Strong::downgrade(value),
-            finalizer: collection::remove_on_death(&self.core, hash, value),
+            keyed: Boxed::new(Keyed {
+                key,
+                finalizer: collection::remove_on_death(&self.core, hash, value),
+            }),
         }
     }
 
@@ -273,11 +293,11 @@ where
         hash: u64,
         item: Item<K, V>,
     ) -> Option<Strong<V>> {
-        let replaced = writer.upsert(hash, item, |old, new| *old.key == *new.key)?;
+        let replaced = writer.upsert(hash, item, |old, new| old.key() == new.key())?;
         // Detached only once the replacement is published: a panicking
         // `Eq` in `upsert` leaves every entry and its callback as they were
         // (M5).
-        replaced.finalizer.detach();
+        replaced.finalizer().detach();
         replaced.value.upgrade()
     }
 
@@ -325,7 +345,7 @@ where
         self.core
             .table
             .candidates(hash, &pinned)
-            .find(|item| (*item.key).borrow() == key)
+            .find(|item| item.key().borrow() == key)
             .and_then(f)
     }
 
@@ -368,9 +388,9 @@ where
     {
         let hash = self.hash(key);
         let mut writer = self.core.table.write(hash);
-        let removed = writer.remove(hash, |item| (*item.key).borrow() == key)?;
+        let removed = writer.remove(hash, |item| item.key().borrow() == key)?;
         // As in `publish_locked`: detached after the removal is published.
-        removed.finalizer.detach();
+        removed.finalizer().detach();
         // Dropped by the caller, after the unlock: it may be the last handle.
         removed.value.upgrade()
     }
@@ -445,7 +465,7 @@ where
         let wanted = key.as_ref().expect("the key is present until we lead");
         let live = writer
             .candidates(hash)
-            .find(|item| *item.key == *wanted)
+            .find(|item| item.key() == wanted)
             .and_then(|item| item.value.upgrade());
         if let Some(value) = live {
             drop(writer);
@@ -571,7 +591,7 @@ where
         if let (Some(value), Some(wanted)) = (&value, &key) {
             let existing = writer
                 .candidates(hash)
-                .find(|item| *item.key == *wanted)
+                .find(|item| item.key() == wanted)
                 .and_then(|item| item.value.upgrade());
             outcome = match existing {
                 // Inserted meanwhile: adopt it, so every caller gets one value.
@@ -645,7 +665,7 @@ where
     where
         K: Clone,
     {
-        self.snapshots(|item| Some(((*item.key).clone(), item.value.upgrade()?)))
+        self.snapshots(|item| Some((item.key().clone(), item.value.upgrade()?)))
     }
 
     /// Keys of live entries (cloned).
@@ -662,7 +682,7 @@ where
     where
         K: Clone,
     {
-        self.snapshots(|item| item.value.is_alive().then(|| (*item.key).clone()))
+        self.snapshots(|item| item.value.is_alive().then(|| item.key().clone()))
     }
 
     /// Live values.
@@ -703,7 +723,7 @@ where
     /// assert_eq!(map.len(), 3);
     /// ```
     pub fn retain<F: FnMut(&K, &V) -> bool>(&self, mut f: F) {
-        collection::retain_live(&self.core.table, |item, value| f(&item.key, value));
+        collection::retain_live(&self.core.table, |item, value| f(item.key(), value));
     }
 
     /// Removes every entry.
