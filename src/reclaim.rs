@@ -116,7 +116,8 @@ impl Pinned {
     }
 
     /// Hands `ptr` to the collector, which drops and frees it once no thread
-    /// pinned now can still read it.
+    /// pinned now can still read it: [`Self::defer`] with a drop, so the
+    /// tests of this wrapper exercise the path the collections use.
     ///
     /// # Safety
     ///
@@ -126,11 +127,11 @@ impl Pinned {
     /// 2. It is retired once.
     #[cfg(test)]
     pub(crate) unsafe fn retire<T: Send + 'static>(&self, ptr: Shared<'_, T>) {
-        // SAFETY: preconditions 1 and 2 are crossbeam's own for
-        // `defer_destroy`: unlinked, so only threads pinned now can hold it,
-        // and the collector waits for them (I7); retired once, so freed once.
-        unsafe { self.guard.defer_destroy(ptr) };
-        self.count_retirement();
+        let raw = ptr.as_raw().cast_mut();
+        // SAFETY: by 2 the object is freed once, by the function; by 1 it is
+        // an `Owned` allocation that only threads pinned now can still reach
+        // (`defer`'s 2), and it stays valid until the function runs (1).
+        unsafe { self.defer(move || drop(crossbeam_epoch::Owned::from_raw(raw))) };
     }
 
     /// Runs `f` once no thread pinned now can still read what it frees.

@@ -18,11 +18,12 @@ struct Member<T> {
     finalizer: Finalizer,
 }
 
-// SAFETY: both fields are pointers: nothing writes a member's own bytes
-// through `&Member` (1). The object's block address is unique among the
-// members of a set (one member per object), survives bitwise moves, and is
-// kept reserved by the member's `Weak` until the member is dropped, after
-// every thread that saw it has unpinned (2).
+// The object's block address is unique among the members of a set (one
+// member per object), survives bitwise moves, and is kept reserved by the
+// member's `Weak` until the member is dropped, after every thread that saw
+// it has unpinned.
+// SAFETY: both fields are pointers, so nothing writes a member's own bytes
+// through `&Member` (1); its identity is as just said (2).
 unsafe impl<T> Relocatable for Member<T> {
     /// A `Weak` and a `Finalizer`: no user code (a `Weak` never drops its
     /// object's value).
@@ -174,9 +175,9 @@ where
     /// ```
     pub fn insert(&self, object: &Strong<T>) -> bool {
         let hash = self.hash(object);
-        if self.contains_hashed(hash, object) {
-            return false;
-        }
+        // No lock-free check first: the check under the lock below is the
+        // one that counts, and a new member (the common case) would pay for
+        // a pin for nothing.
         let member = Member {
             object: Strong::downgrade(object),
             finalizer: collection::remove_on_death(&self.core, hash, object),
@@ -186,7 +187,7 @@ where
             .candidates(hash)
             .any(|member| member.object.names(object))
         {
-            // Inserted meanwhile. Ours is dropped (its callback detached)
+            // Already a member. Ours is dropped (its callback detached)
             // after the unlock.
             drop(writer);
             drop(member);
@@ -233,10 +234,7 @@ where
     /// assert!(!set.contains(&b)); // equal value, other object
     /// ```
     pub fn contains(&self, object: &Strong<T>) -> bool {
-        self.contains_hashed(self.hash(object), object)
-    }
-
-    fn contains_hashed(&self, hash: u64, object: &Strong<T>) -> bool {
+        let hash = self.hash(object);
         let pinned = self.core.table.pin();
         // The caller's `Strong` keeps the object alive: a member naming it
         // is a live member.

@@ -43,13 +43,13 @@ impl<K, V> Item<K, V> {
     }
 }
 
-// SAFETY: both fields are pointers (`Boxed`, `Weak`): nothing
-// writes an item's own bytes through `&Item` (1). Each item registers its
-// own callback, whose node the item's `Finalizer` keeps allocated until the
-// item is dropped, after every thread that saw it has unpinned: the node's
-// address is unique among live items and survives bitwise moves (2). (The
-// key's address would not do: a zero-sized key is never allocated, so all
-// share one address.)
+// Each item registers its own callback, whose node the item's `Finalizer`
+// keeps allocated until the item is dropped, after every thread that saw it
+// has unpinned: the node's address is unique among live items and survives
+// bitwise moves. (The key's address would not do: a zero-sized key is never
+// allocated, so all share one address.)
+// SAFETY: both fields are pointers (`Boxed`, `Weak`), so nothing writes an
+// item's own bytes through `&Item` (1); its identity is as just said (2).
 unsafe impl<K, V> Relocatable for Item<K, V> {
     /// The key's destructor is user code; the rest (`Weak`, `Finalizer`,
     /// the box itself) is ours.

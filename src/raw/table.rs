@@ -163,12 +163,11 @@ impl<I> Table<I> {
     ///    longer than its writer.
     #[inline(always)]
     unsafe fn item(&self, index: usize) -> &I {
+        let item = self.slots[index].item.with(|item| item);
         // SAFETY: by 1 the item was written before its tag was published,
         // and slots are written once per table, so nothing writes it now;
         // by 2 it is not dropped while borrowed.
-        self.slots[index]
-            .item
-            .with(|item| unsafe { (*item).assume_init_ref() })
+        unsafe { (*item).assume_init_ref() }
     }
 }
 
@@ -370,18 +369,21 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
             Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
             Err(TryLockError::WouldBlock) => return None,
         };
-        Some(ShardWriter {
-            table: self,
-            shard,
-            state: Some(state),
-            garbage: Garbage::default(),
-        })
+        Some(self.writer(shard, state))
     }
 
     /// Locks shard `index` for writing.
     pub(crate) fn write_shard(&self, index: usize) -> ShardWriter<'_, I> {
         let shard = &self.shards[index];
         let state = shard.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        self.writer(shard, state)
+    }
+
+    fn writer<'a>(
+        &'a self,
+        shard: &'a Shard<I>,
+        state: MutexGuard<'a, ShardState>,
+    ) -> ShardWriter<'a, I> {
         ShardWriter {
             table: self,
             shard,
@@ -782,13 +784,14 @@ impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
         // process (or a loom model) tears its statics down.
         let runtime = global();
         for (table, index) in garbage.items.into_iter() {
-            // SAFETY: the item was unlinked under the mutex (a tombstone, or
-            // left out of the table that replaced its own), so no reader
-            // that pins from now on can reach it (2); the deferred function
+            // The item was unlinked under the mutex (a tombstone, or left out
+            // of the table that replaced its own). The deferred function
             // owns one reference to its table, which keeps the slot
-            // allocated until it runs (1), and drops the item once (or
-            // moves it out once, for the finalizer thread to drop), then
-            // releases the reference. `I: Send` lets it run anywhere.
+            // allocated until it runs; it drops the item once (or moves it
+            // out once, for the finalizer thread to drop), then releases the
+            // reference. `I: Send` lets it run anywhere.
+            // SAFETY: unlinked, so no reader that pins from now on can reach
+            // it (`defer`'s 2); the slot stays valid until it runs (1).
             unsafe {
                 pinned.defer(move || {
                     let slot = &(*table).slots[index].item;
@@ -815,10 +818,11 @@ impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
             }
         }
         for table in garbage.tables.into_iter() {
+            // Its items moved to the new table or belong to deferred drops,
+            // so releasing it drops none (`release`'s 2).
             // SAFETY: replaced under the mutex, so no reader that pins from
             // now on can reach it (2); the function owns the shard's
-            // reference (1). Its items moved to the new table or belong to
-            // deferred drops, so releasing it drops none (release, 2).
+            // reference (1).
             unsafe { pinned.defer(move || release(table)) };
         }
     }
