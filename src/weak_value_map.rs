@@ -4,14 +4,13 @@ use std::borrow::Borrow;
 use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::hash::{BuildHasher, Hash};
-use std::sync::PoisonError;
 
 use crate::finalizer::Finalizer;
 use crate::raw::boxed::Boxed;
 use crate::raw::collection::{self, Collection, Watching};
+use crate::raw::single_flight::{self, Flight, Flights, Joined, Settle};
 use crate::raw::table::{Relocatable, ShardWriter, ShardedTable};
 use crate::strong::Strong;
-use crate::sync::{current_thread_id, Condvar, Mutex, MutexGuard, ThreadId};
 use crate::weak::Weak;
 
 /// One entry: immutable once published (SAFETY.md, section 7). The key is
@@ -85,24 +84,9 @@ impl<K, V> Drop for Item<K, V> {
     }
 }
 
-/// The single-flight loads of one shard.
-type LoadsInFlight<K, V> = Vec<Strong<Load<K, V>>>;
-
-/// A single-flight load in progress for one key (M6).
-struct Load<K, V> {
-    hash: u64,
-    /// Moved into the item when the load succeeds.
-    key: Mutex<Option<K>>,
-    leader: ThreadId,
-    state: Mutex<LoadState<V>>,
-    settled: Condvar,
-}
-
-enum LoadState<V> {
-    Running,
-    Done(Strong<V>),
-    Failed,
-}
+/// A single-flight load of one key (M6): it keeps the key until the item
+/// is published, and hands its waiters the value.
+type Load<K, V> = Flight<K, Strong<V>>;
 
 /// The shared core; death callbacks hold a `Weak` to it, so they never keep
 /// a map alive, and do nothing once it is gone (M4).
@@ -110,7 +94,7 @@ struct MapCore<K, V, S> {
     hasher: S,
     table: ShardedTable<Item<K, V>>,
     /// Loads in flight, per shard; locked after the shard's writer.
-    loads: Box<[Mutex<LoadsInFlight<K, V>>]>,
+    loads: Flights<K, Strong<V>>,
 }
 
 impl<K, V, S> Collection<Item<K, V>> for MapCore<K, V, S>
@@ -230,9 +214,7 @@ where
     /// ```
     pub fn with_capacity_and_hasher(capacity: usize, hasher: S) -> Self {
         let table = ShardedTable::with_capacity(capacity);
-        let loads = (0..table.shard_len())
-            .map(|_| Mutex::new(Vec::new()))
-            .collect();
+        let loads = Flights::new(table.shard_len());
         WeakValueMap {
             core: Strong::new(MapCore {
                 hasher,
@@ -446,21 +428,33 @@ where
                 return Ok(value);
             }
             match self.join_or_lead(hash, &mut key) {
-                Role::Found(value) => return Ok(value),
-                Role::Wait(load) => {
+                None => {}
+                Some(Ok(value)) => return Ok(value),
+                Some(Err(Joined::Wait(load))) => {
                     if let Some(value) = load.wait() {
                         return Ok(value);
                     }
                     // The leader failed: try again (perhaps as the leader).
                 }
-                Role::Lead(load) => return self.lead(load, init),
+                Some(Err(Joined::Lead(load))) => {
+                    return single_flight::lead(
+                        load,
+                        || init().map(Strong::new),
+                        |load, value| self.finish_load(load, value),
+                    );
+                }
             }
         }
     }
 
-    /// Under the shard's lock: a live value, a load to wait for, or a new
-    /// load for us to lead (M6).
-    fn join_or_lead(&self, hash: u64, key: &mut Option<K>) -> Role<K, V> {
+    /// Under the shard's lock: a live value, or a load to wait for, or a
+    /// new load for us to lead (M6).
+    #[allow(clippy::type_complexity)]
+    fn join_or_lead(
+        &self,
+        hash: u64,
+        key: &mut Option<K>,
+    ) -> Option<Result<Strong<V>, Joined<K, Strong<V>>>> {
         let writer = self.core.table.write(hash);
         let wanted = key.as_ref().expect("the key is present until we lead");
         let live = writer
@@ -469,82 +463,15 @@ where
             .and_then(|item| item.value.upgrade());
         if let Some(value) = live {
             drop(writer);
-            return Role::Found(value);
+            return Some(Ok(value));
         }
-        let mut loads = self.loads_for(hash);
-        let in_flight = loads.iter().find(|load| {
-            load.hash == hash
-                && load
-                    .key
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .as_ref()
-                    == Some(wanted)
-        });
-        if let Some(load) = in_flight {
-            assert!(
-                load.leader != current_thread_id(),
-                "WeakValueMap::get_or_insert_with: the init closure for a key requested the same key \
-                 (it would wait for itself)"
-            );
-            return Role::Wait(load.clone());
-        }
-        let load = Strong::new(Load {
+        Some(Err(self.core.loads.join_or_lead(
+            self.core.table.shard_index(hash),
             hash,
-            key: Mutex::new(key.take()),
-            leader: current_thread_id(),
-            state: Mutex::new(LoadState::Running),
-            settled: Condvar::new(),
-        });
-        loads.push(load.clone());
-        Role::Lead(load)
-    }
-
-    fn loads_for(&self, hash: u64) -> MutexGuard<'_, LoadsInFlight<K, V>> {
-        let index = self.core.table.shard_index(hash);
-        self.core.loads[index]
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Runs `init` as the leader of `load` and publishes the outcome.
-    fn lead<E, F>(&self, load: Strong<Load<K, V>>, init: F) -> Result<Strong<V>, E>
-    where
-        F: FnOnce() -> Result<V, E>,
-    {
-        /// Settles the load as failed unless disarmed: covers `Err` and
-        /// panics in `init` alike.
-        struct FailOnDrop<'a, K, V, S>
-        where
-            K: Hash + Eq + Send + Sync + 'static,
-            V: Send + Sync + 'static,
-            S: BuildHasher + Send + Sync + 'static,
-        {
-            map: &'a WeakValueMap<K, V, S>,
-            load: Option<Strong<Load<K, V>>>,
-        }
-        impl<K, V, S> Drop for FailOnDrop<'_, K, V, S>
-        where
-            K: Hash + Eq + Send + Sync + 'static,
-            V: Send + Sync + 'static,
-            S: BuildHasher + Send + Sync + 'static,
-        {
-            fn drop(&mut self) {
-                if let Some(load) = self.load.take() {
-                    let _ = self.map.finish_load(&load, None);
-                }
-            }
-        }
-
-        let mut guard = FailOnDrop {
-            map: self,
-            load: Some(load),
-        };
-        let value = Strong::new(init()?);
-        let load = guard.load.take().expect("armed until here");
-        Ok(self
-            .finish_load(&load, Some(value))
-            .expect("a successful load settles with a value"))
+            key,
+            |theirs, ours| theirs == ours,
+            "WeakValueMap::get_or_insert_with",
+        )))
     }
 
     /// Ends a load under the shard's writer lock: withdraws it and, on
@@ -557,35 +484,18 @@ where
         load: &Strong<Load<K, V>>,
         value: Option<Strong<V>>,
     ) -> Option<Strong<V>> {
-        /// Settles the load when dropped: `Done` with the chosen value, or
-        /// `Failed` (also if anything below panics).
-        struct Settle<'l, K, V>(&'l Load<K, V>, Option<Strong<V>>);
-        impl<K, V> Drop for Settle<'_, K, V> {
-            fn drop(&mut self) {
-                let mut state = self.0.state.lock().unwrap_or_else(PoisonError::into_inner);
-                *state = match self.1.take() {
-                    Some(value) => LoadState::Done(value),
-                    None => LoadState::Failed,
-                };
-                self.0.settled.notify_all();
-            }
-        }
-        let mut settle = Settle(load, None);
-        let hash = load.hash;
+        let mut settle = Settle::new(load);
+        let hash = load.hash();
         // Declared before the writer so that, on unwinding, it is dropped
         // after the unlock.
         let mut key: Option<K>;
         // Withdraw the load under the shard's writer lock, so that no caller
         // can find neither the load nor the item (M6).
         let mut writer = self.core.table.write(hash);
-        key = {
-            let mut loads = self.loads_for(hash);
-            loads.retain(|other| !Strong::ptr_eq(other, load));
-            load.key
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .take()
-        };
+        key = self
+            .core
+            .loads
+            .withdraw(self.core.table.shard_index(hash), load);
         let mut outcome = None;
         let mut replaced = None;
         if let (Some(value), Some(wanted)) = (&value, &key) {
@@ -609,7 +519,7 @@ where
         // code, and a value may be the last handle of its object.
         // Settle before the key's destructor: a panic there must not turn a
         // published value into a failed load.
-        settle.1.clone_from(&outcome);
+        settle.outcome.clone_from(&outcome);
         drop(key);
         drop(settle);
         drop(replaced);
@@ -758,33 +668,6 @@ where
     /// ```
     pub fn purge(&self) -> usize {
         collection::purge(&self.core.table)
-    }
-}
-
-/// What `join_or_lead` found.
-enum Role<K, V> {
-    Found(Strong<V>),
-    Wait(Strong<Load<K, V>>),
-    Lead(Strong<Load<K, V>>),
-}
-
-impl<K, V> Load<K, V> {
-    /// Parks until the leader settles the load: its value, or `None` if it
-    /// failed.
-    fn wait(&self) -> Option<Strong<V>> {
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        loop {
-            match &*state {
-                LoadState::Running => {
-                    state = self
-                        .settled
-                        .wait(state)
-                        .unwrap_or_else(PoisonError::into_inner);
-                }
-                LoadState::Done(value) => return Some(value.clone()),
-                LoadState::Failed => return None,
-            }
-        }
     }
 }
 
