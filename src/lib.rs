@@ -19,6 +19,7 @@ mod strong;
 mod sync;
 mod weak;
 mod weak_method;
+mod weak_key_map;
 mod weak_set;
 mod weak_value_map;
 
@@ -27,5 +28,6 @@ pub use finalizer::{finalize, flush, shutdown, stats, Finalizer, Stats};
 pub use strong::Strong;
 pub use weak::Weak;
 pub use weak_method::WeakMethod;
+pub use weak_key_map::WeakKeyMap;
 pub use weak_set::WeakSet;
 pub use weak_value_map::WeakValueMap;
