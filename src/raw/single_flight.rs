@@ -16,8 +16,11 @@ use crate::sync::{current_thread_id, Condvar, Mutex, MutexGuard, ThreadId};
 /// its shard's writer. `Q` is what a load keeps of its key; `R` is what
 /// its callers receive.
 pub(crate) struct Flights<Q, R> {
-    shards: Box<[Mutex<Vec<Strong<Flight<Q, R>>>>]>,
+    shards: Box<[Mutex<InFlight<Q, R>>]>,
 }
+
+/// The loads in flight of one shard.
+type InFlight<Q, R> = Vec<Strong<Flight<Q, R>>>;
 
 /// One load in flight.
 pub(crate) struct Flight<Q, R> {
@@ -51,7 +54,7 @@ impl<Q: Send + Sync + 'static, R: Send + Sync + 'static> Flights<Q, R> {
         }
     }
 
-    fn shard(&self, shard: usize) -> MutexGuard<'_, Vec<Strong<Flight<Q, R>>>> {
+    fn shard(&self, shard: usize) -> MutexGuard<'_, InFlight<Q, R>> {
         self.shards[shard]
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
