@@ -18,8 +18,8 @@ mod reclaim;
 mod strong;
 mod sync;
 mod weak;
-mod weak_method;
 mod weak_key_map;
+mod weak_method;
 mod weak_set;
 mod weak_value_map;
 
@@ -27,7 +27,7 @@ pub use error::ReferenceError;
 pub use finalizer::{finalize, flush, shutdown, stats, Finalizer, Stats};
 pub use strong::Strong;
 pub use weak::Weak;
-pub use weak_method::WeakMethod;
 pub use weak_key_map::WeakKeyMap;
+pub use weak_method::WeakMethod;
 pub use weak_set::WeakSet;
 pub use weak_value_map::WeakValueMap;

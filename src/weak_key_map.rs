@@ -11,7 +11,9 @@ use std::fmt;
 use std::hash::BuildHasher;
 use std::mem::ManuallyDrop;
 
+use crate::callbacks::global;
 use crate::finalizer::Finalizer;
+use crate::panics::catch_and_report;
 use crate::raw::boxed::Boxed;
 use crate::raw::collection::{self, Collection, Watching};
 use crate::raw::single_flight::{self, Flight, Flights, Joined, Settle};
@@ -19,7 +21,7 @@ use crate::raw::table::{Relocatable, ShardedTable};
 use crate::reclaim::Pinned;
 use crate::strong::Strong;
 use crate::sync::{
-    abort, acquire_fence, thread_local, AtomicUsize, Ordering, Parker, UnsafeCell, Unparker,
+    abort, acquire_fence, thread_local, AtomicUsize, Ordering, Parker, Unparker, UnsafeCell,
 };
 use crate::weak::Weak;
 
@@ -28,8 +30,11 @@ use crate::weak::Weak;
 const CLOSED: usize = 1;
 /// Set once the value has been moved out: the cell's drop skips it (K2).
 const TAKEN: usize = 2;
+/// Set with `CLOSED` by a removal that hands nothing back: whoever sees
+/// the count reach zero gives the value to the finalizer thread (K5).
+const DISPOSE: usize = 4;
 /// One counted read.
-const ONE: usize = 4;
+const ONE: usize = 8;
 
 thread_local! {
     /// The cells this thread is reading now (K4): a writer never waits for
@@ -45,7 +50,7 @@ struct ValueCell<V> {
     /// The death callback that removes this item (M4); detached when the
     /// item is removed any other way (M5).
     finalizer: Finalizer,
-    /// `readers * ONE | CLOSED | TAKEN`.
+    /// `readers * ONE | DISPOSE | TAKEN | CLOSED`.
     state: AtomicUsize,
     /// The writer to wake when the last reader leaves a closed cell.
     /// Written once, before `CLOSED` is set; read only after it is seen.
@@ -73,7 +78,9 @@ impl<V> ValueCell<V> {
     fn address(&self) -> usize {
         self as *const Self as usize
     }
+}
 
+impl<V: Send + Sync + 'static> ValueCell<V> {
     /// Starts a counted read, unless a writer has closed the cell (K1).
     /// The caller is pinned, and stays pinned until the read ends: it
     /// borrows the cell from an item, which only a pinned thread (or one
@@ -108,12 +115,22 @@ impl<V> ValueCell<V> {
         // `try_with`: during thread-local teardown the read goes untracked;
         // only a writer on this same thread could then wait for it (K4).
         let _ = READING.try_with(|reading| reading.borrow_mut().push(address));
-        Some(Reading { cell: self })
+        Some(Reading {
+            cell: self,
+            dispose: Self::dispose_now,
+        })
     }
+}
 
+impl<V> ValueCell<V> {
     /// Ends a counted read; the last reader of a closed cell wakes the
-    /// writer waiting to take the value (K2).
-    fn leave(&self) {
+    /// writer waiting to take the value (K2), or disposes of it with
+    /// `dispose` (K5).
+    ///
+    /// # Safety
+    ///
+    /// The caller entered the cell, and `dispose` is its `dispose_now`.
+    unsafe fn leave(&self, dispose: unsafe fn(&Self)) {
         let address = self.address();
         let _ = READING.try_with(|reading| {
             let mut reading = reading.borrow_mut();
@@ -126,8 +143,18 @@ impl<V> ValueCell<V> {
         let before = self.state.fetch_sub(ONE, Ordering::Release);
         if before & CLOSED != 0 && before / ONE == 1 {
             // Acquire: pairs with the closing `fetch_or` (Release), so the
-            // waiter written before it is visible.
+            // waiter written before it is visible (K2), and with the other
+            // readers' Release decrements, so their borrows happen before
+            // a disposal (K5).
             acquire_fence!(self.state);
+            if before & DISPOSE != 0 {
+                // SAFETY: the last reader of a cell closed for disposal: no
+                // borrow remains or can start, and we are still pinned, so
+                // the item's deferred drop runs after us (K5); `dispose` is
+                // `dispose_now` (our caller's promise).
+                unsafe { dispose(self) };
+                return;
+            }
             self.waiter.with(|waiter| {
                 // SAFETY: written once before `CLOSED` was set and never
                 // again; the cell stays allocated while we are pinned (K2).
@@ -137,7 +164,54 @@ impl<V> ValueCell<V> {
             });
         }
     }
+}
 
+impl<V: Send + Sync + 'static> ValueCell<V> {
+    /// Closes the cell for disposal, after a removal that hands nothing
+    /// back unlinked its item, under the shard's lock and before the
+    /// item's deferred drop is queued (K5). The value goes to the
+    /// finalizer thread now if no reader borrows it, else when the last
+    /// reader leaves: not when the epoch next moves, which may be long
+    /// after. After `shutdown` the deferred drop disposes of it instead
+    /// (posted work would run inline, here, under the lock).
+    fn dispose(&self) {
+        if global().is_closed() {
+            return;
+        }
+        // AcqRel: Release lets a reader that sees the close restart (K3);
+        // Acquire pairs with the Release decrements of reads that already
+        // ended, so their borrows happen before the disposal.
+        let before = self.state.fetch_or(CLOSED | DISPOSE, Ordering::AcqRel);
+        if before / ONE == 0 {
+            // SAFETY: no borrow remains or can start (`CLOSED`); the
+            // item's deferred drop is queued only after we return (K5).
+            unsafe { self.dispose_now() };
+        }
+    }
+
+    /// Moves the value out and posts its drop to the finalizer thread.
+    ///
+    /// # Safety
+    ///
+    /// The cell is closed for disposal, no reader borrows the value, and
+    /// the item's deferred drop runs after this returns; called once (by
+    /// the disposing writer, or by the last reader: only one of them sees
+    /// a zero count).
+    unsafe fn dispose_now(&self) {
+        let value = self.value.with_mut(|value| {
+            // SAFETY: as the caller promises; `TAKEN`, stored next, makes
+            // the cell's drop skip it.
+            unsafe { ManuallyDrop::take(&mut *value) }
+        });
+        // Relaxed: the cell's drop runs after us (the caller's promise).
+        self.state.fetch_or(TAKEN, Ordering::Relaxed);
+        global().post(move || {
+            catch_and_report("a removed value's destructor", || drop(value));
+        });
+    }
+}
+
+impl<V> ValueCell<V> {
     /// True if a writer is taking the value.
     fn is_closed(&self) -> bool {
         // Relaxed: a hint for `contains_key` and `keys`, which restart or
@@ -203,6 +277,9 @@ impl<V> Drop for ValueCell<V> {
 /// A counted read of a value; ends when dropped (K1).
 struct Reading<'a, V> {
     cell: &'a ValueCell<V>,
+    /// The cell's `dispose_now`, for a last reader of a cell closed for
+    /// disposal (K5); here so the cell's type needs no bounds.
+    dispose: unsafe fn(&ValueCell<V>),
 }
 
 impl<V> Reading<'_, V> {
@@ -218,7 +295,8 @@ impl<V> Reading<'_, V> {
 
 impl<V> Drop for Reading<'_, V> {
     fn drop(&mut self) {
-        self.cell.leave();
+        // SAFETY: `dispose` is the cell's own `dispose_now`.
+        unsafe { self.cell.leave(self.dispose) };
     }
 }
 
@@ -266,6 +344,10 @@ where
 
     fn finalizer(&self) -> &Finalizer {
         &self.cell.finalizer
+    }
+
+    fn unlinked(&self) {
+        self.cell.dispose();
     }
 }
 

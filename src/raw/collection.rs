@@ -19,6 +19,12 @@ pub(crate) trait Watching: Relocatable + Send + Sync + 'static {
     /// The death callback that removes this entry; detached when the entry
     /// goes any other way (M5).
     fn finalizer(&self) -> &Finalizer;
+
+    /// Called under the shard's lock once a removal that hands nothing
+    /// back (a death, `retain`, `clear`, `purge`) has unlinked this entry,
+    /// before its deferred drop is queued. `WeakKeyMap` disposes of its
+    /// value here as soon as no reader borrows it (K5).
+    fn unlinked(&self) {}
 }
 
 /// A collection's shared core: what its removal callbacks reach through a
@@ -62,7 +68,9 @@ where
         };
         let removed_here = match core.table().try_write(hash) {
             Some(mut writer) => {
-                writer.remove(hash, |item| item.watched().ptr_eq(&dead));
+                if let Some(item) = writer.remove(hash, |item| item.watched().ptr_eq(&dead)) {
+                    item.unlinked();
+                }
                 true
             }
             None => false,
@@ -77,7 +85,9 @@ where
                     Some(core.table().write(hash))
                 };
                 if let Some(mut writer) = writer {
-                    writer.remove(hash, |item| item.watched().ptr_eq(&dead));
+                    if let Some(item) = writer.remove(hash, |item| item.watched().ptr_eq(&dead)) {
+                        item.unlinked();
+                    }
                 }
             });
             return;
@@ -128,6 +138,7 @@ pub(crate) fn retain_live<I: Watching>(
             },
             |item| {
                 item.finalizer().detach();
+                item.unlinked();
             },
         );
         drop(held);
@@ -137,10 +148,13 @@ pub(crate) fn retain_live<I: Watching>(
 /// Removes every entry, detaching their callbacks.
 pub(crate) fn clear<I: Watching>(table: &ShardedTable<I>) {
     for shard in 0..table.shard_len() {
-        table.write_shard(shard).retain_all(|item| {
-            item.finalizer().detach();
-            false
-        });
+        table.write_shard(shard).retain_all(
+            |_| false,
+            |item| {
+                item.finalizer().detach();
+                item.unlinked();
+            },
+        );
     }
 }
 
@@ -151,7 +165,7 @@ pub(crate) fn purge<I: Watching>(table: &ShardedTable<I>) -> usize {
         .map(|shard| {
             table
                 .write_shard(shard)
-                .retain_all(|item| item.watched().is_alive())
+                .retain_all(|item| item.watched().is_alive(), I::unlinked)
         })
         .sum()
 }

@@ -109,7 +109,8 @@ impl<Q: Send + Sync + 'static, R: Send + Sync + 'static> Flights<Q, R> {
     /// Under shard `shard`'s writer lock: withdraws `load`, so later
     /// callers find the entry (or nothing) instead. Returns its key.
     pub(crate) fn withdraw(&self, shard: usize, load: &Strong<Flight<Q, R>>) -> Option<Q> {
-        self.shard(shard).retain(|other| !Strong::ptr_eq(other, load));
+        self.shard(shard)
+            .retain(|other| !Strong::ptr_eq(other, load));
         load.key
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

@@ -310,7 +310,7 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
     /// Removes from shard `index` the items `keep` rejects, deciding
     /// without the lock: `keep` runs while the thread is pinned but holds no
     /// lock, then the rejected items still present are removed under the
-    /// lock, each after `on_remove` has seen it (M8). Items are named by
+    /// lock, each passed to `on_remove` once unlinked (M8). Items are named by
     /// tag and identity, which a rebuild in between does not change; one
     /// replaced or removed meanwhile is left alone. Returns how many it
     /// removed.
@@ -344,9 +344,10 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
         let mut removed = 0;
         for (tag, identity) in doomed {
             if let Ok(slot_index) = find(table, tag, |item| item.identity() == identity) {
-                // SAFETY: full, under the mutex (1, 2).
-                on_remove(unsafe { table.item(slot_index) });
                 writer.unlink(slot_index);
+                // SAFETY: full until just now (1); its drop is deferred
+                // until after the writer is dropped (2).
+                on_remove(unsafe { table.item(slot_index) });
                 removed += 1;
             }
         }
@@ -694,8 +695,13 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
         self.add_len(-1);
     }
 
-    /// Removes every item `keep` rejects, under the lock. Returns how many.
-    pub(crate) fn retain_all(&mut self, mut keep: impl FnMut(&I) -> bool) -> usize {
+    /// Removes every item `keep` rejects, under the lock, passing each to
+    /// `on_remove` once unlinked. Returns how many.
+    pub(crate) fn retain_all(
+        &mut self,
+        mut keep: impl FnMut(&I) -> bool,
+        mut on_remove: impl FnMut(&I),
+    ) -> usize {
         let table = self.current_table();
         let mut removed = 0;
         for index in 0..table.slots.len() {
@@ -706,6 +712,9 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
             // SAFETY: full (1), under the mutex (2).
             if !keep(unsafe { table.item(index) }) {
                 self.unlink(index);
+                // SAFETY: full until just now (1); its drop is deferred
+                // until after the writer is dropped (2).
+                on_remove(unsafe { table.item(index) });
                 removed += 1;
             }
         }

@@ -1,0 +1,445 @@
+//! `WeakKeyMap`: ports of CPython's `WeakKeyDictionary` cases that make
+//! sense with identity keys, and the concurrent guarantees of API.md and
+//! SAFETY.md section 8.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+use std::thread;
+
+use weakrefs::{flush, Strong, Weak, WeakKeyMap};
+
+/// Iterations shrink under Miri, which runs these tests too.
+const SCALE: usize = if cfg!(miri) { 1 } else { 20 };
+
+/// Counts its drops, and on which thread they happened.
+struct Tracked {
+    drops: Arc<AtomicUsize>,
+    on_finalizer: Arc<AtomicUsize>,
+}
+
+impl Tracked {
+    fn new(drops: &Arc<AtomicUsize>, on_finalizer: &Arc<AtomicUsize>) -> Self {
+        Tracked {
+            drops: drops.clone(),
+            on_finalizer: on_finalizer.clone(),
+        }
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.drops.fetch_add(1, Ordering::SeqCst);
+        if thread::current().name() == Some("weakrefs-finalizer") {
+            self.on_finalizer.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// CPython `test_weak_keys`: entries follow their keys' lives, values are
+/// found through the keys, and a dead key's value is dropped on the
+/// finalizer thread.
+#[test]
+fn entries_follow_their_keys_lives() {
+    let (drops, on_finalizer) = Default::default();
+    let map = WeakKeyMap::new();
+    let keys: Vec<_> = (0..10).map(Strong::new).collect();
+    for key in &keys {
+        assert!(map
+            .insert(key, Tracked::new(&drops, &on_finalizer))
+            .is_none());
+    }
+    assert_eq!(map.len(), 10);
+    assert!(keys.iter().all(|key| map.contains_key(key)));
+    let mut keys = keys;
+    let gone = keys.split_off(4);
+    drop(gone);
+    flush();
+    assert_eq!(map.len(), 4);
+    assert_eq!(drops.load(Ordering::SeqCst), 6);
+    assert_eq!(
+        on_finalizer.load(Ordering::SeqCst),
+        6,
+        "dropped on the finalizer thread"
+    );
+    assert!(keys.iter().all(|key| map.contains_key(key)));
+    drop(keys);
+    flush();
+    assert!(map.is_empty());
+    assert_eq!(drops.load(Ordering::SeqCst), 10);
+}
+
+/// Identity, not equality: equal values are distinct keys.
+#[test]
+fn keys_are_compared_by_identity() {
+    let map = WeakKeyMap::new();
+    let (a, b) = (Strong::new("same"), Strong::new("same"));
+    map.insert(&a, 1);
+    assert_eq!(map.get(&b), None);
+    map.insert(&b, 2);
+    assert_eq!(map.get(&a.clone()), Some(1), "a clone is the same key");
+    assert_eq!(map.get(&b), Some(2));
+    assert_eq!(map.len(), 2);
+}
+
+/// CPython `test_weak_keyed_delitem`, `pop`, and `__setitem__` over an
+/// existing key: the displaced value comes back by value.
+#[test]
+fn insert_and_remove_hand_back_the_displaced_value() {
+    let map = WeakKeyMap::new();
+    let key = Strong::new(0u8);
+    assert_eq!(map.insert(&key, String::from("first")), None);
+    assert_eq!(
+        map.insert(&key, String::from("second")).as_deref(),
+        Some("first")
+    );
+    assert_eq!(map.len(), 1);
+    assert_eq!(map.remove(&key).as_deref(), Some("second"));
+    assert_eq!(map.remove(&key), None);
+    assert!(map.is_empty());
+    assert!(!map.contains_key(&key));
+}
+
+/// A dead key's address may be reused by a new object, which must not
+/// find the old entry.
+#[test]
+fn a_new_object_never_inherits_a_dead_keys_entry() {
+    let map = WeakKeyMap::new();
+    for round in 0..100 * SCALE {
+        let key = Strong::new(round);
+        map.insert(&key, round);
+        drop(key);
+        let fresh = Strong::new(round);
+        assert_eq!(map.get(&fresh), None, "round {round}");
+    }
+    flush();
+    assert!(map.is_empty());
+}
+
+/// CPython `test_weak_keyed_iters` and destroy-while-iterating: iteration
+/// yields live keys only while keys die and the map changes.
+#[test]
+fn keys_dying_and_the_map_changing_during_iteration() {
+    let map = WeakKeyMap::new();
+    let mut keys: Vec<_> = (0..64).map(Strong::new).collect();
+    for key in &keys {
+        map.insert(key, **key * 2);
+    }
+    let mut seen = 0;
+    for (key, value) in map.iter() {
+        assert_eq!(value, *key * 2);
+        seen += 1;
+        if !keys.is_empty() {
+            keys.pop();
+            let newcomer = Strong::new(1000);
+            map.insert(&newcomer, 2000);
+        }
+    }
+    assert!(seen > 0);
+    let live = keys.len();
+    let yielded: Vec<_> = map.keys().collect();
+    assert!(yielded.len() >= live);
+    drop(yielded);
+    flush();
+    assert_eq!(map.len(), live);
+    assert_eq!(map.iter().count(), live);
+}
+
+/// CPython `test_weak_keyed_cascading_deletes`: a dying key's value holds
+/// the only `Strong` to another key, which goes with it.
+#[test]
+fn a_dying_key_whose_value_owns_another_key_takes_it_along() {
+    let map: WeakKeyMap<u32, Option<Strong<u32>>> = WeakKeyMap::new();
+    let mut chain = Vec::new();
+    let mut next: Option<Strong<u32>> = None;
+    for n in 0..10 {
+        let key = Strong::new(n);
+        map.insert(&key, next.take());
+        chain.push(Strong::downgrade(&key));
+        next = Some(key);
+    }
+    assert_eq!(map.len(), 10);
+    drop(next); // the head; each value keeps the previous key alive
+    flush();
+    assert!(map.is_empty(), "{} left", map.len());
+    assert!(chain.iter().all(|key| !key.is_alive()));
+}
+
+/// CPython `test_weak_keyed_dict_setdefault`, with single flight.
+#[test]
+fn get_or_insert_with_inserts_once() {
+    let map = WeakKeyMap::new();
+    let key = Strong::new("k");
+    let calls = AtomicUsize::new(0);
+    let make = || {
+        calls.fetch_add(1, Ordering::SeqCst);
+        7
+    };
+    assert_eq!(map.get_or_insert_with(&key, make), 7);
+    assert_eq!(map.get_or_insert_with(&key, || unreachable!()), 7);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    map.insert(&key, 8);
+    assert_eq!(map.get_or_insert_with(&key, || unreachable!()), 8);
+}
+
+/// Racing callers for one key run `init` once and all get the same value.
+#[test]
+fn single_flight_runs_init_once_for_racing_callers() {
+    let map = Arc::new(WeakKeyMap::new());
+    let key = Strong::new(());
+    let calls = Arc::new(AtomicUsize::new(0));
+    let threads = 4;
+    let barrier = Arc::new(Barrier::new(threads));
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let (map, key, calls, barrier) =
+                (map.clone(), key.clone(), calls.clone(), barrier.clone());
+            thread::spawn(move || {
+                barrier.wait();
+                map.get_or_insert_with(&key, || {
+                    calls.fetch_add(1, Ordering::SeqCst);
+                    Strong::new("loaded")
+                })
+            })
+        })
+        .collect();
+    let values: Vec<Strong<&str>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert!(values.iter().all(|v| Strong::ptr_eq(v, &values[0])));
+}
+
+/// A panicking `init` fails its own caller only; the next caller loads.
+#[test]
+fn a_panicking_init_fails_alone() {
+    let map = WeakKeyMap::new();
+    let key = Strong::new(1);
+    let failed = catch_unwind(AssertUnwindSafe(|| {
+        map.get_or_insert_with(&key, || -> u32 { panic!("load failed") })
+    }));
+    assert!(failed.is_err());
+    assert!(map.is_empty());
+    assert_eq!(map.get_or_insert_with(&key, || 5), 5);
+}
+
+/// An `init` asking for its own key panics instead of waiting for itself.
+#[test]
+fn a_recursive_load_of_the_same_key_panics_instead_of_deadlocking() {
+    let map = WeakKeyMap::new();
+    let key = Strong::new(());
+    let result = catch_unwind(AssertUnwindSafe(|| {
+        map.get_or_insert_with(&key, || map.get_or_insert_with(&key, || 1))
+    }));
+    assert!(result.is_err());
+    assert_eq!(map.get_or_insert_with(&key, || 2), 2);
+}
+
+/// K2: `remove` returns only once a reader that borrowed the value before
+/// the removal has finished with it.
+#[test]
+fn remove_waits_for_a_reader_of_the_value() {
+    let map = Arc::new(WeakKeyMap::new());
+    let key = Strong::new(());
+    map.insert(&key, vec![1u8; 64]);
+    let reading = Arc::new(Barrier::new(2));
+    let left = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (map, key, reading, left) = (map.clone(), key.clone(), reading.clone(), left.clone());
+        thread::spawn(move || {
+            map.with(&key, |value| {
+                reading.wait();
+                // Wait (yielding) until the writer has unlinked the entry,
+                // so it is about to wait for us; then finish with the value.
+                while map.contains_key(&key) {
+                    thread::yield_now();
+                }
+                assert_eq!(value.len(), 64);
+                left.store(true, Ordering::SeqCst);
+            })
+        })
+    };
+    reading.wait();
+    let taken = map.remove(&key);
+    assert!(
+        left.load(Ordering::SeqCst),
+        "remove returned while a reader borrowed the value"
+    );
+    assert_eq!(taken.map(|v| v.len()), Some(64));
+    reader.join().unwrap();
+}
+
+/// K4: a `with` closure that removes (or replaces) its own key does not
+/// wait for itself: the removal returns `None`, and the value is dropped
+/// once the read ends.
+#[test]
+fn removing_the_key_being_read_does_not_wait_for_itself() {
+    let (drops, on_finalizer) = Default::default();
+    let map = WeakKeyMap::new();
+    let key = Strong::new(());
+    map.insert(&key, Tracked::new(&drops, &on_finalizer));
+    let removed = map.with(&key, |_| map.remove(&key)).expect("present");
+    assert!(removed.is_none());
+    assert!(!map.contains_key(&key));
+    map.insert(&key, Tracked::new(&drops, &on_finalizer));
+    let replaced = map.with(&key, |_| {
+        map.insert(&key, Tracked::new(&drops, &on_finalizer))
+    });
+    assert!(replaced.expect("present").is_none());
+    assert_eq!(map.len(), 1);
+    drop(map);
+    flush();
+    // The two values displaced inside `with` and the last one, each once,
+    // once the epoch lets them go.
+    weakrefs_settle(|| drops.load(Ordering::SeqCst) == 3);
+}
+
+/// Runs epoch collections until `done` holds: values removed without being
+/// taken back are dropped once no reader can still see them, which
+/// crossbeam-epoch decides when threads pin.
+fn weakrefs_settle(done: impl Fn() -> bool) {
+    let scratch = WeakKeyMap::new();
+    let key = Strong::new(());
+    for _ in 0..10_000 {
+        if done() {
+            return;
+        }
+        // Each write pins, and retires an item: the epoch moves on.
+        scratch.insert(&key, 0u8);
+        scratch.remove(&key);
+        flush();
+    }
+    assert!(done(), "the removed values were never dropped");
+}
+
+/// `retain`, `clear`, `purge`: the predicate sees key and value; removed
+/// values are dropped.
+#[test]
+fn retain_clear_and_purge() {
+    let map = WeakKeyMap::new();
+    let keys: Vec<_> = (0..10).map(Strong::new).collect();
+    for key in &keys {
+        map.insert(key, **key * 10);
+    }
+    map.retain(|key, value| key % 2 == 0 && *value >= 20);
+    let mut kept: Vec<_> = map.iter().map(|(k, v)| (*k, v)).collect();
+    kept.sort_unstable();
+    assert_eq!(kept, [(2, 20), (4, 40), (6, 60), (8, 80)]);
+    let mut keys = keys;
+    keys.truncate(3); // 0, 1, 2 live on
+    assert!(map.purge() <= 3);
+    flush();
+    assert_eq!(map.len(), 1);
+    map.clear();
+    assert!(map.is_empty());
+    assert_eq!(map.get(&keys[2]), None);
+}
+
+/// Inserting and removing under one live key many times leaves nothing
+/// behind: no callbacks on the key, no entries.
+#[test]
+fn insert_remove_churn_leaves_nothing_behind() {
+    let map = WeakKeyMap::new();
+    let key = Strong::new(());
+    for round in 0..500 * SCALE {
+        map.insert(&key, round);
+        if round % 3 == 0 {
+            assert_eq!(map.remove(&key), Some(round));
+        }
+    }
+    map.remove(&key);
+    flush();
+    assert!(map.is_empty());
+    // Removed items (each with a `Weak` to the key) are freed once the
+    // epoch lets them go.
+    weakrefs_settle(|| Strong::weak_count(&key) == 0);
+}
+
+/// Dropping the map while its keys live on, then the keys, is sound; the
+/// values go with the map.
+#[test]
+fn dropping_the_map_before_its_keys_is_sound() {
+    let (drops, on_finalizer) = Default::default();
+    let map = WeakKeyMap::new();
+    let keys: Vec<_> = (0..8).map(Strong::new).collect();
+    for key in &keys {
+        map.insert(key, Tracked::new(&drops, &on_finalizer));
+    }
+    drop(map);
+    assert_eq!(drops.load(Ordering::SeqCst), 8);
+    drop(keys);
+    flush();
+    assert_eq!(drops.load(Ordering::SeqCst), 8);
+}
+
+/// Mixed stress: threads insert, replace, remove, read and drop keys over
+/// a shared pool; every value is dropped exactly once, and no entry
+/// outlives its key.
+#[test]
+fn mixed_stress_with_exact_accounting() {
+    let (drops, on_finalizer) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let made = Arc::new(AtomicUsize::new(0));
+    let map = Arc::new(WeakKeyMap::new());
+    let pool: Arc<Mutex<Vec<Strong<usize>>>> =
+        Arc::new(Mutex::new((0..16).map(Strong::new).collect()));
+    let threads = 4;
+    let rounds = 200 * SCALE;
+    let barrier = Arc::new(Barrier::new(threads));
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let (map, pool, barrier) = (map.clone(), pool.clone(), barrier.clone());
+            let (drops, on_finalizer, made) = (drops.clone(), on_finalizer.clone(), made.clone());
+            thread::spawn(move || {
+                barrier.wait();
+                for round in 0..rounds {
+                    let slot = (t * 7 + round * 13) % 16;
+                    let key = pool.lock().unwrap()[slot].clone();
+                    let value = || {
+                        made.fetch_add(1, Ordering::SeqCst);
+                        Tracked::new(&drops, &on_finalizer)
+                    };
+                    match round % 6 {
+                        0 | 1 => drop(map.insert(&key, value())),
+                        2 => drop(map.remove(&key)),
+                        3 => {
+                            map.with(&key, |tracked| {
+                                assert!(
+                                    tracked.drops.load(Ordering::SeqCst)
+                                        <= made.load(Ordering::SeqCst)
+                                )
+                            });
+                        }
+                        4 => {
+                            for (live, _) in map.keys().map(|k| (k, ())) {
+                                assert!(Strong::strong_count(&live) >= 1);
+                            }
+                        }
+                        _ => {
+                            // Replace the pool's key: the old one dies once
+                            // the other threads let go of it.
+                            pool.lock().unwrap()[slot] = Strong::new(round);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for handle in handles {
+        handle.join().unwrap();
+    }
+    let pool = Arc::try_unwrap(pool).ok().unwrap().into_inner().unwrap();
+    flush();
+    assert!(map.len() <= pool.len(), "an entry outlived its key");
+    let weak_pool: Vec<Weak<usize>> = pool.iter().map(Strong::downgrade).collect();
+    drop(pool);
+    flush();
+    assert!(map.is_empty(), "{} entries outlived their keys", map.len());
+    assert!(weak_pool.iter().all(|key| !key.is_alive()));
+    weakrefs_settle(|| drops.load(Ordering::SeqCst) == made.load(Ordering::SeqCst));
+}
+
+#[test]
+fn the_map_is_send_sync_default_and_debug() {
+    fn is_send_sync<T: Send + Sync>() {}
+    is_send_sync::<WeakKeyMap<String, Vec<u8>>>();
+    let map: WeakKeyMap<u8, u8> = WeakKeyMap::default();
+    assert_eq!(format!("{map:?}"), "WeakKeyMap { len: 0, .. }");
+}
