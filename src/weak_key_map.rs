@@ -112,8 +112,9 @@ impl<V: Send + Sync + 'static> ValueCell<V> {
             }
         }
         let address = self.address();
-        // `try_with`: during thread-local teardown the read goes untracked;
-        // only a writer on this same thread could then wait for it (K4).
+        // `try_with`: during thread-local teardown the read goes untracked,
+        // and `reading_here` answers true for every cell, so no writer on
+        // this thread waits for it (K4).
         let _ = READING.try_with(|reading| reading.borrow_mut().push(address));
         Some(Reading {
             cell: self,
@@ -253,8 +254,11 @@ impl<V> ValueCell<V> {
             // (`TAKEN`, stored before the deferred drop can run: 2).
             unsafe { ManuallyDrop::take(&mut *value) }
         });
-        // Relaxed: the cell's drop runs after this thread unpins (2).
-        self.state.store(CLOSED | TAKEN, Ordering::Relaxed);
+        // Relaxed: the cell's drop runs after this thread unpins (2). An
+        // RMW, not a store: it keeps the closing `fetch_or`'s release
+        // sequence going, so a reader that reads this value still
+        // synchronises with the close (K3).
+        self.state.fetch_or(TAKEN, Ordering::Relaxed);
         value
     }
 }
@@ -301,11 +305,15 @@ impl<V> Drop for Reading<'_, V> {
 }
 
 /// True if this thread is reading `cell` now (K4).
+/// During thread-local teardown (a writer called from another
+/// thread-local's destructor) the list is gone and reads went untracked:
+/// then this answers true, so such a writer never waits (for what may be
+/// its own read) and hands nothing back.
 fn reading_here<V>(cell: &ValueCell<V>) -> bool {
     let address = cell.address();
     READING
         .try_with(|reading| reading.borrow().contains(&address))
-        .unwrap_or(false)
+        .unwrap_or(true)
 }
 
 /// One entry: immutable once published (SAFETY.md, sections 7 and 8).
@@ -388,14 +396,27 @@ where
 /// block. [`insert`](Self::insert) and [`remove`](Self::remove) hand the
 /// value they displace back to their caller, so they wait until no
 /// reader borrows it any more: for the reads that started before, which
-/// end when their closures return. A `with` closure that removes its own
-/// key does not wait for itself (the removal returns `None` and the value
-/// is dropped once the closure returns), but two threads that each, inside
-/// `with`, remove the key the other is reading wait for each other, like
-/// two locks taken in opposite orders. Closures passed to `with`, `retain`
-/// and the values' `Clone` keep their thread pinned while they run (which
-/// holds back the freeing of memory that any thread retires meanwhile):
-/// keep them short.
+/// end when their closures return. A thread that removes or replaces a
+/// value it is reading itself (a `with` closure removing its own key) does
+/// not wait for itself: the call returns `None` and the value is dropped
+/// once the read ends. But reads, `insert`/`remove` and single-flight
+/// loads wait like locks: two threads that each, inside `with`, remove the
+/// key the other is reading wait for each other forever, as does a `with`
+/// closure waiting on a load whose `init` removes the key being read.
+/// Closures passed to `with`, `retain` and the values' `Clone` keep their
+/// thread pinned while they run (which holds back the freeing of memory
+/// that any thread retires meanwhile): keep them short.
+///
+/// Removed values are dropped on the finalizer thread, as soon as no
+/// reader borrows them (so by the next [`flush`](crate::flush)), except
+/// those handed back by `insert` and `remove` and those still in the map
+/// when it is dropped, which go with it. After
+/// [`shutdown`](crate::shutdown) there is no finalizer thread: a removed
+/// value is dropped wherever epoch garbage is collected, which may be
+/// inside another map operation (so its destructor must not use a map
+/// then), and a dead key whose shard was busy keeps its entry, invisible
+/// to lookups but counted by `len`, until [`purge`](Self::purge),
+/// [`retain`](Self::retain) or [`clear`](Self::clear).
 ///
 /// # Reference cycles
 ///
@@ -547,6 +568,12 @@ where
     /// Inserts `value` under `key`'s object, held weakly. Returns the value
     /// the key had, if any; that waits until no reader borrows it.
     ///
+    /// Called on a thread that is itself reading the key's value (inside
+    /// [`with`](Self::with)'s closure, [`retain`](Self::retain)'s
+    /// predicate, or the value's `Clone` during [`get`](Self::get) or
+    /// iteration), it replaces the value but returns `None`: the old value
+    /// is borrowed there, and is dropped once that read ends.
+    ///
     /// ```
     /// use weakrefs::{Strong, WeakKeyMap};
     ///
@@ -668,10 +695,10 @@ where
     }
 
     /// Removes the entry of `key`'s object and returns its value; that
-    /// waits until no reader borrows it. Called from inside
-    /// [`with`](Self::with) for the same key, it removes the entry but
-    /// returns `None`: the value is borrowed there, and is dropped once
-    /// that read ends.
+    /// waits until no reader borrows it. Called on a thread that is itself
+    /// reading the value (as for [`insert`](Self::insert)), it removes the
+    /// entry but returns `None`: the value is borrowed there, and is
+    /// dropped once that read ends.
     ///
     /// ```
     /// use weakrefs::{Strong, WeakKeyMap};
@@ -918,8 +945,10 @@ where
     }
 
     /// Keeps only the live entries for which `f` returns true; removes the
-    /// rest (and any dead ones). `f` runs once per live entry, without any
-    /// lock held; an entry replaced or removed meanwhile is left alone.
+    /// rest (and any dead ones). `f` runs at most once per live entry,
+    /// without any lock held (not for an entry that a concurrent `insert`
+    /// or `remove` is taking back); an entry replaced or removed meanwhile
+    /// is left alone.
     ///
     /// ```
     /// use weakrefs::{Strong, WeakKeyMap};

@@ -443,3 +443,51 @@ fn the_map_is_send_sync_default_and_debug() {
     let map: WeakKeyMap<u8, u8> = WeakKeyMap::default();
     assert_eq!(format!("{map:?}"), "WeakKeyMap { len: 0, .. }");
 }
+
+/// K4 during thread-local teardown: a map used from a thread-local's
+/// destructor, after the map's own thread-local list is gone, never waits
+/// for its own read (this hung when the missing list meant "not reading").
+#[test]
+fn removing_the_key_being_read_from_a_thread_local_destructor_does_not_hang() {
+    struct Teardown {
+        map: Arc<WeakKeyMap<u8, u8>>,
+        key: Strong<u8>,
+        result: std::sync::mpsc::Sender<Option<Option<u8>>>,
+    }
+    impl Drop for Teardown {
+        fn drop(&mut self) {
+            let (map, key) = (&self.map, &self.key);
+            let outcome = map.with(key, |_| map.remove(key));
+            let _ = self.result.send(outcome);
+        }
+    }
+    thread_local! {
+        static TEARDOWN: std::cell::RefCell<Option<Teardown>> = const { std::cell::RefCell::new(None) };
+    }
+    let map = Arc::new(WeakKeyMap::new());
+    let key = Strong::new(0u8);
+    map.insert(&key, 1u8);
+    let (send, receive) = std::sync::mpsc::channel();
+    {
+        let (map, key) = (map.clone(), key.clone());
+        thread::spawn(move || {
+            // Registered first, so destroyed after the map's own list,
+            // which the read below registers.
+            TEARDOWN.with(|slot| {
+                *slot.borrow_mut() = Some(Teardown {
+                    map: map.clone(),
+                    key: key.clone(),
+                    result: send,
+                })
+            });
+            assert_eq!(map.get(&key), Some(1));
+        })
+        .join()
+        .unwrap();
+    }
+    let outcome = receive.recv().expect("the destructor ran");
+    // The read during teardown went unrecorded, so the removal assumed it
+    // might be its own and handed nothing back instead of waiting.
+    assert_eq!(outcome, Some(None));
+    assert!(!map.contains_key(&key));
+}

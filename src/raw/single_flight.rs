@@ -34,7 +34,9 @@ pub(crate) struct Flight<Q, R> {
 
 enum State<R> {
     Running,
-    Done(R),
+    /// Shared, so that waiters clone the outcome (user `Clone`, for
+    /// `WeakKeyMap`) after unlocking the state.
+    Done(Strong<R>),
     Failed,
 }
 
@@ -128,7 +130,7 @@ impl<Q, R: Clone> Flight<Q, R> {
     /// it failed (the caller then retries, perhaps as the leader).
     pub(crate) fn wait(&self) -> Option<R> {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        loop {
+        let outcome = loop {
             match &*state {
                 State::Running => {
                     state = self
@@ -136,10 +138,12 @@ impl<Q, R: Clone> Flight<Q, R> {
                         .wait(state)
                         .unwrap_or_else(PoisonError::into_inner);
                 }
-                State::Done(outcome) => return Some(outcome.clone()),
+                State::Done(outcome) => break outcome.clone(),
                 State::Failed => return None,
             }
-        }
+        };
+        drop(state);
+        Some(R::clone(&outcome))
     }
 }
 
@@ -164,15 +168,16 @@ impl<'l, Q, R> Settle<'l, Q, R> {
 
 impl<Q, R> Drop for Settle<'_, Q, R> {
     fn drop(&mut self) {
+        let settled = match self.outcome.take() {
+            Some(outcome) => State::Done(Strong::new(outcome)),
+            None => State::Failed,
+        };
         let mut state = self
             .load
             .state
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        *state = match self.outcome.take() {
-            Some(outcome) => State::Done(outcome),
-            None => State::Failed,
-        };
+        *state = settled;
         self.load.settled.notify_all();
     }
 }

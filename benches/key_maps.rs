@@ -1,0 +1,129 @@
+//! `WeakKeyMap` as a side table against the usual hand-rolled one,
+//! `DashMap<usize, V>` keyed by the object's address, whose entries the
+//! object's owner must remove by hand when the object goes. In one run:
+//!
+//! * `side_table/lookup/{1,2}_thread`: 100k live keys, uniform lookups
+//!   that read a `u64` out of the value (`WeakKeyMap::with`, and `get`,
+//!   which clones it, against `DashMap::get`);
+//! * `side_table/churn_1024`: 1024 objects each get an entry and then go
+//!   away; the baseline removes each entry by hand as its object is
+//!   dropped, this crate relies on the death callbacks and `flush`.
+//!
+//! `cargo bench --bench key_maps` (`WEAKREFS_BENCH_THREADS=1,2,4` for
+//! other thread counts).
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use dashmap::DashMap;
+use weakrefs::{Strong, WeakKeyMap};
+
+#[path = "support/threads.rs"]
+mod threads;
+use threads::{on_threads, thread_counts};
+
+const KEYS: usize = 100_000;
+const SEQUENCE: usize = 1 << 20;
+const CHURN: usize = 1024;
+
+/// A fixed pseudo-random sequence of key indices, uniform over all keys.
+fn key_sequence() -> Vec<usize> {
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    (0..SEQUENCE)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            ((state >> 8) % KEYS as u64) as usize
+        })
+        .collect()
+}
+
+fn address<T>(key: &Arc<T>) -> usize {
+    Arc::as_ptr(key) as usize
+}
+
+fn lookups(c: &mut Criterion) {
+    let sequence = key_sequence();
+    let ours: Vec<Strong<u64>> = (0..KEYS as u64).map(Strong::new).collect();
+    let theirs: Vec<Arc<u64>> = (0..KEYS as u64).map(Arc::new).collect();
+    let map = WeakKeyMap::with_capacity(KEYS);
+    for key in &ours {
+        map.insert(key, **key);
+    }
+    let dash: DashMap<usize, u64> = DashMap::with_capacity(KEYS);
+    for key in &theirs {
+        dash.insert(address(key), **key);
+    }
+    for threads in thread_counts() {
+        let mut group = c.benchmark_group(format!("side_table/lookup/{threads}_thread"));
+        group.throughput(Throughput::Elements(threads as u64));
+        let run = |look: &(dyn Fn(usize) -> u64 + Sync), iters: u64| {
+            on_threads(threads, |t| {
+                let mut index = t * (SEQUENCE / threads);
+                for _ in 0..iters {
+                    let key = sequence[index];
+                    assert_eq!(look(black_box(key)), key as u64);
+                    index = (index + 1) & (SEQUENCE - 1);
+                }
+            })
+        };
+        group.bench_function("weakrefs_with", |b| {
+            b.iter_custom(|iters| run(&|i| map.with(&ours[i], |v| *v).unwrap(), iters))
+        });
+        group.bench_function("weakrefs_get", |b| {
+            b.iter_custom(|iters| run(&|i| map.get(&ours[i]).unwrap(), iters))
+        });
+        group.bench_function("dashmap", |b| {
+            b.iter_custom(|iters| run(&|i| *dash.get(&address(&theirs[i])).unwrap(), iters))
+        });
+        group.finish();
+    }
+}
+
+/// An object whose side-table entry its owner removes by hand on drop: the
+/// clean-up a `DashMap` side table needs.
+struct Owned<'a> {
+    object: Arc<u64>,
+    table: &'a DashMap<usize, u64>,
+}
+
+impl Drop for Owned<'_> {
+    fn drop(&mut self) {
+        self.table.remove(&address(&self.object));
+    }
+}
+
+fn churn(c: &mut Criterion) {
+    let mut group = c.benchmark_group("side_table/churn_1024");
+    group.throughput(Throughput::Elements(CHURN as u64));
+    let map: WeakKeyMap<u64, u64> = WeakKeyMap::new();
+    group.bench_function("weakrefs", |b| {
+        b.iter(|| {
+            for i in 0..CHURN as u64 {
+                let object = Strong::new(i);
+                map.insert(&object, i);
+            }
+            weakrefs::flush();
+        })
+    });
+    assert!(map.is_empty(), "dead keys' entries left after flush");
+    let dash: DashMap<usize, u64> = DashMap::new();
+    group.bench_function("dashmap_remove_on_drop", |b| {
+        b.iter(|| {
+            for i in 0..CHURN as u64 {
+                let owned = Owned {
+                    object: Arc::new(i),
+                    table: &dash,
+                };
+                dash.insert(address(&owned.object), i);
+            }
+        })
+    });
+    assert!(dash.is_empty());
+    group.finish();
+}
+
+criterion_group!(benches, lookups, churn);
+criterion_main!(benches);
