@@ -172,3 +172,37 @@ fn single_flight_racing_callers_share_one_value() {
         assert!(Strong::ptr_eq(&ours, &theirs));
     });
 }
+
+/// M4 and K5 for keys: a key's death racing an insert and a remove of
+/// that key by its two last holders. Whatever the order, the entry goes
+/// (by the remove or by the death), and each value exactly once.
+#[test]
+fn a_key_death_races_insert_and_remove_of_that_key() {
+    loom::model(|| {
+        let map = Arc::new(WeakKeyMap::default());
+        let key = Strong::new(0u8);
+        let drops = Arc::new(AtomicUsize::new(0));
+        let counted = |value| Counted {
+            value: Track::new(value),
+            drops: drops.clone(),
+        };
+        map.insert(&key, counted(1));
+        let remover = {
+            let (map, key) = (map.clone(), key.clone());
+            thread::spawn(move || {
+                let removed = map.remove(&key).map(|c| *c.value.get_ref());
+                drop(key); // perhaps the last holder: the death runs here
+                flush();
+                removed
+            })
+        };
+        drop(map.insert(&key, counted(2)));
+        drop(key);
+        flush();
+        let removed = remover.join().unwrap();
+        assert!(matches!(removed, Some(1) | Some(2)), "{removed:?}");
+        flush();
+        assert!(map.is_empty());
+        assert_eq!(drops.load(Ordering::SeqCst), 2, "each value dropped once");
+    });
+}
