@@ -168,15 +168,20 @@ impl<V> ValueCell<V> {
 }
 
 impl<V: Send + Sync + 'static> ValueCell<V> {
-    /// Closes the cell for disposal, after a removal that hands nothing
-    /// back unlinked its item, under the shard's lock and before the
-    /// item's deferred drop is queued (K5). The value goes to the
-    /// finalizer thread now if no reader borrows it, else when the last
-    /// reader leaves: not when the epoch next moves, which may be long
-    /// after. After `shutdown` the deferred drop disposes of it instead
-    /// (posted work would run inline, here, under the lock).
-    fn dispose(&self) {
-        if global().is_closed() {
+    /// Closes the cell for disposal (K5). The value goes to the finalizer
+    /// thread now if no reader borrows it, else when the last reader
+    /// leaves: not when the epoch next moves, which may be long after. A
+    /// value without drop glue is left to the deferred drop, which frees
+    /// the memory anyway (posting it would cost a job per removal).
+    ///
+    /// # Safety
+    ///
+    /// The caller unlinked the cell's item, once, and hands nothing back;
+    /// it holds no shard lock (the drop may run inline, after `shutdown`)
+    /// and has been pinned since before the unlink, so the item's deferred
+    /// drop cannot run before this returns.
+    unsafe fn dispose(&self) {
+        if !std::mem::needs_drop::<V>() {
             return;
         }
         // AcqRel: Release lets a reader that sees the close restart (K3);
@@ -185,7 +190,7 @@ impl<V: Send + Sync + 'static> ValueCell<V> {
         let before = self.state.fetch_or(CLOSED | DISPOSE, Ordering::AcqRel);
         if before / ONE == 0 {
             // SAFETY: no borrow remains or can start (`CLOSED`); the
-            // item's deferred drop is queued only after we return (K5).
+            // item's deferred drop runs after we return (our caller's pin).
             unsafe { self.dispose_now() };
         }
     }
@@ -355,7 +360,10 @@ where
     }
 
     fn unlinked(&self) {
-        self.cell.dispose();
+        // SAFETY: `Watching::unlinked`'s contract: unlinked once by a
+        // removal that hands nothing back, called outside the lock by a
+        // thread pinned since before the unlink.
+        unsafe { self.cell.dispose() };
     }
 }
 
@@ -403,6 +411,9 @@ where
 /// loads wait like locks: two threads that each, inside `with`, remove the
 /// key the other is reading wait for each other forever, as does a `with`
 /// closure waiting on a load whose `init` removes the key being read.
+/// Likewise [`flush`](crate::flush) and [`shutdown`](crate::shutdown)
+/// wait for the finalizer thread, which may be waiting for a read: don't
+/// call them inside `with`, `retain`, a value's `Clone` or an `init`.
 /// Closures passed to `with`, `retain` and the values' `Clone` keep their
 /// thread pinned while they run (which holds back the freeing of memory
 /// that any thread retires meanwhile): keep them short.
@@ -559,6 +570,10 @@ where
     /// pinned before and until now by `_pinned`.
     unsafe fn take_back(cell: &ValueCell<V>, _pinned: &Pinned) -> Option<V> {
         if reading_here(cell) {
+            // SAFETY: unlinked by our caller, pinned since before; no lock
+            // is held. Our own read is counted, so its end disposes of the
+            // value (or, untracked during thread-local teardown, this does).
+            unsafe { cell.dispose() };
             return None;
         }
         // SAFETY: 1 and 2 from our caller; 3 checked just above.
@@ -572,7 +587,9 @@ where
     /// [`with`](Self::with)'s closure, [`retain`](Self::retain)'s
     /// predicate, or the value's `Clone` during [`get`](Self::get) or
     /// iteration), it replaces the value but returns `None`: the old value
-    /// is borrowed there, and is dropped once that read ends.
+    /// is borrowed there, and is dropped once that read ends. The same
+    /// holds for a call from a thread-local's destructor during thread
+    /// exit, when reads can no longer be told apart.
     ///
     /// ```
     /// use weakrefs::{Strong, WeakKeyMap};
@@ -793,10 +810,12 @@ where
                         load,
                         || {
                             let value = init();
-                            // Cloned for the outcome before anything is
-                            // locked: a panicking `Clone` fails the load.
-                            let outcome = value.clone();
-                            Ok::<_, std::convert::Infallible>((value, outcome))
+                            // Cloned for the waiters and for us before
+                            // anything is locked or published: a panicking
+                            // `Clone` fails the load like a panicking `init`.
+                            let shared = value.clone();
+                            let ours = value.clone();
+                            Ok::<_, std::convert::Infallible>((value, shared, ours))
                         },
                         |load, made| self.finish_load(key, load, made),
                     );
@@ -817,7 +836,7 @@ where
         &self,
         key: &Strong<K>,
         load: &Strong<Flight<Weak<K>, V>>,
-        made: Option<(V, V)>,
+        made: Option<(V, V, V)>,
     ) -> Option<V>
     where
         V: Clone,
@@ -831,7 +850,7 @@ where
             .core
             .loads
             .withdraw(self.core.table.shard_index(hash), load);
-        let (value, outcome) = made?;
+        let (value, shared, ours) = made?;
         let existing: Option<*const ValueCell<V>> = writer
             .candidates(hash)
             .find(|item| item.key.names(key))
@@ -842,10 +861,10 @@ where
                 // Never replaces: no entry under the key (checked above).
                 writer.upsert(hash, item, |_, _| false);
                 drop(writer);
-                settle.outcome = Some(outcome.clone());
+                settle.outcome = Some(shared);
                 drop(settle);
                 drop(withdrawn);
-                return Some(outcome);
+                return Some(ours);
             }
             Some(cell) => {
                 // SAFETY: found in the current table under the lock, so its
@@ -857,7 +876,7 @@ where
         drop(writer);
         drop(withdrawn);
         // After the unlock: user code.
-        drop((value, outcome));
+        drop((value, shared, ours));
         let adopted = reading.map(|reading| reading.value().clone());
         settle.outcome.clone_from(&adopted);
         adopted

@@ -4,7 +4,8 @@
 
 use crate::callbacks::global;
 use crate::finalizer::{finalize_unlisted, Finalizer};
-use crate::raw::table::{Relocatable, ShardedTable};
+use crate::raw::table::{Relocatable, ShardWriter, ShardedTable};
+use crate::reclaim::Pinned;
 use crate::strong::Strong;
 use crate::weak::Weak;
 
@@ -20,10 +21,12 @@ pub(crate) trait Watching: Relocatable + Send + Sync + 'static {
     /// goes any other way (M5).
     fn finalizer(&self) -> &Finalizer;
 
-    /// Called under the shard's lock once a removal that hands nothing
-    /// back (a death, `retain`, `clear`, `purge`) has unlinked this entry,
-    /// before its deferred drop is queued. `WeakKeyMap` disposes of its
-    /// value here as soon as no reader borrows it (K5).
+    /// Called once a removal that hands nothing back (a death, `retain`,
+    /// `clear`, `purge`) has unlinked this entry: after the shard's lock is
+    /// released, by a thread pinned since before the unlink, so the entry's
+    /// deferred drop cannot have run. `WeakKeyMap` disposes of its value
+    /// here as soon as no reader borrows it (K5); nothing runs under the
+    /// lock.
     fn unlinked(&self) {}
 }
 
@@ -66,28 +69,27 @@ where
         let Some(core) = collection.upgrade() else {
             return;
         };
+        let pinned = core.table().pin();
         let removed_here = match core.table().try_write(hash) {
-            Some(mut writer) => {
-                if let Some(item) = writer.remove(hash, |item| item.watched().ptr_eq(&dead)) {
-                    item.unlinked();
-                }
+            Some(writer) => {
+                remove_watching(writer, &pinned, hash, &dead);
                 true
             }
             None => false,
         };
+        drop(pinned);
         if !removed_here && !global().is_closed() {
             global().post(move || {
                 // Inline if shutdown closed the queue meanwhile: then this
                 // runs where the death happened, and must not wait.
+                let pinned = core.table().pin();
                 let writer = if global().is_closed() {
                     core.table().try_write(hash)
                 } else {
                     Some(core.table().write(hash))
                 };
-                if let Some(mut writer) = writer {
-                    if let Some(item) = writer.remove(hash, |item| item.watched().ptr_eq(&dead)) {
-                        item.unlinked();
-                    }
+                if let Some(writer) = writer {
+                    remove_watching(writer, &pinned, hash, &dead);
                 }
             });
             return;
@@ -98,6 +100,27 @@ where
             global().post(move || drop(last));
         }
     })
+}
+
+/// Removes, under `writer`, the entry filed under `hash` that watches
+/// `dead`; then, after the unlock, tells it so (`Watching::unlinked`).
+/// `_pinned` was taken before the writer, so the entry stays readable.
+fn remove_watching<I: Watching>(
+    mut writer: ShardWriter<'_, I>,
+    _pinned: &Pinned,
+    hash: u64,
+    dead: &Weak<I::Target>,
+) {
+    let removed = writer
+        .remove(hash, |item| item.watched().ptr_eq(dead))
+        .map(|item| item as *const I);
+    drop(writer);
+    if let Some(item) = removed {
+        // SAFETY: unlinked under the writer by a thread pinned since before
+        // (`_pinned`): its deferred drop, and its table's release, cannot
+        // run before that pin ends (I7, M9).
+        unsafe { (*item).unlinked() };
+    }
 }
 
 /// Iterates `table` shard by shard, snapshotting one shard at a time
@@ -148,7 +171,8 @@ pub(crate) fn retain_live<I: Watching>(
 /// Removes every entry, detaching their callbacks.
 pub(crate) fn clear<I: Watching>(table: &ShardedTable<I>) {
     for shard in 0..table.shard_len() {
-        table.write_shard(shard).retain_all(
+        table.retain_locked(
+            shard,
             |_| false,
             |item| {
                 item.finalizer().detach();
@@ -162,10 +186,6 @@ pub(crate) fn clear<I: Watching>(table: &ShardedTable<I>) {
 /// their callbacks. Returns how many.
 pub(crate) fn purge<I: Watching>(table: &ShardedTable<I>) -> usize {
     (0..table.shard_len())
-        .map(|shard| {
-            table
-                .write_shard(shard)
-                .retain_all(|item| item.watched().is_alive(), I::unlinked)
-        })
+        .map(|shard| table.retain_locked(shard, |item| item.watched().is_alive(), I::unlinked))
         .sum()
 }

@@ -310,7 +310,8 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
     /// Removes from shard `index` the items `keep` rejects, deciding
     /// without the lock: `keep` runs while the thread is pinned but holds no
     /// lock, then the rejected items still present are removed under the
-    /// lock, each passed to `on_remove` once unlinked (M8). Items are named by
+    /// lock, each passed to `on_remove` after the unlock, still pinned
+    /// (M8). Items are named by
     /// tag and identity, which a rebuild in between does not change; one
     /// replaced or removed meanwhile is left alone. Returns how many it
     /// removed.
@@ -341,19 +342,47 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
         }
         let mut writer = self.write_shard(index);
         let table = writer.current_table();
-        let mut removed = 0;
+        let mut removed = Vec::new();
         for (tag, identity) in doomed {
             if let Ok(slot_index) = find(table, tag, |item| item.identity() == identity) {
+                removed.reserve(1);
                 writer.unlink(slot_index);
-                // SAFETY: full until just now (1); its drop is deferred
-                // until after the writer is dropped (2).
-                on_remove(unsafe { table.item(slot_index) });
-                removed += 1;
+                // SAFETY: full until just now (1); see below for how long
+                // the pointer stays valid.
+                removed.push(unsafe { table.item(slot_index) } as *const I);
             }
         }
         drop(writer);
-        drop(pinned);
+        // SAFETY: each was unlinked under the lock while we were pinned, so
+        // its deferred drop (and its table's release) cannot run before we
+        // unpin, below (I7, M9).
         removed
+            .iter()
+            .for_each(|&item| on_remove(unsafe { &*item }));
+        drop(pinned);
+        removed.len()
+    }
+
+    /// Removes from shard `index`, under its lock, every item `keep`
+    /// rejects; then, after the unlock but still pinned (so they stay
+    /// readable), passes each removed item to `on_remove`: user code that
+    /// it may run never runs under the lock. Returns how many.
+    pub(crate) fn retain_locked(
+        &self,
+        index: usize,
+        keep: impl FnMut(&I) -> bool,
+        mut on_remove: impl FnMut(&I),
+    ) -> usize {
+        let pinned = self.pin();
+        let mut writer = self.write_shard(index);
+        let removed = writer.retain_all(keep);
+        drop(writer);
+        // SAFETY: as in `retain_shard`: unlinked while we were pinned.
+        removed
+            .iter()
+            .for_each(|&item| on_remove(unsafe { &*item }));
+        drop(pinned);
+        removed.len()
     }
 
     /// Locks `hash`'s shard for writing (M2).
@@ -695,15 +724,12 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
         self.add_len(-1);
     }
 
-    /// Removes every item `keep` rejects, under the lock, passing each to
-    /// `on_remove` once unlinked. Returns how many.
-    pub(crate) fn retain_all(
-        &mut self,
-        mut keep: impl FnMut(&I) -> bool,
-        mut on_remove: impl FnMut(&I),
-    ) -> usize {
+    /// Removes every item `keep` rejects, under the lock. Returns pointers
+    /// to them, valid until the writer is dropped, or longer for a caller
+    /// pinned since before this call.
+    fn retain_all(&mut self, mut keep: impl FnMut(&I) -> bool) -> Vec<*const I> {
         let table = self.current_table();
-        let mut removed = 0;
+        let mut removed = Vec::new();
         for index in 0..table.slots.len() {
             // Relaxed: writers are ordered by the mutex.
             if table.slots[index].tag.load(Ordering::Relaxed) <= TOMBSTONE {
@@ -711,11 +737,11 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
             }
             // SAFETY: full (1), under the mutex (2).
             if !keep(unsafe { table.item(index) }) {
+                removed.reserve(1);
                 self.unlink(index);
                 // SAFETY: full until just now (1); its drop is deferred
                 // until after the writer is dropped (2).
-                on_remove(unsafe { table.item(index) });
-                removed += 1;
+                removed.push(unsafe { table.item(index) } as *const I);
             }
         }
         removed
