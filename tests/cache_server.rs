@@ -63,7 +63,11 @@ fn serves_objects_and_releases_them_when_clients_leave() {
         let builds = app.metrics.builds.load(Ordering::SeqCst);
         let (_, cached) = b.get("/objects/beta").await.unwrap();
         assert_eq!(cached, other);
-        assert_eq!(app.metrics.builds.load(Ordering::SeqCst), builds, "beta was cached");
+        assert_eq!(
+            app.metrics.builds.load(Ordering::SeqCst),
+            builds,
+            "beta was cached"
+        );
         assert_eq!(app.connections.len(), 2);
 
         let (status, stats) = a.get("/stats").await.unwrap();
@@ -85,7 +89,11 @@ fn serves_objects_and_releases_them_when_clients_leave() {
         weakrefs::flush();
         assert_eq!(app.metrics.live_bytes.load(Ordering::SeqCst), 0);
         assert_eq!(app.cached_objects(), 0, "the cache emptied itself");
-        assert_eq!(app.connections.len(), 0, "the sessions went with their connections");
+        assert_eq!(
+            app.connections.len(),
+            0,
+            "the sessions went with their connections"
+        );
         assert!(app.metrics.peak_bytes.load(Ordering::SeqCst) >= 2 * OBJECT_BYTES);
     });
 }
@@ -113,7 +121,10 @@ fn a_load_run_is_correct_and_leaves_nothing_behind() {
         assert_eq!(report.bytes, 400 * OBJECT_BYTES as u64);
         let builds = app.metrics.builds.load(Ordering::SeqCst);
         let joined = app.metrics.joined_builds.load(Ordering::SeqCst);
-        assert!(builds >= 1 && builds + joined <= 400, "{builds} builds, {joined} joined");
+        assert!(
+            builds >= 1 && builds + joined <= 400,
+            "{builds} builds, {joined} joined"
+        );
         stop.send(true).unwrap();
         server.await.unwrap();
         weakrefs::flush();
