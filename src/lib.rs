@@ -13,6 +13,8 @@ mod control;
 mod error;
 mod finalizer;
 mod panics;
+#[cfg(feature = "rayon")]
+mod par_iter;
 mod raw;
 mod reclaim;
 mod strong;
@@ -25,6 +27,8 @@ mod weak_value_map;
 
 pub use error::ReferenceError;
 pub use finalizer::{finalize, flush, shutdown, stats, Finalizer, Stats};
+#[cfg(feature = "rayon")]
+pub use par_iter::ParIter;
 pub use strong::Strong;
 pub use weak::Weak;
 pub use weak_key_map::WeakKeyMap;

@@ -1034,3 +1034,41 @@ impl<K, V, S> fmt::Debug for WeakKeyMap<K, V, S> {
             .finish_non_exhaustive()
     }
 }
+
+/// `map.par_iter()` (with `use rayon::prelude::*`): the live entries, each
+/// key's `Strong` with a clone of its value, in parallel, shard by shard;
+/// weakly consistent, as [`WeakKeyMap::iter`].
+///
+/// ```
+/// use rayon::prelude::*;
+/// use weakrefs::{Strong, WeakKeyMap};
+///
+/// let map = WeakKeyMap::new();
+/// let keys: Vec<_> = (0..100u64).map(Strong::new).collect();
+/// for key in &keys {
+///     map.insert(key, **key * 2);
+/// }
+/// let sum: u64 = map.par_iter().map(|(_, doubled)| doubled).sum();
+/// assert_eq!(sum, 2 * 4950);
+/// ```
+#[cfg(feature = "rayon")]
+impl<'a, K, V, S> rayon::iter::IntoParallelIterator for &'a WeakKeyMap<K, V, S>
+where
+    K: Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+    S: BuildHasher + Send + Sync + 'static,
+{
+    type Item = (Strong<K>, V);
+    type Iter = crate::ParIter<'a, (Strong<K>, V)>;
+
+    fn into_par_iter(self) -> Self::Iter {
+        let table = &self.core.table;
+        crate::ParIter::new(table.shard_len(), move |shard| {
+            collection::shard_snapshot(table, shard, |item: &Item<K, V>| {
+                let key = item.key.upgrade()?;
+                let reading = item.cell.enter()?;
+                Some((key, reading.value().clone()))
+            })
+        })
+    }
+}

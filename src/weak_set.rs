@@ -363,3 +363,34 @@ impl<T, S> fmt::Debug for WeakSet<T, S> {
             .finish_non_exhaustive()
     }
 }
+
+/// `set.par_iter()` (with `use rayon::prelude::*`): the live members, in
+/// parallel, shard by shard; weakly consistent, as [`WeakSet::iter`].
+///
+/// ```
+/// use rayon::prelude::*;
+/// use weakrefs::{Strong, WeakSet};
+///
+/// let set = WeakSet::new();
+/// let (a, b) = (Strong::new(2), Strong::new(3));
+/// set.insert(&a);
+/// set.insert(&b);
+/// drop(b);
+/// assert_eq!(set.par_iter().map(|m| *m).collect::<Vec<_>>(), [2]);
+/// ```
+#[cfg(feature = "rayon")]
+impl<'a, T, S> rayon::iter::IntoParallelIterator for &'a WeakSet<T, S>
+where
+    T: Send + Sync + 'static,
+    S: BuildHasher + Send + Sync + 'static,
+{
+    type Item = Strong<T>;
+    type Iter = crate::ParIter<'a, Strong<T>>;
+
+    fn into_par_iter(self) -> Self::Iter {
+        let table = &self.core.table;
+        crate::ParIter::new(table.shard_len(), move |shard| {
+            collection::shard_snapshot(table, shard, |member: &Member<T>| member.object.upgrade())
+        })
+    }
+}

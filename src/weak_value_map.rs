@@ -689,3 +689,39 @@ impl<K, V, S> fmt::Debug for WeakValueMap<K, V, S> {
             .finish_non_exhaustive()
     }
 }
+
+/// `map.par_iter()` (with `use rayon::prelude::*`): the live entries, with
+/// cloned keys, in parallel, shard by shard; weakly consistent, as
+/// [`WeakValueMap::iter`].
+///
+/// ```
+/// use rayon::prelude::*;
+/// use weakrefs::{Strong, WeakValueMap};
+///
+/// let map = WeakValueMap::new();
+/// let values: Vec<_> = (0..100u64).map(Strong::new).collect();
+/// for v in &values {
+///     map.insert(**v, v);
+/// }
+/// let sum: u64 = map.par_iter().map(|(key, value)| key + *value).sum();
+/// assert_eq!(sum, 2 * 4950);
+/// ```
+#[cfg(feature = "rayon")]
+impl<'a, K, V, S> rayon::iter::IntoParallelIterator for &'a WeakValueMap<K, V, S>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Send + Sync + 'static,
+    S: BuildHasher + Send + Sync + 'static,
+{
+    type Item = (K, Strong<V>);
+    type Iter = crate::ParIter<'a, (K, Strong<V>)>;
+
+    fn into_par_iter(self) -> Self::Iter {
+        let table = &self.core.table;
+        crate::ParIter::new(table.shard_len(), move |shard| {
+            collection::shard_snapshot(table, shard, |item: &Item<K, V>| {
+                Some((item.key().clone(), item.value.upgrade()?))
+            })
+        })
+    }
+}

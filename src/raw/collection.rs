@@ -132,11 +132,21 @@ pub(crate) fn snapshots<'a, I, T: 'a>(
 where
     I: Watching,
 {
-    (0..table.shard_len()).flat_map(move |shard| {
-        let mut batch = Vec::new();
-        table.for_each_in_shard(shard, |item| batch.extend(project(item)));
-        batch
-    })
+    (0..table.shard_len()).flat_map(move |shard| shard_snapshot(table, shard, &mut project))
+}
+
+/// What `project` makes of shard `shard`'s items, under one short pin.
+pub(crate) fn shard_snapshot<I, T>(
+    table: &ShardedTable<I>,
+    shard: usize,
+    mut project: impl FnMut(&I) -> Option<T>,
+) -> Vec<T>
+where
+    I: Watching,
+{
+    let mut batch = Vec::new();
+    table.for_each_in_shard(shard, |item| batch.extend(project(item)));
+    batch
 }
 
 /// Keeps the entries whose object is alive and for which `keep` returns
