@@ -100,6 +100,21 @@ impl<T> ControlBlock<T> {
         unsafe { ptr::addr_of_mut!((*this.as_ptr()).value).cast::<T>() }
     }
 
+    /// The block whose value `value` points at: the inverse of
+    /// [`value_ptr`](Self::value_ptr).
+    ///
+    /// # Safety
+    ///
+    /// 1. `value` came from `value_ptr` of a block that is still allocated.
+    #[inline(always)]
+    pub(crate) unsafe fn from_value_ptr(value: *const T) -> NonNull<Self> {
+        let offset = std::mem::offset_of!(ControlBlock<T>, value);
+        // SAFETY: by 1, `value` is `offset` bytes into a live allocation
+        // and carries its provenance (`value_ptr` projects from the block
+        // pointer); stepping back stays inside it and is not null.
+        unsafe { NonNull::new_unchecked(value.byte_sub(offset).cast_mut().cast::<Self>()) }
+    }
+
     /// Drops the value in place. Called once, by the thread that took the
     /// strong count to zero (I2).
     ///

@@ -17,6 +17,8 @@ mod panics;
 mod par_iter;
 mod raw;
 mod reclaim;
+#[cfg(feature = "arc-swap")]
+mod ref_cnt;
 mod strong;
 mod sync;
 mod weak;

@@ -179,6 +179,47 @@ impl<T> Strong<T> {
         ControlBlock::value_ptr(this.block)
     }
 
+    /// Consumes the handle without releasing it and returns a pointer to
+    /// the value, as `Arc::into_raw` does. [`Strong::from_raw`] turns it
+    /// back into a handle; until then the object cannot die (and leaks if
+    /// never turned back).
+    ///
+    /// ```
+    /// use weakrefs::Strong;
+    ///
+    /// let raw = Strong::into_raw(Strong::new(String::from("kept")));
+    /// // SAFETY: from `into_raw`, turned back once.
+    /// let back = unsafe { Strong::from_raw(raw) };
+    /// assert_eq!(*back, "kept");
+    /// ```
+    pub fn into_raw(this: Self) -> *const T {
+        let value = Self::as_ptr(&this);
+        std::mem::forget(this);
+        value
+    }
+
+    /// Rebuilds a handle from [`Strong::into_raw`]'s pointer.
+    ///
+    /// # Safety
+    ///
+    /// `value` came from `Strong::<T>::into_raw` (the same `T`), and each
+    /// such pointer is turned back once.
+    ///
+    /// ```
+    /// use weakrefs::Strong;
+    ///
+    /// let a = Strong::new(1);
+    /// let raw = Strong::into_raw(a.clone());
+    /// // SAFETY: from `into_raw`, turned back once.
+    /// let b = unsafe { Strong::from_raw(raw) };
+    /// assert!(Strong::ptr_eq(&a, &b));
+    /// ```
+    pub unsafe fn from_raw(value: *const T) -> Self {
+        // SAFETY: the pointer came from `into_raw`, whose handle still owns
+        // its strong count, so the block is allocated.
+        Self::from_block(unsafe { ControlBlock::from_value_ptr(value) })
+    }
+
     /// Returns the value if this is the only `Strong`; otherwise gives the
     /// handle back. `Weak` handles do not prevent it: they simply find the
     /// object dead afterwards. The object dies here, so its death callbacks

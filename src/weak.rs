@@ -55,6 +55,66 @@ impl<T> Weak<T> {
         Weak { block: None }
     }
 
+    /// A pointer to where the value is, as `std::sync::Weak::as_ptr`: valid
+    /// to dereference only while some [`Strong`] keeps the object alive.
+    /// For [`Weak::new`], a dangling (but non-null, aligned) pointer that
+    /// no object has.
+    ///
+    /// ```
+    /// use weakrefs::Strong;
+    ///
+    /// let obj = Strong::new(5);
+    /// let weak = Strong::downgrade(&obj);
+    /// assert_eq!(weak.as_ptr(), Strong::as_ptr(&obj));
+    /// ```
+    pub fn as_ptr(&self) -> *const T {
+        match self.block {
+            Some(block) => ControlBlock::value_ptr(block),
+            None => NonNull::dangling().as_ptr(),
+        }
+    }
+
+    /// Consumes the handle without releasing it and returns
+    /// [`as_ptr`](Self::as_ptr); [`Weak::from_raw`] turns it back.
+    ///
+    /// ```
+    /// use weakrefs::{Strong, Weak};
+    ///
+    /// let obj = Strong::new('w');
+    /// let raw = Strong::downgrade(&obj).into_raw();
+    /// // SAFETY: from `into_raw`, turned back once.
+    /// let weak = unsafe { Weak::from_raw(raw) };
+    /// assert_eq!(weak.upgrade().as_deref(), Some(&'w'));
+    /// ```
+    pub fn into_raw(self) -> *const T {
+        let value = self.as_ptr();
+        std::mem::forget(self);
+        value
+    }
+
+    /// Rebuilds a handle from [`Weak::into_raw`]'s pointer.
+    ///
+    /// # Safety
+    ///
+    /// `value` came from `Weak::<T>::into_raw` (the same `T`), and each
+    /// such pointer is turned back once.
+    ///
+    /// ```
+    /// use weakrefs::Weak;
+    ///
+    /// let raw = Weak::<u8>::new().into_raw();
+    /// // SAFETY: from `into_raw`, turned back once.
+    /// assert!(unsafe { Weak::from_raw(raw) }.upgrade().is_none());
+    /// ```
+    pub unsafe fn from_raw(value: *const T) -> Self {
+        if value == NonNull::<T>::dangling().as_ptr().cast_const() {
+            return Weak::new();
+        }
+        // SAFETY: from `into_raw` of a handle naming a block, whose weak
+        // count it still owns, so the block is allocated.
+        Weak::from_block(unsafe { ControlBlock::from_value_ptr(value) })
+    }
+
     /// Wraps a block whose weak count already includes this handle.
     pub(crate) fn from_block(block: NonNull<ControlBlock<T>>) -> Self {
         Weak { block: Some(block) }
