@@ -8,6 +8,7 @@
 use std::cell::RefCell;
 use std::collections::hash_map::RandomState;
 use std::fmt;
+use std::future::Future;
 use std::hash::BuildHasher;
 use std::mem::ManuallyDrop;
 
@@ -761,8 +762,111 @@ where
     {
         let mut init = Some(init);
         loop {
+            match self.find_or_join(key, true) {
+                Ok(value) => return value,
+                Err(Joined::Wait(load)) => {
+                    if let Some(value) = load.wait() {
+                        return value;
+                    }
+                    // The leader failed: try again (perhaps as the leader).
+                }
+                Err(Joined::Lead(load)) => {
+                    let init = init.take().expect("a caller leads once, then returns");
+                    let made = single_flight::lead(
+                        load,
+                        || Ok::<_, std::convert::Infallible>(Self::with_copies(init())),
+                        |load, made| self.finish_load(key, load, made),
+                    );
+                    match made {
+                        Ok(value) => return value,
+                        Err(never) => match never {},
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`get_or_insert_with`](Self::get_or_insert_with) for async code:
+    /// callers wait for a load in flight without blocking their thread,
+    /// and `init`'s future runs in the leading caller's task. Works on any
+    /// executor. Cancellation-safe: if the leading caller's future is
+    /// dropped before its load completes, one of the waiting callers takes
+    /// the load over. An `init` that awaits the same key from this map
+    /// waits for itself forever.
+    ///
+    /// ```
+    /// use weakrefs::{Strong, WeakKeyMap};
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// let thumbnails: WeakKeyMap<String, Strong<Vec<u8>>> = WeakKeyMap::new();
+    /// let photo = Strong::new("photo.jpg".to_string());
+    /// let small = thumbnails
+    ///     .get_or_insert_with_async(&photo, || async { Strong::new(vec![0u8; 64]) })
+    ///     .await;
+    /// let again = thumbnails
+    ///     .get_or_insert_with_async(&photo, || async { unreachable!() })
+    ///     .await;
+    /// assert!(Strong::ptr_eq(&small, &again));
+    /// # });
+    /// ```
+    pub async fn get_or_insert_with_async<F, Fut>(&self, key: &Strong<K>, init: F) -> V
+    where
+        V: Clone,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = V>,
+    {
+        let mut init = Some(init);
+        loop {
+            match self.find_or_join(key, false) {
+                Ok(value) => return value,
+                Err(Joined::Wait(load)) => {
+                    if let Some(value) = load.wait_async().await {
+                        return value;
+                    }
+                    // The leader failed or was dropped: try again.
+                }
+                Err(Joined::Lead(load)) => {
+                    let init = init.take().expect("a caller leads once, then returns");
+                    let made = single_flight::lead_async(
+                        load,
+                        async {
+                            Ok::<_, std::convert::Infallible>(Self::with_copies(init().await))
+                        },
+                        |load, made| self.finish_load(key, load, made),
+                    )
+                    .await;
+                    match made {
+                        Ok(value) => return value,
+                        Err(never) => match never {},
+                    }
+                }
+            }
+        }
+    }
+
+    /// A new value with its two clones, for the waiters and the leader,
+    /// made before anything is locked or published: a panicking `Clone`
+    /// fails the load like a panicking `init` (K6).
+    fn with_copies(value: V) -> (V, V, V)
+    where
+        V: Clone,
+    {
+        let shared = value.clone();
+        let ours = value.clone();
+        (value, shared, ours)
+    }
+
+    /// A clone of the value under `key` (lock-free, then under the shard's
+    /// lock), or else a load to wait for, or a new load for us to lead
+    /// (K6). `blocking` says whether the caller blocks its thread to wait.
+    #[allow(clippy::type_complexity)]
+    fn find_or_join(&self, key: &Strong<K>, blocking: bool) -> Result<V, Joined<Weak<K>, V>>
+    where
+        V: Clone,
+    {
+        loop {
             if let Some(value) = self.get(key) {
-                return value;
+                return Ok(value);
             }
             let hash = self.hash(key);
             let pinned = self.core.table.pin();
@@ -781,7 +885,7 @@ where
                 let reading = cell.enter();
                 drop(writer);
                 match reading {
-                    Some(reading) => return reading.value().clone(),
+                    Some(reading) => return Ok(reading.value().clone()),
                     // Unreachable in practice (a cell is closed only after
                     // its unlink); look again.
                     None => continue,
@@ -794,37 +898,11 @@ where
                 &mut wanted,
                 |theirs: &Weak<K>, ours: &Weak<K>| theirs.ptr_eq(ours),
                 "WeakKeyMap::get_or_insert_with",
+                blocking,
             );
             drop(writer);
             drop(pinned);
-            match joined {
-                Joined::Wait(load) => {
-                    if let Some(value) = load.wait() {
-                        return value;
-                    }
-                    // The leader failed: try again (perhaps as the leader).
-                }
-                Joined::Lead(load) => {
-                    let init = init.take().expect("a caller leads once, then returns");
-                    let made = single_flight::lead(
-                        load,
-                        || {
-                            let value = init();
-                            // Cloned for the waiters and for us before
-                            // anything is locked or published: a panicking
-                            // `Clone` fails the load like a panicking `init`.
-                            let shared = value.clone();
-                            let ours = value.clone();
-                            Ok::<_, std::convert::Infallible>((value, shared, ours))
-                        },
-                        |load, made| self.finish_load(key, load, made),
-                    );
-                    match made {
-                        Ok(value) => return value,
-                        Err(never) => match never {},
-                    }
-                }
-            }
+            return Err(joined);
         }
     }
 

@@ -3,6 +3,7 @@
 use std::borrow::Borrow;
 use std::collections::hash_map::RandomState;
 use std::fmt;
+use std::future::Future;
 use std::hash::{BuildHasher, Hash};
 
 use crate::finalizer::Finalizer;
@@ -421,22 +422,15 @@ where
         let hash = self.hash(&key);
         let mut key = Some(key);
         loop {
-            let wanted = key
-                .as_ref()
-                .expect("the key is taken only by a leader that returns");
-            if let Some(value) = self.with_hashed_item(hash, wanted, |item| item.value.upgrade()) {
-                return Ok(value);
-            }
-            match self.join_or_lead(hash, &mut key) {
-                None => {}
-                Some(Ok(value)) => return Ok(value),
-                Some(Err(Joined::Wait(load))) => {
+            match self.find_or_join(hash, &mut key, true) {
+                Ok(value) => return Ok(value),
+                Err(Joined::Wait(load)) => {
                     if let Some(value) = load.wait() {
                         return Ok(value);
                     }
                     // The leader failed: try again (perhaps as the leader).
                 }
-                Some(Err(Joined::Lead(load))) => {
+                Err(Joined::Lead(load)) => {
                     return single_flight::lead(
                         load,
                         || init().map(Strong::new),
@@ -447,31 +441,130 @@ where
         }
     }
 
-    /// Under the shard's lock: a live value, or a load to wait for, or a
-    /// new load for us to lead (M6).
+    /// [`get_or_insert_with`](Self::get_or_insert_with) for async code:
+    /// callers wait for a load in flight without blocking their thread,
+    /// and `init`'s future runs in the leading caller's task. Works on any
+    /// executor.
+    ///
+    /// Cancellation-safe: if the leading caller's future is dropped before
+    /// its load completes, one of the waiting callers takes the load over
+    /// (runs its own `init`); a waiter's future may be dropped at any time.
+    /// A panic in `init` reaches the leading caller only. An `init` that
+    /// awaits the same key from this map waits for itself forever (tasks,
+    /// unlike threads, cannot be told apart here).
+    ///
+    /// ```
+    /// use weakrefs::{Strong, WeakValueMap};
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// let pages: WeakValueMap<String, String> = WeakValueMap::new();
+    /// let page = pages
+    ///     .get_or_insert_with_async("home".to_string(), || async { "<h1>home</h1>".to_string() })
+    ///     .await;
+    /// let again = pages
+    ///     .get_or_insert_with_async("home".to_string(), || async { unreachable!() })
+    ///     .await;
+    /// assert!(Strong::ptr_eq(&page, &again));
+    /// # });
+    /// ```
+    pub async fn get_or_insert_with_async<F, Fut>(&self, key: K, init: F) -> Strong<V>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = V>,
+    {
+        let loaded = self
+            .try_get_or_insert_with_async(key, || async {
+                Ok::<V, std::convert::Infallible>(init().await)
+            })
+            .await;
+        match loaded {
+            Ok(value) => value,
+            Err(never) => match never {},
+        }
+    }
+
+    /// [`try_get_or_insert_with`](Self::try_get_or_insert_with) for async
+    /// code, as [`get_or_insert_with_async`](Self::get_or_insert_with_async):
+    /// an `Err` inserts nothing, reaches this caller only, and lets waiting
+    /// callers retry.
+    ///
+    /// ```
+    /// use weakrefs::WeakValueMap;
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// let map: WeakValueMap<u32, String> = WeakValueMap::new();
+    /// let failed = map.try_get_or_insert_with_async(1, || async { Err("offline") }).await;
+    /// assert_eq!(failed.unwrap_err(), "offline");
+    /// assert!(map.is_empty());
+    /// # });
+    /// ```
+    pub async fn try_get_or_insert_with_async<E, F, Fut>(
+        &self,
+        key: K,
+        init: F,
+    ) -> Result<Strong<V>, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<V, E>>,
+    {
+        let hash = self.hash(&key);
+        let mut key = Some(key);
+        let mut init = Some(init);
+        loop {
+            match self.find_or_join(hash, &mut key, false) {
+                Ok(value) => return Ok(value),
+                Err(Joined::Wait(load)) => {
+                    if let Some(value) = load.wait_async().await {
+                        return Ok(value);
+                    }
+                    // The leader failed or was dropped: try again.
+                }
+                Err(Joined::Lead(load)) => {
+                    let init = init.take().expect("a caller leads once, then returns");
+                    return single_flight::lead_async(
+                        load,
+                        async { init().await.map(Strong::new) },
+                        |load, value| self.finish_load(load, value),
+                    )
+                    .await;
+                }
+            }
+        }
+    }
+
+    /// A live value under `key` (lock-free, then under the shard's lock),
+    /// or else a load to wait for, or a new load for us to lead (M6).
+    /// `blocking` says whether the caller blocks its thread to wait.
     #[allow(clippy::type_complexity)]
-    fn join_or_lead(
+    fn find_or_join(
         &self,
         hash: u64,
         key: &mut Option<K>,
-    ) -> Option<Result<Strong<V>, Joined<K, Strong<V>>>> {
+        blocking: bool,
+    ) -> Result<Strong<V>, Joined<K, Strong<V>>> {
+        let wanted = key
+            .as_ref()
+            .expect("the key is taken only by a leader that returns");
+        if let Some(value) = self.with_hashed_item(hash, wanted, |item| item.value.upgrade()) {
+            return Ok(value);
+        }
         let writer = self.core.table.write(hash);
-        let wanted = key.as_ref().expect("the key is present until we lead");
         let live = writer
             .candidates(hash)
             .find(|item| item.key() == wanted)
             .and_then(|item| item.value.upgrade());
         if let Some(value) = live {
             drop(writer);
-            return Some(Ok(value));
+            return Ok(value);
         }
-        Some(Err(self.core.loads.join_or_lead(
+        Err(self.core.loads.join_or_lead(
             self.core.table.shard_index(hash),
             hash,
             key,
             |theirs, ours| theirs == ours,
             "WeakValueMap::get_or_insert_with",
-        )))
+            blocking,
+        ))
     }
 
     /// Ends a load under the shard's writer lock: withdraws it and, on

@@ -6,8 +6,17 @@
 //! outside every lock and settles the load under the writer lock, in the
 //! same critical section that publishes the entry, so no caller can find
 //! neither the load nor the entry.
+//!
+//! Loads serve blocking callers (`get_or_insert_with`, which park on the
+//! load's condition variable) and async ones (`*_async`, whose futures
+//! register their wakers with the load) alike: settling a load notifies
+//! both. An async leader's future may be dropped before its `init`
+//! finishes; its guard then settles the load as failed, and a waiter
+//! takes over.
 
+use std::future::{poll_fn, Future};
 use std::sync::PoisonError;
+use std::task::{Poll, Waker};
 
 use crate::strong::Strong;
 use crate::sync::{current_thread_id, Condvar, Mutex, MutexGuard, ThreadId};
@@ -27,9 +36,18 @@ pub(crate) struct Flight<Q, R> {
     hash: u64,
     /// The key; the leader takes it when it settles the load.
     key: Mutex<Option<Q>>,
-    leader: ThreadId,
-    state: Mutex<State<R>>,
+    /// The leading thread, for a blocking leader: a blocking caller on the
+    /// same thread would wait for itself. `None` for an async leader, whose
+    /// task may share its thread with other tasks that can wait for it.
+    leader: Option<ThreadId>,
+    state: Mutex<Settled<R>>,
     settled: Condvar,
+}
+
+/// A load's outcome so far, and the async waiters to wake when it comes.
+struct Settled<R> {
+    state: State<R>,
+    wakers: Vec<Waker>,
 }
 
 enum State<R> {
@@ -64,13 +82,15 @@ impl<Q: Send + Sync + 'static, R: Send + Sync + 'static> Flights<Q, R> {
 
     /// Under shard `shard`'s writer lock, after the caller found no live
     /// entry: joins the load in flight whose key is `same` as `key`, or
-    /// registers a new one led by this thread, moving `key` into it.
+    /// registers a new one led by this caller, moving `key` into it.
+    /// `blocking` says whether the caller would block its thread (rather
+    /// than await) to wait or lead.
     ///
     /// # Panics
     ///
-    /// If the load found is led by this very thread (its `init` asked for
-    /// its own key, and would wait for itself), with a message naming
-    /// `method`.
+    /// If a blocking caller finds a load led by a blocking caller on this
+    /// very thread (its `init` asked for its own key, and would wait for
+    /// itself), with a message naming `method`.
     pub(crate) fn join_or_lead(
         &self,
         shard: usize,
@@ -78,6 +98,7 @@ impl<Q: Send + Sync + 'static, R: Send + Sync + 'static> Flights<Q, R> {
         key: &mut Option<Q>,
         same: impl Fn(&Q, &Q) -> bool,
         method: &str,
+        blocking: bool,
     ) -> Joined<Q, R> {
         let wanted = key.as_ref().expect("a caller keeps its key until it leads");
         let mut loads = self.shard(shard);
@@ -92,7 +113,7 @@ impl<Q: Send + Sync + 'static, R: Send + Sync + 'static> Flights<Q, R> {
         });
         if let Some(load) = in_flight {
             assert!(
-                load.leader != current_thread_id(),
+                !blocking || load.leader != Some(current_thread_id()),
                 "{method}: the init closure for a key requested the same key (it would wait for itself)"
             );
             return Joined::Wait(load.clone());
@@ -100,8 +121,11 @@ impl<Q: Send + Sync + 'static, R: Send + Sync + 'static> Flights<Q, R> {
         let load = Strong::new(Flight {
             hash,
             key: Mutex::new(key.take()),
-            leader: current_thread_id(),
-            state: Mutex::new(State::Running),
+            leader: blocking.then(current_thread_id),
+            state: Mutex::new(Settled {
+                state: State::Running,
+                wakers: Vec::new(),
+            }),
             settled: Condvar::new(),
         });
         loads.push(load.clone());
@@ -129,21 +153,41 @@ impl<Q, R: Clone> Flight<Q, R> {
     /// Parks until the leader settles the load: its outcome, or `None` if
     /// it failed (the caller then retries, perhaps as the leader).
     pub(crate) fn wait(&self) -> Option<R> {
-        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut settled = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let outcome = loop {
-            match &*state {
+            match &settled.state {
                 State::Running => {
-                    state = self
+                    settled = self
                         .settled
-                        .wait(state)
+                        .wait(settled)
                         .unwrap_or_else(PoisonError::into_inner);
                 }
                 State::Done(outcome) => break outcome.clone(),
                 State::Failed => return None,
             }
         };
-        drop(state);
+        drop(settled);
         Some(R::clone(&outcome))
+    }
+
+    /// [`wait`](Self::wait) without blocking the thread: the future
+    /// registers its task's waker with the load, which settling wakes.
+    pub(crate) fn wait_async(&self) -> impl Future<Output = Option<R>> + '_ {
+        poll_fn(move |cx| {
+            let mut settled = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+            let outcome = match &settled.state {
+                State::Running => {
+                    if !settled.wakers.iter().any(|w| w.will_wake(cx.waker())) {
+                        settled.wakers.push(cx.waker().clone());
+                    }
+                    return Poll::Pending;
+                }
+                State::Done(outcome) => outcome.clone(),
+                State::Failed => return Poll::Ready(None),
+            };
+            drop(settled);
+            Poll::Ready(Some(R::clone(&outcome)))
+        })
     }
 }
 
@@ -168,17 +212,47 @@ impl<'l, Q, R> Settle<'l, Q, R> {
 
 impl<Q, R> Drop for Settle<'_, Q, R> {
     fn drop(&mut self) {
-        let settled = match self.outcome.take() {
+        let outcome = match self.outcome.take() {
             Some(outcome) => State::Done(Strong::new(outcome)),
             None => State::Failed,
         };
-        let mut state = self
+        let mut settled = self
             .load
             .state
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        *state = settled;
+        settled.state = outcome;
+        let wakers = std::mem::take(&mut settled.wakers);
+        drop(settled);
         self.load.settled.notify_all();
+        // After the unlock: a waker may run its task right here.
+        wakers.into_iter().for_each(Waker::wake);
+    }
+}
+
+/// Settles the load as failed unless disarmed: covers an `Err` or a panic
+/// in `init` alike, and, for an async leader, its future being dropped.
+struct FailOnDrop<'f, Q, R, T, F: Fn(&Strong<Flight<Q, R>>, Option<T>) -> Option<R>> {
+    finish: &'f F,
+    load: Option<Strong<Flight<Q, R>>>,
+    made: std::marker::PhantomData<fn(T)>,
+}
+
+impl<Q, R, T, F: Fn(&Strong<Flight<Q, R>>, Option<T>) -> Option<R>> FailOnDrop<'_, Q, R, T, F> {
+    /// Disarms the guard and settles the load with what `init` made.
+    fn finish(mut self, made: T) -> R {
+        let load = self.load.take().expect("armed until here");
+        (self.finish)(&load, Some(made)).expect("a successful load settles with an outcome")
+    }
+}
+
+impl<Q, R, T, F: Fn(&Strong<Flight<Q, R>>, Option<T>) -> Option<R>> Drop
+    for FailOnDrop<'_, Q, R, T, F>
+{
+    fn drop(&mut self) {
+        if let Some(load) = self.load.take() {
+            let _ = (self.finish)(&load, None);
+        }
     }
 }
 
@@ -192,29 +266,27 @@ pub(crate) fn lead<Q, R, T, E>(
     init: impl FnOnce() -> Result<T, E>,
     finish: impl Fn(&Strong<Flight<Q, R>>, Option<T>) -> Option<R>,
 ) -> Result<R, E> {
-    /// Settles the load as failed unless disarmed: covers `Err` and panics
-    /// in `init` alike.
-    struct FailOnDrop<'f, Q, R, T, F: Fn(&Strong<Flight<Q, R>>, Option<T>) -> Option<R>> {
-        finish: &'f F,
-        load: Option<Strong<Flight<Q, R>>>,
-        made: std::marker::PhantomData<fn(T)>,
-    }
-    impl<Q, R, T, F: Fn(&Strong<Flight<Q, R>>, Option<T>) -> Option<R>> Drop
-        for FailOnDrop<'_, Q, R, T, F>
-    {
-        fn drop(&mut self) {
-            if let Some(load) = self.load.take() {
-                let _ = (self.finish)(&load, None);
-            }
-        }
-    }
-
-    let mut guard = FailOnDrop {
+    let guard = FailOnDrop {
         finish: &finish,
         load: Some(load),
         made: std::marker::PhantomData,
     };
     let made = init()?;
-    let load = guard.load.take().expect("armed until here");
-    Ok(finish(&load, Some(made)).expect("a successful load settles with an outcome"))
+    Ok(guard.finish(made))
+}
+
+/// [`lead`] for an async `init`. If this future is dropped before `init`
+/// completes, the load is settled as failed and a waiter takes it over.
+pub(crate) async fn lead_async<Q, R, T, E>(
+    load: Strong<Flight<Q, R>>,
+    init: impl Future<Output = Result<T, E>>,
+    finish: impl Fn(&Strong<Flight<Q, R>>, Option<T>) -> Option<R>,
+) -> Result<R, E> {
+    let guard = FailOnDrop {
+        finish: &finish,
+        load: Some(load),
+        made: std::marker::PhantomData,
+    };
+    let made = init.await?;
+    Ok(guard.finish(made))
 }
