@@ -80,6 +80,18 @@ where
 /// A handle to a callback registered by [`finalize`]: query, cancel or run
 /// it early. Cloning gives another handle to the same callback; dropping
 /// handles never cancels it.
+///
+/// ```
+/// use weakrefs::{finalize, Strong};
+///
+/// let obj = Strong::new("temp file");
+/// let cleanup = finalize(&obj, || println!("removing the temp file"));
+/// let handle = cleanup.clone();
+/// drop(cleanup); // dropping a handle cancels nothing
+/// assert!(handle.alive());
+/// assert!(handle.detach()); // cancelling does
+/// assert!(!handle.alive());
+/// ```
 #[derive(Clone)]
 pub struct Finalizer {
     entry: EntryRef,
@@ -266,12 +278,26 @@ pub fn stats() -> Stats {
 
 /// Counters returned by [`stats`]. Each is read separately, so under
 /// concurrent activity they are a close but not an atomic snapshot.
+/// Besides user callbacks, the collections' own work handed to the
+/// finalizer thread counts here: a removal whose shard was busy, a removed
+/// key's destructor, a removed `WeakKeyMap` value's destructor.
+///
+/// ```
+/// use weakrefs::{finalize, flush, stats, Strong};
+///
+/// let obj = Strong::new(0);
+/// finalize(&obj, || {});
+/// drop(obj);
+/// flush();
+/// let now = stats();
+/// assert!(now.run >= 1);
+/// assert_eq!(now.pending, 0); // nothing of ours is left after flush
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub struct Stats {
-    /// Callbacks handed to the finalizer thread so far. The collections'
-    /// own work handed to it (a removal whose shard was busy, a removed
-    /// key's destructor) counts here and in `run` and `pending` too.
+    /// Callbacks handed to the finalizer thread so far, the collections'
+    /// own work included (it counts in `run` and `pending` too).
     pub queued: u64,
     /// Callbacks that have finished, wherever they ran (the finalizer
     /// thread, [`Finalizer::call`], `shutdown`, inline after it), panicked

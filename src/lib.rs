@@ -10,6 +10,7 @@
 
 mod callbacks;
 mod control;
+pub mod docs;
 mod error;
 mod finalizer;
 mod panics;
