@@ -9,7 +9,8 @@
 //!   of CPU to build) in a `WeakValueMap<String, Rendered>`: a response
 //!   holds a `Strong` to its object until hyper has sent the body, so an
 //!   object lives exactly as long as some request is using it, and
-//!   concurrent requests for one name build it once (single flight);
+//!   concurrent requests for one name build it once (async single flight:
+//!   waiting requests hold no worker thread);
 //! * per-connection sessions in a `WeakKeyMap<Connection, Session>`, keyed
 //!   by the connection object its task holds: counters, and the last few
 //!   objects the client fetched (its working set, held strongly, which is
@@ -27,7 +28,7 @@ use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -221,31 +222,30 @@ impl App {
     }
 
     /// The object named `name`: from the cache, or built once for all
-    /// concurrent requesters. Building runs on tokio's blocking pool, since
-    /// it takes milliseconds and single-flight waiters park their thread.
+    /// concurrent requesters. A request that finds a build in flight awaits
+    /// it without holding a worker thread (async single flight); the build
+    /// itself runs on tokio's blocking pool, since it takes milliseconds.
+    /// If the leading request goes away mid-build, a waiting one takes over.
     async fn object(self: &Arc<Self>, name: &str) -> Strong<Rendered> {
         match &self.cache {
             Cache::Weak(map) => {
                 if let Some(object) = map.get(name) {
                     return object;
                 }
-                let (app, name) = (self.clone(), name.to_owned());
-                tokio::task::spawn_blocking(move || {
-                    let Cache::Weak(map) = &app.cache else {
-                        unreachable!()
-                    };
-                    let mut built = false;
-                    let object = map.get_or_insert_with(name.clone(), || {
-                        built = true;
-                        app.render(&name)
-                    });
-                    if !built {
-                        app.metrics.joined_builds.fetch_add(1, Ordering::Relaxed);
-                    }
-                    object
-                })
-                .await
-                .expect("rendering panicked")
+                let built = AtomicBool::new(false);
+                let object = map
+                    .get_or_insert_with_async(name.to_owned(), || async {
+                        built.store(true, Ordering::Relaxed);
+                        let (app, name) = (self.clone(), name.to_owned());
+                        tokio::task::spawn_blocking(move || app.render(&name))
+                            .await
+                            .expect("rendering panicked")
+                    })
+                    .await;
+                if !built.load(Ordering::Relaxed) {
+                    self.metrics.joined_builds.fetch_add(1, Ordering::Relaxed);
+                }
+                object
             }
             Cache::Strong(map) => {
                 if let Some(object) = map.lock().unwrap().get(name) {
