@@ -360,6 +360,8 @@ where
         &self.cell.finalizer
     }
 
+    const HAS_UNLINKED: bool = true;
+
     fn unlinked(&self) {
         // SAFETY: `Watching::unlinked`'s contract: unlinked once by a
         // removal that hands nothing back, called outside the lock by a

@@ -28,6 +28,10 @@ pub(crate) trait Watching: Relocatable + Send + Sync + 'static {
     /// here as soon as no reader borrows it (K5); nothing runs under the
     /// lock.
     fn unlinked(&self) {}
+
+    /// True if [`unlinked`](Self::unlinked) does anything: only then do
+    /// the removal paths pay for staying pinned past the unlock to call it.
+    const HAS_UNLINKED: bool = false;
 }
 
 /// A collection's shared core: what its removal callbacks reach through a
@@ -69,10 +73,10 @@ where
         let Some(core) = collection.upgrade() else {
             return;
         };
-        let pinned = core.table().pin();
+        let pinned = I::HAS_UNLINKED.then(|| core.table().pin());
         let removed_here = match core.table().try_write(hash) {
             Some(writer) => {
-                remove_watching(writer, &pinned, hash, &dead);
+                remove_watching(writer, pinned.as_ref(), hash, &dead);
                 true
             }
             None => false,
@@ -82,14 +86,14 @@ where
             global().post(move || {
                 // Inline if shutdown closed the queue meanwhile: then this
                 // runs where the death happened, and must not wait.
-                let pinned = core.table().pin();
+                let pinned = I::HAS_UNLINKED.then(|| core.table().pin());
                 let writer = if global().is_closed() {
                     core.table().try_write(hash)
                 } else {
                     Some(core.table().write(hash))
                 };
                 if let Some(writer) = writer {
-                    remove_watching(writer, &pinned, hash, &dead);
+                    remove_watching(writer, pinned.as_ref(), hash, &dead);
                 }
             });
             return;
@@ -103,11 +107,12 @@ where
 }
 
 /// Removes, under `writer`, the entry filed under `hash` that watches
-/// `dead`; then, after the unlock, tells it so (`Watching::unlinked`).
-/// `_pinned` was taken before the writer, so the entry stays readable.
+/// `dead`; then, after the unlock, tells it so (`Watching::unlinked`, if
+/// the entry has one). `pinned`, taken before the writer when
+/// `I::HAS_UNLINKED`, keeps the entry readable until then.
 fn remove_watching<I: Watching>(
     mut writer: ShardWriter<'_, I>,
-    _pinned: &Pinned,
+    pinned: Option<&Pinned>,
     hash: u64,
     dead: &Weak<I::Target>,
 ) {
@@ -115,7 +120,7 @@ fn remove_watching<I: Watching>(
         .remove(hash, |item| item.watched().ptr_eq(dead))
         .map(|item| item as *const I);
     drop(writer);
-    if let Some(item) = removed {
+    if let (Some(item), Some(_pinned)) = (removed, pinned) {
         // SAFETY: unlinked under the writer by a thread pinned since before
         // (`_pinned`): its deferred drop, and its table's release, cannot
         // run before that pin ends (I7, M9).
@@ -188,6 +193,7 @@ pub(crate) fn clear<I: Watching>(table: &ShardedTable<I>) {
                 item.finalizer().detach();
                 item.unlinked();
             },
+            I::HAS_UNLINKED,
         );
     }
 }
@@ -196,6 +202,13 @@ pub(crate) fn clear<I: Watching>(table: &ShardedTable<I>) {
 /// their callbacks. Returns how many.
 pub(crate) fn purge<I: Watching>(table: &ShardedTable<I>) -> usize {
     (0..table.shard_len())
-        .map(|shard| table.retain_locked(shard, |item| item.watched().is_alive(), I::unlinked))
+        .map(|shard| {
+            table.retain_locked(
+                shard,
+                |item| item.watched().is_alive(),
+                I::unlinked,
+                I::HAS_UNLINKED,
+            )
+        })
         .sum()
 }

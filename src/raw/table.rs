@@ -364,20 +364,28 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
     }
 
     /// Removes from shard `index`, under its lock, every item `keep`
-    /// rejects; then, after the unlock but still pinned (so they stay
-    /// readable), passes each removed item to `on_remove`: user code that
-    /// it may run never runs under the lock. Returns how many.
+    /// rejects, and passes each removed item to `on_remove`: under the
+    /// lock, or, if `after_unlock`, after it, still pinned (so they stay
+    /// readable), for an `on_remove` that may run user code. Returns how
+    /// many it removed.
     pub(crate) fn retain_locked(
         &self,
         index: usize,
         keep: impl FnMut(&I) -> bool,
         mut on_remove: impl FnMut(&I),
+        after_unlock: bool,
     ) -> usize {
-        let pinned = self.pin();
+        // Taken before the unlinks, and only when needed: a pin is not free.
+        let pinned = after_unlock.then(|| self.pin());
         let mut writer = self.write_shard(index);
         let removed = writer.retain_all(keep);
-        drop(writer);
-        // SAFETY: as in `retain_shard`: unlinked while we were pinned.
+        if after_unlock {
+            drop(writer);
+        }
+        // SAFETY: unlinked just now; if the writer is gone, we have been
+        // pinned since before the unlinks, so their deferred drops (and
+        // their tables' releases) cannot run yet (I7, M9); else the writer
+        // still defers them.
         removed
             .iter()
             .for_each(|&item| on_remove(unsafe { &*item }));
