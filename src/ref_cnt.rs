@@ -22,9 +22,11 @@ use crate::weak::Weak;
 // SAFETY: arc-swap's contract, as for `Arc`: `into_ptr`/`from_ptr` are
 // `Strong::into_raw`/`from_raw`, which hand the handle's strong count over
 // and back unchanged; the pointer is the value's address inside the
-// object's one allocation, so two handles give the same pointer exactly
+// object's one allocation, so two `Strong`s give the same pointer exactly
 // when they name the same object (zero-sized values included: the value
-// sits after the counts), and moving a handle never changes it.
+// sits after the counts), and moving a handle never changes it. `Weak`
+// shares those addresses with another count, hence its own `TAG`. Nothing
+// here panics.
 unsafe impl<T> RefCnt for Strong<T> {
     type Base = T;
 
@@ -44,21 +46,36 @@ unsafe impl<T> RefCnt for Strong<T> {
 }
 
 // SAFETY: as for `Strong`, with the weak count: `into_raw`/`from_raw`
-// hand it over and back. `Weak::new()` handles, which name no object, all
-// share one dangling pointer that no object has, and `from_raw` turns it
-// back into `Weak::new()` (std's `Weak` does the same).
+// hand it over and back. A `Weak` and a `Strong` to one object give the
+// same pointer but own different counts, so `Weak` uses its own debt tag
+// (`TAG`, arc-swap 1.9.4 on; a cold review showed a `Strong` slot's writer
+// paying a `Weak` slot reader's debt with the wrong count without it):
+// the value's address is at least 8-aligned (it follows the header's
+// words), so bit 0 is free. `Weak::new()` handles, which name no object,
+// map to null, which owns no count, as arc-swap's own `Weak` impl does.
 unsafe impl<T> RefCnt for Weak<T> {
     type Base = T;
 
+    const TAG: usize = 1;
+
     fn into_ptr(me: Self) -> *mut T {
+        if me.is_unset() {
+            return std::ptr::null_mut();
+        }
         me.into_raw().cast_mut()
     }
 
     fn as_ptr(me: &Self) -> *mut T {
+        if me.is_unset() {
+            return std::ptr::null_mut();
+        }
         Weak::as_ptr(me).cast_mut()
     }
 
     unsafe fn from_ptr(ptr: *const T) -> Self {
+        if ptr.is_null() {
+            return Weak::new();
+        }
         // SAFETY: as for `Strong`.
         unsafe { Weak::from_raw(ptr) }
     }

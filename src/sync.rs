@@ -151,28 +151,6 @@ impl LeakCheck {
     }
 }
 
-/// The calling thread's identity (loom's model threads share one OS
-/// thread, so under loom it must be loom's).
-#[cfg(not(weakrefs_loom))]
-pub(crate) fn current_thread_id() -> std::thread::ThreadId {
-    std::thread::current().id()
-}
-
-/// The calling thread's identity (loom's model threads share one OS
-/// thread, so under loom it must be loom's).
-#[cfg(weakrefs_loom)]
-pub(crate) fn current_thread_id() -> loom::thread::ThreadId {
-    loom::thread::current().id()
-}
-
-/// A thread identity, as `current_thread_id` returns.
-#[cfg(not(weakrefs_loom))]
-pub(crate) use std::thread::ThreadId;
-
-/// A thread identity, as `current_thread_id` returns.
-#[cfg(weakrefs_loom)]
-pub(crate) use loom::thread::ThreadId;
-
 /// Thread-local storage that loom can see.
 #[cfg(not(weakrefs_loom))]
 pub(crate) use std::thread_local;

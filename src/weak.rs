@@ -115,6 +115,12 @@ impl<T> Weak<T> {
         Weak::from_block(unsafe { ControlBlock::from_value_ptr(value) })
     }
 
+    /// True for a handle from [`Weak::new`], which names no object.
+    #[cfg(feature = "arc-swap")]
+    pub(crate) fn is_unset(&self) -> bool {
+        self.block.is_none()
+    }
+
     /// Wraps a block whose weak count already includes this handle.
     pub(crate) fn from_block(block: NonNull<ControlBlock<T>>) -> Self {
         Weak { block: Some(block) }

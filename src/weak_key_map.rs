@@ -745,7 +745,11 @@ where
     /// waiting callers retry.
     ///
     /// `init` must not request the same key from this map (that would wait
-    /// for itself): such a call panics with a message saying so.
+    /// for itself): such a call panics with a message saying so. From async
+    /// code, prefer the `_async` variant: this call blocks its thread while
+    /// it waits, and if an async caller leads the load on that same thread
+    /// (a current-thread runtime, or every worker blocked so), it waits
+    /// forever.
     ///
     /// ```
     /// use weakrefs::{Strong, WeakKeyMap};
@@ -793,7 +797,8 @@ where
     /// and `init`'s future runs in the leading caller's task. Works on any
     /// executor. Cancellation-safe: if the leading caller's future is
     /// dropped before its load completes, one of the waiting callers takes
-    /// the load over. An `init` that awaits the same key from this map
+    /// the load over. An `init` that requests its own key panics with a
+    /// message if that request would block, but one that awaits its own key
     /// waits for itself forever.
     ///
     /// ```

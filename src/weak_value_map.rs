@@ -384,7 +384,11 @@ where
     /// only, and the waiting callers retry.
     ///
     /// `init` must not request the same key from this map (that would wait
-    /// for itself): such a call panics with a message saying so.
+    /// for itself): such a call panics with a message saying so. From async
+    /// code, prefer the `_async` variant: this call blocks its thread while
+    /// it waits, and if an async caller leads the load on that same thread
+    /// (a current-thread runtime, or every worker blocked so), it waits
+    /// forever.
     ///
     /// ```
     /// use weakrefs::{Strong, WeakValueMap};
@@ -450,8 +454,10 @@ where
     /// its load completes, one of the waiting callers takes the load over
     /// (runs its own `init`); a waiter's future may be dropped at any time.
     /// A panic in `init` reaches the leading caller only. An `init` that
-    /// awaits the same key from this map waits for itself forever (tasks,
-    /// unlike threads, cannot be told apart here).
+    /// requests its own key panics with a message if that request would
+    /// block (a blocking `get_or_insert_with`), but one that awaits its own
+    /// key waits for itself forever: a `select!` over it might finish by
+    /// another branch, so it is not refused.
     ///
     /// ```
     /// use weakrefs::{Strong, WeakValueMap};

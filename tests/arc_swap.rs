@@ -76,3 +76,37 @@ fn a_weak_slot_follows_its_objects_lives() {
     let loaded = slot.load_full();
     assert!(loaded.ptr_eq(&Strong::downgrade(&fresh)));
 }
+
+/// A `Strong` slot and a `Weak` slot naming one object share its address
+/// but not its counts: a writer of one must never settle a reader's debt
+/// on the other with the wrong count (the counts stayed wrong, and the heap
+/// was corrupted, before `Weak` got its own debt tag).
+#[test]
+fn strong_and_weak_slots_on_one_object_keep_their_counts_apart() {
+    let object = Strong::new(7u64);
+    let strong_slot: ArcSwapAny<Strong<u64>> = ArcSwapAny::new(object.clone());
+    let weak_slot: ArcSwapAny<Weak<u64>> = ArcSwapAny::new(Strong::downgrade(&object));
+    // A reader of the weak slot holds a debt on the object's address while
+    // the strong slot's writer swaps it out, and the other way round.
+    let weak_guard = weak_slot.load();
+    drop(strong_slot.swap(Strong::new(8)));
+    drop(weak_guard);
+    let strong_guard = strong_slot.load();
+    drop(weak_slot.swap(Weak::new()));
+    drop(strong_guard);
+    assert_eq!(Strong::strong_count(&object), 1, "only `object` holds it");
+    assert_eq!(Strong::weak_count(&object), 0);
+    assert_eq!(*strong_slot.load_full(), 8);
+}
+
+/// `Weak::new()` in a slot, for a one-byte-aligned type: no address, no
+/// count, and a later object swaps in.
+#[test]
+fn an_empty_weak_slot_of_a_byte_type_works() {
+    let slot: ArcSwapAny<Weak<u8>> = ArcSwapAny::new(Weak::new());
+    assert!(slot.load().upgrade().is_none());
+    let byte = Strong::new(1u8);
+    let old = slot.swap(Strong::downgrade(&byte));
+    assert!(old.upgrade().is_none());
+    assert_eq!(slot.load().upgrade().as_deref(), Some(&1));
+}

@@ -201,3 +201,40 @@ fn weak_key_map_async_loads_are_single_flight() {
         assert_eq!(map.len(), 1);
     });
 }
+
+/// An `init` that asks for its own key would wait for itself, whether the
+/// load or the nested request is async or blocking; each mix panics with a
+/// message instead of hanging (the async `select!` case excepted, which may
+/// legitimately finish by another branch).
+#[test]
+fn a_load_asking_for_its_own_key_panics_across_sync_and_async() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let map: WeakValueMap<u32, u32> = WeakValueMap::new();
+    // An async load whose init blocks on the same key.
+    let nested = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        runtime.block_on(
+            map.get_or_insert_with_async(1, || async { *map.get_or_insert_with(1, || 0) }),
+        )
+    }));
+    let message = *nested.unwrap_err().downcast::<String>().unwrap();
+    assert!(message.contains("would wait for itself"), "{message}");
+    // A blocking load whose init awaits the same key.
+    let nested = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        map.get_or_insert_with(2, || {
+            let inner = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            *inner.block_on(map.get_or_insert_with_async(2, || async { 0 }))
+        })
+    }));
+    let message = *nested.unwrap_err().downcast::<String>().unwrap();
+    assert!(message.contains("would wait for itself"), "{message}");
+    // Both loads failed and were withdrawn: the keys load normally now.
+    assert_eq!(*map.get_or_insert_with(1, || 10), 10);
+    assert_eq!(
+        *runtime.block_on(map.get_or_insert_with_async(2, || async { 20 })),
+        20
+    );
+}

@@ -19,7 +19,60 @@ use std::sync::PoisonError;
 use std::task::{Poll, Waker};
 
 use crate::strong::Strong;
-use crate::sync::{current_thread_id, Condvar, Mutex, MutexGuard, ThreadId};
+use std::cell::RefCell;
+use std::pin::pin;
+
+use crate::panics::catch_and_report;
+use crate::sync::{thread_local, Condvar, Mutex, MutexGuard};
+
+thread_local! {
+    /// The loads whose `init` this thread is running right now (a blocking
+    /// `init`, or a poll of an async one), and whether their leader blocks:
+    /// a caller here that would wait for one of them waits for itself.
+    // loom's `thread_local!` takes no `const` initialiser.
+    #[allow(clippy::missing_const_for_thread_local)]
+    static RUNNING: RefCell<Vec<(usize, bool)>> = RefCell::new(Vec::new());
+}
+
+/// Marks `load` as running on this thread until dropped.
+struct Running(usize);
+
+impl Running {
+    fn enter<Q, R>(load: &Flight<Q, R>, blocking: bool) -> Self {
+        let address = load as *const Flight<Q, R> as usize;
+        let _ = RUNNING.try_with(|running| running.borrow_mut().push((address, blocking)));
+        Running(address)
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = RUNNING.try_with(|running| {
+            let mut running = running.borrow_mut();
+            if let Some(index) = running.iter().rposition(|&(load, _)| load == self.0) {
+                running.remove(index);
+            }
+        });
+    }
+}
+
+/// True if a caller on this thread that waits for `load` (blocking the
+/// thread if `blocking`) would wait for itself: this thread is running the
+/// load's `init` right now, and either the caller would block the thread
+/// under it, or the `init` itself blocks (an async wait inside a blocking
+/// `init` cannot finish before the `init` returns). An async wait inside
+/// an async `init` is left alone: a `select!` may finish by another branch.
+fn waits_for_itself<Q, R>(load: &Flight<Q, R>, blocking: bool) -> bool {
+    let address = load as *const Flight<Q, R> as usize;
+    RUNNING
+        .try_with(|running| {
+            running
+                .borrow()
+                .iter()
+                .any(|&(running, led_blocking)| running == address && (blocking || led_blocking))
+        })
+        .unwrap_or(false)
+}
 
 /// The loads in flight of every shard of one map, each list locked after
 /// its shard's writer. `Q` is what a load keeps of its key; `R` is what
@@ -36,10 +89,6 @@ pub(crate) struct Flight<Q, R> {
     hash: u64,
     /// The key; the leader takes it when it settles the load.
     key: Mutex<Option<Q>>,
-    /// The leading thread, for a blocking leader: a blocking caller on the
-    /// same thread would wait for itself. `None` for an async leader, whose
-    /// task may share its thread with other tasks that can wait for it.
-    leader: Option<ThreadId>,
     state: Mutex<Settled<R>>,
     settled: Condvar,
 }
@@ -88,9 +137,9 @@ impl<Q: Send + Sync + 'static, R: Send + Sync + 'static> Flights<Q, R> {
     ///
     /// # Panics
     ///
-    /// If a blocking caller finds a load led by a blocking caller on this
-    /// very thread (its `init` asked for its own key, and would wait for
-    /// itself), with a message naming `method`.
+    /// If the caller would wait for itself (`waits_for_itself`: an `init`
+    /// running on this thread asked for its own key), with a message
+    /// naming `method`.
     pub(crate) fn join_or_lead(
         &self,
         shard: usize,
@@ -113,7 +162,7 @@ impl<Q: Send + Sync + 'static, R: Send + Sync + 'static> Flights<Q, R> {
         });
         if let Some(load) = in_flight {
             assert!(
-                !blocking || load.leader != Some(current_thread_id()),
+                !waits_for_itself(load, blocking),
                 "{method}: the init closure for a key requested the same key (it would wait for itself)"
             );
             return Joined::Wait(load.clone());
@@ -121,7 +170,6 @@ impl<Q: Send + Sync + 'static, R: Send + Sync + 'static> Flights<Q, R> {
         let load = Strong::new(Flight {
             hash,
             key: Mutex::new(key.take()),
-            leader: blocking.then(current_thread_id),
             state: Mutex::new(Settled {
                 state: State::Running,
                 wakers: Vec::new(),
@@ -225,8 +273,11 @@ impl<Q, R> Drop for Settle<'_, Q, R> {
         let wakers = std::mem::take(&mut settled.wakers);
         drop(settled);
         self.load.settled.notify_all();
-        // After the unlock: a waker may run its task right here.
-        wakers.into_iter().for_each(Waker::wake);
+        // After the unlock: a waker may run its task right here. One that
+        // panics must not keep the others asleep.
+        for waker in wakers {
+            catch_and_report("a waiting task's waker", || waker.wake());
+        }
     }
 }
 
@@ -271,7 +322,10 @@ pub(crate) fn lead<Q, R, T, E>(
         load: Some(load),
         made: std::marker::PhantomData,
     };
-    let made = init()?;
+    let made = {
+        let _running = Running::enter(guard.load.as_ref().expect("armed"), true);
+        init()?
+    };
     Ok(guard.finish(made))
 }
 
@@ -287,6 +341,13 @@ pub(crate) async fn lead_async<Q, R, T, E>(
         load: Some(load),
         made: std::marker::PhantomData,
     };
-    let made = init.await?;
+    let load = guard.load.clone().expect("armed");
+    let mut init = pin!(init);
+    let made = poll_fn(|cx| {
+        let _running = Running::enter(&load, false);
+        init.as_mut().poll(cx)
+    })
+    .await?;
+    drop(load);
     Ok(guard.finish(made))
 }
