@@ -19,14 +19,14 @@ use arc_swap::RefCnt;
 use crate::strong::Strong;
 use crate::weak::Weak;
 
-// SAFETY: arc-swap's contract, as for `Arc`: `into_ptr`/`from_ptr` are
+// arc-swap's contract, as for `Arc`: `into_ptr`/`from_ptr` are
 // `Strong::into_raw`/`from_raw`, which hand the handle's strong count over
 // and back unchanged; the pointer is the value's address inside the
 // object's one allocation, so two `Strong`s give the same pointer exactly
 // when they name the same object (zero-sized values included: the value
 // sits after the counts), and moving a handle never changes it. `Weak`
-// shares those addresses with another count, hence its own `TAG`. Nothing
-// here panics.
+// shares those addresses with another count, hence its own `TAG`.
+// SAFETY: as just argued; nothing here panics (SAFETY.md, section 4).
 unsafe impl<T> RefCnt for Strong<T> {
     type Base = T;
 
@@ -45,7 +45,7 @@ unsafe impl<T> RefCnt for Strong<T> {
     }
 }
 
-// SAFETY: as for `Strong`, with the weak count: `into_raw`/`from_raw`
+// As for `Strong`, with the weak count: `into_raw`/`from_raw`
 // hand it over and back. A `Weak` and a `Strong` to one object give the
 // same pointer but own different counts, so `Weak` uses its own debt tag
 // (`TAG`, arc-swap 1.9.4 on; a cold review showed a `Strong` slot's writer
@@ -53,6 +53,7 @@ unsafe impl<T> RefCnt for Strong<T> {
 // the value's address is at least 8-aligned (it follows the header's
 // words), so bit 0 is free. `Weak::new()` handles, which name no object,
 // map to null, which owns no count, as arc-swap's own `Weak` impl does.
+// SAFETY: as just argued; nothing here panics (SAFETY.md, section 4).
 unsafe impl<T> RefCnt for Weak<T> {
     type Base = T;
 

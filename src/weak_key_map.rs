@@ -150,10 +150,10 @@ impl<V> ValueCell<V> {
             // a disposal (K5).
             acquire_fence!(self.state);
             if before & DISPOSE != 0 {
-                // SAFETY: the last reader of a cell closed for disposal: no
-                // borrow remains or can start, and we are still pinned, so
-                // the item's deferred drop runs after us (K5); `dispose` is
-                // `dispose_now` (our caller's promise).
+                // The last reader of a cell closed for disposal: no borrow
+                // remains or can start, and we are still pinned, so the
+                // item's deferred drop runs after us (K5).
+                // SAFETY: as just said; `dispose` is `dispose_now` (ours).
                 unsafe { dispose(self) };
                 return;
             }

@@ -319,7 +319,7 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
         &self,
         index: usize,
         mut keep: impl FnMut(&I) -> bool,
-        mut on_remove: impl FnMut(&I),
+        on_remove: impl FnMut(&I),
     ) -> usize {
         // Held until the removals are done, so no identity is reused.
         let pinned = self.pin();
@@ -353,12 +353,9 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
             }
         }
         drop(writer);
-        // SAFETY: each was unlinked under the lock while we were pinned, so
-        // its deferred drop (and its table's release) cannot run before we
-        // unpin, below (I7, M9).
-        removed
-            .iter()
-            .for_each(|&item| on_remove(unsafe { &*item }));
+        // SAFETY: unlinked under the lock while we were pinned, and we
+        // unpin only below.
+        unsafe { each_removed(&removed, on_remove) };
         drop(pinned);
         removed.len()
     }
@@ -372,7 +369,7 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
         &self,
         index: usize,
         keep: impl FnMut(&I) -> bool,
-        mut on_remove: impl FnMut(&I),
+        on_remove: impl FnMut(&I),
         after_unlock: bool,
     ) -> usize {
         // Taken before the unlinks, and only when needed: a pin is not free.
@@ -382,13 +379,9 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
         if after_unlock {
             drop(writer);
         }
-        // SAFETY: unlinked just now; if the writer is gone, we have been
-        // pinned since before the unlinks, so their deferred drops (and
-        // their tables' releases) cannot run yet (I7, M9); else the writer
-        // still defers them.
-        removed
-            .iter()
-            .for_each(|&item| on_remove(unsafe { &*item }));
+        // SAFETY: unlinked just now, and either the writer is still alive
+        // or we have been pinned since before the unlinks (and unpin below).
+        unsafe { each_removed(&removed, on_remove) };
         drop(pinned);
         removed.len()
     }
@@ -868,6 +861,21 @@ impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
             // reference (1).
             unsafe { pinned.defer(move || release(table)) };
         }
+    }
+}
+
+/// Passes each removed item to `on_remove`.
+///
+/// # Safety
+///
+/// Each was unlinked by a writer that is still alive, or by a thread that
+/// has been pinned since before the unlink and still is: its deferred drop
+/// (and its table's release) cannot have run (I7, M9).
+unsafe fn each_removed<I>(removed: &[*const I], mut on_remove: impl FnMut(&I)) {
+    for &item in removed {
+        // SAFETY: still allocated and never written again (our caller's
+        // promise; slots are written once per table, M2).
+        on_remove(unsafe { &*item });
     }
 }
 
