@@ -289,7 +289,21 @@ struct FailOnDrop<'f, Q, R, T, F: Fn(&Strong<Flight<Q, R>>, Option<T>) -> Option
     made: std::marker::PhantomData<fn(T)>,
 }
 
-impl<Q, R, T, F: Fn(&Strong<Flight<Q, R>>, Option<T>) -> Option<R>> FailOnDrop<'_, Q, R, T, F> {
+impl<'f, Q, R, T, F: Fn(&Strong<Flight<Q, R>>, Option<T>) -> Option<R>> FailOnDrop<'f, Q, R, T, F> {
+    /// Armed for `load`, which `finish` settles.
+    fn arm(load: Strong<Flight<Q, R>>, finish: &'f F) -> Self {
+        FailOnDrop {
+            finish,
+            load: Some(load),
+            made: std::marker::PhantomData,
+        }
+    }
+
+    /// The load, while armed.
+    fn load(&self) -> &Flight<Q, R> {
+        self.load.as_ref().expect("armed until `finish`")
+    }
+
     /// Disarms the guard and settles the load with what `init` made.
     fn finish(mut self, made: T) -> R {
         let load = self.load.take().expect("armed until here");
@@ -317,13 +331,9 @@ pub(crate) fn lead<Q, R, T, E>(
     init: impl FnOnce() -> Result<T, E>,
     finish: impl Fn(&Strong<Flight<Q, R>>, Option<T>) -> Option<R>,
 ) -> Result<R, E> {
-    let guard = FailOnDrop {
-        finish: &finish,
-        load: Some(load),
-        made: std::marker::PhantomData,
-    };
+    let guard = FailOnDrop::arm(load, &finish);
     let made = {
-        let _running = Running::enter(guard.load.as_ref().expect("armed"), true);
+        let _running = Running::enter(guard.load(), true);
         init()?
     };
     Ok(guard.finish(made))
@@ -336,18 +346,12 @@ pub(crate) async fn lead_async<Q, R, T, E>(
     init: impl Future<Output = Result<T, E>>,
     finish: impl Fn(&Strong<Flight<Q, R>>, Option<T>) -> Option<R>,
 ) -> Result<R, E> {
-    let guard = FailOnDrop {
-        finish: &finish,
-        load: Some(load),
-        made: std::marker::PhantomData,
-    };
-    let load = guard.load.clone().expect("armed");
+    let guard = FailOnDrop::arm(load, &finish);
     let mut init = pin!(init);
     let made = poll_fn(|cx| {
-        let _running = Running::enter(&load, false);
+        let _running = Running::enter(guard.load(), false);
         init.as_mut().poll(cx)
     })
     .await?;
-    drop(load);
     Ok(guard.finish(made))
 }
