@@ -19,33 +19,25 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use dashmap::DashMap;
 use weakrefs::{Strong, WeakKeyMap};
 
+#[path = "support/keys.rs"]
+mod keys;
 #[path = "support/threads.rs"]
 mod threads;
+use keys::{key_sequence, SEQUENCE};
 use threads::{on_threads, thread_counts};
 
 const KEYS: usize = 100_000;
-const SEQUENCE: usize = 1 << 20;
 const CHURN: usize = 1024;
-
-/// A fixed pseudo-random sequence of key indices, uniform over all keys.
-fn key_sequence() -> Vec<usize> {
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    (0..SEQUENCE)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            ((state >> 8) % KEYS as u64) as usize
-        })
-        .collect()
-}
 
 fn address<T>(key: &Arc<T>) -> usize {
     Arc::as_ptr(key) as usize
 }
 
 fn lookups(c: &mut Criterion) {
-    let sequence = key_sequence();
+    let sequence: Vec<usize> = key_sequence(KEYS as u64, false)
+        .into_iter()
+        .map(|key| key as usize)
+        .collect();
     let ours: Vec<Strong<u64>> = (0..KEYS as u64).map(Strong::new).collect();
     let theirs: Vec<Arc<u64>> = (0..KEYS as u64).map(Arc::new).collect();
     let map = WeakKeyMap::with_capacity(KEYS);

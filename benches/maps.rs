@@ -19,12 +19,14 @@ use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
 use dashmap::DashMap;
 
+#[path = "support/keys.rs"]
+mod keys;
 #[path = "support/threads.rs"]
 mod threads;
+use keys::{key_sequence, SEQUENCE};
 use threads::{on_threads, thread_counts};
 
 const KEYS: u64 = 100_000;
-const SEQUENCE: usize = 1 << 20;
 
 /// A reader of one map kind: `get` returns whether the key held a live
 /// value (after upgrading it, as a user would).
@@ -156,24 +158,6 @@ fn build_all() -> Vec<(&'static str, Box<dyn ReadMap>)> {
     ]
 }
 
-/// A fixed pseudo-random key sequence: uniform over all keys, or skewed
-/// (about 80% of reads on 1% of the keys).
-fn key_sequence(skewed: bool) -> Vec<u64> {
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
-    (0..SEQUENCE)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            if skewed && state % 10 < 8 {
-                (state >> 8) % (KEYS / 100)
-            } else {
-                (state >> 8) % KEYS
-            }
-        })
-        .collect()
-}
-
 fn reads_on_threads(map: &dyn ReadMap, keys: &[u64], threads: usize, iters: u64) -> Duration {
     on_threads(threads, |t| {
         let mut index = t * (SEQUENCE / threads);
@@ -187,7 +171,7 @@ fn reads_on_threads(map: &dyn ReadMap, keys: &[u64], threads: usize, iters: u64)
 fn read_hits(c: &mut Criterion) {
     let maps = build_all();
     for (distribution, skewed) in [("uniform", false), ("skewed", true)] {
-        let keys = key_sequence(skewed);
+        let keys = key_sequence(KEYS, skewed);
         for threads in thread_counts() {
             let mut group = c.benchmark_group(format!("read_hit/{distribution}/{threads}_thread"));
             group.throughput(Throughput::Elements(threads as u64));
