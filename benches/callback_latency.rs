@@ -2,19 +2,25 @@
 //! `Strong` is dropped to the moment the callback starts on the finalizer
 //! thread, with the thread parked in between samples. Compared with the
 //! `mpsc` design (a `Drop` that sends the callback to one draining thread
-//! blocked in `recv`). Prints p50, p90, p99 and max in microseconds.
+//! blocked in `recv`). Prints p50, p90, p99 and max in microseconds, and
+//! writes every sample to `$WEAKREFS_BENCH_OUT/callback_latency.tsv` when
+//! that variable is set (benches/support/out.rs).
 //!
 //! `cargo bench --bench callback_latency` (add `-- --quick` for fewer
 //! samples). Criterion does not do percentiles, so this bench is plain.
 
+use std::io::Write;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
+#[path = "support/out.rs"]
+mod out;
+
 type Callback = Box<dyn FnOnce() + Send + Sync>;
 
-fn percentiles(name: &str, mut samples: Vec<Duration>) {
+fn percentiles(name: &str, samples: &mut [Duration]) {
     samples.sort();
     let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
     let micros = |d: Duration| d.as_secs_f64() * 1e6;
@@ -97,8 +103,20 @@ fn main() {
     // of ours either: run a handful of samples then.
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick") || !args.iter().any(|a| a == "--bench");
-    let samples = if quick { 50 } else { 2_000 };
+    let samples = if quick { 300 } else { 2_000 };
     println!("drop-to-callback latency, idle consumer, {samples} samples each");
-    percentiles("weakrefs", weakrefs_latency(samples));
-    percentiles("mpsc_thread", mpsc_latency(samples));
+    let mut tsv = out::tsv("callback_latency.tsv", "design\tmicros");
+    for (name, run) in [
+        ("weakrefs", weakrefs_latency as fn(usize) -> Vec<Duration>),
+        ("mpsc_thread", mpsc_latency),
+    ] {
+        let mut observed = run(samples);
+        percentiles(name, &mut observed);
+        if let Some(tsv) = &mut tsv {
+            for sample in &observed {
+                let micros = sample.as_secs_f64() * 1e6;
+                writeln!(tsv, "{name}\t{micros:.3}").expect("write callback_latency.tsv");
+            }
+        }
+    }
 }

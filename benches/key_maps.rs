@@ -61,7 +61,7 @@ fn lookups(c: &mut Criterion) {
                 }
             })
         };
-        group.bench_function("weakrefs_with", |b| {
+        group.bench_function("weakrefs", |b| {
             b.iter_custom(|iters| run(&|i| map.with(&ours[i], |v| *v).unwrap(), iters))
         });
         group.bench_function("weakrefs_get", |b| {
@@ -102,7 +102,7 @@ fn churn(c: &mut Criterion) {
     });
     assert!(map.is_empty(), "dead keys' entries left after flush");
     let dash: DashMap<usize, u64> = DashMap::new();
-    group.bench_function("dashmap_remove_on_drop", |b| {
+    group.bench_function("dashmap", |b| {
         b.iter(|| {
             for i in 0..CHURN as u64 {
                 let owned = Owned {

@@ -7,37 +7,20 @@
 //!
 //! `cargo bench --bench map_memory`. Prints a table; no timing.
 
-use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicIsize, Ordering};
+use std::io::Write;
 use std::sync::{Arc, RwLock};
 
-struct Counting;
-
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-// SAFETY: defers to the system allocator and only counts sizes.
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        // SAFETY: the caller upholds `GlobalAlloc::alloc`'s contract.
-        unsafe { System.alloc(layout) }
-    }
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        // SAFETY: as above, for `dealloc`.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-}
+#[path = "support/counting.rs"]
+mod counting;
+#[path = "support/out.rs"]
+mod out;
+use counting::{live, settle_epoch_garbage, Counting};
 
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
 const ENTRIES: u64 = 100_000;
-
-fn live() -> isize {
-    LIVE.load(Ordering::Relaxed)
-}
 
 /// Heap bytes the map itself holds per entry: measured after the values
 /// exist, so their own allocations are not counted.
@@ -49,15 +32,6 @@ fn per_entry(build: impl FnOnce() -> Box<dyn std::any::Any>) -> f64 {
     drop(map);
     settle_epoch_garbage();
     bytes as f64 / ENTRIES as f64
-}
-
-/// Lets crossbeam-epoch free what growth retired (old tables): with no
-/// other thread pinned, a few pin-and-flush rounds advance the epoch and
-/// collect everything retired so far.
-fn settle_epoch_garbage() {
-    for _ in 0..16 {
-        crossbeam_epoch::pin().flush();
-    }
 }
 
 fn main() {
@@ -117,8 +91,12 @@ fn main() {
         ),
     ];
     println!("heap bytes per live entry, {ENTRIES} entries (u64 keys)");
+    let mut tsv = out::tsv("map_memory.tsv", "map\tbytes_per_entry");
     for (name, bytes) in rows {
         println!("{name:<40} {bytes:>7.1}");
+        if let Some(tsv) = &mut tsv {
+            writeln!(tsv, "{name}\t{bytes:.1}").expect("write map_memory.tsv");
+        }
     }
     // The callback registrations the weakrefs map keeps are counted above
     // (one entry node per value); the values' control blocks are not.

@@ -1,0 +1,39 @@
+//! A global allocator that counts the heap bytes in use, for the memory
+//! benchmarks (`map_memory`, `churn_memory`). Install it with
+//! `#[global_allocator] static ALLOCATOR: Counting = Counting;`.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicIsize, Ordering};
+
+/// The system allocator, counting.
+pub struct Counting;
+
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+// SAFETY: defers to the system allocator and only counts sizes.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        // SAFETY: the caller upholds `GlobalAlloc::alloc`'s contract.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        // SAFETY: as above, for `dealloc`.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+/// Heap bytes allocated and not yet freed, by every thread.
+pub fn live() -> isize {
+    LIVE.load(Ordering::Relaxed)
+}
+
+/// Lets crossbeam-epoch free what has been retired (old tables, removed
+/// items): with no other thread pinned, a few pin-and-flush rounds advance
+/// the epoch and collect everything retired so far.
+pub fn settle_epoch_garbage() {
+    for _ in 0..16 {
+        crossbeam_epoch::pin().flush();
+    }
+}
