@@ -1,0 +1,303 @@
+//! The report's SVG charts, drawn with plotters' SVG backend (no system
+//! fonts needed: text is SVG text, sized by an estimate).
+
+use std::path::Path;
+
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
+
+/// One group of bars: a case and the throughput of each implementation.
+pub struct BarGroup {
+    pub label: String,
+    pub bars: Vec<(String, f64)>,
+}
+
+/// One line of a line chart.
+pub struct Line {
+    pub name: String,
+    pub points: Vec<(f64, f64)>,
+}
+
+/// One panel of a line chart, its lines sharing axes.
+pub struct Panel {
+    pub x_label: String,
+    pub y_label: String,
+    pub lines: Vec<Line>,
+}
+
+/// This crate's rows in warm colours, the alternatives in cool ones and
+/// grey, so a reader finds "ours" in every chart at a glance.
+fn colour(name: &str, ours_seen: &mut Vec<String>, theirs_seen: &mut Vec<String>) -> RGBColor {
+    const OURS: [RGBColor; 3] = [
+        RGBColor(214, 39, 40),
+        RGBColor(255, 127, 14),
+        RGBColor(188, 80, 144),
+    ];
+    const THEIRS: [RGBColor; 5] = [
+        RGBColor(31, 119, 180),
+        RGBColor(44, 160, 44),
+        RGBColor(127, 127, 127),
+        RGBColor(23, 190, 207),
+        RGBColor(140, 86, 75),
+    ];
+    let (seen, palette): (&mut Vec<String>, &[RGBColor]) = if is_ours(name) {
+        (ours_seen, &OURS)
+    } else {
+        (theirs_seen, &THEIRS)
+    };
+    let index = match seen.iter().position(|n| n == name) {
+        Some(i) => i,
+        None => {
+            seen.push(name.to_string());
+            seen.len() - 1
+        }
+    };
+    palette[index % palette.len()]
+}
+
+/// Names of this crate's rows: criterion ids start with `weakrefs`, the
+/// memory run names the collections.
+pub fn is_ours(name: &str) -> bool {
+    name.starts_with("weakrefs") || name.starts_with("Weak")
+}
+
+type Result<T> = std::result::Result<T, String>;
+
+/// An axis label: whole numbers without decimals, small ones with one.
+fn tick(value: f64) -> String {
+    if value.fract() == 0.0 || value.abs() >= 100.0 {
+        format!("{value:.0}")
+    } else {
+        format!("{value:.1}")
+    }
+}
+
+/// A log axis label, only at 1, 2 and 5 times a power of ten, so labels
+/// do not crowd where decades narrow.
+fn log_tick(value: f64) -> String {
+    let mantissa = value / 10f64.powf(value.log10().floor());
+    if [1.0, 2.0, 5.0].iter().any(|m| (mantissa - m).abs() < 1e-6) {
+        tick(value)
+    } else {
+        String::new()
+    }
+}
+
+fn drawing_error(e: impl std::fmt::Display) -> String {
+    format!("drawing a chart: {e}")
+}
+
+/// Horizontal bars, one group per case, each bar labelled with its
+/// implementation and value.
+pub fn bars(path: &Path, title: &str, unit: &str, groups: &[BarGroup]) -> Result<()> {
+    const ROW: u32 = 17;
+    let rows: usize = groups.iter().map(|g| g.bars.len() + 1).sum();
+    let height = 70 + ROW * rows as u32 + 8 * groups.len() as u32;
+    let root = SVGBackend::new(path, (760, height)).into_drawing_area();
+    root.fill(&WHITE).map_err(drawing_error)?;
+    // Drawn in millions per second; labelled with `rate`.
+    let max = groups
+        .iter()
+        .flat_map(|g| g.bars.iter().map(|b| b.1 / 1e6))
+        .fold(0.0f64, f64::max)
+        .max(f64::MIN_POSITIVE);
+    let total = rows as f64 + 0.5 * groups.len() as f64;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 17))
+        .margin(10)
+        .x_label_area_size(32)
+        .build_cartesian_2d(0.0..max * 1.45, 0.0..total)
+        .map_err(drawing_error)?;
+    chart
+        .configure_mesh()
+        .disable_y_mesh()
+        .disable_y_axis()
+        .x_desc(unit)
+        .x_labels(8)
+        .x_label_formatter(&|v| tick(*v))
+        .light_line_style(TRANSPARENT)
+        .draw()
+        .map_err(drawing_error)?;
+    let left =
+        TextStyle::from(("sans-serif", 12).into_font()).pos(Pos::new(HPos::Left, VPos::Center));
+    let heading = TextStyle::from(("sans-serif", 13).into_font().style(FontStyle::Bold))
+        .pos(Pos::new(HPos::Left, VPos::Center));
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    let mut top = total;
+    for group in groups {
+        chart
+            .draw_series([Text::new(
+                group.label.clone(),
+                (0.0, top - 0.5),
+                heading.clone(),
+            )])
+            .map_err(drawing_error)?;
+        top -= 1.0;
+        for (name, per_second) in &group.bars {
+            let value = &(per_second / 1e6);
+            let fill = colour(name, &mut ours, &mut theirs);
+            chart
+                .draw_series([Rectangle::new(
+                    [(0.0, top - 0.85), (*value, top - 0.15)],
+                    fill.filled(),
+                )])
+                .map_err(drawing_error)?;
+            chart
+                .draw_series([Text::new(
+                    format!("{name}  {}", crate::render::rate(*per_second)),
+                    (*value + max * 0.01, top - 0.5),
+                    left.clone(),
+                )])
+                .map_err(drawing_error)?;
+            top -= 1.0;
+        }
+        top -= 0.5;
+    }
+    root.present().map_err(drawing_error)
+}
+
+/// Line charts stacked vertically, one per panel, sharing a title.
+pub fn lines(path: &Path, title: &str, panels: &[Panel], log_x: bool) -> Result<()> {
+    let height = 40 + 300 * panels.len() as u32;
+    let root = SVGBackend::new(path, (760, height)).into_drawing_area();
+    root.fill(&WHITE).map_err(drawing_error)?;
+    let root = root
+        .titled(title, ("sans-serif", 17))
+        .map_err(drawing_error)?;
+    for (area, panel) in root.split_evenly((panels.len(), 1)).iter().zip(panels) {
+        panel_chart(area, panel, log_x)?;
+    }
+    root.present().map_err(drawing_error)
+}
+
+fn panel_chart(
+    area: &DrawingArea<SVGBackend<'_>, Shift>,
+    panel: &Panel,
+    log_x: bool,
+) -> Result<()> {
+    let points = || panel.lines.iter().flat_map(|l| l.points.iter().copied());
+    let (mut x0, mut x1, mut y1) = (f64::MAX, f64::MIN, 0.0f64);
+    for (x, y) in points() {
+        x0 = x0.min(x);
+        x1 = x1.max(x);
+        y1 = y1.max(y);
+    }
+    if x0 > x1 {
+        (x0, x1) = (1.0, 2.0);
+    }
+    if x0 >= x1 {
+        x1 = x0 + 1.0;
+    }
+    let y1 = if y1 > 0.0 { y1 * 1.1 } else { 1.0 };
+    let mut builder = ChartBuilder::on(area);
+    builder
+        .margin(10)
+        .x_label_area_size(36)
+        .y_label_area_size(64);
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    macro_rules! draw {
+        ($chart:expr) => {{
+            let mut chart = $chart.map_err(drawing_error)?;
+            chart
+                .configure_mesh()
+                .x_desc(panel.x_label.as_str())
+                .y_desc(panel.y_label.as_str())
+                .x_label_formatter(&|v| if log_x { log_tick(*v) } else { tick(*v) })
+                .y_label_formatter(&|v| tick(*v))
+                .light_line_style(TRANSPARENT)
+                .draw()
+                .map_err(drawing_error)?;
+            for line in &panel.lines {
+                let c = colour(&line.name, &mut ours, &mut theirs);
+                let style = ShapeStyle::from(c).stroke_width(2);
+                chart
+                    .draw_series(LineSeries::new(line.points.iter().copied(), style))
+                    .map_err(drawing_error)?
+                    .label(line.name.as_str())
+                    .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], style));
+                if line.points.len() <= 20 {
+                    chart
+                        .draw_series(line.points.iter().map(|&p| Circle::new(p, 3, c.filled())))
+                        .map_err(drawing_error)?;
+                }
+            }
+            chart
+                .configure_series_labels()
+                .position(SeriesLabelPosition::UpperLeft)
+                .background_style(WHITE.mix(0.85))
+                .border_style(BLACK.mix(0.4))
+                .draw()
+                .map_err(drawing_error)?;
+        }};
+    }
+    if log_x {
+        // Whole decades, so the axis starts and ends on labelled ticks.
+        let x0 = 10f64.powf(x0.max(1e-3).log10().floor());
+        let x1 = 10f64.powf(x1.log10().ceil());
+        draw!(builder.build_cartesian_2d((x0..x1).log_scale(), 0.0..y1));
+    } else {
+        draw!(builder.build_cartesian_2d(x0..x1, 0.0..y1));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("weakrefs-report-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir.join(name)
+    }
+
+    #[test]
+    fn bar_chart_names_every_bar() {
+        let path = scratch("bars.svg");
+        let groups = [BarGroup {
+            label: "read hit, 1 thread".into(),
+            bars: vec![("weakrefs".into(), 12.5e6), ("dashmap".into(), 10.0e6)],
+        }];
+        bars(&path, "reads", "M/s", &groups).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(svg.starts_with("<svg"));
+        assert!(svg.contains("weakrefs  12.5 M/s"), "{svg}");
+        assert!(svg.contains(">\n10\n<"), "axis in M/s: {svg}");
+        assert!(svg.contains("dashmap  10.0 M/s"));
+        assert!(svg.contains("read hit, 1 thread"));
+    }
+
+    #[test]
+    fn ticks() {
+        assert_eq!(tick(2.0), "2");
+        assert_eq!(tick(0.5), "0.5");
+        assert_eq!(tick(1234.5), "1234");
+        assert_eq!(log_tick(20.0), "20");
+        assert_eq!(log_tick(0.5), "0.5");
+        assert_eq!(log_tick(30.0), "");
+    }
+
+    #[test]
+    fn line_chart_has_a_legend_entry_per_line() {
+        let path = scratch("lines.svg");
+        let panel = |y: &str| Panel {
+            x_label: "operations".into(),
+            y_label: y.into(),
+            lines: vec![
+                Line {
+                    name: "WeakValueMap".into(),
+                    points: vec![(1.0, 1.0), (2.0, 3.0)],
+                },
+                Line {
+                    name: "DashMap + retain".into(),
+                    points: vec![(1.0, 2.0), (2.0, 9.0)],
+                },
+            ],
+        };
+        lines(&path, "churn", &[panel("entries"), panel("KiB")], false).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(svg.matches("DashMap + retain").count(), 2);
+        lines(&path, "latency", &[panel("share")], true).unwrap();
+    }
+}

@@ -1,0 +1,861 @@
+//! BENCHMARKS.md: one section per comparison, each a table of medians with
+//! the ratio against the best alternative, a chart, and what explains the
+//! numbers; a summary first, and every loss listed.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::path::Path;
+
+use crate::charts::{self, BarGroup, Line, Panel};
+use crate::results::Measurement;
+
+/// A criterion comparison the report presents.
+pub struct Section {
+    /// Anchor and chart file stem.
+    pub id: &'static str,
+    pub title: &'static str,
+    /// The `cargo bench --bench` target that measures it.
+    pub bench: &'static str,
+    /// Criterion ids of its cases start with one of these.
+    pub prefixes: &'static [&'static str],
+    /// What one element of throughput is.
+    pub unit: &'static str,
+    /// What is measured, against what.
+    pub what: &'static str,
+    /// What the numbers come from: the costs each side pays.
+    pub why: &'static str,
+}
+
+/// The criterion comparisons, in report order.
+pub const SECTIONS: &[Section] = &[
+    Section {
+        id: "handles",
+        title: "Handles: `Strong`/`Weak` against `std::sync::{Arc, Weak}`",
+        bench: "handles",
+        prefixes: &["upgrade/", "clone_drop/", "downgrade/"],
+        unit: "million operations per second",
+        what: "`Weak::upgrade` (and dropping the result), `Strong::clone` plus drop, and \
+               `Strong::downgrade` (plus drop), on one object; on one thread, and on two threads \
+               sharing the object (both threads' operations counted).",
+        why: "Both sides do the same atomic operations on the same counts: an upgrade is one \
+              compare-and-swap loop on the strong count, a clone one increment, a drop one \
+              decrement. What differs is what is around them, so the two should be within noise \
+              of each other. On two threads every operation moves the object's count line \
+              between the cores, for both implementations alike.",
+    },
+    Section {
+        id: "map_reads",
+        title: "WeakValueMap read hits",
+        bench: "maps",
+        prefixes: &["read_hit/"],
+        unit: "million lookups per second (each upgraded to a strong handle)",
+        what: "100 000 live keys, every read a hit that upgrades the value, uniform keys or \
+               skewed ones (80% of reads on 1% of the keys), on 1 and 2 threads. Against \
+               `DashMap<u64, std::sync::Weak<u64>>`, `RwLock<HashMap<..>>`, \
+               `RwLock<weak_table::WeakValueHashMap<..>>` and `papaya::HashMap<..>`.",
+        why: "At 100 000 keys the tables do not fit in this machine's caches, and a lookup costs \
+              its dependent cache misses. This crate's read takes no lock: it pins the epoch (a \
+              thread-local store and a fence), reads the slot (tag and pointers), then the key, \
+              which lives out of line, then the value's control block to upgrade it: three \
+              misses. `DashMap` keeps the key and the `Weak` inline in its bucket, so it pays two, \
+              plus its shard's read lock (two atomic operations on a lock word). On one thread \
+              that lock word stays in the core's cache and costs about what the epoch pin does, \
+              so the extra miss decides. On two threads every locked read also writes a lock word \
+              the other core writes, which the lock-free read avoids; `papaya` is lock-free too, \
+              and keeps its keys inline. Keys stay out of line because a \
+              table rebuild copies items bitwise while readers may be comparing keys; that is \
+              sound only if no reader can write an item's bytes, and a key type with interior \
+              mutability could (SAFETY.md, M3).",
+    },
+    Section {
+        id: "map_churn",
+        title: "WeakValueMap churn: insert, then the value dies",
+        bench: "maps",
+        prefixes: &["churn"],
+        unit: "million inserts per second (batches of 1024 values that die)",
+        what: "1024 fresh values are inserted under 1024 keys and dropped. This crate removes \
+               each dead entry by its death callback and calls `flush()` after each batch; \
+               `DashMap` sweeps with `retain` after each batch; weak-table clears expired \
+               entries when it resizes.",
+        why: "Each insert here allocates a callback node and an out-of-line key and links the \
+              callback onto the value; each death runs that callback on the dying thread, which \
+              takes the shard's lock, unlinks the entry and retires it to the epoch collector. \
+              `DashMap` allocates nothing per insert once its table has grown and does no work \
+              at death: the dead entries stay, payload allocation and all, until the next sweep \
+              (see the churn memory chart below). Exact, automatic removal is what the extra \
+              work buys.",
+    },
+    Section {
+        id: "single_flight",
+        title: "Single-flight `get_or_insert_with` on one hot key",
+        bench: "maps",
+        prefixes: &["single_flight_hot_key/"],
+        unit: "million calls per second, all threads",
+        what: "Every thread calls `get_or_insert_with` for one key whose value stays alive, \
+               against `DashMap::entry().or_insert_with(..)` plus an upgrade.",
+        why: "A hit is a lock-free read here, so threads share the value's count line and \
+              nothing else; `DashMap`'s `entry` takes the shard's write lock on every call, hit \
+              or not, and threads queue on it.",
+    },
+    Section {
+        id: "finalizer_throughput",
+        title: "Death callbacks: throughput",
+        bench: "finalizers",
+        prefixes: &["callback_throughput"],
+        unit: "million callbacks per second (register, drop, run)",
+        what: "Register a callback on a fresh object, drop the object, and run every callback, \
+               in batches of 1000 until flushed. Against a `Drop` that sends the callback over \
+               `std::sync::mpsc` to one draining thread (`mpsc_thread`), and a `Drop` that hands \
+               it to `crossbeam_epoch::Guard::defer` (`epoch_defer`).",
+        why: "Registration allocates a callback node and pushes it onto the object's list with \
+              one compare-and-swap; a death moves the list to the finalizer's lock-free queue \
+              with one push and wakes the finalizer thread only when it sleeps; the callback then \
+              runs on that thread, in order, isolated from the dropping thread's panics and \
+              locks. The `mpsc` design does about the same work per callback. `epoch_defer` does \
+              less: no thread hand-off and no wake-up; callbacks run in batches on whichever \
+              thread next collects garbage, on memory still in that core's cache, in no fixed \
+              order, and a callback may run inside any later `pin`, under whatever locks that \
+              thread holds. That is why it is faster, and why this crate does not run user \
+              callbacks that way.",
+    },
+    Section {
+        id: "key_maps",
+        title: "WeakKeyMap as a side table",
+        bench: "key_maps",
+        prefixes: &["side_table/"],
+        unit: "million operations per second",
+        what: "Lookups on 100 000 live keys that read a `u64` out of the value \
+               (`weakrefs` is `WeakKeyMap::with`, `weakrefs_get` is `get`, which clones it), \
+               and churn: 1024 objects each \
+               get an entry and go away. Against `DashMap<usize, V>` keyed by the object's \
+               address, whose entries the object's owner removes by hand as it drops.",
+        why: "A lookup pins the epoch, probes a slot and then reads the value's cell, which \
+              lives out of line (a table rebuild moves items bitwise), entering and leaving it \
+              with two atomic operations: a counted read, which is what lets `remove` and \
+              `insert` hand the old value back by value. `DashMap` keeps the value inline in \
+              its bucket. Churn pays for a callback node and a value cell per entry, where the \
+              baseline's removal is code its user must remember to write.",
+    },
+    Section {
+        id: "sets",
+        title: "WeakSet as an observer registry",
+        bench: "sets",
+        prefixes: &["observers/"],
+        unit: "million listeners per second",
+        what: "1000 listeners subscribe; one notification pass over 1000 live listeners \
+               (upgrading each); 1000 listeners subscribe and go away. Against \
+               `Mutex<Vec<std::sync::Weak<T>>>` cleaned with `retain`.",
+        why: "Each member registers a death callback (an allocation and a compare-and-swap onto \
+              the object's list) where the baseline pushes onto a `Vec`; that is the cost of \
+              subscribe and churn. A notification pass is a lock-free walk of the set's tables \
+              against a walk of a locked `Vec`.",
+    },
+];
+
+/// Everything one run measured.
+#[derive(Default)]
+pub struct Run {
+    pub measurements: Vec<Measurement>,
+    /// Heap bytes per live entry, per map (`map_memory`).
+    pub map_memory: Vec<(String, f64)>,
+    /// Per map, its churn run (`churn_memory`).
+    pub churn_memory: Vec<ChurnRun>,
+    /// Per design: latency samples in microseconds (`callback_latency`).
+    pub latency: Vec<(String, Vec<f64>)>,
+}
+
+/// (operations, entries, heap bytes) at one point of a churn run.
+pub type ChurnSample = (f64, f64, f64);
+
+/// One map's churn run.
+#[derive(Default)]
+pub struct ChurnRun {
+    pub map: String,
+    /// Taken while objects came and went.
+    pub samples: Vec<ChurnSample>,
+    /// Taken after every object died and `flush()` returned.
+    pub last: ChurnSample,
+}
+
+/// Where and how the run was made.
+pub struct Context {
+    pub command: String,
+    pub date: String,
+    pub commit: String,
+    pub machine: String,
+    pub mode: String,
+}
+
+/// A rate for people: millions per second, three significant digits.
+pub fn rate(per_second: f64) -> String {
+    let m = per_second / 1e6;
+    if m >= 100.0 {
+        format!("{m:.0} M/s")
+    } else if m >= 10.0 {
+        format!("{m:.1} M/s")
+    } else {
+        format!("{m:.2} M/s")
+    }
+}
+
+fn millions(per_second: f64) -> String {
+    rate(per_second).trim_end_matches(" M/s").to_string()
+}
+
+/// How this crate stands in one case: its best row over the best
+/// alternative.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Verdict {
+    Ahead,
+    OnPar,
+    Behind,
+}
+
+/// Ratios within this band of 1 are called on a par: run-to-run noise on
+/// a shared machine is of that order.
+pub const NOISE: f64 = 0.05;
+
+pub fn verdict(ratio: f64) -> Verdict {
+    if ratio >= 1.0 + NOISE {
+        Verdict::Ahead
+    } else if ratio <= 1.0 - NOISE {
+        Verdict::Behind
+    } else {
+        Verdict::OnPar
+    }
+}
+
+impl Verdict {
+    fn word(self) -> &'static str {
+        match self {
+            Verdict::Ahead => "ahead",
+            Verdict::OnPar => "on a par",
+            Verdict::Behind => "**behind**",
+        }
+    }
+}
+
+/// One case of a section, its rows in the order measured.
+pub struct Case<'a> {
+    pub name: &'a str,
+    pub rows: Vec<&'a Measurement>,
+}
+
+impl Case<'_> {
+    fn best(&self, ours: bool) -> Option<&Measurement> {
+        self.rows
+            .iter()
+            .copied()
+            .filter(|m| m.is_ours() == ours)
+            .max_by(|a, b| a.per_second.total_cmp(&b.per_second))
+    }
+
+    /// This crate's best row over the best alternative's, and the latter.
+    pub fn ratio(&self) -> Option<(f64, &Measurement)> {
+        let (ours, theirs) = (self.best(true)?, self.best(false)?);
+        Some((ours.per_second / theirs.per_second, theirs))
+    }
+}
+
+/// The cases of `section`, in the order the benchmark ids sort.
+pub fn cases<'a>(section: &Section, measurements: &'a [Measurement]) -> Vec<Case<'a>> {
+    let mut cases: Vec<Case<'a>> = Vec::new();
+    for m in measurements {
+        if !section.prefixes.iter().any(|p| m.case.starts_with(p)) {
+            continue;
+        }
+        match cases.iter_mut().find(|c| c.name == m.case) {
+            Some(case) => case.rows.push(m),
+            None => cases.push(Case {
+                name: &m.case,
+                rows: vec![m],
+            }),
+        }
+    }
+    // Thread counts in numeric order, not as text ("16" after "2").
+    cases.sort_by_key(|c| split_threads(c.name).map(|(stem, n)| (stem.to_string(), n)));
+    cases
+}
+
+/// `read_hit/uniform/16_thread` → (`read_hit/uniform`, 16).
+fn split_threads(case: &str) -> Option<(&str, usize)> {
+    let (stem, last) = case.rsplit_once('/')?;
+    Some((stem, last.strip_suffix("_thread")?.parse().ok()?))
+}
+
+/// Implementations of a section's cases: this crate's first.
+fn implementations<'a>(cases: &[Case<'a>]) -> Vec<&'a str> {
+    let mut names: Vec<&str> = Vec::new();
+    for case in cases {
+        for row in &case.rows {
+            if !names.contains(&row.implementation.as_str()) {
+                names.push(&row.implementation);
+            }
+        }
+    }
+    names.sort_by_key(|name| !name.starts_with("weakrefs"));
+    names
+}
+
+/// A case's name for people: `read_hit/uniform/2_thread` → `uniform, 2
+/// threads`, the section's prefix left out.
+fn case_label(section: &Section, case: &str) -> String {
+    // A section of one prefix names it in its title; one of several
+    // (upgrade, clone_drop, ...) needs it in each label.
+    let mut label = case;
+    if let [prefix] = section.prefixes {
+        label = case.strip_prefix(prefix).unwrap_or(case);
+    }
+    let label = label.trim_start_matches('/');
+    let label = if label.is_empty() { case } else { label };
+    label
+        .split('/')
+        .map(|part| match part.strip_suffix("_thread") {
+            Some("1") => "1 thread".to_string(),
+            Some(n) => format!("{n} threads"),
+            None => part.replace('_', " "),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The whole report; charts are written into `charts_dir`, linked as
+/// `charts_link/<name>.svg`.
+pub fn report(
+    run: &Run,
+    context: &Context,
+    charts_dir: &Path,
+    charts_link: &str,
+) -> Result<String, String> {
+    let mut md = String::new();
+    let mut losses = Vec::new();
+    let mut body = String::new();
+    let mut glance = String::new();
+
+    for section in SECTIONS {
+        let cases = cases(section, &run.measurements);
+        if cases.is_empty() {
+            continue;
+        }
+        let (mut ahead, mut par, mut behind) = (0, 0, 0);
+        for case in &cases {
+            if let Some((ratio, theirs)) = case.ratio() {
+                match verdict(ratio) {
+                    Verdict::Ahead => ahead += 1,
+                    Verdict::OnPar => par += 1,
+                    Verdict::Behind => {
+                        behind += 1;
+                        losses.push(format!(
+                            "- [{}](#{}), {}: {:.2}x `{}`",
+                            section.title,
+                            section.id.replace('_', "-"),
+                            case_label(section, case.name),
+                            ratio,
+                            theirs.implementation
+                        ));
+                    }
+                }
+            }
+        }
+        let _ = writeln!(
+            glance,
+            "| [{}](#{}) | {ahead} | {par} | {behind} |",
+            section.title,
+            section.id.replace('_', "-")
+        );
+        section_body(&mut body, section, &cases, charts_dir, charts_link)?;
+    }
+
+    let _ = writeln!(md, "# Benchmarks\n");
+    let _ = writeln!(
+        md,
+        "Where `weakrefs` stands against what users would pick instead. Generated by \
+         `{}` on {} at commit `{}`; every figure below comes from that one run.\n",
+        context.command, context.date, context.commit
+    );
+    let _ = writeln!(md, "- **Machine:** {}", context.machine);
+    let _ = writeln!(md, "- **Mode:** {}", context.mode);
+    let _ = writeln!(
+        md,
+        "- **Reading it:** criterion medians. A ratio is this crate's best row over the \
+         best alternative's, so above 1 is faster. Ratios within {:.0}% of 1 are called on a \
+         par: on a shared machine, runs differ by that much.",
+        NOISE * 100.0
+    );
+    let _ = writeln!(
+        md,
+        "- **To regenerate:** `cargo bench-report` (about 10 minutes on 2 cores) or \
+         `cargo bench-report --quick` (a few minutes); `--threads 1,2,4,8,16` adds a \
+         thread-scaling run. Each section names the bench that measures it alone.\n"
+    );
+    let _ = writeln!(md, "## At a glance\n");
+    let _ = writeln!(md, "| comparison | ahead | on a par | behind |");
+    let _ = writeln!(md, "| --- | ---: | ---: | ---: |");
+    md.push_str(&glance);
+    md.push('\n');
+    let _ = writeln!(md, "### Where this crate loses\n");
+    if losses.is_empty() {
+        let _ = writeln!(md, "Nowhere in this run.\n");
+    } else {
+        let _ = writeln!(
+            md,
+            "Each section says why, under \"What explains it\". Against the best alternative:\n"
+        );
+        for loss in &losses {
+            let _ = writeln!(md, "{loss}");
+        }
+        md.push('\n');
+    }
+    md.push_str(&body);
+    memory_sections(&mut md, run, charts_dir, charts_link)?;
+    latency_section(&mut md, run, charts_dir, charts_link)?;
+    Ok(md)
+}
+
+fn section_body(
+    md: &mut String,
+    section: &Section,
+    cases: &[Case<'_>],
+    charts_dir: &Path,
+    charts_link: &str,
+) -> Result<(), String> {
+    let names = implementations(cases);
+    let _ = writeln!(md, "## {}\n", section.title);
+    let _ = writeln!(md, "{}\n", section.what);
+    let _ = writeln!(
+        md,
+        "Measured by `cargo bench --bench {}`; figures in {}.\n",
+        section.bench, section.unit
+    );
+    let chart = format!("{}.svg", section.id);
+    let groups: Vec<BarGroup> = cases
+        .iter()
+        .map(|case| BarGroup {
+            label: case_label(section, case.name),
+            bars: names
+                .iter()
+                .filter_map(|n| case.rows.iter().find(|r| r.implementation == *n))
+                .map(|r| (r.implementation.clone(), r.per_second))
+                .collect(),
+        })
+        .collect();
+    charts::bars(
+        &charts_dir.join(&chart),
+        section.title.replace('`', "").as_str(),
+        "M/s",
+        &groups,
+    )?;
+    let _ = writeln!(md, "![{}]({charts_link}/{chart})\n", section.id);
+
+    let _ = write!(md, "| case |");
+    for name in &names {
+        let _ = write!(md, " `{name}` |");
+    }
+    let _ = writeln!(md, " ratio | verdict |");
+    let _ = writeln!(md, "| --- |{} ---: | --- |", " ---: |".repeat(names.len()));
+    for case in cases {
+        let _ = write!(md, "| {} |", case_label(section, case.name));
+        for name in &names {
+            match case.rows.iter().find(|r| r.implementation == *name) {
+                Some(row) => {
+                    let _ = write!(md, " {} |", millions(row.per_second));
+                }
+                None => md.push_str(" – |"),
+            }
+        }
+        match case.ratio() {
+            Some((ratio, theirs)) => {
+                let _ = writeln!(
+                    md,
+                    " {ratio:.2}x `{}` | {} |",
+                    theirs.implementation,
+                    verdict(ratio).word()
+                );
+            }
+            None => md.push_str(" – | – |\n"),
+        }
+    }
+    md.push('\n');
+    let _ = writeln!(md, "**What explains it.** {}\n", section.why);
+    scaling(md, section, cases, &names, charts_dir, charts_link)
+}
+
+/// A thread-scaling chart for each case stem measured at more than two
+/// thread counts (a run with `--threads`).
+fn scaling(
+    md: &mut String,
+    section: &Section,
+    cases: &[Case<'_>],
+    names: &[&str],
+    charts_dir: &Path,
+    charts_link: &str,
+) -> Result<(), String> {
+    let mut stems: BTreeMap<&str, BTreeSet<usize>> = BTreeMap::new();
+    for case in cases {
+        if let Some((stem, threads)) = split_threads(case.name) {
+            stems.entry(stem).or_default().insert(threads);
+        }
+    }
+    for (stem, counts) in stems.iter().filter(|(_, counts)| counts.len() > 2) {
+        let lines: Vec<Line> = names
+            .iter()
+            .map(|name| Line {
+                name: name.to_string(),
+                points: cases
+                    .iter()
+                    .filter_map(|case| {
+                        let (s, threads) = split_threads(case.name)?;
+                        let row = case.rows.iter().find(|r| r.implementation == *name)?;
+                        (s == *stem).then_some((threads as f64, row.per_second / 1e6))
+                    })
+                    .collect(),
+            })
+            .collect();
+        let chart = format!("{}_scaling_{}.svg", section.id, stem.replace('/', "_"));
+        let title = format!(
+            "{}: thread scaling",
+            stem.replace('/', ", ").replace('_', " ")
+        );
+        charts::lines(
+            &charts_dir.join(&chart),
+            &title,
+            &[Panel {
+                x_label: "threads".into(),
+                y_label: "M/s".into(),
+                lines,
+            }],
+            false,
+        )?;
+        let _ = writeln!(
+            md,
+            "Thread scaling, {} ({} thread counts, this run's machine):\n\n![{title}]({charts_link}/{chart})\n",
+            stem.replace('_', " "),
+            counts.len()
+        );
+    }
+    Ok(())
+}
+
+fn memory_sections(
+    md: &mut String,
+    run: &Run,
+    charts_dir: &Path,
+    charts_link: &str,
+) -> Result<(), String> {
+    if !run.map_memory.is_empty() {
+        let _ = writeln!(md, "## Memory per entry\n");
+        let _ = writeln!(
+            md,
+            "Heap bytes each map holds per live entry, 100 000 `u64` keys, values not counted \
+             (a counting global allocator, after the epoch garbage of growth is freed). \
+             Measured by `cargo bench --bench map_memory`.\n"
+        );
+        let best = run
+            .map_memory
+            .iter()
+            .filter(|(name, _)| !name.starts_with("weakrefs"))
+            .map(|(_, bytes)| *bytes)
+            .fold(f64::MAX, f64::min);
+        let _ = writeln!(
+            md,
+            "| map | bytes per entry | against the smallest alternative |"
+        );
+        let _ = writeln!(md, "| --- | ---: | ---: |");
+        for (name, bytes) in &run.map_memory {
+            let _ = writeln!(md, "| `{name}` | {bytes:.1} | {:.1}x |", bytes / best);
+        }
+        let _ = writeln!(
+            md,
+            "\n**What explains it.** Each entry of this crate's map keeps a death callback \
+             registered on its value (the node that removes the entry when the value dies), \
+             an out-of-line key box, and a slot of 24 bytes in a table kept at most 3/4 full. \
+             The alternatives store a key and a `Weak` inline and register nothing: they find \
+             out about dead values only when someone looks.\n"
+        );
+    }
+    if !run.churn_memory.is_empty() {
+        let _ = writeln!(md, "## Memory over a churn run\n");
+        let _ = writeln!(
+            md,
+            "Objects (64-byte payloads) arrive under new keys and stay alive until 1000 newer \
+             ones have arrived; the chart samples each map's entries and the heap bytes in use \
+             since it was created (which include the 1000 live objects, the same for all). \
+             `DashMap` sweeps with `retain` every 10 000 operations; weak-table clears expired \
+             entries when it resizes. At the end every object is dropped and `flush()` is \
+             called. Measured by `cargo bench --bench churn_memory`.\n"
+        );
+        let (mut entries, mut bytes) = (Vec::new(), Vec::new());
+        for churn in &run.churn_memory {
+            entries.push(Line {
+                name: churn.map.clone(),
+                points: churn.samples.iter().map(|s| (s.0, s.1)).collect(),
+            });
+            bytes.push(Line {
+                name: churn.map.clone(),
+                points: churn.samples.iter().map(|s| (s.0, s.2 / 1024.0)).collect(),
+            });
+        }
+        charts::lines(
+            &charts_dir.join("churn_memory.svg"),
+            "Entries and heap in use while objects come and go",
+            &[
+                Panel {
+                    x_label: "operations".into(),
+                    y_label: "entries".into(),
+                    lines: entries,
+                },
+                Panel {
+                    x_label: "operations".into(),
+                    y_label: "heap KiB".into(),
+                    lines: bytes,
+                },
+            ],
+            false,
+        )?;
+        let _ = writeln!(md, "![churn memory]({charts_link}/churn_memory.svg)\n");
+        let _ = writeln!(
+            md,
+            "| map | peak entries | peak heap KiB | entries after all died and `flush()` | heap KiB then |"
+        );
+        let _ = writeln!(md, "| --- | ---: | ---: | ---: | ---: |");
+        for ChurnRun {
+            map: name,
+            samples,
+            last,
+        } in &run.churn_memory
+        {
+            let peak_entries = samples.iter().map(|s| s.1).fold(0.0, f64::max);
+            let peak_bytes = samples.iter().map(|s| s.2).fold(0.0, f64::max);
+            let _ = writeln!(
+                md,
+                "| {name} | {peak_entries:.0} | {:.1} | {:.0} | {:.1} |",
+                peak_bytes / 1024.0,
+                last.1,
+                last.2 / 1024.0
+            );
+        }
+        let _ = writeln!(
+            md,
+            "\n**What explains it.** This crate's maps hold an entry exactly as long as its \
+             object lives: the entry count stays at the number of live objects and goes to \
+             zero when they die. A map of `std::sync::Weak` holds dead entries until something \
+             sweeps them, and a dead `Weak` keeps its allocation, payload included, until \
+             then; how much piles up depends on how often the user sweeps. The heap that stays \
+             with this crate's maps after everything died is their tables, kept for reuse.\n"
+        );
+    }
+    Ok(())
+}
+
+/// The value at quantile `q` of sorted samples.
+pub fn quantile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * q).round() as usize]
+}
+
+fn latency_section(
+    md: &mut String,
+    run: &Run,
+    charts_dir: &Path,
+    charts_link: &str,
+) -> Result<(), String> {
+    if run.latency.is_empty() {
+        return Ok(());
+    }
+    let _ = writeln!(md, "## Death callbacks: latency\n");
+    let _ = writeln!(
+        md,
+        "The time from just before an object's last `Strong` is dropped to the start of its \
+         callback on the finalizer thread, with that thread idle (parked) before each sample. \
+         Against a `Drop` that sends the callback over `std::sync::mpsc` to a thread blocked \
+         in `recv`. Measured by `cargo bench --bench callback_latency`.\n"
+    );
+    let lines: Vec<Line> = run
+        .latency
+        .iter()
+        .map(|(name, samples)| Line {
+            name: name.clone(),
+            points: samples
+                .iter()
+                .enumerate()
+                .map(|(i, &us)| (us.max(0.01), (i + 1) as f64 / samples.len() as f64))
+                .collect(),
+        })
+        .collect();
+    charts::lines(
+        &charts_dir.join("callback_latency.svg"),
+        "Drop-to-callback latency, idle finalizer (cumulative)",
+        &[Panel {
+            x_label: "microseconds (log scale)".into(),
+            y_label: "share of callbacks started".into(),
+            lines,
+        }],
+        true,
+    )?;
+    let _ = writeln!(
+        md,
+        "![callback latency]({charts_link}/callback_latency.svg)\n"
+    );
+    let _ = writeln!(
+        md,
+        "| design | samples | p50 µs | p90 µs | p99 µs | max µs |"
+    );
+    let _ = writeln!(md, "| --- | ---: | ---: | ---: | ---: | ---: |");
+    for (name, samples) in &run.latency {
+        let _ = writeln!(
+            md,
+            "| `{name}` | {} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            samples.len(),
+            quantile(samples, 0.5),
+            quantile(samples, 0.9),
+            quantile(samples, 0.99),
+            quantile(samples, 1.0)
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\n**What explains it.** Both designs wake a parked thread, so the latency is mostly \
+         the operating system's: a futex wake and a scheduling decision. The finalizer spins \
+         briefly before it parks, which helps only when callbacks arrive close together; \
+         this benchmark leaves it idle on purpose. The tail is the shared machine's \
+         scheduler.\n"
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(case: &str, implementation: &str, per_second: f64) -> Measurement {
+        Measurement {
+            case: case.into(),
+            implementation: implementation.into(),
+            per_second,
+        }
+    }
+
+    #[test]
+    fn verdicts_band_noise() {
+        assert_eq!(verdict(1.2), Verdict::Ahead);
+        assert_eq!(verdict(1.03), Verdict::OnPar);
+        assert_eq!(verdict(0.97), Verdict::OnPar);
+        assert_eq!(verdict(0.5), Verdict::Behind);
+    }
+
+    #[test]
+    fn ratio_is_best_of_ours_over_best_alternative() {
+        let rows = [
+            m("side_table/lookup/1_thread", "weakrefs_with", 4e6),
+            m("side_table/lookup/1_thread", "weakrefs_get", 5e6),
+            m("side_table/lookup/1_thread", "dashmap", 20e6),
+            m("side_table/lookup/1_thread", "other", 10e6),
+        ];
+        let section = SECTIONS.iter().find(|s| s.id == "key_maps").unwrap();
+        let cases = cases(section, &rows);
+        assert_eq!(cases.len(), 1);
+        let (ratio, theirs) = cases[0].ratio().unwrap();
+        assert!((ratio - 0.25).abs() < 1e-9);
+        assert_eq!(theirs.implementation, "dashmap");
+        assert_eq!(
+            implementations(&cases),
+            ["weakrefs_with", "weakrefs_get", "dashmap", "other"]
+        );
+    }
+
+    #[test]
+    fn thread_counts_sort_as_numbers_and_read_as_words() {
+        let rows = [
+            m("read_hit/uniform/16_thread", "weakrefs", 1.0),
+            m("read_hit/uniform/2_thread", "weakrefs", 1.0),
+            m("read_hit/uniform/1_thread", "weakrefs", 1.0),
+        ];
+        let section = SECTIONS.iter().find(|s| s.id == "map_reads").unwrap();
+        let names: Vec<_> = cases(section, &rows)
+            .iter()
+            .map(|c| c.name.to_string())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "read_hit/uniform/1_thread",
+                "read_hit/uniform/2_thread",
+                "read_hit/uniform/16_thread"
+            ]
+        );
+        assert_eq!(
+            case_label(section, "read_hit/skewed/2_thread"),
+            "skewed, 2 threads"
+        );
+        let churn = SECTIONS.iter().find(|s| s.id == "map_churn").unwrap();
+        assert_eq!(case_label(churn, "churn"), "churn");
+        let handles = SECTIONS.iter().find(|s| s.id == "handles").unwrap();
+        assert_eq!(
+            case_label(handles, "clone_drop/1_thread"),
+            "clone drop, 1 thread"
+        );
+    }
+
+    #[test]
+    fn report_lists_losses_and_draws_charts() {
+        let dir = std::env::temp_dir().join(format!("weakrefs-render-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut measurements = Vec::new();
+        for threads in [1, 2, 4] {
+            let case = format!("read_hit/uniform/{threads}_thread");
+            measurements.push(m(&case, "weakrefs", 10e6 * threads as f64));
+            measurements.push(m(&case, "dashmap", 8e6 * threads as f64));
+        }
+        measurements.push(m("churn", "weakrefs", 2e6));
+        measurements.push(m("churn", "dashmap_retain", 10e6));
+        let run = Run {
+            measurements,
+            map_memory: vec![
+                ("weakrefs::WeakValueMap".into(), 120.0),
+                ("DashMap".into(), 24.0),
+            ],
+            churn_memory: vec![ChurnRun {
+                map: "WeakValueMap".into(),
+                samples: vec![(0.0, 0.0, 0.0), (1000.0, 1000.0, 4096.0)],
+                last: (1000.0, 0.0, 1024.0),
+            }],
+            latency: vec![("weakrefs".into(), vec![5.0, 6.0, 40.0])],
+        };
+        let context = Context {
+            command: "cargo bench-report --quick".into(),
+            date: "2026-11-22".into(),
+            commit: "abc1234".into(),
+            machine: "test".into(),
+            mode: "quick".into(),
+        };
+        let md = report(&run, &context, &dir, "charts").unwrap();
+        assert!(
+            md.contains("| uniform, 2 threads | 20.0 | 16.0 | 1.25x `dashmap` | ahead |"),
+            "{md}"
+        );
+        assert!(md.contains("churn: 0.20x `dashmap_retain`"), "{md}");
+        assert!(
+            md.contains("| `weakrefs::WeakValueMap` | 120.0 | 5.0x |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| `weakrefs` | 3 | 6.0 | 40.0 | 40.0 | 40.0 |"),
+            "{md}"
+        );
+        for chart in [
+            "map_reads.svg",
+            "map_churn.svg",
+            "map_reads_scaling_read_hit_uniform.svg",
+            "churn_memory.svg",
+            "callback_latency.svg",
+        ] {
+            assert!(dir.join(chart).is_file(), "{chart} not drawn");
+            assert!(
+                md.contains(&format!("charts/{chart}")),
+                "{chart} not linked"
+            );
+        }
+    }
+}
