@@ -5,7 +5,7 @@
 //! repository root and its SVG charts under `benches/charts/`.
 //!
 //! * `--quick`: short criterion measurements and runs (a few minutes on
-//!   2 cores) instead of the full ones (about 10 minutes).
+//!   2 cores) instead of the full ones (about 5 minutes, plus the build).
 //! * `--threads LIST`: the thread counts of the multi-threaded benchmarks
 //!   (default `1,2`); more than two counts add thread-scaling charts.
 //! * `--no-run`: regenerate the report from the last run's results

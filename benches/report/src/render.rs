@@ -384,7 +384,7 @@ pub fn report(
     );
     let _ = writeln!(
         md,
-        "- **To regenerate:** `cargo bench-report` (about 10 minutes on 2 cores) or \
+        "- **To regenerate:** `cargo bench-report` (about 5 minutes on 2 cores, plus the build) or \
          `cargo bench-report --quick` (a few minutes); `--threads 1,2,4,8,16` adds a \
          thread-scaling run. Each section names the bench that measures it alone.\n"
     );
