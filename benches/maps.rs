@@ -6,9 +6,11 @@
 //! * `papaya`: `papaya::HashMap<K, std::sync::Weak<V>>`.
 //!
 //! Groups: `read_hit/{uniform,skewed}/{1,2}_thread` (100k live keys, every
-//! read hits), and `churn` (insert a fresh value, then it dies), where the
-//! baselines clean up with a periodic `retain` and this crate with its
-//! death callbacks. `cargo bench --bench maps`.
+//! read hits); `read_hit_by_size/{1000..1000000}_keys` (this crate and
+//! `dashmap` only, 1 thread, uniform); `single_flight_hot_key/*`; and
+//! `churn` (insert a fresh value, then it dies), where the baselines clean
+//! up with a periodic `retain` and this crate with its death callbacks.
+//! `cargo bench --bench maps`.
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -185,6 +187,50 @@ fn read_hits(c: &mut Criterion) {
     }
 }
 
+/// Read hits on one thread as the map grows from cache-resident to
+/// memory-bound: this crate against `DashMap`, uniform keys, at 1 000 to
+/// 1 000 000 live keys. Where both fit in cache the per-read work decides;
+/// beyond, each map's footprint does.
+fn read_hits_by_size(c: &mut Criterion) {
+    for keys in [1_000u64, 10_000, 100_000, 1_000_000] {
+        let sequence = key_sequence(keys, false);
+        let ours_values: Vec<_> = (0..keys).map(weakrefs::Strong::new).collect();
+        let ours = weakrefs::WeakValueMap::with_capacity(keys as usize);
+        for v in &ours_values {
+            ours.insert(**v, v);
+        }
+        let dash_values: Vec<_> = (0..keys).map(Arc::new).collect();
+        let dash = DashMap::with_capacity(keys as usize);
+        for v in &dash_values {
+            dash.insert(**v, Arc::downgrade(v));
+        }
+        let maps: [(&str, Box<dyn ReadMap>); 2] = [
+            (
+                "weakrefs",
+                Box::new(Ours {
+                    map: ours,
+                    _values: ours_values,
+                }),
+            ),
+            (
+                "dashmap",
+                Box::new(Dash {
+                    map: dash,
+                    _values: dash_values,
+                }),
+            ),
+        ];
+        let mut group = c.benchmark_group(format!("read_hit_by_size/{keys}_keys"));
+        group.throughput(Throughput::Elements(1));
+        for (name, map) in &maps {
+            group.bench_function(*name, |b| {
+                b.iter_custom(|iters| reads_on_threads(map.as_ref(), &sequence, 1, iters))
+            });
+        }
+        group.finish();
+    }
+}
+
 /// Insert a fresh value under one of 1024 keys, then drop it: the
 /// baselines run `retain` every 1024 operations to clear dead entries.
 fn churn(c: &mut Criterion) {
@@ -269,5 +315,5 @@ fn on_each_thread(threads: usize, iters: u64, op: impl Fn() + Sync) -> Duration 
     })
 }
 
-criterion_group!(benches, read_hits, churn, single_flight);
+criterion_group!(benches, read_hits, read_hits_by_size, churn, single_flight);
 criterion_main!(benches);

@@ -374,6 +374,70 @@ mod tests {
     }
 
     #[test]
+    fn load_reads_what_the_benches_write() {
+        let dir = env::temp_dir().join(format!("weakrefs-load-{}", std::process::id()));
+        let bench = dir.join("criterion/churn/weakrefs/new");
+        fs::create_dir_all(&bench).unwrap();
+        fs::write(
+            bench.join("benchmark.json"),
+            r#"{"full_id":"churn/weakrefs","throughput":{"Elements":1024}}"#,
+        )
+        .unwrap();
+        fs::write(
+            bench.join("estimates.json"),
+            r#"{"median":{"point_estimate":1024000.0}}"#,
+        )
+        .unwrap();
+        let out = dir.join("out");
+        fs::create_dir_all(&out).unwrap();
+        fs::write(
+            out.join("map_memory.tsv"),
+            "map\tbytes_per_entry\nA, B\t22.5\n",
+        )
+        .unwrap();
+        fs::write(
+            out.join("churn_memory.tsv"),
+            "map\tops\tentries\theap_bytes\tfinal\n\
+             M\t0\t0\t10\t0\nM\t1000\t900\t5000\t0\nM\t1000\t0\t64\t1\n",
+        )
+        .unwrap();
+        fs::write(
+            out.join("callback_latency.tsv"),
+            "design\tmicros\nw\t9.0\nw\t3.0\nm\t4.0\n",
+        )
+        .unwrap();
+        let run = load(&dir.join("criterion"), &out).unwrap();
+        assert_eq!(run.measurements.len(), 1);
+        assert!((run.measurements[0].per_second - 1e6).abs() < 1e-3);
+        assert_eq!(run.map_memory, [("A, B".to_string(), 22.5)]);
+        assert_eq!(run.churn_memory.len(), 1);
+        assert_eq!(
+            run.churn_memory[0].samples,
+            [(0.0, 0.0, 10.0), (1000.0, 900.0, 5000.0)]
+        );
+        assert_eq!(run.churn_memory[0].last, (1000.0, 0.0, 64.0));
+        assert_eq!(
+            run.latency,
+            [
+                ("w".to_string(), vec![3.0, 9.0]),
+                ("m".to_string(), vec![4.0])
+            ]
+        );
+        fs::write(out.join("churn_memory.tsv"), "map\tops\n").unwrap();
+        fs::write(
+            out.join("callback_latency.tsv"),
+            "design\tmicros\nw\tslow\n",
+        )
+        .unwrap();
+        let err = load(&dir.join("criterion"), &out).err().unwrap();
+        assert!(
+            err.contains("callback_latency.tsv") || err.contains("\"slow\""),
+            "{err}"
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn context_round_trips() {
         let context = Context {
             command: "cargo bench-report".into(),
