@@ -609,7 +609,9 @@ fn memory_sections(
              since it was created (which include the 1000 live objects, the same for all). \
              `DashMap` sweeps with `retain` every 10 000 operations; weak-table clears expired \
              entries when it resizes. At the end every object is dropped and `flush()` is \
-             called. Measured by `cargo bench --bench churn_memory`.\n"
+             called. Heap bytes, not the resident set: the resident set is one figure for the \
+             whole process, and the allocator keeps pages it was given, so it cannot tell one \
+             map's run from the next. Measured by `cargo bench --bench churn_memory`.\n"
         );
         let (mut entries, mut bytes) = (Vec::new(), Vec::new());
         for churn in &run.churn_memory {
