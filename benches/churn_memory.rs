@@ -157,10 +157,11 @@ fn churn<M: Churned>(build: impl FnOnce() -> M, ops: usize) -> Vec<Sample> {
         if alive.len() > WINDOW {
             alive.pop_front();
         }
-        map.maintain(op);
+        // Sampled before the sweep, so the baseline's peak shows.
         if op % SAMPLE_EVERY == 0 {
             samples.push((op, map.entries(), live() - before));
         }
+        map.maintain(op);
     }
     drop(alive);
     weakrefs::flush();

@@ -25,7 +25,7 @@ use dashmap::DashMap;
 mod keys;
 #[path = "support/threads.rs"]
 mod threads;
-use keys::{key_sequence, SEQUENCE};
+use keys::KeyStream;
 use threads::{on_threads, thread_counts};
 
 const KEYS: u64 = 100_000;
@@ -160,12 +160,18 @@ fn build_all() -> Vec<(&'static str, Box<dyn ReadMap>)> {
     ]
 }
 
-fn reads_on_threads(map: &dyn ReadMap, keys: &[u64], threads: usize, iters: u64) -> Duration {
+/// `iters` read hits on each of `threads` threads, keys below `keys`.
+fn reads_on_threads(
+    map: &dyn ReadMap,
+    keys: u64,
+    skewed: bool,
+    threads: usize,
+    iters: u64,
+) -> Duration {
     on_threads(threads, |t| {
-        let mut index = t * (SEQUENCE / threads);
+        let mut stream = KeyStream::new(keys, skewed, t);
         for _ in 0..iters {
-            assert!(map.hit(black_box(keys[index])));
-            index = (index + 1) & (SEQUENCE - 1);
+            assert!(map.hit(black_box(stream.next())));
         }
     })
 }
@@ -173,13 +179,14 @@ fn reads_on_threads(map: &dyn ReadMap, keys: &[u64], threads: usize, iters: u64)
 fn read_hits(c: &mut Criterion) {
     let maps = build_all();
     for (distribution, skewed) in [("uniform", false), ("skewed", true)] {
-        let keys = key_sequence(KEYS, skewed);
         for threads in thread_counts() {
             let mut group = c.benchmark_group(format!("read_hit/{distribution}/{threads}_thread"));
             group.throughput(Throughput::Elements(threads as u64));
             for (name, map) in &maps {
                 group.bench_function(*name, |b| {
-                    b.iter_custom(|iters| reads_on_threads(map.as_ref(), &keys, threads, iters))
+                    b.iter_custom(|iters| {
+                        reads_on_threads(map.as_ref(), KEYS, skewed, threads, iters)
+                    })
                 });
             }
             group.finish();
@@ -193,7 +200,6 @@ fn read_hits(c: &mut Criterion) {
 /// beyond, each map's footprint does.
 fn read_hits_by_size(c: &mut Criterion) {
     for keys in [1_000u64, 10_000, 100_000, 1_000_000] {
-        let sequence = key_sequence(keys, false);
         let ours_values: Vec<_> = (0..keys).map(weakrefs::Strong::new).collect();
         let ours = weakrefs::WeakValueMap::with_capacity(keys as usize);
         for v in &ours_values {
@@ -224,7 +230,7 @@ fn read_hits_by_size(c: &mut Criterion) {
         group.throughput(Throughput::Elements(1));
         for (name, map) in &maps {
             group.bench_function(*name, |b| {
-                b.iter_custom(|iters| reads_on_threads(map.as_ref(), &sequence, 1, iters))
+                b.iter_custom(|iters| reads_on_threads(map.as_ref(), keys, false, 1, iters))
             });
         }
         group.finish();
@@ -271,15 +277,17 @@ fn churn(c: &mut Criterion) {
     group.finish();
 }
 
-/// Every thread asking for one hot key through the get-or-insert API,
-/// where the value stays alive: `get_or_insert_with` against DashMap's
-/// `entry().or_insert_with` on a weak value (upgrade, and rebuild if dead).
-/// At each thread count of two or more.
+/// Every thread asking for one hot key through a get-or-insert API, where
+/// the value stays alive: `get_or_insert_with` against two ways to write it
+/// on `DashMap<u64, std::sync::Weak<u64>>`: `entry` on every call
+/// (`dashmap_entry`), and a read first with `entry` only on a miss
+/// (`dashmap_get_then_entry`), each upgrading the value and rebuilding it
+/// if dead. At each thread count of two or more.
 fn single_flight(c: &mut Criterion) {
     let ours: weakrefs::WeakValueMap<u64, u64> = weakrefs::WeakValueMap::new();
     let held = ours.get_or_insert_with(7, || 7);
     let dash: DashMap<u64, StdWeak<u64>> = DashMap::new();
-    let dash_held = Arc::new(7u64);
+    let dash_held = dash_entry(&dash, 7);
     for threads in thread_counts().into_iter().filter(|&threads| threads >= 2) {
         let mut group = c.benchmark_group(format!("single_flight_hot_key/{threads}_thread"));
         group.throughput(Throughput::Elements(threads as u64));
@@ -293,17 +301,34 @@ fn single_flight(c: &mut Criterion) {
         group.bench_function("dashmap_entry", |b| {
             b.iter_custom(|iters| {
                 on_each_thread(threads, iters, || {
-                    let value = dash
-                        .entry(black_box(7))
-                        .or_insert_with(|| Arc::downgrade(&dash_held))
-                        .upgrade();
-                    black_box(value);
+                    black_box(dash_entry(&dash, black_box(7)));
+                })
+            })
+        });
+        group.bench_function("dashmap_get_then_entry", |b| {
+            b.iter_custom(|iters| {
+                on_each_thread(threads, iters, || {
+                    let key = black_box(7);
+                    let value = dash.get(&key).and_then(|weak| weak.upgrade());
+                    black_box(value.unwrap_or_else(|| dash_entry(&dash, key)));
                 })
             })
         });
         group.finish();
     }
-    drop(held);
+    drop((held, dash_held));
+}
+
+/// `key`'s live value in `dash`, built under the shard's write lock if
+/// absent or dead: DashMap's single flight.
+fn dash_entry(dash: &DashMap<u64, StdWeak<u64>>, key: u64) -> Arc<u64> {
+    let mut slot = dash.entry(key).or_default();
+    if let Some(value) = slot.upgrade() {
+        return value;
+    }
+    let value = Arc::new(key);
+    *slot = Arc::downgrade(&value);
+    value
 }
 
 /// Runs `op` `iters` times on each of `threads` threads.
