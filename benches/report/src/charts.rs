@@ -7,6 +7,8 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
+use crate::results::is_ours;
+
 /// One group of bars: a case and the throughput of each implementation.
 pub struct BarGroup {
     pub label: String,
@@ -56,12 +58,6 @@ fn colour(name: &str, ours_seen: &mut Vec<String>, theirs_seen: &mut Vec<String>
     palette[index % palette.len()]
 }
 
-/// Names of this crate's rows: criterion ids start with `weakrefs`, the
-/// memory run names the collections.
-pub fn is_ours(name: &str) -> bool {
-    name.starts_with("weakrefs") || name.starts_with("Weak")
-}
-
 type Result<T> = std::result::Result<T, String>;
 
 /// An axis label: whole numbers without decimals, small ones with one.
@@ -85,12 +81,21 @@ fn log_tick(value: f64) -> String {
 }
 
 fn drawing_error(e: impl std::fmt::Display) -> String {
-    format!("drawing a chart: {e}")
+    e.to_string()
+}
+
+/// Names the chart in an error.
+fn naming(path: &Path) -> impl FnOnce(String) -> String + '_ {
+    move |e| format!("drawing {}: {e}", path.display())
 }
 
 /// Horizontal bars, one group per case, each bar labelled with its
 /// implementation and value.
 pub fn bars(path: &Path, title: &str, unit: &str, groups: &[BarGroup]) -> Result<()> {
+    draw_bars(path, title, unit, groups).map_err(naming(path))
+}
+
+fn draw_bars(path: &Path, title: &str, unit: &str, groups: &[BarGroup]) -> Result<()> {
     const ROW: u32 = 17;
     let rows: usize = groups.iter().map(|g| g.bars.len() + 1).sum();
     let height = 70 + ROW * rows as u32 + 8 * groups.len() as u32;
@@ -159,6 +164,10 @@ pub fn bars(path: &Path, title: &str, unit: &str, groups: &[BarGroup]) -> Result
 
 /// Line charts stacked vertically, one per panel, sharing a title.
 pub fn lines(path: &Path, title: &str, panels: &[Panel], log_x: bool) -> Result<()> {
+    draw_lines(path, title, panels, log_x).map_err(naming(path))
+}
+
+fn draw_lines(path: &Path, title: &str, panels: &[Panel], log_x: bool) -> Result<()> {
     let height = 40 + 300 * panels.len() as u32;
     let root = SVGBackend::new(path, (760, height)).into_drawing_area();
     root.fill(&WHITE).map_err(drawing_error)?;

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::{env, fs};
 
-use render::{ChurnRun, Context, Run};
+use render::{ChurnRun, Context, MapMemory, Run};
 
 const USAGE: &str = "usage: cargo bench-report [--quick] [--threads 1,2,4,8,16] [--no-run]";
 
@@ -112,6 +112,12 @@ fn generate(options: &Options, args: &[String]) -> Result<PathBuf, String> {
     let criterion_home = work.join("criterion");
     let out = work.join("out");
     if options.run {
+        // A failed run must not leave a report to redraw under the last
+        // run's date and commit.
+        let saved = work.join("context.json");
+        if saved.exists() {
+            fs::remove_file(&saved).map_err(|e| format!("clearing {}: {e}", saved.display()))?;
+        }
         for dir in [&criterion_home, &out] {
             if dir.exists() {
                 fs::remove_dir_all(dir).map_err(|e| format!("clearing {}: {e}", dir.display()))?;
@@ -186,11 +192,13 @@ fn load(criterion_home: &Path, out: &Path) -> Result<Run, String> {
         results::tsv(&text).map_err(|e| format!("{}: {e}", path.display()))
     };
     for row in table("map_memory.tsv")? {
-        run.map_memory.push((
-            results::field(&row, "map")?.to_string(),
-            results::number(&row, "bytes_per_entry")?,
-        ));
+        run.map_memory.push(MapMemory {
+            map: results::field(&row, "map")?.to_string(),
+            bytes: results::number(&row, "bytes_per_entry")?,
+            allocations: results::number(&row, "allocations_per_entry")?,
+        });
     }
+    let mut finals: Vec<(String, usize)> = Vec::new();
     for row in table("churn_memory.tsv")? {
         let sample = (
             results::number(&row, "ops")?,
@@ -203,17 +211,26 @@ fn load(criterion_home: &Path, out: &Path) -> Result<Run, String> {
                 map: name.to_string(),
                 ..ChurnRun::default()
             });
+            finals.push((name.to_string(), 0));
         }
-        let churn = run
+        let index = run
             .churn_memory
-            .iter_mut()
-            .find(|c| c.map == name)
+            .iter()
+            .position(|c| c.map == name)
             .expect("just pushed");
-        if results::field(&row, "final")? == "1" {
-            churn.last = sample;
-        } else {
-            churn.samples.push(sample);
+        match results::field(&row, "final")? {
+            "1" => {
+                run.churn_memory[index].last = sample;
+                finals[index].1 += 1;
+            }
+            "0" => run.churn_memory[index].samples.push(sample),
+            other => return Err(format!("churn_memory.tsv: final is {other:?}, not 0 or 1")),
         }
+    }
+    if let Some((map, count)) = finals.iter().find(|(_, count)| *count != 1) {
+        return Err(format!(
+            "churn_memory.tsv: {map} has {count} final samples, not one"
+        ));
     }
     for row in table("callback_latency.tsv")? {
         let micros = results::number(&row, "micros")?;
@@ -263,13 +280,25 @@ fn context(root: &Path, options: &Options, args: &[String]) -> Context {
             Some(format!(", {:.0} GiB memory", kib / 1024.0 / 1024.0))
         })
         .unwrap_or_default();
+    let caches = cache_sizes();
+    let virtual_machine = fs::read_to_string("/proc/cpuinfo").is_ok_and(|info| {
+        info.lines()
+            .any(|l| l.starts_with("flags") && l.contains(" hypervisor"))
+    });
     let os = output("uname", &["-sr"]).unwrap_or_else(|| "unknown OS".into());
     let rustc = output("rustc", &["--version"]).unwrap_or_else(|| "unknown rustc".into());
     let mut commit =
         output("git", &["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown".into());
-    if output("git", &["status", "--porcelain", "--untracked-files=no"])
-        .is_some_and(|s| !s.is_empty())
-    {
+    // The report's own outputs do not count: a rerun rewrites them.
+    let status = [
+        "status",
+        "--porcelain",
+        "--",
+        ".",
+        ":!BENCHMARKS.md",
+        ":!benches/charts",
+    ];
+    if output("git", &status).is_some_and(|s| !s.is_empty()) {
         commit.push_str(" plus uncommitted changes");
     }
     let threads = options.threads.as_deref().unwrap_or("1,2");
@@ -285,8 +314,40 @@ fn context(root: &Path, options: &Options, args: &[String]) -> Context {
             .join(" "),
         date: today(),
         commit,
-        machine: format!("{cpu}, {cpus} CPUs available{memory}; {os}; {rustc}"),
+        machine: format!(
+            "{cpu}, {cpus} CPUs available{}{caches}{memory}; {os}; {rustc}",
+            if virtual_machine {
+                " (a virtual machine)"
+            } else {
+                ""
+            }
+        ),
         mode: format!("{mode}; thread counts {threads}"),
+    }
+}
+
+/// CPU 0's data and unified caches, from sysfs: `, caches L1d 48K, L2
+/// 1024K, L3 32768K`, or nothing where sysfs does not say.
+fn cache_sizes() -> String {
+    let mut caches = Vec::new();
+    for index in 0..8 {
+        let dir = format!("/sys/devices/system/cpu/cpu0/cache/index{index}");
+        let read = |name: &str| fs::read_to_string(format!("{dir}/{name}")).ok();
+        let (Some(level), Some(kind), Some(size)) = (read("level"), read("type"), read("size"))
+        else {
+            continue;
+        };
+        let name = match kind.trim() {
+            "Data" => format!("L{}d", level.trim()),
+            "Unified" => format!("L{}", level.trim()),
+            _ => continue,
+        };
+        caches.push(format!("{name} {}", size.trim()));
+    }
+    if caches.is_empty() {
+        String::new()
+    } else {
+        format!(", caches {}", caches.join(", "))
     }
 }
 
@@ -385,14 +446,15 @@ mod tests {
         .unwrap();
         fs::write(
             bench.join("estimates.json"),
-            r#"{"median":{"point_estimate":1024000.0}}"#,
+            r#"{"median":{"point_estimate":1024000.0,
+                "confidence_interval":{"lower_bound":1e6,"upper_bound":1.1e6}}}"#,
         )
         .unwrap();
         let out = dir.join("out");
         fs::create_dir_all(&out).unwrap();
         fs::write(
             out.join("map_memory.tsv"),
-            "map\tbytes_per_entry\nA, B\t22.5\n",
+            "map\tbytes_per_entry\tallocations_per_entry\nA, B\t22.5\t1.00\n",
         )
         .unwrap();
         fs::write(
@@ -409,7 +471,14 @@ mod tests {
         let run = load(&dir.join("criterion"), &out).unwrap();
         assert_eq!(run.measurements.len(), 1);
         assert!((run.measurements[0].per_second - 1e6).abs() < 1e-3);
-        assert_eq!(run.map_memory, [("A, B".to_string(), 22.5)]);
+        assert_eq!(
+            run.map_memory,
+            [MapMemory {
+                map: "A, B".into(),
+                bytes: 22.5,
+                allocations: 1.0
+            }]
+        );
         assert_eq!(run.churn_memory.len(), 1);
         assert_eq!(
             run.churn_memory[0].samples,
@@ -423,6 +492,13 @@ mod tests {
                 ("m".to_string(), vec![4.0])
             ]
         );
+        fs::write(
+            out.join("churn_memory.tsv"),
+            "map\tops\tentries\theap_bytes\tfinal\nM\t0\t0\t10\t0\n",
+        )
+        .unwrap();
+        let err = load(&dir.join("criterion"), &out).err().unwrap();
+        assert_eq!(err, "churn_memory.tsv: M has 0 final samples, not one");
         fs::write(out.join("churn_memory.tsv"), "map\tops\n").unwrap();
         fs::write(
             out.join("callback_latency.tsv"),
