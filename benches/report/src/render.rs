@@ -119,7 +119,7 @@ pub const SECTIONS: &[Section] = &[
         why: "A hit is a lock-free read in this crate: threads share the value's count line and \
               nothing else. `dashmap_entry` takes the shard's write lock on every call, hit or \
               not, so threads queue on it; `dashmap_get_then_entry` takes the read lock on a \
-              hit, whose counter both threads write.",
+              hit, a compare-and-swap loop on a lock word both threads write.",
     },
     Section {
         id: "finalizer_throughput",
@@ -137,7 +137,9 @@ pub const SECTIONS: &[Section] = &[
               then). A death moves the object's list to the finalizer's lock-free queue with one \
               push and wakes the finalizer thread only when it sleeps; the callback then runs on \
               that thread, newest first, isolated from the dropping thread's panics and locks. \
-              The `mpsc` design does comparable work per callback. `epoch_defer` does less: no \
+              The `mpsc` design keeps no per-object list and no registry: a `Drop` sends one \
+              boxed callback over the channel, and the receiver runs it. `epoch_defer` does less \
+              still: no \
               thread hand-off, no wake-up, no registry; callbacks run in batches on whichever \
               thread next collects garbage, on memory still in that core's cache, in no fixed \
               order, and a callback may run inside any later `pin`, under whatever locks that \
