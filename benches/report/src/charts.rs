@@ -199,6 +199,8 @@ fn panel_chart(
         x1 = x0 + 1.0;
     }
     let y1 = if y1 > 0.0 { y1 * 1.1 } else { 1.0 };
+    // Counts (threads) get whole-number ticks only.
+    let whole_x = points().all(|(x, _)| x.fract() == 0.0);
     let mut builder = ChartBuilder::on(area);
     builder
         .margin(10)
@@ -212,7 +214,15 @@ fn panel_chart(
                 .configure_mesh()
                 .x_desc(panel.x_label.as_str())
                 .y_desc(panel.y_label.as_str())
-                .x_label_formatter(&|v| if log_x { log_tick(*v) } else { tick(*v) })
+                .x_label_formatter(&|v| {
+                    if log_x {
+                        log_tick(*v)
+                    } else if whole_x && v.fract() != 0.0 {
+                        String::new()
+                    } else {
+                        tick(*v)
+                    }
+                })
                 .y_label_formatter(&|v| tick(*v))
                 .light_line_style(TRANSPARENT)
                 .draw()
