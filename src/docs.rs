@@ -6,7 +6,8 @@
 //!   deliberate difference.
 //! * [`patterns`]: a canonicalising cache, a side table keyed by object, an
 //!   observer registry.
-//! * [`when_not_to`]: cycles, short-lived values, caches nobody holds.
+//! * [`when_not_to`]: cycles, short-lived values, caches nobody holds,
+//!   maps where a sweep would do.
 //! * [`safety`]: why the unsafe code is sound, invariant by invariant.
 
 pub mod from_python {
@@ -210,6 +211,16 @@ pub mod when_not_to {
     //! * **Ownership that is really single.** If one owner decides when an
     //!   object goes, let it own the object and hand out borrows; weak
     //!   references are for objects whose lifetime is decided by many.
+    //! * **Maps where a sweep would do.** Exact, automatic removal costs
+    //!   every entry a registered death callback and an out-of-line key, and
+    //!   every death a removal: several times the memory per entry of a
+    //!   `DashMap<K, std::sync::Weak<V>>`, slower reads once the map outgrows
+    //!   the caches, and slower churn (BENCHMARKS.md in the repository has
+    //!   the figures and the reasons). If values seldom die, or dead entries
+    //!   may linger until a periodic `retain`, that `DashMap` is faster and
+    //!   smaller. This crate is for maps that must not hold what is dead:
+    //!   memory bounded by what is alive without a sweep, a `len` that is
+    //!   exact after `flush`, and single-flight loading.
 }
 
 pub mod safety {
