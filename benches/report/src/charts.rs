@@ -202,10 +202,14 @@ fn panel_chart(
     // Counts (threads) get whole-number ticks only.
     let whole_x = points().all(|(x, _)| x.fract() == 0.0);
     let mut builder = ChartBuilder::on(area);
+    // Room on the right for the last x label.
     builder
         .margin(10)
+        .margin_right(40)
         .x_label_area_size(36)
         .y_label_area_size(64);
+    // The legend goes in whichever corner the lines cross least.
+    let legend_at = quietest_corner(panel, (x0, x1), y1, log_x);
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     macro_rules! draw {
         ($chart:expr) => {{
@@ -243,7 +247,7 @@ fn panel_chart(
             }
             chart
                 .configure_series_labels()
-                .position(SeriesLabelPosition::UpperLeft)
+                .position(legend_at)
                 .background_style(WHITE.mix(0.85))
                 .border_style(BLACK.mix(0.4))
                 .draw()
@@ -259,6 +263,64 @@ fn panel_chart(
         draw!(builder.build_cartesian_2d(x0..x1, 0.0..y1));
     }
     Ok(())
+}
+
+/// The corner of a panel (x from `x0` to `x1`, y from 0 to `y1`) that its
+/// lines pass through least: each line is followed, interpolated, at a few
+/// points across each corner's third of the width, counting those that
+/// fall in the corner's band of the height.
+fn quietest_corner(
+    panel: &Panel,
+    (x0, x1): (f64, f64),
+    y1: f64,
+    log_x: bool,
+) -> SeriesLabelPosition {
+    // Where x falls across the width, 0 to 1, as drawn.
+    let share = |x: f64| {
+        if log_x {
+            (x / x0).ln() / (x1 / x0).ln()
+        } else {
+            (x - x0) / (x1 - x0)
+        }
+    };
+    let at = |line: &Line, s: f64| {
+        line.points.windows(2).find_map(|w| {
+            let (a, b) = (share(w[0].0), share(w[1].0));
+            (a <= s && s <= b).then(|| {
+                let t = if b > a { (s - a) / (b - a) } else { 0.0 };
+                w[0].1 + t * (w[1].1 - w[0].1)
+            })
+        })
+    };
+    let corners = [
+        (SeriesLabelPosition::UpperLeft, 0.0, true),
+        (SeriesLabelPosition::UpperRight, 0.67, true),
+        (SeriesLabelPosition::LowerRight, 0.67, false),
+        (SeriesLabelPosition::LowerLeft, 0.0, false),
+    ];
+    let crossings = |&(_, from, upper): &(SeriesLabelPosition, f64, bool)| {
+        (0..12)
+            .flat_map(|i| {
+                panel
+                    .lines
+                    .iter()
+                    .map(move |line| (line, from + 0.33 * i as f64 / 11.0))
+            })
+            .filter(|&(line, s)| {
+                at(line, s).is_some_and(|y| {
+                    if upper {
+                        y >= y1 * 0.65
+                    } else {
+                        y <= y1 * 0.35
+                    }
+                })
+            })
+            .count()
+    };
+    corners
+        .iter()
+        .min_by_key(|corner| crossings(corner))
+        .map_or(SeriesLabelPosition::UpperLeft, |corner| corner.0.clone())
 }
 
 #[cfg(test)]

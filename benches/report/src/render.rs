@@ -562,7 +562,61 @@ fn section_body(
     }
     md.push('\n');
     let _ = writeln!(md, "**What explains it.** {}\n", section.why);
+    by_count(md, section, cases, &names, charts_dir, charts_link)?;
     scaling(md, section, cases, &names, charts_dir, charts_link)
+}
+
+/// For a section whose cases are counts of something other than threads
+/// (`1000_keys`, ...): throughput against the count on a log axis, where
+/// a trend shows better than in bars.
+fn by_count(
+    md: &mut String,
+    section: &Section,
+    cases: &[Case<'_>],
+    names: &[&str],
+    charts_dir: &Path,
+    charts_link: &str,
+) -> Result<(), String> {
+    let counted: Option<Vec<(usize, &str)>> = cases
+        .iter()
+        .map(|case| {
+            let last = case.name.rsplit('/').next()?;
+            let (count, unit) = last.split_once('_')?;
+            (unit != "thread").then_some((count.parse().ok()?, unit))
+        })
+        .collect();
+    let Some(counted) = counted.filter(|c| c.len() > 2) else {
+        return Ok(());
+    };
+    let unit = counted[0].1;
+    let lines: Vec<Line> = names
+        .iter()
+        .map(|name| Line {
+            name: name.to_string(),
+            points: cases
+                .iter()
+                .zip(&counted)
+                .filter_map(|(case, (count, _))| {
+                    let row = case.rows.iter().find(|r| r.implementation == *name)?;
+                    Some((*count as f64, row.per_second / 1e6))
+                })
+                .collect(),
+        })
+        .collect();
+    let chart = format!("{}_by_{unit}.svg", section.id);
+    let title = format!("{}, by {unit}", section.title.replace('`', ""));
+    charts::lines(
+        &charts_dir.join(&chart),
+        &title,
+        &[Panel {
+            x_label: format!("{unit} (log scale)"),
+            y_label: "M/s".into(),
+            lines,
+        }],
+        true,
+    )?;
+    let _ = writeln!(md, "![{title}]({charts_link}/{chart})\n");
+    Ok(())
 }
 
 /// A thread-scaling chart for each case stem measured at more than two
@@ -1003,6 +1057,11 @@ mod tests {
             measurements.push(m(&case, "weakrefs", 10e6 * threads as f64));
             measurements.push(m(&case, "dashmap", 8e6 * threads as f64));
         }
+        for keys in [1000, 10_000, 100_000] {
+            let case = format!("read_hit_by_size/{keys}_keys");
+            measurements.push(m(&case, "weakrefs", 1e9 / keys as f64));
+            measurements.push(m(&case, "dashmap", 2e9 / keys as f64));
+        }
         measurements.push(m("churn", "weakrefs", 2e6));
         measurements.push(m("churn", "dashmap_retain", 10e6));
         let run = Run {
@@ -1063,6 +1122,7 @@ mod tests {
             "{md}"
         );
         for chart in [
+            "map_read_sizes_by_keys.svg",
             "map_reads.svg",
             "map_churn.svg",
             "map_reads_scaling_read_hit_uniform.svg",
