@@ -342,22 +342,16 @@ pub fn cases<'a>(section: &Section, measurements: &'a [Measurement]) -> Vec<Case
         }
     }
     // Counts in numeric order, not as text ("16" after "2").
-    cases.sort_by_key(|c| split_count(c.name).map(|(stem, n)| (stem.to_string(), n)));
+    cases.sort_by_key(|c| split_count(c.name).map(|(stem, n, _)| (stem.to_string(), n)));
     cases
 }
 
-/// `read_hit/uniform/16_thread` → (`read_hit/uniform`, 16), and as much for
-/// any last part that counts something (`1000_keys`).
-fn split_count(case: &str) -> Option<(&str, usize)> {
+/// `read_hit/uniform/16_thread` → (`read_hit/uniform`, 16, `thread`), and
+/// as much for any last part that counts something (`1000_keys`).
+fn split_count(case: &str) -> Option<(&str, usize, &str)> {
     let (stem, last) = case.rsplit_once('/')?;
-    let (count, _unit) = last.split_once('_')?;
-    Some((stem, count.parse().ok()?))
-}
-
-/// `read_hit/uniform/16_thread` → (`read_hit/uniform`, 16).
-fn split_threads(case: &str) -> Option<(&str, usize)> {
-    let (stem, last) = case.rsplit_once('/')?;
-    Some((stem, last.strip_suffix("_thread")?.parse().ok()?))
+    let (count, unit) = last.split_once('_')?;
+    Some((stem, count.parse().ok()?, unit))
 }
 
 /// Implementations of a section's cases: this crate's first.
@@ -370,7 +364,7 @@ fn implementations<'a>(cases: &[Case<'a>]) -> Vec<&'a str> {
             }
         }
     }
-    names.sort_by_key(|name| !name.starts_with("weakrefs"));
+    names.sort_by_key(|name| !is_ours(name));
     names
 }
 
@@ -562,14 +556,14 @@ fn section_body(
     }
     md.push('\n');
     let _ = writeln!(md, "**What explains it.** {}\n", section.why);
-    by_count(md, section, cases, &names, charts_dir, charts_link)?;
-    scaling(md, section, cases, &names, charts_dir, charts_link)
+    count_charts(md, section, cases, &names, charts_dir, charts_link)
 }
 
-/// For a section whose cases are counts of something other than threads
-/// (`1000_keys`, ...): throughput against the count on a log axis, where
-/// a trend shows better than in bars.
-fn by_count(
+/// A line chart of throughput against a count, for each case stem
+/// measured at more than two counts of one unit: thread scaling (a run
+/// with `--threads`), or map size (`1000_keys`, ..., on a log axis, where a
+/// trend shows better than in bars).
+fn count_charts(
     md: &mut String,
     section: &Section,
     cases: &[Case<'_>],
@@ -577,65 +571,13 @@ fn by_count(
     charts_dir: &Path,
     charts_link: &str,
 ) -> Result<(), String> {
-    let counted: Option<Vec<(usize, &str)>> = cases
-        .iter()
-        .map(|case| {
-            let last = case.name.rsplit('/').next()?;
-            let (count, unit) = last.split_once('_')?;
-            (unit != "thread").then_some((count.parse().ok()?, unit))
-        })
-        .collect();
-    let Some(counted) = counted.filter(|c| c.len() > 2) else {
-        return Ok(());
-    };
-    let unit = counted[0].1;
-    let lines: Vec<Line> = names
-        .iter()
-        .map(|name| Line {
-            name: name.to_string(),
-            points: cases
-                .iter()
-                .zip(&counted)
-                .filter_map(|(case, (count, _))| {
-                    let row = case.rows.iter().find(|r| r.implementation == *name)?;
-                    Some((*count as f64, row.per_second / 1e6))
-                })
-                .collect(),
-        })
-        .collect();
-    let chart = format!("{}_by_{unit}.svg", section.id);
-    let title = format!("{}, by {unit}", section.title.replace('`', ""));
-    charts::lines(
-        &charts_dir.join(&chart),
-        &title,
-        &[Panel {
-            x_label: format!("{unit} (log scale)"),
-            y_label: "M/s".into(),
-            lines,
-        }],
-        true,
-    )?;
-    let _ = writeln!(md, "![{title}]({charts_link}/{chart})\n");
-    Ok(())
-}
-
-/// A thread-scaling chart for each case stem measured at more than two
-/// thread counts (a run with `--threads`).
-fn scaling(
-    md: &mut String,
-    section: &Section,
-    cases: &[Case<'_>],
-    names: &[&str],
-    charts_dir: &Path,
-    charts_link: &str,
-) -> Result<(), String> {
-    let mut stems: BTreeMap<&str, BTreeSet<usize>> = BTreeMap::new();
+    let mut stems: BTreeMap<(&str, &str), BTreeSet<usize>> = BTreeMap::new();
     for case in cases {
-        if let Some((stem, threads)) = split_threads(case.name) {
-            stems.entry(stem).or_default().insert(threads);
+        if let Some((stem, count, unit)) = split_count(case.name) {
+            stems.entry((stem, unit)).or_default().insert(count);
         }
     }
-    for (stem, counts) in stems.iter().filter(|(_, counts)| counts.len() > 2) {
+    for ((stem, unit), counts) in stems.iter().filter(|(_, counts)| counts.len() > 2) {
         let lines: Vec<Line> = names
             .iter()
             .map(|name| Line {
@@ -643,34 +585,45 @@ fn scaling(
                 points: cases
                     .iter()
                     .filter_map(|case| {
-                        let (s, threads) = split_threads(case.name)?;
+                        let (s, count, u) = split_count(case.name)?;
                         let row = case.rows.iter().find(|r| r.implementation == *name)?;
-                        (s == *stem).then_some((threads as f64, row.per_second / 1e6))
+                        (s == *stem && u == *unit).then_some((count as f64, row.per_second / 1e6))
                     })
                     .collect(),
             })
             .collect();
-        let chart = format!("{}_scaling_{}.svg", section.id, stem.replace('/', "_"));
-        let title = format!(
-            "{}: thread scaling",
-            stem.replace('/', ", ").replace('_', " ")
-        );
-        charts::lines(
-            &charts_dir.join(&chart),
-            &title,
-            &[Panel {
-                x_label: "threads".into(),
-                y_label: "M/s".into(),
-                lines,
-            }],
-            false,
-        )?;
-        let _ = writeln!(
-            md,
-            "Thread scaling, {} ({} thread counts, this run's machine):\n\n![{title}]({charts_link}/{chart})\n",
-            stem.replace('_', " "),
-            counts.len()
-        );
+        let threads = *unit == "thread";
+        let (chart, title, x_label) = if threads {
+            (
+                format!("{}_scaling_{}.svg", section.id, stem.replace('/', "_")),
+                format!(
+                    "{}: thread scaling",
+                    stem.replace('/', ", ").replace('_', " ")
+                ),
+                "threads".to_string(),
+            )
+        } else {
+            (
+                format!("{}_by_{unit}.svg", section.id),
+                format!("{}, by {unit}", section.title.replace('`', "")),
+                format!("{unit} (log scale)"),
+            )
+        };
+        let panel = Panel {
+            x_label,
+            y_label: "M/s".into(),
+            lines,
+        };
+        charts::lines(&charts_dir.join(&chart), &title, &[panel], !threads)?;
+        if threads {
+            let _ = writeln!(
+                md,
+                "Thread scaling, {} ({} thread counts, this run's machine):\n",
+                stem.replace('_', " "),
+                counts.len()
+            );
+        }
+        let _ = writeln!(md, "![{title}]({charts_link}/{chart})\n");
     }
     Ok(())
 }
@@ -803,7 +756,7 @@ fn memory_sections(
 fn smallest_alternative(run: &Run) -> f64 {
     run.map_memory
         .iter()
-        .filter(|row| !row.map.starts_with("weakrefs"))
+        .filter(|row| !is_ours(&row.map))
         .map(|row| row.bytes)
         .fold(f64::MAX, f64::min)
 }
@@ -814,7 +767,7 @@ fn memory_losses(run: &Run) -> Vec<String> {
     let best = smallest_alternative(run);
     run.map_memory
         .iter()
-        .filter(|row| row.map.starts_with("weakrefs") && row.bytes / best >= 1.0 + NOISE)
+        .filter(|row| is_ours(&row.map) && row.bytes / best >= 1.0 + NOISE)
         .map(|row| {
             format!(
                 "- [Memory per entry](#{}), `{}`: {:.1}x the bytes of the smallest alternative",
