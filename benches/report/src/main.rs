@@ -198,7 +198,9 @@ fn load(criterion_home: &Path, out: &Path) -> Result<Run, String> {
             allocations: results::number(&row, "allocations_per_entry")?,
         });
     }
-    let mut finals: Vec<(String, usize)> = Vec::new();
+    // The samples taken while objects came and went, per map; the one
+    // taken once all had died is matched to its map afterwards.
+    let mut finals = Vec::new();
     for row in table("churn_memory.tsv")? {
         let sample = (
             results::number(&row, "ops")?,
@@ -206,31 +208,31 @@ fn load(criterion_home: &Path, out: &Path) -> Result<Run, String> {
             results::number(&row, "heap_bytes")?,
         );
         let name = results::field(&row, "map")?;
-        if !run.churn_memory.iter().any(|c| c.map == name) {
-            run.churn_memory.push(ChurnRun {
-                map: name.to_string(),
-                ..ChurnRun::default()
-            });
-            finals.push((name.to_string(), 0));
-        }
-        let index = run
-            .churn_memory
-            .iter()
-            .position(|c| c.map == name)
-            .expect("just pushed");
         match results::field(&row, "final")? {
-            "1" => {
-                run.churn_memory[index].last = sample;
-                finals[index].1 += 1;
-            }
-            "0" => run.churn_memory[index].samples.push(sample),
+            "1" => finals.push((name.to_string(), sample)),
+            "0" => match run.churn_memory.iter_mut().find(|c| c.map == name) {
+                Some(churn) => churn.samples.push(sample),
+                None => run.churn_memory.push(ChurnRun {
+                    map: name.to_string(),
+                    samples: vec![sample],
+                    ..ChurnRun::default()
+                }),
+            },
             other => return Err(format!("churn_memory.tsv: final is {other:?}, not 0 or 1")),
         }
     }
-    if let Some((map, count)) = finals.iter().find(|(_, count)| *count != 1) {
-        return Err(format!(
-            "churn_memory.tsv: {map} has {count} final samples, not one"
-        ));
+    for churn in &mut run.churn_memory {
+        let mine: Vec<_> = finals.iter().filter(|(map, _)| *map == churn.map).collect();
+        match mine[..] {
+            [(_, last)] => churn.last = *last,
+            _ => {
+                return Err(format!(
+                    "churn_memory.tsv: {} has {} final samples, not one",
+                    churn.map,
+                    mine.len()
+                ))
+            }
+        }
     }
     for row in table("callback_latency.tsv")? {
         let micros = results::number(&row, "micros")?;
