@@ -53,10 +53,10 @@ const SWEEP_EVERY: usize = 10_000;
 /// One sample: operations so far, entries, heap bytes.
 type Sample = (usize, usize, isize);
 
-/// A map under churn: registers objects of type `O`.
+/// A map under churn: registers objects of its kind (made from their
+/// payload: `Strong` and `Arc` are both `From<T>`).
 trait Churned {
-    type Object;
-    fn object(&self, id: u64) -> Self::Object;
+    type Object: From<Payload>;
     fn register(&self, id: u64, object: &Self::Object);
     /// Periodic maintenance after operation `op` (a baseline's sweep).
     fn maintain(&self, _op: usize) {}
@@ -66,9 +66,6 @@ trait Churned {
 struct ValueMap(weakrefs::WeakValueMap<u64, Payload>);
 impl Churned for ValueMap {
     type Object = weakrefs::Strong<Payload>;
-    fn object(&self, id: u64) -> Self::Object {
-        weakrefs::Strong::new([id; 8])
-    }
     fn register(&self, id: u64, object: &Self::Object) {
         self.0.insert(id, object);
     }
@@ -80,9 +77,6 @@ impl Churned for ValueMap {
 struct KeyMap(weakrefs::WeakKeyMap<Payload, u64>);
 impl Churned for KeyMap {
     type Object = weakrefs::Strong<Payload>;
-    fn object(&self, id: u64) -> Self::Object {
-        weakrefs::Strong::new([id; 8])
-    }
     fn register(&self, id: u64, object: &Self::Object) {
         self.0.insert(object, id);
     }
@@ -94,9 +88,6 @@ impl Churned for KeyMap {
 struct Set(weakrefs::WeakSet<Payload>);
 impl Churned for Set {
     type Object = weakrefs::Strong<Payload>;
-    fn object(&self, id: u64) -> Self::Object {
-        weakrefs::Strong::new([id; 8])
-    }
     fn register(&self, _id: u64, object: &Self::Object) {
         self.0.insert(object);
     }
@@ -108,9 +99,6 @@ impl Churned for Set {
 struct DashRetain(DashMap<u64, StdWeak<Payload>>);
 impl Churned for DashRetain {
     type Object = Arc<Payload>;
-    fn object(&self, id: u64) -> Self::Object {
-        Arc::new([id; 8])
-    }
     fn register(&self, id: u64, object: &Self::Object) {
         self.0.insert(id, Arc::downgrade(object));
     }
@@ -127,9 +115,6 @@ impl Churned for DashRetain {
 struct WeakTable(RwLock<weak_table::WeakValueHashMap<u64, StdWeak<Payload>>>);
 impl Churned for WeakTable {
     type Object = Arc<Payload>;
-    fn object(&self, id: u64) -> Self::Object {
-        Arc::new([id; 8])
-    }
     fn register(&self, id: u64, object: &Self::Object) {
         self.0.write().unwrap().insert(id, object.clone());
     }
@@ -151,7 +136,7 @@ fn churn<M: Churned>(build: impl FnOnce() -> M, ops: usize) -> Vec<Sample> {
     let mut alive = VecDeque::with_capacity(WINDOW + 1);
     let mut samples = vec![(0, 0, live() - before)];
     for op in 1..=ops {
-        let object = map.object(op as u64);
+        let object = M::Object::from([op as u64; 8]);
         map.register(op as u64, &object);
         alive.push_back(object);
         if alive.len() > WINDOW {
