@@ -8,6 +8,10 @@ use std::sync::atomic::{AtomicIsize, Ordering};
 /// The system allocator, counting.
 pub struct Counting;
 
+// Tallies only: Relaxed throughout, pairing with nothing. Each is one
+// location whose read-modify-writes are totally ordered, and the benches
+// read them where no other thread allocates (after joins and `flush`), so
+// a read sees every change made before it.
 static LIVE: AtomicIsize = AtomicIsize::new(0);
 static LIVE_ALLOCATIONS: AtomicIsize = AtomicIsize::new(0);
 
