@@ -321,32 +321,24 @@ impl App {
         let mut out = String::new();
         let _ = writeln!(out, "cache: {:?}", self.kind);
         let _ = writeln!(out, "cached_objects: {}", self.cached_objects());
-        let _ = writeln!(
-            out,
-            "live_object_bytes: {}",
-            m.live_bytes.load(Ordering::SeqCst)
-        );
-        let _ = writeln!(
-            out,
-            "peak_object_bytes: {}",
-            m.peak_bytes.load(Ordering::SeqCst)
-        );
-        let _ = writeln!(out, "builds: {}", m.builds.load(Ordering::SeqCst));
-        let _ = writeln!(
-            out,
-            "object_requests: {}",
-            m.object_requests.load(Ordering::SeqCst)
-        );
-        let _ = writeln!(
-            out,
-            "joined_builds: {}",
-            m.joined_builds.load(Ordering::SeqCst)
-        );
-        let _ = writeln!(
-            out,
-            "wasted_builds: {}",
-            m.wasted_builds.load(Ordering::SeqCst)
-        );
+        let load = |counter: &AtomicU64| counter.load(Ordering::SeqCst);
+        let counters = [
+            (
+                "live_object_bytes",
+                m.live_bytes.load(Ordering::SeqCst) as u64,
+            ),
+            (
+                "peak_object_bytes",
+                m.peak_bytes.load(Ordering::SeqCst) as u64,
+            ),
+            ("builds", load(&m.builds)),
+            ("object_requests", load(&m.object_requests)),
+            ("joined_builds", load(&m.joined_builds)),
+            ("wasted_builds", load(&m.wasted_builds)),
+        ];
+        for (name, value) in counters {
+            let _ = writeln!(out, "{name}: {value}");
+        }
         let _ = writeln!(out, "open_connections: {}", self.connections.len());
         let held: usize = self
             .connections
