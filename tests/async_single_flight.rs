@@ -9,6 +9,15 @@ use std::sync::Arc;
 use tokio::sync::{oneshot, Notify};
 use weakrefs::{Strong, WeakKeyMap, WeakValueMap};
 
+/// Every task's output, in order; a task that panicked fails the test.
+async fn joined<T>(tasks: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
+    let mut outputs = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        outputs.push(task.await.unwrap());
+    }
+    outputs
+}
+
 fn multi_thread() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -79,10 +88,7 @@ fn racing_tasks_run_init_once_and_share_the_value() {
                 })
             })
             .collect();
-        let mut values = Vec::new();
-        for task in tasks {
-            values.push(task.await.unwrap());
-        }
+        let values = joined(tasks).await;
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         assert!(values.iter().all(|v| Strong::ptr_eq(v, &values[0])));
     });
@@ -123,10 +129,7 @@ fn a_dropped_leader_hands_the_load_to_a_waiter() {
         tokio::task::yield_now().await;
         leader.abort();
         assert!(leader.await.unwrap_err().is_cancelled());
-        let mut values = Vec::new();
-        for waiter in waiters {
-            values.push(waiter.await.unwrap());
-        }
+        let values = joined(waiters).await;
         assert_eq!(*values[0], 99);
         assert!(values.iter().all(|v| Strong::ptr_eq(v, &values[0])));
         assert_eq!(
@@ -192,10 +195,7 @@ fn weak_key_map_async_loads_are_single_flight() {
                 })
             })
             .collect();
-        let mut values = Vec::new();
-        for task in tasks {
-            values.push(task.await.unwrap());
-        }
+        let values = joined(tasks).await;
         assert_eq!(calls.load(Ordering::SeqCst), 1);
         assert!(values.iter().all(|v| Strong::ptr_eq(v, &values[0])));
         assert_eq!(map.len(), 1);
