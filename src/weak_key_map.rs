@@ -334,15 +334,28 @@ struct Item<K, V> {
 // key is another item) and unchanged by bitwise moves.
 // SAFETY: both fields are pointers (`Weak`, `Boxed`), so nothing writes
 // an item's own bytes through `&Item` (the cell's atomics and cells live
-// behind the box) (1); its identity is as just said (2).
+// behind the box), and a relocation moves it whole (1, 2); its identity is
+// as just said (3).
 unsafe impl<K, V> Relocatable for Item<K, V> {
     /// The value's destructor is user code; the rest is ours (a `Weak`
     /// never drops its object's value).
     const DROP_RUNS_USER_CODE: bool = std::mem::needs_drop::<V>();
 
+    /// Nothing: an item moves whole; its value stays in its box.
+    type LeftBehind = ();
+
     fn identity(&self) -> usize {
         self.cell.finalizer.identity()
     }
+
+    unsafe fn relocate(&self) -> Self {
+        // SAFETY: two pointers, which nothing writes through `&Item` (1);
+        // the caller drops one of the two copies whole (`relocate`'s 1),
+        // so each is owned once.
+        unsafe { std::ptr::read(self) }
+    }
+
+    unsafe fn take_left_behind(_: *const Self) {}
 }
 
 impl<K, V> Watching for Item<K, V>

@@ -23,15 +23,28 @@ struct Member<T> {
 // member's `Weak` until the member is dropped, after every thread that saw
 // it has unpinned.
 // SAFETY: both fields are pointers, so nothing writes a member's own bytes
-// through `&Member` (1); its identity is as just said (2).
+// through `&Member`, and a relocation moves it whole (1, 2); its identity
+// is as just said (3).
 unsafe impl<T> Relocatable for Member<T> {
     /// A `Weak` and a `Finalizer`: no user code (a `Weak` never drops its
     /// object's value).
     const DROP_RUNS_USER_CODE: bool = false;
 
+    /// Nothing: a member moves whole.
+    type LeftBehind = ();
+
     fn identity(&self) -> usize {
         self.object.identity()
     }
+
+    unsafe fn relocate(&self) -> Self {
+        // SAFETY: two pointers, which nothing writes through `&Member`
+        // (1); the caller drops one of the two copies whole (`relocate`'s
+        // 1), so each is owned once.
+        unsafe { std::ptr::read(self) }
+    }
+
+    unsafe fn take_left_behind(_: *const Self) {}
 }
 
 impl<T: Send + Sync + 'static> Watching for Member<T> {

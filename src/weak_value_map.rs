@@ -5,64 +5,85 @@ use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::future::Future;
 use std::hash::{BuildHasher, Hash};
+use std::ptr;
 
 use crate::finalizer::Finalizer;
-use crate::raw::boxed::Boxed;
 use crate::raw::collection::{self, Collection, Watching};
 use crate::raw::single_flight::{self, Flight, Flights, Joined, Settle};
 use crate::raw::table::{Relocatable, ShardWriter, ShardedTable};
 use crate::strong::Strong;
 use crate::weak::Weak;
 
-/// One entry: immutable once published (SAFETY.md, section 7). The key is
-/// out of line: a rebuild copies items bitwise while readers may be running
-/// the key's `Eq` (M3).
+/// One entry, inline in its slot: a lookup reads the tag, the key and the
+/// value's pointer from the slot, then the value's control block. A
+/// rebuild clones the key into the new table rather than copying its bytes,
+/// which readers' `Eq` may be writing through `&K` (SAFETY.md, M3).
 struct Item<K, V> {
-    /// The key and the callback, out of line: a lookup reads the slot (tag,
-    /// this pointer, the value's) and then the key, so the slot stays at 24
-    /// bytes.
-    keyed: Boxed<Keyed<K>>,
-    value: Weak<V>,
-}
-
-/// What an item keeps out of line.
-struct Keyed<K> {
     key: K,
+    value: Weak<V>,
     /// The death callback that removes this item (M4); detached when the
-    /// item is removed any other way (M5).
+    /// item is removed any other way (M5). Its node is the entry's one
+    /// allocation.
     finalizer: Finalizer,
 }
 
 impl<K, V> Item<K, V> {
     fn key(&self) -> &K {
-        &self.keyed.key
+        &self.key
     }
 
     fn finalizer(&self) -> &Finalizer {
-        &self.keyed.finalizer
+        &self.finalizer
     }
 }
 
 // Each item registers its own callback, whose node the item's `Finalizer`
 // keeps allocated until the item is dropped, after every thread that saw it
-// has unpinned: the node's address is unique among live items and survives
-// bitwise moves. (The key's address would not do: a zero-sized key is never
-// allocated, so all share one address.)
-// SAFETY: both fields are pointers (`Boxed`, `Weak`), so nothing writes an
-// item's own bytes through `&Item` (1); its identity is as just said (2).
-unsafe impl<K, V> Relocatable for Item<K, V> {
-    /// The key's destructor is user code; the rest (`Weak`, `Finalizer`,
-    /// the box itself) is ours.
+// has unpinned: the node's address is unique among live items and shared by
+// an item and its relocated copy. (The key's address would not do: a
+// zero-sized key is never allocated, so all share one address.)
+// SAFETY: `relocate` clones the key through `&K` and copies bitwise only
+// the `Weak` and the `Finalizer`, single pointers that nothing writes
+// through `&Item` (1); `take_left_behind` moves out exactly the key it
+// cloned (2); the identity is as just said (3).
+unsafe impl<K: Clone + Send + 'static, V> Relocatable for Item<K, V> {
+    /// The key's destructor is user code; the rest (`Weak`, `Finalizer`)
+    /// is ours.
     const DROP_RUNS_USER_CODE: bool = std::mem::needs_drop::<K>();
 
+    /// The key a relocation cloned from.
+    type LeftBehind = K;
+
     fn identity(&self) -> usize {
-        self.finalizer().identity()
+        self.finalizer.identity()
+    }
+
+    unsafe fn relocate(&self) -> Self {
+        // First, since it may panic: then nothing is copied.
+        let key = self.key.clone();
+        // SAFETY: pointers that nothing writes through `&Item`, read while
+        // readers may read them too; the caller drops one of the two items
+        // whole and the other's key only (`relocate`'s 1), so each is owned
+        // once.
+        let (value, finalizer) = unsafe { (ptr::read(&self.value), ptr::read(&self.finalizer)) };
+        Item {
+            key,
+            value,
+            finalizer,
+        }
+    }
+
+    unsafe fn take_left_behind(this: *const Self) -> K {
+        // SAFETY: `this` is initialised and nobody else reads it; the key is
+        // moved out once (`take_left_behind`'s 1, 2), and the rest, owned by
+        // the counterpart, is never dropped through `this`.
+        unsafe { ptr::addr_of!((*this).key).read() }
     }
 }
 
 impl<K, V> Watching for Item<K, V>
 where
-    K: Send + Sync + 'static,
+    K: Clone + Send + Sync + 'static,
     V: Send + Sync + 'static,
 {
     type Target = V;
@@ -100,7 +121,7 @@ struct MapCore<K, V, S> {
 
 impl<K, V, S> Collection<Item<K, V>> for MapCore<K, V, S>
 where
-    K: Send + Sync + 'static,
+    K: Clone + Send + Sync + 'static,
     V: Send + Sync + 'static,
     S: Send + Sync + 'static,
 {
@@ -161,7 +182,7 @@ pub struct WeakValueMap<K, V, S = RandomState> {
 
 impl<K, V> WeakValueMap<K, V, RandomState>
 where
-    K: Hash + Eq + Send + Sync + 'static,
+    K: Hash + Eq + Clone + Send + Sync + 'static,
     V: Send + Sync + 'static,
 {
     /// An empty map.
@@ -188,7 +209,7 @@ where
 
 impl<K, V, S> WeakValueMap<K, V, S>
 where
-    K: Hash + Eq + Send + Sync + 'static,
+    K: Hash + Eq + Clone + Send + Sync + 'static,
     V: Send + Sync + 'static,
     S: BuildHasher + Send + Sync + 'static,
 {
@@ -233,11 +254,9 @@ where
     /// callback that will remove exactly this item (M4).
     fn new_item(&self, hash: u64, key: K, value: &Strong<V>) -> Item<K, V> {
         Item {
+            key,
             value: Strong::downgrade(value),
-            keyed: Boxed::new(Keyed {
-                key,
-                finalizer: collection::remove_on_death(&self.core, hash, value),
-            }),
+            finalizer: collection::remove_on_death(&self.core, hash, value),
         }
     }
 
@@ -772,7 +791,7 @@ where
 
 impl<K, V, S> Default for WeakValueMap<K, V, S>
 where
-    K: Hash + Eq + Send + Sync + 'static,
+    K: Hash + Eq + Clone + Send + Sync + 'static,
     V: Send + Sync + 'static,
     S: BuildHasher + Default + Send + Sync + 'static,
 {

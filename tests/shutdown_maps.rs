@@ -55,6 +55,7 @@ fn shutdown_leaves_live_entries_and_later_deaths_remove_theirs_inline() {
 static VICTIM: Mutex<Option<Strong<u32>>> = Mutex::new(None);
 
 /// A key whose `Eq` drops the last handle to the victim.
+#[derive(Clone)]
 struct DroppingKey(u32);
 
 impl PartialEq for DroppingKey {

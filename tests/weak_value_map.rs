@@ -383,7 +383,7 @@ impl std::hash::BuildHasher for OneBucket {
 
 /// A key whose `Eq` panics on demand, and which counts the drops of the
 /// copies the map owns.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct TrickyKey {
     id: u32,
     in_map: bool,
@@ -472,7 +472,7 @@ fn a_panicking_eq_during_a_write_leaves_the_map_intact() {
 /// not even when a failed load gives its key back.
 #[test]
 fn a_key_dropped_after_a_failed_load_may_use_the_map() {
-    #[derive(Hash, PartialEq, Eq)]
+    #[derive(Hash, PartialEq, Eq, Clone)]
     struct DropKey(u32);
     static MAP: std::sync::OnceLock<WeakValueMap<DropKey, u32, OneBucket>> =
         std::sync::OnceLock::new();
@@ -510,6 +510,7 @@ macro_rules! panicky_key {
         static $flag: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
         static $map: std::sync::OnceLock<WeakValueMap<$name, u32, OneBucket>> =
             std::sync::OnceLock::new();
+        #[derive(Clone)]
         struct $name(u32);
         impl std::hash::Hash for $name {
             fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
@@ -604,6 +605,13 @@ impl OwnedKey {
     }
 }
 
+impl Clone for OwnedKey {
+    fn clone(&self) -> Self {
+        LIVE_OWNED_KEYS.fetch_add(1, Ordering::SeqCst);
+        OwnedKey(self.0.clone())
+    }
+}
+
 impl Drop for OwnedKey {
     fn drop(&mut self) {
         LIVE_OWNED_KEYS.fetch_sub(1, Ordering::SeqCst);
@@ -685,6 +693,16 @@ impl CountingKey {
     }
 }
 
+impl Clone for CountingKey {
+    /// Reads through `&self` while readers' `Eq` write the counter.
+    fn clone(&self) -> Self {
+        CountingKey {
+            id: self.id,
+            hits: AtomicUsize::new(self.hits.load(Ordering::Relaxed)),
+        }
+    }
+}
+
 impl PartialEq for CountingKey {
     fn eq(&self, other: &Self) -> bool {
         self.hits.fetch_add(1, Ordering::Relaxed);
@@ -727,6 +745,7 @@ fn a_key_written_through_eq_during_rebuilds_is_sound() {
 
 /// A key whose destructor panics if armed (the map's copy); equal and
 /// hashed by `id` alone.
+#[derive(Clone)]
 struct PanickingDropKey {
     id: u32,
     armed: bool,
@@ -823,6 +842,7 @@ fn a_death_removes_its_entry_at_once_when_the_shard_is_free() {
 /// thread, and nothing deadlocks.
 #[test]
 fn a_death_under_the_dying_threads_own_shard_lock_is_handed_off() {
+    #[derive(Clone)]
     struct DroppingKey(u32);
     impl std::hash::Hash for DroppingKey {
         fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
@@ -862,6 +882,7 @@ fn a_key_destructor_may_use_its_own_map() {
     static SAME: std::sync::OnceLock<WeakValueMap<UsingKey, u32, OneBucket>> =
         std::sync::OnceLock::new();
     static OTHER: std::sync::OnceLock<WeakValueMap<u32, u32>> = std::sync::OnceLock::new();
+    #[derive(Clone)]
     struct UsingKey(u32);
     impl std::hash::Hash for UsingKey {
         fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
@@ -913,7 +934,7 @@ fn a_dying_value_never_drops_the_map_it_races() {
     thread_local! {
         static DYING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     }
-    #[derive(PartialEq, Eq, Hash)]
+    #[derive(PartialEq, Eq, Hash, Clone)]
     struct WatchedKey(u32);
     static DROPPED_WHILE_DYING: AtomicUsize = AtomicUsize::new(0);
     impl Drop for WatchedKey {

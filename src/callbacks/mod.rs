@@ -10,4 +10,4 @@ mod runtime;
 pub(crate) use entry::EntryRef;
 #[cfg(weakrefs_loom)]
 pub(crate) use runtime::loom_collector;
-pub(crate) use runtime::{global, ObjectCallbacks};
+pub(crate) use runtime::{global, ObjectCallbacks, Runtime};

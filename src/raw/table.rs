@@ -39,7 +39,7 @@ use std::panic::{self, AssertUnwindSafe};
 use std::ptr;
 use std::sync::{PoisonError, TryLockError};
 
-use crate::callbacks::global;
+use crate::callbacks::{global, Runtime};
 use crate::panics::catch_and_report;
 use crate::reclaim::{Pinned, Reclaimer};
 use crate::sync::{
@@ -70,39 +70,85 @@ const CHURN_FLOOR: usize = if cfg!(weakrefs_loom) { 4 } else { 64 };
 
 /// The tag of a slot never written since its table was built.
 const EMPTY: u64 = 0;
-/// The tag of a slot whose item was removed.
+/// The tag of a slot whose item was removed and may still be read: its
+/// drop is pending, past every reader that may have seen it.
 const TOMBSTONE: u64 = 1;
+/// The tag of a slot whose removed item has been dropped, once no reader
+/// could see it any more: a writer may fill it again (M2). Readers treat
+/// it as a tombstone.
+const FREE: u64 = 4;
 
-/// The tag of a full slot for `hash`: bit 1 set, so never `EMPTY` or
-/// `TOMBSTONE`. The other 63 bits filter candidates; keys decide.
+/// The tag of a full slot for `hash`: bit 1 set, so never `EMPTY`,
+/// `TOMBSTONE` or `FREE`. The other 63 bits filter candidates; keys decide.
 #[inline(always)]
 fn tag_of(hash: u64) -> u64 {
     hash | 2
 }
 
-/// Items a table may copy bitwise while readers hold references to them.
+/// True for the tag of a full slot.
+#[inline(always)]
+fn is_full(tag: u64) -> bool {
+    tag & 2 != 0
+}
+
+/// Items a table may carry into a rebuilt table while readers still read
+/// the old copies.
+///
+/// A rebuild never copies bytes that code may write through a shared
+/// reference: an item's own pointers (a `Weak`, a `Finalizer`, a box) move
+/// bitwise, and a user's key, which may hold an atomic or a `Mutex` that
+/// its `Eq` writes through `&K`, is cloned, since `Clone` takes `&K` as
+/// the readers' `Eq` does (M3).
 ///
 /// # Safety
 ///
 /// Implementors promise:
 ///
-/// 1. No code writes to an item's own bytes through a shared reference:
-///    they hold no `UnsafeCell` inline (whatever a reader may mutate, such
-///    as a key's interior state, lives behind a pointer), so a rebuild's
-///    copy never races a write (M3).
-/// 2. [`identity`](Relocatable::identity) is unique among the live items
-///    of a table, is unchanged by a bitwise move, and is not reused while a
-///    thread that saw the item is pinned (it is the address of something the
-///    item owns, freed with the item).
-pub(crate) unsafe trait Relocatable {
+/// 1. [`relocate`](Relocatable::relocate) copies bitwise only fields that
+///    no code writes through a shared reference (no `UnsafeCell` in their
+///    own bytes), and makes every other field afresh from `&self`.
+/// 2. [`take_left_behind`](Relocatable::take_left_behind) moves out exactly
+///    the fields `relocate` made afresh, so that after a relocation each
+///    resource is owned once: the moved ones by the new copy, the others
+///    by the old copy's left-behind.
+/// 3. [`identity`](Relocatable::identity) is unique among the live items
+///    of a table, is the same for an item and its relocated copy, and is
+///    not reused while a thread that saw the item is pinned (it is the
+///    address of something the item owns, freed with the item).
+pub(crate) unsafe trait Relocatable: Sized {
     /// True if dropping an item may run user code (a key's destructor).
     /// Such an item is not dropped where epoch garbage happens to be
     /// collected (inside any lookup, or under another shard's lock): it is
     /// handed to the finalizer thread (M10).
     const DROP_RUNS_USER_CODE: bool;
 
+    /// What a relocated item leaves behind in the old table: the fields
+    /// its relocation made afresh (a cloned key), dropped once no reader
+    /// of the old table remains.
+    type LeftBehind: Send + 'static;
+
     /// Names this item across rebuilds.
     fn identity(&self) -> usize;
+
+    /// The copy of this item a rebuild puts in the new table. May run user
+    /// code (`Clone`) and so panic; nothing is copied then.
+    ///
+    /// # Safety
+    ///
+    /// 1. Afterwards the caller drops exactly one of the two whole (the
+    ///    copy, once published; else the original), and takes the other's
+    ///    [`LeftBehind`](Relocatable::LeftBehind) once instead.
+    unsafe fn relocate(&self) -> Self;
+
+    /// Moves out of `this` what its relocation made afresh.
+    ///
+    /// # Safety
+    ///
+    /// 1. `this` points at an initialised item that `relocate` copied (or
+    ///    that is such a copy), whose counterpart is or will be dropped
+    ///    whole; this is called once, and `this` is not used again.
+    /// 2. No other thread reads `*this` any more.
+    unsafe fn take_left_behind(this: *const Self) -> Self::LeftBehind;
 }
 
 /// One slot: its tag and, once the tag says full, its item.
@@ -299,7 +345,7 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
         for (index, slot) in table.slots.iter().enumerate() {
             // Acquire (M1): pairs with the Release store of the tag that
             // published the item.
-            if slot.tag.load(Ordering::Acquire) > TOMBSTONE {
+            if is_full(slot.tag.load(Ordering::Acquire)) {
                 // SAFETY: seen full (1); pinned, and a removed item is
                 // dropped only by an epoch-deferred function (2, I7).
                 f(unsafe { table.item(index) });
@@ -328,7 +374,7 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
         for (slot_index, slot) in table.slots.iter().enumerate() {
             // Acquire (M1): as in `for_each_in_shard_pinned`.
             let tag = slot.tag.load(Ordering::Acquire);
-            if tag <= TOMBSTONE {
+            if !is_full(tag) {
                 continue;
             }
             // SAFETY: as in `for_each_in_shard_pinned`.
@@ -462,7 +508,7 @@ impl<I> Drop for ShardedTable<I> {
             // we drop each once before giving up the shard's reference.
             unsafe {
                 for slot in (*table).slots.iter() {
-                    if slot.tag.load(Ordering::Relaxed) > TOMBSTONE {
+                    if is_full(slot.tag.load(Ordering::Relaxed)) {
                         let drop_item = || slot.item.with_mut(|item| (*item).assume_init_drop());
                         if let Err(payload) = panic::catch_unwind(AssertUnwindSafe(drop_item)) {
                             first_panic.get_or_insert(payload);
@@ -566,22 +612,27 @@ impl<T> Few<T> {
 }
 
 /// What a write unlinked, released after the shard's mutex is released.
-struct Garbage<I> {
+struct Garbage<I: Relocatable> {
     /// Removed items: (their table, their slot). Each holds a table
     /// reference, taken at removal.
     items: Few<(*const Table<I>, usize)>,
-    /// Replaced tables, each with the shard's reference to it.
-    tables: Few<*const Table<I>>,
+    /// Replaced tables, each with the shard's reference to it and the slot
+    /// of the item its rebuild left out (whose drop is one of `items`).
+    tables: Few<(*const Table<I>, Option<usize>)>,
     /// An item a panic kept from being published; dropped after the unlock.
     unpublished: Option<I>,
+    /// What the copies of a rebuild that a panic abandoned made afresh;
+    /// dropped after the unlock.
+    abandoned: Vec<I::LeftBehind>,
 }
 
-impl<I> Default for Garbage<I> {
+impl<I: Relocatable> Default for Garbage<I> {
     fn default() -> Self {
         Garbage {
             items: Few::new(),
             tables: Few::new(),
             unpublished: None,
+            abandoned: Vec::new(),
         }
     }
 }
@@ -646,15 +697,20 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
     ) -> Option<&I> {
         let tag = tag_of(hash);
         let table = self.current_table();
-        // Parked in the garbage while `same` (user code: `Eq`) and the
-        // allocations run: if one panics, nothing has changed and the item
-        // is dropped after the unlock, like everything a writer lets go of
-        // (its key's destructor is user code too).
+        // Parked in the garbage while `same` (user code: `Eq`), the
+        // allocations and a rebuild's clones run: if one panics, nothing
+        // has changed and the item is dropped after the unlock, like
+        // everything a writer lets go of (its key's destructor is user code
+        // too).
         let pending = self.garbage.unpublished.insert(item);
         let old = find(table, tag, |old| same(old, pending)).ok();
         self.garbage.items.reserve_one();
         self.garbage.tables.reserve_one();
-        let rebuilt = ((*self.used() + 1) * 4 > table.slots.len() * 3).then(|| {
+        // A replacement goes after the item it replaces, so that a reader
+        // who sees the old slot's tombstone finds it further on (M2).
+        let start = old.map_or_else(|| table.home(tag), |old| table.next(old));
+        let (index, fresh) = vacancy(table, start);
+        let rebuilt = (fresh && (*self.used() + 1) * 4 > table.slots.len() * 3).then(|| {
             // Relaxed: written under the mutex we hold.
             let live = self.shard.len.load(Ordering::Relaxed) + 1 - usize::from(old.is_some());
             // Twice the live items, but a table that has grown past the
@@ -664,12 +720,12 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
             // few inserts.
             Table::with_slots(slots_for(live).max(table.slots.len().min(CHURN_FLOOR)))
         });
-        let item = self.garbage.unpublished.take().expect("parked above");
         match rebuilt {
             // The new item in and the old one out, published together.
-            Some(new) => self.rebuild(new, tag, item, old),
+            Some(new) => self.rebuild(new, tag, old),
             None => {
-                self.fill(table, first_empty(table, tag), tag, item);
+                let item = self.garbage.unpublished.take().expect("parked above");
+                self.fill(table, index, fresh, tag, item);
                 // The old item goes only once the new one is visible (M2).
                 if let Some(old) = old {
                     self.unlink(old);
@@ -681,18 +737,22 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
         old.map(|old| unsafe { table.item(old) })
     }
 
-    /// Writes `item` into the empty slot `index` of the current `table` and
-    /// publishes it.
-    fn fill(&mut self, table: &Table<I>, index: usize, tag: u64, item: I) {
+    /// Writes `item` into slot `index` of the current `table`, `EMPTY` if
+    /// `fresh`, else `FREE`, and publishes it.
+    fn fill(&mut self, table: &Table<I>, index: usize, fresh: bool, tag: u64, item: I) {
         let slot = &table.slots[index];
-        // SAFETY: the slot is empty and we hold the mutex: no reader reads
-        // an empty slot's item (it checks the tag first), and no other
-        // writer runs; a slot is written once per table.
+        // SAFETY: the slot is empty or free and we hold the mutex: no reader
+        // reads such a slot's item (it checks the tag first), no other
+        // writer runs, and a free slot's previous item was dropped by a
+        // deferred function that no reader which saw it outlived, and whose
+        // writes `vacancy`'s Acquire load ordered before ours (M2).
         slot.item.with_mut(|cell| unsafe { (*cell).write(item) });
         // Release (M1, M2): publishes the item to readers' Acquire loads of
         // the tag.
         slot.tag.store(tag, Ordering::Release);
-        *self.used() += 1;
+        if fresh {
+            *self.used() += 1;
+        }
         self.add_len(1);
     }
 
@@ -733,7 +793,7 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
         let mut removed = Vec::new();
         for index in 0..table.slots.len() {
             // Relaxed: writers are ordered by the mutex.
-            if table.slots[index].tag.load(Ordering::Relaxed) <= TOMBSTONE {
+            if !is_full(table.slots[index].tag.load(Ordering::Relaxed)) {
                 continue;
             }
             // SAFETY: full (1), under the mutex (2).
@@ -749,39 +809,65 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
     }
 
     /// Replaces the shard's table with `new` (empty, sized for twice the
-    /// items), holding bitwise copies of the items (M3), plus the new
-    /// `item` under `tag` and minus the item in slot `without`, which is
-    /// dropped once no reader of the old table can see it. The caller has
-    /// reserved room for one table and one item in the garbage.
+    /// items), holding relocated copies of the items (M3), plus the item
+    /// parked in the garbage under `tag` and minus the item in slot
+    /// `without`, which is dropped once no reader of the old table can see
+    /// it. The caller has reserved room for one table and one item in the
+    /// garbage. If a relocation panics (a key's `Clone`), the copies made so
+    /// far are taken apart, the old table stays as it was, and the panic
+    /// goes on; the parked item is dropped after the unlock.
     #[cold]
     #[inline(never)]
-    fn rebuild(&mut self, new: Box<Table<I>>, tag: u64, item: I, without: Option<usize>) {
+    fn rebuild(&mut self, new: Box<Table<I>>, tag: u64, without: Option<usize>) {
         let old = self.current_table();
         let old_ptr = self.current_table_ptr();
-        // Nothing below may panic or allocate: moved items must end up in
-        // exactly one live table.
-        let mut items = 1;
-        for (index, slot) in old.slots.iter().enumerate() {
-            // Relaxed: writers are ordered by the mutex.
-            let moving = slot.tag.load(Ordering::Relaxed);
-            if moving <= TOMBSTONE || Some(index) == without {
-                continue;
+        let relocated = panic::catch_unwind(AssertUnwindSafe(|| {
+            let mut items = 0;
+            for (index, slot) in old.slots.iter().enumerate() {
+                // Relaxed: writers are ordered by the mutex.
+                let moving = slot.tag.load(Ordering::Relaxed);
+                if !is_full(moving) || Some(index) == without {
+                    continue;
+                }
+                // SAFETY: full (1), under the mutex (2). The copy is
+                // published below, or taken apart if a later one panics,
+                // and the original is then dropped only as a left-behind
+                // (`retire`), or whole if this rebuild is abandoned
+                // (`relocate`'s 1).
+                let copy = unsafe { I::relocate(old.item(index)) };
+                let target = &new.slots[first_empty(&new, moving)];
+                // SAFETY: empty and unpublished: nobody else reads it.
+                target.item.with_mut(|cell| unsafe { (*cell).write(copy) });
+                // Relaxed: published by the table's Release store below.
+                target.tag.store(moving, Ordering::Relaxed);
+                items += 1;
             }
-            let target = &new.slots[first_empty(&new, moving)];
-            // SAFETY: the old slot is full and, under the mutex, will never
-            // be written or dropped again: its item now lives in the new
-            // table, whose target slot is empty and unpublished. The old
-            // bytes stay readable for the old table's readers (M3).
-            slot.item.with(|from| {
-                target.item.with_mut(|to| {
-                    // SAFETY: as just said; distinct allocations.
-                    unsafe { ptr::copy_nonoverlapping(from, to, 1) }
-                })
-            });
-            // Relaxed: published by the table's Release store below.
-            target.tag.store(moving, Ordering::Relaxed);
-            items += 1;
-        }
+            items
+        }));
+        let items = match relocated {
+            Ok(items) => items,
+            Err(payload) => {
+                for slot in new.slots.iter() {
+                    // Relaxed: the new table is ours alone.
+                    if is_full(slot.tag.load(Ordering::Relaxed)) {
+                        // SAFETY: a copy never published, whose original
+                        // stays in the old table to be dropped whole
+                        // (`take_left_behind`'s 1); nobody else can see
+                        // it (2). Dropped after the unlock.
+                        let left = slot
+                            .item
+                            .with(|item| unsafe { I::take_left_behind((*item).as_ptr()) });
+                        self.garbage.abandoned.push(left);
+                    }
+                }
+                // Freeing the slots (`MaybeUninit`) drops nothing more.
+                drop(new);
+                panic::resume_unwind(payload);
+            }
+        };
+        // Nothing below may panic or allocate: the relocated items must end
+        // up published, and the old table retired, together.
+        let item = self.garbage.unpublished.take().expect("parked by upsert");
         let target = &new.slots[first_empty(&new, tag)];
         // SAFETY: empty and unpublished.
         target.item.with_mut(|cell| unsafe { (*cell).write(item) });
@@ -792,8 +878,9 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
         self.shard
             .table
             .store(Box::into_raw(new), Ordering::Release);
-        // The shard's reference to the old table, released after the unlock.
-        self.garbage.tables.push(old_ptr);
+        // The shard's reference to the old table, released after the unlock
+        // together with what its relocated items left behind.
+        self.garbage.tables.push((old_ptr, without));
         if let Some(index) = without {
             // As in `unlink`, but the slot stays full in the old table: its
             // readers may still find the item until the new table reaches
@@ -801,7 +888,7 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
             old.refs.fetch_add(1, Ordering::Relaxed);
             self.garbage.items.push((old_ptr, index));
         }
-        *self.used() = items;
+        *self.used() = items + 1;
         self.add_len(if without.is_some() { 0 } else { 1 });
     }
 }
@@ -812,6 +899,7 @@ impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
         let garbage = std::mem::take(&mut self.garbage);
         // After the unlock: user code.
         drop(garbage.unpublished);
+        drop(garbage.abandoned);
         if garbage.items.is_empty() && garbage.tables.is_empty() {
             return;
         }
@@ -824,19 +912,21 @@ impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
             // of the table that replaced its own). The deferred function
             // owns one reference to its table, which keeps the slot
             // allocated until it runs; it drops the item once (or moves it
-            // out once, for the finalizer thread to drop), then releases the
-            // reference. `I: Send` lets it run anywhere.
+            // out once, for the finalizer thread to drop), frees the slot
+            // for reuse, then releases the reference. `I: Send` lets it run
+            // anywhere.
             // SAFETY: unlinked, so no reader that pins from now on can reach
             // it (`defer`'s 2); the slot stays valid until it runs (1).
             unsafe {
                 pinned.defer(move || {
-                    let slot = &(*table).slots[index].item;
+                    let slot = &(*table).slots[index];
                     if I::DROP_RUNS_USER_CODE {
                         // Moved out, and dropped on the finalizer thread:
                         // this function runs wherever garbage is collected,
                         // which may be inside a lookup or under a shard lock
                         // (M10). The slot is never read again.
-                        let item = slot.with(|item| ptr::read((*item).as_ptr()));
+                        let item = slot.item.with(|item| ptr::read((*item).as_ptr()));
+                        free_slot(slot);
                         release(table);
                         runtime.post(move || {
                             catch_and_report("a removed entry's destructor", || drop(item));
@@ -846,22 +936,76 @@ impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
                         // must neither skip the release nor unwind into the
                         // collecting thread.
                         catch_and_report("a removed entry's destructor", || {
-                            slot.with_mut(|item| (*item).assume_init_drop());
+                            slot.item.with_mut(|item| (*item).assume_init_drop());
                         });
+                        free_slot(slot);
                         release(table);
                     }
                 });
             }
         }
-        for table in garbage.tables.into_iter() {
-            // Its items moved to the new table or belong to deferred drops,
-            // so releasing it drops none (`release`'s 2).
+        for (table, without) in garbage.tables.into_iter() {
             // SAFETY: replaced under the mutex, so no reader that pins from
             // now on can reach it (2); the function owns the shard's
-            // reference (1).
-            unsafe { pinned.defer(move || release(table)) };
+            // reference (1), and its full slots but `without` hold
+            // relocated originals (`retire`'s 2).
+            unsafe { pinned.defer(move || retire(table, without, runtime)) };
         }
     }
+}
+
+/// Marks `slot`, whose removed item has just been dropped or moved out,
+/// free for a writer to fill again (M2).
+fn free_slot<I>(slot: &Slot<I>) {
+    // Release (M2): pairs with the Acquire load in `vacancy`, so the
+    // writer that fills the slot again writes after our drop's last access.
+    // A slot a rebuild has since left behind is never filled again; the
+    // store is then harmless.
+    slot.tag.store(FREE, Ordering::Release);
+}
+
+/// Drops what the relocated items of a replaced table left behind (their
+/// cloned-from keys), then releases the shard's reference to it.
+///
+/// # Safety
+///
+/// 1. The caller owns the shard's reference to `table`, which a rebuild
+///    replaced, and no reader can reach it any more.
+/// 2. Every full slot but `without` holds an item the rebuild relocated.
+unsafe fn retire<I: Relocatable>(
+    table: *const Table<I>,
+    without: Option<usize>,
+    runtime: &'static Runtime,
+) {
+    if std::mem::needs_drop::<I::LeftBehind>() {
+        let mut left = Vec::new();
+        // SAFETY: alive while we hold the reference (1).
+        for (index, slot) in unsafe { (*table).slots.iter() }.enumerate() {
+            // Relaxed: written before the table was retired, which the
+            // epoch orders before this function.
+            if Some(index) != without && is_full(slot.tag.load(Ordering::Relaxed)) {
+                // SAFETY: a relocated original (2) whose copy the new table
+                // owns whole; unreachable now (1); taken once, here.
+                left.push(
+                    slot.item
+                        .with(|item| unsafe { I::take_left_behind((*item).as_ptr()) }),
+                );
+            }
+        }
+        if I::DROP_RUNS_USER_CODE {
+            // User destructors: on the finalizer thread, as for removed
+            // items (M10).
+            runtime.post(move || {
+                catch_and_report("a relocated entry's destructor", || drop(left));
+            });
+        } else {
+            catch_and_report("a relocated entry's destructor", || drop(left));
+        }
+    }
+    // SAFETY: the shard's reference (1); what the table's full slots still
+    // owned was just taken, or is dropped by a deferred function of its
+    // own (`without`), so releasing it drops no item (`release`'s 2).
+    unsafe { release(table) }
 }
 
 /// Passes each removed item to `on_remove`.
@@ -910,4 +1054,22 @@ fn first_empty<I>(table: &Table<I>, tag: u64) -> usize {
         Err(Some(index)) => index,
         _ => unreachable!("a table is rebuilt before its last empty slot fills"),
     }
+}
+
+/// The first slot from `start` on that a writer may fill: a `FREE` one
+/// (`false`) or else the first `EMPTY` one (`true`), which ends every probe
+/// sequence through it. Under the shard mutex, in a table that has an
+/// empty slot.
+fn vacancy<I>(table: &Table<I>, start: usize) -> (usize, bool) {
+    let mut index = start;
+    for _ in 0..table.slots.len() {
+        // Acquire (M2): pairs with `free_slot`'s Release store, so our fill
+        // writes after the deferred drop of the slot's previous item.
+        match table.slots[index].tag.load(Ordering::Acquire) {
+            EMPTY => return (index, true),
+            FREE => return (index, false),
+            _ => index = table.next(index),
+        }
+    }
+    unreachable!("a table is rebuilt before its last empty slot fills")
 }
