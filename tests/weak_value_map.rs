@@ -968,3 +968,148 @@ fn a_dying_value_never_drops_the_map_it_races() {
         "keys were dropped on a dying value's thread"
     );
 }
+
+static LIVE_CLONING_KEYS: AtomicUsize = AtomicUsize::new(0);
+static CLONE_PANICS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// A key whose `Clone` panics on demand, and which counts its live
+/// instances (a key cloned and never dropped, or dropped twice, shows).
+#[derive(PartialEq, Eq, Hash)]
+struct CloningKey(u32);
+
+impl CloningKey {
+    fn new(id: u32) -> Self {
+        LIVE_CLONING_KEYS.fetch_add(1, Ordering::SeqCst);
+        CloningKey(id)
+    }
+}
+
+impl Clone for CloningKey {
+    fn clone(&self) -> Self {
+        if CLONE_PANICS.load(Ordering::SeqCst) {
+            panic!("Clone failure (expected by this test)");
+        }
+        CloningKey::new(self.0)
+    }
+}
+
+impl Drop for CloningKey {
+    fn drop(&mut self) {
+        LIVE_CLONING_KEYS.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Runs garbage collection steps until `live` reads zero or a bound is
+/// reached; returns what it last read. Deferred drops run when threads pin
+/// and collect, and hand user destructors to the finalizer thread, which
+/// `flush` waits for.
+fn settle_until_zero(live: &AtomicUsize) -> usize {
+    for _ in 0..if cfg!(miri) { 200 } else { 2_000 } {
+        let other: WeakValueMap<u8, u8> = WeakValueMap::new();
+        let v = Strong::new(0);
+        other.insert(0, &v);
+        other.remove(&0);
+        flush();
+        if live.load(Ordering::SeqCst) == 0 {
+            break;
+        }
+    }
+    live.load(Ordering::SeqCst)
+}
+
+/// A rebuild clones every key it carries over (M3). A `Clone` that panics
+/// part-way must leave the map as it was: the copies made so far are
+/// taken apart (their keys dropped, the rest still owned by the
+/// originals), the incoming entry is dropped, and no key leaks or is
+/// dropped twice. Once `Clone` works again, the map grows as usual.
+#[test]
+fn a_panicking_clone_during_a_rebuild_leaves_the_map_intact() {
+    let count = if cfg!(miri) { 24 } else { 200 };
+    let values: Vec<_> = (0..count).map(Strong::new).collect();
+    {
+        let map: WeakValueMap<CloningKey, u32, OneBucket> = WeakValueMap::with_hasher(OneBucket);
+        CLONE_PANICS.store(true, Ordering::SeqCst);
+        let mut inserted = 0;
+        let mut failed = None;
+        for value in &values {
+            let insert = || map.insert(CloningKey::new(**value), value);
+            match catch_unwind(AssertUnwindSafe(insert)) {
+                Ok(previous) => {
+                    assert!(previous.is_none());
+                    inserted += 1;
+                }
+                Err(_) => {
+                    failed = Some(**value);
+                    break;
+                }
+            }
+        }
+        CLONE_PANICS.store(false, Ordering::SeqCst);
+        let failed = failed.expect("the shard never rebuilt");
+        assert!(inserted > 0, "the first insert cannot rebuild");
+        assert_eq!(map.len(), inserted);
+        for value in &values[..inserted] {
+            assert_eq!(
+                map.get(&CloningKey::new(**value)).as_deref(),
+                Some(&**value)
+            );
+        }
+        assert!(map.get(&CloningKey::new(failed)).is_none());
+        for value in &values[inserted..] {
+            assert!(map.insert(CloningKey::new(**value), value).is_none());
+        }
+        assert_eq!(map.len(), values.len());
+        for value in &values {
+            assert_eq!(
+                map.get(&CloningKey::new(**value)).as_deref(),
+                Some(&**value)
+            );
+        }
+        // The failed entry's `Weak` and callback went with it: the value
+        // that failed once is watched no more than any other.
+        assert_eq!(
+            Strong::weak_count(&values[inserted]),
+            Strong::weak_count(&values[0])
+        );
+    }
+    flush();
+    let live = settle_until_zero(&LIVE_CLONING_KEYS);
+    // The finalizer thread hands its own garbage over when it goes idle,
+    // which this thread cannot wait for; what it may still hold is bounded
+    // by the per-thread flush threshold (32 retirements).
+    assert!(live < 32, "{live} keys were never dropped");
+}
+
+/// Insert-then-die churn in one probe sequence, which removes entries and
+/// refills their freed slots (M2), while a reader looks up a long-lived
+/// entry and the churning keys: it always finds the long-lived value, and
+/// a churning key only ever with a value that key was given.
+#[test]
+fn churn_under_a_reader_reuses_slots_and_finds_every_value() {
+    let rounds = if cfg!(miri) { 200 } else { 20_000 };
+    let map: WeakValueMap<u32, u32, OneBucket> = WeakValueMap::with_hasher(OneBucket);
+    let held = Strong::new(0);
+    map.insert(0, &held);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    thread::scope(|scope| {
+        scope.spawn(|| {
+            while !done.load(Ordering::Relaxed) {
+                assert_eq!(map.get(&0).as_deref(), Some(&0));
+                for key in 1..8 {
+                    if let Some(value) = map.get(&key) {
+                        assert_eq!(*value % 7 + 1, key, "key {key} found value {}", *value);
+                    }
+                }
+            }
+        });
+        for round in 0..rounds {
+            let value = Strong::new(round);
+            map.insert(round % 7 + 1, &value);
+            // Dies here: its entry is removed and its slot freed later.
+        }
+        done.store(true, Ordering::Relaxed);
+    });
+    flush();
+    assert_eq!(map.len(), 1);
+    assert_eq!(map.get(&0).as_deref(), Some(&0));
+}

@@ -169,6 +169,15 @@ impl TrackedKey {
     }
 }
 
+/// A rebuild clones the keys it carries over (M3): each clone is tracked
+/// too, so a key left behind in a replaced table and never dropped fails
+/// the model.
+impl Clone for TrackedKey {
+    fn clone(&self) -> Self {
+        TrackedKey::new(self.id)
+    }
+}
+
 impl PartialEq for TrackedKey {
     fn eq(&self, other: &Self) -> bool {
         self.id == other.id
@@ -220,6 +229,99 @@ fn a_removal_racing_a_rebuild_drops_every_key_once() {
         assert_eq!(map.len(), 2);
         assert!(map.get(&TrackedKey::new(0)).is_none());
         assert_eq!(map.get(&TrackedKey::new(2)).as_deref(), Some(&2));
+    });
+}
+
+/// A key whose `Eq` writes through `&self`, as a hit counter does, and
+/// whose `Clone` reads what it writes.
+struct CountingKey {
+    id: u8,
+    hits: AtomicUsize,
+    _track: loom::alloc::Track<()>,
+}
+
+impl CountingKey {
+    fn new(id: u8) -> Self {
+        CountingKey {
+            id,
+            hits: AtomicUsize::new(0),
+            _track: loom::alloc::Track::new(()),
+        }
+    }
+}
+
+impl Clone for CountingKey {
+    fn clone(&self) -> Self {
+        let copy = CountingKey::new(self.id);
+        copy.hits
+            .store(self.hits.load(Ordering::Relaxed), Ordering::Relaxed);
+        copy
+    }
+}
+
+impl PartialEq for CountingKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        self.id == other.id
+    }
+}
+impl Eq for CountingKey {}
+impl std::hash::Hash for CountingKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(u64::from(self.id));
+    }
+}
+
+/// M3: a read racing a rebuild by cloning. The reader's `Eq` writes
+/// through `&K` while the rebuild clones that key through `&K`: nothing
+/// copies the key's bytes, the reader finds its value, and the key left
+/// behind in the replaced table is dropped once (loom's leak tracker).
+#[test]
+fn a_read_racing_a_rebuild_by_cloning_finds_its_key() {
+    loom::model(|| {
+        let map: Arc<weakrefs::WeakValueMap<CountingKey, u8, BuildHasherDefault<IdHasher>>> =
+            Arc::new(weakrefs::WeakValueMap::default());
+        let values: Vec<_> = (0u8..2).map(Strong::new).collect();
+        map.insert(CountingKey::new(0), &values[0]);
+        let reader = {
+            let map = map.clone();
+            thread::spawn(move || map.get(&CountingKey::new(0)).map(|v| *v))
+        };
+        // Past 3/4 of the two starting slots: the shard rebuilds.
+        map.insert(CountingKey::new(1), &values[1]);
+        assert_eq!(reader.join().unwrap(), Some(0));
+        assert_eq!(map.len(), 2);
+    });
+}
+
+/// M2: a removed item's slot is filled again only once its deferred drop
+/// has run, after every reader that may have seen it unpinned. A reader
+/// racing the removal and the churn that follows (inserts and removals in
+/// the same shard, which push the epoch on and reuse freed slots) sees the
+/// old value or nothing, never another key's value, and every key is
+/// dropped once.
+#[test]
+fn slot_reuse_races_a_reader_that_saw_the_old_entry() {
+    loom::model(|| {
+        let map: Arc<weakrefs::WeakValueMap<TrackedKey, u8, BuildHasherDefault<IdHasher>>> =
+            Arc::new(weakrefs::WeakValueMap::with_capacity_and_hasher(
+                4,
+                Default::default(),
+            ));
+        let values: Vec<_> = (0u8..2).map(Strong::new).collect();
+        map.insert(TrackedKey::new(0), &values[0]);
+        let reader = {
+            let map = map.clone();
+            thread::spawn(move || map.get(&TrackedKey::new(0)).map(|v| *v))
+        };
+        map.remove(&TrackedKey::new(0));
+        for _ in 0..2 {
+            map.insert(TrackedKey::new(1), &values[1]);
+            map.remove(&TrackedKey::new(1));
+        }
+        let seen = reader.join().unwrap();
+        assert!(seen.is_none() || seen == Some(0), "saw {seen:?}");
+        assert!(map.is_empty());
     });
 }
 

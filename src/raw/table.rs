@@ -6,32 +6,37 @@
 //! a tag word and the item itself, inline, so a lookup touches the slot's
 //! cache line and nothing else of the table's.
 //!
-//! **Slots are written once per table.** A slot goes from *empty* (tag 0)
-//! to *full* (the item is written, then the tag, a hash with bit 1 set, is
-//! stored with Release) to *tombstone* (tag 1), and never back. Readers
-//! never race a write of the item they read, and an item's bytes stay where
-//! they are until no reader can see them (M1, M2).
+//! **A slot is written only when no reader can read it.** A slot goes
+//! from *empty* (tag 0) to *full* (the item is written, then the tag, a
+//! hash with bit 1 set, is stored with Release) to *tombstone* (tag 1) and,
+//! once the removed item's deferred drop has run past every reader that
+//! could see it, to *free* (tag 4), which a writer may fill again; never
+//! back to empty, so probe sequences never break. Readers never race a
+//! write of the item they read, and an item's bytes stay where they are
+//! until no reader can see them (M1, M2).
 //!
 //! * **Reads** pin the epoch, load the table with Acquire and walk the
 //!   probe sequence from the hash's home slot to the first empty slot,
 //!   reading the items whose tags match. No lock, no wait (M1).
-//! * **Writes** take the shard's mutex. A new item fills the first empty
-//!   slot of its probe sequence; a replacement fills one and only then
-//!   turns the old slot into a tombstone, so a reader finds the old item or
-//!   the new one, never neither; a removal leaves a tombstone (M2). A
-//!   removed item is dropped by an epoch-deferred function once no reader
-//!   can see it, in place, or, if its drop runs user code, moved out and
-//!   dropped on the finalizer thread (M10); a count of such pending drops
-//!   keeps the table's memory alive until they have run.
+//! * **Writes** take the shard's mutex. A new item fills the first free or
+//!   empty slot of its probe sequence; a replacement fills one after the
+//!   old item's and only then turns the old slot into a tombstone, so a
+//!   reader finds the old item or the new one, never neither; a removal
+//!   leaves a tombstone (M2). A removed item is dropped by an
+//!   epoch-deferred function once no reader can see it, in place, or, if
+//!   its drop runs user code, moved out and dropped on the finalizer thread
+//!   (M10), and its slot is then freed for reuse; a count of such pending
+//!   drops keeps the table's memory alive until they have run.
 //! * **Rebuilds** happen when filling an empty slot would take the table
-//!   past 3/4 full (tombstones count): a table sized for twice the live
-//!   items receives bitwise copies of them and is published whole. Readers
-//!   still on the old table read the old copies, which are never written
-//!   and never dropped (the items moved), only freed with the old table
-//!   once no reader can see it (M3). Copying bytes that readers may be
-//!   reading is sound only because nothing writes an item's own bytes
-//!   through a shared reference: items are [`Relocatable`], their keys and
-//!   values out of line ([`Boxed`](super::boxed::Boxed)).
+//!   past 3/4 full (tombstones and free slots count): a table sized for
+//!   twice the live items receives *relocated* copies of them and is
+//!   published whole. A relocation clones what code may write through a
+//!   shared reference (a user's key, whose `Eq` readers may be running) and
+//!   copies only the item's own pointers bitwise ([`Relocatable`]). Readers
+//!   still on the old table read the old items, which are never written
+//!   and never dropped whole (their pointers moved); what they still own
+//!   alone (the cloned-from keys) is dropped with the old table, once no
+//!   reader can see it (M3).
 
 use std::marker::PhantomData;
 use std::mem::MaybeUninit;
@@ -211,8 +216,9 @@ impl<I> Table<I> {
     unsafe fn item(&self, index: usize) -> &I {
         let item = self.slots[index].item.with(|item| item);
         // SAFETY: by 1 the item was written before its tag was published,
-        // and slots are written once per table, so nothing writes it now;
-        // by 2 it is not dropped while borrowed.
+        // and a slot is written again only after its item's deferred drop,
+        // so nothing writes it now; by 2 it is not dropped (nor its slot
+        // refilled) while borrowed.
         unsafe { (*item).assume_init_ref() }
     }
 }
@@ -1017,8 +1023,9 @@ unsafe fn retire<I: Relocatable>(
 /// (and its table's release) cannot have run (I7, M9).
 unsafe fn each_removed<I>(removed: &[*const I], mut on_remove: impl FnMut(&I)) {
     for &item in removed {
-        // SAFETY: still allocated and never written again (our caller's
-        // promise; slots are written once per table, M2).
+        // SAFETY: still allocated and not written: its deferred drop, which
+        // precedes any refill of its slot, cannot have run (our caller's
+        // promise, M2).
         on_remove(unsafe { &*item });
     }
 }

@@ -1,0 +1,299 @@
+//! `WeakValueMap` against every peer, A/B interleaved: the ratios that
+//! decide whether the map keeps up, robust to a noisy shared machine.
+//!
+//! Each round runs every contender once, back to back, in an order that
+//! rotates from round to round; each worker thread times itself. A ratio
+//! is this crate's throughput over a peer's in the same round, and the
+//! report gives the median over the rounds (`WEAKREFS_AB_ROUNDS`, 7 by
+//! default), so a burst of noise from a neighbour moves one round, not the
+//! figure.
+//!
+//! Cases:
+//!
+//! * `read` at 1 000 and 100 000 live keys, uniform, on each thread count
+//!   of `WEAKREFS_BENCH_THREADS` (1 and 2 by default): `get` plus upgrade,
+//!   every read a hit. The peers hold `std::sync::Weak`: `DashMap`,
+//!   `scc::HashIndex`, `scc::HashMap`, `papaya::HashMap`, and on one
+//!   thread an unsynchronised `std::collections::HashMap` (the floor).
+//! * `churn`, one thread: insert a fresh value under one of 1 024 keys, then
+//!   drop it. This crate removes each dead entry at its death; `DashMap`
+//!   sweeps with `retain` every 1 024 inserts and, separately, every
+//!   65 536.
+//!
+//! `cargo bench --bench map_ab`; the median ratios print as a table, and as
+//! tab-separated rows in `map_ab.tsv` when `WEAKREFS_BENCH_OUT` names a
+//! directory.
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::io::Write;
+use std::sync::{Arc, Weak as StdWeak};
+use std::time::Instant;
+
+use dashmap::DashMap;
+
+#[path = "support/keys.rs"]
+mod keys;
+#[path = "support/out.rs"]
+mod out;
+#[path = "support/threads.rs"]
+mod threads;
+use keys::KeyStream;
+use threads::{on_threads, thread_counts};
+
+/// A map kind under test: `hit` returns whether the key held a live value
+/// (after upgrading it, as a user would).
+trait ReadMap: Sync {
+    fn hit(&self, key: u64) -> bool;
+}
+
+struct Ours(weakrefs::WeakValueMap<u64, u64>);
+impl ReadMap for Ours {
+    fn hit(&self, key: u64) -> bool {
+        self.0.get(&key).is_some()
+    }
+}
+
+struct Dash(DashMap<u64, StdWeak<u64>>);
+impl ReadMap for Dash {
+    fn hit(&self, key: u64) -> bool {
+        self.0.get(&key).and_then(|w| w.upgrade()).is_some()
+    }
+}
+
+struct SccIndex(scc::HashIndex<u64, StdWeak<u64>>);
+impl ReadMap for SccIndex {
+    fn hit(&self, key: u64) -> bool {
+        self.0
+            .peek_with(&key, |_, w| w.upgrade())
+            .flatten()
+            .is_some()
+    }
+}
+
+struct SccMap(scc::HashMap<u64, StdWeak<u64>>);
+impl ReadMap for SccMap {
+    fn hit(&self, key: u64) -> bool {
+        self.0
+            .read_sync(&key, |_, w| w.upgrade())
+            .flatten()
+            .is_some()
+    }
+}
+
+struct Papaya(papaya::HashMap<u64, StdWeak<u64>>);
+impl ReadMap for Papaya {
+    fn hit(&self, key: u64) -> bool {
+        self.0.pin().get(&key).and_then(StdWeak::upgrade).is_some()
+    }
+}
+
+/// Unsynchronised: only ever read from one thread here (`Sync` because a
+/// `HashMap` is, read-only).
+struct Floor(HashMap<u64, StdWeak<u64>>);
+impl ReadMap for Floor {
+    fn hit(&self, key: u64) -> bool {
+        self.0.get(&key).and_then(StdWeak::upgrade).is_some()
+    }
+}
+
+/// Every contender at `keys` live keys, grown from empty; the values they
+/// name live in the returned vectors.
+#[allow(clippy::type_complexity)]
+fn contenders(
+    keys: u64,
+    with_floor: bool,
+) -> (
+    Vec<(&'static str, Box<dyn ReadMap>)>,
+    Vec<weakrefs::Strong<u64>>,
+    Vec<Arc<u64>>,
+) {
+    let strong: Vec<_> = (0..keys).map(weakrefs::Strong::new).collect();
+    let arcs: Vec<_> = (0..keys).map(Arc::new).collect();
+    let weak = |i: usize| Arc::downgrade(&arcs[i]);
+    let ours = weakrefs::WeakValueMap::new();
+    for v in &strong {
+        ours.insert(**v, v);
+    }
+    let dash = DashMap::new();
+    let index = scc::HashIndex::new();
+    let scc_map = scc::HashMap::new();
+    let papaya = papaya::HashMap::new();
+    let mut floor = HashMap::new();
+    for i in 0..keys as usize {
+        dash.insert(i as u64, weak(i));
+        let _ = index.insert_sync(i as u64, weak(i));
+        let _ = scc_map.insert_sync(i as u64, weak(i));
+        papaya.pin().insert(i as u64, weak(i));
+        floor.insert(i as u64, weak(i));
+    }
+    let mut maps: Vec<(&'static str, Box<dyn ReadMap>)> = vec![
+        ("weakrefs", Box::new(Ours(ours))),
+        ("dashmap", Box::new(Dash(dash))),
+        ("scc_hash_index", Box::new(SccIndex(index))),
+        ("scc_hash_map", Box::new(SccMap(scc_map))),
+        ("papaya", Box::new(Papaya(papaya))),
+    ];
+    if with_floor {
+        maps.push(("std_hashmap_unsync", Box::new(Floor(floor))));
+    }
+    (maps, strong, arcs)
+}
+
+/// Reads per worker and run: long enough to dwarf thread start-up, short
+/// enough for seven rounds of every contender.
+const READS: u64 = 1 << 21;
+
+/// Operations per second of `READS` hits on each of `threads` threads.
+fn read_rate(map: &dyn ReadMap, keys: u64, threads: usize) -> f64 {
+    let span = on_threads(threads, |t| {
+        let mut stream = KeyStream::new(keys, false, t);
+        for _ in 0..READS {
+            assert!(map.hit(black_box(stream.next())));
+        }
+    });
+    (READS * threads as u64) as f64 / span.as_secs_f64()
+}
+
+/// Runs every contender once per round, rotating the order; returns each
+/// contender's rate per round.
+fn interleaved(names: usize, rounds: usize, mut run: impl FnMut(usize) -> f64) -> Vec<Vec<f64>> {
+    let mut rates = vec![Vec::with_capacity(rounds); names];
+    for round in 0..rounds {
+        for offset in 0..names {
+            let which = (round + offset) % names;
+            rates[which].push(run(which));
+        }
+    }
+    rates
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[mid]
+    } else {
+        (values[mid - 1] + values[mid]) / 2.0
+    }
+}
+
+/// One printed row: a case, a peer, the median of this crate's rates, the
+/// peer's, and the median of the per-round ratios.
+struct Row {
+    case: String,
+    peer: &'static str,
+    ours: f64,
+    theirs: f64,
+    ratio: f64,
+}
+
+/// The rows for one case: contender 0 is this crate.
+fn rows(case: &str, names: &[&'static str], rates: &[Vec<f64>]) -> Vec<Row> {
+    (1..names.len())
+        .map(|peer| Row {
+            case: case.to_string(),
+            peer: names[peer],
+            ours: median(rates[0].clone()),
+            theirs: median(rates[peer].clone()),
+            ratio: median(
+                rates[0]
+                    .iter()
+                    .zip(&rates[peer])
+                    .map(|(ours, theirs)| ours / theirs)
+                    .collect(),
+            ),
+        })
+        .collect()
+}
+
+/// Churn: `OPS` inserts of a fresh value that dies at once, under one of
+/// 1 024 keys.
+const CHURN_OPS: u64 = 1 << 17;
+
+fn churn_ours(map: &weakrefs::WeakValueMap<u64, u64>) -> f64 {
+    let began = Instant::now();
+    for i in 0..CHURN_OPS {
+        let value = weakrefs::Strong::new(i);
+        map.insert(i % 1024, &value);
+    }
+    weakrefs::flush();
+    let rate = CHURN_OPS as f64 / began.elapsed().as_secs_f64();
+    assert_eq!(map.len(), 0, "dead entries left after flush");
+    rate
+}
+
+fn churn_dash(map: &DashMap<u64, StdWeak<u64>>, sweep_every: u64) -> f64 {
+    let began = Instant::now();
+    for i in 0..CHURN_OPS {
+        let value = Arc::new(i);
+        map.insert(i % 1024, Arc::downgrade(&value));
+        if (i + 1) % sweep_every == 0 {
+            map.retain(|_, weak| weak.strong_count() > 0);
+        }
+    }
+    map.retain(|_, weak| weak.strong_count() > 0);
+    CHURN_OPS as f64 / began.elapsed().as_secs_f64()
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; a test run (`cargo test --benches`)
+    // does not, and gets one quick round.
+    let benching = std::env::args().any(|arg| arg == "--bench");
+    let rounds = match std::env::var("WEAKREFS_AB_ROUNDS") {
+        Ok(count) => count
+            .parse()
+            .unwrap_or_else(|_| panic!("WEAKREFS_AB_ROUNDS: {count:?} is not a count")),
+        Err(_) if benching => 7,
+        Err(_) => 1,
+    };
+    let mut table = Vec::new();
+    for keys in [1_000u64, 100_000] {
+        for threads in thread_counts() {
+            let (maps, _strong, _arcs) = contenders(keys, threads == 1);
+            let names: Vec<_> = maps.iter().map(|(name, _)| *name).collect();
+            let rates = interleaved(maps.len(), rounds, |which| {
+                read_rate(maps[which].1.as_ref(), keys, threads)
+            });
+            table.extend(rows(
+                &format!("read/{keys}_keys/{threads}_thread"),
+                &names,
+                &rates,
+            ));
+        }
+    }
+    let ours = weakrefs::WeakValueMap::new();
+    let dash = DashMap::new();
+    let names = ["weakrefs", "dashmap_retain_1024", "dashmap_retain_65536"];
+    let rates = interleaved(names.len(), rounds, |which| match which {
+        0 => churn_ours(&ours),
+        1 => churn_dash(&dash, 1024),
+        _ => churn_dash(&dash, 65_536),
+    });
+    table.extend(rows("churn/1_thread", &names, &rates));
+
+    println!(
+        "{:<28} {:<22} {:>12} {:>12} {:>8}",
+        "case", "peer", "ours M/s", "peer M/s", "ratio"
+    );
+    for row in &table {
+        println!(
+            "{:<28} {:<22} {:>12.2} {:>12.2} {:>8.2}",
+            row.case,
+            row.peer,
+            row.ours / 1e6,
+            row.theirs / 1e6,
+            row.ratio
+        );
+    }
+    if let Some(mut out) = out::tsv("map_ab.tsv", "case\tpeer\tours\ttheirs\tratio") {
+        for row in &table {
+            writeln!(
+                out,
+                "{}\t{}\t{}\t{}\t{}",
+                row.case, row.peer, row.ours, row.theirs, row.ratio
+            )
+            .expect("write map_ab.tsv");
+        }
+    }
+}
