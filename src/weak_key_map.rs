@@ -780,12 +780,13 @@ where
         V: Clone,
     {
         let mut init = Some(init);
-        loop {
+        let value = loop {
             match self.find_or_join(key, true) {
-                Ok(value) => return value,
+                Ok(value) => break value,
                 Err(Joined::Wait(load)) => {
                     if let Some(value) = load.wait() {
-                        return value;
+                        drop(load);
+                        break value;
                     }
                     // The leader failed: try again (perhaps as the leader).
                 }
@@ -797,12 +798,16 @@ where
                         |load, made| self.finish_load(key, load, made),
                     );
                     match made {
-                        Ok(value) => return value,
+                        Ok(value) => break value,
                         Err(never) => match never {},
                     }
                 }
             }
-        }
+        };
+        // An unused `init` goes before the value is handed back: if its
+        // destructor panics, the value, a local here, is dropped with it.
+        drop(init);
+        value
     }
 
     /// [`get_or_insert_with`](Self::get_or_insert_with) for async code:
@@ -836,12 +841,13 @@ where
         Fut: Future<Output = V>,
     {
         let mut init = Some(init);
-        loop {
+        let value = loop {
             match self.find_or_join(key, false) {
-                Ok(value) => return value,
+                Ok(value) => break value,
                 Err(Joined::Wait(load)) => {
                     if let Some(value) = load.wait_async().await {
-                        return value;
+                        drop(load);
+                        break value;
                     }
                     // The leader failed or was dropped: try again.
                 }
@@ -856,12 +862,15 @@ where
                     )
                     .await;
                     match made {
-                        Ok(value) => return value,
+                        Ok(value) => break value,
                         Err(never) => match never {},
                     }
                 }
             }
-        }
+        };
+        // As in `get_or_insert_with`: leftovers first.
+        drop(init);
+        value
     }
 
     /// A new value with its two clones, for the waiters and the leader,
@@ -905,7 +914,14 @@ where
                 let reading = cell.enter();
                 drop(writer);
                 match reading {
-                    Some(reading) => return Ok(reading.value().clone()),
+                    Some(reading) => {
+                        // Out of the read before returning: its end may
+                        // drop a value (user code), and a panic there must
+                        // not strand the clone in a return under way.
+                        let value = reading.value().clone();
+                        drop(reading);
+                        return Ok(value);
+                    }
                     // Unreachable in practice (a cell is closed only after
                     // its unlink); look again.
                     None => continue,
@@ -975,7 +991,13 @@ where
         drop(withdrawn);
         // After the unlock: user code.
         drop((value, shared, ours));
-        let adopted = reading.map(|reading| reading.value().clone());
+        let adopted = reading.map(|reading| {
+            // As in `find_or_join`: the read ends before the clone is
+            // handed back, so a panic as it ends drops the clone.
+            let value = reading.value().clone();
+            drop(reading);
+            value
+        });
         settle.outcome.clone_from(&adopted);
         adopted
     }
@@ -1031,7 +1053,9 @@ where
         collection::snapshots(&self.core.table, |item| {
             let key = item.key.upgrade()?;
             let reading = item.cell.enter()?;
-            Some((key, reading.value().clone()))
+            let value = reading.value().clone();
+            drop(reading);
+            Some((key, value))
         })
     }
 
@@ -1165,7 +1189,9 @@ where
             collection::shard_snapshot(table, shard, |item: &Item<K, V>| {
                 let key = item.key.upgrade()?;
                 let reading = item.cell.enter()?;
-                Some((key, reading.value().clone()))
+                let value = reading.value().clone();
+                drop(reading);
+                Some((key, value))
             })
         })
     }

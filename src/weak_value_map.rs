@@ -444,24 +444,34 @@ where
     {
         let hash = self.hash(&key);
         let mut key = Some(key);
-        loop {
+        let mut init = Some(init);
+        let outcome = loop {
             match self.find_or_join(hash, &mut key, true) {
-                Ok(value) => return Ok(value),
+                Ok(value) => break Ok(value),
                 Err(Joined::Wait(load)) => {
                     if let Some(value) = load.wait() {
-                        return Ok(value);
+                        drop(load);
+                        break Ok(value);
                     }
                     // The leader failed: try again (perhaps as the leader).
                 }
                 Err(Joined::Lead(load)) => {
-                    return single_flight::lead(
+                    let init = init.take().expect("a caller leads once, then returns");
+                    break single_flight::lead(
                         load,
                         || init().map(Strong::new),
                         |load, value| self.finish_load(load, value),
                     );
                 }
             }
-        }
+        };
+        // The caller's leftovers (a key a live value made unneeded, an
+        // unused `init`) go before the value is handed back: if a
+        // destructor panics, the value, a local here, is dropped too rather
+        // than stranded in a return under way.
+        drop(key);
+        drop(init);
+        outcome
     }
 
     /// [`get_or_insert_with`](Self::get_or_insert_with) for async code:
@@ -535,18 +545,19 @@ where
         let hash = self.hash(&key);
         let mut key = Some(key);
         let mut init = Some(init);
-        loop {
+        let outcome = loop {
             match self.find_or_join(hash, &mut key, false) {
-                Ok(value) => return Ok(value),
+                Ok(value) => break Ok(value),
                 Err(Joined::Wait(load)) => {
                     if let Some(value) = load.wait_async().await {
-                        return Ok(value);
+                        drop(load);
+                        break Ok(value);
                     }
                     // The leader failed or was dropped: try again.
                 }
                 Err(Joined::Lead(load)) => {
                     let init = init.take().expect("a caller leads once, then returns");
-                    return single_flight::lead_async(
+                    break single_flight::lead_async(
                         load,
                         async { init().await.map(Strong::new) },
                         |load, value| self.finish_load(load, value),
@@ -554,7 +565,11 @@ where
                     .await;
                 }
             }
-        }
+        };
+        // As in `try_get_or_insert_with`: leftovers first.
+        drop(key);
+        drop(init);
+        outcome
     }
 
     /// A live value under `key` (lock-free, then under the shard's lock),

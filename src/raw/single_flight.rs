@@ -307,7 +307,12 @@ impl<'f, Q, R, T, F: Fn(&Strong<Flight<Q, R>>, Option<T>) -> Option<R>> FailOnDr
     /// Disarms the guard and settles the load with what `init` made.
     fn finish(mut self, made: T) -> R {
         let load = self.load.take().expect("armed until here");
-        (self.finish)(&load, Some(made)).expect("a successful load settles with an outcome")
+        let outcome =
+            (self.finish)(&load, Some(made)).expect("a successful load settles with an outcome");
+        // Before the outcome is handed back: a panic as the load goes then
+        // drops the outcome, a local here, instead of stranding it.
+        drop(load);
+        outcome
     }
 }
 
