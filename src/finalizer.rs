@@ -205,7 +205,13 @@ impl fmt::Debug for Finalizer {
 }
 
 /// Blocks until the callback queue is empty and no queued callback is
-/// running: the analogue of Python's `gc.collect()` in tests.
+/// running: the analogue of Python's `gc.collect()` in tests. It also
+/// hands this thread's retired memory to the epoch collector and tries to
+/// advance it, so that entries removed from the collections usually have
+/// their keys and values dropped by the time it returns; not always: a
+/// thread that stays pinned (inside a lookup or a `with` closure) holds
+/// that back, and a cascade (a removed value that held the last handle to
+/// another key) may still be under way on the finalizer thread.
 ///
 /// It waits for a quiet moment: while other threads keep objects dying,
 /// it returns once the finalizer thread catches up. It does not wait for
@@ -228,8 +234,29 @@ impl fmt::Debug for Finalizer {
 /// assert!(ran.load(Ordering::SeqCst));
 /// ```
 pub fn flush() {
-    global().flush()
+    let runtime = global();
+    runtime.flush();
+    // Entries removed just now, by this thread or by queued callbacks, are
+    // dropped once no reader can see them (epoch reclamation), their
+    // destructors on the finalizer thread, where they may remove further
+    // entries (a value that held the last handle to another key). Push
+    // that along until a round queues nothing new; bounded, so that other
+    // threads' endless activity cannot keep this from returning. (The
+    // finalizer thread pushes its own garbage through whenever it goes
+    // idle, so a cascade completes without any `flush`; this only helps it
+    // along.)
+    for _ in 0..FLUSH_ROUNDS {
+        let (queued, ..) = runtime.counters();
+        crate::reclaim::push_garbage_through();
+        runtime.flush();
+        if runtime.counters().0 == queued {
+            break;
+        }
+    }
 }
+
+/// Rounds of epoch collection a [`flush`] runs at most.
+const FLUSH_ROUNDS: usize = 16;
 
 /// Drains the callback queue, runs every still-registered callback whose
 /// [`atexit`](Finalizer::atexit) is set (newest first), and stops the

@@ -58,6 +58,25 @@ pub(crate) fn hand_over_garbage() {
     }
 }
 
+/// Hands the calling thread's retired memory over and tries to advance the
+/// global epoch far enough to run it: what this thread removed is then
+/// dropped (or, for user destructors, queued for the finalizer thread)
+/// before this returns, unless another thread is pinned meanwhile. Never
+/// blocks: a few collection steps, each of which advances the epoch only
+/// if every pinned thread has caught up.
+pub(crate) fn push_garbage_through() {
+    #[cfg(not(weakrefs_loom))]
+    {
+        hand_over_garbage();
+        // An epoch ends only once every thread pinned in it has unpinned;
+        // a bag sealed in epoch `e` is freed from epoch `e + 2` on, so
+        // three steps suffice when no other thread is pinned.
+        for _ in 0..3 {
+            Reclaimer::global().pin().flush();
+        }
+    }
+}
+
 /// Where retired memory goes: crossbeam's global collector or one of the
 /// caller's own.
 #[derive(Debug, Default)]

@@ -216,19 +216,20 @@ fn a_removal_racing_a_rebuild_drops_every_key_once() {
     loom::model(|| {
         let map: Arc<weakrefs::WeakValueMap<TrackedKey, u8, BuildHasherDefault<IdHasher>>> =
             Arc::new(weakrefs::WeakValueMap::default());
-        let values: Vec<_> = (0u8..3).map(Strong::new).collect();
+        // One insert past 3/4 of the two starting slots rebuilds (with
+        // a second, the model exceeds loom's branch limit now that the
+        // rebuild clones keys).
+        let values: Vec<_> = (0u8..2).map(Strong::new).collect();
         map.insert(TrackedKey::new(0), &values[0]);
         let remover = {
             let map = map.clone();
             thread::spawn(move || map.remove(&TrackedKey::new(0)).map(|v| *v))
         };
-        for value in &values[1..] {
-            map.insert(TrackedKey::new(**value), value);
-        }
+        map.insert(TrackedKey::new(1), &values[1]);
         assert_eq!(remover.join().unwrap(), Some(0));
-        assert_eq!(map.len(), 2);
+        assert_eq!(map.len(), 1);
         assert!(map.get(&TrackedKey::new(0)).is_none());
-        assert_eq!(map.get(&TrackedKey::new(2)).as_deref(), Some(&2));
+        assert_eq!(map.get(&TrackedKey::new(1)).as_deref(), Some(&1));
     });
 }
 

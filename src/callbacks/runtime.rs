@@ -678,8 +678,10 @@ impl Runtime {
                 continue;
             }
             // Idle: what the callbacks retired (a map's removed entries)
-            // must not wait for the next death to be freed.
-            crate::reclaim::hand_over_garbage();
+            // must not wait for the next death to be freed. Collecting it
+            // may queue more work (a removed value's destructor), which the
+            // check below then finds.
+            crate::reclaim::push_garbage_through();
             // Relaxed: ordered by the fence (C8).
             self.worker_sleeping.store(true, Ordering::Relaxed);
             // SeqCst fence (C8): pairs with the producers' fence in

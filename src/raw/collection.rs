@@ -5,7 +5,6 @@
 use crate::callbacks::global;
 use crate::finalizer::{finalize_unlisted, Finalizer};
 use crate::raw::table::{Relocatable, ShardWriter, ShardedTable};
-use crate::reclaim::Pinned;
 use crate::strong::Strong;
 use crate::weak::Weak;
 
@@ -20,18 +19,6 @@ pub(crate) trait Watching: Relocatable + Send + Sync + 'static {
     /// The death callback that removes this entry; detached when the entry
     /// goes any other way (M5).
     fn finalizer(&self) -> &Finalizer;
-
-    /// Called once a removal that hands nothing back (a death, `retain`,
-    /// `clear`, `purge`) has unlinked this entry: after the shard's lock is
-    /// released, by a thread pinned since before the unlink, so the entry's
-    /// deferred drop cannot have run. `WeakKeyMap` disposes of its value
-    /// here as soon as no reader borrows it (K5); nothing runs under the
-    /// lock.
-    fn unlinked(&self) {}
-
-    /// True if [`unlinked`](Self::unlinked) does anything: only then do
-    /// the removal paths pay for staying pinned past the unlock to call it.
-    const HAS_UNLINKED: bool = false;
 }
 
 /// A collection's shared core: what its removal callbacks reach through a
@@ -73,27 +60,24 @@ where
         let Some(core) = collection.upgrade() else {
             return;
         };
-        let pinned = I::HAS_UNLINKED.then(|| core.table().pin());
         let removed_here = match core.table().try_write(hash) {
             Some(writer) => {
-                remove_watching(writer, pinned.as_ref(), hash, &dead);
+                remove_watching(writer, hash, &dead);
                 true
             }
             None => false,
         };
-        drop(pinned);
         if !removed_here && !global().is_closed() {
             global().post(move || {
                 // Inline if shutdown closed the queue meanwhile: then this
                 // runs where the death happened, and must not wait.
-                let pinned = I::HAS_UNLINKED.then(|| core.table().pin());
                 let writer = if global().is_closed() {
                     core.table().try_write(hash)
                 } else {
                     Some(core.table().write(hash))
                 };
                 if let Some(writer) = writer {
-                    remove_watching(writer, pinned.as_ref(), hash, &dead);
+                    remove_watching(writer, hash, &dead);
                 }
             });
             return;
@@ -107,25 +91,9 @@ where
 }
 
 /// Removes, under `writer`, the entry filed under `hash` that watches
-/// `dead`; then, after the unlock, tells it so (`Watching::unlinked`, if
-/// the entry has one). `pinned`, taken before the writer when
-/// `I::HAS_UNLINKED`, keeps the entry readable until then.
-fn remove_watching<I: Watching>(
-    mut writer: ShardWriter<'_, I>,
-    pinned: Option<&Pinned>,
-    hash: u64,
-    dead: &Weak<I::Target>,
-) {
-    let removed = writer
-        .remove(hash, |item| item.watched().ptr_eq(dead))
-        .map(|item| item as *const I);
-    drop(writer);
-    if let (Some(item), Some(_pinned)) = (removed, pinned) {
-        // SAFETY: unlinked under the writer by a thread pinned since before
-        // (`_pinned`): its deferred drop, and its table's release, cannot
-        // run before that pin ends (I7, M9).
-        unsafe { (*item).unlinked() };
-    }
+/// `dead`; its drop follows once no reader can see it (M2).
+fn remove_watching<I: Watching>(mut writer: ShardWriter<'_, I>, hash: u64, dead: &Weak<I::Target>) {
+    writer.remove(hash, |item| item.watched().ptr_eq(dead));
 }
 
 /// Iterates `table` shard by shard, snapshotting one shard at a time
@@ -176,7 +144,6 @@ pub(crate) fn retain_live<I: Watching>(
             },
             |item| {
                 item.finalizer().detach();
-                item.unlinked();
             },
         );
         drop(held);
@@ -191,9 +158,7 @@ pub(crate) fn clear<I: Watching>(table: &ShardedTable<I>) {
             |_| false,
             |item| {
                 item.finalizer().detach();
-                item.unlinked();
             },
-            I::HAS_UNLINKED,
         );
     }
 }
@@ -202,13 +167,6 @@ pub(crate) fn clear<I: Watching>(table: &ShardedTable<I>) {
 /// their callbacks. Returns how many.
 pub(crate) fn purge<I: Watching>(table: &ShardedTable<I>) -> usize {
     (0..table.shard_len())
-        .map(|shard| {
-            table.retain_locked(
-                shard,
-                |item| item.watched().is_alive(),
-                I::unlinked,
-                I::HAS_UNLINKED,
-            )
-        })
+        .map(|shard| table.retain_locked(shard, |item| item.watched().is_alive(), |_| {}))
         .sum()
 }

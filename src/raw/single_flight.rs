@@ -1,4 +1,4 @@
-//! Single-flight loads, shared by both maps (SAFETY.md, M6 and K6).
+//! Single-flight loads, shared by both maps (SAFETY.md, M6 and K3).
 //!
 //! A load is registered under a shard's writer lock by the first caller
 //! that finds no live entry for its key; later callers for that key find

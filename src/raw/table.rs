@@ -413,28 +413,18 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
     }
 
     /// Removes from shard `index`, under its lock, every item `keep`
-    /// rejects, and passes each removed item to `on_remove`: under the
-    /// lock, or, if `after_unlock`, after it, still pinned (so they stay
-    /// readable), for an `on_remove` that may run user code. Returns how
-    /// many it removed.
+    /// rejects, and passes each removed item to `on_remove`, under the
+    /// lock (it must run no user code). Returns how many it removed.
     pub(crate) fn retain_locked(
         &self,
         index: usize,
         keep: impl FnMut(&I) -> bool,
         on_remove: impl FnMut(&I),
-        after_unlock: bool,
     ) -> usize {
-        // Taken before the unlinks, and only when needed: a pin is not free.
-        let pinned = after_unlock.then(|| self.pin());
         let mut writer = self.write_shard(index);
         let removed = writer.retain_all(keep);
-        if after_unlock {
-            drop(writer);
-        }
-        // SAFETY: unlinked just now, and either the writer is still alive
-        // or we have been pinned since before the unlinks (and unpin below).
+        // SAFETY: unlinked just now by `writer`, which is still alive.
         unsafe { each_removed(&removed, on_remove) };
-        drop(pinned);
         removed.len()
     }
 
@@ -950,12 +940,20 @@ impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
                 });
             }
         }
+        let retired_tables = !garbage.tables.is_empty();
         for (table, without) in garbage.tables.into_iter() {
             // SAFETY: replaced under the mutex, so no reader that pins from
             // now on can reach it (2); the function owns the shard's
             // reference (1), and its full slots but `without` hold
             // relocated originals (`retire`'s 2).
             unsafe { pinned.defer(move || retire(table, without, runtime)) };
+        }
+        if I::DROP_RUNS_USER_CODE || (retired_tables && std::mem::needs_drop::<I::LeftBehind>()) {
+            // User destructors wait in this thread's bag of retired
+            // functions until it is handed over, which an idle thread never
+            // does: hand it over now, so that any thread's collection (the
+            // finalizer thread's when idle, `flush`) can run them (M10).
+            pinned.flush();
         }
     }
 }
