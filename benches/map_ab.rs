@@ -15,6 +15,10 @@
 //!   every read a hit. The peers hold `std::sync::Weak`: `DashMap`,
 //!   `scc::HashIndex`, `scc::HashMap`, `papaya::HashMap`, and on one
 //!   thread an unsynchronised `std::collections::HashMap` (the floor).
+//! * `key_map_with` at 100 000 live keys, on each thread count:
+//!   `WeakKeyMap::with` reading a `u64` out of the value, against
+//!   `DashMap<usize, u64>` keyed by the object's address (the hand-rolled
+//!   side table).
 //! * `churn`, one thread: insert a fresh value under one of 1 024 keys, then
 //!   drop it. This crate removes each dead entry at its death; `DashMap`
 //!   sweeps with `retain` every 1 024 inserts and, separately, every
@@ -236,6 +240,46 @@ fn churn_dash(map: &DashMap<u64, StdWeak<u64>>, sweep_every: u64) -> f64 {
     CHURN_OPS as f64 / began.elapsed().as_secs_f64()
 }
 
+/// `WeakKeyMap::with` against a `DashMap` side table keyed by address.
+fn key_map_case(rounds: usize, threads: usize) -> Vec<Row> {
+    const KEYS: usize = 100_000;
+    let ours_keys: Vec<weakrefs::Strong<u64>> =
+        (0..KEYS as u64).map(weakrefs::Strong::new).collect();
+    let their_keys: Vec<Arc<u64>> = (0..KEYS as u64).map(Arc::new).collect();
+    let ours = weakrefs::WeakKeyMap::new();
+    for key in &ours_keys {
+        ours.insert(key, **key);
+    }
+    let dash: DashMap<usize, u64> = DashMap::new();
+    for key in &their_keys {
+        dash.insert(Arc::as_ptr(key) as usize, **key);
+    }
+    let run = |look: &(dyn Fn(usize) -> u64 + Sync)| {
+        let span = on_threads(threads, |t| {
+            let mut stream = KeyStream::new(KEYS as u64, false, t);
+            for _ in 0..READS {
+                let key = stream.next() as usize;
+                assert_eq!(look(black_box(key)), key as u64);
+            }
+        });
+        (READS * threads as u64) as f64 / span.as_secs_f64()
+    };
+    let names = ["weakrefs", "dashmap_by_address"];
+    let rates = interleaved(names.len(), rounds, |which| match which {
+        0 => run(&|i| ours.with(&ours_keys[i], |v| *v).expect("present")),
+        _ => run(&|i| {
+            *dash
+                .get(&(Arc::as_ptr(&their_keys[i]) as usize))
+                .expect("present")
+        }),
+    });
+    rows(
+        &format!("key_map_with/{KEYS}_keys/{threads}_thread"),
+        &names,
+        &rates,
+    )
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; a test run (`cargo test --benches`)
     // does not, and gets one quick round.
@@ -261,6 +305,9 @@ fn main() {
                 &rates,
             ));
         }
+    }
+    for threads in thread_counts() {
+        table.extend(key_map_case(rounds, threads));
     }
     let ours = weakrefs::WeakValueMap::new();
     let dash = DashMap::new();

@@ -137,8 +137,18 @@ where
 /// Reads ([`get`](Self::get), [`contains_key`](Self::contains_key),
 /// iteration) take no lock and never block. Writes lock one shard at a
 /// time and never block readers. Keys' `Eq` (and `Borrow`, with the
-/// borrowed form's `Eq`, in [`remove`](Self::remove)) run while a shard is
-/// locked and must not use the same map; `Hash` runs before locking.
+/// borrowed form's `Eq`, in [`remove`](Self::remove)) and `Clone` run
+/// while a shard is locked and must not use the same map; `Hash` runs
+/// before locking.
+///
+/// Keys are stored inline, where lookups probe. When a shard's table grows
+/// or sheds its removed entries, its keys are *cloned* into the new table
+/// (never copied bitwise, since a reader's `Eq` may be writing through
+/// `&K` at that moment), and the originals are dropped on the finalizer
+/// thread once no reader can see them: hence `K: Clone`, and keys are
+/// cloned, and dropped, some unspecified number of times. A `Clone` that
+/// panics makes the insert that grew the table panic and leaves the map as
+/// it was (the next insert that grows that shard tries again).
 /// A removed entry's key is dropped on the finalizer thread once no reader
 /// can still see it; keys still in the map when it goes are dropped by
 /// whoever drops its last handle, never by a dying value's thread. A

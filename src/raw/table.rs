@@ -247,7 +247,8 @@ unsafe fn release<I>(table: *const Table<I>) {
 
 /// Writer-side bookkeeping of one shard, under its mutex.
 struct ShardState {
-    /// Slots of the current table that are not empty (full or tombstones).
+    /// Slots of the current table that are not empty (full, tombstones or
+    /// free): a free slot is filled again without counting anew.
     used: usize,
 }
 
@@ -698,6 +699,10 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
         // has changed and the item is dropped after the unlock, like
         // everything a writer lets go of (its key's destructor is user code
         // too).
+        debug_assert!(
+            self.garbage.unpublished.is_none(),
+            "a writer is not reused after a panic"
+        );
         let pending = self.garbage.unpublished.insert(item);
         let old = find(table, tag, |old| same(old, pending)).ok();
         self.garbage.items.reserve_one();
@@ -825,13 +830,16 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
                 if !is_full(moving) || Some(index) == without {
                     continue;
                 }
+                // Found first: from `relocate` on, nothing but `relocate`
+                // itself may panic, since dropping the copy whole would
+                // drop pointers the original still owns.
+                let target = &new.slots[first_empty(&new, moving)];
                 // SAFETY: full (1), under the mutex (2). The copy is
                 // published below, or taken apart if a later one panics,
                 // and the original is then dropped only as a left-behind
                 // (`retire`), or whole if this rebuild is abandoned
                 // (`relocate`'s 1).
                 let copy = unsafe { I::relocate(old.item(index)) };
-                let target = &new.slots[first_empty(&new, moving)];
                 // SAFETY: empty and unpublished: nobody else reads it.
                 target.item.with_mut(|cell| unsafe { (*cell).write(copy) });
                 // Relaxed: published by the table's Release store below.
@@ -843,6 +851,13 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
         let items = match relocated {
             Ok(items) => items,
             Err(payload) => {
+                let copies = new
+                    .slots
+                    .iter()
+                    // Relaxed: the new table is ours alone.
+                    .filter(|slot| is_full(slot.tag.load(Ordering::Relaxed)))
+                    .count();
+                self.garbage.abandoned.reserve_exact(copies);
                 for slot in new.slots.iter() {
                     // Relaxed: the new table is ours alone.
                     if is_full(slot.tag.load(Ordering::Relaxed)) {
@@ -893,9 +908,14 @@ impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
     fn drop(&mut self) {
         drop(self.state.take());
         let garbage = std::mem::take(&mut self.garbage);
-        // After the unlock: user code.
-        drop(garbage.unpublished);
-        drop(garbage.abandoned);
+        // After the unlock: user code, dropped here only on a panic's way
+        // out (a failed `Eq` or `Clone`), where a second panic would abort.
+        if garbage.unpublished.is_some() || !garbage.abandoned.is_empty() {
+            catch_and_report("an unpublished entry's destructor", || {
+                drop(garbage.unpublished);
+                drop(garbage.abandoned);
+            });
+        }
         if garbage.items.is_empty() && garbage.tables.is_empty() {
             return;
         }
@@ -962,9 +982,12 @@ impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
 /// free for a writer to fill again (M2).
 fn free_slot<I>(slot: &Slot<I>) {
     // Release (M2): pairs with the Acquire load in `vacancy`, so the
-    // writer that fills the slot again writes after our drop's last access.
-    // A slot a rebuild has since left behind is never filled again; the
-    // store is then harmless.
+    // writer that fills the slot again writes after our drop's last access;
+    // and with readers' Acquire tag loads, so a reader that sees `FREE`
+    // goes on to find a replacement published before the unlink, as one
+    // that sees `TOMBSTONE` does. A slot of a retired table (a tombstone,
+    // or the item a rebuild left out, dropped whole) is never filled
+    // again; the store is then harmless.
     slot.tag.store(FREE, Ordering::Release);
 }
 
