@@ -217,9 +217,11 @@ impl fmt::Debug for Finalizer {
 /// it returns once the finalizer thread catches up. It does not wait for
 /// callbacks that run outside the queue ([`Finalizer::call`], `shutdown`,
 /// inline after `shutdown`). Called from inside a callback it cannot wait
-/// (it would wait for itself): it runs whatever is queued now on the
-/// calling thread and returns, so callbacks of the batch it is part of may
-/// still be pending.
+/// (it would wait for itself): on the finalizer thread it returns at once,
+/// and the loop running the callback runs what is queued next, so chains
+/// of callbacks that flush never pile up on the stack; elsewhere (inside
+/// [`Finalizer::call`]) it runs what is queued on the calling thread until
+/// the queue is empty.
 ///
 /// ```
 /// use std::sync::atomic::{AtomicBool, Ordering};
@@ -265,10 +267,12 @@ const FLUSH_ROUNDS: usize = 16;
 /// Afterwards callbacks run inline, in the thread that drops an object's
 /// last `Strong`, so none is ever lost: one that `shutdown` skipped
 /// (`atexit` unset) still runs when its object dies; one that `shutdown`
-/// ran never runs again. (Inline callbacks nest: a callback that drops the
-/// last handle of another object runs that object's callbacks before it
-/// returns.) Rust has no interpreter exit to hook: call it at the end of
-/// `main` if `atexit` callbacks matter.
+/// ran never runs again. (Inline callbacks do not nest: a callback that
+/// drops the last handle of another object returns first, and that
+/// object's callbacks run next, before the outermost drop returns; so a
+/// chain of any length needs no more stack than one link.) Rust has no
+/// interpreter exit to hook: call it at the end of `main` if `atexit`
+/// callbacks matter.
 ///
 /// A call made while another thread's `shutdown` is running waits for it
 /// to finish, so returning always means the atexit pass is over; a call

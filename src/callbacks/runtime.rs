@@ -46,10 +46,26 @@ pub(crate) type ObjectCallbacks = EntryList<ObjectLink>;
 
 thread_local! {
     /// Callbacks running on this thread right now (they may nest: a
-    /// callback that drops the last handle of an object after `shutdown`).
+    /// callback that calls `Finalizer::call`).
     // loom's `thread_local!` takes no `const` initialiser.
     #[allow(clippy::missing_const_for_thread_local)]
     static CALLBACK_DEPTH: std::cell::Cell<usize> = std::cell::Cell::new(0);
+
+    /// Set while this thread runs queued batches (`run_taken`): a `flush`
+    /// inside one of them returns at once, for the loop it is part of runs
+    /// what is queued next, so chains of callbacks that flush never nest on
+    /// the stack (C15).
+    #[allow(clippy::missing_const_for_thread_local)]
+    static DRAINING: std::cell::Cell<bool> = std::cell::Cell::new(false);
+
+    /// After `shutdown`, the chains this thread must still run inline:
+    /// `Some` while an inline delivery loop runs on this thread, which
+    /// takes the chains that arise inside it (a callback dropping the last
+    /// handle of another object) in order, instead of running them nested
+    /// on the stack (C15).
+    #[allow(clippy::missing_const_for_thread_local)]
+    static INLINE: std::cell::RefCell<Option<std::collections::VecDeque<(usize, u64)>>> =
+        std::cell::RefCell::new(None);
 }
 
 /// Process-wide counters, as `weakrefs::stats()` reports them. Producers
@@ -313,8 +329,7 @@ impl Runtime {
                 // Shutdown has closed the queue (C9): run the chain here,
                 // in the dying thread, and take back our `pending`.
                 // SAFETY: a chain of claimed entries whose references we own.
-                unsafe { self.run_chain(batch) };
-                self.finish_pending(count);
+                unsafe { self.run_inline(batch, count) };
                 return;
             }
             // Relaxed: published by the CAS.
@@ -333,6 +348,57 @@ impl Runtime {
             }
         }
         self.wake_worker();
+    }
+
+    /// Runs a chain of `count` claimed entries on this thread, after
+    /// `shutdown`, never nested (C15): if this thread is running such a
+    /// chain already (this one arose inside it), it is appended to that
+    /// loop's list and runs when the loop gets to it, oldest first, before
+    /// the outermost inline delivery returns.
+    ///
+    /// # Safety
+    ///
+    /// 1. `batch` heads a chain of `count` entries this thread claimed,
+    ///    each owning one reference, not run yet, counted in `pending`.
+    unsafe fn run_inline(&self, batch: *mut Entry, count: u64) {
+        let queued = INLINE
+            .try_with(|inline| match inline.borrow_mut().as_mut() {
+                Some(later) => {
+                    later.push_back((batch as usize, count));
+                    true
+                }
+                None => false,
+            })
+            // During thread-local teardown: no loop to hand it to.
+            .unwrap_or(false);
+        if queued {
+            return;
+        }
+        let looping = INLINE
+            .try_with(|inline| *inline.borrow_mut() = Some(Default::default()))
+            .is_ok();
+        let mut next = Some((batch, count));
+        while let Some((batch, count)) = next {
+            // SAFETY: by 1 for the first; the others were handed over by
+            // calls whose own 1 held, and each is taken off the list once.
+            unsafe { self.run_chain(batch) };
+            self.finish_pending(count);
+            next = if looping {
+                INLINE.with(|inline| {
+                    let mut inline = inline.borrow_mut();
+                    let later = inline.as_mut().expect("set above, until the loop ends");
+                    match later.pop_front() {
+                        Some((batch, count)) => Some((batch as *mut Entry, count)),
+                        None => {
+                            *inline = None;
+                            None
+                        }
+                    }
+                })
+            } else {
+                None
+            };
+        }
     }
 
     /// Records `count` queued callbacks as finished and wakes a waiting
@@ -432,6 +498,16 @@ impl Runtime {
     /// 1. `*newest_first` heads a stack of batches this thread took from the
     ///    queue (C7), or is null.
     unsafe fn run_taken(&self, mut newest_first: *mut Entry) -> u64 {
+        // While this runs, a `flush` inside a callback returns at once
+        // (C15); restored on the way out, as the outermost loop left it.
+        let outer = DRAINING.with(|draining| draining.replace(true));
+        struct Restore(bool);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                let _ = DRAINING.try_with(|draining| draining.set(self.0));
+            }
+        }
+        let _restore = Restore(outer);
         // Reverse the batches to run the oldest death first.
         let mut oldest_first = ptr::null_mut::<Entry>();
         while !newest_first.is_null() {
@@ -520,8 +596,16 @@ impl Runtime {
     /// the callback that is calling it).
     pub(crate) fn flush(&self) {
         let in_callback = CALLBACK_DEPTH.with(|depth| depth.get() > 0);
+        if in_callback && DRAINING.with(std::cell::Cell::get) {
+            // The drain loop running this callback runs what is queued
+            // next: draining here would nest one loop per flushing callback
+            // on this stack (C15).
+            return;
+        }
         if in_callback || self.has_no_worker() {
-            self.drain();
+            // Until empty: a callback's own `flush` leaves what it queued to
+            // this loop.
+            while self.drain() > 0 {}
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
