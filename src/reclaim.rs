@@ -48,7 +48,7 @@ thread_local! {
 /// queue, if it retired any since its last flush. A thread about to go idle
 /// calls it, so that what it retired last (up to [`FLUSH_EVERY`] - 1 items:
 /// keys, dead values' blocks) is not held until it next retires.
-#[cfg(any(test, not(weakrefs_loom)))]
+#[cfg(not(weakrefs_loom))]
 pub(crate) fn hand_over_garbage() {
     let retired = RETIRED_SINCE_FLUSH
         .try_with(|count| count.replace(0))

@@ -238,3 +238,60 @@ fn a_load_asking_for_its_own_key_panics_across_sync_and_async() {
         20
     );
 }
+
+/// A waker that counts nothing but its own handles: a load that keeps a
+/// dropped waiter's waker shows up in `Arc::strong_count`.
+struct Noticed;
+
+impl std::task::Wake for Noticed {
+    fn wake(self: Arc<Self>) {}
+}
+
+/// F4: a waiter's future dropped mid-wait takes its waker back out of the
+/// load at once, so a hung load under retrying clients holds nothing of
+/// the waiters that gave up (each kept waker used to keep its task alive
+/// until the load settled).
+#[test]
+fn a_dropped_waiter_leaves_nothing_in_a_hung_load() {
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+
+    let map: WeakValueMap<u32, u32> = WeakValueMap::new();
+    let leader_wake = Arc::new(Noticed);
+    let leader_waker = Waker::from(leader_wake.clone());
+    // A load that never finishes: its `init` waits forever.
+    let mut leader = Box::pin(map.get_or_insert_with_async(1, std::future::pending));
+    assert!(leader
+        .as_mut()
+        .poll(&mut Context::from_waker(&leader_waker))
+        .is_pending());
+    let waiters = if cfg!(miri) { 20 } else { 200_000 };
+    for _ in 0..waiters {
+        let wake = Arc::new(Noticed);
+        let waker = Waker::from(wake.clone());
+        let mut waiter = Box::pin(map.get_or_insert_with_async(1, || async { 2 }));
+        let poll = waiter.as_mut().poll(&mut Context::from_waker(&waker));
+        assert!(matches!(poll, Poll::Pending), "the load is in flight");
+        // Ours, the `Waker`'s, and the load's copy.
+        assert_eq!(Arc::strong_count(&wake), 3);
+        drop(waiter); // a client gives up (a timeout, a closed connection)
+        assert_eq!(
+            Arc::strong_count(&wake),
+            2,
+            "the load kept a dropped waiter's waker"
+        );
+    }
+    // A waiter still waiting is woken when the leader goes, and leads.
+    let wake = Arc::new(Noticed);
+    let waker = Waker::from(wake.clone());
+    let mut last = Box::pin(map.get_or_insert_with_async(1, || async { 3 }));
+    assert!(last
+        .as_mut()
+        .poll(&mut Context::from_waker(&waker))
+        .is_pending());
+    drop(leader);
+    match last.as_mut().poll(&mut Context::from_waker(&waker)) {
+        Poll::Ready(value) => assert_eq!(*value, 3),
+        Poll::Pending => panic!("the waiter took the failed load over and its init is ready"),
+    }
+}

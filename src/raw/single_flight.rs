@@ -15,7 +15,9 @@
 //! takes over.
 
 use std::future::{poll_fn, Future};
+use std::pin::Pin;
 use std::sync::PoisonError;
+use std::task::Context;
 use std::task::{Poll, Waker};
 
 use crate::strong::Strong;
@@ -96,7 +98,61 @@ pub(crate) struct Flight<Q, R> {
 /// A load's outcome so far, and the async waiters to wake when it comes.
 struct Settled<R> {
     state: State<R>,
-    wakers: Vec<Waker>,
+    wakers: Wakers,
+}
+
+/// The wakers of a load's async waiters, each in a slot its waiter owns
+/// until it is woken or dropped: a waiter that goes away (its future
+/// dropped, a `timeout`) frees its slot in O(1), so a load that hangs
+/// holds memory for its live waiters only, and no dropped task's waker.
+#[derive(Default)]
+struct Wakers {
+    slots: Vec<Option<Waker>>,
+    /// Indices of the empty slots, reused first.
+    free: Vec<usize>,
+}
+
+impl Wakers {
+    /// Stores `waker` in slot `slot` (if the waiter has one) or in a new
+    /// slot; returns the slot.
+    fn register(&mut self, slot: Option<usize>, waker: &Waker) -> usize {
+        match slot {
+            Some(slot) => {
+                match &mut self.slots[slot] {
+                    Some(held) if held.will_wake(waker) => {}
+                    other => *other = Some(waker.clone()),
+                }
+                slot
+            }
+            None => match self.free.pop() {
+                Some(slot) => {
+                    self.slots[slot] = Some(waker.clone());
+                    slot
+                }
+                None => {
+                    self.slots.push(Some(waker.clone()));
+                    self.slots.len() - 1
+                }
+            },
+        }
+    }
+
+    /// Frees `slot`, whose waiter went away; returns its waker, to be
+    /// dropped after the unlock (a waker's drop is the executor's code).
+    /// Gives the memory back once every slot is free.
+    fn unregister(&mut self, slot: usize) -> Option<Waker> {
+        let waker = self.slots[slot].take();
+        self.free.push(slot);
+        if self.free.len() == self.slots.len() {
+            *self = Wakers::default();
+        }
+        waker
+    }
+
+    /// Every waiter's waker, leaving none.
+    fn take_all(&mut self) -> impl Iterator<Item = Waker> {
+        std::mem::take(self).slots.into_iter().flatten()
+    }
 }
 
 enum State<R> {
@@ -172,7 +228,7 @@ impl<Q: Send + Sync + 'static, R: Send + Sync + 'static> Flights<Q, R> {
             key: Mutex::new(key.take()),
             state: Mutex::new(Settled {
                 state: State::Running,
-                wakers: Vec::new(),
+                wakers: Wakers::default(),
             }),
             settled: Condvar::new(),
         });
@@ -219,23 +275,71 @@ impl<Q, R: Clone> Flight<Q, R> {
     }
 
     /// [`wait`](Self::wait) without blocking the thread: the future
-    /// registers its task's waker with the load, which settling wakes.
-    pub(crate) fn wait_async(&self) -> impl Future<Output = Option<R>> + '_ {
-        poll_fn(move |cx| {
-            let mut settled = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-            let outcome = match &settled.state {
-                State::Running => {
-                    if !settled.wakers.iter().any(|w| w.will_wake(cx.waker())) {
-                        settled.wakers.push(cx.waker().clone());
-                    }
-                    return Poll::Pending;
-                }
-                State::Done(outcome) => outcome.clone(),
-                State::Failed => return Poll::Ready(None),
-            };
-            drop(settled);
-            Poll::Ready(Some(R::clone(&outcome)))
-        })
+    /// registers its task's waker with the load, which settling wakes. A
+    /// future dropped before that takes its waker back out (F4).
+    pub(crate) fn wait_async(&self) -> Waiting<'_, Q, R> {
+        Waiting {
+            load: self,
+            slot: None,
+        }
+    }
+}
+
+/// An async waiter of a load: [`Flight::wait_async`]'s future.
+pub(crate) struct Waiting<'l, Q, R> {
+    load: &'l Flight<Q, R>,
+    /// Its slot in the load's wakers, once it has registered.
+    slot: Option<usize>,
+}
+
+impl<Q, R: Clone> Future for Waiting<'_, Q, R> {
+    type Output = Option<R>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut settled = self
+            .load
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let outcome = match &settled.state {
+            State::Running => {
+                let slot = settled.wakers.register(self.slot, cx.waker());
+                drop(settled);
+                self.slot = Some(slot);
+                return Poll::Pending;
+            }
+            State::Done(outcome) => outcome.clone(),
+            State::Failed => {
+                drop(settled);
+                self.slot = None;
+                return Poll::Ready(None);
+            }
+        };
+        drop(settled);
+        // Settling took every waker: the slot is gone with them.
+        self.slot = None;
+        Poll::Ready(Some(R::clone(&outcome)))
+    }
+}
+
+impl<Q, R> Drop for Waiting<'_, Q, R> {
+    fn drop(&mut self) {
+        let Some(slot) = self.slot.take() else {
+            return;
+        };
+        let mut settled = self
+            .load
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // Once settled, the wakers were taken (and woken): nothing of ours
+        // is left to free.
+        let waker = match settled.state {
+            State::Running => settled.wakers.unregister(slot),
+            _ => None,
+        };
+        drop(settled);
+        drop(waker);
     }
 }
 
@@ -270,7 +374,7 @@ impl<Q, R> Drop for Settle<'_, Q, R> {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         settled.state = outcome;
-        let wakers = std::mem::take(&mut settled.wakers);
+        let wakers: Vec<Waker> = settled.wakers.take_all().collect();
         drop(settled);
         self.load.settled.notify_all();
         // After the unlock: a waker may run its task right here. One that
@@ -359,4 +463,58 @@ pub(crate) async fn lead_async<Q, R, T, E>(
     })
     .await?;
     Ok(guard.finish(made))
+}
+
+/// Loom model (SAFETY.md, M6, F4): an async waiter that registers with a
+/// load and is then dropped, racing the leader settling it. Whichever
+/// comes first, the waiter's waker is released exactly once (by the drop
+/// that frees its slot, or by the settling that takes and wakes it), and
+/// nothing is left registered. Run by `.ci/loom`.
+#[cfg(all(test, weakrefs_loom))]
+mod loom_model {
+    use super::*;
+    use loom::thread;
+    use std::sync::Arc;
+    use std::task::{Context, Wake};
+
+    struct Noticed;
+
+    impl Wake for Noticed {
+        fn wake(self: Arc<Self>) {}
+    }
+
+    #[test]
+    fn a_dropped_waiter_races_the_settling() {
+        loom::model(|| {
+            let flights: Flights<u8, u8> = Flights::new(1);
+            let Joined::Lead(load) =
+                flights.join_or_lead(0, 7, &mut Some(7), |a, b| a == b, "model", false)
+            else {
+                unreachable!("no load was in flight");
+            };
+            let wake = Arc::new(Noticed);
+            let waiter = {
+                let (load, wake) = (load.clone(), wake.clone());
+                thread::spawn(move || {
+                    let waker = Waker::from(wake);
+                    let mut waiting = load.wait_async();
+                    let poll = Pin::new(&mut waiting).poll(&mut Context::from_waker(&waker));
+                    // Pending (registered) or ready (settled first); either
+                    // way the future goes now, as a cancelled one does.
+                    drop(waiting);
+                    poll.is_ready()
+                })
+            };
+            {
+                let mut settle = Settle::new(&*load);
+                settle.outcome = Some(5);
+            }
+            let _ready = waiter.join().unwrap();
+            // Only ours is left: the waiter's handle went with its thread,
+            // and the load holds no copy.
+            assert_eq!(Arc::strong_count(&wake), 1);
+            let settled = load.state.lock().unwrap_or_else(PoisonError::into_inner);
+            assert!(settled.wakers.slots.is_empty());
+        });
+    }
 }
