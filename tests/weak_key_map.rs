@@ -487,3 +487,32 @@ fn removing_the_key_being_read_from_a_thread_local_destructor_does_not_hang() {
     assert_eq!(outcome, Some(true));
     assert!(!map.contains_key(&key));
 }
+
+/// C15, M10: a 200 000-link cascade (each value holds the only `Strong` to
+/// the previous key) started on a 2 MiB thread: each link dies on the
+/// finalizer thread, one after another, never nested on a stack.
+#[test]
+fn a_long_cascade_never_nests() {
+    let links = if cfg!(miri) { 30 } else { 200_000 };
+    let map: Arc<WeakKeyMap<usize, Option<Strong<usize>>>> = Arc::new(WeakKeyMap::new());
+    let mut next: Option<Strong<usize>> = None;
+    for link in 0..links {
+        let key = Strong::new(link);
+        map.insert(&key, next.take());
+        next = Some(key);
+    }
+    let head = next.expect("at least one link");
+    thread::Builder::new()
+        .stack_size(2 << 20)
+        .spawn(move || drop(head))
+        .expect("spawn")
+        .join()
+        .expect("the head's drop");
+    for _ in 0..links * 100 {
+        if map.is_empty() {
+            break;
+        }
+        flush();
+    }
+    assert!(map.is_empty(), "{} links left", map.len());
+}
