@@ -329,7 +329,13 @@ fn callback_chain(links: usize, flushing: bool, ran: &Arc<AtomicUsize>) -> Stron
 /// per link on its stack (it overflowed at about 12 000 links).
 #[test]
 fn a_chain_of_flushing_callbacks_does_not_nest() {
-    let links = if cfg!(miri) { 50 } else { 200_000 };
+    let links = if cfg!(miri) {
+        50
+    } else if cfg!(weakrefs_tsan) {
+        20_000
+    } else {
+        200_000
+    };
     let ran = Arc::new(AtomicUsize::new(0));
     let head = callback_chain(links, true, &ran);
     drop(head);

@@ -10,7 +10,13 @@ use std::thread;
 
 use weakrefs::{finalize, flush, shutdown, Strong, WeakKeyMap};
 
-const LINKS: usize = if cfg!(miri) { 50 } else { 200_000 };
+const LINKS: usize = if cfg!(miri) {
+    50
+} else if cfg!(weakrefs_tsan) {
+    20_000
+} else {
+    200_000
+};
 
 fn shut_down() {
     static SHUTDOWN: Once = Once::new();

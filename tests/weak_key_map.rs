@@ -493,7 +493,13 @@ fn removing_the_key_being_read_from_a_thread_local_destructor_does_not_hang() {
 /// finalizer thread, one after another, never nested on a stack.
 #[test]
 fn a_long_cascade_never_nests() {
-    let links = if cfg!(miri) { 30 } else { 200_000 };
+    let links = if cfg!(miri) {
+        30
+    } else if cfg!(weakrefs_tsan) {
+        20_000
+    } else {
+        200_000
+    };
     let map: Arc<WeakKeyMap<usize, Option<Strong<usize>>>> = Arc::new(WeakKeyMap::new());
     let mut next: Option<Strong<usize>> = None;
     for link in 0..links {
