@@ -1,6 +1,6 @@
 //! Bytes and allocations per live entry: `WeakValueMap<u64, u64>` against
-//! `DashMap<u64, std::sync::Weak<u64>>`, `RwLock<HashMap<..>>` and
-//! `papaya::HashMap<..>`, counted by a global allocator wrapper (heap bytes
+//! `DashMap<u64, std::sync::Weak<u64>>`, `RwLock<HashMap<..>>`,
+//! `scc::HashIndex<..>`, `scc::HashMap<..>` and `papaya::HashMap<..>`, counted by a global allocator wrapper (heap bytes
 //! live after inserting 100k entries, less the values themselves, once
 //! the epoch garbage of growth has been collected). Two rows for this crate:
 //! a map grown from empty, and one sized up front with `with_capacity`.
@@ -82,6 +82,26 @@ fn main() {
                     map.insert(**v, Arc::downgrade(v));
                 }
                 Box::new(RwLock::new(map))
+            }),
+        ),
+        (
+            "scc::HashIndex<u64, Weak<u64>>",
+            per_entry(|| {
+                let map = scc::HashIndex::new();
+                for v in &arcs {
+                    let _ = map.insert_sync(**v, Arc::downgrade(v));
+                }
+                Box::new(map)
+            }),
+        ),
+        (
+            "scc::HashMap<u64, Weak<u64>>",
+            per_entry(|| {
+                let map = scc::HashMap::new();
+                for v in &arcs {
+                    let _ = map.insert_sync(**v, Arc::downgrade(v));
+                }
+                Box::new(map)
             }),
         ),
         (

@@ -3,11 +3,15 @@
 //! * `dashmap`: `DashMap<K, std::sync::Weak<V>>`, get + upgrade;
 //! * `rwlock_hashmap`: `RwLock<HashMap<K, std::sync::Weak<V>>>`;
 //! * `rwlock_weak_table`: `RwLock<weak_table::WeakValueHashMap<K, Weak<V>>>`;
-//! * `papaya`: `papaya::HashMap<K, std::sync::Weak<V>>`.
+//! * `papaya`: `papaya::HashMap<K, std::sync::Weak<V>>`;
+//! * `scc_hash_index`, `scc_hash_map`: `scc::HashIndex` and `scc::HashMap`
+//!   of the same;
+//! * `std_hashmap_unsync`: a `std::collections::HashMap<K, Weak<V>>` read in
+//!   place with no lock at all (the floor; read-only here, so sound).
 //!
 //! Groups: `read_hit/{uniform,skewed}/{1,2}_thread` (100k live keys, every
-//! read hits); `read_hit_by_size/{1000..1000000}_keys` (this crate and
-//! `dashmap` only, 1 thread, uniform); `single_flight_hot_key/*`; and
+//! read hits); `read_hit_by_size/{1000..1000000}_keys` (this crate,
+//! `dashmap` and `scc_hash_index`, 1 thread, uniform); `single_flight_hot_key/*`; and
 //! `churn` (insert a fresh value, then it dies), where the baselines clean
 //! up with a periodic `retain` and this crate with its death callbacks.
 //! `cargo bench --bench maps`.
@@ -91,6 +95,56 @@ impl ReadMap for Papaya {
     }
 }
 
+struct SccIndex {
+    map: scc::HashIndex<u64, StdWeak<u64>>,
+    _values: Vec<Arc<u64>>,
+}
+impl ReadMap for SccIndex {
+    fn hit(&self, key: u64) -> bool {
+        self.map
+            .peek_with(&key, |_, weak| weak.upgrade())
+            .flatten()
+            .is_some()
+    }
+}
+
+struct SccMap {
+    map: scc::HashMap<u64, StdWeak<u64>>,
+    _values: Vec<Arc<u64>>,
+}
+impl ReadMap for SccMap {
+    fn hit(&self, key: u64) -> bool {
+        self.map
+            .read_sync(&key, |_, weak| weak.upgrade())
+            .flatten()
+            .is_some()
+    }
+}
+
+/// The floor: no lock, no pin (read-only, so sharing it is sound).
+struct Unsync {
+    map: HashMap<u64, StdWeak<u64>>,
+    _values: Vec<Arc<u64>>,
+}
+impl ReadMap for Unsync {
+    fn hit(&self, key: u64) -> bool {
+        self.map.get(&key).and_then(StdWeak::upgrade).is_some()
+    }
+}
+
+/// A `scc::HashIndex` of `keys` live values, grown from empty.
+fn scc_index(keys: u64) -> SccIndex {
+    let values: Vec<_> = (0..keys).map(Arc::new).collect();
+    let map = scc::HashIndex::with_capacity(keys as usize);
+    for v in &values {
+        let _ = map.insert_sync(**v, Arc::downgrade(v));
+    }
+    SccIndex {
+        map,
+        _values: values,
+    }
+}
+
 fn std_values() -> Vec<Arc<u64>> {
     (0..KEYS).map(Arc::new).collect()
 }
@@ -151,12 +205,34 @@ fn build_all() -> Vec<(&'static str, Box<dyn ReadMap>)> {
             _values: values,
         }
     };
+    let scc_map = {
+        let values = std_values();
+        let map = scc::HashMap::with_capacity(KEYS as usize);
+        for v in &values {
+            let _ = map.insert_sync(**v, Arc::downgrade(v));
+        }
+        SccMap {
+            map,
+            _values: values,
+        }
+    };
+    let unsync = {
+        let values = std_values();
+        let map = values.iter().map(|v| (**v, Arc::downgrade(v))).collect();
+        Unsync {
+            map,
+            _values: values,
+        }
+    };
     vec![
         ("weakrefs", Box::new(ours) as Box<dyn ReadMap>),
         ("dashmap", Box::new(dash)),
         ("rwlock_hashmap", Box::new(locked)),
         ("rwlock_weak_table", Box::new(weak_table)),
         ("papaya", Box::new(papaya)),
+        ("scc_hash_index", Box::new(scc_index(KEYS))),
+        ("scc_hash_map", Box::new(scc_map)),
+        ("std_hashmap_unsync", Box::new(unsync)),
     ]
 }
 
@@ -210,7 +286,7 @@ fn read_hits_by_size(c: &mut Criterion) {
         for v in &dash_values {
             dash.insert(**v, Arc::downgrade(v));
         }
-        let maps: [(&str, Box<dyn ReadMap>); 2] = [
+        let maps: [(&str, Box<dyn ReadMap>); 3] = [
             (
                 "weakrefs",
                 Box::new(Ours {
@@ -225,6 +301,7 @@ fn read_hits_by_size(c: &mut Criterion) {
                     _values: dash_values,
                 }),
             ),
+            ("scc_hash_index", Box::new(scc_index(keys))),
         ];
         let mut group = c.benchmark_group(format!("read_hit_by_size/{keys}_keys"));
         group.throughput(Throughput::Elements(1));

@@ -334,9 +334,10 @@ where
         self.read(key, V::clone)
     }
 
-    /// Applies `f` to the value under `key`'s object, without cloning it.
-    /// Lock-free; while `f` runs, a writer that would take this value back
-    /// waits.
+    /// Applies `f` to the value under `key`'s object, in place, without
+    /// cloning it. Lock-free; writers never wait for it: a value replaced
+    /// or removed while `f` runs stays valid until `f` returns, and is
+    /// dropped afterwards. `f` keeps the thread pinned: keep it short.
     ///
     /// ```
     /// use std::sync::Mutex;
@@ -621,12 +622,16 @@ where
         };
         drop(writer);
         drop(withdrawn);
-        // After the unlock: user code.
-        drop((value, shared, ours));
         // SAFETY: found in the current table under the lock, after
         // `_pinned` was taken: its drop is deferred past our pin (K1).
         let adopted = unsafe { &(*cell).value }.clone();
+        drop(_pinned);
         settle.outcome = Some(adopted.clone());
+        // User code, outside the pin and before the outcome is handed back
+        // (a panic then drops `adopted`, a local): our unused copies, then
+        // the waiters' wakers.
+        drop((value, shared, ours));
+        drop(settle);
         Some(adopted)
     }
 
@@ -700,9 +705,8 @@ where
 
     /// Keeps only the live entries for which `f` returns true; removes the
     /// rest (and any dead ones). `f` runs at most once per live entry,
-    /// without any lock held (not for an entry that a concurrent `insert`
-    /// or `remove` is taking back); an entry replaced or removed meanwhile
-    /// is left alone.
+    /// without any lock held; an entry replaced or removed meanwhile is
+    /// left alone.
     ///
     /// ```
     /// use weakrefs::{Strong, WeakKeyMap};

@@ -141,10 +141,41 @@ fn a_panicking_unused_init_in_weak_key_map_leaks_no_clone() {
     assert!(found.is_err());
     assert_eq!(Strong::strong_count(&value), 2);
     drop(key);
-    flush();
+    // The entry goes with its key at once; its value is dropped once no
+    // reader can see it (other tests here may be mid-lookup).
+    for _ in 0..100_000 {
+        flush();
+        if Strong::strong_count(&value) == 1 {
+            break;
+        }
+    }
     assert_eq!(
         Strong::strong_count(&value),
         1,
         "the entry went with its key"
     );
+}
+
+/// A failed load settles before its error is handed back: settling drops
+/// the load's key, and if that destructor panics, the error (here a
+/// handle) goes with the panic instead of leaking.
+#[test]
+fn a_panicking_key_destructor_after_a_failed_load_leaks_no_error() {
+    let map: WeakValueMap<DropBomb, u32> = WeakValueMap::new();
+    let held = Strong::new(0u8);
+    let failed = catch_unwind(AssertUnwindSafe(|| {
+        let error = held.clone();
+        map.try_get_or_insert_with(bomb(1), move || Err::<u32, _>(error))
+    }));
+    assert!(failed.is_err(), "the key's panic reaches the caller");
+    assert_eq!(Strong::strong_count(&held), 1);
+    let failed = catch_unwind(AssertUnwindSafe(|| {
+        let error = held.clone();
+        block_on(
+            map.try_get_or_insert_with_async(bomb(2), move || async move { Err::<u32, _>(error) }),
+        )
+    }));
+    assert!(failed.is_err());
+    assert_eq!(Strong::strong_count(&held), 1);
+    assert!(map.is_empty());
 }

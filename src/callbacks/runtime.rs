@@ -236,6 +236,14 @@ impl Runtime {
         self.dispatch(in_queue.into_link(), 1);
     }
 
+    /// True if batches are queued that no consumer has taken yet: a hint
+    /// (the queue may change at once), for work that batches itself.
+    pub(crate) fn has_queued_work(&self) -> bool {
+        // Relaxed: a hint; nothing is read through the pointer.
+        let head = self.queue.head.load(Ordering::Relaxed);
+        !head.is_null() && head != closed()
+    }
+
     /// True once `shutdown` has closed the queue: from then on posted work
     /// runs inline, where it arises. A caller with work that may block
     /// checks this first; a post racing the closing still runs inline (C9).
@@ -765,7 +773,11 @@ impl Runtime {
             // must not wait for the next death to be freed. Collecting it
             // may queue more work (a removed value's destructor), which the
             // check below then finds.
-            crate::reclaim::push_garbage_through();
+            // It runs other code's deferred functions too: a panic there
+            // must not end the worker.
+            crate::panics::catch_and_report("an epoch collection step", || {
+                crate::reclaim::push_garbage_through();
+            });
             // Relaxed: ordered by the fence (C8).
             self.worker_sleeping.store(true, Ordering::Relaxed);
             // SeqCst fence (C8): pairs with the producers' fence in

@@ -114,24 +114,25 @@ struct Wakers {
 
 impl Wakers {
     /// Stores `waker` in slot `slot` (if the waiter has one) or in a new
-    /// slot; returns the slot.
-    fn register(&mut self, slot: Option<usize>, waker: &Waker) -> usize {
+    /// slot; returns the slot, and the waker it replaced, to be dropped
+    /// after the unlock (a waker's drop is the executor's code).
+    fn register(&mut self, slot: Option<usize>, waker: &Waker) -> (usize, Option<Waker>) {
         match slot {
             Some(slot) => {
-                match &mut self.slots[slot] {
-                    Some(held) if held.will_wake(waker) => {}
-                    other => *other = Some(waker.clone()),
-                }
-                slot
+                let replaced = match &mut self.slots[slot] {
+                    Some(held) if held.will_wake(waker) => None,
+                    other => other.replace(waker.clone()),
+                };
+                (slot, replaced)
             }
             None => match self.free.pop() {
                 Some(slot) => {
                     self.slots[slot] = Some(waker.clone());
-                    slot
+                    (slot, None)
                 }
                 None => {
                     self.slots.push(Some(waker.clone()));
-                    self.slots.len() - 1
+                    (self.slots.len() - 1, None)
                 }
             },
         }
@@ -303,8 +304,9 @@ impl<Q, R: Clone> Future for Waiting<'_, Q, R> {
             .unwrap_or_else(PoisonError::into_inner);
         let outcome = match &settled.state {
             State::Running => {
-                let slot = settled.wakers.register(self.slot, cx.waker());
+                let (slot, replaced) = settled.wakers.register(self.slot, cx.waker());
                 drop(settled);
+                drop(replaced);
                 self.slot = Some(slot);
                 return Poll::Pending;
             }
@@ -443,9 +445,18 @@ pub(crate) fn lead<Q, R, T, E>(
     let guard = FailOnDrop::arm(load, &finish);
     let made = {
         let _running = Running::enter(guard.load(), true);
-        init()?
+        init()
     };
-    Ok(guard.finish(made))
+    match made {
+        Ok(made) => Ok(guard.finish(made)),
+        Err(error) => {
+            // Failed before the error is handed back: settling drops the
+            // load's key (user code), and a panic there must drop `error`,
+            // a local here, rather than strand it in a return under way.
+            drop(guard);
+            Err(error)
+        }
+    }
 }
 
 /// [`lead`] for an async `init`. If this future is dropped before `init`
@@ -461,8 +472,15 @@ pub(crate) async fn lead_async<Q, R, T, E>(
         let _running = Running::enter(guard.load(), false);
         init.as_mut().poll(cx)
     })
-    .await?;
-    Ok(guard.finish(made))
+    .await;
+    match made {
+        Ok(made) => Ok(guard.finish(made)),
+        Err(error) => {
+            // As in `lead`.
+            drop(guard);
+            Err(error)
+        }
+    }
 }
 
 /// Loom model (SAFETY.md, M6, F4): an async waiter that registers with a

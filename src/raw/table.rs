@@ -919,20 +919,79 @@ impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
         if garbage.items.is_empty() && garbage.tables.is_empty() {
             return;
         }
-        let pinned = self.table.pin();
         // Looked up now, not when the functions run: they may run while the
         // process (or a loom model) tears its statics down.
         let runtime = global();
-        for (table, index) in garbage.items.into_iter() {
-            // The item was unlinked under the mutex (a tombstone, or left out
-            // of the table that replaced its own). The deferred function
-            // owns one reference to its table, which keeps the slot
-            // allocated until it runs; it drops the item once (or moves it
-            // out once, for the finalizer thread to drop), frees the slot
-            // for reuse, then releases the reference. `I: Send` lets it run
-            // anywhere.
+        let retired = Retired {
+            items: garbage.items,
+            tables: garbage.tables,
+        };
+        let user_code = I::DROP_RUNS_USER_CODE
+            || (!retired.tables.is_empty() && std::mem::needs_drop::<I::LeftBehind>());
+        if user_code {
+            // Deferred from the finalizer thread, which hands its retired
+            // functions over whenever it goes idle: deferred here, they
+            // would wait in this thread's bag until it retires more, which
+            // an idle thread never does, and with them the user destructors
+            // they hand on (M10). Deferring later than the unlink only
+            // delays the free.
+            runtime.post(move || {
+                let pinned = Reclaimer::global().pin();
+                // SAFETY: `Retired::defer`'s conditions held when the
+                // writer made it, and nothing since has touched what it
+                // names (its functions own their table references).
+                unsafe { retired.defer(&pinned, runtime) };
+                drop(pinned);
+                if !runtime.has_queued_work() {
+                    // The last of a burst: push what the burst retired
+                    // through now, while this job still counts as pending,
+                    // so that a `flush` waiting on it also waits for the
+                    // destructors it hands on.
+                    crate::reclaim::push_garbage_through();
+                }
+            });
+        } else {
+            let pinned = self.table.pin();
+            // SAFETY: unlinked and replaced under the mutex just released,
+            // each with the table reference the writer took for it.
+            unsafe { retired.defer(&pinned, runtime) };
+        }
+    }
+}
+
+/// What a writer unlinked (items) and replaced (tables), each owning one
+/// reference to its table, to be handed to the epoch.
+struct Retired<I: Relocatable> {
+    items: Few<(*const Table<I>, usize)>,
+    tables: Few<(*const Table<I>, Option<usize>)>,
+}
+
+// SAFETY: the pointers name tables kept allocated by the references these
+// entries own (M9), and what the deferred functions do with the items
+// (drop them, or move them out) is sound on any thread for `I: Send`.
+unsafe impl<I: Relocatable + Send> Send for Retired<I> {}
+
+impl<I: Relocatable + Send + Sync + 'static> Retired<I> {
+    /// Queues a deferred function per removed item (drop it, free its
+    /// slot, release the table) and per replaced table (`retire`).
+    ///
+    /// # Safety
+    ///
+    /// 1. Each item was unlinked, and each table replaced, under its
+    ///    shard's mutex, which is released: no reader that pins from now
+    ///    on can reach them.
+    /// 2. Each entry owns one reference to its table; each table's full
+    ///    slots but its `without` hold relocated originals.
+    unsafe fn defer(self, pinned: &Pinned, runtime: &'static Runtime) {
+        for (table, index) in self.items.into_iter() {
+            // The deferred function owns one reference to its table, which
+            // keeps the slot allocated until it runs; it drops the item
+            // once (or moves it out once, for the finalizer thread to
+            // drop), frees the slot for reuse, then releases the reference.
+            // `I: Send` lets it run anywhere.
             // SAFETY: unlinked, so no reader that pins from now on can reach
-            // it (`defer`'s 2); the slot stays valid until it runs (1).
+            // it (`defer`'s 2, our 1); the slot stays valid until it runs
+            // (1, our 2).
             unsafe {
                 pinned.defer(move || {
                     let slot = &(*table).slots[index];
@@ -960,20 +1019,12 @@ impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
                 });
             }
         }
-        let retired_tables = !garbage.tables.is_empty();
-        for (table, without) in garbage.tables.into_iter() {
-            // SAFETY: replaced under the mutex, so no reader that pins from
-            // now on can reach it (2); the function owns the shard's
-            // reference (1), and its full slots but `without` hold
-            // relocated originals (`retire`'s 2).
+        for (table, without) in self.tables.into_iter() {
+            // SAFETY: replaced, so no reader that pins from now on can
+            // reach it (our 1); the function owns the shard's reference, and
+            // its full slots but `without` hold relocated originals
+            // (`retire`'s 1 and 2, our 2).
             unsafe { pinned.defer(move || retire(table, without, runtime)) };
-        }
-        if I::DROP_RUNS_USER_CODE || (retired_tables && std::mem::needs_drop::<I::LeftBehind>()) {
-            // User destructors wait in this thread's bag of retired
-            // functions until it is handed over, which an idle thread never
-            // does: hand it over now, so that any thread's collection (the
-            // finalizer thread's when idle, `flush`) can run them (M10).
-            pinned.flush();
         }
     }
 }

@@ -53,19 +53,21 @@ pub const SECTIONS: &[Section] = &[
                skewed ones (80% of reads on 1% of the keys), on each thread count of the run. \
                Against \
                `DashMap<u64, std::sync::Weak<u64>>`, `RwLock<HashMap<..>>`, \
-               `RwLock<weak_table::WeakValueHashMap<..>>` and `papaya::HashMap<..>`.",
-        why: "Reads here are bound by memory, not by instructions: the by-size section below \
-              shows this crate level with `DashMap` at 1 000 keys, where both fit in the core's \
-              caches, and behind from 10 000 keys on. Per entry, this crate keeps a 24-byte \
-              slot, an out-of-line key box allocated between callback nodes (a cache line of its \
-              own per key a lookup touches) and a value block 16 bytes larger than `Arc`'s; \
-              `DashMap` and the `RwLock<HashMap>` keep key and `Weak` inline in 16 bytes (the \
-              memory section below counts it). At 100 000 keys the smaller working sets still \
-              mostly hit this machine's caches, and this crate's does not. The key stays out of \
-              line because a table rebuild copies items bitwise while readers may be comparing \
-              keys: sound only if no reader can write an item's bytes, which a key type with \
-              interior mutability could (SAFETY.md, M3). `papaya`, lock-free too, also keeps \
-              each entry in an allocation of its own.",
+               `RwLock<weak_table::WeakValueHashMap<..>>`, `papaya::HashMap<..>`, \
+               `scc::HashIndex<..>` and `scc::HashMap<..>`, and an unsynchronised \
+               `std::collections::HashMap<..>` read in place (`std_hashmap_unsync`, the floor: \
+               no lock, no pin).",
+        why: "A read pins the epoch (one atomic swap), hashes the key, probes a table of \
+              32-byte slots (tag, key, the value's `Weak`, the entry's callback handle) kept at \
+              most 3/4 full, compares the key inline, and upgrades the value (a \
+              compare-and-swap on its count). Keys live in the slot: a table rebuild clones \
+              them into the new table rather than copying bytes a reader's `Eq` may be \
+              writing (SAFETY.md, M3). `DashMap` takes a read lock instead of the pin (two \
+              atomic operations) and probes 16-byte buckets; `scc::HashIndex` pins too and \
+              probes buckets of 16-byte entries behind a metadata word. At 100 000 keys every \
+              map's reads are bound by memory: the slot's line and the value's control block, \
+              which in this crate also holds the callback list and so is larger than \
+              `Arc`'s.",
     },
     Section {
         id: "map_read_sizes",
@@ -74,14 +76,13 @@ pub const SECTIONS: &[Section] = &[
         prefixes: &["read_hit_by_size/"],
         unit: "million lookups per second, 1 thread",
         what: "Uniform read hits on one thread, as above, at 1 000 to 1 000 000 live keys, \
-               against `DashMap<u64, std::sync::Weak<u64>>`: from maps that fit in the core's \
-               caches to maps that do not fit in any.",
+               against `DashMap<u64, std::sync::Weak<u64>>` and `scc::HashIndex<..>`: from maps \
+               that fit in the core's caches to maps that do not fit in any.",
         why: "This separates the two costs of a read. Where both maps fit in cache, the work per \
               read decides: this crate's lock-free read (an epoch pin, a probe, an upgrade) \
               against `DashMap`'s locked one (a read lock and unlock, a probe, an upgrade), about \
               the same number of atomic operations. As the map grows, its footprint decides: \
-              per entry this crate keeps a 24-byte slot at up to 3/4 load, an out-of-line key \
-              allocated between callback nodes (one cache line per key a lookup touches) and a \
+              per entry this crate keeps a 32-byte slot at up to 3/4 load (key inline) and a \
               control block per value, against `DashMap`'s 16-byte inline bucket and `Arc`'s \
               smaller block, so this crate's working set outgrows the caches first. Once neither \
               fits, both pay memory latency per lookup and draw closer again.",
@@ -96,8 +97,7 @@ pub const SECTIONS: &[Section] = &[
                each dead entry by its death callback and calls `flush()` after each batch; \
                `DashMap` sweeps with `retain` after each batch, and weak-table runs \
                `remove_expired` after each batch.",
-        why: "Each insert here allocates a callback node and an out-of-line key and links the \
-              callback onto the value; each death runs that callback on the dying thread, which \
+        why: "Each insert here allocates a callback node and links it onto the value; each death runs that callback on the dying thread, which \
               takes the shard's lock, unlinks the entry and retires it to the epoch collector. \
               The baselines allocate nothing per insert once their tables have grown and do no \
               work at death: dead entries stay, payload allocation and all, until the next sweep, \
@@ -156,15 +156,14 @@ pub const SECTIONS: &[Section] = &[
                (`WeakKeyMap::with`; `get` is the same read plus a clone), and churn: 1024 objects each \
                get an entry and go away. Against `DashMap<usize, V>` keyed by the object's \
                address, whose entries the object's owner removes by hand as it drops.",
-        why: "A lookup pins the epoch, probes a slot and then reads the value's cell, which \
-              lives out of line (a table rebuild moves items bitwise) in an allocation of its \
-              own next to the entry's callback node, so at 100 000 keys it is mostly a cache \
-              miss. The read is counted: it enters and leaves the cell with two atomic \
-              operations and records the cell in a thread-local list (a `RefCell` borrow, a \
-              push and a removal), which is what lets `remove` and `insert` hand the old value \
-              back by value, and lets a thread remove what it is reading without waiting for \
-              itself. `DashMap` keeps the value inline in its bucket and never touches the key \
-              object. Churn pays for a callback node and a value cell per entry, where the \
+        why: "A lookup pins the epoch, probes a slot and then reads the value in its box: a \
+              value never moves while readers borrow it in place (a `Mutex` inside is the \
+              common case), so a table rebuild moves the box's pointer, not the value, and \
+              at 100 000 keys the box is a second cache miss after the slot. Nothing else: \
+              the read writes nothing shared (`insert` and `remove` return whether they \
+              displaced a value, and a displaced value is dropped once no reader can see \
+              it). `DashMap` keeps the value inline in its bucket and never touches the key \
+              object. Churn pays for a callback node and a value box per entry, where the \
               baseline's removal is code its user must remember to write.",
     },
     Section {
@@ -664,13 +663,13 @@ fn memory_sections(
         }
         let _ = writeln!(
             md,
-            "\n**What explains it.** Each entry of this crate's map is a 24-byte slot in a table \
-             kept at most 3/4 full, plus two allocations: the death callback registered on its \
-             value (the node that removes the entry when the value dies) and the out-of-line \
-             key with the entry's handle to that callback. `DashMap` and `HashMap` keep the key \
-             and the `Weak` inline in their buckets, papaya allocates one entry per key, and \
-             none registers anything: they find out about dead values only when someone \
-             looks.\n"
+            "\n**What explains it.** Each entry of this crate's map is a 32-byte slot (tag, \
+             key, the value's `Weak`, the entry's callback handle) in a table kept at most 3/4 \
+             full, plus one allocation: the death callback registered on its value (the node \
+             that removes the entry when the value dies, 72 bytes). `DashMap`, `HashMap` and \
+             `scc` keep the key and the `Weak` inline in their buckets, papaya allocates one \
+             entry per key, and none registers anything: they find out about dead values only \
+             when someone looks.\n"
         );
     }
     if !run.churn_memory.is_empty() {
