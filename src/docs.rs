@@ -63,6 +63,10 @@ pub mod from_python {
     //!   death callback, so `len()` is exact after `flush()`; a newer value
     //!   inserted under the same key is never removed by the older value's
     //!   death (CPython bug 28427).
+    //! * **`del d[k]` hands nothing back in a `WeakKeyMap`**: `insert` and
+    //!   `remove` return whether they displaced a value, which is dropped
+    //!   on the finalizer thread once no reader borrowing it is left, so
+    //!   lookups never pay to let a writer take it back.
     //! * **No interpreter exit to hook**: call `shutdown()` at the end of
     //!   `main` to run the `atexit` finalizers.
     //! * **Reference counting cannot free cycles**, as Python's cycle
