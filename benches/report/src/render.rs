@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use crate::charts::{self, BarGroup, Line, Panel};
-use crate::results::{is_ours, Measurement};
+use crate::results::{is_floor, is_ours, Measurement};
 
 /// A criterion comparison the report presents.
 pub struct Section {
@@ -307,7 +307,7 @@ impl Case<'_> {
         self.rows
             .iter()
             .copied()
-            .filter(|m| m.is_ours() == ours)
+            .filter(|m| m.is_ours() == ours && !is_floor(&m.implementation))
             .max_by(|a, b| a.per_second.total_cmp(&b.per_second))
     }
 
@@ -927,6 +927,22 @@ mod tests {
             slug("Single-flight `get_or_insert_with` on one hot key"),
             "single-flight-get_or_insert_with-on-one-hot-key"
         );
+    }
+
+    #[test]
+    fn a_floor_is_never_the_best_alternative() {
+        let rows = [
+            m("read_hit/uniform/1_thread", "weakrefs", 10e6),
+            m("read_hit/uniform/1_thread", "dashmap", 8e6),
+            m("read_hit/uniform/1_thread", "std_hashmap_unsync", 20e6),
+        ];
+        let case = Case {
+            name: "read_hit/uniform/1_thread",
+            rows: rows.iter().collect(),
+        };
+        let (ratio, theirs) = case.ratio().expect("both sides");
+        assert_eq!(theirs.implementation, "dashmap");
+        assert!((ratio - 1.25).abs() < 1e-9);
     }
 
     #[test]

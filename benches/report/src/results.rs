@@ -11,6 +11,13 @@ pub fn is_ours(name: &str) -> bool {
     name.starts_with("weakrefs") || name.starts_with("Weak")
 }
 
+/// Whether a row is a reference floor rather than an alternative a user
+/// would pick: an unsynchronised map read in place (`*_unsync`). It is
+/// shown, but never taken as the best alternative.
+pub fn is_floor(name: &str) -> bool {
+    name.ends_with("_unsync")
+}
+
 /// One criterion benchmark: a case (its id less the last part) measured
 /// for one implementation (the last part).
 #[derive(Clone, Debug, PartialEq)]
