@@ -926,8 +926,12 @@ impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
             items: garbage.items,
             tables: garbage.tables,
         };
-        let user_code = I::DROP_RUNS_USER_CODE
-            || (!retired.tables.is_empty() && std::mem::needs_drop::<I::LeftBehind>());
+        // Not under loom: a model's collector runs everything it holds when
+        // the model ends, and a posted job would run after that collector
+        // is gone (the runtime is torn down after it).
+        let user_code = cfg!(not(weakrefs_loom))
+            && (I::DROP_RUNS_USER_CODE
+                || (!retired.tables.is_empty() && std::mem::needs_drop::<I::LeftBehind>()));
         if user_code {
             // Deferred from the finalizer thread, which hands its retired
             // functions over whenever it goes idle: deferred here, they
