@@ -11,6 +11,9 @@ use std::time::Duration;
 
 use weakrefs::{finalize, flush, stats, Strong, WeakMethod};
 
+#[path = "support/chains.rs"]
+mod chains;
+
 /// Runs `body` on a thread and fails the test if it has not finished in
 /// `limit`: turns a deadlock into a failure instead of a hung run.
 fn finishes_within(limit: Duration, body: impl FnOnce() + Send + 'static) {
@@ -303,41 +306,14 @@ fn callbacks_may_reenter() {
     });
 }
 
-/// Builds a chain of `links` objects in which each object's callback drops
-/// the only `Strong` to the next one, then calls `flush` if `flushing`;
-/// every callback counts itself in `ran`. Returns the head.
-fn callback_chain(links: usize, flushing: bool, ran: &Arc<AtomicUsize>) -> Strong<usize> {
-    let mut next: Option<Strong<usize>> = None;
-    for link in (0..links).rev() {
-        let object = Strong::new(link);
-        let ran = ran.clone();
-        let mut held = next.take();
-        finalize(&object, move || {
-            drop(held.take());
-            if flushing {
-                flush();
-            }
-            ran.fetch_add(1, Ordering::SeqCst);
-        });
-        next = Some(object);
-    }
-    next.expect("at least one link")
-}
-
 /// C15: a chain in which every callback drops the next object and then
 /// calls `flush` runs on the finalizer thread without nesting one drain
 /// per link on its stack (it overflowed at about 12 000 links).
 #[test]
 fn a_chain_of_flushing_callbacks_does_not_nest() {
-    let links = if cfg!(miri) {
-        50
-    } else if cfg!(weakrefs_tsan) {
-        20_000
-    } else {
-        200_000
-    };
+    let links = chains::LINKS;
     let ran = Arc::new(AtomicUsize::new(0));
-    let head = callback_chain(links, true, &ran);
+    let head = chains::callback_chain(links, true, &ran);
     drop(head);
     flush();
     assert_eq!(ran.load(Ordering::SeqCst), links);

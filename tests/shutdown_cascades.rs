@@ -8,15 +8,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Once};
 use std::thread;
 
-use weakrefs::{finalize, flush, shutdown, Strong, WeakKeyMap};
+use weakrefs::{flush, shutdown, Strong, WeakKeyMap};
 
-const LINKS: usize = if cfg!(miri) {
-    50
-} else if cfg!(weakrefs_tsan) {
-    20_000
-} else {
-    200_000
-};
+#[path = "support/chains.rs"]
+mod chains;
+use chains::{callback_chain, LINKS};
 
 fn shut_down() {
     static SHUTDOWN: Once = Once::new();
@@ -32,26 +28,6 @@ fn on_small_stack<T: Send + 'static>(body: impl FnOnce() -> T + Send + 'static) 
         .expect("spawn")
         .join()
         .expect("the cascade finished")
-}
-
-/// The head of a chain of `links` objects in which each object's callback
-/// drops the only `Strong` to the next, then calls `flush` if `flushing`.
-fn callback_chain(links: usize, flushing: bool, ran: &Arc<AtomicUsize>) -> Strong<usize> {
-    let mut next: Option<Strong<usize>> = None;
-    for link in (0..links).rev() {
-        let object = Strong::new(link);
-        let ran = ran.clone();
-        let mut held = next.take();
-        finalize(&object, move || {
-            drop(held.take());
-            if flushing {
-                flush();
-            }
-            ran.fetch_add(1, Ordering::SeqCst);
-        });
-        next = Some(object);
-    }
-    next.expect("at least one link")
 }
 
 #[test]

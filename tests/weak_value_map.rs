@@ -659,22 +659,10 @@ fn keys_are_dropped_exactly_once_across_rebuilds() {
         assert!(map.len() <= 8);
     }
     flush();
-    // Deferred drops run when threads pin and collect (push the epoch on);
-    // they hand keys to the finalizer thread, which `flush` waits for.
-    for _ in 0..if cfg!(miri) { 200 } else { 2_000 } {
-        let other: WeakValueMap<u8, u8> = WeakValueMap::new();
-        let v = Strong::new(0);
-        other.insert(0, &v);
-        other.remove(&0);
-        flush();
-        if LIVE_OWNED_KEYS.load(Ordering::SeqCst) == 0 {
-            break;
-        }
-    }
+    let live = settle_until_zero(&LIVE_OWNED_KEYS);
     // The finalizer thread hands its own garbage over when it goes idle,
     // which this thread cannot wait for; what it may still hold is bounded
     // by the per-thread flush threshold (32 retirements).
-    let live = LIVE_OWNED_KEYS.load(Ordering::SeqCst);
     assert!(live < 32, "{live} keys were never dropped");
 }
 
