@@ -73,6 +73,10 @@ const MIN_SLOTS: usize = if cfg!(weakrefs_loom) { 2 } else { 8 };
 /// (see `upsert`).
 const CHURN_FLOOR: usize = if cfg!(weakrefs_loom) { 4 } else { 64 };
 
+/// Slots up to which a table rebuilt while mostly dead doubles (see
+/// `rebuilt_size`).
+const CHURN_CEILING: usize = if cfg!(weakrefs_loom) { 4 } else { 256 };
+
 /// The tag of a slot never written since its table was built.
 const EMPTY: u64 = 0;
 /// The tag of a slot whose item was removed and may still be read: its
@@ -283,6 +287,27 @@ unsafe impl<I: Send + Sync> Sync for ShardedTable<I> {}
 /// spare before the next rebuild.
 fn slots_for(items: usize) -> usize {
     items.saturating_mul(2).max(MIN_SLOTS)
+}
+
+/// Slots for the table that replaces one of `slots` slots, `used` of them
+/// not empty and `items` of those full, to hold `live` items.
+///
+/// Twice the live items, but under churn (insert, then the value dies)
+/// few items are live while removed ones fill slots that become free only
+/// once no reader can see them (M2), so a table sized for the live items
+/// alone would be rebuilt every few inserts. A table rebuilt while mostly
+/// dead therefore doubles instead, up to `CHURN_CEILING`, which gives the
+/// epoch time to free slots for reuse before the next rebuild; and one
+/// that has reached `CHURN_FLOOR` never shrinks below it.
+fn rebuilt_size(slots: usize, used: usize, items: usize, live: usize) -> usize {
+    let dead = used - items;
+    let churning = dead * 2 > used;
+    let floor = if churning {
+        slots.saturating_mul(2).min(CHURN_CEILING.max(slots))
+    } else {
+        slots.min(CHURN_FLOOR)
+    };
+    slots_for(live).max(floor)
 }
 
 impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
@@ -713,13 +738,9 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
         let (index, fresh) = vacancy(table, start);
         let rebuilt = (fresh && (*self.used() + 1) * 4 > table.slots.len() * 3).then(|| {
             // Relaxed: written under the mutex we hold.
-            let live = self.shard.len.load(Ordering::Relaxed) + 1 - usize::from(old.is_some());
-            // Twice the live items, but a table that has grown past the
-            // churn floor keeps at least that many slots: under churn
-            // (insert, then the value dies) few items are live while
-            // tombstones pile up, and a tiny table would be rebuilt every
-            // few inserts.
-            Table::with_slots(slots_for(live).max(table.slots.len().min(CHURN_FLOOR)))
+            let items = self.shard.len.load(Ordering::Relaxed);
+            let live = items + 1 - usize::from(old.is_some());
+            Table::with_slots(rebuilt_size(table.slots.len(), *self.used(), items, live))
         });
         match rebuilt {
             // The new item in and the old one out, published together.
@@ -1155,4 +1176,36 @@ fn vacancy<I>(table: &Table<I>, start: usize) -> (usize, bool) {
         }
     }
     unreachable!("a table is rebuilt before its last empty slot fills")
+}
+
+#[cfg(all(test, not(weakrefs_loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_table_rebuilt_while_mostly_dead_doubles_up_to_the_ceiling() {
+        // 8 slots, 7 used, 1 item: churn. Doubles, then stops at the ceiling.
+        assert_eq!(rebuilt_size(8, 7, 1, 2), 16);
+        assert_eq!(rebuilt_size(128, 97, 3, 4), 256);
+        assert_eq!(rebuilt_size(256, 193, 3, 4), 256);
+        // A table already past the ceiling keeps its size.
+        assert_eq!(rebuilt_size(1024, 769, 10, 11), 1024);
+    }
+
+    #[test]
+    fn a_table_of_live_items_grows_with_them_and_shrinks_to_the_floor() {
+        // Mostly live: twice the live items.
+        assert_eq!(rebuilt_size(8, 7, 6, 7), 14);
+        assert_eq!(rebuilt_size(1000, 751, 700, 701), 1402);
+        // Items died, but not under churn: no smaller than the floor once
+        // there, and no larger than needed below it.
+        assert_eq!(
+            rebuilt_size(1000, 751, 400, 20),
+            CHURN_FLOOR.max(slots_for(20))
+        );
+        assert_eq!(
+            rebuilt_size(16, 13, 7, 1),
+            MIN_SLOTS.max(16.min(CHURN_FLOOR))
+        );
+    }
 }
