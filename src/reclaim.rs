@@ -58,6 +58,11 @@ pub(crate) fn hand_over_garbage() {
     }
 }
 
+/// Set once anything has been retired in this process: a hint, outside
+/// the crate's protocols (and a `static`, which loom's atomics cannot be).
+#[cfg(not(weakrefs_loom))]
+static RETIRED_ANYWHERE: crate::sync::AtomicBool = crate::sync::AtomicBool::new(false);
+
 /// Hands the calling thread's retired memory over and tries to advance the
 /// global epoch far enough to run it: what this thread removed is then
 /// dropped (or, for user destructors, queued for the finalizer thread)
@@ -67,12 +72,35 @@ pub(crate) fn hand_over_garbage() {
 pub(crate) fn push_garbage_through() {
     #[cfg(not(weakrefs_loom))]
     {
+        // Relaxed: a hint. A process whose collections never retired
+        // anything has nothing to push through, and does not pin at all
+        // (a program that uses only handles and callbacks never touches the
+        // epoch collector).
+        if !RETIRED_ANYWHERE.load(crate::sync::Ordering::Relaxed) {
+            return;
+        }
         hand_over_garbage();
         // An epoch ends only once every thread pinned in it has unpinned;
         // a bag sealed in epoch `e` is freed from epoch `e + 2` on, so
         // three steps suffice when no other thread is pinned.
         for _ in 0..3 {
             Reclaimer::global().pin().flush();
+        }
+    }
+}
+
+/// [`push_garbage_through`] for a thread that goes idle (the finalizer
+/// thread): only if this thread retired anything since its last flush,
+/// which it then hands over and pushes through. A thread that retired
+/// nothing does not pin.
+pub(crate) fn push_own_garbage_through() {
+    #[cfg(not(weakrefs_loom))]
+    {
+        let retired = RETIRED_SINCE_FLUSH
+            .try_with(std::cell::Cell::get)
+            .unwrap_or(0);
+        if retired > 0 {
+            push_garbage_through();
         }
     }
 }
@@ -173,6 +201,14 @@ impl Pinned {
     /// Counts one retirement on this thread, flushing every
     /// [`FLUSH_EVERY`].
     fn count_retirement(&self) {
+        #[cfg(not(weakrefs_loom))]
+        {
+            // Relaxed: a hint for `push_garbage_through`; stored once.
+            use crate::sync::Ordering::Relaxed;
+            if !RETIRED_ANYWHERE.load(Relaxed) {
+                RETIRED_ANYWHERE.store(true, Relaxed);
+            }
+        }
         // `try_with`: during thread-local teardown, flush every time rather
         // than panic. The count is per thread, shared by all collectors: the
         // bound it keeps is per thread, which is what issue 566 is about.

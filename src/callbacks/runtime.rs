@@ -776,7 +776,7 @@ impl Runtime {
             // It runs other code's deferred functions too: a panic there
             // must not end the worker.
             crate::panics::catch_and_report("an epoch collection step", || {
-                crate::reclaim::push_garbage_through();
+                crate::reclaim::push_own_garbage_through();
             });
             // Relaxed: ordered by the fence (C8).
             self.worker_sleeping.store(true, Ordering::Relaxed);
