@@ -48,10 +48,10 @@ struct Item<K, V> {
 // keeps allocated until the item is dropped, after every thread that saw
 // it has unpinned: unique among live items (a replacement under the same
 // key is another item) and unchanged by bitwise moves.
-// SAFETY: both fields are pointers (`Weak`, `Boxed`), so nothing writes
-// an item's own bytes through `&Item` (the cell's atomics and cells live
-// behind the box), and a relocation moves it whole (1, 2); its identity is
-// as just said (3).
+// The value and its cell live behind the box.
+// SAFETY: both fields are pointers (`Weak`, `Boxed`), never written through
+// `&Item`, and a relocation moves the item whole (1, 2); its identity is as
+// just said (3).
 unsafe impl<K, V> Relocatable for Item<K, V> {
     /// The value's destructor is user code; the rest is ours (a `Weak`
     /// never drops its object's value).

@@ -42,10 +42,11 @@ impl<K, V> Item<K, V> {
 // has unpinned: the node's address is unique among live items and shared by
 // an item and its relocated copy. (The key's address would not do: a
 // zero-sized key is never allocated, so all share one address.)
-// SAFETY: `relocate` clones the key through `&K` and copies bitwise only
-// the `Weak` and the `Finalizer`, single pointers that nothing writes
-// through `&Item` (1); `take_left_behind` moves out exactly the key it
-// cloned (2); the identity is as just said (3).
+// `relocate` clones the key through `&K`; `take_left_behind` moves out
+// exactly that key.
+// SAFETY: only the `Weak` and the `Finalizer`, pointers never written
+// through `&Item`, are copied bitwise (1); the key as just said (2); the
+// identity as said above (3).
 unsafe impl<K: Clone + Send + 'static, V> Relocatable for Item<K, V> {
     /// The key's destructor is user code; the rest (`Weak`, `Finalizer`)
     /// is ours.
@@ -61,10 +62,10 @@ unsafe impl<K: Clone + Send + 'static, V> Relocatable for Item<K, V> {
     unsafe fn relocate(&self) -> Self {
         // First, since it may panic: then nothing is copied.
         let key = self.key.clone();
-        // SAFETY: pointers that nothing writes through `&Item`, read while
-        // readers may read them too; the caller drops one of the two items
-        // whole and the other's key only (`relocate`'s 1), so each is owned
-        // once.
+        // Read while readers may read them too.
+        // SAFETY: pointers never written through `&Item`; the caller drops
+        // one of the two items whole and the other's key only (`relocate`'s
+        // 1), so each is owned once.
         let (value, finalizer) = unsafe { (ptr::read(&self.value), ptr::read(&self.finalizer)) };
         Item {
             key,

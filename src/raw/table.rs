@@ -219,9 +219,9 @@ impl<I> Table<I> {
     #[inline(always)]
     unsafe fn item(&self, index: usize) -> &I {
         let item = self.slots[index].item.with(|item| item);
-        // SAFETY: by 1 the item was written before its tag was published,
-        // and a slot is written again only after its item's deferred drop,
-        // so nothing writes it now; by 2 it is not dropped (nor its slot
+        // A slot is written again only after its item's deferred drop (M2).
+        // SAFETY: by 1 the item was written before its tag was published and
+        // nothing writes it now; by 2 it is not dropped (nor its slot
         // refilled) while borrowed.
         unsafe { (*item).assume_init_ref() }
     }
@@ -763,11 +763,11 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
     /// `fresh`, else `FREE`, and publishes it.
     fn fill(&mut self, table: &Table<I>, index: usize, fresh: bool, tag: u64, item: I) {
         let slot = &table.slots[index];
-        // SAFETY: the slot is empty or free and we hold the mutex: no reader
-        // reads such a slot's item (it checks the tag first), no other
-        // writer runs, and a free slot's previous item was dropped by a
-        // deferred function that no reader which saw it outlived, and whose
-        // writes `vacancy`'s Acquire load ordered before ours (M2).
+        // A free slot's previous item was dropped by a deferred function that
+        // no reader which saw it outlived, and whose writes `vacancy`'s
+        // Acquire load ordered before ours (M2).
+        // SAFETY: empty or free, under the mutex: no reader reads such a
+        // slot's item (it checks the tag first) and no other writer runs.
         slot.item.with_mut(|cell| unsafe { (*cell).write(item) });
         // Release (M1, M2): publishes the item to readers' Acquire loads of
         // the tag.
@@ -855,11 +855,11 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
                 // itself may panic, since dropping the copy whole would
                 // drop pointers the original still owns.
                 let target = &new.slots[first_empty(&new, moving)];
-                // SAFETY: full (1), under the mutex (2). The copy is
-                // published below, or taken apart if a later one panics,
-                // and the original is then dropped only as a left-behind
-                // (`retire`), or whole if this rebuild is abandoned
-                // (`relocate`'s 1).
+                // The copy is published below, or taken apart if a later one
+                // panics; the original is then dropped only as a left-behind
+                // (`retire`), or whole if this rebuild is abandoned.
+                // SAFETY: full (1), under the mutex (2); `relocate`'s 1 as
+                // just said.
                 let copy = unsafe { I::relocate(old.item(index)) };
                 // SAFETY: empty and unpublished: nobody else reads it.
                 target.item.with_mut(|cell| unsafe { (*cell).write(copy) });
@@ -882,13 +882,12 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
                 for slot in new.slots.iter() {
                     // Relaxed: the new table is ours alone.
                     if is_full(slot.tag.load(Ordering::Relaxed)) {
-                        // SAFETY: a copy never published, whose original
-                        // stays in the old table to be dropped whole
-                        // (`take_left_behind`'s 1); nobody else can see
-                        // it (2). Dropped after the unlock.
-                        let left = slot
-                            .item
-                            .with(|item| unsafe { I::take_left_behind((*item).as_ptr()) });
+                        // Dropped after the unlock.
+                        let left = slot.item.with(|item| {
+                            // SAFETY: a copy never published, whose original
+                            // the old table drops whole (1); unseen (2).
+                            unsafe { I::take_left_behind((*item).as_ptr()) }
+                        });
                         self.garbage.abandoned.push(left);
                     }
                 }
@@ -1045,10 +1044,10 @@ impl<I: Relocatable + Send + Sync + 'static> Retired<I> {
             }
         }
         for (table, without) in self.tables.into_iter() {
-            // SAFETY: replaced, so no reader that pins from now on can
-            // reach it (our 1); the function owns the shard's reference, and
-            // its full slots but `without` hold relocated originals
-            // (`retire`'s 1 and 2, our 2).
+            // The function owns the shard's reference, and the table's full
+            // slots but `without` hold relocated originals (our 2).
+            // SAFETY: replaced, so no reader that pins from now on reaches it
+            // (our 1); `retire`'s 1 and 2 as just said.
             unsafe { pinned.defer(move || retire(table, without, runtime)) };
         }
     }
@@ -1087,12 +1086,11 @@ unsafe fn retire<I: Relocatable>(
             // Relaxed: written before the table was retired, which the
             // epoch orders before this function.
             if Some(index) != without && is_full(slot.tag.load(Ordering::Relaxed)) {
-                // SAFETY: a relocated original (2) whose copy the new table
-                // owns whole; unreachable now (1); taken once, here.
-                left.push(
-                    slot.item
-                        .with(|item| unsafe { I::take_left_behind((*item).as_ptr()) }),
-                );
+                left.push(slot.item.with(|item| {
+                    // SAFETY: a relocated original (2) whose copy the new
+                    // table owns whole; unreachable now (1); taken once.
+                    unsafe { I::take_left_behind((*item).as_ptr()) }
+                }));
             }
         }
         if I::DROP_RUNS_USER_CODE {
