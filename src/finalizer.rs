@@ -63,20 +63,6 @@ where
     }
 }
 
-/// [`finalize`] for the collections' own removal callbacks: never run by
-/// [`shutdown`] (removing map entries at exit would be pointless), and
-/// kept out of the process-wide registry, so a map insert pays for no
-/// push there.
-pub(crate) fn finalize_unlisted<T, F>(obj: &Strong<T>, callback: F) -> Finalizer
-where
-    F: FnOnce() + Send + 'static,
-{
-    let list = Strong::callback_list(obj);
-    Finalizer {
-        entry: global().register_unlisted(list, callback),
-    }
-}
-
 /// A handle to a callback registered by [`finalize`]: query, cancel or run
 /// it early. Cloning gives another handle to the same callback; dropping
 /// handles never cancels it.
@@ -95,14 +81,6 @@ where
 #[derive(Clone)]
 pub struct Finalizer {
     entry: EntryRef,
-}
-
-impl Finalizer {
-    /// Names the registration: its node's address, unique among live
-    /// registrations and reserved while this handle lives.
-    pub(crate) fn identity(&self) -> usize {
-        self.entry.address()
-    }
 }
 
 impl Finalizer {

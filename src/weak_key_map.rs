@@ -11,7 +11,7 @@ use std::fmt;
 use std::future::Future;
 use std::hash::BuildHasher;
 
-use crate::finalizer::Finalizer;
+use crate::callbacks::Hook;
 use crate::raw::boxed::Boxed;
 use crate::raw::collection::{self, Collection, Watching};
 use crate::raw::single_flight::{self, Flight, Flights, Joined, Settle};
@@ -25,7 +25,7 @@ use crate::weak::Weak;
 struct ValueCell<V> {
     /// The death callback that removes this item (M4); detached when the
     /// item is removed any other way (M5).
-    finalizer: Finalizer,
+    hook: Hook,
     value: V,
 }
 
@@ -34,7 +34,7 @@ impl<V> Drop for ValueCell<V> {
         // Removal paths detach eagerly; this covers the map being dropped.
         // After the key's death the callback is claimed and this is a
         // no-op.
-        self.finalizer.detach();
+        self.hook.detach();
     }
 }
 
@@ -44,7 +44,7 @@ struct Item<K, V> {
     cell: Boxed<ValueCell<V>>,
 }
 
-// Each item registers its own callback, whose node the cell's `Finalizer`
+// Each item registers its own callback, whose node the cell's `Hook`
 // keeps allocated until the item is dropped, after every thread that saw
 // it has unpinned: unique among live items (a replacement under the same
 // key is another item) and unchanged by bitwise moves.
@@ -61,7 +61,7 @@ unsafe impl<K, V> Relocatable for Item<K, V> {
     type LeftBehind = ();
 
     fn identity(&self) -> usize {
-        self.cell.finalizer.identity()
+        self.cell.hook.identity()
     }
 
     unsafe fn relocate(&self) -> Self {
@@ -85,8 +85,8 @@ where
         &self.key
     }
 
-    fn finalizer(&self) -> &Finalizer {
-        &self.cell.finalizer
+    fn hook(&self) -> &Hook {
+        &self.cell.hook
     }
 }
 
@@ -270,7 +270,7 @@ where
         Item {
             key: Strong::downgrade(key),
             cell: Boxed::new(ValueCell {
-                finalizer: collection::remove_on_death(&self.core, hash, key),
+                hook: collection::remove_on_death(&self.core, hash, key),
                 value,
             }),
         }
@@ -297,7 +297,7 @@ where
             return false;
         };
         // Detached once the replacement is published (M5).
-        replaced.cell.finalizer.detach();
+        replaced.cell.hook.detach();
         true
     }
 
@@ -401,7 +401,7 @@ where
             return false;
         };
         // Detached once the removal is published (M5).
-        removed.cell.finalizer.detach();
+        removed.cell.hook.detach();
         true
     }
 

@@ -4,7 +4,7 @@ use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::hash::BuildHasher;
 
-use crate::finalizer::Finalizer;
+use crate::callbacks::Hook;
 use crate::raw::collection::{self, Collection, Watching};
 use crate::raw::table::{Relocatable, ShardedTable};
 use crate::strong::Strong;
@@ -15,7 +15,7 @@ struct Member<T> {
     object: Weak<T>,
     /// The death callback that removes this member (M4); detached when it
     /// is removed any other way (M5).
-    finalizer: Finalizer,
+    hook: Hook,
 }
 
 // The object's block address is unique among the members of a set (one
@@ -26,7 +26,7 @@ struct Member<T> {
 // through `&Member`, and a relocation moves it whole (1, 2); its identity
 // is as just said (3).
 unsafe impl<T> Relocatable for Member<T> {
-    /// A `Weak` and a `Finalizer`: no user code (a `Weak` never drops its
+    /// A `Weak` and a `Hook`: no user code (a `Weak` never drops its
     /// object's value).
     const DROP_RUNS_USER_CODE: bool = false;
 
@@ -54,15 +54,15 @@ impl<T: Send + Sync + 'static> Watching for Member<T> {
         &self.object
     }
 
-    fn finalizer(&self) -> &Finalizer {
-        &self.finalizer
+    fn hook(&self) -> &Hook {
+        &self.hook
     }
 }
 
 impl<T> Drop for Member<T> {
     fn drop(&mut self) {
         // Removal paths detach eagerly; this covers the set being dropped.
-        self.finalizer.detach();
+        self.hook.detach();
     }
 }
 
@@ -193,7 +193,7 @@ where
         // a pin for nothing.
         let member = Member {
             object: Strong::downgrade(object),
-            finalizer: collection::remove_on_death(&self.core, hash, object),
+            hook: collection::remove_on_death(&self.core, hash, object),
         };
         let mut writer = self.core.table.write(hash);
         if writer
@@ -228,7 +228,7 @@ where
         match writer.remove(hash, |member| member.object.names(object)) {
             Some(member) => {
                 // Detached once the removal is published (M5).
-                member.finalizer.detach();
+                member.hook.detach();
                 true
             }
             None => false,

@@ -7,7 +7,7 @@ use std::future::Future;
 use std::hash::{BuildHasher, Hash};
 use std::ptr;
 
-use crate::finalizer::Finalizer;
+use crate::callbacks::Hook;
 use crate::raw::collection::{self, Collection, Watching};
 use crate::raw::single_flight::{self, Flight, Flights, Joined, Settle};
 use crate::raw::table::{Relocatable, ShardWriter, ShardedTable};
@@ -24,7 +24,7 @@ struct Item<K, V> {
     /// The death callback that removes this item (M4); detached when the
     /// item is removed any other way (M5). Its node is the entry's one
     /// allocation.
-    finalizer: Finalizer,
+    hook: Hook,
 }
 
 impl<K, V> Item<K, V> {
@@ -32,23 +32,23 @@ impl<K, V> Item<K, V> {
         &self.key
     }
 
-    fn finalizer(&self) -> &Finalizer {
-        &self.finalizer
+    fn hook(&self) -> &Hook {
+        &self.hook
     }
 }
 
-// Each item registers its own callback, whose node the item's `Finalizer`
+// Each item registers its own callback, whose node the item's `Hook`
 // keeps allocated until the item is dropped, after every thread that saw it
 // has unpinned: the node's address is unique among live items and shared by
 // an item and its relocated copy. (The key's address would not do: a
 // zero-sized key is never allocated, so all share one address.)
 // `relocate` clones the key through `&K`; `take_left_behind` moves out
 // exactly that key.
-// SAFETY: only the `Weak` and the `Finalizer`, pointers never written
+// SAFETY: only the `Weak` and the `Hook`, pointers never written
 // through `&Item`, are copied bitwise (1); the key as just said (2); the
 // identity as said above (3).
 unsafe impl<K: Clone + Send + 'static, V> Relocatable for Item<K, V> {
-    /// The key's destructor is user code; the rest (`Weak`, `Finalizer`)
+    /// The key's destructor is user code; the rest (`Weak`, `Hook`)
     /// is ours.
     const DROP_RUNS_USER_CODE: bool = std::mem::needs_drop::<K>();
 
@@ -56,7 +56,7 @@ unsafe impl<K: Clone + Send + 'static, V> Relocatable for Item<K, V> {
     type LeftBehind = K;
 
     fn identity(&self) -> usize {
-        self.finalizer.identity()
+        self.hook.identity()
     }
 
     unsafe fn relocate(&self) -> Self {
@@ -66,12 +66,8 @@ unsafe impl<K: Clone + Send + 'static, V> Relocatable for Item<K, V> {
         // SAFETY: pointers never written through `&Item`; the caller drops
         // one of the two items whole and the other's key only (`relocate`'s
         // 1), so each is owned once.
-        let (value, finalizer) = unsafe { (ptr::read(&self.value), ptr::read(&self.finalizer)) };
-        Item {
-            key,
-            value,
-            finalizer,
-        }
+        let (value, hook) = unsafe { (ptr::read(&self.value), ptr::read(&self.hook)) };
+        Item { key, value, hook }
     }
 
     unsafe fn take_left_behind(this: *const Self) -> K {
@@ -93,8 +89,8 @@ where
         &self.value
     }
 
-    fn finalizer(&self) -> &Finalizer {
-        Item::finalizer(self)
+    fn hook(&self) -> &Hook {
+        Item::hook(self)
     }
 }
 
@@ -103,7 +99,7 @@ impl<K, V> Drop for Item<K, V> {
         // Removal paths detach eagerly; this covers the map being dropped.
         // After the value's death the callback is claimed and this is a
         // no-op.
-        self.finalizer().detach();
+        self.hook().detach();
     }
 }
 
@@ -267,7 +263,7 @@ where
         Item {
             key,
             value: Strong::downgrade(value),
-            finalizer: collection::remove_on_death(&self.core, hash, value),
+            hook: collection::remove_on_death(&self.core, hash, value),
         }
     }
 
@@ -310,7 +306,7 @@ where
         // Detached only once the replacement is published: a panicking
         // `Eq` in `upsert` leaves every entry and its callback as they were
         // (M5).
-        replaced.finalizer().detach();
+        replaced.hook().detach();
         replaced.value.upgrade()
     }
 
@@ -403,7 +399,7 @@ where
         let mut writer = self.core.table.write(hash);
         let removed = writer.remove(hash, |item| item.key().borrow() == key)?;
         // As in `publish_locked`: detached after the removal is published.
-        removed.finalizer().detach();
+        removed.hook().detach();
         // Dropped by the caller, after the unlock: it may be the last handle.
         removed.value.upgrade()
     }

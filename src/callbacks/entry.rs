@@ -11,30 +11,51 @@
 //! The winner, and only the winner, moves the closure out of its cell:
 //! `detach` drops it, the others run it.
 //!
-//! **Layout.** A node is an `EntryNode<F>`: the type-erased header `Entry`
-//! first (`repr(C)`), then the closure. Lists and handles hold thin
-//! `NonNull<Entry>` pointers that keep the provenance of the whole node
-//! (they all come from the one `Box::leak`); the closure is reached
-//! only through the header's vtable, from such a pointer, never from a
-//! `&Entry` (C13). One allocation per registration, and the node starts
-//! with its owners (handle, object list and, for `finalize`, the registry)
-//! counted, so registering costs no reference-count RMW.
+//! **Layout.** Every node starts with the type-erased header `Entry`
+//! (`repr(C)`, three words: the count and state, the link in its object's
+//! list, the vtable). Two kinds of node follow it:
+//!
+//! * a *listed* node (`finalize` registrations and posted jobs) adds the
+//!   links that only such nodes use, the registry's and the queue's, then
+//!   the closure: `Node<Listed, Plain<F>>`;
+//! * a *hook* (a collection's removal callback, which is never in the
+//!   registry and never queued: it runs on the dying thread, C14) has the
+//!   closure right after the header: `Node<Entry, Hooked<F>>`, five words
+//!   for a closure of two. A hook's closure receives the hook itself, whose
+//!   address names the collection entry it removes, so it need not hold a
+//!   handle to the object.
+//!
+//! Lists and handles hold thin `NonNull<Entry>` pointers that keep the
+//! provenance of the whole node (they all come from the one `Box::leak`);
+//! the links past the header and the closure are reached only from such a
+//! pointer, never from a `&Entry` (C13). One allocation per registration,
+//! and the node starts with its owners (handle, object list and, for
+//! `finalize`, the registry) counted, so registering costs no
+//! reference-count RMW.
 
 use std::mem::ManuallyDrop;
 use std::ptr::{self, NonNull};
 
 use crate::sync::{
-    acquire_fence, AtomicBool, AtomicPtr, AtomicU8, AtomicUsize, LeakCheck, Ordering, UnsafeCell,
+    acquire_fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU8, LeakCheck, Ordering, UnsafeCell,
 };
 
 const ALIVE: u8 = 0;
 const DETACHED: u8 = 1;
 const CLAIMED: u8 = 2;
 
-/// References above this abort, as for the handles (I5).
-const MAX_REFS: usize = isize::MAX as usize;
+/// A node with the registry's and the queue's links (`Listed`).
+const LISTED: u8 = 0;
+/// A collection's removal callback: the header alone, run on the dying
+/// thread (C14).
+const HOOK: u8 = 1;
 
-/// What a node does with its closure, per closure type.
+/// References above this abort, as for the handles (I5). A node's owners
+/// are the lists, the queue and the `Finalizer` handles: more than two
+/// billion of them exist only if handles are leaked with `mem::forget`.
+const MAX_REFS: u32 = i32::MAX as u32;
+
+/// What a node does with its closure, per node type.
 struct EntryVTable {
     /// Moves the closure out and calls it.
     call: unsafe fn(NonNull<Entry>),
@@ -44,48 +65,94 @@ struct EntryVTable {
     free: unsafe fn(NonNull<Entry>),
 }
 
-/// The type-erased header of a registered callback.
+/// The type-erased header every node starts with.
 #[repr(C)]
 pub(crate) struct Entry {
-    refs: AtomicUsize,
+    refs: AtomicU32,
     state: AtomicU8,
     /// Run by `shutdown()` if still alive (Python's `finalize.atexit`).
+    /// Meaningful for listed nodes only.
     atexit: AtomicBool,
-    /// Run by the dying thread itself rather than queued: a collection's
-    /// removal callback (set at construction, never changed).
-    on_dying_thread: bool,
+    /// `LISTED` or `HOOK`, set at construction, never changed.
+    kind: u8,
     /// Link in the object's callback list, then in its death batch.
     pub(crate) object_next: AtomicPtr<Entry>,
-    /// Link in the runtime's registry of all entries (for `shutdown`).
-    pub(crate) registry_next: AtomicPtr<Entry>,
-    /// Link between death batches in the runtime's queue (batch heads only).
-    pub(crate) queue_next: AtomicPtr<Entry>,
     vtable: &'static EntryVTable,
     leak_check: LeakCheck,
 }
 
-/// A node: header, then the closure. The closure is present exactly while
-/// the state is `ALIVE`, and between a claim and its one `run_claimed`.
+/// The header of a listed node: `Entry`, then the links that only
+/// `finalize` registrations and posted jobs use.
 #[repr(C)]
-struct EntryNode<F> {
+struct Listed {
     entry: Entry,
-    callback: UnsafeCell<ManuallyDrop<F>>,
+    /// Link in the runtime's registry of all entries (for `shutdown`).
+    registry_next: AtomicPtr<Entry>,
+    /// Link between death batches in the runtime's queue (batch heads only).
+    queue_next: AtomicPtr<Entry>,
 }
 
-impl<F: FnOnce() + Send + 'static> EntryNode<F> {
+/// A closure a node can run, given the node.
+trait Callback: Send + 'static {
+    /// Runs the closure. `entry` is the node, kept allocated by the
+    /// caller's reference for the duration of the call.
+    fn run(self, entry: NonNull<Entry>);
+}
+
+/// The closure of a listed node: called with nothing.
+struct Plain<F>(F);
+
+impl<F: FnOnce() + Send + 'static> Callback for Plain<F> {
+    fn run(self, _: NonNull<Entry>) {
+        (self.0)()
+    }
+}
+
+/// The closure of a hook: called with the hook it was registered as.
+struct Hooked<F>(F);
+
+impl<F: FnOnce(&Hook) + Send + 'static> Callback for Hooked<F> {
+    fn run(self, entry: NonNull<Entry>) {
+        // Borrowed, not owned: the caller's reference keeps the node
+        // allocated during the call, and `ManuallyDrop` leaves its count.
+        let hook = ManuallyDrop::new(Hook(EntryRef(entry)));
+        (self.0)(&hook)
+    }
+}
+
+/// A node: a header (`Entry` or `Listed`, both starting with `Entry`),
+/// then the closure. The closure is present exactly while the state is
+/// `ALIVE`, and between a claim and its one `run_claimed`.
+#[repr(C)]
+struct Node<H, C> {
+    head: H,
+    callback: UnsafeCell<ManuallyDrop<C>>,
+}
+
+impl<H: 'static, C: Callback> Node<H, C> {
     const VTABLE: EntryVTable = EntryVTable {
         call: Self::call,
         discard: Self::discard,
         free: Self::free,
     };
 
+    /// Leaks `self` and returns `OWNERS` references to it, which the node's
+    /// count (set by the caller) already counts.
+    fn leak<const OWNERS: usize>(self) -> [EntryRef; OWNERS] {
+        // The one pointer every owner derives from: it carries the
+        // provenance of the whole node (C13). `H` starts with `Entry`
+        // (`repr(C)` both), so the cast points at the header.
+        let entry = NonNull::from(Box::leak(Box::new(self))).cast::<Entry>();
+        [(); OWNERS].map(|()| EntryRef(entry))
+    }
+
     /// # Safety
     ///
-    /// 1. `entry` points at an `EntryNode<F>` (its vtable is this one) with
+    /// 1. `entry` points at a `Node<H, C>` (its vtable is this one) with
     ///    the provenance of the whole node.
     /// 2. The caller won the state CAS and has not taken the closure yet.
-    unsafe fn take(entry: NonNull<Entry>) -> F {
-        let node = entry.cast::<EntryNode<F>>().as_ptr();
+    unsafe fn take(entry: NonNull<Entry>) -> C {
+        let node = entry.cast::<Self>().as_ptr();
         // SAFETY: by 1 the cast is valid (`repr(C)`, header first) and in
         // bounds; by 2 the closure is present and we are its only user
         // (C1), so moving it out once is sound.
@@ -99,7 +166,7 @@ impl<F: FnOnce() + Send + 'static> EntryNode<F> {
     unsafe fn call(entry: NonNull<Entry>) {
         // SAFETY: the vtable contract is `take`'s (callers: `run_claimed`).
         let callback = unsafe { Self::take(entry) };
-        callback();
+        callback.run(entry);
     }
 
     unsafe fn discard(entry: NonNull<Entry>) {
@@ -108,20 +175,75 @@ impl<F: FnOnce() + Send + 'static> EntryNode<F> {
     }
 
     unsafe fn free(entry: NonNull<Entry>) {
-        let node = entry.cast::<EntryNode<F>>().as_ptr();
+        let node = entry.cast::<Self>().as_ptr();
         // The closure is still present iff the state is ALIVE: a claimant
-        // always runs it before letting go of its reference. Relaxed suffices
-        // for the load, as we are alone.
+        // always runs it before letting go of its reference. Relaxed
+        // suffices for the load, as we are alone.
         // SAFETY: the last reference is gone and its fence ran (C13): we own
-        // the node, which `Box::leak` made from this very `Box<EntryNode<F>>`.
+        // the node, which `leak` made from this very `Box<Node<H, C>>`.
         unsafe {
-            if (*node).entry.state.load(Ordering::Relaxed) == ALIVE {
+            let header = node.cast::<Entry>();
+            if (*header).state.load(Ordering::Relaxed) == ALIVE {
                 (*node)
                     .callback
                     .with_mut(|cell| ManuallyDrop::drop(&mut *cell));
             }
             drop(Box::from_raw(node));
         }
+    }
+}
+
+impl Entry {
+    fn new<H: 'static, C: Callback>(refs: u32, atexit: bool, kind: u8) -> Entry {
+        Entry {
+            refs: AtomicU32::new(refs),
+            state: AtomicU8::new(ALIVE),
+            atexit: AtomicBool::new(atexit),
+            kind,
+            object_next: AtomicPtr::new(ptr::null_mut()),
+            vtable: &Node::<H, C>::VTABLE,
+            leak_check: LeakCheck::new(()),
+        }
+    }
+
+    /// The listed header of the node at `entry`.
+    ///
+    /// # Safety
+    ///
+    /// 1. `entry` points at a live listed node (not a hook) and carries the
+    ///    provenance of the whole node (a list link, a queue link or an
+    ///    `EntryRef`'s pointer).
+    unsafe fn listed<'a>(entry: *mut Entry) -> &'a Listed {
+        // SAFETY: by 1 the node starts with a `Listed` (`repr(C)`) and is
+        // alive while the caller's reference or link is; the `&Listed`
+        // covers header and links only, never the closure.
+        unsafe {
+            debug_assert_eq!((*entry).kind, LISTED, "a hook has no registry link");
+            &*entry.cast::<Listed>()
+        }
+    }
+
+    /// The registry link of the listed node at `entry`.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Entry::queue_next`].
+    pub(crate) unsafe fn registry_next<'a>(entry: *mut Entry) -> &'a AtomicPtr<Entry> {
+        // SAFETY: the caller's promise is `listed`'s.
+        unsafe { &Self::listed(entry).registry_next }
+    }
+
+    /// The queue link of the listed node at `entry`.
+    ///
+    /// # Safety
+    ///
+    /// 1. `entry` points at a live listed node (a `finalize` registration
+    ///    or a posted job, never a hook) and carries the provenance of the
+    ///    whole node: a list or queue link, or an `EntryRef`'s pointer. The
+    ///    reference lives no longer than the node.
+    pub(crate) unsafe fn queue_next<'a>(entry: *mut Entry) -> &'a AtomicPtr<Entry> {
+        // SAFETY: the caller's promise is `listed`'s.
+        unsafe { &Self::listed(entry).queue_next }
     }
 }
 
@@ -136,39 +258,43 @@ unsafe impl Send for EntryRef {}
 unsafe impl Sync for EntryRef {}
 
 impl EntryRef {
-    /// A new alive entry holding `callback`, returned as its `OWNERS`
-    /// owners: the `Finalizer` handle, the object's list and, for a
-    /// `finalize` registration, the registry. The count starts at
-    /// `OWNERS`, before anyone else can see the node. `atexit` is its
-    /// initial setting (meaningful only for an entry in the registry);
-    /// `on_dying_thread` makes a death run it at once, on the dying
-    /// thread, instead of queueing it.
+    /// A new alive listed entry holding `callback`, returned as its
+    /// `OWNERS` owners: the `Finalizer` handle, the object's list and, for
+    /// a `finalize` registration, the registry (or the queue alone, for a
+    /// posted job). The count starts at `OWNERS`, before anyone else can
+    /// see the node. `atexit` is its initial setting (meaningful only for
+    /// an entry in the registry).
     pub(crate) fn new_with_owners<const OWNERS: usize, F>(
         callback: F,
         atexit: bool,
-        on_dying_thread: bool,
     ) -> [EntryRef; OWNERS]
     where
         F: FnOnce() + Send + 'static,
     {
-        let node = Box::new(EntryNode {
-            entry: Entry {
-                refs: AtomicUsize::new(OWNERS),
-                state: AtomicU8::new(ALIVE),
-                atexit: AtomicBool::new(atexit),
-                on_dying_thread,
-                object_next: AtomicPtr::new(ptr::null_mut()),
+        Node {
+            head: Listed {
+                entry: Entry::new::<Listed, Plain<F>>(OWNERS as u32, atexit, LISTED),
                 registry_next: AtomicPtr::new(ptr::null_mut()),
                 queue_next: AtomicPtr::new(ptr::null_mut()),
-                vtable: &EntryNode::<F>::VTABLE,
-                leak_check: LeakCheck::new(()),
             },
-            callback: UnsafeCell::new(ManuallyDrop::new(callback)),
-        });
-        // The one pointer every owner derives from: it carries the
-        // provenance of the whole node (C13).
-        let entry = NonNull::from(Box::leak(node)).cast::<Entry>();
-        [(); OWNERS].map(|()| EntryRef(entry))
+            callback: UnsafeCell::new(ManuallyDrop::new(Plain(callback))),
+        }
+        .leak()
+    }
+
+    /// A new alive hook holding `callback`, returned as its two owners:
+    /// the collection's entry and the object's list. Its object's death
+    /// runs it on the dying thread (C14), passing it the hook.
+    pub(crate) fn new_hook<F>(callback: F) -> (Hook, EntryRef)
+    where
+        F: FnOnce(&Hook) + Send + 'static,
+    {
+        let [hook, in_list] = Node {
+            head: Entry::new::<Entry, Hooked<F>>(2, false, HOOK),
+            callback: UnsafeCell::new(ManuallyDrop::new(Hooked(callback))),
+        }
+        .leak();
+        (Hook(hook), in_list)
     }
 
     /// Moves the closure out and calls it.
@@ -202,7 +328,7 @@ impl EntryRef {
     /// References to this entry, ours included (tests only).
     #[cfg(all(test, not(weakrefs_loom)))]
     pub(crate) fn ref_count(&self) -> usize {
-        self.refs.load(Ordering::Relaxed)
+        self.refs.load(Ordering::Relaxed) as usize
     }
 
     /// Turns this reference into the raw link a list owns.
@@ -266,9 +392,9 @@ impl Entry {
         self.state.load(Ordering::Acquire) == ALIVE
     }
 
-    /// True for a callback its object's death runs on the dying thread.
+    /// True for a hook, which its object's death runs on the dying thread.
     pub(crate) fn on_dying_thread(&self) -> bool {
-        self.on_dying_thread
+        self.kind == HOOK
     }
 
     pub(crate) fn atexit(&self) -> bool {
@@ -306,5 +432,93 @@ impl std::fmt::Debug for EntryRef {
             .field("alive", &self.is_alive())
             .field("atexit", &self.atexit())
             .finish_non_exhaustive()
+    }
+}
+
+/// A collection's removal callback, as its entry holds it: the entry
+/// detaches it when it leaves the collection any other way (M5), and the
+/// hook's address names the entry (M4).
+#[derive(Debug)]
+pub(crate) struct Hook(EntryRef);
+
+impl Hook {
+    /// Names the hook: its node's address, unique among live hooks and
+    /// reserved while this handle (or a clone from [`keep`](Self::keep))
+    /// lives.
+    pub(crate) fn identity(&self) -> usize {
+        self.0.address()
+    }
+
+    /// Cancels the callback if it has not run; true if it was alive.
+    pub(crate) fn detach(&self) -> bool {
+        self.0.detach()
+    }
+
+    /// A second handle, which keeps the hook's address reserved (for work
+    /// that finishes the removal later, elsewhere).
+    pub(crate) fn keep(&self) -> Hook {
+        Hook(self.0.clone())
+    }
+}
+
+#[cfg(all(test, not(weakrefs_loom)))]
+mod tests {
+    use super::*;
+    use std::mem::size_of;
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::{Arc, Mutex};
+
+    fn node_size<F>(_: &F) -> usize {
+        size_of::<Node<Entry, Hooked<F>>>()
+    }
+
+    #[test]
+    fn a_collection_hook_is_its_closure_plus_three_words() {
+        let (core, hash) = (Arc::new(()), 7u64);
+        let callback = move |_: &Hook| drop((core, hash));
+        assert_eq!(size_of::<Entry>(), 3 * size_of::<usize>());
+        assert_eq!(node_size(&callback), 5 * size_of::<usize>());
+    }
+
+    #[test]
+    fn a_hook_runs_with_itself_and_a_kept_handle_reserves_its_address() {
+        let seen = Arc::new(AtomicUsize::new(0));
+        let kept = Arc::new(Mutex::new(None));
+        let (hook, in_list) = EntryRef::new_hook({
+            let (seen, kept) = (seen.clone(), kept.clone());
+            move |me: &Hook| {
+                seen.store(me.identity(), std::sync::atomic::Ordering::SeqCst);
+                *kept.lock().unwrap() = Some(me.keep());
+            }
+        });
+        assert!(in_list.on_dying_thread());
+        assert!(in_list.claim());
+        // SAFETY: claimed just now; run once.
+        unsafe { in_list.run_claimed() };
+        let identity = hook.identity();
+        assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), identity);
+        drop((hook, in_list));
+        let kept = kept.lock().unwrap().take().expect("the hook kept itself");
+        assert_eq!(kept.identity(), identity);
+        assert_eq!(kept.0.ref_count(), 1);
+    }
+
+    #[test]
+    fn a_detached_hook_drops_its_closure_unrun() {
+        let runs = Arc::new(AtomicUsize::new(0));
+        let token = Arc::new(());
+        let (hook, in_list) = EntryRef::new_hook({
+            let (runs, token) = (runs.clone(), token.clone());
+            move |_: &Hook| {
+                runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                drop(token);
+            }
+        });
+        assert!(hook.detach());
+        assert!(!hook.detach());
+        assert_eq!(Arc::strong_count(&token), 1, "detach dropped the closure");
+        assert!(!in_list.claim());
+        drop((hook, in_list));
+        assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 0);
     }
 }

@@ -41,7 +41,14 @@ const COMPACT_MIN: usize = 1;
 
 /// Which of an entry's links a list threads through.
 pub(crate) trait Link {
-    fn next(entry: &Entry) -> &AtomicPtr<Entry>;
+    /// The link of the node at `entry`.
+    ///
+    /// # Safety
+    ///
+    /// 1. `entry` points at a live node of a kind that has this link, with
+    ///    the provenance of the whole node (a link or an `EntryRef`'s
+    ///    pointer), and the reference lives no longer than the node.
+    unsafe fn next<'a>(entry: *mut Entry) -> &'a AtomicPtr<Entry>;
 }
 
 /// An object's callback list (`Entry::object_next`).
@@ -49,8 +56,9 @@ pub(crate) trait Link {
 pub(crate) struct ObjectLink;
 
 impl Link for ObjectLink {
-    fn next(entry: &Entry) -> &AtomicPtr<Entry> {
-        &entry.object_next
+    unsafe fn next<'a>(entry: *mut Entry) -> &'a AtomicPtr<Entry> {
+        // SAFETY: every node starts with the header, live by 1.
+        unsafe { &(*entry).object_next }
     }
 }
 
@@ -59,8 +67,10 @@ impl Link for ObjectLink {
 pub(crate) struct RegistryLink;
 
 impl Link for RegistryLink {
-    fn next(entry: &Entry) -> &AtomicPtr<Entry> {
-        &entry.registry_next
+    unsafe fn next<'a>(entry: *mut Entry) -> &'a AtomicPtr<Entry> {
+        // SAFETY: only listed nodes enter the registry; 1 is the rest of
+        // `registry_next`'s promise.
+        unsafe { Entry::registry_next(entry) }
     }
 }
 
@@ -120,8 +130,9 @@ impl<L: Link> EntryList<L> {
     pub(crate) fn push(&self, entry: EntryRef) {
         let node = entry.into_link();
         // SAFETY: `node` is ours until the CAS publishes it, and the list's
-        // reference keeps it alive after.
-        let link = L::next(unsafe { &*node });
+        // reference keeps it alive after; it is of `L`'s kind (the caller
+        // pushes only such nodes).
+        let link = unsafe { L::next(node) };
         // Relaxed: the value only seeds the CAS.
         let mut head = self.head.load(Ordering::Relaxed);
         loop {
@@ -245,7 +256,7 @@ impl<L: Link> EntryList<L> {
         loop {
             // SAFETY: `previous` is in the list, and only the compactor,
             // which is us, unlinks and frees nodes (C5).
-            let previous_link = L::next(unsafe { &*previous });
+            let previous_link = unsafe { L::next(previous) };
             // Relaxed: links of published nodes are written only by
             // compactors, ordered by the flag's Acquire/Release.
             let current = previous_link.load(Ordering::Relaxed);
@@ -259,7 +270,8 @@ impl<L: Link> EntryList<L> {
                 previous = current;
             } else {
                 // Relaxed: see above.
-                let after = L::next(current_entry).load(Ordering::Relaxed);
+                // SAFETY: as for `previous`.
+                let after = unsafe { L::next(current) }.load(Ordering::Relaxed);
                 previous_link.store(after, Ordering::Relaxed);
                 // SAFETY: unlinked just now, so the list's reference is ours
                 // to give back, once (C5).
@@ -305,7 +317,8 @@ impl<L: Link> EntryList<L> {
                 alive.push(unsafe { clone_link(node) });
             }
             // Relaxed: see `compact`.
-            node = L::next(entry).load(Ordering::Relaxed);
+            // SAFETY: as above.
+            node = unsafe { L::next(node) }.load(Ordering::Relaxed);
         }
         alive
     }
@@ -322,7 +335,7 @@ impl<L: Link> EntryList<L> {
         while !node.is_null() {
             count += 1;
             // SAFETY: nodes stay allocated while we hold the flag (C5).
-            node = L::next(unsafe { &*node }).load(Ordering::Relaxed);
+            node = unsafe { L::next(node) }.load(Ordering::Relaxed);
         }
         count
     }
@@ -348,7 +361,9 @@ impl<L: Link> Drop for EntryList<L> {
             // SAFETY: every node in the list owns one reference.
             let entry = unsafe { EntryRef::from_link(node) };
             // Relaxed: exclusive access.
-            node = L::next(&entry).load(Ordering::Relaxed);
+            // SAFETY: `entry` keeps the node alive until the end of the loop.
+            node = unsafe { L::next(node) }.load(Ordering::Relaxed);
+            drop(entry);
         }
     }
 }
@@ -372,14 +387,13 @@ mod loom_model {
     fn compaction_never_forgets_a_push_it_counted() {
         loom::model(|| {
             let list = Arc::new(EntryList::<ObjectLink>::new());
-            let [first, in_list, _first_registry] =
-                EntryRef::new_with_owners::<3, _>(|| {}, true, false);
+            let [first, in_list, _first_registry] = EntryRef::new_with_owners::<3, _>(|| {}, true);
             list.push(in_list);
             let pusher = {
                 let list = list.clone();
                 loom::thread::spawn(move || {
                     let [second, in_list, _registry] =
-                        EntryRef::new_with_owners::<3, _>(|| {}, true, false);
+                        EntryRef::new_with_owners::<3, _>(|| {}, true);
                     list.push(in_list);
                     second
                 })

@@ -7,7 +7,7 @@ mod entry;
 mod list;
 mod runtime;
 
-pub(crate) use entry::EntryRef;
+pub(crate) use entry::{EntryRef, Hook};
 #[cfg(weakrefs_loom)]
 pub(crate) use runtime::loom_collector;
 pub(crate) use runtime::{global, ObjectCallbacks, Runtime};

@@ -26,7 +26,7 @@ use std::panic::{self, AssertUnwindSafe};
 use std::ptr;
 use std::sync::PoisonError;
 
-use super::entry::{Entry, EntryRef};
+use super::entry::{Entry, EntryRef, Hook};
 use super::list::{EntryList, ObjectLink, RegistryLink};
 #[cfg(any(test, not(weakrefs_loom)))]
 use crate::sync::spin_briefly_until;
@@ -197,28 +197,28 @@ impl Runtime {
     where
         F: FnOnce() + Send + 'static,
     {
-        let [handle, in_list, in_registry] = EntryRef::new_with_owners(callback, true, false);
+        let [handle, in_list, in_registry] = EntryRef::new_with_owners(callback, true);
         list.push(in_list);
         self.registry.push(in_registry);
         handle
     }
 
-    /// Registers a collection's removal callback on `list`: kept out of the
-    /// registry (`shutdown` never runs it, and registering costs no push on
-    /// the process-wide registry), and run by the object's death at once,
-    /// on the dying thread, not queued (C14). It must be short, never
-    /// block, and run none of its own user code (its writer's pin may
-    /// collect other epoch garbage, as any lookup's does). Work it posts
-    /// (and any posted job) is
-    /// counted towards the registry's next compaction when it runs (a
-    /// trigger, C5): at worst an early scan of the registry.
-    pub(crate) fn register_unlisted<F>(&self, list: &ObjectCallbacks, callback: F) -> EntryRef
+    /// Registers a collection's removal callback on `list` as a hook: kept
+    /// out of the registry (`shutdown` never runs it, and registering costs
+    /// no push on the process-wide registry), and run by the object's death
+    /// at once, on the dying thread, not queued (C14), with the hook itself
+    /// as its argument. It must be short, never block, and run none of its
+    /// own user code (its writer's pin may collect other epoch garbage, as
+    /// any lookup's does). Work it posts (and any posted job) is counted
+    /// towards the registry's next compaction when it runs (a trigger,
+    /// C5): at worst an early scan of the registry.
+    pub(crate) fn register_hook<F>(&self, list: &ObjectCallbacks, callback: F) -> Hook
     where
-        F: FnOnce() + Send + 'static,
+        F: FnOnce(&Hook) + Send + 'static,
     {
-        let [handle, in_list] = EntryRef::new_with_owners(callback, false, true);
+        let (hook, in_list) = EntryRef::new_hook(callback);
         list.push(in_list);
-        handle
+        hook
     }
 
     /// Runs `job` on the finalizer thread (inline once shutdown has closed
@@ -229,7 +229,7 @@ impl Runtime {
     where
         F: FnOnce() + Send + 'static,
     {
-        let [in_queue] = EntryRef::new_with_owners(job, false, false);
+        let [in_queue] = EntryRef::new_with_owners(job, false);
         let claimed = in_queue.claim();
         debug_assert!(claimed, "a new entry is alive");
         // The queue's reference, given back by `run_chain`.
@@ -328,8 +328,9 @@ impl Runtime {
         // Relaxed: sequenced before the push, whose Release the consumer
         // acquires before it subtracts, so `pending` never underflows (C11).
         self.queue.pending.fetch_add(count, Ordering::Relaxed);
-        // SAFETY: `batch` is a claimed node we own.
-        let link = &unsafe { &*batch }.queue_next;
+        // SAFETY: `batch` is a claimed listed node we own (hooks run on
+        // the dying thread and are never queued, C14).
+        let link = unsafe { Entry::queue_next(batch) };
         // Relaxed: the value only seeds the CAS.
         let mut head = self.queue.head.load(Ordering::Relaxed);
         loop {
@@ -519,8 +520,9 @@ impl Runtime {
         // Reverse the batches to run the oldest death first.
         let mut oldest_first = ptr::null_mut::<Entry>();
         while !newest_first.is_null() {
-            // SAFETY: the batches are ours after the swap.
-            let link = &unsafe { &*newest_first }.queue_next;
+            // SAFETY: the batches are ours after the swap, and their heads
+            // are listed nodes (`dispatch`).
+            let link = unsafe { Entry::queue_next(newest_first) };
             // Relaxed: ours alone.
             let next = link.load(Ordering::Relaxed);
             link.store(oldest_first, Ordering::Relaxed);
@@ -531,7 +533,7 @@ impl Runtime {
         while !oldest_first.is_null() {
             let batch = oldest_first;
             // SAFETY: as above. Relaxed: ours alone.
-            oldest_first = unsafe { &*batch }.queue_next.load(Ordering::Relaxed);
+            oldest_first = unsafe { Entry::queue_next(batch) }.load(Ordering::Relaxed);
             // SAFETY: a queued chain of claimed entries, ours after the swap.
             let count = unsafe { self.run_chain(batch) };
             ran += count;

@@ -2,8 +2,7 @@
 //! entry when the object it watches dies, and iterate, retain, clear and
 //! purge shard by shard (SAFETY.md, section 7: M4, M5, M8).
 
-use crate::callbacks::global;
-use crate::finalizer::{finalize_unlisted, Finalizer};
+use crate::callbacks::{global, Hook};
 use crate::raw::table::{Relocatable, ShardWriter, ShardedTable};
 use crate::strong::Strong;
 use crate::weak::Weak;
@@ -16,9 +15,9 @@ pub(crate) trait Watching: Relocatable + Send + Sync + 'static {
     /// The watched object.
     fn watched(&self) -> &Weak<Self::Target>;
 
-    /// The death callback that removes this entry; detached when the entry
-    /// goes any other way (M5).
-    fn finalizer(&self) -> &Finalizer;
+    /// The death callback that removes this entry, whose address names
+    /// the entry (M4); detached when the entry goes any other way (M5).
+    fn hook(&self) -> &Hook;
 }
 
 /// A collection's shared core: what its removal callbacks reach through a
@@ -27,12 +26,13 @@ pub(crate) trait Collection<I>: Send + Sync + 'static {
     fn table(&self) -> &ShardedTable<I>;
 }
 
-/// Registers on `object` the callback that removes from `core`'s table the
-/// entry filed under `hash` that watches `object`, and only that one: a
-/// newer entry under the same key watches another object and survives
-/// (M4). The callback holds a `Weak` to the core and does nothing once the
-/// collection is gone, and a `Weak` to `object`, which keeps its address
-/// reserved, so no other object can be taken for it.
+/// Registers on `object` the hook that removes from `core`'s table the
+/// entry filed under `hash` that holds this very hook, and only that one:
+/// a newer entry under the same key has a hook of its own and survives
+/// (M4). The hook's address names the entry: it is reserved while the
+/// entry holds the hook, and the hook runs with a borrowed handle to
+/// itself, so the callback needs no handle to `object`. It holds a `Weak`
+/// to the core and does nothing once the collection is gone.
 ///
 /// The callback runs on the thread that drops the object's last `Strong`
 /// (C14, M10), which must not block or run user code there:
@@ -40,34 +40,33 @@ pub(crate) trait Collection<I>: Send + Sync + 'static {
 /// * it takes the shard's lock only if it is free (the dying thread may
 ///   hold it already, when a drop happens inside user `Eq` under a write),
 ///   else posts the removal, which may wait for the lock, to the finalizer
-///   thread; after `shutdown` there is none, and the dead entry stays, out
-///   of sight of lookups, until `purge`, `retain` or `clear`;
+///   thread, with a second handle to the hook that keeps its address
+///   reserved until then; after `shutdown` there is none, and the dead
+///   entry stays, out of sight of lookups, until `purge`, `retain` or
+///   `clear`;
 /// * it never lets go of the last handle to the collection there: that
 ///   would drop every key (user code) on the dying thread. (After
 ///   `shutdown`, posted work runs inline, so then it does.)
-pub(crate) fn remove_on_death<C, I>(
-    core: &Strong<C>,
-    hash: u64,
-    object: &Strong<I::Target>,
-) -> Finalizer
+pub(crate) fn remove_on_death<C, I>(core: &Strong<C>, hash: u64, object: &Strong<I::Target>) -> Hook
 where
     C: Collection<I>,
     I: Watching,
 {
     let collection = Strong::downgrade(core);
-    let dead = Strong::downgrade(object);
-    finalize_unlisted(object, move || {
+    let list = Strong::callback_list(object);
+    global().register_hook(list, move |hook: &Hook| {
         let Some(core) = collection.upgrade() else {
             return;
         };
         let removed_here = match core.table().try_write(hash) {
             Some(writer) => {
-                remove_watching(writer, hash, &dead);
+                remove_holding(writer, hash, hook.identity());
                 true
             }
             None => false,
         };
         if !removed_here && !global().is_closed() {
+            let hook = hook.keep();
             global().post(move || {
                 // Inline if shutdown closed the queue meanwhile: then this
                 // runs where the death happened, and must not wait.
@@ -77,7 +76,7 @@ where
                     Some(core.table().write(hash))
                 };
                 if let Some(writer) = writer {
-                    remove_watching(writer, hash, &dead);
+                    remove_holding(writer, hash, hook.identity());
                 }
             });
             return;
@@ -90,10 +89,10 @@ where
     })
 }
 
-/// Removes, under `writer`, the entry filed under `hash` that watches
-/// `dead`; its drop follows once no reader can see it (M2).
-fn remove_watching<I: Watching>(mut writer: ShardWriter<'_, I>, hash: u64, dead: &Weak<I::Target>) {
-    writer.remove(hash, |item| item.watched().ptr_eq(dead));
+/// Removes, under `writer`, the entry filed under `hash` whose hook is
+/// `hook`; its drop follows once no reader can see it (M2).
+fn remove_holding<I: Watching>(mut writer: ShardWriter<'_, I>, hash: u64, hook: usize) {
+    writer.remove(hash, |item| item.hook().identity() == hook);
 }
 
 /// Iterates `table` shard by shard, snapshotting one shard at a time
@@ -143,7 +142,7 @@ pub(crate) fn retain_live<I: Watching>(
                 None => false,
             },
             |item| {
-                item.finalizer().detach();
+                item.hook().detach();
             },
         );
         drop(held);
@@ -157,7 +156,7 @@ pub(crate) fn clear<I: Watching>(table: &ShardedTable<I>) {
             shard,
             |_| false,
             |item| {
-                item.finalizer().detach();
+                item.hook().detach();
             },
         );
     }
