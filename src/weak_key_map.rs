@@ -1,7 +1,8 @@
 //! `WeakKeyMap`: a concurrent map whose keys are held weakly, by identity.
 //!
-//! Its values live out of line, one box per entry, so that they never move
-//! while readers borrow them in place: a lookup is a pin and a probe, and
+//! Its values live out of line, in each entry's death hook (the entry's
+//! one allocation), so that they never move while readers borrow them in
+//! place: a lookup is a pin and a probe, and
 //! `with` runs its closure on the value under that pin. A removed value is
 //! dropped, like any removed item, once no reader can see it (SAFETY.md,
 //! section 8).
@@ -12,44 +13,50 @@ use std::future::Future;
 use std::hash::BuildHasher;
 
 use crate::callbacks::Hook;
-use crate::raw::boxed::Boxed;
 use crate::raw::collection::{self, Collection, Watching};
 use crate::raw::single_flight::{self, Flight, Flights, Joined, Settle};
 use crate::raw::table::{Relocatable, ShardedTable};
 use crate::strong::Strong;
 use crate::weak::Weak;
 
-/// An entry's value and the callback that removes the entry, out of line:
-/// a rebuild moves the item (two pointers) and never the value, which
-/// readers may be borrowing (SAFETY.md, K1).
-struct ValueCell<V> {
-    /// The death callback that removes this item (M4); detached when the
-    /// item is removed any other way (M5).
-    hook: Hook,
-    value: V,
+/// One entry: immutable once published (SAFETY.md, sections 7 and 8).
+/// The value lives in the hook's node, the entry's one allocation: a
+/// rebuild moves the item (two pointers) and never the value, which
+/// readers may be borrowing (K1).
+struct Item<K, V> {
+    key: Weak<K>,
+    /// The death callback that removes this item (M4), holding the value;
+    /// detached when the item is removed any other way (M5).
+    hook: Hook<V>,
 }
 
-impl<V> Drop for ValueCell<V> {
+impl<K, V> Item<K, V> {
+    fn value(&self) -> &V {
+        self.hook.payload()
+    }
+}
+
+impl<K, V> Drop for Item<K, V> {
     fn drop(&mut self) {
         // Removal paths detach eagerly; this covers the map being dropped.
         // After the key's death the callback is claimed and this is a
         // no-op.
         self.hook.detach();
+        // SAFETY: an item is dropped whole once (M3: a relocated original
+        // never is), after every reader that could borrow its value has
+        // unpinned (K1), or with the map (`&mut`), or unpublished; no other
+        // handle to the hook reads the payload (the posted removal only
+        // names it).
+        unsafe { self.hook.drop_payload() };
     }
 }
 
-/// One entry: immutable once published (SAFETY.md, sections 7 and 8).
-struct Item<K, V> {
-    key: Weak<K>,
-    cell: Boxed<ValueCell<V>>,
-}
-
-// Each item registers its own callback, whose node the cell's `Hook`
+// Each item registers its own callback, whose node the item's `Hook`
 // keeps allocated until the item is dropped, after every thread that saw
 // it has unpinned: unique among live items (a replacement under the same
 // key is another item) and unchanged by bitwise moves.
-// The value and its cell live behind the box.
-// SAFETY: both fields are pointers (`Weak`, `Boxed`), never written through
+// The value lives in that node.
+// SAFETY: both fields are pointers (`Weak`, `Hook`), never written through
 // `&Item`, and a relocation moves the item whole (1, 2); its identity is as
 // just said (3).
 unsafe impl<K, V> Relocatable for Item<K, V> {
@@ -61,7 +68,7 @@ unsafe impl<K, V> Relocatable for Item<K, V> {
     type LeftBehind = ();
 
     fn identity(&self) -> usize {
-        self.cell.hook.identity()
+        self.hook.identity()
     }
 
     unsafe fn relocate(&self) -> Self {
@@ -85,8 +92,10 @@ where
         &self.key
     }
 
-    fn hook(&self) -> &Hook {
-        &self.cell.hook
+    type Payload = V;
+
+    fn hook(&self) -> &Hook<V> {
+        &self.hook
     }
 }
 
@@ -269,10 +278,7 @@ where
     fn new_item(&self, hash: u64, key: &Strong<K>, value: V) -> Item<K, V> {
         Item {
             key: Strong::downgrade(key),
-            cell: Boxed::new(ValueCell {
-                hook: collection::remove_on_death(&self.core, hash, key),
-                value,
-            }),
+            hook: collection::remove_on_death(&self.core, hash, key, value),
         }
     }
 
@@ -297,7 +303,7 @@ where
             return false;
         };
         // Detached once the replacement is published (M5).
-        replaced.cell.hook.detach();
+        replaced.hook.detach();
         true
     }
 
@@ -311,7 +317,7 @@ where
             .table
             .candidates(hash, &pinned)
             .find(|item| item.key.names(key))?;
-        let result = f(&item.cell.value);
+        let result = f(item.value());
         drop(pinned);
         Some(result)
     }
@@ -369,7 +375,7 @@ where
     pub fn contains_key(&self, key: &Strong<K>) -> bool {
         let hash = self.hash(key);
         let pinned = self.core.table.pin();
-        // The item alone answers: no need to reach the value's cell (a
+        // The item alone answers: no need to reach the value's node (a
         // cache miss at scale). An entry being removed right now may or may
         // not be seen, as with any read racing a write.
         let found = self
@@ -401,7 +407,7 @@ where
             return false;
         };
         // Detached once the removal is published (M5).
-        removed.cell.hook.detach();
+        removed.hook.detach();
         true
     }
 
@@ -556,16 +562,16 @@ where
         // and its drop is deferred past this pin (K1).
         let pinned = self.core.table.pin();
         let writer = self.core.table.write(hash);
-        let found: Option<*const ValueCell<V>> = writer
+        let found: Option<*const V> = writer
             .candidates(hash)
             .find(|item| item.key.names(key))
-            .map(|item| &*item.cell as *const ValueCell<V>);
-        if let Some(cell) = found {
+            .map(|item| item.value() as *const V);
+        if let Some(found) = found {
             drop(writer);
             // SAFETY: found in the current table under the lock, so not
             // unlinked before we took `pinned`: its drop is deferred
             // past our pin, which we hold until the clone is made.
-            let value = unsafe { &(*cell).value }.clone();
+            let value = unsafe { &*found }.clone();
             drop(pinned);
             return Ok(value);
         }
@@ -598,7 +604,7 @@ where
     {
         let mut settle = Settle::new(load);
         let hash = load.hash();
-        // Keeps a found cell allocated after the unlock.
+        // Keeps a found value alive after the unlock.
         let _pinned = self.core.table.pin();
         let mut writer = self.core.table.write(hash);
         let withdrawn = self
@@ -606,11 +612,11 @@ where
             .loads
             .withdraw(self.core.table.shard_index(hash), load);
         let (value, shared, ours) = made?;
-        let existing: Option<*const ValueCell<V>> = writer
+        let existing: Option<*const V> = writer
             .candidates(hash)
             .find(|item| item.key.names(key))
-            .map(|item| &*item.cell as *const ValueCell<V>);
-        let Some(cell) = existing else {
+            .map(|item| item.value() as *const V);
+        let Some(existing) = existing else {
             let item = self.new_item(hash, key, value);
             // Never replaces: no entry under the key (checked above).
             writer.upsert(hash, item, |_, _| false);
@@ -624,7 +630,7 @@ where
         drop(withdrawn);
         // SAFETY: found in the current table under the lock, after
         // `_pinned` was taken: its drop is deferred past our pin (K1).
-        let adopted = unsafe { &(*cell).value }.clone();
+        let adopted = unsafe { &*existing }.clone();
         drop(_pinned);
         settle.outcome = Some(adopted.clone());
         // User code, outside the pin and before the outcome is handed back
@@ -685,7 +691,7 @@ where
     {
         collection::snapshots(&self.core.table, |item| {
             let key = item.key.upgrade()?;
-            Some((key, item.cell.value.clone()))
+            Some((key, item.value().clone()))
         })
     }
 
@@ -720,7 +726,7 @@ where
     /// assert_eq!(map.len(), 2);
     /// ```
     pub fn retain<F: FnMut(&K, &V) -> bool>(&self, mut f: F) {
-        collection::retain_live(&self.core.table, |item, key| f(key, &item.cell.value));
+        collection::retain_live(&self.core.table, |item, key| f(key, item.value()));
     }
 
     /// Removes every entry.
@@ -806,7 +812,7 @@ where
         crate::ParIter::new(table.shard_len(), move |shard| {
             collection::shard_snapshot(table, shard, |item: &Item<K, V>| {
                 let key = item.key.upgrade()?;
-                Some((key, item.cell.value.clone()))
+                Some((key, item.value().clone()))
             })
         })
     }

@@ -54,6 +54,8 @@ impl<T: Send + Sync + 'static> Watching for Member<T> {
         &self.object
     }
 
+    type Payload = ();
+
     fn hook(&self) -> &Hook {
         &self.hook
     }
@@ -193,7 +195,7 @@ where
         // a pin for nothing.
         let member = Member {
             object: Strong::downgrade(object),
-            hook: collection::remove_on_death(&self.core, hash, object),
+            hook: collection::remove_on_death(&self.core, hash, object, ()),
         };
         let mut writer = self.core.table.write(hash);
         if writer

@@ -89,6 +89,8 @@ where
         &self.value
     }
 
+    type Payload = ();
+
     fn hook(&self) -> &Hook {
         Item::hook(self)
     }
@@ -263,7 +265,7 @@ where
         Item {
             key,
             value: Strong::downgrade(value),
-            hook: collection::remove_on_death(&self.core, hash, value),
+            hook: collection::remove_on_death(&self.core, hash, value, ()),
         }
     }
 

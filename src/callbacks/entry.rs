@@ -19,11 +19,15 @@
 //!   links that only such nodes use, the registry's and the queue's, then
 //!   the closure: `Node<Listed, Plain<F>>`;
 //! * a *hook* (a collection's removal callback, which is never in the
-//!   registry and never queued: it runs on the dying thread, C14) has the
-//!   closure right after the header: `Node<Entry, Hooked<F>>`, five words
-//!   for a closure of two. A hook's closure receives the hook itself, whose
-//!   address names the collection entry it removes, so it need not hold a
-//!   handle to the object.
+//!   registry and never queued: it runs on the dying thread, C14) has a
+//!   payload and the closure right after the header:
+//!   `Node<Entry, ManuallyDrop<P>, Hooked<F, P>>`, five words for a closure
+//!   of two and no payload. A hook's closure receives the hook itself,
+//!   whose address names the collection entry it removes, so it need not
+//!   hold a handle to the object. The payload is what the entry keeps
+//!   where it never moves (a `WeakKeyMap`'s value): readers borrow it
+//!   through the entry's `Hook`, and the entry drops it, once, when it is
+//!   dropped itself (the node may outlive it in its object's list).
 //!
 //! Lists and handles hold thin `NonNull<Entry>` pointers that keep the
 //! provenance of the whole node (they all come from the one `Box::leak`);
@@ -33,6 +37,7 @@
 //! `finalize`, the registry) counted, so registering costs no
 //! reference-count RMW.
 
+use std::marker::PhantomData;
 use std::mem::ManuallyDrop;
 use std::ptr::{self, NonNull};
 
@@ -108,28 +113,47 @@ impl<F: FnOnce() + Send + 'static> Callback for Plain<F> {
     }
 }
 
-/// The closure of a hook: called with the hook it was registered as.
-struct Hooked<F>(F);
+/// The closure of a hook with payload `P`: called with the hook it was
+/// registered as.
+struct Hooked<F, P>(F, PhantomData<fn(P)>);
 
-impl<F: FnOnce(&Hook) + Send + 'static> Callback for Hooked<F> {
+impl<F, P> Callback for Hooked<F, P>
+where
+    F: FnOnce(&Hook<P>) + Send + 'static,
+    P: 'static,
+{
     fn run(self, entry: NonNull<Entry>) {
         // Borrowed, not owned: the caller's reference keeps the node
         // allocated during the call, and `ManuallyDrop` leaves its count.
-        let hook = ManuallyDrop::new(Hook(EntryRef(entry)));
+        let hook = ManuallyDrop::new(Hook {
+            entry: EntryRef(entry),
+            payload: PhantomData,
+        });
         (self.0)(&hook)
     }
 }
 
-/// A node: a header (`Entry` or `Listed`, both starting with `Entry`),
-/// then the closure. The closure is present exactly while the state is
-/// `ALIVE`, and between a claim and its one `run_claimed`.
+/// A node: a header (`Entry` or `Listed`, both starting with `Entry`), a
+/// payload (`()` for listed nodes), then the closure. The closure is
+/// present exactly while the state is `ALIVE`, and between a claim and its
+/// one `run_claimed`.
 #[repr(C)]
-struct Node<H, C> {
+struct Node<H, P, C> {
     head: H,
+    payload: P,
     callback: UnsafeCell<ManuallyDrop<C>>,
 }
 
-impl<H: 'static, C: Callback> Node<H, C> {
+/// The first two fields of a `Node<H, P, _>`, at the same offsets (both
+/// `repr(C)`, whose field offsets depend only on the fields before): how
+/// a `Hook<P>`, which does not know its closure's type, finds its payload.
+#[repr(C)]
+struct Prefix<H, P> {
+    head: H,
+    payload: P,
+}
+
+impl<H: 'static, P: 'static, C: Callback> Node<H, P, C> {
     const VTABLE: EntryVTable = EntryVTable {
         call: Self::call,
         discard: Self::discard,
@@ -148,8 +172,8 @@ impl<H: 'static, C: Callback> Node<H, C> {
 
     /// # Safety
     ///
-    /// 1. `entry` points at a `Node<H, C>` (its vtable is this one) with
-    ///    the provenance of the whole node.
+    /// 1. `entry` points at a `Node<H, P, C>` (its vtable is this one)
+    ///    with the provenance of the whole node.
     /// 2. The caller won the state CAS and has not taken the closure yet.
     unsafe fn take(entry: NonNull<Entry>) -> C {
         let node = entry.cast::<Self>().as_ptr();
@@ -180,7 +204,8 @@ impl<H: 'static, C: Callback> Node<H, C> {
         // always runs it before letting go of its reference. Relaxed
         // suffices for the load, as we are alone.
         // SAFETY: the last reference is gone and its fence ran (C13): we own
-        // the node, which `leak` made from this very `Box<Node<H, C>>`.
+        // the node, which `leak` made from this very `Box<Node<H, P, C>>`.
+        // A hook's payload is `ManuallyDrop`: its entry dropped it.
         unsafe {
             let header = node.cast::<Entry>();
             if (*header).state.load(Ordering::Relaxed) == ALIVE {
@@ -194,14 +219,14 @@ impl<H: 'static, C: Callback> Node<H, C> {
 }
 
 impl Entry {
-    fn new<H: 'static, C: Callback>(refs: u32, atexit: bool, kind: u8) -> Entry {
+    fn new<H: 'static, P: 'static, C: Callback>(refs: u32, atexit: bool, kind: u8) -> Entry {
         Entry {
             refs: AtomicU32::new(refs),
             state: AtomicU8::new(ALIVE),
             atexit: AtomicBool::new(atexit),
             kind,
             object_next: AtomicPtr::new(ptr::null_mut()),
-            vtable: &Node::<H, C>::VTABLE,
+            vtable: &Node::<H, P, C>::VTABLE,
             leak_check: LeakCheck::new(()),
         }
     }
@@ -273,28 +298,38 @@ impl EntryRef {
     {
         Node {
             head: Listed {
-                entry: Entry::new::<Listed, Plain<F>>(OWNERS as u32, atexit, LISTED),
+                entry: Entry::new::<Listed, (), Plain<F>>(OWNERS as u32, atexit, LISTED),
                 registry_next: AtomicPtr::new(ptr::null_mut()),
                 queue_next: AtomicPtr::new(ptr::null_mut()),
             },
+            payload: (),
             callback: UnsafeCell::new(ManuallyDrop::new(Plain(callback))),
         }
         .leak()
     }
 
-    /// A new alive hook holding `callback`, returned as its two owners:
-    /// the collection's entry and the object's list. Its object's death
-    /// runs it on the dying thread (C14), passing it the hook.
-    pub(crate) fn new_hook<F>(callback: F) -> (Hook, EntryRef)
+    /// A new alive hook holding `payload` and `callback`, returned as its
+    /// two owners: the collection's entry and the object's list. Its
+    /// object's death runs it on the dying thread (C14), passing it the
+    /// hook.
+    pub(crate) fn new_hook<P, F>(payload: P, callback: F) -> (Hook<P>, EntryRef)
     where
-        F: FnOnce(&Hook) + Send + 'static,
+        P: Send + Sync + 'static,
+        F: FnOnce(&Hook<P>) + Send + 'static,
     {
         let [hook, in_list] = Node {
-            head: Entry::new::<Entry, Hooked<F>>(2, false, HOOK),
-            callback: UnsafeCell::new(ManuallyDrop::new(Hooked(callback))),
+            head: Entry::new::<Entry, ManuallyDrop<P>, Hooked<F, P>>(2, false, HOOK),
+            payload: ManuallyDrop::new(payload),
+            callback: UnsafeCell::new(ManuallyDrop::new(Hooked(callback, PhantomData))),
         }
         .leak();
-        (Hook(hook), in_list)
+        (
+            Hook {
+                entry: hook,
+                payload: PhantomData,
+            },
+            in_list,
+        )
     }
 
     /// Moves the closure out and calls it.
@@ -436,28 +471,83 @@ impl std::fmt::Debug for EntryRef {
 }
 
 /// A collection's removal callback, as its entry holds it: the entry
-/// detaches it when it leaves the collection any other way (M5), and the
-/// hook's address names the entry (M4).
-#[derive(Debug)]
-pub(crate) struct Hook(EntryRef);
+/// detaches it when it leaves the collection any other way (M5), the
+/// hook's address names the entry (M4), and its payload `P` is what the
+/// entry keeps where it never moves.
+pub(crate) struct Hook<P = ()> {
+    entry: EntryRef,
+    payload: PhantomData<P>,
+}
 
-impl Hook {
+// SAFETY: a `Hook` shares its payload between the threads holding its
+// handles (`payload` gives `&P` to each), as `Arc<P>` does, so it needs
+// `P: Send + Sync` both ways; the rest is an `EntryRef`'s (C1).
+unsafe impl<P: Send + Sync> Send for Hook<P> {}
+// SAFETY: as for `Send`.
+unsafe impl<P: Send + Sync> Sync for Hook<P> {}
+
+impl<P> Hook<P> {
     /// Names the hook: its node's address, unique among live hooks and
     /// reserved while this handle (or a clone from [`keep`](Self::keep))
     /// lives.
     pub(crate) fn identity(&self) -> usize {
-        self.0.address()
+        self.entry.address()
     }
 
     /// Cancels the callback if it has not run; true if it was alive.
     pub(crate) fn detach(&self) -> bool {
-        self.0.detach()
+        self.entry.detach()
     }
 
     /// A second handle, which keeps the hook's address reserved (for work
     /// that finishes the removal later, elsewhere).
-    pub(crate) fn keep(&self) -> Hook {
-        Hook(self.0.clone())
+    pub(crate) fn keep(&self) -> Hook<P> {
+        Hook {
+            entry: self.entry.clone(),
+            payload: PhantomData,
+        }
+    }
+
+    /// A pointer to the payload, with the provenance of the whole node.
+    fn payload_ptr(&self) -> *mut P {
+        let prefix = self
+            .entry
+            .0
+            .as_ptr()
+            .cast::<Prefix<Entry, ManuallyDrop<P>>>();
+        // SAFETY: a hook is a `Node<Entry, ManuallyDrop<P>, _>` (`new_hook`,
+        // and `P` is ours by type), whose first two fields sit where
+        // `Prefix`'s do; `addr_of_mut!` projects without reading, inside
+        // the live node (our reference).
+        unsafe { ptr::addr_of_mut!((*prefix).payload).cast::<P>() }
+    }
+
+    /// The payload, until [`drop_payload`](Self::drop_payload).
+    pub(crate) fn payload(&self) -> &P {
+        // SAFETY: initialised by `new_hook`, and alive: whoever calls
+        // `drop_payload` promises that no handle's `payload` is used from
+        // then on. Only shared references are made until then.
+        unsafe { &*self.payload_ptr() }
+    }
+
+    /// Drops the payload in place.
+    ///
+    /// # Safety
+    ///
+    /// 1. Called once per hook, over all its handles.
+    /// 2. No reference from [`payload`](Self::payload) of any handle is
+    ///    alive, and `payload` is never called again.
+    pub(crate) unsafe fn drop_payload(&self) {
+        // SAFETY: initialised, dropped once (1), and unborrowed (2); the
+        // pointer carries the whole node's provenance (from `Box::leak`),
+        // and the free never drops it again (`ManuallyDrop`).
+        unsafe { ptr::drop_in_place(self.payload_ptr()) }
+    }
+}
+
+impl<P> std::fmt::Debug for Hook<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Hook").field(&self.entry).finish()
     }
 }
 
@@ -468,8 +558,8 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
     use std::sync::{Arc, Mutex};
 
-    fn node_size<F>(_: &F) -> usize {
-        size_of::<Node<Entry, Hooked<F>>>()
+    fn node_size<P, F>(_: &F) -> usize {
+        size_of::<Node<Entry, ManuallyDrop<P>, Hooked<F, P>>>()
     }
 
     #[test]
@@ -477,14 +567,15 @@ mod tests {
         let (core, hash) = (Arc::new(()), 7u64);
         let callback = move |_: &Hook| drop((core, hash));
         assert_eq!(size_of::<Entry>(), 3 * size_of::<usize>());
-        assert_eq!(node_size(&callback), 5 * size_of::<usize>());
+        assert_eq!(node_size::<(), _>(&callback), 5 * size_of::<usize>());
+        assert_eq!(node_size::<u64, _>(&callback), 6 * size_of::<usize>());
     }
 
     #[test]
     fn a_hook_runs_with_itself_and_a_kept_handle_reserves_its_address() {
         let seen = Arc::new(AtomicUsize::new(0));
         let kept = Arc::new(Mutex::new(None));
-        let (hook, in_list) = EntryRef::new_hook({
+        let (hook, in_list) = EntryRef::new_hook((), {
             let (seen, kept) = (seen.clone(), kept.clone());
             move |me: &Hook| {
                 seen.store(me.identity(), std::sync::atomic::Ordering::SeqCst);
@@ -500,14 +591,14 @@ mod tests {
         drop((hook, in_list));
         let kept = kept.lock().unwrap().take().expect("the hook kept itself");
         assert_eq!(kept.identity(), identity);
-        assert_eq!(kept.0.ref_count(), 1);
+        assert_eq!(kept.entry.ref_count(), 1);
     }
 
     #[test]
     fn a_detached_hook_drops_its_closure_unrun() {
         let runs = Arc::new(AtomicUsize::new(0));
         let token = Arc::new(());
-        let (hook, in_list) = EntryRef::new_hook({
+        let (hook, in_list) = EntryRef::new_hook((), {
             let (runs, token) = (runs.clone(), token.clone());
             move |_: &Hook| {
                 runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -520,5 +611,20 @@ mod tests {
         assert!(!in_list.claim());
         drop((hook, in_list));
         assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn a_payload_stays_put_until_its_entry_drops_it_once() {
+        let token = Arc::new(());
+        let (hook, in_list) = EntryRef::new_hook(token.clone(), |_: &Hook<Arc<()>>| {});
+        let kept = hook.keep();
+        assert!(std::ptr::eq(hook.payload(), kept.payload()));
+        assert_eq!(Arc::strong_count(&token), 2);
+        assert!(hook.detach());
+        // SAFETY: once, and no payload reference is used after.
+        unsafe { hook.drop_payload() };
+        assert_eq!(Arc::strong_count(&token), 1, "dropped once, in place");
+        drop((hook, kept, in_list));
+        assert_eq!(Arc::strong_count(&token), 1, "the free drops it no more");
     }
 }

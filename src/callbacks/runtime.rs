@@ -207,16 +207,23 @@ impl Runtime {
     /// out of the registry (`shutdown` never runs it, and registering costs
     /// no push on the process-wide registry), and run by the object's death
     /// at once, on the dying thread, not queued (C14), with the hook itself
-    /// as its argument. It must be short, never block, and run none of its
+    /// as its argument. The hook keeps `payload` in place until the entry
+    /// drops it (`Hook::drop_payload`). It must be short, never block, and run none of its
     /// own user code (its writer's pin may collect other epoch garbage, as
     /// any lookup's does). Work it posts (and any posted job) is counted
     /// towards the registry's next compaction when it runs (a trigger,
     /// C5): at worst an early scan of the registry.
-    pub(crate) fn register_hook<F>(&self, list: &ObjectCallbacks, callback: F) -> Hook
+    pub(crate) fn register_hook<P, F>(
+        &self,
+        list: &ObjectCallbacks,
+        payload: P,
+        callback: F,
+    ) -> Hook<P>
     where
-        F: FnOnce(&Hook) + Send + 'static,
+        P: Send + Sync + 'static,
+        F: FnOnce(&Hook<P>) + Send + 'static,
     {
-        let (hook, in_list) = EntryRef::new_hook(callback);
+        let (hook, in_list) = EntryRef::new_hook(payload, callback);
         list.push(in_list);
         hook
     }

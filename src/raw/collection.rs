@@ -15,9 +15,12 @@ pub(crate) trait Watching: Relocatable + Send + Sync + 'static {
     /// The watched object.
     fn watched(&self) -> &Weak<Self::Target>;
 
+    /// What the entry keeps in its hook's node (`()` if nothing).
+    type Payload: Send + Sync + 'static;
+
     /// The death callback that removes this entry, whose address names
     /// the entry (M4); detached when the entry goes any other way (M5).
-    fn hook(&self) -> &Hook;
+    fn hook(&self) -> &Hook<Self::Payload>;
 }
 
 /// A collection's shared core: what its removal callbacks reach through a
@@ -32,7 +35,8 @@ pub(crate) trait Collection<I>: Send + Sync + 'static {
 /// (M4). The hook's address names the entry: it is reserved while the
 /// entry holds the hook, and the hook runs with a borrowed handle to
 /// itself, so the callback needs no handle to `object`. It holds a `Weak`
-/// to the core and does nothing once the collection is gone.
+/// to the core and does nothing once the collection is gone. The hook
+/// keeps `payload` in place for the entry (see `Hook::payload`).
 ///
 /// The callback runs on the thread that drops the object's last `Strong`
 /// (C14, M10), which must not block or run user code there:
@@ -47,14 +51,19 @@ pub(crate) trait Collection<I>: Send + Sync + 'static {
 /// * it never lets go of the last handle to the collection there: that
 ///   would drop every key (user code) on the dying thread. (After
 ///   `shutdown`, posted work runs inline, so then it does.)
-pub(crate) fn remove_on_death<C, I>(core: &Strong<C>, hash: u64, object: &Strong<I::Target>) -> Hook
+pub(crate) fn remove_on_death<C, I>(
+    core: &Strong<C>,
+    hash: u64,
+    object: &Strong<I::Target>,
+    payload: I::Payload,
+) -> Hook<I::Payload>
 where
     C: Collection<I>,
     I: Watching,
 {
     let collection = Strong::downgrade(core);
     let list = Strong::callback_list(object);
-    global().register_hook(list, move |hook: &Hook| {
+    global().register_hook(list, payload, move |hook: &Hook<I::Payload>| {
         let Some(core) = collection.upgrade() else {
             return;
         };
