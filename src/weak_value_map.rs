@@ -312,6 +312,112 @@ where
         replaced.value.upgrade()
     }
 
+    /// Inserts `value` under `key` unless the key holds a live value, which
+    /// is then returned as the error and left in place. A dead entry under
+    /// the key is replaced.
+    ///
+    /// ```
+    /// use weakrefs::{Strong, WeakValueMap};
+    ///
+    /// let map = WeakValueMap::new();
+    /// let (first, second) = (Strong::new("first"), Strong::new("second"));
+    /// assert!(map.try_insert(1, &first).is_ok());
+    /// let held = map.try_insert(1, &second).unwrap_err();
+    /// assert!(Strong::ptr_eq(&held, &first));
+    /// drop((held, first));
+    /// assert!(map.try_insert(1, &second).is_ok()); // the dead entry goes
+    /// assert_eq!(map.get(&1).as_deref(), Some(&"second"));
+    /// ```
+    pub fn try_insert(&self, key: K, value: &Strong<V>) -> Result<(), Strong<V>> {
+        let hash = self.hash(&key);
+        let mut writer = self.core.table.write(hash);
+        let live = writer
+            .candidates(hash)
+            .find(|item| item.key() == &key)
+            .and_then(|item| item.value.upgrade());
+        if let Some(live) = live {
+            drop(writer);
+            // The key first: if its destructor panics, `live` is a local
+            // and goes with the unwinding.
+            drop(key);
+            return Err(live);
+        }
+        let item = self.new_item(hash, key, value);
+        // Replaces a dead entry at most: nothing upgrades a dead value.
+        let replaced = Self::publish_locked(&mut writer, hash, item);
+        drop(writer);
+        debug_assert!(replaced.is_none(), "a live entry was checked for");
+        drop(replaced);
+        Ok(())
+    }
+
+    /// Removes `key`'s entry if its value is alive and `f` says so, and
+    /// returns the value. Atomic with respect to other writers of the key:
+    /// `f` runs under the shard's lock, so an entry inserted after the
+    /// caller looked is judged by `f` itself, never removed unseen. `f`
+    /// must not use this map (like `Eq`, it runs under the lock).
+    ///
+    /// ```
+    /// use weakrefs::{Strong, WeakValueMap};
+    ///
+    /// let map = WeakValueMap::new();
+    /// let stale = Strong::new(("v1", 1));
+    /// map.insert("config", &stale);
+    /// // Invalidate only the version we saw.
+    /// assert!(map.remove_if("config", |_, v| v.1 == 2).is_none());
+    /// assert!(map.remove_if("config", |_, v| v.1 == 1).is_some());
+    /// assert!(map.get("config").is_none());
+    /// ```
+    pub fn remove_if<Q>(&self, key: &Q, f: impl FnOnce(&K, &Strong<V>) -> bool) -> Option<Strong<V>>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let hash = self.hash(key);
+        let mut writer = self.core.table.write(hash);
+        let found = writer
+            .candidates(hash)
+            .find(|item| item.key().borrow() == key)?;
+        let identity = found.identity();
+        let live = found.value.upgrade()?;
+        if !f(found.key(), &live) {
+            drop(writer);
+            // After the unlock: it may be the last handle.
+            drop(live);
+            return None;
+        }
+        let removed = writer.remove(hash, |item| item.identity() == identity);
+        if let Some(removed) = removed {
+            // Detached after the removal is published (M5).
+            removed.hook().detach();
+        }
+        drop(writer);
+        Some(live)
+    }
+
+    /// The key and value of `key`'s entry, if its value is alive: the key
+    /// is a clone of the one stored. Lock-free.
+    ///
+    /// ```
+    /// use weakrefs::{Strong, WeakValueMap};
+    ///
+    /// let map = WeakValueMap::new();
+    /// let v = Strong::new(7);
+    /// map.insert(String::from("seven"), &v);
+    /// let (key, value) = map.get_key_value("seven").unwrap();
+    /// assert_eq!((key.as_str(), *value), ("seven", 7));
+    /// ```
+    pub fn get_key_value<Q>(&self, key: &Q) -> Option<(K, Strong<V>)>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        self.with_item(key, |item| {
+            let value = item.value.upgrade()?;
+            Some((item.key().clone(), value))
+        })
+    }
+
     /// The value under `key`, if it is still alive. Lock-free.
     ///
     /// ```
@@ -778,7 +884,43 @@ where
         collection::retain_live(&self.core.table, |item, value| f(item.key(), value));
     }
 
-    /// Removes every entry.
+    /// Entries the map holds before a shard's table grows. Removed entries
+    /// occupy room until no reader can see them, and shards fill unevenly,
+    /// so a table may grow before `len` reaches this.
+    ///
+    /// ```
+    /// let map: weakrefs::WeakValueMap<u32, u32> = weakrefs::WeakValueMap::with_capacity(1000);
+    /// assert!(map.capacity() >= 1000);
+    /// ```
+    pub fn capacity(&self) -> usize {
+        self.core.table.capacity()
+    }
+
+    /// Rebuilds each shard's table at the size its live entries need, if it
+    /// is larger: gives back the memory of a past peak. Keys are cloned
+    /// into the smaller tables (as in any rebuild); a panicking `Clone`
+    /// leaves that shard as it was and goes on.
+    ///
+    /// ```
+    /// use weakrefs::{Strong, WeakValueMap};
+    ///
+    /// let map = WeakValueMap::new();
+    /// let values: Vec<_> = (0..10_000).map(Strong::new).collect();
+    /// for v in &values {
+    ///     map.insert(**v, v);
+    /// }
+    /// let peak = map.capacity();
+    /// drop(values);
+    /// weakrefs::flush();
+    /// map.shrink_to_fit();
+    /// assert!(map.capacity() < peak / 4);
+    /// ```
+    pub fn shrink_to_fit(&self) {
+        collection::shrink(&self.core.table, 1);
+    }
+
+    /// Removes every entry, and gives back the memory of tables much larger
+    /// than what is left.
     ///
     /// ```
     /// use weakrefs::{Strong, WeakValueMap};

@@ -1101,3 +1101,111 @@ fn churn_under_a_reader_reuses_slots_and_finds_every_value() {
     assert_eq!(map.len(), 1);
     assert_eq!(map.get(&0).as_deref(), Some(&0));
 }
+
+#[test]
+fn try_insert_keeps_a_live_value_and_replaces_a_dead_one() {
+    let map = WeakValueMap::new();
+    let first = Strong::new(1);
+    let second = Strong::new(2);
+    assert!(map.try_insert("k", &first).is_ok());
+    let held = map.try_insert("k", &second).expect_err("a live value is kept");
+    assert!(Strong::ptr_eq(&held, &first));
+    assert!(Strong::ptr_eq(&map.get("k").unwrap(), &first));
+    drop((held, first));
+    // Dead but perhaps not yet removed: either way the insert succeeds.
+    assert!(map.try_insert("k", &second).is_ok());
+    assert!(Strong::ptr_eq(&map.get("k").unwrap(), &second));
+    flush();
+    assert_eq!(map.len(), 1);
+}
+
+#[test]
+fn remove_if_never_removes_a_value_inserted_after_the_caller_looked() {
+    // One thread invalidates the version it saw; another re-inserts a new
+    // version at the same time. Whatever the interleaving, the new version
+    // must survive: either it was in place when `f` ran (and `f` refused
+    // it), or it was inserted after the removal.
+    let rounds = if cfg!(miri) { 20 } else { 2_000 };
+    let map = Arc::new(WeakValueMap::new());
+    for round in 0..rounds {
+        let seen = Strong::new(round * 2);
+        let newer = Strong::new(round * 2 + 1);
+        map.insert(0u32, &seen);
+        let barrier = Arc::new(Barrier::new(2));
+        let invalidator = {
+            let (map, barrier, seen) = (map.clone(), barrier.clone(), seen.clone());
+            thread::spawn(move || {
+                barrier.wait();
+                map.remove_if(&0, |_, v| Strong::ptr_eq(v, &seen)).is_some()
+            })
+        };
+        barrier.wait();
+        map.insert(0, &newer);
+        let removed = invalidator.join().unwrap();
+        let now = map.get(&0).expect("the newer version survives");
+        assert!(Strong::ptr_eq(&now, &newer), "round {round}");
+        if removed {
+            assert_eq!(map.len(), 1);
+        }
+    }
+}
+
+#[test]
+fn remove_if_leaves_dead_and_refused_entries_alone() {
+    let map = WeakValueMap::new();
+    let v = Strong::new(5);
+    map.insert(1, &v);
+    assert!(map.remove_if(&1, |_, v| **v == 6).is_none());
+    assert!(map.get(&1).is_some());
+    assert!(map.remove_if(&2, |_, _| unreachable!("no such key")).is_none());
+    let mut calls = 0;
+    let removed = map.remove_if(&1, |k, v| {
+        calls += 1;
+        *k == 1 && **v == 5
+    });
+    assert_eq!(calls, 1);
+    assert!(Strong::ptr_eq(&removed.unwrap(), &v));
+    assert!(map.get(&1).is_none());
+    map.insert(1, &v);
+    drop(v);
+    assert!(map.remove_if(&1, |_, _| unreachable!("the value is dead")).is_none());
+}
+
+#[test]
+fn get_key_value_clones_the_stored_key() {
+    let map = WeakValueMap::new();
+    let v = Strong::new("value");
+    map.insert(String::from("key"), &v);
+    let (key, value) = map.get_key_value("key").unwrap();
+    assert_eq!(key, "key");
+    assert!(Strong::ptr_eq(&value, &v));
+    drop((value, v));
+    assert!(map.get_key_value("key").is_none());
+}
+
+#[test]
+fn clear_and_shrink_to_fit_give_memory_back() {
+    let count = if cfg!(miri) { 200 } else { 20_000 };
+    let map = WeakValueMap::new();
+    let values: Vec<_> = (0..count).map(Strong::new).collect();
+    for v in &values {
+        map.insert(**v, v);
+    }
+    let peak = map.capacity();
+    assert!(peak >= count as usize);
+    map.clear();
+    assert!(map.capacity() < peak / 4, "{} of {peak}", map.capacity());
+    for v in &values {
+        map.insert(**v, v);
+    }
+    let mut values = values;
+    let kept: Vec<_> = values.drain(..10).collect();
+    drop(values);
+    flush();
+    assert_eq!(map.len(), 10);
+    map.shrink_to_fit();
+    assert!(map.capacity() < peak / 4);
+    for v in &kept {
+        assert!(Strong::ptr_eq(&map.get(&**v).unwrap(), v));
+    }
+}

@@ -158,7 +158,12 @@ pub(crate) fn retain_live<I: Watching>(
     }
 }
 
-/// Removes every entry, detaching their callbacks.
+/// A table this many times larger than its live items need is rebuilt
+/// smaller by `clear` and `purge`.
+const OVERSIZED: usize = 4;
+
+/// Removes every entry, detaching their callbacks, and shrinks tables
+/// left far larger than needed.
 pub(crate) fn clear<I: Watching>(table: &ShardedTable<I>) {
     for shard in 0..table.shard_len() {
         table.retain_locked(
@@ -168,13 +173,31 @@ pub(crate) fn clear<I: Watching>(table: &ShardedTable<I>) {
                 item.hook().detach();
             },
         );
+        shrink_shard(table, shard, OVERSIZED);
     }
 }
 
 /// Removes the entries whose objects are dead now, without waiting for
-/// their callbacks. Returns how many.
+/// their callbacks, and shrinks tables left far larger than needed.
+/// Returns how many it removed.
 pub(crate) fn purge<I: Watching>(table: &ShardedTable<I>) -> usize {
     (0..table.shard_len())
-        .map(|shard| table.retain_locked(shard, |item| item.watched().is_alive(), |_| {}))
+        .map(|shard| {
+            let removed = table.retain_locked(shard, |item| item.watched().is_alive(), |_| {});
+            shrink_shard(table, shard, OVERSIZED);
+            removed
+        })
         .sum()
+}
+
+/// Rebuilds every shard's table that is more than `factor` times larger
+/// than its live items need.
+pub(crate) fn shrink<I: Watching>(table: &ShardedTable<I>, factor: usize) {
+    for shard in 0..table.shard_len() {
+        shrink_shard(table, shard, factor);
+    }
+}
+
+fn shrink_shard<I: Watching>(table: &ShardedTable<I>, shard: usize, factor: usize) {
+    table.write_shard(shard).shrink(factor);
 }

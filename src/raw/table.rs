@@ -502,6 +502,18 @@ impl<I> ShardedTable<I> {
             .sum()
     }
 
+    /// Items the shards' current tables hold before one of them grows
+    /// (removed items waiting for their slots count against it).
+    pub(crate) fn capacity(&self) -> usize
+    where
+        I: Relocatable + Send + Sync + 'static,
+    {
+        let pinned = self.pin();
+        (0..self.shards.len())
+            .map(|index| self.table_for_read(index, &pinned).slots.len() * 3 / 4)
+            .sum()
+    }
+
     /// Number of shards (for iteration).
     pub(crate) fn shard_len(&self) -> usize {
         self.shards.len()
@@ -744,7 +756,7 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
         });
         match rebuilt {
             // The new item in and the old one out, published together.
-            Some(new) => self.rebuild(new, tag, old),
+            Some(new) => self.rebuild(new, Some(tag), old),
             None => {
                 let item = self.garbage.unpublished.take().expect("parked above");
                 self.fill(table, index, fresh, tag, item);
@@ -830,17 +842,18 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
         removed
     }
 
-    /// Replaces the shard's table with `new` (empty, sized for twice the
-    /// items), holding relocated copies of the items (M3), plus the item
-    /// parked in the garbage under `tag` and minus the item in slot
-    /// `without`, which is dropped once no reader of the old table can see
-    /// it. The caller has reserved room for one table and one item in the
-    /// garbage. If a relocation panics (a key's `Clone`), the copies made so
-    /// far are taken apart, the old table stays as it was, and the panic
-    /// goes on; the parked item is dropped after the unlock.
+    /// Replaces the shard's table with `new` (empty, with room for the
+    /// items), holding relocated copies of the items (M3), plus, if
+    /// `incoming` names its tag, the item parked in the garbage, and minus
+    /// the item in slot `without`, which is dropped once no reader of the
+    /// old table can see it. The caller has reserved room for one table and
+    /// one item in the garbage. If a relocation panics (a key's `Clone`),
+    /// the copies made so far are taken apart, the old table stays as it
+    /// was, and the panic goes on; the parked item is dropped after the
+    /// unlock.
     #[cold]
     #[inline(never)]
-    fn rebuild(&mut self, new: Box<Table<I>>, tag: u64, without: Option<usize>) {
+    fn rebuild(&mut self, new: Box<Table<I>>, incoming: Option<u64>, without: Option<usize>) {
         let old = self.current_table();
         let old_ptr = self.current_table_ptr();
         let relocated = panic::catch_unwind(AssertUnwindSafe(|| {
@@ -898,12 +911,14 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
         };
         // Nothing below may panic or allocate: the relocated items must end
         // up published, and the old table retired, together.
-        let item = self.garbage.unpublished.take().expect("parked by upsert");
-        let target = &new.slots[first_empty(&new, tag)];
-        // SAFETY: empty and unpublished.
-        target.item.with_mut(|cell| unsafe { (*cell).write(item) });
-        // Relaxed: published by the table's Release store below.
-        target.tag.store(tag, Ordering::Relaxed);
+        if let Some(tag) = incoming {
+            let item = self.garbage.unpublished.take().expect("parked by upsert");
+            let target = &new.slots[first_empty(&new, tag)];
+            // SAFETY: empty and unpublished.
+            target.item.with_mut(|cell| unsafe { (*cell).write(item) });
+            // Relaxed: published by the table's Release store below.
+            target.tag.store(tag, Ordering::Relaxed);
+        }
         // Release (M3): publishes the new table, its slots and their items
         // to readers' Acquire loads of the table pointer.
         self.shard
@@ -919,8 +934,26 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
             old.refs.fetch_add(1, Ordering::Relaxed);
             self.garbage.items.push((old_ptr, index));
         }
-        *self.used() = items + 1;
-        self.add_len(if without.is_some() { 0 } else { 1 });
+        let added = usize::from(incoming.is_some());
+        *self.used() = items + added;
+        self.add_len(added as isize - isize::from(without.is_some()));
+    }
+
+    /// Rebuilds the shard's table at the size its live items need, if it
+    /// is at least `factor` times larger than that (and larger than the
+    /// smallest table): gives back what a past peak, or removed items
+    /// waiting for their slots, hold. Relocation clones keys (M3): a
+    /// panicking `Clone` leaves the table as it was and goes on.
+    pub(crate) fn shrink(&mut self, factor: usize) {
+        let table = self.current_table();
+        // Relaxed: written under the mutex we hold.
+        let live = self.shard.len.load(Ordering::Relaxed);
+        let wanted = slots_for(live);
+        if table.slots.len() <= wanted.saturating_mul(factor) || table.slots.len() <= MIN_SLOTS {
+            return;
+        }
+        self.garbage.tables.reserve_one();
+        self.rebuild(Table::with_slots(wanted), None, None);
     }
 }
 
