@@ -726,7 +726,7 @@ where
     /// assert_eq!(map.len(), 2);
     /// ```
     pub fn retain<F: FnMut(&K, &V) -> bool>(&self, mut f: F) {
-        collection::retain_live(&self.core.table, |item, key| f(key, item.value()));
+        collection::retain_live(&self.core.table, |item, key| f(key, item.value()), |_| {});
     }
 
     /// Removes every entry.
@@ -741,7 +741,7 @@ where
     /// assert!(map.is_empty());
     /// ```
     pub fn clear(&self) {
-        collection::clear(&self.core.table);
+        collection::clear(&self.core.table, |_| None::<()>, |()| {});
     }
 
     /// Removes the entries whose keys are dead now, without waiting for
@@ -758,7 +758,7 @@ where
     /// assert!(map.is_empty());
     /// ```
     pub fn purge(&self) -> usize {
-        collection::purge(&self.core.table)
+        collection::purge(&self.core.table, |_| None::<()>, |()| {})
     }
 }
 

@@ -325,7 +325,7 @@ where
     /// assert_eq!(set.len(), 2);
     /// ```
     pub fn retain<F: FnMut(&T) -> bool>(&self, mut f: F) {
-        collection::retain_live(&self.core.table, |_, object| f(object));
+        collection::retain_live(&self.core.table, |_, object| f(object), |_| {});
     }
 
     /// Removes every member.
@@ -340,7 +340,7 @@ where
     /// assert!(set.is_empty());
     /// ```
     pub fn clear(&self) {
-        collection::clear(&self.core.table);
+        collection::clear(&self.core.table, |_| None::<()>, |()| {});
     }
 
     /// Removes the members that are dead now, without waiting for their
@@ -357,7 +357,7 @@ where
     /// assert!(set.is_empty());
     /// ```
     pub fn purge(&self) -> usize {
-        collection::purge(&self.core.table)
+        collection::purge(&self.core.table, |_| None::<()>, |()| {})
     }
 }
 

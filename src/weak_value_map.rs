@@ -5,7 +5,9 @@ use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::future::Future;
 use std::hash::{BuildHasher, Hash};
+use std::marker::PhantomData;
 use std::ptr;
+use std::sync::Arc;
 
 use crate::callbacks::Hook;
 use crate::raw::collection::{self, Collection, Watching};
@@ -109,6 +111,35 @@ impl<K, V> Drop for Item<K, V> {
 /// is published, and hands its waiters the value.
 type Load<K, V> = Flight<K, Strong<V>>;
 
+/// Why an entry left a [`WeakValueMap`], as its removal listener
+/// ([`WeakValueMapBuilder::on_remove`]) hears it. The cause is what removed
+/// the entry: one whose value had died, but that an insert replaced (or a
+/// remove or clear removed) before its death callback ran, reports that.
+///
+/// ```
+/// use weakrefs::RemovalCause;
+///
+/// assert_ne!(RemovalCause::Died, RemovalCause::Removed);
+/// assert_eq!(format!("{:?}", RemovalCause::Replaced), "Replaced");
+/// ```
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RemovalCause {
+    /// The value died (its last [`Strong`] was dropped) and its death
+    /// callback, or [`purge`](WeakValueMap::purge), removed the entry.
+    Died,
+    /// [`remove`](WeakValueMap::remove), [`remove_if`](WeakValueMap::remove_if)
+    /// or [`retain`](WeakValueMap::retain) removed it.
+    Removed,
+    /// An insert under the same key replaced it.
+    Replaced,
+    /// [`clear`](WeakValueMap::clear) removed it.
+    Cleared,
+}
+
+/// A map's removal listener.
+type Listener<K> = Arc<dyn Fn(&K, RemovalCause) + Send + Sync>;
+
 /// The shared core; death callbacks hold a `Weak` to it, so they never keep
 /// a map alive, and do nothing once it is gone (M4).
 struct MapCore<K, V, S> {
@@ -116,6 +147,8 @@ struct MapCore<K, V, S> {
     table: ShardedTable<Item<K, V>>,
     /// Loads in flight, per shard; locked after the shard's writer.
     loads: Flights<K, Strong<V>>,
+    /// Told of every entry that leaves the map, outside any shard lock.
+    listener: Option<Listener<K>>,
 }
 
 impl<K, V, S> Collection<Item<K, V>> for MapCore<K, V, S>
@@ -126,6 +159,33 @@ where
 {
     fn table(&self) -> &ShardedTable<Item<K, V>> {
         &self.table
+    }
+
+    fn hears_deaths(&self) -> bool {
+        self.listener.is_some()
+    }
+
+    fn died(&self, item: &Item<K, V>) -> Option<Box<dyn FnOnce() + Send>> {
+        let listener = self.listener.clone()?;
+        // Under the lock, on the finalizer thread: `Clone` may run there.
+        let key = item.key().clone();
+        Some(Box::new(move || listener(&key, RemovalCause::Died)))
+    }
+}
+
+impl<K: Clone, V, S> MapCore<K, V, S> {
+    /// The key to report an entry's removal with, if anyone listens:
+    /// cloned under the lock, reported after it.
+    fn notice(&self, item: &Item<K, V>) -> Option<K> {
+        self.listener.as_ref().map(|_| item.key().clone())
+    }
+
+    /// Tells the listener that `key`'s entry left, for `cause`. Outside any
+    /// shard lock.
+    fn report(&self, key: Option<K>, cause: RemovalCause) {
+        if let (Some(listener), Some(key)) = (&self.listener, key) {
+            listener(&key, cause);
+        }
     }
 }
 
@@ -214,6 +274,142 @@ where
     pub fn with_capacity(capacity: usize) -> Self {
         Self::with_capacity_and_hasher(capacity, RandomState::new())
     }
+
+    /// A builder for a map with a capacity, a hasher or a removal
+    /// listener.
+    ///
+    /// ```
+    /// use std::sync::{Arc, Mutex};
+    /// use weakrefs::{flush, RemovalCause, Strong, WeakValueMap};
+    ///
+    /// let log = Arc::new(Mutex::new(Vec::new()));
+    /// let heard = log.clone();
+    /// let map = WeakValueMap::builder()
+    ///     .capacity(1024)
+    ///     .on_remove(move |key: &u32, cause| heard.lock().unwrap().push((*key, cause)))
+    ///     .build();
+    /// let (a, b) = (Strong::new("a"), Strong::new("b"));
+    /// map.insert(1, &a);
+    /// map.insert(1, &b); // replaces a
+    /// drop(b);
+    /// flush(); // the death is heard on the finalizer thread
+    /// assert_eq!(
+    ///     *log.lock().unwrap(),
+    ///     [(1, RemovalCause::Replaced), (1, RemovalCause::Died)]
+    /// );
+    /// ```
+    pub fn builder() -> WeakValueMapBuilder<K, V, RandomState> {
+        WeakValueMapBuilder {
+            capacity: 0,
+            hasher: RandomState::new(),
+            listener: None,
+            _values: PhantomData,
+        }
+    }
+}
+
+/// Builds a [`WeakValueMap`] (see [`WeakValueMap::builder`]).
+pub struct WeakValueMapBuilder<K, V, S = RandomState> {
+    capacity: usize,
+    hasher: S,
+    listener: Option<Listener<K>>,
+    _values: PhantomData<fn() -> V>,
+}
+
+impl<K, V, S> WeakValueMapBuilder<K, V, S>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    V: Send + Sync + 'static,
+    S: BuildHasher + Send + Sync + 'static,
+{
+    /// Room for about `n` entries before any shard grows (0 by default).
+    ///
+    /// ```
+    /// let map = weakrefs::WeakValueMap::<u64, u64>::builder().capacity(500).build();
+    /// assert!(map.capacity() >= 500);
+    /// ```
+    pub fn capacity(mut self, n: usize) -> Self {
+        self.capacity = n;
+        self
+    }
+
+    /// Hashes keys with `hasher` (std's `RandomState` by default).
+    ///
+    /// ```
+    /// use std::collections::hash_map::RandomState;
+    /// let map = weakrefs::WeakValueMap::<u64, u64>::builder()
+    ///     .hasher(RandomState::new())
+    ///     .build();
+    /// assert!(map.is_empty());
+    /// ```
+    pub fn hasher<S2>(self, hasher: S2) -> WeakValueMapBuilder<K, V, S2>
+    where
+        S2: BuildHasher + Send + Sync + 'static,
+    {
+        WeakValueMapBuilder {
+            capacity: self.capacity,
+            hasher,
+            listener: self.listener,
+            _values: PhantomData,
+        }
+    }
+
+    /// Calls `f` once for every entry that leaves the map, with its key
+    /// and why ([`RemovalCause`]), never under a shard lock. Entries that
+    /// [`Died`](RemovalCause::Died) are heard on the finalizer thread (or,
+    /// after [`shutdown`](crate::shutdown), wherever the death is noticed),
+    /// and with a listener their removal runs there too rather than on the
+    /// dying thread; the others in the thread that removed them, before
+    /// that call returns. Entries still in the map when it is dropped are
+    /// not reported. `f` gets a clone of the key (made under the lock) and
+    /// may use the map. A panic in `f` reaches the caller of the method
+    /// that removed the entry, after the removal (on the finalizer thread
+    /// it is caught and reported, as a callback's is).
+    ///
+    /// ```
+    /// use std::sync::atomic::{AtomicUsize, Ordering};
+    /// use std::sync::Arc;
+    /// use weakrefs::{Strong, WeakValueMap};
+    ///
+    /// let removed = Arc::new(AtomicUsize::new(0));
+    /// let count = removed.clone();
+    /// let map = WeakValueMap::builder()
+    ///     .on_remove(move |_: &&str, _| {
+    ///         count.fetch_add(1, Ordering::SeqCst);
+    ///     })
+    ///     .build();
+    /// let v = Strong::new(1);
+    /// map.insert("one", &v);
+    /// map.remove("one");
+    /// assert_eq!(removed.load(Ordering::SeqCst), 1);
+    /// ```
+    pub fn on_remove<F>(mut self, f: F) -> Self
+    where
+        F: Fn(&K, RemovalCause) + Send + Sync + 'static,
+    {
+        self.listener = Some(Arc::new(f));
+        self
+    }
+
+    /// The map.
+    ///
+    /// ```
+    /// let map: weakrefs::WeakValueMap<String, Vec<u8>> =
+    ///     weakrefs::WeakValueMap::builder().build();
+    /// assert!(map.is_empty());
+    /// ```
+    pub fn build(self) -> WeakValueMap<K, V, S> {
+        WeakValueMap::build(self.capacity, self.hasher, self.listener)
+    }
+}
+
+impl<K, V, S> fmt::Debug for WeakValueMapBuilder<K, V, S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WeakValueMapBuilder")
+            .field("capacity", &self.capacity)
+            .field("on_remove", &self.listener.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl<K, V, S> WeakValueMap<K, V, S>
@@ -244,6 +440,10 @@ where
     /// assert!(map.is_empty());
     /// ```
     pub fn with_capacity_and_hasher(capacity: usize, hasher: S) -> Self {
+        Self::build(capacity, hasher, None)
+    }
+
+    fn build(capacity: usize, hasher: S, listener: Option<Listener<K>>) -> Self {
         let table = ShardedTable::with_capacity(capacity);
         let loads = Flights::new(table.shard_len());
         WeakValueMap {
@@ -251,6 +451,7 @@ where
                 hasher,
                 table,
                 loads,
+                listener,
             }),
         }
     }
@@ -285,31 +486,34 @@ where
     pub fn insert(&self, key: K, value: &Strong<V>) -> Option<Strong<V>> {
         let hash = self.hash(&key);
         let item = self.new_item(hash, key, value);
-        let previous = self.publish(hash, item);
+        let mut writer = self.core.table.write(hash);
+        let (previous, notice) = self.publish_locked(&mut writer, hash, item);
+        drop(writer);
+        self.core.report(notice, RemovalCause::Replaced);
         // Dropped (by the caller) after the shard is unlocked: it may be the
         // last handle.
         previous
     }
 
-    /// Publishes `item`, replacing any item under the same key (whose
-    /// callback it detaches, M5). Returns the replaced value if alive.
-    fn publish(&self, hash: u64, item: Item<K, V>) -> Option<Strong<V>> {
-        let mut writer = self.core.table.write(hash);
-        Self::publish_locked(&mut writer, hash, item)
-    }
-
-    /// [`Self::publish`] under a writer the caller already holds.
+    /// Publishes `item` under a writer the caller holds, replacing any
+    /// item under the same key (whose callback it detaches, M5). Returns
+    /// the replaced value if alive, and the replaced key to report once
+    /// the caller has unlocked, if anyone listens.
     fn publish_locked(
+        &self,
         writer: &mut ShardWriter<'_, Item<K, V>>,
         hash: u64,
         item: Item<K, V>,
-    ) -> Option<Strong<V>> {
-        let replaced = writer.upsert(hash, item, |old, new| old.key() == new.key())?;
+    ) -> (Option<Strong<V>>, Option<K>) {
+        let Some(replaced) = writer.upsert(hash, item, |old, new| old.key() == new.key()) else {
+            return (None, None);
+        };
         // Detached only once the replacement is published: a panicking
         // `Eq` in `upsert` leaves every entry and its callback as they were
         // (M5).
         replaced.hook().detach();
-        replaced.value.upgrade()
+        let value = replaced.value.upgrade();
+        (value, self.core.notice(replaced))
     }
 
     /// Inserts `value` under `key` unless the key holds a live value, which
@@ -344,10 +548,11 @@ where
         }
         let item = self.new_item(hash, key, value);
         // Replaces a dead entry at most: nothing upgrades a dead value.
-        let replaced = Self::publish_locked(&mut writer, hash, item);
+        let (replaced, notice) = self.publish_locked(&mut writer, hash, item);
         drop(writer);
         debug_assert!(replaced.is_none(), "a live entry was checked for");
         drop(replaced);
+        self.core.report(notice, RemovalCause::Replaced);
         Ok(())
     }
 
@@ -387,11 +592,13 @@ where
             return None;
         }
         let removed = writer.remove(hash, |item| item.identity() == identity);
-        if let Some(removed) = removed {
+        let notice = removed.and_then(|removed| {
             // Detached after the removal is published (M5).
             removed.hook().detach();
-        }
+            self.core.notice(removed)
+        });
         drop(writer);
+        self.core.report(notice, RemovalCause::Removed);
         Some(live)
     }
 
@@ -508,8 +715,11 @@ where
         let removed = writer.remove(hash, |item| item.key().borrow() == key)?;
         // As in `publish_locked`: detached after the removal is published.
         removed.hook().detach();
+        let (value, notice) = (removed.value.upgrade(), self.core.notice(removed));
+        drop(writer);
+        self.core.report(notice, RemovalCause::Removed);
         // Dropped by the caller, after the unlock: it may be the last handle.
-        removed.value.upgrade()
+        value
     }
 
     /// The value under `key`, or the one `init` builds, inserted. Single
@@ -746,6 +956,7 @@ where
             .withdraw(self.core.table.shard_index(hash), load);
         let mut outcome = None;
         let mut replaced = None;
+        let mut notice = None;
         if let (Some(value), Some(wanted)) = (&value, &key) {
             let existing = writer
                 .candidates(hash)
@@ -757,7 +968,7 @@ where
                 None => {
                     let key = key.take().expect("checked above");
                     let item = self.new_item(hash, key, value);
-                    replaced = Self::publish_locked(&mut writer, hash, item);
+                    (replaced, notice) = self.publish_locked(&mut writer, hash, item);
                     Some(value.clone())
                 }
             };
@@ -772,6 +983,7 @@ where
         drop(settle);
         drop(replaced);
         drop(value);
+        self.core.report(notice, RemovalCause::Replaced);
         outcome
     }
 
@@ -881,7 +1093,15 @@ where
     /// assert_eq!(map.len(), 3);
     /// ```
     pub fn retain<F: FnMut(&K, &V) -> bool>(&self, mut f: F) {
-        collection::retain_live(&self.core.table, |item, value| f(item.key(), value));
+        collection::retain_live(
+            &self.core.table,
+            |item, value| f(item.key(), value),
+            // Unlocked, still pinned: the removed entry is readable.
+            |item| {
+                self.core
+                    .report(self.core.notice(item), RemovalCause::Removed)
+            },
+        );
     }
 
     /// Entries the map holds before a shard's table grows. Removed entries
@@ -933,7 +1153,11 @@ where
     /// assert_eq!(*v, 1); // the value itself is untouched
     /// ```
     pub fn clear(&self) {
-        collection::clear(&self.core.table);
+        collection::clear(
+            &self.core.table,
+            |item| self.core.notice(item),
+            |key| self.core.report(Some(key), RemovalCause::Cleared),
+        );
     }
 
     /// Removes the entries whose values are dead now, without waiting for
@@ -951,7 +1175,11 @@ where
     /// assert!(map.is_empty());
     /// ```
     pub fn purge(&self) -> usize {
-        collection::purge(&self.core.table)
+        collection::purge(
+            &self.core.table,
+            |item| self.core.notice(item),
+            |key| self.core.report(Some(key), RemovalCause::Died),
+        )
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Barrier};
 use std::thread;
 
-use weakrefs::{flush, Strong, WeakValueMap};
+use weakrefs::{flush, RemovalCause, Strong, WeakValueMap};
 
 /// Counts drops of a value.
 struct Counted {
@@ -1108,7 +1108,9 @@ fn try_insert_keeps_a_live_value_and_replaces_a_dead_one() {
     let first = Strong::new(1);
     let second = Strong::new(2);
     assert!(map.try_insert("k", &first).is_ok());
-    let held = map.try_insert("k", &second).expect_err("a live value is kept");
+    let held = map
+        .try_insert("k", &second)
+        .expect_err("a live value is kept");
     assert!(Strong::ptr_eq(&held, &first));
     assert!(Strong::ptr_eq(&map.get("k").unwrap(), &first));
     drop((held, first));
@@ -1157,7 +1159,9 @@ fn remove_if_leaves_dead_and_refused_entries_alone() {
     map.insert(1, &v);
     assert!(map.remove_if(&1, |_, v| **v == 6).is_none());
     assert!(map.get(&1).is_some());
-    assert!(map.remove_if(&2, |_, _| unreachable!("no such key")).is_none());
+    assert!(map
+        .remove_if(&2, |_, _| unreachable!("no such key"))
+        .is_none());
     let mut calls = 0;
     let removed = map.remove_if(&1, |k, v| {
         calls += 1;
@@ -1168,7 +1172,9 @@ fn remove_if_leaves_dead_and_refused_entries_alone() {
     assert!(map.get(&1).is_none());
     map.insert(1, &v);
     drop(v);
-    assert!(map.remove_if(&1, |_, _| unreachable!("the value is dead")).is_none());
+    assert!(map
+        .remove_if(&1, |_, _| unreachable!("the value is dead"))
+        .is_none());
 }
 
 #[test]
@@ -1208,4 +1214,150 @@ fn clear_and_shrink_to_fit_give_memory_back() {
     for v in &kept {
         assert!(Strong::ptr_eq(&map.get(&**v).unwrap(), v));
     }
+}
+
+/// A listener that records what it hears, and on which thread.
+#[allow(clippy::type_complexity)]
+fn recorder() -> (
+    Arc<std::sync::Mutex<Vec<(u32, RemovalCause, Option<String>)>>>,
+    impl Fn(&u32, RemovalCause) + Send + Sync + 'static,
+) {
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let heard = log.clone();
+    let listener = move |key: &u32, cause| {
+        let thread = thread::current().name().map(str::to_owned);
+        heard.lock().unwrap().push((*key, cause, thread));
+    };
+    (log, listener)
+}
+
+#[test]
+fn on_remove_hears_each_cause_once() {
+    let (log, listener) = recorder();
+    let map = WeakValueMap::builder().on_remove(listener).build();
+    let values: Vec<_> = (0..8).map(Strong::new).collect();
+    for (key, v) in values.iter().enumerate() {
+        map.insert(key as u32, v);
+    }
+    map.insert(0, &values[7]); // replaces 0's
+    map.remove(&1);
+    assert!(map.remove_if(&2, |_, _| true).is_some());
+    map.retain(|key, _| *key != 3);
+    assert!(map.try_insert(4, &values[0]).is_err()); // nothing leaves
+    let mut values = values;
+    let dying = values.remove(5);
+    drop(dying);
+    flush();
+    let heard: Vec<_> = log
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, c, _)| (*k, *c))
+        .collect();
+    assert_eq!(
+        heard,
+        [
+            (0, RemovalCause::Replaced),
+            (1, RemovalCause::Removed),
+            (2, RemovalCause::Removed),
+            (3, RemovalCause::Removed),
+            (5, RemovalCause::Died),
+        ]
+    );
+    log.lock().unwrap().clear();
+    map.clear();
+    let mut cleared: Vec<_> = log
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(k, c, _)| (*k, *c))
+        .collect();
+    cleared.sort_by_key(|(k, _)| *k);
+    assert_eq!(
+        cleared,
+        [0, 4, 6, 7].map(|k| (k, RemovalCause::Cleared)),
+        "every entry left once"
+    );
+}
+
+#[test]
+fn deaths_are_heard_on_the_finalizer_thread() {
+    let (log, listener) = recorder();
+    let map = WeakValueMap::builder().on_remove(listener).build();
+    let v = Strong::new(1);
+    map.insert(9, &v);
+    drop(v);
+    flush();
+    let heard = log.lock().unwrap().clone();
+    assert_eq!(heard.len(), 1);
+    assert_eq!(heard[0].1, RemovalCause::Died);
+    assert_eq!(heard[0].2.as_deref(), Some("weakrefs-finalizer"));
+    assert!(map.is_empty());
+}
+
+#[test]
+fn a_listener_may_use_its_own_map() {
+    // Called under a shard lock, this would deadlock on the insert.
+    let done = within_deadlock_limit("on_remove using its map", || {
+        let slot: Arc<std::sync::OnceLock<Arc<WeakValueMap<u32, u32>>>> = Arc::default();
+        let keep = Strong::new(100);
+        let listener = {
+            let (slot, keep) = (slot.clone(), keep.clone());
+            move |key: &u32, _| {
+                if let Some(map) = slot.get() {
+                    if *key < 100 {
+                        map.insert(key + 100, &keep);
+                    }
+                }
+            }
+        };
+        let map = Arc::new(WeakValueMap::builder().on_remove(listener).build());
+        let _ = slot.set(map.clone());
+        let v = Strong::new(1);
+        map.insert(1, &v);
+        map.insert(1, &v); // Replaced
+        map.remove(&1); // Removed
+        map.insert(2, &v);
+        assert!(map.get(&101).is_some());
+        map.clear(); // Cleared, and the listener inserts again
+        map.insert(3, &v);
+        drop(v);
+        flush(); // Died
+        map.get(&103).is_some()
+    });
+    assert!(done);
+}
+
+#[test]
+fn every_entry_that_leaves_is_heard_once_under_churn() {
+    let heard = Arc::new(AtomicUsize::new(0));
+    let count = heard.clone();
+    let map = Arc::new(
+        WeakValueMap::builder()
+            .on_remove(move |_: &u32, _| {
+                count.fetch_add(1, Ordering::SeqCst);
+            })
+            .build(),
+    );
+    let per_thread = if cfg!(miri) { 50 } else { 5_000 };
+    let threads: Vec<_> = (0..4u32)
+        .map(|t| {
+            let map = map.clone();
+            thread::spawn(move || {
+                for i in 0..per_thread {
+                    let v = Strong::new(i);
+                    map.insert((t * 7 + i) % 64, &v);
+                    if i % 3 == 0 {
+                        map.remove(&((t + i) % 64));
+                    }
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    flush();
+    assert_eq!(map.len(), 0);
+    assert_eq!(heard.load(Ordering::SeqCst), 4 * per_thread as usize);
 }

@@ -27,6 +27,22 @@ pub(crate) trait Watching: Relocatable + Send + Sync + 'static {
 /// `Weak`, so that they never keep it alive (M4).
 pub(crate) trait Collection<I>: Send + Sync + 'static {
     fn table(&self) -> &ShardedTable<I>;
+
+    /// True if the collection hears of each entry a death removes (a
+    /// removal listener): such removals then run on the finalizer thread,
+    /// where the listener may run, instead of on the dying thread.
+    fn hears_deaths(&self) -> bool {
+        false
+    }
+
+    /// Called under the shard's lock for an entry its value's death just
+    /// removed; what it returns runs after the unlock, on the finalizer
+    /// thread (or where the death is handled after `shutdown`). It may run
+    /// the collection's own user code (a key's `Clone`), never the dying
+    /// thread's.
+    fn died(&self, _item: &I) -> Option<Box<dyn FnOnce() + Send>> {
+        None
+    }
 }
 
 /// Registers on `object` the hook that removes from `core`'s table the
@@ -67,13 +83,18 @@ where
         let Some(core) = collection.upgrade() else {
             return;
         };
-        let removed_here = match core.table().try_write(hash) {
-            Some(writer) => {
-                remove_holding(writer, hash, hook.identity());
-                true
-            }
-            None => false,
-        };
+        // Here, if the shard is free and nothing must hear of it; after
+        // `shutdown` there is nowhere else, so here in any case, but never
+        // waiting for the lock.
+        let here = !core.hears_deaths() || global().is_closed();
+        let removed_here = here
+            && match core.table().try_write(hash) {
+                Some(writer) => {
+                    remove_holding(&*core, writer, hash, hook.identity());
+                    true
+                }
+                None => false,
+            };
         if !removed_here && !global().is_closed() {
             let hook = hook.keep();
             global().post(move || {
@@ -85,7 +106,7 @@ where
                     Some(core.table().write(hash))
                 };
                 if let Some(writer) = writer {
-                    remove_holding(writer, hash, hook.identity());
+                    remove_holding(&*core, writer, hash, hook.identity());
                 }
             });
             return;
@@ -99,9 +120,21 @@ where
 }
 
 /// Removes, under `writer`, the entry filed under `hash` whose hook is
-/// `hook`; its drop follows once no reader can see it (M2).
-fn remove_holding<I: Watching>(mut writer: ShardWriter<'_, I>, hash: u64, hook: usize) {
-    writer.remove(hash, |item| item.hook().identity() == hook);
+/// `hook`; its drop follows once no reader can see it (M2). What the
+/// collection makes of the removal (`Collection::died`) runs after the
+/// unlock.
+fn remove_holding<C, I>(core: &C, mut writer: ShardWriter<'_, I>, hash: u64, hook: usize)
+where
+    C: Collection<I>,
+    I: Watching,
+{
+    let notice = writer
+        .remove(hash, |item| item.hook().identity() == hook)
+        .and_then(|item| core.died(item));
+    drop(writer);
+    if let Some(notice) = notice {
+        notice();
+    }
 }
 
 /// Iterates `table` shard by shard, snapshotting one shard at a time
@@ -137,6 +170,7 @@ where
 pub(crate) fn retain_live<I: Watching>(
     table: &ShardedTable<I>,
     mut keep: impl FnMut(&I, &I::Target) -> bool,
+    mut removed: impl FnMut(&I),
 ) {
     for shard in 0..table.shard_len() {
         let mut held = Vec::new();
@@ -152,6 +186,7 @@ pub(crate) fn retain_live<I: Watching>(
             },
             |item| {
                 item.hook().detach();
+                removed(item);
             },
         );
         drop(held);
@@ -163,27 +198,46 @@ pub(crate) fn retain_live<I: Watching>(
 const OVERSIZED: usize = 4;
 
 /// Removes every entry, detaching their callbacks, and shrinks tables
-/// left far larger than needed.
-pub(crate) fn clear<I: Watching>(table: &ShardedTable<I>) {
+/// left far larger than needed. `noted` sees each removed entry under its
+/// shard's lock (it may clone a key, nothing more), and `after` gets what
+/// it returned once the shard is unlocked.
+pub(crate) fn clear<I: Watching, T>(
+    table: &ShardedTable<I>,
+    mut noted: impl FnMut(&I) -> Option<T>,
+    mut after: impl FnMut(T),
+) {
     for shard in 0..table.shard_len() {
+        let mut notices = Vec::new();
         table.retain_locked(
             shard,
             |_| false,
             |item| {
                 item.hook().detach();
+                notices.extend(noted(item));
             },
         );
+        notices.into_iter().for_each(&mut after);
         shrink_shard(table, shard, OVERSIZED);
     }
 }
 
 /// Removes the entries whose objects are dead now, without waiting for
 /// their callbacks, and shrinks tables left far larger than needed.
-/// Returns how many it removed.
-pub(crate) fn purge<I: Watching>(table: &ShardedTable<I>) -> usize {
+/// Returns how many it removed. `noted` and `after` as for [`clear`].
+pub(crate) fn purge<I: Watching, T>(
+    table: &ShardedTable<I>,
+    mut noted: impl FnMut(&I) -> Option<T>,
+    mut after: impl FnMut(T),
+) -> usize {
     (0..table.shard_len())
         .map(|shard| {
-            let removed = table.retain_locked(shard, |item| item.watched().is_alive(), |_| {});
+            let mut notices = Vec::new();
+            let removed = table.retain_locked(
+                shard,
+                |item| item.watched().is_alive(),
+                |item| notices.extend(noted(item)),
+            );
+            notices.into_iter().for_each(&mut after);
             shrink_shard(table, shard, OVERSIZED);
             removed
         })

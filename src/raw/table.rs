@@ -440,7 +440,8 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
 
     /// Removes from shard `index`, under its lock, every item `keep`
     /// rejects, and passes each removed item to `on_remove`, under the
-    /// lock (it must run no user code). Returns how many it removed.
+    /// lock (it may clone a key, the one user code allowed under a shard
+    /// lock, and nothing more). Returns how many it removed.
     pub(crate) fn retain_locked(
         &self,
         index: usize,
