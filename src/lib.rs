@@ -37,4 +37,4 @@ pub use weak::Weak;
 pub use weak_key_map::WeakKeyMap;
 pub use weak_method::WeakMethod;
 pub use weak_set::WeakSet;
-pub use weak_value_map::{RemovalCause, WeakValueMap, WeakValueMapBuilder};
+pub use weak_value_map::{MapStats, RemovalCause, WeakValueMap, WeakValueMapBuilder};

@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use crate::callbacks::Hook;
 use crate::raw::collection::{self, Collection, Watching};
+use crate::raw::counters::Counters;
 use crate::raw::single_flight::{self, Flight, Flights, Joined, Settle};
 use crate::raw::table::{Relocatable, ShardWriter, ShardedTable};
 use crate::strong::Strong;
@@ -140,6 +141,78 @@ pub enum RemovalCause {
 /// A map's removal listener.
 type Listener<K> = Arc<dyn Fn(&K, RemovalCause) + Send + Sync>;
 
+/// What a [`WeakValueMap`] has counted since it was made
+/// ([`WeakValueMap::stats`]). Each thread counts on a cache line of its
+/// own, so counting costs a read no shared write; the figures are exact
+/// once the counting threads are quiet.
+///
+/// ```
+/// use weakrefs::{flush, Strong, WeakValueMap};
+///
+/// let map = WeakValueMap::new();
+/// let page = map.get_or_insert_with("home", || "<h1>home</h1>");
+/// assert!(map.get("home").is_some());
+/// assert!(map.get("away").is_none());
+/// drop(page);
+/// flush();
+/// let stats = map.stats();
+/// assert_eq!((stats.loads, stats.hits, stats.misses, stats.died), (1, 1, 1, 1));
+/// ```
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MapStats {
+    /// Calls of `get` and of the `get_or_insert_with` family that found a
+    /// live value in the map.
+    pub hits: u64,
+    /// Calls of `get` that found none.
+    pub misses: u64,
+    /// `init` closures (or futures) run by the `get_or_insert_with`
+    /// family, successful or not.
+    pub loads: u64,
+    /// Callers of the `get_or_insert_with` family that waited for another
+    /// caller's load and received its value (not also counted as hits).
+    pub joined: u64,
+    /// Loads whose `init` returned `Err` or panicked.
+    pub load_failures: u64,
+    /// Entries removed by their value's death callback.
+    pub died: u64,
+}
+
+/// Indices into a map's counters.
+const HITS: usize = 0;
+const MISSES: usize = 1;
+const LOADS: usize = 2;
+const JOINED: usize = 3;
+const LOAD_FAILURES: usize = 4;
+const DIED: usize = 5;
+const COUNTERS: usize = 6;
+
+/// Counts a load as it starts, and as failed if it unwinds.
+struct LoadCount<'a>(&'a Counters<COUNTERS>);
+
+impl<'a> LoadCount<'a> {
+    fn start(counters: &'a Counters<COUNTERS>) -> Self {
+        counters.bump(LOADS);
+        LoadCount(counters)
+    }
+
+    /// Ends the count with the load's outcome.
+    fn end<T, E>(self, outcome: &Result<T, E>) {
+        if outcome.is_err() {
+            self.0.bump(LOAD_FAILURES);
+        }
+    }
+}
+
+impl Drop for LoadCount<'_> {
+    fn drop(&mut self) {
+        // Unwinding out of `init` (a dropped future is no failure).
+        if std::thread::panicking() {
+            self.0.bump(LOAD_FAILURES);
+        }
+    }
+}
+
 /// The shared core; death callbacks hold a `Weak` to it, so they never keep
 /// a map alive, and do nothing once it is gone (M4).
 struct MapCore<K, V, S> {
@@ -149,6 +222,8 @@ struct MapCore<K, V, S> {
     loads: Flights<K, Strong<V>>,
     /// Told of every entry that leaves the map, outside any shard lock.
     listener: Option<Listener<K>>,
+    /// What `stats` reports.
+    counters: Counters<COUNTERS>,
 }
 
 impl<K, V, S> Collection<Item<K, V>> for MapCore<K, V, S>
@@ -166,6 +241,7 @@ where
     }
 
     fn died(&self, item: &Item<K, V>) -> Option<Box<dyn FnOnce() + Send>> {
+        self.counters.bump(DIED);
         let listener = self.listener.clone()?;
         // Under the lock, on the finalizer thread: `Clone` may run there.
         let key = item.key().clone();
@@ -452,6 +528,7 @@ where
                 table,
                 loads,
                 listener,
+                counters: Counters::new(),
             }),
         }
     }
@@ -642,7 +719,11 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        self.with_item(key, |item| item.value.upgrade())
+        let found = self.with_item(key, |item| item.value.upgrade());
+        self.core
+            .counters
+            .bump(if found.is_some() { HITS } else { MISSES });
+        found
     }
 
     /// Looks `key` up lock-free and applies `f` to its item, while pinned.
@@ -772,21 +853,28 @@ where
         let mut init = Some(init);
         let outcome = loop {
             match self.find_or_join(hash, &mut key, true) {
-                Ok(value) => break Ok(value),
+                Ok(value) => {
+                    self.core.counters.bump(HITS);
+                    break Ok(value);
+                }
                 Err(Joined::Wait(load)) => {
                     if let Some(value) = load.wait() {
                         drop(load);
+                        self.core.counters.bump(JOINED);
                         break Ok(value);
                     }
                     // The leader failed: try again (perhaps as the leader).
                 }
                 Err(Joined::Lead(load)) => {
                     let init = init.take().expect("a caller leads once, then returns");
-                    break single_flight::lead(
+                    let count = LoadCount::start(&self.core.counters);
+                    let outcome = single_flight::lead(
                         load,
                         || init().map(Strong::new),
                         |load, value| self.finish_load(load, value),
                     );
+                    count.end(&outcome);
+                    break outcome;
                 }
             }
         };
@@ -872,22 +960,29 @@ where
         let mut init = Some(init);
         let outcome = loop {
             match self.find_or_join(hash, &mut key, false) {
-                Ok(value) => break Ok(value),
+                Ok(value) => {
+                    self.core.counters.bump(HITS);
+                    break Ok(value);
+                }
                 Err(Joined::Wait(load)) => {
                     if let Some(value) = load.wait_async().await {
                         drop(load);
+                        self.core.counters.bump(JOINED);
                         break Ok(value);
                     }
                     // The leader failed or was dropped: try again.
                 }
                 Err(Joined::Lead(load)) => {
                     let init = init.take().expect("a caller leads once, then returns");
-                    break single_flight::lead_async(
+                    let count = LoadCount::start(&self.core.counters);
+                    let outcome = single_flight::lead_async(
                         load,
                         async { init().await.map(Strong::new) },
                         |load, value| self.finish_load(load, value),
                     )
                     .await;
+                    count.end(&outcome);
+                    break outcome;
                 }
             }
         };
@@ -1102,6 +1197,30 @@ where
                     .report(self.core.notice(item), RemovalCause::Removed)
             },
         );
+    }
+
+    /// What the map has counted since it was made: hits, misses, loads,
+    /// joined loads, failed loads and deaths ([`MapStats`]).
+    ///
+    /// ```
+    /// use weakrefs::WeakValueMap;
+    ///
+    /// let map: WeakValueMap<u32, u32> = WeakValueMap::new();
+    /// assert!(map.get(&1).is_none());
+    /// assert!(map.try_get_or_insert_with(1, || Err::<u32, _>("down")).is_err());
+    /// let stats = map.stats();
+    /// assert_eq!((stats.misses, stats.loads, stats.load_failures), (1, 1, 1));
+    /// ```
+    pub fn stats(&self) -> MapStats {
+        let [hits, misses, loads, joined, load_failures, died] = self.core.counters.sum();
+        MapStats {
+            hits,
+            misses,
+            loads,
+            joined,
+            load_failures,
+            died,
+        }
     }
 
     /// Entries the map holds before a shard's table grows. Removed entries

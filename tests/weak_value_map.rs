@@ -1361,3 +1361,45 @@ fn every_entry_that_leaves_is_heard_once_under_churn() {
     assert_eq!(map.len(), 0);
     assert_eq!(heard.load(Ordering::SeqCst), 4 * per_thread as usize);
 }
+
+#[test]
+fn stats_count_every_outcome_once() {
+    let map = Arc::new(WeakValueMap::new());
+    let callers = 8;
+    let barrier = Arc::new(Barrier::new(callers));
+    let handles: Vec<_> = (0..callers)
+        .map(|_| {
+            let (map, barrier) = (map.clone(), barrier.clone());
+            thread::spawn(move || {
+                barrier.wait();
+                map.get_or_insert_with(1u32, || 10u32)
+            })
+        })
+        .collect();
+    // Held until counted, so the one value stays alive throughout.
+    let values: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert!(values.iter().all(|v| Strong::ptr_eq(v, &values[0])));
+    let stats = map.stats();
+    assert_eq!(stats.loads, 1);
+    assert_eq!(stats.hits + stats.joined, callers as u64 - 1);
+    assert_eq!(stats.load_failures, 0);
+
+    assert!(map.get(&1).is_some());
+    assert!(map.get(&2).is_none());
+    assert!(map
+        .try_get_or_insert_with(2, || Err::<u32, _>("no"))
+        .is_err());
+    let panicked = catch_unwind(AssertUnwindSafe(|| {
+        map.get_or_insert_with(3, || panic!("init failure (expected by this test)"))
+    }));
+    assert!(panicked.is_err());
+    drop(values);
+    flush();
+    let after = map.stats();
+    assert_eq!(after.hits, stats.hits + 1);
+    assert_eq!(after.misses, stats.misses + 1);
+    assert_eq!(after.loads, 3);
+    assert_eq!(after.load_failures, 2);
+    assert_eq!(after.died, 1);
+    assert_eq!(map.len(), 0);
+}

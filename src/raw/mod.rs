@@ -4,5 +4,6 @@
 //! (`single_flight`).
 
 pub(crate) mod collection;
+pub(crate) mod counters;
 pub(crate) mod single_flight;
 pub(crate) mod table;
