@@ -14,7 +14,9 @@ use crate::raw::collection::{self, Collection, Watching};
 use crate::raw::counters::Counters;
 use crate::raw::single_flight::{self, Flight, Flights, Joined, Settle};
 use crate::raw::table::{Relocatable, ShardWriter, ShardedTable};
+use crate::raw::tier::Tier;
 use crate::strong::Strong;
+use crate::sync::AtomicU32;
 use crate::weak::Weak;
 
 /// One entry, inline in its slot: a lookup reads the tag, the key and the
@@ -138,6 +140,10 @@ pub enum RemovalCause {
     Cleared,
 }
 
+/// What a write's keep-warm tier let go of (a replaced entry's value,
+/// an evicted one), dropped after the unlock.
+type Released<V> = [Option<Strong<V>>; 2];
+
 /// A map's removal listener.
 type Listener<K> = Arc<dyn Fn(&K, RemovalCause) + Send + Sync>;
 
@@ -224,6 +230,8 @@ struct MapCore<K, V, S> {
     listener: Option<Listener<K>>,
     /// What `stats` reports.
     counters: Counters<COUNTERS>,
+    /// The keep-warm tier (`keep_recent`), if any (M13).
+    tier: Option<Tier<V>>,
 }
 
 impl<K, V, S> Collection<Item<K, V>> for MapCore<K, V, S>
@@ -250,6 +258,12 @@ where
 }
 
 impl<K: Clone, V, S> MapCore<K, V, S> {
+    /// Lets the tier forget an entry leaving the map under the caller's
+    /// shard lock; what it held is for the caller to drop after the unlock.
+    fn forget(&self, item: &Item<K, V>) -> Option<Strong<V>> {
+        self.tier.as_ref()?.forget(item.hook().identity())
+    }
+
     /// The key to report an entry's removal with, if anyone listens:
     /// cloned under the lock, reported after it.
     fn notice(&self, item: &Item<K, V>) -> Option<K> {
@@ -377,6 +391,7 @@ where
     pub fn builder() -> WeakValueMapBuilder<K, V, RandomState> {
         WeakValueMapBuilder {
             capacity: 0,
+            keep_recent: 0,
             hasher: RandomState::new(),
             listener: None,
             _values: PhantomData,
@@ -387,6 +402,7 @@ where
 /// Builds a [`WeakValueMap`] (see [`WeakValueMap::builder`]).
 pub struct WeakValueMapBuilder<K, V, S = RandomState> {
     capacity: usize,
+    keep_recent: usize,
     hasher: S,
     listener: Option<Listener<K>>,
     _values: PhantomData<fn() -> V>,
@@ -409,6 +425,39 @@ where
         self
     }
 
+    /// Keeps the `n` values most recently inserted, loaded or found alive
+    /// even when no caller holds them: the map holds a [`Strong`] to each
+    /// (0, the default, holds none). A popular object then survives the
+    /// moments between requests instead of being rebuilt, and memory stays
+    /// bounded by the `n` plus what callers hold.
+    ///
+    /// Recency is approximated (CLOCK): a hit on a value the tier holds
+    /// costs no lock and no read-modify-write once it is marked; admitting
+    /// a value takes the tier's lock and its shard's. The bound is exact:
+    /// the tier never holds more than `n`, and once `n` values have entered
+    /// it holds `n`. Evicting a value only drops the map's hold: a value
+    /// some caller holds stays in the map and is still found. An entry that
+    /// leaves the map (removed, replaced, cleared) leaves the tier too; a
+    /// value in the tier cannot die. The evicted value is dropped by the
+    /// thread whose access evicted it, outside every lock.
+    ///
+    /// ```
+    /// use weakrefs::{Strong, WeakValueMap};
+    ///
+    /// let map = WeakValueMap::builder().keep_recent(2).build();
+    /// for page in ["a", "b", "c"] {
+    ///     map.get_or_insert_with(page, || page.to_uppercase());
+    /// }
+    /// // Nobody holds the pages, yet the two most recent are still there.
+    /// assert!(map.get("a").is_none());
+    /// assert_eq!(map.get("b").as_deref().map(String::as_str), Some("B"));
+    /// assert_eq!(map.get("c").as_deref().map(String::as_str), Some("C"));
+    /// ```
+    pub fn keep_recent(mut self, n: usize) -> Self {
+        self.keep_recent = n;
+        self
+    }
+
     /// Hashes keys with `hasher` (std's `RandomState` by default).
     ///
     /// ```
@@ -424,6 +473,7 @@ where
     {
         WeakValueMapBuilder {
             capacity: self.capacity,
+            keep_recent: self.keep_recent,
             hasher,
             listener: self.listener,
             _values: PhantomData,
@@ -475,7 +525,7 @@ where
     /// assert!(map.is_empty());
     /// ```
     pub fn build(self) -> WeakValueMap<K, V, S> {
-        WeakValueMap::build(self.capacity, self.hasher, self.listener)
+        WeakValueMap::build(self.capacity, self.hasher, self.listener, self.keep_recent)
     }
 }
 
@@ -483,6 +533,7 @@ impl<K, V, S> fmt::Debug for WeakValueMapBuilder<K, V, S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WeakValueMapBuilder")
             .field("capacity", &self.capacity)
+            .field("keep_recent", &self.keep_recent)
             .field("on_remove", &self.listener.is_some())
             .finish_non_exhaustive()
     }
@@ -516,10 +567,15 @@ where
     /// assert!(map.is_empty());
     /// ```
     pub fn with_capacity_and_hasher(capacity: usize, hasher: S) -> Self {
-        Self::build(capacity, hasher, None)
+        Self::build(capacity, hasher, None, 0)
     }
 
-    fn build(capacity: usize, hasher: S, listener: Option<Listener<K>>) -> Self {
+    fn build(
+        capacity: usize,
+        hasher: S,
+        listener: Option<Listener<K>>,
+        keep_recent: usize,
+    ) -> Self {
         let table = ShardedTable::with_capacity(capacity);
         let loads = Flights::new(table.shard_len());
         WeakValueMap {
@@ -529,6 +585,7 @@ where
                 loads,
                 listener,
                 counters: Counters::new(),
+                tier: (keep_recent > 0).then(|| Tier::new(keep_recent)),
             }),
         }
     }
@@ -564,33 +621,120 @@ where
         let hash = self.hash(&key);
         let item = self.new_item(hash, key, value);
         let mut writer = self.core.table.write(hash);
-        let (previous, notice) = self.publish_locked(&mut writer, hash, item);
+        let (previous, notice, released) = self.publish_locked(&mut writer, hash, item, value);
         drop(writer);
+        drop(released);
         self.core.report(notice, RemovalCause::Replaced);
         // Dropped (by the caller) after the shard is unlocked: it may be the
         // last handle.
         previous
     }
 
-    /// Publishes `item` under a writer the caller holds, replacing any
-    /// item under the same key (whose callback it detaches, M5). Returns
-    /// the replaced value if alive, and the replaced key to report once
-    /// the caller has unlocked, if anyone listens.
+    /// Publishes `item`, whose value is `value`, under a writer the
+    /// caller holds, replacing any item under the same key (whose callback
+    /// it detaches, M5), and lets the keep-warm tier hold the new value.
+    /// Returns the replaced value if alive, the replaced key to report
+    /// once the caller has unlocked (if anyone listens), and what the tier
+    /// let go of, to drop after the unlock.
     fn publish_locked(
         &self,
         writer: &mut ShardWriter<'_, Item<K, V>>,
         hash: u64,
         item: Item<K, V>,
-    ) -> (Option<Strong<V>>, Option<K>) {
-        let Some(replaced) = writer.upsert(hash, item, |old, new| old.key() == new.key()) else {
-            return (None, None);
+        value: &Strong<V>,
+    ) -> (Option<Strong<V>>, Option<K>, Released<V>) {
+        let identity = item.identity();
+        let replaced = writer.upsert(hash, item, |old, new| old.key() == new.key());
+        let (previous, notice, forgotten) = match replaced {
+            None => (None, None, None),
+            Some(replaced) => {
+                // Detached only once the replacement is published: a
+                // panicking `Eq` in `upsert` leaves every entry and its
+                // callback as they were (M5).
+                replaced.hook().detach();
+                (
+                    replaced.value.upgrade(),
+                    self.core.notice(replaced),
+                    self.core.forget(replaced),
+                )
+            }
         };
-        // Detached only once the replacement is published: a panicking
-        // `Eq` in `upsert` leaves every entry and its callback as they were
-        // (M5).
-        replaced.hook().detach();
-        let value = replaced.value.upgrade();
-        (value, self.core.notice(replaced))
+        let evicted = self.keep_locked(writer, hash, identity, value);
+        (previous, notice, [forgotten, evicted])
+    }
+
+    /// Lets the keep-warm tier hold `value`, the value of the entry named
+    /// `identity` under `hash`, which the caller's writer has just seen or
+    /// published (M13). Returns what the tier let go of, to drop after the
+    /// unlock.
+    fn keep_locked(
+        &self,
+        writer: &ShardWriter<'_, Item<K, V>>,
+        hash: u64,
+        identity: usize,
+        value: &Strong<V>,
+    ) -> Option<Strong<V>> {
+        let tier = self.core.tier.as_ref()?;
+        let mut candidates = writer.candidates(hash);
+        while let Some((item, mark)) = candidates.next_marked() {
+            if item.identity() == identity {
+                return tier.admit(identity, mark, value.clone());
+            }
+        }
+        None
+    }
+
+    /// A hit on `item` (whose slot's mark is `mark`) for the keep-warm
+    /// tier, by a reader pinned since it found the item: marks it used,
+    /// or else admits it under its shard's lock, if it is still there.
+    /// Returns what the tier let go of, to drop once unpinned.
+    #[inline]
+    fn keep(
+        &self,
+        hash: u64,
+        item: &Item<K, V>,
+        mark: &AtomicU32,
+        value: &Strong<V>,
+    ) -> Option<Strong<V>> {
+        let tier = self.core.tier.as_ref()?;
+        if tier.touch(item.identity(), mark) {
+            return None;
+        }
+        self.keep_slow(hash, item.identity(), value)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn keep_slow(&self, hash: u64, identity: usize, value: &Strong<V>) -> Option<Strong<V>> {
+        let writer = self.core.table.write(hash);
+        let evicted = self.keep_locked(&writer, hash, identity, value);
+        drop(writer);
+        evicted
+    }
+
+    /// The live value under `key`, found lock-free; with a keep-warm tier,
+    /// marked used there (or admitted).
+    #[inline]
+    fn lookup<Q>(&self, hash: u64, key: &Q) -> Option<Strong<V>>
+    where
+        K: Borrow<Q>,
+        Q: Eq + ?Sized,
+    {
+        let pinned = self.core.table.pin();
+        let mut candidates = self.core.table.candidates(hash, &pinned);
+        let (item, mark) = loop {
+            let (item, mark) = candidates.next_marked()?;
+            if item.key().borrow() == key {
+                break (item, mark);
+            }
+        };
+        let value = item.value.upgrade()?;
+        // Admitting locks under the pin, which keeps `item`'s identity from
+        // being reused meanwhile.
+        let released = self.keep(hash, item, mark, &value);
+        drop(pinned);
+        drop(released);
+        Some(value)
     }
 
     /// Inserts `value` under `key` unless the key holds a live value, which
@@ -625,10 +769,10 @@ where
         }
         let item = self.new_item(hash, key, value);
         // Replaces a dead entry at most: nothing upgrades a dead value.
-        let (replaced, notice) = self.publish_locked(&mut writer, hash, item);
+        let (replaced, notice, released) = self.publish_locked(&mut writer, hash, item, value);
         drop(writer);
         debug_assert!(replaced.is_none(), "a live entry was checked for");
-        drop(replaced);
+        drop((replaced, released));
         self.core.report(notice, RemovalCause::Replaced);
         Ok(())
     }
@@ -669,12 +813,16 @@ where
             return None;
         }
         let removed = writer.remove(hash, |item| item.identity() == identity);
-        let notice = removed.and_then(|removed| {
-            // Detached after the removal is published (M5).
-            removed.hook().detach();
-            self.core.notice(removed)
-        });
+        let (notice, forgotten) = match removed {
+            Some(removed) => {
+                // Detached after the removal is published (M5).
+                removed.hook().detach();
+                (self.core.notice(removed), self.core.forget(removed))
+            }
+            None => (None, None),
+        };
         drop(writer);
+        drop(forgotten);
         self.core.report(notice, RemovalCause::Removed);
         Some(live)
     }
@@ -719,7 +867,7 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let found = self.with_item(key, |item| item.value.upgrade());
+        let found = self.lookup(self.hash(key), key);
         self.core
             .counters
             .bump(if found.is_some() { HITS } else { MISSES });
@@ -797,7 +945,9 @@ where
         // As in `publish_locked`: detached after the removal is published.
         removed.hook().detach();
         let (value, notice) = (removed.value.upgrade(), self.core.notice(removed));
+        let forgotten = self.core.forget(removed);
         drop(writer);
+        drop(forgotten);
         self.core.report(notice, RemovalCause::Removed);
         // Dropped by the caller, after the unlock: it may be the last handle.
         value
@@ -1005,16 +1155,18 @@ where
         let wanted = key
             .as_ref()
             .expect("the key is taken only by a leader that returns");
-        if let Some(value) = self.with_hashed_item(hash, wanted, |item| item.value.upgrade()) {
+        if let Some(value) = self.lookup(hash, wanted) {
             return Ok(value);
         }
         let writer = self.core.table.write(hash);
         let live = writer
             .candidates(hash)
             .find(|item| item.key() == wanted)
-            .and_then(|item| item.value.upgrade());
-        if let Some(value) = live {
+            .and_then(|item| Some((item.identity(), item.value.upgrade()?)));
+        if let Some((identity, value)) = live {
+            let released = self.keep_locked(&writer, hash, identity, &value);
             drop(writer);
+            drop(released);
             return Ok(value);
         }
         Err(self.core.loads.join_or_lead(
@@ -1052,6 +1204,7 @@ where
         let mut outcome = None;
         let mut replaced = None;
         let mut notice = None;
+        let mut released = [None, None];
         if let (Some(value), Some(wanted)) = (&value, &key) {
             let existing = writer
                 .candidates(hash)
@@ -1063,7 +1216,8 @@ where
                 None => {
                     let key = key.take().expect("checked above");
                     let item = self.new_item(hash, key, value);
-                    (replaced, notice) = self.publish_locked(&mut writer, hash, item);
+                    (replaced, notice, released) =
+                        self.publish_locked(&mut writer, hash, item, value);
                     Some(value.clone())
                 }
             };
@@ -1077,6 +1231,7 @@ where
         drop(key);
         drop(settle);
         drop(replaced);
+        drop(released);
         drop(value);
         self.core.report(notice, RemovalCause::Replaced);
         outcome
@@ -1191,10 +1346,13 @@ where
         collection::retain_live(
             &self.core.table,
             |item, value| f(item.key(), value),
-            // Unlocked, still pinned: the removed entry is readable.
+            // Unlocked, still pinned since before the unlink: the removed
+            // entry is readable, its identity not reused, and no hit can
+            // admit it again (M13).
             |item| {
+                drop(self.core.forget(item));
                 self.core
-                    .report(self.core.notice(item), RemovalCause::Removed)
+                    .report(self.core.notice(item), RemovalCause::Removed);
             },
         );
     }
@@ -1274,8 +1432,12 @@ where
     pub fn clear(&self) {
         collection::clear(
             &self.core.table,
-            |item| self.core.notice(item),
-            |key| self.core.report(Some(key), RemovalCause::Cleared),
+            // Under the shard lock; the tier's value is dropped after it.
+            |item| Some((self.core.notice(item), self.core.forget(item))),
+            |(key, forgotten)| {
+                drop(forgotten);
+                self.core.report(key, RemovalCause::Cleared);
+            },
         );
     }
 
@@ -1315,9 +1477,13 @@ where
 
 impl<K, V, S> fmt::Debug for WeakValueMap<K, V, S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("WeakValueMap")
-            .field("len", &self.core.table.len())
-            .finish_non_exhaustive()
+        let mut map = f.debug_struct("WeakValueMap");
+        map.field("len", &self.core.table.len());
+        if let Some(tier) = &self.core.tier {
+            map.field("kept", &tier.len())
+                .field("keep_recent", &tier.capacity());
+        }
+        map.finish_non_exhaustive()
     }
 }
 

@@ -1403,3 +1403,98 @@ fn stats_count_every_outcome_once() {
     assert_eq!(after.died, 1);
     assert_eq!(map.len(), 0);
 }
+
+/// Counts live values: built minus dropped.
+#[derive(Default)]
+struct Census {
+    built: AtomicUsize,
+    dropped: Arc<AtomicUsize>,
+}
+
+impl Census {
+    fn make(&self, id: usize) -> Counted {
+        self.built.fetch_add(1, Ordering::SeqCst);
+        Counted {
+            id,
+            drops: self.dropped.clone(),
+        }
+    }
+
+    fn live(&self) -> usize {
+        self.built.load(Ordering::SeqCst) - self.dropped.load(Ordering::SeqCst)
+    }
+}
+
+#[test]
+fn the_keep_warm_tier_holds_exactly_its_bound_under_four_threads() {
+    let kept = 8;
+    let census = Arc::new(Census::default());
+    let map = Arc::new(WeakValueMap::builder().keep_recent(kept).build());
+    let rounds = if cfg!(miri) { 40 } else { 4_000 };
+    let threads: Vec<_> = (0..4)
+        .map(|t| {
+            let (map, census) = (map.clone(), census.clone());
+            thread::spawn(move || {
+                for i in 0..rounds {
+                    let key = (i * 7 + t * 13) % 64;
+                    // Dropped at once: only the tier keeps values alive.
+                    let value = map.get_or_insert_with(key, || census.make(key));
+                    assert_eq!(value.id, key);
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    flush();
+    assert_eq!(census.live(), kept, "the tier holds exactly its bound");
+    assert_eq!(map.len(), kept, "dead entries are gone");
+    assert_eq!(map.values().count(), kept);
+    map.clear();
+    assert_eq!(census.live(), 0, "clear lets the tier go");
+}
+
+#[test]
+fn a_value_evicted_from_the_tier_but_held_elsewhere_is_still_found() {
+    let census = Census::default();
+    let map = WeakValueMap::builder().keep_recent(1).build();
+    let held = map.get_or_insert_with(1, || census.make(1));
+    drop(map.get_or_insert_with(2, || census.make(2))); // evicts 1
+    drop(map.get_or_insert_with(3, || census.make(3))); // evicts 2, which dies
+    flush();
+    assert_eq!(census.live(), 2); // 1 (ours) and 3 (the tier's)
+    assert!(map.get(&2).is_none());
+    // Found again, 1 re-enters the tier (evicting 3) and outlives our
+    // handle.
+    assert!(Strong::ptr_eq(&map.get(&1).expect("held by us"), &held));
+    drop(held);
+    flush();
+    assert_eq!(map.get(&1).map(|v| v.id), Some(1));
+    assert_eq!(census.live(), 1);
+    // No object is built twice while a copy is alive.
+    assert_eq!(census.built.load(Ordering::SeqCst), 3);
+}
+
+#[test]
+fn an_entry_that_leaves_the_map_leaves_the_tier() {
+    let census = Census::default();
+    let map = WeakValueMap::builder().keep_recent(4).build();
+    for key in 0..4 {
+        drop(map.get_or_insert_with(key, || census.make(key)));
+    }
+    assert_eq!(census.live(), 4);
+    drop(map.remove(&0));
+    assert_eq!(census.live(), 3, "removed");
+    drop(map.remove_if(&1, |_, _| true));
+    assert_eq!(census.live(), 2, "removed if");
+    let newer = Strong::new(census.make(20));
+    map.insert(2, &newer); // replaces 2's value, which the tier let go
+    drop(newer);
+    assert_eq!(census.live(), 2, "replaced; the new value is kept");
+    map.retain(|key, _| *key != 3);
+    assert_eq!(census.live(), 1, "retained away");
+    flush();
+    assert_eq!(map.len(), 1);
+    assert_eq!(map.get(&2).map(|v| v.id), Some(20));
+}

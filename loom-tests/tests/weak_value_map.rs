@@ -388,3 +388,45 @@ fn set_member_death_races_an_insert_that_rebuilds() {
         assert!(staying.iter().all(|member| set.contains(member)));
     });
 }
+
+/// M13: the keep-warm tier's admission and eviction (an insert of another
+/// key into a tier of one) racing the death of the value it holds and a
+/// `get` that re-marks that value: the tier never holds more than one
+/// value, never holds a value whose entry left the map, and lets go of
+/// what it evicts (loom's leak tracker fails the model otherwise).
+#[test]
+fn tier_admission_races_a_death_and_a_remarking_get() {
+    loom::model(|| {
+        let map = Arc::new(
+            weakrefs::WeakValueMap::builder()
+                .hasher(BuildHasherDefault::<DefaultHasher>::default())
+                .keep_recent(1)
+                .build(),
+        );
+        let first = Strong::new(1u8);
+        map.insert(0u8, &first);
+        let reader = {
+            let map = map.clone();
+            thread::spawn(move || map.get(&0).map(|v| *v))
+        };
+        let writer = {
+            let map = map.clone();
+            thread::spawn(move || {
+                let second = Strong::new(2u8);
+                map.insert(1u8, &second);
+                Strong::downgrade(&second)
+            })
+        };
+        let first_weak = Strong::downgrade(&first);
+        drop(first);
+        let seen = reader.join().unwrap();
+        assert!(seen.is_none() || seen == Some(1));
+        let second_weak = writer.join().unwrap();
+        flush();
+        let alive = usize::from(first_weak.is_alive()) + usize::from(second_weak.is_alive());
+        assert_eq!(alive, 1, "the tier holds exactly one value");
+        assert_eq!(map.len(), 1, "the dead value's entry is gone");
+        map.clear();
+        assert!(!first_weak.is_alive() && !second_weak.is_alive());
+    });
+}

@@ -7,3 +7,4 @@ pub(crate) mod collection;
 pub(crate) mod counters;
 pub(crate) mod single_flight;
 pub(crate) mod table;
+pub(crate) mod tier;

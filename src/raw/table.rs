@@ -48,7 +48,7 @@ use crate::callbacks::{global, Runtime};
 use crate::panics::catch_and_report;
 use crate::reclaim::{Pinned, Reclaimer};
 use crate::sync::{
-    acquire_fence, AtomicPtr, AtomicU64, AtomicUsize, CachePadded, Mutex, MutexGuard, Ordering,
+    acquire_fence, AtomicPtr, AtomicU32, AtomicUsize, CachePadded, Mutex, MutexGuard, Ordering,
     UnsafeCell,
 };
 
@@ -78,25 +78,26 @@ const CHURN_FLOOR: usize = if cfg!(weakrefs_loom) { 4 } else { 64 };
 const CHURN_CEILING: usize = if cfg!(weakrefs_loom) { 4 } else { 256 };
 
 /// The tag of a slot never written since its table was built.
-const EMPTY: u64 = 0;
+const EMPTY: u32 = 0;
 /// The tag of a slot whose item was removed and may still be read: its
 /// drop is pending, past every reader that may have seen it.
-const TOMBSTONE: u64 = 1;
+const TOMBSTONE: u32 = 1;
 /// The tag of a slot whose removed item has been dropped, once no reader
 /// could see it any more: a writer may fill it again (M2). Readers treat
 /// it as a tombstone.
-const FREE: u64 = 4;
+const FREE: u32 = 4;
 
-/// The tag of a full slot for `hash`: bit 1 set, so never `EMPTY`,
-/// `TOMBSTONE` or `FREE`. The other 63 bits filter candidates; keys decide.
+/// The tag of a full slot for `hash`: its low 32 bits with bit 1 set, so
+/// never `EMPTY`, `TOMBSTONE` or `FREE`. The other 31 bits filter
+/// candidates (the shard took the top bits); keys decide.
 #[inline(always)]
-fn tag_of(hash: u64) -> u64 {
-    hash | 2
+fn tag_of(hash: u64) -> u32 {
+    hash as u32 | 2
 }
 
 /// True for the tag of a full slot.
 #[inline(always)]
-fn is_full(tag: u64) -> bool {
+fn is_full(tag: u32) -> bool {
     tag & 2 != 0
 }
 
@@ -160,9 +161,13 @@ pub(crate) unsafe trait Relocatable: Sized {
     unsafe fn take_left_behind(this: *const Self) -> Self::LeftBehind;
 }
 
-/// One slot: its tag and, once the tag says full, its item.
+/// One slot: its tag, its mark and, once the tag says full, its item.
 struct Slot<I> {
-    tag: AtomicU64,
+    tag: AtomicU32,
+    /// A word the collection keeps beside the item, which readers may
+    /// write (a keep-warm tier's position, M13): zero when the slot is
+    /// filled, carried over by a rebuild, never read by the table.
+    mark: AtomicU32,
     item: UnsafeCell<MaybeUninit<I>>,
 }
 
@@ -181,7 +186,8 @@ impl<I> Table<I> {
         Box::new(Table {
             slots: (0..count)
                 .map(|_| Slot {
-                    tag: AtomicU64::new(EMPTY),
+                    tag: AtomicU32::new(EMPTY),
+                    mark: AtomicU32::new(0),
                     item: UnsafeCell::new(MaybeUninit::uninit()),
                 })
                 .collect(),
@@ -193,8 +199,8 @@ impl<I> Table<I> {
     /// the table (any size, not only powers of two); the shard used the
     /// high bits.
     #[inline(always)]
-    fn home(&self, tag: u64) -> usize {
-        ((u128::from(tag as u32) * self.slots.len() as u128) >> 32) as usize
+    fn home(&self, tag: u32) -> usize {
+        ((u128::from(tag) * self.slots.len() as u128) >> 32) as usize
     }
 
     /// The slot after `index`, wrapping around.
@@ -562,7 +568,7 @@ impl<I> Drop for ShardedTable<I> {
 /// The items of one probe sequence whose tags match.
 pub(crate) struct Candidates<'g, I> {
     table: &'g Table<I>,
-    tag: u64,
+    tag: u32,
     /// Next slot to look at.
     index: usize,
     /// Slots left before every slot has been seen once.
@@ -582,11 +588,12 @@ impl<'g, I> Candidates<'g, I> {
     }
 }
 
-impl<'g, I> Iterator for Candidates<'g, I> {
-    type Item = &'g I;
-
+impl<'g, I> Candidates<'g, I> {
+    /// The next candidate and its slot's mark (see `Slot::mark`): a word
+    /// the reader may load and store, carried over by rebuilds (a store
+    /// into a table being replaced may be lost).
     #[inline]
-    fn next(&mut self) -> Option<&'g I> {
+    pub(crate) fn next_marked(&mut self) -> Option<(&'g I, &'g AtomicU32)> {
         while self.left > 0 {
             let index = self.index;
             self.index = self.table.next(index);
@@ -600,10 +607,20 @@ impl<'g, I> Iterator for Candidates<'g, I> {
             if tag == self.tag {
                 // SAFETY: seen full (1); the caller is pinned for 'g or holds
                 // the mutex for 'g (a `ShardWriter` borrow) (2).
-                return Some(unsafe { self.table.item(index) });
+                let item = unsafe { self.table.item(index) };
+                return Some((item, &self.table.slots[index].mark));
             }
         }
         None
+    }
+}
+
+impl<'g, I> Iterator for Candidates<'g, I> {
+    type Item = &'g I;
+
+    #[inline]
+    fn next(&mut self) -> Option<&'g I> {
+        self.next_marked().map(|(item, _)| item)
     }
 }
 
@@ -774,7 +791,7 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
 
     /// Writes `item` into slot `index` of the current `table`, `EMPTY` if
     /// `fresh`, else `FREE`, and publishes it.
-    fn fill(&mut self, table: &Table<I>, index: usize, fresh: bool, tag: u64, item: I) {
+    fn fill(&mut self, table: &Table<I>, index: usize, fresh: bool, tag: u32, item: I) {
         let slot = &table.slots[index];
         // A free slot's previous item was dropped by a deferred function that
         // no reader which saw it outlived, and whose writes `vacancy`'s
@@ -782,6 +799,9 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
         // SAFETY: empty or free, under the mutex: no reader reads such a
         // slot's item (it checks the tag first) and no other writer runs.
         slot.item.with_mut(|cell| unsafe { (*cell).write(item) });
+        // Relaxed: published with the tag below; a new item starts
+        // unmarked (M13).
+        slot.mark.store(0, Ordering::Relaxed);
         // Release (M1, M2): publishes the item to readers' Acquire loads of
         // the tag.
         slot.tag.store(tag, Ordering::Release);
@@ -854,7 +874,7 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
     /// unlock.
     #[cold]
     #[inline(never)]
-    fn rebuild(&mut self, new: Box<Table<I>>, incoming: Option<u64>, without: Option<usize>) {
+    fn rebuild(&mut self, new: Box<Table<I>>, incoming: Option<u32>, without: Option<usize>) {
         let old = self.current_table();
         let old_ptr = self.current_table_ptr();
         let relocated = panic::catch_unwind(AssertUnwindSafe(|| {
@@ -879,6 +899,11 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
                 target.item.with_mut(|cell| unsafe { (*cell).write(copy) });
                 // Relaxed: published by the table's Release store below.
                 target.tag.store(moving, Ordering::Relaxed);
+                // Relaxed, both: carried over as it is now; a reader's
+                // store into the old slot from here on is lost (M13).
+                target
+                    .mark
+                    .store(slot.mark.load(Ordering::Relaxed), Ordering::Relaxed);
                 items += 1;
             }
             items
@@ -1164,7 +1189,7 @@ unsafe fn each_removed<I>(removed: &[*const I], mut on_remove: impl FnMut(&I)) {
 /// slot, which a rebuild prevents). Under the shard mutex.
 fn find<I>(
     table: &Table<I>,
-    tag: u64,
+    tag: u32,
     mut matches: impl FnMut(&I) -> bool,
 ) -> Result<usize, Option<usize>> {
     let mut index = table.home(tag);
@@ -1185,7 +1210,7 @@ fn find<I>(
 
 /// The first empty slot of `tag`'s probe sequence. Under the shard mutex,
 /// in a table that has one.
-fn first_empty<I>(table: &Table<I>, tag: u64) -> usize {
+fn first_empty<I>(table: &Table<I>, tag: u32) -> usize {
     match find(table, tag, |_| false) {
         Err(Some(index)) => index,
         _ => unreachable!("a table is rebuilt before its last empty slot fills"),

@@ -1,0 +1,259 @@
+//! The keep-warm tier of a `WeakValueMap` (`keep_recent(n)`): the map's
+//! own `Strong` to at most `n` of its values, the ones most recently
+//! inserted, loaded or found, so that a popular object survives the
+//! moments when no request holds it (SAFETY.md, M13).
+//!
+//! Recency is approximated by CLOCK over a ring of `n` positions. Each
+//! position has a *mark* readers may touch without a lock: the identity of
+//! the entry whose value it holds (its hook's address) and a `referenced`
+//! bit. An entry's table slot remembers its position (`Slot::mark`, one
+//! more than the index; zero for none). A hit loads that, checks that the
+//! position still names this entry, and sets `referenced` if it is clear
+//! ([`Tier::touch`]): an entry already marked costs a hit two loads, no
+//! lock and no read-modify-write. Everything else (admitting an entry,
+//! evicting one, forgetting one that left the map) runs under the tier's
+//! mutex, which alone writes identities and holds the values, and the
+//! caller holds the entry's shard lock: so the tier holds the value of an
+//! entry only while the entry is in the map (removals forget it under that
+//! lock, and an admission finds it there under that lock), and an
+//! identity, a hook's address, cannot be reused while the tier names it.
+//!
+//! Admission takes a free position if there is one, else the first whose
+//! `referenced` bit the hand finds clear, clearing the bits it passes
+//! (so at most two turns). The ring has exactly `n` positions, each
+//! holding at most one value: the bound is exact, and once `n` entries
+//! have entered, the tier stays full. Evicting only drops the tier's
+//! `Strong`: a value some caller holds stays in the map. The values the
+//! tier lets go are handed back to the caller, to be dropped after every
+//! lock is released (one may be the last handle to its object, whose
+//! death then removes its entry).
+
+use std::collections::HashMap;
+use std::sync::PoisonError;
+
+use crate::strong::Strong;
+use crate::sync::{AtomicBool, AtomicU32, AtomicUsize, Mutex, Ordering};
+
+/// A ring position, as readers see it.
+struct Position {
+    /// The identity of the entry whose value the position holds; 0 when
+    /// free. Written under the mutex only.
+    holder: AtomicUsize,
+    /// Used since the hand last passed. Set by hits, cleared by the hand.
+    referenced: AtomicBool,
+}
+
+/// What the mutex guards.
+struct Ring<V> {
+    /// The value each position holds.
+    values: Box<[Option<Strong<V>>]>,
+    /// The position of each entry held, by identity.
+    position_of: HashMap<usize, u32>,
+    /// Positions never used, or freed by `forget`.
+    free: Vec<u32>,
+    /// Where the next search for a victim starts.
+    hand: usize,
+}
+
+/// The keep-warm tier; see the module docs.
+pub(crate) struct Tier<V> {
+    positions: Box<[Position]>,
+    ring: Mutex<Ring<V>>,
+}
+
+impl<V> Tier<V> {
+    /// A tier of `capacity` positions (at least one; at most `u32::MAX - 1`).
+    pub(crate) fn new(capacity: usize) -> Self {
+        let capacity = capacity.clamp(1, u32::MAX as usize - 1);
+        Tier {
+            positions: (0..capacity)
+                .map(|_| Position {
+                    holder: AtomicUsize::new(0),
+                    referenced: AtomicBool::new(false),
+                })
+                .collect(),
+            ring: Mutex::new(Ring {
+                values: (0..capacity).map(|_| None).collect(),
+                position_of: HashMap::new(),
+                free: (0..capacity as u32).rev().collect(),
+                hand: 0,
+            }),
+        }
+    }
+
+    /// Positions, the most values the tier holds.
+    pub(crate) fn capacity(&self) -> usize {
+        self.positions.len()
+    }
+
+    /// Values the tier holds now.
+    pub(crate) fn len(&self) -> usize {
+        let ring = self.ring.lock().unwrap_or_else(PoisonError::into_inner);
+        ring.position_of.len()
+    }
+
+    /// Marks the entry named `identity`, whose slot's mark is `mark`, used
+    /// if the tier holds it. False if it does not (then the caller admits
+    /// it, under the shard's lock).
+    #[inline]
+    pub(crate) fn touch(&self, identity: usize, mark: &AtomicU32) -> bool {
+        // Relaxed, all three: a hint. A stale position fails the identity
+        // check and the caller takes the slow path, which decides under
+        // the mutexes; a lost `referenced` store costs the entry one turn
+        // of the hand.
+        let position = mark.load(Ordering::Relaxed) as usize;
+        let Some(at) = position
+            .checked_sub(1)
+            .and_then(|at| self.positions.get(at))
+        else {
+            return false;
+        };
+        if at.holder.load(Ordering::Relaxed) != identity {
+            return false;
+        }
+        if !at.referenced.load(Ordering::Relaxed) {
+            at.referenced.store(true, Ordering::Relaxed);
+        }
+        true
+    }
+
+    /// Admits `value`, the value of the entry named `identity` whose slot's
+    /// mark is `mark`, evicting the least recently used value if the tier
+    /// is full; marks it used if the tier holds it already. The caller
+    /// holds the entry's shard lock and has just seen the entry there.
+    /// Returns what the tier let go of, for the caller to drop once it
+    /// holds no lock.
+    pub(crate) fn admit(
+        &self,
+        identity: usize,
+        mark: &AtomicU32,
+        value: Strong<V>,
+    ) -> Option<Strong<V>> {
+        let mut ring = self.ring.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(&at) = ring.position_of.get(&identity) {
+            // Held already; the slot forgot (a rebuild lost the store).
+            debug_assert!(ring.values[at as usize]
+                .as_ref()
+                .is_some_and(|held| Strong::ptr_eq(held, &value)));
+            // Relaxed: as in `touch`.
+            mark.store(at + 1, Ordering::Relaxed);
+            self.positions[at as usize]
+                .referenced
+                .store(true, Ordering::Relaxed);
+            drop(ring);
+            return Some(value);
+        }
+        let (at, evicted) = match ring.free.pop() {
+            Some(at) => (at, None),
+            None => {
+                let at = self.victim(&mut ring);
+                let evicted = ring.values[at as usize].take();
+                // Relaxed: read under the mutex, which alone writes it.
+                let holder = self.positions[at as usize].holder.load(Ordering::Relaxed);
+                ring.position_of.remove(&holder);
+                (at, evicted)
+            }
+        };
+        let position = &self.positions[at as usize];
+        // Relaxed: readers only compare it (see `touch`); the values are
+        // reached under the mutex alone.
+        position.holder.store(identity, Ordering::Relaxed);
+        position.referenced.store(false, Ordering::Relaxed);
+        ring.values[at as usize] = Some(value);
+        ring.position_of.insert(identity, at);
+        // Relaxed: as in `touch`.
+        mark.store(at + 1, Ordering::Relaxed);
+        evicted
+    }
+
+    /// The first position past the hand whose `referenced` bit is clear,
+    /// clearing the bits it passes: within two turns. The ring is full.
+    fn victim(&self, ring: &mut Ring<V>) -> u32 {
+        loop {
+            let at = ring.hand;
+            ring.hand = (at + 1) % self.positions.len();
+            let referenced = &self.positions[at].referenced;
+            // Relaxed: a hint set by readers; see `hit`.
+            if referenced.load(Ordering::Relaxed) {
+                referenced.store(false, Ordering::Relaxed);
+            } else {
+                return at as u32;
+            }
+        }
+    }
+
+    /// Drops the tier's hold on the entry named `identity`, which is
+    /// leaving the map under the caller's shard lock. Returns the value,
+    /// for the caller to drop once it holds no lock.
+    pub(crate) fn forget(&self, identity: usize) -> Option<Strong<V>> {
+        let mut ring = self.ring.lock().unwrap_or_else(PoisonError::into_inner);
+        let at = ring.position_of.remove(&identity)?;
+        // Relaxed: as in `admit`.
+        self.positions[at as usize]
+            .holder
+            .store(0, Ordering::Relaxed);
+        ring.free.push(at);
+        ring.values[at as usize].take()
+    }
+}
+
+#[cfg(all(test, not(weakrefs_loom)))]
+mod tests {
+    use super::*;
+
+    /// A hit as the map makes it: touch, else admit.
+    fn admit(tier: &Tier<u32>, identity: usize, marks: &[AtomicU32], value: &Strong<u32>) {
+        if !tier.touch(identity, &marks[identity]) {
+            drop(tier.admit(identity, &marks[identity], value.clone()));
+        }
+    }
+
+    #[test]
+    fn the_bound_is_exact_and_the_tier_fills() {
+        let tier = Tier::new(3);
+        let marks: Vec<_> = (0..10).map(|_| AtomicU32::new(0)).collect();
+        let values: Vec<_> = (0..10).map(Strong::new).collect();
+        for (identity, value) in values.iter().enumerate().skip(1) {
+            admit(&tier, identity, &marks, value);
+            assert_eq!(tier.len(), identity.min(3));
+        }
+        let held: usize = values.iter().map(|v| Strong::strong_count(v) - 1).sum();
+        assert_eq!(held, 3);
+    }
+
+    #[test]
+    fn a_referenced_value_survives_a_turn_of_the_hand() {
+        let tier = Tier::new(2);
+        let marks: Vec<_> = (0..5).map(|_| AtomicU32::new(0)).collect();
+        let values: Vec<_> = (0..5).map(Strong::new).collect();
+        admit(&tier, 1, &marks, &values[1]);
+        admit(&tier, 2, &marks, &values[2]);
+        // A hit on 1 marks it; admitting 3 evicts 2, not 1.
+        admit(&tier, 1, &marks, &values[1]);
+        admit(&tier, 3, &marks, &values[3]);
+        assert_eq!(Strong::strong_count(&values[1]), 2);
+        assert_eq!(Strong::strong_count(&values[2]), 1);
+        assert_eq!(Strong::strong_count(&values[3]), 2);
+    }
+
+    #[test]
+    fn a_stale_mark_is_corrected_and_forget_frees_the_position() {
+        let tier = Tier::new(2);
+        let marks: Vec<_> = (0..4).map(|_| AtomicU32::new(0)).collect();
+        let values: Vec<_> = (0..4).map(Strong::new).collect();
+        admit(&tier, 1, &marks, &values[1]);
+        // A rebuild lost the slot's mark: the hit re-finds the position.
+        marks[1].store(0, Ordering::Relaxed);
+        admit(&tier, 1, &marks, &values[1]);
+        assert_eq!(tier.len(), 1);
+        assert_eq!(Strong::strong_count(&values[1]), 2);
+        let freed = tier.forget(1).expect("held");
+        assert!(Strong::ptr_eq(&freed, &values[1]));
+        assert!(tier.forget(1).is_none());
+        admit(&tier, 2, &marks, &values[2]);
+        admit(&tier, 3, &marks, &values[3]);
+        assert_eq!(tier.len(), 2);
+        assert!(tier.touch(2, &marks[2]) && tier.touch(3, &marks[3]));
+        assert!(!tier.touch(1, &marks[1]), "forgotten");
+    }
+}
