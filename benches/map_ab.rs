@@ -19,6 +19,12 @@
 //!   `WeakKeyMap::with` reading a `u64` out of the value, against
 //!   `DashMap<usize, u64>` keyed by the object's address (the hand-rolled
 //!   side table).
+//! * `keep_recent` at 1 000 and 100 000 live keys, on each thread count:
+//!   `get` plus upgrade on a map with a keep-warm tier against the same
+//!   map without one (the tier's cost on reads), with a tier as large as
+//!   the key set (every hit lands on a held, marked value: the cost the
+//!   tier promises to keep within 5%) and one a tenth of it (most hits
+//!   admit their value and evict another, under locks).
 //! * `churn`, one thread: insert a fresh value under one of 1 024 keys, then
 //!   drop it. This crate removes each dead entry at its death; `DashMap`
 //!   sweeps with `retain` every 1 024 inserts and, separately, every
@@ -211,6 +217,29 @@ fn rows(case: &str, names: &[&'static str], rates: &[Vec<f64>]) -> Vec<Row> {
         .collect()
 }
 
+/// `WeakValueMap` reads with a keep-warm tier of `kept` values against the
+/// same reads without one.
+fn keep_recent_case(rounds: usize, keys: u64, kept: usize, threads: usize) -> Vec<Row> {
+    let values: Vec<_> = (0..keys).map(weakrefs::Strong::new).collect();
+    let plain = weakrefs::WeakValueMap::new();
+    let tiered = weakrefs::WeakValueMap::builder().keep_recent(kept).build();
+    for v in &values {
+        plain.insert(**v, v);
+        tiered.insert(**v, v);
+    }
+    let maps = [Ours(tiered), Ours(plain)];
+    let names = ["weakrefs_keep_recent", "weakrefs_plain"];
+    let rates = interleaved(names.len(), rounds, |which| {
+        read_rate(&maps[which], keys, threads)
+    });
+    drop(values);
+    rows(
+        &format!("keep_recent_{kept}/{keys}_keys/{threads}_thread"),
+        &names,
+        &rates,
+    )
+}
+
 /// Churn: `OPS` inserts of a fresh value that dies at once, under one of
 /// 1 024 keys.
 const CHURN_OPS: u64 = 1 << 17;
@@ -309,6 +338,13 @@ fn main() {
     for threads in thread_counts() {
         table.extend(key_map_case(rounds, threads));
     }
+    for keys in [1_000u64, 100_000] {
+        for threads in thread_counts() {
+            for kept in [keys as usize, keys as usize / 10] {
+                table.extend(keep_recent_case(rounds, keys, kept, threads));
+            }
+        }
+    }
     let ours = weakrefs::WeakValueMap::new();
     let dash = DashMap::new();
     let names = ["weakrefs", "dashmap_retain_1024", "dashmap_retain_65536"];
@@ -320,12 +356,12 @@ fn main() {
     table.extend(rows("churn/1_thread", &names, &rates));
 
     println!(
-        "{:<28} {:<22} {:>12} {:>12} {:>8}",
+        "{:<36} {:<22} {:>12} {:>12} {:>8}",
         "case", "peer", "ours M/s", "peer M/s", "ratio"
     );
     for row in &table {
         println!(
-            "{:<28} {:<22} {:>12.2} {:>12.2} {:>8.2}",
+            "{:<36} {:<22} {:>12.2} {:>12.2} {:>8.2}",
             row.case,
             row.peer,
             row.ours / 1e6,

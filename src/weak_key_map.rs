@@ -798,6 +798,7 @@ impl<K, V, S> fmt::Debug for WeakKeyMap<K, V, S> {
 /// assert_eq!(sum, 2 * 4950);
 /// ```
 #[cfg(feature = "rayon")]
+#[cfg_attr(docsrs, doc(cfg(feature = "rayon")))]
 impl<'a, K, V, S> rayon::iter::IntoParallelIterator for &'a WeakKeyMap<K, V, S>
 where
     K: Send + Sync + 'static,

@@ -394,6 +394,7 @@ impl<T, S> fmt::Debug for WeakSet<T, S> {
 /// assert_eq!(set.par_iter().map(|m| *m).collect::<Vec<_>>(), [2]);
 /// ```
 #[cfg(feature = "rayon")]
+#[cfg_attr(docsrs, doc(cfg(feature = "rayon")))]
 impl<'a, T, S> rayon::iter::IntoParallelIterator for &'a WeakSet<T, S>
 where
     T: Send + Sync + 'static,

@@ -1504,6 +1504,7 @@ impl<K, V, S> fmt::Debug for WeakValueMap<K, V, S> {
 /// assert_eq!(sum, 2 * 4950);
 /// ```
 #[cfg(feature = "rayon")]
+#[cfg_attr(docsrs, doc(cfg(feature = "rayon")))]
 impl<'a, K, V, S> rayon::iter::IntoParallelIterator for &'a WeakValueMap<K, V, S>
 where
     K: Hash + Eq + Clone + Send + Sync + 'static,
