@@ -986,6 +986,15 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
 impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
     fn drop(&mut self) {
         drop(self.state.take());
+        let pending = &self.garbage;
+        if pending.items.is_empty()
+            && pending.tables.is_empty()
+            && pending.unpublished.is_none()
+            && pending.abandoned.is_empty()
+        {
+            // Most writes (an insert into a free slot) let go of nothing.
+            return;
+        }
         let garbage = std::mem::take(&mut self.garbage);
         // After the unlock: user code, dropped here only on a panic's way
         // out (a failed `Eq` or `Clone`), where a second panic would abort.
