@@ -64,7 +64,7 @@ unsafe impl<K, V> Relocatable for Item<K, V> {
     /// never drops its object's value).
     const DROP_RUNS_USER_CODE: bool = std::mem::needs_drop::<V>();
 
-    /// Nothing: an item moves whole; its value stays in its box.
+    /// Nothing: an item moves whole; its value stays in its hook.
     type LeftBehind = ();
 
     fn identity(&self) -> usize {
@@ -153,6 +153,15 @@ where
 /// then), and a dead key whose shard was busy keeps its entry, invisible
 /// to lookups but counted by `len`, until [`purge`](Self::purge),
 /// [`retain`](Self::retain) or [`clear`](Self::clear).
+///
+/// Each entry is one allocation, which also holds the entry's death
+/// callback, with the value inline, so a lookup reaches the value in one
+/// step. A removed (or replaced) entry's value is dropped on time, but
+/// that allocation stays registered on the key object until the key's
+/// callback list is next compacted (after some more registrations on the
+/// key) or the key dies, holding `size_of::<V>()` bytes. For a large `V`
+/// whose long-lived keys lose their entries, store `Box<V>` to give the
+/// bytes back at once.
 ///
 /// # Reference cycles
 ///

@@ -17,7 +17,7 @@
 //!
 //! * a *listed* node (`finalize` registrations and posted jobs) adds the
 //!   links that only such nodes use, the registry's and the queue's, then
-//!   the closure: `Node<Listed, Plain<F>>`;
+//!   the closure: `Node<Listed, (), Plain<F>>`;
 //! * a *hook* (a collection's removal callback, which is never in the
 //!   registry and never queued: it runs on the dying thread, C14) has a
 //!   payload and the closure right after the header:
@@ -56,8 +56,10 @@ const LISTED: u8 = 0;
 const HOOK: u8 = 1;
 
 /// References above this abort, as for the handles (I5). A node's owners
-/// are the lists, the queue and the `Finalizer` handles: more than two
-/// billion of them exist only if handles are leaked with `mem::forget`.
+/// are the lists, the queue, the `Finalizer` handles and, for a hook, the
+/// collection entry's `Hook` and the clones `Hook::keep` makes for posted
+/// removals: more than two billion of them exist only if handles are
+/// leaked with `mem::forget`.
 const MAX_REFS: u32 = i32::MAX as u32;
 
 /// What a node does with its closure, per node type.
@@ -239,11 +241,12 @@ impl Entry {
     ///    provenance of the whole node (a list link, a queue link or an
     ///    `EntryRef`'s pointer).
     unsafe fn listed<'a>(entry: *mut Entry) -> &'a Listed {
-        // SAFETY: by 1 the node starts with a `Listed` (`repr(C)`) and is
-        // alive while the caller's reference or link is; the `&Listed`
+        // SAFETY: by 1 the node is alive while the caller's reference or
+        // link is, and, checked here in every build since a hook is
+        // smaller, starts with a `Listed` (`repr(C)`); the `&Listed`
         // covers header and links only, never the closure.
         unsafe {
-            debug_assert_eq!((*entry).kind, LISTED, "a hook has no registry link");
+            assert_eq!((*entry).kind, LISTED, "a hook has no registry link");
             &*entry.cast::<Listed>()
         }
     }

@@ -64,7 +64,7 @@ thread_local! {
     /// handle of another object) in order, instead of running them nested
     /// on the stack (C15).
     #[allow(clippy::missing_const_for_thread_local)]
-    static INLINE: std::cell::RefCell<Option<std::collections::VecDeque<(usize, u64)>>> =
+    static INLINE: std::cell::RefCell<Option<std::collections::VecDeque<(*mut Entry, u64)>>> =
         std::cell::RefCell::new(None);
 }
 
@@ -380,7 +380,7 @@ impl Runtime {
         let queued = INLINE
             .try_with(|inline| match inline.borrow_mut().as_mut() {
                 Some(later) => {
-                    later.push_back((batch as usize, count));
+                    later.push_back((batch, count));
                     true
                 }
                 None => false,
@@ -404,7 +404,7 @@ impl Runtime {
                     let mut inline = inline.borrow_mut();
                     let later = inline.as_mut().expect("set above, until the loop ends");
                     match later.pop_front() {
-                        Some((batch, count)) => Some((batch as *mut Entry, count)),
+                        Some((batch, count)) => Some((batch, count)),
                         None => {
                             *inline = None;
                             None

@@ -105,7 +105,7 @@ fn is_full(tag: u32) -> bool {
 /// the old copies.
 ///
 /// A rebuild never copies bytes that code may write through a shared
-/// reference: an item's own pointers (a `Weak`, a `Finalizer`, a box) move
+/// reference: an item's own pointers (a `Weak`, a `Hook`) move
 /// bitwise, and a user's key, which may hold an atomic or a `Mutex` that
 /// its `Eq` writes through `&K`, is cloned, since `Clone` takes `&K` as
 /// the readers' `Eq` does (M3).
