@@ -433,7 +433,11 @@ where
     ///
     /// Recency is approximated (CLOCK): a hit on a value the tier holds
     /// costs no lock and no read-modify-write once it is marked; admitting
-    /// a value takes the tier's lock and its shard's. The bound is exact:
+    /// a value takes the tier's lock and its shard's. Inserted and loaded
+    /// values always enter; a found value the tier does not hold enters a
+    /// full tier one time in eight, so a value found often enters soon
+    /// while one-off reads of cold values neither push hot ones out nor
+    /// take locks on every read. The bound is exact:
     /// the tier never holds more than `n`, and once `n` values have entered
     /// it holds `n`. Evicting a value only drops the map's hold: a value
     /// some caller holds stays in the map and is still found. An entry that
@@ -697,7 +701,7 @@ where
         value: &Strong<V>,
     ) -> Option<Strong<V>> {
         let tier = self.core.tier.as_ref()?;
-        if tier.touch(item.identity(), mark) {
+        if tier.touch(item.identity(), mark) || !tier.admits_found() {
             return None;
         }
         self.keep_slow(hash, item.identity(), value)

@@ -58,8 +58,18 @@ struct Ring<V> {
 /// The keep-warm tier; see the module docs.
 pub(crate) struct Tier<V> {
     positions: Box<[Position]>,
+    /// No position is free: an admission now evicts. Written under the
+    /// mutex, read by hits as a hint.
+    full: AtomicBool,
     ring: Mutex<Ring<V>>,
 }
+
+/// A found value that the tier does not hold enters it, once the tier is
+/// full, one time in this many: a value found often enters soon, while
+/// one-off reads of cold values neither evict hot ones nor take the
+/// tier's lock on every read (a frequency filter, as TinyLFU and S3-FIFO
+/// put in front of their queues).
+const FOUND_ADMITS_ONE_IN: u32 = 8;
 
 impl<V> Tier<V> {
     /// A tier of `capacity` positions (at least one; at most `u32::MAX - 1`).
@@ -72,6 +82,7 @@ impl<V> Tier<V> {
                     referenced: AtomicBool::new(false),
                 })
                 .collect(),
+            full: AtomicBool::new(false),
             ring: Mutex::new(Ring {
                 values: (0..capacity).map(|_| None).collect(),
                 position_of: HashMap::new(),
@@ -117,6 +128,15 @@ impl<V> Tier<V> {
         true
     }
 
+    /// True if a found value the tier does not hold should be admitted now:
+    /// always while a position is free, else one time in
+    /// `FOUND_ADMITS_ONE_IN` (a per-thread pseudo-random draw).
+    #[inline]
+    pub(crate) fn admits_found(&self) -> bool {
+        // Relaxed: a hint; the admission itself decides under the mutex.
+        !self.full.load(Ordering::Relaxed) || one_in(FOUND_ADMITS_ONE_IN)
+    }
+
     /// Admits `value`, the value of the entry named `identity` whose slot's
     /// mark is `mark`, evicting the least recently used value if the tier
     /// is full; marks it used if the tier holds it already. The caller
@@ -144,7 +164,13 @@ impl<V> Tier<V> {
             return Some(value);
         }
         let (at, evicted) = match ring.free.pop() {
-            Some(at) => (at, None),
+            Some(at) => {
+                if ring.free.is_empty() {
+                    // Relaxed: a hint for `admits_found`.
+                    self.full.store(true, Ordering::Relaxed);
+                }
+                (at, None)
+            }
             None => {
                 let at = self.victim(&mut ring);
                 let evicted = ring.values[at as usize].take();
@@ -193,7 +219,42 @@ impl<V> Tier<V> {
             .holder
             .store(0, Ordering::Relaxed);
         ring.free.push(at);
+        // Relaxed: a hint for `admits_found`.
+        self.full.store(false, Ordering::Relaxed);
         ring.values[at as usize].take()
+    }
+}
+
+/// True one time in `n`, by a per-thread xorshift generator.
+#[inline]
+fn one_in(n: u32) -> bool {
+    #[cfg(not(weakrefs_loom))]
+    {
+        use std::cell::Cell;
+        std::thread_local! {
+            static STATE: Cell<u32> = const { Cell::new(0) };
+        }
+        STATE
+            .try_with(|state| {
+                let mut x = state.get();
+                if x == 0 {
+                    // Seeded from where this thread keeps it: differs
+                    // between threads.
+                    x = (std::ptr::from_ref(state).addr() as u32) | 1;
+                }
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                state.set(x);
+                x % n == 0
+            })
+            .unwrap_or(false)
+    }
+    // Under loom, deterministic: every found value is admitted.
+    #[cfg(weakrefs_loom)]
+    {
+        let _ = n;
+        true
     }
 }
 
