@@ -7,18 +7,72 @@
 //! `std::sync::atomic` or `loom`.
 
 #[cfg(not(weakrefs_loom))]
+use std::sync as lock;
+#[cfg(not(weakrefs_loom))]
 pub(crate) use std::sync::atomic::{
     fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
 };
-#[cfg(not(weakrefs_loom))]
-pub(crate) use std::sync::{Condvar, Mutex, MutexGuard};
 
+#[cfg(weakrefs_loom)]
+use loom::sync as lock;
 #[cfg(weakrefs_loom)]
 pub(crate) use loom::sync::atomic::{
     fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
 };
-#[cfg(weakrefs_loom)]
-pub(crate) use loom::sync::{Condvar, Mutex, MutexGuard};
+
+pub(crate) use lock::MutexGuard;
+
+/// A mutex whose lock ignores poisoning, as tokio's `loom/std/mutex.rs`
+/// does. Every critical section in the crate either runs no user code or
+/// leaves its data consistent before any point that can panic (a shard's
+/// writer parks what it has not published, a load is settled by a drop
+/// guard), so a panic elsewhere must not make the lock unusable.
+#[derive(Debug, Default)]
+pub(crate) struct Mutex<T>(lock::Mutex<T>);
+
+impl<T> Mutex<T> {
+    pub(crate) fn new(value: T) -> Self {
+        Mutex(lock::Mutex::new(value))
+    }
+
+    /// Locks, waiting as long as it takes.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Locks if nobody holds the lock, this thread included; never waits.
+    pub(crate) fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
+        match self.0.try_lock() {
+            Ok(guard) => Some(guard),
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+}
+
+/// A condition variable for [`Mutex`], ignoring poisoning as it does.
+#[derive(Debug, Default)]
+pub(crate) struct Condvar(lock::Condvar);
+
+impl Condvar {
+    pub(crate) fn new() -> Self {
+        Condvar(lock::Condvar::new())
+    }
+
+    /// Unlocks `guard`, waits for a notification (or a spurious wake-up),
+    /// and locks again.
+    pub(crate) fn wait<'a, T>(&self, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+        self.0
+            .wait(guard)
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(crate) fn notify_all(&self) {
+        self.0.notify_all();
+    }
+}
 
 /// Parking for the finalizer thread: crossbeam-utils switches it to loom's
 /// primitives under `--cfg crossbeam_loom`.

@@ -24,7 +24,6 @@
 
 use std::panic::{self, AssertUnwindSafe};
 use std::ptr;
-use std::sync::PoisonError;
 
 use super::entry::{Entry, EntryRef, Hook};
 use super::list::{EntryList, ObjectLink, RegistryLink};
@@ -158,11 +157,7 @@ impl Runtime {
     /// The worker's parker, for a runtime built by [`Runtime::external`].
     #[cfg(test)]
     pub(crate) fn take_parker(&self) -> Parker {
-        self.parker
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-            .expect("the parker is taken once")
+        self.parker.lock().take().expect("the parker is taken once")
     }
 
     fn build(worker_mode: WorkerMode) -> Self {
@@ -425,7 +420,7 @@ impl Runtime {
         // producers' increments.
         if self.queue.pending.fetch_sub(count, Ordering::AcqRel) == count && self.flush_is_waiting()
         {
-            let _idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+            let _idle = self.idle.lock();
             self.became_idle.notify_all();
         }
     }
@@ -450,7 +445,7 @@ impl Runtime {
     #[cold]
     #[inline(never)]
     fn start_worker(&self) {
-        let mut worker = self.worker.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut worker = self.worker.lock();
         // Relaxed: the mutex orders starts.
         if self.worker_started.load(Ordering::Relaxed) {
             return;
@@ -468,11 +463,7 @@ impl Runtime {
         // Nothing below may panic before the outcome is recorded: a start
         // that dies half-way would leave later deaths queued with no worker
         // and no `worker_failed` for `flush` to see.
-        let parker = self
-            .parker
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
+        let parker = self.parker.lock().take();
         let spawned = parker.and_then(spawn_worker);
         if spawned.is_none() {
             self.mark_worker_failed();
@@ -603,7 +594,7 @@ impl Runtime {
     fn mark_worker_failed(&self) {
         // Release: pairs with the Acquire load in `flush`.
         self.worker_failed.store(true, Ordering::Release);
-        let _idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let _idle = self.idle.lock();
         self.became_idle.notify_all();
     }
 
@@ -625,7 +616,7 @@ impl Runtime {
             while self.drain() > 0 {}
             return;
         }
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut idle = self.idle.lock();
         // Relaxed: ordered against the consumer by the fence below (C11).
         self.flush_waiters.fetch_add(1, Ordering::Relaxed);
         // SeqCst fence (C11): pairs with the fence in `flush_is_waiting`:
@@ -642,10 +633,7 @@ impl Runtime {
                 worker_gone = true;
                 break;
             }
-            idle = self
-                .became_idle
-                .wait(idle)
-                .unwrap_or_else(PoisonError::into_inner);
+            idle = self.became_idle.wait(idle);
         }
         // Relaxed: only the count matters; we hold the mutex.
         self.flush_waiters.fetch_sub(1, Ordering::Relaxed);
@@ -704,10 +692,7 @@ impl Runtime {
                 self.run_callback(|| unsafe { entry.run_claimed() });
             }
         }
-        *self
-            .shutdown_done
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = true;
+        *self.shutdown_done.lock() = true;
         self.shutdown_finished.notify_all();
     }
 
@@ -719,15 +704,9 @@ impl Runtime {
         if CALLBACK_DEPTH.with(|depth| depth.get() > 0) {
             return;
         }
-        let mut done = self
-            .shutdown_done
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut done = self.shutdown_done.lock();
         while !*done {
-            done = self
-                .shutdown_finished
-                .wait(done)
-                .unwrap_or_else(PoisonError::into_inner);
+            done = self.shutdown_finished.wait(done);
         }
     }
 
@@ -735,11 +714,7 @@ impl Runtime {
         // Release: pairs with the worker's Acquire load.
         self.stop_requested.store(true, Ordering::Release);
         self.unparker.unpark();
-        let handle = self
-            .worker
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
+        let handle = self.worker.lock().take();
         if let Some(handle) = handle {
             if handle.thread().id() != std::thread::current().id() {
                 // A worker that died has already marked itself failed.

@@ -16,7 +16,6 @@
 
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
-use std::sync::PoisonError;
 use std::task::Context;
 use std::task::{Poll, Waker};
 
@@ -181,9 +180,7 @@ impl<Q: Send + Sync + 'static, R: Send + Sync + 'static> Flights<Q, R> {
     }
 
     fn shard(&self, shard: usize) -> MutexGuard<'_, InFlight<Q, R>> {
-        self.shards[shard]
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        self.shards[shard].lock()
     }
 
     /// Under shard `shard`'s writer lock, after the caller found no live
@@ -213,7 +210,6 @@ impl<Q: Send + Sync + 'static, R: Send + Sync + 'static> Flights<Q, R> {
                 && load
                     .key
                     .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
                     .as_ref()
                     .is_some_and(|theirs| same(theirs, wanted))
         });
@@ -242,10 +238,7 @@ impl<Q: Send + Sync + 'static, R: Send + Sync + 'static> Flights<Q, R> {
     pub(crate) fn withdraw(&self, shard: usize, load: &Strong<Flight<Q, R>>) -> Option<Q> {
         self.shard(shard)
             .retain(|other| !Strong::ptr_eq(other, load));
-        load.key
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
+        load.key.lock().take()
     }
 }
 
@@ -258,14 +251,11 @@ impl<Q, R: Clone> Flight<Q, R> {
     /// Parks until the leader settles the load: its outcome, or `None` if
     /// it failed (the caller then retries, perhaps as the leader).
     pub(crate) fn wait(&self) -> Option<R> {
-        let mut settled = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut settled = self.state.lock();
         let outcome = loop {
             match &settled.state {
                 State::Running => {
-                    settled = self
-                        .settled
-                        .wait(settled)
-                        .unwrap_or_else(PoisonError::into_inner);
+                    settled = self.settled.wait(settled);
                 }
                 State::Done(outcome) => break outcome.clone(),
                 State::Failed => return None,
@@ -297,11 +287,7 @@ impl<Q, R: Clone> Future for Waiting<'_, Q, R> {
     type Output = Option<R>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut settled = self
-            .load
-            .state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut settled = self.load.state.lock();
         let outcome = match &settled.state {
             State::Running => {
                 let (slot, replaced) = settled.wakers.register(self.slot, cx.waker());
@@ -329,11 +315,7 @@ impl<Q, R> Drop for Waiting<'_, Q, R> {
         let Some(slot) = self.slot.take() else {
             return;
         };
-        let mut settled = self
-            .load
-            .state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut settled = self.load.state.lock();
         // Once settled, the wakers were taken (and woken): nothing of ours
         // is left to free.
         let waker = match settled.state {
@@ -370,11 +352,7 @@ impl<Q, R> Drop for Settle<'_, Q, R> {
             Some(outcome) => State::Done(Strong::new(outcome)),
             None => State::Failed,
         };
-        let mut settled = self
-            .load
-            .state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut settled = self.load.state.lock();
         settled.state = outcome;
         let wakers: Vec<Waker> = settled.wakers.take_all().collect();
         drop(settled);
@@ -531,7 +509,7 @@ mod loom_model {
             // Only ours is left: the waiter's handle went with its thread,
             // and the load holds no copy.
             assert_eq!(Arc::strong_count(&wake), 1);
-            let settled = load.state.lock().unwrap_or_else(PoisonError::into_inner);
+            let settled = load.state.lock();
             assert!(settled.wakers.slots.is_empty());
         });
     }

@@ -42,7 +42,6 @@ use std::marker::PhantomData;
 use std::mem::MaybeUninit;
 use std::panic::{self, AssertUnwindSafe};
 use std::ptr;
-use std::sync::{PoisonError, TryLockError};
 
 use crate::callbacks::{global, Runtime};
 use crate::panics::catch_and_report;
@@ -470,18 +469,14 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
     /// thread included: never blocks.
     pub(crate) fn try_write(&self, hash: u64) -> Option<ShardWriter<'_, I>> {
         let shard = &self.shards[self.shard_index(hash)];
-        let state = match shard.writer.try_lock() {
-            Ok(state) => state,
-            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
-            Err(TryLockError::WouldBlock) => return None,
-        };
+        let state = shard.writer.try_lock()?;
         Some(self.writer(shard, state))
     }
 
     /// Locks shard `index` for writing.
     pub(crate) fn write_shard(&self, index: usize) -> ShardWriter<'_, I> {
         let shard = &self.shards[index];
-        let state = shard.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        let state = shard.writer.lock();
         self.writer(shard, state)
     }
 

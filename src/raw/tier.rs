@@ -29,7 +29,6 @@
 //! death then removes its entry).
 
 use std::collections::HashMap;
-use std::sync::PoisonError;
 
 use crate::strong::Strong;
 use crate::sync::{AtomicBool, AtomicU32, AtomicUsize, Mutex, Ordering};
@@ -99,7 +98,7 @@ impl<V> Tier<V> {
 
     /// Values the tier holds now.
     pub(crate) fn len(&self) -> usize {
-        let ring = self.ring.lock().unwrap_or_else(PoisonError::into_inner);
+        let ring = self.ring.lock();
         ring.position_of.len()
     }
 
@@ -149,7 +148,7 @@ impl<V> Tier<V> {
         mark: &AtomicU32,
         value: Strong<V>,
     ) -> Option<Strong<V>> {
-        let mut ring = self.ring.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut ring = self.ring.lock();
         if let Some(&at) = ring.position_of.get(&identity) {
             // Held already; the slot forgot (a rebuild lost the store).
             debug_assert!(ring.values[at as usize]
@@ -212,7 +211,7 @@ impl<V> Tier<V> {
     /// leaving the map under the caller's shard lock. Returns the value,
     /// for the caller to drop once it holds no lock.
     pub(crate) fn forget(&self, identity: usize) -> Option<Strong<V>> {
-        let mut ring = self.ring.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut ring = self.ring.lock();
         let at = ring.position_of.remove(&identity)?;
         // Relaxed: as in `admit`.
         self.positions[at as usize]
