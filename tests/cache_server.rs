@@ -1,7 +1,8 @@
 //! The main demo's server (`examples/cache_server`), started on an
 //! ephemeral loopback port and driven with real HTTP requests: responses
 //! are right, and the cached objects (and per-connection sessions) are
-//! released once the clients are gone, without any purge.
+//! released once the clients are gone, without any purge: all of them by
+//! the pure weak cache, all but its tier by the keep-warm one.
 
 #[path = "../examples/cache_server/server.rs"]
 mod server;
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::StatusCode;
-use server::{App, CacheKind, Client, LoadConfig, OBJECT_BYTES};
+use server::{App, CacheKind, Client, LoadConfig, LoadReport, OBJECT_BYTES};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -26,11 +27,41 @@ async fn start(
     tokio::task::JoinHandle<()>,
 ) {
     let app = App::new(kind);
+    let (addr, stop, task) = serve(&app).await;
+    (app, addr, stop, task)
+}
+
+/// Serves `app` on a new ephemeral port: its address, the switch that
+/// stops it, and its task.
+async fn serve(
+    app: &Arc<App>,
+) -> (
+    std::net::SocketAddr,
+    watch::Sender<bool>,
+    tokio::task::JoinHandle<()>,
+) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(server::serve(app.clone(), listener, stopped));
-    (app, addr, stop, task)
+    (addr, stop, task)
+}
+
+/// 400 requests from 8 clients over 20 objects, bounded by the count (the
+/// duration is only a backstop).
+async fn load(addr: std::net::SocketAddr) -> LoadReport {
+    server::run_load(
+        LoadConfig {
+            addr,
+            clients: 8,
+            duration: Duration::from_secs(600),
+            max_requests: 400,
+            objects: 20,
+            exponent: 1.0,
+        },
+        Arc::new(AtomicU64::new(0)),
+    )
+    .await
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -102,25 +133,13 @@ fn serves_objects_and_releases_them_when_clients_leave() {
 fn a_load_run_is_correct_and_leaves_nothing_behind() {
     runtime().block_on(async {
         let (app, addr, stop, server) = start(CacheKind::Weak).await;
-        let issued = Arc::new(AtomicU64::new(0));
-        let report = server::run_load(
-            LoadConfig {
-                addr,
-                clients: 8,
-                // Bounded by the count; the duration is only a backstop.
-                duration: Duration::from_secs(600),
-                max_requests: 400,
-                objects: 20,
-            },
-            issued,
-        )
-        .await;
+        let report = load(addr).await;
         assert_eq!(report.errors, 0);
         assert_eq!(report.requests, 400);
-        assert_eq!(report.latencies_us.len(), 400);
+        assert_eq!(report.latency_us.len(), 400);
         assert_eq!(report.bytes, 400 * OBJECT_BYTES as u64);
         let builds = app.metrics.builds.load(Ordering::SeqCst);
-        let joined = app.metrics.joined_builds.load(Ordering::SeqCst);
+        let joined = app.joined_builds();
         assert!(
             builds >= 1 && builds + joined <= 400,
             "{builds} builds, {joined} joined"
@@ -131,6 +150,62 @@ fn a_load_run_is_correct_and_leaves_nothing_behind() {
         settle_until_released(&app);
         assert_eq!(app.cached_objects(), 0);
         assert_eq!(app.connections.len(), 0);
+    });
+}
+
+#[test]
+fn the_keep_warm_cache_keeps_its_tier_alone_and_serves_from_it() {
+    const RECENT: usize = 4;
+    runtime().block_on(async {
+        let (app, addr, stop, server) = start(CacheKind::KeepWarm { recent: RECENT }).await;
+        let report = load(addr).await;
+        assert_eq!(report.errors, 0);
+        assert_eq!(report.requests, 400);
+        assert_eq!(report.bytes, 400 * OBJECT_BYTES as u64);
+        let stats = app.cache_stats().unwrap();
+        assert_eq!(stats.loads, app.metrics.builds.load(Ordering::SeqCst));
+        stop.send(true).unwrap();
+        server.await.unwrap();
+
+        // The clients and their sessions are gone: the tier alone holds
+        // objects, exactly `RECENT` of them (more than that many were
+        // loaded, and once full the tier stays full).
+        settle_until(&app, RECENT);
+        assert_eq!(app.connections.len(), 0);
+        assert_eq!(
+            app.metrics.live_bytes.load(Ordering::SeqCst),
+            RECENT * OBJECT_BYTES
+        );
+        let kept = app.cached_names();
+        assert_eq!(kept.len(), RECENT, "{kept:?}");
+
+        // A new client is served the kept objects from the tier, without a
+        // build, and the same bytes as a fresh render of the same name.
+        let (addr, stop, server) = serve(&app).await;
+        let mut client = Client::connect(addr).await.unwrap();
+        let builds = app.metrics.builds.load(Ordering::SeqCst);
+        let mut bodies = Vec::new();
+        for name in &kept {
+            let (status, body) = client.get(&format!("/objects/{name}")).await.unwrap();
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(body.len(), OBJECT_BYTES);
+            bodies.push(body);
+        }
+        assert_eq!(app.metrics.builds.load(Ordering::SeqCst), builds);
+        let fresh = App::new(CacheKind::Strong);
+        let (fresh_addr, fresh_stop, fresh_server) = serve(&fresh).await;
+        let mut fresh_client = Client::connect(fresh_addr).await.unwrap();
+        for (name, body) in kept.iter().zip(&bodies) {
+            let (_, rendered) = fresh_client.get(&format!("/objects/{name}")).await.unwrap();
+            assert_eq!(&rendered, body, "{name}");
+        }
+        drop((client, fresh_client));
+        stop.send(true).unwrap();
+        fresh_stop.send(true).unwrap();
+        server.await.unwrap();
+        fresh_server.await.unwrap();
+        settle_until(&app, RECENT);
+        assert_eq!(app.cached_names(), kept, "only tier hits, so no admissions");
     });
 }
 
@@ -156,20 +231,32 @@ fn the_strong_cache_keeps_what_it_built() {
     });
 }
 
-/// Flushes until every object is released: the sessions that held the
-/// last objects are removed with their connections at once, but dropped
-/// once no reader can see them, which waits for other threads (other tests
-/// here) to leave their lookups; each `flush` pushes that on.
+/// Flushes until every object is released and its entry gone.
 fn settle_until_released(app: &App) {
+    settle_until(app, 0);
+}
+
+/// Flushes until at most `objects` objects are alive and named by the
+/// cache: the sessions that held the others are removed with their
+/// connections at once, but dropped once no reader can see them, which
+/// waits for other threads (other tests here) to leave their lookups, and
+/// an entry goes when its value's death callback runs, queued once the
+/// value is dropped; each `flush` pushes both on.
+fn settle_until(app: &App, objects: usize) {
+    let settled = || {
+        app.metrics.live_bytes.load(Ordering::SeqCst) <= objects * OBJECT_BYTES
+            && app.cached_objects() <= objects
+    };
     for _ in 0..100_000 {
-        if app.metrics.live_bytes.load(Ordering::SeqCst) == 0 {
+        if settled() {
             return;
         }
         weakrefs::flush();
     }
-    assert_eq!(
+    assert!(
+        settled(),
+        "{} bytes of objects and {} entries never released",
         app.metrics.live_bytes.load(Ordering::SeqCst),
-        0,
-        "objects never released"
+        app.cached_objects()
     );
 }

@@ -1,44 +1,70 @@
 //! The main demo: a multithreaded HTTP server (hyper on tokio) whose worker
-//! threads share a weak cache of large generated objects, driven by a
-//! built-in load generator over loopback.
+//! threads share a cache of large generated objects, driven by a built-in
+//! load generator over loopback.
 //!
 //! ```sh
-//! cargo run --release --example cache_server                  # about 10 s, then a summary
+//! cargo run --release --example cache_server                  # about 12 s, then a summary
 //! cargo run --release --example cache_server -- --serve       # keep serving, for curl
 //! cargo run --release --example cache_server -- --help
 //! ```
 //!
-//! The run has two halves with the same load: first the server caches
-//! objects in a `WeakValueMap` (objects live while some request or some
-//! connected client's session uses them; one build per object however many
-//! requests race for it), then in a strong `Mutex<HashMap>` (objects live
-//! forever). The summary compares what each kept resident at its peak and
-//! after the clients left.
+//! The run has three thirds with the same Zipf load, one per cache:
+//!
+//! 1. a strong `Mutex<HashMap>`: every object ever built lives forever;
+//! 2. a pure `WeakValueMap`: an object lives while some request or some
+//!    connected client's session uses it, and is built once however many
+//!    requests race for it; but a popular object that nobody holds for a
+//!    moment is gone, and rebuilt on its next request;
+//! 3. a `WeakValueMap` with `keep_recent(N)`: the same, and the map also
+//!    holds the N objects most recently loaded or found, so the popular
+//!    ones survive those moments.
+//!
+//! N defaults to a quarter of the objects (50 of the default 200): under
+//! Zipf's law (exponent 1) the most popular quarter draws about three
+//! quarters of the requests (77% for 50 of 200), so a tier of that size
+//! keeps the hot set warm for a quarter of the strong cache's memory. The
+//! long tail, the other quarter of the requests spread over three quarters
+//! of the objects, lives only while in use in both weak caches: no tier
+//! well below the object count keeps it, so the keep-warm cache still
+//! builds tail objects that the strong cache built once (`--zipf` makes
+//! the tail thinner or fatter, `--keep-recent` the tier larger or smaller).
+//!
+//! The summary compares what each cache served, built, and kept resident
+//! at its peak and after the clients left; the demo fails if a weak cache
+//! keeps more than it may then: nothing for the pure one, at most N objects
+//! for the keep-warm one (the sessions, which hold objects while their
+//! clients are connected, are gone by then).
 
 mod server;
 
+use std::ffi::OsString;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use server::{App, BuildSubscriber, CacheKind, LoadConfig, LoadReport};
+use server::{zipf_share, App, BuildSubscriber, CacheKind, LoadConfig, LoadReport, OBJECT_BYTES};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use weakrefs::Strong;
 
 const USAGE: &str = "\
-usage: cache_server [--duration SECONDS] [--clients N] [--threads N] [--requests N] [--objects N]
-       cache_server --serve [--port PORT] [--threads N]
+usage: cache_server [--duration SECONDS] [--clients N] [--threads N] [--requests N]
+                    [--objects N] [--zipf EXPONENT] [--keep-recent N]
+       cache_server --serve [--port PORT] [--threads N] [--cache KIND] [--keep-recent N]
 
-  --duration SECONDS  length of the whole run, both halves (default 10)
+  --duration SECONDS  length of the whole run, all three caches (default 12)
   --clients N         concurrent keep-alive clients (default 32)
   --threads N         tokio worker threads for the server and clients (default: CPUs)
-  --requests N        stop each half after N requests (default 1000000)
+  --requests N        stop each cache's run after N requests (default 1000000)
   --objects N         distinct object names, Zipf-skewed popularity (default 200)
+  --zipf EXPONENT     Zipf's exponent, 0 (uniform) to 10 (default 1, the classic skew)
+  --keep-recent N     the keep-warm tier's size (default: a quarter of the objects,
+                      the hot set that draws about three quarters of the requests)
   --serve             serve until interrupted, printing the URL, no load
-  --port PORT         port for --serve (default 8080; 0 picks a free one)";
+  --port PORT         port for --serve (default 8080; 0 picks a free one)
+  --cache KIND        the cache --serve uses: strong, weak or keep-warm (default)";
 
 #[derive(Debug)]
 struct Config {
@@ -47,37 +73,50 @@ struct Config {
     threads: usize,
     requests: u64,
     objects: usize,
+    zipf: f64,
+    /// `None`: a quarter of `objects`.
+    keep_recent: Option<usize>,
     serve: bool,
     port: u16,
+    cache: ServeCache,
 }
 
-fn parse(args: impl Iterator<Item = String>) -> Result<Option<Config>, String> {
+/// The cache `--serve` uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ServeCache {
+    Strong,
+    Weak,
+    KeepWarm,
+}
+
+impl Config {
+    /// The keep-warm tier's size.
+    fn keep_recent(&self) -> usize {
+        self.keep_recent.unwrap_or((self.objects / 4).max(1))
+    }
+}
+
+/// The command line's config, `Ok(None)` for `--help`, or what is wrong.
+fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Option<Config>, String> {
+    use lexopt::prelude::*;
+
     let mut config = Config {
-        duration: Duration::from_secs(10),
+        duration: Duration::from_secs(12),
         clients: 32,
         threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
         requests: 1_000_000,
         objects: 200,
+        zipf: 1.0,
+        keep_recent: None,
         serve: false,
         port: 8080,
+        cache: ServeCache::KeepWarm,
     };
-    let mut args = args.peekable();
-    while let Some(flag) = args.next() {
-        let mut value = |name: &str| args.next().ok_or_else(|| format!("{name} needs a value"));
-        fn number<T>(flag: &str, text: String, min: T) -> Result<T, String>
-        where
-            T: std::str::FromStr + PartialOrd + std::fmt::Display,
-        {
-            match text.parse::<T>() {
-                Ok(n) if n >= min => Ok(n),
-                _ => Err(format!(
-                    "{flag} wants a number of at least {min}, not {text:?}"
-                )),
-            }
-        }
-        match flag.as_str() {
-            "--duration" => {
-                let seconds: f64 = number("--duration", value("--duration")?, 0.1)?;
+    let mut parser = lexopt::Parser::from_args(args);
+    while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
+        match arg {
+            Long("duration") => {
+                let seconds: f64 = number(&mut parser, "--duration", 0.1)?;
                 if !seconds.is_finite() || seconds > 86_400.0 {
                     return Err(format!(
                         "--duration wants 0.1 to 86400 seconds, not {seconds}"
@@ -85,21 +124,58 @@ fn parse(args: impl Iterator<Item = String>) -> Result<Option<Config>, String> {
                 }
                 config.duration = Duration::from_secs_f64(seconds);
             }
-            "--clients" => config.clients = number("--clients", value("--clients")?, 1)?,
-            "--threads" => config.threads = number("--threads", value("--threads")?, 1)?,
-            "--requests" => config.requests = number("--requests", value("--requests")?, 1)?,
-            "--objects" => config.objects = number("--objects", value("--objects")?, 1)?,
-            "--port" => config.port = number("--port", value("--port")?, 0)?,
-            "--serve" => config.serve = true,
-            "-h" | "--help" => return Ok(None),
-            other => return Err(format!("unknown argument {other:?}")),
+            Long("clients") => config.clients = number(&mut parser, "--clients", 1)?,
+            Long("threads") => config.threads = number(&mut parser, "--threads", 1)?,
+            Long("requests") => config.requests = number(&mut parser, "--requests", 1)?,
+            Long("objects") => config.objects = number(&mut parser, "--objects", 1)?,
+            Long("zipf") => {
+                let exponent: f64 = number(&mut parser, "--zipf", 0.0)?;
+                if exponent > 10.0 {
+                    return Err(format!("--zipf wants 0 to 10, not {exponent}"));
+                }
+                config.zipf = exponent;
+            }
+            Long("keep-recent") => {
+                config.keep_recent = Some(number(&mut parser, "--keep-recent", 1)?);
+            }
+            Long("port") => config.port = number(&mut parser, "--port", 0)?,
+            Long("serve") => config.serve = true,
+            Long("cache") => {
+                let kind = parser.value().map_err(|e| e.to_string())?;
+                config.cache = match kind.to_str() {
+                    Some("strong") => ServeCache::Strong,
+                    Some("weak") => ServeCache::Weak,
+                    Some("keep-warm") => ServeCache::KeepWarm,
+                    _ => {
+                        return Err(format!(
+                            "--cache wants strong, weak or keep-warm, not {kind:?}"
+                        ))
+                    }
+                };
+            }
+            Short('h') | Long("help") => return Ok(None),
+            _ => return Err(arg.unexpected().to_string()),
         }
     }
     Ok(Some(config))
 }
 
+/// The value of `flag`, a number of at least `min`.
+fn number<T>(parser: &mut lexopt::Parser, flag: &str, min: T) -> Result<T, String>
+where
+    T: std::str::FromStr + PartialOrd + std::fmt::Display,
+{
+    let text = parser.value().map_err(|e| e.to_string())?;
+    match text.to_str().and_then(|text| text.parse::<T>().ok()) {
+        Some(n) if n >= min => Ok(n),
+        _ => Err(format!(
+            "{flag} wants a number of at least {min}, not {text:?}"
+        )),
+    }
+}
+
 fn main() -> ExitCode {
-    let config = match parse(std::env::args().skip(1)) {
+    let config = match parse(std::env::args_os().skip(1)) {
         Ok(Some(config)) => config,
         Ok(None) => {
             println!("{USAGE}");
@@ -140,24 +216,32 @@ fn main() -> ExitCode {
 }
 
 async fn serve_forever(config: &Config) -> Result<(), String> {
+    let kind = match config.cache {
+        ServeCache::Strong => CacheKind::Strong,
+        ServeCache::Weak => CacheKind::Weak,
+        ServeCache::KeepWarm => CacheKind::KeepWarm {
+            recent: config.keep_recent(),
+        },
+    };
     let listener = TcpListener::bind(("127.0.0.1", config.port))
         .await
         .map_err(|e| format!("cannot listen on 127.0.0.1:{}: {e}", config.port))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     println!(
-        "serving on http://{addr}/  (weak cache, {} worker threads)",
+        "serving on http://{addr}/  ({kind} cache, {} worker threads)",
         config.threads
     );
     println!("  curl -o object.pgm http://{addr}/objects/hello-world");
     println!("  curl http://{addr}/stats");
     println!("Ctrl-C to stop.");
     let (_stop, stopped) = watch::channel(false);
-    server::serve(App::new(CacheKind::Weak), listener, stopped).await;
+    server::serve(App::new(kind), listener, stopped).await;
     Ok(())
 }
 
-/// What one half of the demo measured.
-struct Half {
+/// What one cache's run measured.
+struct Run {
+    kind: CacheKind,
     load: LoadReport,
     builds: u64,
     joined: u64,
@@ -168,72 +252,128 @@ struct Half {
     connections_after: usize,
 }
 
+impl Run {
+    fn requests_per_second(&self) -> f64 {
+        self.load.requests as f64 / self.load.elapsed.as_secs_f64()
+    }
+}
+
 async fn demo(config: &Config) -> Result<(), String> {
+    let recent = config.keep_recent();
+    let kinds = [
+        CacheKind::Strong,
+        CacheKind::Weak,
+        CacheKind::KeepWarm { recent },
+    ];
     println!(
-        "cache_server: {} clients, {} objects (Zipf-skewed), {} worker threads, {:.1} s per half",
+        "cache_server: {} clients, {} objects (Zipf, exponent {}), {} worker threads, \
+         {:.1} s per cache",
         config.clients,
         config.objects,
+        config.zipf,
         config.threads,
-        config.duration.as_secs_f64() / 2.0
+        config.duration.as_secs_f64() / kinds.len() as f64
     );
-    let mut halves = Vec::new();
-    for kind in [CacheKind::Weak, CacheKind::Strong] {
-        halves.push(run_half(config, kind).await?);
+    println!(
+        "keep_recent({recent}): the {recent} most popular of {} objects draw {:.0}% of the \
+         requests; the tier is sized to keep that hot set warm",
+        config.objects,
+        100.0 * zipf_share(recent, config.objects, config.zipf)
+    );
+    let mut runs = Vec::new();
+    for kind in kinds {
+        runs.push(run_one(config, kind, kinds.len() as u32).await?);
     }
     let stats = weakrefs::stats();
+
     println!();
-    println!("{:<34} {:>16} {:>16}", "", "WeakValueMap", "strong HashMap");
-    let row = |label: &str, f: &dyn Fn(&Half) -> String| {
-        println!("{label:<34} {:>16} {:>16}", f(&halves[0]), f(&halves[1]));
+    print!("{:<34}", "");
+    for run in &runs {
+        print!(" {:>16}", run.kind.to_string());
+    }
+    println!();
+    let row = |label: &str, f: &dyn Fn(&Run) -> String| {
+        print!("{label:<34}");
+        for run in &runs {
+            print!(" {:>16}", f(run));
+        }
+        println!();
     };
-    row("requests", &|h| h.load.requests.to_string());
-    row("requests/s", &|h| {
+    row("requests", &|r| r.load.requests.to_string());
+    row("requests/s", &|r| format!("{:.0}", r.requests_per_second()));
+    row("latency p50", &|r| {
+        format!("{:.2?}", r.load.percentile(50.0))
+    });
+    row("latency p99", &|r| {
+        format!("{:.2?}", r.load.percentile(99.0))
+    });
+    row("objects built", &|r| r.builds.to_string());
+    row("objects built per 100 requests", &|r| {
         format!(
-            "{:.0}",
-            h.load.requests as f64 / h.load.elapsed.as_secs_f64()
+            "{:.1}",
+            100.0 * r.builds as f64 / r.load.requests.max(1) as f64
         )
     });
-    row("latency p50", &|h| {
-        format!("{:.2?}", h.load.percentile(50.0))
-    });
-    row("latency p99", &|h| {
-        format!("{:.2?}", h.load.percentile(99.0))
-    });
-    row("objects built", &|h| h.builds.to_string());
-    row("served from the cache", &|h| {
-        (h.load.requests + h.wasted)
-            .saturating_sub(h.builds + h.joined)
+    row("served from the cache", &|r| {
+        (r.load.requests + r.wasted)
+            .saturating_sub(r.builds + r.joined)
             .to_string()
     });
-    row("waited for a build in flight", &|h| h.joined.to_string());
-    row("duplicate builds thrown away", &|h| h.wasted.to_string());
-    row("resident object MiB, peak", &|h| mib(h.peak_bytes));
-    row("resident object MiB, clients gone", &|h| mib(h.bytes_after));
-    row("cache entries, clients gone", &|h| {
-        h.cached_after.to_string()
+    row("waited for a build in flight", &|r| r.joined.to_string());
+    row("duplicate builds thrown away", &|r| r.wasted.to_string());
+    row("resident object MiB, peak", &|r| mib(r.peak_bytes));
+    row("resident object MiB, clients gone", &|r| mib(r.bytes_after));
+    row("cache entries, clients gone", &|r| {
+        r.cached_after.to_string()
     });
-    row("connection entries, clients gone", &|h| {
-        h.connections_after.to_string()
+    row("connection entries, clients gone", &|r| {
+        r.connections_after.to_string()
     });
-    row("errors", &|h| h.load.errors.to_string());
+    row("errors", &|r| r.load.errors.to_string());
     println!();
     println!(
         "finalizer stats: {} callbacks queued, {} run, {} panicked, {} pending",
         stats.queued, stats.run, stats.panicked, stats.pending
     );
+    let [strong, weak, warm] = &runs[..] else {
+        unreachable!("three runs")
+    };
     println!(
-        "The weak cache kept only what some request or session was using ({} MiB at peak) \
-         and let all of it go when the clients left, without any purge call; the strong \
-         cache built less but still holds {} MiB.",
-        mib(halves[0].peak_bytes),
-        mib(halves[1].bytes_after)
+        "keep_recent({recent}) against the strong cache: {:.2}x its requests/s at {:.2}x its \
+         peak object memory, and {} of its {} MiB once the clients left.",
+        warm.requests_per_second() / strong.requests_per_second(),
+        warm.peak_bytes as f64 / strong.peak_bytes.max(1) as f64,
+        mib(warm.bytes_after),
+        mib(strong.bytes_after),
     );
-    let weak = &halves[0];
-    if weak.load.errors > 0 || halves[1].load.errors > 0 {
+    println!(
+        "Columns: {strong} builds each object once and holds every one forever; {weak} \
+         holds only what requests and sessions use, so an object nobody holds for a \
+         moment is rebuilt on its next request, and once the clients leave it holds \
+         nothing; {warm} also holds the {recent} objects most recently loaded or found, \
+         so the hot set stays warm between uses while the tail lives only while in use, \
+         and once the clients leave it holds those {recent} alone, without any purge call.",
+        strong = strong.kind,
+        weak = weak.kind,
+        warm = warm.kind,
+    );
+
+    if runs.iter().any(|r| r.load.errors > 0) {
         return Err("some requests failed (see the errors row)".into());
     }
-    if weak.bytes_after != 0 || weak.cached_after != 0 || weak.connections_after != 0 {
+    if runs.iter().any(|r| r.connections_after != 0) {
+        return Err("sessions outlived their connections".into());
+    }
+    if weak.bytes_after != 0 || weak.cached_after != 0 {
         return Err("the weak cache kept objects after the clients left".into());
+    }
+    if warm.bytes_after > recent * OBJECT_BYTES || warm.cached_after > recent {
+        return Err(format!(
+            "keep_recent({recent}) kept {} entries ({} MiB) after the clients left, \
+             more than its tier",
+            warm.cached_after,
+            mib(warm.bytes_after)
+        ));
     }
     Ok(())
 }
@@ -242,7 +382,8 @@ fn mib(bytes: usize) -> String {
     format!("{:.1}", bytes as f64 / (1024.0 * 1024.0))
 }
 
-async fn run_half(config: &Config, kind: CacheKind) -> Result<Half, String> {
+/// Serves the load with a `kind` cache for `1 / share` of the duration.
+async fn run_one(config: &Config, kind: CacheKind, share: u32) -> Result<Run, String> {
     let app = App::new(kind);
     let listener = TcpListener::bind("127.0.0.1:0")
         .await
@@ -255,17 +396,14 @@ async fn run_half(config: &Config, kind: CacheKind) -> Result<Half, String> {
     // when it goes, it unsubscribes by itself.
     let subscriber = Strong::new(BuildSubscriber::default());
     app.subscribers.insert(&subscriber);
-    let duration = config.duration / 2;
+    let duration = config.duration / share;
     let progress = ProgressBar::new(duration.as_millis() as u64);
     progress.set_style(
-        ProgressStyle::with_template("{prefix:>14} [{bar:30}] {msg}")
+        ProgressStyle::with_template("{prefix:>16} [{bar:30}] {msg}")
             .expect("a valid template")
             .progress_chars("=> "),
     );
-    progress.set_prefix(match kind {
-        CacheKind::Weak => "WeakValueMap",
-        CacheKind::Strong => "strong HashMap",
-    });
+    progress.set_prefix(kind.to_string());
     let issued = Arc::new(AtomicU64::new(0));
     let load = tokio::spawn(server::run_load(
         LoadConfig {
@@ -274,6 +412,7 @@ async fn run_half(config: &Config, kind: CacheKind) -> Result<Half, String> {
             duration,
             max_requests: config.requests,
             objects: config.objects,
+            exponent: config.zipf,
         },
         issued.clone(),
     ));
@@ -303,9 +442,10 @@ async fn run_half(config: &Config, kind: CacheKind) -> Result<Half, String> {
         .map_err(|e| format!("the server failed: {e}"))?;
     weakrefs::flush();
     let metrics = &app.metrics;
-    Ok(Half {
+    Ok(Run {
+        kind,
         builds: metrics.builds.load(Ordering::SeqCst),
-        joined: metrics.joined_builds.load(Ordering::SeqCst),
+        joined: app.joined_builds(),
         wasted: metrics.wasted_builds.load(Ordering::SeqCst),
         peak_bytes: metrics.peak_bytes.load(Ordering::SeqCst),
         bytes_after: metrics.live_bytes.load(Ordering::SeqCst),

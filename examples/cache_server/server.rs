@@ -12,15 +12,19 @@
 //!   concurrent requests for one name build it once (async single flight:
 //!   waiting requests hold no worker thread);
 //! * per-connection sessions in a `WeakKeyMap<Connection, Session>`, keyed
-//!   by the connection object its task holds: counters, and the last few
-//!   objects the client fetched (its working set, held strongly, which is
-//!   what keeps popular objects in the weak cache). The entry goes when the
-//!   connection closes, and with it the session's hold on its objects;
+//!   by the connection object its task holds: counters, and the last two
+//!   objects the client fetched (its working set, held strongly, so a
+//!   client coming back to them finds them in the weak cache). The entry
+//!   goes when the connection closes, and with it the session's hold on
+//!   its objects;
 //! * build-event subscribers (the progress display) in a `WeakSet`.
 //!
-//! For comparison the same server can run with a strong cache,
+//! The cache is one of three kinds ([`CacheKind`]): a strong
 //! `Mutex<HashMap<String, Strong<Rendered>>>`, which keeps everything it
-//! ever built.
+//! ever built; a pure `WeakValueMap`, which keeps what is in use; and a
+//! `WeakValueMap` with a keep-warm tier (`keep_recent(n)`), which also keeps
+//! the `n` objects most recently loaded or found, so that a popular object
+//! survives the moments when no request or session holds it.
 
 #![allow(dead_code)] // shared with the integration test, which uses a part
 
@@ -28,9 +32,14 @@ use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use rand::rngs::SmallRng;
+use rand::SeedableRng;
+use rand_distr::{Distribution, Zipf};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full};
@@ -41,7 +50,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use weakrefs::{Strong, WeakKeyMap, WeakSet, WeakValueMap};
+use weakrefs::{MapStats, Strong, WeakKeyMap, WeakSet, WeakValueMap};
 
 /// Side of a rendered image, in pixels.
 pub const SIDE: usize = 512;
@@ -61,9 +70,6 @@ pub struct Metrics {
     pub builds: AtomicU64,
     /// Object requests served.
     pub object_requests: AtomicU64,
-    /// Requests that missed the cache but waited for a build already in
-    /// flight instead of building (what single flight saves).
-    pub joined_builds: AtomicU64,
     /// Builds thrown away because a racing request built the same object
     /// first (the strong cache's check-build-insert has no single flight).
     pub wasted_builds: AtomicU64,
@@ -128,10 +134,23 @@ impl AsRef<[u8]> for Held {
 /// Which cache the server uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CacheKind {
-    /// `WeakValueMap`: objects live while requests use them.
-    Weak,
     /// `Mutex<HashMap<String, Strong<_>>>`: objects live forever.
     Strong,
+    /// `WeakValueMap`: objects live while requests or sessions use them.
+    Weak,
+    /// `WeakValueMap` with `keep_recent(recent)`: objects live while in use,
+    /// and the `recent` most recently loaded or found live on regardless.
+    KeepWarm { recent: usize },
+}
+
+impl std::fmt::Display for CacheKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CacheKind::Strong => f.write_str("strong HashMap"),
+            CacheKind::Weak => f.write_str("WeakValueMap"),
+            CacheKind::KeepWarm { recent } => write!(f, "keep_recent({recent})"),
+        }
+    }
 }
 
 enum Cache {
@@ -146,8 +165,10 @@ pub struct Connection {
     pub peer: SocketAddr,
 }
 
-/// Objects a session keeps at hand, most recent last.
-pub const SESSION_OBJECTS: usize = 8;
+/// Objects a session keeps at hand, most recent last. Few: a session's
+/// working set is what its own client fetched last, not a cache for
+/// everyone (that is the keep-warm tier's job).
+pub const SESSION_OBJECTS: usize = 2;
 
 /// What the server keeps per connection, in a `WeakKeyMap`.
 #[derive(Default)]
@@ -191,8 +212,11 @@ impl App {
         Arc::new(App {
             kind,
             cache: match kind {
-                CacheKind::Weak => Cache::Weak(WeakValueMap::new()),
                 CacheKind::Strong => Cache::Strong(Mutex::new(HashMap::new())),
+                CacheKind::Weak => Cache::Weak(WeakValueMap::new()),
+                CacheKind::KeepWarm { recent } => {
+                    Cache::Weak(WeakValueMap::builder().keep_recent(recent).build())
+                }
             },
             connections: WeakKeyMap::new(),
             subscribers: WeakSet::new(),
@@ -213,6 +237,31 @@ impl App {
         }
     }
 
+    /// The names the cache holds now, sorted.
+    pub fn cached_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = match &self.cache {
+            Cache::Weak(map) => map.keys().collect(),
+            Cache::Strong(map) => map.lock().unwrap().keys().cloned().collect(),
+        };
+        names.sort_unstable();
+        names
+    }
+
+    /// The weak map's own counters (hits, loads, joined loads, deaths);
+    /// `None` for the strong cache.
+    pub fn cache_stats(&self) -> Option<MapStats> {
+        match &self.cache {
+            Cache::Weak(map) => Some(map.stats()),
+            Cache::Strong(_) => None,
+        }
+    }
+
+    /// Requests that missed the cache but waited for a build already in
+    /// flight instead of building (what single flight saves).
+    pub fn joined_builds(&self) -> u64 {
+        self.cache_stats().map_or(0, |stats| stats.joined)
+    }
+
     fn render(&self, name: &str) -> Rendered {
         let object = Rendered::render(name, &self.metrics);
         for subscriber in self.subscribers.iter() {
@@ -226,26 +275,21 @@ impl App {
     /// it without holding a worker thread (async single flight); the build
     /// itself runs on tokio's blocking pool, since it takes milliseconds.
     /// If the leading request goes away mid-build, a waiting one takes over.
+    /// With a keep-warm tier, the load and every hit count as recent use.
     async fn object(self: &Arc<Self>, name: &str) -> Strong<Rendered> {
         match &self.cache {
             Cache::Weak(map) => {
+                // The hit path takes no allocation for the key.
                 if let Some(object) = map.get(name) {
                     return object;
                 }
-                let built = AtomicBool::new(false);
-                let object = map
-                    .get_or_insert_with_async(name.to_owned(), || async {
-                        built.store(true, Ordering::Relaxed);
-                        let (app, name) = (self.clone(), name.to_owned());
-                        tokio::task::spawn_blocking(move || app.render(&name))
-                            .await
-                            .expect("rendering panicked")
-                    })
-                    .await;
-                if !built.load(Ordering::Relaxed) {
-                    self.metrics.joined_builds.fetch_add(1, Ordering::Relaxed);
-                }
-                object
+                map.get_or_insert_with_async(name.to_owned(), || async {
+                    let (app, name) = (self.clone(), name.to_owned());
+                    tokio::task::spawn_blocking(move || app.render(&name))
+                        .await
+                        .expect("rendering panicked")
+                })
+                .await
             }
             Cache::Strong(map) => {
                 if let Some(object) = map.lock().unwrap().get(name) {
@@ -333,7 +377,7 @@ impl App {
             ),
             ("builds", load(&m.builds)),
             ("object_requests", load(&m.object_requests)),
-            ("joined_builds", load(&m.joined_builds)),
+            ("joined_builds", self.joined_builds()),
             ("wasted_builds", load(&m.wasted_builds)),
         ];
         for (name, value) in counters {
@@ -350,6 +394,18 @@ impl App {
             .sum();
         let _ = writeln!(out, "objects_held_by_sessions: {held}");
         let _ = writeln!(out, "build_subscribers: {}", self.subscribers.len());
+        if let Some(stats) = self.cache_stats() {
+            let _ = writeln!(
+                out,
+                "map_stats: hits {} misses {} loads {} joined {} load_failures {} died {}",
+                stats.hits,
+                stats.misses,
+                stats.loads,
+                stats.joined,
+                stats.load_failures,
+                stats.died
+            );
+        }
         out
     }
 }
@@ -444,78 +500,89 @@ pub struct LoadConfig {
     pub duration: Duration,
     /// The run also stops after this many requests in all.
     pub max_requests: u64,
-    /// Distinct object names, requested with a Zipf-like skew: name `i`
-    /// with weight `1 / (i + 1)`.
+    /// Distinct object names, `object-0` to `object-{objects - 1}`,
+    /// requested by Zipf's law: `object-i` with weight
+    /// `1 / (i + 1)^exponent`.
     pub objects: usize,
+    /// Zipf's exponent: 1 is the classic skew, larger is steeper.
+    pub exponent: f64,
 }
 
 /// What a load run saw.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct LoadReport {
     pub requests: u64,
     pub errors: u64,
     pub bytes: u64,
     pub elapsed: Duration,
-    /// Per-request latency, sorted, in microseconds.
-    pub latencies_us: Vec<u32>,
+    /// Per-request latency in microseconds, 3 significant digits.
+    pub latency_us: Histogram<u64>,
+}
+
+impl Default for LoadReport {
+    fn default() -> Self {
+        LoadReport {
+            requests: 0,
+            errors: 0,
+            bytes: 0,
+            elapsed: Duration::ZERO,
+            // 1 µs to an hour; longer ones (none) would count as an hour.
+            latency_us: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"),
+        }
+    }
 }
 
 impl LoadReport {
     /// The `p`th percentile latency (0 to 100).
     pub fn percentile(&self, p: f64) -> Duration {
-        if self.latencies_us.is_empty() {
-            return Duration::ZERO;
-        }
-        let rank = ((p / 100.0) * (self.latencies_us.len() - 1) as f64).round() as usize;
-        Duration::from_micros(u64::from(self.latencies_us[rank]))
+        Duration::from_micros(self.latency_us.value_at_percentile(p))
     }
+}
+
+/// The share of requests that Zipf's law with `exponent` over `objects`
+/// names sends to the `top` most popular: `H(top) / H(objects)`, with the
+/// generalized harmonic numbers `H(n) = sum of 1 / k^exponent, k = 1..=n`.
+pub fn zipf_share(top: usize, objects: usize, exponent: f64) -> f64 {
+    let harmonic = |n: usize| (1..=n).map(|k| (k as f64).powf(-exponent)).sum::<f64>();
+    harmonic(top.min(objects)) / harmonic(objects)
 }
 
 /// Drives `config.clients` concurrent keep-alive clients until the
 /// duration or the request count runs out; `issued` counts requests as
 /// they complete (for progress displays).
+///
+/// Client `c` draws its names from a generator seeded with `c`, so every
+/// run (and every cache kind) sees the same request sequences.
 pub async fn run_load(config: LoadConfig, issued: Arc<AtomicU64>) -> LoadReport {
-    let weights: Vec<f64> = (0..config.objects).map(|i| 1.0 / (i + 1) as f64).collect();
-    let total: f64 = weights.iter().sum();
-    let mut cumulative = 0.0;
-    let cdf: Arc<Vec<f64>> = Arc::new(
-        weights
-            .iter()
-            .map(|w| {
-                cumulative += w / total;
-                cumulative
-            })
-            .collect(),
-    );
+    let popularity = Zipf::new(config.objects as f64, config.exponent)
+        .expect("at least one object and a finite exponent of at least 0");
     let started = Instant::now();
     let deadline = started + config.duration;
     let mut clients = JoinSet::new();
     for client in 0..config.clients {
-        let (cdf, issued, config) = (cdf.clone(), issued.clone(), config.clone());
+        let (issued, config) = (issued.clone(), config.clone());
         clients.spawn(async move {
             let mut report = LoadReport::default();
             let Ok(mut connection) = Client::connect(config.addr).await else {
                 report.errors += 1;
                 return report;
             };
-            let mut state =
-                0x9E37_79B9_7F4A_7C15u64 ^ (client as u64).wrapping_mul(0xA24B_AED4_963E_E407);
+            let mut rng = SmallRng::seed_from_u64(client as u64);
             while Instant::now() < deadline
                 && issued.fetch_add(1, Ordering::Relaxed) < config.max_requests
             {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                let u = (state >> 11) as f64 / (1u64 << 53) as f64;
-                let index = cdf.partition_point(|&c| c < u).min(cdf.len() - 1);
-                let path = format!("/objects/object-{index}");
+                // Zipf draws 1 to `objects`; the most popular is object-0.
+                let rank = popularity.sample(&mut rng) as usize;
+                let path = format!("/objects/object-{}", rank - 1);
                 let began = Instant::now();
                 match connection.get(&path).await {
                     Ok((StatusCode::OK, body)) if body.len() == OBJECT_BYTES => {
                         report.requests += 1;
                         report.bytes += body.len() as u64;
-                        let micros = began.elapsed().as_micros().min(u128::from(u32::MAX)) as u32;
-                        report.latencies_us.push(micros);
+                        let micros = began.elapsed().as_micros().max(1);
+                        report
+                            .latency_us
+                            .saturating_record(u64::try_from(micros).unwrap_or(u64::MAX));
                     }
                     _ => report.errors += 1,
                 }
@@ -529,9 +596,10 @@ pub async fn run_load(config: LoadConfig, issued: Arc<AtomicU64>) -> LoadReport 
         all.requests += report.requests;
         all.errors += report.errors;
         all.bytes += report.bytes;
-        all.latencies_us.extend(report.latencies_us);
+        all.latency_us
+            .add(&report.latency_us)
+            .expect("histograms of the same bounds merge");
     }
     all.elapsed = started.elapsed();
-    all.latencies_us.sort_unstable();
     all
 }
