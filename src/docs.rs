@@ -114,8 +114,10 @@ pub mod patterns {
     //! A weak cache keeps only what someone holds. If nothing holds an
     //! object between requests, it is rebuilt every time: give something
     //! a `Strong` for as long as it should stay warm (a session's working
-    //! set, a small LRU of recent objects). The `cache_server` example
-    //! keeps each connection's last objects in its session for this.
+    //! set), or let the map itself keep the most recently used values
+    //! with [`keep_recent`](crate::WeakValueMapBuilder::keep_recent). The
+    //! `cache_server` example measures a strong cache, a pure weak one and
+    //! one with `keep_recent` under the same load.
     //!
     //! ## A side table keyed by object
     //!
@@ -209,14 +211,14 @@ pub mod when_not_to {
     //!   or an `Arc` passed along is simpler and faster.
     //! * **A cache nobody holds.** A `WeakValueMap` keeps exactly what is in
     //!   use. If the aim is to keep objects between uses, it needs a strong
-    //!   holder beside it (an LRU, a session's working set), or a strong
-    //!   cache with an eviction policy instead. The `cache_server` example
-    //!   measures both against each other.
+    //!   holder beside it (`keep_recent`, a session's working set), or a
+    //!   strong cache with an eviction policy instead. The `cache_server`
+    //!   example measures the three against each other.
     //! * **Ownership that is really single.** If one owner decides when an
     //!   object goes, let it own the object and hand out borrows; weak
     //!   references are for objects whose lifetime is decided by many.
     //! * **Maps where a sweep would do.** Exact, automatic removal costs
-    //!   every entry a registered death callback and an out-of-line key, and
+    //!   every entry a registered death callback, and
     //!   every death a removal: several times the memory per entry of a
     //!   `DashMap<K, std::sync::Weak<V>>`, slower reads once the map outgrows
     //!   the caches, and slower churn (BENCHMARKS.md in the repository has
