@@ -22,6 +22,7 @@ mod reclaim;
 mod ref_cnt;
 mod strong;
 mod sync;
+mod unsize;
 mod weak;
 mod weak_key_map;
 mod weak_method;
@@ -38,3 +39,10 @@ pub use weak_key_map::WeakKeyMap;
 pub use weak_method::WeakMethod;
 pub use weak_set::WeakSet;
 pub use weak_value_map::WeakValueMap;
+
+/// What [`unsize!`] expands to; not public API.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::control::ControlBlock;
+    pub use crate::unsize::{unsize, Unsizable};
+}
