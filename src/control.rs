@@ -346,8 +346,9 @@ pub(crate) fn with_metadata_of<T: ?Sized>(
     let address_word = ptr::addr_of_mut!(block).cast::<*mut u8>();
     // SAFETY: reads the first word of a local pointer, initialised, and
     // as long as a thin pointer (any pointer is at least that long).
+    let first_word = unsafe { address_word.read() };
     assert!(
-        unsafe { address_word.read() } == like.cast::<u8>(),
+        first_word == like.cast::<u8>(),
         "a wide pointer's first word is its address",
     );
     // SAFETY: as above; the write replaces exactly the address (checked

@@ -73,7 +73,6 @@ impl<T> Strong<T> {
 }
 
 impl<T: ?Sized> Strong<T> {
-
     /// Wraps a block whose strong count already includes this handle.
     pub(crate) fn from_block(block: NonNull<ControlBlock<T>>) -> Self {
         Strong {
@@ -674,7 +673,10 @@ impl<T> Filling<T> {
     /// Writes the next element.
     fn push(&mut self, element: T) {
         let slot = ControlBlock::value_ptr(self.block).cast::<T>();
-        assert!(self.written < slot_count(self.block), "more elements than allocated");
+        assert!(
+            self.written < slot_count(self.block),
+            "more elements than allocated"
+        );
         // SAFETY: `written` is below the length the block was allocated
         // for (checked above), and that slot is not yet initialised.
         unsafe { slot.add(self.written).write(element) };
@@ -683,7 +685,11 @@ impl<T> Filling<T> {
 
     /// The finished object; every element must have been written.
     fn finish(self) -> Strong<[T]> {
-        assert_eq!(self.written, slot_count(self.block), "fewer elements than allocated");
+        assert_eq!(
+            self.written,
+            slot_count(self.block),
+            "fewer elements than allocated"
+        );
         let this = ManuallyDrop::new(self);
         Strong::from_block(this.block)
     }

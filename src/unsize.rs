@@ -138,11 +138,17 @@ where
 #[doc(hidden)]
 pub trait Unsizable<T: ?Sized, U: ?Sized, Out> {
     /// The handle to the same object, with the metadata `coerce` gives.
-    fn unsize_with(self, coerce: impl for<'a> FnOnce(&'a ControlBlock<T>) -> &'a ControlBlock<U>) -> Out;
+    fn unsize_with(
+        self,
+        coerce: impl for<'a> FnOnce(&'a ControlBlock<T>) -> &'a ControlBlock<U>,
+    ) -> Out;
 }
 
 impl<T: ?Sized, U: ?Sized> Unsizable<T, U, Strong<U>> for Strong<T> {
-    fn unsize_with(self, coerce: impl for<'a> FnOnce(&'a ControlBlock<T>) -> &'a ControlBlock<U>) -> Strong<U> {
+    fn unsize_with(
+        self,
+        coerce: impl for<'a> FnOnce(&'a ControlBlock<T>) -> &'a ControlBlock<U>,
+    ) -> Strong<U> {
         let block = Strong::block(&self);
         // SAFETY: `self`'s strong count keeps the block allocated and its
         // value alive for the borrow, and no `&mut` to the value exists
@@ -162,7 +168,10 @@ impl<T: ?Sized, U: ?Sized> Unsizable<T, U, Strong<U>> for Strong<T> {
 }
 
 impl<T: ?Sized, U: ?Sized> Unsizable<T, U, Weak<U>> for Weak<T> {
-    fn unsize_with(self, coerce: impl for<'a> FnOnce(&'a ControlBlock<T>) -> &'a ControlBlock<U>) -> Weak<U> {
+    fn unsize_with(
+        self,
+        coerce: impl for<'a> FnOnce(&'a ControlBlock<T>) -> &'a ControlBlock<U>,
+    ) -> Weak<U> {
         // The coercion borrows a live value only (I4): a dead or unset
         // `Weak` has none, and becomes one that names no object.
         let Some(strong) = self.upgrade() else {

@@ -119,7 +119,6 @@ impl<T> Weak<T> {
         // count it still owns, so the block is allocated.
         Weak::from_block(unsafe { ControlBlock::from_value_ptr(value) })
     }
-
 }
 
 impl<T: ?Sized> Weak<T> {
@@ -258,7 +257,8 @@ impl<T: ?Sized> Weak<T> {
     /// `Weak` keeps allocated, so no other object can take it while this
     /// handle lives.
     pub(crate) fn identity(&self) -> usize {
-        self.block.map_or(0, |block| block.cast::<u8>().as_ptr().addr())
+        self.block
+            .map_or(0, |block| block.cast::<u8>().as_ptr().addr())
     }
 
     /// True if this handle names `strong`'s object.

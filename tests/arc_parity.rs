@@ -101,7 +101,10 @@ fn a_trait_object_handle_names_the_same_object() {
     let listener: Strong<dyn Listener> = unsize!(printer.clone());
     assert_eq!(listener.notify(), 7);
     assert_eq!(Strong::strong_count(&printer), 2);
-    assert_eq!(Strong::as_ptr(&listener).cast::<u8>(), Strong::as_ptr(&printer).cast::<u8>());
+    assert_eq!(
+        Strong::as_ptr(&listener).cast::<u8>(),
+        Strong::as_ptr(&printer).cast::<u8>()
+    );
 
     let weak: Weak<dyn Listener> = unsize!(Strong::downgrade(&printer));
     assert_eq!(Strong::weak_count(&listener), 1);
@@ -213,7 +216,10 @@ fn ptr_eq_and_weak_identity_compare_addresses_only() {
     let printer = Strong::new(Printer(1));
     let as_listener: Strong<dyn Listener> = unsize!(printer.clone());
     let as_debug: Strong<dyn Debug + Send + Sync> = unsize!(printer.clone());
-    assert_eq!(Strong::as_ptr(&as_listener).cast::<u8>(), Strong::as_ptr(&as_debug).cast::<u8>());
+    assert_eq!(
+        Strong::as_ptr(&as_listener).cast::<u8>(),
+        Strong::as_ptr(&as_debug).cast::<u8>()
+    );
 
     let first: Weak<dyn Listener> = unsize!(Strong::downgrade(&printer));
     let second = Strong::downgrade(&as_listener);
@@ -239,7 +245,10 @@ fn unsized_values_compare_hash_and_format_by_value() {
     assert_eq!(format!("{slice:?}"), "[1, 2, 3]");
     let borrowed: &[i32] = std::borrow::Borrow::borrow(&slice);
     assert_eq!(borrowed, slice.as_ref());
-    assert_eq!(format!("{slice:p}"), format!("{:p}", Strong::as_ptr(&slice)));
+    assert_eq!(
+        format!("{slice:p}"),
+        format!("{:p}", Strong::as_ptr(&slice))
+    );
 
     let shown: Strong<dyn Display + Send + Sync> = unsize!(Strong::new(5));
     assert_eq!(shown.to_string(), "5");
@@ -514,8 +523,14 @@ fn new_cyclic_with_one_and_two_weaks_kept() {
         TwoRefs { inner1, inner2 }
     });
     assert_eq!(Strong::weak_count(&two_refs), 2);
-    assert!(Strong::ptr_eq(&two_refs, &two_refs.inner1.upgrade().unwrap()));
-    assert!(Strong::ptr_eq(&two_refs, &two_refs.inner2.upgrade().unwrap()));
+    assert!(Strong::ptr_eq(
+        &two_refs,
+        &two_refs.inner1.upgrade().unwrap()
+    ));
+    assert!(Strong::ptr_eq(
+        &two_refs,
+        &two_refs.inner2.upgrade().unwrap()
+    ));
     // The value holds Weaks to itself, which do not keep it alive.
     let weak = two_refs.inner1.clone();
     drop((one_ref, one_ref2, two_refs));
@@ -576,7 +591,10 @@ fn into_inner_gives_the_value_to_exactly_one_caller() {
         let first = thread::spawn(move || Strong::into_inner(x));
         let second = thread::spawn(move || Strong::into_inner(y));
         let results = (first.join().unwrap(), second.join().unwrap());
-        assert!(matches!(results, (None, Some(3)) | (Some(3), None)), "{results:?}");
+        assert!(
+            matches!(results, (None, Some(3)) | (Some(3), None)),
+            "{results:?}"
+        );
     }
 
     assert_eq!(Strong::into_inner(Strong::new(3)), Some(3));
