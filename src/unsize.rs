@@ -88,17 +88,21 @@ macro_rules! unsize {
 /// so `U` is known by the time `|block| block` is checked, and the
 /// coercion, not unification, makes its return type.
 ///
-/// `coerce` must give back the block it is given, unsized. Safe code can do
-/// nothing else: a `&ControlBlock` exists only inside such a closure, for a
-/// lifetime it cannot name or extend (`for<'a>`), and the type has no
-/// public constructor. The address is checked all the same.
+/// `coerce` must give back the block it is given, unsized. What safe code
+/// can hand back instead is narrow: `ControlBlock` has no public
+/// constructor, so every `&ControlBlock` is one this crate lent to such a
+/// closure, unsized only by coercions the compiler checked, and borrowck
+/// keeps each from outliving the call that lent it. The `for<'a>` bound
+/// stops a block from leaving its closure, but not from being returned by
+/// a closure nested inside it (for a different object): the address check
+/// below is what refuses that (SAFETY.md, U4).
 ///
 /// ```compile_fail
 /// use std::fmt::Debug;
 /// use std::marker::PhantomData;
 /// use weakrefs::Strong;
 ///
-/// // A block cannot leave the closure...
+/// // A block cannot leave the closure.
 /// let mut kept = None;
 /// let _: Strong<dyn Debug> = weakrefs::__private::unsize(Strong::new(1), PhantomData, |block| {
 ///     kept = Some(block);
@@ -106,12 +110,12 @@ macro_rules! unsize {
 /// });
 /// ```
 ///
-/// ```compile_fail
+/// ```should_panic
 /// use std::fmt::Debug;
 /// use std::marker::PhantomData;
 /// use weakrefs::Strong;
 ///
-/// // ...nor be returned from another object's closure.
+/// // A block returned for another object's: refused at run time.
 /// let _: Strong<dyn Debug> = weakrefs::__private::unsize(Strong::new(1), PhantomData, |outer| {
 ///     let _: Strong<dyn Debug> =
 ///         weakrefs::__private::unsize(Strong::new(2), PhantomData, |_inner| outer);
@@ -154,6 +158,8 @@ impl<T: ?Sized, U: ?Sized> Unsizable<T, U, Strong<U>> for Strong<T> {
         // value alive for the borrow, and no `&mut` to the value exists
         // (`get_mut` and `make_mut` borrow the handle we own).
         let coerced = NonNull::from(coerce(unsafe { block.as_ref() }));
+        // Load-bearing (U4): a live `&ControlBlock` at this address is a
+        // view of this very object, whose metadata a checked coercion made.
         assert!(
             coerced.cast::<u8>() == block.cast::<u8>(),
             "unsize!: the coercion must return the block it was given",

@@ -715,3 +715,17 @@ fn a_strong_of_a_borrow_is_dropped_while_the_borrow_lives() {
     drop(weak);
     drop(text);
 }
+
+/// `__private::unsize`'s closure can return an enclosing closure's block
+/// (another object's: the `for<'a>` bound does not stop that); the address
+/// check refuses it, and both handles are released on the way out.
+#[test]
+#[should_panic(expected = "the coercion must return the block it was given")]
+fn a_block_returned_for_another_object_is_refused() {
+    use std::marker::PhantomData;
+    let _: Strong<dyn Debug> = weakrefs::__private::unsize(Strong::new(1), PhantomData, |outer| {
+        let _: Strong<dyn Debug> =
+            weakrefs::__private::unsize(Strong::new(2), PhantomData, |_inner| outer);
+        outer
+    });
+}
