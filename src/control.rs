@@ -7,6 +7,11 @@
 //!  Weak ───┘                       └──────────────────────────────────────────────┘
 //! ```
 //!
+//! The value is last, so it may be unsized (`ControlBlock<dyn Trait>`,
+//! `ControlBlock<str>`, `ControlBlock<[T]>`); the header keeps the
+//! allocation's layout, so freeing never asks a dead value its size
+//! (SAFETY.md, section 9, U1–U4).
+//!
 //! The protocol (SAFETY.md, invariants I1–I6):
 //!
 //! * `strong` counts `Strong` handles. The value is alive while it is nonzero

@@ -31,8 +31,10 @@ use crate::strong::Strong;
 /// assert!(weak.upgrade().is_none());
 /// ```
 pub struct Weak<T: ?Sized> {
-    /// `None` for [`Weak::new`], which names no object. No `PhantomData<T>`:
-    /// a `Weak` never drops a `T`, so drop check need not assume it does.
+    /// `None` for [`Weak::new`] (and `unsize!` of a dead `Weak`), which
+    /// names no object. No `PhantomData<T>`: a `Weak` never drops a `T`.
+    /// (Its `Drop` impl still names `T`, so drop check treats it as if it
+    /// might: SAFETY.md, section 9.)
     block: Option<NonNull<ControlBlock<T>>>,
 }
 
