@@ -170,8 +170,12 @@ fn unsized_handles(c: &mut Criterion) {
     pair(
         c,
         "upgrade_dyn",
-        || drop(black_box(black_box(&our_weak).upgrade().map(|s| s.tag()))),
-        || drop(black_box(black_box(&their_weak).upgrade().map(|s| s.tag()))),
+        || {
+            black_box(black_box(&our_weak).upgrade().map(|s| s.tag()));
+        },
+        || {
+            black_box(black_box(&their_weak).upgrade().map(|s| s.tag()));
+        },
     );
     pair(
         c,
