@@ -91,6 +91,7 @@ pub mod from_arc {
     //! | `Arc::<dyn L>::from(boxed)` | `Strong::<dyn L>::from(boxed)` (the value moves into the new allocation) |
     //! | `Arc::new_cyclic`, `into_inner`, `unwrap_or_clone`, `make_mut`, `get_mut`, `try_unwrap` | the same names |
     //! | `Arc::ptr_eq` | `Strong::ptr_eq` (addresses only, never vtables) |
+    //! | `Arc::<dyn Any + Send + Sync>::downcast`, `Arc<[T]>` from `[T; N]` and back with `try_into` | the same |
     //!
     //! ## Moving a `dyn Trait` service
     //!

@@ -1,5 +1,6 @@
 //! `Strong<T>`: the owning handle.
 
+use std::any::Any;
 use std::borrow::Borrow;
 use std::cmp::Ordering as CmpOrdering;
 use std::fmt;
@@ -651,6 +652,74 @@ impl<T> Default for Strong<[T]> {
     /// A new object holding no elements.
     fn default() -> Self {
         Strong::from(Vec::new())
+    }
+}
+
+impl<T, const N: usize> From<[T; N]> for Strong<[T]> {
+    /// Moves the array into a new object seen as a slice (one allocation).
+    ///
+    /// ```
+    /// use weakrefs::Strong;
+    ///
+    /// let primes: Strong<[u8]> = Strong::from([2, 3, 5]);
+    /// assert_eq!(primes.len(), 3);
+    /// ```
+    fn from(array: [T; N]) -> Self {
+        crate::unsize!(Strong::new(array))
+    }
+}
+
+impl<T, const N: usize> TryFrom<Strong<[T]>> for Strong<[T; N]> {
+    type Error = Strong<[T]>;
+
+    /// The same object seen as an array if it holds exactly `N` elements;
+    /// otherwise the handle back.
+    ///
+    /// ```
+    /// use weakrefs::Strong;
+    ///
+    /// let slice: Strong<[u32]> = Strong::from(vec![1, 2, 3]);
+    /// assert!(Strong::<[u32; 2]>::try_from(slice.clone()).is_err());
+    /// let array: Strong<[u32; 3]> = slice.try_into().unwrap();
+    /// assert_eq!(*array, [1, 2, 3]);
+    /// ```
+    fn try_from(slice: Strong<[T]>) -> Result<Self, Self::Error> {
+        if slice.len() != N {
+            return Err(slice);
+        }
+        let slice = ManuallyDrop::new(slice);
+        // `ControlBlock<[T; N]>` and `ControlBlock<[T]>` of length `N` have
+        // one `repr(C)` layout (U1), so the thin cast names the same block;
+        // the strong count passes to the new handle.
+        Ok(Strong::from_block(
+            slice.block.cast::<ControlBlock<[T; N]>>(),
+        ))
+    }
+}
+
+impl Strong<dyn Any + Send + Sync> {
+    /// The same object as a `Strong<T>` if its value is a `T`, as
+    /// `Arc::downcast`; otherwise the handle back.
+    ///
+    /// ```
+    /// use std::any::Any;
+    /// use weakrefs::Strong;
+    ///
+    /// let any: Strong<dyn Any + Send + Sync> = weakrefs::unsize!(Strong::new(7_i32));
+    /// let any = any.downcast::<u32>().unwrap_err();
+    /// let number: Strong<i32> = any.downcast().unwrap();
+    /// assert_eq!(*number, 7);
+    /// ```
+    pub fn downcast<T: Any + Send + Sync>(self) -> Result<Strong<T>, Self> {
+        if !(*self).is::<T>() {
+            return Err(self);
+        }
+        let this = ManuallyDrop::new(self);
+        // The value's dynamic type is `T`, so the block was laid out as a
+        // `ControlBlock<T>` (U1: the `dyn` view has the same `repr(C)`
+        // offsets); the thin cast drops the vtable and keeps the address
+        // and provenance. The strong count passes to the new handle.
+        Ok(Strong::from_block(this.block.cast::<ControlBlock<T>>()))
     }
 }
 

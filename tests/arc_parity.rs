@@ -479,6 +479,46 @@ fn a_custom_dst_is_freed_by_its_last_weak() {
     drop(weak);
 }
 
+#[test]
+fn arrays_convert_to_and_from_slices() {
+    let from_array: Strong<[u32]> = Strong::from([1, 2, 3]);
+    let from_vec: Strong<[u32]> = Strong::from(vec![1, 2, 3]);
+    assert_eq!(from_array, from_vec);
+    let array: Result<Strong<[u32; 3]>, _> = from_vec.clone().try_into();
+    let array = array.unwrap();
+    let seen_as_slice: Strong<[u32]> = unsize!(array.clone());
+    assert!(Strong::ptr_eq(&seen_as_slice, &from_vec));
+    drop(seen_as_slice);
+    let wrong: Result<Strong<[u32; 2]>, _> = from_vec.clone().try_into();
+    assert!(Strong::ptr_eq(&wrong.unwrap_err(), &from_vec));
+    assert_eq!(Strong::strong_count(&from_vec), 2); // `array` and itself
+}
+
+#[test]
+fn any_downcasts_to_its_own_type_only() {
+    let r1: Strong<dyn Any + Send + Sync> = unsize!(Strong::new(i32::MAX));
+    let r2: Strong<dyn Any + Send + Sync> =
+        Strong::from(Box::new("abc") as Box<dyn Any + Send + Sync>);
+    assert!(r1.clone().downcast::<u32>().is_err());
+    let r1 = r1.downcast::<i32>().unwrap();
+    assert_eq!(r1, Strong::new(i32::MAX));
+    assert!(r2.clone().downcast::<i32>().is_err());
+    let r2 = r2.downcast::<&'static str>().unwrap();
+    assert_eq!(r2, Strong::new("abc"));
+
+    let drops = counter();
+    let any: Strong<dyn Any + Send + Sync> = unsize!(Strong::new(Counted(drops.clone())));
+    let weak = Strong::downgrade(&any);
+    let counted = any.downcast::<Counted>().unwrap();
+    assert!(Strong::ptr_eq(
+        &weak.upgrade().unwrap(),
+        &unsize!(counted.clone())
+    ));
+    drop(counted);
+    assert_eq!(count(&drops), 1);
+    assert!(weak.upgrade().is_none());
+}
+
 // ---- new_cyclic -----------------------------------------------------------
 
 #[test]
