@@ -50,10 +50,10 @@ use crate::weak::Weak;
 /// assert_eq!(bytes.len(), 3);
 /// ```
 ///
-/// A `Weak` whose object is dead (or that came from
-/// [`Weak::new`](crate::Weak::new)) becomes one that names no object:
-/// without a live value to coerce there is no metadata to give it (SAFETY.md,
-/// U4).
+/// A `Weak` whose object is dead (or not built yet: `new_cyclic`'s `Weak`
+/// inside its closure), or that came from [`Weak::new`](crate::Weak::new),
+/// becomes one that names no object: without a live value to coerce there
+/// is no metadata to give it (SAFETY.md, U4).
 ///
 /// ```
 /// use std::fmt::Debug;
