@@ -19,7 +19,24 @@ use crate::weak::Weak;
 /// The value is dropped in the thread that drops the last `Strong`, at that
 /// moment, exactly as with `Arc`. Comparison, ordering, hashing and
 /// formatting delegate to the value, as for `Arc`; use [`Strong::ptr_eq`]
-/// for identity.
+/// for identity. Unlike `Arc`, `==` calls `T::eq` even for two handles to
+/// one object when `T: Eq` (`Arc` skips it through specialization, which
+/// stable Rust lacks).
+///
+/// `T` may be unsized: `Strong<str>`, `Strong<[T]>` and
+/// `Strong<dyn Trait>` come from the `From` impls (`&str`, `String`,
+/// `&[T]`, `Vec<T>`, `[T; N]`, `Box<T>`), from `collect`, or from a sized
+/// handle through [`unsize!`](crate::unsize), the stand-in for `Arc`'s
+/// implicit coercion:
+///
+/// ```
+/// use std::fmt::Display;
+/// use weakrefs::Strong;
+///
+/// let shown: Strong<dyn Display + Send + Sync> = weakrefs::unsize!(Strong::new(7));
+/// let name: Strong<str> = Strong::from("seven");
+/// assert_eq!(format!("{shown} {name}"), "7 seven");
+/// ```
 ///
 /// # Examples
 ///

@@ -17,6 +17,11 @@ use crate::strong::Strong;
 /// `HashSet` or `HashMap` (Python instead compares referents and refuses to
 /// hash a dead reference).
 ///
+/// `T` may be unsized, as for [`Strong`]: [`Strong::downgrade`] of a
+/// `Strong<dyn Trait>` gives a `Weak<dyn Trait>`, and
+/// [`unsize!`](crate::unsize) turns a `Weak<T>` into one. [`Weak::new`]
+/// and the raw-pointer methods are for sized values.
+///
 /// # Examples
 ///
 /// ```
