@@ -29,6 +29,13 @@ mod weak_method;
 mod weak_set;
 mod weak_value_map;
 
+/// What [`unsize!`] expands to; not public API.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::control::ControlBlock;
+    pub use crate::unsize::{unsize, Unsizable};
+}
+
 pub use error::ReferenceError;
 pub use finalizer::{finalize, flush, shutdown, stats, Finalizer, Stats};
 #[cfg(feature = "rayon")]
@@ -39,10 +46,3 @@ pub use weak_key_map::WeakKeyMap;
 pub use weak_method::WeakMethod;
 pub use weak_set::WeakSet;
 pub use weak_value_map::WeakValueMap;
-
-/// What [`unsize!`] expands to; not public API.
-#[doc(hidden)]
-pub mod __private {
-    pub use crate::control::ControlBlock;
-    pub use crate::unsize::{unsize, Unsizable};
-}
