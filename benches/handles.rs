@@ -1,7 +1,10 @@
 //! `weakrefs::{Strong, Weak}` against `std::sync::{Arc, Weak}`, same run,
 //! same object shape: `Weak::upgrade` (+ drop of the result),
 //! `Strong::clone` + drop, and `Strong::downgrade` (+ drop of the result),
-//! on one thread and on two threads sharing one object.
+//! on one thread and on two threads sharing one object. Then, on one
+//! thread, `upgrade` and `clone` + drop of unsized handles:
+//! `Strong<str>` against `Arc<str>`, `Strong<dyn Trait>` against
+//! `Arc<dyn Trait>` (groups `*_str`, `*_dyn`).
 //!
 //! `cargo bench --bench handles`. Throughput is operations per second; the
 //! two-thread figures count the operations of both threads.
@@ -121,5 +124,66 @@ fn handles(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, handles);
+/// The trait of the `dyn` rows.
+trait Tagged: Send + Sync {
+    fn tag(&self) -> u64;
+}
+
+impl Tagged for u64 {
+    fn tag(&self) -> u64 {
+        *self
+    }
+}
+
+/// One group, `weakrefs` then `std`, one operation per iteration.
+fn pair(c: &mut Criterion, name: &str, mut ours: impl FnMut(), mut theirs: impl FnMut()) {
+    let mut group = c.benchmark_group(format!("{name}/1_thread"));
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("weakrefs", |b| b.iter(&mut ours));
+    group.bench_function("std", |b| b.iter(&mut theirs));
+    group.finish();
+}
+
+fn unsized_handles(c: &mut Criterion) {
+    let text = "<h1>{title}</h1><p>{body}</p>";
+    let ours: weakrefs::Strong<str> = weakrefs::Strong::from(text);
+    let our_weak = weakrefs::Strong::downgrade(&ours);
+    let theirs: std::sync::Arc<str> = std::sync::Arc::from(text);
+    let their_weak = std::sync::Arc::downgrade(&theirs);
+    pair(
+        c,
+        "upgrade_str",
+        || drop(black_box(black_box(&our_weak).upgrade())),
+        || drop(black_box(black_box(&their_weak).upgrade())),
+    );
+    pair(
+        c,
+        "clone_drop_str",
+        || drop(black_box(black_box(&ours).clone())),
+        || drop(black_box(black_box(&theirs).clone())),
+    );
+
+    let ours: weakrefs::Strong<dyn Tagged> = weakrefs::unsize!(weakrefs::Strong::new(7u64));
+    let our_weak = weakrefs::Strong::downgrade(&ours);
+    let theirs: std::sync::Arc<dyn Tagged> = std::sync::Arc::new(7u64);
+    let their_weak = std::sync::Arc::downgrade(&theirs);
+    pair(
+        c,
+        "upgrade_dyn",
+        || {
+            black_box(black_box(&our_weak).upgrade().map(|s| s.tag()));
+        },
+        || {
+            black_box(black_box(&their_weak).upgrade().map(|s| s.tag()));
+        },
+    );
+    pair(
+        c,
+        "clone_drop_dyn",
+        || drop(black_box(black_box(&ours).clone())),
+        || drop(black_box(black_box(&theirs).clone())),
+    );
+}
+
+criterion_group!(benches, handles, unsized_handles);
 criterion_main!(benches);

@@ -7,6 +7,11 @@
 //!  Weak ───┘                       └──────────────────────────────────────────────┘
 //! ```
 //!
+//! The value is last, so it may be unsized (`ControlBlock<dyn Trait>`,
+//! `ControlBlock<str>`, `ControlBlock<[T]>`); the header keeps the
+//! allocation's layout, so freeing never asks a dead value its size
+//! (SAFETY.md, section 9, U1–U4).
+//!
 //! The protocol (SAFETY.md, invariants I1–I6):
 //!
 //! * `strong` counts `Strong` handles. The value is alive while it is nonzero
@@ -45,17 +50,73 @@ pub(crate) struct Header {
     weak: AtomicUsize,
     /// This object's death-callback list (two words), emptied at death.
     callbacks: ObjectCallbacks,
+    /// The whole allocation's layout, written before the block is shared and
+    /// read only by [`ControlBlock::deallocate`]: freeing a block whose
+    /// unsized value is already dropped must not read the value (I4, U2).
+    layout: BlockLayout,
+    leak_check: LeakCheck,
 }
 
-/// One allocation: header first (`repr(C)`), then the value.
+/// One allocation: header first (`repr(C)`), then the value, last so that
+/// it may be unsized (`ControlBlock<str>`, `ControlBlock<[T]>`,
+/// `ControlBlock<dyn Trait>`; SAFETY.md, section 9).
+///
+/// Public only so that [`unsize!`](crate::unsize) can name it in the
+/// closure it passes to [`crate::__private::unsize`]: it has no public
+/// constructor, field or method, so safe code holds a `&ControlBlock<T>`
+/// only inside that closure.
+#[doc(hidden)]
 #[repr(C)]
-pub(crate) struct ControlBlock<T> {
+pub struct ControlBlock<T: ?Sized> {
     header: Header,
     /// Dropped in place by the last `Strong` (I2); the allocation itself is
     /// freed later by the last weak reference (I3), which must not drop it
     /// again, hence `ManuallyDrop`.
     value: ManuallyDrop<T>,
-    leak_check: LeakCheck,
+}
+
+impl<T: ?Sized> std::fmt::Debug for ControlBlock<T> {
+    /// Names the type only: the value may be dead, and the counts are the
+    /// handles' business.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlBlock").finish_non_exhaustive()
+    }
+}
+
+/// A block's allocation `Layout` in one word (U2): `size | align / 2`.
+/// The size of a block is a multiple of its alignment (`pad_to_align`), and
+/// that alignment is at least the header's (a `usize`'s, so at least 2), so
+/// `align / 2` sits in bits the size leaves clear: its lowest set bit.
+#[derive(Clone, Copy)]
+struct BlockLayout(usize);
+
+impl BlockLayout {
+    fn new(layout: Layout) -> Self {
+        debug_assert!(layout.align() >= 2 && layout.size() % layout.align() == 0);
+        BlockLayout(layout.size() | (layout.align() >> 1))
+    }
+
+    fn get(self) -> Layout {
+        let half_align = self.0 & self.0.wrapping_neg();
+        let (size, align) = (self.0 ^ half_align, half_align << 1);
+        // SAFETY: `new` was given a valid `Layout` with `align >= 2` and
+        // `size` a multiple of `align`; the bits decode back to it exactly.
+        unsafe { Layout::from_size_align_unchecked(size, align) }
+    }
+}
+
+impl Header {
+    /// A header for a block of `layout` with `strong` strong handles and
+    /// one weak reference (the implicit weak, or `new_cyclic`'s `Weak`).
+    fn new(strong: usize, layout: Layout) -> Self {
+        Header {
+            strong: AtomicUsize::new(strong),
+            weak: AtomicUsize::new(1),
+            callbacks: ObjectCallbacks::new(),
+            layout: BlockLayout::new(layout),
+            leak_check: LeakCheck::new(()),
+        }
+    }
 }
 
 impl<T> ControlBlock<T> {
@@ -63,45 +124,23 @@ impl<T> ControlBlock<T> {
     /// implicit weak handle.
     pub(crate) fn allocate(value: T) -> NonNull<Self> {
         let block = Box::new(ControlBlock {
-            header: Header {
-                strong: AtomicUsize::new(1),
-                weak: AtomicUsize::new(1),
-                callbacks: ObjectCallbacks::new(),
-            },
+            header: Header::new(1, Layout::new::<Self>()),
             value: ManuallyDrop::new(value),
-            leak_check: LeakCheck::new(()),
         });
         // `Box::leak` never returns null; the pointer keeps the Box's
         // provenance over the whole allocation.
         NonNull::from(Box::leak(block))
     }
 
-    /// The header of the block at `this`.
-    ///
-    /// # Safety
-    ///
-    /// 1. `this` came from [`ControlBlock::allocate`] and the allocation is
-    ///    still live, i.e. the caller owns a strong or weak reference to it.
-    #[inline(always)]
-    pub(crate) unsafe fn header<'a>(this: NonNull<Self>) -> &'a Header {
-        // SAFETY: precondition 1 keeps the allocation live for as long as
-        // the caller's reference, which bounds 'a. `&raw const` projects to
-        // the header field alone, so no reference covers the value (I4).
-        unsafe { &*ptr::addr_of!((*this.as_ptr()).header) }
-    }
-
-    /// A pointer to the value; dereferencing it is the caller's business.
-    #[inline(always)]
-    pub(crate) fn value_ptr(this: NonNull<Self>) -> *mut T {
-        // `addr_of_mut!` projects without creating a reference, and
-        // `ManuallyDrop<T>` is `repr(transparent)` over `T`.
-        // SAFETY: the projection stays inside the allocation `this` points
-        // at; `addr_of_mut!` on a raw place reads nothing.
-        unsafe { ptr::addr_of_mut!((*this.as_ptr()).value).cast::<T>() }
+    /// Allocates a block whose value is uninitialised, with no strong
+    /// handle and one weak reference (`new_cyclic`'s `Weak`).
+    pub(crate) fn allocate_uninit() -> NonNull<Self> {
+        allocate_raw(Layout::new::<T>(), 0).cast::<Self>()
     }
 
     /// The block whose value `value` points at: the inverse of
-    /// [`value_ptr`](Self::value_ptr).
+    /// [`value_ptr`](Self::value_ptr), for a sized value, which needs no
+    /// look at the value (so it serves `Weak::from_raw` too).
     ///
     /// # Safety
     ///
@@ -113,6 +152,110 @@ impl<T> ControlBlock<T> {
         // and carries its provenance (`value_ptr` projects from the block
         // pointer); stepping back stays inside it and is not null.
         unsafe { NonNull::new_unchecked(value.byte_sub(offset).cast_mut().cast::<Self>()) }
+    }
+}
+
+impl<T> ControlBlock<[T]> {
+    /// Allocates a block for `len` elements, none of them initialised yet,
+    /// with one strong handle and the implicit weak.
+    pub(crate) fn allocate_slice(len: usize) -> NonNull<Self> {
+        let Ok(value_layout) = Layout::array::<T>(len) else {
+            capacity_overflow()
+        };
+        let memory = allocate_raw(value_layout, 1);
+        // The cast keeps `len` as the metadata: a `[T]`-tailed struct's
+        // metadata is the tail's length (SAFETY.md, U1).
+        let block = ptr::slice_from_raw_parts_mut(memory.as_ptr().cast::<T>(), len) as *mut Self;
+        // SAFETY: `memory` is not null, and the cast keeps its address.
+        unsafe { NonNull::new_unchecked(block) }
+    }
+}
+
+impl ControlBlock<[u8]> {
+    /// The same block seen as holding `str`; its bytes must be UTF-8.
+    pub(crate) fn into_str(this: NonNull<Self>) -> NonNull<ControlBlock<str>> {
+        // `[u8]` and `str` share their metadata (the length in bytes), so
+        // the cast keeps address, provenance and length.
+        // SAFETY: a cast of a non-null pointer is not null.
+        unsafe { NonNull::new_unchecked(this.as_ptr() as *mut ControlBlock<str>) }
+    }
+}
+
+impl<T: ?Sized> ControlBlock<T> {
+    /// Moves the value out of `boxed` into a new block with one strong
+    /// handle, as `Arc::from(Box<T>)` does: the value's bytes are copied,
+    /// the box's memory is freed, and the value is not dropped.
+    pub(crate) fn from_box(boxed: Box<T>) -> NonNull<Self> {
+        let value_layout = Layout::for_value::<T>(&boxed);
+        let value = Box::into_raw(boxed);
+        let block = with_metadata_of(allocate_raw(value_layout, 1), value as *mut Self);
+        // SAFETY: `value` is readable for `value_layout.size()` bytes (the
+        // box owned them) and the block's value field is writable for as
+        // many (it was allocated for `value_layout`); they are different
+        // allocations, so they do not overlap.
+        unsafe {
+            ptr::copy_nonoverlapping(
+                value.cast::<u8>(),
+                Self::value_ptr(block).cast::<u8>(),
+                value_layout.size(),
+            )
+        };
+        if value_layout.size() != 0 {
+            // The box's memory, freed without dropping what was moved out
+            // of it. A zero-sized box never allocated.
+            // SAFETY: `Box<T>` allocated `value` from the global allocator
+            // with `Layout::for_value` of its value, which we read above.
+            unsafe { std::alloc::dealloc(value.cast::<u8>(), value_layout) };
+        }
+        block
+    }
+
+    /// The header of the block at `this`.
+    ///
+    /// # Safety
+    ///
+    /// 1. `this` came from one of this type's allocation functions and the
+    ///    allocation is still live, i.e. the caller owns a strong or weak
+    ///    reference to it.
+    #[inline(always)]
+    pub(crate) unsafe fn header<'a>(this: NonNull<Self>) -> &'a Header {
+        // SAFETY: precondition 1 keeps the allocation live for as long as
+        // the caller's reference, which bounds 'a. `&raw const` projects to
+        // the header field alone (offset 0: it reads no metadata), so no
+        // reference covers the value (I4).
+        unsafe { &*ptr::addr_of!((*this.as_ptr()).header) }
+    }
+
+    /// A pointer to the value; dereferencing it is the caller's business.
+    #[inline(always)]
+    pub(crate) fn value_ptr(this: NonNull<Self>) -> *mut T {
+        // `addr_of_mut!` projects without creating a reference; for an
+        // unsized value the offset comes from the pointer's metadata (a
+        // `dyn` value's alignment from its vtable), never from the value.
+        // `ManuallyDrop<T>` is `repr(transparent)` over `T`, so the cast
+        // keeps address and metadata.
+        // SAFETY: the projection stays inside the allocation `this` points
+        // at; `addr_of_mut!` on a raw place reads nothing.
+        unsafe { ptr::addr_of_mut!((*this.as_ptr()).value) as *mut T }
+    }
+
+    /// The block whose live value `value` points at: the inverse of
+    /// [`value_ptr`](Self::value_ptr) for any `T`.
+    ///
+    /// # Safety
+    ///
+    /// 1. `value` came from `value_ptr` of a block whose value is alive
+    ///    (the caller owns a strong count): its alignment is read through a
+    ///    reference to it.
+    pub(crate) unsafe fn from_live_value_ptr(value: *const T) -> NonNull<Self> {
+        // SAFETY: by 1 the value is alive and no `&mut` to it exists while
+        // the caller's strong count does (`get_mut` borrows that handle).
+        let value_align = std::mem::align_of_val::<T>(unsafe { &*value });
+        let offset = value_offset(value_align);
+        // SAFETY: by 1, `value` is `offset` bytes (the repr(C) offset for
+        // this alignment, U1) into a live block and carries its provenance;
+        // stepping back stays inside it. The cast keeps the metadata.
+        unsafe { NonNull::new_unchecked(value.byte_sub(offset).cast_mut() as *mut Self) }
     }
 
     /// Drops the value in place. Called once, by the thread that took the
@@ -127,7 +270,7 @@ impl<T> ControlBlock<T> {
     pub(crate) unsafe fn drop_value(this: NonNull<Self>) {
         // SAFETY: by 1 and 2 no other thread can reach the value any more
         // (`upgrade` never revives a zero count), and the value was
-        // initialised by `allocate` and not yet dropped.
+        // initialised by the allocation and not yet dropped.
         unsafe { ptr::drop_in_place(Self::value_ptr(this)) }
     }
 
@@ -137,23 +280,95 @@ impl<T> ControlBlock<T> {
     ///
     /// 1. The caller's decrement took `weak` from 1 to 0 and it has executed
     ///    the Acquire that orders every other handle's accesses before this.
-    /// 2. The value has already been dropped or moved out (I3).
+    /// 2. The value has already been dropped or moved out, or was never
+    ///    written (`new_cyclic`'s closure panicked) (I3).
     pub(crate) unsafe fn deallocate(this: NonNull<Self>) {
-        let block = this.as_ptr();
-        // The leak tracker is dropped in place through a field projection, so
-        // no reference or `Box` ever covers the dead value (I4). The header's
-        // callback list has drop glue too, but the object's death emptied it
-        // (C6), so there is nothing to release; the counts have none.
-        // SAFETY: by 1 we are the block's only owner; see above.
-        unsafe {
-            debug_assert!((*block).header.callbacks.is_empty());
-            ptr::drop_in_place(ptr::addr_of_mut!((*block).leak_check));
-        }
-        // SAFETY: `allocate` got this memory from the global allocator with
-        // this very layout (through `Box::new`), and by 1 and 2 nothing will
-        // touch it again.
-        unsafe { std::alloc::dealloc(block.cast(), Layout::new::<Self>()) };
+        // The header is reached through a field projection and the layout
+        // comes from it, so no reference or `Box` ever covers the dead
+        // value, and its (possibly unsized) size is never asked of it (I4,
+        // U2). The callback list has drop glue too, but the object's death
+        // emptied it (C6), so there is nothing to release; the counts and
+        // the layout have none.
+        // SAFETY: by 1 we are the block's only owner, and it is allocated.
+        let header = unsafe { ptr::addr_of_mut!((*this.as_ptr()).header) };
+        // SAFETY: as above; the leak tracker is dropped once, here.
+        let layout = unsafe {
+            debug_assert!((*header).callbacks.is_empty());
+            ptr::drop_in_place(ptr::addr_of_mut!((*header).leak_check));
+            (*header).layout.get()
+        };
+        // SAFETY: the block was allocated from the global allocator with
+        // `layout` (`allocate`'s `Box`, or `allocate_raw`), and by 1 and 2
+        // nothing will touch it again.
+        unsafe { std::alloc::dealloc(this.as_ptr().cast::<u8>(), layout) };
     }
+}
+
+/// The offset of the value in a `repr(C)` block, for a value of alignment
+/// `value_align`: the header's size rounded up to it (U1).
+fn value_offset(value_align: usize) -> usize {
+    let header = std::mem::size_of::<Header>();
+    (header + value_align - 1) & !(value_align - 1)
+}
+
+/// Allocates a block for a value of `value_layout` and writes its header
+/// (`strong` strong handles, one weak reference); the value is left
+/// uninitialised. Returns the block's address, with provenance over all of
+/// it. The layout is `Header` extended by the value and padded to its
+/// alignment, which is exactly `repr(C)`'s layout of `ControlBlock<T>`
+/// (U1).
+fn allocate_raw(value_layout: Layout, strong: usize) -> NonNull<u8> {
+    let Ok((layout, offset)) = Layout::new::<Header>().extend(value_layout) else {
+        capacity_overflow()
+    };
+    debug_assert_eq!(offset, value_offset(value_layout.align()));
+    let layout = layout.pad_to_align();
+    // SAFETY: `layout` has a nonzero size: it holds a `Header`.
+    let memory = unsafe { std::alloc::alloc(layout) };
+    let Some(memory) = NonNull::new(memory) else {
+        std::alloc::handle_alloc_error(layout)
+    };
+    // SAFETY: the allocation is fresh, ours, and large and aligned enough
+    // for a `Header` at offset 0.
+    unsafe { memory.cast::<Header>().write(Header::new(strong, layout)) };
+    memory
+}
+
+/// A pointer to the block at `memory`, with its provenance, and `like`'s
+/// metadata (U3).
+///
+/// Stable Rust cannot yet build a wide pointer from an address and
+/// metadata for a generic `T: ?Sized` (`ptr::from_raw_parts` is unstable),
+/// so this overwrites the address half of a copy of `like`, as std's `Arc`
+/// did before that API existed. That half is the first word of a wide
+/// pointer: the assertion checks it, so a layout that ever differed would
+/// panic here instead of building a wrong pointer.
+pub(crate) fn with_metadata_of<T: ?Sized>(
+    memory: NonNull<u8>,
+    like: *mut ControlBlock<T>,
+) -> NonNull<ControlBlock<T>> {
+    let mut block = like;
+    let address_word = ptr::addr_of_mut!(block).cast::<*mut u8>();
+    // SAFETY: reads the first word of a local pointer, initialised, and
+    // as long as a thin pointer (any pointer is at least that long).
+    let first_word = unsafe { address_word.read() };
+    assert!(
+        first_word == like.cast::<u8>(),
+        "a wide pointer's first word is its address",
+    );
+    // SAFETY: as above; the write replaces exactly the address (checked
+    // above) with one that carries the new block's provenance, and leaves
+    // the metadata.
+    unsafe { address_word.write(memory.as_ptr()) };
+    debug_assert!(block.cast::<u8>() == memory.as_ptr());
+    // SAFETY: its address is `memory`'s, which is not null.
+    unsafe { NonNull::new_unchecked(block) }
+}
+
+/// A size that overflows `isize`: the same panic as `Vec`'s.
+#[cold]
+fn capacity_overflow() -> ! {
+    panic!("capacity overflow")
 }
 
 impl Header {
@@ -250,17 +465,18 @@ impl Header {
             if current > MAX_REFCOUNT {
                 crate::sync::abort();
             }
-            // Relaxed on success (O3): nothing is acquired by an upgrade.
-            // Every non-atomic write to the value (construction, `get_mut`)
-            // happens-before the `downgrade` that created any `Weak` alive
-            // at or after it (`get_mut` ends before its handle can be
-            // downgraded, cloned or sent), and this `Weak` reached us
-            // through synchronisation that happens-after that `downgrade`.
-            // Relaxed on failure: we learn the new count and retry.
+            // Acquire on success (O3): pairs with the Release store that
+            // ends `new_cyclic` (O11), whose `Weak` exists before the value
+            // is written, and with the one that ends `make_mut`'s unique
+            // path (O12), so the upgraded handle sees the value. (Before
+            // `new_cyclic`, every write to the value happened-before the
+            // `downgrade` of any `Weak`, and Relaxed sufficed; std's `Arc`
+            // uses Acquire for the same reason.) Relaxed on failure: we
+            // learn the new count and retry.
             match self.strong.compare_exchange_weak(
                 current,
                 current + 1,
-                Ordering::Relaxed,
+                Ordering::Acquire,
                 Ordering::Relaxed,
             ) {
                 Ok(_) => return true,
@@ -286,6 +502,30 @@ impl Header {
         // caller moves it out.
         acquire_fence!(self.strong);
         true
+    }
+
+    /// The end of `new_cyclic` (strong count 0 to 1, the value written)
+    /// and of `make_mut`'s unique path (after `try_take_last_strong`): the
+    /// object is alive, with the caller's handle as its only `Strong`.
+    pub(crate) fn publish_first_strong(&self) {
+        // Release (O11, O12): pairs with the Acquire CAS of `upgrade`
+        // (O3), so a `Weak` that upgrades sees the value's writes.
+        self.strong.store(1, Ordering::Release);
+    }
+
+    /// `make_mut`, after `try_take_last_strong` took the count to 0: true
+    /// if `Weak` handles exist. None can be created now (no `Strong` is
+    /// left to downgrade; `Weak::clone` needs a `Weak`), and those that
+    /// exist can no longer upgrade.
+    pub(crate) fn has_weak_handles_when_dead(&self) -> bool {
+        // Relaxed (O12, as std's `Arc::make_mut`): a stale value can only
+        // count `Weak`s already dropped. Every existing `Weak` descends from
+        // a `downgrade` that happens-before the caller's Acquire in
+        // `try_take_last_strong` (it was made from the caller's handle or
+        // from one dropped with a Release decrement), and a clone's
+        // increment precedes its source's decrement in the count's
+        // modification order. A stale "yes" merely moves the value.
+        self.weak.load(Ordering::Relaxed) != 1
     }
 
     /// `Strong::downgrade`: a new weak handle. Waits out `get_mut`'s

@@ -4,6 +4,8 @@
 //!
 //! * [`from_python`]: Python's `weakref`, name by name, with each
 //!   deliberate difference.
+//! * [`from_arc`]: moving from `Arc<dyn Trait>`, `Arc<str>`, `Arc<[T]>`,
+//!   and where `Strong` differs from `Arc`.
 //! * [`patterns`]: a canonicalising cache, a side table keyed by object, an
 //!   observer registry.
 //! * [`when_not_to`]: cycles, short-lived values, caches nobody holds,
@@ -71,6 +73,108 @@ pub mod from_python {
     //!   `main` to run the `atexit` finalizers.
     //! * **Reference counting cannot free cycles**, as Python's cycle
     //!   collector can: see [`when_not_to`](super::when_not_to).
+}
+
+pub mod from_arc {
+    //! # From `Arc`
+    //!
+    //! `Strong<T>` is `Arc<T>` with weak references that collections and
+    //! death callbacks can use. Code written against `Arc` mostly changes
+    //! names; unsized values need one more step, since stable Rust lets no
+    //! crate but std coerce its handles implicitly.
+    //!
+    //! | `Arc` | weakrefs |
+    //! | --- | --- |
+    //! | `let l: Arc<dyn L> = Arc::new(x);` (implicit coercion) | `let l: Strong<dyn L> = weakrefs::unsize!(Strong::new(x));` |
+    //! | `let w: sync::Weak<dyn L> = Arc::downgrade(&a);` with `a: Arc<X>` | `let w: Weak<dyn L> = weakrefs::unsize!(Strong::downgrade(&a));`, or `Strong::downgrade(&l)` of a `Strong<dyn L>` |
+    //! | `Arc::<str>::from("…")`, `Arc::<[T]>::from(vec)`, `iter.collect::<Arc<[T]>>()` | the same with `Strong` |
+    //! | `Arc::<dyn L>::from(boxed)` | `Strong::<dyn L>::from(boxed)` (the value moves into the new allocation) |
+    //! | `Arc::new_cyclic`, `into_inner`, `unwrap_or_clone`, `make_mut`, `get_mut`, `try_unwrap` | the same names |
+    //! | `Arc::ptr_eq` | `Strong::ptr_eq` (addresses only, never vtables) |
+    //! | `Arc::<dyn Any + Send + Sync>::downcast`, `Arc<[T]>` from `[T; N]` and back with `try_into` | the same |
+    //!
+    //! ## Moving a `dyn Trait` service
+    //!
+    //! A registry of mixed listener types that used `Arc<dyn Listener>` for
+    //! the owners and `std::sync::Weak<dyn Listener>` for the registry:
+    //!
+    //! ```
+    //! use std::sync::atomic::{AtomicUsize, Ordering};
+    //! use std::sync::Arc;
+    //! use weakrefs::{finalize, flush, Strong, Weak};
+    //!
+    //! trait Listener: Send + Sync {
+    //!     fn notify(&self, event: &str) -> usize;
+    //! }
+    //!
+    //! struct Counter(AtomicUsize);
+    //! impl Listener for Counter {
+    //!     fn notify(&self, _: &str) -> usize {
+    //!         self.0.fetch_add(1, Ordering::Relaxed) + 1
+    //!     }
+    //! }
+    //!
+    //! struct Logger;
+    //! impl Listener for Logger {
+    //!     fn notify(&self, event: &str) -> usize {
+    //!         event.len()
+    //!     }
+    //! }
+    //!
+    //! // Owners hold `Strong<dyn Listener>`; `unsize!` replaces the implicit
+    //! // coercion of `Arc::new(Counter(..))` to `Arc<dyn Listener>`.
+    //! let counter: Strong<dyn Listener> = weakrefs::unsize!(Strong::new(Counter(AtomicUsize::new(0))));
+    //! let logger: Strong<dyn Listener> = Strong::from(Box::new(Logger) as Box<dyn Listener>);
+    //!
+    //! // The registry holds `Weak<dyn Listener>`, which never keeps a
+    //! // listener alive.
+    //! let registry: Vec<Weak<dyn Listener>> =
+    //!     vec![Strong::downgrade(&counter), Strong::downgrade(&logger)];
+    //! let notify_all = |event: &str| -> Vec<usize> {
+    //!     registry.iter().filter_map(Weak::upgrade).map(|l| l.notify(event)).collect()
+    //! };
+    //! assert_eq!(notify_all("start"), [1, 5]);
+    //!
+    //! // Death callbacks work on unsized objects too.
+    //! let unsubscribed = Arc::new(AtomicUsize::new(0));
+    //! let seen = unsubscribed.clone();
+    //! finalize(&logger, move || {
+    //!     seen.fetch_add(1, Ordering::SeqCst);
+    //! });
+    //! drop(logger);
+    //! flush();
+    //! assert_eq!(unsubscribed.load(Ordering::SeqCst), 1);
+    //! assert_eq!(notify_all("stop"), [2]);
+    //! ```
+    //!
+    //! A [`WeakSet<dyn Listener>`](crate::WeakSet), which would drop dead
+    //! listeners by itself, is not there yet: the collections hold sized
+    //! values for now (issue #16), so the registry above is a `Vec` of
+    //! `Weak`s, or a `WeakSet<Box<dyn Listener>>` in the meantime.
+    //!
+    //! ## Deliberate differences from `Arc`
+    //!
+    //! * **Unsizing is explicit.** `CoerceUnsized` is unstable, so
+    //!   [`unsize!`](crate::unsize) stands in for the implicit coercion; the
+    //!   compiler still checks that the value coerces. A dead (or unset)
+    //!   `Weak` unsizes to one that names no object.
+    //! * **`==` always calls `T::eq`.** For `T: Eq`, `Arc`'s `==` returns
+    //!   `true` for two handles to one allocation without calling `T::eq`
+    //!   (specialization, which stable Rust does not offer). `Strong`'s
+    //!   comparisons always delegate to the value; use
+    //!   [`Strong::ptr_eq`](crate::Strong::ptr_eq) for identity.
+    //! * **`Weak::as_ptr`, `into_raw` and `from_raw` are for sized values.**
+    //!   A `Weak` that names no object keeps no pointer metadata.
+    //! * **Drop check.** A `Weak<&'a T>` must be dropped while `'a` lives;
+    //!   std's `Weak` is exempt through the unstable `#[may_dangle]`
+    //!   (SAFETY.md, section 9, says what a stable equivalent would cost).
+    //! * **`make_mut` and death callbacks.** When only `Weak`s share the
+    //!   object, `make_mut` moves the value to a new object and leaves the
+    //!   `Weak`s dead, as `Arc::make_mut` does; here that old object dies,
+    //!   so its callbacks ([`finalize`](crate::finalize), collection
+    //!   entries) run, as after [`Strong::try_unwrap`](crate::Strong::try_unwrap).
+    //!   When no other handle exists it mutates in place and the callbacks
+    //!   stay.
 }
 
 pub mod patterns {

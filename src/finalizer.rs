@@ -53,7 +53,7 @@ use crate::strong::Strong;
 /// assert!(closed.load(Ordering::SeqCst));
 /// assert!(!finalizer.alive());
 /// ```
-pub fn finalize<T, F>(obj: &Strong<T>, callback: F) -> Finalizer
+pub fn finalize<T: ?Sized, F>(obj: &Strong<T>, callback: F) -> Finalizer
 where
     F: FnOnce() + Send + 'static,
 {

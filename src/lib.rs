@@ -23,11 +23,19 @@ mod reclaim;
 mod ref_cnt;
 mod strong;
 mod sync;
+mod unsize;
 mod weak;
 mod weak_key_map;
 mod weak_method;
 mod weak_set;
 mod weak_value_map;
+
+/// What [`unsize!`] expands to; not public API.
+#[doc(hidden)]
+pub mod __private {
+    pub use crate::control::ControlBlock;
+    pub use crate::unsize::{unsize, Unsizable};
+}
 
 pub use error::ReferenceError;
 pub use finalizer::{finalize, flush, shutdown, stats, Finalizer, Stats};

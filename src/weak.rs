@@ -17,6 +17,11 @@ use crate::strong::Strong;
 /// `HashSet` or `HashMap` (Python instead compares referents and refuses to
 /// hash a dead reference).
 ///
+/// `T` may be unsized, as for [`Strong`]: [`Strong::downgrade`] of a
+/// `Strong<dyn Trait>` gives a `Weak<dyn Trait>`, and
+/// [`unsize!`](crate::unsize) turns a `Weak<T>` into one. [`Weak::new`]
+/// and the raw-pointer methods are for sized values.
+///
 /// # Examples
 ///
 /// ```
@@ -30,18 +35,20 @@ use crate::strong::Strong;
 /// assert!(!weak.is_alive());
 /// assert!(weak.upgrade().is_none());
 /// ```
-pub struct Weak<T> {
-    /// `None` for [`Weak::new`], which names no object. No `PhantomData<T>`:
-    /// a `Weak` never drops a `T`, so drop check need not assume it does.
+pub struct Weak<T: ?Sized> {
+    /// `None` for [`Weak::new`] (and `unsize!` of a dead `Weak`), which
+    /// names no object. No `PhantomData<T>`: a `Weak` never drops a `T`.
+    /// (Its `Drop` impl still names `T`, so drop check treats it as if it
+    /// might: SAFETY.md, section 9.)
     block: Option<NonNull<ControlBlock<T>>>,
 }
 
 // SAFETY: a `Weak<T>` can become a `Strong<T>` in the thread that holds it,
 // so it needs what `Strong<T>` needs, as `std::sync::Weak` does.
-unsafe impl<T: Send + Sync> Send for Weak<T> {}
+unsafe impl<T: ?Sized + Send + Sync> Send for Weak<T> {}
 // SAFETY: `&Weak<T>` can be upgraded to a `Strong<T>` in the borrowing
 // thread; same bounds as `Send`.
-unsafe impl<T: Send + Sync> Sync for Weak<T> {}
+unsafe impl<T: ?Sized + Send + Sync> Sync for Weak<T> {}
 
 impl<T> Weak<T> {
     /// A `Weak` that names no object and never upgrades.
@@ -59,6 +66,11 @@ impl<T> Weak<T> {
     /// to dereference only while some [`Strong`] keeps the object alive.
     /// For [`Weak::new`], a dangling (but non-null, aligned) pointer that
     /// no object has.
+    ///
+    /// Unlike `std::sync::Weak`, this and the raw-pointer conversions are
+    /// for sized values only: a `Weak` that names no object has no pointer
+    /// metadata to give an unsized value (it keeps none, and
+    /// [`unsize!`](crate::unsize) of a dead `Weak` names no object).
     ///
     /// ```
     /// use weakrefs::Strong;
@@ -114,11 +126,19 @@ impl<T> Weak<T> {
         // count it still owns, so the block is allocated.
         Weak::from_block(unsafe { ControlBlock::from_value_ptr(value) })
     }
+}
 
+impl<T: ?Sized> Weak<T> {
     /// True for a handle from [`Weak::new`], which names no object.
     #[cfg(feature = "arc-swap")]
     pub(crate) fn is_unset(&self) -> bool {
         self.block.is_none()
+    }
+
+    /// A `Weak` that names no object, for any `T` ([`Weak::new`] is for
+    /// sized values).
+    pub(crate) fn unset() -> Self {
+        Weak { block: None }
     }
 
     /// Wraps a block whose weak count already includes this handle.
@@ -236,14 +256,16 @@ impl<T> Weak<T> {
     /// assert!(a.ptr_eq(&b));
     /// ```
     pub fn ptr_eq(&self, other: &Self) -> bool {
-        self.block == other.block
+        // Addresses only, never vtables (as `Strong::ptr_eq`).
+        self.identity() == other.identity()
     }
 
     /// The identity used by `Eq` and `Hash`: the block's address, which a
     /// `Weak` keeps allocated, so no other object can take it while this
     /// handle lives.
     pub(crate) fn identity(&self) -> usize {
-        self.block.map_or(0, |block| block.as_ptr() as usize)
+        self.block
+            .map_or(0, |block| block.cast::<u8>().as_ptr().addr())
     }
 
     /// True if this handle names `strong`'s object.
@@ -252,7 +274,7 @@ impl<T> Weak<T> {
     }
 }
 
-impl<T> Clone for Weak<T> {
+impl<T: ?Sized> Clone for Weak<T> {
     /// Another handle to the same object.
     fn clone(&self) -> Self {
         if let Some(header) = self.header() {
@@ -262,7 +284,7 @@ impl<T> Clone for Weak<T> {
     }
 }
 
-impl<T> Drop for Weak<T> {
+impl<T: ?Sized> Drop for Weak<T> {
     #[inline]
     fn drop(&mut self) {
         let Some(block) = self.block else { return };
@@ -285,7 +307,7 @@ impl<T> Default for Weak<T> {
     }
 }
 
-impl<T> fmt::Debug for Weak<T> {
+impl<T: ?Sized> fmt::Debug for Weak<T> {
     /// `(Weak: alive)` or `(Weak: dead)`; never touches the value.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.is_alive() {
@@ -296,20 +318,20 @@ impl<T> fmt::Debug for Weak<T> {
     }
 }
 
-impl<T> PartialEq for Weak<T> {
+impl<T: ?Sized> PartialEq for Weak<T> {
     /// Identity, as [`Weak::ptr_eq`].
     fn eq(&self, other: &Self) -> bool {
         self.ptr_eq(other)
     }
 }
 
-impl<T> Eq for Weak<T> {}
+impl<T: ?Sized> Eq for Weak<T> {}
 
-impl<T> Hash for Weak<T> {
+impl<T: ?Sized> Hash for Weak<T> {
     /// Hashes the identity, which never changes when the object dies.
     fn hash<H: Hasher>(&self, state: &mut H) {
         self.identity().hash(state)
     }
 }
 
-impl<T> Unpin for Weak<T> {}
+impl<T: ?Sized> Unpin for Weak<T> {}

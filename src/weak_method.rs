@@ -27,12 +27,12 @@ use crate::weak::Weak;
 /// drop(metrics);
 /// assert_eq!(on_hit.call(1), None); // the receiver is gone
 /// ```
-pub struct WeakMethod<T, F> {
+pub struct WeakMethod<T: ?Sized, F> {
     receiver: Weak<T>,
     method: F,
 }
 
-impl<T, F> WeakMethod<T, F> {
+impl<T: ?Sized, F> WeakMethod<T, F> {
     /// Binds `method` to `receiver`, holding the receiver weakly.
     ///
     /// ```
@@ -77,7 +77,7 @@ impl<T, F> WeakMethod<T, F> {
     }
 }
 
-impl<T, F: Clone> Clone for WeakMethod<T, F> {
+impl<T: ?Sized, F: Clone> Clone for WeakMethod<T, F> {
     fn clone(&self) -> Self {
         WeakMethod {
             receiver: self.receiver.clone(),
@@ -86,7 +86,7 @@ impl<T, F: Clone> Clone for WeakMethod<T, F> {
     }
 }
 
-impl<T, F> fmt::Debug for WeakMethod<T, F> {
+impl<T: ?Sized, F> fmt::Debug for WeakMethod<T, F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WeakMethod")
             .field("receiver", &self.receiver)
