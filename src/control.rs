@@ -16,7 +16,9 @@
 //!
 //! * `strong` counts `Strong` handles. The value is alive while it is nonzero
 //!   and is dropped by the thread whose decrement takes it to zero. Once zero
-//!   it stays zero: `upgrade` only increments a nonzero count.
+//!   while a `Weak` exists or can be made, it stays zero: `upgrade` only
+//!   increments a nonzero count, and the one step from 0 to 1
+//!   (`publish_first_strong`) happens where no `Weak` can see it (I1).
 //! * `weak` counts `Weak` handles plus one shared by all `Strong` handles
 //!   together (the "implicit weak"). The thread whose decrement takes it to
 //!   zero frees the allocation.
@@ -360,7 +362,9 @@ pub(crate) fn with_metadata_of<T: ?Sized>(
     // above) with one that carries the new block's provenance, and leaves
     // the metadata.
     unsafe { address_word.write(memory.as_ptr()) };
-    debug_assert!(block.cast::<u8>() == memory.as_ptr());
+    // Checked in every build: fails for any layout whose first word is
+    // not the address, even one the check above let through.
+    assert!(block.cast::<u8>() == memory.as_ptr());
     // SAFETY: its address is `memory`'s, which is not null.
     unsafe { NonNull::new_unchecked(block) }
 }
@@ -451,8 +455,8 @@ impl Header {
         }
     }
 
-    /// `Weak::upgrade`: a new strong handle unless the count is zero, in
-    /// which case it stays zero forever (I1).
+    /// `Weak::upgrade`: a new strong handle unless the count is zero
+    /// (which, seen by a `Weak`, stays zero: I1).
     #[inline]
     pub(crate) fn try_increment_strong(&self) -> bool {
         // Relaxed: only the count matters for the first attempt; a stale
@@ -467,8 +471,7 @@ impl Header {
             }
             // Acquire on success (O3): pairs with the Release store that
             // ends `new_cyclic` (O11), whose `Weak` exists before the value
-            // is written, and with the one that ends `make_mut`'s unique
-            // path (O12), so the upgraded handle sees the value. (Before
+            // is written, so the upgraded handle sees the value. (Before
             // `new_cyclic`, every write to the value happened-before the
             // `downgrade` of any `Weak`, and Relaxed sufficed; std's `Arc`
             // uses Acquire for the same reason.) Relaxed on failure: we
@@ -508,8 +511,10 @@ impl Header {
     /// and of `make_mut`'s unique path (after `try_take_last_strong`): the
     /// object is alive, with the caller's handle as its only `Strong`.
     pub(crate) fn publish_first_strong(&self) {
-        // Release (O11, O12): pairs with the Acquire CAS of `upgrade`
-        // (O3), so a `Weak` that upgrades sees the value's writes.
+        // Release (O11): pairs with the Acquire CAS of `upgrade` (O3), so
+        // a `Weak` of `new_cyclic` that upgrades sees the value's writes.
+        // On `make_mut`'s path (O12) no `Weak` exists; the Release is kept
+        // there for parity with std's `Arc::make_mut`.
         self.strong.store(1, Ordering::Release);
     }
 

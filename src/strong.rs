@@ -63,7 +63,9 @@ use crate::weak::Weak;
 /// ```
 pub struct Strong<T: ?Sized> {
     block: NonNull<ControlBlock<T>>,
-    /// This handle owns a share of a `T` (for drop check).
+    /// Names the block the handle points at. (Drop check comes from
+    /// `Strong`'s own `Drop` impl, which, without `#[may_dangle]`, treats
+    /// `T` as used when a `Strong<T>` is dropped.)
     _owns: PhantomData<ControlBlock<T>>,
 }
 
@@ -298,8 +300,8 @@ impl<T> Strong<T> {
     /// itself, as `Arc::new_cyclic` does: `build` gets the `Weak` before the
     /// value exists. Until `new_cyclic` returns, that `Weak` (and its
     /// clones) does not upgrade; afterwards it names the new object. If
-    /// `build` panics, the allocation is freed and the `Weak`s it made stay
-    /// dead.
+    /// `build` panics, the `Weak`s it made stay dead, and the allocation is
+    /// freed with the last of them.
     ///
     /// ```
     /// use weakrefs::{Strong, Weak};

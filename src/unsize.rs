@@ -23,7 +23,7 @@ use crate::weak::Weak;
 /// a handle of an unsized type that `T` coerces to, taken from the context:
 /// the stable stand-in for `Arc<T>`'s implicit coercion to
 /// `Arc<dyn Trait>`. The handle's count passes to the new handle, which
-/// names the same object ([`Strong::ptr_eq`](crate::Strong::ptr_eq) holds).
+/// names the same object (the same data address).
 ///
 /// ```
 /// use weakrefs::{Strong, Weak};
