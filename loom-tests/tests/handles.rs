@@ -10,41 +10,11 @@
 
 #![cfg(weakrefs_loom)]
 
-use loom::cell::UnsafeCell;
 use loom::sync::atomic::{AtomicUsize, Ordering};
 use loom::sync::Arc;
 use loom::thread;
+use loom_tests::Payload;
 use weakrefs::Strong;
-
-struct Payload {
-    data: UnsafeCell<u64>,
-    drops: Arc<AtomicUsize>,
-}
-
-impl Payload {
-    fn new(drops: &Arc<AtomicUsize>) -> Self {
-        Payload {
-            data: UnsafeCell::new(7),
-            drops: drops.clone(),
-        }
-    }
-
-    /// A read of the value, as any user of a live handle makes.
-    fn read(&self) -> u64 {
-        // SAFETY: shared reads only; loom checks them against the write in
-        // `drop` and in `get_mut` users.
-        self.data.with(|p| unsafe { *p })
-    }
-}
-
-impl Drop for Payload {
-    fn drop(&mut self) {
-        // SAFETY: `drop` has the value to itself, if the handles are right;
-        // loom reports a concurrent read otherwise.
-        self.data.with_mut(|p| unsafe { *p = 0 });
-        self.drops.fetch_add(1, Ordering::SeqCst);
-    }
-}
 
 /// Model 1: `upgrade` racing the last `Strong` drop. An upgrade either fails
 /// or yields a handle whose value is intact; the value is dropped exactly
@@ -58,7 +28,7 @@ fn upgrade_races_last_strong_drop() {
         let upgrader = thread::spawn(move || {
             if let Some(revived) = weak.upgrade() {
                 assert_eq!(revived.read(), 7);
-                assert_eq!(revived.drops.load(Ordering::SeqCst), 0);
+                assert_eq!(revived.drops(), 0);
             }
             // A failed upgrade stays failed.
             weak.upgrade().map(|s| s.read())
@@ -135,8 +105,8 @@ fn get_mut_races_downgrade_of_another_strong() {
             weak.upgrade().map(|s| s.read())
         });
         if let Some(payload) = Strong::get_mut(&mut mine) {
-            // SAFETY: `get_mut` promised exclusivity; loom checks it.
-            payload.data.with_mut(|p| unsafe { *p = 8 });
+            // `get_mut` promised exclusivity; loom checks it.
+            payload.write(8);
         }
         let seen = worker.join().unwrap();
         assert_eq!(seen, Some(7));
@@ -160,8 +130,8 @@ fn get_mut_races_read_and_drop_of_another_strong() {
             value
         });
         if let Some(payload) = Strong::get_mut(&mut mine) {
-            // SAFETY: `get_mut` promised exclusivity; loom checks it.
-            payload.data.with_mut(|p| unsafe { *p = 8 });
+            // `get_mut` promised exclusivity; loom checks it.
+            payload.write(8);
         }
         assert_eq!(worker.join().unwrap(), 7);
     });
@@ -202,8 +172,8 @@ fn upgrade_sees_writes_made_through_get_mut() {
         let drops = Arc::new(AtomicUsize::new(0));
         let mut mine = Strong::new(Payload::new(&drops));
         let payload = Strong::get_mut(&mut mine).expect("sole handle");
-        // SAFETY: `get_mut` promised exclusivity; loom checks it.
-        payload.data.with_mut(|p| unsafe { *p = 9 });
+        // `get_mut` promised exclusivity; loom checks it.
+        payload.write(9);
         let weak = Strong::downgrade(&mine);
         let reader = thread::spawn(move || weak.upgrade().map(|s| s.read()));
         drop(mine);

@@ -8,57 +8,11 @@
 
 #![cfg(weakrefs_loom)]
 
-use loom::cell::UnsafeCell;
 use loom::sync::atomic::{AtomicUsize, Ordering};
 use loom::sync::Arc;
 use loom::thread;
+use loom_tests::Payload;
 use weakrefs::{Strong, Weak};
-
-/// A value whose reads and writes loom checks, and that counts its drops.
-struct Payload {
-    data: UnsafeCell<u64>,
-    drops: Arc<AtomicUsize>,
-}
-
-// SAFETY: the cell is written only through `&mut Payload` (or in `drop`),
-// which the handles hand out only to a unique owner; loom checks it.
-unsafe impl Sync for Payload {}
-
-impl Payload {
-    fn new(drops: &Arc<AtomicUsize>) -> Self {
-        Payload {
-            data: UnsafeCell::new(7),
-            drops: drops.clone(),
-        }
-    }
-
-    fn read(&self) -> u64 {
-        // SAFETY: a shared read; writers need `&mut Payload`.
-        self.data.with(|p| unsafe { *p })
-    }
-
-    fn write(&mut self, value: u64) {
-        // SAFETY: `&mut self` is unique.
-        self.data.with_mut(|p| unsafe { *p = value })
-    }
-}
-
-impl Clone for Payload {
-    fn clone(&self) -> Self {
-        Payload {
-            data: UnsafeCell::new(self.read()),
-            drops: self.drops.clone(),
-        }
-    }
-}
-
-impl Drop for Payload {
-    fn drop(&mut self) {
-        // SAFETY: `&mut self` is unique.
-        self.data.with_mut(|p| unsafe { *p = 0 });
-        self.drops.fetch_add(1, Ordering::SeqCst);
-    }
-}
 
 /// `make_mut` on one `Strong` while another thread downgrades its own
 /// `Strong`, drops it, clones the `Weak`, drops the original and upgrades

@@ -8,52 +8,19 @@
 
 #![cfg(weakrefs_loom)]
 
-use loom::cell::UnsafeCell;
 use loom::sync::atomic::{AtomicUsize, Ordering};
 use loom::sync::Arc;
 use loom::thread;
+use loom_tests::Payload;
 use weakrefs::{Strong, Weak};
 
 trait Reader: Send + Sync {
     fn read(&self) -> u64;
 }
 
-/// Over-aligned, so that the value sits past the header's end, at an
-/// offset only the vtable's alignment gives.
-#[repr(align(64))]
-struct Payload {
-    data: UnsafeCell<u64>,
-    drops: Arc<AtomicUsize>,
-}
-
-// SAFETY: the cell is touched only through loom's `with`/`with_mut`,
-// which report any access not ordered by the handles' synchronisation:
-// sharing it is what the models test.
-unsafe impl Sync for Payload {}
-
-impl Payload {
-    fn new(drops: &Arc<AtomicUsize>) -> Self {
-        Payload {
-            data: UnsafeCell::new(7),
-            drops: drops.clone(),
-        }
-    }
-}
-
 impl Reader for Payload {
     fn read(&self) -> u64 {
-        // SAFETY: shared reads only; loom checks them against the writes
-        // in `drop` and in `new_cyclic`'s closure.
-        self.data.with(|p| unsafe { *p })
-    }
-}
-
-impl Drop for Payload {
-    fn drop(&mut self) {
-        // SAFETY: `drop` has the value to itself, if the handles are right;
-        // loom reports a concurrent read otherwise.
-        self.data.with_mut(|p| unsafe { *p = 0 });
-        self.drops.fetch_add(1, Ordering::SeqCst);
+        Payload::read(self)
     }
 }
 
@@ -119,10 +86,10 @@ fn new_cyclic_weak_upgrades_racing_construction() {
         let strong = Strong::new_cyclic(|me: &Weak<Payload>| {
             let weak = me.clone();
             upgrader = Some(thread::spawn(move || weak.upgrade().map(|s| s.read())));
-            let payload = Payload::new(&drops);
-            // SAFETY: nothing else can reach the value before it is
-            // published; loom checks the upgrader's read against this.
-            payload.data.with_mut(|p| unsafe { *p = 9 });
+            let mut payload = Payload::new(&drops);
+            // Nothing else can reach the value before it is published;
+            // loom checks the upgrader's read against this.
+            payload.write(9);
             payload
         });
         let seen = upgrader.unwrap().join().unwrap();
