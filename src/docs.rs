@@ -147,10 +147,50 @@ pub mod from_arc {
     //! assert_eq!(notify_all("stop"), [2]);
     //! ```
     //!
-    //! A [`WeakSet<dyn Listener>`](crate::WeakSet), which would drop dead
-    //! listeners by itself, is not there yet: the collections hold sized
-    //! values for now (issue #16), so the registry above is a `Vec` of
-    //! `Weak`s, or a `WeakSet<Box<dyn Listener>>` in the meantime.
+    //! A [`WeakSet<dyn Listener>`](crate::WeakSet) is the same registry,
+    //! shared by threads and forgetting each listener by itself when it
+    //! dies:
+    //!
+    //! ```
+    //! use std::sync::atomic::{AtomicUsize, Ordering};
+    //! use weakrefs::{flush, Strong, WeakSet};
+    //!
+    //! trait Listener: Send + Sync {
+    //!     fn notify(&self, event: &str) -> usize;
+    //! }
+    //!
+    //! struct Counter(AtomicUsize);
+    //! impl Listener for Counter {
+    //!     fn notify(&self, _: &str) -> usize {
+    //!         self.0.fetch_add(1, Ordering::Relaxed) + 1
+    //!     }
+    //! }
+    //!
+    //! struct Logger;
+    //! impl Listener for Logger {
+    //!     fn notify(&self, event: &str) -> usize {
+    //!         event.len()
+    //!     }
+    //! }
+    //!
+    //! let registry: WeakSet<dyn Listener> = WeakSet::new();
+    //! let counter: Strong<dyn Listener> = weakrefs::unsize!(Strong::new(Counter(AtomicUsize::new(0))));
+    //! let logger: Strong<dyn Listener> = weakrefs::unsize!(Strong::new(Logger));
+    //! registry.insert(&counter);
+    //! registry.insert(&logger);
+    //! let mut heard: Vec<usize> = registry.iter().map(|l| l.notify("start")).collect();
+    //! heard.sort();
+    //! assert_eq!(heard, [1, 5]);
+    //!
+    //! drop(logger); // unsubscribes itself
+    //! flush();
+    //! assert_eq!(registry.len(), 1);
+    //! assert!(registry.contains(&counter));
+    //! ```
+    //!
+    //! `WeakKeyMap<dyn Trait, V>` and `WeakValueMap<K, dyn Trait>` (or
+    //! `str`, or `[T]`) work alike, except that the `get_or_insert_with`
+    //! family, whose `init` returns the value itself, needs a sized value.
     //!
     //! ## Deliberate differences from `Arc`
     //!

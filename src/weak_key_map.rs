@@ -23,20 +23,20 @@ use crate::weak::Weak;
 /// The value lives in the hook's node, the entry's one allocation: a
 /// rebuild moves the item (two pointers) and never the value, which
 /// readers may be borrowing (K1).
-struct Item<K, V> {
+struct Item<K: ?Sized, V> {
     key: Weak<K>,
     /// The death callback that removes this item (M4), holding the value;
     /// detached when the item is removed any other way (M5).
     hook: Hook<V>,
 }
 
-impl<K, V> Item<K, V> {
+impl<K: ?Sized, V> Item<K, V> {
     fn value(&self) -> &V {
         self.hook.payload()
     }
 }
 
-impl<K, V> Drop for Item<K, V> {
+impl<K: ?Sized, V> Drop for Item<K, V> {
     fn drop(&mut self) {
         // Removal paths detach eagerly; this covers the map being dropped.
         // After the key's death the callback is claimed and this is a
@@ -59,7 +59,7 @@ impl<K, V> Drop for Item<K, V> {
 // SAFETY: both fields are pointers (`Weak`, `Hook`), never written through
 // `&Item`, and a relocation moves the item whole (1, 2); its identity is as
 // just said (3).
-unsafe impl<K, V> Relocatable for Item<K, V> {
+unsafe impl<K: ?Sized, V> Relocatable for Item<K, V> {
     /// The value's destructor is user code; the rest is ours (a `Weak`
     /// never drops its object's value).
     const DROP_RUNS_USER_CODE: bool = std::mem::needs_drop::<V>();
@@ -83,7 +83,7 @@ unsafe impl<K, V> Relocatable for Item<K, V> {
 
 impl<K, V> Watching for Item<K, V>
 where
-    K: Send + Sync + 'static,
+    K: ?Sized + Send + Sync + 'static,
     V: Send + Sync + 'static,
 {
     type Target = K;
@@ -100,7 +100,7 @@ where
 }
 
 /// The shared core; death callbacks hold a `Weak` to it (M4).
-struct MapCore<K, V, S> {
+struct MapCore<K: ?Sized, V, S> {
     hasher: S,
     table: ShardedTable<Item<K, V>>,
     /// Loads in flight, per shard; locked after the shard's writer (K3).
@@ -109,7 +109,7 @@ struct MapCore<K, V, S> {
 
 impl<K, V, S> Collection<Item<K, V>> for MapCore<K, V, S>
 where
-    K: Send + Sync + 'static,
+    K: ?Sized + Send + Sync + 'static,
     V: Send + Sync + 'static,
     S: Send + Sync + 'static,
 {
@@ -189,6 +189,9 @@ where
 /// assert!(sessions.is_empty());
 /// ```
 ///
+/// Keys may be unsized objects (`WeakKeyMap<dyn Trait, V>`,
+/// `WeakKeyMap<str, V>`): a key is named by the [`Strong`] it lives in.
+///
 /// # Examples
 ///
 /// Per-connection state that disappears with the connection:
@@ -209,13 +212,13 @@ where
 /// flush();
 /// assert!(bytes_sent.is_empty());
 /// ```
-pub struct WeakKeyMap<K, V, S = RandomState> {
+pub struct WeakKeyMap<K: ?Sized, V, S = RandomState> {
     core: Strong<MapCore<K, V, S>>,
 }
 
 impl<K, V> WeakKeyMap<K, V, RandomState>
 where
-    K: Send + Sync + 'static,
+    K: ?Sized + Send + Sync + 'static,
     V: Send + Sync + 'static,
 {
     /// An empty map.
@@ -242,7 +245,7 @@ where
 
 impl<K, V, S> WeakKeyMap<K, V, S>
 where
-    K: Send + Sync + 'static,
+    K: ?Sized + Send + Sync + 'static,
     V: Send + Sync + 'static,
     S: BuildHasher + Send + Sync + 'static,
 {
@@ -773,7 +776,7 @@ where
 
 impl<K, V, S> Default for WeakKeyMap<K, V, S>
 where
-    K: Send + Sync + 'static,
+    K: ?Sized + Send + Sync + 'static,
     V: Send + Sync + 'static,
     S: BuildHasher + Default + Send + Sync + 'static,
 {
@@ -782,7 +785,7 @@ where
     }
 }
 
-impl<K, V, S> fmt::Debug for WeakKeyMap<K, V, S> {
+impl<K: ?Sized, V, S> fmt::Debug for WeakKeyMap<K, V, S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WeakKeyMap")
             .field("len", &self.core.table.len())
@@ -810,7 +813,7 @@ impl<K, V, S> fmt::Debug for WeakKeyMap<K, V, S> {
 #[cfg_attr(docsrs, doc(cfg(feature = "rayon")))]
 impl<'a, K, V, S> rayon::iter::IntoParallelIterator for &'a WeakKeyMap<K, V, S>
 where
-    K: Send + Sync + 'static,
+    K: ?Sized + Send + Sync + 'static,
     V: Clone + Send + Sync + 'static,
     S: BuildHasher + Send + Sync + 'static,
 {

@@ -11,7 +11,7 @@ use crate::strong::Strong;
 use crate::weak::Weak;
 
 /// One member: immutable once published (SAFETY.md, section 7).
-struct Member<T> {
+struct Member<T: ?Sized> {
     object: Weak<T>,
     /// The death callback that removes this member (M4); detached when it
     /// is removed any other way (M5).
@@ -25,7 +25,7 @@ struct Member<T> {
 // SAFETY: both fields are pointers, so nothing writes a member's own bytes
 // through `&Member`, and a relocation moves it whole (1, 2); its identity
 // is as just said (3).
-unsafe impl<T> Relocatable for Member<T> {
+unsafe impl<T: ?Sized> Relocatable for Member<T> {
     /// A `Weak` and a `Hook`: no user code (a `Weak` never drops its
     /// object's value).
     const DROP_RUNS_USER_CODE: bool = false;
@@ -47,7 +47,7 @@ unsafe impl<T> Relocatable for Member<T> {
     unsafe fn take_left_behind(_: *const Self) {}
 }
 
-impl<T: Send + Sync + 'static> Watching for Member<T> {
+impl<T: ?Sized + Send + Sync + 'static> Watching for Member<T> {
     type Target = T;
 
     fn watched(&self) -> &Weak<T> {
@@ -61,7 +61,7 @@ impl<T: Send + Sync + 'static> Watching for Member<T> {
     }
 }
 
-impl<T> Drop for Member<T> {
+impl<T: ?Sized> Drop for Member<T> {
     fn drop(&mut self) {
         // Removal paths detach eagerly; this covers the set being dropped.
         self.hook.detach();
@@ -69,12 +69,14 @@ impl<T> Drop for Member<T> {
 }
 
 /// The shared core; removal callbacks hold a `Weak` to it (M4).
-struct SetCore<T, S> {
+struct SetCore<T: ?Sized, S> {
     hasher: S,
     table: ShardedTable<Member<T>>,
 }
 
-impl<T: Send + Sync + 'static, S: Send + Sync + 'static> Collection<Member<T>> for SetCore<T, S> {
+impl<T: ?Sized + Send + Sync + 'static, S: Send + Sync + 'static> Collection<Member<T>>
+    for SetCore<T, S>
+{
     fn table(&self) -> &ShardedTable<Member<T>> {
         &self.table
     }
@@ -92,6 +94,10 @@ impl<T: Send + Sync + 'static, S: Send + Sync + 'static> Collection<Member<T>> f
 /// take no lock and never block; writes lock one shard at a time. The
 /// removal of a dead member runs as a death callback, so
 /// [`len`](Self::len) is exact after [`flush`](crate::flush).
+///
+/// Members may be unsized: a `WeakSet<dyn Listener>` holds listeners of
+/// mixed types, each as the `Strong<dyn Listener>` it lives in (see
+/// [`unsize!`](crate::unsize)).
 ///
 /// # Examples
 ///
@@ -112,11 +118,11 @@ impl<T: Send + Sync + 'static, S: Send + Sync + 'static> Collection<Member<T>> f
 /// let names: Vec<_> = listeners.iter().map(|l| l.to_string()).collect();
 /// assert_eq!(names, ["listener a"]);
 /// ```
-pub struct WeakSet<T, S = RandomState> {
+pub struct WeakSet<T: ?Sized, S = RandomState> {
     core: Strong<SetCore<T, S>>,
 }
 
-impl<T: Send + Sync + 'static> WeakSet<T, RandomState> {
+impl<T: ?Sized + Send + Sync + 'static> WeakSet<T, RandomState> {
     /// An empty set.
     ///
     /// ```
@@ -141,7 +147,7 @@ impl<T: Send + Sync + 'static> WeakSet<T, RandomState> {
 
 impl<T, S> WeakSet<T, S>
 where
-    T: Send + Sync + 'static,
+    T: ?Sized + Send + Sync + 'static,
     S: BuildHasher + Send + Sync + 'static,
 {
     /// An empty set that hashes member addresses with `hasher`.
@@ -363,7 +369,7 @@ where
 
 impl<T, S> Default for WeakSet<T, S>
 where
-    T: Send + Sync + 'static,
+    T: ?Sized + Send + Sync + 'static,
     S: BuildHasher + Default + Send + Sync + 'static,
 {
     fn default() -> Self {
@@ -371,7 +377,7 @@ where
     }
 }
 
-impl<T, S> fmt::Debug for WeakSet<T, S> {
+impl<T: ?Sized, S> fmt::Debug for WeakSet<T, S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WeakSet")
             .field("len", &self.core.table.len())
@@ -397,7 +403,7 @@ impl<T, S> fmt::Debug for WeakSet<T, S> {
 #[cfg_attr(docsrs, doc(cfg(feature = "rayon")))]
 impl<'a, T, S> rayon::iter::IntoParallelIterator for &'a WeakSet<T, S>
 where
-    T: Send + Sync + 'static,
+    T: ?Sized + Send + Sync + 'static,
     S: BuildHasher + Send + Sync + 'static,
 {
     type Item = Strong<T>;

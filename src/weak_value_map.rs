@@ -23,7 +23,7 @@ use crate::weak::Weak;
 /// value's pointer from the slot, then the value's control block. A
 /// rebuild clones the key into the new table rather than copying its bytes,
 /// which readers' `Eq` may be writing through `&K` (SAFETY.md, M3).
-struct Item<K, V> {
+struct Item<K, V: ?Sized> {
     key: K,
     value: Weak<V>,
     /// The death callback that removes this item (M4); detached when the
@@ -32,7 +32,7 @@ struct Item<K, V> {
     hook: Hook,
 }
 
-impl<K, V> Item<K, V> {
+impl<K, V: ?Sized> Item<K, V> {
     fn key(&self) -> &K {
         &self.key
     }
@@ -52,7 +52,7 @@ impl<K, V> Item<K, V> {
 // SAFETY: only the `Weak` and the `Hook`, pointers never written
 // through `&Item`, are copied bitwise (1); the key as just said (2); the
 // identity as said above (3).
-unsafe impl<K: Clone + Send + 'static, V> Relocatable for Item<K, V> {
+unsafe impl<K: Clone + Send + 'static, V: ?Sized> Relocatable for Item<K, V> {
     /// The key's destructor is user code; the rest (`Weak`, `Hook`)
     /// is ours.
     const DROP_RUNS_USER_CODE: bool = std::mem::needs_drop::<K>();
@@ -86,7 +86,7 @@ unsafe impl<K: Clone + Send + 'static, V> Relocatable for Item<K, V> {
 impl<K, V> Watching for Item<K, V>
 where
     K: Clone + Send + Sync + 'static,
-    V: Send + Sync + 'static,
+    V: ?Sized + Send + Sync + 'static,
 {
     type Target = V;
 
@@ -101,7 +101,7 @@ where
     }
 }
 
-impl<K, V> Drop for Item<K, V> {
+impl<K, V: ?Sized> Drop for Item<K, V> {
     fn drop(&mut self) {
         // Removal paths detach eagerly; this covers the map being dropped.
         // After the value's death the callback is claimed and this is a
@@ -221,7 +221,7 @@ impl Drop for LoadCount<'_> {
 
 /// The shared core; death callbacks hold a `Weak` to it, so they never keep
 /// a map alive, and do nothing once it is gone (M4).
-struct MapCore<K, V, S> {
+struct MapCore<K, V: ?Sized, S> {
     hasher: S,
     table: ShardedTable<Item<K, V>>,
     /// Loads in flight, per shard; locked after the shard's writer.
@@ -237,7 +237,7 @@ struct MapCore<K, V, S> {
 impl<K, V, S> Collection<Item<K, V>> for MapCore<K, V, S>
 where
     K: Clone + Send + Sync + 'static,
-    V: Send + Sync + 'static,
+    V: ?Sized + Send + Sync + 'static,
     S: Send + Sync + 'static,
 {
     fn table(&self) -> &ShardedTable<Item<K, V>> {
@@ -257,7 +257,7 @@ where
     }
 }
 
-impl<K: Clone, V, S> MapCore<K, V, S> {
+impl<K: Clone, V: ?Sized, S> MapCore<K, V, S> {
     /// Lets the tier forget an entry leaving the map under the caller's
     /// shard lock; what it held is for the caller to drop after the unlock.
     fn forget(&self, item: &Item<K, V>) -> Option<Strong<V>> {
@@ -317,6 +317,11 @@ impl<K: Clone, V, S> MapCore<K, V, S> {
 /// that named the dead value: a newer value inserted under the same key
 /// survives it.
 ///
+/// Values may be unsized (`WeakValueMap<K, str>`, `<K, [u8]>`,
+/// `<K, dyn Trait>`), inserted as the [`Strong`] they live in; the
+/// `get_or_insert_with` family, whose `init` returns the value itself,
+/// needs a sized one.
+///
 /// # Examples
 ///
 /// A cache of decoded images shared by worker threads; each image lives as
@@ -335,14 +340,14 @@ impl<K: Clone, V, S> MapCore<K, V, S> {
 /// assert!(cache.get("logo.png").is_none());
 /// assert_eq!(cache.len(), 0);
 /// ```
-pub struct WeakValueMap<K, V, S = RandomState> {
+pub struct WeakValueMap<K, V: ?Sized, S = RandomState> {
     core: Strong<MapCore<K, V, S>>,
 }
 
 impl<K, V> WeakValueMap<K, V, RandomState>
 where
     K: Hash + Eq + Clone + Send + Sync + 'static,
-    V: Send + Sync + 'static,
+    V: ?Sized + Send + Sync + 'static,
 {
     /// An empty map.
     ///
@@ -400,7 +405,7 @@ where
 }
 
 /// Builds a [`WeakValueMap`] (see [`WeakValueMap::builder`]).
-pub struct WeakValueMapBuilder<K, V, S = RandomState> {
+pub struct WeakValueMapBuilder<K, V: ?Sized, S = RandomState> {
     capacity: usize,
     keep_recent: usize,
     hasher: S,
@@ -411,7 +416,7 @@ pub struct WeakValueMapBuilder<K, V, S = RandomState> {
 impl<K, V, S> WeakValueMapBuilder<K, V, S>
 where
     K: Hash + Eq + Clone + Send + Sync + 'static,
-    V: Send + Sync + 'static,
+    V: ?Sized + Send + Sync + 'static,
     S: BuildHasher + Send + Sync + 'static,
 {
     /// Room for about `n` entries before any shard grows (0 by default).
@@ -533,7 +538,7 @@ where
     }
 }
 
-impl<K, V, S> fmt::Debug for WeakValueMapBuilder<K, V, S> {
+impl<K, V: ?Sized, S> fmt::Debug for WeakValueMapBuilder<K, V, S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("WeakValueMapBuilder")
             .field("capacity", &self.capacity)
@@ -546,7 +551,7 @@ impl<K, V, S> fmt::Debug for WeakValueMapBuilder<K, V, S> {
 impl<K, V, S> WeakValueMap<K, V, S>
 where
     K: Hash + Eq + Clone + Send + Sync + 'static,
-    V: Send + Sync + 'static,
+    V: ?Sized + Send + Sync + 'static,
     S: BuildHasher + Send + Sync + 'static,
 {
     /// An empty map that hashes keys with `hasher`.
@@ -977,7 +982,10 @@ where
     /// let same = templates.get_or_insert_with("page", || unreachable!());
     /// assert!(Strong::ptr_eq(&page, &same));
     /// ```
-    pub fn get_or_insert_with<F: FnOnce() -> V>(&self, key: K, init: F) -> Strong<V> {
+    pub fn get_or_insert_with<F: FnOnce() -> V>(&self, key: K, init: F) -> Strong<V>
+    where
+        V: Sized,
+    {
         match self.try_get_or_insert_with(key, || Ok::<V, std::convert::Infallible>(init())) {
             Ok(value) => value,
             Err(never) => match never {},
@@ -1000,6 +1008,7 @@ where
     /// ```
     pub fn try_get_or_insert_with<E, F>(&self, key: K, init: F) -> Result<Strong<V>, E>
     where
+        V: Sized,
         F: FnOnce() -> Result<V, E>,
     {
         let hash = self.hash(&key);
@@ -1071,6 +1080,7 @@ where
     /// ```
     pub async fn get_or_insert_with_async<F, Fut>(&self, key: K, init: F) -> Strong<V>
     where
+        V: Sized,
         F: FnOnce() -> Fut,
         Fut: Future<Output = V>,
     {
@@ -1106,6 +1116,7 @@ where
         init: F,
     ) -> Result<Strong<V>, E>
     where
+        V: Sized,
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<V, E>>,
     {
@@ -1471,7 +1482,7 @@ where
 impl<K, V, S> Default for WeakValueMap<K, V, S>
 where
     K: Hash + Eq + Clone + Send + Sync + 'static,
-    V: Send + Sync + 'static,
+    V: ?Sized + Send + Sync + 'static,
     S: BuildHasher + Default + Send + Sync + 'static,
 {
     fn default() -> Self {
@@ -1479,7 +1490,7 @@ where
     }
 }
 
-impl<K, V, S> fmt::Debug for WeakValueMap<K, V, S> {
+impl<K, V: ?Sized, S> fmt::Debug for WeakValueMap<K, V, S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut map = f.debug_struct("WeakValueMap");
         map.field("len", &self.core.table.len());
@@ -1512,7 +1523,7 @@ impl<K, V, S> fmt::Debug for WeakValueMap<K, V, S> {
 impl<'a, K, V, S> rayon::iter::IntoParallelIterator for &'a WeakValueMap<K, V, S>
 where
     K: Hash + Eq + Clone + Send + Sync + 'static,
-    V: Send + Sync + 'static,
+    V: ?Sized + Send + Sync + 'static,
     S: BuildHasher + Send + Sync + 'static,
 {
     type Item = (K, Strong<V>);

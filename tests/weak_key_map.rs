@@ -522,3 +522,36 @@ fn a_long_cascade_never_nests() {
     }
     assert!(map.is_empty(), "{} links left", map.len());
 }
+
+/// Keys of unsized types: trait objects and `str`, by identity.
+trait Shape: Send + Sync {
+    fn sides(&self) -> u32;
+}
+
+struct Square;
+
+impl Shape for Square {
+    fn sides(&self) -> u32 {
+        4
+    }
+}
+
+#[test]
+fn keys_may_be_trait_objects_and_strs() {
+    let areas: WeakKeyMap<dyn Shape, u32> = WeakKeyMap::new();
+    let square: Strong<dyn Shape> = weakrefs::unsize!(Strong::new(Square));
+    let other: Strong<dyn Shape> = weakrefs::unsize!(Strong::new(Square));
+    assert!(!areas.insert(&square, 16));
+    assert_eq!(areas.get(&square), Some(16));
+    assert_eq!(areas.get(&other), None, "another object");
+    assert_eq!(areas.with(&square, |a| a * square.sides()), Some(64));
+    drop(square);
+    weakrefs::flush();
+    assert!(areas.is_empty());
+
+    let notes: WeakKeyMap<str, &str> = WeakKeyMap::new();
+    let name: Strong<str> = Strong::from("request 7");
+    notes.insert(&name, "slow");
+    assert_eq!(notes.get(&name), Some("slow"));
+    assert_eq!(notes.iter().map(|(k, _)| k.len()).sum::<usize>(), 9);
+}

@@ -275,3 +275,63 @@ fn the_set_is_send_sync_default_and_debug() {
     let set: WeakSet<String> = WeakSet::default();
     assert_eq!(format!("{set:?}"), "WeakSet { len: 0, .. }");
 }
+
+/// An observer registry of mixed listener types: `WeakSet<dyn Trait>`.
+trait Listener: Send + Sync {
+    fn notify(&self) -> usize;
+}
+
+struct Counting(Arc<AtomicUsize>);
+
+impl Listener for Counting {
+    fn notify(&self) -> usize {
+        self.0.fetch_add(1, Ordering::SeqCst) + 1
+    }
+}
+
+#[repr(align(64))]
+struct Wide([u64; 9]);
+
+impl Listener for Wide {
+    fn notify(&self) -> usize {
+        self.0.len()
+    }
+}
+
+#[test]
+fn a_set_of_trait_objects_holds_mixed_types_by_identity() {
+    let set: WeakSet<dyn Listener> = WeakSet::new();
+    let heard = Arc::new(AtomicUsize::new(0));
+    let counting: Strong<dyn Listener> = weakrefs::unsize!(Strong::new(Counting(heard.clone())));
+    let wide: Strong<dyn Listener> = weakrefs::unsize!(Strong::new(Wide([0; 9])));
+    let again = counting.clone();
+    assert!(set.insert(&counting));
+    assert!(!set.insert(&again), "one object, one member");
+    assert!(set.insert(&wide));
+    let mut answers: Vec<usize> = set.iter().map(|l| l.notify()).collect();
+    answers.sort();
+    assert_eq!(answers, [1, 9]);
+    drop((counting, again));
+    flush();
+    assert_eq!(set.len(), 1);
+    assert!(set.contains(&wide));
+    assert!(set.remove(&wide));
+    assert!(set.is_empty());
+}
+
+#[test]
+fn a_set_of_strs_and_slices() {
+    let names: WeakSet<str> = WeakSet::new();
+    let a: Strong<str> = Strong::from("alpha");
+    let b: Strong<str> = Strong::from(String::from("alpha"));
+    assert!(names.insert(&a));
+    assert!(names.insert(&b), "equal text, another object");
+    assert_eq!(names.len(), 2);
+    drop(a);
+    flush();
+    assert_eq!(names.iter().map(|s| s.len()).sum::<usize>(), 5);
+    let bytes: WeakSet<[u8]> = WeakSet::new();
+    let blob: Strong<[u8]> = Strong::from(vec![1u8, 2, 3]);
+    bytes.insert(&blob);
+    assert_eq!(&*bytes.iter().next().unwrap(), &[1, 2, 3]);
+}

@@ -1504,3 +1504,42 @@ fn an_entry_that_leaves_the_map_leaves_the_tier() {
     assert_eq!(map.len(), 1);
     assert_eq!(map.get(&2).map(|v| v.id), Some(20));
 }
+
+/// Values of unsized types: templates as `str`, blobs as `[u8]`, services
+/// as trait objects.
+trait Render: Send + Sync {
+    fn render(&self) -> String;
+}
+
+struct Title(&'static str);
+
+impl Render for Title {
+    fn render(&self) -> String {
+        format!("<h1>{}</h1>", self.0)
+    }
+}
+
+#[test]
+fn values_may_be_strs_slices_and_trait_objects() {
+    let templates: WeakValueMap<&str, str> = WeakValueMap::new();
+    let page: Strong<str> = Strong::from("<p>{{body}}</p>");
+    templates.insert("page", &page);
+    assert_eq!(templates.get("page").as_deref(), Some("<p>{{body}}</p>"));
+
+    let blobs: WeakValueMap<u32, [u8]> = WeakValueMap::builder().keep_recent(1).build();
+    blobs.insert(1, &Strong::from(vec![1u8, 2, 3]));
+    // Only the keep-warm tier holds it now.
+    assert_eq!(blobs.get(&1).as_deref(), Some(&[1u8, 2, 3][..]));
+
+    let services: WeakValueMap<String, dyn Render> = WeakValueMap::new();
+    let title: Strong<dyn Render> = weakrefs::unsize!(Strong::new(Title("home")));
+    services.insert("title".to_string(), &title);
+    assert_eq!(services.get("title").unwrap().render(), "<h1>home</h1>");
+    drop(title);
+    flush();
+    assert!(services.is_empty());
+    drop(page);
+    flush();
+    assert!(templates.is_empty());
+    assert_eq!(blobs.len(), 1);
+}

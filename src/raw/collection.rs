@@ -10,7 +10,7 @@ use crate::weak::Weak;
 /// An entry that watches one object weakly and goes when it dies.
 pub(crate) trait Watching: Relocatable + Send + Sync + 'static {
     /// The type of the watched object.
-    type Target: Send + Sync + 'static;
+    type Target: ?Sized + Send + Sync + 'static;
 
     /// The watched object.
     fn watched(&self) -> &Weak<Self::Target>;

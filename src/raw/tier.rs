@@ -43,7 +43,7 @@ struct Position {
 }
 
 /// What the mutex guards.
-struct Ring<V> {
+struct Ring<V: ?Sized> {
     /// The value each position holds.
     values: Box<[Option<Strong<V>>]>,
     /// The position of each entry held, by identity.
@@ -55,7 +55,7 @@ struct Ring<V> {
 }
 
 /// The keep-warm tier; see the module docs.
-pub(crate) struct Tier<V> {
+pub(crate) struct Tier<V: ?Sized> {
     positions: Box<[Position]>,
     /// No position is free: an admission now evicts. Written under the
     /// mutex, read by hits as a hint.
@@ -70,7 +70,7 @@ pub(crate) struct Tier<V> {
 /// put in front of their queues).
 const FOUND_ADMITS_ONE_IN: u32 = 8;
 
-impl<V> Tier<V> {
+impl<V: ?Sized> Tier<V> {
     /// A tier of `capacity` positions (at least one; at most `u32::MAX - 1`).
     pub(crate) fn new(capacity: usize) -> Self {
         let capacity = capacity.clamp(1, u32::MAX as usize - 1);
