@@ -4,7 +4,7 @@
 //! `--cfg weakrefs_loom --cfg crossbeam_loom` (see `.ci/loom`). In an
 //! ordinary build this crate is empty.
 //!
-//! What the models share lives here: [`Payload`], a value whose reads and
+//! What the models share lives here: `Payload`, a value whose reads and
 //! writes loom checks.
 
 #[cfg(weakrefs_loom)]
