@@ -2,6 +2,9 @@
 //! reference-counted pointers, so `ArcSwapAny<Strong<T>>` (a hot-swappable
 //! slot of the current config, template set, ...) and
 //! `ArcSwapAny<Weak<T>>` work as they do with `Arc` and `std::sync::Weak`.
+//! For sized `T` only, as with `Arc`: arc-swap keeps a thin pointer
+//! (`RefCnt::Base` must be sized), which cannot carry an unsized value's
+//! metadata.
 //!
 //! ```
 //! use arc_swap::ArcSwapAny;
@@ -26,6 +29,7 @@ use crate::weak::Weak;
 // when they name the same object (zero-sized values included: the value
 // sits after the counts), and moving a handle never changes it. `Weak`
 // shares those addresses with another count, hence its own `TAG`.
+#[cfg_attr(docsrs, doc(cfg(feature = "arc-swap")))]
 // SAFETY: as just argued; nothing here panics (SAFETY.md, section 4).
 unsafe impl<T> RefCnt for Strong<T> {
     type Base = T;
@@ -53,6 +57,7 @@ unsafe impl<T> RefCnt for Strong<T> {
 // the value's address is at least 8-aligned (it follows the header's
 // words), so bit 0 is free. `Weak::new()` handles, which name no object,
 // map to null, which owns no count, as arc-swap's own `Weak` impl does.
+#[cfg_attr(docsrs, doc(cfg(feature = "arc-swap")))]
 // SAFETY: as just argued; nothing here panics (SAFETY.md, section 4).
 unsafe impl<T> RefCnt for Weak<T> {
     type Base = T;
