@@ -809,12 +809,16 @@ where
         Q: Hash + Eq + ?Sized,
     {
         let hash = self.hash(key);
+        // Declared before the writer, so that if `f` panics the unwinding
+        // unlocks first and drops the value after: it may be the last
+        // handle, whose destructor may use this map.
+        let live: Strong<V>;
         let mut writer = self.core.table.write(hash);
         let found = writer
             .candidates(hash)
             .find(|item| item.key().borrow() == key)?;
         let identity = found.identity();
-        let live = found.value.upgrade()?;
+        live = found.value.upgrade()?;
         if !f(found.key(), &live) {
             drop(writer);
             // After the unlock: it may be the last handle.

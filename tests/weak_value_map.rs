@@ -1543,3 +1543,46 @@ fn values_may_be_strs_slices_and_trait_objects() {
     assert!(templates.is_empty());
     assert_eq!(blobs.len(), 1);
 }
+
+/// A value whose destructor writes to the map that held it.
+struct Rewrites {
+    map: &'static WeakValueMap<u32, Rewrites, OneBucket>,
+    rewrite: bool,
+}
+
+static REWROTE: AtomicUsize = AtomicUsize::new(0);
+
+impl Drop for Rewrites {
+    fn drop(&mut self) {
+        if self.rewrite {
+            let fresh = Strong::new(Rewrites {
+                map: self.map,
+                rewrite: false,
+            });
+            // Needs the map's only shard's lock.
+            self.map.insert(99, &fresh);
+            REWROTE.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+#[test]
+fn a_panicking_remove_if_drops_the_last_handle_after_unlocking() {
+    static MAP: std::sync::OnceLock<WeakValueMap<u32, Rewrites, OneBucket>> =
+        std::sync::OnceLock::new();
+    let finished = within_deadlock_limit("remove_if dropped a value under its lock", || {
+        let map = MAP.get_or_init(|| WeakValueMap::with_hasher(OneBucket));
+        let slot = std::sync::Mutex::new(Some(Strong::new(Rewrites { map, rewrite: true })));
+        map.insert(1, slot.lock().unwrap().as_ref().unwrap());
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            map.remove_if(&1, |_, _| {
+                // The caller's own handle goes: `remove_if`'s is the last.
+                drop(slot.lock().unwrap().take());
+                panic!("invalidation check failure (expected by this test)")
+            })
+        }));
+        assert!(outcome.is_err());
+        REWROTE.load(Ordering::SeqCst) == 1
+    });
+    assert!(finished);
+}
