@@ -666,7 +666,7 @@ fn memory_sections(
             "\n**What explains it.** Each entry of this crate's map is a 32-byte slot (tag, \
              key, the value's `Weak`, the entry's callback handle) in a table kept at most 3/4 \
              full, plus one allocation: the death callback registered on its value (the node \
-             that removes the entry when the value dies, 72 bytes). `DashMap`, `HashMap` and \
+             that removes the entry when the value dies, 40 bytes). `DashMap`, `HashMap` and \
              `scc` keep the key and the `Weak` inline in their buckets, papaya allocates one \
              entry per key, and none registers anything: they find out about dead values only \
              when someone looks.\n"
