@@ -191,10 +191,11 @@ impl<T: ?Sized> ControlBlock<T> {
         let value_layout = Layout::for_value::<T>(&boxed);
         let value = Box::into_raw(boxed);
         let block = with_metadata_of(allocate_raw(value_layout, 1), value as *mut Self);
-        // SAFETY: `value` is readable for `value_layout.size()` bytes (the
+        // `value` is readable for `value_layout.size()` bytes (the
         // box owned them) and the block's value field is writable for as
         // many (it was allocated for `value_layout`); they are different
         // allocations, so they do not overlap.
+        // SAFETY: as just said.
         unsafe {
             ptr::copy_nonoverlapping(
                 value.cast::<u8>(),
@@ -221,10 +222,11 @@ impl<T: ?Sized> ControlBlock<T> {
     ///    reference to it.
     #[inline(always)]
     pub(crate) unsafe fn header<'a>(this: NonNull<Self>) -> &'a Header {
-        // SAFETY: precondition 1 keeps the allocation live for as long as
+        // Precondition 1 keeps the allocation live for as long as
         // the caller's reference, which bounds 'a. `&raw const` projects to
         // the header field alone (offset 0: it reads no metadata), so no
         // reference covers the value (I4).
+        // SAFETY: as just said.
         unsafe { &*ptr::addr_of!((*this.as_ptr()).header) }
     }
 

@@ -467,10 +467,11 @@ impl<T> Strong<T> {
             // mutate in place.
             this.header().publish_first_strong();
         }
-        // SAFETY: `this` is now the only handle to its object, strong or
+        // `this` is now the only handle to its object, strong or
         // weak (a fresh object, or one whose weak count was 1 and strong 0
         // until we set it back: nothing could clone or downgrade it), and
         // `&mut this` keeps it so while the borrow lives.
+        // SAFETY: as just said.
         unsafe { &mut *ControlBlock::value_ptr(this.block) }
     }
 }
@@ -596,11 +597,12 @@ impl<T> From<Vec<T>> for Strong<[T]> {
     fn from(mut vec: Vec<T>) -> Self {
         let len = vec.len();
         let block = ControlBlock::<[T]>::allocate_slice(len);
-        // SAFETY: the vector's first `len` elements are initialised; the
+        // The vector's first `len` elements are initialised; the
         // block's value is `len` uninitialised elements in another
         // allocation. After the copy the block owns them: `set_len(0)`
         // keeps the vector from dropping them too, and its drop only frees
         // its buffer.
+        // SAFETY: as just said.
         unsafe {
             ptr::copy_nonoverlapping(
                 vec.as_ptr(),

@@ -42,11 +42,12 @@ impl<K: ?Sized, V> Drop for Item<K, V> {
         // After the key's death the callback is claimed and this is a
         // no-op.
         self.hook.detach();
-        // SAFETY: an item is dropped whole once (M3: a relocated original
+        // An item is dropped whole once (M3: a relocated original
         // never is), after every reader that could borrow its value has
         // unpinned (K1), or with the map (`&mut`), or unpublished; no other
         // handle to the hook reads the payload (the posted removal only
         // names it).
+        // SAFETY: as just said.
         unsafe { self.hook.drop_payload() };
     }
 }

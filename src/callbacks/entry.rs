@@ -241,10 +241,11 @@ impl Entry {
     ///    provenance of the whole node (a list link, a queue link or an
     ///    `EntryRef`'s pointer).
     unsafe fn listed<'a>(entry: *mut Entry) -> &'a Listed {
-        // SAFETY: by 1 the node is alive while the caller's reference or
+        // By 1 the node is alive while the caller's reference or
         // link is, and, checked here in every build since a hook is
         // smaller, starts with a `Listed` (`repr(C)`); the `&Listed`
         // covers header and links only, never the closure.
+        // SAFETY: as just said.
         unsafe {
             assert_eq!((*entry).kind, LISTED, "a hook has no registry link");
             &*entry.cast::<Listed>()
@@ -518,10 +519,11 @@ impl<P> Hook<P> {
             .0
             .as_ptr()
             .cast::<Prefix<Entry, ManuallyDrop<P>>>();
-        // SAFETY: a hook is a `Node<Entry, ManuallyDrop<P>, _>` (`new_hook`,
+        // A hook is a `Node<Entry, ManuallyDrop<P>, _>` (`new_hook`,
         // and `P` is ours by type), whose first two fields sit where
         // `Prefix`'s do; `addr_of_mut!` projects without reading, inside
         // the live node (our reference).
+        // SAFETY: as just said.
         unsafe { ptr::addr_of_mut!((*prefix).payload).cast::<P>() }
     }
 
