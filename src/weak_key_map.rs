@@ -271,7 +271,7 @@ where
     /// assert!(map.is_empty());
     /// ```
     pub fn with_capacity_and_hasher(capacity: usize, hasher: S) -> Self {
-        let table = ShardedTable::with_capacity(capacity);
+        let table = ShardedTable::with_capacity(capacity, false);
         let loads = Flights::new(table.shard_len());
         WeakKeyMap {
             core: Strong::new(MapCore {
@@ -284,6 +284,11 @@ where
 
     fn hash(&self, key: &Strong<K>) -> u64 {
         self.core.hasher.hash_one(Strong::identity(key))
+    }
+
+    /// An item's hash, as `hash` computed it for its key.
+    fn rehash(&self, item: &Item<K, V>) -> u64 {
+        self.core.hasher.hash_one(item.key.identity())
     }
 
     /// Makes the item for `value` under `key`, registering the death
@@ -312,7 +317,12 @@ where
         let hash = self.hash(key);
         let item = self.new_item(hash, key, value);
         let mut writer = self.core.table.write(hash);
-        let Some(replaced) = writer.upsert(hash, item, |old, _| old.key.names(key)) else {
+        let Some(replaced) = writer.upsert(
+            hash,
+            item,
+            |old, _| old.key.names(key),
+            |item| self.rehash(item),
+        ) else {
             return false;
         };
         // Detached once the replacement is published (M5).
@@ -632,7 +642,7 @@ where
         let Some(existing) = existing else {
             let item = self.new_item(hash, key, value);
             // Never replaces: no entry under the key (checked above).
-            writer.upsert(hash, item, |_, _| false);
+            writer.upsert(hash, item, |_, _| false, |item| self.rehash(item));
             drop(writer);
             settle.outcome = Some(shared);
             drop(settle);
@@ -739,7 +749,12 @@ where
     /// assert_eq!(map.len(), 2);
     /// ```
     pub fn retain<F: FnMut(&K, &V) -> bool>(&self, mut f: F) {
-        collection::retain_live(&self.core.table, |item, key| f(key, item.value()), |_| {});
+        collection::retain_live(
+            &self.core.table,
+            |item| self.rehash(item),
+            |item, key| f(key, item.value()),
+            |_| {},
+        );
     }
 
     /// Removes every entry.
@@ -754,7 +769,12 @@ where
     /// assert!(map.is_empty());
     /// ```
     pub fn clear(&self) {
-        collection::clear(&self.core.table, |_| None::<()>, |()| {});
+        collection::clear(
+            &self.core.table,
+            |item| self.rehash(item),
+            |_| None::<()>,
+            |()| {},
+        );
     }
 
     /// Removes the entries whose keys are dead now, without waiting for
@@ -771,7 +791,12 @@ where
     /// assert!(map.is_empty());
     /// ```
     pub fn purge(&self) -> usize {
-        collection::purge(&self.core.table, |_| None::<()>, |()| {})
+        collection::purge(
+            &self.core.table,
+            |item| self.rehash(item),
+            |_| None::<()>,
+            |()| {},
+        )
     }
 }
 

@@ -19,7 +19,7 @@ use crate::strong::Strong;
 use crate::sync::AtomicU32;
 use crate::weak::Weak;
 
-/// One entry, inline in its slot: a lookup reads the tag, the key and the
+/// One entry, inline in its slot: a lookup reads its control byte, the key and the
 /// value's pointer from the slot, then the value's control block. A
 /// rebuild clones the key into the new table rather than copying its bytes,
 /// which readers' `Eq` may be writing through `&K` (SAFETY.md, M3).
@@ -585,7 +585,8 @@ where
         listener: Option<Listener<K>>,
         keep_recent: usize,
     ) -> Self {
-        let table = ShardedTable::with_capacity(capacity);
+        // A mark per slot for the keep-warm tier's positions (M13).
+        let table = ShardedTable::with_capacity(capacity, keep_recent > 0);
         let loads = Flights::new(table.shard_len());
         WeakValueMap {
             core: Strong::new(MapCore {
@@ -653,7 +654,12 @@ where
         value: &Strong<V>,
     ) -> (Option<Strong<V>>, Option<K>, Released<V>) {
         let identity = item.identity();
-        let replaced = writer.upsert(hash, item, |old, new| old.key() == new.key());
+        let replaced = writer.upsert(
+            hash,
+            item,
+            |old, new| old.key() == new.key(),
+            |item| self.hash(item.key()),
+        );
         let (previous, notice, forgotten) = match replaced {
             None => (None, None, None),
             Some(replaced) => {
@@ -687,7 +693,8 @@ where
         let mut candidates = writer.candidates(hash);
         while let Some((item, mark)) = candidates.next_marked() {
             if item.identity() == identity {
-                return tier.admit(identity, mark, value.clone());
+                // A map with a tier has marks.
+                return tier.admit(identity, mark?, value.clone());
             }
         }
         None
@@ -702,11 +709,12 @@ where
         &self,
         hash: u64,
         item: &Item<K, V>,
-        mark: &AtomicU32,
+        mark: Option<&AtomicU32>,
         value: &Strong<V>,
     ) -> Option<Strong<V>> {
         let tier = self.core.tier.as_ref()?;
-        if tier.touch(item.identity(), mark) || !tier.admits_found() {
+        // A map with a tier has marks.
+        if tier.touch(item.identity(), mark?) || !tier.admits_found() {
             return None;
         }
         self.keep_slow(hash, item.identity(), value)
@@ -1364,6 +1372,7 @@ where
     pub fn retain<F: FnMut(&K, &V) -> bool>(&self, mut f: F) {
         collection::retain_live(
             &self.core.table,
+            |item| self.hash(item.key()),
             |item, value| f(item.key(), value),
             // Unlocked, still pinned since before the unlink: the removed
             // entry is readable, its identity not reused, and no hit can
@@ -1432,7 +1441,7 @@ where
     /// assert!(map.capacity() < peak / 4);
     /// ```
     pub fn shrink_to_fit(&self) {
-        collection::shrink(&self.core.table, 1);
+        collection::shrink(&self.core.table, |item| self.hash(item.key()), 1);
     }
 
     /// Removes every entry, and gives back the memory of tables much larger
@@ -1451,6 +1460,7 @@ where
     pub fn clear(&self) {
         collection::clear(
             &self.core.table,
+            |item| self.hash(item.key()),
             // Under the shard lock; the tier's value is dropped after it.
             |item| Some((self.core.notice(item), self.core.forget(item))),
             |(key, forgotten)| {
@@ -1477,6 +1487,7 @@ where
     pub fn purge(&self) -> usize {
         collection::purge(
             &self.core.table,
+            |item| self.hash(item.key()),
             |item| self.core.notice(item),
             |key| self.core.report(Some(key), RemovalCause::Died),
         )

@@ -169,6 +169,7 @@ where
 /// are dropped after each shard's lock: they may be the last handles.
 pub(crate) fn retain_live<I: Watching>(
     table: &ShardedTable<I>,
+    rehash: impl Fn(&I) -> u64,
     mut keep: impl FnMut(&I, &I::Target) -> bool,
     mut removed: impl FnMut(&I),
 ) {
@@ -184,6 +185,7 @@ pub(crate) fn retain_live<I: Watching>(
                 }
                 None => false,
             },
+            &rehash,
             |item| {
                 item.hook().detach();
                 removed(item);
@@ -203,6 +205,7 @@ const OVERSIZED: usize = 4;
 /// it returned once the shard is unlocked.
 pub(crate) fn clear<I: Watching, T>(
     table: &ShardedTable<I>,
+    rehash: impl Fn(&I) -> u64,
     mut noted: impl FnMut(&I) -> Option<T>,
     mut after: impl FnMut(T),
 ) {
@@ -217,7 +220,7 @@ pub(crate) fn clear<I: Watching, T>(
             },
         );
         notices.into_iter().for_each(&mut after);
-        shrink_shard(table, shard, OVERSIZED);
+        shrink_shard(table, shard, OVERSIZED, &rehash);
     }
 }
 
@@ -226,6 +229,7 @@ pub(crate) fn clear<I: Watching, T>(
 /// Returns how many it removed. `noted` and `after` as for [`clear`].
 pub(crate) fn purge<I: Watching, T>(
     table: &ShardedTable<I>,
+    rehash: impl Fn(&I) -> u64,
     mut noted: impl FnMut(&I) -> Option<T>,
     mut after: impl FnMut(T),
 ) -> usize {
@@ -238,7 +242,7 @@ pub(crate) fn purge<I: Watching, T>(
                 |item| notices.extend(noted(item)),
             );
             notices.into_iter().for_each(&mut after);
-            shrink_shard(table, shard, OVERSIZED);
+            shrink_shard(table, shard, OVERSIZED, &rehash);
             removed
         })
         .sum()
@@ -246,12 +250,21 @@ pub(crate) fn purge<I: Watching, T>(
 
 /// Rebuilds every shard's table that is more than `factor` times larger
 /// than its live items need.
-pub(crate) fn shrink<I: Watching>(table: &ShardedTable<I>, factor: usize) {
+pub(crate) fn shrink<I: Watching>(
+    table: &ShardedTable<I>,
+    rehash: impl Fn(&I) -> u64,
+    factor: usize,
+) {
     for shard in 0..table.shard_len() {
-        shrink_shard(table, shard, factor);
+        shrink_shard(table, shard, factor, &rehash);
     }
 }
 
-fn shrink_shard<I: Watching>(table: &ShardedTable<I>, shard: usize, factor: usize) {
-    table.write_shard(shard).shrink(factor);
+fn shrink_shard<I: Watching>(
+    table: &ShardedTable<I>,
+    shard: usize,
+    factor: usize,
+    rehash: impl Fn(&I) -> u64,
+) {
+    table.write_shard(shard).shrink(factor, rehash);
 }

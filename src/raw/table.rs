@@ -2,35 +2,44 @@
 //!
 //! A `ShardedTable<I>` holds items of type `I` (a collection's entry) in
 //! shards picked by the top bits of a 64-bit hash. Each shard is an
-//! open-addressing table with linear probing: one flat array of slots, each
-//! a tag word and the item itself, inline, so a lookup touches the slot's
-//! cache line and nothing else of the table's.
+//! open-addressing table probed a group of slots at a time: an array of
+//! items, inline, and beside it one *control byte* per slot, packed a word
+//! per group (eight slots on 64-bit targets), as SwissTable does. A lookup
+//! loads its home group's word, picks out the bytes that match seven bits
+//! of the hash with a few word operations, and reads only those slots'
+//! items: non-matching probes never touch a key.
 //!
 //! **A slot is written only when no reader can read it.** A slot goes
-//! from *empty* (tag 0) to *full* (the item is written, then the tag, a
-//! hash with bit 1 set, is stored with Release) to *tombstone* (tag 1) and,
-//! once the removed item's deferred drop has run past every reader that
-//! could see it, to *free* (tag 4), which a writer may fill again; never
-//! back to empty, so probe sequences never break. Readers never race a
-//! write of the item they read, and an item's bytes stay where they are
-//! until no reader can see them (M1, M2).
+//! from *empty* to *full* (the item is written, then its control byte,
+//! seven bits of the hash, is published with a Release RMW on the group's
+//! word) to *tombstone* and, once the removed item's deferred drop has run
+//! past every reader that could see it, to *free*, which a writer may fill
+//! again; never back to empty, so probe sequences never break. Readers
+//! never race a write of the item they read, and an item's bytes stay
+//! where they are until no reader can see them (M1, M2).
 //!
 //! * **Reads** pin the epoch, load the table with Acquire and walk the
-//!   probe sequence from the hash's home slot to the first empty slot,
-//!   reading the items whose tags match. No lock, no wait (M1).
+//!   probe sequence group by group from the hash's home group to the first
+//!   group with an empty slot, reading the items whose control bytes match.
+//!   No lock, no wait (M1).
 //! * **Writes** take the shard's mutex. A new item fills the first free or
 //!   empty slot of its probe sequence; a replacement fills one after the
 //!   old item's and only then turns the old slot into a tombstone, so a
 //!   reader finds the old item or the new one, never neither; a removal
-//!   leaves a tombstone (M2). A removed item is dropped by an
+//!   leaves a tombstone (M2). Every change to a control word after its
+//!   table is published is an RMW that flips one byte, so writers under the
+//!   lock and deferred drops freeing slots never undo each other's bytes,
+//!   and a reader's Acquire load of the word synchronises with every fill
+//!   it sees (all later values are in each fill's release sequence). A removed item is dropped by an
 //!   epoch-deferred function once no reader can see it, in place, or, if
 //!   its drop runs user code, moved out and dropped on the finalizer thread
 //!   (M10), and its slot is then freed for reuse; a count of such pending
 //!   drops keeps the table's memory alive until they have run.
 //! * **Rebuilds** happen when filling an empty slot would take the table
 //!   past 3/4 full (tombstones and free slots count): a table sized for
-//!   twice the live items receives *relocated* copies of them and is
-//!   published whole. A relocation clones what code may write through a
+//!   twice the live items receives *relocated* copies of them, each placed
+//!   by its hash, which the collection computes again (`rehash`: a
+//!   control byte keeps only seven bits), and is published whole. A relocation clones what code may write through a
 //!   shared reference (a user's key, whose `Eq` readers may be running) and
 //!   copies only the item's own pointers bitwise ([`Relocatable`]). Readers
 //!   still on the old table read the old items, which are never written
@@ -64,9 +73,17 @@ fn shard_count() -> usize {
     }
 }
 
-/// Slots a shard's table has at least. Two under loom, so that models
-/// rebuild tables.
-const MIN_SLOTS: usize = if cfg!(weakrefs_loom) { 2 } else { 8 };
+/// Slots per group, one control byte each in one word: the bytes of a
+/// `usize`. Two under loom, so that models rebuild small tables.
+const GROUP: usize = if cfg!(weakrefs_loom) {
+    2
+} else {
+    std::mem::size_of::<usize>()
+};
+
+/// Slots a shard's table has at least: one group under loom, so that
+/// models rebuild tables; else eight.
+const MIN_SLOTS: usize = if cfg!(weakrefs_loom) { GROUP } else { 8 };
 
 /// Slots below which a rebuild does not shrink a table that has had them
 /// (see `upsert`).
@@ -76,28 +93,88 @@ const CHURN_FLOOR: usize = if cfg!(weakrefs_loom) { 4 } else { 64 };
 /// `rebuilt_size`).
 const CHURN_CEILING: usize = if cfg!(weakrefs_loom) { 4 } else { 256 };
 
-/// The tag of a slot never written since its table was built.
-const EMPTY: u32 = 0;
-/// The tag of a slot whose item was removed and may still be read: its
-/// drop is pending, past every reader that may have seen it.
-const TOMBSTONE: u32 = 1;
-/// The tag of a slot whose removed item has been dropped, once no reader
-/// could see it any more: a writer may fill it again (M2). Readers treat
-/// it as a tombstone.
-const FREE: u32 = 4;
+/// The control byte of a slot never written since its table was built.
+/// Top two bits set: only it has both.
+const EMPTY: u8 = 0xFF;
+/// The control byte of a slot whose item was removed and may still be
+/// read: its drop is pending, past every reader that may have seen it.
+const TOMBSTONE: u8 = 0x80;
+/// The control byte of a slot whose removed item has been dropped, once no
+/// reader could see it any more: a writer may fill it again (M2). Readers
+/// treat it as a tombstone. Low bit set, as `EMPTY`'s: the vacant ones.
+const FREE: u8 = 0x81;
 
-/// The tag of a full slot for `hash`: its low 32 bits with bit 1 set, so
-/// never `EMPTY`, `TOMBSTONE` or `FREE`. The other 31 bits filter
-/// candidates (the shard took the top bits); keys decide.
+/// `0x0101…01`: a one in each byte of a word.
+const ONES: usize = usize::MAX / 0xFF;
+/// The bits of a word that hold its group's control bytes (all of them but
+/// under loom).
+const GROUP_BITS: usize = if GROUP == std::mem::size_of::<usize>() {
+    usize::MAX
+} else {
+    (1 << (8 * GROUP)) - 1
+};
+/// The top bit of each control byte of a group.
+const TOPS: usize = (ONES << 7) & GROUP_BITS;
+
+/// The control byte of a full slot for `hash`: seven bits the home group
+/// (the low 32) and the shard (the top ones) do not use. Top bit clear,
+/// which no other control byte has. It filters candidates; keys decide.
 #[inline(always)]
-fn tag_of(hash: u64) -> u32 {
-    hash as u32 | 2
+fn control_of(hash: u64) -> u8 {
+    (hash >> 32) as u8 & 0x7F
 }
 
-/// True for the tag of a full slot.
+/// True for the control byte of a full slot.
 #[inline(always)]
-fn is_full(tag: u32) -> bool {
-    tag & 2 != 0
+fn is_full(control: u8) -> bool {
+    control & 0x80 == 0
+}
+
+/// Word operations on a group's control bytes. Each returns the top bit of
+/// every byte it selects; `slot_in_group` turns the lowest into an index.
+mod bytes {
+    use super::{ONES, TOPS};
+
+    /// Full slots.
+    #[inline(always)]
+    pub(super) fn full(word: usize) -> usize {
+        !word & TOPS
+    }
+
+    /// Full slots whose control byte is `control`. A byte that differs from
+    /// `control` in its low bit alone may be selected too, when a match sits
+    /// below it (the borrow of the subtraction): it is full, and its key
+    /// decides, as for any candidate.
+    #[inline(always)]
+    pub(super) fn matching(word: usize, control: u8) -> usize {
+        let diff = word ^ (ONES * usize::from(control));
+        diff.wrapping_sub(ONES) & !diff & full(word)
+    }
+
+    /// `EMPTY` slots: the top two bits set.
+    #[inline(always)]
+    pub(super) fn empty(word: usize) -> usize {
+        word & (word << 1) & TOPS
+    }
+
+    /// `EMPTY` or `FREE` slots: the top bit and the low bit set.
+    #[inline(always)]
+    pub(super) fn vacant(word: usize) -> usize {
+        word & (word << 7) & TOPS
+    }
+
+    /// The slot in its group of the lowest byte `bits` selects.
+    #[inline(always)]
+    pub(super) fn slot_in_group(bits: usize) -> usize {
+        debug_assert!(bits != 0);
+        bits.trailing_zeros() as usize / 8
+    }
+
+    /// The control byte of slot `index` of a group, from its word.
+    #[inline(always)]
+    pub(super) fn byte(word: usize, index: usize) -> u8 {
+        (word >> (8 * index)) as u8
+    }
 }
 
 /// Items a table may carry into a rebuilt table while readers still read
@@ -160,74 +237,123 @@ pub(crate) unsafe trait Relocatable: Sized {
     unsafe fn take_left_behind(this: *const Self) -> Self::LeftBehind;
 }
 
-/// One slot: its tag, its mark and, once the tag says full, its item.
-struct Slot<I> {
-    tag: AtomicU32,
-    /// A word the collection keeps beside the item, which readers may
-    /// write (a keep-warm tier's position, M13): zero when the slot is
-    /// filled, carried over by a rebuild, never read by the table.
-    mark: AtomicU32,
-    item: UnsafeCell<MaybeUninit<I>>,
-}
+/// One slot: once its control byte says full, an item.
+type Slot<I> = UnsafeCell<MaybeUninit<I>>;
 
-/// One shard's slot array; replaced whole by a rebuild.
+/// One shard's slots; replaced whole by a rebuild.
 struct Table<I> {
+    /// One word per group of `GROUP` slots: byte `i` (bits `8i..8i + 8`)
+    /// of word `g` is the control byte of slot `g * GROUP + i`.
+    control: Box<[AtomicUsize]>,
     slots: Box<[Slot<I>]>,
+    /// One word per slot for a collection that keeps one beside each item,
+    /// which readers may write (a keep-warm tier's position, M13): zero
+    /// when the slot is filled, carried over by a rebuild, never read by
+    /// the table. Empty for the others.
+    marks: Box<[AtomicU32]>,
     /// One for being a shard's current table, plus one per removed item
     /// whose deferred drop has not run yet. On its own cache line: writers
-    /// change it, readers only read `slots`.
+    /// change it, readers only read the rest.
     refs: CachePadded<AtomicUsize>,
 }
 
 impl<I> Table<I> {
-    /// A table of `count` empty slots, owned by its shard.
-    fn with_slots(count: usize) -> Box<Self> {
+    /// A table of at least `count` empty slots (whole groups), owned by its
+    /// shard, with a mark per slot if `marked`.
+    fn with_slots(count: usize, marked: bool) -> Box<Self> {
+        let groups = count.div_ceil(GROUP).max(1);
+        let count = groups * GROUP;
         Box::new(Table {
+            control: (0..groups).map(|_| AtomicUsize::new(usize::MAX)).collect(),
             slots: (0..count)
-                .map(|_| Slot {
-                    tag: AtomicU32::new(EMPTY),
-                    mark: AtomicU32::new(0),
-                    item: UnsafeCell::new(MaybeUninit::uninit()),
-                })
+                .map(|_| UnsafeCell::new(MaybeUninit::uninit()))
+                .collect(),
+            marks: (0..if marked { count } else { 0 })
+                .map(|_| AtomicU32::new(0))
                 .collect(),
             refs: CachePadded::new(AtomicUsize::new(1)),
         })
     }
 
-    /// The slot a tag's probe sequence starts at. The low 32 bits scaled to
-    /// the table (any size, not only powers of two); the shard used the
-    /// high bits.
-    #[inline(always)]
-    fn home(&self, tag: u32) -> usize {
-        ((u128::from(tag) * self.slots.len() as u128) >> 32) as usize
+    fn groups(&self) -> usize {
+        self.control.len()
     }
 
-    /// The slot after `index`, wrapping around.
+    /// The group `hash`'s probe sequence starts at: the low 32 bits scaled
+    /// to the table (any number of groups, not only a power of two); the
+    /// shard used the high bits, the control byte the middle ones.
     #[inline(always)]
-    fn next(&self, index: usize) -> usize {
-        if index + 1 == self.slots.len() {
+    fn home(&self, hash: u64) -> usize {
+        ((u128::from(hash as u32) * self.groups() as u128) >> 32) as usize
+    }
+
+    /// The group after `group`, wrapping around.
+    #[inline(always)]
+    fn next(&self, group: usize) -> usize {
+        if group + 1 == self.groups() {
             0
         } else {
-            index + 1
+            group + 1
         }
+    }
+
+    /// The control word of `group`, loaded with `order`.
+    #[inline(always)]
+    fn word(&self, group: usize, order: Ordering) -> usize {
+        self.control[group].load(order)
+    }
+
+    /// The control byte of slot `index`. Relaxed: for a writer under the
+    /// mutex (who alone changes a full slot's byte) or a deferred drop
+    /// (who alone changes a tombstone's).
+    fn control_byte(&self, index: usize) -> u8 {
+        bytes::byte(self.word(index / GROUP, Ordering::Relaxed), index % GROUP)
+    }
+
+    /// Changes slot `index`'s control byte from `old`, which it must be, to
+    /// `new`, with `order`, leaving the group's other bytes as they are: a
+    /// flip of that byte's bits, so a concurrent flip of another byte (a
+    /// deferred drop freeing its slot) is neither lost nor undone.
+    #[inline]
+    fn set_control(&self, index: usize, old: u8, new: u8, order: Ordering) {
+        let flip = usize::from(old ^ new) << (8 * (index % GROUP));
+        self.control[index / GROUP].fetch_xor(flip, order);
+    }
+
+    /// Calls `f` with the index of every full slot, its group's word loaded
+    /// with `order`.
+    fn each_full(&self, order: Ordering, mut f: impl FnMut(usize)) {
+        for group in 0..self.groups() {
+            let mut full = bytes::full(self.word(group, order));
+            while full != 0 {
+                f(group * GROUP + bytes::slot_in_group(full));
+                full &= full - 1;
+            }
+        }
+    }
+
+    /// The mark of slot `index`, if the table keeps marks.
+    #[inline(always)]
+    fn mark(&self, index: usize) -> Option<&AtomicU32> {
+        self.marks.get(index)
     }
 
     /// The item of slot `index`.
     ///
     /// # Safety
     ///
-    /// 1. The caller saw the slot full: loaded its tag with Acquire (or holds
-    ///    the shard's mutex), and the tag was a full one.
+    /// 1. The caller saw the slot full: loaded its group's word with
+    ///    Acquire (or holds the shard's mutex), and its byte was a full one.
     /// 2. The item is not dropped while the reference lives: the caller is
     ///    pinned, or holds the shard's mutex and keeps the reference no
     ///    longer than its writer.
     #[inline(always)]
     unsafe fn item(&self, index: usize) -> &I {
-        let item = self.slots[index].item.with(|item| item);
+        let item = self.slots[index].with(|item| item);
         // A slot is written again only after its item's deferred drop (M2).
-        // SAFETY: by 1 the item was written before its tag was published and
-        // nothing writes it now; by 2 it is not dropped (nor its slot
-        // refilled) while borrowed.
+        // SAFETY: by 1 the item was written before its control byte was
+        // published and nothing writes it now; by 2 it is not dropped (nor
+        // its slot refilled) while borrowed.
         unsafe { (*item).assume_init_ref() }
     }
 }
@@ -277,6 +403,8 @@ pub(crate) struct ShardedTable<I> {
     shards: Box<[CachePadded<Shard<I>>]>,
     /// `64 - log2(shards)`: the hash's top bits pick the shard.
     shard_shift: u32,
+    /// The tables keep a mark per slot (`Table::marks`).
+    marked: bool,
     reclaimer: Reclaimer,
     _items: PhantomData<I>,
 }
@@ -317,8 +445,9 @@ fn rebuilt_size(slots: usize, used: usize, items: usize, live: usize) -> usize {
 
 impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
     /// A table with room for about `capacity` items before any shard
-    /// rebuilds.
-    pub(crate) fn with_capacity(capacity: usize) -> Self {
+    /// rebuilds, with a mark beside each item if `marked` (see
+    /// [`Candidates::next_marked`]).
+    pub(crate) fn with_capacity(capacity: usize, marked: bool) -> Self {
         let shards = shard_count();
         let per_shard = capacity.div_ceil(shards);
         // Full at 3/4, plus one slot: no rebuild before `per_shard` items.
@@ -327,13 +456,14 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
             shards: (0..shards)
                 .map(|_| {
                     CachePadded::new(Shard {
-                        table: AtomicPtr::new(Box::into_raw(Table::with_slots(slots))),
+                        table: AtomicPtr::new(Box::into_raw(Table::with_slots(slots, marked))),
                         writer: Mutex::new(ShardState { used: 0 }),
                         len: AtomicUsize::new(0),
                     })
                 })
                 .collect(),
             shard_shift: 64 - shards.trailing_zeros(),
+            marked,
             reclaimer: Reclaimer::global(),
             _items: PhantomData,
         }
@@ -358,8 +488,8 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
         unsafe { &*table }
     }
 
-    /// The items whose tags match `hash`, in probe order, as seen now.
-    /// Lock-free (M1). Other items may share the tag: callers compare keys.
+    /// The items whose control bytes match `hash`'s, in probe order, as seen now.
+    /// Lock-free (M1). Other items may share the byte: callers compare keys.
     #[inline]
     pub(crate) fn candidates<'g>(&self, hash: u64, pinned: &'g Pinned) -> Candidates<'g, I> {
         Candidates::new(self.table_for_read(self.shard_index(hash), pinned), hash)
@@ -379,55 +509,46 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
         mut f: impl FnMut(&'g I),
     ) {
         let table = self.table_for_read(index, pinned);
-        for (index, slot) in table.slots.iter().enumerate() {
-            // Acquire (M1): pairs with the Release store of the tag that
-            // published the item.
-            if is_full(slot.tag.load(Ordering::Acquire)) {
-                // SAFETY: seen full (1); pinned, and a removed item is
-                // dropped only by an epoch-deferred function (2, I7).
-                f(unsafe { table.item(index) });
-            }
-        }
+        // Acquire (M1): pairs with the Release RMWs of the control words
+        // that published the items.
+        table.each_full(Ordering::Acquire, |index| {
+            // SAFETY: seen full (1); pinned, and a removed item is dropped
+            // only by an epoch-deferred function (2, I7).
+            f(unsafe { table.item(index) });
+        });
     }
 
     /// Removes from shard `index` the items `keep` rejects, deciding
     /// without the lock: `keep` runs while the thread is pinned but holds no
     /// lock, then the rejected items still present are removed under the
     /// lock, each passed to `on_remove` after the unlock, still pinned
-    /// (M8). Items are named by
-    /// tag and identity, which a rebuild in between does not change; one
+    /// (M8). Items are named by their hash (`rehash`, run without the
+    /// lock) and identity, which a rebuild in between does not change; one
     /// replaced or removed meanwhile is left alone. Returns how many it
     /// removed.
     pub(crate) fn retain_shard(
         &self,
         index: usize,
         mut keep: impl FnMut(&I) -> bool,
+        rehash: impl Fn(&I) -> u64,
         on_remove: impl FnMut(&I),
     ) -> usize {
         // Held until the removals are done, so no identity is reused.
         let pinned = self.pin();
-        let table = self.table_for_read(index, &pinned);
         let mut doomed = Vec::new();
-        for (slot_index, slot) in table.slots.iter().enumerate() {
-            // Acquire (M1): as in `for_each_in_shard_pinned`.
-            let tag = slot.tag.load(Ordering::Acquire);
-            if !is_full(tag) {
-                continue;
-            }
-            // SAFETY: as in `for_each_in_shard_pinned`.
-            let item = unsafe { table.item(slot_index) };
+        self.for_each_in_shard_pinned(index, &pinned, |item| {
             if !keep(item) {
-                doomed.push((tag, item.identity()));
+                doomed.push((rehash(item), item.identity()));
             }
-        }
+        });
         if doomed.is_empty() {
             return 0;
         }
         let mut writer = self.write_shard(index);
         let table = writer.current_table();
         let mut removed = Vec::new();
-        for (tag, identity) in doomed {
-            if let Ok(slot_index) = find(table, tag, |item| item.identity() == identity) {
+        for (hash, identity) in doomed {
+            if let Ok(slot_index) = find(table, hash, |item| item.identity() == identity) {
                 removed.reserve(1);
                 writer.unlink(slot_index);
                 // SAFETY: full until just now (1); see below for how long
@@ -543,14 +664,14 @@ impl<I> Drop for ShardedTable<I> {
             // slots' items (tombstones' items belong to deferred drops), and
             // we drop each once before giving up the shard's reference.
             unsafe {
-                for slot in (*table).slots.iter() {
-                    if is_full(slot.tag.load(Ordering::Relaxed)) {
-                        let drop_item = || slot.item.with_mut(|item| (*item).assume_init_drop());
-                        if let Err(payload) = panic::catch_unwind(AssertUnwindSafe(drop_item)) {
-                            first_panic.get_or_insert(payload);
-                        }
+                // Relaxed: exclusive access.
+                (*table).each_full(Ordering::Relaxed, |index| {
+                    let slot = &(&(*table).slots)[index];
+                    let drop_item = || slot.with_mut(|item| (*item).assume_init_drop());
+                    if let Err(payload) = panic::catch_unwind(AssertUnwindSafe(drop_item)) {
+                        first_panic.get_or_insert(payload);
                     }
-                }
+                });
                 release(table);
             }
         }
@@ -560,53 +681,76 @@ impl<I> Drop for ShardedTable<I> {
     }
 }
 
-/// The items of one probe sequence whose tags match.
+/// The items of one probe sequence whose control bytes match, group by
+/// group.
 pub(crate) struct Candidates<'g, I> {
     table: &'g Table<I>,
-    tag: u32,
-    /// Next slot to look at.
-    index: usize,
-    /// Slots left before every slot has been seen once.
+    control: u8,
+    /// The group loaded last.
+    group: usize,
+    /// Its matching bytes not yet returned (`bytes::matching`).
+    matching: usize,
+    /// It has an `EMPTY` slot: no probe sequence through it goes further.
+    last: bool,
+    /// Groups not loaded yet before every group has been loaded once.
     left: usize,
 }
 
 impl<'g, I> Candidates<'g, I> {
     #[inline]
     fn new(table: &'g Table<I>, hash: u64) -> Self {
-        let tag = tag_of(hash);
-        Candidates {
+        let mut candidates = Candidates {
             table,
-            tag,
-            index: table.home(tag),
-            left: table.slots.len(),
+            control: control_of(hash),
+            group: table.home(hash),
+            matching: 0,
+            last: false,
+            left: table.groups() - 1,
+        };
+        candidates.load();
+        candidates
+    }
+
+    /// Loads the control word of `self.group`.
+    #[inline(always)]
+    fn load(&mut self) {
+        // Acquire (M1, M2): pairs with the Release RMWs on the word that
+        // published the items of the full bytes we see (each later value
+        // of the word is in their release sequences: every change of a
+        // published word is an RMW).
+        let word = self.table.word(self.group, Ordering::Acquire);
+        self.matching = bytes::matching(word, self.control);
+        self.last = bytes::empty(word) != 0;
+    }
+
+    /// The slot of the next candidate.
+    #[inline]
+    fn next_index(&mut self) -> Option<usize> {
+        loop {
+            if self.matching != 0 {
+                let index = self.group * GROUP + bytes::slot_in_group(self.matching);
+                self.matching &= self.matching - 1;
+                return Some(index);
+            }
+            if self.last || self.left == 0 {
+                return None;
+            }
+            self.left -= 1;
+            self.group = self.table.next(self.group);
+            self.load();
         }
     }
-}
 
-impl<'g, I> Candidates<'g, I> {
-    /// The next candidate and its slot's mark (see `Slot::mark`): a word
-    /// the reader may load and store, carried over by rebuilds (a store
-    /// into a table being replaced may be lost).
+    /// The next candidate and its slot's mark if the table keeps marks
+    /// (see `Table::marks`): a word the reader may load and store, carried
+    /// over by rebuilds (a store into a table being replaced may be lost).
     #[inline]
-    pub(crate) fn next_marked(&mut self) -> Option<(&'g I, &'g AtomicU32)> {
-        while self.left > 0 {
-            let index = self.index;
-            self.index = self.table.next(index);
-            self.left -= 1;
-            // Acquire (M1, M2): pairs with the Release store that published
-            // the tag, so the item written before it is visible.
-            let tag = self.table.slots[index].tag.load(Ordering::Acquire);
-            if tag == EMPTY {
-                return None; // no probe sequence through here goes further
-            }
-            if tag == self.tag {
-                // SAFETY: seen full (1); the caller is pinned for 'g or holds
-                // the mutex for 'g (a `ShardWriter` borrow) (2).
-                let item = unsafe { self.table.item(index) };
-                return Some((item, &self.table.slots[index].mark));
-            }
-        }
-        None
+    pub(crate) fn next_marked(&mut self) -> Option<(&'g I, Option<&'g AtomicU32>)> {
+        let index = self.next_index()?;
+        // SAFETY: seen full (1); the caller is pinned for 'g or holds the
+        // mutex for 'g (a `ShardWriter` borrow) (2).
+        let item = unsafe { self.table.item(index) };
+        Some((item, self.table.mark(index)))
     }
 }
 
@@ -615,7 +759,9 @@ impl<'g, I> Iterator for Candidates<'g, I> {
 
     #[inline]
     fn next(&mut self) -> Option<&'g I> {
-        self.next_marked().map(|(item, _)| item)
+        let index = self.next_index()?;
+        // SAFETY: as in `next_marked`.
+        Some(unsafe { self.table.item(index) })
     }
 }
 
@@ -716,33 +862,34 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
         &mut self.state.as_mut().expect("locked until dropped").used
     }
 
-    /// The items whose tags match `hash` (dead ones included), under the
-    /// lock.
+    /// The items whose control bytes match `hash`'s (dead ones included),
+    /// under the lock.
     pub(crate) fn candidates(&self, hash: u64) -> Candidates<'_, I> {
         Candidates::new(self.current_table(), hash)
     }
 
-    /// Removes the first item whose tag matches `hash` that `matches`.
+    /// Removes the first item of `hash`'s probe sequence that `matches`.
     /// Returns it; it stays readable until the writer is dropped.
     pub(crate) fn remove(&mut self, hash: u64, matches: impl FnMut(&I) -> bool) -> Option<&I> {
         let table = self.current_table();
-        let index = find(table, tag_of(hash), matches).ok()?;
+        let index = find(table, hash, matches).ok()?;
         self.unlink(index);
         // SAFETY: full until just now (1); its drop is deferred until after
         // the writer is dropped (2).
         Some(unsafe { table.item(index) })
     }
 
-    /// Inserts `item` under `hash`, replacing the first item whose tag
-    /// matches and for which `same(old, &item)`. Returns the replaced item;
-    /// it stays readable until the writer is dropped.
+    /// Inserts `item` under `hash`, replacing the first item of the probe
+    /// sequence for which `same(old, &item)`. Returns the replaced item;
+    /// it stays readable until the writer is dropped. A rebuild places
+    /// each item by `rehash(item)`, its hash as the collection computes it.
     pub(crate) fn upsert(
         &mut self,
         hash: u64,
         item: I,
         mut same: impl FnMut(&I, &I) -> bool,
+        rehash: impl FnMut(&I) -> u64,
     ) -> Option<&I> {
-        let tag = tag_of(hash);
         let table = self.current_table();
         // Parked in the garbage while `same` (user code: `Eq`), the
         // allocations and a rebuild's clones run: if one panics, nothing
@@ -754,25 +901,28 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
             "a writer is not reused after a panic"
         );
         let pending = self.garbage.unpublished.insert(item);
-        let old = find(table, tag, |old| same(old, pending)).ok();
+        let old = find(table, hash, |old| same(old, pending)).ok();
         self.garbage.items.reserve_one();
         self.garbage.tables.reserve_one();
-        // A replacement goes after the item it replaces, so that a reader
-        // who sees the old slot's tombstone finds it further on (M2).
-        let start = old.map_or_else(|| table.home(tag), |old| table.next(old));
+        // A replacement goes in the old item's group or a later one, so
+        // that a reader who sees the old slot's tombstone finds it further
+        // on, and one who sees the old slot full finds that (M2).
+        let start = old.map_or_else(|| table.home(hash), |old| old / GROUP);
         let (index, fresh) = vacancy(table, start);
+        let marked = self.table.marked;
         let rebuilt = (fresh && (*self.used() + 1) * 4 > table.slots.len() * 3).then(|| {
             // Relaxed: written under the mutex we hold.
             let items = self.shard.len.load(Ordering::Relaxed);
             let live = items + 1 - usize::from(old.is_some());
-            Table::with_slots(rebuilt_size(table.slots.len(), *self.used(), items, live))
+            let slots = rebuilt_size(table.slots.len(), *self.used(), items, live);
+            Table::with_slots(slots, marked)
         });
         match rebuilt {
             // The new item in and the old one out, published together.
-            Some(new) => self.rebuild(new, Some(tag), old),
+            Some(new) => self.rebuild(new, Some(hash), old, rehash),
             None => {
                 let item = self.garbage.unpublished.take().expect("parked above");
-                self.fill(table, index, fresh, tag, item);
+                self.fill(table, index, fresh, control_of(hash), item);
                 // The old item goes only once the new one is visible (M2).
                 if let Some(old) = old {
                     self.unlink(old);
@@ -785,21 +935,24 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
     }
 
     /// Writes `item` into slot `index` of the current `table`, `EMPTY` if
-    /// `fresh`, else `FREE`, and publishes it.
-    fn fill(&mut self, table: &Table<I>, index: usize, fresh: bool, tag: u32, item: I) {
-        let slot = &table.slots[index];
+    /// `fresh`, else `FREE`, and publishes it under `control`.
+    fn fill(&mut self, table: &Table<I>, index: usize, fresh: bool, control: u8, item: I) {
         // A free slot's previous item was dropped by a deferred function that
         // no reader which saw it outlived, and whose writes `vacancy`'s
         // Acquire load ordered before ours (M2).
         // SAFETY: empty or free, under the mutex: no reader reads such a
-        // slot's item (it checks the tag first) and no other writer runs.
-        slot.item.with_mut(|cell| unsafe { (*cell).write(item) });
-        // Relaxed: published with the tag below; a new item starts
-        // unmarked (M13).
-        slot.mark.store(0, Ordering::Relaxed);
+        // slot's item (it checks the control byte first) and no other
+        // writer runs.
+        table.slots[index].with_mut(|cell| unsafe { (*cell).write(item) });
+        if let Some(mark) = table.mark(index) {
+            // Relaxed: published with the control byte below; a new item
+            // starts unmarked (M13).
+            mark.store(0, Ordering::Relaxed);
+        }
         // Release (M1, M2): publishes the item to readers' Acquire loads of
-        // the tag.
-        slot.tag.store(tag, Ordering::Release);
+        // the control word. A vacant byte is changed by us alone.
+        let vacant = if fresh { EMPTY } else { FREE };
+        table.set_control(index, vacant, control, Ordering::Release);
         if fresh {
             *self.used() += 1;
         }
@@ -830,7 +983,10 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
         // probe sequence and must find what we published before it, notably
         // the item that replaces this one. (A reader that saw the item
         // before is protected by the epoch: the item's drop is deferred.)
-        table.slots[index].tag.store(TOMBSTONE, Ordering::Release);
+        // A full byte is changed by writers alone, under the mutex we hold.
+        let full = table.control_byte(index);
+        debug_assert!(is_full(full));
+        table.set_control(index, full, TOMBSTONE, Ordering::Release);
         self.garbage.items.push((table_ptr, index));
         self.add_len(-1);
     }
@@ -841,89 +997,101 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
     fn retain_all(&mut self, mut keep: impl FnMut(&I) -> bool) -> Vec<*const I> {
         let table = self.current_table();
         let mut removed = Vec::new();
-        for index in 0..table.slots.len() {
-            // Relaxed: writers are ordered by the mutex.
-            if !is_full(table.slots[index].tag.load(Ordering::Relaxed)) {
-                continue;
-            }
-            // SAFETY: full (1), under the mutex (2).
-            if !keep(unsafe { table.item(index) }) {
-                removed.reserve(1);
-                self.unlink(index);
-                // SAFETY: full until just now (1); its drop is deferred
-                // until after the writer is dropped (2).
-                removed.push(unsafe { table.item(index) } as *const I);
+        for group in 0..table.groups() {
+            // Relaxed: writers are ordered by the mutex. The bytes we change
+            // below were loaded before.
+            let mut full = bytes::full(table.word(group, Ordering::Relaxed));
+            while full != 0 {
+                let index = group * GROUP + bytes::slot_in_group(full);
+                full &= full - 1;
+                // SAFETY: full (1), under the mutex (2).
+                if !keep(unsafe { table.item(index) }) {
+                    removed.reserve(1);
+                    self.unlink(index);
+                    // SAFETY: full until just now (1); its drop is deferred
+                    // until after the writer is dropped (2).
+                    removed.push(unsafe { table.item(index) } as *const I);
+                }
             }
         }
         removed
     }
 
     /// Replaces the shard's table with `new` (empty, with room for the
-    /// items), holding relocated copies of the items (M3), plus, if
-    /// `incoming` names its tag, the item parked in the garbage, and minus
-    /// the item in slot `without`, which is dropped once no reader of the
-    /// old table can see it. The caller has reserved room for one table and
-    /// one item in the garbage. If a relocation panics (a key's `Clone`),
-    /// the copies made so far are taken apart, the old table stays as it
-    /// was, and the panic goes on; the parked item is dropped after the
-    /// unlock.
+    /// items), holding relocated copies of the items (M3), each placed by
+    /// `rehash`, plus, if `incoming` names its hash, the item parked in the
+    /// garbage, and minus the item in slot `without`, which is dropped once
+    /// no reader of the old table can see it. The caller has reserved room
+    /// for one table and one item in the garbage. If a relocation or a hash
+    /// panics (a key's `Clone` or `Hash`), the copies made so far are taken
+    /// apart, the old table stays as it was, and the panic goes on; the
+    /// parked item is dropped after the unlock.
     #[cold]
     #[inline(never)]
-    fn rebuild(&mut self, new: Box<Table<I>>, incoming: Option<u32>, without: Option<usize>) {
+    fn rebuild(
+        &mut self,
+        new: Box<Table<I>>,
+        incoming: Option<u64>,
+        without: Option<usize>,
+        mut rehash: impl FnMut(&I) -> u64,
+    ) {
         let old = self.current_table();
         let old_ptr = self.current_table_ptr();
         let relocated = panic::catch_unwind(AssertUnwindSafe(|| {
             let mut items = 0;
-            for (index, slot) in old.slots.iter().enumerate() {
+            for group in 0..old.groups() {
                 // Relaxed: writers are ordered by the mutex.
-                let moving = slot.tag.load(Ordering::Relaxed);
-                if !is_full(moving) || Some(index) == without {
-                    continue;
+                let mut full = bytes::full(old.word(group, Ordering::Relaxed));
+                while full != 0 {
+                    let index = group * GROUP + bytes::slot_in_group(full);
+                    full &= full - 1;
+                    if Some(index) == without {
+                        continue;
+                    }
+                    // SAFETY: full (1), under the mutex (2).
+                    let item = unsafe { old.item(index) };
+                    // User code (`Hash`), before anything is copied.
+                    let hash = rehash(item);
+                    // Found first: from `relocate` on, nothing but
+                    // `relocate` itself may panic, since dropping the copy
+                    // whole would drop pointers the original still owns.
+                    let target = first_empty(&new, hash);
+                    // The copy is published below, or taken apart if a later
+                    // one panics; the original is then dropped only as a
+                    // left-behind (`retire`), or whole if this rebuild is
+                    // abandoned.
+                    // SAFETY: `relocate`'s 1 as just said.
+                    let copy = unsafe { I::relocate(item) };
+                    // SAFETY: empty and unpublished: nobody else reads it.
+                    new.slots[target].with_mut(|cell| unsafe { (*cell).write(copy) });
+                    // Relaxed: published by the table's Release store below.
+                    new.set_control(target, EMPTY, control_of(hash), Ordering::Relaxed);
+                    if let (Some(from), Some(to)) = (old.mark(index), new.mark(target)) {
+                        // Relaxed, both: carried over as it is now; a
+                        // reader's store into the old slot from here on is
+                        // lost (M13).
+                        to.store(from.load(Ordering::Relaxed), Ordering::Relaxed);
+                    }
+                    items += 1;
                 }
-                // Found first: from `relocate` on, nothing but `relocate`
-                // itself may panic, since dropping the copy whole would
-                // drop pointers the original still owns.
-                let target = &new.slots[first_empty(&new, moving)];
-                // The copy is published below, or taken apart if a later one
-                // panics; the original is then dropped only as a left-behind
-                // (`retire`), or whole if this rebuild is abandoned.
-                // SAFETY: full (1), under the mutex (2); `relocate`'s 1 as
-                // just said.
-                let copy = unsafe { I::relocate(old.item(index)) };
-                // SAFETY: empty and unpublished: nobody else reads it.
-                target.item.with_mut(|cell| unsafe { (*cell).write(copy) });
-                // Relaxed: published by the table's Release store below.
-                target.tag.store(moving, Ordering::Relaxed);
-                // Relaxed, both: carried over as it is now; a reader's
-                // store into the old slot from here on is lost (M13).
-                target
-                    .mark
-                    .store(slot.mark.load(Ordering::Relaxed), Ordering::Relaxed);
-                items += 1;
             }
             items
         }));
         let items = match relocated {
             Ok(items) => items,
             Err(payload) => {
-                let copies = new
-                    .slots
-                    .iter()
-                    // Relaxed: the new table is ours alone.
-                    .filter(|slot| is_full(slot.tag.load(Ordering::Relaxed)))
-                    .count();
-                self.garbage.abandoned.reserve_exact(copies);
-                for slot in new.slots.iter() {
-                    // Relaxed: the new table is ours alone.
-                    if is_full(slot.tag.load(Ordering::Relaxed)) {
-                        // Dropped after the unlock.
-                        let left = slot.item.with(|item| {
-                            // SAFETY: a copy never published, whose original
-                            // the old table drops whole (1); unseen (2).
-                            unsafe { I::take_left_behind((*item).as_ptr()) }
-                        });
-                        self.garbage.abandoned.push(left);
-                    }
+                let mut copies = Vec::new();
+                // Relaxed: the new table is ours alone.
+                new.each_full(Ordering::Relaxed, |index| copies.push(index));
+                self.garbage.abandoned.reserve_exact(copies.len());
+                for index in copies {
+                    // Dropped after the unlock.
+                    let left = new.slots[index].with(|item| {
+                        // SAFETY: a copy never published, whose original the
+                        // old table drops whole (1); unseen (2).
+                        unsafe { I::take_left_behind((*item).as_ptr()) }
+                    });
+                    self.garbage.abandoned.push(left);
                 }
                 // Freeing the slots (`MaybeUninit`) drops nothing more.
                 drop(new);
@@ -932,13 +1100,13 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
         };
         // Nothing below may panic or allocate: the relocated items must end
         // up published, and the old table retired, together.
-        if let Some(tag) = incoming {
+        if let Some(hash) = incoming {
             let item = self.garbage.unpublished.take().expect("parked by upsert");
-            let target = &new.slots[first_empty(&new, tag)];
+            let target = first_empty(&new, hash);
             // SAFETY: empty and unpublished.
-            target.item.with_mut(|cell| unsafe { (*cell).write(item) });
+            new.slots[target].with_mut(|cell| unsafe { (*cell).write(item) });
             // Relaxed: published by the table's Release store below.
-            target.tag.store(tag, Ordering::Relaxed);
+            new.set_control(target, EMPTY, control_of(hash), Ordering::Relaxed);
         }
         // Release (M3): publishes the new table, its slots and their items
         // to readers' Acquire loads of the table pointer.
@@ -963,9 +1131,10 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
     /// Rebuilds the shard's table at the size its live items need, if it
     /// is at least `factor` times larger than that (and larger than the
     /// smallest table): gives back what a past peak, or removed items
-    /// waiting for their slots, hold. Relocation clones keys (M3): a
-    /// panicking `Clone` leaves the table as it was and goes on.
-    pub(crate) fn shrink(&mut self, factor: usize) {
+    /// waiting for their slots, hold. Relocation clones keys and `rehash`
+    /// hashes them (M3): a panicking `Clone` or `Hash` leaves the table as
+    /// it was and goes on.
+    pub(crate) fn shrink(&mut self, factor: usize, rehash: impl FnMut(&I) -> u64) {
         let table = self.current_table();
         // Relaxed: written under the mutex we hold.
         let live = self.shard.len.load(Ordering::Relaxed);
@@ -974,7 +1143,8 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
             return;
         }
         self.garbage.tables.reserve_one();
-        self.rebuild(Table::with_slots(wanted), None, None);
+        let new = Table::with_slots(wanted, self.table.marked);
+        self.rebuild(new, None, None, rehash);
     }
 }
 
@@ -1081,14 +1251,14 @@ impl<I: Relocatable + Send + Sync + 'static> Retired<I> {
             // (1, our 2).
             unsafe {
                 pinned.defer(move || {
-                    let slot = &(*table).slots[index];
+                    let slot = &(&(*table).slots)[index];
                     if I::DROP_RUNS_USER_CODE {
                         // Moved out, and dropped on the finalizer thread:
                         // this function runs wherever garbage is collected,
                         // which may be inside a lookup or under a shard lock
                         // (M10). The slot is never read again.
-                        let item = slot.item.with(|item| ptr::read((*item).as_ptr()));
-                        free_slot(slot);
+                        let item = slot.with(|item| ptr::read((*item).as_ptr()));
+                        free_slot(&*table, index);
                         release(table);
                         runtime.post(move || {
                             catch_and_report("a removed entry's destructor", || drop(item));
@@ -1098,9 +1268,9 @@ impl<I: Relocatable + Send + Sync + 'static> Retired<I> {
                         // must neither skip the release nor unwind into the
                         // collecting thread.
                         catch_and_report("a removed entry's destructor", || {
-                            slot.item.with_mut(|item| (*item).assume_init_drop());
+                            slot.with_mut(|item| (*item).assume_init_drop());
                         });
-                        free_slot(slot);
+                        free_slot(&*table, index);
                         release(table);
                     }
                 });
@@ -1116,17 +1286,20 @@ impl<I: Relocatable + Send + Sync + 'static> Retired<I> {
     }
 }
 
-/// Marks `slot`, whose removed item has just been dropped or moved out,
-/// free for a writer to fill again (M2).
-fn free_slot<I>(slot: &Slot<I>) {
-    // Release (M2): pairs with the Acquire load in `vacancy`, so the
-    // writer that fills the slot again writes after our drop's last access;
-    // and with readers' Acquire tag loads, so a reader that sees `FREE`
+/// Marks slot `index` of `table`, whose removed item has just been
+/// dropped or moved out, free for a writer to fill again (M2).
+fn free_slot<I>(table: &Table<I>, index: usize) {
+    // Relaxed load: a tombstone's byte (or, in a retired table, the full
+    // byte of the item its rebuild left out) is changed by us alone.
+    let removed = table.control_byte(index);
+    // Release (M2): pairs with the Acquire load in `vacancy`, so the writer
+    // that fills the slot again writes after our drop's last access; and
+    // with readers' Acquire loads of the word, so a reader that sees `FREE`
     // goes on to find a replacement published before the unlink, as one
     // that sees `TOMBSTONE` does. A slot of a retired table (a tombstone,
     // or the item a rebuild left out, dropped whole) is never filled
-    // again; the store is then harmless.
-    slot.tag.store(FREE, Ordering::Release);
+    // again; the change is then harmless.
+    table.set_control(index, removed, FREE, Ordering::Release);
 }
 
 /// Drops what the relocated items of a replaced table left behind (their
@@ -1145,17 +1318,19 @@ unsafe fn retire<I: Relocatable>(
     if std::mem::needs_drop::<I::LeftBehind>() {
         let mut left = Vec::new();
         // SAFETY: alive while we hold the reference (1).
-        for (index, slot) in unsafe { (*table).slots.iter() }.enumerate() {
-            // Relaxed: written before the table was retired, which the
-            // epoch orders before this function.
-            if Some(index) != without && is_full(slot.tag.load(Ordering::Relaxed)) {
-                left.push(slot.item.with(|item| {
+        let old = unsafe { &*table };
+        // Relaxed: written before the table was retired, which the epoch
+        // orders before this function. (The byte of `without` may be
+        // turning `FREE` meanwhile; it is skipped.)
+        old.each_full(Ordering::Relaxed, |index| {
+            if Some(index) != without {
+                left.push(old.slots[index].with(|item| {
                     // SAFETY: a relocated original (2) whose copy the new
                     // table owns whole; unreachable now (1); taken once.
                     unsafe { I::take_left_behind((*item).as_ptr()) }
                 }));
             }
-        }
+        });
         if I::DROP_RUNS_USER_CODE {
             // User destructors: on the finalizer thread, as for removed
             // items (M10).
@@ -1188,53 +1363,64 @@ unsafe fn each_removed<I>(removed: &[*const I], mut on_remove: impl FnMut(&I)) {
     }
 }
 
-/// The slot of the first item in `tag`'s probe sequence that `matches`,
+/// The slot of the first item in `hash`'s probe sequence that `matches`,
 /// or the first empty slot if none does (`None` if the table has no empty
 /// slot, which a rebuild prevents). Under the shard mutex.
 fn find<I>(
     table: &Table<I>,
-    tag: u32,
+    hash: u64,
     mut matches: impl FnMut(&I) -> bool,
 ) -> Result<usize, Option<usize>> {
-    let mut index = table.home(tag);
-    for _ in 0..table.slots.len() {
+    let control = control_of(hash);
+    let mut group = table.home(hash);
+    for _ in 0..table.groups() {
         // Relaxed: writers are ordered by the mutex.
-        let seen = table.slots[index].tag.load(Ordering::Relaxed);
-        if seen == EMPTY {
-            return Err(Some(index));
+        let word = table.word(group, Ordering::Relaxed);
+        let mut candidates = bytes::matching(word, control);
+        while candidates != 0 {
+            let index = group * GROUP + bytes::slot_in_group(candidates);
+            candidates &= candidates - 1;
+            // SAFETY: full (1), under the mutex (2).
+            if matches(unsafe { table.item(index) }) {
+                return Ok(index);
+            }
         }
-        // SAFETY: full (1), under the mutex (2).
-        if seen == tag && matches(unsafe { table.item(index) }) {
-            return Ok(index);
+        let empty = bytes::empty(word);
+        if empty != 0 {
+            return Err(Some(group * GROUP + bytes::slot_in_group(empty)));
         }
-        index = table.next(index);
+        group = table.next(group);
     }
     Err(None)
 }
 
-/// The first empty slot of `tag`'s probe sequence. Under the shard mutex,
+/// The first empty slot of `hash`'s probe sequence. Under the shard mutex,
 /// in a table that has one.
-fn first_empty<I>(table: &Table<I>, tag: u32) -> usize {
-    match find(table, tag, |_| false) {
+fn first_empty<I>(table: &Table<I>, hash: u64) -> usize {
+    match find(table, hash, |_| false) {
         Err(Some(index)) => index,
         _ => unreachable!("a table is rebuilt before its last empty slot fills"),
     }
 }
 
-/// The first slot from `start` on that a writer may fill: a `FREE` one
-/// (`false`) or else the first `EMPTY` one (`true`), which ends every probe
-/// sequence through it. Under the shard mutex, in a table that has an
-/// empty slot.
+/// A slot a writer may fill, in group `start` or the first later group
+/// that has one: a `FREE` one (`false`) if that group has one, else an
+/// `EMPTY` one (`true`), which ends every probe sequence through its group.
+/// Under the shard mutex, in a table that has an empty slot.
 fn vacancy<I>(table: &Table<I>, start: usize) -> (usize, bool) {
-    let mut index = start;
-    for _ in 0..table.slots.len() {
-        // Acquire (M2): pairs with `free_slot`'s Release store, so our fill
+    let mut group = start;
+    for _ in 0..table.groups() {
+        // Acquire (M2): pairs with `free_slot`'s Release RMW, so our fill
         // writes after the deferred drop of the slot's previous item.
-        match table.slots[index].tag.load(Ordering::Acquire) {
-            EMPTY => return (index, true),
-            FREE => return (index, false),
-            _ => index = table.next(index),
+        let word = table.word(group, Ordering::Acquire);
+        let vacant = bytes::vacant(word);
+        if vacant != 0 {
+            let free = vacant & !bytes::empty(word);
+            let fresh = free == 0;
+            let bits = if fresh { vacant } else { free };
+            return (group * GROUP + bytes::slot_in_group(bits), fresh);
         }
+        group = table.next(group);
     }
     unreachable!("a table is rebuilt before its last empty slot fills")
 }
@@ -1242,6 +1428,76 @@ fn vacancy<I>(table: &Table<I>, start: usize) -> (usize, bool) {
 #[cfg(all(test, not(weakrefs_loom)))]
 mod tests {
     use super::*;
+
+    /// A group's word from its control bytes, slot 0 first.
+    fn word_of(controls: &[u8]) -> usize {
+        assert_eq!(controls.len(), GROUP);
+        controls.iter().enumerate().fold(0, |word, (index, &byte)| {
+            word | usize::from(byte) << (8 * index)
+        })
+    }
+
+    /// The slots `bits` selects.
+    fn slots(mut bits: usize) -> Vec<usize> {
+        let mut slots = Vec::new();
+        while bits != 0 {
+            slots.push(bytes::slot_in_group(bits));
+            bits &= bits - 1;
+        }
+        slots
+    }
+
+    /// A group with each kind of control byte, the rest empty.
+    fn mixed() -> Vec<u8> {
+        let mut controls = vec![EMPTY; GROUP];
+        controls[..4].copy_from_slice(&[0x15, TOMBSTONE, FREE, 0x00]);
+        controls
+    }
+
+    #[test]
+    fn control_bytes_sort_the_slots_of_a_group() {
+        let word = word_of(&mixed());
+        assert_eq!(slots(bytes::full(word)), [0, 3]);
+        assert_eq!(slots(bytes::empty(word)), (4..GROUP).collect::<Vec<_>>());
+        let mut vacant = vec![2];
+        vacant.extend(4..GROUP);
+        assert_eq!(slots(bytes::vacant(word)), vacant);
+        for (index, &byte) in mixed().iter().enumerate() {
+            assert_eq!(bytes::byte(word, index), byte);
+        }
+    }
+
+    #[test]
+    fn matching_picks_full_slots_of_the_byte_and_never_others() {
+        let word = word_of(&mixed());
+        assert_eq!(slots(bytes::matching(word, 0x15)), [0]);
+        assert_eq!(slots(bytes::matching(word, 0x00)), [3]);
+        assert!(slots(bytes::matching(word, 0x7F)).is_empty());
+        // Every byte value against every control: the selected slots
+        // include each true match and only full slots.
+        for control in 0..=0x7F_u8 {
+            for byte in 0..=0xFF_u8 {
+                let mut controls = vec![EMPTY; GROUP];
+                controls[1] = byte;
+                controls[0] = control; // a match below, for the borrow
+                let picked = slots(bytes::matching(word_of(&controls), control));
+                assert!(picked.contains(&0));
+                assert_eq!(picked.contains(&1), is_full(byte) && (byte ^ control) <= 1);
+            }
+        }
+    }
+
+    #[test]
+    fn a_flip_changes_one_byte_and_leaves_its_neighbours() {
+        let table = Table::<u64>::with_slots(GROUP, false);
+        table.set_control(1, EMPTY, 0x2A, Ordering::Relaxed);
+        table.set_control(0, EMPTY, 0x11, Ordering::Relaxed);
+        table.set_control(1, 0x2A, TOMBSTONE, Ordering::Relaxed);
+        table.set_control(1, TOMBSTONE, FREE, Ordering::Relaxed);
+        assert_eq!(table.control_byte(0), 0x11);
+        assert_eq!(table.control_byte(1), FREE);
+        assert_eq!(table.control_byte(GROUP - 1), EMPTY);
+    }
 
     #[test]
     fn a_table_rebuilt_while_mostly_dead_doubles_up_to_the_ceiling() {

@@ -6,7 +6,7 @@
 //! Recency is approximated by CLOCK over a ring of `n` positions. Each
 //! position has a *mark* readers may touch without a lock: the identity of
 //! the entry whose value it holds (its hook's address) and a `referenced`
-//! bit. An entry's table slot remembers its position (`Slot::mark`, one
+//! bit. An entry's table slot remembers its position (`Table::marks`, one
 //! more than the index; zero for none). A hit loads that, checks that the
 //! position still names this entry, and sets `referenced` if it is clear
 //! ([`Tier::touch`]): an entry already marked costs a hit two loads, no
