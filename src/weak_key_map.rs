@@ -286,11 +286,6 @@ where
         self.core.hasher.hash_one(Strong::identity(key))
     }
 
-    /// An item's hash, as `hash` computed it for its key.
-    fn rehash(&self, item: &Item<K, V>) -> u64 {
-        self.core.hasher.hash_one(item.key.identity())
-    }
-
     /// Makes the item for `value` under `key`, registering the death
     /// callback that will remove exactly this item (M4).
     fn new_item(&self, hash: u64, key: &Strong<K>, value: V) -> Item<K, V> {
@@ -317,12 +312,7 @@ where
         let hash = self.hash(key);
         let item = self.new_item(hash, key, value);
         let mut writer = self.core.table.write(hash);
-        let Some(replaced) = writer.upsert(
-            hash,
-            item,
-            |old, _| old.key.names(key),
-            |item| self.rehash(item),
-        ) else {
+        let Some(replaced) = writer.upsert(hash, item, |old, _| old.key.names(key)) else {
             return false;
         };
         // Detached once the replacement is published (M5).
@@ -642,7 +632,7 @@ where
         let Some(existing) = existing else {
             let item = self.new_item(hash, key, value);
             // Never replaces: no entry under the key (checked above).
-            writer.upsert(hash, item, |_, _| false, |item| self.rehash(item));
+            writer.upsert(hash, item, |_, _| false);
             drop(writer);
             settle.outcome = Some(shared);
             drop(settle);
@@ -749,12 +739,7 @@ where
     /// assert_eq!(map.len(), 2);
     /// ```
     pub fn retain<F: FnMut(&K, &V) -> bool>(&self, mut f: F) {
-        collection::retain_live(
-            &self.core.table,
-            |item| self.rehash(item),
-            |item, key| f(key, item.value()),
-            |_| {},
-        );
+        collection::retain_live(&self.core.table, |item, key| f(key, item.value()), |_| {});
     }
 
     /// Removes every entry.
@@ -769,12 +754,7 @@ where
     /// assert!(map.is_empty());
     /// ```
     pub fn clear(&self) {
-        collection::clear(
-            &self.core.table,
-            |item| self.rehash(item),
-            |_| None::<()>,
-            |()| {},
-        );
+        collection::clear(&self.core.table, |_| None::<()>, |()| {});
     }
 
     /// Removes the entries whose keys are dead now, without waiting for
@@ -791,12 +771,7 @@ where
     /// assert!(map.is_empty());
     /// ```
     pub fn purge(&self) -> usize {
-        collection::purge(
-            &self.core.table,
-            |item| self.rehash(item),
-            |_| None::<()>,
-            |()| {},
-        )
+        collection::purge(&self.core.table, |_| None::<()>, |()| {})
     }
 }
 

@@ -183,11 +183,6 @@ where
         self.core.hasher.hash_one(Strong::identity(object))
     }
 
-    /// A member's hash, as `hash` computed it for its object.
-    fn rehash(&self, member: &Member<T>) -> u64 {
-        self.core.hasher.hash_one(member.object.identity())
-    }
-
     /// Adds `object`, held weakly. Returns true if it was not a member.
     ///
     /// ```
@@ -220,7 +215,7 @@ where
             return false;
         }
         // Never matches: the object is not a member (checked under the lock).
-        writer.upsert(hash, member, |_, _| false, |member| self.rehash(member));
+        writer.upsert(hash, member, |_, _| false);
         true
     }
 
@@ -336,12 +331,7 @@ where
     /// assert_eq!(set.len(), 2);
     /// ```
     pub fn retain<F: FnMut(&T) -> bool>(&self, mut f: F) {
-        collection::retain_live(
-            &self.core.table,
-            |member| self.rehash(member),
-            |_, object| f(object),
-            |_| {},
-        );
+        collection::retain_live(&self.core.table, |_, object| f(object), |_| {});
     }
 
     /// Removes every member.
@@ -356,12 +346,7 @@ where
     /// assert!(set.is_empty());
     /// ```
     pub fn clear(&self) {
-        collection::clear(
-            &self.core.table,
-            |member| self.rehash(member),
-            |_| None::<()>,
-            |()| {},
-        );
+        collection::clear(&self.core.table, |_| None::<()>, |()| {});
     }
 
     /// Removes the members that are dead now, without waiting for their
@@ -378,12 +363,7 @@ where
     /// assert!(set.is_empty());
     /// ```
     pub fn purge(&self) -> usize {
-        collection::purge(
-            &self.core.table,
-            |member| self.rehash(member),
-            |_| None::<()>,
-            |()| {},
-        )
+        collection::purge(&self.core.table, |_| None::<()>, |()| {})
     }
 }
 

@@ -654,12 +654,7 @@ where
         value: &Strong<V>,
     ) -> (Option<Strong<V>>, Option<K>, Released<V>) {
         let identity = item.identity();
-        let replaced = writer.upsert(
-            hash,
-            item,
-            |old, new| old.key() == new.key(),
-            |item| self.hash(item.key()),
-        );
+        let replaced = writer.upsert(hash, item, |old, new| old.key() == new.key());
         let (previous, notice, forgotten) = match replaced {
             None => (None, None, None),
             Some(replaced) => {
@@ -1372,7 +1367,6 @@ where
     pub fn retain<F: FnMut(&K, &V) -> bool>(&self, mut f: F) {
         collection::retain_live(
             &self.core.table,
-            |item| self.hash(item.key()),
             |item, value| f(item.key(), value),
             // Unlocked, still pinned since before the unlink: the removed
             // entry is readable, its identity not reused, and no hit can
@@ -1441,7 +1435,7 @@ where
     /// assert!(map.capacity() < peak / 4);
     /// ```
     pub fn shrink_to_fit(&self) {
-        collection::shrink(&self.core.table, |item| self.hash(item.key()), 1);
+        collection::shrink(&self.core.table, 1);
     }
 
     /// Removes every entry, and gives back the memory of tables much larger
@@ -1460,7 +1454,6 @@ where
     pub fn clear(&self) {
         collection::clear(
             &self.core.table,
-            |item| self.hash(item.key()),
             // Under the shard lock; the tier's value is dropped after it.
             |item| Some((self.core.notice(item), self.core.forget(item))),
             |(key, forgotten)| {
@@ -1487,7 +1480,6 @@ where
     pub fn purge(&self) -> usize {
         collection::purge(
             &self.core.table,
-            |item| self.hash(item.key()),
             |item| self.core.notice(item),
             |key| self.core.report(Some(key), RemovalCause::Died),
         )

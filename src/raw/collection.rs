@@ -169,7 +169,6 @@ where
 /// are dropped after each shard's lock: they may be the last handles.
 pub(crate) fn retain_live<I: Watching>(
     table: &ShardedTable<I>,
-    rehash: impl Fn(&I) -> u64,
     mut keep: impl FnMut(&I, &I::Target) -> bool,
     mut removed: impl FnMut(&I),
 ) {
@@ -185,7 +184,6 @@ pub(crate) fn retain_live<I: Watching>(
                 }
                 None => false,
             },
-            &rehash,
             |item| {
                 item.hook().detach();
                 removed(item);
@@ -205,7 +203,6 @@ const OVERSIZED: usize = 4;
 /// it returned once the shard is unlocked.
 pub(crate) fn clear<I: Watching, T>(
     table: &ShardedTable<I>,
-    rehash: impl Fn(&I) -> u64,
     mut noted: impl FnMut(&I) -> Option<T>,
     mut after: impl FnMut(T),
 ) {
@@ -220,7 +217,7 @@ pub(crate) fn clear<I: Watching, T>(
             },
         );
         notices.into_iter().for_each(&mut after);
-        shrink_shard(table, shard, OVERSIZED, &rehash);
+        shrink_shard(table, shard, OVERSIZED);
     }
 }
 
@@ -229,7 +226,6 @@ pub(crate) fn clear<I: Watching, T>(
 /// Returns how many it removed. `noted` and `after` as for [`clear`].
 pub(crate) fn purge<I: Watching, T>(
     table: &ShardedTable<I>,
-    rehash: impl Fn(&I) -> u64,
     mut noted: impl FnMut(&I) -> Option<T>,
     mut after: impl FnMut(T),
 ) -> usize {
@@ -242,7 +238,7 @@ pub(crate) fn purge<I: Watching, T>(
                 |item| notices.extend(noted(item)),
             );
             notices.into_iter().for_each(&mut after);
-            shrink_shard(table, shard, OVERSIZED, &rehash);
+            shrink_shard(table, shard, OVERSIZED);
             removed
         })
         .sum()
@@ -250,21 +246,12 @@ pub(crate) fn purge<I: Watching, T>(
 
 /// Rebuilds every shard's table that is more than `factor` times larger
 /// than its live items need.
-pub(crate) fn shrink<I: Watching>(
-    table: &ShardedTable<I>,
-    rehash: impl Fn(&I) -> u64,
-    factor: usize,
-) {
+pub(crate) fn shrink<I: Watching>(table: &ShardedTable<I>, factor: usize) {
     for shard in 0..table.shard_len() {
-        shrink_shard(table, shard, factor, &rehash);
+        shrink_shard(table, shard, factor);
     }
 }
 
-fn shrink_shard<I: Watching>(
-    table: &ShardedTable<I>,
-    shard: usize,
-    factor: usize,
-    rehash: impl Fn(&I) -> u64,
-) {
-    table.write_shard(shard).shrink(factor, rehash);
+fn shrink_shard<I: Watching>(table: &ShardedTable<I>, shard: usize, factor: usize) {
+    table.write_shard(shard).shrink(factor);
 }

@@ -38,8 +38,9 @@
 //! * **Rebuilds** happen when filling an empty slot would take the table
 //!   past 3/4 full (tombstones and free slots count): a table sized for
 //!   twice the live items receives *relocated* copies of them, each placed
-//!   by its hash, which the collection computes again (`rehash`: a
-//!   control byte keeps only seven bits), and is published whole. A relocation clones what code may write through a
+//!   by the low 32 bits of its hash, which the table keeps beside the
+//!   items for writers (`Table::homes`: a control byte keeps only seven
+//!   bits), and is published whole. A relocation clones what code may write through a
 //!   shared reference (a user's key, whose `Eq` readers may be running) and
 //!   copies only the item's own pointers bitwise ([`Relocatable`]). Readers
 //!   still on the old table read the old items, which are never written
@@ -246,6 +247,11 @@ struct Table<I> {
     /// of word `g` is the control byte of slot `g * GROUP + i`.
     control: Box<[AtomicUsize]>,
     slots: Box<[Slot<I>]>,
+    /// The low 32 bits of each full slot's hash, which place its item in a
+    /// table of any size (the home group), as its control byte, seven other
+    /// bits, cannot. Written with the item, before its control byte is
+    /// published; read by writers and by `retain_shard`, never by lookups.
+    homes: Box<[AtomicU32]>,
     /// One word per slot for a collection that keeps one beside each item,
     /// which readers may write (a keep-warm tier's position, M13): zero
     /// when the slot is filled, carried over by a rebuild, never read by
@@ -268,6 +274,7 @@ impl<I> Table<I> {
             slots: (0..count)
                 .map(|_| UnsafeCell::new(MaybeUninit::uninit()))
                 .collect(),
+            homes: (0..count).map(|_| AtomicU32::new(0)).collect(),
             marks: (0..if marked { count } else { 0 })
                 .map(|_| AtomicU32::new(0))
                 .collect(),
@@ -320,16 +327,28 @@ impl<I> Table<I> {
         self.control[index / GROUP].fetch_xor(flip, order);
     }
 
-    /// Calls `f` with the index of every full slot, its group's word loaded
-    /// with `order`.
-    fn each_full(&self, order: Ordering, mut f: impl FnMut(usize)) {
+    /// Calls `f` with the index and control byte of every full slot, its
+    /// group's word loaded with `order`.
+    fn each_full(&self, order: Ordering, mut f: impl FnMut(usize, u8)) {
         for group in 0..self.groups() {
-            let mut full = bytes::full(self.word(group, order));
+            let word = self.word(group, order);
+            let mut full = bytes::full(word);
             while full != 0 {
-                f(group * GROUP + bytes::slot_in_group(full));
+                let slot = bytes::slot_in_group(full);
+                f(group * GROUP + slot, bytes::byte(word, slot));
                 full &= full - 1;
             }
         }
+    }
+
+    /// What a probe for the item of slot `index`, whose control byte is
+    /// `control`, needs of its hash: the home group's bits and the control
+    /// byte's, the rest zero (the shard is this one). Relaxed: for a writer
+    /// under the mutex, or a reader pinned since it saw the slot full,
+    /// whose item's home, written before its publication, changes only if
+    /// the slot is freed and filled again (its item then gone).
+    fn hash_of(&self, index: usize, control: u8) -> u64 {
+        u64::from(control) << 32 | u64::from(self.homes[index].load(Ordering::Relaxed))
     }
 
     /// The mark of slot `index`, if the table keeps marks.
@@ -511,7 +530,7 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
         let table = self.table_for_read(index, pinned);
         // Acquire (M1): pairs with the Release RMWs of the control words
         // that published the items.
-        table.each_full(Ordering::Acquire, |index| {
+        table.each_full(Ordering::Acquire, |index, _| {
             // SAFETY: seen full (1); pinned, and a removed item is dropped
             // only by an epoch-deferred function (2, I7).
             f(unsafe { table.item(index) });
@@ -522,23 +541,25 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
     /// without the lock: `keep` runs while the thread is pinned but holds no
     /// lock, then the rejected items still present are removed under the
     /// lock, each passed to `on_remove` after the unlock, still pinned
-    /// (M8). Items are named by their hash (`rehash`, run without the
-    /// lock) and identity, which a rebuild in between does not change; one
-    /// replaced or removed meanwhile is left alone. Returns how many it
-    /// removed.
+    /// (M8). Items are named by their hash (as the table keeps it) and
+    /// identity, which a rebuild in between does not change; one replaced
+    /// or removed meanwhile is left alone. Returns how many it removed.
     pub(crate) fn retain_shard(
         &self,
         index: usize,
         mut keep: impl FnMut(&I) -> bool,
-        rehash: impl Fn(&I) -> u64,
         on_remove: impl FnMut(&I),
     ) -> usize {
         // Held until the removals are done, so no identity is reused.
         let pinned = self.pin();
+        let table = self.table_for_read(index, &pinned);
         let mut doomed = Vec::new();
-        self.for_each_in_shard_pinned(index, &pinned, |item| {
+        // Acquire (M1): as in `for_each_in_shard_pinned`.
+        table.each_full(Ordering::Acquire, |slot, control| {
+            // SAFETY: as in `for_each_in_shard_pinned`.
+            let item = unsafe { table.item(slot) };
             if !keep(item) {
-                doomed.push((rehash(item), item.identity()));
+                doomed.push((table.hash_of(slot, control), item.identity()));
             }
         });
         if doomed.is_empty() {
@@ -665,7 +686,7 @@ impl<I> Drop for ShardedTable<I> {
             // we drop each once before giving up the shard's reference.
             unsafe {
                 // Relaxed: exclusive access.
-                (*table).each_full(Ordering::Relaxed, |index| {
+                (*table).each_full(Ordering::Relaxed, |index, _| {
                     let slot = &(&(*table).slots)[index];
                     let drop_item = || slot.with_mut(|item| (*item).assume_init_drop());
                     if let Err(payload) = panic::catch_unwind(AssertUnwindSafe(drop_item)) {
@@ -881,14 +902,12 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
 
     /// Inserts `item` under `hash`, replacing the first item of the probe
     /// sequence for which `same(old, &item)`. Returns the replaced item;
-    /// it stays readable until the writer is dropped. A rebuild places
-    /// each item by `rehash(item)`, its hash as the collection computes it.
+    /// it stays readable until the writer is dropped.
     pub(crate) fn upsert(
         &mut self,
         hash: u64,
         item: I,
         mut same: impl FnMut(&I, &I) -> bool,
-        rehash: impl FnMut(&I) -> u64,
     ) -> Option<&I> {
         let table = self.current_table();
         // Parked in the garbage while `same` (user code: `Eq`), the
@@ -919,10 +938,10 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
         });
         match rebuilt {
             // The new item in and the old one out, published together.
-            Some(new) => self.rebuild(new, Some(hash), old, rehash),
+            Some(new) => self.rebuild(new, Some(hash), old),
             None => {
                 let item = self.garbage.unpublished.take().expect("parked above");
-                self.fill(table, index, fresh, control_of(hash), item);
+                self.fill(table, index, fresh, hash, item);
                 // The old item goes only once the new one is visible (M2).
                 if let Some(old) = old {
                     self.unlink(old);
@@ -935,8 +954,8 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
     }
 
     /// Writes `item` into slot `index` of the current `table`, `EMPTY` if
-    /// `fresh`, else `FREE`, and publishes it under `control`.
-    fn fill(&mut self, table: &Table<I>, index: usize, fresh: bool, control: u8, item: I) {
+    /// `fresh`, else `FREE`, and publishes it under `hash`.
+    fn fill(&mut self, table: &Table<I>, index: usize, fresh: bool, hash: u64, item: I) {
         // A free slot's previous item was dropped by a deferred function that
         // no reader which saw it outlived, and whose writes `vacancy`'s
         // Acquire load ordered before ours (M2).
@@ -944,6 +963,8 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
         // slot's item (it checks the control byte first) and no other
         // writer runs.
         table.slots[index].with_mut(|cell| unsafe { (*cell).write(item) });
+        // Relaxed: published with the control byte below.
+        table.homes[index].store(hash as u32, Ordering::Relaxed);
         if let Some(mark) = table.mark(index) {
             // Relaxed: published with the control byte below; a new item
             // starts unmarked (M13).
@@ -952,7 +973,7 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
         // Release (M1, M2): publishes the item to readers' Acquire loads of
         // the control word. A vacant byte is changed by us alone.
         let vacant = if fresh { EMPTY } else { FREE };
-        table.set_control(index, vacant, control, Ordering::Release);
+        table.set_control(index, vacant, control_of(hash), Ordering::Release);
         if fresh {
             *self.used() += 1;
         }
@@ -1018,40 +1039,33 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
     }
 
     /// Replaces the shard's table with `new` (empty, with room for the
-    /// items), holding relocated copies of the items (M3), each placed by
-    /// `rehash`, plus, if `incoming` names its hash, the item parked in the
-    /// garbage, and minus the item in slot `without`, which is dropped once
-    /// no reader of the old table can see it. The caller has reserved room
-    /// for one table and one item in the garbage. If a relocation or a hash
-    /// panics (a key's `Clone` or `Hash`), the copies made so far are taken
-    /// apart, the old table stays as it was, and the panic goes on; the
-    /// parked item is dropped after the unlock.
+    /// items), holding relocated copies of the items (M3), plus, if
+    /// `incoming` names its hash, the item parked in the garbage, and minus
+    /// the item in slot `without`, which is dropped once no reader of the
+    /// old table can see it. The caller has reserved room for one table and
+    /// one item in the garbage. If a relocation panics (a key's `Clone`),
+    /// the copies made so far are taken apart, the old table stays as it
+    /// was, and the panic goes on; the parked item is dropped after the
+    /// unlock.
     #[cold]
     #[inline(never)]
-    fn rebuild(
-        &mut self,
-        new: Box<Table<I>>,
-        incoming: Option<u64>,
-        without: Option<usize>,
-        mut rehash: impl FnMut(&I) -> u64,
-    ) {
+    fn rebuild(&mut self, new: Box<Table<I>>, incoming: Option<u64>, without: Option<usize>) {
         let old = self.current_table();
         let old_ptr = self.current_table_ptr();
         let relocated = panic::catch_unwind(AssertUnwindSafe(|| {
             let mut items = 0;
             for group in 0..old.groups() {
                 // Relaxed: writers are ordered by the mutex.
-                let mut full = bytes::full(old.word(group, Ordering::Relaxed));
+                let word = old.word(group, Ordering::Relaxed);
+                let mut full = bytes::full(word);
                 while full != 0 {
-                    let index = group * GROUP + bytes::slot_in_group(full);
+                    let slot = bytes::slot_in_group(full);
+                    let index = group * GROUP + slot;
                     full &= full - 1;
                     if Some(index) == without {
                         continue;
                     }
-                    // SAFETY: full (1), under the mutex (2).
-                    let item = unsafe { old.item(index) };
-                    // User code (`Hash`), before anything is copied.
-                    let hash = rehash(item);
+                    let hash = old.hash_of(index, bytes::byte(word, slot));
                     // Found first: from `relocate` on, nothing but
                     // `relocate` itself may panic, since dropping the copy
                     // whole would drop pointers the original still owns.
@@ -1060,11 +1074,14 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
                     // one panics; the original is then dropped only as a
                     // left-behind (`retire`), or whole if this rebuild is
                     // abandoned.
-                    // SAFETY: `relocate`'s 1 as just said.
-                    let copy = unsafe { I::relocate(item) };
+                    // SAFETY: full (1), under the mutex (2); `relocate`'s 1
+                    // as just said.
+                    let copy = unsafe { I::relocate(old.item(index)) };
                     // SAFETY: empty and unpublished: nobody else reads it.
                     new.slots[target].with_mut(|cell| unsafe { (*cell).write(copy) });
-                    // Relaxed: published by the table's Release store below.
+                    // Relaxed, both: published by the table's Release store
+                    // below.
+                    new.homes[target].store(hash as u32, Ordering::Relaxed);
                     new.set_control(target, EMPTY, control_of(hash), Ordering::Relaxed);
                     if let (Some(from), Some(to)) = (old.mark(index), new.mark(target)) {
                         // Relaxed, both: carried over as it is now; a
@@ -1082,7 +1099,7 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
             Err(payload) => {
                 let mut copies = Vec::new();
                 // Relaxed: the new table is ours alone.
-                new.each_full(Ordering::Relaxed, |index| copies.push(index));
+                new.each_full(Ordering::Relaxed, |index, _| copies.push(index));
                 self.garbage.abandoned.reserve_exact(copies.len());
                 for index in copies {
                     // Dropped after the unlock.
@@ -1105,7 +1122,8 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
             let target = first_empty(&new, hash);
             // SAFETY: empty and unpublished.
             new.slots[target].with_mut(|cell| unsafe { (*cell).write(item) });
-            // Relaxed: published by the table's Release store below.
+            // Relaxed, both: published by the table's Release store below.
+            new.homes[target].store(hash as u32, Ordering::Relaxed);
             new.set_control(target, EMPTY, control_of(hash), Ordering::Relaxed);
         }
         // Release (M3): publishes the new table, its slots and their items
@@ -1131,10 +1149,9 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
     /// Rebuilds the shard's table at the size its live items need, if it
     /// is at least `factor` times larger than that (and larger than the
     /// smallest table): gives back what a past peak, or removed items
-    /// waiting for their slots, hold. Relocation clones keys and `rehash`
-    /// hashes them (M3): a panicking `Clone` or `Hash` leaves the table as
-    /// it was and goes on.
-    pub(crate) fn shrink(&mut self, factor: usize, rehash: impl FnMut(&I) -> u64) {
+    /// waiting for their slots, hold. Relocation clones keys (M3): a
+    /// panicking `Clone` leaves the table as it was and goes on.
+    pub(crate) fn shrink(&mut self, factor: usize) {
         let table = self.current_table();
         // Relaxed: written under the mutex we hold.
         let live = self.shard.len.load(Ordering::Relaxed);
@@ -1144,7 +1161,7 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
         }
         self.garbage.tables.reserve_one();
         let new = Table::with_slots(wanted, self.table.marked);
-        self.rebuild(new, None, None, rehash);
+        self.rebuild(new, None, None);
     }
 }
 
@@ -1322,7 +1339,7 @@ unsafe fn retire<I: Relocatable>(
         // Relaxed: written before the table was retired, which the epoch
         // orders before this function. (The byte of `without` may be
         // turning `FREE` meanwhile; it is skipped.)
-        old.each_full(Ordering::Relaxed, |index| {
+        old.each_full(Ordering::Relaxed, |index, _| {
             if Some(index) != without {
                 left.push(old.slots[index].with(|item| {
                     // SAFETY: a relocated original (2) whose copy the new
