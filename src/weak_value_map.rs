@@ -13,10 +13,9 @@ use crate::callbacks::Hook;
 use crate::raw::collection::{self, Collection, Watching};
 use crate::raw::counters::Counters;
 use crate::raw::single_flight::{self, Flight, Flights, Joined, Settle};
-use crate::raw::table::{Relocatable, ShardWriter, ShardedTable};
+use crate::raw::table::{Mark, Relocatable, ShardWriter, ShardedTable};
 use crate::raw::tier::Tier;
 use crate::strong::Strong;
-use crate::sync::AtomicU32;
 use crate::weak::Weak;
 
 /// One entry, inline in its slot: a lookup reads its control byte, the key and the
@@ -689,7 +688,7 @@ where
         while let Some((item, mark)) = candidates.next_marked() {
             if item.identity() == identity {
                 // A map with a tier has marks.
-                return tier.admit(identity, mark?, value.clone());
+                return tier.admit(identity, mark.get()?, value.clone());
             }
         }
         None
@@ -704,12 +703,12 @@ where
         &self,
         hash: u64,
         item: &Item<K, V>,
-        mark: Option<&AtomicU32>,
+        mark: Mark<'_>,
         value: &Strong<V>,
     ) -> Option<Strong<V>> {
         let tier = self.core.tier.as_ref()?;
         // A map with a tier has marks.
-        if tier.touch(item.identity(), mark?) || !tier.admits_found() {
+        if tier.touch(item.identity(), mark.get()?) || !tier.admits_found() {
             return None;
         }
         self.keep_slow(hash, item.identity(), value)

@@ -468,6 +468,7 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
     /// [`Candidates::next_marked`]).
     pub(crate) fn with_capacity(capacity: usize, marked: bool) -> Self {
         let shards = shard_count();
+        debug_assert!(shards >= 2 && shards.is_power_of_two());
         let per_shard = capacity.div_ceil(shards);
         // Full at 3/4, plus one slot: no rebuild before `per_shard` items.
         let slots = (per_shard.saturating_mul(4) / 3 + 2).max(MIN_SLOTS);
@@ -665,8 +666,8 @@ impl<I> ShardedTable<I> {
 
     /// The shard `hash` belongs to: its top bits.
     pub(crate) fn shard_index(&self, hash: u64) -> usize {
-        // `checked_shr`: with one shard the shift is 64.
-        hash.checked_shr(self.shard_shift).unwrap_or(0) as usize
+        // At least two shards (`shard_count`), so the shift is below 64.
+        (hash >> self.shard_shift) as usize
     }
 }
 
@@ -762,16 +763,36 @@ impl<'g, I> Candidates<'g, I> {
         }
     }
 
-    /// The next candidate and its slot's mark if the table keeps marks
-    /// (see `Table::marks`): a word the reader may load and store, carried
-    /// over by rebuilds (a store into a table being replaced may be lost).
+    /// The next candidate and its slot's [`Mark`].
     #[inline]
-    pub(crate) fn next_marked(&mut self) -> Option<(&'g I, Option<&'g AtomicU32>)> {
+    pub(crate) fn next_marked(&mut self) -> Option<(&'g I, Mark<'g>)> {
         let index = self.next_index()?;
         // SAFETY: seen full (1); the caller is pinned for 'g or holds the
         // mutex for 'g (a `ShardWriter` borrow) (2).
         let item = unsafe { self.table.item(index) };
-        Some((item, self.table.mark(index)))
+        let mark = Mark {
+            marks: &self.table.marks,
+            index,
+        };
+        Some((item, mark))
+    }
+}
+
+/// Where a candidate's mark is, if its table keeps marks (see
+/// `Table::marks`): a word the reader may load and store, carried over by
+/// rebuilds (a store into a table being replaced may be lost). Found only
+/// when asked for, so that lookups in maps without marks pay nothing.
+#[derive(Clone, Copy)]
+pub(crate) struct Mark<'g> {
+    marks: &'g [AtomicU32],
+    index: usize,
+}
+
+impl<'g> Mark<'g> {
+    /// The mark, if the table keeps marks.
+    #[inline]
+    pub(crate) fn get(self) -> Option<&'g AtomicU32> {
+        self.marks.get(self.index)
     }
 }
 
