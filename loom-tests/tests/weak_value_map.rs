@@ -298,7 +298,7 @@ fn a_read_racing_a_rebuild_by_cloning_finds_its_key() {
 /// M2: a removed item's slot is filled again only once its deferred drop
 /// has run, after every reader that may have seen it unpinned. A reader
 /// racing the removal and the churn that follows (inserts and removals in
-/// the same shard, with the same tag, which push the epoch on and reuse
+/// the same shard, with the same control byte, which push the epoch on and reuse
 /// freed slots) sees the old value or nothing, never another key's value,
 /// and every key is dropped once.
 #[test]
@@ -316,9 +316,12 @@ fn slot_reuse_races_a_reader_that_saw_the_old_entry() {
             thread::spawn(move || map.get(&TrackedKey::new(0)).map(|v| *v))
         };
         map.remove(&TrackedKey::new(0));
-        // Key 2's tag is key 0's (a tag is the hash with bit 1 set), and so
-        // is its home slot: a refill of the freed slot is an item with the
-        // very tag the reader may have seen.
+        // Key 2's control byte is key 0's (bits 32 to 38 of the hash, zero
+        // for both), and so is its home group: a refill of the freed slot is
+        // an item with the very byte the reader may have seen. The epoch's
+        // deferred frees of those slots (flips of one byte of the group's
+        // word) may run in the reader's pin, racing the fills (flips of
+        // another).
         for _ in 0..2 {
             map.insert(TrackedKey::new(2), &values[1]);
             map.remove(&TrackedKey::new(2));
