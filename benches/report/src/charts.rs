@@ -7,12 +7,21 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use crate::results::is_ours;
+use crate::model::is_ours;
 
-/// One group of bars: a case and the throughput of each implementation.
+/// One bar: whose it is (which sets its colour), its length in the
+/// chart's unit, and the text written after it.
+pub struct Bar {
+    pub name: String,
+    pub value: f64,
+    pub text: String,
+}
+
+/// One group of bars under a heading: a case and each implementation's
+/// figure.
 pub struct BarGroup {
     pub label: String,
-    pub bars: Vec<(String, f64)>,
+    pub bars: Vec<Bar>,
 }
 
 /// One line of a line chart.
@@ -89,27 +98,46 @@ fn naming(path: &Path) -> impl FnOnce(String) -> String + '_ {
     move |e| format!("drawing {}: {e}", path.display())
 }
 
-/// Horizontal bars, one group per case, each bar labelled with its
-/// implementation and value.
+/// Horizontal bars, one group per case, on one axis; each bar labelled
+/// with its text.
 pub fn bars(path: &Path, title: &str, unit: &str, groups: &[BarGroup]) -> Result<()> {
     draw_bars(path, title, unit, groups).map_err(naming(path))
 }
 
 fn draw_bars(path: &Path, title: &str, unit: &str, groups: &[BarGroup]) -> Result<()> {
+    let root = SVGBackend::new(path, (760, bars_height(groups))).into_drawing_area();
+    root.fill(&WHITE).map_err(drawing_error)?;
+    bar_chart(&root, Some(title), unit, groups)?;
+    root.present().map_err(drawing_error)
+}
+
+/// The height that fits `groups`' bars and headings.
+fn bars_height(groups: &[BarGroup]) -> u32 {
     const ROW: u32 = 17;
     let rows: usize = groups.iter().map(|g| g.bars.len() + 1).sum();
-    let height = 70 + ROW * rows as u32 + 8 * groups.len() as u32;
-    let root = SVGBackend::new(path, (760, height)).into_drawing_area();
-    root.fill(&WHITE).map_err(drawing_error)?;
-    // Drawn in millions per second; labelled with `rate`.
+    70 + ROW * rows as u32 + 8 * groups.len() as u32
+}
+
+/// `groups` on `area`, on one axis from 0 past the longest bar, with room
+/// on its right for the bars' texts.
+fn bar_chart(
+    area: &DrawingArea<SVGBackend<'_>, Shift>,
+    caption: Option<&str>,
+    unit: &str,
+    groups: &[BarGroup],
+) -> Result<()> {
+    let rows: usize = groups.iter().map(|g| g.bars.len() + 1).sum();
     let max = groups
         .iter()
-        .flat_map(|g| g.bars.iter().map(|b| b.1 / 1e6))
+        .flat_map(|g| g.bars.iter().map(|b| b.value))
         .fold(0.0f64, f64::max)
         .max(f64::MIN_POSITIVE);
     let total = rows as f64 + 0.5 * groups.len() as f64;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 17))
+    let mut builder = ChartBuilder::on(area);
+    if let Some(caption) = caption {
+        builder.caption(caption, ("sans-serif", 17));
+    }
+    let mut chart = builder
         .margin(10)
         .x_label_area_size(32)
         .build_cartesian_2d(0.0..max * 1.45, 0.0..total)
@@ -139,19 +167,18 @@ fn draw_bars(path: &Path, title: &str, unit: &str, groups: &[BarGroup]) -> Resul
             )])
             .map_err(drawing_error)?;
         top -= 1.0;
-        for (name, per_second) in &group.bars {
-            let value = &(per_second / 1e6);
-            let fill = colour(name, &mut ours, &mut theirs);
+        for bar in &group.bars {
+            let fill = colour(&bar.name, &mut ours, &mut theirs);
             chart
                 .draw_series([Rectangle::new(
-                    [(0.0, top - 0.85), (*value, top - 0.15)],
+                    [(0.0, top - 0.85), (bar.value, top - 0.15)],
                     fill.filled(),
                 )])
                 .map_err(drawing_error)?;
             chart
                 .draw_series([Text::new(
-                    format!("{name}  {}", crate::render::rate(*per_second)),
-                    (*value + max * 0.01, top - 0.5),
+                    bar.text.clone(),
+                    (bar.value + max * 0.01, top - 0.5),
                     left.clone(),
                 )])
                 .map_err(drawing_error)?;
@@ -159,7 +186,7 @@ fn draw_bars(path: &Path, title: &str, unit: &str, groups: &[BarGroup]) -> Resul
         }
         top -= 0.5;
     }
-    root.present().map_err(drawing_error)
+    Ok(())
 }
 
 /// Line charts stacked vertically, one per panel, sharing a title.
@@ -336,9 +363,14 @@ mod tests {
     #[test]
     fn bar_chart_names_every_bar() {
         let path = scratch("bars.svg");
+        let bar = |name: &str, value: f64| Bar {
+            name: name.into(),
+            value,
+            text: format!("{name}  {value:.1} M/s"),
+        };
         let groups = [BarGroup {
             label: "read hit, 1 thread".into(),
-            bars: vec![("weakrefs".into(), 12.5e6), ("dashmap".into(), 10.0e6)],
+            bars: vec![bar("weakrefs", 12.5), bar("dashmap", 10.0)],
         }];
         bars(&path, "reads", "M/s", &groups).unwrap();
         let svg = std::fs::read_to_string(&path).unwrap();

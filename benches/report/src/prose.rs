@@ -1,0 +1,178 @@
+//! The report's words: what each comparison measures and what explains
+//! its numbers, and the fixed paragraphs of the other sections. Every
+//! figure is written in by render.rs; nothing here states a result.
+
+/// A criterion comparison the report presents.
+pub struct Section {
+    /// Anchor and chart file stem.
+    pub id: &'static str,
+    pub title: &'static str,
+    /// The `cargo bench --bench` target that measures it.
+    pub bench: &'static str,
+    /// Criterion ids of its cases start with one of these.
+    pub prefixes: &'static [&'static str],
+    /// What one element of throughput is.
+    pub unit: &'static str,
+    /// What is measured, against what.
+    pub what: &'static str,
+    /// What the numbers come from: the costs each side pays.
+    pub why: &'static str,
+}
+
+/// The criterion comparisons, in report order.
+pub const SECTIONS: &[Section] = &[
+    Section {
+        id: "handles",
+        title: "Handles: `Strong`/`Weak` against `std::sync::{Arc, Weak}`",
+        bench: "handles",
+        prefixes: &["upgrade/", "clone_drop/", "downgrade/"],
+        unit: "million operations per second",
+        what: "`Weak::upgrade` (and dropping the result), `Strong::clone` plus drop, and \
+               `Strong::downgrade` (plus drop), on one object; on one thread, and on several threads \
+               sharing the object (every thread's operations counted).",
+        why: "Both sides do the same atomic operations on the same counts: an upgrade is one \
+              compare-and-swap loop on the strong count, a clone one increment, a drop one \
+              decrement. What differs is what is around them, so the two should be within noise \
+              of each other. On two threads every operation moves the object's count line \
+              between the cores, for both implementations alike.",
+    },
+    Section {
+        id: "map_reads",
+        title: "WeakValueMap read hits",
+        bench: "maps",
+        prefixes: &["read_hit/"],
+        unit: "million lookups per second (each upgraded to a strong handle)",
+        what: "100 000 live keys, every read a hit that upgrades the value, uniform keys or \
+               skewed ones (80% of reads on 1% of the keys), on each thread count of the run. \
+               Against \
+               `DashMap<u64, std::sync::Weak<u64>>`, `RwLock<HashMap<..>>`, \
+               `RwLock<weak_table::WeakValueHashMap<..>>`, `papaya::HashMap<..>`, \
+               `scc::HashIndex<..>` and `scc::HashMap<..>`, and an unsynchronised \
+               `std::collections::HashMap<..>` read in place (`std_hashmap_unsync`, the floor: \
+               no lock, no pin).",
+        why: "A read pins the epoch (one atomic swap), hashes the key, probes a table of \
+              32-byte slots (tag, key, the value's `Weak`, the entry's callback handle) kept at \
+              most 3/4 full, compares the key inline, and upgrades the value (a \
+              compare-and-swap on its count). Keys live in the slot: a table rebuild clones \
+              them into the new table rather than copying bytes a reader's `Eq` may be \
+              writing (SAFETY.md, M3). `DashMap` takes a read lock instead of the pin (two \
+              atomic operations) and probes 16-byte buckets; `scc::HashIndex` pins too and \
+              probes buckets of 16-byte entries behind a metadata word. At 100 000 keys every \
+              map's reads are bound by memory: the slot's line and the value's control block, \
+              which in this crate also holds the callback list and so is larger than \
+              `Arc`'s.",
+    },
+    Section {
+        id: "map_read_sizes",
+        title: "WeakValueMap read hits by map size",
+        bench: "maps",
+        prefixes: &["read_hit_by_size/"],
+        unit: "million lookups per second, 1 thread",
+        what: "Uniform read hits on one thread, as above, at 1 000 to 1 000 000 live keys, \
+               against `DashMap<u64, std::sync::Weak<u64>>` and `scc::HashIndex<..>`: from maps \
+               that fit in the core's caches to maps that do not fit in any.",
+        why: "This separates the two costs of a read. Where both maps fit in cache, the work per \
+              read decides: this crate's lock-free read (an epoch pin, a probe, an upgrade) \
+              against `DashMap`'s locked one (a read lock and unlock, a probe, an upgrade), about \
+              the same number of atomic operations. As the map grows, its footprint decides: \
+              per entry this crate keeps a 32-byte slot at up to 3/4 load (key inline) and a \
+              control block per value, against `DashMap`'s 16-byte inline bucket and `Arc`'s \
+              smaller block, so this crate's working set outgrows the caches first. Once neither \
+              fits, both pay memory latency per lookup and draw closer again.",
+    },
+    Section {
+        id: "map_churn",
+        title: "WeakValueMap churn: insert, then the value dies",
+        bench: "maps",
+        prefixes: &["churn"],
+        unit: "million inserts per second (batches of 1024 values that die)",
+        what: "1024 fresh values are inserted under 1024 keys and dropped. This crate removes \
+               each dead entry by its death callback and calls `flush()` after each batch; \
+               `DashMap` sweeps with `retain` after each batch, and weak-table runs \
+               `remove_expired` after each batch.",
+        why: "Each insert here allocates a callback node and links it onto the value; each death runs that callback on the dying thread, which \
+              takes the shard's lock, unlinks the entry and retires it to the epoch collector. \
+              The baselines allocate nothing per insert once their tables have grown and do no \
+              work at death: dead entries stay, payload allocation and all, until the next sweep, \
+              which here comes after every 1024 inserts and visits only 1024 entries. Exact, \
+              automatic removal is what the extra work buys; the churn memory section below \
+              shows what the sweeps leave when they are further apart.",
+    },
+    Section {
+        id: "single_flight",
+        title: "Single-flight `get_or_insert_with` on one hot key",
+        bench: "maps",
+        prefixes: &["single_flight_hot_key/"],
+        unit: "million calls per second, all threads",
+        what: "Every thread calls `get_or_insert_with` for one key whose value stays alive, \
+               against two ways to write it with `DashMap<u64, std::sync::Weak<u64>>`: \
+               `entry().or_default()` on every call (`dashmap_entry`), and a `get` first with \
+               `entry` only on a miss (`dashmap_get_then_entry`); both upgrade, and would \
+               rebuild a dead value under the shard's write lock.",
+        why: "A hit is a lock-free read in this crate: threads share the value's count line and \
+              nothing else. `dashmap_entry` takes the shard's write lock on every call, hit or \
+              not, so threads queue on it; `dashmap_get_then_entry` takes the read lock on a \
+              hit, a compare-and-swap loop on a lock word both threads write.",
+    },
+    Section {
+        id: "finalizer_throughput",
+        title: "Death callbacks: throughput",
+        bench: "finalizers",
+        prefixes: &["callback_throughput"],
+        unit: "million callbacks per second (register, drop, run)",
+        what: "Register a callback on a fresh object, drop the object, and run every callback, \
+               in batches of 1000 until flushed. Against a `Drop` that sends the callback over \
+               `std::sync::mpsc` to one draining thread (`mpsc_thread`), and a `Drop` that hands \
+               it to `crossbeam_epoch::Guard::defer` (`epoch_defer`).",
+        why: "Registration allocates a callback node and pushes it onto the object's list \
+              and onto the process-wide registry that `shutdown` and the at-exit pass walk (a \
+              compare-and-swap and a counter update each; the registry is compacted now and \
+              then). A death moves the object's list to the finalizer's lock-free queue with one \
+              push and wakes the finalizer thread only when it sleeps; the callback then runs on \
+              that thread, newest first, isolated from the dropping thread's panics and locks. \
+              The `mpsc` design keeps no per-object list and no registry: a `Drop` sends one \
+              boxed callback over the channel, and the receiver runs it. `epoch_defer` does less \
+              still: no \
+              thread hand-off, no wake-up, no registry; callbacks run in batches on whichever \
+              thread next collects garbage, on memory still in that core's cache, in no fixed \
+              order, and a callback may run inside any later `pin`, under whatever locks that \
+              thread holds. That is why it is faster, and why this crate does not run user \
+              callbacks that way.",
+    },
+    Section {
+        id: "key_maps",
+        title: "WeakKeyMap as a side table",
+        bench: "key_maps",
+        prefixes: &["side_table/"],
+        unit: "million operations per second",
+        what: "Lookups on 100 000 live keys that read a `u64` out of the value \
+               (`WeakKeyMap::with`; `get` is the same read plus a clone), and churn: 1024 objects each \
+               get an entry and go away. Against `DashMap<usize, V>` keyed by the object's \
+               address, whose entries the object's owner removes by hand as it drops.",
+        why: "A lookup pins the epoch, probes a slot and then reads the value in its box: a \
+              value never moves while readers borrow it in place (a `Mutex` inside is the \
+              common case), so a table rebuild moves the box's pointer, not the value, and \
+              at 100 000 keys the box is a second cache miss after the slot. Nothing else: \
+              the read writes nothing shared (`insert` and `remove` return whether they \
+              displaced a value, and a displaced value is dropped once no reader can see \
+              it). `DashMap` keeps the value inline in its bucket and never touches the key \
+              object. Churn pays for a callback node and a value box per entry, where the \
+              baseline's removal is code its user must remember to write.",
+    },
+    Section {
+        id: "sets",
+        title: "WeakSet as an observer registry",
+        bench: "sets",
+        prefixes: &["observers/"],
+        unit: "million listeners per second",
+        what: "1000 listeners subscribe; one notification pass over 1000 live listeners \
+               (upgrading each); 1000 listeners subscribe and go away. Against \
+               `Mutex<Vec<std::sync::Weak<T>>>` cleaned with `retain`.",
+        why: "Each member registers a death callback (an allocation and a compare-and-swap \
+              onto the object's list) where the baseline pushes a `Weak` onto a `Vec`; that is \
+              the cost of subscribe and churn, and the subscribe figure also includes dropping \
+              the set, which detaches 1000 callbacks. A notification pass is a lock-free walk \
+              of the set's shard tables: 24-byte slots, some empty, in several tables, against \
+              8-byte `Weak`s packed in one `Vec`, so the walk reads more memory per member.",
+    },
+];
