@@ -176,3 +176,78 @@ pub const SECTIONS: &[Section] = &[
               8-byte `Weak`s packed in one `Vec`, so the walk reads more memory per member.",
     },
 ];
+
+/// How to read the ratios and verdicts, in the report's header: `noise`
+/// is the band around 1 called on a par.
+pub fn reading_it(noise: f64) -> String {
+    format!(
+        "criterion medians. A ratio is this crate's best row over the \
+         best alternative's, so above 1 is faster. Ratios within {:.0}% of 1 are called on a \
+         par; beyond that, a case is ahead or behind only if the 95% confidence intervals of \
+         the two medians do not overlap, else unclear. Those intervals describe one run: this \
+         machine is shared with other work, and separate runs have differed by more than them, \
+         most on two threads. Read a single row as a measurement, and a pattern across rows \
+         and sections as the finding.",
+        noise * 100.0
+    )
+}
+
+/// What the memory-per-entry table measures.
+pub const MEMORY_PER_ENTRY: &str = "\
+    Heap bytes and allocations each map holds per live entry, 100 000 `u64` keys, every map \
+    grown from empty except the `with_capacity` row, values not counted. Counted by a global \
+    allocator wrapper after crossbeam-epoch has freed what growth retired; the bytes are those \
+    asked for, and each allocation costs 8 to 16 bytes more in glibc's headers and rounding. \
+    papaya reclaims through its own scheme, which that settling does not drive, so its row may \
+    include garbage of its growth. Measured by `cargo bench --bench map_memory`.";
+
+/// What explains the memory-per-entry table.
+pub const MEMORY_PER_ENTRY_WHY: &str = "\
+    Each entry of this crate's map is a 32-byte slot (tag, key, the value's `Weak`, the \
+    entry's callback handle) in a table kept at most 3/4 full, plus one allocation: the death \
+    callback registered on its value (the node that removes the entry when the value dies, 40 \
+    bytes). `DashMap`, `HashMap` and `scc` keep the key and the `Weak` inline in their \
+    buckets, papaya allocates one entry per key, and none registers anything: they find out \
+    about dead values only when someone looks.";
+
+/// What the churn memory run does and samples.
+pub const CHURN_MEMORY: &str = "\
+    Objects (64-byte payloads) arrive under new keys and stay alive until 1000 newer ones have \
+    arrived; the chart samples each map's entries and the heap bytes in use since it was \
+    created, which include the 1000 live objects (this crate's blocks are 16 bytes larger than \
+    `Arc`'s). `DashMap` sweeps with `retain` every 10 000 operations, sampled just before each \
+    sweep; weak-table clears expired entries when it would otherwise grow. At the end every \
+    object is dropped, `flush()` is called and crossbeam-epoch's garbage is collected; the \
+    baselines get no extra sweep. Heap bytes, not the resident set: the resident set is one \
+    figure for the whole process, and the allocator keeps pages it was given, so it cannot \
+    tell one map's run from the next. Measured by `cargo bench --bench churn_memory`.";
+
+/// What explains the churn memory run.
+pub const CHURN_MEMORY_WHY: &str = "\
+    This crate's maps hold an entry exactly as long as its object lives: the entry count stays \
+    at the number of live objects and goes to zero when they die. A map of `std::sync::Weak` \
+    holds dead entries until something sweeps them, and a dead `Weak` keeps its allocation, \
+    payload included, until then; how much piles up depends on how often the user sweeps, and \
+    a sweep costs a pass over the whole map. The heap that stays with this crate's maps after \
+    everything died is their tables, kept for reuse.";
+
+/// What the latency run measures.
+pub const LATENCY: &str = "\
+    The time from just before an object's last `Strong` is dropped to the start of its \
+    callback on the finalizer thread, with that thread idle (parked) before each sample. \
+    Against a `Drop` that sends the callback over `std::sync::mpsc` to a thread blocked in \
+    `recv`. Measured by `cargo bench --bench callback_latency`.";
+
+/// What explains the latency figures.
+pub const LATENCY_WHY: &str = "\
+    Both designs wake a parked thread through a futex, so most of a sample is the operating \
+    system's wake-up and scheduling, and the medians are close. Where this crate's tail is \
+    longer, the cause has not been isolated; the difference in mechanism is that its finalizer \
+    thread spins briefly and then parks with `std::thread::park`, to be unparked by the dying \
+    thread, where the channel's receiver sleeps in the channel's own wait.";
+
+/// How to regenerate the report, in its header.
+pub const TO_REGENERATE: &str = "\
+    `cargo bench-report` (about 5 minutes on 2 cores, plus the build) or `cargo bench-report \
+    --quick` (a few minutes); `--threads 1,2,4,8,16` adds a thread-scaling run. Each section \
+    names the bench that measures it alone.";
