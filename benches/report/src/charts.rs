@@ -24,6 +24,12 @@ pub struct BarGroup {
     pub bars: Vec<Bar>,
 }
 
+/// One panel of a stacked bar chart: a group on an axis of its own.
+pub struct BarPanel {
+    pub unit: String,
+    pub group: BarGroup,
+}
+
 /// One line of a line chart.
 pub struct Line {
     pub name: String,
@@ -107,7 +113,34 @@ pub fn bars(path: &Path, title: &str, unit: &str, groups: &[BarGroup]) -> Result
 fn draw_bars(path: &Path, title: &str, unit: &str, groups: &[BarGroup]) -> Result<()> {
     let root = SVGBackend::new(path, (760, bars_height(groups))).into_drawing_area();
     root.fill(&WHITE).map_err(drawing_error)?;
-    bar_chart(&root, Some(title), unit, groups)?;
+    bar_chart(&root, Some(title), unit, groups, 1.45)?;
+    root.present().map_err(drawing_error)
+}
+
+/// Bar charts stacked vertically under one title, each panel's group on
+/// an axis of its own: figures of different units side by side.
+pub fn bar_panels(path: &Path, title: &str, panels: &[BarPanel]) -> Result<()> {
+    draw_bar_panels(path, title, panels).map_err(naming(path))
+}
+
+fn draw_bar_panels(path: &Path, title: &str, panels: &[BarPanel]) -> Result<()> {
+    const TITLE: u32 = 30;
+    let heights: Vec<u32> = panels
+        .iter()
+        .map(|panel| bars_height(std::slice::from_ref(&panel.group)))
+        .collect();
+    let height = TITLE + heights.iter().sum::<u32>();
+    let root = SVGBackend::new(path, (760, height)).into_drawing_area();
+    root.fill(&WHITE).map_err(drawing_error)?;
+    let mut area = root
+        .titled(title, ("sans-serif", 17))
+        .map_err(drawing_error)?;
+    for (panel, height) in panels.iter().zip(heights) {
+        let (top, rest) = area.split_vertically(height);
+        let group = std::slice::from_ref(&panel.group);
+        bar_chart(&top, None, &panel.unit, group, headroom(group))?;
+        area = rest;
+    }
     root.present().map_err(drawing_error)
 }
 
@@ -118,13 +151,32 @@ fn bars_height(groups: &[BarGroup]) -> u32 {
     70 + ROW * rows as u32 + 8 * groups.len() as u32
 }
 
-/// `groups` on `area`, on one axis from 0 past the longest bar, with room
-/// on its right for the bars' texts.
+/// How far past the longest bar an axis must reach for every bar's text
+/// to fit after it, as a multiple of that bar (at least 1.2): texts are
+/// 12-pixel sans-serif, about 6.6 pixels a character, on a 740-pixel plot.
+fn headroom(groups: &[BarGroup]) -> f64 {
+    const WIDTH: f64 = 740.0;
+    let bars = || groups.iter().flat_map(|g| &g.bars);
+    let max = bars().map(|b| b.value).fold(0.0f64, f64::max);
+    if max <= 0.0 {
+        return 1.45;
+    }
+    bars()
+        .map(|bar| {
+            let text = (bar.text.chars().count() as f64 * 6.6 + 8.0).min(WIDTH * 0.7);
+            bar.value / max * WIDTH / (WIDTH - text)
+        })
+        .fold(1.2, f64::max)
+}
+
+/// `groups` on `area`, on one axis from 0 to `headroom` times the longest
+/// bar, which leaves room on its right for the bars' texts.
 fn bar_chart(
     area: &DrawingArea<SVGBackend<'_>, Shift>,
     caption: Option<&str>,
     unit: &str,
     groups: &[BarGroup],
+    headroom: f64,
 ) -> Result<()> {
     let rows: usize = groups.iter().map(|g| g.bars.len() + 1).sum();
     let max = groups
@@ -140,7 +192,7 @@ fn bar_chart(
     let mut chart = builder
         .margin(10)
         .x_label_area_size(32)
-        .build_cartesian_2d(0.0..max * 1.45, 0.0..total)
+        .build_cartesian_2d(0.0..max * headroom, 0.0..total)
         .map_err(drawing_error)?;
     chart
         .configure_mesh()
@@ -379,6 +431,41 @@ mod tests {
         assert!(svg.contains(">\n10\n<"), "axis in M/s: {svg}");
         assert!(svg.contains("dashmap  10.0 M/s"));
         assert!(svg.contains("read hit, 1 thread"));
+    }
+
+    #[test]
+    fn bar_panels_each_have_an_axis() {
+        let path = scratch("panels.svg");
+        let panel = |unit: &str, values: [f64; 2]| BarPanel {
+            unit: unit.into(),
+            group: BarGroup {
+                label: format!("in {unit}"),
+                bars: ["strong HashMap", "WeakValueMap"]
+                    .iter()
+                    .zip(values)
+                    .map(|(name, value)| Bar {
+                        name: name.to_string(),
+                        value,
+                        text: format!("{name}  {value}"),
+                    })
+                    .collect(),
+            },
+        };
+        bar_panels(
+            &path,
+            "three caches",
+            &[panel("x", [1.0, 0.5]), panel("MiB", [400.0, 100.0])],
+        )
+        .unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(svg.contains("three caches"), "{svg}");
+        assert!(svg.contains("WeakValueMap  0.5") && svg.contains("WeakValueMap  100"));
+        assert!(
+            svg.contains(">\nin MiB\n<") && svg.contains(">\nMiB\n<"),
+            "{svg}"
+        );
+        // Each panel's axis reaches its own longest bar: 400 MiB here.
+        assert!(svg.contains(">\n400\n<"), "{svg}");
     }
 
     #[test]

@@ -1,11 +1,13 @@
 //! `cargo bench-report [--quick] [--threads 1,2,4,8,16] [--no-run]`
 //!
 //! Runs every benchmark comparison of `weakrefs` (criterion, plus the
-//! memory and latency benches), then writes `BENCHMARKS.md` at the
-//! repository root and its SVG charts under `benches/charts/`.
+//! memory and latency benches) and the cache_server demo (`--tsv`), then
+//! writes `BENCHMARKS.md` at the repository root and its SVG charts under
+//! `benches/charts/`.
 //!
 //! * `--quick`: short criterion measurements and runs (a few minutes on
-//!   2 cores) instead of the full ones (about 5 minutes, plus the build).
+//!   2 cores) instead of the full ones (about 5 minutes, plus the build);
+//!   the demo runs 3 seconds instead of 6.
 //! * `--threads LIST`: the thread counts of the multi-threaded benchmarks
 //!   (default `1,2`); more than two counts add thread-scaling charts.
 //! * `--no-run`: regenerate the report from the last run's results
@@ -91,6 +93,10 @@ fn criterion_flags(quick: bool) -> &'static [&'static str] {
     }
 }
 
+/// The cache_server demo's whole run (all three caches), in seconds:
+/// full, then `--quick`.
+const DEMO_SECONDS: [&str; 2] = ["6", "3"];
+
 fn main() -> ExitCode {
     let args: Vec<OsString> = env::args_os().skip(1).collect();
     let options = match options(args.iter().cloned()) {
@@ -158,14 +164,31 @@ fn generate(options: &Options, command: String) -> Result<PathBuf, String> {
     Ok(path)
 }
 
-/// Builds the benchmarks, then runs every one, leaving their results
-/// under `work`.
+/// Builds the benchmarks and the demo, then runs the demo (first: it is
+/// the shortest, and a failure there stops the run early) and every
+/// benchmark, leaving their results under `work`.
 fn measure(root: &Path, options: &Options, work: &Path) -> Result<(), String> {
     let cargo = |args: &[&OsStr]| cargo(root, args, options, work);
     fn os<'a>(args: &[&'a str]) -> Vec<&'a OsStr> {
         args.iter().map(|arg| OsStr::new(*arg)).collect()
     }
     cargo(&os(&["bench", "-p", "weakrefs", "--benches", "--no-run"]))?;
+    // The bench profile (release, with debug info), so the demo shares
+    // the benchmarks' build of every dependency.
+    let demo = [
+        "--profile",
+        "bench",
+        "-p",
+        "weakrefs",
+        "--example",
+        "cache_server",
+    ];
+    cargo(&os(&[&["build"], &demo[..]].concat()))?;
+    let seconds = DEMO_SECONDS[usize::from(options.quick)];
+    let tsv = work.join("out").join(results::DEMO_TSV);
+    let mut run = os(&[&["run"], &demo[..], &["--", "--duration", seconds, "--tsv"]].concat());
+    run.push(tsv.as_os_str());
+    cargo(&run)?;
     for bench in CRITERION_BENCHES {
         let mut args = vec!["bench", "-p", "weakrefs", "--bench", bench, "--"];
         args.extend_from_slice(criterion_flags(options.quick));

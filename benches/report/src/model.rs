@@ -50,6 +50,8 @@ pub struct Run {
     /// Per design: latency samples in microseconds, sorted
     /// (`callback_latency`).
     pub latency: Vec<(String, Vec<f64>)>,
+    /// The cache_server demo's three caches, in the order it ran them.
+    pub demo: Vec<DemoCache>,
 }
 
 /// What one map holds per live entry: a row of `map_memory.tsv`.
@@ -73,6 +75,27 @@ pub struct ChurnRun {
     pub samples: Vec<ChurnSample>,
     /// Taken after every object died and `flush()` returned.
     pub last: ChurnSample,
+}
+
+/// One cache of the cache_server demo (examples/cache_server), as its
+/// `--tsv` file gives it: a row per cache.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+pub struct DemoCache {
+    /// `strong`, `weak` or `keep-warm`: the demo's `--cache` words.
+    pub kind: String,
+    /// The demo's name for it, its summary's column heading:
+    /// `strong HashMap`, `WeakValueMap`, `keep_recent(50)`.
+    pub cache: String,
+    pub requests: u64,
+    #[serde(deserialize_with = "finite")]
+    pub requests_per_second: f64,
+    pub latency_p50_us: u64,
+    pub latency_p99_us: u64,
+    pub objects_built: u64,
+    /// The most bytes of objects alive at once during the run.
+    pub peak_object_bytes: u64,
+    /// Bytes of objects still alive once the clients had left.
+    pub object_bytes_clients_gone: u64,
 }
 
 /// Where and how the run was made; saved beside the results

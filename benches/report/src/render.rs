@@ -6,9 +6,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::Path;
 
-use crate::charts::{self, Bar, BarGroup, Line, Panel};
+use crate::charts::{self, Bar, BarGroup, BarPanel, Line, Panel};
 use crate::compare::{case_label, cases, implementations, split_count, Case, Verdict, NOISE};
-use crate::model::{is_ours, ChurnRun, Context, Run};
+use crate::model::{is_ours, ChurnRun, Context, DemoCache, Run};
 use crate::prose::{self, Section, SECTIONS};
 
 /// A rate for people: millions per second, three significant digits.
@@ -124,6 +124,7 @@ pub fn report(
     md.push_str(&body);
     memory_sections(&mut md, run, charts_dir, charts_link)?;
     latency_section(&mut md, run, charts_dir, charts_link)?;
+    demo_section(&mut md, run, charts_dir, charts_link)?;
     Ok(md)
 }
 
@@ -472,10 +473,146 @@ fn latency_section(
     Ok(())
 }
 
+/// MiB for people, one decimal.
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
+}
+
+/// The cache_server demo's three caches side by side: a chart of three
+/// panels (requests per second against the strong cache, peak object
+/// memory, object memory once the clients left), a table, and what the
+/// run shows.
+fn demo_section(
+    md: &mut String,
+    run: &Run,
+    charts_dir: &Path,
+    charts_link: &str,
+) -> Result<(), String> {
+    if run.demo.is_empty() {
+        return Ok(());
+    }
+    let _ = writeln!(
+        md,
+        "## The cache_server demo: three caches under one load\n"
+    );
+    let _ = writeln!(md, "{}\n", prose::DEMO);
+    let find = |kind: &str| run.demo.iter().find(|cache| cache.kind == kind);
+    // Against the strong cache's rate, where there is one to divide by.
+    let strong_rate = find("strong")
+        .map(|strong| strong.requests_per_second)
+        .filter(|&rate| rate > 0.0);
+    let relative = |cache: &DemoCache| strong_rate.map(|rate| cache.requests_per_second / rate);
+
+    let panel =
+        |label: &str, unit: &str, figure: &dyn Fn(&DemoCache) -> Option<(f64, String)>| BarPanel {
+            unit: unit.into(),
+            group: BarGroup {
+                label: label.into(),
+                bars: run
+                    .demo
+                    .iter()
+                    .filter_map(|cache| {
+                        let (value, text) = figure(cache)?;
+                        let name = prose::demo_name(cache);
+                        Some(Bar {
+                            text: format!("{name}  {text}"),
+                            name,
+                            value,
+                        })
+                    })
+                    .collect(),
+            },
+        };
+    let mut panels = Vec::new();
+    if strong_rate.is_some() {
+        panels.push(panel(
+            "requests per second, against the strong cache",
+            "x the strong cache's requests/s",
+            &|cache| {
+                let ratio = relative(cache)?;
+                Some((
+                    ratio,
+                    format!("{ratio:.2}x ({:.0}/s)", cache.requests_per_second),
+                ))
+            },
+        ));
+    }
+    panels.push(panel("object memory at the peak", "MiB", &|cache| {
+        let value = mib(cache.peak_object_bytes);
+        Some((value, format!("{value:.1} MiB")))
+    }));
+    panels.push(panel(
+        "object memory once the clients left",
+        "MiB",
+        &|cache| {
+            let value = mib(cache.object_bytes_clients_gone);
+            Some((value, format!("{value:.1} MiB")))
+        },
+    ));
+    charts::bar_panels(
+        &charts_dir.join("cache_server.svg"),
+        "cache_server: three caches under one Zipf load",
+        &panels,
+    )?;
+    let _ = writeln!(md, "![cache_server demo]({charts_link}/cache_server.svg)\n");
+
+    let _ = writeln!(
+        md,
+        "| cache | requests/s | against the strong cache | latency p50 ms | latency p99 ms | \
+         objects built | peak object MiB | object MiB, clients gone |"
+    );
+    let _ = writeln!(
+        md,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    for cache in &run.demo {
+        let against = relative(cache).map_or("–".to_string(), |ratio| format!("{ratio:.2}x"));
+        let _ = writeln!(
+            md,
+            "| `{}` | {:.0} | {against} | {:.2} | {:.2} | {} | {:.1} | {:.1} |",
+            prose::demo_name(cache),
+            cache.requests_per_second,
+            cache.latency_p50_us as f64 / 1000.0,
+            cache.latency_p99_us as f64 / 1000.0,
+            cache.objects_built,
+            mib(cache.peak_object_bytes),
+            mib(cache.object_bytes_clients_gone),
+        );
+    }
+    if let (Some(strong), Some(weak), Some(warm)) =
+        (find("strong"), find("weak"), find("keep-warm"))
+    {
+        if strong_rate.is_some() && strong.peak_object_bytes > 0 {
+            let _ = writeln!(
+                md,
+                "\n**What it shows.** {}",
+                prose::demo_findings(strong, weak, warm)
+            );
+        }
+    }
+    md.push('\n');
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::{MapMemory, Measurement};
+
+    /// A demo cache that served `rate` requests per second.
+    fn demo_cache(kind: &str, cache: &str, rate: f64, peak: u64, gone: u64) -> DemoCache {
+        DemoCache {
+            kind: kind.into(),
+            cache: cache.into(),
+            requests: 6000,
+            requests_per_second: rate,
+            latency_p50_us: 1500,
+            latency_p99_us: 25_000,
+            objects_built: if kind == "weak" { 900 } else { 200 },
+            peak_object_bytes: peak,
+            object_bytes_clients_gone: gone,
+        }
+    }
 
     /// A measurement with a tight interval (±1%).
     fn m(case: &str, implementation: &str, per_second: f64) -> Measurement {
@@ -539,6 +676,11 @@ mod tests {
                 ("weakrefs".into(), vec![5.0, 6.0, 40.0]),
                 ("mpsc_thread".into(), vec![4.0, 5.0, 10.0]),
             ],
+            demo: vec![
+                demo_cache("strong", "strong HashMap", 1000.0, 400 << 20, 400 << 20),
+                demo_cache("weak", "WeakValueMap", 500.0, 100 << 20, 0),
+                demo_cache("keep-warm", "keep_recent(50)", 900.0, 150 << 20, 50 << 20),
+            ],
         };
         let context = Context {
             command: "cargo bench-report --quick".into(),
@@ -573,7 +715,32 @@ mod tests {
             md.contains("| `weakrefs` | 3 | 6.0 | 40.0 | 40.0 | 40.0 |"),
             "{md}"
         );
+        assert!(
+            md.contains(
+                "| `WeakValueMap + keep_recent(50)` | 900 | 0.90x | 1.50 | 25.00 | 200 | 150.0 | 50.0 |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "In this run, `WeakValueMap + keep_recent(50)` served 0.90x the strong cache's \
+                 requests per second at 0.38x its peak object memory, and held 50.0 MiB once \
+                 the clients had left, against the strong cache's 400.0 MiB. The pure \
+                 `WeakValueMap` served 0.50x the strong cache's requests per second at 0.25x \
+                 its peak object memory, built 900 objects to its 200, and held 0.0 MiB once \
+                 the clients had left."
+            ),
+            "{md}"
+        );
+        let svg = std::fs::read_to_string(dir.join("cache_server.svg")).unwrap();
+        assert!(
+            svg.contains("WeakValueMap + keep_recent(50)  0.90x (900/s)"),
+            "{svg}"
+        );
+        assert!(svg.contains("strong HashMap  400.0 MiB"), "{svg}");
+        assert!(svg.contains("WeakValueMap  0.0 MiB"), "{svg}");
         for chart in [
+            "cache_server.svg",
             "map_read_sizes_by_keys.svg",
             "map_reads.svg",
             "map_churn.svg",

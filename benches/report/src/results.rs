@@ -1,6 +1,6 @@
-//! What a run left behind, read into the model: criterion's estimates and
+//! What a run left behind, read into the model: criterion's estimates,
 //! the tab-separated files the memory and latency benchmarks write
-//! (benches/support/out.rs).
+//! (benches/support/out.rs), and the cache_server demo's `--tsv` file.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -75,11 +75,17 @@ pub fn criterion_dir(home: &Path) -> Result<Vec<Measurement>, String> {
     Ok(found.into_values().collect())
 }
 
-/// Reads what the benchmarks left in `criterion_home` and `out`.
+/// The file name the demo's figures are saved under, in the run's output
+/// directory beside the benchmarks' files.
+pub const DEMO_TSV: &str = "cache_server.tsv";
+
+/// Reads what the benchmarks and the demo left in `criterion_home` and
+/// `out`.
 pub fn load(criterion_home: &Path, out: &Path) -> Result<Run, String> {
     let mut run = Run {
         measurements: criterion_dir(criterion_home)?,
         map_memory: table(out, "map_memory.tsv")?,
+        demo: table(out, DEMO_TSV)?,
         ..Run::default()
     };
     // The samples taken while objects came and went, per map; the one
@@ -201,7 +207,7 @@ fn describe(error: &csv::Error, text: &str, header: &csv::StringRecord) -> Strin
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{is_floor, is_ours, MapMemory};
+    use crate::model::{is_floor, is_ours, DemoCache, MapMemory};
 
     const MEDIAN_50NS: &str = r#"{"median":{"point_estimate":50.0,
         "confidence_interval":{"lower_bound":20.0,"upper_bound":100.0}}}"#;
@@ -287,7 +293,36 @@ mod tests {
     }
 
     #[test]
-    fn load_reads_what_the_benches_write() {
+    fn demo_rows_read_as_the_demo_writes_them() {
+        let rows: Vec<DemoCache> = tsv(
+            "kind\tcache\trequests\trequests_per_second\tlatency_p50_us\tlatency_p99_us\t\
+             objects_built\tpeak_object_bytes\tobject_bytes_clients_gone\n\
+             keep-warm\tkeep_recent(50)\t900\t4500.5\t130\t2100\t60\t1048576\t524288\n",
+        )
+        .unwrap();
+        assert_eq!(
+            rows,
+            [DemoCache {
+                kind: "keep-warm".into(),
+                cache: "keep_recent(50)".into(),
+                requests: 900,
+                requests_per_second: 4500.5,
+                latency_p50_us: 130,
+                latency_p99_us: 2100,
+                objects_built: 60,
+                peak_object_bytes: 1 << 20,
+                object_bytes_clients_gone: 1 << 19,
+            }]
+        );
+        let negative = "kind\tcache\trequests\trequests_per_second\tlatency_p50_us\t\
+            latency_p99_us\tobjects_built\tpeak_object_bytes\tobject_bytes_clients_gone\n\
+            weak\tWeakValueMap\t-1\t1\t1\t1\t1\t1\t1\n";
+        let err = tsv::<DemoCache>(negative).unwrap_err();
+        assert!(err.starts_with("line 2: column \"requests\": "), "{err}");
+    }
+
+    #[test]
+    fn load_reads_what_the_benches_and_the_demo_write() {
         let dir = std::env::temp_dir().join(format!("weakrefs-load-{}", std::process::id()));
         let bench = dir.join("criterion/churn/weakrefs/new");
         fs::create_dir_all(&bench).unwrap();
@@ -320,6 +355,14 @@ mod tests {
             "design\tmicros\nw\t9.0\nw\t3.0\nm\t4.0\n",
         )
         .unwrap();
+        fs::write(
+            out.join(DEMO_TSV),
+            "kind\tcache\trequests\trequests_per_second\tlatency_p50_us\tlatency_p99_us\t\
+             objects_built\tpeak_object_bytes\tobject_bytes_clients_gone\n\
+             strong\tstrong HashMap\t10\t5\t1\t2\t3\t4\t4\n\
+             weak\tWeakValueMap\t10\t5\t1\t2\t3\t4\t0\n",
+        )
+        .unwrap();
         let run = load(&dir.join("criterion"), &out).unwrap();
         assert_eq!(run.measurements.len(), 1);
         assert!((run.measurements[0].per_second - 1e6).abs() < 1e-3);
@@ -343,6 +386,10 @@ mod tests {
                 ("w".to_string(), vec![3.0, 9.0]),
                 ("m".to_string(), vec![4.0])
             ]
+        );
+        assert_eq!(
+            run.demo.iter().map(|c| c.kind.as_str()).collect::<Vec<_>>(),
+            ["strong", "weak"]
         );
         fs::write(
             out.join("churn_memory.tsv"),
@@ -369,6 +416,9 @@ mod tests {
             err.contains("callback_latency.tsv: line 2: column \"micros\""),
             "{err}"
         );
+        fs::remove_file(out.join(DEMO_TSV)).unwrap();
+        let err = load(&dir.join("criterion"), &out).err().unwrap();
+        assert!(err.contains(DEMO_TSV), "{err}");
         fs::remove_dir_all(&dir).unwrap();
     }
 }
