@@ -98,6 +98,11 @@ pub struct DemoCache {
     pub object_bytes_clients_gone: u64,
 }
 
+/// Bytes in MiB.
+pub fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
+}
+
 /// Where and how the run was made; saved beside the results
 /// (`context.json`) so that `--no-run` redraws the same header.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -3,7 +3,7 @@
 //! figure is written in by render.rs or handed to a function here;
 //! nothing here states a result of its own.
 
-use crate::model::DemoCache;
+use crate::model::{mib, DemoCache};
 
 /// A criterion comparison the report presents.
 pub struct Section {
@@ -274,7 +274,6 @@ pub const DEMO: &str = "\
 pub fn demo_findings(strong: &DemoCache, weak: &DemoCache, warm: &DemoCache) -> String {
     let rate = |cache: &DemoCache| cache.requests_per_second / strong.requests_per_second;
     let peak = |cache: &DemoCache| cache.peak_object_bytes as f64 / strong.peak_object_bytes as f64;
-    let mib = |bytes: u64| bytes as f64 / (1u64 << 20) as f64;
     format!(
         "In this run, `{warm_name}` served {:.2}x the strong cache's requests per second at \
          {:.2}x its peak object memory, and held {:.1} MiB once the clients had left, against \

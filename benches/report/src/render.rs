@@ -8,7 +8,7 @@ use std::path::Path;
 
 use crate::charts::{self, Bar, BarGroup, BarPanel, Line, Panel};
 use crate::compare::{case_label, cases, implementations, split_count, Case, Verdict, NOISE};
-use crate::model::{is_ours, ChurnRun, Context, DemoCache, Run};
+use crate::model::{is_ours, mib, ChurnRun, Context, DemoCache, Run};
 use crate::prose::{self, Section, SECTIONS};
 
 /// A rate for people: millions per second, three significant digits.
@@ -471,11 +471,6 @@ fn latency_section(
     }
     let _ = writeln!(md, "\n**What explains it.** {}\n", prose::LATENCY_WHY);
     Ok(())
-}
-
-/// MiB for people, one decimal.
-fn mib(bytes: u64) -> f64 {
-    bytes as f64 / (1u64 << 20) as f64
 }
 
 /// The cache_server demo's three caches side by side: a chart of three
