@@ -14,3 +14,23 @@ ensure_component() {
 host_triple() {
     rustc -vV | sed -n 's/^host: //p'
 }
+
+# rust_version: the `rust-version` in the root Cargo.toml's [package]
+# (e.g. 1.85), the one place the MSRV is written.
+rust_version() {
+    local version
+    version=$(sed -n '/^\[package\]/,/^\[/s/^rust-version *= *"\([0-9.]*\)".*/\1/p' Cargo.toml)
+    if [ -z "$version" ]; then
+        echo "no rust-version in Cargo.toml's [package]" >&2
+        return 1
+    fi
+    printf '%s\n' "$version"
+}
+
+# ensure_toolchain TOOLCHAIN: install a rustup toolchain (minimal profile)
+# if absent.
+ensure_toolchain() {
+    if ! rustup run "$1" rustc --version >/dev/null 2>&1; then
+        rustup toolchain install "$1" --profile minimal
+    fi
+}

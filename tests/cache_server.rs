@@ -2,17 +2,22 @@
 //! ephemeral loopback port and driven with real HTTP requests: responses
 //! are right, and the cached objects (and per-connection sessions) are
 //! released once the clients are gone, without any purge: all of them by
-//! the pure weak cache, all but its tier by the keep-warm one.
+//! the pure weak cache, all but its tier by the keep-warm one. And the
+//! whole demo, three caches in a row, writes its summary with `--tsv`.
 
-#[path = "../examples/cache_server/server.rs"]
-mod server;
+// The demo's main.rs: its flags and its run, and the server module these
+// tests drive.
+#[path = "../examples/cache_server/main.rs"]
+#[allow(dead_code)] // main() and --serve belong to the example alone
+mod demo;
 
+use std::ffi::OsString;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard};
 use std::time::Duration;
 
+use demo::server::{self, App, CacheKind, Client, LoadConfig, LoadReport, OBJECT_BYTES};
 use hyper::StatusCode;
-use server::{App, CacheKind, Client, LoadConfig, LoadReport, OBJECT_BYTES};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -64,6 +69,19 @@ async fn load(addr: std::net::SocketAddr) -> LoadReport {
     .await
 }
 
+/// The demo checks, as it runs, that its weak caches hold nothing (or
+/// only the tier) once its clients have left, after one `flush`: true
+/// when it has the process to itself, as when it is run, but not beside
+/// tests whose threads hold epoch pins that delay those releases. So the
+/// other tests share this lock (read) and the demo's takes it alone
+/// (write).
+static DEMO_ALONE: RwLock<()> = RwLock::new(());
+
+/// Keeps the demo's test from running beside the caller.
+fn beside_other_tests() -> RwLockReadGuard<'static, ()> {
+    DEMO_ALONE.read().unwrap_or_else(PoisonError::into_inner)
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -74,6 +92,7 @@ fn runtime() -> tokio::runtime::Runtime {
 
 #[test]
 fn serves_objects_and_releases_them_when_clients_leave() {
+    let _shared = beside_other_tests();
     runtime().block_on(async {
         let (app, addr, stop, server) = start(CacheKind::Weak).await;
         let mut a = Client::connect(addr).await.unwrap();
@@ -131,6 +150,7 @@ fn serves_objects_and_releases_them_when_clients_leave() {
 
 #[test]
 fn a_load_run_is_correct_and_leaves_nothing_behind() {
+    let _shared = beside_other_tests();
     runtime().block_on(async {
         let (app, addr, stop, server) = start(CacheKind::Weak).await;
         let report = load(addr).await;
@@ -155,6 +175,7 @@ fn a_load_run_is_correct_and_leaves_nothing_behind() {
 
 #[test]
 fn the_keep_warm_cache_keeps_its_tier_alone_and_serves_from_it() {
+    let _shared = beside_other_tests();
     const RECENT: usize = 4;
     runtime().block_on(async {
         let (app, addr, stop, server) = start(CacheKind::KeepWarm { recent: RECENT }).await;
@@ -211,6 +232,7 @@ fn the_keep_warm_cache_keeps_its_tier_alone_and_serves_from_it() {
 
 #[test]
 fn the_strong_cache_keeps_what_it_built() {
+    let _shared = beside_other_tests();
     runtime().block_on(async {
         let (app, addr, stop, server) = start(CacheKind::Strong).await;
         let mut client = Client::connect(addr).await.unwrap();
@@ -229,6 +251,77 @@ fn the_strong_cache_keeps_what_it_built() {
             "the strong cache holds on to everything it built"
         );
     });
+}
+
+#[test]
+fn the_demo_writes_its_summary_with_tsv() {
+    const RECENT: usize = 4;
+    let _alone = DEMO_ALONE.write().unwrap_or_else(PoisonError::into_inner);
+    let path = std::env::temp_dir().join(format!("cache_server-{}.tsv", std::process::id()));
+    let parse = |args: &[&str]| demo::parse(args.iter().map(OsString::from));
+    assert!(parse(&["--tsv"]).unwrap_err().contains("--tsv"));
+    let mut args: Vec<OsString> = [
+        "--duration",
+        "1.5",
+        "--clients",
+        "4",
+        "--requests",
+        "200",
+        "--objects",
+        "20",
+        "--keep-recent",
+        "4",
+        "--tsv",
+    ]
+    .iter()
+    .map(OsString::from)
+    .collect();
+    args.push(path.clone().into());
+    let config = demo::parse(args).unwrap().expect("not --help");
+    // The demo's own checks pass: nothing left in the weak cache, the
+    // tier alone in the keep-warm one.
+    runtime().block_on(demo::demo(&config)).unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some(demo::TSV_COLUMNS.join("\t").as_str()));
+    let rows: Vec<Vec<&str>> = lines.map(|line| line.split('\t').collect()).collect();
+    let names: Vec<_> = rows.iter().map(|row| (row[0], row[1])).collect();
+    assert_eq!(
+        names,
+        [
+            ("strong", "strong HashMap"),
+            ("weak", "WeakValueMap"),
+            ("keep-warm", "keep_recent(4)")
+        ],
+        "{text}"
+    );
+    let figure = |row: &[&str], column: &str| -> f64 {
+        assert_eq!(row.len(), demo::TSV_COLUMNS.len(), "{text}");
+        let i = demo::TSV_COLUMNS.iter().position(|c| *c == column).unwrap();
+        row[i]
+            .parse()
+            .unwrap_or_else(|e| panic!("{column}: {e}\n{text}"))
+    };
+    for row in &rows {
+        let requests = figure(row, "requests");
+        assert!((1.0..=200.0).contains(&requests), "{text}");
+        assert!(figure(row, "requests_per_second") > 0.0, "{text}");
+        assert!(figure(row, "latency_p50_us") <= figure(row, "latency_p99_us"));
+        assert!(figure(row, "objects_built") >= 1.0, "{text}");
+        assert!(
+            figure(row, "peak_object_bytes") >= OBJECT_BYTES as f64,
+            "{text}"
+        );
+    }
+    let gone = |row: &[&str]| figure(row, "object_bytes_clients_gone");
+    assert!(
+        gone(&rows[0]) >= OBJECT_BYTES as f64,
+        "the strong cache keeps all: {text}"
+    );
+    assert_eq!(gone(&rows[1]), 0.0, "{text}");
+    assert!(gone(&rows[2]) <= (RECENT * OBJECT_BYTES) as f64, "{text}");
 }
 
 /// Flushes until every object is released and its entry gone.

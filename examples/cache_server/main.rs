@@ -6,6 +6,7 @@
 //! cargo run --release --example cache_server                  # about 12 s, then a summary
 //! cargo run --release --example cache_server -- --serve       # keep serving, for curl
 //! cargo run --release --example cache_server -- --help
+//! cargo run --release --example cache_server -- --tsv summary.tsv
 //! ```
 //!
 //! The run has three thirds with the same Zipf load, one per cache:
@@ -30,14 +31,18 @@
 //! the tail thinner or fatter, `--keep-recent` the tier larger or smaller).
 //!
 //! The summary compares what each cache served, built, and kept resident
-//! at its peak and after the clients left; the demo fails if a weak cache
-//! keeps more than it may then: nothing for the pure one, at most N objects
-//! for the keep-warm one (the sessions, which hold objects while their
-//! clients are connected, are gone by then).
+//! at its peak and after the clients left (`--tsv PATH` also writes those
+//! figures to a file, a tab-separated row per cache, which `cargo
+//! bench-report` charts); the demo fails if a weak cache keeps more than
+//! it may then: nothing for the pure one, at most N objects for the
+//! keep-warm one (the sessions, which hold objects while their clients
+//! are connected, are gone by then).
 
-mod server;
+pub(crate) mod server;
 
 use std::ffi::OsString;
+use std::fmt::Write as _;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -51,7 +56,7 @@ use weakrefs::Strong;
 
 const USAGE: &str = "\
 usage: cache_server [--duration SECONDS] [--clients N] [--threads N] [--requests N]
-                    [--objects N] [--zipf EXPONENT] [--keep-recent N]
+                    [--objects N] [--zipf EXPONENT] [--keep-recent N] [--tsv PATH]
        cache_server --serve [--port PORT] [--threads N] [--cache KIND] [--keep-recent N]
 
   --duration SECONDS  length of the whole run, all three caches (default 12)
@@ -62,12 +67,14 @@ usage: cache_server [--duration SECONDS] [--clients N] [--threads N] [--requests
   --zipf EXPONENT     Zipf's exponent, 0 (uniform) to 10 (default 1, the classic skew)
   --keep-recent N     the keep-warm tier's size (default: a quarter of the objects,
                       the hot set that draws about three quarters of the requests)
+  --tsv PATH          also write the summary's figures to PATH: a header line, then
+                      a tab-separated row per cache
   --serve             serve until interrupted, printing the URL, no load
   --port PORT         port for --serve (default 8080; 0 picks a free one)
   --cache KIND        the cache --serve uses: strong, weak or keep-warm (default)";
 
 #[derive(Debug)]
-struct Config {
+pub(crate) struct Config {
     duration: Duration,
     clients: usize,
     threads: usize,
@@ -76,6 +83,8 @@ struct Config {
     zipf: f64,
     /// `None`: a quarter of `objects`.
     keep_recent: Option<usize>,
+    /// `--tsv`: where to write the summary's figures too.
+    tsv: Option<PathBuf>,
     serve: bool,
     port: u16,
     cache: ServeCache,
@@ -97,7 +106,7 @@ impl Config {
 }
 
 /// The command line's config, `Ok(None)` for `--help`, or what is wrong.
-fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Option<Config>, String> {
+pub(crate) fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Option<Config>, String> {
     use lexopt::prelude::*;
 
     let mut config = Config {
@@ -108,6 +117,7 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Option<Config>, Str
         objects: 200,
         zipf: 1.0,
         keep_recent: None,
+        tsv: None,
         serve: false,
         port: 8080,
         cache: ServeCache::KeepWarm,
@@ -138,6 +148,7 @@ fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Option<Config>, Str
             Long("keep-recent") => {
                 config.keep_recent = Some(number(&mut parser, "--keep-recent", 1)?);
             }
+            Long("tsv") => config.tsv = Some(parser.value().map_err(|e| e.to_string())?.into()),
             Long("port") => config.port = number(&mut parser, "--port", 0)?,
             Long("serve") => config.serve = true,
             Long("cache") => {
@@ -258,7 +269,7 @@ impl Run {
     }
 }
 
-async fn demo(config: &Config) -> Result<(), String> {
+pub(crate) async fn demo(config: &Config) -> Result<(), String> {
     let recent = config.keep_recent();
     let kinds = [
         CacheKind::Strong,
@@ -357,6 +368,10 @@ async fn demo(config: &Config) -> Result<(), String> {
         weak = weak.kind,
         warm = warm.kind,
     );
+    if let Some(path) = &config.tsv {
+        std::fs::write(path, summary_tsv(&runs))
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
 
     if runs.iter().any(|r| r.load.errors > 0) {
         return Err("some requests failed (see the errors row)".into());
@@ -376,6 +391,47 @@ async fn demo(config: &Config) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// The columns of `--tsv`'s file: the cache's `--cache` word and its
+/// name as the summary heads its column, then the summary's figures in
+/// whole units (latencies in microseconds, memory in bytes).
+pub(crate) const TSV_COLUMNS: [&str; 9] = [
+    "kind",
+    "cache",
+    "requests",
+    "requests_per_second",
+    "latency_p50_us",
+    "latency_p99_us",
+    "objects_built",
+    "peak_object_bytes",
+    "object_bytes_clients_gone",
+];
+
+/// The summary as `--tsv` writes it: a header line, then a row per cache.
+fn summary_tsv(runs: &[Run]) -> String {
+    let mut tsv = TSV_COLUMNS.join("\t");
+    tsv.push('\n');
+    for run in runs {
+        let kind = match run.kind {
+            CacheKind::Strong => "strong",
+            CacheKind::Weak => "weak",
+            CacheKind::KeepWarm { .. } => "keep-warm",
+        };
+        let _ = writeln!(
+            tsv,
+            "{kind}\t{}\t{}\t{:.1}\t{}\t{}\t{}\t{}\t{}",
+            run.kind,
+            run.load.requests,
+            run.requests_per_second(),
+            run.load.percentile(50.0).as_micros(),
+            run.load.percentile(99.0).as_micros(),
+            run.builds,
+            run.peak_bytes,
+            run.bytes_after,
+        );
+    }
+    tsv
 }
 
 fn mib(bytes: usize) -> String {

@@ -7,12 +7,27 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use crate::results::is_ours;
+use crate::model::is_ours;
 
-/// One group of bars: a case and the throughput of each implementation.
+/// One bar: whose it is (which sets its colour), its length in the
+/// chart's unit, and the text written after it.
+pub struct Bar {
+    pub name: String,
+    pub value: f64,
+    pub text: String,
+}
+
+/// One group of bars under a heading: a case and each implementation's
+/// figure.
 pub struct BarGroup {
     pub label: String,
-    pub bars: Vec<(String, f64)>,
+    pub bars: Vec<Bar>,
+}
+
+/// One panel of a stacked bar chart: a group on an axis of its own.
+pub struct BarPanel {
+    pub unit: String,
+    pub group: BarGroup,
 }
 
 /// One line of a line chart.
@@ -89,30 +104,95 @@ fn naming(path: &Path) -> impl FnOnce(String) -> String + '_ {
     move |e| format!("drawing {}: {e}", path.display())
 }
 
-/// Horizontal bars, one group per case, each bar labelled with its
-/// implementation and value.
+/// Horizontal bars, one group per case, on one axis; each bar labelled
+/// with its text.
 pub fn bars(path: &Path, title: &str, unit: &str, groups: &[BarGroup]) -> Result<()> {
     draw_bars(path, title, unit, groups).map_err(naming(path))
 }
 
 fn draw_bars(path: &Path, title: &str, unit: &str, groups: &[BarGroup]) -> Result<()> {
-    const ROW: u32 = 17;
-    let rows: usize = groups.iter().map(|g| g.bars.len() + 1).sum();
-    let height = 70 + ROW * rows as u32 + 8 * groups.len() as u32;
+    let root = SVGBackend::new(path, (760, bars_height(groups))).into_drawing_area();
+    root.fill(&WHITE).map_err(drawing_error)?;
+    bar_chart(&root, Some(title), unit, groups, 1.45)?;
+    root.present().map_err(drawing_error)
+}
+
+/// Bar charts stacked vertically under one title, each panel's group on
+/// an axis of its own: figures of different units side by side.
+pub fn bar_panels(path: &Path, title: &str, panels: &[BarPanel]) -> Result<()> {
+    draw_bar_panels(path, title, panels).map_err(naming(path))
+}
+
+fn draw_bar_panels(path: &Path, title: &str, panels: &[BarPanel]) -> Result<()> {
+    const TITLE: u32 = 30;
+    let heights: Vec<u32> = panels
+        .iter()
+        .map(|panel| bars_height(std::slice::from_ref(&panel.group)))
+        .collect();
+    let height = TITLE + heights.iter().sum::<u32>();
     let root = SVGBackend::new(path, (760, height)).into_drawing_area();
     root.fill(&WHITE).map_err(drawing_error)?;
-    // Drawn in millions per second; labelled with `rate`.
+    let mut area = root
+        .titled(title, ("sans-serif", 17))
+        .map_err(drawing_error)?;
+    for (panel, height) in panels.iter().zip(heights) {
+        let (top, rest) = area.split_vertically(height);
+        let group = std::slice::from_ref(&panel.group);
+        bar_chart(&top, None, &panel.unit, group, headroom(group))?;
+        area = rest;
+    }
+    root.present().map_err(drawing_error)
+}
+
+/// The height that fits `groups`' bars and headings.
+fn bars_height(groups: &[BarGroup]) -> u32 {
+    const ROW: u32 = 17;
+    let rows: usize = groups.iter().map(|g| g.bars.len() + 1).sum();
+    70 + ROW * rows as u32 + 8 * groups.len() as u32
+}
+
+/// How far past the longest bar an axis must reach for every bar's text
+/// to fit after it, as a multiple of that bar (at least 1.2): texts are
+/// 12-pixel sans-serif, about 6.6 pixels a character, on a 740-pixel plot.
+fn headroom(groups: &[BarGroup]) -> f64 {
+    const WIDTH: f64 = 740.0;
+    let bars = || groups.iter().flat_map(|g| &g.bars);
+    let max = bars().map(|b| b.value).fold(0.0f64, f64::max);
+    if max <= 0.0 {
+        return 1.45;
+    }
+    bars()
+        .map(|bar| {
+            let text = (bar.text.chars().count() as f64 * 6.6 + 8.0).min(WIDTH * 0.7);
+            bar.value / max * WIDTH / (WIDTH - text)
+        })
+        .fold(1.2, f64::max)
+}
+
+/// `groups` on `area`, on one axis from 0 to `headroom` times the longest
+/// bar, which leaves room on its right for the bars' texts.
+fn bar_chart(
+    area: &DrawingArea<SVGBackend<'_>, Shift>,
+    caption: Option<&str>,
+    unit: &str,
+    groups: &[BarGroup],
+    headroom: f64,
+) -> Result<()> {
+    let rows: usize = groups.iter().map(|g| g.bars.len() + 1).sum();
     let max = groups
         .iter()
-        .flat_map(|g| g.bars.iter().map(|b| b.1 / 1e6))
+        .flat_map(|g| g.bars.iter().map(|b| b.value))
         .fold(0.0f64, f64::max)
         .max(f64::MIN_POSITIVE);
     let total = rows as f64 + 0.5 * groups.len() as f64;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 17))
+    let mut builder = ChartBuilder::on(area);
+    if let Some(caption) = caption {
+        builder.caption(caption, ("sans-serif", 17));
+    }
+    let mut chart = builder
         .margin(10)
         .x_label_area_size(32)
-        .build_cartesian_2d(0.0..max * 1.45, 0.0..total)
+        .build_cartesian_2d(0.0..max * headroom, 0.0..total)
         .map_err(drawing_error)?;
     chart
         .configure_mesh()
@@ -139,19 +219,18 @@ fn draw_bars(path: &Path, title: &str, unit: &str, groups: &[BarGroup]) -> Resul
             )])
             .map_err(drawing_error)?;
         top -= 1.0;
-        for (name, per_second) in &group.bars {
-            let value = &(per_second / 1e6);
-            let fill = colour(name, &mut ours, &mut theirs);
+        for bar in &group.bars {
+            let fill = colour(&bar.name, &mut ours, &mut theirs);
             chart
                 .draw_series([Rectangle::new(
-                    [(0.0, top - 0.85), (*value, top - 0.15)],
+                    [(0.0, top - 0.85), (bar.value, top - 0.15)],
                     fill.filled(),
                 )])
                 .map_err(drawing_error)?;
             chart
                 .draw_series([Text::new(
-                    format!("{name}  {}", crate::render::rate(*per_second)),
-                    (*value + max * 0.01, top - 0.5),
+                    bar.text.clone(),
+                    (bar.value + max * 0.01, top - 0.5),
                     left.clone(),
                 )])
                 .map_err(drawing_error)?;
@@ -159,7 +238,7 @@ fn draw_bars(path: &Path, title: &str, unit: &str, groups: &[BarGroup]) -> Resul
         }
         top -= 0.5;
     }
-    root.present().map_err(drawing_error)
+    Ok(())
 }
 
 /// Line charts stacked vertically, one per panel, sharing a title.
@@ -336,9 +415,14 @@ mod tests {
     #[test]
     fn bar_chart_names_every_bar() {
         let path = scratch("bars.svg");
+        let bar = |name: &str, value: f64| Bar {
+            name: name.into(),
+            value,
+            text: format!("{name}  {value:.1} M/s"),
+        };
         let groups = [BarGroup {
             label: "read hit, 1 thread".into(),
-            bars: vec![("weakrefs".into(), 12.5e6), ("dashmap".into(), 10.0e6)],
+            bars: vec![bar("weakrefs", 12.5), bar("dashmap", 10.0)],
         }];
         bars(&path, "reads", "M/s", &groups).unwrap();
         let svg = std::fs::read_to_string(&path).unwrap();
@@ -347,6 +431,41 @@ mod tests {
         assert!(svg.contains(">\n10\n<"), "axis in M/s: {svg}");
         assert!(svg.contains("dashmap  10.0 M/s"));
         assert!(svg.contains("read hit, 1 thread"));
+    }
+
+    #[test]
+    fn bar_panels_each_have_an_axis() {
+        let path = scratch("panels.svg");
+        let panel = |unit: &str, values: [f64; 2]| BarPanel {
+            unit: unit.into(),
+            group: BarGroup {
+                label: format!("in {unit}"),
+                bars: ["strong HashMap", "WeakValueMap"]
+                    .iter()
+                    .zip(values)
+                    .map(|(name, value)| Bar {
+                        name: name.to_string(),
+                        value,
+                        text: format!("{name}  {value}"),
+                    })
+                    .collect(),
+            },
+        };
+        bar_panels(
+            &path,
+            "three caches",
+            &[panel("x", [1.0, 0.5]), panel("MiB", [400.0, 100.0])],
+        )
+        .unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(svg.contains("three caches"), "{svg}");
+        assert!(svg.contains("WeakValueMap  0.5") && svg.contains("WeakValueMap  100"));
+        assert!(
+            svg.contains(">\nin MiB\n<") && svg.contains(">\nMiB\n<"),
+            "{svg}"
+        );
+        // Each panel's axis reaches its own longest bar: 400 MiB here.
+        assert!(svg.contains(">\n400\n<"), "{svg}");
     }
 
     #[test]

@@ -6,225 +6,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::Path;
 
-use crate::charts::{self, BarGroup, Line, Panel};
-use crate::results::{is_floor, is_ours, Measurement};
-
-/// A criterion comparison the report presents.
-pub struct Section {
-    /// Anchor and chart file stem.
-    pub id: &'static str,
-    pub title: &'static str,
-    /// The `cargo bench --bench` target that measures it.
-    pub bench: &'static str,
-    /// Criterion ids of its cases start with one of these.
-    pub prefixes: &'static [&'static str],
-    /// What one element of throughput is.
-    pub unit: &'static str,
-    /// What is measured, against what.
-    pub what: &'static str,
-    /// What the numbers come from: the costs each side pays.
-    pub why: &'static str,
-}
-
-/// The criterion comparisons, in report order.
-pub const SECTIONS: &[Section] = &[
-    Section {
-        id: "handles",
-        title: "Handles: `Strong`/`Weak` against `std::sync::{Arc, Weak}`",
-        bench: "handles",
-        prefixes: &["upgrade/", "clone_drop/", "downgrade/"],
-        unit: "million operations per second",
-        what: "`Weak::upgrade` (and dropping the result), `Strong::clone` plus drop, and \
-               `Strong::downgrade` (plus drop), on one object; on one thread, and on several threads \
-               sharing the object (every thread's operations counted).",
-        why: "Both sides do the same atomic operations on the same counts: an upgrade is one \
-              compare-and-swap loop on the strong count, a clone one increment, a drop one \
-              decrement. What differs is what is around them, so the two should be within noise \
-              of each other. On two threads every operation moves the object's count line \
-              between the cores, for both implementations alike.",
-    },
-    Section {
-        id: "map_reads",
-        title: "WeakValueMap read hits",
-        bench: "maps",
-        prefixes: &["read_hit/"],
-        unit: "million lookups per second (each upgraded to a strong handle)",
-        what: "100 000 live keys, every read a hit that upgrades the value, uniform keys or \
-               skewed ones (80% of reads on 1% of the keys), on each thread count of the run. \
-               Against \
-               `DashMap<u64, std::sync::Weak<u64>>`, `RwLock<HashMap<..>>`, \
-               `RwLock<weak_table::WeakValueHashMap<..>>`, `papaya::HashMap<..>`, \
-               `scc::HashIndex<..>` and `scc::HashMap<..>`, and an unsynchronised \
-               `std::collections::HashMap<..>` read in place (`std_hashmap_unsync`, the floor: \
-               no lock, no pin).",
-        why: "A read pins the epoch (one atomic swap), hashes the key, probes a table of \
-              32-byte slots (tag, key, the value's `Weak`, the entry's callback handle) kept at \
-              most 3/4 full, compares the key inline, and upgrades the value (a \
-              compare-and-swap on its count). Keys live in the slot: a table rebuild clones \
-              them into the new table rather than copying bytes a reader's `Eq` may be \
-              writing (SAFETY.md, M3). `DashMap` takes a read lock instead of the pin (two \
-              atomic operations) and probes 16-byte buckets; `scc::HashIndex` pins too and \
-              probes buckets of 16-byte entries behind a metadata word. At 100 000 keys every \
-              map's reads are bound by memory: the slot's line and the value's control block, \
-              which in this crate also holds the callback list and so is larger than \
-              `Arc`'s.",
-    },
-    Section {
-        id: "map_read_sizes",
-        title: "WeakValueMap read hits by map size",
-        bench: "maps",
-        prefixes: &["read_hit_by_size/"],
-        unit: "million lookups per second, 1 thread",
-        what: "Uniform read hits on one thread, as above, at 1 000 to 1 000 000 live keys, \
-               against `DashMap<u64, std::sync::Weak<u64>>` and `scc::HashIndex<..>`: from maps \
-               that fit in the core's caches to maps that do not fit in any.",
-        why: "This separates the two costs of a read. Where both maps fit in cache, the work per \
-              read decides: this crate's lock-free read (an epoch pin, a probe, an upgrade) \
-              against `DashMap`'s locked one (a read lock and unlock, a probe, an upgrade), about \
-              the same number of atomic operations. As the map grows, its footprint decides: \
-              per entry this crate keeps a 32-byte slot at up to 3/4 load (key inline) and a \
-              control block per value, against `DashMap`'s 16-byte inline bucket and `Arc`'s \
-              smaller block, so this crate's working set outgrows the caches first. Once neither \
-              fits, both pay memory latency per lookup and draw closer again.",
-    },
-    Section {
-        id: "map_churn",
-        title: "WeakValueMap churn: insert, then the value dies",
-        bench: "maps",
-        prefixes: &["churn"],
-        unit: "million inserts per second (batches of 1024 values that die)",
-        what: "1024 fresh values are inserted under 1024 keys and dropped. This crate removes \
-               each dead entry by its death callback and calls `flush()` after each batch; \
-               `DashMap` sweeps with `retain` after each batch, and weak-table runs \
-               `remove_expired` after each batch.",
-        why: "Each insert here allocates a callback node and links it onto the value; each death runs that callback on the dying thread, which \
-              takes the shard's lock, unlinks the entry and retires it to the epoch collector. \
-              The baselines allocate nothing per insert once their tables have grown and do no \
-              work at death: dead entries stay, payload allocation and all, until the next sweep, \
-              which here comes after every 1024 inserts and visits only 1024 entries. Exact, \
-              automatic removal is what the extra work buys; the churn memory section below \
-              shows what the sweeps leave when they are further apart.",
-    },
-    Section {
-        id: "single_flight",
-        title: "Single-flight `get_or_insert_with` on one hot key",
-        bench: "maps",
-        prefixes: &["single_flight_hot_key/"],
-        unit: "million calls per second, all threads",
-        what: "Every thread calls `get_or_insert_with` for one key whose value stays alive, \
-               against two ways to write it with `DashMap<u64, std::sync::Weak<u64>>`: \
-               `entry().or_default()` on every call (`dashmap_entry`), and a `get` first with \
-               `entry` only on a miss (`dashmap_get_then_entry`); both upgrade, and would \
-               rebuild a dead value under the shard's write lock.",
-        why: "A hit is a lock-free read in this crate: threads share the value's count line and \
-              nothing else. `dashmap_entry` takes the shard's write lock on every call, hit or \
-              not, so threads queue on it; `dashmap_get_then_entry` takes the read lock on a \
-              hit, a compare-and-swap loop on a lock word both threads write.",
-    },
-    Section {
-        id: "finalizer_throughput",
-        title: "Death callbacks: throughput",
-        bench: "finalizers",
-        prefixes: &["callback_throughput"],
-        unit: "million callbacks per second (register, drop, run)",
-        what: "Register a callback on a fresh object, drop the object, and run every callback, \
-               in batches of 1000 until flushed. Against a `Drop` that sends the callback over \
-               `std::sync::mpsc` to one draining thread (`mpsc_thread`), and a `Drop` that hands \
-               it to `crossbeam_epoch::Guard::defer` (`epoch_defer`).",
-        why: "Registration allocates a callback node and pushes it onto the object's list \
-              and onto the process-wide registry that `shutdown` and the at-exit pass walk (a \
-              compare-and-swap and a counter update each; the registry is compacted now and \
-              then). A death moves the object's list to the finalizer's lock-free queue with one \
-              push and wakes the finalizer thread only when it sleeps; the callback then runs on \
-              that thread, newest first, isolated from the dropping thread's panics and locks. \
-              The `mpsc` design keeps no per-object list and no registry: a `Drop` sends one \
-              boxed callback over the channel, and the receiver runs it. `epoch_defer` does less \
-              still: no \
-              thread hand-off, no wake-up, no registry; callbacks run in batches on whichever \
-              thread next collects garbage, on memory still in that core's cache, in no fixed \
-              order, and a callback may run inside any later `pin`, under whatever locks that \
-              thread holds. That is why it is faster, and why this crate does not run user \
-              callbacks that way.",
-    },
-    Section {
-        id: "key_maps",
-        title: "WeakKeyMap as a side table",
-        bench: "key_maps",
-        prefixes: &["side_table/"],
-        unit: "million operations per second",
-        what: "Lookups on 100 000 live keys that read a `u64` out of the value \
-               (`WeakKeyMap::with`; `get` is the same read plus a clone), and churn: 1024 objects each \
-               get an entry and go away. Against `DashMap<usize, V>` keyed by the object's \
-               address, whose entries the object's owner removes by hand as it drops.",
-        why: "A lookup pins the epoch, probes a slot and then reads the value in its box: a \
-              value never moves while readers borrow it in place (a `Mutex` inside is the \
-              common case), so a table rebuild moves the box's pointer, not the value, and \
-              at 100 000 keys the box is a second cache miss after the slot. Nothing else: \
-              the read writes nothing shared (`insert` and `remove` return whether they \
-              displaced a value, and a displaced value is dropped once no reader can see \
-              it). `DashMap` keeps the value inline in its bucket and never touches the key \
-              object. Churn pays for a callback node and a value box per entry, where the \
-              baseline's removal is code its user must remember to write.",
-    },
-    Section {
-        id: "sets",
-        title: "WeakSet as an observer registry",
-        bench: "sets",
-        prefixes: &["observers/"],
-        unit: "million listeners per second",
-        what: "1000 listeners subscribe; one notification pass over 1000 live listeners \
-               (upgrading each); 1000 listeners subscribe and go away. Against \
-               `Mutex<Vec<std::sync::Weak<T>>>` cleaned with `retain`.",
-        why: "Each member registers a death callback (an allocation and a compare-and-swap \
-              onto the object's list) where the baseline pushes a `Weak` onto a `Vec`; that is \
-              the cost of subscribe and churn, and the subscribe figure also includes dropping \
-              the set, which detaches 1000 callbacks. A notification pass is a lock-free walk \
-              of the set's shard tables: 24-byte slots, some empty, in several tables, against \
-              8-byte `Weak`s packed in one `Vec`, so the walk reads more memory per member.",
-    },
-];
-
-/// Everything one run measured.
-#[derive(Default)]
-pub struct Run {
-    pub measurements: Vec<Measurement>,
-    /// Per map, what it holds per live entry (`map_memory`).
-    pub map_memory: Vec<MapMemory>,
-    /// Per map, its churn run (`churn_memory`).
-    pub churn_memory: Vec<ChurnRun>,
-    /// Per design: latency samples in microseconds (`callback_latency`).
-    pub latency: Vec<(String, Vec<f64>)>,
-}
-
-/// What one map holds per live entry.
-#[derive(Clone, Debug, PartialEq)]
-pub struct MapMemory {
-    pub map: String,
-    pub bytes: f64,
-    pub allocations: f64,
-}
-
-/// (operations, entries, heap bytes) at one point of a churn run.
-pub type ChurnSample = (f64, f64, f64);
-
-/// One map's churn run.
-#[derive(Default)]
-pub struct ChurnRun {
-    pub map: String,
-    /// Taken while objects came and went.
-    pub samples: Vec<ChurnSample>,
-    /// Taken after every object died and `flush()` returned.
-    pub last: ChurnSample,
-}
-
-/// Where and how the run was made.
-pub struct Context {
-    pub command: String,
-    pub date: String,
-    pub commit: String,
-    pub machine: String,
-    pub mode: String,
-}
+use crate::charts::{self, Bar, BarGroup, BarPanel, Line, Panel};
+use crate::compare::{case_label, cases, implementations, split_count, Case, Verdict, NOISE};
+use crate::model::{is_ours, mib, ChurnRun, Context, DemoCache, Run};
+use crate::prose::{self, Section, SECTIONS};
 
 /// A rate for people: millions per second, three significant digits.
 pub fn rate(per_second: f64) -> String {
@@ -242,46 +27,6 @@ fn millions(per_second: f64) -> String {
     rate(per_second).trim_end_matches(" M/s").to_string()
 }
 
-/// How this crate stands in one case: its best row over the best
-/// alternative.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Verdict {
-    Ahead,
-    OnPar,
-    Behind,
-    /// Outside the band, but the two medians' confidence intervals overlap.
-    Unclear,
-}
-
-/// Ratios within this band of 1 are called on a par.
-pub const NOISE: f64 = 0.05;
-
-/// The verdict on a ratio, as printed (two decimals, so that the figure and
-/// the word agree), given whether the two medians' intervals overlap.
-pub fn verdict(ratio: f64, intervals_overlap: bool) -> Verdict {
-    let shown = (ratio * 100.0).round() / 100.0;
-    if shown > 1.0 - NOISE && shown < 1.0 + NOISE {
-        Verdict::OnPar
-    } else if intervals_overlap {
-        Verdict::Unclear
-    } else if shown >= 1.0 + NOISE {
-        Verdict::Ahead
-    } else {
-        Verdict::Behind
-    }
-}
-
-impl Verdict {
-    fn word(self) -> &'static str {
-        match self {
-            Verdict::Ahead => "ahead",
-            Verdict::OnPar => "on a par",
-            Verdict::Behind => "**behind**",
-            Verdict::Unclear => "unclear",
-        }
-    }
-}
-
 /// GitHub's anchor for a heading: lower case, letters, digits, `-` and
 /// `_` kept, spaces made `-`, the rest dropped.
 pub fn slug(heading: &str) -> String {
@@ -294,99 +39,6 @@ pub fn slug(heading: &str) -> String {
             _ => vec![],
         })
         .collect()
-}
-
-/// One case of a section, its rows in the order measured.
-pub struct Case<'a> {
-    pub name: &'a str,
-    pub rows: Vec<&'a Measurement>,
-}
-
-impl Case<'_> {
-    fn best(&self, ours: bool) -> Option<&Measurement> {
-        self.rows
-            .iter()
-            .copied()
-            .filter(|m| m.is_ours() == ours && !is_floor(&m.implementation))
-            .max_by(|a, b| a.per_second.total_cmp(&b.per_second))
-    }
-
-    /// This crate's best row over the best alternative's, and the latter.
-    pub fn ratio(&self) -> Option<(f64, &Measurement)> {
-        let (ours, theirs) = (self.best(true)?, self.best(false)?);
-        Some((ours.per_second / theirs.per_second, theirs))
-    }
-
-    /// The ratio's verdict.
-    pub fn verdict(&self) -> Option<Verdict> {
-        let (ours, theirs) = (self.best(true)?, self.best(false)?);
-        let overlap = ours.interval.1 >= theirs.interval.0 && theirs.interval.1 >= ours.interval.0;
-        Some(verdict(ours.per_second / theirs.per_second, overlap))
-    }
-}
-
-/// The cases of `section`, in the order the benchmark ids sort.
-pub fn cases<'a>(section: &Section, measurements: &'a [Measurement]) -> Vec<Case<'a>> {
-    let mut cases: Vec<Case<'a>> = Vec::new();
-    for m in measurements {
-        if !section.prefixes.iter().any(|p| m.case.starts_with(p)) {
-            continue;
-        }
-        match cases.iter_mut().find(|c| c.name == m.case) {
-            Some(case) => case.rows.push(m),
-            None => cases.push(Case {
-                name: &m.case,
-                rows: vec![m],
-            }),
-        }
-    }
-    // Counts in numeric order, not as text ("16" after "2").
-    cases.sort_by_key(|c| split_count(c.name).map(|(stem, n, _)| (stem.to_string(), n)));
-    cases
-}
-
-/// `read_hit/uniform/16_thread` → (`read_hit/uniform`, 16, `thread`), and
-/// as much for any last part that counts something (`1000_keys`).
-fn split_count(case: &str) -> Option<(&str, usize, &str)> {
-    let (stem, last) = case.rsplit_once('/')?;
-    let (count, unit) = last.split_once('_')?;
-    Some((stem, count.parse().ok()?, unit))
-}
-
-/// Implementations of a section's cases: this crate's first.
-fn implementations<'a>(cases: &[Case<'a>]) -> Vec<&'a str> {
-    let mut names: Vec<&str> = Vec::new();
-    for case in cases {
-        for row in &case.rows {
-            if !names.contains(&row.implementation.as_str()) {
-                names.push(&row.implementation);
-            }
-        }
-    }
-    names.sort_by_key(|name| !is_ours(name));
-    names
-}
-
-/// A case's name for people: `read_hit/uniform/2_thread` → `uniform, 2
-/// threads`, the section's prefix left out.
-fn case_label(section: &Section, case: &str) -> String {
-    // A section of one prefix names it in its title; one of several
-    // (upgrade, clone_drop, ...) needs it in each label.
-    let mut label = case;
-    if let [prefix] = section.prefixes {
-        label = case.strip_prefix(prefix).unwrap_or(case);
-    }
-    let label = label.trim_start_matches('/');
-    let label = if label.is_empty() { case } else { label };
-    label
-        .split('/')
-        .map(|part| match part.strip_suffix("_thread") {
-            Some("1") => "1 thread".to_string(),
-            Some(n) => format!("{n} threads"),
-            None => part.replace('_', " "),
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// The whole report; charts are written into `charts_dir`, linked as
@@ -443,23 +95,8 @@ pub fn report(
     );
     let _ = writeln!(md, "- **Machine:** {}", context.machine);
     let _ = writeln!(md, "- **Mode:** {}", context.mode);
-    let _ = writeln!(
-        md,
-        "- **Reading it:** criterion medians. A ratio is this crate's best row over the \
-         best alternative's, so above 1 is faster. Ratios within {:.0}% of 1 are called on a \
-         par; beyond that, a case is ahead or behind only if the 95% confidence intervals of \
-         the two medians do not overlap, else unclear. Those intervals describe one run: this \
-         machine is shared with other work, and separate runs have differed by more than them, \
-         most on two threads. Read a single row as a measurement, and a pattern across rows \
-         and sections as the finding.",
-        NOISE * 100.0
-    );
-    let _ = writeln!(
-        md,
-        "- **To regenerate:** `cargo bench-report` (about 5 minutes on 2 cores, plus the build) or \
-         `cargo bench-report --quick` (a few minutes); `--threads 1,2,4,8,16` adds a \
-         thread-scaling run. Each section names the bench that measures it alone.\n"
-    );
+    let _ = writeln!(md, "- **Reading it:** {}", prose::reading_it(NOISE));
+    let _ = writeln!(md, "- **To regenerate:** {}\n", prose::TO_REGENERATE);
     let _ = writeln!(md, "## At a glance\n");
     let _ = writeln!(
         md,
@@ -487,6 +124,7 @@ pub fn report(
     md.push_str(&body);
     memory_sections(&mut md, run, charts_dir, charts_link)?;
     latency_section(&mut md, run, charts_dir, charts_link)?;
+    demo_section(&mut md, run, charts_dir, charts_link)?;
     Ok(md)
 }
 
@@ -513,7 +151,11 @@ fn section_body(
             bars: names
                 .iter()
                 .filter_map(|n| case.rows.iter().find(|r| r.implementation == *n))
-                .map(|r| (r.implementation.clone(), r.per_second))
+                .map(|r| Bar {
+                    name: r.implementation.clone(),
+                    value: r.per_second / 1e6,
+                    text: format!("{}  {}", r.implementation, rate(r.per_second)),
+                })
                 .collect(),
         })
         .collect();
@@ -635,16 +277,7 @@ fn memory_sections(
 ) -> Result<(), String> {
     if !run.map_memory.is_empty() {
         let _ = writeln!(md, "## Memory per entry\n");
-        let _ = writeln!(
-            md,
-            "Heap bytes and allocations each map holds per live entry, 100 000 `u64` keys, \
-             every map grown from empty except the `with_capacity` row, values not counted. \
-             Counted by a global allocator wrapper after crossbeam-epoch has freed what growth \
-             retired; the bytes are those asked for, and each allocation costs 8 to 16 bytes \
-             more in glibc's headers and rounding. papaya reclaims through its own scheme, \
-             which that settling does not drive, so its row may include garbage of its growth. \
-             Measured by `cargo bench --bench map_memory`.\n"
-        );
+        let _ = writeln!(md, "{}\n", prose::MEMORY_PER_ENTRY);
         let best = smallest_alternative(run);
         let _ = writeln!(
             md,
@@ -663,30 +296,13 @@ fn memory_sections(
         }
         let _ = writeln!(
             md,
-            "\n**What explains it.** Each entry of this crate's map is a 32-byte slot (tag, \
-             key, the value's `Weak`, the entry's callback handle) in a table kept at most 3/4 \
-             full, plus one allocation: the death callback registered on its value (the node \
-             that removes the entry when the value dies, 40 bytes). `DashMap`, `HashMap` and \
-             `scc` keep the key and the `Weak` inline in their buckets, papaya allocates one \
-             entry per key, and none registers anything: they find out about dead values only \
-             when someone looks.\n"
+            "\n**What explains it.** {}\n",
+            prose::MEMORY_PER_ENTRY_WHY
         );
     }
     if !run.churn_memory.is_empty() {
         let _ = writeln!(md, "## Memory over a churn run\n");
-        let _ = writeln!(
-            md,
-            "Objects (64-byte payloads) arrive under new keys and stay alive until 1000 newer \
-             ones have arrived; the chart samples each map's entries and the heap bytes in use \
-             since it was created, which include the 1000 live objects (this crate's blocks are \
-             16 bytes larger than `Arc`'s). `DashMap` sweeps with `retain` every 10 000 \
-             operations, sampled just before each sweep; weak-table clears expired entries \
-             when it would otherwise grow. At the end every object is dropped, `flush()` is \
-             called and crossbeam-epoch's garbage is collected; the baselines get no extra \
-             sweep. Heap bytes, not the resident set: the resident set is one figure for the \
-             whole process, and the allocator keeps pages it was given, so it cannot tell one \
-             map's run from the next. Measured by `cargo bench --bench churn_memory`.\n"
-        );
+        let _ = writeln!(md, "{}\n", prose::CHURN_MEMORY);
         let (mut entries, mut bytes) = (Vec::new(), Vec::new());
         for churn in &run.churn_memory {
             entries.push(Line {
@@ -737,16 +353,7 @@ fn memory_sections(
                 last.2 / 1024.0
             );
         }
-        let _ = writeln!(
-            md,
-            "\n**What explains it.** This crate's maps hold an entry exactly as long as its \
-             object lives: the entry count stays at the number of live objects and goes to \
-             zero when they die. A map of `std::sync::Weak` holds dead entries until something \
-             sweeps them, and a dead `Weak` keeps its allocation, payload included, until \
-             then; how much piles up depends on how often the user sweeps, and a \
-             sweep costs a pass over the whole map. The heap that stays with this crate's maps \
-             after everything died is their tables, kept for reuse.\n"
-        );
+        let _ = writeln!(md, "\n**What explains it.** {}\n", prose::CHURN_MEMORY_WHY);
     }
     Ok(())
 }
@@ -819,13 +426,7 @@ fn latency_section(
         return Ok(());
     }
     let _ = writeln!(md, "## Death callbacks: latency\n");
-    let _ = writeln!(
-        md,
-        "The time from just before an object's last `Strong` is dropped to the start of its \
-         callback on the finalizer thread, with that thread idle (parked) before each sample. \
-         Against a `Drop` that sends the callback over `std::sync::mpsc` to a thread blocked \
-         in `recv`. Measured by `cargo bench --bench callback_latency`.\n"
-    );
+    let _ = writeln!(md, "{}\n", prose::LATENCY);
     let lines: Vec<Line> = run
         .latency
         .iter()
@@ -868,21 +469,145 @@ fn latency_section(
             quantile(samples, 1.0)
         );
     }
+    let _ = writeln!(md, "\n**What explains it.** {}\n", prose::LATENCY_WHY);
+    Ok(())
+}
+
+/// The cache_server demo's three caches side by side: a chart of three
+/// panels (requests per second against the strong cache, peak object
+/// memory, object memory once the clients left), a table, and what the
+/// run shows.
+fn demo_section(
+    md: &mut String,
+    run: &Run,
+    charts_dir: &Path,
+    charts_link: &str,
+) -> Result<(), String> {
+    if run.demo.is_empty() {
+        return Ok(());
+    }
     let _ = writeln!(
         md,
-        "\n**What explains it.** Both designs wake a parked thread through a futex, so most \
-         of a sample is the operating system's wake-up and scheduling, and the medians are \
-         close. Where this crate's tail is longer, the cause has not been isolated; the \
-         difference in mechanism is that its finalizer thread spins briefly and then parks \
-         with `std::thread::park`, to be unparked by the dying thread, where the channel's \
-         receiver sleeps in the channel's own wait.\n"
+        "## The cache_server demo: three caches under one load\n"
     );
+    let _ = writeln!(md, "{}\n", prose::DEMO);
+    let find = |kind: &str| run.demo.iter().find(|cache| cache.kind == kind);
+    // Against the strong cache's rate, where there is one to divide by.
+    let strong_rate = find("strong")
+        .map(|strong| strong.requests_per_second)
+        .filter(|&rate| rate > 0.0);
+    let relative = |cache: &DemoCache| strong_rate.map(|rate| cache.requests_per_second / rate);
+
+    let panel =
+        |label: &str, unit: &str, figure: &dyn Fn(&DemoCache) -> Option<(f64, String)>| BarPanel {
+            unit: unit.into(),
+            group: BarGroup {
+                label: label.into(),
+                bars: run
+                    .demo
+                    .iter()
+                    .filter_map(|cache| {
+                        let (value, text) = figure(cache)?;
+                        let name = prose::demo_name(cache);
+                        Some(Bar {
+                            text: format!("{name}  {text}"),
+                            name,
+                            value,
+                        })
+                    })
+                    .collect(),
+            },
+        };
+    let mut panels = Vec::new();
+    if strong_rate.is_some() {
+        panels.push(panel(
+            "requests per second, against the strong cache",
+            "x the strong cache's requests/s",
+            &|cache| {
+                let ratio = relative(cache)?;
+                Some((
+                    ratio,
+                    format!("{ratio:.2}x ({:.0}/s)", cache.requests_per_second),
+                ))
+            },
+        ));
+    }
+    panels.push(panel("object memory at the peak", "MiB", &|cache| {
+        let value = mib(cache.peak_object_bytes);
+        Some((value, format!("{value:.1} MiB")))
+    }));
+    panels.push(panel(
+        "object memory once the clients left",
+        "MiB",
+        &|cache| {
+            let value = mib(cache.object_bytes_clients_gone);
+            Some((value, format!("{value:.1} MiB")))
+        },
+    ));
+    charts::bar_panels(
+        &charts_dir.join("cache_server.svg"),
+        "cache_server: three caches under one Zipf load",
+        &panels,
+    )?;
+    let _ = writeln!(md, "![cache_server demo]({charts_link}/cache_server.svg)\n");
+
+    let _ = writeln!(
+        md,
+        "| cache | requests/s | against the strong cache | latency p50 ms | latency p99 ms | \
+         objects built | peak object MiB | object MiB, clients gone |"
+    );
+    let _ = writeln!(
+        md,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    );
+    for cache in &run.demo {
+        let against = relative(cache).map_or("–".to_string(), |ratio| format!("{ratio:.2}x"));
+        let _ = writeln!(
+            md,
+            "| `{}` | {:.0} | {against} | {:.2} | {:.2} | {} | {:.1} | {:.1} |",
+            prose::demo_name(cache),
+            cache.requests_per_second,
+            cache.latency_p50_us as f64 / 1000.0,
+            cache.latency_p99_us as f64 / 1000.0,
+            cache.objects_built,
+            mib(cache.peak_object_bytes),
+            mib(cache.object_bytes_clients_gone),
+        );
+    }
+    if let (Some(strong), Some(weak), Some(warm)) =
+        (find("strong"), find("weak"), find("keep-warm"))
+    {
+        if strong_rate.is_some() && strong.peak_object_bytes > 0 {
+            let _ = writeln!(
+                md,
+                "\n**What it shows.** {}",
+                prose::demo_findings(strong, weak, warm)
+            );
+        }
+    }
+    md.push('\n');
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{MapMemory, Measurement};
+
+    /// A demo cache that served `rate` requests per second.
+    fn demo_cache(kind: &str, cache: &str, rate: f64, peak: u64, gone: u64) -> DemoCache {
+        DemoCache {
+            kind: kind.into(),
+            cache: cache.into(),
+            requests: 6000,
+            requests_per_second: rate,
+            latency_p50_us: 1500,
+            latency_p99_us: 25_000,
+            objects_built: if kind == "weak" { 900 } else { 200 },
+            peak_object_bytes: peak,
+            object_bytes_clients_gone: gone,
+        }
+    }
 
     /// A measurement with a tight interval (±1%).
     fn m(case: &str, implementation: &str, per_second: f64) -> Measurement {
@@ -895,29 +620,6 @@ mod tests {
     }
 
     #[test]
-    fn verdicts_band_noise_and_intervals() {
-        assert_eq!(verdict(1.2, false), Verdict::Ahead);
-        assert_eq!(verdict(1.03, false), Verdict::OnPar);
-        assert_eq!(verdict(0.97, false), Verdict::OnPar);
-        assert_eq!(verdict(0.5, false), Verdict::Behind);
-        assert_eq!(verdict(0.5, true), Verdict::Unclear);
-        assert_eq!(verdict(1.03, true), Verdict::OnPar);
-        // The word follows the printed figure: 0.9504 prints 0.95.
-        assert_eq!(verdict(0.9504, false), Verdict::Behind);
-        assert_eq!(verdict(1.0496, false), Verdict::Ahead);
-        assert_eq!(verdict(1.0449, false), Verdict::OnPar);
-    }
-
-    #[test]
-    fn overlapping_intervals_make_a_case_unclear() {
-        let mut wide = m("churn", "weakrefs", 5e6);
-        wide.interval = (1e6, 9e6);
-        let rows = [wide, m("churn", "dashmap", 8e6)];
-        let section = SECTIONS.iter().find(|s| s.id == "map_churn").unwrap();
-        assert_eq!(cases(section, &rows)[0].verdict(), Some(Verdict::Unclear));
-    }
-
-    #[test]
     fn slugs_match_github_anchors() {
         assert_eq!(
             slug("Handles: `Strong`/`Weak` against `std::sync::{Arc, Weak}`"),
@@ -926,92 +628,6 @@ mod tests {
         assert_eq!(
             slug("Single-flight `get_or_insert_with` on one hot key"),
             "single-flight-get_or_insert_with-on-one-hot-key"
-        );
-    }
-
-    #[test]
-    fn a_floor_is_never_the_best_alternative() {
-        let rows = [
-            m("read_hit/uniform/1_thread", "weakrefs", 10e6),
-            m("read_hit/uniform/1_thread", "dashmap", 8e6),
-            m("read_hit/uniform/1_thread", "std_hashmap_unsync", 20e6),
-        ];
-        let case = Case {
-            name: "read_hit/uniform/1_thread",
-            rows: rows.iter().collect(),
-        };
-        let (ratio, theirs) = case.ratio().expect("both sides");
-        assert_eq!(theirs.implementation, "dashmap");
-        assert!((ratio - 1.25).abs() < 1e-9);
-    }
-
-    #[test]
-    fn ratio_is_best_of_ours_over_best_alternative() {
-        let rows = [
-            m("side_table/lookup/1_thread", "weakrefs_with", 4e6),
-            m("side_table/lookup/1_thread", "weakrefs_get", 5e6),
-            m("side_table/lookup/1_thread", "dashmap", 20e6),
-            m("side_table/lookup/1_thread", "other", 10e6),
-        ];
-        let section = SECTIONS.iter().find(|s| s.id == "key_maps").unwrap();
-        let cases = cases(section, &rows);
-        assert_eq!(cases.len(), 1);
-        let (ratio, theirs) = cases[0].ratio().unwrap();
-        assert!((ratio - 0.25).abs() < 1e-9);
-        assert_eq!(theirs.implementation, "dashmap");
-        assert_eq!(
-            implementations(&cases),
-            ["weakrefs_with", "weakrefs_get", "dashmap", "other"]
-        );
-    }
-
-    #[test]
-    fn thread_counts_sort_as_numbers_and_read_as_words() {
-        let rows = [
-            m("read_hit/uniform/16_thread", "weakrefs", 1.0),
-            m("read_hit/uniform/2_thread", "weakrefs", 1.0),
-            m("read_hit/uniform/1_thread", "weakrefs", 1.0),
-        ];
-        let section = SECTIONS.iter().find(|s| s.id == "map_reads").unwrap();
-        let names: Vec<_> = cases(section, &rows)
-            .iter()
-            .map(|c| c.name.to_string())
-            .collect();
-        assert_eq!(
-            names,
-            [
-                "read_hit/uniform/1_thread",
-                "read_hit/uniform/2_thread",
-                "read_hit/uniform/16_thread"
-            ]
-        );
-        assert_eq!(
-            case_label(section, "read_hit/skewed/2_thread"),
-            "skewed, 2 threads"
-        );
-        let sizes = SECTIONS.iter().find(|s| s.id == "map_read_sizes").unwrap();
-        let rows = [
-            m("read_hit_by_size/1000000_keys", "weakrefs", 1.0),
-            m("read_hit_by_size/100000_keys", "weakrefs", 1.0),
-        ];
-        let names: Vec<_> = cases(sizes, &rows)
-            .iter()
-            .map(|c| c.name.to_string())
-            .collect();
-        assert_eq!(
-            names,
-            [
-                "read_hit_by_size/100000_keys",
-                "read_hit_by_size/1000000_keys"
-            ]
-        );
-        assert_eq!(case_label(sizes, "read_hit_by_size/1000_keys"), "1000 keys");
-        let churn = SECTIONS.iter().find(|s| s.id == "map_churn").unwrap();
-        assert_eq!(case_label(churn, "churn"), "churn");
-        let handles = SECTIONS.iter().find(|s| s.id == "handles").unwrap();
-        assert_eq!(
-            case_label(handles, "clone_drop/1_thread"),
-            "clone drop, 1 thread"
         );
     }
 
@@ -1055,6 +671,11 @@ mod tests {
                 ("weakrefs".into(), vec![5.0, 6.0, 40.0]),
                 ("mpsc_thread".into(), vec![4.0, 5.0, 10.0]),
             ],
+            demo: vec![
+                demo_cache("strong", "strong HashMap", 1000.0, 400 << 20, 400 << 20),
+                demo_cache("weak", "WeakValueMap", 500.0, 100 << 20, 0),
+                demo_cache("keep-warm", "keep_recent(50)", 900.0, 150 << 20, 50 << 20),
+            ],
         };
         let context = Context {
             command: "cargo bench-report --quick".into(),
@@ -1089,7 +710,32 @@ mod tests {
             md.contains("| `weakrefs` | 3 | 6.0 | 40.0 | 40.0 | 40.0 |"),
             "{md}"
         );
+        assert!(
+            md.contains(
+                "| `WeakValueMap + keep_recent(50)` | 900 | 0.90x | 1.50 | 25.00 | 200 | 150.0 | 50.0 |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "In this run, `WeakValueMap + keep_recent(50)` served 0.90x the strong cache's \
+                 requests per second at 0.38x its peak object memory, and held 50.0 MiB once \
+                 the clients had left, against the strong cache's 400.0 MiB. The pure \
+                 `WeakValueMap` served 0.50x the strong cache's requests per second at 0.25x \
+                 its peak object memory, built 900 objects to its 200, and held 0.0 MiB once \
+                 the clients had left."
+            ),
+            "{md}"
+        );
+        let svg = std::fs::read_to_string(dir.join("cache_server.svg")).unwrap();
+        assert!(
+            svg.contains("WeakValueMap + keep_recent(50)  0.90x (900/s)"),
+            "{svg}"
+        );
+        assert!(svg.contains("strong HashMap  400.0 MiB"), "{svg}");
+        assert!(svg.contains("WeakValueMap  0.0 MiB"), "{svg}");
         for chart in [
+            "cache_server.svg",
             "map_read_sizes_by_keys.svg",
             "map_reads.svg",
             "map_churn.svg",

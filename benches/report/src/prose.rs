@@ -1,0 +1,304 @@
+//! The report's words: what each comparison measures and what explains
+//! its numbers, and the fixed paragraphs of the other sections. Every
+//! figure is written in by render.rs or handed to a function here;
+//! nothing here states a result of its own.
+
+use crate::model::{mib, DemoCache};
+
+/// A criterion comparison the report presents.
+pub struct Section {
+    /// Anchor and chart file stem.
+    pub id: &'static str,
+    pub title: &'static str,
+    /// The `cargo bench --bench` target that measures it.
+    pub bench: &'static str,
+    /// Criterion ids of its cases start with one of these.
+    pub prefixes: &'static [&'static str],
+    /// What one element of throughput is.
+    pub unit: &'static str,
+    /// What is measured, against what.
+    pub what: &'static str,
+    /// What the numbers come from: the costs each side pays.
+    pub why: &'static str,
+}
+
+/// The criterion comparisons, in report order.
+pub const SECTIONS: &[Section] = &[
+    Section {
+        id: "handles",
+        title: "Handles: `Strong`/`Weak` against `std::sync::{Arc, Weak}`",
+        bench: "handles",
+        prefixes: &["upgrade/", "clone_drop/", "downgrade/"],
+        unit: "million operations per second",
+        what: "`Weak::upgrade` (and dropping the result), `Strong::clone` plus drop, and \
+               `Strong::downgrade` (plus drop), on one object; on one thread, and on several threads \
+               sharing the object (every thread's operations counted).",
+        why: "Both sides do the same atomic operations on the same counts: an upgrade is one \
+              compare-and-swap loop on the strong count, a clone one increment, a drop one \
+              decrement. What differs is what is around them, so the two should be within noise \
+              of each other. On two threads every operation moves the object's count line \
+              between the cores, for both implementations alike.",
+    },
+    Section {
+        id: "map_reads",
+        title: "WeakValueMap read hits",
+        bench: "maps",
+        prefixes: &["read_hit/"],
+        unit: "million lookups per second (each upgraded to a strong handle)",
+        what: "100 000 live keys, every read a hit that upgrades the value, uniform keys or \
+               skewed ones (80% of reads on 1% of the keys), on each thread count of the run. \
+               Against \
+               `DashMap<u64, std::sync::Weak<u64>>`, `RwLock<HashMap<..>>`, \
+               `RwLock<weak_table::WeakValueHashMap<..>>`, `papaya::HashMap<..>`, \
+               `scc::HashIndex<..>` and `scc::HashMap<..>`, and an unsynchronised \
+               `std::collections::HashMap<..>` read in place (`std_hashmap_unsync`, the floor: \
+               no lock, no pin).",
+        why: "A read pins the epoch (one atomic swap), hashes the key, probes a table of \
+              32-byte slots (tag, key, the value's `Weak`, the entry's callback handle) kept at \
+              most 3/4 full, compares the key inline, and upgrades the value (a \
+              compare-and-swap on its count). Keys live in the slot: a table rebuild clones \
+              them into the new table rather than copying bytes a reader's `Eq` may be \
+              writing (SAFETY.md, M3). `DashMap` takes a read lock instead of the pin (two \
+              atomic operations) and probes 16-byte buckets; `scc::HashIndex` pins too and \
+              probes buckets of 16-byte entries behind a metadata word. At 100 000 keys every \
+              map's reads are bound by memory: the slot's line and the value's control block, \
+              which in this crate also holds the callback list and so is larger than \
+              `Arc`'s.",
+    },
+    Section {
+        id: "map_read_sizes",
+        title: "WeakValueMap read hits by map size",
+        bench: "maps",
+        prefixes: &["read_hit_by_size/"],
+        unit: "million lookups per second, 1 thread",
+        what: "Uniform read hits on one thread, as above, at 1 000 to 1 000 000 live keys, \
+               against `DashMap<u64, std::sync::Weak<u64>>` and `scc::HashIndex<..>`: from maps \
+               that fit in the core's caches to maps that do not fit in any.",
+        why: "This separates the two costs of a read. Where both maps fit in cache, the work per \
+              read decides: this crate's lock-free read (an epoch pin, a probe, an upgrade) \
+              against `DashMap`'s locked one (a read lock and unlock, a probe, an upgrade), about \
+              the same number of atomic operations. As the map grows, its footprint decides: \
+              per entry this crate keeps a 32-byte slot at up to 3/4 load (key inline) and a \
+              control block per value, against `DashMap`'s 16-byte inline bucket and `Arc`'s \
+              smaller block, so this crate's working set outgrows the caches first. Once neither \
+              fits, both pay memory latency per lookup and draw closer again.",
+    },
+    Section {
+        id: "map_churn",
+        title: "WeakValueMap churn: insert, then the value dies",
+        bench: "maps",
+        prefixes: &["churn"],
+        unit: "million inserts per second (batches of 1024 values that die)",
+        what: "1024 fresh values are inserted under 1024 keys and dropped. This crate removes \
+               each dead entry by its death callback and calls `flush()` after each batch; \
+               `DashMap` sweeps with `retain` after each batch, and weak-table runs \
+               `remove_expired` after each batch.",
+        why: "Each insert here allocates a callback node and links it onto the value; each death runs that callback on the dying thread, which \
+              takes the shard's lock, unlinks the entry and retires it to the epoch collector. \
+              The baselines allocate nothing per insert once their tables have grown and do no \
+              work at death: dead entries stay, payload allocation and all, until the next sweep, \
+              which here comes after every 1024 inserts and visits only 1024 entries. Exact, \
+              automatic removal is what the extra work buys; the churn memory section below \
+              shows what the sweeps leave when they are further apart.",
+    },
+    Section {
+        id: "single_flight",
+        title: "Single-flight `get_or_insert_with` on one hot key",
+        bench: "maps",
+        prefixes: &["single_flight_hot_key/"],
+        unit: "million calls per second, all threads",
+        what: "Every thread calls `get_or_insert_with` for one key whose value stays alive, \
+               against two ways to write it with `DashMap<u64, std::sync::Weak<u64>>`: \
+               `entry().or_default()` on every call (`dashmap_entry`), and a `get` first with \
+               `entry` only on a miss (`dashmap_get_then_entry`); both upgrade, and would \
+               rebuild a dead value under the shard's write lock.",
+        why: "A hit is a lock-free read in this crate: threads share the value's count line and \
+              nothing else. `dashmap_entry` takes the shard's write lock on every call, hit or \
+              not, so threads queue on it; `dashmap_get_then_entry` takes the read lock on a \
+              hit, a compare-and-swap loop on a lock word both threads write.",
+    },
+    Section {
+        id: "finalizer_throughput",
+        title: "Death callbacks: throughput",
+        bench: "finalizers",
+        prefixes: &["callback_throughput"],
+        unit: "million callbacks per second (register, drop, run)",
+        what: "Register a callback on a fresh object, drop the object, and run every callback, \
+               in batches of 1000 until flushed. Against a `Drop` that sends the callback over \
+               `std::sync::mpsc` to one draining thread (`mpsc_thread`), and a `Drop` that hands \
+               it to `crossbeam_epoch::Guard::defer` (`epoch_defer`).",
+        why: "Registration allocates a callback node and pushes it onto the object's list \
+              and onto the process-wide registry that `shutdown` and the at-exit pass walk (a \
+              compare-and-swap and a counter update each; the registry is compacted now and \
+              then). A death moves the object's list to the finalizer's lock-free queue with one \
+              push and wakes the finalizer thread only when it sleeps; the callback then runs on \
+              that thread, newest first, isolated from the dropping thread's panics and locks. \
+              The `mpsc` design keeps no per-object list and no registry: a `Drop` sends one \
+              boxed callback over the channel, and the receiver runs it. `epoch_defer` does less \
+              still: no \
+              thread hand-off, no wake-up, no registry; callbacks run in batches on whichever \
+              thread next collects garbage, on memory still in that core's cache, in no fixed \
+              order, and a callback may run inside any later `pin`, under whatever locks that \
+              thread holds. That is why it is faster, and why this crate does not run user \
+              callbacks that way.",
+    },
+    Section {
+        id: "key_maps",
+        title: "WeakKeyMap as a side table",
+        bench: "key_maps",
+        prefixes: &["side_table/"],
+        unit: "million operations per second",
+        what: "Lookups on 100 000 live keys that read a `u64` out of the value \
+               (`WeakKeyMap::with`; `get` is the same read plus a clone), and churn: 1024 objects each \
+               get an entry and go away. Against `DashMap<usize, V>` keyed by the object's \
+               address, whose entries the object's owner removes by hand as it drops.",
+        why: "A lookup pins the epoch, probes a slot and then reads the value in its box: a \
+              value never moves while readers borrow it in place (a `Mutex` inside is the \
+              common case), so a table rebuild moves the box's pointer, not the value, and \
+              at 100 000 keys the box is a second cache miss after the slot. Nothing else: \
+              the read writes nothing shared (`insert` and `remove` return whether they \
+              displaced a value, and a displaced value is dropped once no reader can see \
+              it). `DashMap` keeps the value inline in its bucket and never touches the key \
+              object. Churn pays for a callback node and a value box per entry, where the \
+              baseline's removal is code its user must remember to write.",
+    },
+    Section {
+        id: "sets",
+        title: "WeakSet as an observer registry",
+        bench: "sets",
+        prefixes: &["observers/"],
+        unit: "million listeners per second",
+        what: "1000 listeners subscribe; one notification pass over 1000 live listeners \
+               (upgrading each); 1000 listeners subscribe and go away. Against \
+               `Mutex<Vec<std::sync::Weak<T>>>` cleaned with `retain`.",
+        why: "Each member registers a death callback (an allocation and a compare-and-swap \
+              onto the object's list) where the baseline pushes a `Weak` onto a `Vec`; that is \
+              the cost of subscribe and churn, and the subscribe figure also includes dropping \
+              the set, which detaches 1000 callbacks. A notification pass is a lock-free walk \
+              of the set's shard tables: 24-byte slots, some empty, in several tables, against \
+              8-byte `Weak`s packed in one `Vec`, so the walk reads more memory per member.",
+    },
+];
+
+/// How to read the ratios and verdicts, in the report's header: `noise`
+/// is the band around 1 called on a par.
+pub fn reading_it(noise: f64) -> String {
+    format!(
+        "criterion medians. A ratio is this crate's best row over the \
+         best alternative's, so above 1 is faster. Ratios within {:.0}% of 1 are called on a \
+         par; beyond that, a case is ahead or behind only if the 95% confidence intervals of \
+         the two medians do not overlap, else unclear. Those intervals describe one run: this \
+         machine is shared with other work, and separate runs have differed by more than them, \
+         most on two threads. Read a single row as a measurement, and a pattern across rows \
+         and sections as the finding.",
+        noise * 100.0
+    )
+}
+
+/// What the memory-per-entry table measures.
+pub const MEMORY_PER_ENTRY: &str = "\
+    Heap bytes and allocations each map holds per live entry, 100 000 `u64` keys, every map \
+    grown from empty except the `with_capacity` row, values not counted. Counted by a global \
+    allocator wrapper after crossbeam-epoch has freed what growth retired; the bytes are those \
+    asked for, and each allocation costs 8 to 16 bytes more in glibc's headers and rounding. \
+    papaya reclaims through its own scheme, which that settling does not drive, so its row may \
+    include garbage of its growth. Measured by `cargo bench --bench map_memory`.";
+
+/// What explains the memory-per-entry table.
+pub const MEMORY_PER_ENTRY_WHY: &str = "\
+    Each entry of this crate's map is a 32-byte slot (tag, key, the value's `Weak`, the \
+    entry's callback handle) in a table kept at most 3/4 full, plus one allocation: the death \
+    callback registered on its value (the node that removes the entry when the value dies, 40 \
+    bytes). `DashMap`, `HashMap` and `scc` keep the key and the `Weak` inline in their \
+    buckets, papaya allocates one entry per key, and none registers anything: they find out \
+    about dead values only when someone looks.";
+
+/// What the churn memory run does and samples.
+pub const CHURN_MEMORY: &str = "\
+    Objects (64-byte payloads) arrive under new keys and stay alive until 1000 newer ones have \
+    arrived; the chart samples each map's entries and the heap bytes in use since it was \
+    created, which include the 1000 live objects (this crate's blocks are 16 bytes larger than \
+    `Arc`'s). `DashMap` sweeps with `retain` every 10 000 operations, sampled just before each \
+    sweep; weak-table clears expired entries when it would otherwise grow. At the end every \
+    object is dropped, `flush()` is called and crossbeam-epoch's garbage is collected; the \
+    baselines get no extra sweep. Heap bytes, not the resident set: the resident set is one \
+    figure for the whole process, and the allocator keeps pages it was given, so it cannot \
+    tell one map's run from the next. Measured by `cargo bench --bench churn_memory`.";
+
+/// What explains the churn memory run.
+pub const CHURN_MEMORY_WHY: &str = "\
+    This crate's maps hold an entry exactly as long as its object lives: the entry count stays \
+    at the number of live objects and goes to zero when they die. A map of `std::sync::Weak` \
+    holds dead entries until something sweeps them, and a dead `Weak` keeps its allocation, \
+    payload included, until then; how much piles up depends on how often the user sweeps, and \
+    a sweep costs a pass over the whole map. The heap that stays with this crate's maps after \
+    everything died is their tables, kept for reuse.";
+
+/// What the latency run measures.
+pub const LATENCY: &str = "\
+    The time from just before an object's last `Strong` is dropped to the start of its \
+    callback on the finalizer thread, with that thread idle (parked) before each sample. \
+    Against a `Drop` that sends the callback over `std::sync::mpsc` to a thread blocked in \
+    `recv`. Measured by `cargo bench --bench callback_latency`.";
+
+/// What explains the latency figures.
+pub const LATENCY_WHY: &str = "\
+    Both designs wake a parked thread through a futex, so most of a sample is the operating \
+    system's wake-up and scheduling, and the medians are close. Where this crate's tail is \
+    longer, the cause has not been isolated; the difference in mechanism is that its finalizer \
+    thread spins briefly and then parks with `std::thread::park`, to be unparked by the dying \
+    thread, where the channel's receiver sleeps in the channel's own wait.";
+
+/// How to regenerate the report, in its header.
+pub const TO_REGENERATE: &str = "\
+    `cargo bench-report` (about 5 minutes on 2 cores, plus the build) or `cargo bench-report \
+    --quick` (a few minutes); `--threads 1,2,4,8,16` adds a thread-scaling run. Each section \
+    names the bench that measures it alone.";
+
+/// What the cache_server demo runs and what its section's figures are.
+pub const DEMO: &str = "\
+    The main demo, `examples/cache_server`: an HTTP server (hyper on tokio) whose worker \
+    threads share a cache of generated objects (256 KiB each, a few milliseconds of CPU to \
+    build), under the same Zipf-skewed load from keep-alive clients over loopback, once per \
+    cache: a strong `Mutex<HashMap>`, which keeps every object it builds; a pure \
+    `WeakValueMap`, which keeps an object while a request or a connected client's session \
+    holds it; and a `WeakValueMap` with `keep_recent(N)`, which also keeps the N objects most \
+    recently loaded or found. The figures are the demo's own summary (`--tsv`): requests per \
+    second over each cache's share of the run, and the bytes of objects alive at the peak and \
+    once every client had disconnected. Measured by `cargo run --release --example \
+    cache_server -- --duration 6` (3 seconds under `--quick`; `cargo bench-report` builds it \
+    in the bench profile), the demo's defaults otherwise (`--help` lists them).";
+
+/// What the demo's run shows, from its figures: the keep-warm and the pure
+/// weak cache, each against the strong one.
+pub fn demo_findings(strong: &DemoCache, weak: &DemoCache, warm: &DemoCache) -> String {
+    let rate = |cache: &DemoCache| cache.requests_per_second / strong.requests_per_second;
+    let peak = |cache: &DemoCache| cache.peak_object_bytes as f64 / strong.peak_object_bytes as f64;
+    format!(
+        "In this run, `{warm_name}` served {:.2}x the strong cache's requests per second at \
+         {:.2}x its peak object memory, and held {:.1} MiB once the clients had left, against \
+         the strong cache's {:.1} MiB. The pure `WeakValueMap` served {:.2}x the strong \
+         cache's requests per second at {:.2}x its peak object memory, built {} objects to \
+         its {}, and held {:.1} MiB once the clients had left.",
+        rate(warm),
+        peak(warm),
+        mib(warm.object_bytes_clients_gone),
+        mib(strong.object_bytes_clients_gone),
+        rate(weak),
+        peak(weak),
+        weak.objects_built,
+        strong.objects_built,
+        mib(weak.object_bytes_clients_gone),
+        warm_name = demo_name(warm),
+    )
+}
+
+/// A demo cache's name in the report: the keep-warm one is a
+/// `WeakValueMap` too, which the demo's short name leaves out.
+pub fn demo_name(cache: &DemoCache) -> String {
+    if cache.kind == "keep-warm" {
+        format!("WeakValueMap + {}", cache.cache)
+    } else {
+        cache.cache.clone()
+    }
+}
