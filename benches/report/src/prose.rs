@@ -53,15 +53,18 @@ pub const SECTIONS: &[Section] = &[
                `scc::HashIndex<..>` and `scc::HashMap<..>`, and an unsynchronised \
                `std::collections::HashMap<..>` read in place (`std_hashmap_unsync`, the floor: \
                no lock, no pin).",
-        why: "A read pins the epoch (one atomic swap), hashes the key, probes a table of \
-              32-byte slots (tag, key, the value's `Weak`, the entry's callback handle) kept at \
-              most 3/4 full, compares the key inline, and upgrades the value (a \
-              compare-and-swap on its count). Keys live in the slot: a table rebuild clones \
+        why: "A read pins the epoch (one atomic swap), hashes the key, loads the word of \
+              one-byte tags of its home group of eight slots, compares the key of each slot \
+              whose tag matches seven bits of its hash (24-byte items: key, the value's \
+              `Weak`, the entry's callback handle, in a table kept at most 3/4 full), and \
+              upgrades the value (a compare-and-swap on its count). Keys live in the slot: a \
+              table rebuild clones \
               them into the new table rather than copying bytes a reader's `Eq` may be \
               writing (SAFETY.md, M3). `DashMap` takes a read lock instead of the pin (two \
               atomic operations) and probes 16-byte buckets; `scc::HashIndex` pins too and \
               probes buckets of 16-byte entries behind a metadata word. At 100 000 keys every \
-              map's reads are bound by memory: the slot's line and the value's control block, \
+              map's reads are bound by memory: the tag word's line, the item's and the value's \
+              control block, \
               which in this crate also holds the callback list and so is larger than \
               `Arc`'s.",
     },
@@ -78,7 +81,8 @@ pub const SECTIONS: &[Section] = &[
               read decides: this crate's lock-free read (an epoch pin, a probe, an upgrade) \
               against `DashMap`'s locked one (a read lock and unlock, a probe, an upgrade), about \
               the same number of atomic operations. As the map grows, its footprint decides: \
-              per entry this crate keeps a 32-byte slot at up to 3/4 load (key inline) and a \
+              per entry this crate keeps a 24-byte item, a tag byte and four bytes of its hash \
+              at up to 3/4 load (key inline) and a \
               control block per value, against `DashMap`'s 16-byte inline bucket and `Arc`'s \
               smaller block, so this crate's working set outgrows the caches first. Once neither \
               fits, both pay memory latency per lookup and draw closer again.",
@@ -152,7 +156,8 @@ pub const SECTIONS: &[Section] = &[
                (`WeakKeyMap::with`; `get` is the same read plus a clone), and churn: 1024 objects each \
                get an entry and go away. Against `DashMap<usize, V>` keyed by the object's \
                address, whose entries the object's owner removes by hand as it drops.",
-        why: "A lookup pins the epoch, probes a slot and then reads the value in its box: a \
+        why: "A lookup pins the epoch, probes a group's tags and the matching slot, and then \
+              reads the value in its box: a \
               value never moves while readers borrow it in place (a `Mutex` inside is the \
               common case), so a table rebuild moves the box's pointer, not the value, and \
               at 100 000 keys the box is a second cache miss after the slot. Nothing else: \
@@ -175,7 +180,8 @@ pub const SECTIONS: &[Section] = &[
               onto the object's list) where the baseline pushes a `Weak` onto a `Vec`; that is \
               the cost of subscribe and churn, and the subscribe figure also includes dropping \
               the set, which detaches 1000 callbacks. A notification pass is a lock-free walk \
-              of the set's shard tables: 24-byte slots, some empty, in several tables, against \
+              of the set's shard tables: 16-byte items behind tag bytes, some empty, in \
+              several tables, against \
               8-byte `Weak`s packed in one `Vec`, so the walk reads more memory per member.",
     },
 ];
@@ -206,8 +212,9 @@ pub const MEMORY_PER_ENTRY: &str = "\
 
 /// What explains the memory-per-entry table.
 pub const MEMORY_PER_ENTRY_WHY: &str = "\
-    Each entry of this crate's map is a 32-byte slot (tag, key, the value's `Weak`, the \
-    entry's callback handle) in a table kept at most 3/4 full, plus one allocation: the death \
+    Each entry of this crate's map is a 24-byte item (key, the value's `Weak`, the entry's \
+    callback handle) with a one-byte tag and the low four bytes of its hash beside it, in a \
+    table kept at most 3/4 full, plus one allocation: the death \
     callback registered on its value (the node that removes the entry when the value dies, 40 \
     bytes). `DashMap`, `HashMap` and `scc` keep the key and the `Weak` inline in their \
     buckets, papaya allocates one entry per key, and none registers anything: they find out \
