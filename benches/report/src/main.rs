@@ -6,7 +6,7 @@
 //! `benches/charts/`.
 //!
 //! * `--quick`: short criterion measurements and runs (a few minutes on
-//!   2 cores) instead of the full ones (about 5 minutes, plus the build);
+//!   2 cores) instead of the full ones (about 15 minutes, build included);
 //!   the demo runs 3 seconds instead of 6.
 //! * `--threads LIST`: the thread counts of the multi-threaded benchmarks
 //!   (default `1,2`); more than two counts add thread-scaling charts.

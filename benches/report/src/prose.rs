@@ -258,8 +258,8 @@ pub const LATENCY_WHY: &str = "\
 
 /// How to regenerate the report, in its header.
 pub const TO_REGENERATE: &str = "\
-    `cargo bench-report` (about 5 minutes on 2 cores, plus the build) or `cargo bench-report \
-    --quick` (a few minutes); `--threads 1,2,4,8,16` adds a thread-scaling run. Each section \
+    `cargo bench-report` (about 15 minutes on 2 cores, build included) or `cargo bench-report \
+    --quick` (about 12 minutes, build included); `--threads 1,2,4,8,16` adds a thread-scaling run. Each section \
     names the bench that measures it alone.";
 
 /// What the cache_server demo runs and what its section's figures are.
