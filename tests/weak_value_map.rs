@@ -1216,6 +1216,22 @@ fn clear_and_shrink_to_fit_give_memory_back() {
     }
 }
 
+#[test]
+fn a_map_sized_with_capacity_holds_that_many_without_growing() {
+    // A fixed hasher: the same spread over the shards on every run.
+    type Fixed = std::hash::BuildHasherDefault<std::collections::hash_map::DefaultHasher>;
+    let count = if cfg!(miri) { 300 } else { 20_000 };
+    let map: WeakValueMap<u64, u64, Fixed> =
+        WeakValueMap::with_capacity_and_hasher(count, Fixed::default());
+    let sized = map.capacity();
+    assert!(sized >= count, "{sized} for {count}");
+    let values: Vec<_> = (0..count as u64).map(Strong::new).collect();
+    for v in &values {
+        map.insert(**v, v);
+    }
+    assert_eq!(map.capacity(), sized, "a shard grew");
+}
+
 /// A listener that records what it hears, and on which thread.
 #[allow(clippy::type_complexity)]
 fn recorder() -> (

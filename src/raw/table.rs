@@ -469,7 +469,11 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
     pub(crate) fn with_capacity(capacity: usize, marked: bool) -> Self {
         let shards = shard_count();
         debug_assert!(shards >= 2 && shards.is_power_of_two());
+        // Hashes spread items over the shards unevenly, by about the square
+        // root of each one's share: four times that in headroom keeps
+        // `capacity` items from rebuilding the fuller shards.
         let per_shard = capacity.div_ceil(shards);
+        let per_shard = per_shard + 4 * per_shard.isqrt() + 8;
         // Full at 3/4, plus one slot: no rebuild before `per_shard` items.
         let slots = (per_shard.saturating_mul(4) / 3 + 2).max(MIN_SLOTS);
         ShardedTable {
