@@ -1232,6 +1232,40 @@ fn a_map_sized_with_capacity_holds_that_many_without_growing() {
     assert_eq!(map.capacity(), sized, "a shard grew");
 }
 
+/// A key that counts the calls of its `Hash`.
+#[derive(Clone, PartialEq, Eq, Debug)]
+struct CountedHash(u64);
+
+static HASHES: AtomicUsize = AtomicUsize::new(0);
+
+impl std::hash::Hash for CountedHash {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        HASHES.fetch_add(1, Ordering::Relaxed);
+        self.0.hash(state);
+    }
+}
+
+#[test]
+fn growing_and_shrinking_run_no_keys_hash() {
+    // The docs promise that `Hash` runs before locking, once per call: a
+    // rebuild, under the lock, places items by the hash bits the table
+    // keeps, so a `Hash` that uses the map cannot deadlock it.
+    let count = if cfg!(miri) { 100 } else { 5_000 };
+    let map = WeakValueMap::new();
+    let values: Vec<_> = (0..count).map(Strong::new).collect();
+    let before = HASHES.load(Ordering::Relaxed);
+    for v in &values {
+        map.insert(CountedHash(**v), v);
+    }
+    let mut values = values;
+    values.truncate(10);
+    flush();
+    map.shrink_to_fit();
+    map.purge();
+    map.clear();
+    assert_eq!(HASHES.load(Ordering::Relaxed) - before, count as usize);
+}
+
 /// A listener that records what it hears, and on which thread.
 #[allow(clippy::type_complexity)]
 fn recorder() -> (

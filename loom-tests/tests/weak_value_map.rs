@@ -433,3 +433,31 @@ fn tier_admission_races_a_death_and_a_remarking_get() {
         assert!(!first_weak.is_alive() && !second_weak.is_alive());
     });
 }
+
+/// M2 across groups. Keys 0 and 1 fill group 0 (GROUP = 2 under
+/// loom, every small id's home group is 0), so the replacement of key 0
+/// goes to group 1: a reader that sees key 0's tombstone in group 0's word
+/// must see the replacement in group 1's, which only the tombstone's
+/// Release flip (and the fill's before it) orders. (In
+/// `a_read_racing_a_replacement_finds_old_or_new` the replacement shares
+/// the old item's word, where coherence alone would do: a Relaxed
+/// tombstone passes that model and fails this one.)
+#[test]
+fn a_replacement_in_a_later_group_is_found() {
+    loom::model(|| {
+        let map: Arc<weakrefs::WeakValueMap<u8, u8, BuildHasherDefault<IdHasher>>> = Arc::new(
+            weakrefs::WeakValueMap::with_capacity_and_hasher(8, Default::default()),
+        );
+        let (old, other, new) = (Strong::new(1u8), Strong::new(9u8), Strong::new(2u8));
+        map.insert(0u8, &old);
+        map.insert(1u8, &other);
+        let reader = {
+            let map = map.clone();
+            thread::spawn(move || map.get(&0).map(|v| *v))
+        };
+        map.insert(0u8, &new);
+        let seen = reader.join().unwrap();
+        assert!(seen == Some(1) || seen == Some(2), "saw {seen:?}");
+        drop((old, other, new));
+    });
+}

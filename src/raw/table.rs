@@ -22,15 +22,17 @@
 //!   probe sequence group by group from the hash's home group to the first
 //!   group with an empty slot, reading the items whose control bytes match.
 //!   No lock, no wait (M1).
-//! * **Writes** take the shard's mutex. A new item fills the first free or
-//!   empty slot of its probe sequence; a replacement fills one after the
-//!   old item's and only then turns the old slot into a tombstone, so a
-//!   reader finds the old item or the new one, never neither; a removal
-//!   leaves a tombstone (M2). Every change to a control word after its
-//!   table is published is an RMW that flips one byte, so writers under the
-//!   lock and deferred drops freeing slots never undo each other's bytes,
-//!   and a reader's Acquire load of the word synchronises with every fill
-//!   it sees (all later values are in each fill's release sequence). A removed item is dropped by an
+//! * **Writes** take the shard's mutex. A new item goes to the first group
+//!   of its probe sequence with a free or empty slot (a free one if that
+//!   group has one); a replacement goes to the first such group from the
+//!   old item's own group on, and only then is the old slot turned into a
+//!   tombstone, so a reader finds the old item or the new one, never
+//!   neither; a removal leaves a tombstone (M2). Every change to a control
+//!   word after its table is published is an RMW that flips one byte, so
+//!   writers under the lock and deferred drops freeing slots never undo
+//!   each other's bytes, and a reader's Acquire load of the word
+//!   synchronises with every fill it sees (all later values are in each
+//!   fill's release sequence). A removed item is dropped by an
 //!   epoch-deferred function once no reader can see it, in place, or, if
 //!   its drop runs user code, moved out and dropped on the finalizer thread
 //!   (M10), and its slot is then freed for reuse; a count of such pending
@@ -324,7 +326,8 @@ impl<I> Table<I> {
     #[inline]
     fn set_control(&self, index: usize, old: u8, new: u8, order: Ordering) {
         let flip = usize::from(old ^ new) << (8 * (index % GROUP));
-        self.control[index / GROUP].fetch_xor(flip, order);
+        let before = self.control[index / GROUP].fetch_xor(flip, order);
+        debug_assert_eq!(bytes::byte(before, index % GROUP), old, "slot {index}");
     }
 
     /// Calls `f` with the index and control byte of every full slot, its
@@ -471,9 +474,14 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
         debug_assert!(shards >= 2 && shards.is_power_of_two());
         // Hashes spread items over the shards unevenly, by about the square
         // root of each one's share: four times that in headroom keeps
-        // `capacity` items from rebuilding the fuller shards.
+        // `capacity` items from rebuilding the fuller shards. (None under
+        // loom, whose models size tables to make them rebuild.)
         let per_shard = capacity.div_ceil(shards);
-        let per_shard = per_shard + 4 * per_shard.isqrt() + 8;
+        let per_shard = if cfg!(weakrefs_loom) {
+            per_shard
+        } else {
+            per_shard + 4 * per_shard.isqrt() + 8
+        };
         // Full at 3/4, plus one slot: no rebuild before `per_shard` items.
         let slots = (per_shard.saturating_mul(4) / 3 + 2).max(MIN_SLOTS);
         ShardedTable {
@@ -690,7 +698,9 @@ impl<I> Drop for ShardedTable<I> {
             // slots' items (tombstones' items belong to deferred drops), and
             // we drop each once before giving up the shard's reference.
             unsafe {
-                // Relaxed: exclusive access.
+                // Relaxed: exclusive access to the full slots. (Deferred
+                // drops of this table's tombstones may still be freeing
+                // theirs, flips of other bytes that are never full.)
                 (*table).each_full(Ordering::Relaxed, |index, _| {
                     let slot = &(&(*table).slots)[index];
                     let drop_item = || slot.with_mut(|item| (*item).assume_init_drop());
@@ -1334,6 +1344,10 @@ fn free_slot<I>(table: &Table<I>, index: usize) {
     // Relaxed load: a tombstone's byte (or, in a retired table, the full
     // byte of the item its rebuild left out) is changed by us alone.
     let removed = table.control_byte(index);
+    debug_assert!(
+        removed == TOMBSTONE || is_full(removed),
+        "slot {index}: {removed:#x}"
+    );
     // Release (M2): pairs with the Acquire load in `vacancy`, so the writer
     // that fills the slot again writes after our drop's last access; and
     // with readers' Acquire loads of the word, so a reader that sees `FREE`
@@ -1362,8 +1376,9 @@ unsafe fn retire<I: Relocatable>(
         // SAFETY: alive while we hold the reference (1).
         let old = unsafe { &*table };
         // Relaxed: written before the table was retired, which the epoch
-        // orders before this function. (The byte of `without` may be
-        // turning `FREE` meanwhile; it is skipped.)
+        // orders before this function. (The deferred drops of `without`
+        // and of the table's tombstones may be turning their bytes `FREE`
+        // meanwhile: `without` is skipped, and the others are never full.)
         old.each_full(Ordering::Relaxed, |index, _| {
             if Some(index) != without {
                 left.push(old.slots[index].with(|item| {
