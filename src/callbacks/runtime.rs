@@ -27,6 +27,7 @@ use std::ptr;
 
 use super::entry::{Entry, EntryRef, Hook};
 use super::list::{EntryList, ObjectLink, RegistryLink};
+use crate::marks::{self, Mark};
 #[cfg(any(test, not(weakrefs_loom)))]
 use crate::sync::spin_briefly_until;
 use crate::sync::{
@@ -44,24 +45,12 @@ fn closed() -> *mut Entry {
 pub(crate) type ObjectCallbacks = EntryList<ObjectLink>;
 
 thread_local! {
-    /// Callbacks running on this thread right now (they may nest: a
-    /// callback that calls `Finalizer::call`).
-    // loom's `thread_local!` takes no `const` initialiser.
-    #[allow(clippy::missing_const_for_thread_local)]
-    static CALLBACK_DEPTH: std::cell::Cell<usize> = std::cell::Cell::new(0);
-
-    /// Set while this thread runs queued batches (`run_taken`): a `flush`
-    /// inside one of them returns at once, for the loop it is part of runs
-    /// what is queued next, so chains of callbacks that flush never nest on
-    /// the stack (C15).
-    #[allow(clippy::missing_const_for_thread_local)]
-    static DRAINING: std::cell::Cell<bool> = std::cell::Cell::new(false);
-
     /// After `shutdown`, the chains this thread must still run inline:
     /// `Some` while an inline delivery loop runs on this thread, which
     /// takes the chains that arise inside it (a callback dropping the last
     /// handle of another object) in order, instead of running them nested
     /// on the stack (C15).
+    // loom's `thread_local!` takes no `const` initialiser.
     #[allow(clippy::missing_const_for_thread_local)]
     static INLINE: std::cell::RefCell<Option<std::collections::VecDeque<(*mut Entry, u64)>>> =
         std::cell::RefCell::new(None);
@@ -506,15 +495,8 @@ impl Runtime {
     ///    queue (C7), or is null.
     unsafe fn run_taken(&self, mut newest_first: *mut Entry) -> u64 {
         // While this runs, a `flush` inside a callback returns at once
-        // (C15); restored on the way out, as the outermost loop left it.
-        let outer = DRAINING.with(|draining| draining.replace(true));
-        struct Restore(bool);
-        impl Drop for Restore {
-            fn drop(&mut self) {
-                let _ = DRAINING.try_with(|draining| draining.set(self.0));
-            }
-        }
-        let _restore = Restore(outer);
+        // (C15); undone on the way out, as the outermost loop left it.
+        let _draining = marks::enter(Mark::Draining);
         // Reverse the batches to run the oldest death first.
         let mut oldest_first = ptr::null_mut::<Entry>();
         while !newest_first.is_null() {
@@ -576,9 +558,10 @@ impl Runtime {
 
     /// Runs one callback, catching and reporting a panic.
     pub(crate) fn run_callback(&self, callback: impl FnOnce()) {
-        CALLBACK_DEPTH.with(|depth| depth.set(depth.get() + 1));
-        let outcome = panic::catch_unwind(AssertUnwindSafe(callback));
-        CALLBACK_DEPTH.with(|depth| depth.set(depth.get() - 1));
+        let outcome = {
+            let _callback = marks::enter(Mark::Callback);
+            panic::catch_unwind(AssertUnwindSafe(callback))
+        };
         // Relaxed: statistics.
         self.counters.run.fetch_add(1, Ordering::Relaxed);
         if let Err(payload) = outcome {
@@ -603,8 +586,8 @@ impl Runtime {
     /// queue on this thread instead of waiting (waiting would deadlock on
     /// the callback that is calling it).
     pub(crate) fn flush(&self) {
-        let in_callback = CALLBACK_DEPTH.with(|depth| depth.get() > 0);
-        if in_callback && DRAINING.with(std::cell::Cell::get) {
+        let in_callback = marks::is_inside(Mark::Callback);
+        if in_callback && marks::is_inside(Mark::Draining) {
             // The drain loop running this callback runs what is queued
             // next: draining here would nest one loop per flushing callback
             // on this stack (C15).
@@ -701,7 +684,7 @@ impl Runtime {
     /// inside a callback it returns at once: the first call may be the one
     /// running that callback.
     fn wait_for_shutdown(&self) {
-        if CALLBACK_DEPTH.with(|depth| depth.get() > 0) {
+        if marks::is_inside(Mark::Callback) {
             return;
         }
         let mut done = self.shutdown_done.lock();
