@@ -74,6 +74,9 @@ impl Link for RegistryLink {
     }
 }
 
+/// An object's callback list, embedded in its control block's header.
+pub(crate) type ObjectCallbacks = EntryList<ObjectLink>;
+
 /// A lock-free stack of entries, newest first; see the module docs. Two
 /// words, so an object's list lives in its control block's header.
 pub(crate) struct EntryList<L: Link> {
