@@ -221,3 +221,8 @@ pub(crate) use std::thread_local;
 /// Thread-local storage that loom can see.
 #[cfg(weakrefs_loom)]
 pub(crate) use loom::thread_local;
+
+/// Lazily initialised statics that loom re-creates for every model
+/// execution (the process-wide collector and runtime under loom).
+#[cfg(weakrefs_loom)]
+pub(crate) use loom::lazy_static;

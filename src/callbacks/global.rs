@@ -5,7 +5,7 @@
 //! `weakrefs-finalizer` thread at the first death with callbacks. Under
 //! loom it spawns no thread (`flush` drains on the calling thread, so
 //! models stay finite) and lives as long as one model execution, beside
-//! the epoch collector it must outlive.
+//! the epoch collector it must outlive (`reclaim::outlives_collector`).
 
 use super::runtime::Runtime;
 #[cfg(not(weakrefs_loom))]
@@ -41,36 +41,20 @@ fn spawn_worker(parker: crate::sync::Parker) -> Option<std::thread::JoinHandle<(
     }
 }
 
-/// Every process-wide object of the crate under loom, in one lazy static:
-/// loom drops its lazy statics in an order that changes between
-/// executions, and two of them touching loom atomics in their destructors
-/// would make a model nondeterministic. The epoch collector is dropped
-/// after the runtime.
-#[cfg(weakrefs_loom)]
-struct LoomGlobals {
-    // Dropped first: its pending deferred functions may post work to
-    // the runtime, which must still be there (fields drop in order).
-    collector: crossbeam_epoch::Collector,
-    runtime: Runtime,
-}
-
-#[cfg(weakrefs_loom)]
-loom::lazy_static! {
-    static ref GLOBAL: LoomGlobals = LoomGlobals {
-        collector: crossbeam_epoch::Collector::new(),
-        runtime: Runtime::inline(),
-    };
-}
-
-/// Under loom the global runtime spawns no thread: `flush` drains it on
-/// the calling thread, so models stay finite.
+/// The process-wide runtime of the current loom execution: one without a
+/// worker thread. The epoch collector's deferred functions post to it, so
+/// it is kept in the collector's own lazy static and dropped after the
+/// collector (loom drops separate lazy statics in an order that changes
+/// between executions).
 #[cfg(weakrefs_loom)]
 pub(crate) fn global() -> &'static Runtime {
-    &GLOBAL.runtime
-}
-
-/// The epoch collector that `Reclaimer::global` uses under loom.
-#[cfg(weakrefs_loom)]
-pub(crate) fn loom_collector() -> &'static crossbeam_epoch::Collector {
-    &GLOBAL.collector
+    crate::sync::lazy_static! {
+        /// Publishes the runtime to every model thread: loom orders a lazy
+        /// static's initialisation before each of its reads, as
+        /// `std::sync::OnceLock` would, but does not see the `OnceLock`
+        /// in which the collector's static keeps the runtime. It holds
+        /// only a reference, so when it is dropped does not matter.
+        static ref RUNTIME: &'static Runtime = crate::reclaim::outlives_collector(Runtime::inline);
+    }
+    &RUNTIME
 }

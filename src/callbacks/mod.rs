@@ -14,8 +14,6 @@ mod worker;
 
 pub(crate) use entry::{EntryRef, Hook};
 pub(crate) use global::global;
-#[cfg(weakrefs_loom)]
-pub(crate) use global::loom_collector;
 pub(crate) use list::ObjectCallbacks;
 pub(crate) use runtime::Runtime;
 pub use runtime::Stats;
