@@ -2,10 +2,12 @@
 //! (`entry`), the lock-free lists that hold them (`list`), the queue of
 //! death batches (`queue`), the finalizer thread that drains it (`worker`),
 //! the runtime that delivers deaths, flushes and shuts down (`runtime`),
-//! and the process-wide runtime (`global`). The public face is
-//! `crate::finalizer`.
+//! the process-wide runtime (`global`), and the one handle the
+//! collections' machinery uses to run work on the finalizer thread
+//! (`executor`). The public face is `crate::finalizer`.
 
 mod entry;
+mod executor;
 mod global;
 mod list;
 mod queue;
@@ -13,7 +15,7 @@ mod runtime;
 mod worker;
 
 pub(crate) use entry::{EntryRef, Hook};
+pub(crate) use executor::Executor;
 pub(crate) use global::global;
 pub(crate) use list::ObjectCallbacks;
-pub(crate) use runtime::Runtime;
 pub use runtime::Stats;

@@ -23,7 +23,7 @@
 use std::panic::{self, AssertUnwindSafe};
 use std::ptr;
 
-use super::entry::{Entry, EntryRef, Hook};
+use super::entry::{Entry, EntryRef};
 use super::list::{EntryList, ObjectCallbacks, RegistryLink};
 use super::queue::{BatchQueue, Taken};
 use super::worker::{Worker, WorkerMode};
@@ -164,35 +164,11 @@ impl Runtime {
         handle
     }
 
-    /// Registers a collection's removal callback on `list` as a hook: kept
-    /// out of the registry (`shutdown` never runs it, and registering costs
-    /// no push on the process-wide registry), and run by the object's death
-    /// at once, on the dying thread, not queued (C14), with the hook itself
-    /// as its argument. The hook keeps `payload` in place until the entry
-    /// drops it (`Hook::drop_payload`). It must be short, never block, and run none of its
-    /// own user code (its writer's pin may collect other epoch garbage, as
-    /// any lookup's does). Work it posts (and any posted job) is counted
-    /// towards the registry's next compaction when it runs (a trigger,
-    /// C5): at worst an early scan of the registry.
-    pub(crate) fn register_hook<P, F>(
-        &self,
-        list: &ObjectCallbacks,
-        payload: P,
-        callback: F,
-    ) -> Hook<P>
-    where
-        P: Send + Sync + 'static,
-        F: FnOnce(&Hook<P>) + Send + 'static,
-    {
-        let (hook, in_list) = EntryRef::new_hook(payload, callback);
-        list.push(in_list);
-        hook
-    }
-
     /// Runs `job` on the finalizer thread (inline once shutdown has closed
     /// the queue), counted in `pending` so that `flush` waits for it, and
     /// in the statistics as a callback. For work that must not run where it
-    /// arises: a key's destructor, the last handle to a collection.
+    /// arises: a key's destructor, the last handle to a collection. The
+    /// collections reach it through [`Executor`](super::Executor).
     pub(crate) fn post<F>(&self, job: F)
     where
         F: FnOnce() + Send + 'static,
