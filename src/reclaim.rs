@@ -404,7 +404,7 @@ mod tests {
 /// retires a node may still read it; the node's destructor, which writes the
 /// memory, is ordered after that read. Run by `.ci/loom`.
 #[cfg(all(test, weakrefs_loom))]
-mod loom_model {
+mod loom_models {
     use super::*;
     use crossbeam_epoch::{Atomic, Owned};
     use loom::cell::UnsafeCell;

@@ -405,7 +405,7 @@ impl<L: Link> std::fmt::Debug for EntryList<L> {
 /// "nodes <= kept + work" holds after every compaction. Fails when the
 /// push's count is Relaxed and the compactor's load of it is not Acquire.
 #[cfg(all(test, weakrefs_loom))]
-mod loom_model {
+mod loom_models {
     use super::*;
     use loom::sync::Arc;
 

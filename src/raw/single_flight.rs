@@ -441,7 +441,7 @@ pub(crate) async fn lead_async<Q, R, T, E>(
 /// that frees its slot, or by the settling that takes and wakes it), and
 /// nothing is left registered. Run by `.ci/loom`.
 #[cfg(all(test, weakrefs_loom))]
-mod loom_model {
+mod loom_models {
     use super::*;
     use loom::thread;
     use std::sync::Arc;
