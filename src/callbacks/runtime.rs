@@ -121,20 +121,20 @@ pub(crate) struct Runtime {
 impl Runtime {
     /// A runtime without a worker: `flush` drains on the calling thread.
     #[cfg(any(test, weakrefs_loom))]
-    pub(crate) fn inline() -> Self {
+    pub(super) fn inline() -> Self {
         Self::build(WorkerMode::Inline)
     }
 
     /// A runtime whose worker loop the caller runs, on a thread of its own,
     /// with the parker from [`Runtime::take_parker`].
     #[cfg(test)]
-    pub(crate) fn external() -> Self {
+    pub(super) fn external() -> Self {
         Self::build(WorkerMode::External)
     }
 
     /// The worker's parker, for a runtime built by [`Runtime::external`].
     #[cfg(test)]
-    pub(crate) fn take_parker(&self) -> Parker {
+    pub(super) fn take_parker(&self) -> Parker {
         self.worker.take_parker()
     }
 
@@ -169,7 +169,7 @@ impl Runtime {
     /// in the statistics as a callback. For work that must not run where it
     /// arises: a key's destructor, the last handle to a collection. The
     /// collections reach it through [`Executor`](super::Executor).
-    pub(crate) fn post<F>(&self, job: F)
+    pub(super) fn post<F>(&self, job: F)
     where
         F: FnOnce() + Send + 'static,
     {
@@ -182,14 +182,14 @@ impl Runtime {
 
     /// True if batches are queued that no consumer has taken yet: a hint
     /// (the queue may change at once), for work that batches itself.
-    pub(crate) fn has_queued_work(&self) -> bool {
+    pub(super) fn has_queued_work(&self) -> bool {
         self.queue.has_queued_work()
     }
 
     /// True once `shutdown` has closed the queue: from then on posted work
     /// runs inline, where it arises. A caller with work that may block
     /// checks this first; a post racing the closing still runs inline (C9).
-    pub(crate) fn is_closed(&self) -> bool {
+    pub(super) fn is_closed(&self) -> bool {
         self.queue.is_closed()
     }
 
@@ -341,7 +341,7 @@ impl Runtime {
 
     /// Runs everything queued so far, oldest death first. Returns how many
     /// callbacks ran. Any thread may call it; each batch runs once (C7).
-    pub(crate) fn drain(&self) -> u64 {
+    pub(super) fn drain(&self) -> u64 {
         match self.queue.take() {
             Some(taken) => self.run_taken(taken),
             None => 0,
@@ -431,7 +431,7 @@ impl Runtime {
     /// Inside a callback, or on a runtime without a worker, it runs the
     /// queue on this thread instead of waiting (waiting would deadlock on
     /// the callback that is calling it).
-    pub(crate) fn flush(&self) {
+    pub(super) fn flush(&self) {
         let in_callback = marks::is_inside(Mark::Callback);
         if in_callback && marks::is_inside(Mark::Draining) {
             // The drain loop running this callback runs what is queued
@@ -543,7 +543,7 @@ impl Runtime {
 
     /// The worker's loop: drain, then park until a producer unparks.
     #[cfg(any(test, not(weakrefs_loom)))]
-    pub(crate) fn worker_loop(&self, parker: Parker) {
+    pub(super) fn worker_loop(&self, parker: Parker) {
         self.worker.run(
             parker,
             &self.queue,
