@@ -4,17 +4,17 @@
 //! already inside a certain piece of work, or they would wait for
 //! themselves: a `flush` inside a death callback, a second `shutdown`
 //! inside one, a single-flight load of a key whose `init` this very thread
-//! is running. Each such piece of work puts a [`Mark`] on this thread's
-//! stack of marks for as long as it runs ([`enter`], undone when the
-//! returned guard drops, panics included), and the calls that care ask
-//! whether a mark is there ([`is_inside`], [`any`]).
+//! is running. Each such piece of work puts a [`Mark`] on this thread for
+//! as long as it runs ([`enter`], undone when the returned guard drops,
+//! panics included), and the calls that care ask whether a mark is there
+//! ([`is_inside`], [`any`]).
 //!
 //! Marks nest: a callback may run inside a drain inside another callback.
-//! The stack is per thread (loom's thread-locals under loom, so every model
+//! They are per thread (loom's thread-locals under loom, so every model
 //! thread has its own), and a thread whose thread-locals are being torn
 //! down has no marks: entering one then does nothing, and no mark is found.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 use crate::sync::thread_local;
 
@@ -37,32 +37,68 @@ pub(crate) enum Mark {
     Loading { load: usize, blocking: bool },
 }
 
+/// One thread's marks. `Callback` and `Draining` only nest and are never
+/// told apart by anything but their kind, so each is a count: entering
+/// one, which every death callback does, costs what a counter did. Loads
+/// carry an address and are searched, so they are kept in a list.
+struct Marks {
+    callbacks: Cell<usize>,
+    draining: Cell<usize>,
+    /// `Loading` marks, innermost last.
+    loads: RefCell<Vec<Mark>>,
+}
+
+impl Marks {
+    fn count(&self, mark: Mark) -> Option<&Cell<usize>> {
+        match mark {
+            Mark::Callback => Some(&self.callbacks),
+            Mark::Draining => Some(&self.draining),
+            Mark::Loading { .. } => None,
+        }
+    }
+}
+
 thread_local! {
-    /// This thread's marks, innermost last.
+    /// This thread's marks.
     // loom's `thread_local!` takes no `const` initialiser.
     #[allow(clippy::missing_const_for_thread_local)]
-    static MARKS: RefCell<Vec<Mark>> = RefCell::new(Vec::new());
+    static MARKS: Marks = Marks {
+        callbacks: Cell::new(0),
+        draining: Cell::new(0),
+        loads: RefCell::new(Vec::new()),
+    };
 }
 
 /// Puts `mark` on this thread until the returned guard drops.
 #[inline]
 pub(crate) fn enter(mark: Mark) -> Entered {
-    // During thread-local teardown: no stack, so nothing to undo either.
-    let _ = MARKS.try_with(|marks| marks.borrow_mut().push(mark));
+    // During thread-local teardown: no marks, so nothing to undo either.
+    let _ = MARKS.try_with(|marks| match marks.count(mark) {
+        Some(count) => count.set(count.get() + 1),
+        None => marks.loads.borrow_mut().push(mark),
+    });
     Entered(mark)
 }
 
 /// True if this thread is inside `mark`.
 #[inline]
 pub(crate) fn is_inside(mark: Mark) -> bool {
-    any(|inside| inside == mark)
+    MARKS
+        .try_with(|marks| match marks.count(mark) {
+            Some(count) => count.get() > 0,
+            None => marks.loads.borrow().contains(&mark),
+        })
+        .unwrap_or(false)
 }
 
 /// True if this thread is inside a mark that `matches`.
-#[inline]
 pub(crate) fn any(matches: impl Fn(Mark) -> bool) -> bool {
     MARKS
-        .try_with(|marks| marks.borrow().iter().any(|&mark| matches(mark)))
+        .try_with(|marks| {
+            (marks.callbacks.get() > 0 && matches(Mark::Callback))
+                || (marks.draining.get() > 0 && matches(Mark::Draining))
+                || marks.loads.borrow().iter().any(|&mark| matches(mark))
+        })
         .unwrap_or(false)
 }
 
@@ -74,12 +110,15 @@ pub(crate) struct Entered(Mark);
 impl Drop for Entered {
     #[inline]
     fn drop(&mut self) {
-        let _ = MARKS.try_with(|marks| {
-            let mut marks = marks.borrow_mut();
-            // The innermost equal mark: guards drop in the reverse order
-            // of their `enter`, so this is the last one.
-            if let Some(index) = marks.iter().rposition(|&mark| mark == self.0) {
-                marks.remove(index);
+        let _ = MARKS.try_with(|marks| match marks.count(self.0) {
+            Some(count) => count.set(count.get() - 1),
+            None => {
+                let mut loads = marks.loads.borrow_mut();
+                // The innermost equal mark: guards drop in the reverse
+                // order of their `enter`, so this is the last one.
+                if let Some(index) = loads.iter().rposition(|&mark| mark == self.0) {
+                    loads.remove(index);
+                }
             }
         });
     }
