@@ -11,6 +11,9 @@
 //! * [`when_not_to`]: cycles, short-lived values, caches nobody holds,
 //!   maps where a sweep would do.
 //! * [`safety`]: why the unsafe code is sound, invariant by invariant.
+//! * [`internals`]: for contributors: each module's job, the path of a
+//!   death from the last `Strong` to a map removal, and which loom model
+//!   covers which protocol.
 
 pub mod from_python {
     //! # From Python's `weakref`
@@ -375,4 +378,117 @@ pub mod when_not_to {
 
 pub mod safety {
     #![doc = include_str!("../SAFETY.md")]
+}
+
+pub mod internals {
+    //! # Internals, for contributors
+    //!
+    //! How the crate is put together: what each module does, what calls
+    //! what when an object dies, and where each lock-free protocol is
+    //! model-checked. Private items are named in `code`; their own docs
+    //! (`cargo doc --document-private-items`) and [SAFETY.md](super::safety)
+    //! say more.
+    //!
+    //! ## Layers
+    //!
+    //! Each layer uses only the ones below it.
+    //!
+    //! | layer | modules | job |
+    //! | --- | --- | --- |
+    //! | shim | `sync` | the one place that names atomics, fences, `UnsafeCell`, thread-locals, mutexes and loom; `Mutex` without poisoning; `lazy_static` under loom |
+    //! | | `marks` | what this thread is inside of (`Mark::Callback`, `Mark::Draining`, `Mark::Loading`): the one thread-local stack the re-entrancy checks use |
+    //! | | `panics` | catch and report a panic where nobody can receive it |
+    //! | reclamation | `reclaim` | the one module that talks to crossbeam-epoch: `Reclaimer`, `Pinned::defer`, bounded garbage, pushing garbage through at `flush`; under loom, the process's collector and what must outlive it |
+    //! | callbacks | `callbacks::entry` | one callback node and its exactly-once state machine (`Entry`, `EntryRef`, `Hook`) |
+    //! | | `callbacks::list` | `EntryList`: the lock-free stack of entries with one compactor; `ObjectCallbacks` (an object's list, in its control block) and `register_hook` |
+    //! | | `callbacks::queue` | `BatchQueue`: the Treiber stack of death batches, `pending`, the closed marker; `Taken` |
+    //! | | `callbacks::worker` | `Worker`: the `weakrefs-finalizer` thread, its start, spin-then-park loop, wake-up and stop |
+    //! | | `callbacks::runtime` | `Runtime`: registration, `on_death`, `drain`, `flush`, `shutdown`, [`Stats`](crate::Stats) |
+    //! | | `callbacks::global` | the process's `Runtime` and the thread it spawns; its loom twin |
+    //! | | `callbacks::executor` | `Executor`: the one handle `raw/` holds to the runtime ("run this on the finalizer thread") |
+    //! | handles | `control`, `strong`, `weak`, `unsize`, `ref_cnt` | the control block (counts, callback list, value) and the handles over it |
+    //! | machinery | `raw::table` | `ShardedTable`: sharded open-addressing tables under epoch reclamation, one writer per shard |
+    //! | | `raw::collection` | what the collections do alike on top of it: `remove_on_death`, iteration, `retain`, `clear`, `purge` |
+    //! | | `raw::single_flight` | `Flights`: single-flight loads shared by both maps |
+    //! | | `raw::tier`, `raw::counters` | `WeakValueMap`'s keep-warm tier; striped statistics counters |
+    //! | faces | `finalizer`, `weak_value_map`, `weak_key_map`, `weak_set`, `weak_method`, `par_iter`, `error` | the public API and its docs; thin over the layers below |
+    //!
+    //! `raw/` imports from `callbacks` only `Executor` and `Hook` (and
+    //! reaches an object's `ObjectCallbacks` through `Strong`); it never
+    //! imports `finalizer` or `Runtime`. `reclaim` imports nothing above
+    //! `sync`.
+    //!
+    //! ## The path of a death
+    //!
+    //! From the last `Strong` of a value held by a `WeakValueMap` to the
+    //! map entry's removal:
+    //!
+    //! 1. `Drop for Strong` calls `Header::decrement_strong`; the decrement
+    //!    that reaches zero runs an Acquire fence and returns true (O2), and
+    //!    `Strong::drop_slow` drops the value (`ControlBlock::drop_value`).
+    //! 2. `AfterDeath::drop` finds the object's `ObjectCallbacks` non-empty
+    //!    and calls `Runtime::on_death` on `callbacks::global()`.
+    //! 3. `on_death` takes the whole list (`EntryList::take_all`; no
+    //!    registration can race a death, C6), claims each alive entry
+    //!    (`Entry::claim`, C1) and sorts them: hooks
+    //!    (`Entry::on_dying_thread`) run at once, on this thread
+    //!    (`EntryRef::run_claimed`, C14); the rest form one batch for
+    //!    `Runtime::dispatch`.
+    //! 4. The map's hook is the closure `raw::collection::remove_on_death`
+    //!    registered (`ObjectCallbacks::register_hook`). It upgrades its
+    //!    `Weak` to the map's core and, if the shard's lock is free
+    //!    (`ShardedTable::try_write`), calls `remove_holding`:
+    //!    `ShardWriter::remove` finds the entry whose hook is this very hook
+    //!    (M4), and `unlink` turns its slot into a tombstone (M2). A busy
+    //!    shard, or a map with a removal listener, posts the same removal
+    //!    to the finalizer thread instead (`Executor::post`, M10).
+    //! 5. Dropping the `ShardWriter` unlocks the shard and hands what it
+    //!    unlinked to the epoch (`Retired::defer`, `Pinned::defer`, I7);
+    //!    from the finalizer thread (`Executor::post`) if the entry's drop
+    //!    runs user code (`Relocatable::DROP_RUNS_USER_CODE`, M10). Once no
+    //!    reader pinned before the unlink is left, the deferred function
+    //!    drops the entry (its `Weak`, its `Hook`, its key), or moves it out
+    //!    and posts its drop to the finalizer thread if that runs user
+    //!    code, then calls `free_slot` and `release`.
+    //! 6. A posted job, or the user callbacks of step 3, go through
+    //!    `Runtime::dispatch`: `BatchQueue::push` (C7) and `Worker::wake`
+    //!    (C8). The worker's loop (`Worker::run`) calls `Runtime::drain`:
+    //!    `BatchQueue::take`, then `run_taken` runs each batch oldest first
+    //!    (`run_chain`, `run_callback`, under `Mark::Draining` and
+    //!    `Mark::Callback`) and `BatchQueue::finish` counts it done, waking
+    //!    a waiting `flush` (C11). After `shutdown` the push is refused and
+    //!    `run_inline` runs the chain on the dying thread, never nested
+    //!    (C9, C15).
+    //!
+    //! ## Where each protocol is model-checked
+    //!
+    //! `.ci/loom` runs every model, with `--cfg weakrefs_loom --cfg
+    //! crossbeam_loom`. A model that needs private items lives at the end
+    //! of the file that defines the protocol, in
+    //! `#[cfg(all(test, weakrefs_loom))] mod loom_models`; a model that
+    //! drives the public API lives in `loom-tests/tests/`, one file per
+    //! concept (see the contributor section of the README).
+    //!
+    //! | protocol (SAFETY.md) | models | where |
+    //! | --- | --- | --- |
+    //! | handles: death is final, one drop, one free, `get_mut` (I1–I6, O2–O5) | `upgrade_races_last_strong_drop` and the other six | `loom-tests/tests/handles.rs` |
+    //! | `make_mut`, `into_inner` (O2′, O12) | `make_mut_races_a_downgrade_clone_and_upgrade`, `make_mut_races_a_weak_upgrade`, `into_inner_on_two_threads_races_an_upgrade` | `loom-tests/tests/handles_make_mut.rs` |
+    //! | unsized blocks, `new_cyclic` (U1–U4, O3, O11) | `unsized_upgrade_races_last_strong_drop`, `unsized_last_weak_drop_races_last_strong_drop`, `new_cyclic_weak_upgrades_racing_construction` | `loom-tests/tests/unsized_handles.rs` |
+    //! | retired memory outlives readers (I7) | `retired_node_outlives_pinned_reader` | `src/reclaim.rs` |
+    //! | exactly once, death excludes registration (C1, C6, C12) | `detach_races_death`, `call_races_death`, `registration_races_last_drop_elsewhere` | `loom-tests/tests/finalizers.rs` |
+    //! | list compaction (C4, C5, C5′) | `compaction_never_forgets_a_push_it_counted` | `src/callbacks/list.rs` |
+    //! | registration racing detach and compaction (C5) | `compaction_frees_while_others_push_and_detach`, `shutdown_races_registration_and_compaction` | `src/callbacks/runtime.rs` |
+    //! | no lost wake-up (C8) | `push_races_drain_and_park` | `src/callbacks/worker.rs` |
+    //! | one consumer per batch, flush (C7, C8, C11) | `flush_races_new_work` | `src/callbacks/runtime.rs` |
+    //! | nothing lost to shutdown (C9), shutdown completes (C10) | `death_races_shutdown_without_atexit`, `death_races_shutdown_with_atexit`, `concurrent_shutdowns_return_after_the_atexit_pass` | `src/callbacks/runtime.rs` |
+    //! | shard table: removal, reads, growth, rebuilds, slot reuse, the tier (section 7) | `insert_races_death_of_the_previous_value`, `get_races_remove_and_death`, `read_races_growth` and the others in that file | `loom-tests/tests/weak_value_map.rs` |
+    //! | single flight (M6) | `single_flight_leader_races_waiter`, `a_failing_leader_lets_the_waiter_lead` | `loom-tests/tests/weak_value_map.rs` |
+    //! | async waiter dropped while the load settles (M6) | `a_dropped_waiter_races_the_settling` | `src/raw/single_flight.rs` |
+    //! | values borrowed in place (section 8) | `a_removal_racing_with_never_drops_a_borrowed_value` and the other six | `loom-tests/tests/weak_key_map.rs` |
+    //!
+    //! Models build their own `Runtime` (`Runtime::inline`,
+    //! `Runtime::external`) or `Reclaimer` (`Reclaimer::with_collector`)
+    //! where they can; through the public API they use the process-wide
+    //! ones, which under loom are made afresh for every execution
+    //! (`callbacks::global`, `reclaim::outlives_collector`).
 }

@@ -3,6 +3,7 @@
 
 use std::fmt;
 
+pub use crate::callbacks::Stats;
 use crate::callbacks::{global, EntryRef};
 use crate::strong::Strong;
 
@@ -214,29 +215,8 @@ impl fmt::Debug for Finalizer {
 /// assert!(ran.load(Ordering::SeqCst));
 /// ```
 pub fn flush() {
-    let runtime = global();
-    runtime.flush();
-    // Entries removed just now, by this thread or by queued callbacks, are
-    // dropped once no reader can see them (epoch reclamation), their
-    // destructors on the finalizer thread, where they may remove further
-    // entries (a value that held the last handle to another key). Push
-    // that along until a round queues nothing new; bounded, so that other
-    // threads' endless activity cannot keep this from returning. (The
-    // finalizer thread pushes its own garbage through whenever it goes
-    // idle, so a cascade completes without any `flush`; this only helps it
-    // along.)
-    for _ in 0..FLUSH_ROUNDS {
-        let (queued, ..) = runtime.counters();
-        crate::reclaim::push_garbage_through();
-        runtime.flush();
-        if runtime.counters().0 == queued {
-            break;
-        }
-    }
+    global().flush_with_garbage();
 }
-
-/// Rounds of epoch collection a [`flush`] runs at most.
-const FLUSH_ROUNDS: usize = 16;
 
 /// Drains the callback queue, runs every still-registered callback whose
 /// [`atexit`](Finalizer::atexit) is set (newest first), and stops the
@@ -276,44 +256,5 @@ pub fn shutdown() {
 /// assert!(after.run > before.run);
 /// ```
 pub fn stats() -> Stats {
-    let (queued, run, panicked, pending) = global().counters();
-    Stats {
-        queued,
-        run,
-        panicked,
-        pending,
-    }
-}
-
-/// Counters returned by [`stats`]. Each is read separately, so under
-/// concurrent activity they are a close but not an atomic snapshot.
-/// Besides user callbacks, the collections' own work handed to the
-/// finalizer thread counts here: a removal whose shard was busy, a removed
-/// key's destructor, a removed `WeakKeyMap` value's destructor.
-///
-/// ```
-/// use weakrefs::{finalize, flush, stats, Strong};
-///
-/// let obj = Strong::new(0);
-/// finalize(&obj, || {});
-/// drop(obj);
-/// flush();
-/// let now = stats();
-/// assert!(now.run >= 1);
-/// assert_eq!(now.pending, 0); // nothing of ours is left after flush
-/// ```
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub struct Stats {
-    /// Callbacks handed to the finalizer thread so far, the collections'
-    /// own work included (it counts in `run` and `pending` too).
-    pub queued: u64,
-    /// Callbacks that have finished, wherever they ran (the finalizer
-    /// thread, [`Finalizer::call`], `shutdown`, inline after it), panicked
-    /// ones included.
-    pub run: u64,
-    /// Callbacks that panicked (caught and reported on stderr).
-    pub panicked: u64,
-    /// Callbacks queued but not yet finished.
-    pub pending: u64,
+    global().stats()
 }

@@ -14,6 +14,7 @@ mod control;
 pub mod docs;
 mod error;
 mod finalizer;
+mod marks;
 mod panics;
 #[cfg(feature = "rayon")]
 mod par_iter;

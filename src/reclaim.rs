@@ -93,6 +93,7 @@ pub(crate) fn push_garbage_through() {
 /// thread): only if this thread retired anything since its last flush,
 /// which it then hands over and pushes through. A thread that retired
 /// nothing does not pin.
+#[cfg(any(test, not(weakrefs_loom)))]
 pub(crate) fn push_own_garbage_through() {
     #[cfg(not(weakrefs_loom))]
     {
@@ -104,6 +105,68 @@ pub(crate) fn push_own_garbage_through() {
         }
     }
 }
+
+/// Under loom, the process-wide collector of the current model execution,
+/// and the one value its deferred functions reach that they do not own:
+/// the callback runtime, to which they post the destructors of removed
+/// entries. Both live in one lazy static, the collector first, so that it
+/// is dropped first and its last deferred functions still find the
+/// runtime: loom drops separate lazy statics in an order that changes
+/// between executions, which would make a model nondeterministic or let a
+/// deferred function post to a runtime already gone.
+#[cfg(weakrefs_loom)]
+mod loom_global {
+    use std::any::Any;
+    use std::sync::OnceLock;
+
+    use crossbeam_epoch::Collector;
+
+    struct LoomEpoch {
+        // Fields drop in order: the collector, with its pending deferred
+        // functions, before what they may post to.
+        collector: Collector,
+        /// Made at first use (`outlives_collector`); type-erased, so that
+        /// this module names nothing above it.
+        outliving: OnceLock<Box<dyn Any + Send + Sync>>,
+    }
+
+    crate::sync::lazy_static! {
+        static ref EPOCH: LoomEpoch = LoomEpoch {
+            collector: Collector::new(),
+            outliving: OnceLock::new(),
+        };
+    }
+
+    /// The collector that `Reclaimer::global` pins under loom.
+    pub(super) fn collector() -> &'static Collector {
+        &EPOCH.collector
+    }
+
+    /// The value that outlives the collector in this execution, made by
+    /// `init` at first use. Only one type ever asks (the callback runtime).
+    /// As loom's own lazy statics do, two model threads that both find it
+    /// missing may both make one, and the one that stores second drops its
+    /// own: `init` may yield to loom's scheduler, so it runs outside the
+    /// `OnceLock`, whose store moves the value in and touches nothing of
+    /// loom's. Loom cannot see the `OnceLock` order the value's making
+    /// before its uses on other model threads, so the caller publishes it
+    /// through a loom lazy static of its own (`callbacks::global` does).
+    pub(crate) fn outlives_collector<T: Any + Send + Sync>(init: fn() -> T) -> &'static T {
+        let outliving = &EPOCH.outliving;
+        if outliving.get().is_none() {
+            let made: Box<dyn Any + Send + Sync> = Box::new(init());
+            // A thread that stored first wins; ours drops here.
+            drop(outliving.set(made));
+        }
+        outliving
+            .get()
+            .and_then(|value| value.downcast_ref())
+            .expect("one type outlives the collector")
+    }
+}
+
+#[cfg(weakrefs_loom)]
+pub(crate) use loom_global::outlives_collector;
 
 /// Where retired memory goes: crossbeam's global collector or one of the
 /// caller's own.
@@ -135,10 +198,10 @@ impl Reclaimer {
         let guard = match &self.own {
             #[cfg(not(weakrefs_loom))]
             None => crossbeam_epoch::pin(),
-            // Under loom, the crate's own collector, dropped in a fixed order
-            // with the other globals (see `callbacks::loom_collector`).
+            // Under loom, the crate's own collector, which the models' lazy
+            // statics drop in a fixed order (`loom_global`).
             #[cfg(weakrefs_loom)]
-            None => crate::callbacks::loom_collector().register().pin(),
+            None => loom_global::collector().register().pin(),
             // Registering per pin is slow, but this path serves tests and
             // models only. The guard keeps its participant alive after the
             // handle is dropped.
@@ -341,7 +404,7 @@ mod tests {
 /// retires a node may still read it; the node's destructor, which writes the
 /// memory, is ordered after that read. Run by `.ci/loom`.
 #[cfg(all(test, weakrefs_loom))]
-mod loom_model {
+mod loom_models {
     use super::*;
     use crossbeam_epoch::{Atomic, Owned};
     use loom::cell::UnsafeCell;

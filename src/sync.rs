@@ -31,6 +31,15 @@ pub(crate) use lock::MutexGuard;
 pub(crate) struct Mutex<T>(lock::Mutex<T>);
 
 impl<T> Mutex<T> {
+    /// A mutex holding `value`; `const` in ordinary builds, so that a
+    /// `static` can hold one.
+    #[cfg(not(weakrefs_loom))]
+    pub(crate) const fn new(value: T) -> Self {
+        Mutex(lock::Mutex::new(value))
+    }
+
+    /// A mutex holding `value` (loom's are made per model execution).
+    #[cfg(weakrefs_loom)]
     pub(crate) fn new(value: T) -> Self {
         Mutex(lock::Mutex::new(value))
     }
@@ -212,3 +221,8 @@ pub(crate) use std::thread_local;
 /// Thread-local storage that loom can see.
 #[cfg(weakrefs_loom)]
 pub(crate) use loom::thread_local;
+
+/// Lazily initialised statics that loom re-creates for every model
+/// execution (the process-wide collector and runtime under loom).
+#[cfg(weakrefs_loom)]
+pub(crate) use loom::lazy_static;

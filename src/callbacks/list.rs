@@ -29,7 +29,7 @@
 use std::marker::PhantomData;
 use std::ptr;
 
-use super::entry::{Entry, EntryRef};
+use super::entry::{Entry, EntryRef, Hook};
 use crate::sync::{yield_now, AtomicPtr, AtomicUsize, Ordering};
 
 /// Pushes between compactions, at least. Shrinks under loom so the models
@@ -71,6 +71,32 @@ impl Link for RegistryLink {
         // SAFETY: only listed nodes enter the registry; 1 is the rest of
         // `registry_next`'s promise.
         unsafe { Entry::registry_next(entry) }
+    }
+}
+
+/// An object's callback list, embedded in its control block's header.
+pub(crate) type ObjectCallbacks = EntryList<ObjectLink>;
+
+impl ObjectCallbacks {
+    /// Registers a collection's removal callback on this object's list as
+    /// a hook: kept out of the registry (`shutdown` never runs it, and
+    /// registering costs no push on the process-wide registry), and run by
+    /// the object's death at once, on the dying thread, not queued (C14),
+    /// with the hook itself as its argument. The hook keeps `payload` in
+    /// place until the entry drops it (`Hook::drop_payload`). It must be
+    /// short, never block, and run none of its own user code (its writer's
+    /// pin may collect other epoch garbage, as any lookup's does). Work it
+    /// posts (and any posted job) is counted towards the registry's next
+    /// compaction when it runs (a trigger, C5): at worst an early scan of
+    /// the registry.
+    pub(crate) fn register_hook<P, F>(&self, payload: P, callback: F) -> Hook<P>
+    where
+        P: Send + Sync + 'static,
+        F: FnOnce(&Hook<P>) + Send + 'static,
+    {
+        let (hook, in_list) = EntryRef::new_hook(payload, callback);
+        self.push(in_list);
+        hook
     }
 }
 
@@ -379,7 +405,7 @@ impl<L: Link> std::fmt::Debug for EntryList<L> {
 /// "nodes <= kept + work" holds after every compaction. Fails when the
 /// push's count is Relaxed and the compactor's load of it is not Acquire.
 #[cfg(all(test, weakrefs_loom))]
-mod loom_model {
+mod loom_models {
     use super::*;
     use loom::sync::Arc;
 

@@ -1,13 +1,21 @@
 //! Death-callback machinery: entries and their exactly-once state machine
-//! (`entry`), the lock-free lists that hold them (`list`), and the runtime
-//! that queues, runs and flushes them (`runtime`). The public face is
-//! `crate::finalizer`.
+//! (`entry`), the lock-free lists that hold them (`list`), the queue of
+//! death batches (`queue`), the finalizer thread that drains it (`worker`),
+//! the runtime that delivers deaths, flushes and shuts down (`runtime`),
+//! the process-wide runtime (`global`), and the one handle the
+//! collections' machinery uses to run work on the finalizer thread
+//! (`executor`). The public face is `crate::finalizer`.
 
 mod entry;
+mod executor;
+mod global;
 mod list;
+mod queue;
 mod runtime;
+mod worker;
 
 pub(crate) use entry::{EntryRef, Hook};
-#[cfg(weakrefs_loom)]
-pub(crate) use runtime::loom_collector;
-pub(crate) use runtime::{global, ObjectCallbacks, Runtime};
+pub(crate) use executor::Executor;
+pub(crate) use global::global;
+pub(crate) use list::ObjectCallbacks;
+pub use runtime::Stats;

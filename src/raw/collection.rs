@@ -2,7 +2,7 @@
 //! entry when the object it watches dies, and iterate, retain, clear and
 //! purge shard by shard (SAFETY.md, section 7: M4, M5, M8).
 
-use crate::callbacks::{global, Hook};
+use crate::callbacks::{Executor, Hook};
 use crate::raw::table::{Relocatable, ShardWriter, ShardedTable};
 use crate::strong::Strong;
 use crate::weak::Weak;
@@ -79,14 +79,17 @@ where
 {
     let collection = Strong::downgrade(core);
     let list = Strong::callback_list(object);
-    global().register_hook(list, payload, move |hook: &Hook<I::Payload>| {
+    list.register_hook(payload, move |hook: &Hook<I::Payload>| {
         let Some(core) = collection.upgrade() else {
             return;
         };
+        // Looked up here rather than captured: the closure lives in every
+        // entry's hook, which stays five words (a `Weak` and the hash).
+        let executor = Executor::global();
         // Here, if the shard is free and nothing must hear of it; after
         // `shutdown` there is nowhere else, so here in any case, but never
         // waiting for the lock.
-        let here = !core.hears_deaths() || global().is_closed();
+        let here = !core.hears_deaths() || executor.is_closed();
         let removed_here = here
             && match core.table().try_write(hash) {
                 Some(writer) => {
@@ -95,12 +98,12 @@ where
                 }
                 None => false,
             };
-        if !removed_here && !global().is_closed() {
+        if !removed_here && !executor.is_closed() {
             let hook = hook.keep();
-            global().post(move || {
+            executor.post(move || {
                 // Inline if shutdown closed the queue meanwhile: then this
                 // runs where the death happened, and must not wait.
-                let writer = if global().is_closed() {
+                let writer = if Executor::global().is_closed() {
                     core.table().try_write(hash)
                 } else {
                     Some(core.table().write(hash))
@@ -114,7 +117,7 @@ where
         // The collection may have been dropped meanwhile: if ours is the
         // last handle, its drop goes to the finalizer thread.
         if let Some(last) = Strong::drop_unless_last(core) {
-            global().post(move || drop(last));
+            executor.post(move || drop(last));
         }
     })
 }

@@ -87,7 +87,8 @@ impl<const N: usize> Counters<N> {
 #[cfg(not(weakrefs_loom))]
 mod slot {
     use std::cell::Cell;
-    use std::sync::{Mutex, PoisonError};
+
+    use crate::sync::Mutex;
 
     /// No slot yet (or none to be had: the thread is exiting).
     const NONE: usize = usize::MAX;
@@ -122,7 +123,7 @@ mod slot {
             }
             // Counting from here on goes to the overflow stripe.
             let _ = SLOT.try_with(|current| current.set(NONE));
-            let mut pool = POOL.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut pool = POOL.lock();
             pool.free.push(slot);
         }
     }
@@ -145,7 +146,7 @@ mod slot {
             return NONE;
         };
         let slot = {
-            let mut pool = POOL.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut pool = POOL.lock();
             // The lowest free slot, so that the stripes in use stay few.
             match pool.free.iter().enumerate().min_by_key(|(_, slot)| **slot) {
                 Some((index, _)) => pool.free.swap_remove(index),

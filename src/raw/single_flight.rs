@@ -20,41 +20,19 @@ use std::task::Context;
 use std::task::{Poll, Waker};
 
 use crate::strong::Strong;
-use std::cell::RefCell;
 use std::pin::pin;
 
+use crate::marks::{self, Mark};
 use crate::panics::catch_and_report;
-use crate::sync::{thread_local, Condvar, Mutex, MutexGuard};
+use crate::sync::{Condvar, Mutex, MutexGuard};
 
-thread_local! {
-    /// The loads whose `init` this thread is running right now (a blocking
-    /// `init`, or a poll of an async one), and whether their leader blocks:
-    /// a caller here that would wait for one of them waits for itself.
-    // loom's `thread_local!` takes no `const` initialiser.
-    #[allow(clippy::missing_const_for_thread_local)]
-    static RUNNING: RefCell<Vec<(usize, bool)>> = RefCell::new(Vec::new());
-}
-
-/// Marks `load` as running on this thread until dropped.
-struct Running(usize);
-
-impl Running {
-    fn enter<Q, R>(load: &Flight<Q, R>, blocking: bool) -> Self {
-        let address = load as *const Flight<Q, R> as usize;
-        let _ = RUNNING.try_with(|running| running.borrow_mut().push((address, blocking)));
-        Running(address)
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = RUNNING.try_with(|running| {
-            let mut running = running.borrow_mut();
-            if let Some(index) = running.iter().rposition(|&(load, _)| load == self.0) {
-                running.remove(index);
-            }
-        });
-    }
+/// Marks `load` as running on this thread (`init`, or one poll of an async
+/// `init`) until the guard drops.
+fn running<Q, R>(load: &Flight<Q, R>, blocking: bool) -> marks::Entered {
+    marks::enter(Mark::Loading {
+        load: load as *const Flight<Q, R> as usize,
+        blocking,
+    })
 }
 
 /// True if a caller on this thread that waits for `load` (blocking the
@@ -65,14 +43,10 @@ impl Drop for Running {
 /// an async `init` is left alone: a `select!` may finish by another branch.
 fn waits_for_itself<Q, R>(load: &Flight<Q, R>, blocking: bool) -> bool {
     let address = load as *const Flight<Q, R> as usize;
-    RUNNING
-        .try_with(|running| {
-            running
-                .borrow()
-                .iter()
-                .any(|&(running, led_blocking)| running == address && (blocking || led_blocking))
-        })
-        .unwrap_or(false)
+    marks::any(|mark| {
+        matches!(mark, Mark::Loading { load, blocking: led_blocking }
+            if load == address && (blocking || led_blocking))
+    })
 }
 
 /// The loads in flight of every shard of one map, each list locked after
@@ -422,7 +396,7 @@ pub(crate) fn lead<Q, R, T, E>(
 ) -> Result<R, E> {
     let guard = FailOnDrop::arm(load, &finish);
     let made = {
-        let _running = Running::enter(guard.load(), true);
+        let _running = running(guard.load(), true);
         init()
     };
     match made {
@@ -447,7 +421,7 @@ pub(crate) async fn lead_async<Q, R, T, E>(
     let guard = FailOnDrop::arm(load, &finish);
     let mut init = pin!(init);
     let made = poll_fn(|cx| {
-        let _running = Running::enter(guard.load(), false);
+        let _running = running(guard.load(), false);
         init.as_mut().poll(cx)
     })
     .await;
@@ -467,7 +441,7 @@ pub(crate) async fn lead_async<Q, R, T, E>(
 /// that frees its slot, or by the settling that takes and wakes it), and
 /// nothing is left registered. Run by `.ci/loom`.
 #[cfg(all(test, weakrefs_loom))]
-mod loom_model {
+mod loom_models {
     use super::*;
     use loom::thread;
     use std::sync::Arc;

@@ -55,7 +55,7 @@ use std::mem::MaybeUninit;
 use std::panic::{self, AssertUnwindSafe};
 use std::ptr;
 
-use crate::callbacks::{global, Runtime};
+use crate::callbacks::Executor;
 use crate::panics::catch_and_report;
 use crate::reclaim::{Pinned, Reclaimer};
 use crate::sync::{
@@ -1226,7 +1226,7 @@ impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
         }
         // Looked up now, not when the functions run: they may run while the
         // process (or a loom model) tears its statics down.
-        let runtime = global();
+        let runtime = Executor::global();
         let retired = Retired {
             items: garbage.items,
             tables: garbage.tables,
@@ -1291,7 +1291,7 @@ impl<I: Relocatable + Send + Sync + 'static> Retired<I> {
     ///    on can reach them.
     /// 2. Each entry owns one reference to its table; each table's full
     ///    slots but its `without` hold relocated originals.
-    unsafe fn defer(self, pinned: &Pinned, runtime: &'static Runtime) {
+    unsafe fn defer(self, pinned: &Pinned, runtime: Executor) {
         for (table, index) in self.items.into_iter() {
             // The deferred function owns one reference to its table, which
             // keeps the slot allocated until it runs; it drops the item
@@ -1369,7 +1369,7 @@ fn free_slot<I>(table: &Table<I>, index: usize) {
 unsafe fn retire<I: Relocatable>(
     table: *const Table<I>,
     without: Option<usize>,
-    runtime: &'static Runtime,
+    runtime: Executor,
 ) {
     if std::mem::needs_drop::<I::LeftBehind>() {
         let mut left = Vec::new();

@@ -1,0 +1,60 @@
+//! The process-wide runtime that `finalize`, the handles and the
+//! collections use, and its loom twin.
+//!
+//! In ordinary builds it is created at first use and starts the
+//! `weakrefs-finalizer` thread at the first death with callbacks. Under
+//! loom it spawns no thread (`flush` drains on the calling thread, so
+//! models stay finite) and lives as long as one model execution, beside
+//! the epoch collector it must outlive (`reclaim::outlives_collector`).
+
+use super::runtime::Runtime;
+#[cfg(not(weakrefs_loom))]
+use super::worker::WorkerMode;
+
+/// The process-wide runtime.
+#[cfg(not(weakrefs_loom))]
+#[inline]
+pub(crate) fn global() -> &'static Runtime {
+    static GLOBAL: std::sync::OnceLock<Runtime> = std::sync::OnceLock::new();
+    GLOBAL.get_or_init(|| Runtime::build(WorkerMode::Spawn(spawn_worker)))
+}
+
+/// Starts the worker thread over the global runtime.
+#[cfg(not(weakrefs_loom))]
+fn spawn_worker(parker: crate::sync::Parker) -> Option<std::thread::JoinHandle<()>> {
+    use std::io::Write;
+    let spawned = std::thread::Builder::new()
+        .name("weakrefs-finalizer".into())
+        .spawn(move || global().worker_loop(parker));
+    match spawned {
+        Ok(handle) => Some(handle),
+        Err(error) => {
+            // No thread: callbacks still run, at the next `flush` (which
+            // drains inline) or at `shutdown`, never lost. Write errors
+            // are ignored: `eprintln!` would panic on a closed stderr.
+            let _ = writeln!(
+                std::io::stderr(),
+                "weakrefs: cannot start the finalizer thread ({error}); callbacks will run when the queue is drained"
+            );
+            None
+        }
+    }
+}
+
+/// The process-wide runtime of the current loom execution: one without a
+/// worker thread. The epoch collector's deferred functions post to it, so
+/// it is kept in the collector's own lazy static and dropped after the
+/// collector (loom drops separate lazy statics in an order that changes
+/// between executions).
+#[cfg(weakrefs_loom)]
+pub(crate) fn global() -> &'static Runtime {
+    crate::sync::lazy_static! {
+        /// Publishes the runtime to every model thread: loom orders a lazy
+        /// static's initialisation before each of its reads, as
+        /// `std::sync::OnceLock` would, but does not see the `OnceLock`
+        /// in which the collector's static keeps the runtime. It holds
+        /// only a reference, so when it is dropped does not matter.
+        static ref RUNTIME: &'static Runtime = crate::reclaim::outlives_collector(Runtime::inline);
+    }
+    &RUNTIME
+}
