@@ -13,7 +13,7 @@ use crate::callbacks::Hook;
 use crate::raw::collection::{self, Collection, Watching};
 use crate::raw::counters::Counters;
 use crate::raw::single_flight::{self, Flight, Flights, Joined, Settle};
-use crate::raw::table::{Mark, Relocatable, ShardWriter, ShardedTable};
+use crate::raw::table::{Relocatable, ShardWriter, ShardedTable, SlotMark};
 use crate::raw::tier::Tier;
 use crate::strong::Strong;
 use crate::weak::Weak;
@@ -703,7 +703,7 @@ where
         &self,
         hash: u64,
         item: &Item<K, V>,
-        mark: Mark<'_>,
+        mark: SlotMark<'_>,
         value: &Strong<V>,
     ) -> Option<Strong<V>> {
         let tier = self.core.tier.as_ref()?;

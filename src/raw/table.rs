@@ -777,14 +777,14 @@ impl<'g, I> Candidates<'g, I> {
         }
     }
 
-    /// The next candidate and its slot's [`Mark`].
+    /// The next candidate and its slot's [`SlotMark`].
     #[inline]
-    pub(crate) fn next_marked(&mut self) -> Option<(&'g I, Mark<'g>)> {
+    pub(crate) fn next_marked(&mut self) -> Option<(&'g I, SlotMark<'g>)> {
         let index = self.next_index()?;
         // SAFETY: seen full (1); the caller is pinned for 'g or holds the
         // mutex for 'g (a `ShardWriter` borrow) (2).
         let item = unsafe { self.table.item(index) };
-        let mark = Mark {
+        let mark = SlotMark {
             marks: &self.table.marks,
             index,
         };
@@ -797,12 +797,12 @@ impl<'g, I> Candidates<'g, I> {
 /// rebuilds (a store into a table being replaced may be lost). Found only
 /// when asked for, so that lookups in maps without marks pay nothing.
 #[derive(Clone, Copy)]
-pub(crate) struct Mark<'g> {
+pub(crate) struct SlotMark<'g> {
     marks: &'g [AtomicU32],
     index: usize,
 }
 
-impl<'g> Mark<'g> {
+impl<'g> SlotMark<'g> {
     /// The mark, if the table keeps marks.
     #[inline]
     pub(crate) fn get(self) -> Option<&'g AtomicU32> {
