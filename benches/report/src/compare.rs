@@ -142,17 +142,8 @@ pub fn case_label(section: &Section, case: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::test_measurement as m;
     use crate::prose::SECTIONS;
-
-    /// A measurement with a tight interval (±1%).
-    fn m(case: &str, implementation: &str, per_second: f64) -> Measurement {
-        Measurement {
-            case: case.into(),
-            implementation: implementation.into(),
-            per_second,
-            interval: (per_second * 0.99, per_second * 1.01),
-        }
-    }
 
     #[test]
     fn verdicts_band_noise_and_intervals() {

@@ -125,3 +125,15 @@ pub(crate) fn finite<'de, D: Deserializer<'de>>(deserializer: D) -> Result<f64, 
         )))
     }
 }
+
+/// A measurement with a tight interval (±1%), for the tests of the
+/// modules that compare and render measurements.
+#[cfg(test)]
+pub fn test_measurement(case: &str, implementation: &str, per_second: f64) -> Measurement {
+    Measurement {
+        case: case.into(),
+        implementation: implementation.into(),
+        per_second,
+        interval: (per_second * 0.99, per_second * 1.01),
+    }
+}

@@ -592,7 +592,8 @@ fn demo_section(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{MapMemory, Measurement};
+    use crate::model::test_measurement as m;
+    use crate::model::MapMemory;
 
     /// A demo cache that served `rate` requests per second.
     fn demo_cache(kind: &str, cache: &str, rate: f64, peak: u64, gone: u64) -> DemoCache {
@@ -606,16 +607,6 @@ mod tests {
             objects_built: if kind == "weak" { 900 } else { 200 },
             peak_object_bytes: peak,
             object_bytes_clients_gone: gone,
-        }
-    }
-
-    /// A measurement with a tight interval (±1%).
-    fn m(case: &str, implementation: &str, per_second: f64) -> Measurement {
-        Measurement {
-            case: case.into(),
-            implementation: implementation.into(),
-            per_second,
-            interval: (per_second * 0.99, per_second * 1.01),
         }
     }
 
