@@ -8,9 +8,10 @@
 //! ```
 //!
 //! The value is last, so it may be unsized (`ControlBlock<dyn Trait>`,
-//! `ControlBlock<str>`, `ControlBlock<[T]>`); the header keeps the
-//! allocation's layout, so freeing never asks a dead value its size
-//! (SAFETY.md, section 9, U1–U4).
+//! `ControlBlock<str>`, `ControlBlock<[T]>`). Once the value is gone, its
+//! place holds the allocation's layout, so freeing never asks a dead value
+//! its size (SAFETY.md, section 9, U1–U4), and the header holds only what
+//! every live object needs: two counts and the callback list (two words).
 //!
 //! The protocol (SAFETY.md, invariants I1–I6):
 //!
@@ -52,10 +53,6 @@ pub(crate) struct Header {
     weak: AtomicUsize,
     /// This object's death-callback list (two words), emptied at death.
     callbacks: ObjectCallbacks,
-    /// The whole allocation's layout, written before the block is shared and
-    /// read only by [`ControlBlock::deallocate`]: freeing a block whose
-    /// unsized value is already dropped must not read the value (I4, U2).
-    layout: BlockLayout,
     leak_check: LeakCheck,
 }
 
@@ -89,6 +86,13 @@ impl<T: ?Sized> std::fmt::Debug for ControlBlock<T> {
 /// The size of a block is a multiple of its alignment (`pad_to_align`), and
 /// that alignment is at least the header's (a `usize`'s, so at least 2), so
 /// `align / 2` sits in bits the size leaves clear: its lowest set bit.
+///
+/// Written where the value was, once it is gone (dropped, moved out, or
+/// never written), and read only by [`ControlBlock::deallocate`]: a block
+/// needs its layout only after its value is dead, and freeing a block
+/// whose unsized value is dropped must not ask the value its size (I4,
+/// U2). Every block leaves the value at least a word of room for it
+/// ([`block_layout`]).
 #[derive(Clone, Copy)]
 struct BlockLayout(usize);
 
@@ -108,14 +112,13 @@ impl BlockLayout {
 }
 
 impl Header {
-    /// A header for a block of `layout` with `strong` strong handles and
-    /// one weak reference (the implicit weak, or `new_cyclic`'s `Weak`).
-    fn new(strong: usize, layout: Layout) -> Self {
+    /// A header with `strong` strong handles and one weak reference (the
+    /// implicit weak, or `new_cyclic`'s `Weak`).
+    fn new(strong: usize) -> Self {
         Header {
             strong: AtomicUsize::new(strong),
             weak: AtomicUsize::new(1),
             callbacks: ObjectCallbacks::new(),
-            layout: BlockLayout::new(layout),
             leak_check: LeakCheck::new(()),
         }
     }
@@ -124,20 +127,40 @@ impl Header {
 impl<T> ControlBlock<T> {
     /// Allocates a block holding `value` with one strong handle and the
     /// implicit weak handle.
+    #[inline]
     pub(crate) fn allocate(value: T) -> NonNull<Self> {
-        let block = Box::new(ControlBlock {
-            header: Header::new(1, Layout::new::<Self>()),
-            value: ManuallyDrop::new(value),
-        });
-        // `Box::leak` never returns null; the pointer keeps the Box's
-        // provenance over the whole allocation.
-        NonNull::from(Box::leak(block))
+        let block = allocate_raw(Layout::new::<T>(), 1).cast::<Self>();
+        // SAFETY: the block is fresh and unshared, and `allocate_raw` left
+        // room for a `T` at the value's offset (U1).
+        unsafe { Self::value_ptr(block).write(value) };
+        block
     }
 
     /// Allocates a block whose value is uninitialised, with no strong
-    /// handle and one weak reference (`new_cyclic`'s `Weak`).
+    /// handle and one weak reference (`new_cyclic`'s `Weak`). Its value's
+    /// place holds the layout until the value is written, so that the block
+    /// can be freed if it never is (U2).
     pub(crate) fn allocate_uninit() -> NonNull<Self> {
-        allocate_raw(Layout::new::<T>(), 0).cast::<Self>()
+        let block = allocate_raw(Layout::new::<T>(), 0).cast::<Self>();
+        // SAFETY: fresh and unshared; no value is there to lose.
+        unsafe { Self::value_gone(block) };
+        block
+    }
+
+    /// Records, in the value's place, that the value has been moved out
+    /// (`try_unwrap`, `into_inner`, `make_mut`) or was never written: the
+    /// block can now be freed (U2).
+    ///
+    /// # Safety
+    ///
+    /// 1. The caller owns the value's place: it took the strong count to
+    ///    zero for good (or the block is unshared), and the value is not
+    ///    there any more (moved out, or never written).
+    /// 2. It does so before it releases the implicit weak (or the block's
+    ///    one weak reference).
+    pub(crate) unsafe fn value_gone(this: NonNull<Self>) {
+        // SAFETY: the caller's promises are `write_layout`'s.
+        unsafe { write_layout(this, Layout::new::<T>()) };
     }
 
     /// The block whose value `value` points at: the inverse of
@@ -170,6 +193,20 @@ impl<T> ControlBlock<[T]> {
         let block = ptr::slice_from_raw_parts_mut(memory.as_ptr().cast::<T>(), len) as *mut Self;
         // SAFETY: `memory` is not null, and the cast keeps its address.
         unsafe { NonNull::new_unchecked(block) }
+    }
+
+    /// [`value_gone`](ControlBlock::value_gone) for a slice block none of
+    /// whose elements is there any more (dropped, or never written).
+    ///
+    /// # Safety
+    ///
+    /// As for `value_gone`.
+    pub(crate) unsafe fn elements_gone(this: NonNull<Self>) {
+        let len = Self::value_ptr(this).len();
+        // The layout the block was allocated with, so it fits.
+        let value_layout = Layout::array::<T>(len).unwrap_or_else(|_| capacity_overflow());
+        // SAFETY: the caller's promises are `write_layout`'s.
+        unsafe { write_layout(this, value_layout) };
     }
 }
 
@@ -262,8 +299,10 @@ impl<T: ?Sized> ControlBlock<T> {
         unsafe { NonNull::new_unchecked(value.byte_sub(offset).cast_mut() as *mut Self) }
     }
 
-    /// Drops the value in place. Called once, by the thread that took the
-    /// strong count to zero (I2).
+    /// Drops the value in place, then writes the block's layout where it
+    /// was (U2), even if the value's `Drop` panics. Called once, by the
+    /// thread that took the strong count to zero (I2), before it releases
+    /// the implicit weak.
     ///
     /// # Safety
     ///
@@ -272,10 +311,27 @@ impl<T: ?Sized> ControlBlock<T> {
     ///    every other handle's use of the value happen-before this call.
     /// 2. It is called at most once per block.
     pub(crate) unsafe fn drop_value(this: NonNull<Self>) {
-        // SAFETY: by 1 and 2 no other thread can reach the value any more
-        // (`upgrade` never revives a zero count), and the value was
-        // initialised by the allocation and not yet dropped.
-        unsafe { ptr::drop_in_place(Self::value_ptr(this)) }
+        /// Writes the layout once the value's drop has returned or
+        /// unwound: the value's bytes are its own until then.
+        struct Bury<T: ?Sized>(NonNull<ControlBlock<T>>, Layout);
+        impl<T: ?Sized> Drop for Bury<T> {
+            fn drop(&mut self) {
+                // SAFETY: the value is dropped (or its drop unwound: it is
+                // gone either way), by `drop_value`'s 1 and 2 the place is
+                // ours alone, and `drop_value`'s caller releases the
+                // implicit weak only after we return.
+                unsafe { write_layout(self.0, self.1) };
+            }
+        }
+        let value = Self::value_ptr(this);
+        // The size is asked of the value while it is alive (U2).
+        // SAFETY: by 1 and 2 the value is alive, initialised, and no other
+        // thread can reach it any more (`upgrade` never revives a zero
+        // count), so a shared borrow for `for_value` is sound.
+        let _bury = Bury(this, Layout::for_value::<T>(unsafe { &*value }));
+        // SAFETY: as above; the value was initialised by the allocation
+        // and is dropped here once.
+        unsafe { ptr::drop_in_place(value) }
     }
 
     /// Frees the allocation without touching the value.
@@ -285,22 +341,27 @@ impl<T: ?Sized> ControlBlock<T> {
     /// 1. The caller's decrement took `weak` from 1 to 0 and it has executed
     ///    the Acquire that orders every other handle's accesses before this.
     /// 2. The value has already been dropped or moved out, or was never
-    ///    written (`new_cyclic`'s closure panicked) (I3).
+    ///    written (`new_cyclic`'s closure panicked), and its place holds the
+    ///    layout (`drop_value`, `value_gone`, `write_layout`) (I3, U2).
     pub(crate) unsafe fn deallocate(this: NonNull<Self>) {
         // The header is reached through a field projection and the layout
-        // comes from it, so no reference or `Box` ever covers the dead
-        // value, and its (possibly unsized) size is never asked of it (I4,
-        // U2). The callback list has drop glue too, but the object's death
-        // emptied it (C6), so there is nothing to release; the counts and
-        // the layout have none.
+        // is read as a word where the value was, so no reference or `Box`
+        // ever covers the dead value, and its (possibly unsized) size is
+        // never asked of it (I4, U2). The callback list has drop glue too,
+        // but the object's death emptied it (C6), so there is nothing to
+        // release; the counts have none.
         // SAFETY: by 1 we are the block's only owner, and it is allocated.
         let header = unsafe { ptr::addr_of_mut!((*this.as_ptr()).header) };
         // SAFETY: as above; the leak tracker is dropped once, here.
-        let layout = unsafe {
+        unsafe {
             debug_assert!((*header).callbacks.is_empty());
             ptr::drop_in_place(ptr::addr_of_mut!((*header).leak_check));
-            (*header).layout.get()
-        };
+        }
+        // SAFETY: by 2 the layout word was written at the value's offset
+        // (a multiple of a word: U1), and the Acquire of 1 orders that
+        // write (made before the implicit weak's Release decrement, O5)
+        // before this read.
+        let layout = unsafe { Self::value_ptr(this).cast::<BlockLayout>().read() }.get();
         // SAFETY: the block was allocated from the global allocator with
         // `layout` (`allocate`'s `Box`, or `allocate_raw`), and by 1 and 2
         // nothing will touch it again.
@@ -315,18 +376,57 @@ fn value_offset(value_align: usize) -> usize {
     (header + value_align - 1) & !(value_align - 1)
 }
 
-/// Allocates a block for a value of `value_layout` and writes its header
-/// (`strong` strong handles, one weak reference); the value is left
-/// uninitialised. Returns the block's address, with provenance over all of
-/// it. The layout is `Header` extended by the value and padded to its
-/// alignment, which is exactly `repr(C)`'s layout of `ControlBlock<T>`
-/// (U1).
-fn allocate_raw(value_layout: Layout, strong: usize) -> NonNull<u8> {
-    let Ok((layout, offset)) = Layout::new::<Header>().extend(value_layout) else {
+/// The allocation of a block whose value has layout `value_layout`:
+/// `Header` extended by the value and padded to its alignment, which is
+/// `repr(C)`'s layout of `ControlBlock<T>` (U1), except that the value's
+/// place is at least a word long, so that the layout fits there once the
+/// value is gone (U2). A function of the value's layout alone, so that the
+/// block's allocation and its free agree through any view of it (a `dyn`
+/// one, a downcast, a `str` seen as bytes).
+#[inline]
+fn block_layout(value_layout: Layout) -> Layout {
+    let room = std::mem::size_of::<BlockLayout>();
+    let Ok(place) = Layout::from_size_align(value_layout.size().max(room), value_layout.align())
+    else {
+        capacity_overflow()
+    };
+    let Ok((layout, offset)) = Layout::new::<Header>().extend(place) else {
         capacity_overflow()
     };
     debug_assert_eq!(offset, value_offset(value_layout.align()));
-    let layout = layout.pad_to_align();
+    layout.pad_to_align()
+}
+
+/// Writes, where the value of `this` was, the block's layout for a value
+/// of `value_layout` (U2).
+///
+/// # Safety
+///
+/// 1. `value_layout` is the layout of the value the block was allocated
+///    for (`Layout::for_value` of it, or the layout it was allocated with).
+/// 2. The value's place is the caller's alone, and the value is gone
+///    (dropped, moved out, or never written).
+/// 3. The caller releases the implicit weak (or the block's one weak
+///    reference) only after this call.
+unsafe fn write_layout<T: ?Sized>(this: NonNull<ControlBlock<T>>, value_layout: Layout) {
+    let layout = BlockLayout::new(block_layout(value_layout));
+    // SAFETY: the value's offset is a multiple of a word (a word-aligned
+    // header's size rounded up to the value's alignment, U1) and the place
+    // is at least a word long (`block_layout`, by 1); nothing else reads or
+    // writes it (2).
+    unsafe {
+        ControlBlock::value_ptr(this)
+            .cast::<BlockLayout>()
+            .write(layout)
+    };
+}
+
+/// Allocates a block for a value of `value_layout` and writes its header
+/// (`strong` strong handles, one weak reference); the value is left
+/// uninitialised. Returns the block's address, with provenance over all of
+/// it. The layout is [`block_layout`]'s.
+fn allocate_raw(value_layout: Layout, strong: usize) -> NonNull<u8> {
+    let layout = block_layout(value_layout);
     // SAFETY: `layout` has a nonzero size: it holds a `Header`.
     let memory = unsafe { std::alloc::alloc(layout) };
     let Some(memory) = NonNull::new(memory) else {
@@ -334,7 +434,7 @@ fn allocate_raw(value_layout: Layout, strong: usize) -> NonNull<u8> {
     };
     // SAFETY: the allocation is fresh, ours, and large and aligned enough
     // for a `Header` at offset 0.
-    unsafe { memory.cast::<Header>().write(Header::new(strong, layout)) };
+    unsafe { memory.cast::<Header>().write(Header::new(strong)) };
     memory
 }
 
@@ -630,5 +730,33 @@ impl Header {
     /// caller's strong handle), and only the dying thread empties it (C6).
     pub(crate) fn callback_list(&self) -> &ObjectCallbacks {
         &self.callbacks
+    }
+}
+
+#[cfg(all(test, not(weakrefs_loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_block_is_a_four_word_header_and_at_least_a_word_for_its_value() {
+        let word = std::mem::size_of::<usize>();
+        assert_eq!(std::mem::size_of::<Header>(), 4 * word);
+        // Two counts and the callback list (two words): the layout is kept
+        // where the value was, once it is gone (U2).
+        assert_eq!(block_layout(Layout::new::<u64>()).size(), 4 * word + 8);
+        assert_eq!(block_layout(Layout::new::<u8>()).size(), 5 * word);
+        assert_eq!(block_layout(Layout::new::<()>()).size(), 5 * word);
+        let over_aligned = Layout::from_size_align(1, 128).unwrap();
+        let block = block_layout(over_aligned);
+        assert_eq!((block.size(), block.align()), (256, 128));
+        assert_eq!(value_offset(128), 128);
+    }
+
+    #[test]
+    fn a_layout_word_decodes_to_the_layout_it_encodes() {
+        for (size, align) in [(40, 8), (48, 16), (256, 128), (4096, 4096), (8, 2)] {
+            let layout = Layout::from_size_align(size, align).unwrap();
+            assert_eq!(BlockLayout::new(layout).get(), layout);
+        }
     }
 }

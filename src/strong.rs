@@ -362,6 +362,9 @@ impl<T> Strong<T> {
         // SAFETY: `try_take_last_strong` took the count from 1 to 0 and ran
         // the Acquire fence: we are the value's only user, for good (I1, I2).
         let value = unsafe { ptr::read(ControlBlock::value_ptr(this.block)) };
+        // SAFETY: moved out just now, by the value's only user; the
+        // implicit weak goes below.
+        unsafe { ControlBlock::value_gone(this.block) };
         // The object is dead: its callbacks run and the implicit weak
         // reference goes with the last strong handle.
         drop(AfterDeath(this.block));
@@ -393,6 +396,9 @@ impl<T> Strong<T> {
         // Acquire fence (O2): we are the value's only user, for good (I1,
         // I2); it is read once and `ManuallyDrop` skips `Strong::drop`.
         let value = unsafe { ptr::read(ControlBlock::value_ptr(this.block)) };
+        // SAFETY: moved out just now, by the value's only user; the
+        // implicit weak goes below.
+        unsafe { ControlBlock::value_gone(this.block) };
         drop(AfterDeath(this.block));
         Some(value)
     }
@@ -461,6 +467,9 @@ impl<T> Strong<T> {
                 // for good (I1, I2). It is read once: `old` is not dropped.
                 Strong::new(unsafe { ptr::read(ControlBlock::value_ptr(this.block)) }),
             ));
+            // SAFETY: moved out just now, by the value's only user; the
+            // implicit weak goes below.
+            unsafe { ControlBlock::value_gone(old.block) };
             drop(AfterDeath(old.block));
         } else {
             // No other handle of either kind: put the count back and
@@ -805,12 +814,15 @@ impl<T> Drop for Filling<T> {
     }
 }
 
-/// Frees a block that was never shared, whose value is already gone or was
-/// never whole.
-struct FreeBlock<T: ?Sized>(NonNull<ControlBlock<T>>);
+/// Frees a slice block that was never shared, whose elements are already
+/// gone or were never all written.
+struct FreeBlock<T>(NonNull<ControlBlock<[T]>>);
 
-impl<T: ?Sized> Drop for FreeBlock<T> {
+impl<T> Drop for FreeBlock<T> {
     fn drop(&mut self) {
+        // SAFETY: the block was never shared and its elements are gone;
+        // its one weak reference goes just below.
+        unsafe { ControlBlock::elements_gone(self.0) };
         // The block's one weak reference (the implicit weak of its one,
         // never published, strong count) is released here: its strong
         // count stays 1, which nobody will ever read.

@@ -769,3 +769,53 @@ fn a_block_returned_for_another_object_is_refused() {
         outer
     });
 }
+
+/// Panics when dropped, after counting the drop.
+struct PanicsOnDrop(Arc<AtomicUsize>);
+
+impl Drop for PanicsOnDrop {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        panic!("drop failure (expected by this test)");
+    }
+}
+
+#[test]
+fn the_last_weak_frees_a_block_however_its_value_went() {
+    // A dead block's layout is kept where its value was (SAFETY.md, U2):
+    // each way a value goes must leave it there before the last `Weak`
+    // frees the block. Under Miri, every free's layout is checked against
+    // its allocation's.
+    fn freed_by_weak<T: ?Sized>(strong: Strong<T>, end: impl FnOnce(Strong<T>)) {
+        let weak = Strong::downgrade(&strong);
+        end(strong);
+        assert!(weak.upgrade().is_none());
+        drop(weak);
+    }
+    // Dropped, for values smaller than the layout word, of no size, and
+    // unsized of no size.
+    freed_by_weak(Strong::new(7u8), drop);
+    freed_by_weak(Strong::new(()), drop);
+    freed_by_weak(Strong::<str>::from(""), drop);
+    freed_by_weak(Strong::<[u64]>::from(Vec::new()), drop);
+    let zero_sized: Strong<dyn Any + Send + Sync> = unsize!(Strong::new(()));
+    freed_by_weak(zero_sized, drop);
+    // Moved out.
+    freed_by_weak(Strong::new(String::from("moved")), |s| {
+        assert_eq!(Strong::try_unwrap(s).unwrap(), "moved");
+    });
+    freed_by_weak(Strong::new(5u16), |s| {
+        assert_eq!(Strong::into_inner(s), Some(5));
+    });
+    freed_by_weak(Strong::new(vec![1u8]), |mut s| {
+        Strong::make_mut(&mut s).push(2);
+        assert_eq!(*s, [1, 2]);
+    });
+    // Dropped by a `Drop` that panics, behind a `dyn`.
+    let drops = counter();
+    let panicky: Strong<dyn Any + Send + Sync> = unsize!(Strong::new(PanicsOnDrop(drops.clone())));
+    freed_by_weak(panicky, |s| {
+        assert!(catch_unwind(AssertUnwindSafe(|| drop(s))).is_err());
+    });
+    assert_eq!(count(&drops), 1);
+}
