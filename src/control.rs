@@ -408,6 +408,7 @@ fn block_layout(value_layout: Layout) -> Layout {
 ///    (dropped, moved out, or never written).
 /// 3. The caller releases the implicit weak (or the block's one weak
 ///    reference) only after this call.
+#[inline]
 unsafe fn write_layout<T: ?Sized>(this: NonNull<ControlBlock<T>>, value_layout: Layout) {
     let layout = BlockLayout::new(block_layout(value_layout));
     // SAFETY: the value's offset is a multiple of a word (a word-aligned
@@ -424,7 +425,9 @@ unsafe fn write_layout<T: ?Sized>(this: NonNull<ControlBlock<T>>, value_layout: 
 /// Allocates a block for a value of `value_layout` and writes its header
 /// (`strong` strong handles, one weak reference); the value is left
 /// uninitialised. Returns the block's address, with provenance over all of
-/// it. The layout is [`block_layout`]'s.
+/// it. The layout is [`block_layout`]'s. Inlined, so that for a sized
+/// value the layout is a constant.
+#[inline]
 fn allocate_raw(value_layout: Layout, strong: usize) -> NonNull<u8> {
     let layout = block_layout(value_layout);
     // SAFETY: `layout` has a nonzero size: it holds a `Header`.
