@@ -4,13 +4,16 @@
 //! moments when no request holds it (SAFETY.md, M13).
 //!
 //! Recency is approximated by CLOCK over a ring of `n` positions. Each
-//! position has a *mark* readers may touch without a lock: the identity of
-//! the entry whose value it holds (its hook's address) and a `referenced`
-//! bit. An entry's table slot remembers its position (`Table::marks`, one
-//! more than the index; zero for none). A hit loads that, checks that the
-//! position still names this entry, and sets `referenced` if it is clear
-//! ([`Tier::touch`]): an entry already marked costs a hit two loads, no
-//! lock and no read-modify-write. Everything else (admitting an entry,
+//! position is one word readers may touch without a lock: the identity of
+//! the entry whose value it holds (its hook's address, which is even) with
+//! a `referenced` bit in its low bit. An entry's table slot remembers its
+//! position (`Table::marks`, one more than the index; zero for none). A
+//! hit loads that, checks that the position still names this entry, and
+//! sets `referenced` if it is clear ([`Tier::touch`]): an entry already
+//! marked costs a hit two loads, no lock and no read-modify-write. One word
+//! a position keeps the ring half the size it would be with a separate
+//! flag, which is what a hit at scale pays for: a cache miss on the
+//! position. Everything else (admitting an entry,
 //! evicting one, forgetting one that left the map) runs under the tier's
 //! mutex, which alone writes identities and holds the values, and the
 //! caller holds the entry's shard lock: so the tier holds the value of an
@@ -33,13 +36,22 @@ use std::collections::HashMap;
 use crate::strong::Strong;
 use crate::sync::{AtomicBool, AtomicU32, AtomicUsize, Mutex, Ordering};
 
-/// A ring position, as readers see it.
-struct Position {
-    /// The identity of the entry whose value the position holds; 0 when
-    /// free. Written under the mutex only.
-    holder: AtomicUsize,
-    /// Used since the hand last passed. Set by hits, cleared by the hand.
-    referenced: AtomicBool,
+/// A ring position, as readers see it: the identity of the entry whose
+/// value it holds (0 when free), written under the mutex only, or'd with
+/// [`REFERENCED`].
+struct Position(AtomicUsize);
+
+/// The low bit of a position: used since the hand last passed. Set by hits
+/// (an RMW, so that it never writes back a holder the mutex has replaced
+/// meanwhile), cleared by the hand under the mutex. Identities are even.
+const REFERENCED: usize = 1;
+
+impl Position {
+    /// The identity of the entry the position holds, 0 if none.
+    #[inline]
+    fn holder(word: usize) -> usize {
+        word & !REFERENCED
+    }
 }
 
 /// What the mutex guards.
@@ -76,10 +88,7 @@ impl<V: ?Sized> Tier<V> {
         let capacity = capacity.clamp(1, u32::MAX as usize - 1);
         Tier {
             positions: (0..capacity)
-                .map(|_| Position {
-                    holder: AtomicUsize::new(0),
-                    referenced: AtomicBool::new(false),
-                })
+                .map(|_| Position(AtomicUsize::new(0)))
                 .collect(),
             full: AtomicBool::new(false),
             ring: Mutex::new(Ring {
@@ -107,10 +116,12 @@ impl<V: ?Sized> Tier<V> {
     /// it, under the shard's lock).
     #[inline]
     pub(crate) fn touch(&self, identity: usize, mark: &AtomicU32) -> bool {
+        debug_assert!(identity & REFERENCED == 0, "identities are even");
         // Relaxed, all three: a hint. A stale position fails the identity
         // check and the caller takes the slow path, which decides under
-        // the mutexes; a lost `referenced` store costs the entry one turn
-        // of the hand.
+        // the mutexes; a `referenced` bit set on a position the mutex has
+        // just given to another entry gives that entry one more turn of
+        // the hand.
         let position = mark.load(Ordering::Relaxed) as usize;
         let Some(at) = position
             .checked_sub(1)
@@ -118,11 +129,12 @@ impl<V: ?Sized> Tier<V> {
         else {
             return false;
         };
-        if at.holder.load(Ordering::Relaxed) != identity {
+        let word = at.0.load(Ordering::Relaxed);
+        if Position::holder(word) != identity {
             return false;
         }
-        if !at.referenced.load(Ordering::Relaxed) {
-            at.referenced.store(true, Ordering::Relaxed);
+        if word & REFERENCED == 0 {
+            at.0.fetch_or(REFERENCED, Ordering::Relaxed);
         }
         true
     }
@@ -157,8 +169,8 @@ impl<V: ?Sized> Tier<V> {
             // Relaxed: as in `touch`.
             mark.store(at + 1, Ordering::Relaxed);
             self.positions[at as usize]
-                .referenced
-                .store(true, Ordering::Relaxed);
+                .0
+                .fetch_or(REFERENCED, Ordering::Relaxed);
             drop(ring);
             return Some(value);
         }
@@ -173,17 +185,19 @@ impl<V: ?Sized> Tier<V> {
             None => {
                 let at = self.victim(&mut ring);
                 let evicted = ring.values[at as usize].take();
-                // Relaxed: read under the mutex, which alone writes it.
-                let holder = self.positions[at as usize].holder.load(Ordering::Relaxed);
-                ring.position_of.remove(&holder);
+                // Relaxed: the holder is written under the mutex alone.
+                let word = self.positions[at as usize].0.load(Ordering::Relaxed);
+                ring.position_of.remove(&Position::holder(word));
                 (at, evicted)
             }
         };
-        let position = &self.positions[at as usize];
+        debug_assert!(identity & REFERENCED == 0, "identities are even");
         // Relaxed: readers only compare it (see `touch`); the values are
-        // reached under the mutex alone.
-        position.holder.store(identity, Ordering::Relaxed);
-        position.referenced.store(false, Ordering::Relaxed);
+        // reached under the mutex alone. Unreferenced: the hand gives a new
+        // value one turn.
+        self.positions[at as usize]
+            .0
+            .store(identity, Ordering::Relaxed);
         ring.values[at as usize] = Some(value);
         ring.position_of.insert(identity, at);
         // Relaxed: as in `touch`.
@@ -197,10 +211,11 @@ impl<V: ?Sized> Tier<V> {
         loop {
             let at = ring.hand;
             ring.hand = (at + 1) % self.positions.len();
-            let referenced = &self.positions[at].referenced;
-            // Relaxed: a hint set by readers; see `hit`.
-            if referenced.load(Ordering::Relaxed) {
-                referenced.store(false, Ordering::Relaxed);
+            let position = &self.positions[at].0;
+            // Relaxed: a hint set by readers; see `touch`. An RMW, as
+            // theirs: the holder bits stay.
+            if position.load(Ordering::Relaxed) & REFERENCED != 0 {
+                position.fetch_and(!REFERENCED, Ordering::Relaxed);
             } else {
                 return at as u32;
             }
@@ -214,9 +229,7 @@ impl<V: ?Sized> Tier<V> {
         let mut ring = self.ring.lock();
         let at = ring.position_of.remove(&identity)?;
         // Relaxed: as in `admit`.
-        self.positions[at as usize]
-            .holder
-            .store(0, Ordering::Relaxed);
+        self.positions[at as usize].0.store(0, Ordering::Relaxed);
         ring.free.push(at);
         // Relaxed: a hint for `admits_found`.
         self.full.store(false, Ordering::Relaxed);
@@ -261,10 +274,15 @@ fn one_in(n: u32) -> bool {
 mod tests {
     use super::*;
 
-    /// A hit as the map makes it: touch, else admit.
-    fn admit(tier: &Tier<u32>, identity: usize, marks: &[AtomicU32], value: &Strong<u32>) {
-        if !tier.touch(identity, &marks[identity]) {
-            drop(tier.admit(identity, &marks[identity], value.clone()));
+    /// The identity of entry `i`: even, as hook addresses are.
+    fn id(i: usize) -> usize {
+        i * 8
+    }
+
+    /// A hit on entry `i` as the map makes it: touch, else admit.
+    fn admit(tier: &Tier<u32>, i: usize, marks: &[AtomicU32], value: &Strong<u32>) {
+        if !tier.touch(id(i), &marks[i]) {
+            drop(tier.admit(id(i), &marks[i], value.clone()));
         }
     }
 
@@ -307,13 +325,13 @@ mod tests {
         admit(&tier, 1, &marks, &values[1]);
         assert_eq!(tier.len(), 1);
         assert_eq!(Strong::strong_count(&values[1]), 2);
-        let freed = tier.forget(1).expect("held");
+        let freed = tier.forget(id(1)).expect("held");
         assert!(Strong::ptr_eq(&freed, &values[1]));
-        assert!(tier.forget(1).is_none());
+        assert!(tier.forget(id(1)).is_none());
         admit(&tier, 2, &marks, &values[2]);
         admit(&tier, 3, &marks, &values[3]);
         assert_eq!(tier.len(), 2);
-        assert!(tier.touch(2, &marks[2]) && tier.touch(3, &marks[3]));
-        assert!(!tier.touch(1, &marks[1]), "forgotten");
+        assert!(tier.touch(id(2), &marks[2]) && tier.touch(id(3), &marks[3]));
+        assert!(!tier.touch(id(1), &marks[1]), "forgotten");
     }
 }
