@@ -159,7 +159,10 @@ impl<T> ControlBlock<T> {
     /// 2. It does so before it releases the implicit weak (or the block's
     ///    one weak reference).
     pub(crate) unsafe fn value_gone(this: NonNull<Self>) {
-        // SAFETY: the caller's promises are `write_layout`'s.
+        // SAFETY: `T` is sized, so the block was allocated for
+        // `Layout::new::<T>()` (through any view of it: a `dyn` or array
+        // view has that same layout, U1): `write_layout`'s 1. Its 2 and 3
+        // are the caller's 1 and 2.
         unsafe { write_layout(this, Layout::new::<T>()) };
     }
 
@@ -306,20 +309,22 @@ impl<T: ?Sized> ControlBlock<T> {
     ///
     /// # Safety
     ///
-    /// 1. The caller's decrement took `strong` from 1 to 0 (or its
-    ///    `try_unwrap` CAS did), and it has executed the Acquire that makes
-    ///    every other handle's use of the value happen-before this call.
+    /// 1. The caller's decrement took `strong` from 1 to 0, and it has
+    ///    executed the Acquire that makes every other handle's use of the
+    ///    value happen-before this call.
     /// 2. It is called at most once per block.
+    /// 3. The caller releases the implicit weak only after this returns
+    ///    (or unwinds).
     pub(crate) unsafe fn drop_value(this: NonNull<Self>) {
         /// Writes the layout once the value's drop has returned or
         /// unwound: the value's bytes are its own until then.
         struct Bury<T: ?Sized>(NonNull<ControlBlock<T>>, Layout);
         impl<T: ?Sized> Drop for Bury<T> {
             fn drop(&mut self) {
-                // SAFETY: the value is dropped (or its drop unwound: it is
-                // gone either way), by `drop_value`'s 1 and 2 the place is
-                // ours alone, and `drop_value`'s caller releases the
-                // implicit weak only after we return.
+                // SAFETY: the layout is `for_value` of the value (1); the
+                // value is dropped (or its drop unwound: it is gone either
+                // way), by `drop_value`'s 1 and 2 the place is ours alone,
+                // and by its 3 the implicit weak goes after we return.
                 unsafe { write_layout(self.0, self.1) };
             }
         }
@@ -362,9 +367,11 @@ impl<T: ?Sized> ControlBlock<T> {
         // write (made before the implicit weak's Release decrement, O5)
         // before this read.
         let layout = unsafe { Self::value_ptr(this).cast::<BlockLayout>().read() }.get();
-        // SAFETY: the block was allocated from the global allocator with
-        // `layout` (`allocate`'s `Box`, or `allocate_raw`), and by 1 and 2
-        // nothing will touch it again.
+        // SAFETY: the block was allocated from the global allocator by
+        // `allocate_raw` with `block_layout` of its value's layout, and the
+        // word holds `block_layout` of the same layout (`write_layout`'s 1:
+        // every view of a block computes it alike, U1), decoded exactly
+        // (`BlockLayout`); by 1 and 2 nothing will touch the block again.
         unsafe { std::alloc::dealloc(this.as_ptr().cast::<u8>(), layout) };
     }
 }

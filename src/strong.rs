@@ -320,12 +320,16 @@ impl<T> Strong<T> {
     pub fn new_cyclic<F: FnOnce(&Weak<T>) -> T>(build: F) -> Self {
         // Strong count 0, weak count 1: `weak` owns the one weak reference,
         // so a panic in `build` drops it and frees the block (whose value
-        // was never written: `deallocate` does not touch it).
+        // was never written: its place holds the layout `deallocate` reads,
+        // written by `allocate_uninit`).
         let block = ControlBlock::<T>::allocate_uninit();
         let weak = Weak::from_block(block);
         let value = build(&weak);
-        // SAFETY: the value field is allocated and not yet initialised, and
-        // nothing reads it while the strong count is 0 (`upgrade` fails).
+        // SAFETY: the value field is allocated and holds only the layout
+        // word, which the value may overwrite: `weak`, which becomes the
+        // implicit weak below, keeps the block, and the word is written
+        // again when the value goes (U2). Nothing reads the field while the
+        // strong count is 0 (`upgrade` fails).
         unsafe { ControlBlock::value_ptr(block).write(value) };
         // The weak reference becomes the implicit weak of the first strong
         // handle, so it is not released.
@@ -486,8 +490,9 @@ impl<T> Strong<T> {
 }
 
 /// What follows an object's death, once its value is gone (dropped, or
-/// moved out by `try_unwrap`): hand its callbacks to the runtime, then
-/// release the implicit weak reference. A drop guard, so that a panicking
+/// moved out by `try_unwrap`) and the layout word written in its place
+/// (`drop_value`, `value_gone`; SAFETY.md, U2): hand its callbacks to the
+/// runtime, then release the implicit weak reference. A drop guard, so that a panicking
 /// `T::drop` loses neither.
 struct AfterDeath<T: ?Sized>(NonNull<ControlBlock<T>>);
 

@@ -1,7 +1,7 @@
 //! Loom models of the handle protocol on unsized values (SAFETY.md, U1–U4
 //! with I1–I3): a `Strong<dyn Trait>` made by `unsize!`, whose value is
 //! over-aligned (so its offset comes from the vtable) and whose block the
-//! last weak reference frees with the layout kept in the header. As in
+//! last weak reference frees with the layout kept where the value was. As in
 //! `handles.rs`, the destructor writes a loom `UnsafeCell` that live
 //! handles read, loom's `Track` in every block fails a model that leaks
 //! one, and a drop counter fails one that drops twice or never.
@@ -54,7 +54,7 @@ fn unsized_upgrade_races_last_strong_drop() {
 
 /// Model U-2: the last `Weak<dyn Reader>` drop racing the last
 /// `Strong<dyn Reader>` drop. Whichever comes last frees the block, with
-/// the layout from the header (the value may be dead by then); loom's leak
+/// the layout word left where the value was; loom's leak
 /// check fails the model if neither does, and a double free is a loom error.
 #[test]
 fn unsized_last_weak_drop_races_last_strong_drop() {
