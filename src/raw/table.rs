@@ -676,6 +676,13 @@ impl<I> ShardedTable<I> {
         self.shards.len()
     }
 
+    /// Items in shard `index` (live or dead-but-not-yet-removed), as a
+    /// hint: writers may change it at any moment.
+    pub(crate) fn shard_items(&self, index: usize) -> usize {
+        // Relaxed: a count, for sizing a snapshot's buffer.
+        self.shards[index].len.load(Ordering::Relaxed)
+    }
+
     /// The shard `hash` belongs to: its top bits.
     pub(crate) fn shard_index(&self, hash: u64) -> usize {
         // At least two shards (`shard_count`), so the shift is below 64.
