@@ -204,19 +204,16 @@ where
             hook: collection::remove_on_death(&self.core, hash, object, ()),
         };
         let mut writer = self.core.table.write(hash);
-        if writer
-            .candidates(hash)
-            .any(|member| member.object.names(object))
-        {
-            // Already a member. Ours is dropped (its callback detached)
-            // after the unlock.
-            drop(writer);
-            drop(member);
-            return false;
+        match writer.insert_unless(hash, member, |member| member.object.names(object)) {
+            Ok(()) => true,
+            Err(member) => {
+                // Already a member. Ours is dropped (its callback detached)
+                // after the unlock.
+                drop(writer);
+                drop(member);
+                false
+            }
         }
-        // Never matches: the object is not a member (checked under the lock).
-        writer.upsert(hash, member, |_, _| false);
-        true
     }
 
     /// Removes `object`. Returns true if it was a member.
