@@ -54,7 +54,10 @@ pub mod from_python {
     //!   (Python compares referents while alive and refuses to hash a
     //!   reference first hashed after death). `WeakKeyMap` and `WeakSet`
     //!   compare keys and members by identity, as JavaScript's `WeakMap`
-    //!   and `WeakSet` do; Python compares them by value.
+    //!   and `WeakSet` do; Python compares them by value. They hash the
+    //!   object's address with [`IdentityState`](crate::IdentityState), a
+    //!   seeded multiply hasher, by default: nobody but the allocator picks
+    //!   the keys, so SipHash's guard against chosen keys buys nothing there.
     //! * **Callbacks run on a background thread** (the `weakrefs-finalizer`
     //!   thread), newest first, never inside the thread that dropped the
     //!   object, so a request never pays for clean-up. A panicking callback

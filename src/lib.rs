@@ -14,6 +14,7 @@ mod control;
 pub mod docs;
 mod error;
 mod finalizer;
+mod identity;
 mod marks;
 mod panics;
 #[cfg(feature = "rayon")]
@@ -40,6 +41,7 @@ pub mod __private {
 
 pub use error::ReferenceError;
 pub use finalizer::{finalize, flush, shutdown, stats, Finalizer, Stats};
+pub use identity::{IdentityHasher, IdentityState};
 #[cfg(feature = "rayon")]
 #[cfg_attr(docsrs, doc(cfg(feature = "rayon")))]
 pub use par_iter::ParIter;

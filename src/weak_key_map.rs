@@ -7,12 +7,12 @@
 //! dropped, like any removed item, once no reader can see it (SAFETY.md,
 //! section 8).
 
-use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::future::Future;
 use std::hash::BuildHasher;
 
 use crate::callbacks::Hook;
+use crate::identity::IdentityState;
 use crate::raw::collection::{self, Collection, Watching};
 use crate::raw::single_flight::{self, Flight, Flights, Joined, Settle};
 use crate::raw::table::{Relocatable, ShardedTable};
@@ -213,11 +213,11 @@ where
 /// flush();
 /// assert!(bytes_sent.is_empty());
 /// ```
-pub struct WeakKeyMap<K: ?Sized, V, S = RandomState> {
+pub struct WeakKeyMap<K: ?Sized, V, S = IdentityState> {
     core: Strong<MapCore<K, V, S>>,
 }
 
-impl<K, V> WeakKeyMap<K, V, RandomState>
+impl<K, V> WeakKeyMap<K, V, IdentityState>
 where
     K: ?Sized + Send + Sync + 'static,
     V: Send + Sync + 'static,
@@ -229,7 +229,7 @@ where
     /// assert!(map.is_empty());
     /// ```
     pub fn new() -> Self {
-        Self::with_capacity_and_hasher(0, RandomState::new())
+        Self::with_capacity_and_hasher(0, IdentityState::new())
     }
 
     /// An empty map with room for about `capacity` entries before any
@@ -240,7 +240,7 @@ where
     /// assert_eq!(map.len(), 0);
     /// ```
     pub fn with_capacity(capacity: usize) -> Self {
-        Self::with_capacity_and_hasher(capacity, RandomState::new())
+        Self::with_capacity_and_hasher(capacity, IdentityState::new())
     }
 }
 
@@ -254,7 +254,7 @@ where
     ///
     /// ```
     /// use std::collections::hash_map::RandomState;
-    /// let map: weakrefs::WeakKeyMap<u8, u8> = weakrefs::WeakKeyMap::with_hasher(RandomState::new());
+    /// let map: weakrefs::WeakKeyMap<u8, u8, RandomState> = weakrefs::WeakKeyMap::with_hasher(RandomState::new());
     /// assert!(map.is_empty());
     /// ```
     pub fn with_hasher(hasher: S) -> Self {
@@ -266,7 +266,7 @@ where
     ///
     /// ```
     /// use std::collections::hash_map::RandomState;
-    /// let map: weakrefs::WeakKeyMap<u8, u8> =
+    /// let map: weakrefs::WeakKeyMap<u8, u8, RandomState> =
     ///     weakrefs::WeakKeyMap::with_capacity_and_hasher(64, RandomState::new());
     /// assert!(map.is_empty());
     /// ```

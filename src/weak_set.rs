@@ -1,10 +1,10 @@
 //! `WeakSet`: a concurrent set whose members are held weakly, by identity.
 
-use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::hash::BuildHasher;
 
 use crate::callbacks::Hook;
+use crate::identity::IdentityState;
 use crate::raw::collection::{self, Collection, Watching};
 use crate::raw::table::{Relocatable, ShardedTable};
 use crate::strong::Strong;
@@ -118,11 +118,11 @@ impl<T: ?Sized + Send + Sync + 'static, S: Send + Sync + 'static> Collection<Mem
 /// let names: Vec<_> = listeners.iter().map(|l| l.to_string()).collect();
 /// assert_eq!(names, ["listener a"]);
 /// ```
-pub struct WeakSet<T: ?Sized, S = RandomState> {
+pub struct WeakSet<T: ?Sized, S = IdentityState> {
     core: Strong<SetCore<T, S>>,
 }
 
-impl<T: ?Sized + Send + Sync + 'static> WeakSet<T, RandomState> {
+impl<T: ?Sized + Send + Sync + 'static> WeakSet<T, IdentityState> {
     /// An empty set.
     ///
     /// ```
@@ -130,7 +130,7 @@ impl<T: ?Sized + Send + Sync + 'static> WeakSet<T, RandomState> {
     /// assert!(set.is_empty());
     /// ```
     pub fn new() -> Self {
-        Self::with_capacity_and_hasher(0, RandomState::new())
+        Self::with_capacity_and_hasher(0, IdentityState::new())
     }
 
     /// An empty set with room for about `capacity` members before any
@@ -141,7 +141,7 @@ impl<T: ?Sized + Send + Sync + 'static> WeakSet<T, RandomState> {
     /// assert!(set.is_empty());
     /// ```
     pub fn with_capacity(capacity: usize) -> Self {
-        Self::with_capacity_and_hasher(capacity, RandomState::new())
+        Self::with_capacity_and_hasher(capacity, IdentityState::new())
     }
 }
 
@@ -154,7 +154,7 @@ where
     ///
     /// ```
     /// use std::collections::hash_map::RandomState;
-    /// let set: weakrefs::WeakSet<u8> = weakrefs::WeakSet::with_hasher(RandomState::new());
+    /// let set: weakrefs::WeakSet<u8, RandomState> = weakrefs::WeakSet::with_hasher(RandomState::new());
     /// assert!(set.is_empty());
     /// ```
     pub fn with_hasher(hasher: S) -> Self {
@@ -166,7 +166,7 @@ where
     ///
     /// ```
     /// use std::collections::hash_map::RandomState;
-    /// let set: weakrefs::WeakSet<u8> =
+    /// let set: weakrefs::WeakSet<u8, RandomState> =
     ///     weakrefs::WeakSet::with_capacity_and_hasher(64, RandomState::new());
     /// assert!(set.is_empty());
     /// ```
@@ -204,19 +204,16 @@ where
             hook: collection::remove_on_death(&self.core, hash, object, ()),
         };
         let mut writer = self.core.table.write(hash);
-        if writer
-            .candidates(hash)
-            .any(|member| member.object.names(object))
-        {
-            // Already a member. Ours is dropped (its callback detached)
-            // after the unlock.
-            drop(writer);
-            drop(member);
-            return false;
+        match writer.insert_unless(hash, member, |member| member.object.names(object)) {
+            Ok(()) => true,
+            Err(member) => {
+                // Already a member. Ours is dropped (its callback detached)
+                // after the unlock.
+                drop(writer);
+                drop(member);
+                false
+            }
         }
-        // Never matches: the object is not a member (checked under the lock).
-        writer.upsert(hash, member, |_, _| false);
-        true
     }
 
     /// Removes `object`. Returns true if it was a member.

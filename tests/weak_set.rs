@@ -335,3 +335,36 @@ fn a_set_of_strs_and_slices() {
     bytes.insert(&blob);
     assert_eq!(&*bytes.iter().next().unwrap(), &[1, 2, 3]);
 }
+
+/// A set grown from empty rebuilds its shards many times: every object is
+/// filed once however often it is offered (each insert looks for it and
+/// files it in one walk of the probe sequence, across rebuilds), and
+/// iteration, which reuses one buffer for every shard, yields each member
+/// exactly once.
+#[test]
+fn a_growing_set_files_each_object_once_and_yields_it_once() {
+    let count = if cfg!(miri) { 200 } else { 5_000 };
+    let set = WeakSet::new();
+    let members: Vec<_> = (0..count).map(Strong::new).collect();
+    for (i, member) in members.iter().enumerate() {
+        assert!(set.insert(member), "member {i} was filed before");
+        // Offer an earlier one again, while the shards keep growing.
+        assert!(!set.insert(&members[i / 2]), "member {} filed twice", i / 2);
+    }
+    assert_eq!(set.len(), count);
+    for member in &members {
+        assert!(!set.insert(member));
+    }
+    assert_eq!(set.len(), count);
+    let yielded: Vec<usize> = set.iter().map(|m| Strong::as_ptr(&m) as usize).collect();
+    let distinct: HashSet<usize> = yielded.iter().copied().collect();
+    assert_eq!(
+        yielded.len(),
+        count,
+        "iteration yielded a member twice or missed one"
+    );
+    assert_eq!(distinct.len(), count);
+    assert!(members
+        .iter()
+        .all(|m| distinct.contains(&(Strong::as_ptr(m) as usize))));
+}

@@ -144,15 +144,63 @@ where
 /// through `project` (M8): a long iteration never holds a pin for long.
 pub(crate) fn snapshots<'a, I, T: 'a>(
     table: &'a ShardedTable<I>,
-    mut project: impl FnMut(&I) -> Option<T> + 'a,
+    project: impl FnMut(&I) -> Option<T> + 'a,
 ) -> impl Iterator<Item = T> + 'a
 where
     I: Watching,
 {
-    (0..table.shard_len()).flat_map(move |shard| shard_snapshot(table, shard, &mut project))
+    Snapshots {
+        table,
+        project,
+        next_shard: 0,
+        batch: Vec::new(),
+    }
+}
+
+/// The iterator of [`snapshots`]: one buffer for every shard's snapshot,
+/// so an iteration allocates once (or a few times, if a later shard holds
+/// more), not once per shard and again as each snapshot grows.
+struct Snapshots<'a, I, T, P> {
+    table: &'a ShardedTable<I>,
+    project: P,
+    /// The shard to snapshot once `batch` is empty.
+    next_shard: usize,
+    /// The current shard's snapshot, in reverse, so that `pop` yields it
+    /// in table order.
+    batch: Vec<T>,
+}
+
+impl<I, T, P> Iterator for Snapshots<'_, I, T, P>
+where
+    I: Watching,
+    P: FnMut(&I) -> Option<T>,
+{
+    type Item = T;
+
+    #[inline]
+    fn next(&mut self) -> Option<T> {
+        loop {
+            if let Some(item) = self.batch.pop() {
+                return Some(item);
+            }
+            if self.next_shard == self.table.shard_len() {
+                return None;
+            }
+            let shard = self.next_shard;
+            self.next_shard += 1;
+            fill_snapshot(self.table, shard, &mut self.project, &mut self.batch);
+            self.batch.reverse();
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let upper = (self.next_shard == self.table.shard_len()).then_some(self.batch.len());
+        (self.batch.len(), upper)
+    }
 }
 
 /// What `project` makes of shard `shard`'s items, under one short pin.
+#[cfg(feature = "rayon")]
 pub(crate) fn shard_snapshot<I, T>(
     table: &ShardedTable<I>,
     shard: usize,
@@ -162,8 +210,27 @@ where
     I: Watching,
 {
     let mut batch = Vec::new();
-    table.for_each_in_shard(shard, |item| batch.extend(project(item)));
+    fill_snapshot(table, shard, &mut project, &mut batch);
     batch
+}
+
+/// Appends to `batch` what `project` makes of shard `shard`'s items, under
+/// one short pin, with room reserved first for the items the shard counts
+/// (an upgrade per item is what a snapshot costs, not the buffer's growth).
+fn fill_snapshot<I, T>(
+    table: &ShardedTable<I>,
+    shard: usize,
+    project: &mut impl FnMut(&I) -> Option<T>,
+    batch: &mut Vec<T>,
+) where
+    I: Watching,
+{
+    batch.reserve(table.shard_items(shard));
+    table.for_each_in_shard(shard, |item| {
+        if let Some(projected) = project(item) {
+            batch.push(projected);
+        }
+    });
 }
 
 /// Keeps the entries whose object is alive and for which `keep` returns

@@ -676,6 +676,13 @@ impl<I> ShardedTable<I> {
         self.shards.len()
     }
 
+    /// Items in shard `index` (live or dead-but-not-yet-removed), as a
+    /// hint: writers may change it at any moment.
+    pub(crate) fn shard_items(&self, index: usize) -> usize {
+        // Relaxed: a count, for sizing a snapshot's buffer.
+        self.shards[index].len.load(Ordering::Relaxed)
+    }
+
     /// The shard `hash` belongs to: its top bits.
     pub(crate) fn shard_index(&self, hash: u64) -> usize {
         // At least two shards (`shard_count`), so the shift is below 64.
@@ -988,6 +995,54 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
         old.map(|old| unsafe { table.item(old) })
     }
 
+    /// Inserts `item` under `hash` unless an item of the probe sequence
+    /// `matches`: then nothing changes and `item` is handed back, for the
+    /// caller to drop after the unlock. One walk of the probe sequence
+    /// where a look under the lock followed by [`Self::upsert`] takes two,
+    /// and no room reserved for a replaced item, since there is none.
+    pub(crate) fn insert_unless(
+        &mut self,
+        hash: u64,
+        item: I,
+        matches: impl FnMut(&I) -> bool,
+    ) -> Result<(), I> {
+        let table = self.current_table();
+        // Parked while `matches` (which may be user code) and a rebuild's
+        // allocations and clones run, as in `upsert`: if one panics,
+        // nothing has changed and the item is dropped after the unlock.
+        debug_assert!(
+            self.garbage.unpublished.is_none(),
+            "a writer is not reused after a panic"
+        );
+        self.garbage.unpublished = Some(item);
+        if find(table, hash, matches).is_ok() {
+            return Err(self.garbage.unpublished.take().expect("parked above"));
+        }
+        let (index, fresh) = vacancy(table, table.home(hash));
+        if fresh && (*self.used() + 1) * 4 > table.slots.len() * 3 {
+            self.rebuild_for_one_more(hash);
+        } else {
+            let item = self.garbage.unpublished.take().expect("parked above");
+            self.fill(table, index, fresh, hash, item);
+        }
+        Ok(())
+    }
+
+    /// The slow path of [`Self::insert_unless`]: a table with room for
+    /// the parked item, which it publishes with the relocated ones.
+    #[cold]
+    #[inline(never)]
+    fn rebuild_for_one_more(&mut self, hash: u64) {
+        // Room for what `rebuild` records, before its first change.
+        self.garbage.tables.reserve_one();
+        let table = self.current_table();
+        // Relaxed: written under the mutex we hold.
+        let items = self.shard.len.load(Ordering::Relaxed);
+        let slots = rebuilt_size(table.slots.len(), *self.used(), items, items + 1);
+        let new = Table::with_slots(slots, self.table.marked);
+        self.rebuild(new, Some(hash), None);
+    }
+
     /// Writes `item` into slot `index` of the current `table`, `EMPTY` if
     /// `fresh`, else `FREE`, and publishes it under `hash`.
     fn fill(&mut self, table: &Table<I>, index: usize, fresh: bool, hash: u64, item: I) {
@@ -1153,7 +1208,11 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
         // Nothing below may panic or allocate: the relocated items must end
         // up published, and the old table retired, together.
         if let Some(hash) = incoming {
-            let item = self.garbage.unpublished.take().expect("parked by upsert");
+            let item = self
+                .garbage
+                .unpublished
+                .take()
+                .expect("parked by the caller");
             let target = first_empty(&new, hash);
             // SAFETY: empty and unpublished.
             new.slots[target].with_mut(|cell| unsafe { (*cell).write(item) });
