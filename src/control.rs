@@ -159,10 +159,11 @@ impl<T> ControlBlock<T> {
     /// 2. It does so before it releases the implicit weak (or the block's
     ///    one weak reference).
     pub(crate) unsafe fn value_gone(this: NonNull<Self>) {
-        // SAFETY: `T` is sized, so the block was allocated for
+        // `T` is sized, so the block was allocated for
         // `Layout::new::<T>()` (through any view of it: a `dyn` or array
         // view has that same layout, U1): `write_layout`'s 1. Its 2 and 3
         // are the caller's 1 and 2.
+        // SAFETY: as just said.
         unsafe { write_layout(this, Layout::new::<T>()) };
     }
 
@@ -321,10 +322,11 @@ impl<T: ?Sized> ControlBlock<T> {
         struct Bury<T: ?Sized>(NonNull<ControlBlock<T>>, Layout);
         impl<T: ?Sized> Drop for Bury<T> {
             fn drop(&mut self) {
-                // SAFETY: the layout is `for_value` of the value (1); the
+                // The layout is `for_value` of the value (1); the
                 // value is dropped (or its drop unwound: it is gone either
                 // way), by `drop_value`'s 1 and 2 the place is ours alone,
                 // and by its 3 the implicit weak goes after we return.
+                // SAFETY: as just said.
                 unsafe { write_layout(self.0, self.1) };
             }
         }
@@ -362,16 +364,18 @@ impl<T: ?Sized> ControlBlock<T> {
             debug_assert!((*header).callbacks.is_empty());
             ptr::drop_in_place(ptr::addr_of_mut!((*header).leak_check));
         }
-        // SAFETY: by 2 the layout word was written at the value's offset
+        // By 2 the layout word was written at the value's offset
         // (a multiple of a word: U1), and the Acquire of 1 orders that
         // write (made before the implicit weak's Release decrement, O5)
         // before this read.
+        // SAFETY: as just said.
         let layout = unsafe { Self::value_ptr(this).cast::<BlockLayout>().read() }.get();
-        // SAFETY: the block was allocated from the global allocator by
+        // The block was allocated from the global allocator by
         // `allocate_raw` with `block_layout` of its value's layout, and the
         // word holds `block_layout` of the same layout (`write_layout`'s 1:
         // every view of a block computes it alike, U1), decoded exactly
         // (`BlockLayout`); by 1 and 2 nothing will touch the block again.
+        // SAFETY: as just said.
         unsafe { std::alloc::dealloc(this.as_ptr().cast::<u8>(), layout) };
     }
 }
@@ -418,10 +422,11 @@ fn block_layout(value_layout: Layout) -> Layout {
 #[inline]
 unsafe fn write_layout<T: ?Sized>(this: NonNull<ControlBlock<T>>, value_layout: Layout) {
     let layout = BlockLayout::new(block_layout(value_layout));
-    // SAFETY: the value's offset is a multiple of a word (a word-aligned
+    // The value's offset is a multiple of a word (a word-aligned
     // header's size rounded up to the value's alignment, U1) and the place
     // is at least a word long (`block_layout`, by 1); nothing else reads or
     // writes it (2).
+    // SAFETY: as just said.
     unsafe {
         ControlBlock::value_ptr(this)
             .cast::<BlockLayout>()

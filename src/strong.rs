@@ -325,11 +325,12 @@ impl<T> Strong<T> {
         let block = ControlBlock::<T>::allocate_uninit();
         let weak = Weak::from_block(block);
         let value = build(&weak);
-        // SAFETY: the value field is allocated and holds only the layout
+        // The value field is allocated and holds only the layout
         // word, which the value may overwrite: `weak`, which becomes the
         // implicit weak below, keeps the block, and the word is written
         // again when the value goes (U2). Nothing reads the field while the
         // strong count is 0 (`upgrade` fails).
+        // SAFETY: as just said.
         unsafe { ControlBlock::value_ptr(block).write(value) };
         // The weak reference becomes the implicit weak of the first strong
         // handle, so it is not released.

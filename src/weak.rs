@@ -292,12 +292,13 @@ impl<T: ?Sized> Drop for Weak<T> {
         // decrement below.
         let header = unsafe { ControlBlock::header(block) };
         if header.decrement_weak() {
-            // SAFETY: our decrement took the weak count to zero and executed
+            // Our decrement took the weak count to zero and executed
             // the Acquire fence (O5). The implicit weak (or a never-shared
             // block's one weak reference: `new_cyclic`, `FreeBlock`) is
             // released only after the value was dropped, moved out or found
             // never written, and the layout word written in its place (I3,
             // U2).
+            // SAFETY: as just said.
             unsafe { ControlBlock::deallocate(block) };
         }
     }
