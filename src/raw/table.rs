@@ -1285,7 +1285,7 @@ impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
         }
         // Looked up now, not when the functions run: they may run while the
         // process (or a loom model) tears its statics down.
-        let runtime = Executor::global();
+        let executor = Executor::global();
         let retired = Retired {
             items: garbage.items,
             tables: garbage.tables,
@@ -1303,14 +1303,14 @@ impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
             // an idle thread never does, and with them the user destructors
             // they hand on (M10). Deferring later than the unlink only
             // delays the free.
-            runtime.post(move || {
+            executor.post(move || {
                 let pinned = Reclaimer::global().pin();
                 // SAFETY: `Retired::defer`'s conditions held when the
                 // writer made it, and nothing since has touched what it
                 // names (its functions own their table references).
-                unsafe { retired.defer(&pinned, runtime) };
+                unsafe { retired.defer(&pinned, executor) };
                 drop(pinned);
-                if !runtime.has_queued_work() {
+                if !executor.has_queued_work() {
                     // The last of a burst: push what the burst retired
                     // through now, while this job still counts as pending,
                     // so that a `flush` waiting on it also waits for the
@@ -1322,7 +1322,7 @@ impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
             let pinned = self.table.pin();
             // SAFETY: unlinked and replaced under the mutex just released,
             // each with the table reference the writer took for it.
-            unsafe { retired.defer(&pinned, runtime) };
+            unsafe { retired.defer(&pinned, executor) };
         }
     }
 }
@@ -1350,7 +1350,7 @@ impl<I: Relocatable + Send + Sync + 'static> Retired<I> {
     ///    on can reach them.
     /// 2. Each entry owns one reference to its table; each table's full
     ///    slots but its `without` hold relocated originals.
-    unsafe fn defer(self, pinned: &Pinned, runtime: Executor) {
+    unsafe fn defer(self, pinned: &Pinned, executor: Executor) {
         for (table, index) in self.items.into_iter() {
             // The deferred function owns one reference to its table, which
             // keeps the slot allocated until it runs; it drops the item
@@ -1371,7 +1371,7 @@ impl<I: Relocatable + Send + Sync + 'static> Retired<I> {
                         let item = slot.with(|item| ptr::read((*item).as_ptr()));
                         free_slot(&*table, index);
                         release(table);
-                        runtime.post(move || {
+                        executor.post(move || {
                             catch_and_report("a removed entry's destructor", || drop(item));
                         });
                     } else {
@@ -1392,7 +1392,7 @@ impl<I: Relocatable + Send + Sync + 'static> Retired<I> {
             // slots but `without` hold relocated originals (our 2).
             // SAFETY: replaced, so no reader that pins from now on reaches it
             // (our 1); `retire`'s 1 and 2 as just said.
-            unsafe { pinned.defer(move || retire(table, without, runtime)) };
+            unsafe { pinned.defer(move || retire(table, without, executor)) };
         }
     }
 }
@@ -1428,7 +1428,7 @@ fn free_slot<I>(table: &Table<I>, index: usize) {
 unsafe fn retire<I: Relocatable>(
     table: *const Table<I>,
     without: Option<usize>,
-    runtime: Executor,
+    executor: Executor,
 ) {
     if std::mem::needs_drop::<I::LeftBehind>() {
         let mut left = Vec::new();
@@ -1450,7 +1450,7 @@ unsafe fn retire<I: Relocatable>(
         if I::DROP_RUNS_USER_CODE {
             // User destructors: on the finalizer thread, as for removed
             // items (M10).
-            runtime.post(move || {
+            executor.post(move || {
                 catch_and_report("a relocated entry's destructor", || drop(left));
             });
         } else {
