@@ -4,16 +4,21 @@
 //! moments when no request holds it (SAFETY.md, M13).
 //!
 //! Recency is approximated by CLOCK over a ring of `n` positions. Each
-//! position is one word readers may touch without a lock: the identity of
-//! the entry whose value it holds (its hook's address, which is even) with
-//! a `referenced` bit in its low bit. An entry's table slot remembers its
-//! position (`Table::marks`, one more than the index; zero for none). A
-//! hit loads that, checks that the position still names this entry, and
-//! sets `referenced` if it is clear ([`Tier::touch`]): an entry already
-//! marked costs a hit two loads, no lock and no read-modify-write. One word
-//! a position keeps the ring half the size it would be with a separate
-//! flag, which is what a hit at scale pays for: a cache miss on the
-//! position. Everything else (admitting an entry,
+//! position is one byte readers may touch without a lock: seven bits that
+//! name the entry whose value it holds (a hash of its identity, its hook's
+//! address; zero when free) and a `referenced` bit. An entry's table slot
+//! remembers its position (`Table::marks`, one more than the index; zero
+//! for none). A hit loads that, checks that the position's seven bits are
+//! its entry's, and sets `referenced` if it is clear ([`Tier::touch`]): an
+//! entry already marked costs a hit two loads, no lock and no
+//! read-modify-write. A byte a position keeps the ring small enough to
+//! stay in a core's cache for a tier of a hundred thousand values, where a
+//! word (or two) a position cost a hit a cache miss at that scale. The
+//! price is that a stale mark (its entry evicted) whose position now holds
+//! an entry with the same seven bits passes for held, one time in 127:
+//! that hit then neither admits its entry nor marks it, as a lost hint
+//! would; the mutex keeps the full identities and decides everything
+//! else. Everything else (admitting an entry,
 //! evicting one, forgetting one that left the map) runs under the tier's
 //! mutex, which alone writes identities and holds the values, and the
 //! caller holds the entry's shard lock: so the tier holds the value of an
@@ -34,30 +39,30 @@
 use std::collections::HashMap;
 
 use crate::strong::Strong;
-use crate::sync::{AtomicBool, AtomicU32, AtomicUsize, Mutex, Ordering};
+use crate::sync::{AtomicBool, AtomicU32, AtomicU8, Mutex, Ordering};
 
-/// A ring position, as readers see it: the identity of the entry whose
-/// value it holds (0 when free), written under the mutex only, or'd with
-/// [`REFERENCED`].
-struct Position(AtomicUsize);
+/// The low bit of a position's byte: used since the hand last passed. Set
+/// by hits and cleared by the hand with RMWs, so that neither ever writes
+/// back a holder's bits the mutex has replaced meanwhile.
+const REFERENCED: u8 = 1;
 
-/// The low bit of a position: used since the hand last passed. Set by hits
-/// (an RMW, so that it never writes back a holder the mutex has replaced
-/// meanwhile), cleared by the hand under the mutex. Identities are even.
-const REFERENCED: usize = 1;
-
-impl Position {
-    /// The identity of the entry the position holds, 0 if none.
-    #[inline]
-    fn holder(word: usize) -> usize {
-        word & !REFERENCED
-    }
+/// The byte of a position that holds the entry named `identity`,
+/// unreferenced: seven bits of a hash of the identity, above
+/// [`REFERENCED`], never all zero (a free position's byte is 0).
+#[inline]
+fn holder_byte(identity: usize) -> u8 {
+    // The top seven bits of a multiplicative hash: hook addresses differ
+    // mostly in their middle bits, which the multiply carries up.
+    let bits = ((identity as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 57) as u8;
+    bits.max(1) << 1
 }
 
 /// What the mutex guards.
 struct Ring<V: ?Sized> {
     /// The value each position holds.
     values: Box<[Option<Strong<V>>]>,
+    /// The identity of the entry each position holds (0 when free).
+    holders: Box<[usize]>,
     /// The position of each entry held, by identity.
     position_of: HashMap<usize, u32>,
     /// Positions never used, or freed by `forget`.
@@ -68,7 +73,10 @@ struct Ring<V: ?Sized> {
 
 /// The keep-warm tier; see the module docs.
 pub(crate) struct Tier<V: ?Sized> {
-    positions: Box<[Position]>,
+    /// A byte per position, as readers see it: [`holder_byte`] of the
+    /// entry it holds, written under the mutex only, or'd with
+    /// [`REFERENCED`]; 0 when free.
+    positions: Box<[AtomicU8]>,
     /// No position is free: an admission now evicts. Written under the
     /// mutex, read by hits as a hint.
     full: AtomicBool,
@@ -87,12 +95,11 @@ impl<V: ?Sized> Tier<V> {
     pub(crate) fn new(capacity: usize) -> Self {
         let capacity = capacity.clamp(1, u32::MAX as usize - 1);
         Tier {
-            positions: (0..capacity)
-                .map(|_| Position(AtomicUsize::new(0)))
-                .collect(),
+            positions: (0..capacity).map(|_| AtomicU8::new(0)).collect(),
             full: AtomicBool::new(false),
             ring: Mutex::new(Ring {
                 values: (0..capacity).map(|_| None).collect(),
+                holders: vec![0; capacity].into_boxed_slice(),
                 position_of: HashMap::new(),
                 free: (0..capacity as u32).rev().collect(),
                 hand: 0,
@@ -116,12 +123,11 @@ impl<V: ?Sized> Tier<V> {
     /// it, under the shard's lock).
     #[inline]
     pub(crate) fn touch(&self, identity: usize, mark: &AtomicU32) -> bool {
-        debug_assert!(identity & REFERENCED == 0, "identities are even");
-        // Relaxed, all three: a hint. A stale position fails the identity
-        // check and the caller takes the slow path, which decides under
-        // the mutexes; a `referenced` bit set on a position the mutex has
-        // just given to another entry gives that entry one more turn of
-        // the hand.
+        // Relaxed, all three: a hint. A stale position fails the holder
+        // check (but one time in 127, see the module docs) and the caller
+        // takes the slow path, which decides under the mutexes; a
+        // `referenced` bit set on a position the mutex has just given to
+        // another entry gives that entry one more turn of the hand.
         let position = mark.load(Ordering::Relaxed) as usize;
         let Some(at) = position
             .checked_sub(1)
@@ -129,12 +135,12 @@ impl<V: ?Sized> Tier<V> {
         else {
             return false;
         };
-        let word = at.0.load(Ordering::Relaxed);
-        if Position::holder(word) != identity {
+        let byte = at.load(Ordering::Relaxed);
+        if byte & !REFERENCED != holder_byte(identity) {
             return false;
         }
-        if word & REFERENCED == 0 {
-            at.0.fetch_or(REFERENCED, Ordering::Relaxed);
+        if byte & REFERENCED == 0 {
+            at.fetch_or(REFERENCED, Ordering::Relaxed);
         }
         true
     }
@@ -168,9 +174,7 @@ impl<V: ?Sized> Tier<V> {
                 .is_some_and(|held| Strong::ptr_eq(held, &value)));
             // Relaxed: as in `touch`.
             mark.store(at + 1, Ordering::Relaxed);
-            self.positions[at as usize]
-                .0
-                .fetch_or(REFERENCED, Ordering::Relaxed);
+            self.positions[at as usize].fetch_or(REFERENCED, Ordering::Relaxed);
             drop(ring);
             return Some(value);
         }
@@ -185,19 +189,16 @@ impl<V: ?Sized> Tier<V> {
             None => {
                 let at = self.victim(&mut ring);
                 let evicted = ring.values[at as usize].take();
-                // Relaxed: the holder is written under the mutex alone.
-                let word = self.positions[at as usize].0.load(Ordering::Relaxed);
-                ring.position_of.remove(&Position::holder(word));
+                let holder = ring.holders[at as usize];
+                ring.position_of.remove(&holder);
                 (at, evicted)
             }
         };
-        debug_assert!(identity & REFERENCED == 0, "identities are even");
         // Relaxed: readers only compare it (see `touch`); the values are
         // reached under the mutex alone. Unreferenced: the hand gives a new
         // value one turn.
-        self.positions[at as usize]
-            .0
-            .store(identity, Ordering::Relaxed);
+        self.positions[at as usize].store(holder_byte(identity), Ordering::Relaxed);
+        ring.holders[at as usize] = identity;
         ring.values[at as usize] = Some(value);
         ring.position_of.insert(identity, at);
         // Relaxed: as in `touch`.
@@ -211,7 +212,7 @@ impl<V: ?Sized> Tier<V> {
         loop {
             let at = ring.hand;
             ring.hand = (at + 1) % self.positions.len();
-            let position = &self.positions[at].0;
+            let position = &self.positions[at];
             // Relaxed: a hint set by readers; see `touch`. An RMW, as
             // theirs: the holder bits stay.
             if position.load(Ordering::Relaxed) & REFERENCED != 0 {
@@ -229,7 +230,8 @@ impl<V: ?Sized> Tier<V> {
         let mut ring = self.ring.lock();
         let at = ring.position_of.remove(&identity)?;
         // Relaxed: as in `admit`.
-        self.positions[at as usize].0.store(0, Ordering::Relaxed);
+        self.positions[at as usize].store(0, Ordering::Relaxed);
+        ring.holders[at as usize] = 0;
         ring.free.push(at);
         // Relaxed: a hint for `admits_found`.
         self.full.store(false, Ordering::Relaxed);
@@ -312,6 +314,39 @@ mod tests {
         assert_eq!(Strong::strong_count(&values[1]), 2);
         assert_eq!(Strong::strong_count(&values[2]), 1);
         assert_eq!(Strong::strong_count(&values[3]), 2);
+    }
+
+    #[test]
+    fn a_holder_byte_is_never_free_nor_referenced_and_spreads_identities() {
+        let mut seen = [0usize; 128];
+        for i in 1..=12_800 {
+            let byte = holder_byte(id(i));
+            assert_ne!(byte, 0);
+            assert_eq!(byte & REFERENCED, 0);
+            seen[usize::from(byte >> 1)] += 1;
+        }
+        // 127 values (0 is the free byte's), about a hundred identities
+        // each: none left out, none crowded.
+        assert_eq!(seen[0], 0);
+        assert!(
+            seen[1..].iter().all(|&n| (40..=200).contains(&n)),
+            "{seen:?}"
+        );
+    }
+
+    #[test]
+    fn a_stale_mark_is_refused_when_its_position_holds_another_entry() {
+        let tier = Tier::new(1);
+        let marks: Vec<_> = (0..3).map(|_| AtomicU32::new(0)).collect();
+        let values: Vec<_> = (0..3).map(Strong::new).collect();
+        assert_ne!(holder_byte(id(1)), holder_byte(id(2)));
+        admit(&tier, 1, &marks, &values[1]);
+        // 2 evicts 1 from the only position; 1's mark still names it.
+        drop(tier.admit(id(2), &marks[2], values[2].clone()));
+        assert_eq!(marks[1].load(Ordering::Relaxed), 1);
+        assert!(!tier.touch(id(1), &marks[1]), "evicted");
+        assert!(tier.touch(id(2), &marks[2]));
+        assert_eq!(Strong::strong_count(&values[1]), 1);
     }
 
     #[test]
