@@ -703,12 +703,12 @@ where
         &self,
         hash: u64,
         item: &Item<K, V>,
-        mark: SlotMark<'_>,
+        mark: SlotMark<'_, Item<K, V>>,
         value: &Strong<V>,
     ) -> Option<Strong<V>> {
         let tier = self.core.tier.as_ref()?;
         // A map with a tier has marks.
-        if tier.touch(item.identity(), mark.get()?) || !tier.admits_found() {
+        if tier.touch(mark.get()?) || !tier.admits_found() {
             return None;
         }
         self.keep_slow(hash, item.identity(), value)

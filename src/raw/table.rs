@@ -243,22 +243,82 @@ pub(crate) unsafe trait Relocatable: Sized {
 /// One slot: once its control byte says full, an item.
 type Slot<I> = UnsafeCell<MaybeUninit<I>>;
 
+/// A slot with the mark its collection keeps beside the item, one word
+/// readers may load and store (a keep-warm tier's position, M13): zero
+/// when the slot is filled, carried over by a rebuild, never read by the
+/// table. Aligned to 32 bytes, so that for an item of up to three words
+/// (a `WeakValueMap` entry of a word-sized key) the item and its mark fill
+/// 32 bytes of one cache line: a hit that reads both pays one miss, not
+/// two.
+#[repr(C, align(32))]
+struct MarkedSlot<I> {
+    item: Slot<I>,
+    mark: AtomicUsize,
+}
+
+/// A table's slots: plain, or each with its mark beside it (for a
+/// collection that keeps marks).
+enum Slots<I> {
+    Plain(Box<[Slot<I>]>),
+    Marked(Box<[MarkedSlot<I>]>),
+}
+
+impl<I> Slots<I> {
+    /// `count` empty slots, with marks (zero) if `marked`.
+    fn new(count: usize, marked: bool) -> Self {
+        let empty = || UnsafeCell::new(MaybeUninit::uninit());
+        if marked {
+            Slots::Marked(
+                (0..count)
+                    .map(|_| MarkedSlot {
+                        item: empty(),
+                        mark: AtomicUsize::new(0),
+                    })
+                    .collect(),
+            )
+        } else {
+            Slots::Plain((0..count).map(|_| empty()).collect())
+        }
+    }
+
+    #[inline(always)]
+    fn len(&self) -> usize {
+        match self {
+            Slots::Plain(slots) => slots.len(),
+            Slots::Marked(slots) => slots.len(),
+        }
+    }
+
+    /// Slot `index` (panics past the end).
+    #[inline(always)]
+    fn slot(&self, index: usize) -> &Slot<I> {
+        match self {
+            Slots::Plain(slots) => &slots[index],
+            Slots::Marked(slots) => &slots[index].item,
+        }
+    }
+
+    /// The mark of slot `index`, if the slots keep marks.
+    #[inline(always)]
+    fn mark(&self, index: usize) -> Option<&AtomicUsize> {
+        match self {
+            Slots::Plain(_) => None,
+            Slots::Marked(slots) => slots.get(index).map(|slot| &slot.mark),
+        }
+    }
+}
+
 /// One shard's slots; replaced whole by a rebuild.
 struct Table<I> {
     /// One word per group of `GROUP` slots: byte `i` (bits `8i..8i + 8`)
     /// of word `g` is the control byte of slot `g * GROUP + i`.
     control: Box<[AtomicUsize]>,
-    slots: Box<[Slot<I>]>,
+    slots: Slots<I>,
     /// The low 32 bits of each full slot's hash, which place its item in a
     /// table of any size (the home group), as its control byte, seven other
     /// bits, cannot. Written with the item, before its control byte is
     /// published; read by writers and by `retain_shard`, never by lookups.
     homes: Box<[AtomicU32]>,
-    /// One word per slot for a collection that keeps one beside each item,
-    /// which readers may write (a keep-warm tier's position, M13): zero
-    /// when the slot is filled, carried over by a rebuild, never read by
-    /// the table. Empty for the others.
-    marks: Box<[AtomicU32]>,
     /// One for being a shard's current table, plus one per removed item
     /// whose deferred drop has not run yet. On its own cache line: writers
     /// change it, readers only read the rest.
@@ -273,13 +333,8 @@ impl<I> Table<I> {
         let count = groups * GROUP;
         Box::new(Table {
             control: (0..groups).map(|_| AtomicUsize::new(usize::MAX)).collect(),
-            slots: (0..count)
-                .map(|_| UnsafeCell::new(MaybeUninit::uninit()))
-                .collect(),
+            slots: Slots::new(count, marked),
             homes: (0..count).map(|_| AtomicU32::new(0)).collect(),
-            marks: (0..if marked { count } else { 0 })
-                .map(|_| AtomicU32::new(0))
-                .collect(),
             refs: CachePadded::new(AtomicUsize::new(1)),
         })
     }
@@ -356,8 +411,8 @@ impl<I> Table<I> {
 
     /// The mark of slot `index`, if the table keeps marks.
     #[inline(always)]
-    fn mark(&self, index: usize) -> Option<&AtomicU32> {
-        self.marks.get(index)
+    fn mark(&self, index: usize) -> Option<&AtomicUsize> {
+        self.slots.mark(index)
     }
 
     /// The item of slot `index`.
@@ -371,7 +426,7 @@ impl<I> Table<I> {
     ///    longer than its writer.
     #[inline(always)]
     unsafe fn item(&self, index: usize) -> &I {
-        let item = self.slots[index].with(|item| item);
+        let item = self.slots.slot(index).with(|item| item);
         // A slot is written again only after its item's deferred drop (M2).
         // SAFETY: by 1 the item was written before its control byte was
         // published and nothing writes it now; by 2 it is not dropped (nor
@@ -425,7 +480,7 @@ pub(crate) struct ShardedTable<I> {
     shards: Box<[CachePadded<Shard<I>>]>,
     /// `64 - log2(shards)`: the hash's top bits pick the shard.
     shard_shift: u32,
-    /// The tables keep a mark per slot (`Table::marks`).
+    /// The tables keep a mark per slot (`MarkedSlot`).
     marked: bool,
     reclaimer: Reclaimer,
     _items: PhantomData<I>,
@@ -709,7 +764,7 @@ impl<I> Drop for ShardedTable<I> {
                 // drops of this table's tombstones may still be freeing
                 // theirs, flips of other bytes that are never full.)
                 (*table).each_full(Ordering::Relaxed, |index, _| {
-                    let slot = &(&(*table).slots)[index];
+                    let slot = (*table).slots.slot(index);
                     let drop_item = || slot.with_mut(|item| (*item).assume_init_drop());
                     if let Err(payload) = panic::catch_unwind(AssertUnwindSafe(drop_item)) {
                         first_panic.get_or_insert(payload);
@@ -786,13 +841,13 @@ impl<'g, I> Candidates<'g, I> {
 
     /// The next candidate and its slot's [`SlotMark`].
     #[inline]
-    pub(crate) fn next_marked(&mut self) -> Option<(&'g I, SlotMark<'g>)> {
+    pub(crate) fn next_marked(&mut self) -> Option<(&'g I, SlotMark<'g, I>)> {
         let index = self.next_index()?;
         // SAFETY: seen full (1); the caller is pinned for 'g or holds the
         // mutex for 'g (a `ShardWriter` borrow) (2).
         let item = unsafe { self.table.item(index) };
         let mark = SlotMark {
-            marks: &self.table.marks,
+            slots: &self.table.slots,
             index,
         };
         Some((item, mark))
@@ -800,20 +855,19 @@ impl<'g, I> Candidates<'g, I> {
 }
 
 /// Where a candidate's mark is, if its table keeps marks (see
-/// `Table::marks`): a word the reader may load and store, carried over by
+/// `MarkedSlot`): a word the reader may load and store, carried over by
 /// rebuilds (a store into a table being replaced may be lost). Found only
 /// when asked for, so that lookups in maps without marks pay nothing.
-#[derive(Clone, Copy)]
-pub(crate) struct SlotMark<'g> {
-    marks: &'g [AtomicU32],
+pub(crate) struct SlotMark<'g, I> {
+    slots: &'g Slots<I>,
     index: usize,
 }
 
-impl<'g> SlotMark<'g> {
+impl<'g, I> SlotMark<'g, I> {
     /// The mark, if the table keeps marks.
     #[inline]
-    pub(crate) fn get(self) -> Option<&'g AtomicU32> {
-        self.marks.get(self.index)
+    pub(crate) fn get(self) -> Option<&'g AtomicUsize> {
+        self.slots.mark(self.index)
     }
 }
 
@@ -1052,7 +1106,10 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
         // SAFETY: empty or free, under the mutex: no reader reads such a
         // slot's item (it checks the control byte first) and no other
         // writer runs.
-        table.slots[index].with_mut(|cell| unsafe { (*cell).write(item) });
+        table
+            .slots
+            .slot(index)
+            .with_mut(|cell| unsafe { (*cell).write(item) });
         // Relaxed: published with the control byte below.
         table.homes[index].store(hash as u32, Ordering::Relaxed);
         if let Some(mark) = table.mark(index) {
@@ -1168,7 +1225,9 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
                     // as just said.
                     let copy = unsafe { I::relocate(old.item(index)) };
                     // SAFETY: empty and unpublished: nobody else reads it.
-                    new.slots[target].with_mut(|cell| unsafe { (*cell).write(copy) });
+                    new.slots
+                        .slot(target)
+                        .with_mut(|cell| unsafe { (*cell).write(copy) });
                     // Relaxed, both: published by the table's Release store
                     // below.
                     new.homes[target].store(hash as u32, Ordering::Relaxed);
@@ -1193,7 +1252,7 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
                 self.garbage.abandoned.reserve_exact(copies.len());
                 for index in copies {
                     // Dropped after the unlock.
-                    let left = new.slots[index].with(|item| {
+                    let left = new.slots.slot(index).with(|item| {
                         // SAFETY: a copy never published, whose original the
                         // old table drops whole (1); unseen (2).
                         unsafe { I::take_left_behind((*item).as_ptr()) }
@@ -1215,7 +1274,9 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
                 .expect("parked by the caller");
             let target = first_empty(&new, hash);
             // SAFETY: empty and unpublished.
-            new.slots[target].with_mut(|cell| unsafe { (*cell).write(item) });
+            new.slots
+                .slot(target)
+                .with_mut(|cell| unsafe { (*cell).write(item) });
             // Relaxed, both: published by the table's Release store below.
             new.homes[target].store(hash as u32, Ordering::Relaxed);
             new.set_control(target, EMPTY, control_of(hash), Ordering::Relaxed);
@@ -1362,7 +1423,7 @@ impl<I: Relocatable + Send + Sync + 'static> Retired<I> {
             // (1, our 2).
             unsafe {
                 pinned.defer(move || {
-                    let slot = &(&(*table).slots)[index];
+                    let slot = (*table).slots.slot(index);
                     if I::DROP_RUNS_USER_CODE {
                         // Moved out, and dropped on the finalizer thread:
                         // this function runs wherever garbage is collected,
@@ -1440,7 +1501,7 @@ unsafe fn retire<I: Relocatable>(
         // meanwhile: `without` is skipped, and the others are never full.)
         old.each_full(Ordering::Relaxed, |index, _| {
             if Some(index) != without {
-                left.push(old.slots[index].with(|item| {
+                left.push(old.slots.slot(index).with(|item| {
                     // SAFETY: a relocated original (2) whose copy the new
                     // table owns whole; unreachable now (1); taken once.
                     unsafe { I::take_left_behind((*item).as_ptr()) }

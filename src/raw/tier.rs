@@ -7,11 +7,12 @@
 //! position is one byte readers may touch without a lock: seven bits that
 //! name the entry whose value it holds (a hash of its identity, its hook's
 //! address; zero when free) and a `referenced` bit. An entry's table slot
-//! remembers its position (`Table::marks`, one more than the index; zero
-//! for none). A hit loads that, checks that the position's seven bits are
-//! its entry's, and sets `referenced` if it is clear ([`Tier::touch`]): an
-//! entry already marked costs a hit two loads, no lock and no
-//! read-modify-write. A byte a position keeps the ring small enough to
+//! keeps a *mark* beside its item (`MarkedSlot`): its position, plus one,
+//! above the same seven bits (zero for none). A hit loads the mark, checks
+//! that the position's seven bits are the mark's, and sets `referenced` if
+//! it is clear ([`Tier::touch`]): an entry already marked costs a hit two
+//! loads (the mark on the line of the item it has just read, and a byte of
+//! the ring), no lock and no read-modify-write. A byte a position keeps the ring small enough to
 //! stay in a core's cache for a tier of a hundred thousand values, where a
 //! word (or two) a position cost a hit a cache miss at that scale. The
 //! price is that a stale mark (its entry evicted) whose position now holds
@@ -39,22 +40,37 @@
 use std::collections::HashMap;
 
 use crate::strong::Strong;
-use crate::sync::{AtomicBool, AtomicU32, AtomicU8, Mutex, Ordering};
+use crate::sync::{AtomicBool, AtomicU8, AtomicUsize, Mutex, Ordering};
 
 /// The low bit of a position's byte: used since the hand last passed. Set
 /// by hits and cleared by the hand with RMWs, so that neither ever writes
 /// back a holder's bits the mutex has replaced meanwhile.
 const REFERENCED: u8 = 1;
 
-/// The byte of a position that holds the entry named `identity`,
-/// unreferenced: seven bits of a hash of the identity, above
-/// [`REFERENCED`], never all zero (a free position's byte is 0).
+/// The seven bits that name the entry `identity` in its position's byte
+/// and in its slot's mark: a hash of the identity, never zero (a free
+/// position's byte is 0).
 #[inline]
-fn holder_byte(identity: usize) -> u8 {
+fn holder_bits(identity: usize) -> u8 {
     // The top seven bits of a multiplicative hash: hook addresses differ
     // mostly in their middle bits, which the multiply carries up.
-    let bits = ((identity as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 57) as u8;
-    bits.max(1) << 1
+    (((identity as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 57) as u8).max(1)
+}
+
+/// The byte of a position that holds the entry named `identity`,
+/// unreferenced: its [`holder_bits`] above [`REFERENCED`].
+#[inline]
+fn holder_byte(identity: usize) -> u8 {
+    holder_bits(identity) << 1
+}
+
+/// Bits of a mark below the position: the holder's seven bits.
+const MARK_SHIFT: u32 = 7;
+
+/// The mark of the entry named `identity` held at position `at`.
+#[inline]
+fn mark_of(at: u32, identity: usize) -> usize {
+    (at as usize + 1) << MARK_SHIFT | usize::from(holder_bits(identity))
 }
 
 /// What the mutex guards.
@@ -91,9 +107,12 @@ pub(crate) struct Tier<V: ?Sized> {
 const FOUND_ADMITS_ONE_IN: u32 = 8;
 
 impl<V: ?Sized> Tier<V> {
-    /// A tier of `capacity` positions (at least one; at most `u32::MAX - 1`).
+    /// A tier of `capacity` positions (at least one; at most `u32::MAX - 1`,
+    /// or what a mark can name on a 32-bit target, 2^25 - 2).
     pub(crate) fn new(capacity: usize) -> Self {
-        let capacity = capacity.clamp(1, u32::MAX as usize - 1);
+        let capacity = capacity
+            .clamp(1, u32::MAX as usize - 1)
+            .min((usize::MAX >> MARK_SHIFT) - 1);
         Tier {
             positions: (0..capacity).map(|_| AtomicU8::new(0)).collect(),
             full: AtomicBool::new(false),
@@ -118,25 +137,27 @@ impl<V: ?Sized> Tier<V> {
         ring.position_of.len()
     }
 
-    /// Marks the entry named `identity`, whose slot's mark is `mark`, used
-    /// if the tier holds it. False if it does not (then the caller admits
-    /// it, under the shard's lock).
+    /// Marks the entry whose slot's mark is `mark` used if the tier holds
+    /// it. False if it does not (then the caller admits it, under the
+    /// shard's lock).
     #[inline]
-    pub(crate) fn touch(&self, identity: usize, mark: &AtomicU32) -> bool {
+    pub(crate) fn touch(&self, mark: &AtomicUsize) -> bool {
         // Relaxed, all three: a hint. A stale position fails the holder
         // check (but one time in 127, see the module docs) and the caller
         // takes the slow path, which decides under the mutexes; a
         // `referenced` bit set on a position the mutex has just given to
         // another entry gives that entry one more turn of the hand.
-        let position = mark.load(Ordering::Relaxed) as usize;
-        let Some(at) = position
+        let mark = mark.load(Ordering::Relaxed);
+        let Some(at) = (mark >> MARK_SHIFT)
             .checked_sub(1)
             .and_then(|at| self.positions.get(at))
         else {
             return false;
         };
         let byte = at.load(Ordering::Relaxed);
-        if byte & !REFERENCED != holder_byte(identity) {
+        // The mark's seven bits, where the position keeps them.
+        let holder = (mark << 1) as u8;
+        if byte & !REFERENCED != holder {
             return false;
         }
         if byte & REFERENCED == 0 {
@@ -163,7 +184,7 @@ impl<V: ?Sized> Tier<V> {
     pub(crate) fn admit(
         &self,
         identity: usize,
-        mark: &AtomicU32,
+        mark: &AtomicUsize,
         value: Strong<V>,
     ) -> Option<Strong<V>> {
         let mut ring = self.ring.lock();
@@ -173,7 +194,7 @@ impl<V: ?Sized> Tier<V> {
                 .as_ref()
                 .is_some_and(|held| Strong::ptr_eq(held, &value)));
             // Relaxed: as in `touch`.
-            mark.store(at + 1, Ordering::Relaxed);
+            mark.store(mark_of(at, identity), Ordering::Relaxed);
             self.positions[at as usize].fetch_or(REFERENCED, Ordering::Relaxed);
             drop(ring);
             return Some(value);
@@ -202,7 +223,7 @@ impl<V: ?Sized> Tier<V> {
         ring.values[at as usize] = Some(value);
         ring.position_of.insert(identity, at);
         // Relaxed: as in `touch`.
-        mark.store(at + 1, Ordering::Relaxed);
+        mark.store(mark_of(at, identity), Ordering::Relaxed);
         evicted
     }
 
@@ -282,8 +303,8 @@ mod tests {
     }
 
     /// A hit on entry `i` as the map makes it: touch, else admit.
-    fn admit(tier: &Tier<u32>, i: usize, marks: &[AtomicU32], value: &Strong<u32>) {
-        if !tier.touch(id(i), &marks[i]) {
+    fn admit(tier: &Tier<u32>, i: usize, marks: &[AtomicUsize], value: &Strong<u32>) {
+        if !tier.touch(&marks[i]) {
             drop(tier.admit(id(i), &marks[i], value.clone()));
         }
     }
@@ -291,7 +312,7 @@ mod tests {
     #[test]
     fn the_bound_is_exact_and_the_tier_fills() {
         let tier = Tier::new(3);
-        let marks: Vec<_> = (0..10).map(|_| AtomicU32::new(0)).collect();
+        let marks: Vec<_> = (0..10).map(|_| AtomicUsize::new(0)).collect();
         let values: Vec<_> = (0..10).map(Strong::new).collect();
         for (identity, value) in values.iter().enumerate().skip(1) {
             admit(&tier, identity, &marks, value);
@@ -304,7 +325,7 @@ mod tests {
     #[test]
     fn a_referenced_value_survives_a_turn_of_the_hand() {
         let tier = Tier::new(2);
-        let marks: Vec<_> = (0..5).map(|_| AtomicU32::new(0)).collect();
+        let marks: Vec<_> = (0..5).map(|_| AtomicUsize::new(0)).collect();
         let values: Vec<_> = (0..5).map(Strong::new).collect();
         admit(&tier, 1, &marks, &values[1]);
         admit(&tier, 2, &marks, &values[2]);
@@ -337,22 +358,22 @@ mod tests {
     #[test]
     fn a_stale_mark_is_refused_when_its_position_holds_another_entry() {
         let tier = Tier::new(1);
-        let marks: Vec<_> = (0..3).map(|_| AtomicU32::new(0)).collect();
+        let marks: Vec<_> = (0..3).map(|_| AtomicUsize::new(0)).collect();
         let values: Vec<_> = (0..3).map(Strong::new).collect();
         assert_ne!(holder_byte(id(1)), holder_byte(id(2)));
         admit(&tier, 1, &marks, &values[1]);
         // 2 evicts 1 from the only position; 1's mark still names it.
         drop(tier.admit(id(2), &marks[2], values[2].clone()));
-        assert_eq!(marks[1].load(Ordering::Relaxed), 1);
-        assert!(!tier.touch(id(1), &marks[1]), "evicted");
-        assert!(tier.touch(id(2), &marks[2]));
+        assert_eq!(marks[1].load(Ordering::Relaxed), mark_of(0, id(1)));
+        assert!(!tier.touch(&marks[1]), "evicted");
+        assert!(tier.touch(&marks[2]));
         assert_eq!(Strong::strong_count(&values[1]), 1);
     }
 
     #[test]
     fn a_stale_mark_is_corrected_and_forget_frees_the_position() {
         let tier = Tier::new(2);
-        let marks: Vec<_> = (0..4).map(|_| AtomicU32::new(0)).collect();
+        let marks: Vec<_> = (0..4).map(|_| AtomicUsize::new(0)).collect();
         let values: Vec<_> = (0..4).map(Strong::new).collect();
         admit(&tier, 1, &marks, &values[1]);
         // A rebuild lost the slot's mark: the hit re-finds the position.
@@ -366,7 +387,7 @@ mod tests {
         admit(&tier, 2, &marks, &values[2]);
         admit(&tier, 3, &marks, &values[3]);
         assert_eq!(tier.len(), 2);
-        assert!(tier.touch(id(2), &marks[2]) && tier.touch(id(3), &marks[3]));
-        assert!(!tier.touch(id(1), &marks[1]), "forgotten");
+        assert!(tier.touch(&marks[2]) && tier.touch(&marks[3]));
+        assert!(!tier.touch(&marks[1]), "forgotten");
     }
 }
