@@ -5,23 +5,25 @@
 //!
 //! Recency is approximated by CLOCK over a ring of `n` positions. Each
 //! position is one byte readers may touch without a lock: seven bits that
-//! name the entry whose value it holds (a hash of its identity, its hook's
-//! address; zero when free) and a `referenced` bit. An entry's table slot
+//! name its current holder (the position's *generation*, which moves on,
+//! 1 to 127 and round again, each time the position is given to another
+//! entry; zero when free) and a `referenced` bit. An entry's table slot
 //! keeps a *mark* beside its item (`MarkedSlot`): its position, plus one,
-//! above the same seven bits (zero for none). A hit loads the mark, checks
-//! that the position's seven bits are the mark's, and sets `referenced` if
-//! it is clear ([`Tier::touch`]): an entry already marked costs a hit two
-//! loads (the mark on the line of the item it has just read, and a byte of
-//! the ring), no lock and no read-modify-write. A byte a position keeps the ring small enough to
-//! stay in a core's cache for a tier of a hundred thousand values, where a
-//! word (or two) a position cost a hit a cache miss at that scale. The
-//! price is that a stale mark (its entry evicted) whose position now holds
-//! an entry with the same seven bits passes for held, one time in 127:
-//! that hit then neither admits its entry nor marks it, as a lost hint
-//! would; the mutex keeps the full identities and decides everything
-//! else. Everything else (admitting an entry,
-//! evicting one, forgetting one that left the map) runs under the tier's
-//! mutex, which alone writes identities and holds the values, and the
+//! above the generation it was given (zero for none). A hit loads the
+//! mark, checks that the position's generation is the mark's, and sets
+//! `referenced` if it is clear ([`Tier::touch`]): an entry already marked
+//! costs a hit two loads (the mark, on the line of the item it has just
+//! read, and a byte of the ring), no lock and no read-modify-write. A byte
+//! a position keeps the ring small enough to stay in a core's cache for a
+//! tier of a hundred thousand values, where a word a position cost a hit a
+//! cache miss at that scale. The price is that a stale mark (its entry
+//! evicted) passes for held if its position has since been given away a
+//! multiple of 127 times: that hit then neither admits nor marks its
+//! entry, as a lost hint would.
+//!
+//! Everything else (admitting an entry, evicting one, forgetting one that
+//! left the map) runs under the tier's mutex, which alone writes
+//! positions' holders and generations and holds the values, and the
 //! caller holds the entry's shard lock: so the tier holds the value of an
 //! entry only while the entry is in the map (removals forget it under that
 //! lock, and an admission finds it there under that lock), and an
@@ -47,30 +49,24 @@ use crate::sync::{AtomicBool, AtomicU8, AtomicUsize, Mutex, Ordering};
 /// back a holder's bits the mutex has replaced meanwhile.
 const REFERENCED: u8 = 1;
 
-/// The seven bits that name the entry `identity` in its position's byte
-/// and in its slot's mark: a hash of the identity, never zero (a free
-/// position's byte is 0).
+/// The generation a position takes when it is given to a new holder:
+/// after `previous`, 1 to 127 and round again (never 0, a free position's
+/// byte). Counted per position, not derived from the holder, so that the
+/// next holder of a position always differs from the last (and so that
+/// nothing depends on where the allocator put a hook: loom replays need
+/// the same choices from the same schedule).
 #[inline]
-fn holder_bits(identity: usize) -> u8 {
-    // The top seven bits of a multiplicative hash: hook addresses differ
-    // mostly in their middle bits, which the multiply carries up.
-    (((identity as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 57) as u8).max(1)
+fn next_generation(previous: u8) -> u8 {
+    previous % 127 + 1
 }
 
-/// The byte of a position that holds the entry named `identity`,
-/// unreferenced: its [`holder_bits`] above [`REFERENCED`].
-#[inline]
-fn holder_byte(identity: usize) -> u8 {
-    holder_bits(identity) << 1
-}
-
-/// Bits of a mark below the position: the holder's seven bits.
+/// Bits of a mark below the position: the generation.
 const MARK_SHIFT: u32 = 7;
 
-/// The mark of the entry named `identity` held at position `at`.
+/// The mark of the entry held at position `at` in generation `generation`.
 #[inline]
-fn mark_of(at: u32, identity: usize) -> usize {
-    (at as usize + 1) << MARK_SHIFT | usize::from(holder_bits(identity))
+fn mark_of(at: u32, generation: u8) -> usize {
+    (at as usize + 1) << MARK_SHIFT | usize::from(generation)
 }
 
 /// What the mutex guards.
@@ -79,6 +75,9 @@ struct Ring<V: ?Sized> {
     values: Box<[Option<Strong<V>>]>,
     /// The identity of the entry each position holds (0 when free).
     holders: Box<[usize]>,
+    /// Each position's generation (see [`next_generation`]), kept while it
+    /// is free.
+    generations: Box<[u8]>,
     /// The position of each entry held, by identity.
     position_of: HashMap<usize, u32>,
     /// Positions never used, or freed by `forget`.
@@ -89,9 +88,9 @@ struct Ring<V: ?Sized> {
 
 /// The keep-warm tier; see the module docs.
 pub(crate) struct Tier<V: ?Sized> {
-    /// A byte per position, as readers see it: [`holder_byte`] of the
-    /// entry it holds, written under the mutex only, or'd with
-    /// [`REFERENCED`]; 0 when free.
+    /// A byte per position, as readers see it: its generation above
+    /// [`REFERENCED`], the generation written under the mutex only; 0
+    /// when free.
     positions: Box<[AtomicU8]>,
     /// No position is free: an admission now evicts. Written under the
     /// mutex, read by hits as a hint.
@@ -119,6 +118,7 @@ impl<V: ?Sized> Tier<V> {
             ring: Mutex::new(Ring {
                 values: (0..capacity).map(|_| None).collect(),
                 holders: vec![0; capacity].into_boxed_slice(),
+                generations: vec![0; capacity].into_boxed_slice(),
                 position_of: HashMap::new(),
                 free: (0..capacity as u32).rev().collect(),
                 hand: 0,
@@ -142,8 +142,9 @@ impl<V: ?Sized> Tier<V> {
     /// shard's lock).
     #[inline]
     pub(crate) fn touch(&self, mark: &AtomicUsize) -> bool {
-        // Relaxed, all three: a hint. A stale position fails the holder
-        // check (but one time in 127, see the module docs) and the caller
+        // Relaxed, all three: a hint. A stale position fails the
+        // generation check (see the module docs for when it does not) and
+        // the caller
         // takes the slow path, which decides under the mutexes; a
         // `referenced` bit set on a position the mutex has just given to
         // another entry gives that entry one more turn of the hand.
@@ -194,7 +195,10 @@ impl<V: ?Sized> Tier<V> {
                 .as_ref()
                 .is_some_and(|held| Strong::ptr_eq(held, &value)));
             // Relaxed: as in `touch`.
-            mark.store(mark_of(at, identity), Ordering::Relaxed);
+            mark.store(
+                mark_of(at, ring.generations[at as usize]),
+                Ordering::Relaxed,
+            );
             self.positions[at as usize].fetch_or(REFERENCED, Ordering::Relaxed);
             drop(ring);
             return Some(value);
@@ -218,12 +222,14 @@ impl<V: ?Sized> Tier<V> {
         // Relaxed: readers only compare it (see `touch`); the values are
         // reached under the mutex alone. Unreferenced: the hand gives a new
         // value one turn.
-        self.positions[at as usize].store(holder_byte(identity), Ordering::Relaxed);
+        let generation = next_generation(ring.generations[at as usize]);
+        ring.generations[at as usize] = generation;
+        self.positions[at as usize].store(generation << 1, Ordering::Relaxed);
         ring.holders[at as usize] = identity;
         ring.values[at as usize] = Some(value);
         ring.position_of.insert(identity, at);
         // Relaxed: as in `touch`.
-        mark.store(mark_of(at, identity), Ordering::Relaxed);
+        mark.store(mark_of(at, generation), Ordering::Relaxed);
         evicted
     }
 
@@ -338,21 +344,15 @@ mod tests {
     }
 
     #[test]
-    fn a_holder_byte_is_never_free_nor_referenced_and_spreads_identities() {
-        let mut seen = [0usize; 128];
-        for i in 1..=12_800 {
-            let byte = holder_byte(id(i));
-            assert_ne!(byte, 0);
-            assert_eq!(byte & REFERENCED, 0);
-            seen[usize::from(byte >> 1)] += 1;
+    fn generations_run_one_to_127_and_round_again() {
+        let mut generation = 0;
+        let mut seen = Vec::new();
+        for _ in 0..254 {
+            generation = next_generation(generation);
+            seen.push(generation);
         }
-        // 127 values (0 is the free byte's), about a hundred identities
-        // each: none left out, none crowded.
-        assert_eq!(seen[0], 0);
-        assert!(
-            seen[1..].iter().all(|&n| (40..=200).contains(&n)),
-            "{seen:?}"
-        );
+        let expected: Vec<u8> = (1..=127).chain(1..=127).collect();
+        assert_eq!(seen, expected);
     }
 
     #[test]
@@ -360,11 +360,11 @@ mod tests {
         let tier = Tier::new(1);
         let marks: Vec<_> = (0..3).map(|_| AtomicUsize::new(0)).collect();
         let values: Vec<_> = (0..3).map(Strong::new).collect();
-        assert_ne!(holder_byte(id(1)), holder_byte(id(2)));
         admit(&tier, 1, &marks, &values[1]);
         // 2 evicts 1 from the only position; 1's mark still names it.
         drop(tier.admit(id(2), &marks[2], values[2].clone()));
-        assert_eq!(marks[1].load(Ordering::Relaxed), mark_of(0, id(1)));
+        assert_eq!(marks[1].load(Ordering::Relaxed), mark_of(0, 1));
+        assert_eq!(marks[2].load(Ordering::Relaxed), mark_of(0, 2));
         assert!(!tier.touch(&marks[1]), "evicted");
         assert!(tier.touch(&marks[2]));
         assert_eq!(Strong::strong_count(&values[1]), 1);
