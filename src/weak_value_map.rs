@@ -708,7 +708,7 @@ where
     ) -> Option<Strong<V>> {
         let tier = self.core.tier.as_ref()?;
         // A map with a tier has marks.
-        if tier.touch(mark.get()?) || !tier.admits_found() {
+        if tier.touch(item.identity(), mark.get()?) || !tier.admits_found() {
             return None;
         }
         self.keep_slow(hash, item.identity(), value)

@@ -1533,6 +1533,37 @@ fn a_value_evicted_from_the_tier_but_held_elsewhere_is_still_found() {
 }
 
 #[test]
+fn every_value_found_often_enters_a_small_tier() {
+    // Hits in a scrambled order on more values than a tier of two holds:
+    // positions change hands all the time, so slots' marks go stale and
+    // positions' generations come round again. A value found many times
+    // must still enter (one found value in eight enters a full tier): a
+    // stale mark must neither pass for held for good nor keep another
+    // value held in its place.
+    const KEYS: u64 = 300;
+    const HITS: u64 = 150;
+    let map = WeakValueMap::builder().keep_recent(2).build();
+    let values: Vec<_> = (0..KEYS).map(Strong::new).collect();
+    for (key, value) in values.iter().enumerate() {
+        map.insert(key as u64, value);
+    }
+    let mut entered = vec![false; KEYS as usize];
+    // A fixed permutation walk (multiplier coprime to the key count).
+    for hit in 0..KEYS * HITS {
+        let key = (hit * 7 + hit / KEYS) % KEYS;
+        let found = map.get(&key).expect("held by the test");
+        // Ours, the map's tier's, and `found`.
+        if Strong::strong_count(&found) == 3 {
+            entered[key as usize] = true;
+        }
+    }
+    let never: Vec<_> = (0..KEYS).filter(|&k| !entered[k as usize]).collect();
+    // Each key is found 150 times; by chance alone a key stays out with
+    // probability (7/8)^150, about 2e-9.
+    assert!(never.is_empty(), "never entered the tier: {never:?}");
+}
+
+#[test]
 fn an_entry_that_leaves_the_map_leaves_the_tier() {
     let census = Census::default();
     let map = WeakValueMap::builder().keep_recent(4).build();

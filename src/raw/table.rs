@@ -244,12 +244,12 @@ pub(crate) unsafe trait Relocatable: Sized {
 type Slot<I> = UnsafeCell<MaybeUninit<I>>;
 
 /// A slot with the mark its collection keeps beside the item, one word
-/// readers may load and store (a keep-warm tier's position, M13): zero
-/// when the slot is filled, carried over by a rebuild, never read by the
-/// table. Aligned to 32 bytes, so that for an item of up to three words
-/// (a `WeakValueMap` entry of a word-sized key) the item and its mark fill
-/// 32 bytes of one cache line: a hit that reads both pays one miss, not
-/// two.
+/// readers load (a keep-warm tier's position, M13) and writers store
+/// under the shard's lock: zero when the slot is filled, carried over by a
+/// rebuild, never read by the table. Aligned to 32 bytes, so that for an
+/// item of up to three words (a `WeakValueMap` entry of a word-sized key)
+/// the item and its mark fill 32 bytes of one cache line: a hit that reads
+/// both pays one miss, not two. (A larger item makes a 64-byte slot.)
 #[repr(C, align(32))]
 struct MarkedSlot<I> {
     item: Slot<I>,
@@ -855,9 +855,9 @@ impl<'g, I> Candidates<'g, I> {
 }
 
 /// Where a candidate's mark is, if its table keeps marks (see
-/// `MarkedSlot`): a word the reader may load and store, carried over by
-/// rebuilds (a store into a table being replaced may be lost). Found only
-/// when asked for, so that lookups in maps without marks pay nothing.
+/// `MarkedSlot`): a word readers load and writers store under the shard's
+/// lock, carried over by rebuilds. Found only when asked for, so that
+/// lookups in maps without marks pay nothing.
 pub(crate) struct SlotMark<'g, I> {
     slots: &'g Slots<I>,
     index: usize,
@@ -1103,13 +1103,11 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
         // A free slot's previous item was dropped by a deferred function that
         // no reader which saw it outlived, and whose writes `vacancy`'s
         // Acquire load ordered before ours (M2).
+        let slot = table.slots.slot(index);
         // SAFETY: empty or free, under the mutex: no reader reads such a
         // slot's item (it checks the control byte first) and no other
         // writer runs.
-        table
-            .slots
-            .slot(index)
-            .with_mut(|cell| unsafe { (*cell).write(item) });
+        slot.with_mut(|cell| unsafe { (*cell).write(item) });
         // Relaxed: published with the control byte below.
         table.homes[index].store(hash as u32, Ordering::Relaxed);
         if let Some(mark) = table.mark(index) {
@@ -1233,9 +1231,9 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
                     new.homes[target].store(hash as u32, Ordering::Relaxed);
                     new.set_control(target, EMPTY, control_of(hash), Ordering::Relaxed);
                     if let (Some(from), Some(to)) = (old.mark(index), new.mark(target)) {
-                        // Relaxed, both: carried over as it is now; a
-                        // reader's store into the old slot from here on is
-                        // lost (M13).
+                        // Relaxed, both: marks are stored under the shard
+                        // lock, which we hold, and the new table is
+                        // published by the Release store below (M13).
                         to.store(from.load(Ordering::Relaxed), Ordering::Relaxed);
                     }
                     items += 1;

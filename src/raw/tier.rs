@@ -31,7 +31,8 @@
 //!
 //! Admission takes a free position if there is one, else the first whose
 //! `referenced` bit the hand finds clear, clearing the bits it passes
-//! (so at most two turns). The ring has exactly `n` positions, each
+//! (so at most two turns, unless hits keep setting bits behind the hand
+//! as it goes). The ring has exactly `n` positions, each
 //! holding at most one value: the bound is exact, and once `n` entries
 //! have entered, the tier stays full. Evicting only drops the tier's
 //! `Strong`: a value some caller holds stays in the map. The values the
@@ -73,8 +74,6 @@ fn mark_of(at: u32, generation: u8) -> usize {
 struct Ring<V: ?Sized> {
     /// The value each position holds.
     values: Box<[Option<Strong<V>>]>,
-    /// The identity of the entry each position holds (0 when free).
-    holders: Box<[usize]>,
     /// Each position's generation (see [`next_generation`]), kept while it
     /// is free.
     generations: Box<[u8]>,
@@ -90,8 +89,14 @@ struct Ring<V: ?Sized> {
 pub(crate) struct Tier<V: ?Sized> {
     /// A byte per position, as readers see it: its generation above
     /// [`REFERENCED`], the generation written under the mutex only; 0
-    /// when free.
+    /// when free (or 1, if a hit's `fetch_or` raced the freeing store:
+    /// harmless, as a free position is overwritten whole when it is given
+    /// out, and the hand visits only a full ring).
     positions: Box<[AtomicU8]>,
+    /// The identity of the entry each position holds, 0 when free:
+    /// written under the mutex, read by hits only when they find the
+    /// position's `referenced` bit clear (once a turn of the hand).
+    holders: Box<[AtomicUsize]>,
     /// No position is free: an admission now evicts. Written under the
     /// mutex, read by hits as a hint.
     full: AtomicBool,
@@ -114,10 +119,10 @@ impl<V: ?Sized> Tier<V> {
             .min((usize::MAX >> MARK_SHIFT) - 1);
         Tier {
             positions: (0..capacity).map(|_| AtomicU8::new(0)).collect(),
+            holders: (0..capacity).map(|_| AtomicUsize::new(0)).collect(),
             full: AtomicBool::new(false),
             ring: Mutex::new(Ring {
                 values: (0..capacity).map(|_| None).collect(),
-                holders: vec![0; capacity].into_boxed_slice(),
                 generations: vec![0; capacity].into_boxed_slice(),
                 position_of: HashMap::new(),
                 free: (0..capacity as u32).rev().collect(),
@@ -137,32 +142,36 @@ impl<V: ?Sized> Tier<V> {
         ring.position_of.len()
     }
 
-    /// Marks the entry whose slot's mark is `mark` used if the tier holds
-    /// it. False if it does not (then the caller admits it, under the
-    /// shard's lock).
+    /// Marks the entry named `identity`, whose slot's mark is `mark`, used
+    /// if the tier holds it. False if it does not (then the caller admits
+    /// it, under the shard's lock).
     #[inline]
-    pub(crate) fn touch(&self, mark: &AtomicUsize) -> bool {
-        // Relaxed, all three: a hint. A stale position fails the
-        // generation check (see the module docs for when it does not) and
-        // the caller
-        // takes the slow path, which decides under the mutexes; a
-        // `referenced` bit set on a position the mutex has just given to
-        // another entry gives that entry one more turn of the hand.
+    pub(crate) fn touch(&self, identity: usize, mark: &AtomicUsize) -> bool {
+        // Relaxed, all: hints. A stale mark fails the generation check (or
+        // the identity check below) and the caller takes the slow path,
+        // which decides under the mutexes; a `referenced` bit set on a
+        // position the mutex has just given to another entry gives that
+        // entry one more turn of the hand.
         let mark = mark.load(Ordering::Relaxed);
-        let Some(at) = (mark >> MARK_SHIFT)
-            .checked_sub(1)
-            .and_then(|at| self.positions.get(at))
-        else {
+        let index = (mark >> MARK_SHIFT).wrapping_sub(1);
+        let Some(position) = self.positions.get(index) else {
             return false;
         };
-        let byte = at.load(Ordering::Relaxed);
-        // The mark's seven bits, where the position keeps them.
-        let holder = (mark << 1) as u8;
-        if byte & !REFERENCED != holder {
+        let byte = position.load(Ordering::Relaxed);
+        // The mark's generation, where the position keeps it.
+        if byte & !REFERENCED != (mark << 1) as u8 {
             return false;
         }
         if byte & REFERENCED == 0 {
-            at.fetch_or(REFERENCED, Ordering::Relaxed);
+            // Once a turn of the hand: the whole identity decides, so that
+            // a stale mark whose generation came round again (127 more
+            // holders since) can neither pass for held nor keep the
+            // position's real holder referenced; it only can while the
+            // bit is set, until the hand next clears it.
+            if self.holders[index].load(Ordering::Relaxed) != identity {
+                return false;
+            }
+            position.fetch_or(REFERENCED, Ordering::Relaxed);
         }
         true
     }
@@ -190,7 +199,8 @@ impl<V: ?Sized> Tier<V> {
     ) -> Option<Strong<V>> {
         let mut ring = self.ring.lock();
         if let Some(&at) = ring.position_of.get(&identity) {
-            // Held already; the slot forgot (a rebuild lost the store).
+            // Held already: a racing hit admitted it first, or the caller
+            // read its mark in a table a rebuild had just replaced.
             debug_assert!(ring.values[at as usize]
                 .as_ref()
                 .is_some_and(|held| Strong::ptr_eq(held, &value)));
@@ -214,7 +224,8 @@ impl<V: ?Sized> Tier<V> {
             None => {
                 let at = self.victim(&mut ring);
                 let evicted = ring.values[at as usize].take();
-                let holder = ring.holders[at as usize];
+                // Relaxed: written under the mutex alone, which we hold.
+                let holder = self.holders[at as usize].load(Ordering::Relaxed);
                 ring.position_of.remove(&holder);
                 (at, evicted)
             }
@@ -225,7 +236,8 @@ impl<V: ?Sized> Tier<V> {
         let generation = next_generation(ring.generations[at as usize]);
         ring.generations[at as usize] = generation;
         self.positions[at as usize].store(generation << 1, Ordering::Relaxed);
-        ring.holders[at as usize] = identity;
+        // Relaxed: a hint for readers (see `touch`), like the byte.
+        self.holders[at as usize].store(identity, Ordering::Relaxed);
         ring.values[at as usize] = Some(value);
         ring.position_of.insert(identity, at);
         // Relaxed: as in `touch`.
@@ -234,7 +246,8 @@ impl<V: ?Sized> Tier<V> {
     }
 
     /// The first position past the hand whose `referenced` bit is clear,
-    /// clearing the bits it passes: within two turns. The ring is full.
+    /// clearing the bits it passes: within two turns, unless hits keep
+    /// setting bits behind it. The ring is full.
     fn victim(&self, ring: &mut Ring<V>) -> u32 {
         loop {
             let at = ring.hand;
@@ -258,7 +271,8 @@ impl<V: ?Sized> Tier<V> {
         let at = ring.position_of.remove(&identity)?;
         // Relaxed: as in `admit`.
         self.positions[at as usize].store(0, Ordering::Relaxed);
-        ring.holders[at as usize] = 0;
+        // Relaxed: as in `admit`.
+        self.holders[at as usize].store(0, Ordering::Relaxed);
         ring.free.push(at);
         // Relaxed: a hint for `admits_found`.
         self.full.store(false, Ordering::Relaxed);
@@ -310,7 +324,7 @@ mod tests {
 
     /// A hit on entry `i` as the map makes it: touch, else admit.
     fn admit(tier: &Tier<u32>, i: usize, marks: &[AtomicUsize], value: &Strong<u32>) {
-        if !tier.touch(&marks[i]) {
+        if !tier.touch(id(i), &marks[i]) {
             drop(tier.admit(id(i), &marks[i], value.clone()));
         }
     }
@@ -365,9 +379,34 @@ mod tests {
         drop(tier.admit(id(2), &marks[2], values[2].clone()));
         assert_eq!(marks[1].load(Ordering::Relaxed), mark_of(0, 1));
         assert_eq!(marks[2].load(Ordering::Relaxed), mark_of(0, 2));
-        assert!(!tier.touch(&marks[1]), "evicted");
-        assert!(tier.touch(&marks[2]));
+        assert!(!tier.touch(id(1), &marks[1]), "evicted");
+        assert!(tier.touch(id(2), &marks[2]));
         assert_eq!(Strong::strong_count(&values[1]), 1);
+    }
+
+    #[test]
+    fn a_stale_mark_whose_generation_came_round_neither_passes_nor_keeps_the_holder() {
+        let tier = Tier::new(1);
+        let marks: Vec<_> = (0..130).map(|_| AtomicUsize::new(0)).collect();
+        let values: Vec<_> = (0..130).map(Strong::new).collect();
+        admit(&tier, 1, &marks, &values[1]);
+        // 127 more holders of the one position: the last, 128, has the
+        // generation 1 had, and 1's stale mark names it.
+        for i in 2..=128 {
+            drop(tier.admit(id(i), &marks[i], values[i].clone()));
+        }
+        assert_eq!(
+            marks[1].load(Ordering::Relaxed),
+            marks[128].load(Ordering::Relaxed)
+        );
+        // 1's hits are refused (the caller then admits 1), and they do not
+        // mark 128 used: the next admission evicts it.
+        for _ in 0..3 {
+            assert!(!tier.touch(id(1), &marks[1]));
+        }
+        drop(tier.admit(id(129), &marks[129], values[129].clone()));
+        assert_eq!(Strong::strong_count(&values[128]), 1, "evicted");
+        assert_eq!(Strong::strong_count(&values[129]), 2, "held");
     }
 
     #[test]
@@ -387,7 +426,7 @@ mod tests {
         admit(&tier, 2, &marks, &values[2]);
         admit(&tier, 3, &marks, &values[3]);
         assert_eq!(tier.len(), 2);
-        assert!(tier.touch(&marks[2]) && tier.touch(&marks[3]));
-        assert!(!tier.touch(&marks[1]), "forgotten");
+        assert!(tier.touch(id(2), &marks[2]) && tier.touch(id(3), &marks[3]));
+        assert!(!tier.touch(id(1), &marks[1]), "forgotten");
     }
 }
