@@ -269,6 +269,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "statistics over 16k hashes, no unsafe code: minutes under Miri"
+    )]
     fn every_bit_range_is_spread() {
         let (_blocks, addresses) = addresses(COUNT);
         let state = IdentityState::new();
@@ -295,6 +299,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "statistics over 16k hashes, no unsafe code: minutes under Miri"
+    )]
     fn the_raw_addresses_would_fail_the_spread_check() {
         // The check above can fail: the addresses themselves, hashed by
         // nothing, leave their low bits zero.
@@ -316,6 +324,10 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "statistics over 16k hashes, no unsafe code: minutes under Miri"
+    )]
     fn distinct_addresses_never_collide_in_practice() {
         let (_blocks, addresses) = addresses(COUNT);
         let state = IdentityState::new();
