@@ -7,7 +7,7 @@
 //! position is one byte readers may touch without a lock: seven bits that
 //! name its current holder (the position's *generation*, which moves on,
 //! 1 to 127 and round again, each time the position is given to another
-//! entry; zero when free) and a `referenced` bit. An entry's table slot
+//! entry; zero until it is first given out) and a `referenced` bit. An entry's table slot
 //! keeps a *mark* beside its item (`MarkedSlot`): its position, plus one,
 //! above the generation it was given (zero for none). A hit loads the
 //! mark, checks that the position's generation is the mark's, and sets
@@ -51,8 +51,8 @@ use crate::sync::{AtomicBool, AtomicU8, AtomicUsize, Mutex, Ordering};
 const REFERENCED: u8 = 1;
 
 /// The generation a position takes when it is given to a new holder:
-/// after `previous`, 1 to 127 and round again (never 0, a free position's
-/// byte). Counted per position, not derived from the holder, so that the
+/// after `previous`, 1 to 127 and round again (never 0, the byte of a
+/// position never given out). Counted per position, not derived from the holder, so that the
 /// next holder of a position always differs from the last (and so that
 /// nothing depends on where the allocator put a hook: loom replays need
 /// the same choices from the same schedule).
@@ -74,9 +74,6 @@ fn mark_of(at: u32, generation: u8) -> usize {
 struct Ring<V: ?Sized> {
     /// The value each position holds.
     values: Box<[Option<Strong<V>>]>,
-    /// Each position's generation (see [`next_generation`]), kept while it
-    /// is free.
-    generations: Box<[u8]>,
     /// The position of each entry held, by identity.
     position_of: HashMap<usize, u32>,
     /// Positions never used, or freed by `forget`.
@@ -88,10 +85,9 @@ struct Ring<V: ?Sized> {
 /// The keep-warm tier; see the module docs.
 pub(crate) struct Tier<V: ?Sized> {
     /// A byte per position, as readers see it: its generation above
-    /// [`REFERENCED`], the generation written under the mutex only; 0
-    /// when free (or 1, if a hit's `fetch_or` raced the freeing store:
-    /// harmless, as a free position is overwritten whole when it is given
-    /// out, and the hand visits only a full ring).
+    /// [`REFERENCED`], the generation written under the mutex only (0
+    /// until the position is first given out). A freed position keeps its
+    /// generation, the one the next holder's follows; its holder is 0.
     positions: Box<[AtomicU8]>,
     /// The identity of the entry each position holds, 0 when free:
     /// written under the mutex, read by hits only when they find the
@@ -123,7 +119,6 @@ impl<V: ?Sized> Tier<V> {
             full: AtomicBool::new(false),
             ring: Mutex::new(Ring {
                 values: (0..capacity).map(|_| None).collect(),
-                generations: vec![0; capacity].into_boxed_slice(),
                 position_of: HashMap::new(),
                 free: (0..capacity as u32).rev().collect(),
                 hand: 0,
@@ -205,10 +200,9 @@ impl<V: ?Sized> Tier<V> {
                 .as_ref()
                 .is_some_and(|held| Strong::ptr_eq(held, &value)));
             // Relaxed: as in `touch`.
-            mark.store(
-                mark_of(at, ring.generations[at as usize]),
-                Ordering::Relaxed,
-            );
+            // Relaxed: the generation is written under the mutex alone.
+            let generation = self.positions[at as usize].load(Ordering::Relaxed) >> 1;
+            mark.store(mark_of(at, generation), Ordering::Relaxed);
             self.positions[at as usize].fetch_or(REFERENCED, Ordering::Relaxed);
             drop(ring);
             return Some(value);
@@ -233,9 +227,9 @@ impl<V: ?Sized> Tier<V> {
         // Relaxed: readers only compare it (see `touch`); the values are
         // reached under the mutex alone. Unreferenced: the hand gives a new
         // value one turn.
-        let generation = next_generation(ring.generations[at as usize]);
-        ring.generations[at as usize] = generation;
-        self.positions[at as usize].store(generation << 1, Ordering::Relaxed);
+        let position = &self.positions[at as usize];
+        let generation = next_generation(position.load(Ordering::Relaxed) >> 1);
+        position.store(generation << 1, Ordering::Relaxed);
         // Relaxed: a hint for readers (see `touch`), like the byte.
         self.holders[at as usize].store(identity, Ordering::Relaxed);
         ring.values[at as usize] = Some(value);
@@ -269,9 +263,9 @@ impl<V: ?Sized> Tier<V> {
     pub(crate) fn forget(&self, identity: usize) -> Option<Strong<V>> {
         let mut ring = self.ring.lock();
         let at = ring.position_of.remove(&identity)?;
-        // Relaxed: as in `admit`.
-        self.positions[at as usize].store(0, Ordering::Relaxed);
-        // Relaxed: as in `admit`.
+        // Relaxed: as in `admit`. The position keeps its generation (the
+        // next holder's follows it); a stale mark naming it fails the
+        // holder check once the bit is clear.
         self.holders[at as usize].store(0, Ordering::Relaxed);
         ring.free.push(at);
         // Relaxed: a hint for `admits_found`.
