@@ -1017,43 +1017,50 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
         );
         let pending = self.garbage.unpublished.insert(item);
         let old = find(table, hash, |old| same(old, pending)).ok();
-        self.garbage.items.reserve_one();
+        self.publish_parked(table, hash, old);
+        // SAFETY: full until just now (1); its drop is deferred until after
+        // the writer is dropped, and `table` stays allocated until then (2).
+        old.map(|old| unsafe { table.item(old) })
+    }
+
+    /// Publishes the parked item (`garbage.unpublished`) under `hash`, in
+    /// place of slot `old` of the current `table` if given: in a vacant
+    /// slot, or, if filling an empty one would take the table past 3/4
+    /// full, in a rebuilt table with the new item in and the old one out,
+    /// published together.
+    fn publish_parked(&mut self, table: &Table<I>, hash: u64, old: Option<usize>) {
+        // Room for what the removal and a rebuild record, before the first
+        // change.
+        if old.is_some() {
+            self.garbage.items.reserve_one();
+        }
         self.garbage.tables.reserve_one();
         // A replacement goes in the old item's group or a later one, so
         // that a reader who sees the old slot's tombstone finds it further
         // on, and one who sees the old slot full finds that (M2).
         let start = old.map_or_else(|| table.home(hash), |old| old / GROUP);
         let (index, fresh) = vacancy(table, start);
-        let marked = self.table.marked;
-        let rebuilt = (fresh && (*self.used() + 1) * 4 > table.slots.len() * 3).then(|| {
+        if fresh && (*self.used() + 1) * 4 > table.slots.len() * 3 {
             // Relaxed: written under the mutex we hold.
             let items = self.shard.len.load(Ordering::Relaxed);
             let live = items + 1 - usize::from(old.is_some());
             let slots = rebuilt_size(table.slots.len(), *self.used(), items, live);
-            Table::with_slots(slots, marked)
-        });
-        match rebuilt {
-            // The new item in and the old one out, published together.
-            Some(new) => self.rebuild(new, Some(hash), old),
-            None => {
-                let item = self.garbage.unpublished.take().expect("parked above");
-                self.fill(table, index, fresh, hash, item);
-                // The old item goes only once the new one is visible (M2).
-                if let Some(old) = old {
-                    self.unlink(old);
-                }
+            let new = Table::with_slots(slots, self.table.marked);
+            self.rebuild(new, Some(hash), old);
+        } else {
+            let item = self.garbage.unpublished.take().expect("parked");
+            self.fill(table, index, fresh, hash, item);
+            // The old item goes only once the new one is visible (M2).
+            if let Some(old) = old {
+                self.unlink(old);
             }
         }
-        // SAFETY: full until just now (1); its drop is deferred until after
-        // the writer is dropped, and `table` stays allocated until then (2).
-        old.map(|old| unsafe { table.item(old) })
     }
 
     /// Inserts `item` under `hash` unless an item of the probe sequence
     /// `matches`: then nothing changes and `item` is handed back, for the
-    /// caller to drop after the unlock. One walk of the probe sequence
-    /// where a look under the lock followed by [`Self::upsert`] takes two,
-    /// and no room reserved for a replaced item, since there is none.
+    /// caller to drop after the unlock. One search where a look under the
+    /// lock followed by [`Self::upsert`] makes two.
     pub(crate) fn insert_unless(
         &mut self,
         hash: u64,
@@ -1072,29 +1079,8 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
         if find(table, hash, matches).is_ok() {
             return Err(self.garbage.unpublished.take().expect("parked above"));
         }
-        let (index, fresh) = vacancy(table, table.home(hash));
-        if fresh && (*self.used() + 1) * 4 > table.slots.len() * 3 {
-            self.rebuild_for_one_more(hash);
-        } else {
-            let item = self.garbage.unpublished.take().expect("parked above");
-            self.fill(table, index, fresh, hash, item);
-        }
+        self.publish_parked(table, hash, None);
         Ok(())
-    }
-
-    /// The slow path of [`Self::insert_unless`]: a table with room for
-    /// the parked item, which it publishes with the relocated ones.
-    #[cold]
-    #[inline(never)]
-    fn rebuild_for_one_more(&mut self, hash: u64) {
-        // Room for what `rebuild` records, before its first change.
-        self.garbage.tables.reserve_one();
-        let table = self.current_table();
-        // Relaxed: written under the mutex we hold.
-        let items = self.shard.len.load(Ordering::Relaxed);
-        let slots = rebuilt_size(table.slots.len(), *self.used(), items, items + 1);
-        let new = Table::with_slots(slots, self.table.marked);
-        self.rebuild(new, Some(hash), None);
     }
 
     /// Writes `item` into slot `index` of the current `table`, `EMPTY` if
