@@ -15,7 +15,7 @@ use crate::callbacks::Hook;
 use crate::identity::IdentityState;
 use crate::raw::collection::{self, Collection, Watching};
 use crate::raw::single_flight::{self, Flight, Flights, Joined, Settle};
-use crate::raw::table::{Relocatable, ShardedTable};
+use crate::raw::table::{Relocatable, ShardedTable, Sided};
 use crate::strong::Strong;
 use crate::weak::Weak;
 
@@ -52,6 +52,12 @@ impl<K: ?Sized, V> Drop for Item<K, V> {
     }
 }
 
+/// Nothing beside an item: it is two pointers, inline (lookups read the
+/// hook, whose node holds the value).
+impl<K: ?Sized, V> Sided for Item<K, V> {
+    type Side = ();
+}
+
 // Each item registers its own callback, whose node the item's `Hook`
 // keeps allocated until the item is dropped, after every thread that saw
 // it has unpinned: unique among live items (a replacement under the same
@@ -68,7 +74,7 @@ unsafe impl<K: ?Sized, V> Relocatable for Item<K, V> {
     /// Nothing: an item moves whole; its value stays in its hook.
     type LeftBehind = ();
 
-    fn identity(&self) -> usize {
+    fn identity(&self, _: &()) -> usize {
         self.hook.identity()
     }
 
@@ -95,7 +101,7 @@ where
 
     type Payload = V;
 
-    fn hook(&self) -> &Hook<V> {
+    fn hook(&self, _: &()) -> &Hook<V> {
         &self.hook
     }
 }
@@ -312,7 +318,8 @@ where
         let hash = self.hash(key);
         let item = self.new_item(hash, key, value);
         let mut writer = self.core.table.write(hash);
-        let Some(replaced) = writer.upsert(hash, item, |old, _| old.key.names(key)) else {
+        let Some((replaced, ())) = writer.upsert(hash, (item, ()), |old, _| old.key.names(key))
+        else {
             return false;
         };
         // Detached once the replacement is published (M5).
@@ -416,7 +423,7 @@ where
     pub fn remove(&self, key: &Strong<K>) -> bool {
         let hash = self.hash(key);
         let mut writer = self.core.table.write(hash);
-        let Some(removed) = writer.remove(hash, |item| item.key.names(key)) else {
+        let Some((removed, ())) = writer.remove(hash, |item, ()| item.key.names(key)) else {
             return false;
         };
         // Detached once the removal is published (M5).
@@ -632,7 +639,7 @@ where
         let Some(existing) = existing else {
             let item = self.new_item(hash, key, value);
             // Never replaces: no entry under the key (checked above).
-            writer.upsert(hash, item, |_, _| false);
+            writer.upsert(hash, (item, ()), |_, _| false);
             drop(writer);
             settle.outcome = Some(shared);
             drop(settle);
@@ -739,7 +746,11 @@ where
     /// assert_eq!(map.len(), 2);
     /// ```
     pub fn retain<F: FnMut(&K, &V) -> bool>(&self, mut f: F) {
-        collection::retain_live(&self.core.table, |item, key| f(key, item.value()), |_| {});
+        collection::retain_live(
+            &self.core.table,
+            |item, key| f(key, item.value()),
+            |_, _| {},
+        );
     }
 
     /// Removes every entry.
@@ -754,7 +765,7 @@ where
     /// assert!(map.is_empty());
     /// ```
     pub fn clear(&self) {
-        collection::clear(&self.core.table, |_| None::<()>, |()| {});
+        collection::clear(&self.core.table, |_, _| None::<()>, |()| {});
     }
 
     /// Removes the entries whose keys are dead now, without waiting for
@@ -771,7 +782,7 @@ where
     /// assert!(map.is_empty());
     /// ```
     pub fn purge(&self) -> usize {
-        collection::purge(&self.core.table, |_| None::<()>, |()| {})
+        collection::purge(&self.core.table, |_, _| None::<()>, |()| {})
     }
 }
 

@@ -6,7 +6,7 @@ use std::hash::BuildHasher;
 use crate::callbacks::Hook;
 use crate::identity::IdentityState;
 use crate::raw::collection::{self, Collection, Watching};
-use crate::raw::table::{Relocatable, ShardedTable};
+use crate::raw::table::{Relocatable, ShardedTable, Sided};
 use crate::strong::Strong;
 use crate::weak::Weak;
 
@@ -16,6 +16,11 @@ struct Member<T: ?Sized> {
     /// The death callback that removes this member (M4); detached when it
     /// is removed any other way (M5).
     hook: Hook,
+}
+
+/// Nothing beside a member: it is two pointers, inline.
+impl<T: ?Sized> Sided for Member<T> {
+    type Side = ();
 }
 
 // The object's block address is unique among the members of a set (one
@@ -33,7 +38,7 @@ unsafe impl<T: ?Sized> Relocatable for Member<T> {
     /// Nothing: a member moves whole.
     type LeftBehind = ();
 
-    fn identity(&self) -> usize {
+    fn identity(&self, _: &()) -> usize {
         self.object.identity()
     }
 
@@ -56,7 +61,7 @@ impl<T: ?Sized + Send + Sync + 'static> Watching for Member<T> {
 
     type Payload = ();
 
-    fn hook(&self) -> &Hook {
+    fn hook(&self, _: &()) -> &Hook {
         &self.hook
     }
 }
@@ -204,9 +209,9 @@ where
             hook: collection::remove_on_death(&self.core, hash, object, ()),
         };
         let mut writer = self.core.table.write(hash);
-        match writer.insert_unless(hash, member, |member| member.object.names(object)) {
+        match writer.insert_unless(hash, (member, ()), |member| member.object.names(object)) {
             Ok(()) => true,
-            Err(member) => {
+            Err((member, ())) => {
                 // Already a member. Ours is dropped (its callback detached)
                 // after the unlock.
                 drop(writer);
@@ -230,8 +235,8 @@ where
     pub fn remove(&self, object: &Strong<T>) -> bool {
         let hash = self.hash(object);
         let mut writer = self.core.table.write(hash);
-        match writer.remove(hash, |member| member.object.names(object)) {
-            Some(member) => {
+        match writer.remove(hash, |member, ()| member.object.names(object)) {
+            Some((member, ())) => {
                 // Detached once the removal is published (M5).
                 member.hook.detach();
                 true
@@ -328,7 +333,7 @@ where
     /// assert_eq!(set.len(), 2);
     /// ```
     pub fn retain<F: FnMut(&T) -> bool>(&self, mut f: F) {
-        collection::retain_live(&self.core.table, |_, object| f(object), |_| {});
+        collection::retain_live(&self.core.table, |_, object| f(object), |_, _| {});
     }
 
     /// Removes every member.
@@ -343,7 +348,7 @@ where
     /// assert!(set.is_empty());
     /// ```
     pub fn clear(&self) {
-        collection::clear(&self.core.table, |_| None::<()>, |()| {});
+        collection::clear(&self.core.table, |_, _| None::<()>, |()| {});
     }
 
     /// Removes the members that are dead now, without waiting for their
@@ -360,7 +365,7 @@ where
     /// assert!(set.is_empty());
     /// ```
     pub fn purge(&self) -> usize {
-        collection::purge(&self.core.table, |_| None::<()>, |()| {})
+        collection::purge(&self.core.table, |_, _| None::<()>, |()| {})
     }
 }
 

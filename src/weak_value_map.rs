@@ -13,7 +13,7 @@ use crate::callbacks::Hook;
 use crate::raw::collection::{self, Collection, Watching};
 use crate::raw::counters::Counters;
 use crate::raw::single_flight::{self, Flight, Flights, Joined, Settle};
-use crate::raw::table::{Relocatable, ShardWriter, ShardedTable, SlotMark};
+use crate::raw::table::{Relocatable, ShardWriter, ShardedTable, Sided, SlotMark};
 use crate::raw::tier::Tier;
 use crate::strong::Strong;
 use crate::weak::Weak;
@@ -21,57 +21,71 @@ use crate::weak::Weak;
 /// One entry, inline in its slot: a lookup reads its control byte, the key and the
 /// value's pointer from the slot, then the value's control block. A
 /// rebuild clones the key into the new table rather than copying its bytes,
-/// which readers' `Eq` may be writing through `&K` (SAFETY.md, M3).
+/// which readers' `Eq` may be writing through `&K` (SAFETY.md, M3). Its
+/// death callback is in the slot's side ([`EntryHook`]), out of the lines
+/// lookups probe: 16 bytes an entry there for a word-sized key, not 24.
 struct Item<K, V: ?Sized> {
     key: K,
     value: Weak<V>,
-    /// The death callback that removes this item (M4); detached when the
-    /// item is removed any other way (M5). Its node is the entry's one
-    /// allocation.
-    hook: Hook,
 }
 
 impl<K, V: ?Sized> Item<K, V> {
     fn key(&self) -> &K {
         &self.key
     }
+}
 
-    fn hook(&self) -> &Hook {
-        &self.hook
+/// An entry's death callback, which removes the entry (M4); detached when
+/// the entry is removed any other way (M5), and when it is dropped (which
+/// covers the map being dropped: after the value's death the callback is
+/// claimed and detaching is a no-op). Its node is the entry's one
+/// allocation, and its address the entry's identity. The table keeps it
+/// beside the item, where writers and the keep-warm tier find it and
+/// lookups never look.
+struct EntryHook(Hook);
+
+impl Drop for EntryHook {
+    fn drop(&mut self) {
+        self.0.detach();
     }
 }
 
-// Each item registers its own callback, whose node the item's `Hook`
-// keeps allocated until the item is dropped, after every thread that saw it
-// has unpinned: the node's address is unique among live items and shared by
-// an item and its relocated copy. (The key's address would not do: a
-// zero-sized key is never allocated, so all share one address.)
-// `relocate` clones the key through `&K`; `take_left_behind` moves out
-// exactly that key.
-// SAFETY: only the `Weak` and the `Hook`, pointers never written
-// through `&Item`, are copied bitwise (1); the key as just said (2); the
-// identity as said above (3).
+impl<K, V: ?Sized> Sided for Item<K, V> {
+    type Side = EntryHook;
+}
+
+// Each item registers its own callback, whose node the `Hook` in its
+// slot's side keeps allocated until the item is dropped, after every
+// thread that saw it has unpinned: the node's address is unique among live
+// items and shared by an item and its relocated copy. (The key's address
+// would not do: a zero-sized key is never allocated, so all share one
+// address.) `relocate` clones the key through `&K`; `take_left_behind`
+// moves out exactly that key.
+// The side is a `Hook`, one pointer, never written through `&` and
+// dropped as our own code (a detach and a count).
+// SAFETY: only the `Weak`, a pointer never written through `&Item`, is
+// copied bitwise (1); the key as said (2); the identity (3); the side (4).
 unsafe impl<K: Clone + Send + 'static, V: ?Sized> Relocatable for Item<K, V> {
-    /// The key's destructor is user code; the rest (`Weak`, `Hook`)
-    /// is ours.
+    /// The key's destructor is user code; the rest (the `Weak`) is
+    /// ours.
     const DROP_RUNS_USER_CODE: bool = std::mem::needs_drop::<K>();
 
     /// The key a relocation cloned from.
     type LeftBehind = K;
 
-    fn identity(&self) -> usize {
-        self.hook.identity()
+    fn identity(&self, side: &EntryHook) -> usize {
+        side.0.identity()
     }
 
     unsafe fn relocate(&self) -> Self {
         // First, since it may panic: then nothing is copied.
         let key = self.key.clone();
-        // Read while readers may read them too.
-        // SAFETY: pointers never written through `&Item`; the caller drops
+        // Read while readers may read it too.
+        // SAFETY: a pointer never written through `&Item`; the caller drops
         // one of the two items whole and the other's key only (`relocate`'s
-        // 1), so each is owned once.
-        let (value, hook) = unsafe { (ptr::read(&self.value), ptr::read(&self.hook)) };
-        Item { key, value, hook }
+        // 1), so it is owned once.
+        let value = unsafe { ptr::read(&self.value) };
+        Item { key, value }
     }
 
     unsafe fn take_left_behind(this: *const Self) -> K {
@@ -95,17 +109,8 @@ where
 
     type Payload = ();
 
-    fn hook(&self) -> &Hook {
-        Item::hook(self)
-    }
-}
-
-impl<K, V: ?Sized> Drop for Item<K, V> {
-    fn drop(&mut self) {
-        // Removal paths detach eagerly; this covers the map being dropped.
-        // After the value's death the callback is claimed and this is a
-        // no-op.
-        self.hook().detach();
+    fn hook<'a>(&'a self, side: &'a EntryHook) -> &'a Hook {
+        &side.0
     }
 }
 
@@ -257,10 +262,11 @@ where
 }
 
 impl<K: Clone, V: ?Sized, S> MapCore<K, V, S> {
-    /// Lets the tier forget an entry leaving the map under the caller's
-    /// shard lock; what it held is for the caller to drop after the unlock.
-    fn forget(&self, item: &Item<K, V>) -> Option<Strong<V>> {
-        self.tier.as_ref()?.forget(item.hook().identity())
+    /// Lets the tier forget an entry (whose slot's side is `hook`) leaving
+    /// the map under the caller's shard lock; what it held is for the
+    /// caller to drop after the unlock.
+    fn forget(&self, hook: &EntryHook) -> Option<Strong<V>> {
+        self.tier.as_ref()?.forget(hook.0.identity())
     }
 
     /// The key to report an entry's removal with, if anyone listens:
@@ -605,12 +611,13 @@ where
 
     /// Makes the item for `value` under `key`, registering the death
     /// callback that will remove exactly this item (M4).
-    fn new_item(&self, hash: u64, key: K, value: &Strong<V>) -> Item<K, V> {
-        Item {
+    fn new_item(&self, hash: u64, key: K, value: &Strong<V>) -> (Item<K, V>, EntryHook) {
+        let item = Item {
             key,
             value: Strong::downgrade(value),
-            hook: collection::remove_on_death(&self.core, hash, value, ()),
-        }
+        };
+        let hook = collection::remove_on_death(&self.core, hash, value, ());
+        (item, EntryHook(hook))
     }
 
     /// Inserts `value` under `key`, holding it weakly. Returns the value
@@ -649,22 +656,22 @@ where
         &self,
         writer: &mut ShardWriter<'_, Item<K, V>>,
         hash: u64,
-        item: Item<K, V>,
+        item: (Item<K, V>, EntryHook),
         value: &Strong<V>,
     ) -> (Option<Strong<V>>, Option<K>, Released<V>) {
-        let identity = item.identity();
+        let identity = item.0.identity(&item.1);
         let replaced = writer.upsert(hash, item, |old, new| old.key() == new.key());
         let (previous, notice, forgotten) = match replaced {
             None => (None, None, None),
-            Some(replaced) => {
+            Some((replaced, hook)) => {
                 // Detached only once the replacement is published: a
                 // panicking `Eq` in `upsert` leaves every entry and its
                 // callback as they were (M5).
-                replaced.hook().detach();
+                hook.0.detach();
                 (
                     replaced.value.upgrade(),
                     self.core.notice(replaced),
-                    self.core.forget(replaced),
+                    self.core.forget(hook),
                 )
             }
         };
@@ -686,7 +693,7 @@ where
         let tier = self.core.tier.as_ref()?;
         let mut candidates = writer.candidates(hash);
         while let Some((item, mark)) = candidates.next_marked() {
-            if item.identity() == identity {
+            if item.identity(mark.side()) == identity {
                 // A map with a tier has marks.
                 return tier.admit(identity, mark.get()?, value.clone());
             }
@@ -707,11 +714,12 @@ where
         value: &Strong<V>,
     ) -> Option<Strong<V>> {
         let tier = self.core.tier.as_ref()?;
+        let identity = item.identity(mark.side());
         // A map with a tier has marks.
-        if tier.touch(item.identity(), mark.get()?) || !tier.admits_found() {
+        if tier.touch(identity, mark.get()?) || !tier.admits_found() {
             return None;
         }
-        self.keep_slow(hash, item.identity(), value)
+        self.keep_slow(hash, identity, value)
     }
 
     #[cold]
@@ -816,10 +824,14 @@ where
         // handle, whose destructor may use this map.
         let live: Strong<V>;
         let mut writer = self.core.table.write(hash);
-        let found = writer
-            .candidates(hash)
-            .find(|item| item.key().borrow() == key)?;
-        let identity = found.identity();
+        let mut candidates = writer.candidates(hash);
+        let (found, mark) = loop {
+            let (item, mark) = candidates.next_marked()?;
+            if item.key().borrow() == key {
+                break (item, mark);
+            }
+        };
+        let identity = found.identity(mark.side());
         live = found.value.upgrade()?;
         if !f(found.key(), &live) {
             drop(writer);
@@ -827,12 +839,12 @@ where
             drop(live);
             return None;
         }
-        let removed = writer.remove(hash, |item| item.identity() == identity);
+        let removed = writer.remove(hash, |item, side| item.identity(side) == identity);
         let (notice, forgotten) = match removed {
-            Some(removed) => {
+            Some((removed, hook)) => {
                 // Detached after the removal is published (M5).
-                removed.hook().detach();
-                (self.core.notice(removed), self.core.forget(removed))
+                hook.0.detach();
+                (self.core.notice(removed), self.core.forget(hook))
             }
             None => (None, None),
         };
@@ -956,11 +968,11 @@ where
     {
         let hash = self.hash(key);
         let mut writer = self.core.table.write(hash);
-        let removed = writer.remove(hash, |item| item.key().borrow() == key)?;
+        let (removed, hook) = writer.remove(hash, |item, _| item.key().borrow() == key)?;
         // As in `publish_locked`: detached after the removal is published.
-        removed.hook().detach();
+        hook.0.detach();
         let (value, notice) = (removed.value.upgrade(), self.core.notice(removed));
-        let forgotten = self.core.forget(removed);
+        let forgotten = self.core.forget(hook);
         drop(writer);
         drop(forgotten);
         self.core.report(notice, RemovalCause::Removed);
@@ -1180,10 +1192,16 @@ where
             return Ok(value);
         }
         let writer = self.core.table.write(hash);
-        let live = writer
-            .candidates(hash)
-            .find(|item| item.key() == wanted)
-            .and_then(|item| Some((item.identity(), item.value.upgrade()?)));
+        let mut candidates = writer.candidates(hash);
+        let live = loop {
+            let Some((item, mark)) = candidates.next_marked() else {
+                break None;
+            };
+            if item.key() == wanted {
+                break Some((item.identity(mark.side()), item.value.upgrade()));
+            }
+        };
+        let live = live.and_then(|(identity, value)| Some((identity, value?)));
         if let Some((identity, value)) = live {
             let released = self.keep_locked(&writer, hash, identity, &value);
             drop(writer);
@@ -1370,8 +1388,8 @@ where
             // Unlocked, still pinned since before the unlink: the removed
             // entry is readable, its identity not reused, and no hit can
             // admit it again (M13).
-            |item| {
-                drop(self.core.forget(item));
+            |item, hook| {
+                drop(self.core.forget(hook));
                 self.core
                     .report(self.core.notice(item), RemovalCause::Removed);
             },
@@ -1454,7 +1472,7 @@ where
         collection::clear(
             &self.core.table,
             // Under the shard lock; the tier's value is dropped after it.
-            |item| Some((self.core.notice(item), self.core.forget(item))),
+            |item, hook| Some((self.core.notice(item), self.core.forget(hook))),
             |(key, forgotten)| {
                 drop(forgotten);
                 self.core.report(key, RemovalCause::Cleared);
@@ -1479,7 +1497,7 @@ where
     pub fn purge(&self) -> usize {
         collection::purge(
             &self.core.table,
-            |item| self.core.notice(item),
+            |item, _| self.core.notice(item),
             |key| self.core.report(Some(key), RemovalCause::Died),
         )
     }

@@ -3,7 +3,7 @@
 //! purge shard by shard (SAFETY.md, section 7: M4, M5, M8).
 
 use crate::callbacks::{Executor, Hook};
-use crate::raw::table::{Relocatable, ShardWriter, ShardedTable};
+use crate::raw::table::{Relocatable, ShardWriter, ShardedTable, Sided};
 use crate::strong::Strong;
 use crate::weak::Weak;
 
@@ -20,12 +20,13 @@ pub(crate) trait Watching: Relocatable + Send + Sync + 'static {
 
     /// The death callback that removes this entry, whose address names
     /// the entry (M4); detached when the entry goes any other way (M5).
-    fn hook(&self) -> &Hook<Self::Payload>;
+    /// In the entry itself or in its slot's `side`.
+    fn hook<'a>(&'a self, side: &'a Self::Side) -> &'a Hook<Self::Payload>;
 }
 
 /// A collection's shared core: what its removal callbacks reach through a
 /// `Weak`, so that they never keep it alive (M4).
-pub(crate) trait Collection<I>: Send + Sync + 'static {
+pub(crate) trait Collection<I: Sided>: Send + Sync + 'static {
     fn table(&self) -> &ShardedTable<I>;
 
     /// True if the collection hears of each entry a death removes (a
@@ -132,8 +133,8 @@ where
     I: Watching,
 {
     let notice = writer
-        .remove(hash, |item| item.hook().identity() == hook)
-        .and_then(|item| core.died(item));
+        .remove(hash, |item, side| item.hook(side).identity() == hook)
+        .and_then(|(item, _)| core.died(item));
     drop(writer);
     if let Some(notice) = notice {
         notice();
@@ -160,7 +161,7 @@ where
 /// The iterator of [`snapshots`]: one buffer for every shard's snapshot,
 /// so an iteration allocates once (or a few times, if a later shard holds
 /// more), not once per shard and again as each snapshot grows.
-struct Snapshots<'a, I, T, P> {
+struct Snapshots<'a, I: Sided, T, P> {
     table: &'a ShardedTable<I>,
     project: P,
     /// The shard to snapshot once `batch` is empty.
@@ -240,7 +241,7 @@ fn fill_snapshot<I, T>(
 pub(crate) fn retain_live<I: Watching>(
     table: &ShardedTable<I>,
     mut keep: impl FnMut(&I, &I::Target) -> bool,
-    mut removed: impl FnMut(&I),
+    mut removed: impl FnMut(&I, &I::Side),
 ) {
     for shard in 0..table.shard_len() {
         let mut held = Vec::new();
@@ -254,9 +255,9 @@ pub(crate) fn retain_live<I: Watching>(
                 }
                 None => false,
             },
-            |item| {
-                item.hook().detach();
-                removed(item);
+            |item, side| {
+                item.hook(side).detach();
+                removed(item, side);
             },
         );
         drop(held);
@@ -273,7 +274,7 @@ const OVERSIZED: usize = 4;
 /// it returned once the shard is unlocked.
 pub(crate) fn clear<I: Watching, T>(
     table: &ShardedTable<I>,
-    mut noted: impl FnMut(&I) -> Option<T>,
+    mut noted: impl FnMut(&I, &I::Side) -> Option<T>,
     mut after: impl FnMut(T),
 ) {
     for shard in 0..table.shard_len() {
@@ -281,9 +282,9 @@ pub(crate) fn clear<I: Watching, T>(
         table.retain_locked(
             shard,
             |_| false,
-            |item| {
-                item.hook().detach();
-                notices.extend(noted(item));
+            |item, side| {
+                item.hook(side).detach();
+                notices.extend(noted(item, side));
             },
         );
         notices.into_iter().for_each(&mut after);
@@ -296,7 +297,7 @@ pub(crate) fn clear<I: Watching, T>(
 /// Returns how many it removed. `noted` and `after` as for [`clear`].
 pub(crate) fn purge<I: Watching, T>(
     table: &ShardedTable<I>,
-    mut noted: impl FnMut(&I) -> Option<T>,
+    mut noted: impl FnMut(&I, &I::Side) -> Option<T>,
     mut after: impl FnMut(T),
 ) -> usize {
     (0..table.shard_len())
@@ -305,7 +306,7 @@ pub(crate) fn purge<I: Watching, T>(
             let removed = table.retain_locked(
                 shard,
                 |item| item.watched().is_alive(),
-                |item| notices.extend(noted(item)),
+                |item, side| notices.extend(noted(item, side)),
             );
             notices.into_iter().for_each(&mut after);
             shrink_shard(table, shard, OVERSIZED);

@@ -7,7 +7,10 @@
 //! per group (eight slots on 64-bit targets), as SwissTable does. A lookup
 //! loads its home group's word, picks out the bytes that match seven bits
 //! of the hash with a few word operations, and reads only those slots'
-//! items: non-matching probes never touch a key.
+//! items: non-matching probes never touch a key. What writers need of an
+//! entry and lookups do not (a `WeakValueMap` entry's hook) is its slot's
+//! *side*, kept in an array of its own ([`Sided`]), so that the lines
+//! lookups probe hold only what they read.
 //!
 //! **A slot is written only when no reader can read it.** A slot goes
 //! from *empty* to *full* (the item is written, then its control byte,
@@ -44,7 +47,8 @@
 //!   items for writers (`Table::homes`: a control byte keeps only seven
 //!   bits), and is published whole. A relocation clones what code may write through a
 //!   shared reference (a user's key, whose `Eq` readers may be running) and
-//!   copies only the item's own pointers bitwise ([`Relocatable`]). Readers
+//!   copies only the item's own pointers, and its side, bitwise
+//!   ([`Relocatable`]). Readers
 //!   still on the old table read the old items, which are never written
 //!   and never dropped whole (their pointers moved); what they still own
 //!   alone (the cloned-from keys) is dropped with the old table, once no
@@ -204,7 +208,11 @@ mod bytes {
 ///    of a table, is the same for an item and its relocated copy, and is
 ///    not reused while a thread that saw the item is pinned (it is the
 ///    address of something the item owns, freed with the item).
-pub(crate) unsafe trait Relocatable: Sized {
+/// 4. No code writes through a shared reference to a
+///    [`Side`](Sided::Side) (no `UnsafeCell` in its own bytes): a
+///    rebuild moves it bitwise, with readers of the old table still able
+///    to read it, and dropping it runs no user code.
+pub(crate) unsafe trait Relocatable: Sided + Sized {
     /// True if dropping an item may run user code (a key's destructor).
     /// Such an item is not dropped where epoch garbage happens to be
     /// collected (inside any lookup, or under another shard's lock): it is
@@ -216,8 +224,8 @@ pub(crate) unsafe trait Relocatable: Sized {
     /// of the old table remains.
     type LeftBehind: Send + 'static;
 
-    /// Names this item across rebuilds.
-    fn identity(&self) -> usize;
+    /// Names this item (whose slot keeps `side`) across rebuilds.
+    fn identity(&self, side: &Self::Side) -> usize;
 
     /// The copy of this item a rebuild puts in the new table. May run user
     /// code (`Clone`) and so panic; nothing is copied then.
@@ -240,51 +248,80 @@ pub(crate) unsafe trait Relocatable: Sized {
     unsafe fn take_left_behind(this: *const Self) -> Self::LeftBehind;
 }
 
-/// One slot: once its control byte says full, an item.
+/// What a table keeps beside each item of type `Self` rather than in it:
+/// data that writers need and lookups never read (a `WeakValueMap` entry's
+/// hook), so that the lines a lookup probes hold more items. A trait of its
+/// own, apart from [`Relocatable`], so that a collection can name its
+/// table in a struct without the bounds relocation needs (a key's
+/// `Clone`).
+pub(crate) trait Sided {
+    /// `()` for items that keep everything inline. Moved bitwise by a
+    /// rebuild (`Relocatable`'s 4), and dropped with its item.
+    type Side: Send + Sync + 'static;
+}
+
+/// One slot: once its control byte says full, an item (or its side).
 type Slot<I> = UnsafeCell<MaybeUninit<I>>;
 
-/// A slot with the mark its collection keeps beside the item, one word
-/// readers load (a keep-warm tier's position, M13) and writers store
-/// under the shard's lock: zero when the slot is filled, carried over by a
-/// rebuild, never read by the table. Aligned to 32 bytes, so that for an
-/// item of up to three words (a `WeakValueMap` entry of a word-sized key)
-/// the item and its mark fill 32 bytes of one cache line: a hit that reads
-/// both pays one miss, not two. (A larger item makes a 64-byte slot.)
+/// A removed item and its side, for a caller that reads them after the
+/// writer that removed them (valid as [`each_removed`] says).
+type Parts<I> = (*const I, *const <I as Sided>::Side);
+
+/// A slot with its item's side and the mark its collection keeps beside
+/// the item, one word readers load (a keep-warm tier's position, M13) and
+/// writers store under the shard's lock: zero when the slot is filled,
+/// carried over by a rebuild, never read by the table. Aligned to 32
+/// bytes, so that for an item of two words (a `WeakValueMap` entry of a
+/// word-sized key) and a one-word side, the item, side and mark fill 32
+/// bytes of one cache line: a hit that reads them pays one miss, not two.
+/// (A larger item makes a 64-byte slot.)
 #[repr(C, align(32))]
-struct MarkedSlot<I> {
+struct MarkedSlot<I, S> {
     item: Slot<I>,
+    side: Slot<S>,
     mark: AtomicUsize,
 }
 
-/// A table's slots: plain, or each with its mark beside it (for a
-/// collection that keeps marks).
-enum Slots<I> {
-    Plain(Box<[Slot<I>]>),
-    Marked(Box<[MarkedSlot<I>]>),
+/// A table's slots: plain, the items in one array and their sides in
+/// another (lookups read only the first, so a probed line holds more
+/// items; an array of `()` sides allocates nothing), or each slot whole
+/// with its mark (for a collection that keeps marks).
+enum Slots<I: Sided> {
+    Plain {
+        items: Box<[Slot<I>]>,
+        sides: Box<[Slot<I::Side>]>,
+    },
+    Marked(Box<[MarkedSlot<I, I::Side>]>),
 }
 
-impl<I> Slots<I> {
+impl<I: Sided> Slots<I> {
     /// `count` empty slots, with marks (zero) if `marked`.
     fn new(count: usize, marked: bool) -> Self {
-        let empty = || UnsafeCell::new(MaybeUninit::uninit());
+        fn empty<T>() -> Slot<T> {
+            UnsafeCell::new(MaybeUninit::uninit())
+        }
         if marked {
             Slots::Marked(
                 (0..count)
                     .map(|_| MarkedSlot {
                         item: empty(),
+                        side: empty(),
                         mark: AtomicUsize::new(0),
                     })
                     .collect(),
             )
         } else {
-            Slots::Plain((0..count).map(|_| empty()).collect())
+            Slots::Plain {
+                items: (0..count).map(|_| empty()).collect(),
+                sides: (0..count).map(|_| empty()).collect(),
+            }
         }
     }
 
     #[inline(always)]
     fn len(&self) -> usize {
         match self {
-            Slots::Plain(slots) => slots.len(),
+            Slots::Plain { items, .. } => items.len(),
             Slots::Marked(slots) => slots.len(),
         }
     }
@@ -293,8 +330,17 @@ impl<I> Slots<I> {
     #[inline(always)]
     fn slot(&self, index: usize) -> &Slot<I> {
         match self {
-            Slots::Plain(slots) => &slots[index],
+            Slots::Plain { items, .. } => &items[index],
             Slots::Marked(slots) => &slots[index].item,
+        }
+    }
+
+    /// The side of slot `index` (panics past the end).
+    #[inline(always)]
+    fn side(&self, index: usize) -> &Slot<I::Side> {
+        match self {
+            Slots::Plain { sides, .. } => &sides[index],
+            Slots::Marked(slots) => &slots[index].side,
         }
     }
 
@@ -302,14 +348,14 @@ impl<I> Slots<I> {
     #[inline(always)]
     fn mark(&self, index: usize) -> Option<&AtomicUsize> {
         match self {
-            Slots::Plain(_) => None,
+            Slots::Plain { .. } => None,
             Slots::Marked(slots) => slots.get(index).map(|slot| &slot.mark),
         }
     }
 }
 
 /// One shard's slots; replaced whole by a rebuild.
-struct Table<I> {
+struct Table<I: Sided> {
     /// One word per group of `GROUP` slots: byte `i` (bits `8i..8i + 8`)
     /// of word `g` is the control byte of slot `g * GROUP + i`.
     control: Box<[AtomicUsize]>,
@@ -325,7 +371,7 @@ struct Table<I> {
     refs: CachePadded<AtomicUsize>,
 }
 
-impl<I> Table<I> {
+impl<I: Sided> Table<I> {
     /// A table of at least `count` empty slots (whole groups), owned by its
     /// shard, with a mark per slot if `marked`.
     fn with_slots(count: usize, marked: bool) -> Box<Self> {
@@ -433,6 +479,80 @@ impl<I> Table<I> {
         // its slot refilled) while borrowed.
         unsafe { (*item).assume_init_ref() }
     }
+
+    /// The side of slot `index`'s item.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Self::item`].
+    #[inline(always)]
+    unsafe fn side(&self, index: usize) -> &I::Side {
+        let side = self.slots.side(index).with(|side| side);
+        // SAFETY: written with the item, before its control byte was
+        // published, and dropped or moved with it: as in `item`.
+        unsafe { (*side).assume_init_ref() }
+    }
+
+    /// Pointers to slot `index`'s item and side, for a removal's caller
+    /// (see [`each_removed`]).
+    ///
+    /// # Safety
+    ///
+    /// As for [`Self::item`], when the pointers are made.
+    unsafe fn parts(&self, index: usize) -> Parts<I> {
+        // SAFETY: the caller's.
+        unsafe { (self.item(index), self.side(index)) }
+    }
+
+    /// Writes `item` and its `side` into slot `index`.
+    ///
+    /// # Safety
+    ///
+    /// 1. No thread reads the slot: it is empty or free, under the shard's
+    ///    mutex (its control byte is published afterwards), or in a table
+    ///    not yet published.
+    /// 2. Whatever the slot held before was dropped or moved out.
+    unsafe fn write(&self, index: usize, (item, side): (I, I::Side)) {
+        let (item_cell, side_cell) = (self.slots.slot(index), self.slots.side(index));
+        // SAFETY: by 1 nobody else touches the slot; by 2 nothing is
+        // overwritten that still owns anything.
+        item_cell.with_mut(|cell| unsafe { (*cell).write(item) });
+        // SAFETY: as above.
+        side_cell.with_mut(|cell| unsafe { (*cell).write(side) });
+    }
+
+    /// Drops slot `index`'s item and its side in place: the side first (our
+    /// own code, which does not panic), then the item (whose drop may be
+    /// user code, and may panic: the side is gone by then either way).
+    ///
+    /// # Safety
+    ///
+    /// 1. The slot holds an item and side that the table owns, and nobody
+    ///    reads them any more (exclusive access, or an unlinked item past
+    ///    every reader that could see it).
+    /// 2. It is dropped once; the slot is not read again until written.
+    unsafe fn drop_whole(&self, index: usize) {
+        let (item_cell, side_cell) = (self.slots.slot(index), self.slots.side(index));
+        // SAFETY: initialised and owned (1), dropped once (2).
+        side_cell.with_mut(|side| unsafe { (*side).assume_init_drop() });
+        // SAFETY: as above.
+        item_cell.with_mut(|item| unsafe { (*item).assume_init_drop() });
+    }
+
+    /// Moves slot `index`'s item and side out.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Self::drop_whole`], for a move instead of a drop.
+    unsafe fn take_whole(&self, index: usize) -> (I, I::Side) {
+        let (item_cell, side_cell) = (self.slots.slot(index), self.slots.side(index));
+        // SAFETY: initialised and owned, moved out once (`drop_whole`'s 1,
+        // 2); the slot is freed as `MaybeUninit`, which drops nothing.
+        let item = item_cell.with(|item| unsafe { ptr::read((*item).as_ptr()) });
+        // SAFETY: as above.
+        let side = side_cell.with(|side| unsafe { ptr::read((*side).as_ptr()) });
+        (item, side)
+    }
 }
 
 /// Releases one reference to `table`, freeing it with the last.
@@ -443,7 +563,7 @@ impl<I> Table<I> {
 /// 2. No full slot's item is still owned by the table: the items were
 ///    moved to a newer table, dropped (or moved out) by deferred functions,
 ///    or dropped by `ShardedTable::drop`.
-unsafe fn release<I>(table: *const Table<I>) {
+unsafe fn release<I: Sided>(table: *const Table<I>) {
     // SAFETY: by 1 the table is alive while we hold a reference.
     let refs = unsafe { &(*table).refs };
     // Release: orders our use of the table (a deferred drop of one of its
@@ -465,7 +585,7 @@ struct ShardState {
 }
 
 /// One shard: its current table, its writers' mutex, its item count.
-struct Shard<I> {
+struct Shard<I: Sided> {
     /// Never null; owns one reference to the table.
     table: AtomicPtr<Table<I>>,
     writer: Mutex<ShardState>,
@@ -474,7 +594,7 @@ struct Shard<I> {
 }
 
 /// Items of one collection, sharded; see the module docs.
-pub(crate) struct ShardedTable<I> {
+pub(crate) struct ShardedTable<I: Sided> {
     /// Each on its own cache line: a write to one shard's mutex and count
     /// must not invalidate the table pointer readers of its neighbours load.
     shards: Box<[CachePadded<Shard<I>>]>,
@@ -486,12 +606,13 @@ pub(crate) struct ShardedTable<I> {
     _items: PhantomData<I>,
 }
 
-// SAFETY: the table owns its items (`I: Send` to drop them anywhere) and
-// hands out `&I` to any thread (`I: Sync`); everything else is atomics,
-// mutexes and epoch-managed pointers.
-unsafe impl<I: Send + Sync> Send for ShardedTable<I> {}
+// The table owns its items and their sides (`Send`, to drop them anywhere)
+// and hands out references to them to any thread (`Sync`; a side is both by
+// `Sided`'s bound).
+// SAFETY: as just said; the rest is atomics, mutexes and epoch pointers.
+unsafe impl<I: Sided + Send + Sync> Send for ShardedTable<I> {}
 // SAFETY: as for `Send`.
-unsafe impl<I: Send + Sync> Sync for ShardedTable<I> {}
+unsafe impl<I: Sided + Send + Sync> Sync for ShardedTable<I> {}
 
 /// Slots for a table that holds `items` at most 3/4 full, with room to
 /// spare before the next rebuild.
@@ -616,7 +737,7 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
         &self,
         index: usize,
         mut keep: impl FnMut(&I) -> bool,
-        on_remove: impl FnMut(&I),
+        on_remove: impl FnMut(&I, &I::Side),
     ) -> usize {
         // Held until the removals are done, so no identity is reused.
         let pinned = self.pin();
@@ -627,7 +748,9 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
             // SAFETY: as in `for_each_in_shard_pinned`.
             let item = unsafe { table.item(slot) };
             if !keep(item) {
-                doomed.push((table.hash_of(slot, control), item.identity()));
+                // SAFETY: as for the item.
+                let identity = item.identity(unsafe { table.side(slot) });
+                doomed.push((table.hash_of(slot, control), identity));
             }
         });
         if doomed.is_empty() {
@@ -637,12 +760,13 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
         let table = writer.current_table();
         let mut removed = Vec::new();
         for (hash, identity) in doomed {
-            if let Ok(slot_index) = find(table, hash, |item| item.identity() == identity) {
+            if let Ok(slot_index) = find(table, hash, |item, side| item.identity(side) == identity)
+            {
                 removed.reserve(1);
                 writer.unlink(slot_index);
                 // SAFETY: full until just now (1); see below for how long
-                // the pointer stays valid.
-                removed.push(unsafe { table.item(slot_index) } as *const I);
+                // the pointers stay valid.
+                removed.push(unsafe { table.parts(slot_index) });
             }
         }
         drop(writer);
@@ -661,7 +785,7 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
         &self,
         index: usize,
         keep: impl FnMut(&I) -> bool,
-        on_remove: impl FnMut(&I),
+        on_remove: impl FnMut(&I, &I::Side),
     ) -> usize {
         let mut writer = self.write_shard(index);
         let removed = writer.retain_all(keep);
@@ -704,7 +828,7 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
     }
 }
 
-impl<I> ShardedTable<I> {
+impl<I: Sided> ShardedTable<I> {
     /// Total items (live or dead-but-not-yet-removed) across shards.
     pub(crate) fn len(&self) -> usize {
         self.shards
@@ -745,7 +869,7 @@ impl<I> ShardedTable<I> {
     }
 }
 
-impl<I> Drop for ShardedTable<I> {
+impl<I: Sided> Drop for ShardedTable<I> {
     fn drop(&mut self) {
         // `&mut self`: no reader or writer is using our tables any more,
         // since both borrow the `ShardedTable`; retired tables and pending
@@ -756,16 +880,16 @@ impl<I> Drop for ShardedTable<I> {
         for shard in self.shards.iter() {
             // Relaxed: exclusive access.
             let table = shard.table.swap(ptr::null_mut(), Ordering::Relaxed);
-            // SAFETY: exclusive access; the current table owns its full
-            // slots' items (tombstones' items belong to deferred drops), and
-            // we drop each once before giving up the shard's reference.
+            // Exclusive access; the current table owns its full slots' items
+            // and sides (tombstones' belong to deferred drops).
+            // SAFETY: as just said; we drop each once before giving up the
+            // shard's reference.
             unsafe {
                 // Relaxed: exclusive access to the full slots. (Deferred
                 // drops of this table's tombstones may still be freeing
                 // theirs, flips of other bytes that are never full.)
                 (*table).each_full(Ordering::Relaxed, |index, _| {
-                    let slot = (*table).slots.slot(index);
-                    let drop_item = || slot.with_mut(|item| (*item).assume_init_drop());
+                    let drop_item = || (*table).drop_whole(index);
                     if let Err(payload) = panic::catch_unwind(AssertUnwindSafe(drop_item)) {
                         first_panic.get_or_insert(payload);
                     }
@@ -781,7 +905,7 @@ impl<I> Drop for ShardedTable<I> {
 
 /// The items of one probe sequence whose control bytes match, group by
 /// group.
-pub(crate) struct Candidates<'g, I> {
+pub(crate) struct Candidates<'g, I: Sided> {
     table: &'g Table<I>,
     control: u8,
     /// The group loaded last.
@@ -794,7 +918,7 @@ pub(crate) struct Candidates<'g, I> {
     left: usize,
 }
 
-impl<'g, I> Candidates<'g, I> {
+impl<'g, I: Sided> Candidates<'g, I> {
     #[inline]
     fn new(table: &'g Table<I>, hash: u64) -> Self {
         let mut candidates = Candidates {
@@ -847,7 +971,7 @@ impl<'g, I> Candidates<'g, I> {
         // mutex for 'g (a `ShardWriter` borrow) (2).
         let item = unsafe { self.table.item(index) };
         let mark = SlotMark {
-            slots: &self.table.slots,
+            table: self.table,
             index,
         };
         Some((item, mark))
@@ -856,22 +980,32 @@ impl<'g, I> Candidates<'g, I> {
 
 /// Where a candidate's mark is, if its table keeps marks (see
 /// `MarkedSlot`): a word readers load and writers store under the shard's
-/// lock, carried over by rebuilds. Found only when asked for, so that
-/// lookups in maps without marks pay nothing.
-pub(crate) struct SlotMark<'g, I> {
-    slots: &'g Slots<I>,
+/// lock, carried over by rebuilds; and its item's side. Found only when
+/// asked for, so that lookups in maps without marks pay nothing.
+pub(crate) struct SlotMark<'g, I: Sided> {
+    /// The candidate's table, whose slot `index` the reader saw full while
+    /// pinned for 'g (or under the shard's mutex for 'g).
+    table: &'g Table<I>,
     index: usize,
 }
 
-impl<'g, I> SlotMark<'g, I> {
+impl<'g, I: Sided> SlotMark<'g, I> {
     /// The mark, if the table keeps marks.
     #[inline]
-    pub(crate) fn get(self) -> Option<&'g AtomicUsize> {
-        self.slots.mark(self.index)
+    pub(crate) fn get(&self) -> Option<&'g AtomicUsize> {
+        self.table.mark(self.index)
+    }
+
+    /// The candidate's side.
+    #[inline]
+    pub(crate) fn side(&self) -> &'g I::Side {
+        // SAFETY: made by `next_marked` for a slot seen full, under a pin
+        // or the mutex held for 'g (`item`'s 1, 2).
+        unsafe { self.table.side(self.index) }
     }
 }
 
-impl<'g, I> Iterator for Candidates<'g, I> {
+impl<'g, I: Sided> Iterator for Candidates<'g, I> {
     type Item = &'g I;
 
     #[inline]
@@ -929,8 +1063,9 @@ struct Garbage<I: Relocatable> {
     /// Replaced tables, each with the shard's reference to it and the slot
     /// of the item its rebuild left out (whose drop is one of `items`).
     tables: Few<(*const Table<I>, Option<usize>)>,
-    /// An item a panic kept from being published; dropped after the unlock.
-    unpublished: Option<I>,
+    /// An item, with its side, that a panic kept from being published;
+    /// dropped after the unlock.
+    unpublished: Option<(I, I::Side)>,
     /// What the copies of a rebuild that a panic abandoned made afresh;
     /// dropped after the unlock.
     abandoned: Vec<I::LeftBehind>,
@@ -985,26 +1120,32 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
         Candidates::new(self.current_table(), hash)
     }
 
-    /// Removes the first item of `hash`'s probe sequence that `matches`.
-    /// Returns it; it stays readable until the writer is dropped.
-    pub(crate) fn remove(&mut self, hash: u64, matches: impl FnMut(&I) -> bool) -> Option<&I> {
+    /// Removes the first item of `hash`'s probe sequence that `matches`
+    /// (given the item and its side). Returns it and its side; they stay
+    /// readable until the writer is dropped.
+    pub(crate) fn remove(
+        &mut self,
+        hash: u64,
+        matches: impl FnMut(&I, &I::Side) -> bool,
+    ) -> Option<(&I, &I::Side)> {
         let table = self.current_table();
         let index = find(table, hash, matches).ok()?;
         self.unlink(index);
         // SAFETY: full until just now (1); its drop is deferred until after
         // the writer is dropped (2).
-        Some(unsafe { table.item(index) })
+        Some(unsafe { (table.item(index), table.side(index)) })
     }
 
-    /// Inserts `item` under `hash`, replacing the first item of the probe
-    /// sequence for which `same(old, &item)`. Returns the replaced item;
-    /// it stays readable until the writer is dropped.
+    /// Inserts `item` (an item and its side) under `hash`, replacing the
+    /// first item of the probe sequence for which `same(old, &item)`.
+    /// Returns the replaced item and its side; they stay readable until the
+    /// writer is dropped.
     pub(crate) fn upsert(
         &mut self,
         hash: u64,
-        item: I,
+        item: (I, I::Side),
         mut same: impl FnMut(&I, &I) -> bool,
-    ) -> Option<&I> {
+    ) -> Option<(&I, &I::Side)> {
         let table = self.current_table();
         // Parked in the garbage while `same` (user code: `Eq`), the
         // allocations and a rebuild's clones run: if one panics, nothing
@@ -1015,12 +1156,12 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
             self.garbage.unpublished.is_none(),
             "a writer is not reused after a panic"
         );
-        let pending = self.garbage.unpublished.insert(item);
-        let old = find(table, hash, |old| same(old, pending)).ok();
+        let (pending, _) = self.garbage.unpublished.insert(item);
+        let old = find(table, hash, |old, _| same(old, pending)).ok();
         self.publish_parked(table, hash, old);
         // SAFETY: full until just now (1); its drop is deferred until after
         // the writer is dropped, and `table` stays allocated until then (2).
-        old.map(|old| unsafe { table.item(old) })
+        old.map(|old| unsafe { (table.item(old), table.side(old)) })
     }
 
     /// Publishes the parked item (`garbage.unpublished`) under `hash`, in
@@ -1064,9 +1205,9 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
     pub(crate) fn insert_unless(
         &mut self,
         hash: u64,
-        item: I,
-        matches: impl FnMut(&I) -> bool,
-    ) -> Result<(), I> {
+        item: (I, I::Side),
+        mut matches: impl FnMut(&I) -> bool,
+    ) -> Result<(), (I, I::Side)> {
         let table = self.current_table();
         // Parked while `matches` (which may be user code) and a rebuild's
         // allocations and clones run, as in `upsert`: if one panics,
@@ -1076,24 +1217,24 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
             "a writer is not reused after a panic"
         );
         self.garbage.unpublished = Some(item);
-        if find(table, hash, matches).is_ok() {
+        if find(table, hash, |item, _| matches(item)).is_ok() {
             return Err(self.garbage.unpublished.take().expect("parked above"));
         }
         self.publish_parked(table, hash, None);
         Ok(())
     }
 
-    /// Writes `item` into slot `index` of the current `table`, `EMPTY` if
-    /// `fresh`, else `FREE`, and publishes it under `hash`.
-    fn fill(&mut self, table: &Table<I>, index: usize, fresh: bool, hash: u64, item: I) {
+    /// Writes `item` (with its side) into slot `index` of the current
+    /// `table`, `EMPTY` if `fresh`, else `FREE`, and publishes it under
+    /// `hash`.
+    fn fill(&mut self, table: &Table<I>, index: usize, fresh: bool, hash: u64, item: (I, I::Side)) {
         // A free slot's previous item was dropped by a deferred function that
         // no reader which saw it outlived, and whose writes `vacancy`'s
         // Acquire load ordered before ours (M2).
-        let slot = table.slots.slot(index);
         // SAFETY: empty or free, under the mutex: no reader reads such a
-        // slot's item (it checks the control byte first) and no other
-        // writer runs.
-        slot.with_mut(|cell| unsafe { (*cell).write(item) });
+        // slot (it checks the control byte first) and no other writer
+        // runs (1); what it held was dropped or moved out (2).
+        unsafe { table.write(index, item) };
         // Relaxed: published with the control byte below.
         table.homes[index].store(hash as u32, Ordering::Relaxed);
         if let Some(mark) = table.mark(index) {
@@ -1144,9 +1285,9 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
     }
 
     /// Removes every item `keep` rejects, under the lock. Returns pointers
-    /// to them, valid until the writer is dropped, or longer for a caller
-    /// pinned since before this call.
-    fn retain_all(&mut self, mut keep: impl FnMut(&I) -> bool) -> Vec<*const I> {
+    /// to them and their sides, valid until the writer is dropped, or
+    /// longer for a caller pinned since before this call.
+    fn retain_all(&mut self, mut keep: impl FnMut(&I) -> bool) -> Vec<Parts<I>> {
         let table = self.current_table();
         let mut removed = Vec::new();
         for group in 0..table.groups() {
@@ -1162,7 +1303,7 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
                     self.unlink(index);
                     // SAFETY: full until just now (1); its drop is deferred
                     // until after the writer is dropped (2).
-                    removed.push(unsafe { table.item(index) } as *const I);
+                    removed.push(unsafe { table.parts(index) });
                 }
             }
         }
@@ -1208,10 +1349,16 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
                     // SAFETY: full (1), under the mutex (2); `relocate`'s 1
                     // as just said.
                     let copy = unsafe { I::relocate(old.item(index)) };
-                    // SAFETY: empty and unpublished: nobody else reads it.
-                    new.slots
-                        .slot(target)
-                        .with_mut(|cell| unsafe { (*cell).write(copy) });
+                    // Read while readers of the old table may read it too:
+                    // never written through a shared reference
+                    // (`Relocatable`'s 4). Owned by the copy once it is
+                    // published; never dropped through the original, whose
+                    // slot is only ever taken apart by `take_left_behind`.
+                    // SAFETY: full (1), under the mutex (2).
+                    let side = unsafe { ptr::read(old.side(index)) };
+                    // SAFETY: empty and unpublished: nobody else reads it
+                    // (1); never written before (2).
+                    unsafe { new.write(target, (copy, side)) };
                     // Relaxed, both: published by the table's Release store
                     // below.
                     new.homes[target].store(hash as u32, Ordering::Relaxed);
@@ -1243,7 +1390,8 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
                     });
                     self.garbage.abandoned.push(left);
                 }
-                // Freeing the slots (`MaybeUninit`) drops nothing more.
+                // Freeing the slots (`MaybeUninit`) drops nothing more: the
+                // sides copied there are the originals' to drop.
                 drop(new);
                 panic::resume_unwind(payload);
             }
@@ -1257,10 +1405,8 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
                 .take()
                 .expect("parked by the caller");
             let target = first_empty(&new, hash);
-            // SAFETY: empty and unpublished.
-            new.slots
-                .slot(target)
-                .with_mut(|cell| unsafe { (*cell).write(item) });
+            // SAFETY: empty and unpublished (1), never written (2).
+            unsafe { new.write(target, item) };
             // Relaxed, both: published by the table's Release store below.
             new.homes[target].store(hash as u32, Ordering::Relaxed);
             new.set_control(target, EMPTY, control_of(hash), Ordering::Relaxed);
@@ -1407,13 +1553,12 @@ impl<I: Relocatable + Send + Sync + 'static> Retired<I> {
             // (1, our 2).
             unsafe {
                 pinned.defer(move || {
-                    let slot = (*table).slots.slot(index);
                     if I::DROP_RUNS_USER_CODE {
                         // Moved out, and dropped on the finalizer thread:
                         // this function runs wherever garbage is collected,
                         // which may be inside a lookup or under a shard lock
                         // (M10). The slot is never read again.
-                        let item = slot.with(|item| ptr::read((*item).as_ptr()));
+                        let item = (*table).take_whole(index);
                         free_slot(&*table, index);
                         release(table);
                         executor.post(move || {
@@ -1424,7 +1569,7 @@ impl<I: Relocatable + Send + Sync + 'static> Retired<I> {
                         // must neither skip the release nor unwind into the
                         // collecting thread.
                         catch_and_report("a removed entry's destructor", || {
-                            slot.with_mut(|item| (*item).assume_init_drop());
+                            (*table).drop_whole(index);
                         });
                         free_slot(&*table, index);
                         release(table);
@@ -1444,7 +1589,7 @@ impl<I: Relocatable + Send + Sync + 'static> Retired<I> {
 
 /// Marks slot `index` of `table`, whose removed item has just been
 /// dropped or moved out, free for a writer to fill again (M2).
-fn free_slot<I>(table: &Table<I>, index: usize) {
+fn free_slot<I: Sided>(table: &Table<I>, index: usize) {
     // Relaxed load: a tombstone's byte (or, in a retired table, the full
     // byte of the item its rebuild left out) is changed by us alone.
     let removed = table.control_byte(index);
@@ -1508,29 +1653,30 @@ unsafe fn retire<I: Relocatable>(
     unsafe { release(table) }
 }
 
-/// Passes each removed item to `on_remove`.
+/// Passes each removed item, with its side, to `on_remove`.
 ///
 /// # Safety
 ///
 /// Each was unlinked by a writer that is still alive, or by a thread that
 /// has been pinned since before the unlink and still is: its deferred drop
 /// (and its table's release) cannot have run (I7, M9).
-unsafe fn each_removed<I>(removed: &[*const I], mut on_remove: impl FnMut(&I)) {
-    for &item in removed {
+unsafe fn each_removed<I: Sided>(removed: &[Parts<I>], mut on_remove: impl FnMut(&I, &I::Side)) {
+    for &(item, side) in removed {
         // SAFETY: still allocated and not written: its deferred drop, which
         // precedes any refill of its slot, cannot have run (our caller's
         // promise, M2).
-        on_remove(unsafe { &*item });
+        on_remove(unsafe { &*item }, unsafe { &*side });
     }
 }
 
-/// The slot of the first item in `hash`'s probe sequence that `matches`,
-/// or the first empty slot if none does (`None` if the table has no empty
-/// slot, which a rebuild prevents). Under the shard mutex.
-fn find<I>(
+/// The slot of the first item in `hash`'s probe sequence that `matches`
+/// (given the item and its side), or the first empty slot if none does
+/// (`None` if the table has no empty slot, which a rebuild prevents).
+/// Under the shard mutex.
+fn find<I: Sided>(
     table: &Table<I>,
     hash: u64,
-    mut matches: impl FnMut(&I) -> bool,
+    mut matches: impl FnMut(&I, &I::Side) -> bool,
 ) -> Result<usize, Option<usize>> {
     let control = control_of(hash);
     let mut group = table.home(hash);
@@ -1542,7 +1688,7 @@ fn find<I>(
             let index = group * GROUP + bytes::slot_in_group(candidates);
             candidates &= candidates - 1;
             // SAFETY: full (1), under the mutex (2).
-            if matches(unsafe { table.item(index) }) {
+            if matches(unsafe { table.item(index) }, unsafe { table.side(index) }) {
                 return Ok(index);
             }
         }
@@ -1557,8 +1703,8 @@ fn find<I>(
 
 /// The first empty slot of `hash`'s probe sequence. Under the shard mutex,
 /// in a table that has one.
-fn first_empty<I>(table: &Table<I>, hash: u64) -> usize {
-    match find(table, hash, |_| false) {
+fn first_empty<I: Sided>(table: &Table<I>, hash: u64) -> usize {
+    match find(table, hash, |_, _| false) {
         Err(Some(index)) => index,
         _ => unreachable!("a table is rebuilt before its last empty slot fills"),
     }
@@ -1568,7 +1714,7 @@ fn first_empty<I>(table: &Table<I>, hash: u64) -> usize {
 /// that has one: a `FREE` one (`false`) if that group has one, else an
 /// `EMPTY` one (`true`), which ends every probe sequence through its group.
 /// Under the shard mutex, in a table that has an empty slot.
-fn vacancy<I>(table: &Table<I>, start: usize) -> (usize, bool) {
+fn vacancy<I: Sided>(table: &Table<I>, start: usize) -> (usize, bool) {
     let mut group = start;
     for _ in 0..table.groups() {
         // Acquire (M2): pairs with `free_slot`'s Release RMW, so our fill
@@ -1646,6 +1792,11 @@ mod tests {
                 assert_eq!(picked.contains(&1), is_full(byte) && (byte ^ control) <= 1);
             }
         }
+    }
+
+    /// Plain words as items, for tests of the control bytes alone.
+    impl Sided for u64 {
+        type Side = ();
     }
 
     #[test]
