@@ -946,7 +946,7 @@ impl<'g, I: Sided> Candidates<'g, I> {
     }
 
     /// The slot of the next candidate.
-    #[inline]
+    #[inline(always)]
     fn next_index(&mut self) -> Option<usize> {
         loop {
             if self.matching != 0 {
@@ -963,8 +963,9 @@ impl<'g, I: Sided> Candidates<'g, I> {
         }
     }
 
-    /// The next candidate and its slot's [`SlotMark`].
-    #[inline]
+    /// The next candidate and its slot's [`SlotMark`]. Always inlined: it
+    /// is the body of every lookup's loop.
+    #[inline(always)]
     pub(crate) fn next_marked(&mut self) -> Option<(&'g I, SlotMark<'g, I>)> {
         let index = self.next_index()?;
         // SAFETY: seen full (1); the caller is pinned for 'g or holds the
