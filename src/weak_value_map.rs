@@ -1562,3 +1562,70 @@ where
         })
     }
 }
+
+#[cfg(all(test, not(weakrefs_loom)))]
+mod tests {
+    use super::*;
+
+    /// Nodes in `value`'s callback list: registered hooks, detached ones
+    /// not yet compacted away included.
+    fn hooks_on(value: &Strong<u32>) -> usize {
+        Strong::callback_list(value).node_count()
+    }
+
+    /// Every way an entry leaves the map but by its value's death detaches
+    /// its hook, which lives in the entry's slot side: a value inserted and
+    /// taken out again thousands of times keeps a bounded callback list.
+    /// (A path that forgot the hook would leave one node per round.)
+    #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "thousands of rounds; the paths run under Miri in tests/"
+    )]
+    fn every_removal_path_detaches_the_entrys_hook() {
+        const ROUNDS: u32 = 2_000;
+        let value = Strong::new(7u32);
+        let other = Strong::new(8u32);
+        let paths: [(&str, &dyn Fn(&WeakValueMap<u32, u32>, u32)); 7] = [
+            ("remove", &|map, key| {
+                map.insert(key, &value);
+                assert!(map.remove(&key).is_some());
+            }),
+            ("replacing insert", &|map, key| {
+                map.insert(key, &value);
+                map.insert(key, &other);
+            }),
+            ("remove_if", &|map, key| {
+                map.insert(key, &value);
+                assert!(map.remove_if(&key, |_, _| true).is_some());
+            }),
+            ("retain", &|map, key| {
+                map.insert(key, &value);
+                map.retain(|_, _| false);
+            }),
+            ("clear", &|map, key| {
+                map.insert(key, &value);
+                map.clear();
+            }),
+            ("dropped map", &|_, key| {
+                let map = WeakValueMap::new();
+                map.insert(key, &value);
+            }),
+            ("with a tier", &|_, key| {
+                let map = WeakValueMap::builder().keep_recent(2).build();
+                map.insert(key, &value);
+                assert!(map.get(&key).is_some());
+                assert!(map.remove(&key).is_some());
+            }),
+        ];
+        for (name, path) in paths {
+            let map = WeakValueMap::new();
+            for round in 0..ROUNDS {
+                path(&map, round % 5);
+            }
+            map.clear();
+            let left = hooks_on(&value);
+            assert!(left < 200, "{name}: {left} hooks left on the value");
+        }
+    }
+}
