@@ -1567,6 +1567,9 @@ where
 mod tests {
     use super::*;
 
+    /// One way to take `value` in and out of a map under a key.
+    type Path<'a> = (&'a str, &'a dyn Fn(&WeakValueMap<u32, u32>, u32));
+
     /// Nodes in `value`'s callback list: registered hooks, detached ones
     /// not yet compacted away included.
     fn hooks_on(value: &Strong<u32>) -> usize {
@@ -1586,7 +1589,7 @@ mod tests {
         const ROUNDS: u32 = 2_000;
         let value = Strong::new(7u32);
         let other = Strong::new(8u32);
-        let paths: [(&str, &dyn Fn(&WeakValueMap<u32, u32>, u32)); 7] = [
+        let paths: [Path; 7] = [
             ("remove", &|map, key| {
                 map.insert(key, &value);
                 assert!(map.remove(&key).is_some());
