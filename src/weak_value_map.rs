@@ -1589,7 +1589,7 @@ mod tests {
         const ROUNDS: u32 = 2_000;
         let value = Strong::new(7u32);
         let other = Strong::new(8u32);
-        let paths: [Path; 7] = [
+        let paths: [Path<'_>; 7] = [
             ("remove", &|map, key| {
                 map.insert(key, &value);
                 assert!(map.remove(&key).is_some());
