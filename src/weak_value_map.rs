@@ -688,7 +688,7 @@ where
         while let Some((item, mark)) = candidates.next_marked() {
             if item.identity() == identity {
                 // A map with a tier has marks.
-                return tier.admit(identity, mark.get()?, value.clone());
+                return tier.admit(identity, hash, mark.get()?, value.clone());
             }
         }
         None
