@@ -206,9 +206,10 @@ impl<V: ?Sized> Tier<V> {
     /// Counts an access to the entry named `identity` under `hash`, whose
     /// slot's mark is `mark` and whose value is `value`, and admits it: to
     /// a free position if there is one; in a full tier, in place of the
-    /// CLOCK victim if the sketch has seen `hash` lately at least as often
-    /// as the victim's hash, else not at all (the victim stays). Marks the
-    /// entry used if the tier holds it already. The caller holds the
+    /// CLOCK victim if the sketch counts `hash` wanted more often lately
+    /// than the victim's hash, or as often when neither was wanted more
+    /// than once ([`admits_over`]), else not at all (the victim stays).
+    /// Marks the entry used if the tier holds it already. The caller holds the
     /// entry's shard lock and has just seen the entry there. Returns what
     /// the tier let go of (the victim, or `value` itself when the tier
     /// held it already or turned it away), for the caller to drop once it
