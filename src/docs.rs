@@ -264,7 +264,7 @@ pub mod patterns {
     //! A weak cache keeps only what someone holds. If nothing holds an
     //! object between requests, it is rebuilt every time: give something
     //! a `Strong` for as long as it should stay warm (a session's working
-    //! set), or let the map itself keep the most recently used values
+    //! set), or let the map itself keep the values used most often lately
     //! with [`keep_recent`](crate::WeakValueMapBuilder::keep_recent). The
     //! `cache_server` example measures a strong cache, a pure weak one and
     //! one with `keep_recent` under the same load.

@@ -435,25 +435,34 @@ where
         self
     }
 
-    /// Keeps the `n` values most recently inserted, loaded or found alive
-    /// even when no caller holds them: the map holds a [`Strong`] to each
-    /// (0, the default, holds none). A popular object then survives the
-    /// moments between requests instead of being rebuilt, and memory stays
-    /// bounded by the `n` plus what callers hold.
+    /// Keeps up to `n` values alive even when no caller holds them, chosen
+    /// among those recently inserted, loaded or found, the ones wanted most
+    /// often first: the map holds a [`Strong`] to each (0, the default,
+    /// holds none). A popular object then survives the moments between
+    /// requests instead of being rebuilt, and memory stays bounded by the
+    /// `n` plus what callers hold.
     ///
     /// Recency is approximated (CLOCK): a hit on a value the tier holds
     /// costs no lock and no read-modify-write once it is marked; admitting
-    /// a value takes the tier's lock and its shard's. Inserted and loaded
-    /// values always enter; a found value the tier does not hold enters a
-    /// full tier one time in eight, so a value found often enters soon
-    /// while one-off reads of cold values neither push hot ones out nor
-    /// take locks on every read. The bound is exact:
-    /// the tier never holds more than `n`, and once `n` values have entered
-    /// it holds `n`. Evicting a value only drops the map's hold: a value
-    /// some caller holds stays in the map and is still found. An entry that
-    /// leaves the map (removed, replaced, cleared) leaves the tier too; a
-    /// value in the tier cannot die. The evicted value is dropped by the
-    /// thread whose access evicted it, outside every lock.
+    /// a value takes the tier's lock and its shard's. While the tier has
+    /// room, every inserted, loaded or found value enters. Once it is
+    /// full, each inserted or loaded value, and one time in eight a found
+    /// value it does not hold, is weighed against the value the CLOCK hand
+    /// would evict, as TinyLFU weighs them: a sketch of 4-bit counters (8
+    /// to 16 bytes a position) remembers about how often each key's hash
+    /// was wanted lately, and the newcomer takes the place only if it was
+    /// wanted more often, or as often when both were wanted at most once. The sketch counts those attempts to enter and, for values
+    /// held, each pass of the hand that finds them hit since its last pass;
+    /// it halves every count after `20 * n` counts, so what was popular
+    /// long ago fades. So one-off loads from a long tail of cold keys do
+    /// not push out hot values that nobody happens to hold at that moment,
+    /// while a value wanted again and again soon gets in. The bound is
+    /// exact: the tier never holds more than `n`, and once `n` values have
+    /// entered it holds `n`. Evicting a value only drops the map's hold: a
+    /// value some caller holds stays in the map and is still found. An
+    /// entry that leaves the map (removed, replaced, cleared) leaves the
+    /// tier too; a value in the tier cannot die. The evicted value is
+    /// dropped by the thread whose access evicted it, outside every lock.
     ///
     /// ```
     /// use weakrefs::{Strong, WeakValueMap};
@@ -466,6 +475,16 @@ where
     /// assert!(map.get("a").is_none());
     /// assert_eq!(map.get("b").as_deref().map(String::as_str), Some("B"));
     /// assert_eq!(map.get("c").as_deref().map(String::as_str), Some("C"));
+    ///
+    /// // A page wanted between one-off loads stays; the one-offs pass.
+    /// let map = WeakValueMap::builder().keep_recent(1).build();
+    /// map.get_or_insert_with("home", || "HOME".to_string());
+    /// for page in ["x", "y", "z"] {
+    ///     assert!(map.get("home").is_some());
+    ///     map.get_or_insert_with(page, || page.to_uppercase());
+    /// }
+    /// assert!(map.get("home").is_some());
+    /// assert!(map.get("z").is_none());
     /// ```
     pub fn keep_recent(mut self, n: usize) -> Self {
         self.keep_recent = n;
@@ -695,7 +714,7 @@ where
         while let Some((item, mark)) = candidates.next_marked() {
             if item.identity(mark.side()) == identity {
                 // A map with a tier has marks.
-                return tier.admit(identity, mark.get()?, value.clone());
+                return tier.admit(identity, hash, mark.get()?, value.clone());
             }
         }
         None

@@ -1568,6 +1568,38 @@ fn every_value_found_often_enters_a_small_tier() {
 }
 
 #[test]
+fn one_off_loads_do_not_push_hot_values_out_of_a_full_tier() {
+    // Eight hot keys, each wanted once a round, and sixteen one-off keys
+    // loaded between rounds, nobody holding anything: room in the tier
+    // for the hot keys and two more. Without a frequency filter the
+    // one-offs would sweep the hot keys out every round (the hand passes
+    // every position between two hits); with it, once the hot keys have
+    // been wanted a few times, none of them is built again.
+    const HOT: usize = 8;
+    let census = Census::default();
+    let map = WeakValueMap::builder().keep_recent(HOT + 2).build();
+    let rounds = if cfg!(miri) { 15 } else { 100 };
+    let mut one_off = 1_000;
+    let mut hot_builds_after_warming = 0;
+    for round in 0..rounds {
+        for key in 0..HOT {
+            let before = census.built.load(Ordering::SeqCst);
+            drop(map.get_or_insert_with(key, || census.make(key)));
+            if round >= 10 {
+                hot_builds_after_warming += census.built.load(Ordering::SeqCst) - before;
+            }
+        }
+        for _ in 0..16 {
+            drop(map.get_or_insert_with(one_off, || census.make(one_off)));
+            one_off += 1;
+        }
+    }
+    flush();
+    assert_eq!(hot_builds_after_warming, 0, "hot values were rebuilt");
+    assert_eq!(census.live(), HOT + 2, "the tier is full");
+}
+
+#[test]
 fn an_entry_that_leaves_the_map_leaves_the_tier() {
     let census = Census::default();
     let map = WeakValueMap::builder().keep_recent(4).build();

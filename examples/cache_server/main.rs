@@ -17,8 +17,9 @@
 //!    requests race for it; but a popular object that nobody holds for a
 //!    moment is gone, and rebuilt on its next request;
 //! 3. a `WeakValueMap` with `keep_recent(N)`: the same, and the map also
-//!    holds the N objects most recently loaded or found, so the popular
-//!    ones survive those moments.
+//!    holds N of the objects recently loaded or found, those wanted most
+//!    often (one-off loads from the tail do not push them out), so the
+//!    popular ones survive those moments.
 //!
 //! N defaults to a quarter of the objects (50 of the default 200): under
 //! Zipf's law (exponent 1) the most popular quarter draws about three
@@ -361,8 +362,9 @@ pub(crate) async fn demo(config: &Config) -> Result<(), String> {
         "Columns: {strong} builds each object once and holds every one forever; {weak} \
          holds only what requests and sessions use, so an object nobody holds for a \
          moment is rebuilt on its next request, and once the clients leave it holds \
-         nothing; {warm} also holds the {recent} objects most recently loaded or found, \
-         so the hot set stays warm between uses while the tail lives only while in use, \
+         nothing; {warm} also holds {recent} of the objects recently loaded or found, \
+         those wanted most often, so the hot set stays warm between uses while the tail \
+         (whose one-off loads do not push the hot set out) lives only while in use, \
          and once the clients leave it holds those {recent} alone, without any purge call.",
         strong = strong.kind,
         weak = weak.kind,

@@ -23,8 +23,9 @@
 //! `Mutex<HashMap<String, Strong<Rendered>>>`, which keeps everything it
 //! ever built; a pure `WeakValueMap`, which keeps what is in use; and a
 //! `WeakValueMap` with a keep-warm tier (`keep_recent(n)`), which also keeps
-//! the `n` objects most recently loaded or found, so that a popular object
-//! survives the moments when no request or session holds it.
+//! `n` of the objects recently loaded or found, those wanted most often, so
+//! that a popular object survives the moments when no request or session
+//! holds it.
 
 #![allow(dead_code)] // shared with the integration test, which uses a part
 

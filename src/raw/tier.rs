@@ -1,6 +1,6 @@
 //! The keep-warm tier of a `WeakValueMap` (`keep_recent(n)`): the map's
-//! own `Strong` to at most `n` of its values, the ones most recently
-//! inserted, loaded or found, so that a popular object survives the
+//! own `Strong` to at most `n` of its values, recently inserted, loaded or
+//! found ones that are wanted often, so that a popular object survives the
 //! moments when no request holds it (SAFETY.md, M13).
 //!
 //! Recency is approximated by CLOCK over a ring of `n` positions. Each
@@ -32,9 +32,24 @@
 //! Admission takes a free position if there is one, else the first whose
 //! `referenced` bit the hand finds clear, clearing the bits it passes
 //! (so at most two turns, unless hits keep setting bits behind the hand
-//! as it goes). The ring has exactly `n` positions, each
+//! as it goes). In a full tier that *victim* is only a proposal: a
+//! frequency filter, as in TinyLFU, lets the candidate take its place
+//! only if a sketch of recent accesses (`raw/sketch.rs`, 4-bit counters
+//! keyed by the entry's hash, halved every twenty counts a position)
+//! counts the candidate more often than the victim, or as often if both
+//! were wanted at most once lately ([`admits_over`]). Otherwise the
+//! candidate is turned away and the victim stays, its bit cleared; the
+//! next candidate faces the next position. So a one-off load from the long
+//! tail no longer pushes a hot value out just because nobody held it at
+//! that moment, while a value wanted again and again soon outcounts the
+//! coldest one held. The sketch counts every access that reaches the
+//! mutex (loads, inserts, and the found hits that try to enter), and, for
+//! hits on values held, one for each pass of the hand that finds the
+//! `referenced` bit set: the hot path itself counts nothing. The sketch
+//! lives under the mutex, in plain integers, and keys on hashes alone, so
+//! its choices replay under loom. The ring has exactly `n` positions, each
 //! holding at most one value: the bound is exact, and once `n` entries
-//! have entered, the tier stays full. Evicting only drops the tier's
+//! have entered (a free position takes anyone), the tier stays full. Evicting only drops the tier's
 //! `Strong`: a value some caller holds stays in the map. The values the
 //! tier lets go are handed back to the caller, to be dropped after every
 //! lock is released (one may be the last handle to its object, whose
@@ -42,6 +57,7 @@
 
 use std::collections::HashMap;
 
+use super::sketch::FrequencySketch;
 use crate::strong::Strong;
 use crate::sync::{AtomicBool, AtomicU8, AtomicUsize, Mutex, Ordering};
 
@@ -76,10 +92,15 @@ struct Ring<V: ?Sized> {
     values: Box<[Option<Strong<V>>]>,
     /// The position of each entry held, by identity.
     position_of: HashMap<usize, u32>,
+    /// The hash of each position's holder, for the sketch.
+    hashes: Box<[u64]>,
     /// Positions never used, or freed by `forget`.
     free: Vec<u32>,
     /// Where the next search for a victim starts.
     hand: usize,
+    /// How often each hash was wanted lately: the admission filter's
+    /// memory.
+    sketch: FrequencySketch,
 }
 
 /// The keep-warm tier; see the module docs.
@@ -99,11 +120,10 @@ pub(crate) struct Tier<V: ?Sized> {
     ring: Mutex<Ring<V>>,
 }
 
-/// A found value that the tier does not hold enters it, once the tier is
-/// full, one time in this many: a value found often enters soon, while
-/// one-off reads of cold values neither evict hot ones nor take the
-/// tier's lock on every read (a frequency filter, as TinyLFU and S3-FIFO
-/// put in front of their queues).
+/// A found value that the tier does not hold tries to enter it, once the
+/// tier is full, one time in this many: one-off reads of cold values do
+/// not take the tier's lock on every read, while a value found often
+/// tries soon, and then the frequency filter decides ([`admits_over`]).
 const FOUND_ADMITS_ONE_IN: u32 = 8;
 
 impl<V: ?Sized> Tier<V> {
@@ -120,8 +140,10 @@ impl<V: ?Sized> Tier<V> {
             ring: Mutex::new(Ring {
                 values: (0..capacity).map(|_| None).collect(),
                 position_of: HashMap::new(),
+                hashes: vec![0; capacity].into_boxed_slice(),
                 free: (0..capacity as u32).rev().collect(),
                 hand: 0,
+                sketch: FrequencySketch::new(capacity),
             }),
         }
     }
@@ -171,28 +193,36 @@ impl<V: ?Sized> Tier<V> {
         true
     }
 
-    /// True if a found value the tier does not hold should be admitted now:
-    /// always while a position is free, else one time in
-    /// `FOUND_ADMITS_ONE_IN` (a per-thread pseudo-random draw).
+    /// True if a found value the tier does not hold should try to enter
+    /// now: always while a position is free, else one time in
+    /// `FOUND_ADMITS_ONE_IN` (a per-thread pseudo-random draw), to face the
+    /// frequency filter under the mutex.
     #[inline]
     pub(crate) fn admits_found(&self) -> bool {
         // Relaxed: a hint; the admission itself decides under the mutex.
         !self.full.load(Ordering::Relaxed) || one_in(FOUND_ADMITS_ONE_IN)
     }
 
-    /// Admits `value`, the value of the entry named `identity` whose slot's
-    /// mark is `mark`, evicting the least recently used value if the tier
-    /// is full; marks it used if the tier holds it already. The caller
-    /// holds the entry's shard lock and has just seen the entry there.
-    /// Returns what the tier let go of, for the caller to drop once it
+    /// Counts an access to the entry named `identity` under `hash`, whose
+    /// slot's mark is `mark` and whose value is `value`, and admits it: to
+    /// a free position if there is one; in a full tier, in place of the
+    /// CLOCK victim if the sketch counts `hash` wanted more often lately
+    /// than the victim's hash, or as often when neither was wanted more
+    /// than once ([`admits_over`]), else not at all (the victim stays).
+    /// Marks the entry used if the tier holds it already. The caller holds the
+    /// entry's shard lock and has just seen the entry there. Returns what
+    /// the tier let go of (the victim, or `value` itself when the tier
+    /// held it already or turned it away), for the caller to drop once it
     /// holds no lock.
     pub(crate) fn admit(
         &self,
         identity: usize,
+        hash: u64,
         mark: &AtomicUsize,
         value: Strong<V>,
     ) -> Option<Strong<V>> {
         let mut ring = self.ring.lock();
+        ring.sketch.increment(hash);
         if let Some(&at) = ring.position_of.get(&identity) {
             // Held already: a racing hit admitted it first, or the caller
             // read its mark in a table a rebuild had just replaced.
@@ -217,6 +247,13 @@ impl<V: ?Sized> Tier<V> {
             }
             None => {
                 let at = self.victim(&mut ring);
+                let victim_hash = ring.hashes[at as usize];
+                let wanted = ring.sketch.estimate(hash);
+                if !admits_over(wanted, ring.sketch.estimate(victim_hash)) {
+                    // Turned away: the victim stays, its bit now clear,
+                    // and the next candidate faces the next position.
+                    return Some(value);
+                }
                 let evicted = ring.values[at as usize].take();
                 // Relaxed: written under the mutex alone, which we hold.
                 let holder = self.holders[at as usize].load(Ordering::Relaxed);
@@ -233,6 +270,7 @@ impl<V: ?Sized> Tier<V> {
         // Relaxed: a hint for readers (see `touch`), like the byte.
         self.holders[at as usize].store(identity, Ordering::Relaxed);
         ring.values[at as usize] = Some(value);
+        ring.hashes[at as usize] = hash;
         ring.position_of.insert(identity, at);
         // Relaxed: as in `touch`.
         mark.store(mark_of(at, generation), Ordering::Relaxed);
@@ -240,8 +278,9 @@ impl<V: ?Sized> Tier<V> {
     }
 
     /// The first position past the hand whose `referenced` bit is clear,
-    /// clearing the bits it passes: within two turns, unless hits keep
-    /// setting bits behind it. The ring is full.
+    /// clearing the bits it passes and counting an access to each of their
+    /// holders in the sketch: within two turns, unless hits keep setting
+    /// bits behind it. The ring is full.
     fn victim(&self, ring: &mut Ring<V>) -> u32 {
         loop {
             let at = ring.hand;
@@ -251,6 +290,11 @@ impl<V: ?Sized> Tier<V> {
             // theirs: the holder bits stay.
             if position.load(Ordering::Relaxed) & REFERENCED != 0 {
                 position.fetch_and(!REFERENCED, Ordering::Relaxed);
+                // Hits on a held value reach the sketch only here, one a
+                // pass of the hand at most: `touch`, the hot path, sets
+                // the bit and nothing else. Enough to keep a hot value's
+                // count up through the halvings while it is held.
+                ring.sketch.increment(ring.hashes[at]);
             } else {
                 return at as u32;
             }
@@ -272,6 +316,18 @@ impl<V: ?Sized> Tier<V> {
         self.full.store(false, Ordering::Relaxed);
         ring.values[at as usize].take()
     }
+}
+
+/// The admission filter: whether a candidate the sketch counts `wanted`
+/// accesses lately takes the place of a victim it counts `victim`. More
+/// wins: a one-off read of the long tail (counted once) never pushes out a
+/// hot value that nobody happens to hold between two requests. A tie wins
+/// only among the coldest (counted at most once): the newest of the
+/// one-offs stays, as in a plain recency tier, while two popular values
+/// never trade places for nothing, each swap a rebuild.
+#[inline]
+fn admits_over(wanted: u8, victim: u8) -> bool {
+    wanted > victim || (wanted == victim && victim <= 1)
 }
 
 /// True one time in `n`, by a per-thread xorshift generator.
@@ -316,16 +372,31 @@ mod tests {
         i * 8
     }
 
+    /// The hash of entry `i`'s key.
+    fn hash(i: usize) -> u64 {
+        i as u64
+    }
+
+    /// A tier of `capacity` whose sketch forgets every access at once
+    /// (halved after each increment): every count is 0, every candidate
+    /// ties with the coldest, and the filter never turns one away. For the
+    /// tests of positions and marks.
+    fn unfiltered(capacity: usize) -> Tier<u32> {
+        let tier = Tier::new(capacity);
+        tier.ring.lock().sketch = FrequencySketch::with_period(capacity, 1);
+        tier
+    }
+
     /// A hit on entry `i` as the map makes it: touch, else admit.
     fn admit(tier: &Tier<u32>, i: usize, marks: &[AtomicUsize], value: &Strong<u32>) {
         if !tier.touch(id(i), &marks[i]) {
-            drop(tier.admit(id(i), &marks[i], value.clone()));
+            drop(tier.admit(id(i), hash(i), &marks[i], value.clone()));
         }
     }
 
     #[test]
     fn the_bound_is_exact_and_the_tier_fills() {
-        let tier = Tier::new(3);
+        let tier = unfiltered(3);
         let marks: Vec<_> = (0..10).map(|_| AtomicUsize::new(0)).collect();
         let values: Vec<_> = (0..10).map(Strong::new).collect();
         for (identity, value) in values.iter().enumerate().skip(1) {
@@ -338,7 +409,7 @@ mod tests {
 
     #[test]
     fn a_referenced_value_survives_a_turn_of_the_hand() {
-        let tier = Tier::new(2);
+        let tier = unfiltered(2);
         let marks: Vec<_> = (0..5).map(|_| AtomicUsize::new(0)).collect();
         let values: Vec<_> = (0..5).map(Strong::new).collect();
         admit(&tier, 1, &marks, &values[1]);
@@ -365,12 +436,12 @@ mod tests {
 
     #[test]
     fn a_stale_mark_is_refused_when_its_position_holds_another_entry() {
-        let tier = Tier::new(1);
+        let tier = unfiltered(1);
         let marks: Vec<_> = (0..3).map(|_| AtomicUsize::new(0)).collect();
         let values: Vec<_> = (0..3).map(Strong::new).collect();
         admit(&tier, 1, &marks, &values[1]);
         // 2 evicts 1 from the only position; 1's mark still names it.
-        drop(tier.admit(id(2), &marks[2], values[2].clone()));
+        drop(tier.admit(id(2), hash(2), &marks[2], values[2].clone()));
         assert_eq!(marks[1].load(Ordering::Relaxed), mark_of(0, 1));
         assert_eq!(marks[2].load(Ordering::Relaxed), mark_of(0, 2));
         assert!(!tier.touch(id(1), &marks[1]), "evicted");
@@ -380,14 +451,14 @@ mod tests {
 
     #[test]
     fn a_stale_mark_whose_generation_came_round_neither_passes_nor_keeps_the_holder() {
-        let tier = Tier::new(1);
+        let tier = unfiltered(1);
         let marks: Vec<_> = (0..130).map(|_| AtomicUsize::new(0)).collect();
         let values: Vec<_> = (0..130).map(Strong::new).collect();
         admit(&tier, 1, &marks, &values[1]);
         // 127 more holders of the one position: the last, 128, has the
         // generation 1 had, and 1's stale mark names it.
         for i in 2..=128 {
-            drop(tier.admit(id(i), &marks[i], values[i].clone()));
+            drop(tier.admit(id(i), hash(i), &marks[i], values[i].clone()));
         }
         assert_eq!(
             marks[1].load(Ordering::Relaxed),
@@ -398,14 +469,14 @@ mod tests {
         for _ in 0..3 {
             assert!(!tier.touch(id(1), &marks[1]));
         }
-        drop(tier.admit(id(129), &marks[129], values[129].clone()));
+        drop(tier.admit(id(129), hash(129), &marks[129], values[129].clone()));
         assert_eq!(Strong::strong_count(&values[128]), 1, "evicted");
         assert_eq!(Strong::strong_count(&values[129]), 2, "held");
     }
 
     #[test]
     fn a_stale_mark_is_corrected_and_forget_frees_the_position() {
-        let tier = Tier::new(2);
+        let tier = unfiltered(2);
         let marks: Vec<_> = (0..4).map(|_| AtomicUsize::new(0)).collect();
         let values: Vec<_> = (0..4).map(Strong::new).collect();
         admit(&tier, 1, &marks, &values[1]);
@@ -422,5 +493,117 @@ mod tests {
         assert_eq!(tier.len(), 2);
         assert!(tier.touch(id(2), &marks[2]) && tier.touch(id(3), &marks[3]));
         assert!(!tier.touch(id(1), &marks[1]), "forgotten");
+    }
+
+    #[test]
+    fn ties_admit_only_among_the_coldest() {
+        assert!(admits_over(1, 0) && admits_over(9, 8));
+        assert!(
+            admits_over(0, 0) && admits_over(1, 1),
+            "one-offs: the newest"
+        );
+        assert!(
+            !admits_over(2, 2) && !admits_over(15, 15),
+            "no swap for nothing"
+        );
+        assert!(!admits_over(1, 2) && !admits_over(0, 1));
+    }
+
+    /// Hot keys 0..8, each wanted once every `period` requests, and a
+    /// stream of one-off keys (each wanted once) between them, as the map
+    /// meets them: a key the tier holds is touched, any other loaded (a
+    /// new value and identity) and admitted. Returns how many hot keys
+    /// the tier holds at the end.
+    fn hot_keys_held_after_one_offs(tier: &Tier<u32>, period: usize) -> usize {
+        const HOT: usize = 8;
+        const ONE_OFFS: usize = 2_000;
+        let marks: Vec<_> = (0..HOT + ONE_OFFS).map(|_| AtomicUsize::new(0)).collect();
+        let values: Vec<_> = (0..HOT + ONE_OFFS).map(|i| Strong::new(i as u32)).collect();
+        let held = |i: usize| Strong::strong_count(&values[i]) == 2;
+        for one_off in HOT..HOT + ONE_OFFS {
+            if one_off % period == 0 {
+                for (hot, value) in values.iter().enumerate().take(HOT) {
+                    admit(tier, hot, &marks, value);
+                }
+            }
+            drop(tier.admit(
+                id(one_off),
+                hash(one_off),
+                &marks[one_off],
+                values[one_off].clone(),
+            ));
+        }
+        assert_eq!(tier.len(), tier.capacity(), "the tier stays full");
+        (0..HOT).filter(|&hot| held(hot)).count()
+    }
+
+    #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "20 000 admissions for a property of the filter: minutes under Miri; the other tests cover its paths"
+    )]
+    fn a_full_tier_keeps_its_hot_keys_against_a_stream_of_one_off_keys() {
+        // Room for the eight hot keys and four more. Hits on the hot keys
+        // come once every 16 one-offs, so the hand passes each position
+        // between two hits: CLOCK alone (the filter off) lets one-offs
+        // push hot keys out, the filter keeps every one.
+        assert_eq!(hot_keys_held_after_one_offs(&Tier::new(12), 16), 8);
+        assert!(
+            hot_keys_held_after_one_offs(&unfiltered(12), 16) < 8,
+            "without the filter the test shows nothing"
+        );
+    }
+
+    #[test]
+    fn a_key_wanted_often_enough_is_admitted() {
+        // A full tier of four keys each wanted three times.
+        let tier = Tier::new(4);
+        let marks: Vec<_> = (0..5).map(|_| AtomicUsize::new(0)).collect();
+        let values: Vec<_> = (0..5).map(Strong::new).collect();
+        for _ in 0..3 {
+            for i in 0..4 {
+                drop(tier.admit(id(i), hash(i), &marks[i], values[i].clone()));
+            }
+        }
+        // Key 4, loaded again and again while nobody holds it: turned
+        // away until it has been wanted more often than a victim.
+        let mut attempts = 0;
+        while Strong::strong_count(&values[4]) == 1 {
+            drop(tier.admit(id(4), hash(4), &marks[4], values[4].clone()));
+            attempts += 1;
+            assert!(attempts <= 8, "wanted four times, it should be in");
+        }
+        assert!(
+            attempts >= 4,
+            "admitted after {attempts}, before it was wanted more"
+        );
+        assert_eq!(tier.len(), 4, "in place of one of them");
+    }
+
+    #[test]
+    fn aging_lets_a_formerly_hot_key_be_replaced() {
+        // A tier of one, its value wanted 30 times (its count stops at 15)
+        // and then never again; the sketch halves every 20 increments.
+        let tier = Tier::new(1);
+        let marks: Vec<_> = (0..2).map(|_| AtomicUsize::new(0)).collect();
+        let values: Vec<_> = (0..2).map(Strong::new).collect();
+        for _ in 0..30 {
+            drop(tier.admit(id(0), hash(0), &marks[0], values[0].clone()));
+        }
+        // Key 1 wanted again and again: a count can never pass 15 and a
+        // tie at 15 is no reason to swap, so without the halving key 1
+        // would never enter. Its first five tries (20 increments in all,
+        // 15 of them key 0's) come before any halving: turned away.
+        let mut attempts = 0;
+        while Strong::strong_count(&values[1]) == 1 {
+            drop(tier.admit(id(1), hash(1), &marks[1], values[1].clone()));
+            attempts += 1;
+            assert!(attempts <= 40, "the old count should have faded");
+        }
+        assert!(
+            attempts > 5,
+            "admitted after {attempts}, before any halving"
+        );
+        assert_eq!(Strong::strong_count(&values[0]), 1, "replaced");
     }
 }

@@ -269,10 +269,10 @@ pub const DEMO: &str = "\
     build), under the same Zipf-skewed load from keep-alive clients over loopback, once per \
     cache: a strong `Mutex<HashMap>`, which keeps every object it builds; a pure \
     `WeakValueMap`, which keeps an object while a request or a connected client's session \
-    holds it; and a `WeakValueMap` with `keep_recent(N)`, which also keeps the N objects most \
-    recently loaded or found. The figures are the demo's own summary (`--tsv`): requests per \
-    second over each cache's share of the run, and the bytes of objects alive at the peak and \
-    once every client had disconnected. Measured by `cargo run --release --example \
+    holds it; and a `WeakValueMap` with `keep_recent(N)`, which also keeps N of the objects \
+    recently loaded or found, those wanted most often. The figures are the demo's own summary \
+    (`--tsv`): requests per second over each cache's share of the run, and the bytes of \
+    objects alive at the peak and once every client had disconnected. Measured by `cargo run --release --example \
     cache_server -- --duration 6` (3 seconds under `--quick`; `cargo bench-report` builds it \
     in the bench profile), the demo's defaults otherwise (`--help` lists them).";
 
