@@ -450,7 +450,7 @@ pub mod internals {
     //!    from the finalizer thread (`Executor::post`) if the entry's drop
     //!    runs user code (`Relocatable::DROP_RUNS_USER_CODE`, M10). Once no
     //!    reader pinned before the unlink is left, the deferred function
-    //!    drops the entry (its `Weak`, its `Hook`, its key), or moves it out
+    //!    drops the entry (its side, the `Hook`; then its key and `Weak`), or moves it out
     //!    and posts its drop to the finalizer thread if that runs user
     //!    code, then calls `free_slot` and `release`.
     //! 6. A posted job, or the user callbacks of step 3, go through

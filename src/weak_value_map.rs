@@ -1651,3 +1651,421 @@ mod tests {
         }
     }
 }
+
+/// Every side is dropped once, every hook
+/// detached, on every path.
+#[cfg(all(test, not(weakrefs_loom)))]
+mod side_tests {
+    use super::*;
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering as O};
+
+    /// Callbacks still attached to `value` (hooks not detached).
+    fn hooks<T: ?Sized>(value: &Strong<T>) -> usize {
+        Strong::callback_list(value).alive_entries().len()
+    }
+
+    fn settle_until(mut done: impl FnMut() -> bool) -> bool {
+        for _ in 0..if cfg!(miri) { 50 } else { 500 } {
+            if done() {
+                return true;
+            }
+            crate::flush();
+            crate::reclaim::push_garbage_through();
+        }
+        done()
+    }
+
+    /// A second handle to `key`'s entry's hook (the node's references show
+    /// whether the entry's side was dropped).
+    fn kept<K, V, S>(map: &WeakValueMap<K, V, S>, key: &K) -> Hook
+    where
+        K: Hash + Eq + Clone + Send + Sync + 'static,
+        V: ?Sized + Send + Sync + 'static,
+        S: BuildHasher + Send + Sync + 'static,
+    {
+        let hash = map.hash(key);
+        let pinned = map.core.table.pin();
+        let mut candidates = map.core.table.candidates(hash, &pinned);
+        while let Some((item, mark)) = candidates.next_marked() {
+            if item.key() == key {
+                return mark.side().0.keep();
+            }
+        }
+        panic!("no entry")
+    }
+
+    /// The entry's side is gone: only our handle (and perhaps the list's
+    /// link) is left.
+    fn side_dropped(hook: &Hook) -> bool {
+        hook.ref_count() <= 2
+    }
+
+    fn maps() -> Vec<WeakValueMap<u64, u64>> {
+        vec![
+            WeakValueMap::new(),
+            WeakValueMap::builder().keep_recent(4).build(),
+        ]
+    }
+
+    fn string_maps() -> Vec<WeakValueMap<String, u64>> {
+        vec![
+            WeakValueMap::new(),
+            WeakValueMap::builder().keep_recent(4).build(),
+        ]
+    }
+
+    #[test]
+    fn every_removal_path_detaches_and_drops_the_side() {
+        for map in maps() {
+            let (a, b, c) = (Strong::new(1), Strong::new(2), Strong::new(3));
+            // remove
+            map.insert(1, &a);
+            assert_eq!(hooks(&a), 1);
+            let _ = map.get(&1);
+            let _ = map.get(&1);
+            let k = kept(&map, &1);
+            assert_eq!(k.ref_count(), 3);
+            assert!(map.remove(&1).is_some());
+            assert_eq!(hooks(&a), 0, "remove");
+            assert!(settle_until(|| side_dropped(&k)), "remove: side dropped");
+            assert_eq!(Strong::strong_count(&a), 1, "tier forgot (remove)");
+            // replace via insert
+            map.insert(1, &a);
+            let k = kept(&map, &1);
+            let _ = map.get(&1);
+            assert!(map.insert(1, &b).is_some());
+            assert_eq!((hooks(&a), hooks(&b)), (0, 1), "insert replace");
+            assert!(settle_until(|| side_dropped(&k)), "insert: side dropped");
+            // remove_if
+            let k = kept(&map, &1);
+            assert!(map.remove_if(&1, |_, _| true).is_some());
+            assert_eq!(hooks(&b), 0, "remove_if");
+            assert!(settle_until(|| side_dropped(&k)), "remove_if: side dropped");
+            // try_insert: a vacant key takes the entry, a live one refuses
+            map.clear();
+            assert!(map.try_insert(2, &c).is_ok());
+            assert!(map.try_insert(2, &a).is_err());
+            assert_eq!((hooks(&a), hooks(&c)), (0, 1), "try_insert");
+            // get_or_insert_with, then retain
+            let d = map.get_or_insert_with(3, || 4);
+            assert_eq!(hooks(&d), 1);
+            let k = kept(&map, &3);
+            map.retain(|key, _| *key != 3);
+            assert_eq!(hooks(&d), 0, "retain");
+            assert!(settle_until(|| side_dropped(&k)), "retain: side dropped");
+            assert_eq!(hooks(&c), 1, "retain kept 2");
+            // clear
+            let k = kept(&map, &2);
+            map.clear();
+            assert_eq!(hooks(&c), 0, "clear");
+            assert!(settle_until(|| side_dropped(&k)), "clear: side dropped");
+            // map drop with live entries
+            map.insert(5, &a);
+            map.insert(6, &b);
+            let (ka, kb) = (kept(&map, &5), kept(&map, &6));
+            drop(map);
+            assert_eq!((hooks(&a), hooks(&b)), (0, 0), "map drop");
+            assert!(side_dropped(&ka) && side_dropped(&kb), "map drop: sides");
+            assert!(settle_until(
+                || Strong::weak_count(&a) == 0 && Strong::weak_count(&b) == 0
+            ));
+        }
+    }
+
+    /// Keys that need dropping: removed entries are moved out whole
+    /// (`take_whole`) and dropped on the finalizer thread.
+    #[test]
+    fn removed_entries_with_user_keys_drop_their_sides() {
+        for map in string_maps() {
+            let values: Vec<_> = (0..if cfg!(miri) { 20 } else { 200 })
+                .map(Strong::new)
+                .collect();
+            for v in &values {
+                map.insert(v.to_string(), v);
+            }
+            let kept: Vec<_> = values.iter().map(|v| kept(&map, &v.to_string())).collect();
+            for v in values.iter().step_by(2) {
+                assert!(map.remove(v.to_string().as_str()).is_some());
+            }
+            for (i, v) in values.iter().enumerate() {
+                assert_eq!(hooks(v), usize::from(i % 2 == 1));
+            }
+            // The finalizer thread may keep its last bag (< 32 retirements).
+            let ok =
+                settle_until(|| kept.iter().step_by(2).filter(|k| !side_dropped(k)).count() < 32);
+            eprintln!(
+                "counts: {:?}",
+                kept.iter().map(|k| k.ref_count()).collect::<Vec<_>>()
+            );
+            assert!(ok);
+            assert!(kept.iter().all(|k| k.ref_count() <= 3));
+            assert!(
+                kept.iter().skip(1).step_by(2).all(|k| k.ref_count() == 3),
+                "a live entry's side was dropped or copied twice"
+            );
+            drop(map);
+            assert!(values.iter().all(|v| hooks(v) == 0));
+            assert!(
+                kept.iter().skip(1).step_by(2).all(side_dropped),
+                "live at the map's drop"
+            );
+            assert!(settle_until(|| values
+                .iter()
+                .skip(1)
+                .step_by(2)
+                .all(|v| Strong::weak_count(v) == 0)));
+        }
+    }
+
+    /// Every key in one probe sequence.
+    #[derive(Clone, Default)]
+    struct OneBucket;
+    struct ZeroHasher;
+    impl std::hash::Hasher for ZeroHasher {
+        fn finish(&self) -> u64 {
+            0
+        }
+        fn write(&mut self, _: &[u8]) {}
+    }
+    impl BuildHasher for OneBucket {
+        type Hasher = ZeroHasher;
+        fn build_hasher(&self) -> ZeroHasher {
+            ZeroHasher
+        }
+    }
+
+    static CLONE_PANICS: AtomicBool = AtomicBool::new(false);
+    /// Clones that succeed once `CLONE_PANICS` is set, before one panics
+    /// (so that a rebuild has copies to take apart).
+    static CLONES_LEFT: AtomicUsize = AtomicUsize::new(0);
+    static LIVE_KEYS: AtomicUsize = AtomicUsize::new(0);
+
+    #[derive(PartialEq, Eq, Hash)]
+    struct PanickyClone(u64);
+    impl PanickyClone {
+        fn new(id: u64) -> Self {
+            LIVE_KEYS.fetch_add(1, O::SeqCst);
+            PanickyClone(id)
+        }
+    }
+    impl Clone for PanickyClone {
+        fn clone(&self) -> Self {
+            if CLONE_PANICS.load(O::SeqCst)
+                && CLONES_LEFT
+                    .fetch_update(O::SeqCst, O::SeqCst, |n| n.checked_sub(1))
+                    .is_err()
+            {
+                panic!("Clone failure (expected by this test)");
+            }
+            PanickyClone::new(self.0)
+        }
+    }
+    impl Drop for PanickyClone {
+        fn drop(&mut self) {
+            LIVE_KEYS.fetch_sub(1, O::SeqCst);
+        }
+    }
+
+    /// A rebuild whose `Clone` panics: the copies' sides are not dropped
+    /// (the originals own them), the incoming entry's side is (its hook
+    /// detached), and the originals' deaths still remove them.
+    #[test]
+    fn a_panicking_clone_mid_rebuild_leaves_every_side_owned_once() {
+        for tier in [0, 4] {
+            let values: Vec<_> = (0..if cfg!(miri) { 24 } else { 100 })
+                .map(Strong::new)
+                .collect();
+            let map: WeakValueMap<PanickyClone, u64, OneBucket> = WeakValueMap::builder()
+                .hasher(OneBucket)
+                .keep_recent(tier)
+                .build();
+            let mut kept_hooks = Vec::new();
+            let mut failed = None;
+            for (i, v) in values.iter().enumerate() {
+                if i == 1 {
+                    CLONES_LEFT.store(3, O::SeqCst);
+                    CLONE_PANICS.store(true, O::SeqCst);
+                }
+                match catch_unwind(AssertUnwindSafe(|| map.insert(PanickyClone::new(**v), v))) {
+                    Ok(_) => kept_hooks.push(kept(&map, &PanickyClone::new(**v))),
+                    Err(_) => {
+                        failed = Some(i);
+                        break;
+                    }
+                }
+            }
+            CLONE_PANICS.store(false, O::SeqCst);
+            assert_eq!(
+                CLONES_LEFT.load(O::SeqCst),
+                0,
+                "copies were made, then one panicked"
+            );
+            let failed = failed.expect("never rebuilt");
+            assert_eq!(
+                hooks(&values[failed]),
+                0,
+                "the unpublished side was dropped"
+            );
+            for (i, k) in kept_hooks.iter().enumerate() {
+                assert_eq!(hooks(&values[i]), 1);
+                assert_eq!(k.ref_count(), 3, "entry {i}'s side was dropped");
+            }
+            // Deaths still find their entries (identity intact); the tier
+            // would keep them alive.
+            let mut values = values;
+            let survivor = values.remove(0);
+            let first_hook = kept_hooks.remove(0);
+            drop(values);
+            assert!(settle_until(|| map.len() <= 1 + tier), "len {}", map.len());
+            assert!(settle_until(|| kept_hooks
+                .iter()
+                .filter(|k| !side_dropped(k))
+                .count()
+                <= tier));
+            assert_eq!(first_hook.ref_count(), 3);
+            // A working rebuild now: more entries under the one bucket.
+            let more: Vec<_> = (100..100 + if cfg!(miri) { 24 } else { 100 })
+                .map(Strong::new)
+                .collect();
+            for v in &more {
+                map.insert(PanickyClone::new(**v), v);
+            }
+            assert!(more.iter().all(|v| hooks(v) == 1));
+            assert_eq!(first_hook.ref_count(), 3, "rebuilt twice, owned once");
+            drop(map);
+            assert!(side_dropped(&first_hook));
+            assert_eq!(hooks(&survivor), 0);
+            assert!(more.iter().all(|v| hooks(v) == 0));
+        }
+        let live = LIVE_KEYS.load(O::SeqCst);
+        // Garbage the finalizer thread retired may wait in its own bag
+        // until it retires more: give it more to retire.
+        let ok = settle_until(|| {
+            let nudge: WeakValueMap<String, u8> = WeakValueMap::new();
+            let v = Strong::new(0);
+            for i in 0..64 {
+                nudge.insert(i.to_string(), &v);
+                nudge.remove(i.to_string().as_str());
+            }
+            LIVE_KEYS.load(O::SeqCst) == 0
+        });
+        assert!(ok, "{live} keys leaked, now {}", LIVE_KEYS.load(O::SeqCst));
+    }
+
+    static DROP_PANICS: AtomicBool = AtomicBool::new(false);
+
+    #[derive(Clone, PartialEq, Eq, Hash)]
+    struct PanickyDrop(u64);
+    impl Drop for PanickyDrop {
+        fn drop(&mut self) {
+            if DROP_PANICS.load(O::SeqCst) && self.0 % 3 == 0 {
+                panic!("key destructor failure (expected by this test)");
+            }
+        }
+    }
+
+    /// Dropping a map whose keys' destructors panic: every side is still
+    /// dropped once, every hook detached, every `Weak` let go.
+    #[test]
+    fn a_panicking_key_destructor_at_map_drop_still_drops_every_side() {
+        let values: Vec<_> = (0..if cfg!(miri) { 12 } else { 60 })
+            .map(Strong::new)
+            .collect();
+        let map: WeakValueMap<PanickyDrop, u64> = WeakValueMap::new();
+        for v in &values {
+            map.insert(PanickyDrop(**v), v);
+        }
+        let kept: Vec<_> = values
+            .iter()
+            .map(|v| kept(&map, &PanickyDrop(**v)))
+            .collect();
+        DROP_PANICS.store(true, O::SeqCst);
+        let dropped = catch_unwind(AssertUnwindSafe(|| drop(map)));
+        DROP_PANICS.store(false, O::SeqCst);
+        assert!(dropped.is_err(), "the first panic is resumed");
+        assert!(values.iter().all(|v| hooks(v) == 0));
+        assert!(kept.iter().all(side_dropped));
+        assert!(settle_until(|| values
+            .iter()
+            .all(|v| Strong::weak_count(v) == 0)));
+    }
+
+    static EQ_PANICS: AtomicBool = AtomicBool::new(false);
+
+    #[derive(Clone)]
+    struct PanickyEq(u64);
+    impl Hash for PanickyEq {
+        fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+            self.0.hash(state);
+        }
+    }
+    impl PartialEq for PanickyEq {
+        fn eq(&self, other: &Self) -> bool {
+            if EQ_PANICS.load(O::SeqCst) {
+                panic!("Eq failure (expected by this test)");
+            }
+            self.0 == other.0
+        }
+    }
+    impl Eq for PanickyEq {}
+
+    /// An insert whose `Eq` panics: the parked entry's side is dropped
+    /// (hook detached) after the unlock; the existing entry is untouched.
+    #[test]
+    fn a_panicking_eq_drops_the_parked_side() {
+        let map: WeakValueMap<PanickyEq, u64, OneBucket> = WeakValueMap::with_hasher(OneBucket);
+        let (a, b) = (Strong::new(1), Strong::new(2));
+        map.insert(PanickyEq(1), &a);
+        let k = kept(&map, &PanickyEq(1));
+        EQ_PANICS.store(true, O::SeqCst);
+        let r = catch_unwind(AssertUnwindSafe(|| map.insert(PanickyEq(2), &b)));
+        EQ_PANICS.store(false, O::SeqCst);
+        assert!(r.is_err());
+        assert_eq!((hooks(&a), hooks(&b)), (1, 0));
+        assert_eq!(Strong::weak_count(&b), 0);
+        assert_eq!(k.ref_count(), 3);
+        drop(map);
+        assert!(side_dropped(&k));
+    }
+
+    /// Many rebuilds (growth, then shrinking by clear/purge/shrink_to_fit)
+    /// with deaths and removals in between: each live entry's side is
+    /// owned exactly once throughout.
+    #[test]
+    fn rebuilds_move_each_side_once() {
+        for map in [WeakValueMap::<u64, u64>::new()] {
+            let n = if cfg!(miri) { 40 } else { 400 };
+            let values: Vec<_> = (0..n).map(Strong::new).collect();
+            for v in &values {
+                map.insert(**v, v);
+            }
+            let kept: Vec<_> = values.iter().map(|v| kept(&map, &**v)).collect();
+            let mut values: Vec<_> = values.into_iter().map(Some).collect();
+            for (i, v) in values.iter_mut().enumerate() {
+                if i % 4 != 0 {
+                    *v = None;
+                }
+            }
+            assert!(settle_until(|| map.len() == n as usize / 4));
+            map.purge();
+            map.shrink_to_fit();
+            for (i, k) in kept.iter().enumerate() {
+                if i % 4 == 0 {
+                    assert_eq!(k.ref_count(), 3, "live entry {i}");
+                }
+            }
+            assert!(settle_until(|| kept
+                .iter()
+                .enumerate()
+                .all(|(i, k)| i % 4 == 0 || k.ref_count() <= 2)));
+            map.retain(|_, v| v % 8 == 0);
+            assert!(settle_until(|| kept
+                .iter()
+                .enumerate()
+                .all(|(i, k)| i % 8 == 0 || k.ref_count() <= 2)));
+            drop(map);
+            assert!(kept.iter().all(side_dropped));
+        }
+    }
+}

@@ -224,8 +224,8 @@ fn a_recursive_load_of_the_same_key_panics_instead_of_deadlocking() {
 }
 
 /// Inserting and removing one long-lived value many times leaves no
-/// growing bookkeeping: its weak count (items and registered callbacks
-/// each hold one) stays bounded.
+/// growing bookkeeping: its weak count (the items' `Weak`s; registered
+/// callbacks hold none) stays bounded.
 #[test]
 fn insert_remove_churn_leaves_nothing_behind() {
     let map = WeakValueMap::new();
@@ -1702,4 +1702,88 @@ fn a_panicking_remove_if_drops_the_last_handle_after_unlocking() {
         REWROTE.load(Ordering::SeqCst) == 1
     });
     assert!(finished);
+}
+
+/// A rebuild whose key `Clone` panics only after some copies were made:
+/// the abandoned copies, and the sides copied beside them, exist, and
+/// must be taken apart without dropping what the originals own.
+mod clone_panicking_mid_rebuild {
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use weakrefs::{flush, Strong, WeakValueMap};
+
+    #[derive(Clone, Default)]
+    struct OneBucket;
+    struct ZeroHasher;
+    impl std::hash::Hasher for ZeroHasher {
+        fn finish(&self) -> u64 {
+            0
+        }
+        fn write(&mut self, _: &[u8]) {}
+    }
+    impl std::hash::BuildHasher for OneBucket {
+        type Hasher = ZeroHasher;
+        fn build_hasher(&self) -> ZeroHasher {
+            ZeroHasher
+        }
+    }
+
+    static PANICS: AtomicBool = AtomicBool::new(false);
+    static CLONES_LEFT: AtomicUsize = AtomicUsize::new(0);
+
+    #[derive(PartialEq, Eq, Hash)]
+    struct Key(u32);
+    impl Clone for Key {
+        fn clone(&self) -> Self {
+            if PANICS.load(Ordering::SeqCst)
+                && CLONES_LEFT
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_err()
+            {
+                panic!("Clone failure (expected by this test)");
+            }
+            Key(self.0)
+        }
+    }
+
+    /// As `a_panicking_clone_during_a_rebuild_leaves_the_map_intact`, but the
+    /// rebuild's `Clone` panics only after three copies were made, so that
+    /// the abandoned copies (and their sides) exist; then every value dies
+    /// while the map lives (each death runs its entry's hook) and the map is
+    /// dropped.
+    #[test]
+    fn a_clone_panicking_after_some_copies_leaves_every_hook_owned_once() {
+        let values: Vec<_> = (0..if cfg!(miri) { 16 } else { 64 })
+            .map(Strong::new)
+            .collect();
+        let map: WeakValueMap<Key, u32, OneBucket> = WeakValueMap::with_hasher(OneBucket);
+        CLONES_LEFT.store(3, Ordering::SeqCst);
+        PANICS.store(true, Ordering::SeqCst);
+        let mut inserted = 0;
+        for value in &values {
+            match catch_unwind(AssertUnwindSafe(|| map.insert(Key(**value), value))) {
+                Ok(_) => inserted += 1,
+                Err(_) => break,
+            }
+        }
+        PANICS.store(false, Ordering::SeqCst);
+        assert_eq!(CLONES_LEFT.load(Ordering::SeqCst), 0, "copies were made");
+        assert!(inserted < values.len(), "the shard never rebuilt");
+        assert_eq!(map.len(), inserted);
+        // The failed one too, now that `Clone` works.
+        for value in &values[inserted..] {
+            map.insert(Key(**value), value);
+        }
+        assert_eq!(map.len(), values.len());
+        let mut values = values;
+        let kept = values.split_off(values.len() / 2);
+        drop(values); // their deaths run their hooks, which remove their entries
+        flush();
+        for value in &kept {
+            assert_eq!(map.get(&Key(**value)).as_deref(), Some(&**value));
+        }
+        drop(map);
+        drop(kept);
+        flush();
+    }
 }

@@ -207,7 +207,7 @@ mod bytes {
 /// 3. [`identity`](Relocatable::identity) is unique among the live items
 ///    of a table, is the same for an item and its relocated copy, and is
 ///    not reused while a thread that saw the item is pinned (it is the
-///    address of something the item owns, freed with the item).
+///    address of something the item or its side owns, freed with them).
 /// 4. No code writes through a shared reference to a
 ///    [`Side`](Sided::Side) (no `UnsafeCell` in its own bytes): a
 ///    rebuild moves it bitwise, with readers of the old table still able
