@@ -1712,21 +1712,7 @@ mod clone_panicking_mid_rebuild {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use weakrefs::{flush, Strong, WeakValueMap};
 
-    #[derive(Clone, Default)]
-    struct OneBucket;
-    struct ZeroHasher;
-    impl std::hash::Hasher for ZeroHasher {
-        fn finish(&self) -> u64 {
-            0
-        }
-        fn write(&mut self, _: &[u8]) {}
-    }
-    impl std::hash::BuildHasher for OneBucket {
-        type Hasher = ZeroHasher;
-        fn build_hasher(&self) -> ZeroHasher {
-            ZeroHasher
-        }
-    }
+    use super::OneBucket;
 
     static PANICS: AtomicBool = AtomicBool::new(false);
     static CLONES_LEFT: AtomicUsize = AtomicUsize::new(0);
