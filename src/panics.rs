@@ -18,6 +18,16 @@ pub(crate) fn catch_and_report(what: &str, f: impl FnOnce()) -> bool {
     }
 }
 
+/// Drops each of `items` on its own, catching and reporting a panic from
+/// any as `what`: one destructor's panic neither skips the others nor,
+/// with a second during the first's unwinding (as dropping a `Vec` whole
+/// would give), aborts the process.
+pub(crate) fn drop_each_and_report<T>(what: &str, items: impl IntoIterator<Item = T>) {
+    for item in items {
+        catch_and_report(what, || drop(item));
+    }
+}
+
 /// Reports a caught panic on stderr and drops its payload, whose own
 /// `Drop` (user code too) may not unwind from here either.
 pub(crate) fn report(what: &str, payload: Box<dyn Any + Send>) {

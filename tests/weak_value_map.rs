@@ -1773,3 +1773,73 @@ mod clone_panicking_mid_rebuild {
         flush();
     }
 }
+
+/// Set while `GlobalPanickyKey`s' destructors must panic.
+static GLOBAL_KEYS_PANIC: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// `GlobalPanickyKey`s alive.
+static LIVE_GLOBAL_KEYS: AtomicUsize = AtomicUsize::new(0);
+
+/// A key whose destructor panics while `GLOBAL_KEYS_PANIC` is set.
+#[derive(PartialEq, Eq, Hash)]
+struct GlobalPanickyKey(u32);
+
+impl GlobalPanickyKey {
+    fn new(id: u32) -> Self {
+        LIVE_GLOBAL_KEYS.fetch_add(1, Ordering::SeqCst);
+        GlobalPanickyKey(id)
+    }
+}
+
+impl Clone for GlobalPanickyKey {
+    fn clone(&self) -> Self {
+        GlobalPanickyKey::new(self.0)
+    }
+}
+
+impl Drop for GlobalPanickyKey {
+    fn drop(&mut self) {
+        LIVE_GLOBAL_KEYS.fetch_sub(1, Ordering::SeqCst);
+        if GLOBAL_KEYS_PANIC.load(Ordering::SeqCst) {
+            panic!("key destructor failure (expected by this test)");
+        }
+    }
+}
+
+/// A growing map leaves the keys its rebuilds cloned from behind, and
+/// drops them together later, on the finalizer thread. When several of
+/// their destructors panic, each panic is caught and reported on its own:
+/// none skips the other keys, and a second one, during the first's
+/// unwinding, does not abort the process (dropping them as one `Vec` did).
+#[test]
+fn many_panicking_destructors_among_the_keys_a_rebuild_left_behind_are_each_caught() {
+    let count = if cfg!(miri) { 24 } else { 200 };
+    let values: Vec<_> = (0..count).map(Strong::new).collect();
+    let map: WeakValueMap<GlobalPanickyKey, u32> = WeakValueMap::new();
+    GLOBAL_KEYS_PANIC.store(true, Ordering::SeqCst);
+    for value in &values {
+        map.insert(GlobalPanickyKey::new(**value), value);
+    }
+    // Every left-behind key is dropped (each destructor panicking), and
+    // only the map's own keys stay alive.
+    let mut live = LIVE_GLOBAL_KEYS.load(Ordering::SeqCst);
+    for _ in 0..if cfg!(miri) { 200 } else { 2_000 } {
+        live = LIVE_GLOBAL_KEYS.load(Ordering::SeqCst);
+        if live == count as usize {
+            break;
+        }
+        let other: WeakValueMap<u8, u8> = WeakValueMap::new();
+        let v = Strong::new(0);
+        other.insert(0, &v);
+        other.remove(&0);
+        flush();
+    }
+    GLOBAL_KEYS_PANIC.store(false, Ordering::SeqCst);
+    assert_eq!(live, count as usize, "left-behind keys never dropped");
+    assert_eq!(map.len(), count as usize);
+    for value in &values {
+        assert_eq!(
+            map.get(&GlobalPanickyKey::new(**value)).as_deref(),
+            Some(&**value)
+        );
+    }
+}

@@ -60,7 +60,7 @@ use std::panic::{self, AssertUnwindSafe};
 use std::ptr;
 
 use crate::callbacks::Executor;
-use crate::panics::catch_and_report;
+use crate::panics::{catch_and_report, drop_each_and_report};
 use crate::reclaim::{Pinned, Reclaimer};
 use crate::sync::{
     acquire_fence, AtomicPtr, AtomicU32, AtomicUsize, CachePadded, Mutex, MutexGuard, Ordering,
@@ -1465,12 +1465,12 @@ impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
         }
         let garbage = std::mem::take(&mut self.garbage);
         // After the unlock: user code, dropped here only on a panic's way
-        // out (a failed `Eq` or `Clone`), where a second panic would abort.
+        // out (a failed `Eq` or `Clone`), where a panic escaping a drop
+        // would abort: each key on its own.
         if garbage.unpublished.is_some() || !garbage.abandoned.is_empty() {
-            catch_and_report("an unpublished entry's destructor", || {
-                drop(garbage.unpublished);
-                drop(garbage.abandoned);
-            });
+            let what = "an unpublished entry's destructor";
+            catch_and_report(what, || drop(garbage.unpublished));
+            drop_each_and_report(what, garbage.abandoned);
         }
         if garbage.items.is_empty() && garbage.tables.is_empty() {
             return;
@@ -1641,11 +1641,9 @@ unsafe fn retire<I: Relocatable>(
         if I::DROP_RUNS_USER_CODE {
             // User destructors: on the finalizer thread, as for removed
             // items (M10).
-            executor.post(move || {
-                catch_and_report("a relocated entry's destructor", || drop(left));
-            });
+            executor.post(move || drop_each_and_report("a relocated entry's destructor", left));
         } else {
-            catch_and_report("a relocated entry's destructor", || drop(left));
+            drop_each_and_report("a relocated entry's destructor", left);
         }
     }
     // SAFETY: the shard's reference (1); what the table's full slots still
