@@ -503,12 +503,6 @@ impl<P> Hook<P> {
         self.entry.detach()
     }
 
-    /// References to this hook's node (tests only).
-    #[cfg(all(test, not(weakrefs_loom)))]
-    pub(crate) fn ref_count(&self) -> usize {
-        self.entry.ref_count()
-    }
-
     /// A second handle, which keeps the hook's address reserved (for work
     /// that finishes the removal later, elsewhere).
     pub(crate) fn keep(&self) -> Hook<P> {
