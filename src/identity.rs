@@ -149,7 +149,7 @@ pub struct IdentityHasher {
 /// bits on fewer ways than the middle ones, which `finish`'s second round
 /// makes up for).
 #[inline(always)]
-fn folded_multiply(a: u64, b: u64) -> u64 {
+pub(crate) fn folded_multiply(a: u64, b: u64) -> u64 {
     let product = u128::from(a) * u128::from(b);
     (product as u64) ^ ((product >> 64) as u64)
 }

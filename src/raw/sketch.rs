@@ -21,6 +21,8 @@
 //! never on addresses or per-thread draws, so a loom model that fixes its
 //! hasher replays the same decisions for the same schedule.
 
+use crate::identity::folded_multiply;
+
 /// Sixteen 4-bit counters: the low bit of each.
 const LOW_BITS: u64 = 0x1111_1111_1111_1111;
 
@@ -76,8 +78,8 @@ impl FrequencySketch {
     fn counters(&self, hash: u64) -> [(usize, u32); 4] {
         // Remixed: the map's hasher is the user's, and may be weak (an
         // identity hash of integers would put neighbours side by side).
-        let first = spread(hash);
-        let second = spread(first ^ 0x9E37_79B9_7F4A_7C15);
+        let first = mix(hash, 0x9E37_79B9_7F4A_7C15);
+        let second = mix(first, 0xC4CE_B9FE_1A85_EC53);
         let mask = self.words.len() - 1;
         // Word indexes from bits 0..24 and 32..56 of each mix (a mask is
         // below 2^24); the counter within each row's quarter from the top
@@ -98,7 +100,13 @@ impl FrequencySketch {
 
     /// How often `hash` was seen lately, 0 to 15 (never less than it was).
     pub(crate) fn estimate(&self, hash: u64) -> u8 {
-        self.counters(hash)
+        self.least(&self.counters(hash))
+    }
+
+    /// The least of `counters`' values: a key's estimate.
+    #[inline]
+    fn least(&self, counters: &[(usize, u32); 4]) -> u8 {
+        counters
             .iter()
             .map(|&(word, shift)| (self.words[word] >> shift) as u8 & 15)
             .min()
@@ -109,18 +117,14 @@ impl FrequencySketch {
     /// increments have added up.
     pub(crate) fn increment(&mut self, hash: u64) {
         let counters = self.counters(hash);
-        let least = counters
-            .iter()
-            .map(|&(word, shift)| (self.words[word] >> shift) & 15)
-            .min()
-            .unwrap_or(15);
+        let least = self.least(&counters);
         if least == 15 {
             return;
         }
         for (word, shift) in counters {
             // Only the counters at the least: the others are overstated by
             // collisions already.
-            if (self.words[word] >> shift) & 15 == least {
+            if (self.words[word] >> shift) & 15 == u64::from(least) {
                 self.words[word] += 1 << shift;
             }
         }
@@ -141,15 +145,14 @@ impl FrequencySketch {
     }
 }
 
-/// A 64-bit finalizer (MurmurHash3's): every output bit depends on every
-/// input bit.
+/// Two rounds of the identity hasher's mixing step: every output bit
+/// depends on every input bit.
 #[inline]
-fn spread(mut hash: u64) -> u64 {
-    hash ^= hash >> 33;
-    hash = hash.wrapping_mul(0xFF51_AFD7_ED55_8CCD);
-    hash ^= hash >> 33;
-    hash = hash.wrapping_mul(0xC4CE_B9FE_1A85_EC53);
-    hash ^ (hash >> 33)
+fn mix(hash: u64, seed: u64) -> u64 {
+    folded_multiply(
+        folded_multiply(hash ^ seed, 0xFF51_AFD7_ED55_8CCD),
+        seed | 1,
+    )
 }
 
 #[cfg(all(test, not(weakrefs_loom)))]
