@@ -166,8 +166,8 @@ struct Snapshots<'a, I: Sided, T, P> {
     project: P,
     /// The shard to snapshot once `batch` is empty.
     next_shard: usize,
-    /// The current shard's snapshot, in reverse, so that `pop` yields it
-    /// in table order.
+    /// The current shard's snapshot, yielded from the back by `pop` (no
+    /// order is promised, and reversing it would cost a pass).
     batch: Vec<T>,
 }
 
@@ -190,7 +190,6 @@ where
             let shard = self.next_shard;
             self.next_shard += 1;
             fill_snapshot(self.table, shard, &mut self.project, &mut self.batch);
-            self.batch.reverse();
         }
     }
 

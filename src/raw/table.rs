@@ -445,6 +445,49 @@ impl<I: Sided> Table<I> {
         }
     }
 
+    /// Calls `f` with the item of every full slot, its group's word loaded
+    /// with `order` (Acquire for a reader). The slots' layout is matched
+    /// once, not once an item: a scan is the hot loop of every iteration.
+    ///
+    /// # Safety
+    ///
+    /// 1. No item is dropped while `'t` lasts: the caller is pinned for
+    ///    `'t`, or holds the shard's mutex for it ([`Self::item`]'s 2).
+    /// 2. `order` is Acquire, or the caller holds the shard's mutex
+    ///    ([`Self::item`]'s 1).
+    #[inline]
+    unsafe fn each_full_item<'t>(&'t self, order: Ordering, f: impl FnMut(&'t I)) {
+        /// The scan over one layout: `cells` holds a slot's item cell for
+        /// each slot, `GROUP` of them for each control word.
+        #[inline(always)]
+        fn scan<'t, I: 't, C: 't>(
+            control: &'t [AtomicUsize],
+            cells: &'t [C],
+            cell: impl Fn(&'t C) -> &'t Slot<I>,
+            order: Ordering,
+            mut f: impl FnMut(&'t I),
+        ) {
+            for (word, group) in control.iter().zip(cells.chunks_exact(GROUP)) {
+                let mut full = bytes::full(word.load(order));
+                while full != 0 {
+                    // Below `GROUP`, which the mask lets the compiler see.
+                    let slot = bytes::slot_in_group(full) & (GROUP - 1);
+                    full &= full - 1;
+                    let item = cell(&group[slot]).with(|item| item);
+                    // As in `Table::item`: written before its control byte
+                    // was published (seen through `order`, the caller's 2).
+                    // SAFETY: and not written or dropped since, nor while
+                    // `'t` lasts (the caller's 1).
+                    f(unsafe { (*item).assume_init_ref() });
+                }
+            }
+        }
+        match &self.slots {
+            Slots::Plain { items, .. } => scan(&self.control, items, |cell| cell, order, f),
+            Slots::Marked(slots) => scan(&self.control, slots, |slot| &slot.item, order, f),
+        }
+    }
+
     /// What a probe for the item of slot `index`, whose control byte is
     /// `control`, needs of its hash: the home group's bits and the control
     /// byte's, the rest zero (the shard is this one). Relaxed: for a writer
@@ -710,20 +753,13 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
     }
 
     /// As [`Self::for_each_in_shard`], under the caller's pin.
-    fn for_each_in_shard_pinned<'g>(
-        &self,
-        index: usize,
-        pinned: &'g Pinned,
-        mut f: impl FnMut(&'g I),
-    ) {
+    fn for_each_in_shard_pinned<'g>(&self, index: usize, pinned: &'g Pinned, f: impl FnMut(&'g I)) {
         let table = self.table_for_read(index, pinned);
         // Acquire (M1): pairs with the Release RMWs of the control words
         // that published the items.
-        table.each_full(Ordering::Acquire, |index, _| {
-            // SAFETY: seen full (1); pinned, and a removed item is dropped
-            // only by an epoch-deferred function (2, I7).
-            f(unsafe { table.item(index) });
-        });
+        // SAFETY: pinned for 'g, and a removed item is dropped only by an
+        // epoch-deferred function (I7).
+        unsafe { table.each_full_item(Ordering::Acquire, f) };
     }
 
     /// Removes from shard `index` the items `keep` rejects, deciding
