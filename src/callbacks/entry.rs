@@ -30,17 +30,20 @@
 //!   dropped itself (the node may outlive it in its object's list).
 //!
 //! Lists and handles hold thin `NonNull<Entry>` pointers that keep the
-//! provenance of the whole node (they all come from the one `Box::leak`);
+//! provenance of the whole node (they all come from the one allocation,
+//! `leak`'s, from `node_cache`);
 //! the links past the header and the closure are reached only from such a
 //! pointer, never from a `&Entry` (C13). One allocation per registration,
 //! and the node starts with its owners (handle, object list and, for
 //! `finalize`, the registry) counted, so registering costs no
 //! reference-count RMW.
 
+use std::alloc::Layout;
 use std::marker::PhantomData;
 use std::mem::ManuallyDrop;
 use std::ptr::{self, NonNull};
 
+use super::node_cache;
 use crate::sync::{
     acquire_fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU8, LeakCheck, Ordering, UnsafeCell,
 };
@@ -162,13 +165,18 @@ impl<H: 'static, P: 'static, C: Callback> Node<H, P, C> {
         free: Self::free,
     };
 
-    /// Leaks `self` and returns `OWNERS` references to it, which the node's
-    /// count (set by the caller) already counts.
+    /// Moves `self` into a block of its own (from `node_cache`) and returns
+    /// `OWNERS` references to it, which the node's count (set by the
+    /// caller) already counts.
     fn leak<const OWNERS: usize>(self) -> [EntryRef; OWNERS] {
         // The one pointer every owner derives from: it carries the
         // provenance of the whole node (C13). `H` starts with `Entry`
         // (`repr(C)` both), so the cast points at the header.
-        let entry = NonNull::from(Box::leak(Box::new(self))).cast::<Entry>();
+        let layout = Layout::new::<Self>();
+        let node = node_cache::allocate(layout).cast::<Self>();
+        // SAFETY: a fresh block of `Self`'s layout, ours alone (C16).
+        unsafe { node.as_ptr().write(self) };
+        let entry = node.cast::<Entry>();
         [(); OWNERS].map(|()| EntryRef(entry))
     }
 
@@ -206,7 +214,7 @@ impl<H: 'static, P: 'static, C: Callback> Node<H, P, C> {
         // always runs it before letting go of its reference. Relaxed
         // suffices for the load, as we are alone.
         // SAFETY: the last reference is gone and its fence ran (C13): we own
-        // the node, which `leak` made from this very `Box<Node<H, P, C>>`.
+        // the node, which `leak` wrote whole into a block of this layout.
         // A hook's payload is `ManuallyDrop`: its entry dropped it.
         unsafe {
             let header = node.cast::<Entry>();
@@ -215,7 +223,8 @@ impl<H: 'static, P: 'static, C: Callback> Node<H, P, C> {
                     .callback
                     .with_mut(|cell| ManuallyDrop::drop(&mut *cell));
             }
-            drop(Box::from_raw(node));
+            ptr::drop_in_place(node);
+            node_cache::release(NonNull::new_unchecked(node).cast(), Layout::new::<Self>());
         }
     }
 }
@@ -544,7 +553,7 @@ impl<P> Hook<P> {
     ///    alive, and `payload` is never called again.
     pub(crate) unsafe fn drop_payload(&self) {
         // SAFETY: initialised, dropped once (1), and unborrowed (2); the
-        // pointer carries the whole node's provenance (from `Box::leak`),
+        // pointer carries the whole node's provenance (from `leak`),
         // and the free never drops it again (`ManuallyDrop`).
         unsafe { ptr::drop_in_place(self.payload_ptr()) }
     }
