@@ -1585,6 +1585,10 @@ where
 #[cfg(all(test, not(weakrefs_loom)))]
 mod tests {
     use super::*;
+    use crate::callbacks::EntryRef;
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    use std::thread;
+    use std::time::{Duration, Instant};
 
     /// One way to take `value` in and out of a map under a key.
     type Path<'a> = (&'a str, &'a dyn Fn(&WeakValueMap<u32, u32>, u32));
@@ -1649,5 +1653,190 @@ mod tests {
             let left = hooks_on(&value);
             assert!(left < 200, "{name}: {left} hooks left on the value");
         }
+    }
+
+    /// The callbacks still registered on `value`, as new handles to their
+    /// nodes.
+    fn live_hooks_on<T: ?Sized>(value: &Strong<T>) -> Vec<EntryRef> {
+        Strong::callback_list(value).alive_entries()
+    }
+
+    /// Drives the deferred drops of removed entries (epoch collection, and
+    /// the finalizer thread for keys with destructors) until `hook`'s node
+    /// has no owner but the caller: its entry's side has been dropped, and
+    /// its dead value's list has let go of it. For as long as that takes:
+    /// other tests' threads pin the epoch now and then, which delays the
+    /// drops but cannot stop them (tests that waited a fixed number of
+    /// rounds failed under load). Only a side that is never dropped comes
+    /// near the deadline.
+    fn wait_until_the_side_is_dropped(exit: &str, hook: &EntryRef) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while hook.ref_count() > 1 {
+            assert!(
+                Instant::now() < deadline,
+                "{exit}: the entry's side was never dropped ({} owners of its hook)",
+                hook.ref_count()
+            );
+            crate::flush();
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// One way an entry (under `key`, holding `value`) leaves its map;
+    /// each ends with `value` dropped.
+    type Exit<K> = (&'static str, fn(&WeakValueMap<K, u32>, &K, Strong<u32>));
+
+    /// Along every exit, a removed entry's side is dropped once its
+    /// deferred drop runs: a handle to the entry's hook, taken while the
+    /// entry is in the map, ends up its node's only owner.
+    fn every_exit_drops_the_side<K>(key: fn(u32) -> K)
+    where
+        K: Hash + Eq + Clone + Send + Sync + 'static,
+    {
+        let exits: [Exit<K>; 5] = [
+            ("remove", |map, key, value| {
+                assert!(map.remove(key).is_some());
+                drop(value);
+            }),
+            ("replacing insert", |map, key, value| {
+                let newer = Strong::new(2);
+                assert!(map.insert(key.clone(), &newer).is_some());
+                drop(value);
+            }),
+            ("death", |_, _, value| drop(value)),
+            ("retain", |map, _, value| {
+                map.retain(|_, _| false);
+                drop(value);
+            }),
+            ("clear", |map, _, value| {
+                map.clear();
+                drop(value);
+            }),
+        ];
+        for (exit, leave) in exits {
+            let map = WeakValueMap::new();
+            let value = Strong::new(1);
+            map.insert(key(1), &value);
+            let hook = {
+                let mut hooks = live_hooks_on(&value);
+                assert_eq!(hooks.len(), 1, "{exit}: one entry watches the value");
+                hooks.pop().expect("counted")
+            };
+            // The side's, the list's and ours.
+            assert_eq!(hook.ref_count(), 3, "{exit}");
+            leave(&map, &key(1), value);
+            assert!(map.is_empty(), "{exit}");
+            wait_until_the_side_is_dropped(exit, &hook);
+        }
+    }
+
+    /// Keys without destructors: a removed entry is dropped in place, by
+    /// the function its writer deferred (`Table::drop_whole`).
+    #[test]
+    fn a_removed_entry_drops_its_side() {
+        const { assert!(!<Item<u32, u32> as Relocatable>::DROP_RUNS_USER_CODE) };
+        every_exit_drops_the_side(|id| id);
+    }
+
+    /// Keys with destructors (user code): a removed entry is moved out
+    /// whole (`Table::take_whole`) and dropped on the finalizer thread,
+    /// its side with it.
+    #[test]
+    fn a_removed_entry_whose_key_runs_user_code_drops_its_side() {
+        const { assert!(<Item<String, u32> as Relocatable>::DROP_RUNS_USER_CODE) };
+        every_exit_drops_the_side(|id| id.to_string());
+    }
+
+    /// A key whose `Eq` or `Clone` panics if the key says so. Every key
+    /// hashes alike, so all share one probe sequence: a write compares its
+    /// key with each entry's, and the shard rebuilds within a few inserts.
+    #[derive(Debug)]
+    struct Touchy {
+        id: u32,
+        eq_panics: bool,
+        clone_panics: bool,
+    }
+
+    impl Touchy {
+        fn new(id: u32) -> Self {
+            Touchy {
+                id,
+                eq_panics: false,
+                clone_panics: false,
+            }
+        }
+    }
+
+    impl Hash for Touchy {
+        fn hash<H: std::hash::Hasher>(&self, _: &mut H) {}
+    }
+
+    impl PartialEq for Touchy {
+        fn eq(&self, other: &Self) -> bool {
+            if self.eq_panics || other.eq_panics {
+                panic!("Eq failure (expected by this test)");
+            }
+            self.id == other.id
+        }
+    }
+
+    impl Eq for Touchy {}
+
+    impl Clone for Touchy {
+        fn clone(&self) -> Self {
+            if self.clone_panics {
+                panic!("Clone failure (expected by this test)");
+            }
+            Touchy::new(self.id)
+        }
+    }
+
+    /// An insert whose `Eq` panics has registered its entry's hook and
+    /// parked the entry, unpublished: dropping it after the unlock drops
+    /// its side, which detaches the hook. At once, with no deferred drop
+    /// to wait for.
+    #[test]
+    fn an_insert_that_panics_in_eq_detaches_the_hook_it_registered() {
+        let map = WeakValueMap::new();
+        let held = Strong::new(1);
+        map.insert(Touchy::new(1), &held);
+        let value = Strong::new(2);
+        let key = Touchy {
+            eq_panics: true,
+            ..Touchy::new(2)
+        };
+        assert!(catch_unwind(AssertUnwindSafe(|| map.insert(key, &value))).is_err());
+        assert_eq!(map.len(), 1);
+        assert!(
+            live_hooks_on(&value).is_empty(),
+            "the parked entry's side was never dropped: its hook still watches the value"
+        );
+        assert_eq!(
+            live_hooks_on(&held).len(),
+            1,
+            "the entry in place keeps its hook"
+        );
+    }
+
+    /// As above, for an insert whose rebuild panics in a key's `Clone`.
+    #[test]
+    fn an_insert_whose_rebuild_panics_in_clone_detaches_the_hook_it_registered() {
+        let map = WeakValueMap::new();
+        let values: Vec<_> = (0..64).map(Strong::new).collect();
+        let failed = values
+            .iter()
+            .find(|value| {
+                let key = Touchy {
+                    clone_panics: true,
+                    ..Touchy::new(***value)
+                };
+                catch_unwind(AssertUnwindSafe(|| map.insert(key, value))).is_err()
+            })
+            .expect("the shard never rebuilt");
+        assert_eq!(map.len(), **failed as usize);
+        assert!(
+            live_hooks_on(failed).is_empty(),
+            "the parked entry's side was never dropped: its hook still watches the value"
+        );
     }
 }

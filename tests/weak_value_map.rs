@@ -3,8 +3,8 @@
 
 use std::collections::HashSet;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Barrier};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Barrier, OnceLock};
 use std::thread;
 
 use weakrefs::{flush, RemovalCause, Strong, WeakValueMap};
@@ -381,37 +381,191 @@ impl std::hash::BuildHasher for OneBucket {
     }
 }
 
-/// A key whose `Eq` panics on demand, and which counts the drops of the
-/// copies the map owns.
-#[derive(Debug, Clone)]
-struct TrickyKey {
-    id: u32,
-    in_map: bool,
+/// Test code a key runs from its `Eq` or its `Drop`.
+type KeyHook = Box<dyn Fn(&Key) + Send + Sync>;
+
+/// The keys of one test (a `static` of its own, so that tests running at
+/// the same time never share counts or switches): counts them, and tells
+/// their `Eq`, `Clone` and `Drop` to panic or to run the test's own code.
+struct Keys {
+    /// Keys made (`key` or `Clone`) and not yet dropped.
+    live: AtomicUsize,
+    /// Keys dropped.
+    drops: AtomicUsize,
+    /// Calls of the keys' `Hash`.
+    hashes: AtomicUsize,
+    /// `Eq` panics on keys of different ids.
+    eq_panics: AtomicBool,
+    /// `Clone` panics once `clones_left` is used up.
+    clone_panics: AtomicBool,
+    clones_left: AtomicUsize,
+    drop_panics: AtomicBool,
+    /// Run by every key's `Eq`, and by every key's `Drop`.
+    on_eq: OnceLock<KeyHook>,
+    on_drop: OnceLock<KeyHook>,
 }
 
-static TRICKY_EQ_PANICS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-static TRICKY_MAP_KEY_DROPS: AtomicUsize = AtomicUsize::new(0);
+impl Keys {
+    const fn new() -> Self {
+        Keys {
+            live: AtomicUsize::new(0),
+            drops: AtomicUsize::new(0),
+            hashes: AtomicUsize::new(0),
+            eq_panics: AtomicBool::new(false),
+            clone_panics: AtomicBool::new(false),
+            clones_left: AtomicUsize::new(0),
+            drop_panics: AtomicBool::new(false),
+            on_eq: OnceLock::new(),
+            on_drop: OnceLock::new(),
+        }
+    }
 
-impl PartialEq for TrickyKey {
+    fn key(&'static self, id: u32) -> Key {
+        self.live.fetch_add(1, Ordering::SeqCst);
+        Key {
+            id: Box::new(id),
+            hits: AtomicUsize::new(0),
+            keys: self,
+        }
+    }
+
+    fn live(&self) -> usize {
+        self.live.load(Ordering::SeqCst)
+    }
+
+    /// Panics in `Eq` between different keys while `on`.
+    fn panic_in_eq(&self, on: bool) {
+        self.eq_panics.store(on, Ordering::SeqCst);
+    }
+
+    /// Panics in `Clone` after `clones` more clones, or never again if
+    /// `None`.
+    fn panic_in_clone_after(&self, clones: Option<usize>) {
+        self.clones_left
+            .store(clones.unwrap_or(0), Ordering::SeqCst);
+        self.clone_panics.store(clones.is_some(), Ordering::SeqCst);
+    }
+
+    /// Panics in `Drop` while `on`.
+    fn panic_in_drop(&self, on: bool) {
+        self.drop_panics.store(on, Ordering::SeqCst);
+    }
+
+    fn on_eq(&self, f: impl Fn(&Key) + Send + Sync + 'static) {
+        assert!(self.on_eq.set(Box::new(f)).is_ok(), "set once");
+    }
+
+    fn on_drop(&self, f: impl Fn(&Key) + Send + Sync + 'static) {
+        assert!(self.on_drop.set(Box::new(f)).is_ok(), "set once");
+    }
+}
+
+/// A key that owns heap memory (a double drop is a double free, which
+/// Miri reports) and whose `Eq` writes through `&self` (a hit counter, in
+/// its own bytes: a rebuild that copied them while a reader's `Eq` writes
+/// would race). Equal, hashed and borrowed as its id, so a `u32` finds it;
+/// its `Keys` count it and may make it panic.
+struct Key {
+    id: Box<u32>,
+    hits: AtomicUsize,
+    keys: &'static Keys,
+}
+
+impl Key {
+    fn id(&self) -> u32 {
+        *self.id
+    }
+}
+
+impl std::borrow::Borrow<u32> for Key {
+    fn borrow(&self) -> &u32 {
+        &self.id
+    }
+}
+
+impl std::hash::Hash for Key {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.keys.hashes.fetch_add(1, Ordering::SeqCst);
+        self.id().hash(state);
+    }
+}
+
+impl PartialEq for Key {
     fn eq(&self, other: &Self) -> bool {
-        if TRICKY_EQ_PANICS.load(Ordering::SeqCst) && self.id != other.id {
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        other.hits.fetch_add(1, Ordering::Relaxed);
+        if let Some(on_eq) = self.keys.on_eq.get() {
+            on_eq(self);
+        }
+        if self.keys.eq_panics.load(Ordering::SeqCst) && self.id != other.id {
             panic!("Eq failure (expected by this test)");
         }
         self.id == other.id
     }
 }
-impl Eq for TrickyKey {}
-impl std::hash::Hash for TrickyKey {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.id.hash(state);
+
+impl Eq for Key {}
+
+impl Clone for Key {
+    /// Reads `hits` through `&self` while readers' `Eq` write it.
+    fn clone(&self) -> Self {
+        let keys = self.keys;
+        if keys.clone_panics.load(Ordering::SeqCst)
+            && keys
+                .clones_left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_err()
+        {
+            panic!("Clone failure (expected by this test)");
+        }
+        let copy = keys.key(self.id());
+        copy.hits
+            .store(self.hits.load(Ordering::Relaxed), Ordering::Relaxed);
+        copy
     }
 }
-impl Drop for TrickyKey {
+
+impl Drop for Key {
     fn drop(&mut self) {
-        if self.in_map {
-            TRICKY_MAP_KEY_DROPS.fetch_add(1, Ordering::SeqCst);
+        self.keys.live.fetch_sub(1, Ordering::SeqCst);
+        self.keys.drops.fetch_add(1, Ordering::SeqCst);
+        if let Some(on_drop) = self.keys.on_drop.get() {
+            on_drop(self);
+        }
+        if self.keys.drop_panics.load(Ordering::SeqCst) {
+            panic!("key destructor failure (expected by this test)");
         }
     }
+}
+
+/// Runs garbage collection steps until `done` or a bound is reached;
+/// returns whether it is done. Deferred drops run when threads pin and
+/// collect, and hand user destructors to the finalizer thread, which
+/// `flush` waits for.
+fn settle_until(done: impl Fn() -> bool) -> bool {
+    for _ in 0..if cfg!(miri) { 200 } else { 2_000 } {
+        if done() {
+            return true;
+        }
+        let other: WeakValueMap<u8, u8> = WeakValueMap::new();
+        let v = Strong::new(0);
+        other.insert(0, &v);
+        other.remove(&0);
+        flush();
+    }
+    done()
+}
+
+/// Waits for the deferred drops of `keys`, and fails if any key was never
+/// dropped, but for those the finalizer thread may hold: it hands its own
+/// garbage over when it goes idle, which this thread cannot wait for, so
+/// what it may still hold is bounded by the per-thread flush threshold
+/// (32 retirements).
+fn assert_dropped(keys: &Keys) {
+    flush();
+    settle_until(|| keys.live() == 0);
+    let live = keys.live();
+    assert!(live < 32, "{live} keys were never dropped");
 }
 
 /// A panicking `Eq` half-way through a removal must leave the map as it
@@ -419,31 +573,17 @@ impl Drop for TrickyKey {
 /// and no callback detached.
 #[test]
 fn a_panicking_eq_during_a_write_leaves_the_map_intact() {
-    let map: WeakValueMap<TrickyKey, u32, OneBucket> = WeakValueMap::with_hasher(OneBucket);
+    static KEYS: Keys = Keys::new();
+    let map = WeakValueMap::with_hasher(OneBucket);
     let (a, b) = (Strong::new(1), Strong::new(2));
-    map.insert(
-        TrickyKey {
-            id: 1,
-            in_map: true,
-        },
-        &a,
-    );
-    map.insert(
-        TrickyKey {
-            id: 2,
-            in_map: true,
-        },
-        &b,
-    );
+    map.insert(KEYS.key(1), &a);
+    map.insert(KEYS.key(2), &b);
     // Both keys hash alike: looking for the second compares it with the
     // first, which panics.
-    let probe = TrickyKey {
-        id: 2,
-        in_map: false,
-    };
-    TRICKY_EQ_PANICS.store(true, Ordering::SeqCst);
+    let probe = KEYS.key(2);
+    KEYS.panic_in_eq(true);
     let outcome = catch_unwind(AssertUnwindSafe(|| map.remove(&probe)));
-    TRICKY_EQ_PANICS.store(false, Ordering::SeqCst);
+    KEYS.panic_in_eq(false);
     assert!(outcome.is_err());
     // Push the epoch forward so anything wrongly retired would be freed.
     let other: WeakValueMap<u32, u32> = WeakValueMap::new();
@@ -452,8 +592,9 @@ fn a_panicking_eq_during_a_write_leaves_the_map_intact() {
         other.insert(i % 4, &filler);
         other.remove(&(i % 4));
     }
+    // No key was dropped: the probe is still ours, the others the map's.
     assert_eq!(
-        TRICKY_MAP_KEY_DROPS.load(Ordering::SeqCst),
+        KEYS.drops.load(Ordering::SeqCst),
         0,
         "a linked item was freed"
     );
@@ -468,77 +609,22 @@ fn a_panicking_eq_during_a_write_leaves_the_map_intact() {
     );
 }
 
-/// A key's destructor may use the map: it never runs under a shard lock,
-/// not even when a failed load gives its key back.
-#[test]
-fn a_key_dropped_after_a_failed_load_may_use_the_map() {
-    #[derive(Hash, PartialEq, Eq, Clone)]
-    struct DropKey(u32);
-    static MAP: std::sync::OnceLock<WeakValueMap<DropKey, u32, OneBucket>> =
-        std::sync::OnceLock::new();
-    impl Drop for DropKey {
-        fn drop(&mut self) {
-            if self.0 == 7 {
-                // A write to the same (only) shard: deadlocks under its lock.
-                MAP.get().expect("set").remove(&DropKey(8));
-            }
+/// A one-bucket map whose key 7's destructor (a key of `keys`) writes to
+/// it, removing key 8, and stops `keys`' `Eq` panics: run under the map's
+/// only shard lock, it would deadlock. Leaked, as a `static` would be: the
+/// destructor may run on the finalizer thread after the test returns.
+fn map_written_by_key_7s_destructor(
+    keys: &'static Keys,
+) -> &'static WeakValueMap<Key, u32, OneBucket> {
+    let map: &'static _ = Box::leak(Box::new(WeakValueMap::with_hasher(OneBucket)));
+    keys.on_drop(move |key| {
+        if key.id() == 7 {
+            keys.panic_in_eq(false);
+            map.remove(&8);
         }
-    }
-    MAP.get_or_init(|| WeakValueMap::with_hasher(OneBucket));
-    let (done, finished) = mpsc::channel();
-    thread::spawn(move || {
-        let failed = MAP
-            .get()
-            .expect("set")
-            .try_get_or_insert_with(DropKey(7), || Err::<u32, _>("no"))
-            .is_err();
-        let _ = done.send(failed);
     });
-    // A generous limit: only a deadlock comes near it.
-    let failed = finished
-        .recv_timeout(std::time::Duration::from_secs(120))
-        .expect("deadlock: the key was dropped under the shard lock");
-    assert!(failed);
-    assert!(MAP.get().expect("set").is_empty());
+    map
 }
-
-/// Keys whose `Eq` can be told to panic and whose key-7 destructor writes
-/// to the map: a panicking `Eq` must not make a key's destructor run under
-/// a shard lock (it would deadlock here).
-macro_rules! panicky_key {
-    ($name:ident, $flag:ident, $map:ident) => {
-        static $flag: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-        static $map: std::sync::OnceLock<WeakValueMap<$name, u32, OneBucket>> =
-            std::sync::OnceLock::new();
-        #[derive(Clone)]
-        struct $name(u32);
-        impl std::hash::Hash for $name {
-            fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-                self.0.hash(state);
-            }
-        }
-        impl PartialEq for $name {
-            fn eq(&self, other: &Self) -> bool {
-                if $flag.load(Ordering::SeqCst) && self.0 != other.0 {
-                    panic!("Eq failure (expected by this test)");
-                }
-                self.0 == other.0
-            }
-        }
-        impl Eq for $name {}
-        impl Drop for $name {
-            fn drop(&mut self) {
-                if self.0 == 7 {
-                    $flag.store(false, Ordering::SeqCst);
-                    $map.get().expect("set").remove(&$name(8));
-                }
-            }
-        }
-    };
-}
-
-panicky_key!(InsertKey, INSERT_EQ_PANICS, INSERT_MAP);
-panicky_key!(LoadKey, LOAD_EQ_PANICS, LOAD_MAP);
 
 /// Runs `body` on a thread; fails if it has not finished in a generous
 /// limit that only a deadlock comes near.
@@ -552,70 +638,56 @@ fn within_deadlock_limit(what: &str, body: impl FnOnce() -> bool + Send + 'stati
         .unwrap_or_else(|_| panic!("deadlock: {what}"))
 }
 
+/// A key's destructor may use the map: it never runs under a shard lock,
+/// not even when a failed load gives its key back.
+#[test]
+fn a_key_dropped_after_a_failed_load_may_use_the_map() {
+    static KEYS: Keys = Keys::new();
+    let map = map_written_by_key_7s_destructor(&KEYS);
+    let failed = within_deadlock_limit("the key was dropped under the shard lock", || {
+        map.try_get_or_insert_with(KEYS.key(7), || Err::<u32, _>("no"))
+            .is_err()
+    });
+    assert!(failed);
+    assert!(map.is_empty());
+}
+
+/// Nor when a panicking `Eq` fails an insert.
 #[test]
 fn a_panicking_eq_in_insert_drops_the_new_key_outside_the_lock() {
-    let map = INSERT_MAP.get_or_init(|| WeakValueMap::with_hasher(OneBucket));
+    static KEYS: Keys = Keys::new();
+    let map = map_written_by_key_7s_destructor(&KEYS);
     let existing = Strong::new(1);
-    map.insert(InsertKey(1), &existing);
+    map.insert(KEYS.key(1), &existing);
     let panicked = within_deadlock_limit("the new key was dropped under the shard lock", || {
         let value = Strong::new(2);
-        INSERT_EQ_PANICS.store(true, Ordering::SeqCst);
-        let outcome = catch_unwind(AssertUnwindSafe(|| {
-            INSERT_MAP.get().expect("set").insert(InsertKey(7), &value)
-        }));
-        INSERT_EQ_PANICS.store(false, Ordering::SeqCst);
+        KEYS.panic_in_eq(true);
+        let outcome = catch_unwind(AssertUnwindSafe(|| map.insert(KEYS.key(7), &value)));
+        KEYS.panic_in_eq(false);
         outcome.is_err()
     });
     assert!(panicked);
     assert_eq!(map.len(), 1);
 }
 
+/// Nor when a panicking `Eq` fails a load's publication.
 #[test]
 fn a_panicking_eq_while_a_load_publishes_drops_its_key_outside_the_lock() {
-    let map = LOAD_MAP.get_or_init(|| WeakValueMap::with_hasher(OneBucket));
+    static KEYS: Keys = Keys::new();
+    let map = map_written_by_key_7s_destructor(&KEYS);
     let existing = Strong::new(1);
-    map.insert(LoadKey(1), &existing);
+    map.insert(KEYS.key(1), &existing);
     let panicked = within_deadlock_limit("the load's key was dropped under the shard lock", || {
         let outcome = catch_unwind(AssertUnwindSafe(|| {
-            LOAD_MAP
-                .get()
-                .expect("set")
-                .get_or_insert_with(LoadKey(7), || {
-                    LOAD_EQ_PANICS.store(true, Ordering::SeqCst);
-                    7
-                })
+            map.get_or_insert_with(KEYS.key(7), || {
+                KEYS.panic_in_eq(true);
+                7
+            })
         }));
-        LOAD_EQ_PANICS.store(false, Ordering::SeqCst);
+        KEYS.panic_in_eq(false);
         outcome.is_err()
     });
     assert!(panicked);
-}
-
-/// A key that owns heap memory (a double drop is a double free, which Miri
-/// reports) and counts its live instances.
-#[derive(Debug, PartialEq, Eq, Hash)]
-struct OwnedKey(String);
-
-static LIVE_OWNED_KEYS: AtomicUsize = AtomicUsize::new(0);
-
-impl OwnedKey {
-    fn new(id: usize) -> Self {
-        LIVE_OWNED_KEYS.fetch_add(1, Ordering::SeqCst);
-        OwnedKey(format!("key {id}"))
-    }
-}
-
-impl Clone for OwnedKey {
-    fn clone(&self) -> Self {
-        LIVE_OWNED_KEYS.fetch_add(1, Ordering::SeqCst);
-        OwnedKey(self.0.clone())
-    }
-}
-
-impl Drop for OwnedKey {
-    fn drop(&mut self) {
-        LIVE_OWNED_KEYS.fetch_sub(1, Ordering::SeqCst);
-    }
 }
 
 /// Items move between tables bitwise when a shard rebuilds, and removed
@@ -624,15 +696,16 @@ impl Drop for OwnedKey {
 /// while a reader looks keys up, every key is dropped exactly once.
 #[test]
 fn keys_are_dropped_exactly_once_across_rebuilds() {
-    let rounds = if cfg!(miri) { 60 } else { 3_000 };
+    static KEYS: Keys = Keys::new();
+    let rounds: u32 = if cfg!(miri) { 60 } else { 3_000 };
     {
-        let map: WeakValueMap<OwnedKey, usize> = WeakValueMap::new();
+        let map = WeakValueMap::new();
         let done = std::sync::atomic::AtomicBool::new(false);
         thread::scope(|scope| {
             scope.spawn(|| {
                 while !done.load(Ordering::Relaxed) {
                     for id in 0..8 {
-                        if let Some(value) = map.get(&OwnedKey::new(id)) {
+                        if let Some(value) = map.get(&KEYS.key(id)) {
                             assert!(*value % 8 == id, "a key found another key's value");
                         }
                     }
@@ -641,12 +714,12 @@ fn keys_are_dropped_exactly_once_across_rebuilds() {
             let mut held = Vec::new();
             for round in 0..rounds {
                 let value = Strong::new(round);
-                map.insert(OwnedKey::new(round % 8), &value);
+                map.insert(KEYS.key(round % 8), &value);
                 match round % 3 {
                     0 => held.push(value), // lives on; replaced later
                     1 => drop(value),      // dies; its callback removes it
                     _ => {
-                        map.remove(&OwnedKey::new(round % 8));
+                        map.remove(&KEYS.key(round % 8));
                     }
                 }
                 if held.len() > 4 {
@@ -658,51 +731,7 @@ fn keys_are_dropped_exactly_once_across_rebuilds() {
         flush();
         assert!(map.len() <= 8);
     }
-    flush();
-    let live = settle_until_zero(&LIVE_OWNED_KEYS);
-    // The finalizer thread hands its own garbage over when it goes idle,
-    // which this thread cannot wait for; what it may still hold is bounded
-    // by the per-thread flush threshold (32 retirements).
-    assert!(live < 32, "{live} keys were never dropped");
-}
-
-/// A key with interior mutability that its own `Eq` writes: a hit counter.
-struct CountingKey {
-    id: u64,
-    hits: AtomicUsize,
-}
-
-impl CountingKey {
-    fn new(id: u64) -> Self {
-        CountingKey {
-            id,
-            hits: AtomicUsize::new(0),
-        }
-    }
-}
-
-impl Clone for CountingKey {
-    /// Reads through `&self` while readers' `Eq` write the counter.
-    fn clone(&self) -> Self {
-        CountingKey {
-            id: self.id,
-            hits: AtomicUsize::new(self.hits.load(Ordering::Relaxed)),
-        }
-    }
-}
-
-impl PartialEq for CountingKey {
-    fn eq(&self, other: &Self) -> bool {
-        self.hits.fetch_add(1, Ordering::Relaxed);
-        other.hits.fetch_add(1, Ordering::Relaxed);
-        self.id == other.id
-    }
-}
-impl Eq for CountingKey {}
-impl std::hash::Hash for CountingKey {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.id.hash(state);
-    }
+    assert_dropped(&KEYS);
 }
 
 /// A reader's `Eq` writes through `&K` while the writer rebuilds the
@@ -710,53 +739,26 @@ impl std::hash::Hash for CountingKey {
 /// race Miri reports), and every lookup of a present key succeeds.
 #[test]
 fn a_key_written_through_eq_during_rebuilds_is_sound() {
-    let map: WeakValueMap<CountingKey, u64, OneBucket> = WeakValueMap::with_hasher(OneBucket);
-    let count = if cfg!(miri) { 24 } else { 2_000 };
+    static KEYS: Keys = Keys::new();
+    let map = WeakValueMap::with_hasher(OneBucket);
+    let count: u32 = if cfg!(miri) { 24 } else { 2_000 };
     let values: Vec<_> = (0..count).map(Strong::new).collect();
-    map.insert(CountingKey::new(0), &values[0]);
+    map.insert(KEYS.key(0), &values[0]);
     let done = std::sync::atomic::AtomicBool::new(false);
     thread::scope(|scope| {
         scope.spawn(|| {
-            let probe = CountingKey::new(0);
+            let probe = KEYS.key(0);
             while !done.load(Ordering::Relaxed) {
                 assert_eq!(map.get(&probe).as_deref(), Some(&0));
                 thread::yield_now();
             }
         });
         for value in &values[1..] {
-            map.insert(CountingKey::new(**value), value);
+            map.insert(KEYS.key(**value), value);
         }
         done.store(true, Ordering::Relaxed);
     });
     assert_eq!(map.len(), values.len());
-}
-
-/// A key whose destructor panics if armed (the map's copy); equal and
-/// hashed by `id` alone.
-#[derive(Clone)]
-struct PanickingDropKey {
-    id: u32,
-    armed: bool,
-}
-
-impl PartialEq for PanickingDropKey {
-    fn eq(&self, other: &Self) -> bool {
-        self.id == other.id
-    }
-}
-impl Eq for PanickingDropKey {}
-impl std::hash::Hash for PanickingDropKey {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.id.hash(state);
-    }
-}
-
-impl Drop for PanickingDropKey {
-    fn drop(&mut self) {
-        if self.armed {
-            panic!("key destructor failure (expected by this test)");
-        }
-    }
 }
 
 /// The destructor of a removed key runs later, on whichever thread
@@ -765,14 +767,13 @@ impl Drop for PanickingDropKey {
 /// another map).
 #[test]
 fn a_panicking_key_destructor_never_surfaces_elsewhere() {
-    let map: WeakValueMap<PanickingDropKey, u32> = WeakValueMap::new();
+    static KEYS: Keys = Keys::new();
+    // Every key of this test panics when dropped; only the map's exists.
+    KEYS.panic_in_drop(true);
+    let map = WeakValueMap::new();
     let value = Strong::new(1);
-    map.insert(PanickingDropKey { id: 7, armed: true }, &value);
-    let probe = PanickingDropKey {
-        id: 7,
-        armed: false,
-    };
-    assert_eq!(map.remove(&probe).as_deref(), Some(&1));
+    map.insert(KEYS.key(7), &value);
+    assert_eq!(map.remove(&7).as_deref(), Some(&1));
     let other: WeakValueMap<u32, u32> = WeakValueMap::new();
     for i in 0..if cfg!(miri) { 300 } else { 10_000 } {
         let outcome = catch_unwind(AssertUnwindSafe(|| {
@@ -830,32 +831,21 @@ fn a_death_removes_its_entry_at_once_when_the_shard_is_free() {
 /// thread, and nothing deadlocks.
 #[test]
 fn a_death_under_the_dying_threads_own_shard_lock_is_handed_off() {
-    #[derive(Clone)]
-    struct DroppingKey(u32);
-    impl std::hash::Hash for DroppingKey {
-        fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-            self.0.hash(state);
-        }
-    }
+    static KEYS: Keys = Keys::new();
     static VICTIM: std::sync::Mutex<Option<Strong<u32>>> = std::sync::Mutex::new(None);
-    impl PartialEq for DroppingKey {
-        fn eq(&self, other: &Self) -> bool {
-            drop(VICTIM.lock().unwrap().take()); // the last handle, if still held
-            self.0 == other.0
-        }
-    }
-    impl Eq for DroppingKey {}
+    // The last handle, if still held.
+    KEYS.on_eq(|_| drop(VICTIM.lock().unwrap().take()));
     let finished = within_deadlock_limit("a death under its own shard's lock", || {
-        let map: WeakValueMap<DroppingKey, u32, OneBucket> = WeakValueMap::with_hasher(OneBucket);
+        let map = WeakValueMap::with_hasher(OneBucket);
         let victim = Strong::new(1);
-        map.insert(DroppingKey(1), &victim);
+        map.insert(KEYS.key(1), &victim);
         *VICTIM.lock().unwrap() = Some(victim);
         let survivor = Strong::new(2);
         // Compares with key 1 under the lock: the victim dies there.
-        map.insert(DroppingKey(2), &survivor);
+        map.insert(KEYS.key(2), &survivor);
         assert!(VICTIM.lock().unwrap().is_none(), "Eq never ran");
         flush();
-        map.len() == 1 && map.get(&DroppingKey(2)).as_deref() == Some(&2)
+        map.len() == 1 && map.get(&2).as_deref() == Some(&2)
     });
     assert!(finished, "the victim's entry was not removed after flush");
 }
@@ -867,36 +857,23 @@ fn a_death_under_the_dying_threads_own_shard_lock_is_handed_off() {
 /// dropped keys in place).
 #[test]
 fn a_key_destructor_may_use_its_own_map() {
-    static SAME: std::sync::OnceLock<WeakValueMap<UsingKey, u32, OneBucket>> =
-        std::sync::OnceLock::new();
-    static OTHER: std::sync::OnceLock<WeakValueMap<u32, u32>> = std::sync::OnceLock::new();
-    #[derive(Clone)]
-    struct UsingKey(u32);
-    impl std::hash::Hash for UsingKey {
-        fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-            self.0.hash(state);
+    static KEYS: Keys = Keys::new();
+    static SAME: OnceLock<WeakValueMap<Key, u32, OneBucket>> = OnceLock::new();
+    static OTHER: OnceLock<WeakValueMap<u32, u32>> = OnceLock::new();
+    KEYS.on_eq(|key| {
+        // A lookup elsewhere: pins, and may collect garbage.
+        let _ = OTHER.get().expect("set").get(&key.id());
+    });
+    KEYS.on_drop(|key| {
+        // The probe below is a key too: it must not recurse.
+        if key.id() == u32::MAX {
+            return;
         }
-    }
-    impl PartialEq for UsingKey {
-        fn eq(&self, other: &Self) -> bool {
-            // A lookup elsewhere: pins, and may collect garbage.
-            let _ = OTHER.get().expect("set").get(&self.0);
-            self.0 == other.0
+        if let Some(map) = SAME.get() {
+            let _ = map.get(&KEYS.key(u32::MAX));
+            map.purge();
         }
-    }
-    impl Eq for UsingKey {}
-    impl Drop for UsingKey {
-        fn drop(&mut self) {
-            // The probe below is a key too: it must not recurse.
-            if self.0 == u32::MAX {
-                return;
-            }
-            if let Some(map) = SAME.get() {
-                let _ = map.get(&UsingKey(u32::MAX));
-                map.purge();
-            }
-        }
-    }
+    });
     let finished = within_deadlock_limit("a key destructor using its own map", || {
         let same = SAME.get_or_init(|| WeakValueMap::with_hasher(OneBucket));
         let other = OTHER.get_or_init(WeakValueMap::new);
@@ -904,9 +881,9 @@ fn a_key_destructor_may_use_its_own_map() {
         other.insert(0, &held);
         for round in 0..if cfg!(miri) { 50 } else { 5_000 } {
             let value = Strong::new(round);
-            same.insert(UsingKey(round % 4), &value);
-            same.insert(UsingKey(round % 4), &value); // replaces: Eq under the lock
-            same.remove(&UsingKey(round % 4));
+            same.insert(KEYS.key(round % 4), &value);
+            same.insert(KEYS.key(round % 4), &value); // replaces: Eq under the lock
+            same.remove(&KEYS.key(round % 4));
         }
         flush();
         true
@@ -922,21 +899,18 @@ fn a_dying_value_never_drops_the_map_it_races() {
     thread_local! {
         static DYING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
     }
-    #[derive(PartialEq, Eq, Hash, Clone)]
-    struct WatchedKey(u32);
+    static KEYS: Keys = Keys::new();
     static DROPPED_WHILE_DYING: AtomicUsize = AtomicUsize::new(0);
-    impl Drop for WatchedKey {
-        fn drop(&mut self) {
-            if DYING.with(std::cell::Cell::get) {
-                DROPPED_WHILE_DYING.fetch_add(1, Ordering::SeqCst);
-            }
+    KEYS.on_drop(|_| {
+        if DYING.with(std::cell::Cell::get) {
+            DROPPED_WHILE_DYING.fetch_add(1, Ordering::SeqCst);
         }
-    }
+    });
     for _ in 0..if cfg!(miri) { 10 } else { 2_000 } {
         let map = WeakValueMap::new();
         let (dying, staying) = (Strong::new(1), Strong::new(2));
-        map.insert(WatchedKey(1), &dying);
-        map.insert(WatchedKey(2), &staying);
+        map.insert(KEYS.key(1), &dying);
+        map.insert(KEYS.key(2), &staying);
         let start = Barrier::new(2);
         thread::scope(|scope| {
             scope.spawn(|| {
@@ -957,54 +931,6 @@ fn a_dying_value_never_drops_the_map_it_races() {
     );
 }
 
-static LIVE_CLONING_KEYS: AtomicUsize = AtomicUsize::new(0);
-static CLONE_PANICS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-
-/// A key whose `Clone` panics on demand, and which counts its live
-/// instances (a key cloned and never dropped, or dropped twice, shows).
-#[derive(PartialEq, Eq, Hash)]
-struct CloningKey(u32);
-
-impl CloningKey {
-    fn new(id: u32) -> Self {
-        LIVE_CLONING_KEYS.fetch_add(1, Ordering::SeqCst);
-        CloningKey(id)
-    }
-}
-
-impl Clone for CloningKey {
-    fn clone(&self) -> Self {
-        if CLONE_PANICS.load(Ordering::SeqCst) {
-            panic!("Clone failure (expected by this test)");
-        }
-        CloningKey::new(self.0)
-    }
-}
-
-impl Drop for CloningKey {
-    fn drop(&mut self) {
-        LIVE_CLONING_KEYS.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-/// Runs garbage collection steps until `live` reads zero or a bound is
-/// reached; returns what it last read. Deferred drops run when threads pin
-/// and collect, and hand user destructors to the finalizer thread, which
-/// `flush` waits for.
-fn settle_until_zero(live: &AtomicUsize) -> usize {
-    for _ in 0..if cfg!(miri) { 200 } else { 2_000 } {
-        let other: WeakValueMap<u8, u8> = WeakValueMap::new();
-        let v = Strong::new(0);
-        other.insert(0, &v);
-        other.remove(&0);
-        flush();
-        if live.load(Ordering::SeqCst) == 0 {
-            break;
-        }
-    }
-    live.load(Ordering::SeqCst)
-}
-
 /// A rebuild clones every key it carries over (M3). A `Clone` that panics
 /// part-way must leave the map as it was: the copies made so far are
 /// taken apart (their keys dropped, the rest still owned by the
@@ -1012,15 +938,16 @@ fn settle_until_zero(live: &AtomicUsize) -> usize {
 /// dropped twice. Once `Clone` works again, the map grows as usual.
 #[test]
 fn a_panicking_clone_during_a_rebuild_leaves_the_map_intact() {
+    static KEYS: Keys = Keys::new();
     let count = if cfg!(miri) { 24 } else { 200 };
     let values: Vec<_> = (0..count).map(Strong::new).collect();
     {
-        let map: WeakValueMap<CloningKey, u32, OneBucket> = WeakValueMap::with_hasher(OneBucket);
-        CLONE_PANICS.store(true, Ordering::SeqCst);
+        let map = WeakValueMap::with_hasher(OneBucket);
+        KEYS.panic_in_clone_after(Some(0));
         let mut inserted = 0;
         let mut failed = None;
         for value in &values {
-            let insert = || map.insert(CloningKey::new(**value), value);
+            let insert = || map.insert(KEYS.key(**value), value);
             match catch_unwind(AssertUnwindSafe(insert)) {
                 Ok(previous) => {
                     assert!(previous.is_none());
@@ -1032,26 +959,20 @@ fn a_panicking_clone_during_a_rebuild_leaves_the_map_intact() {
                 }
             }
         }
-        CLONE_PANICS.store(false, Ordering::SeqCst);
+        KEYS.panic_in_clone_after(None);
         let failed = failed.expect("the shard never rebuilt");
         assert!(inserted > 0, "the first insert cannot rebuild");
         assert_eq!(map.len(), inserted);
         for value in &values[..inserted] {
-            assert_eq!(
-                map.get(&CloningKey::new(**value)).as_deref(),
-                Some(&**value)
-            );
+            assert_eq!(map.get(&**value).as_deref(), Some(&**value));
         }
-        assert!(map.get(&CloningKey::new(failed)).is_none());
+        assert!(map.get(&failed).is_none());
         for value in &values[inserted..] {
-            assert!(map.insert(CloningKey::new(**value), value).is_none());
+            assert!(map.insert(KEYS.key(**value), value).is_none());
         }
         assert_eq!(map.len(), values.len());
         for value in &values {
-            assert_eq!(
-                map.get(&CloningKey::new(**value)).as_deref(),
-                Some(&**value)
-            );
+            assert_eq!(map.get(&**value).as_deref(), Some(&**value));
         }
         // The failed entry's `Weak` and callback went with it: the value
         // that failed once is watched no more than any other.
@@ -1060,12 +981,7 @@ fn a_panicking_clone_during_a_rebuild_leaves_the_map_intact() {
             Strong::weak_count(&values[0])
         );
     }
-    flush();
-    let live = settle_until_zero(&LIVE_CLONING_KEYS);
-    // The finalizer thread hands its own garbage over when it goes idle,
-    // which this thread cannot wait for; what it may still hold is bounded
-    // by the per-thread flush threshold (32 retirements).
-    assert!(live < 32, "{live} keys were never dropped");
+    assert_dropped(&KEYS);
 }
 
 /// Insert-then-die churn in one probe sequence, which removes entries and
@@ -1232,30 +1148,17 @@ fn a_map_sized_with_capacity_holds_that_many_without_growing() {
     assert_eq!(map.capacity(), sized, "a shard grew");
 }
 
-/// A key that counts the calls of its `Hash`.
-#[derive(Clone, PartialEq, Eq, Debug)]
-struct CountedHash(u64);
-
-static HASHES: AtomicUsize = AtomicUsize::new(0);
-
-impl std::hash::Hash for CountedHash {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        HASHES.fetch_add(1, Ordering::Relaxed);
-        self.0.hash(state);
-    }
-}
-
 #[test]
 fn growing_and_shrinking_run_no_keys_hash() {
     // The docs promise that `Hash` runs before locking, once per call: a
     // rebuild, under the lock, places items by the hash bits the table
     // keeps, so a `Hash` that uses the map cannot deadlock it.
-    let count = if cfg!(miri) { 100 } else { 5_000 };
+    static KEYS: Keys = Keys::new();
+    let count: u32 = if cfg!(miri) { 100 } else { 5_000 };
     let map = WeakValueMap::new();
     let values: Vec<_> = (0..count).map(Strong::new).collect();
-    let before = HASHES.load(Ordering::Relaxed);
     for v in &values {
-        map.insert(CountedHash(**v), v);
+        map.insert(KEYS.key(**v), v);
     }
     let mut values = values;
     values.truncate(10);
@@ -1263,7 +1166,7 @@ fn growing_and_shrinking_run_no_keys_hash() {
     map.shrink_to_fit();
     map.purge();
     map.clear();
-    assert_eq!(HASHES.load(Ordering::Relaxed) - before, count as usize);
+    assert_eq!(KEYS.hashes.load(Ordering::SeqCst), count as usize);
 }
 
 /// A listener that records what it hears, and on which thread.
@@ -1704,105 +1607,50 @@ fn a_panicking_remove_if_drops_the_last_handle_after_unlocking() {
     assert!(finished);
 }
 
-/// A rebuild whose key `Clone` panics only after some copies were made:
-/// the abandoned copies, and the sides copied beside them, exist, and
-/// must be taken apart without dropping what the originals own.
-mod clone_panicking_mid_rebuild {
-    use std::panic::{catch_unwind, AssertUnwindSafe};
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use weakrefs::{flush, Strong, WeakValueMap};
-
-    use super::OneBucket;
-
-    static PANICS: AtomicBool = AtomicBool::new(false);
-    static CLONES_LEFT: AtomicUsize = AtomicUsize::new(0);
-
-    #[derive(PartialEq, Eq, Hash)]
-    struct Key(u32);
-    impl Clone for Key {
-        fn clone(&self) -> Self {
-            if PANICS.load(Ordering::SeqCst)
-                && CLONES_LEFT
-                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                    .is_err()
-            {
-                panic!("Clone failure (expected by this test)");
-            }
-            Key(self.0)
+/// As `a_panicking_clone_during_a_rebuild_leaves_the_map_intact`, but the
+/// rebuild's `Clone` panics only after three copies were made, so that the
+/// abandoned copies (and the sides copied beside them) exist, and must be
+/// taken apart without dropping what the originals own; then every value
+/// dies while the map lives (each death runs its entry's hook) and the map
+/// is dropped.
+#[test]
+fn a_clone_panicking_after_some_copies_leaves_every_hook_owned_once() {
+    static KEYS: Keys = Keys::new();
+    let values: Vec<_> = (0..if cfg!(miri) { 16 } else { 64 })
+        .map(Strong::new)
+        .collect();
+    let map = WeakValueMap::with_hasher(OneBucket);
+    KEYS.panic_in_clone_after(Some(3));
+    let mut inserted = 0;
+    for value in &values {
+        match catch_unwind(AssertUnwindSafe(|| map.insert(KEYS.key(**value), value))) {
+            Ok(_) => inserted += 1,
+            Err(_) => break,
         }
     }
-
-    /// As `a_panicking_clone_during_a_rebuild_leaves_the_map_intact`, but the
-    /// rebuild's `Clone` panics only after three copies were made, so that
-    /// the abandoned copies (and their sides) exist; then every value dies
-    /// while the map lives (each death runs its entry's hook) and the map is
-    /// dropped.
-    #[test]
-    fn a_clone_panicking_after_some_copies_leaves_every_hook_owned_once() {
-        let values: Vec<_> = (0..if cfg!(miri) { 16 } else { 64 })
-            .map(Strong::new)
-            .collect();
-        let map: WeakValueMap<Key, u32, OneBucket> = WeakValueMap::with_hasher(OneBucket);
-        CLONES_LEFT.store(3, Ordering::SeqCst);
-        PANICS.store(true, Ordering::SeqCst);
-        let mut inserted = 0;
-        for value in &values {
-            match catch_unwind(AssertUnwindSafe(|| map.insert(Key(**value), value))) {
-                Ok(_) => inserted += 1,
-                Err(_) => break,
-            }
-        }
-        PANICS.store(false, Ordering::SeqCst);
-        assert_eq!(CLONES_LEFT.load(Ordering::SeqCst), 0, "copies were made");
-        assert!(inserted < values.len(), "the shard never rebuilt");
-        assert_eq!(map.len(), inserted);
-        // The failed one too, now that `Clone` works.
-        for value in &values[inserted..] {
-            map.insert(Key(**value), value);
-        }
-        assert_eq!(map.len(), values.len());
-        let mut values = values;
-        let kept = values.split_off(values.len() / 2);
-        drop(values); // their deaths run their hooks, which remove their entries
-        flush();
-        for value in &kept {
-            assert_eq!(map.get(&Key(**value)).as_deref(), Some(&**value));
-        }
-        drop(map);
-        drop(kept);
-        flush();
+    assert_eq!(
+        KEYS.clones_left.load(Ordering::SeqCst),
+        0,
+        "copies were made"
+    );
+    KEYS.panic_in_clone_after(None);
+    assert!(inserted < values.len(), "the shard never rebuilt");
+    assert_eq!(map.len(), inserted);
+    // The failed one too, now that `Clone` works.
+    for value in &values[inserted..] {
+        map.insert(KEYS.key(**value), value);
     }
-}
-
-/// Set while `GlobalPanickyKey`s' destructors must panic.
-static GLOBAL_KEYS_PANIC: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-/// `GlobalPanickyKey`s alive.
-static LIVE_GLOBAL_KEYS: AtomicUsize = AtomicUsize::new(0);
-
-/// A key whose destructor panics while `GLOBAL_KEYS_PANIC` is set.
-#[derive(PartialEq, Eq, Hash)]
-struct GlobalPanickyKey(u32);
-
-impl GlobalPanickyKey {
-    fn new(id: u32) -> Self {
-        LIVE_GLOBAL_KEYS.fetch_add(1, Ordering::SeqCst);
-        GlobalPanickyKey(id)
+    assert_eq!(map.len(), values.len());
+    let mut values = values;
+    let kept = values.split_off(values.len() / 2);
+    drop(values); // their deaths run their hooks, which remove their entries
+    flush();
+    for value in &kept {
+        assert_eq!(map.get(&**value).as_deref(), Some(&**value));
     }
-}
-
-impl Clone for GlobalPanickyKey {
-    fn clone(&self) -> Self {
-        GlobalPanickyKey::new(self.0)
-    }
-}
-
-impl Drop for GlobalPanickyKey {
-    fn drop(&mut self) {
-        LIVE_GLOBAL_KEYS.fetch_sub(1, Ordering::SeqCst);
-        if GLOBAL_KEYS_PANIC.load(Ordering::SeqCst) {
-            panic!("key destructor failure (expected by this test)");
-        }
-    }
+    drop(map);
+    drop(kept);
+    flush();
 }
 
 /// A growing map leaves the keys its rebuilds cloned from behind, and
@@ -1812,34 +1660,22 @@ impl Drop for GlobalPanickyKey {
 /// unwinding, does not abort the process (dropping them as one `Vec` did).
 #[test]
 fn many_panicking_destructors_among_the_keys_a_rebuild_left_behind_are_each_caught() {
+    static KEYS: Keys = Keys::new();
     let count = if cfg!(miri) { 24 } else { 200 };
     let values: Vec<_> = (0..count).map(Strong::new).collect();
-    let map: WeakValueMap<GlobalPanickyKey, u32> = WeakValueMap::new();
-    GLOBAL_KEYS_PANIC.store(true, Ordering::SeqCst);
+    let map = WeakValueMap::new();
+    KEYS.panic_in_drop(true);
     for value in &values {
-        map.insert(GlobalPanickyKey::new(**value), value);
+        map.insert(KEYS.key(**value), value);
     }
     // Every left-behind key is dropped (each destructor panicking), and
     // only the map's own keys stay alive.
-    let mut live = LIVE_GLOBAL_KEYS.load(Ordering::SeqCst);
-    for _ in 0..if cfg!(miri) { 200 } else { 2_000 } {
-        live = LIVE_GLOBAL_KEYS.load(Ordering::SeqCst);
-        if live == count as usize {
-            break;
-        }
-        let other: WeakValueMap<u8, u8> = WeakValueMap::new();
-        let v = Strong::new(0);
-        other.insert(0, &v);
-        other.remove(&0);
-        flush();
-    }
-    GLOBAL_KEYS_PANIC.store(false, Ordering::SeqCst);
+    settle_until(|| KEYS.live() == count as usize);
+    let live = KEYS.live();
+    KEYS.panic_in_drop(false);
     assert_eq!(live, count as usize, "left-behind keys never dropped");
     assert_eq!(map.len(), count as usize);
     for value in &values {
-        assert_eq!(
-            map.get(&GlobalPanickyKey::new(**value)).as_deref(),
-            Some(&**value)
-        );
+        assert_eq!(map.get(&**value).as_deref(), Some(&**value));
     }
 }
