@@ -388,9 +388,12 @@ mod tests {
             drop(pinned);
             worst_backlog = worst_backlog.max(retired - drops.load(Ordering::Relaxed));
         }
-        // Other tests share the global collector and may hold it back a
-        // little; the bound is generous but far below `count`.
-        let bound = if cfg!(miri) { 400 } else { 20_000 };
+        // Other tests share the global collector, and one of their threads
+        // descheduled while pinned holds every collection back: on the
+        // 2-core machine under load, backlogs of 20 000 to 29 000 were
+        // seen. What this test is for is growth without bound (a backlog
+        // that follows `count`); a quarter of it tells the two apart.
+        let bound = if cfg!(miri) { 400 } else { count / 4 };
         assert!(worst_backlog <= bound, "backlog reached {worst_backlog}");
         let pinned = reclaimer.pin();
         let last = slot.swap(Shared::null(), Ordering::AcqRel, pinned.guard());
