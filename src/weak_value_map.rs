@@ -1667,8 +1667,9 @@ mod tests {
     /// its dead value's list has let go of it. For as long as that takes:
     /// other tests' threads pin the epoch now and then, which delays the
     /// drops but cannot stop them (tests that waited a fixed number of
-    /// rounds failed under load). Only a side that is never dropped comes
-    /// near the deadline.
+    /// rounds failed under load). The deadline is a fail-safe against a
+    /// hung run, not a timing claim: only a side that is never dropped
+    /// comes near it.
     fn wait_until_the_side_is_dropped(exit: &str, hook: &EntryRef) {
         let deadline = Instant::now() + Duration::from_secs(60);
         while hook.ref_count() > 1 {
@@ -1678,7 +1679,7 @@ mod tests {
                 hook.ref_count()
             );
             crate::flush();
-            thread::sleep(Duration::from_millis(1));
+            thread::yield_now();
         }
     }
 
