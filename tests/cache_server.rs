@@ -5,6 +5,9 @@
 //! the pure weak cache, all but its tier by the keep-warm one. And the
 //! whole demo, three caches in a row, writes its summary with `--tsv`.
 
+#[path = "support/settle.rs"]
+mod settle;
+
 // The demo's main.rs: its flags and its run, and the server module these
 // tests drive.
 #[path = "../examples/cache_server/main.rs"]
@@ -340,14 +343,8 @@ fn settle_until(app: &App, objects: usize) {
         app.metrics.live_bytes.load(Ordering::SeqCst) <= objects * OBJECT_BYTES
             && app.cached_objects() <= objects
     };
-    for _ in 0..100_000 {
-        if settled() {
-            return;
-        }
-        weakrefs::flush();
-    }
     assert!(
-        settled(),
+        settle::until(settled, weakrefs::flush),
         "{} bytes of objects and {} entries never released",
         app.metrics.live_bytes.load(Ordering::SeqCst),
         app.cached_objects()

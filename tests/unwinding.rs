@@ -5,6 +5,9 @@
 //! stay one too high forever: the value would never die, nor its entry
 //! leave the map).
 
+#[path = "support/settle.rs"]
+mod settle;
+
 use std::future::Future;
 use std::hash::{Hash, Hasher};
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -143,12 +146,7 @@ fn a_panicking_unused_init_in_weak_key_map_leaks_no_clone() {
     drop(key);
     // The entry goes with its key at once; its value is dropped once no
     // reader can see it (other tests here may be mid-lookup).
-    for _ in 0..100_000 {
-        flush();
-        if Strong::strong_count(&value) == 1 {
-            break;
-        }
-    }
+    settle::until(|| Strong::strong_count(&value) == 1, flush);
     assert_eq!(
         Strong::strong_count(&value),
         1,

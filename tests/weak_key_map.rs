@@ -2,6 +2,9 @@
 //! sense with identity keys, and the concurrent guarantees of API.md and
 //! SAFETY.md section 8.
 
+#[path = "support/settle.rs"]
+mod settle;
+
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
@@ -298,16 +301,13 @@ fn removing_the_key_being_read_does_not_wait_for_itself() {
 fn weakrefs_settle(done: impl Fn() -> bool) {
     let scratch = WeakKeyMap::new();
     let key = Strong::new(());
-    for _ in 0..10_000 {
-        if done() {
-            return;
-        }
+    let settled = settle::until(done, || {
         // Each write pins, and retires an item: the epoch moves on.
         scratch.insert(&key, 0u8);
         scratch.remove(&key);
         flush();
-    }
-    assert!(done(), "the removed values were never dropped");
+    });
+    assert!(settled, "the removed values were never dropped");
 }
 
 /// `retain`, `clear`, `purge`: the predicate sees key and value; removed

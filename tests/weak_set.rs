@@ -1,6 +1,9 @@
 //! `WeakSet`: ports of CPython's `WeakSet` cases that make sense with
 //! identity membership, and the concurrent guarantees of API.md.
 
+#[path = "support/settle.rs"]
+mod settle;
+
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
@@ -151,18 +154,17 @@ fn insert_remove_churn_leaves_nothing_behind() {
         assert!(set.remove(&member));
     }
     // The set's `Weak`s go with their entries, freed once every pinned
-    // thread has moved on; other tests' threads may hold the epoch back for
-    // a moment, so give them a (bounded) chance before judging.
-    for _ in 0..10_000 {
-        if Strong::weak_count(&member) < 100 {
-            break;
-        }
-        let nudge = WeakSet::new();
-        let object = Strong::new(0u64);
-        nudge.insert(&object);
-        nudge.remove(&object);
-        thread::yield_now();
-    }
+    // thread has moved on; other tests' threads may hold the epoch back
+    // for a while.
+    settle::until(
+        || Strong::weak_count(&member) < 100,
+        || {
+            let nudge = WeakSet::new();
+            let object = Strong::new(0u64);
+            nudge.insert(&object);
+            nudge.remove(&object);
+        },
+    );
     let weak = Strong::weak_count(&member);
     assert!(weak < 1_000, "{weak} weak handles left behind");
 }

@@ -1,6 +1,9 @@
 //! `WeakValueMap`: ports of CPython's `WeakValueDictionary` cases and the
 //! concurrent guarantees of API.md.
 
+#[path = "support/settle.rs"]
+mod settle;
+
 use std::collections::HashSet;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -237,18 +240,16 @@ fn insert_remove_churn_leaves_nothing_behind() {
     }
     assert!(map.is_empty());
     // Removed items are freed once every pinned thread has moved on; other
-    // tests' threads may hold the epoch back for a moment, so give them a
-    // (bounded) chance before judging what is left.
-    for _ in 0..10_000 {
-        if Strong::weak_count(&value) < 100 {
-            break;
-        }
-        let nudge: WeakValueMap<u8, u8> = WeakValueMap::new();
-        let v = Strong::new(0);
-        nudge.insert(0, &v);
-        nudge.remove(&0);
-        thread::yield_now();
-    }
+    // tests' threads may hold the epoch back for a while.
+    settle::until(
+        || Strong::weak_count(&value) < 100,
+        || {
+            let nudge: WeakValueMap<u8, u8> = WeakValueMap::new();
+            let v = Strong::new(0);
+            nudge.insert(0, &v);
+            nudge.remove(&0);
+        },
+    );
     let weak = Strong::weak_count(&value);
     assert!(
         weak < 1_000,
@@ -543,17 +544,13 @@ impl Drop for Key {
 /// collect, and hand user destructors to the finalizer thread, which
 /// `flush` waits for.
 fn settle_until(done: impl Fn() -> bool) -> bool {
-    for _ in 0..if cfg!(miri) { 200 } else { 2_000 } {
-        if done() {
-            return true;
-        }
+    settle::until(done, || {
         let other: WeakValueMap<u8, u8> = WeakValueMap::new();
         let v = Strong::new(0);
         other.insert(0, &v);
         other.remove(&0);
         flush();
-    }
-    done()
+    })
 }
 
 /// Waits for the deferred drops of `keys`, and fails if any key was never
