@@ -642,3 +642,143 @@ mod tests {
         assert_eq!(Arc::strong_count(&token), 1, "the free drops it no more");
     }
 }
+
+/// Nodes through the per-thread block cache (C16): reuse across sizes,
+/// alignments, threads, re-entrant frees and thread exit.
+#[cfg(all(test, not(weakrefs_loom)))]
+mod node_cache_tests {
+    use super::*;
+    use std::cell::RefCell;
+    use std::sync::atomic::{AtomicUsize, Ordering as O};
+    use std::sync::Arc;
+
+    fn job() -> EntryRef {
+        let [job] = EntryRef::new_with_owners::<1, _>(|| {}, false);
+        job
+    }
+
+    /// Holds nodes in a thread-local, so that they are freed by its
+    /// destructor, before or after the cache's; once the cache is gone it
+    /// also makes and frees a node of its own.
+    struct Holder(Vec<EntryRef>);
+
+    static FREED_AFTER_THE_CACHE: AtomicUsize = AtomicUsize::new(0);
+
+    impl Drop for Holder {
+        fn drop(&mut self) {
+            if !node_cache::cache::alive() {
+                FREED_AFTER_THE_CACHE.fetch_add(1, O::SeqCst);
+                drop(job());
+            }
+            self.0.clear();
+        }
+    }
+
+    std::thread_local! {
+        static HOLDER: RefCell<Holder> = const { RefCell::new(Holder(Vec::new())) };
+    }
+
+    #[test]
+    fn nodes_freed_by_thread_local_destructors_in_any_order_go_back() {
+        // The holder's destructor registered before the cache's, after it,
+        // and with the cache first touched while destructors run. A cache
+        // reached without `try_with` once torn down aborts the process.
+        let runs: [fn(); 3] = [
+            || {
+                HOLDER.with(|_| {});
+                drop(job());
+                HOLDER.with(|holder| holder.borrow_mut().0.push(job()));
+            },
+            || {
+                drop(job());
+                HOLDER.with(|holder| holder.borrow_mut().0.push(job()));
+            },
+            || HOLDER.with(|holder| holder.borrow_mut().0.extend((0..3).map(|_| job()))),
+        ];
+        for run in runs {
+            std::thread::spawn(run)
+                .join()
+                .expect("no panic at thread exit");
+        }
+        // Which destructor runs first is the platform's choice; every
+        // order above must simply not fail.
+        assert!(FREED_AFTER_THE_CACHE.load(O::SeqCst) <= 3);
+    }
+
+    /// Frees the node it holds, then makes and frees another, while its own
+    /// node's closure is being dropped.
+    struct Reentrant(Option<EntryRef>, Arc<AtomicUsize>);
+
+    impl Drop for Reentrant {
+        fn drop(&mut self) {
+            drop(self.0.take());
+            drop(job());
+            self.1.fetch_add(1, O::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_closure_drop_may_free_and_make_nodes() {
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let mut last = None;
+        for _ in 0..150 {
+            let held = Reentrant(last.take(), dropped.clone());
+            let [node] = EntryRef::new_with_owners::<1, _>(move || drop(held), false);
+            last = Some(node);
+        }
+        drop(last);
+        assert_eq!(dropped.load(O::SeqCst), 150, "every closure dropped once");
+    }
+
+    #[test]
+    fn hooks_of_every_payload_size_and_alignment_reuse_blocks_soundly() {
+        #[repr(align(16))]
+        struct Align16(#[allow(dead_code)] u64);
+        #[repr(align(32))]
+        struct Align32(#[allow(dead_code)] u8);
+        fn rounds<P: Send + Sync + 'static>(make: impl Fn() -> P) {
+            let mut held = Vec::new();
+            for round in 0..3 {
+                for _ in 0..70 {
+                    let (hook, in_list) = EntryRef::new_hook(make(), |_: &Hook<P>| {});
+                    let address = hook.payload() as *const P as usize;
+                    assert_eq!(address % std::mem::align_of::<P>(), 0, "aligned");
+                    held.push((hook, in_list));
+                }
+                if round % 2 == 0 {
+                    for (hook, _) in held.drain(..) {
+                        // SAFETY: once per hook, no payload reference alive.
+                        unsafe { hook.drop_payload() };
+                    }
+                }
+            }
+            for (hook, _) in held {
+                // SAFETY: as above.
+                unsafe { hook.drop_payload() };
+            }
+        }
+        rounds(|| ());
+        rounds(|| 1u8);
+        rounds(|| 1u32);
+        rounds(|| [0u8; 0]);
+        rounds(|| Align16(1));
+        rounds(|| Align32(1));
+        rounds(|| [1u64; 2]);
+        rounds(|| [1u64; 4]);
+        rounds(|| Arc::new(5u8));
+        rounds(|| String::from("payload"));
+    }
+
+    #[test]
+    fn nodes_freed_on_another_thread_serve_that_threads_next_nodes() {
+        let made: Vec<_> = (0..200).map(|_| job()).collect();
+        std::thread::spawn(move || {
+            drop(made);
+            let again: Vec<_> = (0..100).map(|_| job()).collect();
+            let twice = again.clone();
+            drop((again, twice));
+        })
+        .join()
+        .expect("no panic");
+    }
+}

@@ -482,6 +482,7 @@ impl<I: Sided> Table<I> {
                 }
             }
         }
+        debug_assert_eq!(self.slots.len(), self.control.len() * GROUP, "whole groups");
         match &self.slots {
             Slots::Plain { items, .. } => scan(&self.control, items, |cell| cell, order, f),
             Slots::Marked(slots) => scan(&self.control, slots, |slot| &slot.item, order, f),
