@@ -15,7 +15,7 @@ use crate::callbacks::Hook;
 use crate::identity::IdentityState;
 use crate::raw::collection::{self, Collection, Watching};
 use crate::raw::single_flight::{self, Flight, Flights, Joined, Settle};
-use crate::raw::table::{Relocatable, ShardedTable, Sided};
+use crate::raw::table::{Relocatable, ShardedTable, Sided, WritePin};
 use crate::strong::Strong;
 use crate::weak::Weak;
 
@@ -317,7 +317,8 @@ where
     pub fn insert(&self, key: &Strong<K>, value: V) -> bool {
         let hash = self.hash(key);
         let item = self.new_item(hash, key, value);
-        let mut writer = self.core.table.write(hash);
+        let pin = WritePin::lazy();
+        let mut writer = self.core.table.write(hash, &pin);
         let Some((replaced, ())) = writer.upsert(hash, (item, ()), |old, _| old.key.names(key))
         else {
             return false;
@@ -422,7 +423,8 @@ where
     /// ```
     pub fn remove(&self, key: &Strong<K>) -> bool {
         let hash = self.hash(key);
-        let mut writer = self.core.table.write(hash);
+        let pin = WritePin::lazy();
+        let mut writer = self.core.table.write(hash, &pin);
         let Some((removed, ())) = writer.remove(hash, |item, ()| item.key.names(key)) else {
             return false;
         };
@@ -581,13 +583,15 @@ where
         // the lock is cloned after the unlock (`Clone` is user code),
         // and its drop is deferred past this pin (K1).
         let pinned = self.core.table.pin();
-        let writer = self.core.table.write(hash);
+        let pin = WritePin::held(&pinned);
+        let writer = self.core.table.write(hash, &pin);
         let found: Option<*const V> = writer
             .candidates(hash)
             .find(|item| item.key.names(key))
             .map(|item| item.value() as *const V);
         if let Some(found) = found {
             drop(writer);
+            drop(pin);
             // SAFETY: found in the current table under the lock, so not
             // unlinked before we took `pinned`: its drop is deferred
             // past our pin, which we hold until the clone is made.
@@ -605,6 +609,7 @@ where
             blocking,
         );
         drop(writer);
+        drop(pin);
         drop(pinned);
         Err(joined)
     }
@@ -626,7 +631,8 @@ where
         let hash = load.hash();
         // Keeps a found value alive after the unlock.
         let _pinned = self.core.table.pin();
-        let mut writer = self.core.table.write(hash);
+        let pin = WritePin::held(&_pinned);
+        let mut writer = self.core.table.write(hash, &pin);
         let withdrawn = self
             .core
             .loads
@@ -641,12 +647,14 @@ where
             // Never replaces: no entry under the key (checked above).
             writer.upsert(hash, (item, ()), |_, _| false);
             drop(writer);
+            drop(pin);
             settle.outcome = Some(shared);
             drop(settle);
             drop(withdrawn);
             return Some(ours);
         };
         drop(writer);
+        drop(pin);
         drop(withdrawn);
         // SAFETY: found in the current table under the lock, after
         // `_pinned` was taken: its drop is deferred past our pin (K1).
