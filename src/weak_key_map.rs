@@ -585,17 +585,17 @@ where
         let pinned = self.core.table.pin();
         let pin = WritePin::held(&pinned);
         let writer = self.core.table.write(hash, &pin);
-        let found: Option<*const V> = writer
-            .candidates(hash)
+        let found = writer
+            .candidates_pinned(hash, &pinned)
             .find(|item| item.key.names(key))
-            .map(|item| item.value() as *const V);
+            .map(Item::value);
         if let Some(found) = found {
             drop(writer);
+            // Found under the lock and readable while `pinned` lives: its
+            // drop is deferred past our pin, which we hold until the clone
+            // is made.
+            let value = found.clone();
             drop(pin);
-            // SAFETY: found in the current table under the lock, so not
-            // unlinked before we took `pinned`: its drop is deferred
-            // past our pin, which we hold until the clone is made.
-            let value = unsafe { &*found }.clone();
             drop(pinned);
             return Ok(value);
         }
@@ -630,18 +630,18 @@ where
         let mut settle = Settle::new(load);
         let hash = load.hash();
         // Keeps a found value alive after the unlock.
-        let _pinned = self.core.table.pin();
-        let pin = WritePin::held(&_pinned);
+        let pinned = self.core.table.pin();
+        let pin = WritePin::held(&pinned);
         let mut writer = self.core.table.write(hash, &pin);
         let withdrawn = self
             .core
             .loads
             .withdraw(self.core.table.shard_index(hash), load);
         let (value, shared, ours) = made?;
-        let existing: Option<*const V> = writer
-            .candidates(hash)
+        let existing = writer
+            .candidates_pinned(hash, &pinned)
             .find(|item| item.key.names(key))
-            .map(|item| item.value() as *const V);
+            .map(Item::value);
         let Some(existing) = existing else {
             let item = self.new_item(hash, key, value);
             // Never replaces: no entry under the key (checked above).
@@ -654,12 +654,12 @@ where
             return Some(ours);
         };
         drop(writer);
-        drop(pin);
         drop(withdrawn);
-        // SAFETY: found in the current table under the lock, after
-        // `_pinned` was taken: its drop is deferred past our pin (K1).
-        let adopted = unsafe { &*existing }.clone();
-        drop(_pinned);
+        // Found under the lock and readable while `pinned` lives: its drop
+        // is deferred past our pin (K1).
+        let adopted = existing.clone();
+        drop(pin);
+        drop(pinned);
         settle.outcome = Some(adopted.clone());
         // User code, outside the pin and before the outcome is handed back
         // (a panic then drops `adopted`, a local): our unused copies, then

@@ -1182,6 +1182,18 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
         Candidates::new(self.current_table(), hash)
     }
 
+    /// [`Self::candidates`], readable for `'g`, after the unlock too, for
+    /// a caller pinned for `'g` (`pinned`, which it may also have lent the
+    /// writer through [`WritePin::held`]): found in the current table under
+    /// the lock, none of them is unlinked yet, so its drop, and its
+    /// table's release, can only be deferred from now on, while this
+    /// thread is pinned, and run once it unpins (M9, I7). `pinned` is the
+    /// table's own kind of pin ([`ShardedTable::pin`]), as every pin of the
+    /// crate's collections is.
+    pub(crate) fn candidates_pinned(&self, hash: u64, _pinned: &'g Pinned) -> Candidates<'g, I> {
+        Candidates::new(self.current_table(), hash)
+    }
+
     /// Removes the first item of `hash`'s probe sequence that `matches`
     /// (given the item and its side). Returns it and its side, readable
     /// for as long as the writer's pin lives, after the unlock too (M9).
