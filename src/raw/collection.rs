@@ -96,9 +96,17 @@ where
             // the removed entry to the epoch under it: a removal is what
             // nearly always happens here, and `try_write` never waits, so
             // this is the one pin the removal would take anyway, without a
-            // lazy pin's bookkeeping.
-            let pinned = core.table().pin();
-            let pin = WritePin::held(&pinned);
+            // lazy pin's bookkeeping. Not if the entry's drop runs user
+            // code: that writer posts it to the finalizer thread and, as
+            // `remove_holding` borrows nothing past the unlock, pins not at
+            // all.
+            let pinned;
+            let pin = if I::DROP_RUNS_USER_CODE {
+                WritePin::lazy()
+            } else {
+                pinned = core.table().pin();
+                WritePin::held(&pinned)
+            };
             let writer = core.table().try_write(hash, &pin);
             let removed = writer.is_some();
             if let Some(writer) = writer {
@@ -141,8 +149,9 @@ where
     C: Collection<I>,
     I: Watching,
 {
+    // Used under the lock only: borrowed from the writer, not lent.
     let notice = writer
-        .remove(hash, |item, side| item.hook(side).identity() == hook)
+        .remove_locked(hash, |item, side| item.hook(side).identity() == hook)
         .and_then(|(item, _)| core.died(item));
     drop(writer);
     if let Some(notice) = notice {

@@ -821,6 +821,7 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
             state: Some(state),
             garbage: Garbage::default(),
             pin,
+            lent: false,
         }
     }
 }
@@ -1152,6 +1153,10 @@ pub(crate) struct ShardWriter<'g, I: Relocatable + Send + Sync + 'static> {
     state: Option<MutexGuard<'g, ShardState>>,
     garbage: Garbage<I>,
     pin: &'g WritePin<'g>,
+    /// Something removed was lent for `'g` (`lend`): the pin must be
+    /// taken before the removals are handed on, wherever they are
+    /// deferred.
+    lent: bool,
 }
 
 impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
@@ -1205,8 +1210,30 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
         let table = self.current_table();
         let index = find(table, hash, matches).ok()?;
         self.unlink(index);
-        // SAFETY: full until just now (1); see `lent` for 2.
-        Some(unsafe { Self::lent(table, index) })
+        // SAFETY: full until just now, unlinked by us (1), in the current
+        // table (2).
+        Some(unsafe { self.lend(table, index) })
+    }
+
+    /// [`Self::remove`], but what it returns is borrowed from the writer,
+    /// readable only until the writer is dropped (while it holds the lock,
+    /// nothing it removed is handed to the epoch yet): for a caller that
+    /// is done with the item before the unlock, such as the death removal
+    /// of an entry whose drop runs user code, whose writer then need not
+    /// pin at all (it posts the drop to the finalizer thread, M10).
+    pub(crate) fn remove_locked(
+        &mut self,
+        hash: u64,
+        matches: impl FnMut(&I, &I::Side) -> bool,
+    ) -> Option<(&I, &I::Side)> {
+        let table = self.current_table();
+        let index = find(table, hash, matches).ok()?;
+        self.unlink(index);
+        // The writer queues the item's drop only as it is dropped, and the
+        // references borrow it.
+        // SAFETY: full until just now (`item`'s 1), not dropped while the
+        // writer lives (`item`'s 2).
+        Some(unsafe { (table.item(index), table.side(index)) })
     }
 
     /// Slot `index`'s item and side, which this writer has just unlinked
@@ -1232,7 +1259,8 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
     ///    `garbage.items` as a rebuild's `without`).
     /// 2. `table` is this writer's current table, or one its own rebuild
     ///    replaced.
-    unsafe fn lent(table: &'g Table<I>, index: usize) -> (&'g I, &'g I::Side) {
+    unsafe fn lend(&mut self, table: &'g Table<I>, index: usize) -> (&'g I, &'g I::Side) {
+        self.lent = true;
         // SAFETY: seen full (`item`'s 1, our 1); not dropped, nor its slot
         // refilled, nor `table` freed, while the pin lasts (`item`'s 2: the
         // docs above, our 1 and 2).
@@ -1266,7 +1294,7 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
         // it: `publish_parked` did one or the other.
         // SAFETY: full until just now, and unlinked or left out by us
         // (1); `table` was current when we found it (2).
-        old.map(|old| unsafe { Self::lent(table, old) })
+        old.map(|old| unsafe { self.lend(table, old) })
     }
 
     /// Publishes the parked item (`garbage.unpublished`) under `hash`, in
@@ -1407,7 +1435,7 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
                     self.unlink(index);
                     // SAFETY: full until just now, unlinked by us (1), in
                     // the current table (2).
-                    removed.push(unsafe { Self::lent(table, index) });
+                    removed.push(unsafe { self.lend(table, index) });
                 }
             }
         }
@@ -1578,12 +1606,6 @@ impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
         if garbage.items.is_empty() && garbage.tables.is_empty() {
             return;
         }
-        // Pinned first, on either path below, and until the `'g` borrow of
-        // the pin ends: what `lent` lent stays readable until then, since
-        // no function deferred from now on runs before this thread unpins
-        // (M9). The caller's pin if it lent one (no pin nested in it), else
-        // one taken now, after the unlock, as before writers borrowed pins.
-        let pinned = self.pin.pinned(|| self.table.pin());
         // Looked up now, not when the functions run: they may run while the
         // process (or a loom model) tears its statics down.
         let executor = Executor::global();
@@ -1597,14 +1619,25 @@ impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
         let user_code = cfg!(not(weakrefs_loom))
             && (I::DROP_RUNS_USER_CODE
                 || (!retired.tables.is_empty() && std::mem::needs_drop::<I::LeftBehind>()));
+        // Pinned before anything is handed on, and until the `'g` borrow of
+        // the pin ends: what `lend` lent stays readable until then, since
+        // no function deferred from now on runs before this thread unpins
+        // (M9). The caller's pin if it lent one (no pin nested in it), else
+        // one taken now, after the unlock, where writers pinned before they
+        // borrowed pins; not at all if nothing was lent and the drops are
+        // deferred elsewhere.
         if user_code {
+            if self.lent {
+                self.pin.pinned(|| self.table.pin());
+            }
             // Deferred from the finalizer thread, which hands its retired
             // functions over whenever it goes idle: deferred here, they
             // would wait in this thread's bag until it retires more, which
             // an idle thread never does, and with them the user destructors
             // they hand on (M10). Deferring later than the unlink only
-            // delays the free; deferring while this thread is pinned
-            // (`pinned`, above) delays it past our pin, as M9 requires.
+            // delays the free; deferring while this thread is pinned (the
+            // `WritePin`, pinned just above if we lent anything) delays it
+            // past our pin, as M9 requires.
             executor.post(move || {
                 let pinned = Reclaimer::global().pin();
                 // SAFETY: `Retired::defer`'s conditions held when the
@@ -1621,6 +1654,7 @@ impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
                 }
             });
         } else {
+            let pinned = self.pin.pinned(|| self.table.pin());
             // SAFETY: unlinked and replaced under the mutex just released,
             // each with the table reference the writer took for it.
             unsafe { retired.defer(pinned, executor) };
