@@ -439,14 +439,17 @@ pub mod internals {
     //!    `Runtime::dispatch`.
     //! 4. The map's hook is the closure `raw::collection::remove_on_death`
     //!    registered (`ObjectCallbacks::register_hook`). It upgrades its
-    //!    `Weak` to the map's core and, if the shard's lock is free
-    //!    (`ShardedTable::try_write`), calls `remove_holding`:
+    //!    `Weak` to the map's core, pins, and, if the shard's lock is free
+    //!    (`ShardedTable::try_write`, which lends the writer that pin as a
+    //!    `WritePin`), calls `remove_holding`:
     //!    `ShardWriter::remove` finds the entry whose hook is this very hook
     //!    (M4), and `unlink` turns its slot into a tombstone (M2). A busy
     //!    shard, or a map with a removal listener, posts the same removal
     //!    to the finalizer thread instead (`Executor::post`, M10).
     //! 5. Dropping the `ShardWriter` unlocks the shard and hands what it
-    //!    unlinked to the epoch (`Retired::defer`, `Pinned::defer`, I7);
+    //!    unlinked to the epoch under the pin it borrows, so what
+    //!    `remove` lent stays readable while that pin lives
+    //!    (`Retired::defer`, `Pinned::defer`, I7, M9);
     //!    from the finalizer thread (`Executor::post`) if the entry's drop
     //!    runs user code (`Relocatable::DROP_RUNS_USER_CODE`, M10). Once no
     //!    reader pinned before the unlink is left, the deferred function

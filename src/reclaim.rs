@@ -289,6 +289,11 @@ impl Pinned {
 
     /// Moves this thread's retired memory to the global queue and runs a
     /// collection step, freeing whatever no pinned thread can still read.
+    /// Never a function deferred while this thread has been pinned (under
+    /// this guard or an outer one): its bag is sealed with the global epoch
+    /// of the moment, freed only two epochs later, and the global epoch
+    /// moves at most one past this thread's while it stays pinned, which
+    /// writers' loans rely on (SAFETY.md, M9).
     pub(crate) fn flush(&self) {
         self.guard.flush();
     }

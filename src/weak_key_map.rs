@@ -15,7 +15,7 @@ use crate::callbacks::Hook;
 use crate::identity::IdentityState;
 use crate::raw::collection::{self, Collection, Watching};
 use crate::raw::single_flight::{self, Flight, Flights, Joined, Settle};
-use crate::raw::table::{Relocatable, ShardedTable, Sided};
+use crate::raw::table::{Relocatable, ShardedTable, Sided, WritePin};
 use crate::strong::Strong;
 use crate::weak::Weak;
 
@@ -317,7 +317,8 @@ where
     pub fn insert(&self, key: &Strong<K>, value: V) -> bool {
         let hash = self.hash(key);
         let item = self.new_item(hash, key, value);
-        let mut writer = self.core.table.write(hash);
+        let pin = WritePin::lazy();
+        let mut writer = self.core.table.write(hash, &pin);
         let Some((replaced, ())) = writer.upsert(hash, (item, ()), |old, _| old.key.names(key))
         else {
             return false;
@@ -422,7 +423,8 @@ where
     /// ```
     pub fn remove(&self, key: &Strong<K>) -> bool {
         let hash = self.hash(key);
-        let mut writer = self.core.table.write(hash);
+        let pin = WritePin::lazy();
+        let mut writer = self.core.table.write(hash, &pin);
         let Some((removed, ())) = writer.remove(hash, |item, ()| item.key.names(key)) else {
             return false;
         };
@@ -581,17 +583,19 @@ where
         // the lock is cloned after the unlock (`Clone` is user code),
         // and its drop is deferred past this pin (K1).
         let pinned = self.core.table.pin();
-        let writer = self.core.table.write(hash);
-        let found: Option<*const V> = writer
-            .candidates(hash)
+        let pin = WritePin::held(&pinned);
+        let writer = self.core.table.write(hash, &pin);
+        let found = writer
+            .candidates_pinned(hash, &pinned)
             .find(|item| item.key.names(key))
-            .map(|item| item.value() as *const V);
+            .map(Item::value);
         if let Some(found) = found {
             drop(writer);
-            // SAFETY: found in the current table under the lock, so not
-            // unlinked before we took `pinned`: its drop is deferred
-            // past our pin, which we hold until the clone is made.
-            let value = unsafe { &*found }.clone();
+            // Found under the lock and readable while `pinned` lives: its
+            // drop is deferred past our pin, which we hold until the clone
+            // is made.
+            let value = found.clone();
+            drop(pin);
             drop(pinned);
             return Ok(value);
         }
@@ -605,6 +609,7 @@ where
             blocking,
         );
         drop(writer);
+        drop(pin);
         drop(pinned);
         Err(joined)
     }
@@ -625,22 +630,24 @@ where
         let mut settle = Settle::new(load);
         let hash = load.hash();
         // Keeps a found value alive after the unlock.
-        let _pinned = self.core.table.pin();
-        let mut writer = self.core.table.write(hash);
+        let pinned = self.core.table.pin();
+        let pin = WritePin::held(&pinned);
+        let mut writer = self.core.table.write(hash, &pin);
         let withdrawn = self
             .core
             .loads
             .withdraw(self.core.table.shard_index(hash), load);
         let (value, shared, ours) = made?;
-        let existing: Option<*const V> = writer
-            .candidates(hash)
+        let existing = writer
+            .candidates_pinned(hash, &pinned)
             .find(|item| item.key.names(key))
-            .map(|item| item.value() as *const V);
+            .map(Item::value);
         let Some(existing) = existing else {
             let item = self.new_item(hash, key, value);
             // Never replaces: no entry under the key (checked above).
             writer.upsert(hash, (item, ()), |_, _| false);
             drop(writer);
+            drop(pin);
             settle.outcome = Some(shared);
             drop(settle);
             drop(withdrawn);
@@ -648,10 +655,11 @@ where
         };
         drop(writer);
         drop(withdrawn);
-        // SAFETY: found in the current table under the lock, after
-        // `_pinned` was taken: its drop is deferred past our pin (K1).
-        let adopted = unsafe { &*existing }.clone();
-        drop(_pinned);
+        // Found under the lock and readable while `pinned` lives: its drop
+        // is deferred past our pin (K1).
+        let adopted = existing.clone();
+        drop(pin);
+        drop(pinned);
         settle.outcome = Some(adopted.clone());
         // User code, outside the pin and before the outcome is handed back
         // (a panic then drops `adopted`, a local): our unused copies, then

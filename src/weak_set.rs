@@ -6,7 +6,7 @@ use std::hash::BuildHasher;
 use crate::callbacks::Hook;
 use crate::identity::IdentityState;
 use crate::raw::collection::{self, Collection, Watching};
-use crate::raw::table::{Relocatable, ShardedTable, Sided};
+use crate::raw::table::{Relocatable, ShardedTable, Sided, WritePin};
 use crate::strong::Strong;
 use crate::weak::Weak;
 
@@ -208,13 +208,15 @@ where
             object: Strong::downgrade(object),
             hook: collection::remove_on_death(&self.core, hash, object, ()),
         };
-        let mut writer = self.core.table.write(hash);
+        let pin = WritePin::lazy();
+        let mut writer = self.core.table.write(hash, &pin);
         match writer.insert_unless(hash, (member, ()), |member| member.object.names(object)) {
             Ok(()) => true,
             Err((member, ())) => {
                 // Already a member. Ours is dropped (its callback detached)
                 // after the unlock.
                 drop(writer);
+                drop(pin);
                 drop(member);
                 false
             }
@@ -234,7 +236,8 @@ where
     /// ```
     pub fn remove(&self, object: &Strong<T>) -> bool {
         let hash = self.hash(object);
-        let mut writer = self.core.table.write(hash);
+        let pin = WritePin::lazy();
+        let mut writer = self.core.table.write(hash, &pin);
         match writer.remove(hash, |member, ()| member.object.names(object)) {
             Some((member, ())) => {
                 // Detached once the removal is published (M5).

@@ -13,7 +13,7 @@ use crate::callbacks::Hook;
 use crate::raw::collection::{self, Collection, Watching};
 use crate::raw::counters::Counters;
 use crate::raw::single_flight::{self, Flight, Flights, Joined, Settle};
-use crate::raw::table::{Relocatable, ShardWriter, ShardedTable, Sided, SlotMark};
+use crate::raw::table::{Relocatable, ShardWriter, ShardedTable, Sided, SlotMark, WritePin};
 use crate::raw::tier::Tier;
 use crate::strong::Strong;
 use crate::weak::Weak;
@@ -655,9 +655,11 @@ where
     pub fn insert(&self, key: K, value: &Strong<V>) -> Option<Strong<V>> {
         let hash = self.hash(&key);
         let item = self.new_item(hash, key, value);
-        let mut writer = self.core.table.write(hash);
+        let pin = WritePin::lazy();
+        let mut writer = self.core.table.write(hash, &pin);
         let (previous, notice, released) = self.publish_locked(&mut writer, hash, item, value);
         drop(writer);
+        drop(pin);
         drop(released);
         self.core.report(notice, RemovalCause::Replaced);
         // Dropped (by the caller) after the shard is unlocked: it may be the
@@ -744,9 +746,15 @@ where
     #[cold]
     #[inline(never)]
     fn keep_slow(&self, hash: u64, identity: usize, value: &Strong<V>) -> Option<Strong<V>> {
-        let writer = self.core.table.write(hash);
+        // Never taken: this writer unlinks nothing (what the tier lets go
+        // of are handles, dropped by our caller), so it hands nothing to
+        // the epoch, and our caller's pin need not be threaded through the
+        // lookup path to get here.
+        let pin = WritePin::lazy();
+        let writer = self.core.table.write(hash, &pin);
         let evicted = self.keep_locked(&writer, hash, identity, value);
         drop(writer);
+        drop(pin);
         evicted
     }
 
@@ -793,13 +801,15 @@ where
     /// ```
     pub fn try_insert(&self, key: K, value: &Strong<V>) -> Result<(), Strong<V>> {
         let hash = self.hash(&key);
-        let mut writer = self.core.table.write(hash);
+        let pin = WritePin::lazy();
+        let mut writer = self.core.table.write(hash, &pin);
         let live = writer
             .candidates(hash)
             .find(|item| item.key() == &key)
             .and_then(|item| item.value.upgrade());
         if let Some(live) = live {
             drop(writer);
+            drop(pin);
             // The key first: if its destructor panics, `live` is a local
             // and goes with the unwinding.
             drop(key);
@@ -809,6 +819,7 @@ where
         // Replaces a dead entry at most: nothing upgrades a dead value.
         let (replaced, notice, released) = self.publish_locked(&mut writer, hash, item, value);
         drop(writer);
+        drop(pin);
         debug_assert!(replaced.is_none(), "a live entry was checked for");
         drop((replaced, released));
         self.core.report(notice, RemovalCause::Replaced);
@@ -842,7 +853,8 @@ where
         // unlocks first and drops the value after: it may be the last
         // handle, whose destructor may use this map.
         let live: Strong<V>;
-        let mut writer = self.core.table.write(hash);
+        let pin = WritePin::lazy();
+        let mut writer = self.core.table.write(hash, &pin);
         let mut candidates = writer.candidates(hash);
         let (found, mark) = loop {
             let (item, mark) = candidates.next_marked()?;
@@ -854,6 +866,7 @@ where
         live = found.value.upgrade()?;
         if !f(found.key(), &live) {
             drop(writer);
+            drop(pin);
             // After the unlock: it may be the last handle.
             drop(live);
             return None;
@@ -868,6 +881,7 @@ where
             None => (None, None),
         };
         drop(writer);
+        drop(pin);
         drop(forgotten);
         self.core.report(notice, RemovalCause::Removed);
         Some(live)
@@ -986,13 +1000,15 @@ where
         Q: Hash + Eq + ?Sized,
     {
         let hash = self.hash(key);
-        let mut writer = self.core.table.write(hash);
+        let pin = WritePin::lazy();
+        let mut writer = self.core.table.write(hash, &pin);
         let (removed, hook) = writer.remove(hash, |item, _| item.key().borrow() == key)?;
         // As in `publish_locked`: detached after the removal is published.
         hook.0.detach();
         let (value, notice) = (removed.value.upgrade(), self.core.notice(removed));
         let forgotten = self.core.forget(hook);
         drop(writer);
+        drop(pin);
         drop(forgotten);
         self.core.report(notice, RemovalCause::Removed);
         // Dropped by the caller, after the unlock: it may be the last handle.
@@ -1210,7 +1226,8 @@ where
         if let Some(value) = self.lookup(hash, wanted) {
             return Ok(value);
         }
-        let writer = self.core.table.write(hash);
+        let pin = WritePin::lazy();
+        let writer = self.core.table.write(hash, &pin);
         let mut candidates = writer.candidates(hash);
         let live = loop {
             let Some((item, mark)) = candidates.next_marked() else {
@@ -1224,6 +1241,7 @@ where
         if let Some((identity, value)) = live {
             let released = self.keep_locked(&writer, hash, identity, &value);
             drop(writer);
+            drop(pin);
             drop(released);
             return Ok(value);
         }
@@ -1254,7 +1272,8 @@ where
         let mut key: Option<K>;
         // Withdraw the load under the shard's writer lock, so that no caller
         // can find neither the load nor the item (M6).
-        let mut writer = self.core.table.write(hash);
+        let pin = WritePin::lazy();
+        let mut writer = self.core.table.write(hash, &pin);
         key = self
             .core
             .loads
@@ -1281,6 +1300,7 @@ where
             };
         }
         drop(writer);
+        drop(pin);
         // After the unlock: the key's and the values' destructors are user
         // code, and a value may be the last handle of its object.
         // Settle before the key's destructor: a panic there must not turn a

@@ -3,7 +3,7 @@
 //! purge shard by shard (SAFETY.md, section 7: M4, M5, M8).
 
 use crate::callbacks::{Executor, Hook};
-use crate::raw::table::{Relocatable, ShardWriter, ShardedTable, Sided};
+use crate::raw::table::{Relocatable, ShardWriter, ShardedTable, Sided, WritePin};
 use crate::strong::Strong;
 use crate::weak::Weak;
 
@@ -91,23 +91,40 @@ where
         // `shutdown` there is nowhere else, so here in any case, but never
         // waiting for the lock.
         let here = !core.hears_deaths() || executor.is_closed();
-        let removed_here = here
-            && match core.table().try_write(hash) {
-                Some(writer) => {
-                    remove_holding(&*core, writer, hash, hook.identity());
-                    true
-                }
-                None => false,
+        let removed_here = here && {
+            // Pinned before the lock, and lent to the writer, which hands
+            // the removed entry to the epoch under it: a removal is what
+            // nearly always happens here, and `try_write` never waits, so
+            // this is the one pin the removal would take anyway, without a
+            // lazy pin's bookkeeping. Not if the entry's drop runs user
+            // code: that writer posts it to the finalizer thread and, as
+            // `remove_holding` borrows nothing past the unlock, pins not at
+            // all.
+            let pinned;
+            let pin = if I::DROP_RUNS_USER_CODE {
+                WritePin::lazy()
+            } else {
+                pinned = core.table().pin();
+                WritePin::held(&pinned)
             };
+            let writer = core.table().try_write(hash, &pin);
+            let removed = writer.is_some();
+            if let Some(writer) = writer {
+                remove_holding(&*core, writer, hash, hook.identity());
+            }
+            removed
+        };
         if !removed_here && !executor.is_closed() {
             let hook = hook.keep();
             executor.post(move || {
                 // Inline if shutdown closed the queue meanwhile: then this
-                // runs where the death happened, and must not wait.
+                // runs where the death happened, and must not wait. Pinned
+                // only once the lock is ours (`write` may wait for it).
+                let pin = WritePin::lazy();
                 let writer = if Executor::global().is_closed() {
-                    core.table().try_write(hash)
+                    core.table().try_write(hash, &pin)
                 } else {
-                    Some(core.table().write(hash))
+                    Some(core.table().write(hash, &pin))
                 };
                 if let Some(writer) = writer {
                     remove_holding(&*core, writer, hash, hook.identity());
@@ -132,8 +149,9 @@ where
     C: Collection<I>,
     I: Watching,
 {
+    // Used under the lock only: borrowed from the writer, not lent.
     let notice = writer
-        .remove(hash, |item, side| item.hook(side).identity() == hook)
+        .remove_locked(hash, |item, side| item.hook(side).identity() == hook)
         .and_then(|(item, _)| core.died(item));
     drop(writer);
     if let Some(notice) = notice {
@@ -323,5 +341,5 @@ pub(crate) fn shrink<I: Watching>(table: &ShardedTable<I>, factor: usize) {
 }
 
 fn shrink_shard<I: Watching>(table: &ShardedTable<I>, shard: usize, factor: usize) {
-    table.write_shard(shard).shrink(factor);
+    table.write_shard(shard, &WritePin::lazy()).shrink(factor);
 }

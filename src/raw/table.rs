@@ -54,6 +54,7 @@
 //!   alone (the cloned-from keys) is dropped with the old table, once no
 //!   reader can see it (M3).
 
+use std::cell::OnceCell;
 use std::marker::PhantomData;
 use std::mem::MaybeUninit;
 use std::panic::{self, AssertUnwindSafe};
@@ -262,10 +263,6 @@ pub(crate) trait Sided {
 
 /// One slot: once its control byte says full, an item (or its side).
 type Slot<I> = UnsafeCell<MaybeUninit<I>>;
-
-/// A removed item and its side, for a caller that reads them after the
-/// writer that removed them (valid as [`each_removed`] says).
-type Parts<I> = (*const I, *const <I as Sided>::Side);
 
 /// A slot with its item's side and the mark its collection keeps beside
 /// the item, one word readers load (a keep-warm tier's position, M13) and
@@ -537,17 +534,6 @@ impl<I: Sided> Table<I> {
         unsafe { (*side).assume_init_ref() }
     }
 
-    /// Pointers to slot `index`'s item and side, for a removal's caller
-    /// (see [`each_removed`]).
-    ///
-    /// # Safety
-    ///
-    /// As for [`Self::item`], when the pointers are made.
-    unsafe fn parts(&self, index: usize) -> Parts<I> {
-        // SAFETY: the caller's.
-        unsafe { (self.item(index), self.side(index)) }
-    }
-
     /// Writes `item` and its `side` into slot `index`.
     ///
     /// # Safety
@@ -766,18 +752,21 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
     /// Removes from shard `index` the items `keep` rejects, deciding
     /// without the lock: `keep` runs while the thread is pinned but holds no
     /// lock, then the rejected items still present are removed under the
-    /// lock, each passed to `on_remove` after the unlock, still pinned
-    /// (M8). Items are named by their hash (as the table keeps it) and
+    /// lock, each passed to `on_remove` after the unlock, under the same pin
+    /// (M8, M9). Items are named by their hash (as the table keeps it) and
     /// identity, which a rebuild in between does not change; one replaced
     /// or removed meanwhile is left alone. Returns how many it removed.
     pub(crate) fn retain_shard(
         &self,
         index: usize,
         mut keep: impl FnMut(&I) -> bool,
-        on_remove: impl FnMut(&I, &I::Side),
+        mut on_remove: impl FnMut(&I, &I::Side),
     ) -> usize {
-        // Held until the removals are done, so no identity is reused.
+        // Held until the removals are done, so no identity is reused, and
+        // lent to the writer, so what it removes stays readable after the
+        // unlock (M9).
         let pinned = self.pin();
+        let pin = WritePin::held(&pinned);
         let table = self.table_for_read(index, &pinned);
         let mut doomed = Vec::new();
         // Acquire (M1): as in `for_each_in_shard_pinned`.
@@ -793,24 +782,19 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
         if doomed.is_empty() {
             return 0;
         }
-        let mut writer = self.write_shard(index);
-        let table = writer.current_table();
-        let mut removed = Vec::new();
+        let mut writer = self.write_shard(index, &pin);
+        // Room for every removal first: nothing allocates (nor so panics)
+        // between an unlink and its record.
+        let mut removed = Vec::with_capacity(doomed.len());
         for (hash, identity) in doomed {
-            if let Ok(slot_index) = find(table, hash, |item, side| item.identity(side) == identity)
-            {
-                removed.reserve(1);
-                writer.unlink(slot_index);
-                // SAFETY: full until just now (1); see below for how long
-                // the pointers stay valid.
-                removed.push(unsafe { table.parts(slot_index) });
-            }
+            removed.extend(writer.remove(hash, |item, side| item.identity(side) == identity));
         }
+        // Unlocked first: `on_remove` reads what the writer lent, which
+        // outlives it for as long as `pin` lives.
         drop(writer);
-        // SAFETY: unlinked under the lock while we were pinned, and we
-        // unpin only below.
-        unsafe { each_removed(&removed, on_remove) };
-        drop(pinned);
+        removed
+            .iter()
+            .for_each(|&(item, side)| on_remove(item, side));
         removed.len()
     }
 
@@ -822,45 +806,59 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
         &self,
         index: usize,
         keep: impl FnMut(&I) -> bool,
-        on_remove: impl FnMut(&I, &I::Side),
+        mut on_remove: impl FnMut(&I, &I::Side),
     ) -> usize {
-        let mut writer = self.write_shard(index);
+        let pin = WritePin::lazy();
+        let mut writer = self.write_shard(index, &pin);
         let removed = writer.retain_all(keep);
-        // SAFETY: unlinked just now by `writer`, which is still alive.
-        unsafe { each_removed(&removed, on_remove) };
+        removed
+            .iter()
+            .for_each(|&(item, side)| on_remove(item, side));
         removed.len()
     }
 
-    /// Locks `hash`'s shard for writing (M2).
-    pub(crate) fn write(&self, hash: u64) -> ShardWriter<'_, I> {
-        self.write_shard(self.shard_index(hash))
+    /// Locks `hash`'s shard for writing (M2), lending the writer `pin`:
+    /// what it removes or replaces stays readable while `pin` lives (M9).
+    pub(crate) fn write<'g>(&'g self, hash: u64, pin: &'g WritePin<'_>) -> ShardWriter<'g, I> {
+        self.write_shard(self.shard_index(hash), pin)
     }
 
     /// Locks `hash`'s shard for writing if nobody holds its lock, this
-    /// thread included: never blocks.
-    pub(crate) fn try_write(&self, hash: u64) -> Option<ShardWriter<'_, I>> {
+    /// thread included: never blocks. `pin` as for [`Self::write`].
+    pub(crate) fn try_write<'g>(
+        &'g self,
+        hash: u64,
+        pin: &'g WritePin<'_>,
+    ) -> Option<ShardWriter<'g, I>> {
         let shard = &self.shards[self.shard_index(hash)];
         let state = shard.writer.try_lock()?;
-        Some(self.writer(shard, state))
+        Some(self.writer(shard, state, pin))
     }
 
-    /// Locks shard `index` for writing.
-    pub(crate) fn write_shard(&self, index: usize) -> ShardWriter<'_, I> {
+    /// Locks shard `index` for writing. `pin` as for [`Self::write`].
+    pub(crate) fn write_shard<'g>(
+        &'g self,
+        index: usize,
+        pin: &'g WritePin<'_>,
+    ) -> ShardWriter<'g, I> {
         let shard = &self.shards[index];
         let state = shard.writer.lock();
-        self.writer(shard, state)
+        self.writer(shard, state, pin)
     }
 
-    fn writer<'a>(
-        &'a self,
-        shard: &'a Shard<I>,
-        state: MutexGuard<'a, ShardState>,
-    ) -> ShardWriter<'a, I> {
+    fn writer<'g>(
+        &'g self,
+        shard: &'g Shard<I>,
+        state: MutexGuard<'g, ShardState>,
+        pin: &'g WritePin<'_>,
+    ) -> ShardWriter<'g, I> {
         ShardWriter {
             table: self,
             shard,
             state: Some(state),
             garbage: Garbage::default(),
+            pin,
+            lent: false,
         }
     }
 }
@@ -1120,21 +1118,89 @@ impl<I: Relocatable> Default for Garbage<I> {
     }
 }
 
-/// A locked shard. Changes go live as they are made; what they unlinked is
-/// handed to the epoch when the writer is dropped, after the mutex is
-/// released.
-pub(crate) struct ShardWriter<'a, I: Relocatable + Send + Sync + 'static> {
-    table: &'a ShardedTable<I>,
-    shard: &'a Shard<I>,
-    state: Option<MutexGuard<'a, ShardState>>,
-    garbage: Garbage<I>,
+/// The pin a [`ShardWriter`] borrows, as papaya's operations borrow a
+/// guard: what the writer removes or replaces is lent as `&'g` references
+/// that stay readable after the writer is dropped (unlocked), for as long
+/// as this lives (M9).
+///
+/// Either the caller's own pin, or one taken only when a writer first hands
+/// something to the epoch, as it is dropped, after the unlock: most writes
+/// (an insert into a free slot) hand nothing over and never pin, as they
+/// did before writers borrowed pins. A writer that must pin does so where
+/// it pinned before, after the unlock, so no collection step (which runs
+/// whatever deferred functions are due) ever runs under the shard's lock.
+#[derive(Debug)]
+pub(crate) struct WritePin<'p> {
+    /// The caller's pin, if it lent one.
+    held: Option<&'p Pinned>,
+    /// Otherwise ours, once taken.
+    taken: OnceCell<Pinned>,
 }
 
-impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
+impl<'p> WritePin<'p> {
+    /// Lends a writer the caller's pin: one pin where the caller reads and
+    /// writes, none nested.
+    #[inline]
+    pub(crate) fn held(pinned: &'p Pinned) -> Self {
+        WritePin {
+            held: Some(pinned),
+            taken: OnceCell::new(),
+        }
+    }
+
+    /// A pin taken when a writer first needs one (see the type's docs).
+    #[inline]
+    pub(crate) fn lazy() -> Self {
+        WritePin {
+            held: None,
+            taken: OnceCell::new(),
+        }
+    }
+
+    /// The pin, taken now with `pin` if there is none yet. It lasts until
+    /// `self` is dropped.
+    #[inline]
+    fn pinned(&self, pin: impl FnOnce() -> Pinned) -> &Pinned {
+        if let Some(pinned) = self.held {
+            return pinned;
+        }
+        // `set` and `get` rather than `get_or_init`, whose out-of-line
+        // initialisation costs the death path a call.
+        if self.taken.get().is_none() {
+            // Cannot fail: empty, and `pin` cannot reenter us.
+            let _ = self.taken.set(pin());
+        }
+        self.taken.get().expect("set just above")
+    }
+}
+
+/// A locked shard. Changes go live as they are made; what they unlinked is
+/// handed to the epoch when the writer is dropped, after the mutex is
+/// released, under the pin the writer borrows for `'g` (M9).
+///
+/// One lifetime, `'g`, for the table, the lock and the pin: what the writer
+/// lends (`remove`, `upsert`, `retain_all`) is readable for as long as the
+/// pin lives, which the borrow of a [`WritePin`] bounds, and no longer than
+/// the table, which the writer borrows too. The lock is released earlier,
+/// when the writer is dropped; a second lifetime for it would bound nothing
+/// a caller can observe, since the writer itself ends the lock.
+pub(crate) struct ShardWriter<'g, I: Relocatable + Send + Sync + 'static> {
+    table: &'g ShardedTable<I>,
+    shard: &'g Shard<I>,
+    state: Option<MutexGuard<'g, ShardState>>,
+    garbage: Garbage<I>,
+    pin: &'g WritePin<'g>,
+    /// Something removed was lent for `'g` (`lend`): the pin must be
+    /// taken before the removals are handed on, wherever they are
+    /// deferred.
+    lent: bool,
+}
+
+impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
     /// The shard's table. Valid while we hold the mutex and until we drop
     /// the writer (a table our own `rebuild` replaced is released only
     /// then).
-    fn current_table(&self) -> &'a Table<I> {
+    fn current_table(&self) -> &'g Table<I> {
         // SAFETY: under the mutex the current table cannot be replaced by
         // anyone else, and one we replace is released after the unlock.
         unsafe { &*self.current_table_ptr() }
@@ -1158,10 +1224,41 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
         Candidates::new(self.current_table(), hash)
     }
 
+    /// [`Self::candidates`], readable for `'g`, after the unlock too, for
+    /// a caller pinned for `'g` (`pinned`, which it may also have lent the
+    /// writer through [`WritePin::held`]): found in the current table under
+    /// the lock, none of them is unlinked yet, so its drop, and its
+    /// table's release, can only be deferred from now on, while this
+    /// thread is pinned, and run once it unpins (M9, I7). `pinned` is the
+    /// table's own kind of pin ([`ShardedTable::pin`]), as every pin of the
+    /// crate's collections is.
+    pub(crate) fn candidates_pinned(&self, hash: u64, _pinned: &'g Pinned) -> Candidates<'g, I> {
+        Candidates::new(self.current_table(), hash)
+    }
+
     /// Removes the first item of `hash`'s probe sequence that `matches`
-    /// (given the item and its side). Returns it and its side; they stay
-    /// readable until the writer is dropped.
+    /// (given the item and its side). Returns it and its side, readable
+    /// for as long as the writer's pin lives, after the unlock too (M9).
     pub(crate) fn remove(
+        &mut self,
+        hash: u64,
+        matches: impl FnMut(&I, &I::Side) -> bool,
+    ) -> Option<(&'g I, &'g I::Side)> {
+        let table = self.current_table();
+        let index = find(table, hash, matches).ok()?;
+        self.unlink(index);
+        // SAFETY: full until just now, unlinked by us (1), in the current
+        // table (2).
+        Some(unsafe { self.lend(table, index) })
+    }
+
+    /// [`Self::remove`], but what it returns is borrowed from the writer,
+    /// readable only until the writer is dropped (while it holds the lock,
+    /// nothing it removed is handed to the epoch yet): for a caller that
+    /// is done with the item before the unlock, such as the death removal
+    /// of an entry whose drop runs user code, whose writer then need not
+    /// pin at all (it posts the drop to the finalizer thread, M10).
+    pub(crate) fn remove_locked(
         &mut self,
         hash: u64,
         matches: impl FnMut(&I, &I::Side) -> bool,
@@ -1169,21 +1266,54 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
         let table = self.current_table();
         let index = find(table, hash, matches).ok()?;
         self.unlink(index);
-        // SAFETY: full until just now (1); its drop is deferred until after
-        // the writer is dropped (2).
+        // The writer queues the item's drop only as it is dropped, and the
+        // references borrow it.
+        // SAFETY: full until just now (`item`'s 1), not dropped while the
+        // writer lives (`item`'s 2).
         Some(unsafe { (table.item(index), table.side(index)) })
+    }
+
+    /// Slot `index`'s item and side, which this writer has just unlinked
+    /// (or left out of a rebuild), lent for the pin's lifetime `'g`.
+    ///
+    /// Why they outlive the writer (M9): the writer hands their drop to the
+    /// epoch only as it is dropped, through `self.pin`, which it pins first
+    /// if it is not pinned yet, and which stays pinned for `'g`; crossbeam
+    /// runs a deferred function only after every thread pinned when it was
+    /// deferred has unpinned, this one included, forced flushes too (a bag
+    /// sealed while we are pinned is at most one epoch behind the global
+    /// epoch until we unpin: `Pinned::flush`, I7). The function also owns
+    /// the reference that keeps `table` allocated (`release`), even if a
+    /// rebuild by this writer retired it. Until then, nothing writes the
+    /// slot: a writer fills only vacant slots (M2), a rebuild copies only
+    /// full ones, and `ShardedTable::drop`, which drops the full slots of
+    /// current tables, waits for the `'g` borrow of the table.
+    ///
+    /// # Safety
+    ///
+    /// 1. The caller saw slot `index` of `table` full under this writer's
+    ///    lock, and this writer has just unlinked its item (or pushed it to
+    ///    `garbage.items` as a rebuild's `without`).
+    /// 2. `table` is this writer's current table, or one its own rebuild
+    ///    replaced.
+    unsafe fn lend(&mut self, table: &'g Table<I>, index: usize) -> (&'g I, &'g I::Side) {
+        self.lent = true;
+        // SAFETY: seen full (`item`'s 1, our 1); not dropped, nor its slot
+        // refilled, nor `table` freed, while the pin lasts (`item`'s 2: the
+        // docs above, our 1 and 2).
+        unsafe { (table.item(index), table.side(index)) }
     }
 
     /// Inserts `item` (an item and its side) under `hash`, replacing the
     /// first item of the probe sequence for which `same(old, &item)`.
-    /// Returns the replaced item and its side; they stay readable until the
-    /// writer is dropped.
+    /// Returns the replaced item and its side, readable for as long as the
+    /// writer's pin lives (M9).
     pub(crate) fn upsert(
         &mut self,
         hash: u64,
         item: (I, I::Side),
         mut same: impl FnMut(&I, &I) -> bool,
-    ) -> Option<(&I, &I::Side)> {
+    ) -> Option<(&'g I, &'g I::Side)> {
         let table = self.current_table();
         // Parked in the garbage while `same` (user code: `Eq`), the
         // allocations and a rebuild's clones run: if one panics, nothing
@@ -1197,9 +1327,11 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
         let (pending, _) = self.garbage.unpublished.insert(item);
         let old = find(table, hash, |old, _| same(old, pending)).ok();
         self.publish_parked(table, hash, old);
-        // SAFETY: full until just now (1); its drop is deferred until after
-        // the writer is dropped, and `table` stays allocated until then (2).
-        old.map(|old| unsafe { (table.item(old), table.side(old)) })
+        // Unlinked from `table`, or left out of the rebuild that replaced
+        // it: `publish_parked` did one or the other.
+        // SAFETY: full until just now, and unlinked or left out by us
+        // (1); `table` was current when we found it (2).
+        old.map(|old| unsafe { self.lend(table, old) })
     }
 
     /// Publishes the parked item (`garbage.unpublished`) under `hash`, in
@@ -1322,10 +1454,9 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
         self.add_len(-1);
     }
 
-    /// Removes every item `keep` rejects, under the lock. Returns pointers
-    /// to them and their sides, valid until the writer is dropped, or
-    /// longer for a caller pinned since before this call.
-    fn retain_all(&mut self, mut keep: impl FnMut(&I) -> bool) -> Vec<Parts<I>> {
+    /// Removes every item `keep` rejects, under the lock. Returns them and
+    /// their sides, readable for as long as the writer's pin lives (M9).
+    fn retain_all(&mut self, mut keep: impl FnMut(&I) -> bool) -> Vec<(&'g I, &'g I::Side)> {
         let table = self.current_table();
         let mut removed = Vec::new();
         for group in 0..table.groups() {
@@ -1339,9 +1470,9 @@ impl<'a, I: Relocatable + Send + Sync + 'static> ShardWriter<'a, I> {
                 if !keep(unsafe { table.item(index) }) {
                     removed.reserve(1);
                     self.unlink(index);
-                    // SAFETY: full until just now (1); its drop is deferred
-                    // until after the writer is dropped (2).
-                    removed.push(unsafe { table.parts(index) });
+                    // SAFETY: full until just now, unlinked by us (1), in
+                    // the current table (2).
+                    removed.push(unsafe { self.lend(table, index) });
                 }
             }
         }
@@ -1525,13 +1656,25 @@ impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
         let user_code = cfg!(not(weakrefs_loom))
             && (I::DROP_RUNS_USER_CODE
                 || (!retired.tables.is_empty() && std::mem::needs_drop::<I::LeftBehind>()));
+        // Pinned before anything is handed on, and until the `'g` borrow of
+        // the pin ends: what `lend` lent stays readable until then, since
+        // no function deferred from now on runs before this thread unpins
+        // (M9). The caller's pin if it lent one (no pin nested in it), else
+        // one taken now, after the unlock, where writers pinned before they
+        // borrowed pins; not at all if nothing was lent and the drops are
+        // deferred elsewhere.
         if user_code {
+            if self.lent {
+                self.pin.pinned(|| self.table.pin());
+            }
             // Deferred from the finalizer thread, which hands its retired
             // functions over whenever it goes idle: deferred here, they
             // would wait in this thread's bag until it retires more, which
             // an idle thread never does, and with them the user destructors
             // they hand on (M10). Deferring later than the unlink only
-            // delays the free.
+            // delays the free; deferring while this thread is pinned (the
+            // `WritePin`, pinned just above if we lent anything) delays it
+            // past our pin, as M9 requires.
             executor.post(move || {
                 let pinned = Reclaimer::global().pin();
                 // SAFETY: `Retired::defer`'s conditions held when the
@@ -1548,10 +1691,10 @@ impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
                 }
             });
         } else {
-            let pinned = self.table.pin();
+            let pinned = self.pin.pinned(|| self.table.pin());
             // SAFETY: unlinked and replaced under the mutex just released,
             // each with the table reference the writer took for it.
-            unsafe { retired.defer(&pinned, executor) };
+            unsafe { retired.defer(pinned, executor) };
         }
     }
 }
@@ -1687,22 +1830,6 @@ unsafe fn retire<I: Relocatable>(
     // owned was just taken, or is dropped by a deferred function of its
     // own (`without`), so releasing it drops no item (`release`'s 2).
     unsafe { release(table) }
-}
-
-/// Passes each removed item, with its side, to `on_remove`.
-///
-/// # Safety
-///
-/// Each was unlinked by a writer that is still alive, or by a thread that
-/// has been pinned since before the unlink and still is: its deferred drop
-/// (and its table's release) cannot have run (I7, M9).
-unsafe fn each_removed<I: Sided>(removed: &[Parts<I>], mut on_remove: impl FnMut(&I, &I::Side)) {
-    for &(item, side) in removed {
-        // SAFETY: still allocated and not written: its deferred drop, which
-        // precedes any refill of its slot, cannot have run (our caller's
-        // promise, M2).
-        on_remove(unsafe { &*item }, unsafe { &*side });
-    }
 }
 
 /// The slot of the first item in `hash`'s probe sequence that `matches`
