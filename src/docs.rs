@@ -439,16 +439,17 @@ pub mod internals {
     //!    `Runtime::dispatch`.
     //! 4. The map's hook is the closure `raw::collection::remove_on_death`
     //!    registered (`ObjectCallbacks::register_hook`). It upgrades its
-    //!    `Weak` to the map's core, pins, and, if the shard's lock is free
-    //!    (`ShardedTable::try_write`, which lends the writer that pin as a
-    //!    `WritePin`), calls `remove_holding`:
-    //!    `ShardWriter::remove` finds the entry whose hook is this very hook
-    //!    (M4), and `unlink` turns its slot into a tombstone (M2). A busy
+    //!    `Weak` to the map's core, pins unless the entry's drop runs user
+    //!    code (then the writer's `WritePin` is a lazy one), and, if the
+    //!    shard's lock is free (`ShardedTable::try_write`), calls
+    //!    `remove_holding`: `ShardWriter::remove_locked` finds the entry
+    //!    whose hook is this very hook (M4), borrowing it under the lock
+    //!    only, and `unlink` turns its slot into a tombstone (M2). A busy
     //!    shard, or a map with a removal listener, posts the same removal
-    //!    to the finalizer thread instead (`Executor::post`, M10).
+    //!    to the finalizer thread instead (`Executor::post`, M10); a
+    //!    listener's notice runs after the unlock and the unpin.
     //! 5. Dropping the `ShardWriter` unlocks the shard and hands what it
-    //!    unlinked to the epoch under the pin it borrows, so what
-    //!    `remove` lent stays readable while that pin lives
+    //!    unlinked to the epoch under its `WritePin`
     //!    (`Retired::defer`, `Pinned::defer`, I7, M9);
     //!    from the finalizer thread (`Executor::post`) if the entry's drop
     //!    runs user code (`Relocatable::DROP_RUNS_USER_CODE`, M10). Once no

@@ -100,19 +100,26 @@ where
             // code: that writer posts it to the finalizer thread and, as
             // `remove_holding` borrows nothing past the unlock, pins not at
             // all.
-            let pinned;
-            let pin = if I::DROP_RUNS_USER_CODE {
-                WritePin::lazy()
-            } else {
-                pinned = core.table().pin();
-                WritePin::held(&pinned)
+            let pinned = (!I::DROP_RUNS_USER_CODE).then(|| core.table().pin());
+            let pin = match &pinned {
+                Some(pinned) => WritePin::held(pinned),
+                None => WritePin::lazy(),
             };
-            let writer = core.table().try_write(hash, &pin);
-            let removed = writer.is_some();
-            if let Some(writer) = writer {
-                remove_holding(&*core, writer, hash, hook.identity());
+            let removal = core
+                .table()
+                .try_write(hash, &pin)
+                .map(|writer| remove_holding(&*core, writer, hash, hook.identity()));
+            // Unpinned before the collection's notice (a removal listener,
+            // user code) runs: it must not hold reclamation back.
+            drop(pin);
+            drop(pinned);
+            match removal {
+                Some(notice) => {
+                    notice.into_iter().for_each(|notice| notice());
+                    true
+                }
+                None => false,
             }
-            removed
         };
         if !removed_here && !executor.is_closed() {
             let hook = hook.keep();
@@ -126,8 +133,11 @@ where
                 } else {
                     Some(core.table().write(hash, &pin))
                 };
-                if let Some(writer) = writer {
-                    remove_holding(&*core, writer, hash, hook.identity());
+                let notice =
+                    writer.and_then(|writer| remove_holding(&*core, writer, hash, hook.identity()));
+                drop(pin);
+                if let Some(notice) = notice {
+                    notice();
                 }
             });
             return;
@@ -141,22 +151,23 @@ where
 }
 
 /// Removes, under `writer`, the entry filed under `hash` whose hook is
-/// `hook`; its drop follows once no reader can see it (M2). What the
-/// collection makes of the removal (`Collection::died`) runs after the
-/// unlock.
-fn remove_holding<C, I>(core: &C, mut writer: ShardWriter<'_, I>, hash: u64, hook: usize)
+/// `hook`; its drop follows once no reader can see it (M2). Returns what
+/// the collection makes of the removal (`Collection::died`), for the
+/// caller to run after the unlock and once it no longer holds a pin.
+fn remove_holding<C, I>(
+    core: &C,
+    mut writer: ShardWriter<'_, I>,
+    hash: u64,
+    hook: usize,
+) -> Option<Box<dyn FnOnce() + Send>>
 where
     C: Collection<I>,
     I: Watching,
 {
     // Used under the lock only: borrowed from the writer, not lent.
-    let notice = writer
+    writer
         .remove_locked(hash, |item, side| item.hook(side).identity() == hook)
-        .and_then(|(item, _)| core.died(item));
-    drop(writer);
-    if let Some(notice) = notice {
-        notice();
-    }
+        .and_then(|(item, _)| core.died(item))
 }
 
 /// Iterates `table` shard by shard, snapshotting one shard at a time

@@ -510,7 +510,10 @@ impl<I: Sided> Table<I> {
     ///    Acquire (or holds the shard's mutex), and its byte was a full one.
     /// 2. The item is not dropped while the reference lives: the caller is
     ///    pinned, or holds the shard's mutex and keeps the reference no
-    ///    longer than its writer.
+    ///    longer than its writer, or the reference is one a writer lends
+    ///    ([`ShardWriter::lend`]): it lives no longer than the writer's
+    ///    `WritePin`, which the writer's drop pins before it defers the
+    ///    item's drop (M9).
     #[inline(always)]
     unsafe fn item(&self, index: usize) -> &I {
         let item = self.slots.slot(index).with(|item| item);
@@ -1226,8 +1229,10 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
 
     /// [`Self::candidates`], readable for `'g`, after the unlock too, for
     /// a caller pinned for `'g` (`pinned`, which it may also have lent the
-    /// writer through [`WritePin::held`]): found in the current table under
-    /// the lock, none of them is unlinked yet, so its drop, and its
+    /// writer through [`WritePin::held`]). The iterator is lazy: what it
+    /// yields after the unlock is an ordinary pinned read (M1). What it
+    /// yields under the lock is in the current table, none of it unlinked
+    /// yet, so its drop, and its
     /// table's release, can only be deferred from now on, while this
     /// thread is pinned, and run once it unpins (M9, I7). `pinned` is the
     /// table's own kind of pin ([`ShardedTable::pin`]), as every pin of the
