@@ -32,7 +32,9 @@
 //!
 //! `cargo bench --bench map_ab`; the median ratios print as a table, and as
 //! tab-separated rows in `map_ab.tsv` when `WEAKREFS_BENCH_OUT` names a
-//! directory.
+//! directory. `WEAKREFS_AB_CASES=read,churn` (a comma-separated list of
+//! case names: `read`, `key_map_with`, `keep_recent`, `churn`) runs
+//! only those cases.
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -172,6 +174,10 @@ fn interleaved(names: usize, rounds: usize, mut run: impl FnMut(usize) -> f64) -
     for round in 0..rounds {
         for offset in 0..names {
             let which = (round + offset) % names;
+            // Start from a quiet process: the work an earlier case left
+            // the finalizer thread (dropping its maps' entries) would
+            // otherwise compete with the first runs of this one.
+            weakrefs::flush();
             rates[which].push(run(which));
         }
     }
@@ -320,9 +326,15 @@ fn main() {
         Err(_) if benching => 7,
         Err(_) => 1,
     };
+    let cases = std::env::var("WEAKREFS_AB_CASES").ok();
+    let runs = |case: &str| {
+        cases
+            .as_deref()
+            .is_none_or(|list| list.split(',').any(|wanted| wanted.trim() == case))
+    };
     let mut table = Vec::new();
     for keys in [1_000u64, 100_000] {
-        for threads in thread_counts() {
+        for threads in thread_counts().into_iter().filter(|_| runs("read")) {
             let (maps, _strong, _arcs) = contenders(keys, threads == 1);
             let names: Vec<_> = maps.iter().map(|(name, _)| *name).collect();
             let rates = interleaved(maps.len(), rounds, |which| {
@@ -335,25 +347,27 @@ fn main() {
             ));
         }
     }
-    for threads in thread_counts() {
+    for threads in thread_counts().into_iter().filter(|_| runs("key_map_with")) {
         table.extend(key_map_case(rounds, threads));
     }
     for keys in [1_000u64, 100_000] {
-        for threads in thread_counts() {
+        for threads in thread_counts().into_iter().filter(|_| runs("keep_recent")) {
             for kept in [keys as usize, keys as usize / 10] {
                 table.extend(keep_recent_case(rounds, keys, kept, threads));
             }
         }
     }
-    let ours = weakrefs::WeakValueMap::new();
-    let dash = DashMap::new();
-    let names = ["weakrefs", "dashmap_retain_1024", "dashmap_retain_65536"];
-    let rates = interleaved(names.len(), rounds, |which| match which {
-        0 => churn_ours(&ours),
-        1 => churn_dash(&dash, 1024),
-        _ => churn_dash(&dash, 65_536),
-    });
-    table.extend(rows("churn/1_thread", &names, &rates));
+    if runs("churn") {
+        let ours = weakrefs::WeakValueMap::new();
+        let dash = DashMap::new();
+        let names = ["weakrefs", "dashmap_retain_1024", "dashmap_retain_65536"];
+        let rates = interleaved(names.len(), rounds, |which| match which {
+            0 => churn_ours(&ours),
+            1 => churn_dash(&dash, 1024),
+            _ => churn_dash(&dash, 65_536),
+        });
+        table.extend(rows("churn/1_thread", &names, &rates));
+    }
 
     println!(
         "{:<36} {:<22} {:>12} {:>12} {:>8}",
