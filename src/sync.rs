@@ -155,6 +155,27 @@ pub(crate) fn spin_loop() {
     loom::thread::yield_now();
 }
 
+/// Asks the processor to start loading the cache line that holds `at`,
+/// for a load that will need it soon: a lookup that knows its next
+/// addresses before it can use them overlaps their misses. A hint only: it
+/// reads nothing and never faults, whatever the address, so `at` may be
+/// dangling or out of bounds. A no-op but on x86-64, and under Miri and
+/// loom.
+#[inline(always)]
+pub(crate) fn prefetch<T>(at: *const T) {
+    #[cfg(all(target_arch = "x86_64", not(miri), not(weakrefs_loom)))]
+    // `unused_unsafe`: a safe function on toolchains newer than the MSRV.
+    #[allow(unused_unsafe)]
+    // SAFETY: `_mm_prefetch` reads nothing and never faults (the hint is
+    // dropped for an address that would fault); SSE, which it needs, is
+    // part of x86-64's baseline.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(at.cast::<i8>())
+    };
+    #[cfg(not(all(target_arch = "x86_64", not(miri), not(weakrefs_loom))))]
+    let _ = at;
+}
+
 /// Gives the processor to another thread (a waiter whose lock holder may
 /// be descheduled). Under loom, a model yield point.
 #[inline]

@@ -64,8 +64,8 @@ use crate::callbacks::Executor;
 use crate::panics::{catch_and_report, drop_each_and_report};
 use crate::reclaim::{Pinned, Reclaimer};
 use crate::sync::{
-    acquire_fence, AtomicPtr, AtomicU32, AtomicUsize, CachePadded, Mutex, MutexGuard, Ordering,
-    UnsafeCell,
+    acquire_fence, prefetch, AtomicPtr, AtomicU32, AtomicUsize, CachePadded, Mutex, MutexGuard,
+    Ordering, UnsafeCell,
 };
 
 /// Shards per table: about four per CPU, a power of two. Two under loom.
@@ -351,46 +351,28 @@ impl<I: Sided> Slots<I> {
     /// group's control word and of its candidate items overlap: the item a
     /// hit reads is almost always in its home group. In a table larger
     /// than the caches both miss, and one after the other they would cost
-    /// a lookup two memory latencies before it even reaches the value. A
-    /// hint only: it reads nothing and never faults.
+    /// a lookup two memory latencies before it even reaches the value.
     #[inline(always)]
     fn prefetch_group(&self, first: usize) {
-        #[cfg(all(target_arch = "x86_64", not(miri), not(weakrefs_loom)))]
-        {
-            #[inline(always)]
-            fn lines<T>(slots: &[T], first: usize) {
-                use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-                // The group's bytes, at most four lines of them: its first
-                // and last byte's lines and every line between (`bytes`
-                // is a constant: the branches fold away).
-                let bytes = (GROUP * std::mem::size_of::<T>()).min(256);
-                let start = slots.as_ptr().wrapping_add(first).cast::<i8>();
-                let fetch = |offset: usize| {
-                    // `unused_unsafe`: a safe function on toolchains newer
-                    // than the MSRV.
-                    #[allow(unused_unsafe)]
-                    // SAFETY: `_mm_prefetch` is a hint: it reads nothing
-                    // and never faults, whatever the address (here, bytes
-                    // of this table's slot array).
-                    unsafe {
-                        _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(offset))
-                    };
-                };
-                fetch(0);
-                for offset in [64, 128, 192] {
-                    if offset < bytes {
-                        fetch(offset);
-                    }
+        /// The group's lines, at most four: its first and last byte's and
+        /// every one between (`bytes` is a constant: the branches fold).
+        #[inline(always)]
+        fn lines<T>(slots: &[T], first: usize) {
+            let bytes = (GROUP * std::mem::size_of::<T>()).min(256);
+            // `wrapping_add`: a hint's address need not be in bounds.
+            let start = slots.as_ptr().wrapping_add(first).cast::<u8>();
+            prefetch(start);
+            for offset in [64, 128, 192] {
+                if offset < bytes {
+                    prefetch(start.wrapping_add(offset));
                 }
-                fetch(bytes - 1);
             }
-            match self {
-                Slots::Plain { items, .. } => lines(items, first),
-                Slots::Marked(slots) => lines(slots, first),
-            }
+            prefetch(start.wrapping_add(bytes - 1));
         }
-        #[cfg(not(all(target_arch = "x86_64", not(miri), not(weakrefs_loom))))]
-        let _ = first;
+        match self {
+            Slots::Plain { items, .. } => lines(items, first),
+            Slots::Marked(slots) => lines(slots, first),
+        }
     }
 
     /// The mark of slot `index`, if the slots keep marks.
