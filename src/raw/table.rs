@@ -1239,12 +1239,19 @@ pub(crate) struct ShardWriter<'g, I: Relocatable + Send + Sync + 'static> {
 }
 
 impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
-    /// The shard's table. Valid while we hold the mutex and until we drop
-    /// the writer (a table our own `rebuild` replaced is released only
-    /// then).
-    fn current_table(&self) -> &'g Table<I> {
-        // SAFETY: under the mutex the current table cannot be replaced by
-        // anyone else, and one we replace is released after the unlock.
+    /// The shard's table.
+    ///
+    /// # Safety
+    ///
+    /// The reference is valid while this writer lives: under the mutex the
+    /// current table cannot be replaced by anyone else, and one our own
+    /// `rebuild` replaces is released only at the writer's drop. The caller
+    /// uses it no longer than that, unless this thread is pinned for `'g`
+    /// (then a table replaced after the unlock is freed only once it
+    /// unpins, I7): the `'g` in the signature is that case's, not a
+    /// promise.
+    unsafe fn current_table(&self) -> &'g Table<I> {
+        // SAFETY: as the caller promises.
         unsafe { &*self.current_table_ptr() }
     }
 
@@ -1263,7 +1270,9 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
     /// The items whose control bytes match `hash`'s (dead ones included),
     /// under the lock.
     pub(crate) fn candidates(&self, hash: u64) -> Candidates<'_, I> {
-        Candidates::new(self.current_table(), hash)
+        // SAFETY: the iterator borrows the writer: it is used while the
+        // writer lives.
+        Candidates::new(unsafe { self.current_table() }, hash)
     }
 
     /// [`Self::candidates`], readable for `'g`, after the unlock too, for
@@ -1277,7 +1286,9 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
     /// table's own kind of pin ([`ShardedTable::pin`]), as every pin of the
     /// crate's collections is.
     pub(crate) fn candidates_pinned(&self, hash: u64, _pinned: &'g Pinned) -> Candidates<'g, I> {
-        Candidates::new(self.current_table(), hash)
+        // SAFETY: `pinned` pins this thread for 'g, with the table's own
+        // collector (as above).
+        Candidates::new(unsafe { self.current_table() }, hash)
     }
 
     /// Removes the first item of `hash`'s probe sequence that `matches`
@@ -1288,7 +1299,8 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
         hash: u64,
         matches: impl FnMut(&I, &I::Side) -> bool,
     ) -> Option<(&'g I, &'g I::Side)> {
-        let table = self.current_table();
+        // SAFETY: used while this writer lives.
+        let table = unsafe { self.current_table() };
         let index = find(table, hash, matches).ok()?;
         self.unlink(index);
         // SAFETY: full until just now, unlinked by us (1), in the current
@@ -1307,7 +1319,8 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
         hash: u64,
         matches: impl FnMut(&I, &I::Side) -> bool,
     ) -> Option<(&I, &I::Side)> {
-        let table = self.current_table();
+        // SAFETY: used while this writer lives.
+        let table = unsafe { self.current_table() };
         let index = find(table, hash, matches).ok()?;
         self.unlink(index);
         // The writer queues the item's drop only as it is dropped, and the
@@ -1358,7 +1371,8 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
         item: (I, I::Side),
         mut same: impl FnMut(&I, &I) -> bool,
     ) -> Option<(&'g I, &'g I::Side)> {
-        let table = self.current_table();
+        // SAFETY: used while this writer lives.
+        let table = unsafe { self.current_table() };
         // Parked in the garbage while `same` (user code: `Eq`), the
         // allocations and a rebuild's clones run: if one panics, nothing
         // has changed and the item is dropped after the unlock, like
@@ -1422,7 +1436,8 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
         item: (I, I::Side),
         mut matches: impl FnMut(&I) -> bool,
     ) -> Result<(), (I, I::Side)> {
-        let table = self.current_table();
+        // SAFETY: used while this writer lives.
+        let table = unsafe { self.current_table() };
         // Parked while `matches` (which may be user code) and a rebuild's
         // allocations and clones run, as in `upsert`: if one panics,
         // nothing has changed and the item is dropped after the unlock.
@@ -1480,7 +1495,8 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
     /// Turns slot `index` of the current table into a tombstone and queues
     /// its item's drop for after the unlock (M2).
     fn unlink(&mut self, index: usize) {
-        let table = self.current_table();
+        // SAFETY: used while this writer lives.
+        let table = unsafe { self.current_table() };
         let table_ptr = self.current_table_ptr();
         self.garbage.items.reserve_one();
         // Relaxed: a new reference taken while we hold one (the shard's), as
@@ -1501,7 +1517,8 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
     /// Removes every item `keep` rejects, under the lock. Returns them and
     /// their sides, readable for as long as the writer's pin lives (M9).
     fn retain_all(&mut self, mut keep: impl FnMut(&I) -> bool) -> Vec<(&'g I, &'g I::Side)> {
-        let table = self.current_table();
+        // SAFETY: used while this writer lives.
+        let table = unsafe { self.current_table() };
         let mut removed = Vec::new();
         for group in 0..table.groups() {
             // Relaxed: writers are ordered by the mutex. The bytes we change
@@ -1535,7 +1552,8 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
     #[cold]
     #[inline(never)]
     fn rebuild(&mut self, new: Box<Table<I>>, incoming: Option<u64>, without: Option<usize>) {
-        let old = self.current_table();
+        // SAFETY: used while this writer lives.
+        let old = unsafe { self.current_table() };
         let old_ptr = self.current_table_ptr();
         let relocated = panic::catch_unwind(AssertUnwindSafe(|| {
             let mut items = 0;
@@ -1650,7 +1668,8 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
     /// waiting for their slots, hold. Relocation clones keys (M3): a
     /// panicking `Clone` leaves the table as it was and goes on.
     pub(crate) fn shrink(&mut self, factor: usize) {
-        let table = self.current_table();
+        // SAFETY: used while this writer lives.
+        let table = unsafe { self.current_table() };
         // Relaxed: written under the mutex we hold.
         let live = self.shard.len.load(Ordering::Relaxed);
         let wanted = slots_for(live);
