@@ -1139,8 +1139,11 @@ struct Garbage<I: Relocatable> {
     /// reference, taken at removal.
     items: Few<(*const Table<I>, usize)>,
     /// Replaced tables, each with the shard's reference to it and the slot
-    /// of the item its rebuild left out (whose drop is one of `items`).
-    tables: Few<(*const Table<I>, Option<usize>)>,
+    /// of the item its rebuild left out (whose drop is one of `items`). A
+    /// plain `Vec`, which a rebuild reserves room in first: rebuilds are
+    /// rare, and a writer small enough to move without a `memcpy` call
+    /// costs every write less.
+    tables: Vec<(*const Table<I>, Option<usize>)>,
     /// An item, with its side, that a panic kept from being published;
     /// dropped after the unlock.
     unpublished: Option<(I, I::Side)>,
@@ -1153,7 +1156,7 @@ impl<I: Relocatable> Default for Garbage<I> {
     fn default() -> Self {
         Garbage {
             items: Few::new(),
-            tables: Few::new(),
+            tables: Vec::new(),
             unpublished: None,
             abandoned: Vec::new(),
         }
@@ -1398,12 +1401,11 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
     /// full, in a rebuilt table with the new item in and the old one out,
     /// published together.
     fn publish_parked(&mut self, table: &Table<I>, hash: u64, old: Option<usize>) {
-        // Room for what the removal and a rebuild record, before the first
-        // change.
+        // Room for what the removal records, before the first change (a
+        // rebuild makes its own).
         if old.is_some() {
             self.garbage.items.reserve_one();
         }
-        self.garbage.tables.reserve_one();
         // A replacement goes in the old item's group or a later one, so
         // that a reader who sees the old slot's tombstone finds it further
         // on, and one who sees the old slot full finds that (M2).
@@ -1544,14 +1546,16 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
     /// items), holding relocated copies of the items (M3), plus, if
     /// `incoming` names its hash, the item parked in the garbage, and minus
     /// the item in slot `without`, which is dropped once no reader of the
-    /// old table can see it. The caller has reserved room for one table and
-    /// one item in the garbage. If a relocation panics (a key's `Clone`),
+    /// old table can see it. The caller has reserved room for one item in
+    /// the garbage if it passes `without`. If a relocation panics (a key's `Clone`),
     /// the copies made so far are taken apart, the old table stays as it
     /// was, and the panic goes on; the parked item is dropped after the
     /// unlock.
     #[cold]
     #[inline(never)]
     fn rebuild(&mut self, new: Box<Table<I>>, incoming: Option<u64>, without: Option<usize>) {
+        // Room to record the old table, before the first change.
+        self.garbage.tables.reserve(1);
         // SAFETY: used while this writer lives.
         let old = unsafe { self.current_table() };
         let old_ptr = self.current_table_ptr();
@@ -1676,7 +1680,6 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
         if table.slots.len() <= wanted.saturating_mul(factor) || table.slots.len() <= MIN_SLOTS {
             return;
         }
-        self.garbage.tables.reserve_one();
         let new = Table::with_slots(wanted, self.table.marked);
         self.rebuild(new, None, None);
     }
@@ -1694,14 +1697,16 @@ impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
             // Most writes (an insert into a free slot) let go of nothing.
             return;
         }
-        let garbage = std::mem::take(&mut self.garbage);
+        // Field by field: the whole is large, and moving it costs a copy.
+        let garbage = &mut self.garbage;
         // After the unlock: user code, dropped here only on a panic's way
         // out (a failed `Eq` or `Clone`), where a panic escaping a drop
         // would abort: each key on its own.
         if garbage.unpublished.is_some() || !garbage.abandoned.is_empty() {
             let what = "an unpublished entry's destructor";
-            catch_and_report(what, || drop(garbage.unpublished));
-            drop_each_and_report(what, garbage.abandoned);
+            let unpublished = garbage.unpublished.take();
+            catch_and_report(what, || drop(unpublished));
+            drop_each_and_report(what, std::mem::take(&mut garbage.abandoned));
         }
         if garbage.items.is_empty() && garbage.tables.is_empty() {
             return;
@@ -1710,8 +1715,8 @@ impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
         // process (or a loom model) tears its statics down.
         let executor = Executor::global();
         let retired = Retired {
-            items: garbage.items,
-            tables: garbage.tables,
+            items: std::mem::replace(&mut garbage.items, Few::new()),
+            tables: std::mem::take(&mut garbage.tables),
         };
         // Not under loom: a model's collector runs everything it holds when
         // the model ends, and a posted job would run after that collector
@@ -1766,7 +1771,7 @@ impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
 /// reference to its table, to be handed to the epoch.
 struct Retired<I: Relocatable> {
     items: Few<(*const Table<I>, usize)>,
-    tables: Few<(*const Table<I>, Option<usize>)>,
+    tables: Vec<(*const Table<I>, Option<usize>)>,
 }
 
 // SAFETY: the pointers name tables kept allocated by the references these
@@ -1821,7 +1826,7 @@ impl<I: Relocatable + Send + Sync + 'static> Retired<I> {
                 });
             }
         }
-        for (table, without) in self.tables.into_iter() {
+        for (table, without) in self.tables {
             // The function owns the shard's reference, and the table's full
             // slots but `without` hold relocated originals (our 2).
             // SAFETY: replaced, so no reader that pins from now on reaches it
