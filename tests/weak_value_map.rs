@@ -1676,3 +1676,43 @@ fn many_panicking_destructors_among_the_keys_a_rebuild_left_behind_are_each_caug
         assert_eq!(map.get(&**value).as_deref(), Some(&**value));
     }
 }
+
+#[test]
+fn iterating_a_map_with_a_tier_yields_each_live_entry_once_with_its_value() {
+    // A map with a keep-warm tier keeps each slot whole with its mark, a
+    // layout of its own: iteration must yield exactly the live entries,
+    // each once and with its own value, after the table has been rebuilt
+    // and some values have died.
+    let tier = 4;
+    let map = WeakValueMap::builder().keep_recent(tier).build();
+    let count: u64 = if cfg!(miri) { 40 } else { 600 };
+    let values: Vec<_> = (0..count).map(|i| Strong::new(i * 10)).collect();
+    for (key, value) in (0..count).zip(&values) {
+        map.insert(key, value);
+    }
+    // Every third value dies, unless the tier holds it.
+    let held: Vec<_> = (0..count)
+        .zip(values)
+        .filter(|(key, _)| key % 3 != 0)
+        .collect();
+    flush();
+
+    let mut seen: Vec<(u64, u64)> = map.iter().map(|(key, value)| (key, *value)).collect();
+    seen.sort_unstable();
+    for &(key, value) in &seen {
+        assert_eq!(value, key * 10, "key {key} yielded another entry's value");
+    }
+    let keys: HashSet<u64> = seen.iter().map(|&(key, _)| key).collect();
+    assert_eq!(keys.len(), seen.len(), "an entry yielded twice");
+    for (key, _) in &held {
+        assert!(keys.contains(key), "live key {key} not yielded");
+    }
+    let kept_by_the_tier = keys.iter().filter(|&&key| key % 3 == 0).count();
+    assert!(
+        kept_by_the_tier <= tier,
+        "{kept_by_the_tier} dropped values yielded, more than the tier holds"
+    );
+    assert_eq!(seen.len(), held.len() + kept_by_the_tier);
+    assert_eq!(map.keys().count(), seen.len());
+    assert_eq!(map.values().count(), seen.len());
+}
