@@ -21,8 +21,13 @@ mod panics;
 mod par_iter;
 mod raw;
 mod reclaim;
+// The integration tests' fail-safe wait for deferred drops, shared with
+// the unit tests rather than copied.
 #[cfg(feature = "arc-swap")]
 mod ref_cnt;
+#[cfg(all(test, not(weakrefs_loom)))]
+#[path = "../tests/support/settle.rs"]
+mod settle;
 mod strong;
 mod sync;
 mod unsize;

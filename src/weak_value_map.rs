@@ -1606,9 +1606,8 @@ where
 mod tests {
     use super::*;
     use crate::callbacks::EntryRef;
+    use crate::settle;
     use std::panic::{catch_unwind, AssertUnwindSafe};
-    use std::thread;
-    use std::time::{Duration, Instant};
 
     /// One way to take `value` in and out of a map under a key.
     type Path<'a> = (&'a str, &'a dyn Fn(&WeakValueMap<u32, u32>, u32));
@@ -1687,20 +1686,15 @@ mod tests {
     /// its dead value's list has let go of it. For as long as that takes:
     /// other tests' threads pin the epoch now and then, which delays the
     /// drops but cannot stop them (tests that waited a fixed number of
-    /// rounds failed under load). The deadline is a fail-safe against a
-    /// hung run, not a timing claim: only a side that is never dropped
-    /// comes near it.
+    /// rounds failed under load). `settle`'s deadline is a fail-safe
+    /// against a hung run, not a timing claim.
     fn wait_until_the_side_is_dropped(exit: &str, hook: &EntryRef) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while hook.ref_count() > 1 {
-            assert!(
-                Instant::now() < deadline,
-                "{exit}: the entry's side was never dropped ({} owners of its hook)",
-                hook.ref_count()
-            );
-            crate::flush();
-            thread::yield_now();
-        }
+        let dropped = settle::until(|| hook.ref_count() == 1, crate::flush);
+        assert!(
+            dropped,
+            "{exit}: the entry's side was never dropped ({} owners of its hook)",
+            hook.ref_count()
+        );
     }
 
     /// One way an entry (under `key`, holding `value`) leaves its map;
