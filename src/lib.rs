@@ -21,12 +21,13 @@ mod panics;
 mod par_iter;
 mod raw;
 mod reclaim;
-// The integration tests' fail-safe wait for deferred drops, shared with
-// the unit tests rather than copied.
 #[cfg(feature = "arc-swap")]
 mod ref_cnt;
+/// The integration tests' fail-safe wait for deferred drops, shared with
+/// the unit tests rather than copied (`pub` there, for the test crates).
 #[cfg(all(test, not(weakrefs_loom)))]
 #[path = "../tests/support/settle.rs"]
+#[allow(unreachable_pub)]
 mod settle;
 mod strong;
 mod sync;
