@@ -25,6 +25,9 @@
 //!   the key set (every hit lands on a held, marked value: the cost the
 //!   tier promises to keep within 5%) and one a tenth of it (most hits
 //!   admit their value and evict another, under locks).
+//! * `stats` at 1 000 and 100 000 live keys, on each thread count: `get`
+//!   plus upgrade on a map that counts its statistics (the default)
+//!   against the same map built with `record_stats(false)`.
 //! * `churn`, one thread: insert a fresh value under one of 1 024 keys, then
 //!   drop it. This crate removes each dead entry at its death; `DashMap`
 //!   sweeps with `retain` every 1 024 inserts and, separately, every
@@ -33,8 +36,8 @@
 //! `cargo bench --bench map_ab`; the median ratios print as a table, and as
 //! tab-separated rows in `map_ab.tsv` when `WEAKREFS_BENCH_OUT` names a
 //! directory. `WEAKREFS_AB_CASES=read,churn` (a comma-separated list of
-//! case names: `read`, `key_map_with`, `keep_recent`, `churn`) runs
-//! only those cases.
+//! case names: `read`, `key_map_with`, `keep_recent`, `stats`, `churn`)
+//! runs only those cases.
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -246,6 +249,31 @@ fn keep_recent_case(rounds: usize, keys: u64, kept: usize, threads: usize) -> Ve
     )
 }
 
+/// `WeakValueMap` reads with its statistics counted against the same reads
+/// without.
+fn stats_case(rounds: usize, keys: u64, threads: usize) -> Vec<Row> {
+    let values: Vec<_> = (0..keys).map(weakrefs::Strong::new).collect();
+    let counting = weakrefs::WeakValueMap::new();
+    let silent = weakrefs::WeakValueMap::builder()
+        .record_stats(false)
+        .build();
+    for v in &values {
+        counting.insert(**v, v);
+        silent.insert(**v, v);
+    }
+    let maps = [Ours(counting), Ours(silent)];
+    let names = ["weakrefs_stats", "weakrefs_no_stats"];
+    let rates = interleaved(names.len(), rounds, |which| {
+        read_rate(&maps[which], keys, threads)
+    });
+    drop(values);
+    rows(
+        &format!("stats/{keys}_keys/{threads}_thread"),
+        &names,
+        &rates,
+    )
+}
+
 /// Churn: `OPS` inserts of a fresh value that dies at once, under one of
 /// 1 024 keys.
 const CHURN_OPS: u64 = 1 << 17;
@@ -355,6 +383,11 @@ fn main() {
             for kept in [keys as usize, keys as usize / 10] {
                 table.extend(keep_recent_case(rounds, keys, kept, threads));
             }
+        }
+    }
+    for keys in [1_000u64, 100_000] {
+        for threads in thread_counts().into_iter().filter(|_| runs("stats")) {
+            table.extend(stats_case(rounds, keys, threads));
         }
     }
     if runs("churn") {

@@ -1354,6 +1354,26 @@ fn stats_count_every_outcome_once() {
     assert_eq!(map.len(), 0);
 }
 
+#[test]
+fn a_map_that_records_no_stats_counts_nothing_and_works_the_same() {
+    let map = WeakValueMap::builder().record_stats(false).build();
+    let held = map.get_or_insert_with(1u32, || 10u32);
+    assert!(Strong::ptr_eq(&map.get_or_insert_with(1, || 11), &held));
+    assert_eq!(map.get(&1).as_deref(), Some(&10));
+    assert!(map.get(&2).is_none());
+    assert!(map
+        .try_get_or_insert_with(2, || Err::<u32, _>("no"))
+        .is_err());
+    // From another thread too, which takes a counting slot of its own.
+    thread::scope(|scope| {
+        scope.spawn(|| assert!(map.get(&1).is_some()));
+    });
+    drop(held);
+    flush();
+    assert_eq!(map.len(), 0, "the death still removed the entry");
+    assert_eq!(map.stats(), weakrefs::MapStats::default());
+}
+
 /// Counts live values: built minus dropped.
 #[derive(Default)]
 struct Census {

@@ -31,10 +31,14 @@ impl<const N: usize> Stripe<N> {
     }
 }
 
-/// `N` counters, striped per thread (see the module docs).
+/// `N` counters, striped per thread (see the module docs), or none at all
+/// ([`Counters::disabled`]).
 pub(crate) struct Counters<const N: usize> {
-    /// `owned` stripes, then the overflow.
-    stripes: Box<[Stripe<N>]>,
+    /// The stripe of each slot below its length.
+    owned: Box<[Stripe<N>]>,
+    /// Shared by every thread without an owned stripe; `None` when the
+    /// counters are disabled (then `owned` is empty too).
+    overflow: Option<Box<Stripe<N>>>,
 }
 
 impl<const N: usize> Counters<N> {
@@ -48,31 +52,58 @@ impl<const N: usize> Counters<N> {
             (cpus * 4).min(MAX_OWNED)
         };
         Counters {
-            stripes: (0..=owned).map(|_| Stripe::new()).collect(),
+            owned: (0..owned).map(|_| Stripe::new()).collect(),
+            overflow: Some(Box::new(Stripe::new())),
+        }
+    }
+
+    /// Counters that count nothing and sum to zeros, at the cost of a
+    /// bounds check and a branch a bump.
+    pub(crate) fn disabled() -> Self {
+        Counters {
+            owned: Box::new([]),
+            overflow: None,
         }
     }
 
     /// Adds one to counter `which` (`< N`).
     #[inline]
     pub(crate) fn bump(&self, which: usize) {
-        let slot = slot::current();
-        let overflow = self.stripes.len() - 1;
-        if slot < overflow {
-            let counter = &self.stripes[slot].0[which];
+        // One bounds check decides: a thread without a slot yet (`NONE`)
+        // or with one past the owned stripes goes the slow way.
+        if let Some(stripe) = self.owned.get(slot::peek()) {
+            let counter = &stripe.0[which];
             // Relaxed load and store: this thread is the stripe's only
             // writer (it holds the slot), and readers only sum (exact for
             // whatever happened-before their loads).
             counter.store(counter.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
-        } else {
+        } else if let Some(overflow) = &self.overflow {
+            self.bump_slow(overflow, which);
+        }
+    }
+
+    /// [`Self::bump`] for a thread that has no slot yet (it takes one) or
+    /// whose slot owns no stripe here.
+    #[cold]
+    #[inline(never)]
+    fn bump_slow(&self, overflow: &Stripe<N>, which: usize) {
+        match self.owned.get(slot::current()) {
+            // As in `bump`.
+            Some(stripe) => {
+                let counter = &stripe.0[which];
+                counter.store(counter.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+            }
             // Relaxed: a count; shared by every thread without a stripe.
-            self.stripes[overflow].0[which].fetch_add(1, Ordering::Relaxed);
+            None => {
+                overflow.0[which].fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 
     /// The counters' totals now.
     pub(crate) fn sum(&self) -> [u64; N] {
         let mut totals = [0; N];
-        for stripe in self.stripes.iter() {
+        for stripe in self.owned.iter().chain(self.overflow.as_deref()) {
             for (total, counter) in totals.iter_mut().zip(&stripe.0) {
                 // Relaxed: a statistic, exact once the counting threads
                 // are quiet (joined, or otherwise synchronised with us).
@@ -128,6 +159,13 @@ mod slot {
         }
     }
 
+    /// This thread's slot, or `NONE` if it has taken none yet: one load.
+    #[inline(always)]
+    pub(super) fn peek() -> usize {
+        // A constant initialiser and no destructor: never torn down.
+        SLOT.try_with(Cell::get).unwrap_or(NONE)
+    }
+
     /// This thread's slot, taken from the pool on first use; `NONE` while
     /// the thread's locals are being torn down.
     #[inline]
@@ -165,6 +203,10 @@ mod slot {
 /// Under loom every thread counts in the overflow stripe.
 #[cfg(weakrefs_loom)]
 mod slot {
+    pub(super) fn peek() -> usize {
+        usize::MAX
+    }
+
     pub(super) fn current() -> usize {
         usize::MAX
     }
@@ -180,7 +222,7 @@ mod tests {
         let counters = Arc::new(Counters::<2>::new());
         let per_thread = if cfg!(miri) { 100 } else { 10_000 };
         // More threads than stripes, so the overflow is used too.
-        let threads: Vec<_> = (0..counters.stripes.len() + 3)
+        let threads: Vec<_> = (0..counters.owned.len() + 4)
             .map(|t| {
                 let counters = counters.clone();
                 std::thread::spawn(move || {
@@ -203,11 +245,21 @@ mod tests {
     fn threads_that_come_and_go_count_exactly() {
         // Each thread takes a slot, maybe one an exited thread gave back.
         let counters = Counters::<1>::new();
-        for _ in 0..3 * counters.stripes.len() {
+        for _ in 0..3 * (counters.owned.len() + 1) {
             std::thread::scope(|scope| {
                 scope.spawn(|| counters.bump(0));
             });
         }
-        assert_eq!(counters.sum(), [3 * counters.stripes.len() as u64]);
+        assert_eq!(counters.sum(), [3 * (counters.owned.len() as u64 + 1)]);
+    }
+
+    #[test]
+    fn disabled_counters_count_nothing() {
+        let counters = Counters::<2>::disabled();
+        counters.bump(0);
+        std::thread::scope(|scope| {
+            scope.spawn(|| counters.bump(1));
+        });
+        assert_eq!(counters.sum(), [0, 0]);
     }
 }
