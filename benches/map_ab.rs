@@ -229,49 +229,47 @@ fn rows(case: &str, names: &[&'static str], rates: &[Vec<f64>]) -> Vec<Row> {
 /// `WeakValueMap` reads with a keep-warm tier of `kept` values against the
 /// same reads without one.
 fn keep_recent_case(rounds: usize, keys: u64, kept: usize, threads: usize) -> Vec<Row> {
-    let values: Vec<_> = (0..keys).map(weakrefs::Strong::new).collect();
-    let plain = weakrefs::WeakValueMap::new();
+    let case = format!("keep_recent_{kept}/{keys}_keys/{threads}_thread");
     let tiered = weakrefs::WeakValueMap::builder().keep_recent(kept).build();
-    for v in &values {
-        plain.insert(**v, v);
-        tiered.insert(**v, v);
-    }
-    let maps = [Ours(tiered), Ours(plain)];
-    let names = ["weakrefs_keep_recent", "weakrefs_plain"];
-    let rates = interleaved(names.len(), rounds, |which| {
-        read_rate(&maps[which], keys, threads)
-    });
-    drop(values);
-    rows(
-        &format!("keep_recent_{kept}/{keys}_keys/{threads}_thread"),
-        &names,
-        &rates,
-    )
+    let plain = weakrefs::WeakValueMap::new();
+    let maps = [("weakrefs_keep_recent", tiered), ("weakrefs_plain", plain)];
+    variant_case(&case, maps, rounds, keys, threads)
 }
 
 /// `WeakValueMap` reads with its statistics counted against the same reads
 /// without.
 fn stats_case(rounds: usize, keys: u64, threads: usize) -> Vec<Row> {
-    let values: Vec<_> = (0..keys).map(weakrefs::Strong::new).collect();
-    let counting = weakrefs::WeakValueMap::new();
+    let case = format!("stats/{keys}_keys/{threads}_thread");
     let silent = weakrefs::WeakValueMap::builder()
         .record_stats(false)
         .build();
-    for v in &values {
-        counting.insert(**v, v);
-        silent.insert(**v, v);
+    let counting = weakrefs::WeakValueMap::new();
+    let maps = [("weakrefs_stats", counting), ("weakrefs_no_stats", silent)];
+    variant_case(&case, maps, rounds, keys, threads)
+}
+
+/// Reads on one configuration of `WeakValueMap` (the first) against
+/// another, both holding the same `keys` values.
+fn variant_case(
+    case: &str,
+    maps: [(&'static str, weakrefs::WeakValueMap<u64, u64>); 2],
+    rounds: usize,
+    keys: u64,
+    threads: usize,
+) -> Vec<Row> {
+    let values: Vec<_> = (0..keys).map(weakrefs::Strong::new).collect();
+    for (_, map) in &maps {
+        for v in &values {
+            map.insert(**v, v);
+        }
     }
-    let maps = [Ours(counting), Ours(silent)];
-    let names = ["weakrefs_stats", "weakrefs_no_stats"];
+    let names = maps.each_ref().map(|(name, _)| *name);
+    let maps = maps.map(|(_, map)| Ours(map));
     let rates = interleaved(names.len(), rounds, |which| {
         read_rate(&maps[which], keys, threads)
     });
     drop(values);
-    rows(
-        &format!("stats/{keys}_keys/{threads}_thread"),
-        &names,
-        &rates,
-    )
+    rows(case, &names, &rates)
 }
 
 /// Churn: `OPS` inserts of a fresh value that dies at once, under one of

@@ -497,7 +497,9 @@ where
     /// default). Counting costs a lookup a few instructions: a
     /// thread-local load and an increment of a counter on a cache line of
     /// the thread's own, no read-modify-write and no line shared with
-    /// other threads. Off, `stats` reports zeros.
+    /// other threads (for the first four threads per CPU, at most 64, to
+    /// count in the map; later ones share a line and add atomically).
+    /// Off, `stats` reports zeros.
     ///
     /// ```
     /// use weakrefs::{MapStats, Strong, WeakValueMap};

@@ -1364,7 +1364,8 @@ fn a_map_that_records_no_stats_counts_nothing_and_works_the_same() {
     assert!(map
         .try_get_or_insert_with(2, || Err::<u32, _>("no"))
         .is_err());
-    // From another thread too, which takes a counting slot of its own.
+    // From another thread too (which, with nothing to count in, takes no
+    // counting slot).
     thread::scope(|scope| {
         scope.spawn(|| assert!(map.get(&1).is_some()));
     });

@@ -7,7 +7,8 @@
 //! `owned` and one shared overflow stripe. The thread holding slot `k`
 //! is the only writer of stripe `k` of every set, so it counts with a
 //! plain load and store, no read-modify-write and no line shared with
-//! other writers; threads whose slot is `owned` or more (or that count
+//! other writers (for the threads with an owned stripe: the first four
+//! per CPU, at most 64); threads whose slot is `owned` or more (or that count
 //! while their thread-locals are being torn down) share the overflow
 //! stripe with `fetch_add`. Counts are therefore exact: a reader summing
 //! the stripes sees every increment that happened-before its loads.
@@ -58,7 +59,7 @@ impl<const N: usize> Counters<N> {
     }
 
     /// Counters that count nothing and sum to zeros, at the cost of a
-    /// bounds check and a branch a bump.
+    /// thread-local load, a bounds check and a branch a bump.
     pub(crate) fn disabled() -> Self {
         Counters {
             owned: Box::new([]),

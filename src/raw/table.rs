@@ -354,10 +354,13 @@ impl<I: Sided> Slots<I> {
     /// a lookup two memory latencies before it even reaches the value.
     #[inline(always)]
     fn prefetch_group(&self, first: usize) {
-        /// The group's lines, at most four: its first and last byte's and
-        /// every one between (`bytes` is a constant: the branches fold).
+        /// The lines of the group's first 256 bytes (all of it but for
+        /// items larger than 32 bytes): its first and last byte's and every
+        /// one between, five at most when they straddle a line (`bytes` is
+        /// a constant: the branches fold).
         #[inline(always)]
         fn lines<T>(slots: &[T], first: usize) {
+            const { assert!(std::mem::size_of::<T>() > 0, "slots take room") };
             let bytes = (GROUP * std::mem::size_of::<T>()).min(256);
             // `wrapping_add`: a hint's address need not be in bounds.
             let start = slots.as_ptr().wrapping_add(first).cast::<u8>();
@@ -1251,8 +1254,10 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
     /// `rebuild` replaces is released only at the writer's drop. The caller
     /// uses it no longer than that, unless this thread is pinned for `'g`
     /// (then a table replaced after the unlock is freed only once it
-    /// unpins, I7): the `'g` in the signature is that case's, not a
-    /// promise.
+    /// unpins, I7), or it passes it only to [`Self::lend`], whose promises
+    /// keep what it lends readable for `'g` (the table reference the unlink
+    /// took, and the pin the writer takes before handing anything on, M9).
+    /// The `'g` in the signature is for those cases, not a promise.
     unsafe fn current_table(&self) -> &'g Table<I> {
         // SAFETY: as the caller promises.
         unsafe { &*self.current_table_ptr() }
@@ -1302,7 +1307,8 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
         hash: u64,
         matches: impl FnMut(&I, &I::Side) -> bool,
     ) -> Option<(&'g I, &'g I::Side)> {
-        // SAFETY: used while this writer lives.
+        // SAFETY: used while this writer lives, and past it only through
+        // `lend` (its 1 and 2).
         let table = unsafe { self.current_table() };
         let index = find(table, hash, matches).ok()?;
         self.unlink(index);
@@ -1374,7 +1380,8 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
         item: (I, I::Side),
         mut same: impl FnMut(&I, &I) -> bool,
     ) -> Option<(&'g I, &'g I::Side)> {
-        // SAFETY: used while this writer lives.
+        // SAFETY: used while this writer lives, and past it only through
+        // `lend` (its 1 and 2).
         let table = unsafe { self.current_table() };
         // Parked in the garbage while `same` (user code: `Eq`), the
         // allocations and a rebuild's clones run: if one panics, nothing
@@ -1519,7 +1526,8 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
     /// Removes every item `keep` rejects, under the lock. Returns them and
     /// their sides, readable for as long as the writer's pin lives (M9).
     fn retain_all(&mut self, mut keep: impl FnMut(&I) -> bool) -> Vec<(&'g I, &'g I::Side)> {
-        // SAFETY: used while this writer lives.
+        // SAFETY: used while this writer lives, and past it only through
+        // `lend` (its 1 and 2).
         let table = unsafe { self.current_table() };
         let mut removed = Vec::new();
         for group in 0..table.groups() {
@@ -1547,10 +1555,10 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
     /// `incoming` names its hash, the item parked in the garbage, and minus
     /// the item in slot `without`, which is dropped once no reader of the
     /// old table can see it. The caller has reserved room for one item in
-    /// the garbage if it passes `without`. If a relocation panics (a key's `Clone`),
-    /// the copies made so far are taken apart, the old table stays as it
-    /// was, and the panic goes on; the parked item is dropped after the
-    /// unlock.
+    /// the garbage if it passes `without`. If a relocation panics (a key's
+    /// `Clone`), the copies made so far are taken apart, the old table
+    /// stays as it was, and the panic goes on; the parked item is dropped
+    /// after the unlock.
     #[cold]
     #[inline(never)]
     fn rebuild(&mut self, new: Box<Table<I>>, incoming: Option<u64>, without: Option<usize>) {
