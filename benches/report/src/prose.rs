@@ -56,7 +56,7 @@ pub const SECTIONS: &[Section] = &[
         why: "A read pins the epoch (one atomic swap), hashes the key, loads the word of \
               one-byte tags of its home group of eight slots, compares the key of each slot \
               whose tag matches seven bits of its hash (16-byte items: key and the value's \
-              `Weak`, in a table kept at most 3/4 full; the entry's callback handle sits in \
+              `Weak`, in a table kept at most 7/8 full; the entry's callback handle sits in \
               an array beside, which lookups never read), and \
               upgrades the value (a compare-and-swap on its count). Keys live in the slot: a \
               table rebuild clones \
@@ -83,7 +83,7 @@ pub const SECTIONS: &[Section] = &[
               against `DashMap`'s locked one (a read lock and unlock, a probe, an upgrade), about \
               the same number of atomic operations. As the map grows, its footprint decides: \
               per entry this crate keeps a 16-byte item where lookups probe, its 8-byte \
-              callback handle, a tag byte and four bytes of its hash beside it, at up to 3/4 \
+              callback handle, a tag byte and four bytes of its hash beside it, at up to 7/8 \
               load (key inline), and a \
               control block per value, against `DashMap`'s 16-byte inline bucket and `Arc`'s \
               smaller block, so this crate's working set outgrows the caches first. Once neither \
@@ -216,7 +216,7 @@ pub const MEMORY_PER_ENTRY: &str = "\
 pub const MEMORY_PER_ENTRY_WHY: &str = "\
     Each entry of this crate's map is a 16-byte item (key and the value's `Weak`) with its \
     8-byte callback handle, a one-byte tag and the low four bytes of its hash beside it, in a \
-    table kept at most 3/4 full, plus one allocation: the death \
+    table kept at most 7/8 full, plus one allocation: the death \
     callback registered on its value (the node that removes the entry when the value dies, 40 \
     bytes). `DashMap`, `HashMap` and `scc` keep the key and the `Weak` inline in their \
     buckets, papaya allocates one entry per key, and none registers anything: they find out \
