@@ -399,6 +399,10 @@ struct Table<I: Sided> {
     /// bits, cannot. Written with the item, before its control byte is
     /// published; read by writers and by `retain_shard`, never by lookups.
     homes: Box<[AtomicU32]>,
+    /// How many slots may be non-empty before filling an empty one
+    /// rebuilds the table ([`usable`] of its slots), kept so that a write
+    /// need not work it out.
+    usable: usize,
     /// One for being a shard's current table, plus one per removed item
     /// whose deferred drop has not run yet. On its own cache line: writers
     /// change it, readers only read the rest.
@@ -415,6 +419,7 @@ impl<I: Sided> Table<I> {
             control: (0..groups).map(|_| AtomicUsize::new(usize::MAX)).collect(),
             slots: Slots::new(count, marked),
             homes: (0..count).map(|_| AtomicU32::new(0)).collect(),
+            usable: usable(count),
             refs: CachePadded::new(AtomicUsize::new(1)),
         })
     }
@@ -692,7 +697,9 @@ unsafe impl<I: Sided + Send + Sync> Sync for ShardedTable<I> {}
 /// table that grows to twice its items between rebuilds relocates each
 /// item about 2.3 times over its growth rather than 3 times at 3/4.
 fn usable(slots: usize) -> usize {
-    slots / 8 * 7 + slots % 8 * 7 / 8
+    // At least one slot left empty, for the smallest tables (two slots
+    // under loom).
+    slots - slots.div_ceil(8)
 }
 
 /// Slots for a table that holds `items` at most half full: room to spare
@@ -932,7 +939,7 @@ impl<I: Sided> ShardedTable<I> {
     {
         let pinned = self.pin();
         (0..self.shards.len())
-            .map(|index| usable(self.table_for_read(index, &pinned).slots.len()))
+            .map(|index| self.table_for_read(index, &pinned).usable)
             .sum()
     }
 
@@ -1429,7 +1436,7 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
         // on, and one who sees the old slot full finds that (M2).
         let start = old.map_or_else(|| table.home(hash), |old| old / GROUP);
         let (index, fresh) = vacancy(table, start);
-        if fresh && *self.used() + 1 > usable(table.slots.len()) {
+        if fresh && *self.used() + 1 > table.usable {
             // Relaxed: written under the mutex we hold.
             let items = self.shard.len.load(Ordering::Relaxed);
             let live = items + 1 - usize::from(old.is_some());
