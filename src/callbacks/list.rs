@@ -33,9 +33,12 @@ use super::entry::{Entry, EntryRef, Hook};
 use crate::sync::{yield_now, AtomicPtr, AtomicUsize, Ordering};
 
 /// Pushes between compactions, at least. Shrinks under loom so the models
-/// reach the compaction path.
+/// reach the compaction path. Small: a list that holds few live entries
+/// (an object in a few sets or maps that come and go) walks a few nodes a
+/// compaction, and frees its dead nodes while the thread's node cache can
+/// still take them, not in bursts that spill to the allocator.
 #[cfg(not(weakrefs_loom))]
-const COMPACT_MIN: usize = 16;
+const COMPACT_MIN: usize = 4;
 #[cfg(weakrefs_loom)]
 const COMPACT_MIN: usize = 1;
 
