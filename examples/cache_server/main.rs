@@ -499,6 +499,27 @@ async fn run_one(config: &Config, kind: CacheKind, share: u32) -> Result<Run, St
         .await
         .map_err(|e| format!("the server failed: {e}"))?;
     weakrefs::flush();
+    // A session's objects go with its entry, whose value is dropped once
+    // no reader can see it, and a build whose requesters all went away
+    // finishes on the blocking pool before its object goes: both may still
+    // be under way. Wait until the cache is down to what it may keep, with
+    // a fail-safe bound; `demo`'s checks report whatever did not go.
+    let settled = |app: &App| {
+        let (bytes, cached) = (
+            app.metrics.live_bytes.load(Ordering::SeqCst),
+            app.cached_objects(),
+        );
+        match kind {
+            CacheKind::Strong => true,
+            CacheKind::Weak => bytes == 0 && cached == 0,
+            CacheKind::KeepWarm { recent } => cached <= recent && bytes <= recent * OBJECT_BYTES,
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !settled(&app) && Instant::now() < deadline {
+        tokio::task::yield_now().await;
+        weakrefs::flush();
+    }
     let metrics = &app.metrics;
     Ok(Run {
         kind,
