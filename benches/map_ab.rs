@@ -353,14 +353,20 @@ fn main() {
         Err(_) => 1,
     };
     let cases = std::env::var("WEAKREFS_AB_CASES").ok();
-    let runs = |case: &str| {
-        cases
-            .as_deref()
-            .is_none_or(|list| list.split(',').any(|wanted| wanted.trim() == case))
+    let wanted = |case: &str| {
+        (cases.as_deref()).is_none_or(|list| list.split(',').any(|name| name.trim() == case))
+    };
+    // The thread counts to run `case` at: none if it was not asked for.
+    let threads_for = |case: &str| {
+        if wanted(case) {
+            thread_counts()
+        } else {
+            Vec::new()
+        }
     };
     let mut table = Vec::new();
     for keys in [1_000u64, 100_000] {
-        for threads in thread_counts().into_iter().filter(|_| runs("read")) {
+        for threads in threads_for("read") {
             let (maps, _strong, _arcs) = contenders(keys, threads == 1);
             let names: Vec<_> = maps.iter().map(|(name, _)| *name).collect();
             let rates = interleaved(maps.len(), rounds, |which| {
@@ -373,22 +379,22 @@ fn main() {
             ));
         }
     }
-    for threads in thread_counts().into_iter().filter(|_| runs("key_map_with")) {
+    for threads in threads_for("key_map_with") {
         table.extend(key_map_case(rounds, threads));
     }
     for keys in [1_000u64, 100_000] {
-        for threads in thread_counts().into_iter().filter(|_| runs("keep_recent")) {
+        for threads in threads_for("keep_recent") {
             for kept in [keys as usize, keys as usize / 10] {
                 table.extend(keep_recent_case(rounds, keys, kept, threads));
             }
         }
     }
     for keys in [1_000u64, 100_000] {
-        for threads in thread_counts().into_iter().filter(|_| runs("stats")) {
+        for threads in threads_for("stats") {
             table.extend(stats_case(rounds, keys, threads));
         }
     }
-    if runs("churn") {
+    if wanted("churn") {
         let ours = weakrefs::WeakValueMap::new();
         let dash = DashMap::new();
         let names = ["weakrefs", "dashmap_retain_1024", "dashmap_retain_65536"];
