@@ -30,6 +30,16 @@ impl<const N: usize> Stripe<N> {
     fn new() -> Self {
         Stripe(std::array::from_fn(|_| AtomicU64::new(0)))
     }
+
+    /// Adds one to counter `which` of a stripe the calling thread owns.
+    #[inline(always)]
+    fn add_owned(&self, which: usize) {
+        let counter = &self.0[which];
+        // Relaxed load and store: this thread is the stripe's only writer
+        // (it holds the slot), and readers only sum (exact for whatever
+        // happened-before their loads).
+        counter.store(counter.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+    }
 }
 
 /// `N` counters, striped per thread (see the module docs), or none at all
@@ -73,11 +83,7 @@ impl<const N: usize> Counters<N> {
         // One bounds check decides: a thread without a slot yet (`NONE`)
         // or with one past the owned stripes goes the slow way.
         if let Some(stripe) = self.owned.get(slot::peek()) {
-            let counter = &stripe.0[which];
-            // Relaxed load and store: this thread is the stripe's only
-            // writer (it holds the slot), and readers only sum (exact for
-            // whatever happened-before their loads).
-            counter.store(counter.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+            stripe.add_owned(which);
         } else if let Some(overflow) = &self.overflow {
             self.bump_slow(overflow, which);
         }
@@ -89,11 +95,7 @@ impl<const N: usize> Counters<N> {
     #[inline(never)]
     fn bump_slow(&self, overflow: &Stripe<N>, which: usize) {
         match self.owned.get(slot::current()) {
-            // As in `bump`.
-            Some(stripe) => {
-                let counter = &stripe.0[which];
-                counter.store(counter.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
-            }
+            Some(stripe) => stripe.add_owned(which),
             // Relaxed: a count; shared by every thread without a stripe.
             None => {
                 overflow.0[which].fetch_add(1, Ordering::Relaxed);
