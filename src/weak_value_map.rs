@@ -772,12 +772,12 @@ where
         value: &Strong<V>,
     ) -> Option<Strong<V>> {
         let tier = self.core.tier.as_ref()?;
-        let identity = item.identity(mark.side());
+        let identity = || item.identity(mark.side());
         // A map with a tier has marks.
         if tier.touch(identity, mark.get()?) || !tier.admits_found() {
             return None;
         }
-        self.keep_slow(hash, identity, value)
+        self.keep_slow(hash, identity(), value)
     }
 
     #[cold]

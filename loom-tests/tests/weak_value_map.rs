@@ -394,9 +394,10 @@ fn set_member_death_races_an_insert_that_rebuilds() {
 
 /// M13: the keep-warm tier's admission and eviction (an insert of another
 /// key into a tier of one) racing the death of the value it holds and a
-/// `get` that re-marks that value: the tier never holds more than one
-/// value, never holds a value whose entry left the map, and lets go of
-/// what it evicts (loom's leak tracker fails the model otherwise).
+/// `get` that re-marks that value, its mark stamped by an earlier hit (so
+/// the `get` may take the stamp's short way): the tier never holds more
+/// than one value, never holds a value whose entry left the map, and lets
+/// go of what it evicts (loom's leak tracker fails the model otherwise).
 #[test]
 fn tier_admission_races_a_death_and_a_remarking_get() {
     loom::model(|| {
@@ -408,6 +409,10 @@ fn tier_admission_races_a_death_and_a_remarking_get() {
         );
         let first = Strong::new(1u8);
         map.insert(0u8, &first);
+        // A hit before the race stamps the mark: the reader's may take the
+        // stamp's short way, or find it stale once the admission's pass
+        // has come.
+        assert_eq!(map.get(&0).map(|v| *v), Some(1));
         let reader = {
             let map = map.clone();
             thread::spawn(move || map.get(&0).map(|v| *v))

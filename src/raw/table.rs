@@ -64,8 +64,8 @@ use crate::callbacks::Executor;
 use crate::panics::{catch_and_report, drop_each_and_report};
 use crate::reclaim::{Pinned, Reclaimer};
 use crate::sync::{
-    acquire_fence, prefetch, AtomicPtr, AtomicU32, AtomicUsize, CachePadded, Mutex, MutexGuard,
-    Ordering, UnsafeCell,
+    acquire_fence, prefetch, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, CachePadded, Mutex,
+    MutexGuard, Ordering, UnsafeCell,
 };
 
 /// Shards per table: about four per CPU, a power of two. Two under loom.
@@ -270,10 +270,10 @@ pub(crate) trait Sided {
 type Slot<I> = UnsafeCell<MaybeUninit<I>>;
 
 /// A slot with its item's side and the mark its collection keeps beside
-/// the item, one word readers load (a keep-warm tier's position, M13) and
-/// writers store under the shard's lock: zero when the slot is filled,
-/// carried over by a rebuild, never read by the table. Aligned to 32
-/// bytes, so that for an item of two words (a `WeakValueMap` entry of a
+/// the item, a 64-bit word readers load and stamp (a keep-warm tier's
+/// position, M13) and writers store under the shard's lock: zero when the
+/// slot is filled, carried over by a rebuild, never read by the table.
+/// Aligned to 32 bytes, so that for an item of two words (a `WeakValueMap` entry of a
 /// word-sized key) and a one-word side, the item, side and mark fill 32
 /// bytes of one cache line: a hit that reads them pays one miss, not two.
 /// (A larger item makes a 64-byte slot.)
@@ -281,7 +281,7 @@ type Slot<I> = UnsafeCell<MaybeUninit<I>>;
 struct MarkedSlot<I, S> {
     item: Slot<I>,
     side: Slot<S>,
-    mark: AtomicUsize,
+    mark: AtomicU64,
 }
 
 /// A table's slots: plain, the items in one array and their sides in
@@ -308,7 +308,7 @@ impl<I: Sided> Slots<I> {
                     .map(|_| MarkedSlot {
                         item: empty(),
                         side: empty(),
-                        mark: AtomicUsize::new(0),
+                        mark: AtomicU64::new(0),
                     })
                     .collect(),
             )
@@ -380,7 +380,7 @@ impl<I: Sided> Slots<I> {
 
     /// The mark of slot `index`, if the slots keep marks.
     #[inline(always)]
-    fn mark(&self, index: usize) -> Option<&AtomicUsize> {
+    fn mark(&self, index: usize) -> Option<&AtomicU64> {
         match self {
             Slots::Plain { .. } => None,
             Slots::Marked(slots) => slots.get(index).map(|slot| &slot.mark),
@@ -540,7 +540,7 @@ impl<I: Sided> Table<I> {
 
     /// The mark of slot `index`, if the table keeps marks.
     #[inline(always)]
-    fn mark(&self, index: usize) -> Option<&AtomicUsize> {
+    fn mark(&self, index: usize) -> Option<&AtomicU64> {
         self.slots.mark(index)
     }
 
@@ -1078,8 +1078,8 @@ impl<'g, I: Sided> Candidates<'g, I> {
 }
 
 /// Where a candidate's mark is, if its table keeps marks (see
-/// `MarkedSlot`): a word readers load and writers store under the shard's
-/// lock, carried over by rebuilds; and its item's side. Found only when
+/// `MarkedSlot`): a word readers load and stamp and writers store under
+/// the shard's lock, carried over by rebuilds; and its item's side. Found only when
 /// asked for, so that lookups in maps without marks pay nothing.
 pub(crate) struct SlotMark<'g, I: Sided> {
     /// The candidate's table, whose slot `index` the reader saw full while
@@ -1091,7 +1091,7 @@ pub(crate) struct SlotMark<'g, I: Sided> {
 impl<'g, I: Sided> SlotMark<'g, I> {
     /// The mark, if the table keeps marks.
     #[inline]
-    pub(crate) fn get(&self) -> Option<&'g AtomicUsize> {
+    pub(crate) fn get(&self) -> Option<&'g AtomicU64> {
         self.table.mark(self.index)
     }
 

@@ -9,17 +9,20 @@
 //! 1 to 127 and round again, each time the position is given to another
 //! entry; zero until it is first given out) and a `referenced` bit. An entry's table slot
 //! keeps a *mark* beside its item (`MarkedSlot`): its position, plus one,
-//! above the generation it was given (zero for none). A hit loads the
-//! mark, checks that the position's generation is the mark's, and sets
-//! `referenced` if it is clear ([`Tier::touch`]): an entry already marked
-//! costs a hit two loads (the mark, on the line of the item it has just
-//! read, and a byte of the ring), no lock and no read-modify-write. A byte
-//! a position keeps the ring small enough to stay in a core's cache for a
-//! tier of a hundred thousand values, where a word a position cost a hit a
-//! cache miss at that scale. The price is that a stale mark (its entry
-//! evicted) passes for held if its position has since been given away a
-//! multiple of 127 times: that hit then neither admits nor marks its
-//! entry, as a lost hint would.
+//! above the generation it was given (zero for none), and above both a
+//! *stamp*: how many times the hand had passed that position when a hit
+//! last found the entry there. A hit loads the mark and the hand's place
+//! (`sweep`, one word all readers share): if the stamp is current, the
+//! hand has not passed the position since, and passing is the only way
+//! an entry still in the map loses its position, so the hit is done
+//! ([`Tier::touch`]): no lock, no read-modify-write, and no line read but
+//! the item's (which holds the mark) and the hand's, which stays in every
+//! reader's cache while the tier admits nothing. Only once a pass has
+//! come does a hit check that the position's generation is the mark's,
+//! set `referenced` if it is clear and stamp the mark again. The price is
+//! that a stale mark (its entry evicted) passes that check if its position
+//! has since been given away a multiple of 127 times: that hit then
+//! neither admits nor marks its entry, as a lost hint would.
 //!
 //! Everything else (admitting an entry, evicting one, forgetting one that
 //! left the map) runs under the tier's mutex, which alone writes
@@ -59,7 +62,7 @@ use std::collections::HashMap;
 
 use super::sketch::FrequencySketch;
 use crate::strong::Strong;
-use crate::sync::{AtomicBool, AtomicU8, AtomicUsize, Mutex, Ordering};
+use crate::sync::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Mutex, Ordering};
 
 /// The low bit of a position's byte: used since the hand last passed. Set
 /// by hits and cleared by the hand with RMWs, so that neither ever writes
@@ -80,10 +83,38 @@ fn next_generation(previous: u8) -> u8 {
 /// Bits of a mark below the position: the generation.
 const MARK_SHIFT: u32 = 7;
 
-/// The mark of the entry held at position `at` in generation `generation`.
+/// Bits of a mark below the stamp: the generation and the position plus
+/// one (below `u32::MAX`, so 32 bits).
+const STAMP_SHIFT: u32 = MARK_SHIFT + 32;
+
+/// The stamp's bits, once shifted down: 25 of them.
+const STAMP_MASK: u64 = u64::MAX >> STAMP_SHIFT;
+
+/// The mark of the entry held at position `at` in generation `generation`,
+/// unstamped.
 #[inline]
-fn mark_of(at: u32, generation: u8) -> usize {
-    (at as usize + 1) << MARK_SHIFT | usize::from(generation)
+fn mark_of(at: u32, generation: u8) -> u64 {
+    (u64::from(at) + 1) << MARK_SHIFT | u64::from(generation)
+}
+
+/// The position a mark names (`usize::MAX`, past every ring, for none).
+#[inline]
+fn position_of(mark: u64) -> usize {
+    // The 32 bits above the generation: the position plus one.
+    ((mark >> MARK_SHIFT) as u32 as usize).wrapping_sub(1)
+}
+
+/// The stamp a hit gives a mark naming position `at` once it has found
+/// the position held by that mark's entry and `referenced` set: the
+/// number of times the hand has passed `at` (`sweep` packs the hand's
+/// completed turns above its place in the current one), in 25 bits.
+/// Never 0 for a mark to match: a stamp of 0 is a mark never stamped.
+#[inline]
+fn stamp_at(sweep: u64, at: usize) -> u64 {
+    let turns = sweep >> 32;
+    let hand = sweep as u32 as usize;
+    // Positions before the hand have been passed once more this turn.
+    (turns + u64::from(at < hand)) & STAMP_MASK
 }
 
 /// What the mutex guards.
@@ -98,6 +129,9 @@ struct Ring<V: ?Sized> {
     free: Vec<u32>,
     /// Where the next search for a victim starts.
     hand: usize,
+    /// Turns the hand has completed, from 1 (so that the first turn's
+    /// stamps are not 0, which marks never stamped carry).
+    turns: u64,
     /// How often each hash was wanted lately: the admission filter's
     /// memory.
     sketch: FrequencySketch,
@@ -117,6 +151,11 @@ pub(crate) struct Tier<V: ?Sized> {
     /// No position is free: an admission now evicts. Written under the
     /// mutex, read by hits as a hint.
     full: AtomicBool,
+    /// Where the hand is, as hits see it: its completed turns above its
+    /// place in the current one (`stamp_at`). Written under the mutex
+    /// each time the hand moves, read by every hit: a line that stays in
+    /// every reader's cache while the tier admits nothing.
+    sweep: AtomicU64,
     ring: Mutex<Ring<V>>,
 }
 
@@ -127,22 +166,22 @@ pub(crate) struct Tier<V: ?Sized> {
 const FOUND_ADMITS_ONE_IN: u32 = 8;
 
 impl<V: ?Sized> Tier<V> {
-    /// A tier of `capacity` positions (at least one; at most `u32::MAX - 1`,
-    /// or what a mark can name on a 32-bit target, 2^25 - 2).
+    /// A tier of `capacity` positions (at least one, at most
+    /// `u32::MAX - 1`).
     pub(crate) fn new(capacity: usize) -> Self {
-        let capacity = capacity
-            .clamp(1, u32::MAX as usize - 1)
-            .min((usize::MAX >> MARK_SHIFT) - 1);
+        let capacity = capacity.clamp(1, u32::MAX as usize - 1);
         Tier {
             positions: (0..capacity).map(|_| AtomicU8::new(0)).collect(),
             holders: (0..capacity).map(|_| AtomicUsize::new(0)).collect(),
             full: AtomicBool::new(false),
+            sweep: AtomicU64::new(1 << 32),
             ring: Mutex::new(Ring {
                 values: (0..capacity).map(|_| None).collect(),
                 position_of: HashMap::new(),
                 hashes: vec![0; capacity].into_boxed_slice(),
                 free: (0..capacity as u32).rev().collect(),
                 hand: 0,
+                turns: 1,
                 sketch: FrequencySketch::new(capacity),
             }),
         }
@@ -159,24 +198,54 @@ impl<V: ?Sized> Tier<V> {
         ring.position_of.len()
     }
 
-    /// Marks the entry named `identity`, whose slot's mark is `mark`, used
-    /// if the tier holds it. False if it does not (then the caller admits
-    /// it, under the shard's lock).
+    /// Marks the entry named by `identity()`, whose slot's mark is `mark`,
+    /// used if the tier holds it. False if it does not (then the caller
+    /// admits it, under the shard's lock).
+    ///
+    /// Once a hit has found its entry held and `referenced` set, it stamps
+    /// the mark with the number of times the hand has passed the position
+    /// (`stamp_at`): until the hand passes it again, which is the only way
+    /// an entry still in the map loses its position, a hit whose mark
+    /// carries the current stamp is done, having read nothing but its
+    /// mark, on the line of the item it has just found, and the hand's
+    /// place, on a line every reader shares. Only after a pass does a hit
+    /// reach the position's byte, a line of its own in a large tier.
     #[inline]
-    pub(crate) fn touch(&self, identity: usize, mark: &AtomicUsize) -> bool {
+    pub(crate) fn touch(&self, identity: impl FnOnce() -> usize, mark: &AtomicU64) -> bool {
+        // Relaxed, all: hints (see `touch_passed`). A stamp read against a
+        // hand that has moved on only sends the hit the slower way.
+        let seen = mark.load(Ordering::Relaxed);
+        let at = position_of(seen);
+        let stamp = stamp_at(self.sweep.load(Ordering::Relaxed), at);
+        if seen >> STAMP_SHIFT == stamp && stamp != 0 {
+            return true;
+        }
+        self.touch_passed(identity, mark, seen, at, stamp)
+    }
+
+    /// `touch` for a mark not stamped since the hand last passed its
+    /// position (`seen`, naming position `at`, `stamp` being the current
+    /// one there).
+    #[inline]
+    fn touch_passed(
+        &self,
+        identity: impl FnOnce() -> usize,
+        mark: &AtomicU64,
+        seen: u64,
+        at: usize,
+        stamp: u64,
+    ) -> bool {
         // Relaxed, all: hints. A stale mark fails the generation check (or
         // the identity check below) and the caller takes the slow path,
         // which decides under the mutexes; a `referenced` bit set on a
         // position the mutex has just given to another entry gives that
         // entry one more turn of the hand.
-        let mark = mark.load(Ordering::Relaxed);
-        let index = (mark >> MARK_SHIFT).wrapping_sub(1);
-        let Some(position) = self.positions.get(index) else {
+        let Some(position) = self.positions.get(at) else {
             return false;
         };
         let byte = position.load(Ordering::Relaxed);
         // The mark's generation, where the position keeps it.
-        if byte & !REFERENCED != (mark << 1) as u8 {
+        if byte & !REFERENCED != (seen << 1) as u8 {
             return false;
         }
         if byte & REFERENCED == 0 {
@@ -185,10 +254,19 @@ impl<V: ?Sized> Tier<V> {
             // holders since) can neither pass for held nor keep the
             // position's real holder referenced; it only can while the
             // bit is set, until the hand next clears it.
-            if self.holders[index].load(Ordering::Relaxed) != identity {
+            if self.holders[at].load(Ordering::Relaxed) != identity() {
                 return false;
             }
             position.fetch_or(REFERENCED, Ordering::Relaxed);
+        }
+        // A compare-exchange against the very mark read, which changes only
+        // its stamp: it never writes back a mark that `admit` (under the
+        // locks) or a rebuild's copy has replaced meanwhile; lost, it only
+        // leaves the next hit the slower way. A stamp of 0 (once in 2^25
+        // turns) is never given: it would read as unstamped.
+        if stamp != 0 {
+            let stamped = seen & !(STAMP_MASK << STAMP_SHIFT) | stamp << STAMP_SHIFT;
+            let _ = mark.compare_exchange(seen, stamped, Ordering::Relaxed, Ordering::Relaxed);
         }
         true
     }
@@ -218,7 +296,7 @@ impl<V: ?Sized> Tier<V> {
         &self,
         identity: usize,
         hash: u64,
-        mark: &AtomicUsize,
+        mark: &AtomicU64,
         value: Strong<V>,
     ) -> Option<Strong<V>> {
         let mut ring = self.ring.lock();
@@ -285,6 +363,16 @@ impl<V: ?Sized> Tier<V> {
         loop {
             let at = ring.hand;
             ring.hand = (at + 1) % self.positions.len();
+            if ring.hand == 0 {
+                ring.turns += 1;
+            }
+            // Relaxed: a hint for hits (`touch`), which compare it with
+            // their marks' stamps; written under the mutex alone. A hit
+            // racing this pass may see its `referenced` bit cleared by it
+            // and its stamp count it as already marked for the next one: a
+            // lost hint, as a bit set just before the hand clears it is.
+            self.sweep
+                .store(ring.turns << 32 | ring.hand as u64, Ordering::Relaxed);
             let position = &self.positions[at];
             // Relaxed: a hint set by readers; see `touch`. An RMW, as
             // theirs: the holder bits stay.
@@ -388,8 +476,8 @@ mod tests {
     }
 
     /// A hit on entry `i` as the map makes it: touch, else admit.
-    fn admit(tier: &Tier<u32>, i: usize, marks: &[AtomicUsize], value: &Strong<u32>) {
-        if !tier.touch(id(i), &marks[i]) {
+    fn admit(tier: &Tier<u32>, i: usize, marks: &[AtomicU64], value: &Strong<u32>) {
+        if !tier.touch(|| id(i), &marks[i]) {
             drop(tier.admit(id(i), hash(i), &marks[i], value.clone()));
         }
     }
@@ -397,7 +485,7 @@ mod tests {
     #[test]
     fn the_bound_is_exact_and_the_tier_fills() {
         let tier = unfiltered(3);
-        let marks: Vec<_> = (0..10).map(|_| AtomicUsize::new(0)).collect();
+        let marks: Vec<_> = (0..10).map(|_| AtomicU64::new(0)).collect();
         let values: Vec<_> = (0..10).map(Strong::new).collect();
         for (identity, value) in values.iter().enumerate().skip(1) {
             admit(&tier, identity, &marks, value);
@@ -410,7 +498,7 @@ mod tests {
     #[test]
     fn a_referenced_value_survives_a_turn_of_the_hand() {
         let tier = unfiltered(2);
-        let marks: Vec<_> = (0..5).map(|_| AtomicUsize::new(0)).collect();
+        let marks: Vec<_> = (0..5).map(|_| AtomicU64::new(0)).collect();
         let values: Vec<_> = (0..5).map(Strong::new).collect();
         admit(&tier, 1, &marks, &values[1]);
         admit(&tier, 2, &marks, &values[2]);
@@ -437,22 +525,92 @@ mod tests {
     #[test]
     fn a_stale_mark_is_refused_when_its_position_holds_another_entry() {
         let tier = unfiltered(1);
-        let marks: Vec<_> = (0..3).map(|_| AtomicUsize::new(0)).collect();
+        let marks: Vec<_> = (0..3).map(|_| AtomicU64::new(0)).collect();
         let values: Vec<_> = (0..3).map(Strong::new).collect();
         admit(&tier, 1, &marks, &values[1]);
         // 2 evicts 1 from the only position; 1's mark still names it.
         drop(tier.admit(id(2), hash(2), &marks[2], values[2].clone()));
         assert_eq!(marks[1].load(Ordering::Relaxed), mark_of(0, 1));
         assert_eq!(marks[2].load(Ordering::Relaxed), mark_of(0, 2));
-        assert!(!tier.touch(id(1), &marks[1]), "evicted");
-        assert!(tier.touch(id(2), &marks[2]));
+        assert!(!tier.touch(|| id(1), &marks[1]), "evicted");
+        assert!(tier.touch(|| id(2), &marks[2]));
         assert_eq!(Strong::strong_count(&values[1]), 1);
+    }
+
+    #[test]
+    fn a_stamped_mark_is_refused_once_its_entry_is_evicted() {
+        let tier = unfiltered(1);
+        let marks: Vec<_> = (0..3).map(|_| AtomicU64::new(0)).collect();
+        let values: Vec<_> = (0..3).map(Strong::new).collect();
+        admit(&tier, 1, &marks, &values[1]);
+        // Found held: the mark takes the current stamp, and a hit with it
+        // reads nothing more.
+        assert!(tier.touch(|| id(1), &marks[1]));
+        assert_ne!(
+            marks[1].load(Ordering::Relaxed) >> STAMP_SHIFT,
+            0,
+            "stamped"
+        );
+        assert!(tier.touch(|| unreachable!("a current stamp is enough"), &marks[1]));
+        // 2 evicts 1: the hand passed 1's position, so the stamp is stale.
+        drop(tier.admit(id(2), hash(2), &marks[2], values[2].clone()));
+        assert_eq!(Strong::strong_count(&values[1]), 1, "evicted");
+        assert!(!tier.touch(|| id(1), &marks[1]), "stale");
+        assert!(tier.touch(|| id(2), &marks[2]));
+    }
+
+    #[test]
+    fn a_value_hit_between_every_two_passes_is_never_evicted() {
+        // Each round, a hit on 1 and then a one-off admission, which
+        // passes 1's position when the hand comes to it: the hit after a
+        // pass must set `referenced` again, although its mark was stamped
+        // before (a stamp counts passes, so it is stale then).
+        let tier = unfiltered(3);
+        let marks: Vec<_> = (0..40).map(|_| AtomicU64::new(0)).collect();
+        let values: Vec<_> = (0..40).map(Strong::new).collect();
+        for (i, value) in values.iter().enumerate().take(4).skip(1) {
+            admit(&tier, i, &marks, value);
+        }
+        for one_off in 4..40 {
+            admit(&tier, 1, &marks, &values[1]);
+            drop(tier.admit(
+                id(one_off),
+                hash(one_off),
+                &marks[one_off],
+                values[one_off].clone(),
+            ));
+            assert_eq!(
+                Strong::strong_count(&values[1]),
+                2,
+                "1 held after {one_off}"
+            );
+        }
+    }
+
+    #[test]
+    fn stamps_count_the_passes_of_each_position() {
+        // Two turns done, the hand at 3 of the third: positions before it
+        // have been passed once more.
+        let sweep = 2 << 32 | 3;
+        assert_eq!(stamp_at(sweep, 0), 3);
+        assert_eq!(stamp_at(sweep, 2), 3);
+        assert_eq!(stamp_at(sweep, 3), 2);
+        assert_eq!(stamp_at(sweep, usize::MAX), 2, "no position");
+        assert_eq!(stamp_at((STAMP_MASK + 1) << 32, 5), 0, "wraps to 0");
+        let mark = mark_of(41, 9);
+        assert_eq!(position_of(mark), 41);
+        assert_eq!(position_of(mark | STAMP_MASK << STAMP_SHIFT), 41);
+        assert_eq!(position_of(0), usize::MAX);
+        assert_eq!(
+            position_of(mark_of(u32::MAX - 2, 127)),
+            u32::MAX as usize - 2
+        );
     }
 
     #[test]
     fn a_stale_mark_whose_generation_came_round_neither_passes_nor_keeps_the_holder() {
         let tier = unfiltered(1);
-        let marks: Vec<_> = (0..130).map(|_| AtomicUsize::new(0)).collect();
+        let marks: Vec<_> = (0..130).map(|_| AtomicU64::new(0)).collect();
         let values: Vec<_> = (0..130).map(Strong::new).collect();
         admit(&tier, 1, &marks, &values[1]);
         // 127 more holders of the one position: the last, 128, has the
@@ -467,7 +625,7 @@ mod tests {
         // 1's hits are refused (the caller then admits 1), and they do not
         // mark 128 used: the next admission evicts it.
         for _ in 0..3 {
-            assert!(!tier.touch(id(1), &marks[1]));
+            assert!(!tier.touch(|| id(1), &marks[1]));
         }
         drop(tier.admit(id(129), hash(129), &marks[129], values[129].clone()));
         assert_eq!(Strong::strong_count(&values[128]), 1, "evicted");
@@ -477,7 +635,7 @@ mod tests {
     #[test]
     fn a_stale_mark_is_corrected_and_forget_frees_the_position() {
         let tier = unfiltered(2);
-        let marks: Vec<_> = (0..4).map(|_| AtomicUsize::new(0)).collect();
+        let marks: Vec<_> = (0..4).map(|_| AtomicU64::new(0)).collect();
         let values: Vec<_> = (0..4).map(Strong::new).collect();
         admit(&tier, 1, &marks, &values[1]);
         // A rebuild lost the slot's mark: the hit re-finds the position.
@@ -491,8 +649,8 @@ mod tests {
         admit(&tier, 2, &marks, &values[2]);
         admit(&tier, 3, &marks, &values[3]);
         assert_eq!(tier.len(), 2);
-        assert!(tier.touch(id(2), &marks[2]) && tier.touch(id(3), &marks[3]));
-        assert!(!tier.touch(id(1), &marks[1]), "forgotten");
+        assert!(tier.touch(|| id(2), &marks[2]) && tier.touch(|| id(3), &marks[3]));
+        assert!(!tier.touch(|| id(1), &marks[1]), "forgotten");
     }
 
     #[test]
@@ -517,7 +675,7 @@ mod tests {
     fn hot_keys_held_after_one_offs(tier: &Tier<u32>, period: usize) -> usize {
         const HOT: usize = 8;
         const ONE_OFFS: usize = 2_000;
-        let marks: Vec<_> = (0..HOT + ONE_OFFS).map(|_| AtomicUsize::new(0)).collect();
+        let marks: Vec<_> = (0..HOT + ONE_OFFS).map(|_| AtomicU64::new(0)).collect();
         let values: Vec<_> = (0..HOT + ONE_OFFS).map(|i| Strong::new(i as u32)).collect();
         let held = |i: usize| Strong::strong_count(&values[i]) == 2;
         for one_off in HOT..HOT + ONE_OFFS {
@@ -558,7 +716,7 @@ mod tests {
     fn a_key_wanted_often_enough_is_admitted() {
         // A full tier of four keys each wanted three times.
         let tier = Tier::new(4);
-        let marks: Vec<_> = (0..5).map(|_| AtomicUsize::new(0)).collect();
+        let marks: Vec<_> = (0..5).map(|_| AtomicU64::new(0)).collect();
         let values: Vec<_> = (0..5).map(Strong::new).collect();
         for _ in 0..3 {
             for i in 0..4 {
@@ -585,7 +743,7 @@ mod tests {
         // A tier of one, its value wanted 30 times (its count stops at 15)
         // and then never again; the sketch halves every 20 increments.
         let tier = Tier::new(1);
-        let marks: Vec<_> = (0..2).map(|_| AtomicUsize::new(0)).collect();
+        let marks: Vec<_> = (0..2).map(|_| AtomicU64::new(0)).collect();
         let values: Vec<_> = (0..2).map(Strong::new).collect();
         for _ in 0..30 {
             drop(tier.admit(id(0), hash(0), &marks[0], values[0].clone()));
