@@ -33,8 +33,8 @@ const LOW_BITS: u64 = 0x1111_1111_1111_1111;
 /// periods (four halvings take 15 to 0).
 const PERIOD_PER_VALUE: usize = 20;
 
-/// The fewest words a sketch takes (2 KiB): a tier of a few values still
-/// tells a thousand keys apart. A key whose counter in every row is also
+/// The fewest words a sketch takes (2 KiB, 1 024 counters a row): a tier
+/// of a few values still tells a thousand keys apart. A key whose counter in every row is also
 /// a held value's passes for as popular as the coldest of those, and may
 /// evict one: with 64 words, a tier of ten holding eight hot values
 /// rebuilt a hot one in 20 of 20 000 runs of 1 600 one-off loads each;

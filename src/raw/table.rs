@@ -877,12 +877,14 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
 
     /// Locks `hash`'s shard for writing (M2), lending the writer `pin`:
     /// what it removes or replaces stays readable while `pin` lives (M9).
+    #[inline]
     pub(crate) fn write<'g>(&'g self, hash: u64, pin: &'g WritePin<'_>) -> ShardWriter<'g, I> {
         self.write_shard(self.shard_index(hash), pin)
     }
 
     /// Locks `hash`'s shard for writing if nobody holds its lock, this
     /// thread included: never blocks. `pin` as for [`Self::write`].
+    #[inline]
     pub(crate) fn try_write<'g>(
         &'g self,
         hash: u64,
@@ -894,6 +896,7 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
     }
 
     /// Locks shard `index` for writing. `pin` as for [`Self::write`].
+    #[inline]
     pub(crate) fn write_shard<'g>(
         &'g self,
         index: usize,
@@ -904,6 +907,7 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
         self.writer(shard, state, pin)
     }
 
+    #[inline]
     fn writer<'g>(
         &'g self,
         shard: &'g Shard<I>,
@@ -1626,8 +1630,10 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
                     new.set_control(target, EMPTY, control_of(hash), Ordering::Relaxed);
                     if let (Some(from), Some(to)) = (old.mark(index), new.mark(target)) {
                         // Relaxed, both: marks are stored under the shard
-                        // lock, which we hold, and the new table is
-                        // published by the Release store below (M13).
+                        // lock, which we hold, but for hits' stamps, one of
+                        // which racing this copy may be lost (a hint); the
+                        // new table is published by the Release store
+                        // below (M13).
                         to.store(from.load(Ordering::Relaxed), Ordering::Relaxed);
                     }
                     items += 1;

@@ -17,12 +17,15 @@
 //! an entry still in the map loses its position, so the hit is done
 //! ([`Tier::touch`]): no lock, no read-modify-write, and no line read but
 //! the item's (which holds the mark) and the hand's, which stays in every
-//! reader's cache while the tier admits nothing. Only once a pass has
-//! come does a hit check that the position's generation is the mark's,
-//! set `referenced` if it is clear and stamp the mark again. The price is
-//! that a stale mark (its entry evicted) passes that check if its position
-//! has since been given away a multiple of 127 times: that hit then
-//! neither admits nor marks its entry, as a lost hint would.
+//! reader's cache while the hand does not move. Only once a pass has come
+//! does a hit check that the position's generation is the mark's and its
+//! holder the hit's entry, set `referenced` if it is clear and stamp the
+//! mark again; the hand publishes its place only once a pass is over, so
+//! a hit that stamps with a pass's count has seen what the pass did. The
+//! price is that a stale mark (its entry evicted) passes the generation
+//! check if its position has since been given away a multiple of 127
+//! times: while the position's bit is set, that hit then neither admits
+//! nor marks its entry, as a lost hint would.
 //!
 //! Everything else (admitting an entry, evicting one, forgetting one that
 //! left the map) runs under the tier's mutex, which alone writes
@@ -62,7 +65,9 @@ use std::collections::HashMap;
 
 use super::sketch::FrequencySketch;
 use crate::strong::Strong;
-use crate::sync::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Mutex, Ordering};
+use crate::sync::{
+    acquire_fence, AtomicBool, AtomicU64, AtomicU8, AtomicUsize, CachePadded, Mutex, Ordering,
+};
 
 /// The low bit of a position's byte: used since the hand last passed. Set
 /// by hits and cleared by the hand with RMWs, so that neither ever writes
@@ -152,10 +157,11 @@ pub(crate) struct Tier<V: ?Sized> {
     /// mutex, read by hits as a hint.
     full: AtomicBool,
     /// Where the hand is, as hits see it: its completed turns above its
-    /// place in the current one (`stamp_at`). Written under the mutex
-    /// each time the hand moves, read by every hit: a line that stays in
-    /// every reader's cache while the tier admits nothing.
-    sweep: AtomicU64,
+    /// place in the current one (`stamp_at`). Published under the mutex
+    /// once an admission's pass is over (`publish_sweep`), read by every
+    /// hit: on a line of its own, which stays in every reader's cache
+    /// while the hand does not move.
+    sweep: CachePadded<AtomicU64>,
     ring: Mutex<Ring<V>>,
 }
 
@@ -174,7 +180,7 @@ impl<V: ?Sized> Tier<V> {
             positions: (0..capacity).map(|_| AtomicU8::new(0)).collect(),
             holders: (0..capacity).map(|_| AtomicUsize::new(0)).collect(),
             full: AtomicBool::new(false),
-            sweep: AtomicU64::new(1 << 32),
+            sweep: CachePadded::new(AtomicU64::new(1 << 32)),
             ring: Mutex::new(Ring {
                 values: (0..capacity).map(|_| None).collect(),
                 position_of: HashMap::new(),
@@ -235,6 +241,12 @@ impl<V: ?Sized> Tier<V> {
         at: usize,
         stamp: u64,
     ) -> bool {
+        // Acquire: pairs with `publish_sweep`'s Release. If the `sweep`
+        // that `stamp` comes from was published by a pass, what that pass
+        // did (the bit it cleared, the generation and holder an eviction
+        // stored) is seen below, so the stamp is never given to an entry
+        // the pass evicted.
+        acquire_fence!(self.sweep);
         // Relaxed, all: hints. A stale mark fails the generation check (or
         // the identity check below) and the caller takes the slow path,
         // which decides under the mutexes; a `referenced` bit set on a
@@ -248,13 +260,13 @@ impl<V: ?Sized> Tier<V> {
         if byte & !REFERENCED != (seen << 1) as u8 {
             return false;
         }
+        // The whole identity, once a pass: a stale mark whose generation
+        // came round again (127 more holders since) can neither keep the
+        // position's real holder referenced nor be stamped; it passes for
+        // held only while the bit is set, until the hand next clears it.
+        let holds = self.holders[at].load(Ordering::Relaxed) == identity();
         if byte & REFERENCED == 0 {
-            // Once a turn of the hand: the whole identity decides, so that
-            // a stale mark whose generation came round again (127 more
-            // holders since) can neither pass for held nor keep the
-            // position's real holder referenced; it only can while the
-            // bit is set, until the hand next clears it.
-            if self.holders[at].load(Ordering::Relaxed) != identity() {
+            if !holds {
                 return false;
             }
             position.fetch_or(REFERENCED, Ordering::Relaxed);
@@ -264,7 +276,7 @@ impl<V: ?Sized> Tier<V> {
         // locks) or a rebuild's copy has replaced meanwhile; lost, it only
         // leaves the next hit the slower way. A stamp of 0 (once in 2^25
         // turns) is never given: it would read as unstamped.
-        if stamp != 0 {
+        if holds && stamp != 0 {
             let stamped = seen & !(STAMP_MASK << STAMP_SHIFT) | stamp << STAMP_SHIFT;
             let _ = mark.compare_exchange(seen, stamped, Ordering::Relaxed, Ordering::Relaxed);
         }
@@ -315,13 +327,13 @@ impl<V: ?Sized> Tier<V> {
             drop(ring);
             return Some(value);
         }
-        let (at, evicted) = match ring.free.pop() {
+        let (at, evicted, passed) = match ring.free.pop() {
             Some(at) => {
                 if ring.free.is_empty() {
                     // Relaxed: a hint for `admits_found`.
                     self.full.store(true, Ordering::Relaxed);
                 }
-                (at, None)
+                (at, None, false)
             }
             None => {
                 let at = self.victim(&mut ring);
@@ -330,13 +342,14 @@ impl<V: ?Sized> Tier<V> {
                 if !admits_over(wanted, ring.sketch.estimate(victim_hash)) {
                     // Turned away: the victim stays, its bit now clear,
                     // and the next candidate faces the next position.
+                    self.publish_sweep(&ring);
                     return Some(value);
                 }
                 let evicted = ring.values[at as usize].take();
                 // Relaxed: written under the mutex alone, which we hold.
                 let holder = self.holders[at as usize].load(Ordering::Relaxed);
                 ring.position_of.remove(&holder);
-                (at, evicted)
+                (at, evicted, true)
             }
         };
         // Relaxed: readers only compare it (see `touch`); the values are
@@ -352,7 +365,24 @@ impl<V: ?Sized> Tier<V> {
         ring.position_of.insert(identity, at);
         // Relaxed: as in `touch`.
         mark.store(mark_of(at, generation), Ordering::Relaxed);
+        if passed {
+            // The hand moved: after the bits it cleared and the eviction.
+            self.publish_sweep(&ring);
+        }
         evicted
+    }
+
+    /// Tells hits where the hand is now (`sweep`), once an admission's
+    /// pass is over: the bits it cleared and, if it evicted, the position's
+    /// new generation and holder are stored. Release: pairs with the
+    /// Acquire fence a hit takes before it looks at a position, so that a
+    /// hit that reads this count (and would stamp a mark with it) sees
+    /// what the pass did, and cannot stamp an entry it evicted as current;
+    /// one that reads an older count stamps with that, which this store
+    /// has made stale.
+    fn publish_sweep(&self, ring: &Ring<V>) {
+        self.sweep
+            .store(ring.turns << 32 | ring.hand as u64, Ordering::Release);
     }
 
     /// The first position past the hand whose `referenced` bit is clear,
@@ -366,13 +396,6 @@ impl<V: ?Sized> Tier<V> {
             if ring.hand == 0 {
                 ring.turns += 1;
             }
-            // Relaxed: a hint for hits (`touch`), which compare it with
-            // their marks' stamps; written under the mutex alone. A hit
-            // racing this pass may see its `referenced` bit cleared by it
-            // and its stamp count it as already marked for the next one: a
-            // lost hint, as a bit set just before the hand clears it is.
-            self.sweep
-                .store(ring.turns << 32 | ring.hand as u64, Ordering::Relaxed);
             let position = &self.positions[at];
             // Relaxed: a hint set by readers; see `touch`. An RMW, as
             // theirs: the holder bits stay.
@@ -585,6 +608,74 @@ mod tests {
                 "1 held after {one_off}"
             );
         }
+    }
+
+    #[test]
+    fn a_hit_racing_an_eviction_does_not_stamp_the_evicted_entry_current() {
+        let tier = unfiltered(2);
+        let marks: Vec<_> = (0..4).map(|_| AtomicU64::new(0)).collect();
+        let values: Vec<_> = (0..4).map(Strong::new).collect();
+        admit(&tier, 1, &marks, &values[1]);
+        admit(&tier, 2, &marks, &values[2]);
+        // An admission of 3, stopped where a hit can run: the hand has
+        // passed position 0 and chosen 1 as the victim, nothing more.
+        let mut ring = tier.ring.lock();
+        let at = tier.victim(&mut ring);
+        assert_eq!(at, 0);
+        // The racing hit on 1: the hand's count is not published yet, so
+        // whatever the hit stamps is the count of the pass before.
+        assert!(tier.touch(|| id(1), &marks[1]));
+        // The rest of the admission, as `admit` does it: 1 evicted, 3 at
+        // position 0, then the count published.
+        let evicted = ring.values[0].take();
+        ring.position_of.remove(&id(1));
+        let generation = next_generation(tier.positions[0].load(Ordering::Relaxed) >> 1);
+        tier.positions[0].store(generation << 1, Ordering::Relaxed);
+        tier.holders[0].store(id(3), Ordering::Relaxed);
+        ring.values[0] = Some(values[3].clone());
+        ring.position_of.insert(id(3), 0);
+        marks[3].store(mark_of(0, generation), Ordering::Relaxed);
+        tier.publish_sweep(&ring);
+        drop(ring);
+        drop(evicted);
+        assert_eq!(Strong::strong_count(&values[1]), 1, "evicted");
+        assert!(!tier.touch(|| id(1), &marks[1]), "its stamp is stale");
+    }
+
+    #[test]
+    fn a_hit_after_the_hand_passed_its_position_marks_it_again_in_the_same_turn() {
+        // Positions 0, 1, 2 hold 1, 2, 3; 1 is hit, then an admission
+        // passes position 0 (clearing its bit) and evicts 2 at position 1;
+        // 1 is hit again, in the same turn of the hand but after its pass:
+        // that hit must set the bit again, or the admissions that follow
+        // (the hand passing 2, then 0 again) evict 1.
+        let tier = unfiltered(3);
+        let marks: Vec<_> = (0..7).map(|_| AtomicU64::new(0)).collect();
+        let values: Vec<_> = (0..7).map(Strong::new).collect();
+        for (i, value) in values.iter().enumerate().take(4).skip(1) {
+            admit(&tier, i, &marks, value);
+        }
+        admit(&tier, 1, &marks, &values[1]);
+        drop(tier.admit(id(4), hash(4), &marks[4], values[4].clone()));
+        assert_eq!(
+            Strong::strong_count(&values[2]),
+            1,
+            "2 evicted at position 1"
+        );
+        admit(&tier, 1, &marks, &values[1]);
+        drop(tier.admit(id(5), hash(5), &marks[5], values[5].clone()));
+        assert_eq!(
+            Strong::strong_count(&values[3]),
+            1,
+            "3 evicted at position 2"
+        );
+        drop(tier.admit(id(6), hash(6), &marks[6], values[6].clone()));
+        assert_eq!(Strong::strong_count(&values[1]), 2, "1 kept");
+        assert_eq!(
+            Strong::strong_count(&values[4]),
+            1,
+            "4 evicted in its place"
+        );
     }
 
     #[test]
