@@ -68,6 +68,7 @@ pub(crate) trait Collection<I: Sided>: Send + Sync + 'static {
 /// * it never lets go of the last handle to the collection there: that
 ///   would drop every key (user code) on the dying thread. (After
 ///   `shutdown`, posted work runs inline, so then it does.)
+#[inline]
 pub(crate) fn remove_on_death<C, I>(
     core: &Strong<C>,
     hash: u64,

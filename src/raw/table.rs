@@ -877,14 +877,12 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
 
     /// Locks `hash`'s shard for writing (M2), lending the writer `pin`:
     /// what it removes or replaces stays readable while `pin` lives (M9).
-    #[inline]
     pub(crate) fn write<'g>(&'g self, hash: u64, pin: &'g WritePin<'_>) -> ShardWriter<'g, I> {
         self.write_shard(self.shard_index(hash), pin)
     }
 
     /// Locks `hash`'s shard for writing if nobody holds its lock, this
     /// thread included: never blocks. `pin` as for [`Self::write`].
-    #[inline]
     pub(crate) fn try_write<'g>(
         &'g self,
         hash: u64,
@@ -896,7 +894,6 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
     }
 
     /// Locks shard `index` for writing. `pin` as for [`Self::write`].
-    #[inline]
     pub(crate) fn write_shard<'g>(
         &'g self,
         index: usize,
@@ -907,7 +904,6 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
         self.writer(shard, state, pin)
     }
 
-    #[inline]
     fn writer<'g>(
         &'g self,
         shard: &'g Shard<I>,
