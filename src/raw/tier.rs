@@ -21,8 +21,10 @@
 //! does a hit check that the position's generation is the mark's and its
 //! holder the hit's entry, set `referenced` if it is clear and stamp the
 //! mark again; the hand publishes its place only once a pass is over, so
-//! a hit that stamps with a pass's count has seen what the pass did. The
-//! price is that a stale mark (its entry evicted) passes the generation
+//! a hit that stamps with a pass's count has seen what the pass did (hits
+//! during an admission's pass may pass for held on older stamps and be
+//! lost, as a bit set just before the hand clears it is; SAFETY.md, M13,
+//! also says what a 25-bit stamp's wrap costs). The price is that a stale mark (its entry evicted) passes the generation
 //! check if its position has since been given away a multiple of 127
 //! times: while the position's bit is set, that hit then neither admits
 //! nor marks its entry, as a lost hint would.
@@ -327,13 +329,14 @@ impl<V: ?Sized> Tier<V> {
             drop(ring);
             return Some(value);
         }
-        let (at, evicted, passed) = match ring.free.pop() {
+        match ring.free.pop() {
             Some(at) => {
                 if ring.free.is_empty() {
                     // Relaxed: a hint for `admits_found`.
                     self.full.store(true, Ordering::Relaxed);
                 }
-                (at, None, false)
+                self.give(&mut ring, at, identity, hash, mark, value);
+                None
             }
             None => {
                 let at = self.victim(&mut ring);
@@ -345,13 +348,48 @@ impl<V: ?Sized> Tier<V> {
                     self.publish_sweep(&ring);
                     return Some(value);
                 }
-                let evicted = ring.values[at as usize].take();
-                // Relaxed: written under the mutex alone, which we hold.
-                let holder = self.holders[at as usize].load(Ordering::Relaxed);
-                ring.position_of.remove(&holder);
-                (at, evicted, true)
+                self.evict_for(&mut ring, at, identity, hash, mark, value)
             }
-        };
+        }
+    }
+
+    /// The end of an admission whose pass chose position `at`: evicts its
+    /// holder, gives the position to the entry named `identity`, then
+    /// publishes the hand's place. Returns the evicted value.
+    fn evict_for(
+        &self,
+        ring: &mut Ring<V>,
+        at: u32,
+        identity: usize,
+        hash: u64,
+        mark: &AtomicU64,
+        value: Strong<V>,
+    ) -> Option<Strong<V>> {
+        let evicted = ring.values[at as usize].take();
+        // Where a test puts a racing hit.
+        #[cfg(all(test, not(weakrefs_loom)))]
+        tests::mid_eviction();
+        // Relaxed: written under the mutex alone, which we hold.
+        let holder = self.holders[at as usize].load(Ordering::Relaxed);
+        ring.position_of.remove(&holder);
+        self.give(ring, at, identity, hash, mark, value);
+        // The hand moved: published after the bits it cleared and the
+        // eviction.
+        self.publish_sweep(ring);
+        evicted
+    }
+
+    /// Gives the free (or just emptied) position `at` to the entry named
+    /// `identity`, under `hash`, whose slot's mark is `mark`.
+    fn give(
+        &self,
+        ring: &mut Ring<V>,
+        at: u32,
+        identity: usize,
+        hash: u64,
+        mark: &AtomicU64,
+        value: Strong<V>,
+    ) {
         // Relaxed: readers only compare it (see `touch`); the values are
         // reached under the mutex alone. Unreferenced: the hand gives a new
         // value one turn.
@@ -365,11 +403,6 @@ impl<V: ?Sized> Tier<V> {
         ring.position_of.insert(identity, at);
         // Relaxed: as in `touch`.
         mark.store(mark_of(at, generation), Ordering::Relaxed);
-        if passed {
-            // The hand moved: after the bits it cleared and the eviction.
-            self.publish_sweep(&ring);
-        }
-        evicted
     }
 
     /// Tells hits where the hand is now (`sweep`), once an admission's
@@ -610,36 +643,74 @@ mod tests {
         }
     }
 
+    std::thread_local! {
+        /// What `evict_for` runs once it has taken the victim's value and
+        /// before it gives the position away (a test's racing hit).
+        static MID_EVICTION: std::cell::RefCell<Option<Box<dyn FnOnce()>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+
+    /// Runs the hit a test put in the middle of an eviction, once.
+    pub(super) fn mid_eviction() {
+        if let Some(hit) = MID_EVICTION.with(|hook| hook.borrow_mut().take()) {
+            hit();
+        }
+    }
+
     #[test]
     fn a_hit_racing_an_eviction_does_not_stamp_the_evicted_entry_current() {
-        let tier = unfiltered(2);
-        let marks: Vec<_> = (0..4).map(|_| AtomicU64::new(0)).collect();
+        let tier = std::sync::Arc::new(unfiltered(2));
+        let marks: std::sync::Arc<Vec<_>> =
+            std::sync::Arc::new((0..4).map(|_| AtomicU64::new(0)).collect());
         let values: Vec<_> = (0..4).map(Strong::new).collect();
         admit(&tier, 1, &marks, &values[1]);
         admit(&tier, 2, &marks, &values[2]);
-        // An admission of 3, stopped where a hit can run: the hand has
-        // passed position 0 and chosen 1 as the victim, nothing more.
+        // Hits on 1 while 3's admission evicts it: one after the hand has
+        // passed position 0 and chosen it, one in the middle of the
+        // eviction. Neither may stamp 1's mark with a count the eviction
+        // is part of.
         let mut ring = tier.ring.lock();
         let at = tier.victim(&mut ring);
         assert_eq!(at, 0);
-        // The racing hit on 1: the hand's count is not published yet, so
-        // whatever the hit stamps is the count of the pass before.
         assert!(tier.touch(|| id(1), &marks[1]));
-        // The rest of the admission, as `admit` does it: 1 evicted, 3 at
-        // position 0, then the count published.
-        let evicted = ring.values[0].take();
-        ring.position_of.remove(&id(1));
-        let generation = next_generation(tier.positions[0].load(Ordering::Relaxed) >> 1);
-        tier.positions[0].store(generation << 1, Ordering::Relaxed);
-        tier.holders[0].store(id(3), Ordering::Relaxed);
-        ring.values[0] = Some(values[3].clone());
-        ring.position_of.insert(id(3), 0);
-        marks[3].store(mark_of(0, generation), Ordering::Relaxed);
-        tier.publish_sweep(&ring);
+        let (racing_tier, racing_marks) = (tier.clone(), marks.clone());
+        MID_EVICTION.with(|hook| {
+            *hook.borrow_mut() = Some(Box::new(move || {
+                // Its answer may be either: the value is being let go.
+                let _ = racing_tier.touch(|| id(1), &racing_marks[1]);
+            }));
+        });
+        let evicted = tier.evict_for(&mut ring, at, id(3), hash(3), &marks[3], values[3].clone());
+        assert!(
+            MID_EVICTION.with(|hook| hook.borrow().is_none()),
+            "the hit ran"
+        );
         drop(ring);
         drop(evicted);
         assert_eq!(Strong::strong_count(&values[1]), 1, "evicted");
         assert!(!tier.touch(|| id(1), &marks[1]), "its stamp is stale");
+    }
+
+    #[test]
+    fn a_hit_after_a_turned_away_admission_marks_its_entry_again() {
+        // A tier of one holding 1, wanted often and stamped; 2, wanted
+        // once, is turned away, its admission's pass clearing 1's bit. The
+        // next hit on 1 must set it again (the pass made its stamp stale),
+        // or the next candidate would find 1 unreferenced.
+        let tier = Tier::new(1);
+        let marks: Vec<_> = (0..3).map(|_| AtomicU64::new(0)).collect();
+        let values: Vec<_> = (0..3).map(Strong::new).collect();
+        for _ in 0..4 {
+            drop(tier.admit(id(1), hash(1), &marks[1], values[1].clone()));
+        }
+        assert!(tier.touch(|| id(1), &marks[1]));
+        let referenced = || tier.positions[0].load(Ordering::Relaxed) & REFERENCED != 0;
+        assert!(referenced());
+        drop(tier.admit(id(2), hash(2), &marks[2], values[2].clone()));
+        assert_eq!(Strong::strong_count(&values[2]), 1, "turned away");
+        assert!(!referenced(), "the pass cleared 1's bit");
+        assert!(tier.touch(|| id(1), &marks[1]));
+        assert!(referenced(), "the hit after the pass set it again");
     }
 
     #[test]
