@@ -144,6 +144,15 @@ struct Ring<V: ?Sized> {
     sketch: FrequencySketch,
 }
 
+/// An entry offered to the tier under the mutex: its identity, its key's
+/// hash, its slot's mark and its value.
+struct Candidate<'m, V: ?Sized> {
+    identity: usize,
+    hash: u64,
+    mark: &'m AtomicU64,
+    value: Strong<V>,
+}
+
 /// The keep-warm tier; see the module docs.
 pub(crate) struct Tier<V: ?Sized> {
     /// A byte per position, as readers see it: its generation above
@@ -329,13 +338,19 @@ impl<V: ?Sized> Tier<V> {
             drop(ring);
             return Some(value);
         }
+        let candidate = Candidate {
+            identity,
+            hash,
+            mark,
+            value,
+        };
         match ring.free.pop() {
             Some(at) => {
                 if ring.free.is_empty() {
                     // Relaxed: a hint for `admits_found`.
                     self.full.store(true, Ordering::Relaxed);
                 }
-                self.give(&mut ring, at, identity, hash, mark, value);
+                self.give(&mut ring, at, candidate);
                 None
             }
             None => {
@@ -346,24 +361,21 @@ impl<V: ?Sized> Tier<V> {
                     // Turned away: the victim stays, its bit now clear,
                     // and the next candidate faces the next position.
                     self.publish_sweep(&ring);
-                    return Some(value);
+                    return Some(candidate.value);
                 }
-                self.evict_for(&mut ring, at, identity, hash, mark, value)
+                self.evict_for(&mut ring, at, candidate)
             }
         }
     }
 
     /// The end of an admission whose pass chose position `at`: evicts its
-    /// holder, gives the position to the entry named `identity`, then
-    /// publishes the hand's place. Returns the evicted value.
+    /// holder, gives the position to `candidate`, then publishes the
+    /// hand's place. Returns the evicted value.
     fn evict_for(
         &self,
         ring: &mut Ring<V>,
         at: u32,
-        identity: usize,
-        hash: u64,
-        mark: &AtomicU64,
-        value: Strong<V>,
+        candidate: Candidate<'_, V>,
     ) -> Option<Strong<V>> {
         let evicted = ring.values[at as usize].take();
         // Where a test puts a racing hit.
@@ -372,24 +384,21 @@ impl<V: ?Sized> Tier<V> {
         // Relaxed: written under the mutex alone, which we hold.
         let holder = self.holders[at as usize].load(Ordering::Relaxed);
         ring.position_of.remove(&holder);
-        self.give(ring, at, identity, hash, mark, value);
+        self.give(ring, at, candidate);
         // The hand moved: published after the bits it cleared and the
         // eviction.
         self.publish_sweep(ring);
         evicted
     }
 
-    /// Gives the free (or just emptied) position `at` to the entry named
-    /// `identity`, under `hash`, whose slot's mark is `mark`.
-    fn give(
-        &self,
-        ring: &mut Ring<V>,
-        at: u32,
-        identity: usize,
-        hash: u64,
-        mark: &AtomicU64,
-        value: Strong<V>,
-    ) {
+    /// Gives the free (or just emptied) position `at` to `candidate`.
+    fn give(&self, ring: &mut Ring<V>, at: u32, candidate: Candidate<'_, V>) {
+        let Candidate {
+            identity,
+            hash,
+            mark,
+            value,
+        } = candidate;
         // Relaxed: readers only compare it (see `touch`); the values are
         // reached under the mutex alone. Unreferenced: the hand gives a new
         // value one turn.
@@ -615,18 +624,26 @@ mod tests {
         assert!(tier.touch(|| id(2), &marks[2]));
     }
 
+    /// An unfiltered tier of three holding entries 1, 2 and 3 (at
+    /// positions 0, 1 and 2), and marks and values for entries
+    /// `0..entries`.
+    fn holding_one_two_three(entries: u32) -> (Tier<u32>, Vec<AtomicU64>, Vec<Strong<u32>>) {
+        let tier = unfiltered(3);
+        let marks: Vec<_> = (0..entries).map(|_| AtomicU64::new(0)).collect();
+        let values: Vec<_> = (0..entries).map(Strong::new).collect();
+        for (i, value) in values.iter().enumerate().take(4).skip(1) {
+            admit(&tier, i, &marks, value);
+        }
+        (tier, marks, values)
+    }
+
     #[test]
     fn a_value_hit_between_every_two_passes_is_never_evicted() {
         // Each round, a hit on 1 and then a one-off admission, which
         // passes 1's position when the hand comes to it: the hit after a
         // pass must set `referenced` again, although its mark was stamped
         // before (a stamp counts passes, so it is stale then).
-        let tier = unfiltered(3);
-        let marks: Vec<_> = (0..40).map(|_| AtomicU64::new(0)).collect();
-        let values: Vec<_> = (0..40).map(Strong::new).collect();
-        for (i, value) in values.iter().enumerate().take(4).skip(1) {
-            admit(&tier, i, &marks, value);
-        }
+        let (tier, marks, values) = holding_one_two_three(40);
         for one_off in 4..40 {
             admit(&tier, 1, &marks, &values[1]);
             drop(tier.admit(
@@ -680,7 +697,13 @@ mod tests {
                 let _ = racing_tier.touch(|| id(1), &racing_marks[1]);
             }));
         });
-        let evicted = tier.evict_for(&mut ring, at, id(3), hash(3), &marks[3], values[3].clone());
+        let candidate = Candidate {
+            identity: id(3),
+            hash: hash(3),
+            mark: &marks[3],
+            value: values[3].clone(),
+        };
+        let evicted = tier.evict_for(&mut ring, at, candidate);
         assert!(
             MID_EVICTION.with(|hook| hook.borrow().is_none()),
             "the hit ran"
@@ -691,18 +714,29 @@ mod tests {
         assert!(!tier.touch(|| id(1), &marks[1]), "its stamp is stale");
     }
 
+    /// A tier of one (filtered) holding entry `held`, admitted `times`
+    /// times, and marks and values for entries `0..entries`.
+    fn one_held_wanted(
+        held: usize,
+        times: usize,
+        entries: u32,
+    ) -> (Tier<u32>, Vec<AtomicU64>, Vec<Strong<u32>>) {
+        let tier = Tier::new(1);
+        let marks: Vec<_> = (0..entries).map(|_| AtomicU64::new(0)).collect();
+        let values: Vec<_> = (0..entries).map(Strong::new).collect();
+        for _ in 0..times {
+            drop(tier.admit(id(held), hash(held), &marks[held], values[held].clone()));
+        }
+        (tier, marks, values)
+    }
+
     #[test]
     fn a_hit_after_a_turned_away_admission_marks_its_entry_again() {
         // A tier of one holding 1, wanted often and stamped; 2, wanted
         // once, is turned away, its admission's pass clearing 1's bit. The
         // next hit on 1 must set it again (the pass made its stamp stale),
         // or the next candidate would find 1 unreferenced.
-        let tier = Tier::new(1);
-        let marks: Vec<_> = (0..3).map(|_| AtomicU64::new(0)).collect();
-        let values: Vec<_> = (0..3).map(Strong::new).collect();
-        for _ in 0..4 {
-            drop(tier.admit(id(1), hash(1), &marks[1], values[1].clone()));
-        }
+        let (tier, marks, values) = one_held_wanted(1, 4, 3);
         assert!(tier.touch(|| id(1), &marks[1]));
         let referenced = || tier.positions[0].load(Ordering::Relaxed) & REFERENCED != 0;
         assert!(referenced());
@@ -720,12 +754,7 @@ mod tests {
         // 1 is hit again, in the same turn of the hand but after its pass:
         // that hit must set the bit again, or the admissions that follow
         // (the hand passing 2, then 0 again) evict 1.
-        let tier = unfiltered(3);
-        let marks: Vec<_> = (0..7).map(|_| AtomicU64::new(0)).collect();
-        let values: Vec<_> = (0..7).map(Strong::new).collect();
-        for (i, value) in values.iter().enumerate().take(4).skip(1) {
-            admit(&tier, i, &marks, value);
-        }
+        let (tier, marks, values) = holding_one_two_three(7);
         admit(&tier, 1, &marks, &values[1]);
         drop(tier.admit(id(4), hash(4), &marks[4], values[4].clone()));
         assert_eq!(
@@ -904,12 +933,7 @@ mod tests {
     fn aging_lets_a_formerly_hot_key_be_replaced() {
         // A tier of one, its value wanted 30 times (its count stops at 15)
         // and then never again; the sketch halves every 20 increments.
-        let tier = Tier::new(1);
-        let marks: Vec<_> = (0..2).map(|_| AtomicU64::new(0)).collect();
-        let values: Vec<_> = (0..2).map(Strong::new).collect();
-        for _ in 0..30 {
-            drop(tier.admit(id(0), hash(0), &marks[0], values[0].clone()));
-        }
+        let (tier, marks, values) = one_held_wanted(0, 30, 2);
         // Key 1 wanted again and again: a count can never pass 15 and a
         // tie at 15 is no reason to swap, so without the halving key 1
         // would never enter. Its first five tries (20 increments in all,
