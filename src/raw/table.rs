@@ -709,9 +709,9 @@ fn slots_for(items: usize) -> usize {
 }
 
 /// Live items below which a growing table is rebuilt for four times them,
-/// not twice: a shard that fills from empty reaches 200 slots in two rebuilds, not four, each of
-/// which relocates every item and allocates a table. The price is memory
-/// while a shard stays small: one that stops growing just after such a
+/// not twice: a shard that fills from empty reaches 200 slots in two
+/// rebuilds, not four, each of which relocates every item and allocates a
+/// table. The price is memory while a shard stays small: one that stops growing just after such a
 /// rebuild holds up to four times its items in slots (a shard of 50 items,
 /// 200 slots where twice would leave 64), never more than `4 * SMALL_LIVE`
 /// slots. Subscribing 1 000 members to a new `WeakSet` (eight shards on
