@@ -42,7 +42,8 @@
 //!   drops keeps the table's memory alive until they have run.
 //! * **Rebuilds** happen when filling an empty slot would take the table
 //!   past 7/8 full (tombstones and free slots count): a table sized for
-//!   twice the live items receives *relocated* copies of them, each placed
+//!   twice the live items (four times while few, `SMALL_LIVE`) receives
+//!   *relocated* copies of them, each placed
 //!   by the low 32 bits of its hash, which the table keeps beside the
 //!   items for writers (`Table::homes`: a control byte keeps only seven
 //!   bits), and is published whole. A relocation clones what code may write through a
