@@ -445,13 +445,15 @@ where
     /// `n` plus what callers hold.
     ///
     /// Recency is approximated (CLOCK): a hit on a value the tier holds
-    /// costs no lock and no read-modify-write once it is marked; admitting
-    /// a value takes the tier's lock and its shard's. While the tier has
+    /// costs no lock and no read-modify-write once it is marked, and, until
+    /// the CLOCK hand next passes it, reads nothing beyond the entry's slot
+    /// and one word all readers share; admitting a value takes the tier's
+    /// lock and its shard's. While the tier has
     /// room, every inserted, loaded or found value enters. Once it is
     /// full, each inserted or loaded value, and one time in eight a found
     /// value it does not hold, is weighed against the value the CLOCK hand
     /// would evict, as TinyLFU weighs them: a sketch of 4-bit counters (8
-    /// to 16 bytes a position) remembers about how often each key's hash
+    /// to 16 bytes a position, 2 KiB at least) remembers about how often each key's hash
     /// was wanted lately, and the newcomer takes the place only if it was
     /// wanted more often, or as often when both were wanted at most once. The sketch counts those attempts to enter and, for values
     /// held, each pass of the hand that finds them hit since its last pass;
