@@ -961,6 +961,7 @@ where
     /// drop(doc);
     /// assert!(map.get("doc").is_none()); // dead at once, removed at flush
     /// ```
+    #[inline]
     pub fn get<Q>(&self, key: &Q) -> Option<Strong<V>>
     where
         K: Borrow<Q>,
