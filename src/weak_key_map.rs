@@ -330,6 +330,7 @@ where
 
     /// Looks `key` up lock-free and runs `f` on its value in place, under
     /// the lookup's pin (K1).
+    #[inline]
     fn read<R>(&self, key: &Strong<K>, f: impl FnOnce(&V) -> R) -> Option<R> {
         let hash = self.hash(key);
         let pinned = self.core.table.pin();
@@ -376,6 +377,7 @@ where
     /// map.with(&user, |log| log.lock().unwrap().push("logged in"));
     /// assert_eq!(map.with(&user, |log| log.lock().unwrap().len()), Some(1));
     /// ```
+    #[inline]
     pub fn with<R>(&self, key: &Strong<K>, f: impl FnOnce(&V) -> R) -> Option<R> {
         self.read(key, f)
     }
