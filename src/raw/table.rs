@@ -42,8 +42,7 @@
 //!   drops keeps the table's memory alive until they have run.
 //! * **Rebuilds** happen when filling an empty slot would take the table
 //!   past 7/8 full (tombstones and free slots count): a table sized for
-//!   twice the live items (four times while few, `SMALL_LIVE`) receives
-//!   *relocated* copies of them, each placed
+//!   twice the live items receives *relocated* copies of them, each placed
 //!   by the low 32 bits of its hash, which the table keeps beside the
 //!   items for writers (`Table::homes`: a control byte keeps only seven
 //!   bits), and is published whole. A relocation clones what code may write through a
@@ -709,22 +708,10 @@ fn slots_for(items: usize) -> usize {
     items.saturating_mul(2).max(MIN_SLOTS)
 }
 
-/// Live items below which a growing table is rebuilt for four times them,
-/// not twice: a shard that fills from empty reaches 200 slots in two
-/// rebuilds, not four, each of which relocates every item and allocates a
-/// table. The price is memory while a shard stays small: one that stops growing just after such a
-/// rebuild holds up to four times its items in slots (a shard of 50 items,
-/// 200 slots where twice would leave 64), never more than `4 * SMALL_LIVE`
-/// slots. Subscribing 1 000 members to a new `WeakSet` (eight shards on
-/// this machine, about 125 members each): 1 178 -> 979 instructions a
-/// member (callgrind).
-const SMALL_LIVE: usize = if cfg!(weakrefs_loom) { 0 } else { 64 };
-
 /// Slots for the table that replaces one of `slots` slots, `used` of them
 /// not empty and `items` of those full, to hold `live` items.
 ///
-/// Twice the live items (four times while there are few and the table
-/// grows, `SMALL_LIVE`), but under churn (insert, then the value dies)
+/// Twice the live items, but under churn (insert, then the value dies)
 /// few items are live while removed ones fill slots that become free only
 /// once no reader can see them (M2), so a table sized for the live items
 /// alone would be rebuilt every few inserts. A table rebuilt while mostly
@@ -739,14 +726,7 @@ fn rebuilt_size(slots: usize, used: usize, items: usize, live: usize) -> usize {
     } else {
         slots.min(CHURN_FLOOR)
     };
-    let twice = slots_for(live);
-    // Growing while small: four times.
-    let wanted = if live < SMALL_LIVE && twice > slots {
-        live * 4
-    } else {
-        twice
-    };
-    wanted.max(floor)
+    slots_for(live).max(floor)
 }
 
 impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
@@ -2102,11 +2082,9 @@ mod tests {
 
     #[test]
     fn a_table_of_live_items_grows_with_them_and_shrinks_to_the_floor() {
-        // Mostly live: twice the live items, four times while few.
-        assert_eq!(rebuilt_size(8, 7, 6, 7), 4 * 7);
+        // Mostly live: twice the live items.
+        assert_eq!(rebuilt_size(8, 7, 6, 7), 14);
         assert_eq!(rebuilt_size(1000, 751, 700, 701), 1402);
-        assert_eq!(rebuilt_size(112, 98, 97, 98), 196, "past SMALL_LIVE");
-        assert_eq!(rebuilt_size(64, 56, 55, 56), 4 * 56, "below it");
         // Items died, but not under churn: no smaller than the floor once
         // there, and no larger than needed below it.
         assert_eq!(
