@@ -69,6 +69,9 @@ use crate::sync::{
 };
 
 /// Shards per table: about four per CPU, a power of two. Two under loom.
+/// The CPUs are counted once a process: asking costs a system call and an
+/// allocation, which a program that makes many small sets would otherwise
+/// pay for each.
 fn shard_count() -> usize {
     #[cfg(weakrefs_loom)]
     {
@@ -76,8 +79,11 @@ fn shard_count() -> usize {
     }
     #[cfg(not(weakrefs_loom))]
     {
-        let cpus = std::thread::available_parallelism().map_or(4, |n| n.get());
-        (cpus * 4).next_power_of_two().clamp(4, 256)
+        static SHARDS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        *SHARDS.get_or_init(|| {
+            let cpus = std::thread::available_parallelism().map_or(4, |n| n.get());
+            (cpus * 4).next_power_of_two().clamp(4, 256)
+        })
     }
 }
 
