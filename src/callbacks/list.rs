@@ -19,7 +19,9 @@
 //! A compaction runs once the work since the last one (pushes, plus
 //! entries the consumer reports settled) exceeds both a small constant and
 //! the number of entries the last one kept, so it costs O(1) amortised per
-//! push. A compactor can be descheduled mid-walk while others keep
+//! push. (Before a list's first compaction the constant is offset by up to
+//! itself, by the list's address, so that objects registered in lockstep
+//! do not all compact on the same push.) A compactor can be descheduled mid-walk while others keep
 //! pushing, so a pusher that finds the list four times overdue yields until
 //! it can compact itself (backpressure). The list therefore never holds
 //! more than about five times what the last compaction kept, plus one
@@ -193,7 +195,7 @@ impl<L: Link> EntryList<L> {
         // head that includes our node (it never subtracts work it did not
         // walk).
         let state = self.state.fetch_add(1 << WORK_SHIFT, Ordering::Release) + (1 << WORK_SHIFT);
-        let (work, due) = (work_of(state), Self::due(state));
+        let (work, due) = (work_of(state), self.due(state));
         if work <= due {
             return;
         }
@@ -221,15 +223,40 @@ impl<L: Link> EntryList<L> {
             return;
         };
         let after = update(before).unwrap_or(before);
-        if work_of(after) > Self::due(after) {
+        if work_of(after) > self.due(after) {
             if let Some(guard) = self.try_lock() {
                 self.compact(&guard);
             }
         }
     }
 
-    fn due(state: usize) -> usize {
-        COMPACT_MIN.max(kept_of(state).min(DUE_CAP))
+    /// The work at which a compaction falls due: what the last one kept,
+    /// and at least `COMPACT_MIN`; before the list's first compaction
+    /// (nothing kept yet), `COMPACT_MIN` plus the list's phase.
+    fn due(&self, state: usize) -> usize {
+        match kept_of(state) {
+            0 => COMPACT_MIN + self.phase(),
+            kept => COMPACT_MIN.max(kept.min(DUE_CAP)),
+        }
+    }
+
+    /// How many pushes later than `COMPACT_MIN` this list first compacts:
+    /// 0 to `COMPACT_MIN`, from its address. Objects that see the same
+    /// registrations (the members of a set made and dropped again and
+    /// again) would otherwise compact on the same pushes, all of them,
+    /// every `COMPACT_MIN + 1` pushes, and free their dead nodes in bursts
+    /// that spill past the thread's node cache to the allocator. Offset,
+    /// about as many compact on each push, and what they free is taken
+    /// back by the next registrations. Zero under loom, whose models
+    /// count on the first compaction's push.
+    fn phase(&self) -> usize {
+        if cfg!(weakrefs_loom) {
+            return 0;
+        }
+        // The high bits of a multiplicative hash of the address (Fibonacci
+        // hashing): neighbouring control blocks get unrelated phases.
+        let mixed = (self as *const Self as usize as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        (mixed >> 32) as usize % (COMPACT_MIN + 1)
     }
 
     fn try_lock(&self) -> Option<CompactionGuard<'_>> {

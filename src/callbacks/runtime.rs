@@ -701,6 +701,38 @@ mod tests {
     }
 
     #[test]
+    fn lists_registered_in_lockstep_first_compact_on_different_pushes() {
+        // Each object of a set made and dropped again and again sees one
+        // registration and one detach a round. Were their compactions in
+        // step, every object would free its dead nodes on the same round,
+        // a burst that spills past the thread's node cache.
+        let runtime = Runtime::inline();
+        let lists: Vec<_> = (0..64).map(|_| Box::new(ObjectCallbacks::new())).collect();
+        let mut first_compaction = vec![None; lists.len()];
+        for round in 1..=16 {
+            for (list, first) in lists.iter().zip(&mut first_compaction) {
+                let before = list.node_count();
+                assert!(runtime.register(list, Box::new(|| {})).detach());
+                if list.node_count() <= before && first.is_none() {
+                    *first = Some(round);
+                }
+            }
+        }
+        let mut rounds: Vec<_> = first_compaction
+            .iter()
+            .map(|round| round.expect("every list compacts within 16 pushes"))
+            .collect();
+        rounds.sort_unstable();
+        rounds.dedup();
+        // Five phases over 64 lists: fewer than three distinct rounds is
+        // about as likely as 64 draws from five values landing on two.
+        assert!(
+            rounds.len() >= 3,
+            "first compactions on rounds {rounds:?} only"
+        );
+    }
+
+    #[test]
     fn the_registry_shrinks_after_deaths_without_new_registrations() {
         let runtime = Runtime::inline();
         let count = if cfg!(miri) { 100 } else { 10_000 };
