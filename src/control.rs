@@ -370,13 +370,14 @@ impl<T: ?Sized> ControlBlock<T> {
         // before this read.
         // SAFETY: as just said.
         let layout = unsafe { Self::value_ptr(this).cast::<BlockLayout>().read() }.get();
-        // The block was allocated from the global allocator by
+        // The block was allocated by `block_cache::allocate` in
         // `allocate_raw` with `block_layout` of its value's layout, and the
         // word holds `block_layout` of the same layout (`write_layout`'s 1:
         // every view of a block computes it alike, U1), decoded exactly
-        // (`BlockLayout`); by 1 and 2 nothing will touch the block again.
+        // (`BlockLayout`); by 1 and 2 nothing will touch the block again,
+        // so it may go to this thread's cache of free blocks (C16).
         // SAFETY: as just said.
-        unsafe { std::alloc::dealloc(this.as_ptr().cast::<u8>(), layout) };
+        unsafe { crate::block_cache::release(this.cast::<u8>(), layout) };
     }
 }
 
@@ -437,18 +438,15 @@ unsafe fn write_layout<T: ?Sized>(this: NonNull<ControlBlock<T>>, value_layout: 
 /// Allocates a block for a value of `value_layout` and writes its header
 /// (`strong` strong handles, one weak reference); the value is left
 /// uninitialised. Returns the block's address, with provenance over all of
-/// it. The layout is [`block_layout`]'s. Inlined, so that for a sized
-/// value the layout is a constant.
+/// it. The layout is [`block_layout`]'s; a small block may be one another
+/// handle's last weak reference freed on this thread (C16). Inlined, so
+/// that for a sized value the layout is a constant.
 #[inline]
 fn allocate_raw(value_layout: Layout, strong: usize) -> NonNull<u8> {
     let layout = block_layout(value_layout);
-    // SAFETY: `layout` has a nonzero size: it holds a `Header`.
-    let memory = unsafe { std::alloc::alloc(layout) };
-    let Some(memory) = NonNull::new(memory) else {
-        std::alloc::handle_alloc_error(layout)
-    };
-    // SAFETY: the allocation is fresh, ours, and large and aligned enough
-    // for a `Header` at offset 0.
+    let memory = crate::block_cache::allocate(layout);
+    // SAFETY: the block is ours alone (fresh, or out of this thread's
+    // cache, C16), and large and aligned enough for a `Header` at offset 0.
     unsafe { memory.cast::<Header>().write(Header::new(strong)) };
     memory
 }
@@ -765,6 +763,25 @@ mod tests {
         let block = block_layout(over_aligned);
         assert_eq!((block.size(), block.align()), (256, 128));
         assert_eq!(value_offset(128), 128);
+    }
+
+    /// C16: the block of a handle whose last reference is gone goes to
+    /// this thread's cache, and the next block of its size comes from it.
+    /// (Under Miri blocks bypass the cache, so that it sees every free.)
+    #[test]
+    #[cfg(not(miri))]
+    fn a_dead_handles_block_is_the_next_new_handles_block() {
+        use crate::block_cache::{cache, class_of};
+        let class = class_of(block_layout(Layout::new::<u64>())).expect("a cached size");
+        let first = crate::Strong::new(1_u64);
+        let weak = crate::Strong::downgrade(&first);
+        drop(first);
+        let before = cache::cached(class);
+        drop(weak);
+        assert_eq!(cache::cached(class), before + 1, "the block was not kept");
+        let second = crate::Strong::new(2_u64);
+        assert_eq!(cache::cached(class), before, "the block was not reused");
+        assert_eq!(*second, 2);
     }
 
     #[test]

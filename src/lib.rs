@@ -9,6 +9,7 @@
     clippy::undocumented_unsafe_blocks
 )]
 
+mod block_cache;
 mod callbacks;
 mod control;
 pub mod docs;

@@ -31,7 +31,7 @@
 //!
 //! Lists and handles hold thin `NonNull<Entry>` pointers that keep the
 //! provenance of the whole node (they all come from the one allocation,
-//! `leak`'s, from `node_cache`);
+//! `leak`'s, from `block_cache`);
 //! the links past the header and the closure are reached only from such a
 //! pointer, never from a `&Entry` (C13). One allocation per registration,
 //! and the node starts with its owners (handle, object list and, for
@@ -43,7 +43,7 @@ use std::marker::PhantomData;
 use std::mem::ManuallyDrop;
 use std::ptr::{self, NonNull};
 
-use super::node_cache;
+use crate::block_cache;
 use crate::sync::{
     acquire_fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU8, LeakCheck, Ordering, UnsafeCell,
 };
@@ -165,7 +165,7 @@ impl<H: 'static, P: 'static, C: Callback> Node<H, P, C> {
         free: Self::free,
     };
 
-    /// Moves `self` into a block of its own (from `node_cache`) and returns
+    /// Moves `self` into a block of its own (from `block_cache`) and returns
     /// `OWNERS` references to it, which the node's count (set by the
     /// caller) already counts.
     fn leak<const OWNERS: usize>(self) -> [EntryRef; OWNERS] {
@@ -173,7 +173,7 @@ impl<H: 'static, P: 'static, C: Callback> Node<H, P, C> {
         // provenance of the whole node (C13). `H` starts with `Entry`
         // (`repr(C)` both), so the cast points at the header.
         let layout = Layout::new::<Self>();
-        let node = node_cache::allocate(layout).cast::<Self>();
+        let node = block_cache::allocate(layout).cast::<Self>();
         // SAFETY: a fresh block of `Self`'s layout, ours alone (C16).
         unsafe { node.as_ptr().write(self) };
         let entry = node.cast::<Entry>();
@@ -224,7 +224,7 @@ impl<H: 'static, P: 'static, C: Callback> Node<H, P, C> {
                     .with_mut(|cell| ManuallyDrop::drop(&mut *cell));
             }
             ptr::drop_in_place(node);
-            node_cache::release(NonNull::new_unchecked(node).cast(), Layout::new::<Self>());
+            block_cache::release(NonNull::new_unchecked(node).cast(), Layout::new::<Self>());
         }
     }
 }
@@ -666,7 +666,7 @@ mod node_cache_tests {
 
     impl Drop for Holder {
         fn drop(&mut self) {
-            if !node_cache::cache::alive() {
+            if !block_cache::cache::alive() {
                 FREED_AFTER_THE_CACHE.fetch_add(1, O::SeqCst);
                 drop(job());
             }

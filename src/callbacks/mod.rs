@@ -1,7 +1,7 @@
 //! Death-callback machinery: entries and their exactly-once state machine
 //! (`entry`), the lock-free lists that hold them (`list`), the queue of
 //! death batches (`queue`), the finalizer thread that drains it (`worker`),
-//! where nodes are allocated (`node_cache`), the runtime that delivers deaths, flushes and shuts down (`runtime`),
+//! the runtime that delivers deaths, flushes and shuts down (`runtime`),
 //! the process-wide runtime (`global`), and the one handle the
 //! collections' machinery uses to run work on the finalizer thread
 //! (`executor`). The public face is `crate::finalizer`.
@@ -10,7 +10,6 @@ mod entry;
 mod executor;
 mod global;
 mod list;
-mod node_cache;
 mod queue;
 mod runtime;
 mod worker;

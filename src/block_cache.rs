@@ -1,39 +1,43 @@
-//! Where callback nodes are allocated: a small per-thread cache of freed
-//! node blocks in front of the global allocator.
+//! Where small blocks are allocated: callback nodes and handles' control
+//! blocks, through a small per-thread cache of freed blocks in front of
+//! the global allocator.
 //!
-//! Every collection entry allocates one hook node, and its last reference
-//! is usually let go in bursts: a map's removed entries are dropped by
-//! the epoch a batch at a time, an object's list frees its settled nodes
-//! a compaction at a time. A burst overflows the allocator's own
-//! per-thread cache (glibc's tcache keeps seven blocks of a size), so the
-//! rest go back through its slower bins, and the next registrations pay
-//! for it. This cache keeps up to [`KEEP`] blocks of each small size
-//! class a thread freed, and hands them to that thread's next nodes.
+//! Every collection entry allocates one hook node and names one control
+//! block, and both are usually let go in bursts: a map's removed entries
+//! are dropped by the epoch a batch at a time (the entry's hook and the
+//! last weak reference to its dead value's block), an object's list frees
+//! its settled nodes a compaction at a time. A burst overflows the
+//! allocator's own per-thread cache (glibc's tcache keeps seven blocks of
+//! a size), so the rest go back through its slower bins, and the next
+//! registrations and `Strong::new`s pay for it. This cache keeps up to
+//! [`KEEP`] blocks of each small size class a thread freed, and hands them
+//! to that thread's next nodes and control blocks.
 //!
-//! * **Ownership (C16).** A block enters a thread's cache only after its
-//!   node's last reference is gone and its fields were dropped
-//!   (`Node::free`), so nothing else can reach it; a cached block is
-//!   reached through that thread's cache alone, and leaves it to become a
-//!   new node, written whole before it is shared. No atomics: nothing in
-//!   a cache is shared.
+//! * **Ownership (C16).** A block enters a thread's cache only once
+//!   nothing else can reach it: a node after its last reference is gone
+//!   and its fields were dropped (`Node::free`), a control block after
+//!   its last weak reference (`ControlBlock::deallocate`, I3). A cached
+//!   block is reached through that thread's cache alone, and leaves it as
+//!   fresh memory for a new node or block, written before it is shared.
+//!   No atomics: nothing in a cache is shared.
 //! * **Layouts.** Only layouts of 8-byte alignment and a size of at most
 //!   [`LARGEST`] bytes, a multiple of 8, are cached, one class per size.
 //!   A block is handed out only for its own class, so every block goes
 //!   back to the global allocator, eventually, with the layout it was
-//!   allocated with.
+//!   allocated with. Nodes and control blocks of one size share a class.
 //! * **Thread exit.** A thread's cache is emptied when the thread exits;
-//!   a node freed or allocated after that (by another thread-local's
+//!   a block freed or allocated after that (by another thread-local's
 //!   destructor) goes straight to the global allocator.
 //!
-//! * **Bounds.** At most `KEEP` blocks a class a thread: 64 blocks of 8
-//!   to 64 bytes, about 18 KiB a thread in the worst case, 3 KiB for the
-//!   common 40-byte hook.
+//! * **Bounds.** At most `KEEP` blocks a class a thread: 128 blocks of 8
+//!   to 64 bytes, about 36 KiB a thread in the worst case, 5 KiB for the
+//!   common 40-byte class (a hook node, or the block of a `Strong<u64>`).
 //!
-//! Nodes are allocated plainly under loom (the cache has no concurrency
+//! Blocks are allocated plainly under loom (the cache has no concurrency
 //! to model, and loom tracks its own allocations) and under Miri: a
-//! cached block comes back at the same address, so a node used after its
-//! free would read a live block and Miri could not see it. The cache's
-//! own code still runs under Miri, through its unit tests.
+//! cached block comes back at the same address, so a block used after its
+//! free would read a live one and Miri could not see it. The cache's own
+//! code still runs under Miri, through its unit tests.
 
 use std::alloc::{self, Layout};
 use std::ptr::NonNull;
@@ -47,32 +51,33 @@ const LARGEST: usize = 64;
 #[cfg_attr(weakrefs_loom, allow(dead_code))]
 const CLASSES: usize = LARGEST / 8;
 
-/// Blocks kept a class: more than a compaction's or an epoch batch's
-/// worth, little memory (see the module docs' bounds).
+/// Blocks kept a class: more than an epoch batch's worth of removed
+/// entries' hooks and value blocks (two blocks each, often of one class),
+/// little memory (see the module docs' bounds).
 #[cfg_attr(weakrefs_loom, allow(dead_code))]
-const KEEP: u32 = 64;
+const KEEP: u32 = 128;
 
 /// The class of `layout`, if cached.
 #[cfg_attr(weakrefs_loom, allow(dead_code))]
 #[inline(always)]
-fn class_of(layout: Layout) -> Option<usize> {
+pub(crate) fn class_of(layout: Layout) -> Option<usize> {
     let size = layout.size();
     (layout.align() == 8 && size != 0 && size <= LARGEST && size % 8 == 0).then(|| size / 8 - 1)
 }
 
-/// Allocates a block for a node of `layout` (not zero-sized): a cached
-/// block of its class if this thread has one, else from the global
-/// allocator.
+/// Allocates a block of `layout` (not zero-sized): a cached block of its
+/// class if this thread has one, else from the global allocator.
 #[inline]
-pub(super) fn allocate(layout: Layout) -> NonNull<u8> {
-    debug_assert!(layout.size() != 0, "nodes are never zero-sized");
+pub(crate) fn allocate(layout: Layout) -> NonNull<u8> {
+    debug_assert!(layout.size() != 0, "blocks are never zero-sized");
     #[cfg(not(any(weakrefs_loom, miri)))]
     if let Some(class) = class_of(layout) {
         if let Some(block) = cache::take(class) {
             return block;
         }
     }
-    // SAFETY: `layout` is not zero-sized (nodes start with a header).
+    // SAFETY: `layout` is not zero-sized (nodes and control blocks start
+    // with a header).
     let block = unsafe { alloc::alloc(layout) };
     NonNull::new(block).unwrap_or_else(|| alloc::handle_alloc_error(layout))
 }
@@ -85,7 +90,7 @@ pub(super) fn allocate(layout: Layout) -> NonNull<u8> {
 /// 2. Nothing reaches the block any more, and whatever it held was
 ///    dropped.
 #[inline]
-pub(super) unsafe fn release(block: NonNull<u8>, layout: Layout) {
+pub(crate) unsafe fn release(block: NonNull<u8>, layout: Layout) {
     #[cfg(not(any(weakrefs_loom, miri)))]
     if let Some(class) = class_of(layout) {
         // SAFETY: the caller's 1 and 2; `class` is `layout`'s.
@@ -101,7 +106,7 @@ pub(super) unsafe fn release(block: NonNull<u8>, layout: Layout) {
 
 #[cfg(not(weakrefs_loom))]
 #[cfg_attr(miri, allow(dead_code))]
-pub(super) mod cache {
+pub(crate) mod cache {
     use super::{Layout, NonNull, CLASSES, KEEP};
     use std::cell::UnsafeCell;
     use std::ptr;
@@ -172,7 +177,7 @@ pub(super) mod cache {
 
     /// How many blocks of `class` this thread keeps.
     #[cfg(test)]
-    pub(super) fn cached(class: usize) -> u32 {
+    pub(crate) fn cached(class: usize) -> u32 {
         // SAFETY: as in `take`.
         CACHE.with(|cache| unsafe { (*cache.get()).counts[class] })
     }
