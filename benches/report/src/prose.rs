@@ -178,10 +178,12 @@ pub const SECTIONS: &[Section] = &[
         what: "1000 listeners subscribe; one notification pass over 1000 live listeners \
                (upgrading each); 1000 listeners subscribe and go away. Against \
                `Mutex<Vec<std::sync::Weak<T>>>` cleaned with `retain`.",
-        why: "Each member registers a death callback (an allocation and a compare-and-swap \
-              onto the object's list) where the baseline pushes a `Weak` onto a `Vec`; that is \
-              the cost of subscribe and churn, and the subscribe figure also includes dropping \
-              the set, which detaches 1000 callbacks. A notification pass is a lock-free walk \
+        why: "Each member registers a death callback (a node from the thread's cache of \
+              freed blocks, a compare-and-swap onto the object's list and a count of the push) \
+              and takes its shard's lock, where the baseline pushes a `Weak` onto a `Vec` under \
+              one lock; that is the cost of subscribe and churn, and the subscribe figure also \
+              includes dropping the set, which detaches 1000 callbacks (each object's list \
+              frees them a few registrations later). A notification pass is a lock-free walk \
               of the set's shard tables: 16-byte items behind tag bytes, some empty, in \
               several tables, against \
               8-byte `Weak`s packed in one `Vec`, so the walk reads more memory per member.",
