@@ -58,7 +58,7 @@ const CLASSES: usize = LARGEST / 8;
 const KEEP: u32 = 128;
 
 /// The class of `layout`, if cached.
-#[cfg_attr(weakrefs_loom, allow(dead_code))]
+#[cfg_attr(any(weakrefs_loom, miri), allow(dead_code))]
 #[inline(always)]
 pub(crate) fn class_of(layout: Layout) -> Option<usize> {
     let size = layout.size();

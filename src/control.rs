@@ -370,6 +370,13 @@ impl<T: ?Sized> ControlBlock<T> {
         // before this read.
         // SAFETY: as just said.
         let layout = unsafe { Self::value_ptr(this).cast::<BlockLayout>().read() }.get();
+        // A wrong word would file the block under another size in the
+        // thread's cache, to be handed out for a larger one (C16).
+        debug_assert!(
+            layout.size() >= std::mem::size_of::<Header>() + std::mem::size_of::<BlockLayout>()
+                && layout.align() >= std::mem::align_of::<Header>(),
+            "a block's layout word holds {layout:?}"
+        );
         // The block was allocated by `block_cache::allocate` in
         // `allocate_raw` with `block_layout` of its value's layout, and the
         // word holds `block_layout` of the same layout (`write_layout`'s 1:
@@ -772,16 +779,20 @@ mod tests {
     #[cfg(not(miri))]
     fn a_dead_handles_block_is_the_next_new_handles_block() {
         use crate::block_cache::{cache, class_of};
-        let class = class_of(block_layout(Layout::new::<u64>())).expect("a cached size");
-        let first = crate::Strong::new(1_u64);
+        // Aligned to 8 on every target (a `u64` is 4-aligned on some
+        // 32-bit ones), as the cache's classes are.
+        #[repr(align(8))]
+        struct Word(u64);
+        let class = class_of(block_layout(Layout::new::<Word>())).expect("a cached size");
+        let first = crate::Strong::new(Word(1));
         let weak = crate::Strong::downgrade(&first);
         drop(first);
         let before = cache::cached(class);
         drop(weak);
         assert_eq!(cache::cached(class), before + 1, "the block was not kept");
-        let second = crate::Strong::new(2_u64);
+        let second = crate::Strong::new(Word(2));
         assert_eq!(cache::cached(class), before, "the block was not reused");
-        assert_eq!(*second, 2);
+        assert_eq!(second.0, 2);
     }
 
     #[test]

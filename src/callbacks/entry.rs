@@ -646,7 +646,7 @@ mod tests {
 /// Nodes through the per-thread block cache (C16): reuse across sizes,
 /// alignments, threads, re-entrant frees and thread exit.
 #[cfg(all(test, not(weakrefs_loom)))]
-mod node_cache_tests {
+mod block_cache_tests {
     use super::*;
     use std::cell::RefCell;
     use std::sync::atomic::{AtomicUsize, Ordering as O};

@@ -19,14 +19,16 @@
 //! A compaction runs once the work since the last one (pushes, plus
 //! entries the consumer reports settled) exceeds both a small constant and
 //! the number of entries the last one kept, so it costs O(1) amortised per
-//! push. (Before a list's first compaction the constant is offset by up to
-//! itself, by the list's address, so that objects registered in lockstep
-//! do not all compact on the same push.) A compactor can be descheduled mid-walk while others keep
-//! pushing, so a pusher that finds the list four times overdue yields until
-//! it can compact itself (backpressure). The list therefore never holds
-//! more than about five times what the last compaction kept, plus one
-//! node per pushing thread: registering and detaching on one object
-//! forever, from any number of threads, leaves its memory flat.
+//! push. (While nothing is kept, the constant is offset by up to itself, by
+//! the list's address, so that objects registered in lockstep do not all
+//! compact on the same push.) A compactor can be descheduled mid-walk
+//! while others keep pushing, so a pusher that finds the list four times
+//! overdue yields until it can compact itself (backpressure). The list
+//! therefore never holds more than what the last compaction kept plus
+//! four times the larger of that and the constant (twice the constant
+//! while nothing is kept), plus one node per pushing thread: registering
+//! and detaching on one object forever, from any number of threads,
+//! leaves its memory flat.
 
 use std::marker::PhantomData;
 use std::ptr;
@@ -37,7 +39,7 @@ use crate::sync::{yield_now, AtomicPtr, AtomicUsize, Ordering};
 /// Pushes between compactions, at least. Shrinks under loom so the models
 /// reach the compaction path. Small: a list that holds few live entries
 /// (an object in a few sets or maps that come and go) walks a few nodes a
-/// compaction, and frees its dead nodes while the thread's node cache can
+/// compaction, and frees its dead nodes while the thread's block cache can
 /// still take them, not in bursts that spill to the allocator.
 #[cfg(not(weakrefs_loom))]
 const COMPACT_MIN: usize = 4;
@@ -231,8 +233,9 @@ impl<L: Link> EntryList<L> {
     }
 
     /// The work at which a compaction falls due: what the last one kept,
-    /// and at least `COMPACT_MIN`; before the list's first compaction
-    /// (nothing kept yet), `COMPACT_MIN` plus the list's phase.
+    /// and at least `COMPACT_MIN`; while nothing is kept (before the list's
+    /// first compaction, or after one that found it empty), `COMPACT_MIN`
+    /// plus the list's phase.
     fn due(&self, state: usize) -> usize {
         match kept_of(state) {
             0 => COMPACT_MIN + self.phase(),
@@ -245,7 +248,7 @@ impl<L: Link> EntryList<L> {
     /// registrations (the members of a set made and dropped again and
     /// again) would otherwise compact on the same pushes, all of them,
     /// every `COMPACT_MIN + 1` pushes, and free their dead nodes in bursts
-    /// that spill past the thread's node cache to the allocator. Offset,
+    /// that spill past the thread's block cache to the allocator. Offset,
     /// about as many compact on each push, and what they free is taken
     /// back by the next registrations. Zero under loom, whose models
     /// count on the first compaction's push.
@@ -253,9 +256,9 @@ impl<L: Link> EntryList<L> {
         if cfg!(weakrefs_loom) {
             return 0;
         }
-        // The high bits of a multiplicative hash of the address (Fibonacci
+        // The upper half of a multiplicative hash of the address (Fibonacci
         // hashing): neighbouring control blocks get unrelated phases.
-        let mixed = (self as *const Self as usize as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mixed = ((self as *const Self).addr() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         (mixed >> 32) as usize % (COMPACT_MIN + 1)
     }
 

@@ -705,7 +705,7 @@ mod tests {
         // Each object of a set made and dropped again and again sees one
         // registration and one detach a round. Were their compactions in
         // step, every object would free its dead nodes on the same round,
-        // a burst that spills past the thread's node cache.
+        // a burst that spills past the thread's block cache.
         let runtime = Runtime::inline();
         let lists: Vec<_> = (0..64).map(|_| Box::new(ObjectCallbacks::new())).collect();
         let mut first_compaction = vec![None; lists.len()];
