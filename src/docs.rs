@@ -401,6 +401,7 @@ pub mod internals {
     //! | shim | `sync` | the one place that names atomics, fences, `UnsafeCell`, thread-locals, mutexes and loom; `Mutex` without poisoning; `lazy_static` under loom |
     //! | | `marks` | what this thread is inside of (`Mark::Callback`, `Mark::Draining`, `Mark::Loading`): the one thread-local stack the re-entrancy checks use |
     //! | | `panics` | catch and report a panic where nobody can receive it |
+    //! | | `block_cache` | where callback nodes and handles' control blocks are allocated: a per-thread cache of up to 128 freed blocks a size (8 to 64 bytes) in front of the global allocator, so that what the epoch frees in batches is reused, not spilled to the allocator's slow paths (C16) |
     //! | reclamation | `reclaim` | the one module that talks to crossbeam-epoch: `Reclaimer`, `Pinned::defer`, bounded garbage, pushing garbage through at `flush`; under loom, the process's collector and what must outlive it |
     //! | callbacks | `callbacks::entry` | one callback node and its exactly-once state machine (`Entry`, `EntryRef`, `Hook`) |
     //! | | `callbacks::list` | `EntryList`: the lock-free stack of entries with one compactor; `ObjectCallbacks` (an object's list, in its control block) and `register_hook` |
@@ -456,7 +457,9 @@ pub mod internals {
     //!    reader pinned before the unlink is left, the deferred function
     //!    drops the entry (its side, the `Hook`; then its key and `Weak`), or moves it out
     //!    and posts its drop to the finalizer thread if that runs user
-    //!    code, then calls `free_slot` and `release`.
+    //!    code, then calls `free_slot` and `release`. The hook's node and,
+    //!    with the last weak reference, the dead value's control block go
+    //!    back to that thread's `block_cache`.
     //! 6. A posted job, or the user callbacks of step 3, go through
     //!    `Runtime::dispatch`: `BatchQueue::push` (C7) and `Worker::wake`
     //!    (C8). The worker's loop (`Worker::run`) calls `Runtime::drain`:
