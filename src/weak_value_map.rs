@@ -172,7 +172,8 @@ type Listener<K> = Arc<dyn Fn(&K, RemovalCause) + Send + Sync>;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MapStats {
     /// Calls of `get` and of the `get_or_insert_with` family that found a
-    /// live value in the map.
+    /// live value in the map. (A `get` still running when the stats are
+    /// read may count here before it ends as a miss.)
     pub hits: u64,
     /// Calls of `get` that found none.
     pub misses: u64,
@@ -188,14 +189,20 @@ pub struct MapStats {
     pub died: u64,
 }
 
-/// Indices into a map's counters.
+/// Indices into a map's counters. `get` counts its calls (`GETS`) before
+/// it looks and its misses after, and its hits are the difference: a count
+/// that waited on the lookup's outcome would make the next lookup wait for
+/// this one's value to arrive from memory (measured: 10% of a read at
+/// 100 000 keys), where one made up front waits for nothing. The
+/// `get_or_insert_with` family counts its hits as `HITS`.
 const HITS: usize = 0;
 const MISSES: usize = 1;
 const LOADS: usize = 2;
 const JOINED: usize = 3;
 const LOAD_FAILURES: usize = 4;
 const DIED: usize = 5;
-const COUNTERS: usize = 6;
+const GETS: usize = 6;
+const COUNTERS: usize = 7;
 
 /// Counts a load as it starts, and as failed if it unwinds.
 struct LoadCount<'a>(&'a Counters<COUNTERS>);
@@ -967,10 +974,11 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
+        self.core.counters.bump(GETS);
         let found = self.lookup(self.hash(key), key);
-        self.core
-            .counters
-            .bump(if found.is_some() { HITS } else { MISSES });
+        if found.is_none() {
+            self.core.counters.bump(MISSES);
+        }
         found
     }
 
@@ -1489,9 +1497,12 @@ where
     /// assert_eq!((stats.misses, stats.loads, stats.load_failures), (1, 1, 1));
     /// ```
     pub fn stats(&self) -> MapStats {
-        let [hits, misses, loads, joined, load_failures, died] = self.core.counters.sum();
+        let [hits, misses, loads, joined, load_failures, died, gets] = self.core.counters.sum();
         MapStats {
-            hits,
+            // A `get` still running counts as a hit until its miss is
+            // counted; saturating, since the sum's Relaxed loads may see a
+            // miss before the call it ended.
+            hits: hits + gets.saturating_sub(misses),
             misses,
             loads,
             joined,

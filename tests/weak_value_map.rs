@@ -1315,6 +1315,41 @@ fn every_entry_that_leaves_is_heard_once_under_churn() {
 }
 
 #[test]
+fn gets_from_many_threads_count_as_hits_and_misses_exactly() {
+    // `get` counts its call before it looks and its miss after; `stats`
+    // reports calls less misses as hits. Once the callers are joined, the
+    // split must be exact.
+    let map = Arc::new(WeakValueMap::new());
+    let held: Vec<_> = (0..64u32).map(Strong::new).collect();
+    for value in &held {
+        map.insert(**value, value);
+    }
+    let (threads, rounds) = (4, 500u32);
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let map = map.clone();
+            thread::spawn(move || {
+                let mut found = 0u64;
+                for i in 0..rounds {
+                    // Keys 0..128: every other one is absent.
+                    found += u64::from(map.get(&(i % 128)).is_some());
+                }
+                found
+            })
+        })
+        .collect();
+    let found: u64 = handles.into_iter().map(|h| h.join().unwrap()).sum();
+    let stats = map.stats();
+    assert_eq!(stats.hits, found);
+    assert_eq!(
+        stats.hits + stats.misses,
+        u64::from(rounds) * threads as u64
+    );
+    assert!(stats.misses > 0 && stats.hits > 0);
+    drop(held);
+}
+
+#[test]
 fn stats_count_every_outcome_once() {
     let map = Arc::new(WeakValueMap::new());
     let callers = 8;
