@@ -319,9 +319,10 @@ fn slot_reuse_races_a_reader_that_saw_the_old_entry() {
         // Key 2's control byte is key 0's (bits 32 to 38 of the hash, zero
         // for both), and so is its home group: a refill of the freed slot is
         // an item with the very byte the reader may have seen. The epoch's
-        // deferred frees of those slots (flips of one byte of the group's
-        // word) may run in the reader's pin, racing the fills (flips of
-        // another).
+        // deferred frees of those slots (each a Release store of `DROPPED`
+        // in the slot's `homes` entry) may run in the reader's pin, racing
+        // the fills, which may reuse a slot only after an Acquire load of
+        // that entry (a Relaxed store or load there fails this model).
         for _ in 0..2 {
             map.insert(TrackedKey::new(2), &values[1]);
             map.remove(&TrackedKey::new(2));

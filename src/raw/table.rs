@@ -30,18 +30,19 @@
 //!   group has one); a replacement goes to the first such group from the
 //!   old item's own group on, and only then is the old slot turned into a
 //!   tombstone, so a reader finds the old item or the new one, never
-//!   neither; a removal leaves a tombstone (M2). Every change to a control
-//!   word after its table is published is an RMW that flips one byte, so
-//!   writers under the lock and deferred drops freeing slots never undo
-//!   each other's bytes, and a reader's Acquire load of the word
-//!   synchronises with every fill it sees (all later values are in each
-//!   fill's release sequence). A removed item is dropped by an
+//!   neither; a removal leaves a tombstone (M2). Only the writer under the
+//!   lock changes the control words of a published table, each with a
+//!   plain load and a Release store (no read-modify-write), and the lock
+//!   orders those stores, so a reader's Acquire load of a word
+//!   synchronises with every fill it sees. A removed item is dropped by an
 //!   epoch-deferred function once no reader can see it, in place, or, if
 //!   its drop runs user code, moved out and dropped on the finalizer thread
-//!   (M10), and its slot is then freed for reuse; a count of such pending
-//!   drops keeps the table's memory alive until they have run.
+//!   (M10), and its slot is then freed for reuse: the function marks the
+//!   tombstone dropped in its `homes` entry, which only writers read. A
+//!   count of such pending drops keeps the table's memory alive until they
+//!   have run.
 //! * **Rebuilds** happen when filling an empty slot would take the table
-//!   past 7/8 full (tombstones and free slots count): a table sized for
+//!   past 7/8 full (tombstones count): a table sized for
 //!   twice the live items receives *relocated* copies of them, each placed
 //!   by the low 32 bits of its hash, which the table keeps beside the
 //!   items for writers (`Table::homes`: a control byte keeps only seven
@@ -115,13 +116,18 @@ const PREFETCH_GROUPS: usize = 4096 / GROUP;
 /// The control byte of a slot never written since its table was built.
 /// Top two bits set: only it has both.
 const EMPTY: u8 = 0xFF;
-/// The control byte of a slot whose item was removed and may still be
-/// read: its drop is pending, past every reader that may have seen it.
+/// The control byte of a slot whose item was removed. Its drop is pending
+/// past every reader that may have seen it, or has run, which its `homes`
+/// entry says (`DROP_PENDING`, `DROPPED`): only then may a writer fill
+/// the slot again (M2).
 const TOMBSTONE: u8 = 0x80;
-/// The control byte of a slot whose removed item has been dropped, once no
-/// reader could see it any more: a writer may fill it again (M2). Readers
-/// treat it as a tombstone. Low bit set, as `EMPTY`'s: the vacant ones.
-const FREE: u8 = 0x81;
+
+/// A tombstone's `homes` entry while its item's drop is pending: stored
+/// by the writer that unlinks the item, before it queues the drop.
+const DROP_PENDING: u32 = 0;
+/// A tombstone's `homes` entry once its item's deferred drop has run
+/// (`free_slot`): the slot may be filled again (M2).
+const DROPPED: u32 = 1;
 
 /// `0x0101…01`: a one in each byte of a word.
 const ONES: usize = usize::MAX / 0xFF;
@@ -176,10 +182,10 @@ mod bytes {
         word & (word << 1) & TOPS
     }
 
-    /// `EMPTY` or `FREE` slots: the top bit and the low bit set.
+    /// `TOMBSTONE` slots: the top bit set, the next one clear.
     #[inline(always)]
-    pub(super) fn vacant(word: usize) -> usize {
-        word & (word << 7) & TOPS
+    pub(super) fn tombstones(word: usize) -> usize {
+        word & !(word << 1) & TOPS
     }
 
     /// The slot in its group of the lowest byte `bits` selects.
@@ -409,6 +415,8 @@ struct Table<I: Sided> {
     /// table of any size (the home group), as its control byte, seven other
     /// bits, cannot. Written with the item, before its control byte is
     /// published; read by writers and by `retain_shard`, never by lookups.
+    /// A tombstone's holds `DROP_PENDING` or `DROPPED` instead, the one
+    /// word of the slot that its deferred drop writes (M2).
     homes: Box<[AtomicU32]>,
     /// How many slots may be non-empty before filling an empty one
     /// rebuilds the table ([`usable`] of its slots), kept so that a write
@@ -471,14 +479,20 @@ impl<I: Sided> Table<I> {
     }
 
     /// Changes slot `index`'s control byte from `old`, which it must be, to
-    /// `new`, with `order`, leaving the group's other bytes as they are: a
-    /// flip of that byte's bits, so a concurrent flip of another byte (a
-    /// deferred drop freeing its slot) is neither lost nor undone.
+    /// `new`, storing the group's word with `order` and its other bytes as
+    /// they are. Called only by the shard's writer, under its mutex (or on
+    /// a table not yet published), the one thread that changes control
+    /// bytes (M2): nothing changes the word between the load and the
+    /// store, so no read-modify-write is needed.
     #[inline]
     fn set_control(&self, index: usize, old: u8, new: u8, order: Ordering) {
-        let flip = usize::from(old ^ new) << (8 * (index % GROUP));
-        let before = self.control[index / GROUP].fetch_xor(flip, order);
+        let word = &self.control[index / GROUP];
+        // Relaxed: the last store to the word is ours or an earlier
+        // writer's, ordered before us by the mutex.
+        let before = word.load(Ordering::Relaxed);
         debug_assert_eq!(bytes::byte(before, index % GROUP), old, "slot {index}");
+        let flip = usize::from(old ^ new) << (8 * (index % GROUP));
+        word.store(before ^ flip, order);
     }
 
     /// Calls `f` with the index and control byte of every full slot, its
@@ -665,8 +679,8 @@ unsafe fn release<I: Sided>(table: *const Table<I>) {
 
 /// Writer-side bookkeeping of one shard, under its mutex.
 struct ShardState {
-    /// Slots of the current table that are not empty (full, tombstones or
-    /// free): a free slot is filled again without counting anew.
+    /// Slots of the current table that are not empty (full or tombstones):
+    /// a dropped tombstone is filled again without counting anew.
     used: usize,
 }
 
@@ -1045,10 +1059,10 @@ impl<'g, I: Sided> Candidates<'g, I> {
     /// Loads the control word of `self.group`.
     #[inline(always)]
     fn load(&mut self) {
-        // Acquire (M1, M2): pairs with the Release RMWs on the word that
-        // published the items of the full bytes we see (each later value
-        // of the word is in their release sequences: every change of a
-        // published word is an RMW).
+        // Acquire (M1, M2): pairs with the Release store of the value we
+        // read, which the shard's mutex ordered after every earlier store
+        // of the word, those that published the items of the full bytes we
+        // see among them.
         let word = self.table.word(self.group, Ordering::Acquire);
         self.matching = bytes::matching(word, self.control);
         self.last = bytes::empty(word) != 0;
@@ -1492,15 +1506,15 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
     }
 
     /// Writes `item` (with its side) into slot `index` of the current
-    /// `table`, `EMPTY` if `fresh`, else `FREE`, and publishes it under
-    /// `hash`.
+    /// `table`, `EMPTY` if `fresh`, else a dropped tombstone, and publishes
+    /// it under `hash`.
     fn fill(&mut self, table: &Table<I>, index: usize, fresh: bool, hash: u64, item: (I, I::Side)) {
-        // A free slot's previous item was dropped by a deferred function that
-        // no reader which saw it outlived, and whose writes `vacancy`'s
-        // Acquire load ordered before ours (M2).
-        // SAFETY: empty or free, under the mutex: no reader reads such a
-        // slot (it checks the control byte first) and no other writer
-        // runs (1); what it held was dropped or moved out (2).
+        // A dropped tombstone's previous item was dropped by a deferred
+        // function that no reader which saw it outlived, and whose writes
+        // `vacancy`'s Acquire load of `DROPPED` ordered before ours (M2).
+        // SAFETY: empty or a dropped tombstone, under the mutex: no reader
+        // reads such a slot (it checks the control byte first) and no
+        // other writer runs (1); what it held was dropped or moved out (2).
         unsafe { table.write(index, item) };
         // Relaxed: published with the control byte below.
         table.homes[index].store(hash as u32, Ordering::Relaxed);
@@ -1510,8 +1524,8 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
             mark.store(0, Ordering::Relaxed);
         }
         // Release (M1, M2): publishes the item to readers' Acquire loads of
-        // the control word. A vacant byte is changed by us alone.
-        let vacant = if fresh { EMPTY } else { FREE };
+        // the control word.
+        let vacant = if fresh { EMPTY } else { TOMBSTONE };
         table.set_control(index, vacant, control_of(hash), Ordering::Release);
         if fresh {
             *self.used() += 1;
@@ -1540,11 +1554,14 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
         // Relaxed: a new reference taken while we hold one (the shard's), as
         // `Arc::clone` does; `release` orders the free.
         table.refs.fetch_add(1, Ordering::Relaxed);
+        // Relaxed (M2): the drop queued below stores `DROPPED` after this,
+        // ordered by the epoch, and writers read the entry of tombstones
+        // only, under the mutex, so none reads an older `DROPPED` there.
+        table.homes[index].store(DROP_PENDING, Ordering::Relaxed);
         // Release (M2): a reader that sees the tombstone goes on along the
         // probe sequence and must find what we published before it, notably
         // the item that replaces this one. (A reader that saw the item
         // before is protected by the epoch: the item's drop is deferred.)
-        // A full byte is changed by writers alone, under the mutex we hold.
         let full = table.control_byte(index);
         debug_assert!(is_full(full));
         table.set_control(index, full, TOMBSTONE, Ordering::Release);
@@ -1876,23 +1893,24 @@ impl<I: Relocatable + Send + Sync + 'static> Retired<I> {
 }
 
 /// Marks slot `index` of `table`, whose removed item has just been
-/// dropped or moved out, free for a writer to fill again (M2).
+/// dropped or moved out, a dropped tombstone, which a writer may fill
+/// again (M2). Writes only the slot's `homes` entry: the control word is
+/// the writers' alone.
 fn free_slot<I: Sided>(table: &Table<I>, index: usize) {
-    // Relaxed load: a tombstone's byte (or, in a retired table, the full
-    // byte of the item its rebuild left out) is changed by us alone.
-    let removed = table.control_byte(index);
     debug_assert!(
-        removed == TOMBSTONE || is_full(removed),
-        "slot {index}: {removed:#x}"
+        {
+            // Relaxed: a check. No writer changes this byte before our store.
+            let removed = table.control_byte(index);
+            removed == TOMBSTONE || is_full(removed)
+        },
+        "slot {index}"
     );
     // Release (M2): pairs with the Acquire load in `vacancy`, so the writer
-    // that fills the slot again writes after our drop's last access; and
-    // with readers' Acquire loads of the word, so a reader that sees `FREE`
-    // goes on to find a replacement published before the unlink, as one
-    // that sees `TOMBSTONE` does. A slot of a retired table (a tombstone,
-    // or the item a rebuild left out, dropped whole) is never filled
-    // again; the change is then harmless.
-    table.set_control(index, removed, FREE, Ordering::Release);
+    // that fills the slot again writes after our drop's last access. In a
+    // retired table (a tombstone, or the full slot of the item a rebuild
+    // left out, dropped whole) nothing is filled again; the store is then
+    // harmless.
+    table.homes[index].store(DROPPED, Ordering::Release);
 }
 
 /// Drops what the relocated items of a replaced table left behind (their
@@ -1913,9 +1931,8 @@ unsafe fn retire<I: Relocatable>(
         // SAFETY: alive while we hold the reference (1).
         let old = unsafe { &*table };
         // Relaxed: written before the table was retired, which the epoch
-        // orders before this function. (The deferred drops of `without`
-        // and of the table's tombstones may be turning their bytes `FREE`
-        // meanwhile: `without` is skipped, and the others are never full.)
+        // orders before this function; nothing changes a retired table's
+        // control words (deferred drops write only `homes`).
         old.each_full(Ordering::Relaxed, |index, _| {
             if Some(index) != without {
                 left.push(old.slots.slot(index).with(|item| {
@@ -1981,21 +1998,28 @@ fn first_empty<I: Sided>(table: &Table<I>, hash: u64) -> usize {
 }
 
 /// A slot a writer may fill, in group `start` or the first later group
-/// that has one: a `FREE` one (`false`) if that group has one, else an
-/// `EMPTY` one (`true`), which ends every probe sequence through its group.
-/// Under the shard mutex, in a table that has an empty slot.
+/// that has one: a dropped tombstone (`false`) if that group has one, else
+/// an `EMPTY` one (`true`), which ends every probe sequence through its
+/// group. Under the shard mutex, in a table that has an empty slot.
 fn vacancy<I: Sided>(table: &Table<I>, start: usize) -> (usize, bool) {
     let mut group = start;
     for _ in 0..table.groups() {
-        // Acquire (M2): pairs with `free_slot`'s Release RMW, so our fill
-        // writes after the deferred drop of the slot's previous item.
-        let word = table.word(group, Ordering::Acquire);
-        let vacant = bytes::vacant(word);
-        if vacant != 0 {
-            let free = vacant & !bytes::empty(word);
-            let fresh = free == 0;
-            let bits = if fresh { vacant } else { free };
-            return (group * GROUP + bytes::slot_in_group(bits), fresh);
+        // Relaxed: only writers change control bytes, and the mutex we hold
+        // orders every earlier writer's stores before this load.
+        let word = table.word(group, Ordering::Relaxed);
+        let mut tombstones = bytes::tombstones(word);
+        while tombstones != 0 {
+            let index = group * GROUP + bytes::slot_in_group(tombstones);
+            // Acquire (M2): pairs with `free_slot`'s Release store, so our
+            // fill writes after the deferred drop of the slot's item.
+            if table.homes[index].load(Ordering::Acquire) == DROPPED {
+                return (index, false);
+            }
+            tombstones &= tombstones - 1;
+        }
+        let empty = bytes::empty(word);
+        if empty != 0 {
+            return (group * GROUP + bytes::slot_in_group(empty), true);
         }
         group = table.next(group);
     }
@@ -2027,7 +2051,7 @@ mod tests {
     /// A group with each kind of control byte, the rest empty.
     fn mixed() -> Vec<u8> {
         let mut controls = vec![EMPTY; GROUP];
-        controls[..4].copy_from_slice(&[0x15, TOMBSTONE, FREE, 0x00]);
+        controls[..4].copy_from_slice(&[0x15, TOMBSTONE, TOMBSTONE, 0x00]);
         controls
     }
 
@@ -2036,9 +2060,7 @@ mod tests {
         let word = word_of(&mixed());
         assert_eq!(slots(bytes::full(word)), [0, 3]);
         assert_eq!(slots(bytes::empty(word)), (4..GROUP).collect::<Vec<_>>());
-        let mut vacant = vec![2];
-        vacant.extend(4..GROUP);
-        assert_eq!(slots(bytes::vacant(word)), vacant);
+        assert_eq!(slots(bytes::tombstones(word)), [1, 2]);
         for (index, &byte) in mixed().iter().enumerate() {
             assert_eq!(bytes::byte(word, index), byte);
         }
@@ -2075,9 +2097,10 @@ mod tests {
         table.set_control(1, EMPTY, 0x2A, Ordering::Relaxed);
         table.set_control(0, EMPTY, 0x11, Ordering::Relaxed);
         table.set_control(1, 0x2A, TOMBSTONE, Ordering::Relaxed);
-        table.set_control(1, TOMBSTONE, FREE, Ordering::Relaxed);
         assert_eq!(table.control_byte(0), 0x11);
-        assert_eq!(table.control_byte(1), FREE);
+        assert_eq!(table.control_byte(1), TOMBSTONE);
+        table.set_control(1, TOMBSTONE, 0x33, Ordering::Relaxed);
+        assert_eq!(table.control_byte(1), 0x33);
         assert_eq!(table.control_byte(GROUP - 1), EMPTY);
     }
 
