@@ -433,14 +433,16 @@ pub mod internals {
     //! 2. `AfterDeath::drop` finds the object's `ObjectCallbacks` non-empty
     //!    and calls `Runtime::on_death` on `callbacks::global()`.
     //! 3. `on_death` takes the whole list (`EntryList::take_all`; no
-    //!    registration can race a death, C6), claims each alive entry
+    //!    registration can race a death, C6), pins the epoch before the
+    //!    first hook it meets (M14), claims each alive entry
     //!    (`Entry::claim`, C1) and sorts them: hooks
     //!    (`Entry::on_dying_thread`) run at once, on this thread
     //!    (`EntryRef::run_claimed`, C14); the rest form one batch for
     //!    `Runtime::dispatch`.
     //! 4. The map's hook is the closure `raw::collection::remove_on_death`
-    //!    registered (`ObjectCallbacks::register_hook`). It upgrades its
-    //!    `Weak` to the map's core, pins unless the entry's drop runs user
+    //!    registered (`ObjectCallbacks::register_hook`). It upgrades the
+    //!    map's core through its uncounted address (`CoreRef`, valid while
+    //!    the dying thread stays pinned, M14), pins unless the entry's drop runs user
     //!    code (then the writer's `WritePin` is a lazy one), and, if the
     //!    shard's lock is free (`ShardedTable::try_write`), calls
     //!    `remove_holding`: `ShardWriter::remove_locked` finds the entry

@@ -117,6 +117,7 @@ pub(crate) fn push_own_garbage_through() {
 #[cfg(weakrefs_loom)]
 mod loom_global {
     use std::any::Any;
+    use std::cell::Cell;
     use std::sync::OnceLock;
 
     use crossbeam_epoch::Collector;
@@ -128,12 +129,47 @@ mod loom_global {
         /// Made at first use (`outlives_collector`); type-erased, so that
         /// this module names nothing above it.
         outliving: OnceLock<Box<dyn Any + Send + Sync>>,
+        /// Last: clears `TORN_DOWN` once the rest has dropped.
+        _torn_down: TornDown,
+    }
+
+    std::thread_local! {
+        /// Set while this execution's `EPOCH` is being dropped: the model's
+        /// threads are all done, and the lazy static can no longer be
+        /// reached. (Loom runs a model's threads on one thread of the
+        /// process, so one flag serves them all.)
+        static TORN_DOWN: Cell<bool> = const { Cell::new(false) };
+    }
+
+    /// Sets `TORN_DOWN` as `EPOCH`'s drop begins (`Drop for LoomEpoch`,
+    /// before its fields) and clears it as that drop ends (this field's
+    /// own drop, the last), so that it holds only during the teardown.
+    struct TornDown;
+
+    impl Drop for TornDown {
+        fn drop(&mut self) {
+            TORN_DOWN.with(|torn_down| torn_down.set(false));
+        }
+    }
+
+    impl Drop for LoomEpoch {
+        fn drop(&mut self) {
+            TORN_DOWN.with(|torn_down| torn_down.set(true));
+        }
+    }
+
+    /// True once the execution's collector is being torn down: then no
+    /// thread is left to read what a retirement would wait for, and the
+    /// collector can no longer be pinned.
+    pub(super) fn torn_down() -> bool {
+        TORN_DOWN.with(Cell::get)
     }
 
     crate::sync::lazy_static! {
         static ref EPOCH: LoomEpoch = LoomEpoch {
             collector: Collector::new(),
             outliving: OnceLock::new(),
+            _torn_down: TornDown,
         };
     }
 
@@ -189,6 +225,26 @@ impl Reclaimer {
         Reclaimer {
             own: Some(collector),
         }
+    }
+
+    /// Runs `f` once no thread pinned now can still read what it frees:
+    /// pins the process-wide reclaimer and defers `f` under that pin. Under
+    /// loom, once the execution's collector is being torn down (work
+    /// posted to the callback runtime runs then, after every model thread
+    /// is done), it runs `f` at once: no reader is left.
+    ///
+    /// # Safety
+    ///
+    /// As [`Pinned::defer`]'s.
+    pub(crate) unsafe fn retire_globally(f: impl FnOnce()) {
+        #[cfg(weakrefs_loom)]
+        if loom_global::torn_down() {
+            f();
+            return;
+        }
+        let pinned = Reclaimer::global().pin();
+        // SAFETY: the caller's.
+        unsafe { pinned.defer(f) };
     }
 
     /// Pins the current thread: memory retired by anyone after this call is

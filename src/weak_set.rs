@@ -5,7 +5,7 @@ use std::hash::BuildHasher;
 
 use crate::callbacks::Hook;
 use crate::identity::IdentityState;
-use crate::raw::collection::{self, Collection, Watching};
+use crate::raw::collection::{self, Collection, HookAnchor, Watching};
 use crate::raw::table::{Relocatable, ShardedTable, Sided, WritePin};
 use crate::strong::Strong;
 use crate::weak::Weak;
@@ -73,10 +73,14 @@ impl<T: ?Sized> Drop for Member<T> {
     }
 }
 
-/// The shared core; removal callbacks hold a `Weak` to it (M4).
+/// The shared core; removal callbacks name it by an uncounted address
+/// (M4, M14).
 struct SetCore<T: ?Sized, S> {
     hasher: S,
     table: ShardedTable<Member<T>>,
+    /// Keeps the core's block for its hooks (M14). Last: dropped after
+    /// the table has detached them.
+    anchor: HookAnchor<Self>,
 }
 
 impl<T: ?Sized + Send + Sync + 'static, S: Send + Sync + 'static> Collection<Member<T>>
@@ -84,6 +88,10 @@ impl<T: ?Sized + Send + Sync + 'static, S: Send + Sync + 'static> Collection<Mem
 {
     fn table(&self) -> &ShardedTable<Member<T>> {
         &self.table
+    }
+
+    fn anchor(&self) -> &HookAnchor<Self> {
+        &self.anchor
     }
 }
 
@@ -177,9 +185,10 @@ where
     /// ```
     pub fn with_capacity_and_hasher(capacity: usize, hasher: S) -> Self {
         WeakSet {
-            core: Strong::new(SetCore {
+            core: Strong::new_cyclic(|core| SetCore {
                 hasher,
                 table: ShardedTable::with_capacity(capacity, false),
+                anchor: HookAnchor::new(core),
             }),
         }
     }

@@ -10,7 +10,7 @@ use std::ptr;
 use std::sync::Arc;
 
 use crate::callbacks::Hook;
-use crate::raw::collection::{self, Collection, Watching};
+use crate::raw::collection::{self, Collection, HookAnchor, Watching};
 use crate::raw::counters::Counters;
 use crate::raw::single_flight::{self, Flight, Flights, Joined, Settle};
 use crate::raw::table::{Relocatable, ShardWriter, ShardedTable, Sided, SlotMark, WritePin};
@@ -230,8 +230,8 @@ impl Drop for LoadCount<'_> {
     }
 }
 
-/// The shared core; death callbacks hold a `Weak` to it, so they never keep
-/// a map alive, and do nothing once it is gone (M4).
+/// The shared core; death callbacks name it by an uncounted address, so
+/// they never keep a map alive, and do nothing once it is gone (M4, M14).
 struct MapCore<K, V: ?Sized, S> {
     hasher: S,
     table: ShardedTable<Item<K, V>>,
@@ -243,6 +243,9 @@ struct MapCore<K, V: ?Sized, S> {
     counters: Counters<COUNTERS>,
     /// The keep-warm tier (`keep_recent`), if any (M13).
     tier: Option<Tier<V>>,
+    /// Keeps the core's block for its hooks (M14). Last: dropped after
+    /// the table has detached them.
+    anchor: HookAnchor<Self>,
 }
 
 impl<K, V, S> Collection<Item<K, V>> for MapCore<K, V, S>
@@ -253,6 +256,10 @@ where
 {
     fn table(&self) -> &ShardedTable<Item<K, V>> {
         &self.table
+    }
+
+    fn anchor(&self) -> &HookAnchor<Self> {
+        &self.anchor
     }
 
     fn hears_deaths(&self) -> bool {
@@ -655,7 +662,7 @@ where
         let table = ShardedTable::with_capacity(capacity, keep_recent > 0);
         let loads = Flights::new(table.shard_len());
         WeakValueMap {
-            core: Strong::new(MapCore {
+            core: Strong::new_cyclic(|core| MapCore {
                 hasher,
                 table,
                 loads,
@@ -666,6 +673,7 @@ where
                     Counters::disabled()
                 },
                 tier: (keep_recent > 0).then(|| Tier::new(keep_recent)),
+                anchor: HookAnchor::new(core),
             }),
         }
     }

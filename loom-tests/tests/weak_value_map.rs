@@ -365,6 +365,35 @@ fn set_inserts_of_one_object_race_and_add_it_once() {
     });
 }
 
+/// `WeakSet`, M14: the set dropped on one thread while a member dies on
+/// another. The member's hook names the set's core by an uncounted address,
+/// kept valid by the core's anchor, which the set's drop releases through
+/// the epoch; the dying thread is pinned from before its claim of the hook
+/// to after its run, so the release never runs before the hook has
+/// upgraded (the anchor's loom probe fails the model if it does, or if the
+/// two race). A second set's inserts and removals push the epoch on
+/// meanwhile, so that the release can run during the race. (It fails
+/// without `on_death`'s pin.)
+#[test]
+fn a_set_dropped_racing_a_member_death_never_reads_its_freed_core() {
+    loom::model(|| {
+        let set: weakrefs::WeakSet<u8, BuildHasherDefault<ConstantHasher>> =
+            weakrefs::WeakSet::default();
+        let member = Strong::new(1u8);
+        set.insert(&member);
+        let dying = thread::spawn(move || drop(member));
+        drop(set);
+        let churn: weakrefs::WeakSet<u8, BuildHasherDefault<ConstantHasher>> =
+            weakrefs::WeakSet::default();
+        let other = Strong::new(2u8);
+        for _ in 0..2 {
+            churn.insert(&other);
+            churn.remove(&other);
+        }
+        dying.join().unwrap();
+    });
+}
+
 /// `WeakSet`, M3, M4 and M10: a member's death racing the insert of another
 /// member into its two-slot shard, which rebuilds it. The removal runs on
 /// the dying thread if the shard's lock is free, else on `flush`: the dead

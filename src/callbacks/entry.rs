@@ -460,9 +460,12 @@ impl Entry {
         // CAS from ALIVE succeed. Acquire orders the winner's take of the
         // closure after the node's construction even when the winner
         // reached it through a `Finalizer` handed over by the user; Release
-        // pairs with `is_alive`'s Acquire (C2).
+        // pairs with `is_alive`'s Acquire (C2), and with a losing CAS's
+        // Acquire: a collection's drop whose detach finds a hook claimed
+        // sees the claim, and the claimer's pin before it, happen before
+        // it retires the core's anchor (M14).
         self.state
-            .compare_exchange(ALIVE, to, Ordering::AcqRel, Ordering::Relaxed)
+            .compare_exchange(ALIVE, to, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
     }
 

@@ -28,6 +28,7 @@ use super::list::{EntryList, ObjectCallbacks, RegistryLink};
 use super::queue::{BatchQueue, Taken};
 use super::worker::{Worker, WorkerMode};
 use crate::marks::{self, Mark};
+use crate::reclaim::Reclaimer;
 #[cfg(any(test, not(weakrefs_loom)))]
 use crate::sync::Parker;
 use crate::sync::{
@@ -205,12 +206,20 @@ impl Runtime {
         // Claimed collection callbacks, chained through `object_next` and
         // run below on this thread (C14).
         let mut here = ptr::null_mut::<Entry>();
+        // Pinned from before the first hook's claim until every claimed
+        // hook has run: a hook names its collection by an uncounted
+        // address, which the epoch keeps valid only for a thread pinned
+        // since before it claimed the hook (M14). A hook's own pin nests.
+        let mut pinned = None;
         while !node.is_null() {
             let current = node;
             // SAFETY: the chain's references are ours (`take_all`).
             let entry = unsafe { &*current };
             // Relaxed: the chain is ours alone now (C6).
             node = entry.object_next.load(Ordering::Relaxed);
+            if entry.on_dying_thread() && pinned.is_none() {
+                pinned = Some(Reclaimer::global().pin());
+            }
             if entry.claim() {
                 if entry.on_dying_thread() {
                     // Relaxed: ours alone.
@@ -258,6 +267,7 @@ impl Runtime {
                 entry.run_claimed()
             });
         }
+        drop(pinned);
         if count > 0 {
             self.dispatch(head, count);
         }

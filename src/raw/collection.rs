@@ -1,9 +1,14 @@
 //! What the collections do alike on top of the shard table: remove an
 //! entry when the object it watches dies, and iterate, retain, clear and
-//! purge shard by shard (SAFETY.md, section 7: M4, M5, M8).
+//! purge shard by shard (SAFETY.md, section 7: M4, M5, M8, M14).
+
+use std::mem::ManuallyDrop;
+use std::ptr::NonNull;
 
 use crate::callbacks::{Executor, Hook};
+use crate::control::ControlBlock;
 use crate::raw::table::{Relocatable, ShardWriter, ShardedTable, Sided, WritePin};
+use crate::reclaim::Reclaimer;
 use crate::strong::Strong;
 use crate::weak::Weak;
 
@@ -24,10 +29,15 @@ pub(crate) trait Watching: Relocatable + Send + Sync + 'static {
     fn hook<'a>(&'a self, side: &'a Self::Side) -> &'a Hook<Self::Payload>;
 }
 
-/// A collection's shared core: what its removal callbacks reach through a
-/// `Weak`, so that they never keep it alive (M4).
-pub(crate) trait Collection<I: Sided>: Send + Sync + 'static {
+/// A collection's shared core: what its removal callbacks reach through an
+/// uncounted [`CoreRef`], so that they never keep it alive (M4, M14).
+pub(crate) trait Collection<I: Sided>: Sized + Send + Sync + 'static {
     fn table(&self) -> &ShardedTable<I>;
+
+    /// The core's weak reference to itself, which keeps its block
+    /// allocated for its hooks (M14). Its field must come after the
+    /// table's, so that the table has detached every hook before it drops.
+    fn anchor(&self) -> &HookAnchor<Self>;
 
     /// True if the collection hears of each entry a death removes (a
     /// removal listener): such removals then run on the finalizer thread,
@@ -46,13 +56,131 @@ pub(crate) trait Collection<I: Sided>: Send + Sync + 'static {
     }
 }
 
+/// The one weak reference a collection's core holds to its own block,
+/// which lets its hooks name the core by address ([`CoreRef`]) without a
+/// count of their own (M14). Dropped with the core, after the core's table
+/// (a later field), it releases the reference through the epoch rather
+/// than at once, so a dying thread that claimed a hook before the table
+/// could detach it, and is still pinned since, finds the block allocated.
+pub(crate) struct HookAnchor<C> {
+    core: ManuallyDrop<Weak<C>>,
+    #[cfg(weakrefs_loom)]
+    released: Released,
+}
+
+/// Under loom, a flag that the anchor's deferred release sets and every
+/// upgrade through a [`CoreRef`] reads first: a model then fails on an
+/// upgrade that the release precedes (an assertion) or races (loom's check
+/// of the cell's accesses), either of which would read a freed block
+/// (M14). Shared through a `std` `Arc`, whose count loom need not explore.
+#[cfg(weakrefs_loom)]
+type Released = std::sync::Arc<ReleasedFlag>;
+
+#[cfg(weakrefs_loom)]
+struct ReleasedFlag(crate::sync::UnsafeCell<bool>);
+
+// SAFETY: loom checks every access to the cell for races (`Released`).
+#[cfg(weakrefs_loom)]
+unsafe impl Sync for ReleasedFlag {}
+
+impl<C> HookAnchor<C> {
+    /// The anchor of the core being built in `Strong::new_cyclic`, whose
+    /// `Weak` is `core`.
+    pub(crate) fn new(core: &Weak<C>) -> Self {
+        HookAnchor {
+            core: ManuallyDrop::new(core.clone()),
+            #[cfg(weakrefs_loom)]
+            released: Released::new(ReleasedFlag(crate::sync::UnsafeCell::new(false))),
+        }
+    }
+
+    /// The block this anchor keeps: the core's own.
+    fn names(&self, core: &Strong<C>) -> bool {
+        self.core.names(core)
+    }
+}
+
+impl<C> Drop for HookAnchor<C> {
+    fn drop(&mut self) {
+        // SAFETY: taken once, here; the field is not used again.
+        let anchor = unsafe { ManuallyDrop::take(&mut self.core) };
+        #[cfg(weakrefs_loom)]
+        let released = self.released.clone();
+        let release = move || {
+            #[cfg(weakrefs_loom)]
+            // SAFETY: loom checks this write against every upgrade's read.
+            released.0.with_mut(|released| unsafe { *released = true });
+            drop(anchor);
+        };
+        // SAFETY: `Pinned::defer`'s 1: dropping this `Weak` touches the
+        // block's counts and, if it is the last, frees the block, never the
+        // value (the core being dropped now), so it may run on any thread,
+        // at any time, or at exit never (the block then stays allocated).
+        // Its 2: no thread that pins from now on can reach the block
+        // through a hook: the core's table, dropped before this field,
+        // detached every hook still attached, and a hook that the detach
+        // found claimed was claimed by a thread pinned since before the
+        // claim (M14).
+        unsafe { Reclaimer::retire_globally(release) };
+    }
+}
+
+/// A hook's name for its collection's core: the address of the core's
+/// block, without a count (M14).
+struct CoreRef<C> {
+    block: NonNull<ControlBlock<C>>,
+    #[cfg(weakrefs_loom)]
+    released: Released,
+}
+
+// SAFETY: an address, read only through `upgrade`, which hands out a
+// `Strong<C>` (`C: Send + Sync`) on whichever thread runs the hook.
+unsafe impl<C: Send + Sync + 'static> Send for CoreRef<C> {}
+// SAFETY: as for `Send`; `upgrade` takes `&self` and only reads the block.
+unsafe impl<C: Send + Sync + 'static> Sync for CoreRef<C> {}
+
+impl<C: Send + Sync + 'static> CoreRef<C> {
+    /// The address of `core`, whose anchor is `anchor`.
+    fn new(core: &Strong<C>, anchor: &HookAnchor<C>) -> Self {
+        debug_assert!(anchor.names(core), "a core anchors itself");
+        #[cfg(not(weakrefs_loom))]
+        let _ = anchor;
+        CoreRef {
+            block: Strong::block(core),
+            #[cfg(weakrefs_loom)]
+            released: anchor.released.clone(),
+        }
+    }
+
+    /// The core, if it is still alive.
+    ///
+    /// # Safety
+    ///
+    /// 1. The calling thread claimed the hook that holds `self` while
+    ///    pinned (`Reclaimer::global`), and is pinned still (M14).
+    #[inline]
+    unsafe fn upgrade(&self) -> Option<Strong<C>> {
+        #[cfg(weakrefs_loom)]
+        self.released.0.with(|released| {
+            // SAFETY: loom checks this read against the release's write.
+            let released = unsafe { *released };
+            assert!(!released, "a hook reached its core's freed block");
+        });
+        // By 1 the core's anchor, which keeps the block allocated, was not
+        // retired before the pin, or not yet at all (M14). `ManuallyDrop`:
+        // this `Weak` borrows the anchor's count and gives nothing back.
+        ManuallyDrop::new(Weak::from_block(self.block)).upgrade()
+    }
+}
+
 /// Registers on `object` the hook that removes from `core`'s table the
 /// entry filed under `hash` that holds this very hook, and only that one:
 /// a newer entry under the same key has a hook of its own and survives
 /// (M4). The hook's address names the entry: it is reserved while the
 /// entry holds the hook, and the hook runs with a borrowed handle to
-/// itself, so the callback needs no handle to `object`. It holds a `Weak`
-/// to the core and does nothing once the collection is gone. The hook
+/// itself, so the callback needs no handle to `object`. It names the core
+/// by an uncounted [`CoreRef`] (M14) and does nothing once the collection
+/// is gone. The hook
 /// keeps `payload` in place for the entry (see `Hook::payload`).
 ///
 /// The callback runs on the thread that drops the object's last `Strong`
@@ -79,14 +207,17 @@ where
     C: Collection<I>,
     I: Watching,
 {
-    let collection = Strong::downgrade(core);
+    let collection = CoreRef::new(core, core.anchor());
     let list = Strong::callback_list(object);
     list.register_hook(payload, move |hook: &Hook<I::Payload>| {
-        let Some(core) = collection.upgrade() else {
+        // SAFETY: a hook runs only on the thread whose `on_death` claimed
+        // it, pinned since before the claim, inside that pin (C14, M14).
+        let Some(core) = (unsafe { collection.upgrade() }) else {
             return;
         };
         // Looked up here rather than captured: the closure lives in every
-        // entry's hook, which stays five words (a `Weak` and the hash).
+        // entry's hook, which stays five words (the core's address and the
+        // hash).
         let executor = Executor::global();
         // Here, if the shard is free and nothing must hear of it; after
         // `shutdown` there is nowhere else, so here in any case, but never

@@ -1005,7 +1005,7 @@ impl<I: Sided> Drop for ShardedTable<I> {
             unsafe {
                 // Relaxed: exclusive access to the full slots. (Deferred
                 // drops of this table's tombstones may still be freeing
-                // theirs, flips of other bytes that are never full.)
+                // theirs, writing only their `homes` entries.)
                 (*table).each_full(Ordering::Relaxed, |index, _| {
                     let drop_item = || (*table).drop_whole(index);
                     if let Err(payload) = panic::catch_unwind(AssertUnwindSafe(drop_item)) {
