@@ -6,6 +6,9 @@
 //!   head read, CAS the head. A pusher never dereferences a node already in
 //!   the list, so a recycled address at the head (ABA) is harmless: a
 //!   successful CAS means the new node now points at the real head (C4).
+//!   The head word's low bits, which a node's alignment leaves clear, count
+//!   the pushes modulo [`BATCH`]; one push in `BATCH` adds them all to the
+//!   compaction state, so most pushes make one read-modify-write, not two.
 //! * **Compact** (one thread, holding the `compacting` flag, while pushes go
 //!   on): walk from a snapshot of the head and unlink settled entries by
 //!   rewriting the previous node's link. Only the compactor writes links of
@@ -45,6 +48,35 @@ use crate::sync::{yield_now, AtomicPtr, AtomicUsize, Ordering};
 const COMPACT_MIN: usize = 4;
 #[cfg(weakrefs_loom)]
 const COMPACT_MIN: usize = 1;
+
+/// Pushes counted into the compaction state at a time (C5): the head
+/// word's low bits, clear in every node's address, count the pushes in
+/// between. Two under loom, so that models reach a counted batch with two
+/// pushes.
+#[cfg(not(weakrefs_loom))]
+const BATCH: usize = 8;
+#[cfg(weakrefs_loom)]
+const BATCH: usize = 2;
+
+/// The head word's bits that hold the push count.
+const COUNT_MASK: usize = BATCH - 1;
+
+const _: () = assert!(
+    BATCH.is_power_of_two() && std::mem::align_of::<Entry>() >= BATCH,
+    "a node's address leaves the push count's bits clear"
+);
+
+/// The node a head word points at, its push count masked off.
+#[inline(always)]
+fn node_of(head: *mut Entry) -> *mut Entry {
+    head.map_addr(|addr| addr & !COUNT_MASK)
+}
+
+/// The push count a head word carries.
+#[inline(always)]
+fn count_of(head: *mut Entry) -> usize {
+    head.addr() & COUNT_MASK
+}
 
 /// Which of an entry's links a list threads through.
 pub(crate) trait Link {
@@ -168,35 +200,42 @@ impl<L: Link> EntryList<L> {
         let link = unsafe { L::next(node) };
         // Relaxed: the value only seeds the CAS.
         let mut head = self.head.load(Ordering::Relaxed);
-        loop {
+        let count = loop {
             // Relaxed: published by the Release CAS below.
-            link.store(head, Ordering::Relaxed);
+            link.store(node_of(head), Ordering::Relaxed);
+            let count = (count_of(head) + 1) & COUNT_MASK;
             // Release (C4): publishes the node's fields (callback, links) to
             // whoever loads the head with Acquire: the compactor, the
             // dying thread, `shutdown`. Relaxed on failure: just retry.
-            match self
-                .head
-                .compare_exchange_weak(head, node, Ordering::Release, Ordering::Relaxed)
-            {
-                Ok(_) => break,
+            match self.head.compare_exchange_weak(
+                head,
+                node.map_addr(|addr| addr | count),
+                Ordering::Release,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => break count,
                 Err(actual) => head = actual,
             }
+        };
+        if count == self.batch_phase() {
+            self.note_pushes();
         }
-        self.note_push();
     }
 
-    /// Records one push and compacts when the work since the last
-    /// compaction exceeds both `COMPACT_MIN` and what that compaction kept.
-    /// A pusher that finds the list four times overdue while another thread
-    /// holds the compaction flag yields until it can compact itself: a
-    /// compactor descheduled mid-walk would otherwise let concurrent pushers
-    /// grow the list without bound (C5).
-    fn note_push(&self) {
-        // Release (C5′): orders our push before this count, so a compactor
-        // whose Acquire load of the state sees the count also walks from a
-        // head that includes our node (it never subtracts work it did not
-        // walk).
-        let state = self.state.fetch_add(1 << WORK_SHIFT, Ordering::Release) + (1 << WORK_SHIFT);
+    /// Records the `BATCH` pushes that ours completes, and compacts when the
+    /// work since the last compaction exceeds both `COMPACT_MIN` and what
+    /// that compaction kept. A pusher that finds the list four times
+    /// overdue while another thread holds the compaction flag yields until
+    /// it can compact itself: a compactor descheduled mid-walk would
+    /// otherwise let concurrent pushers grow the list without bound (C5).
+    fn note_pushes(&self) {
+        // Release (C5′): orders our push, and with it (the head's CASes are
+        // one chain of RMWs, which ours read) the batch's earlier ones,
+        // before this count, so a compactor whose Acquire load of the state
+        // sees the count also walks from a head that includes their nodes
+        // (it never subtracts work it did not walk).
+        let state =
+            self.state.fetch_add(BATCH << WORK_SHIFT, Ordering::Release) + (BATCH << WORK_SHIFT);
         let (work, due) = (work_of(state), self.due(state));
         if work <= due {
             return;
@@ -241,6 +280,18 @@ impl<L: Link> EntryList<L> {
             0 => COMPACT_MIN + self.phase(),
             kept => COMPACT_MIN.max(kept.min(DUE_CAP)),
         }
+    }
+
+    /// The push count at which a push completes a batch of this list
+    /// (`note_pushes`): 0 to `BATCH - 1`, from its address, so that lists
+    /// pushed in lockstep count, and compact, on different pushes. Zero
+    /// under loom, whose models count on the second push.
+    fn batch_phase(&self) -> usize {
+        if cfg!(weakrefs_loom) {
+            return 0;
+        }
+        let mixed = ((self as *const Self).addr() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        (mixed >> 40) as usize & COUNT_MASK
     }
 
     /// How many pushes later than `COMPACT_MIN` this list first compacts:
@@ -289,7 +340,7 @@ impl<L: Link> EntryList<L> {
         let seen = work_of(self.state.load(Ordering::Acquire));
         // Acquire (C4): pairs with the pushes' Release CAS (a release
         // sequence of RMWs), so every node below is fully visible.
-        let head = self.head.load(Ordering::Acquire);
+        let head = node_of(self.head.load(Ordering::Acquire));
         let mut kept = 0;
         if !head.is_null() {
             kept = self.unlink_settled_below(head);
@@ -343,7 +394,7 @@ impl<L: Link> EntryList<L> {
     /// True when no entry is linked (a snapshot).
     pub(crate) fn is_empty(&self) -> bool {
         // Acquire (C4): pairs with the pushes' Release CAS.
-        self.head.load(Ordering::Acquire).is_null()
+        node_of(self.head.load(Ordering::Acquire)).is_null()
     }
 
     /// Removes and returns every node, newest first, as a chain through
@@ -356,7 +407,7 @@ impl<L: Link> EntryList<L> {
     pub(crate) unsafe fn take_all(&self) -> *mut Entry {
         // Acquire (C4): pairs with the pushes' Release CAS. By 1 no other
         // thread touches the chain afterwards.
-        self.head.swap(ptr::null_mut(), Ordering::Acquire)
+        node_of(self.head.swap(ptr::null_mut(), Ordering::Acquire))
     }
 
     /// The entries still alive, newest first, taken under the compaction
@@ -365,7 +416,7 @@ impl<L: Link> EntryList<L> {
         let _held = self.lock();
         let mut alive = Vec::new();
         // Acquire (C4): as in `compact`.
-        let mut node = self.head.load(Ordering::Acquire);
+        let mut node = node_of(self.head.load(Ordering::Acquire));
         while !node.is_null() {
             // SAFETY: we hold the compaction flag, so nodes in the list stay
             // allocated (C5).
@@ -390,7 +441,7 @@ impl<L: Link> EntryList<L> {
     pub(crate) fn node_count(&self) -> usize {
         let _held = self.lock();
         let mut count = 0;
-        let mut node = self.head.load(Ordering::Acquire);
+        let mut node = node_of(self.head.load(Ordering::Acquire));
         while !node.is_null() {
             count += 1;
             // SAFETY: nodes stay allocated while we hold the flag (C5).
