@@ -247,6 +247,17 @@ impl Reclaimer {
         unsafe { pinned.defer(f) };
     }
 
+    /// [`Self::pin`] on the process-wide reclaimer; under loom, nothing once
+    /// the execution's collector is being torn down (no thread is left to
+    /// race, and the collector can no longer be reached).
+    pub(crate) fn pin_global_unless_torn_down() -> Option<Pinned> {
+        #[cfg(weakrefs_loom)]
+        if loom_global::torn_down() {
+            return None;
+        }
+        Some(Reclaimer::global().pin())
+    }
+
     /// Pins the current thread: memory retired by anyone after this call is
     /// not freed before the returned guard is dropped.
     #[inline]

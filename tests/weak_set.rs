@@ -370,3 +370,60 @@ fn a_growing_set_files_each_object_once_and_yields_it_once() {
         .iter()
         .all(|m| distinct.contains(&(Strong::as_ptr(m) as usize))));
 }
+
+/// A member whose drop waits for a message: its object's count is at zero
+/// while the drop runs, before its death callbacks do.
+struct SlowToDie(std::sync::Mutex<std::sync::mpsc::Receiver<()>>);
+
+impl Drop for SlowToDie {
+    fn drop(&mut self) {
+        let _ = self.0.lock().unwrap().recv();
+    }
+}
+
+/// M14: `purge` on a thread that then goes idle removes a dying member
+/// (count at zero, callbacks not yet run), and must detach its hook at
+/// once: the entry's deferred drop, which would detach it too, waits in
+/// that thread's epoch bag while the set is dropped elsewhere and the
+/// epoch moves on. A hook still attached would then be claimed by the
+/// dying thread and read the set's freed core: Miri (run 3 of
+/// `.ci/miri`) reported that use-after-free before `purge` detached.
+#[test]
+fn a_purged_dying_member_never_reaches_its_dropped_set() {
+    use std::sync::mpsc;
+    let set: Arc<WeakSet<SlowToDie>> = Arc::new(WeakSet::new());
+    let (finish_dying, dying_waits) = mpsc::channel::<()>();
+    let member = Strong::new(SlowToDie(std::sync::Mutex::new(dying_waits)));
+    let watch = Strong::downgrade(&member);
+    set.insert(&member);
+    let dying = thread::spawn(move || drop(member));
+    while watch.is_alive() {
+        thread::yield_now();
+    }
+    let (purged, purge_count) = mpsc::channel::<usize>();
+    let (wake_purger, purger_idles) = mpsc::channel::<()>();
+    let purger = {
+        let set = set.clone();
+        thread::spawn(move || {
+            purged.send(set.purge()).unwrap();
+            drop(set);
+            // Idle, its epoch bag unflushed.
+            let _ = purger_idles.recv();
+        })
+    };
+    assert_eq!(purge_count.recv().unwrap(), 1);
+    while Arc::strong_count(&set) > 1 {
+        thread::yield_now();
+    }
+    drop(set);
+    let churn: WeakSet<u8> = WeakSet::new();
+    let other = Strong::new(2u8);
+    for _ in 0..if cfg!(miri) { 100 } else { 300 } {
+        churn.insert(&other);
+        churn.remove(&other);
+    }
+    finish_dying.send(()).unwrap();
+    dying.join().unwrap();
+    wake_purger.send(()).unwrap();
+    purger.join().unwrap();
+}

@@ -1781,3 +1781,55 @@ fn iterating_a_map_with_a_tier_yields_each_live_entry_once_with_its_value() {
     assert_eq!(map.keys().count(), seen.len());
     assert_eq!(map.values().count(), seen.len());
 }
+
+/// A value whose drop waits for a message: its object's count is at zero
+/// while the drop runs, before its death callbacks do.
+struct SlowToDie(std::sync::Mutex<mpsc::Receiver<()>>);
+
+impl Drop for SlowToDie {
+    fn drop(&mut self) {
+        let _ = self.0.lock().unwrap().recv();
+    }
+}
+
+/// M14: `purge` removes an entry whose value is dying (count at zero, its
+/// drop still running, its callbacks not yet run) and must detach the
+/// entry's hook at once. The entry's own drop, which would detach it too,
+/// is posted to the finalizer thread (a `String` key runs user code),
+/// which a user callback holds up here; the map is then dropped and the
+/// epoch pushed on, so the map's core can be freed before the dying thread
+/// reaches its callbacks. A hook still attached would then be claimed and
+/// read the freed core: Miri (run 3 of `.ci/miri`) reported that
+/// use-after-free before `purge` detached.
+#[test]
+fn a_purged_entry_of_a_dying_value_never_reaches_its_dropped_map() {
+    let (unblock_finalizer, blocked) = mpsc::channel::<()>();
+    let blocker = Strong::new(0u8);
+    let finalizer = weakrefs::finalize(&blocker, move || {
+        let _ = blocked.recv();
+    });
+    drop(blocker);
+
+    let map: WeakValueMap<String, SlowToDie> = WeakValueMap::new();
+    let (finish_dying, dying_waits) = mpsc::channel::<()>();
+    let value = Strong::new(SlowToDie(std::sync::Mutex::new(dying_waits)));
+    let watch = Strong::downgrade(&value);
+    map.insert("k".to_string(), &value);
+    let dying = thread::spawn(move || drop(value));
+    while watch.is_alive() {
+        thread::yield_now();
+    }
+    assert_eq!(map.purge(), 1);
+    drop(map);
+    let churn: WeakValueMap<u8, u8> = WeakValueMap::new();
+    let other = Strong::new(2u8);
+    for _ in 0..if cfg!(miri) { 100 } else { 300 } {
+        churn.insert(0, &other);
+        churn.remove(&0);
+    }
+    finish_dying.send(()).unwrap();
+    dying.join().unwrap();
+    unblock_finalizer.send(()).unwrap();
+    flush();
+    drop(finalizer);
+}

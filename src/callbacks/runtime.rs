@@ -210,6 +210,7 @@ impl Runtime {
         // hook has run: a hook names its collection by an uncounted
         // address, which the epoch keeps valid only for a thread pinned
         // since before it claimed the hook (M14). A hook's own pin nests.
+        // (`None` inside: under loom, during the collector's teardown.)
         let mut pinned = None;
         while !node.is_null() {
             let current = node;
@@ -218,7 +219,7 @@ impl Runtime {
             // Relaxed: the chain is ours alone now (C6).
             node = entry.object_next.load(Ordering::Relaxed);
             if entry.on_dying_thread() && pinned.is_none() {
-                pinned = Some(Reclaimer::global().pin());
+                pinned = Some(Reclaimer::pin_global_unless_torn_down());
             }
             if entry.claim() {
                 if entry.on_dying_thread() {

@@ -466,7 +466,15 @@ pub(crate) fn purge<I: Watching, T>(
             let removed = table.retain_locked(
                 shard,
                 |item| item.watched().is_alive(),
-                |item, side| notices.extend(noted(item, side)),
+                |item, side| {
+                    // Now, not in the item's deferred drop: the object may be
+                    // dying (its count at zero, its callbacks not yet run),
+                    // and a hook still attached when the collection drops
+                    // could be claimed after the core's anchor is released
+                    // (M5, M14).
+                    item.hook(side).detach();
+                    notices.extend(noted(item, side));
+                },
             );
             notices.into_iter().for_each(&mut after);
             shrink_shard(table, shard, OVERSIZED);

@@ -14,10 +14,11 @@
 //!
 //! **A slot is written only when no reader can read it.** A slot goes
 //! from *empty* to *full* (the item is written, then its control byte,
-//! seven bits of the hash, is published with a Release RMW on the group's
-//! word) to *tombstone* and, once the removed item's deferred drop has run
-//! past every reader that could see it, to *free*, which a writer may fill
-//! again; never back to empty, so probe sequences never break. Readers
+//! seven bits of the hash, is published with a Release store of the
+//! group's word) to *tombstone*, which is *free* (a writer may fill it
+//! again) once the removed item's deferred drop has run past every reader
+//! that could see it and marked it so in the slot's `homes` entry; never
+//! back to empty, so probe sequences never break. Readers
 //! never race a write of the item they read, and an item's bytes stay
 //! where they are until no reader can see them (M1, M2).
 //!
@@ -26,8 +27,8 @@
 //!   group with an empty slot, reading the items whose control bytes match.
 //!   No lock, no wait (M1).
 //! * **Writes** take the shard's mutex. A new item goes to the first group
-//!   of its probe sequence with a free or empty slot (a free one if that
-//!   group has one); a replacement goes to the first such group from the
+//!   of its probe sequence with a free tombstone or an empty slot (a free
+//!   tombstone if that group has one); a replacement goes to the first such group from the
 //!   old item's own group on, and only then is the old slot turned into a
 //!   tombstone, so a reader finds the old item or the new one, never
 //!   neither; a removal leaves a tombstone (M2). Only the writer under the
@@ -472,8 +473,7 @@ impl<I: Sided> Table<I> {
     }
 
     /// The control byte of slot `index`. Relaxed: for a writer under the
-    /// mutex (who alone changes a full slot's byte) or a deferred drop
-    /// (who alone changes a tombstone's).
+    /// mutex (who alone changes control bytes, M2), or a check.
     fn control_byte(&self, index: usize) -> u8 {
         bytes::byte(self.word(index / GROUP, Ordering::Relaxed), index % GROUP)
     }
@@ -557,8 +557,11 @@ impl<I: Sided> Table<I> {
     /// `control`, needs of its hash: the home group's bits and the control
     /// byte's, the rest zero (the shard is this one). Relaxed: for a writer
     /// under the mutex, or a reader pinned since it saw the slot full,
-    /// whose item's home, written before its publication, changes only if
-    /// the slot is freed and filled again (its item then gone).
+    /// whose item's home, written before its publication, changes only
+    /// once the item is removed (`DROP_PENDING`, then `DROPPED`, then a
+    /// refill's hash): such a reader then probes with a wrong hash, finds
+    /// nothing with the item's identity, and leaves the slot alone, as it
+    /// must (`retain_shard`).
     fn hash_of(&self, index: usize, control: u8) -> u64 {
         u64::from(control) << 32 | u64::from(self.homes[index].load(Ordering::Relaxed))
     }
@@ -608,7 +611,7 @@ impl<I: Sided> Table<I> {
     ///
     /// # Safety
     ///
-    /// 1. No thread reads the slot: it is empty or free, under the shard's
+    /// 1. No thread reads the slot: it is empty or a free tombstone, under the shard's
     ///    mutex (its control byte is published afterwards), or in a table
     ///    not yet published.
     /// 2. Whatever the slot held before was dropped or moved out.
@@ -714,8 +717,8 @@ unsafe impl<I: Sided + Send + Sync> Send for ShardedTable<I> {}
 // SAFETY: as for `Send`.
 unsafe impl<I: Sided + Send + Sync> Sync for ShardedTable<I> {}
 
-/// How many of a table's `slots` may be non-empty (full, tombstones and
-/// free) before filling one more empty slot rebuilds it: 7/8, as
+/// How many of a table's `slots` may be non-empty (full or tombstones)
+/// before filling one more empty slot rebuilds it: 7/8, as
 /// SwissTable's and hashbrown's tables, which probe groups of 8 or 16
 /// slots as this one does. The empty slots left end probe sequences soon
 /// (a group of eight has none with probability about 0.34 at 7/8), and a
@@ -825,8 +828,8 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
     /// As [`Self::for_each_in_shard`], under the caller's pin.
     fn for_each_in_shard_pinned<'g>(&self, index: usize, pinned: &'g Pinned, f: impl FnMut(&'g I)) {
         let table = self.table_for_read(index, pinned);
-        // Acquire (M1): pairs with the Release RMWs of the control words
-        // that published the items.
+        // Acquire (M1): pairs with the Release stores of the control words
+        // that published the items (M2).
         // SAFETY: pinned for 'g, and a removed item is dropped only by an
         // epoch-deferred function (I7).
         unsafe { table.each_full_item(Ordering::Acquire, f) };
@@ -1394,7 +1397,8 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
     /// epoch until we unpin: `Pinned::flush`, I7). The function also owns
     /// the reference that keeps `table` allocated (`release`), even if a
     /// rebuild by this writer retired it. Until then, nothing writes the
-    /// slot: a writer fills only vacant slots (M2), a rebuild copies only
+    /// slot: a writer fills only empty slots and free tombstones, which
+    /// only that drop frees (M2), a rebuild copies only
     /// full ones, and `ShardedTable::drop`, which drops the full slots of
     /// current tables, waits for the `'g` borrow of the table.
     ///
