@@ -11,6 +11,13 @@ ensure_component() {
     fi
 }
 
+# ensure_target TRIPLE: install the stable standard library for TRIPLE if absent.
+ensure_target() {
+    if ! rustup target list --toolchain stable --installed 2>/dev/null | grep -qx "$1"; then
+        rustup target add --toolchain stable "$1"
+    fi
+}
+
 host_triple() {
     rustc -vV | sed -n 's/^host: //p'
 }

@@ -29,9 +29,11 @@
 //! overdue yields until it can compact itself (backpressure). The list
 //! therefore never holds more than what the last compaction kept plus
 //! four times the larger of that and the constant (twice the constant
-//! while nothing is kept), plus one node per pushing thread: registering
-//! and detaching on one object forever, from any number of threads,
-//! leaves its memory flat.
+//! while nothing is kept), plus the pushes not yet counted (fewer than
+//! [`BATCH`], and a batch more per pusher between its counting CAS and
+//! its count), plus one node per pushing thread: registering and
+//! detaching on one object forever, from any number of threads, leaves
+//! its memory flat.
 
 use std::marker::PhantomData;
 use std::ptr;
@@ -51,12 +53,17 @@ const COMPACT_MIN: usize = 1;
 
 /// Pushes counted into the compaction state at a time (C5): the head
 /// word's low bits, clear in every node's address, count the pushes in
-/// between. Two under loom, so that models reach a counted batch with two
-/// pushes.
+/// between. Eight where nodes are 8-byte aligned (64-bit targets), four
+/// where they are 4-byte aligned (32-bit ones). Two under loom, so that
+/// models reach a counted batch with two pushes.
 #[cfg(not(weakrefs_loom))]
-const BATCH: usize = 8;
+pub(crate) const BATCH: usize = if std::mem::align_of::<Entry>() >= 8 {
+    8
+} else {
+    4
+};
 #[cfg(weakrefs_loom)]
-const BATCH: usize = 2;
+pub(crate) const BATCH: usize = 2;
 
 /// The head word's bits that hold the push count.
 const COUNT_MASK: usize = BATCH - 1;
@@ -219,6 +226,24 @@ impl<L: Link> EntryList<L> {
         };
         if count == self.batch_phase() {
             self.note_pushes();
+        } else {
+            self.hold_back_if_overdue();
+        }
+    }
+
+    /// Backpressure for a push that counts nothing (C5): if another thread
+    /// holds the compaction flag and the work, with this push's batch, is
+    /// more than four times overdue, waits to compact. Without it, a
+    /// stalled compactor would hold back only the pushes that count a
+    /// batch, and each pushing thread could add a batch before one of its
+    /// pushes counted.
+    #[inline]
+    fn hold_back_if_overdue(&self) {
+        // Relaxed: a hint; the compaction itself takes the flag.
+        let state = self.state.load(Ordering::Relaxed);
+        if state & COMPACTING != 0 && work_of(state) + BATCH > 4 * self.due(state) {
+            let guard = self.lock();
+            self.compact(&guard);
         }
     }
 
@@ -229,11 +254,13 @@ impl<L: Link> EntryList<L> {
     /// it can compact itself: a compactor descheduled mid-walk would
     /// otherwise let concurrent pushers grow the list without bound (C5).
     fn note_pushes(&self) {
-        // Release (C5′): orders our push, and with it (the head's CASes are
-        // one chain of RMWs, which ours read) the batch's earlier ones,
-        // before this count, so a compactor whose Acquire load of the state
-        // sees the count also walks from a head that includes their nodes
-        // (it never subtracts work it did not walk).
+        // Release (C5′): orders our push before this count, so a compactor
+        // whose Acquire load of the state sees the count loads the head
+        // (after, and with Acquire) at our CAS or later. The head's CASes
+        // are one chain of RMWs, ours reading the batch's earlier ones, so
+        // that head reaches every node of the batch (coherence), and the
+        // Acquire load, in each earlier push's release sequence, sees their
+        // fields: the compactor never subtracts work it did not walk.
         let state =
             self.state.fetch_add(BATCH << WORK_SHIFT, Ordering::Release) + (BATCH << WORK_SHIFT);
         let (work, due) = (work_of(state), self.due(state));

@@ -697,10 +697,11 @@ mod tests {
         // A compaction keeps at most the 64 live entries, one registered
         // but not yet detached per thread, and the head. Backpressure stops
         // every pusher once the work since then exceeds four times that, so
-        // a list holds at most five times it, plus one push per thread
-        // between its CAS and its count.
+        // a list holds at most five times it, plus the pushes not yet
+        // counted (under a batch, and a batch more per thread between its
+        // counting CAS and its count), plus one push per thread.
         let kept = 64 + threads + 1;
-        let bound = 5 * kept + threads;
+        let bound = 5 * kept + super::super::list::BATCH * (threads + 1) + threads;
         assert!(
             longest <= bound,
             "object list reached {longest} nodes (bound {bound})"
@@ -961,8 +962,12 @@ pub(super) mod loom_models {
     }
 
     /// Compaction unlinking and freeing detached nodes while another thread
-    /// pushes and a third detaches (the compaction threshold is 1 under
-    /// loom, so every push compacts).
+    /// pushes and a third detaches. Under loom a compaction is due once the
+    /// work passes what the last one kept (at least 1), and pushes count
+    /// two at a time: the second push compacts, freeing the detached
+    /// first entry and keeping one, so the fourth push, by whichever of
+    /// the racing threads makes it, compacts again, racing the other push
+    /// and the detach of the second entry.
     #[test]
     fn compaction_frees_while_others_push_and_detach() {
         loom::model(|| {
@@ -970,14 +975,14 @@ pub(super) mod loom_models {
             let runs = Arc::new(AtomicUsize::new(0));
             let list = Arc::new(ObjectCallbacks::new());
             let first = runtime.register(&list, counting(&runs));
+            assert!(first.detach());
             let second = runtime.register(&list, counting(&runs));
             let pusher = {
                 let (runtime, list, runs) = (runtime.clone(), list.clone(), runs.clone());
                 thread::spawn(move || runtime.register(&list, counting(&runs)))
             };
-            let detacher = thread::spawn(move || assert!(first.detach()));
+            let detacher = thread::spawn(move || assert!(second.detach()));
             let third = runtime.register(&list, counting(&runs));
-            assert!(second.detach());
             detacher.join().unwrap();
             let fourth = pusher.join().unwrap();
             let list = Arc::try_unwrap(list).expect("threads joined");
