@@ -179,7 +179,7 @@ pub const SECTIONS: &[Section] = &[
                (upgrading each); 1000 listeners subscribe and go away. Against \
                `Mutex<Vec<std::sync::Weak<T>>>` cleaned with `retain`.",
         why: "Each member registers a death callback (a node from the thread's cache of \
-              freed blocks, a compare-and-swap onto the object's list and a count of the push) \
+              freed blocks and one compare-and-swap onto the object's list, which counts the push too) \
               and takes its shard's lock, where the baseline pushes a `Weak` onto a `Vec` under \
               one lock; that is the cost of subscribe and churn, and the subscribe figure also \
               includes dropping the set, which detaches 1000 callbacks (each object's list \
