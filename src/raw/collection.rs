@@ -143,8 +143,6 @@ impl<C: Send + Sync + 'static> CoreRef<C> {
     /// The address of `core`, whose anchor is `anchor`.
     fn new(core: &Strong<C>, anchor: &HookAnchor<C>) -> Self {
         debug_assert!(anchor.names(core), "a core anchors itself");
-        #[cfg(not(weakrefs_loom))]
-        let _ = anchor;
         CoreRef {
             block: Strong::block(core),
             #[cfg(weakrefs_loom)]
@@ -157,7 +155,10 @@ impl<C: Send + Sync + 'static> CoreRef<C> {
     /// # Safety
     ///
     /// 1. The calling thread claimed the hook that holds `self` while
-    ///    pinned (`Reclaimer::global`), and is pinned still (M14).
+    ///    pinned (`Reclaimer::global`), and is pinned still (M14). (Under
+    ///    loom, during the collector's teardown, it is not pinned: no other
+    ///    thread is left, and every core dropped by then has detached its
+    ///    hooks before its anchor went.)
     #[inline]
     unsafe fn upgrade(&self) -> Option<Strong<C>> {
         #[cfg(weakrefs_loom)]

@@ -2109,6 +2109,23 @@ mod tests {
     }
 
     #[test]
+    fn a_writer_reuses_only_tombstones_whose_drop_has_run() {
+        let table = Table::<u64>::with_slots(GROUP, false);
+        for index in 0..3 {
+            table.set_control(index, EMPTY, 0x11, Ordering::Relaxed);
+            table.set_control(index, 0x11, TOMBSTONE, Ordering::Relaxed);
+            table.homes[index].store(DROP_PENDING, Ordering::Relaxed);
+        }
+        // Pending drops everywhere: the first empty slot, past them.
+        assert_eq!(vacancy(&table, 0), (3, true));
+        // A dropped tombstone comes before any empty slot of its group.
+        table.homes[2].store(DROPPED, Ordering::Relaxed);
+        assert_eq!(vacancy(&table, 0), (2, false));
+        table.homes[1].store(DROPPED, Ordering::Relaxed);
+        assert_eq!(vacancy(&table, 0), (1, false));
+    }
+
+    #[test]
     fn a_table_rebuilt_while_mostly_dead_doubles_up_to_the_ceiling() {
         // 8 slots, 7 used, 1 item: churn. Doubles, then stops at the ceiling.
         assert_eq!(rebuilt_size(8, 7, 1, 2), 16);
