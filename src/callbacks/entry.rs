@@ -464,6 +464,15 @@ impl Entry {
         // Acquire: a collection's drop whose detach finds a hook claimed
         // sees the claim, and the claimer's pin before it, happen before
         // it retires the core's anchor (M14).
+        //
+        // An entry that has left `ALIVE` never returns, so a load that sees
+        // it settled answers without the CAS, whose failure is a locked
+        // instruction too: the common case of an entry whose removal its
+        // death's callback made, detached by the entry's drop. Acquire, as
+        // the failing CAS's load (M14).
+        if self.state.load(Ordering::Acquire) != ALIVE {
+            return false;
+        }
         self.state
             .compare_exchange(ALIVE, to, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
