@@ -237,14 +237,11 @@ impl Reclaimer {
     ///
     /// As [`Pinned::defer`]'s.
     pub(crate) unsafe fn retire_globally(f: impl FnOnce()) {
-        #[cfg(weakrefs_loom)]
-        if loom_global::torn_down() {
-            f();
-            return;
+        match Reclaimer::pin_global_unless_torn_down() {
+            // SAFETY: the caller's.
+            Some(pinned) => unsafe { pinned.defer(f) },
+            None => f(),
         }
-        let pinned = Reclaimer::global().pin();
-        // SAFETY: the caller's.
-        unsafe { pinned.defer(f) };
     }
 
     /// [`Self::pin`] on the process-wide reclaimer; under loom, nothing once

@@ -112,15 +112,14 @@ impl<C> Drop for HookAnchor<C> {
             released.0.with_mut(|released| unsafe { *released = true });
             drop(anchor);
         };
-        // SAFETY: `Pinned::defer`'s 1: dropping this `Weak` touches the
-        // block's counts and, if it is the last, frees the block, never the
-        // value (the core being dropped now), so it may run on any thread,
-        // at any time, or at exit never (the block then stays allocated).
-        // Its 2: no thread that pins from now on can reach the block
-        // through a hook: the core's table, dropped before this field,
-        // detached every hook still attached, and a hook that the detach
-        // found claimed was claimed by a thread pinned since before the
-        // claim (M14).
+        // Dropping this `Weak` touches the block's counts and, if it is the
+        // last, frees the block, never the value (the core being dropped
+        // now): any thread, any time, or at exit never will do. No thread
+        // that pins from now on can reach the block through a hook: the
+        // table, dropped before this field, detached every hook still
+        // attached, and one the detach found claimed was claimed by a
+        // thread pinned since before the claim (M14).
+        // SAFETY: `Pinned::defer`'s 1 and 2, as just said.
         unsafe { Reclaimer::retire_globally(release) };
     }
 }
@@ -435,22 +434,10 @@ const OVERSIZED: usize = 4;
 /// it returned once the shard is unlocked.
 pub(crate) fn clear<I: Watching, T>(
     table: &ShardedTable<I>,
-    mut noted: impl FnMut(&I, &I::Side) -> Option<T>,
-    mut after: impl FnMut(T),
+    noted: impl FnMut(&I, &I::Side) -> Option<T>,
+    after: impl FnMut(T),
 ) {
-    for shard in 0..table.shard_len() {
-        let mut notices = Vec::new();
-        table.retain_locked(
-            shard,
-            |_| false,
-            |item, side| {
-                item.hook(side).detach();
-                notices.extend(noted(item, side));
-            },
-        );
-        notices.into_iter().for_each(&mut after);
-        shrink_shard(table, shard, OVERSIZED);
-    }
+    remove_where(table, |_| true, noted, after);
 }
 
 /// Removes the entries whose objects are dead now, without waiting for
@@ -458,6 +445,23 @@ pub(crate) fn clear<I: Watching, T>(
 /// Returns how many it removed. `noted` and `after` as for [`clear`].
 pub(crate) fn purge<I: Watching, T>(
     table: &ShardedTable<I>,
+    noted: impl FnMut(&I, &I::Side) -> Option<T>,
+    after: impl FnMut(T),
+) -> usize {
+    remove_where(table, |item| !item.watched().is_alive(), noted, after)
+}
+
+/// Removes, shard by shard under each shard's lock, the entries `doomed`
+/// picks, detaching their callbacks there and then, and shrinks tables
+/// left far larger than needed; returns how many it removed. `noted` and
+/// `after` as for [`clear`]. The detach happens under the lock, not in the
+/// entry's deferred drop: the object may be dying (its count at zero, its
+/// callbacks not yet run, which is what `purge` looks for), and a hook
+/// still attached when the collection drops could be claimed after the
+/// core's anchor is released (M5, M14).
+fn remove_where<I: Watching, T>(
+    table: &ShardedTable<I>,
+    mut doomed: impl FnMut(&I) -> bool,
     mut noted: impl FnMut(&I, &I::Side) -> Option<T>,
     mut after: impl FnMut(T),
 ) -> usize {
@@ -466,13 +470,8 @@ pub(crate) fn purge<I: Watching, T>(
             let mut notices = Vec::new();
             let removed = table.retain_locked(
                 shard,
-                |item| item.watched().is_alive(),
+                |item| !doomed(item),
                 |item, side| {
-                    // Now, not in the item's deferred drop: the object may be
-                    // dying (its count at zero, its callbacks not yet run),
-                    // and a hook still attached when the collection drops
-                    // could be claimed after the core's anchor is released
-                    // (M5, M14).
                     item.hook(side).detach();
                     notices.extend(noted(item, side));
                 },
