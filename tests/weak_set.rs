@@ -11,6 +11,9 @@ use std::thread;
 
 use weakrefs::{flush, Strong, WeakSet};
 
+#[path = "support/dying.rs"]
+mod dying;
+
 /// CPython `test_len`, `test_contains`: membership and length follow the
 /// members' lives.
 #[test]
@@ -371,16 +374,6 @@ fn a_growing_set_files_each_object_once_and_yields_it_once() {
         .all(|m| distinct.contains(&(Strong::as_ptr(m) as usize))));
 }
 
-/// A member whose drop waits for a message: its object's count is at zero
-/// while the drop runs, before its death callbacks do.
-struct SlowToDie(std::sync::Mutex<std::sync::mpsc::Receiver<()>>);
-
-impl Drop for SlowToDie {
-    fn drop(&mut self) {
-        let _ = self.0.lock().unwrap().recv();
-    }
-}
-
 /// M14: `purge` on a thread that then goes idle removes a dying member
 /// (count at zero, callbacks not yet run), and must detach its hook at
 /// once: the entry's deferred drop, which would detach it too, waits in
@@ -391,15 +384,11 @@ impl Drop for SlowToDie {
 #[test]
 fn a_purged_dying_member_never_reaches_its_dropped_set() {
     use std::sync::mpsc;
-    let set: Arc<WeakSet<SlowToDie>> = Arc::new(WeakSet::new());
-    let (finish_dying, dying_waits) = mpsc::channel::<()>();
-    let member = Strong::new(SlowToDie(std::sync::Mutex::new(dying_waits)));
-    let watch = Strong::downgrade(&member);
+    let set: Arc<WeakSet<dying::SlowToDie>> = Arc::new(WeakSet::new());
+    let (member, finish_dying) = dying::slow_to_die();
+    let member = Strong::new(member);
     set.insert(&member);
-    let dying = thread::spawn(move || drop(member));
-    while watch.is_alive() {
-        thread::yield_now();
-    }
+    let dying = dying::start_dying(member);
     let (purged, purge_count) = mpsc::channel::<usize>();
     let (wake_purger, purger_idles) = mpsc::channel::<()>();
     let purger = {

@@ -14,6 +14,9 @@ use std::thread;
 
 use weakrefs::{flush, RemovalCause, Strong, WeakValueMap};
 
+#[path = "support/dying.rs"]
+mod dying;
+
 /// Counts drops of a value.
 struct Counted {
     id: usize,
@@ -1782,16 +1785,6 @@ fn iterating_a_map_with_a_tier_yields_each_live_entry_once_with_its_value() {
     assert_eq!(map.values().count(), seen.len());
 }
 
-/// A value whose drop waits for a message: its object's count is at zero
-/// while the drop runs, before its death callbacks do.
-struct SlowToDie(std::sync::Mutex<mpsc::Receiver<()>>);
-
-impl Drop for SlowToDie {
-    fn drop(&mut self) {
-        let _ = self.0.lock().unwrap().recv();
-    }
-}
-
 /// M14: `purge` removes an entry whose value is dying (count at zero, its
 /// drop still running, its callbacks not yet run) and must detach the
 /// entry's hook at once. The entry's own drop, which would detach it too,
@@ -1810,15 +1803,11 @@ fn a_purged_entry_of_a_dying_value_never_reaches_its_dropped_map() {
     });
     drop(blocker);
 
-    let map: WeakValueMap<String, SlowToDie> = WeakValueMap::new();
-    let (finish_dying, dying_waits) = mpsc::channel::<()>();
-    let value = Strong::new(SlowToDie(std::sync::Mutex::new(dying_waits)));
-    let watch = Strong::downgrade(&value);
+    let map: WeakValueMap<String, dying::SlowToDie> = WeakValueMap::new();
+    let (value, finish_dying) = dying::slow_to_die();
+    let value = Strong::new(value);
     map.insert("k".to_string(), &value);
-    let dying = thread::spawn(move || drop(value));
-    while watch.is_alive() {
-        thread::yield_now();
-    }
+    let dying = dying::start_dying(value);
     assert_eq!(map.purge(), 1);
     drop(map);
     let churn: WeakValueMap<u8, u8> = WeakValueMap::new();
