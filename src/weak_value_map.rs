@@ -710,9 +710,13 @@ where
         let hash = self.hash(&key);
         let item = self.new_item(hash, key, value);
         let pin = WritePin::lazy();
-        let mut writer = self.core.table.write(hash, &pin);
-        let (previous, notice, released) = self.publish_locked(&mut writer, hash, item, value);
-        drop(writer);
+        // The writer is dropped (unlocked) at the end of its block, in
+        // place: `drop(writer)` would move it first, a `memcpy` call of
+        // its whole size on every insert.
+        let (previous, notice, released) = {
+            let mut writer = self.core.table.write(hash, &pin);
+            self.publish_locked(&mut writer, hash, item, value)
+        };
         drop(pin);
         drop(released);
         self.core.report(notice, RemovalCause::Replaced);
