@@ -282,31 +282,40 @@ pub(crate) trait Sided {
 /// One slot: once its control byte says full, an item (or its side).
 type Slot<I> = UnsafeCell<MaybeUninit<I>>;
 
-/// A slot with its item's side and the mark its collection keeps beside
-/// the item, a 64-bit word readers load and stamp (a keep-warm tier's
-/// position, M13) and writers store under the shard's lock: zero when the
-/// slot is filled, carried over by a rebuild, never read by the table.
-/// Aligned to 32 bytes, so that for an item of two words (a `WeakValueMap` entry of a
-/// word-sized key) and a one-word side, the item, side and mark fill 32
-/// bytes of one cache line: a hit that reads them pays one miss, not two.
-/// (A larger item makes a 64-byte slot.)
-#[repr(C, align(32))]
-struct MarkedSlot<I, S> {
+/// An item with the mark its collection keeps beside it: a 64-bit word
+/// readers load and stamp (a keep-warm tier's position, M13) and writers
+/// store under the shard's lock, zero when the slot is filled, carried over
+/// by a rebuild, never read by the table. Beside the item, in its slot,
+/// because a hit reads both: for an item of two words (a `WeakValueMap`
+/// entry of a word-sized key) a slot is 24 bytes, and the mark is almost
+/// always on the item's line. The side, which a hit does not read (unless
+/// the hand has passed the mark's position since the last hit), stays in
+/// an array of its own, as in a plain table, so that the slots a lookup
+/// probes are a word smaller. An earlier layout kept the side in the slot
+/// too, aligned to 32 bytes; against it, reads at 100 000 keys with a
+/// full tier went from 0.86–1.03x (median 0.89x) of the same reads
+/// without a tier to 0.87–0.99x (0.92x) on one thread, and from
+/// 0.83–0.95x (0.90x) to 0.89–1.03x (0.975x) on two (`map_ab`,
+/// `keep_recent` case, six interleaved runs of each build, 2-core machine).
+#[repr(C)]
+struct MarkedSlot<I> {
     item: Slot<I>,
-    side: Slot<S>,
     mark: AtomicU64,
 }
 
-/// A table's slots: plain, the items in one array and their sides in
-/// another (lookups read only the first, so a probed line holds more
-/// items; an array of `()` sides allocates nothing), or each slot whole
-/// with its mark (for a collection that keeps marks).
+/// A table's slots: the items in one array (each with its mark, for a
+/// collection that keeps marks) and their sides in another (lookups read
+/// only the first, so a probed line holds more items; an array of `()`
+/// sides allocates nothing).
 enum Slots<I: Sided> {
     Plain {
         items: Box<[Slot<I>]>,
         sides: Box<[Slot<I::Side>]>,
     },
-    Marked(Box<[MarkedSlot<I, I::Side>]>),
+    Marked {
+        slots: Box<[MarkedSlot<I>]>,
+        sides: Box<[Slot<I::Side>]>,
+    },
 }
 
 impl<I: Sided> Slots<I> {
@@ -316,15 +325,15 @@ impl<I: Sided> Slots<I> {
             UnsafeCell::new(MaybeUninit::uninit())
         }
         if marked {
-            Slots::Marked(
-                (0..count)
+            Slots::Marked {
+                slots: (0..count)
                     .map(|_| MarkedSlot {
                         item: empty(),
-                        side: empty(),
                         mark: AtomicU64::new(0),
                     })
                     .collect(),
-            )
+                sides: (0..count).map(|_| empty()).collect(),
+            }
         } else {
             Slots::Plain {
                 items: (0..count).map(|_| empty()).collect(),
@@ -337,7 +346,7 @@ impl<I: Sided> Slots<I> {
     fn len(&self) -> usize {
         match self {
             Slots::Plain { items, .. } => items.len(),
-            Slots::Marked(slots) => slots.len(),
+            Slots::Marked { slots, .. } => slots.len(),
         }
     }
 
@@ -346,7 +355,7 @@ impl<I: Sided> Slots<I> {
     fn slot(&self, index: usize) -> &Slot<I> {
         match self {
             Slots::Plain { items, .. } => &items[index],
-            Slots::Marked(slots) => &slots[index].item,
+            Slots::Marked { slots, .. } => &slots[index].item,
         }
     }
 
@@ -354,8 +363,7 @@ impl<I: Sided> Slots<I> {
     #[inline(always)]
     fn side(&self, index: usize) -> &Slot<I::Side> {
         match self {
-            Slots::Plain { sides, .. } => &sides[index],
-            Slots::Marked(slots) => &slots[index].side,
+            Slots::Plain { sides, .. } | Slots::Marked { sides, .. } => &sides[index],
         }
     }
 
@@ -374,10 +382,12 @@ impl<I: Sided> Slots<I> {
         /// from its first vacant one, so the first hold most of its items,
         /// and each line more that misses takes a fill buffer and memory
         /// bandwidth from the loads a lookup cannot do without. On the
-        /// 32-byte slots of a map with a keep-warm tier, 100 000 keys, one
-        /// thread, reads were 7% faster with the first 128 bytes than with
-        /// all 256 (medians of eight interleaved runs), and faster than
-        /// with the first 64 or 192.
+        /// 32-byte slots of an earlier layout of a map with a keep-warm
+        /// tier, 100 000 keys, one thread, reads were 7% faster with the
+        /// first 128 bytes than with all 256 (medians of eight interleaved
+        /// runs), and faster than with the first 64 or 192; on today's
+        /// 24-byte slots, the first 128 bytes and all 192 measured alike
+        /// (three interleaved runs each).
         #[inline(always)]
         fn lines<T>(slots: &[T], first: usize) {
             const { assert!(std::mem::size_of::<T>() > 0, "slots take room") };
@@ -392,7 +402,7 @@ impl<I: Sided> Slots<I> {
         }
         match self {
             Slots::Plain { items, .. } => lines(items, first),
-            Slots::Marked(slots) => lines(slots, first),
+            Slots::Marked { slots, .. } => lines(slots, first),
         }
     }
 
@@ -401,7 +411,7 @@ impl<I: Sided> Slots<I> {
     fn mark(&self, index: usize) -> Option<&AtomicU64> {
         match self {
             Slots::Plain { .. } => None,
-            Slots::Marked(slots) => slots.get(index).map(|slot| &slot.mark),
+            Slots::Marked { slots, .. } => slots.get(index).map(|slot| &slot.mark),
         }
     }
 }
@@ -549,7 +559,7 @@ impl<I: Sided> Table<I> {
         debug_assert_eq!(self.slots.len(), self.control.len() * GROUP, "whole groups");
         match &self.slots {
             Slots::Plain { items, .. } => scan(&self.control, items, |cell| cell, order, f),
-            Slots::Marked(slots) => scan(&self.control, slots, |slot| &slot.item, order, f),
+            Slots::Marked { slots, .. } => scan(&self.control, slots, |slot| &slot.item, order, f),
         }
     }
 
