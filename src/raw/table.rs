@@ -287,8 +287,10 @@ type Slot<I> = UnsafeCell<MaybeUninit<I>>;
 /// store under the shard's lock, zero when the slot is filled, carried over
 /// by a rebuild, never read by the table. Beside the item, in its slot,
 /// because a hit reads both: for an item of two words (a `WeakValueMap`
-/// entry of a word-sized key) a slot is 24 bytes, and the mark is almost
-/// always on the item's line. The side, which a hit does not read (unless
+/// entry of a word-sized key) a slot is 24 bytes, so the slots of a group
+/// sit at every multiple of 8 within a line: one slot in eight has its
+/// mark on the line after its item's, and one in eight straddles two lines
+/// with its item. The side, which a hit does not read (unless
 /// the hand has passed the mark's position since the last hit), stays in
 /// an array of its own, as in a plain table, so that the slots a lookup
 /// probes are a word smaller. An earlier layout kept the side in the slot
