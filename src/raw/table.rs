@@ -290,10 +290,10 @@ type Slot<I> = UnsafeCell<MaybeUninit<I>>;
 /// entry of a word-sized key) a slot is 24 bytes, so the slots of a group
 /// sit at every multiple of 8 within a line: one slot in eight has its
 /// mark on the line after its item's, and one in eight straddles two lines
-/// with its item. The side, which a hit does not read (unless
-/// the hand has passed the mark's position since the last hit), stays in
-/// an array of its own, as in a plain table, so that the slots a lookup
-/// probes are a word smaller. An earlier layout kept the side in the slot
+/// with its item. The side, which a hit does not read (unless the hand has
+/// passed the mark's position since the last hit), stays in an array of
+/// its own, as in a plain table, so that the slots a lookup probes are a
+/// word smaller. An earlier layout kept the side in the slot
 /// too, aligned to 32 bytes; against it, reads at 100 000 keys with a
 /// full tier went from 0.86–1.03x (median 0.89x) of the same reads
 /// without a tier to 0.87–0.99x (0.92x) on one thread, and from

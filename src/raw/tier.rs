@@ -18,8 +18,8 @@
 //! ([`Tier::touch`]): no lock, no read-modify-write, and no line read but
 //! the item's slot (which holds the mark: one line, or two for the one
 //! slot in four of 24 bytes that straddles a line) and the hand's, which
-//! stays in every reader's cache while the hand does not move. Only once a pass has come
-//! does a hit check that the position's generation is the mark's and its
+//! stays in every reader's cache while the hand does not move. Only once
+//! a pass has come does a hit check that the position's generation is the mark's and its
 //! holder the hit's entry, set `referenced` if it is clear and stamp the
 //! mark again; the hand publishes its place only once a pass is over, so
 //! a hit that stamps with a pass's count has seen what the pass did (hits
@@ -227,8 +227,8 @@ impl<V: ?Sized> Tier<V> {
     /// carries the current stamp is done, having read nothing but its
     /// mark, in the slot of the item it has just found (on the item's line
     /// unless the slot straddles two), and the hand's place, on a line
-    /// every reader shares. Only after a pass does a hit
-    /// reach the position's byte, a line of its own in a large tier.
+    /// every reader shares. Only after a pass does a hit reach the
+    /// position's byte, a line of its own in a large tier.
     #[inline]
     pub(crate) fn touch(&self, identity: impl FnOnce() -> usize, mark: &AtomicU64) -> bool {
         // Relaxed, all: hints (see `touch_passed`). A stamp read against a
