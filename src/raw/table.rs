@@ -2108,6 +2108,27 @@ mod tests {
     }
 
     #[test]
+    fn a_marked_slot_is_its_item_and_its_mark_with_no_padding() {
+        // A `WeakValueMap` item of a word-sized key is two words: with its
+        // mark, 24 bytes, the side kept apart (lookups probe these slots,
+        // so each byte here is paid on every probed line).
+        type TwoWords = [usize; 2];
+        let word = std::mem::size_of::<usize>();
+        assert_eq!(std::mem::size_of::<MarkedSlot<TwoWords>>(), 2 * word + 8);
+        assert_eq!(std::mem::align_of::<MarkedSlot<TwoWords>>(), 8.max(word));
+        // The sides of a marked table are one per slot, apart.
+        impl Sided for TwoWords {
+            type Side = usize;
+        }
+        let table = Table::<TwoWords>::with_slots(GROUP, true);
+        match &table.slots {
+            Slots::Marked { slots, sides } => assert_eq!(slots.len(), sides.len()),
+            Slots::Plain { .. } => panic!("asked for marks"),
+        }
+        assert!(table.mark(GROUP - 1).is_some());
+    }
+
+    #[test]
     fn a_flip_changes_one_byte_and_leaves_its_neighbours() {
         let table = Table::<u64>::with_slots(GROUP, false);
         table.set_control(1, EMPTY, 0x2A, Ordering::Relaxed);
