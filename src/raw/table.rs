@@ -309,15 +309,15 @@ struct MarkedSlot<I> {
 /// collection that keeps marks) and their sides in another (lookups read
 /// only the first, so a probed line holds more items; an array of `()`
 /// sides allocates nothing).
-enum Slots<I: Sided> {
-    Plain {
-        items: Box<[Slot<I>]>,
-        sides: Box<[Slot<I::Side>]>,
-    },
-    Marked {
-        slots: Box<[MarkedSlot<I>]>,
-        sides: Box<[Slot<I::Side>]>,
-    },
+struct Slots<I: Sided> {
+    items: Items<I>,
+    sides: Box<[Slot<I::Side>]>,
+}
+
+/// The items of a table: plain, or each with its mark.
+enum Items<I> {
+    Plain(Box<[Slot<I>]>),
+    Marked(Box<[MarkedSlot<I>]>),
 }
 
 impl<I: Sided> Slots<I> {
@@ -326,47 +326,42 @@ impl<I: Sided> Slots<I> {
         fn empty<T>() -> Slot<T> {
             UnsafeCell::new(MaybeUninit::uninit())
         }
-        if marked {
-            Slots::Marked {
-                slots: (0..count)
+        let items = if marked {
+            Items::Marked(
+                (0..count)
                     .map(|_| MarkedSlot {
                         item: empty(),
                         mark: AtomicU64::new(0),
                     })
                     .collect(),
-                sides: (0..count).map(|_| empty()).collect(),
-            }
+            )
         } else {
-            Slots::Plain {
-                items: (0..count).map(|_| empty()).collect(),
-                sides: (0..count).map(|_| empty()).collect(),
-            }
+            Items::Plain((0..count).map(|_| empty()).collect())
+        };
+        Slots {
+            items,
+            sides: (0..count).map(|_| empty()).collect(),
         }
     }
 
     #[inline(always)]
     fn len(&self) -> usize {
-        match self {
-            Slots::Plain { items, .. } => items.len(),
-            Slots::Marked { slots, .. } => slots.len(),
-        }
+        self.sides.len()
     }
 
     /// Slot `index` (panics past the end).
     #[inline(always)]
     fn slot(&self, index: usize) -> &Slot<I> {
-        match self {
-            Slots::Plain { items, .. } => &items[index],
-            Slots::Marked { slots, .. } => &slots[index].item,
+        match &self.items {
+            Items::Plain(items) => &items[index],
+            Items::Marked(slots) => &slots[index].item,
         }
     }
 
     /// The side of slot `index` (panics past the end).
     #[inline(always)]
     fn side(&self, index: usize) -> &Slot<I::Side> {
-        match self {
-            Slots::Plain { sides, .. } | Slots::Marked { sides, .. } => &sides[index],
-        }
+        &self.sides[index]
     }
 
     /// Asks the CPU to start loading the lines that hold the items of the
@@ -402,18 +397,18 @@ impl<I: Sided> Slots<I> {
             }
             prefetch(start.wrapping_add(bytes - 1));
         }
-        match self {
-            Slots::Plain { items, .. } => lines(items, first),
-            Slots::Marked { slots, .. } => lines(slots, first),
+        match &self.items {
+            Items::Plain(items) => lines(items, first),
+            Items::Marked(slots) => lines(slots, first),
         }
     }
 
     /// The mark of slot `index`, if the slots keep marks.
     #[inline(always)]
     fn mark(&self, index: usize) -> Option<&AtomicU64> {
-        match self {
-            Slots::Plain { .. } => None,
-            Slots::Marked { slots, .. } => slots.get(index).map(|slot| &slot.mark),
+        match &self.items {
+            Items::Plain(_) => None,
+            Items::Marked(slots) => slots.get(index).map(|slot| &slot.mark),
         }
     }
 }
@@ -559,9 +554,9 @@ impl<I: Sided> Table<I> {
             }
         }
         debug_assert_eq!(self.slots.len(), self.control.len() * GROUP, "whole groups");
-        match &self.slots {
-            Slots::Plain { items, .. } => scan(&self.control, items, |cell| cell, order, f),
-            Slots::Marked { slots, .. } => scan(&self.control, slots, |slot| &slot.item, order, f),
+        match &self.slots.items {
+            Items::Plain(items) => scan(&self.control, items, |cell| cell, order, f),
+            Items::Marked(slots) => scan(&self.control, slots, |slot| &slot.item, order, f),
         }
     }
 
@@ -2121,9 +2116,9 @@ mod tests {
             type Side = usize;
         }
         let table = Table::<TwoWords>::with_slots(GROUP, true);
-        match &table.slots {
-            Slots::Marked { slots, sides } => assert_eq!(slots.len(), sides.len()),
-            Slots::Plain { .. } => panic!("asked for marks"),
+        match &table.slots.items {
+            Items::Marked(slots) => assert_eq!(slots.len(), table.slots.sides.len()),
+            Items::Plain(_) => panic!("asked for marks"),
         }
         assert!(table.mark(GROUP - 1).is_some());
     }
