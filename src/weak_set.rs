@@ -10,40 +10,52 @@ use crate::raw::table::{Relocatable, ShardedTable, Sided, WritePin};
 use crate::strong::Strong;
 use crate::weak::Weak;
 
-/// One member: immutable once published (SAFETY.md, section 7).
+/// One member: immutable once published (SAFETY.md, section 7). Its
+/// `Weak` alone, what lookups and iterations read: the hook sits in the
+/// slot's side, beside the item, so a scan of the set reads one pointer a
+/// member (two for an unsized member's fat one), not two.
 struct Member<T: ?Sized> {
     object: Weak<T>,
-    /// The death callback that removes this member (M4); detached when it
-    /// is removed any other way (M5).
-    hook: Hook,
 }
 
-/// Nothing beside a member: it is two pointers, inline.
+/// The death callback that removes a member (M4), in its slot's side;
+/// detached when the member is removed any other way (M5), or when the set
+/// drops it.
+struct MemberHook(Hook);
+
+impl Drop for MemberHook {
+    fn drop(&mut self) {
+        // Removal paths detach eagerly; this covers the set being dropped.
+        self.0.detach();
+    }
+}
+
 impl<T: ?Sized> Sided for Member<T> {
-    type Side = ();
+    type Side = MemberHook;
 }
 
 // The object's block address is unique among the members of a set (one
 // member per object), survives bitwise moves, and is kept reserved by the
 // member's `Weak` until the member is dropped, after every thread that saw
 // it has unpinned.
-// SAFETY: both fields are pointers, so nothing writes a member's own bytes
-// through `&Member`, and a relocation moves it whole (1, 2); its identity
-// is as just said (3).
+// The side is a `Hook`, one pointer, never written through `&` and dropped
+// as our own code (a detach and a count).
+// SAFETY: a member is a pointer, so nothing writes its bytes through
+// `&Member`, and a relocation moves it whole (1, 2); its identity is as
+// just said (3); the side as just said (4).
 unsafe impl<T: ?Sized> Relocatable for Member<T> {
-    /// A `Weak` and a `Hook`: no user code (a `Weak` never drops its
-    /// object's value).
+    /// A `Weak`: no user code (a `Weak` never drops its object's value).
     const DROP_RUNS_USER_CODE: bool = false;
 
     /// Nothing: a member moves whole.
     type LeftBehind = ();
 
-    fn identity(&self, _: &()) -> usize {
+    fn identity(&self, _: &MemberHook) -> usize {
         self.object.identity()
     }
 
     unsafe fn relocate(&self) -> Self {
-        // SAFETY: two pointers, which nothing writes through `&Member`
+        // SAFETY: a pointer, which nothing writes through `&Member`
         // (1); the caller drops one of the two copies whole (`relocate`'s
         // 1), so each is owned once.
         unsafe { std::ptr::read(self) }
@@ -61,15 +73,8 @@ impl<T: ?Sized + Send + Sync + 'static> Watching for Member<T> {
 
     type Payload = ();
 
-    fn hook(&self, _: &()) -> &Hook {
-        &self.hook
-    }
-}
-
-impl<T: ?Sized> Drop for Member<T> {
-    fn drop(&mut self) {
-        // Removal paths detach eagerly; this covers the set being dropped.
-        self.hook.detach();
+    fn hook<'a>(&'a self, side: &'a MemberHook) -> &'a Hook {
+        &side.0
     }
 }
 
@@ -215,13 +220,13 @@ where
         // a pin for nothing.
         let member = Member {
             object: Strong::downgrade(object),
-            hook: collection::remove_on_death(&self.core, hash, object, ()),
         };
+        let hook = MemberHook(collection::remove_on_death(&self.core, hash, object, ()));
         let pin = WritePin::lazy();
         let mut writer = self.core.table.write(hash, &pin);
-        match writer.insert_unless(hash, (member, ()), |member| member.object.names(object)) {
+        match writer.insert_unless(hash, (member, hook), |member| member.object.names(object)) {
             Ok(()) => true,
-            Err((member, ())) => {
+            Err(member) => {
                 // Already a member. Ours is dropped (its callback detached)
                 // after the unlock.
                 drop(writer);
@@ -247,10 +252,10 @@ where
         let hash = self.hash(object);
         let pin = WritePin::lazy();
         let mut writer = self.core.table.write(hash, &pin);
-        match writer.remove(hash, |member, ()| member.object.names(object)) {
-            Some((member, ())) => {
+        match writer.remove(hash, |member, _| member.object.names(object)) {
+            Some((_, hook)) => {
                 // Detached once the removal is published (M5).
-                member.hook.detach();
+                hook.0.detach();
                 true
             }
             None => false,
@@ -428,5 +433,22 @@ where
         crate::ParIter::new(table.shard_len(), move |shard| {
             collection::shard_snapshot(table, shard, |member: &Member<T>| member.object.upgrade())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_member_is_its_weak_alone() {
+        // Iterations and `contains` read the items of the set's tables, so
+        // every byte of a member is paid on every line a scan reads: the
+        // hook lives in the side. One word for a sized object, two (address
+        // and metadata) for an unsized one.
+        let word = std::mem::size_of::<usize>();
+        assert_eq!(std::mem::size_of::<Member<u64>>(), word);
+        assert_eq!(std::mem::size_of::<Member<str>>(), 2 * word);
+        assert_eq!(std::mem::size_of::<MemberHook>(), word);
     }
 }

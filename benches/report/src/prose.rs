@@ -184,9 +184,10 @@ pub const SECTIONS: &[Section] = &[
               one lock; that is the cost of subscribe and churn, and the subscribe figure also \
               includes dropping the set, which detaches 1000 callbacks (each object's list \
               frees them a few registrations later). A notification pass is a lock-free walk \
-              of the set's shard tables: 16-byte items behind tag bytes, some empty, in \
-              several tables, against \
-              8-byte `Weak`s packed in one `Vec`, so the walk reads more memory per member.",
+              of the set's shard tables: 8-byte items (the member's `Weak`; its callback \
+              handle sits in an array beside, which the walk never reads) behind tag \
+              bytes, some slots empty, in several tables, against 8-byte `Weak`s packed \
+              in one `Vec`, so the walk reads more memory per member.",
     },
 ];
 
