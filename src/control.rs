@@ -704,6 +704,16 @@ impl Header {
     /// true when it was the last: the caller must free the allocation.
     #[inline]
     pub(crate) fn decrement_weak(&self) -> bool {
+        // The last weak reference frees without a read-modify-write (O5′):
+        // a weak reference is made only from a `Strong` (which holds the
+        // implicit weak, so the count would be 2) or from another `Weak`,
+        // so once ours is the only one, none can appear. This is the drop
+        // of a map entry's `Weak` after its value died, and of a value's
+        // implicit weak when no `Weak` was made. Acquire: pairs with every
+        // other weak reference's Release decrement, as the fence below.
+        if self.weak.load(Ordering::Acquire) == 1 {
+            return true;
+        }
         // Release: this handle's reads of the counts happen-before the free
         // (O5).
         if self.weak.fetch_sub(1, Ordering::Release) != 1 {

@@ -292,8 +292,9 @@ impl<T: ?Sized> Drop for Weak<T> {
         // decrement below.
         let header = unsafe { ControlBlock::header(block) };
         if header.decrement_weak() {
-            // Our decrement took the weak count to zero and executed
-            // the Acquire fence (O5). The implicit weak (or a never-shared
+            // Ours was the last weak reference: our decrement took the
+            // count to zero and executed the Acquire fence (O5), or our
+            // Acquire load found it ours alone (O5′). The implicit weak (or a never-shared
             // block's one weak reference: `new_cyclic`, `FreeBlock`) is
             // released only after the value was dropped, moved out or found
             // never written, and the layout word written in its place (I3,

@@ -420,13 +420,22 @@ impl Clone for EntryRef {
 
 impl Drop for EntryRef {
     fn drop(&mut self) {
-        // Release (C13): our uses of the node happen-before its free.
-        if self.refs.fetch_sub(1, Ordering::Release) != 1 {
-            return;
+        // The last reference frees without a read-modify-write (C13): a
+        // reference is made only from another (`clone`, or `clone_link`
+        // from a link the list still owns), so once ours is the only one,
+        // none can appear. This is the drop of a map entry's hook after its
+        // object's death released the list's reference. Acquire: pairs
+        // with every other reference's Release decrement, as the fence
+        // below.
+        if self.refs.load(Ordering::Acquire) != 1 {
+            // Release (C13): our uses of the node happen-before its free.
+            if self.refs.fetch_sub(1, Ordering::Release) != 1 {
+                return;
+            }
+            // Acquire (C13): pairs with every other reference's Release
+            // decrement, so their uses happen-before the free.
+            acquire_fence!(self.refs);
         }
-        // Acquire (C13): pairs with every other reference's Release
-        // decrement, so their uses happen-before the free.
-        acquire_fence!(self.refs);
         // SAFETY: ours was the last reference; the vtable matches the node.
         unsafe { (self.vtable.free)(self.0) }
     }

@@ -432,9 +432,17 @@ impl<L: Link> EntryList<L> {
     /// 1. No push or compaction runs concurrently (an object's list at its
     ///    death: C6).
     pub(crate) unsafe fn take_all(&self) -> *mut Entry {
-        // Acquire (C4): pairs with the pushes' Release CAS. By 1 no other
-        // thread touches the chain afterwards.
-        node_of(self.head.swap(ptr::null_mut(), Ordering::Acquire))
+        // Acquire (C4): pairs with the pushes' Release CAS. By 1 nothing
+        // writes the head meanwhile, so a load and a store take the chain:
+        // no read-modify-write, which a death would pay for every object
+        // with callbacks (C6). By 1 too, no other thread touches the chain
+        // afterwards.
+        let head = self.head.load(Ordering::Acquire);
+        // Relaxed: by 1, nobody reads or writes the head now; whoever looks
+        // next (the block's free, a debug assertion) is ordered after us by
+        // the weak count (O5).
+        self.head.store(ptr::null_mut(), Ordering::Relaxed);
+        node_of(head)
     }
 
     /// The entries still alive, newest first, taken under the compaction
