@@ -21,8 +21,9 @@
 //!   increments a nonzero count, and the one step from 0 to 1
 //!   (`publish_first_strong`) happens where no `Weak` can see it (I1).
 //! * `weak` counts `Weak` handles plus one shared by all `Strong` handles
-//!   together (the "implicit weak"). The thread whose decrement takes it to
-//!   zero frees the allocation.
+//!   together (the "implicit weak"). The holder of the last weak reference
+//!   frees the allocation: its decrement takes the count to zero, or its
+//!   load finds the count at 1, its own reference alone (O5′).
 //! * `weak == WEAK_LOCKED` only inside `Strong::get_mut`'s uniqueness check.
 //!
 //! Code outside this file never touches the counts directly: it calls the
@@ -345,8 +346,10 @@ impl<T: ?Sized> ControlBlock<T> {
     ///
     /// # Safety
     ///
-    /// 1. The caller's decrement took `weak` from 1 to 0 and it has executed
-    ///    the Acquire that orders every other handle's accesses before this.
+    /// 1. The caller held the last weak reference: its decrement took
+    ///    `weak` from 1 to 0 and it has executed the Acquire fence, or its
+    ///    Acquire load found `weak` at 1 (O5, O5′); either orders every
+    ///    other handle's accesses before this.
     /// 2. The value has already been dropped or moved out, or was never
     ///    written (`new_cyclic`'s closure panicked), and its place holds the
     ///    layout (`drop_value`, `value_gone`, `write_layout`) (I3, U2).
@@ -706,7 +709,9 @@ impl Header {
     pub(crate) fn decrement_weak(&self) -> bool {
         // The last weak reference frees without a read-modify-write (O5′):
         // a weak reference is made only from a `Strong` (which holds the
-        // implicit weak, so the count would be 2) or from another `Weak`,
+        // implicit weak, so the count would be 2) or from another `Weak`
+        // (arc-swap's slots increment through a debt-protected pointer,
+        // but pay every debt before they let their own reference go: I3),
         // so once ours is the only one, none can appear. This is the drop
         // of a map entry's `Weak` after its value died, and of a value's
         // implicit weak when no `Weak` was made. Acquire: pairs with every

@@ -440,6 +440,59 @@ where
 mod tests {
     use super::*;
 
+    type Path<'a> = (&'a str, &'a dyn Fn(&WeakSet<u32>));
+
+    /// Every way a member leaves the set but by its object's death detaches
+    /// its hook, which lives in the slot's side: an object added and taken
+    /// out again thousands of times keeps a bounded callback list. (A path
+    /// that forgot the hook would leave one node per round.)
+    #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "thousands of rounds; the paths run under Miri in tests/"
+    )]
+    fn every_removal_path_detaches_the_members_hook() {
+        const ROUNDS: u32 = 2_000;
+        let object = Strong::new(7u32);
+        let paths: [Path<'_>; 6] = [
+            ("remove", &|set| {
+                assert!(set.insert(&object));
+                assert!(set.remove(&object));
+            }),
+            ("insert of a member", &|set| {
+                set.insert(&object);
+                assert!(!set.insert(&object));
+                assert!(set.remove(&object));
+            }),
+            ("retain", &|set| {
+                set.insert(&object);
+                set.retain(|_| false);
+            }),
+            ("clear", &|set| {
+                set.insert(&object);
+                set.clear();
+            }),
+            ("purge of a live member", &|set| {
+                set.insert(&object);
+                set.purge();
+                assert!(set.remove(&object));
+            }),
+            ("dropped set", &|_| {
+                let set = WeakSet::new();
+                set.insert(&object);
+            }),
+        ];
+        for (name, path) in paths {
+            let set = WeakSet::new();
+            for _ in 0..ROUNDS {
+                path(&set);
+            }
+            set.clear();
+            let left = Strong::callback_list(&object).node_count();
+            assert!(left < 200, "{name}: {left} hooks left on the object");
+        }
+    }
+
     #[test]
     fn a_member_is_its_weak_alone() {
         // Iterations and `contains` read the items of the set's tables, so

@@ -213,7 +213,8 @@ impl<H: 'static, P: 'static, C: Callback> Node<H, P, C> {
         // The closure is still present iff the state is ALIVE: a claimant
         // always runs it before letting go of its reference. Relaxed
         // suffices for the load, as we are alone.
-        // SAFETY: the last reference is gone and its fence ran (C13): we own
+        // SAFETY: the last reference is gone, and its fence ran or its
+        // Acquire load found it the last (C13): we own
         // the node, which `leak` wrote whole into a block of this layout.
         // A hook's payload is `ManuallyDrop`: its entry dropped it.
         unsafe {
@@ -421,9 +422,11 @@ impl Clone for EntryRef {
 impl Drop for EntryRef {
     fn drop(&mut self) {
         // The last reference frees without a read-modify-write (C13): a
-        // reference is made only from another (`clone`, or `clone_link`
-        // from a link the list still owns), so once ours is the only one,
-        // none can appear. This is the drop of a map entry's hook after its
+        // reference is made only from another that outlives the making
+        // (`clone`; `clone_link` from a link the list still owns;
+        // `Hook::keep` through the handle a hook's run borrows from the
+        // dying thread's reference), so once ours is the only one, none
+        // can appear. This is the drop of a map entry's hook after its
         // object's death released the list's reference. Acquire: pairs
         // with every other reference's Release decrement, as the fence
         // below.

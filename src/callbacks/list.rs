@@ -15,9 +15,10 @@
 //!   published nodes and only it frees unlinked ones, so nobody can be
 //!   reading what it frees (C5). The head node itself is left for a later
 //!   pass, so compaction never races a pusher's CAS.
-//! * **Take all** (object lists only, at death): swap the head for null.
-//!   Death excludes both pushes and compaction, since both run inside
-//!   `finalize`, which holds a `Strong` (C6).
+//! * **Take all** (an object's list at its death, or a list being dropped):
+//!   load the head and store null, with no read-modify-write. Death
+//!   excludes both pushes and compaction, since both run inside
+//!   `finalize`, which holds a `Strong` (C6); a drop has `&mut`.
 //!
 //! A compaction runs once the work since the last one (pushes, plus
 //! entries the consumer reports settled) exceeds both a small constant and
@@ -439,8 +440,9 @@ impl<L: Link> EntryList<L> {
         // afterwards.
         let head = self.head.load(Ordering::Acquire);
         // Relaxed: by 1, nobody reads or writes the head now; whoever looks
-        // next (the block's free, a debug assertion) is ordered after us by
-        // the weak count (O5).
+        // next at an object's list (the block's free, a debug assertion)
+        // is ordered after us by the weak count (O5, O5′), and a dropped
+        // list is ours alone (`&mut`).
         self.head.store(ptr::null_mut(), Ordering::Relaxed);
         node_of(head)
     }
