@@ -215,14 +215,48 @@ pub(crate) fn abort() -> ! {
     std::process::abort()
 }
 
-/// Leak detector for allocations the model checker should see freed.
+/// Leak and use-after-free detector for a counted allocation (a control
+/// block, a callback node), which the model checker should see freed once,
+/// after every reference's last use.
 ///
-/// Under loom it is loom's `Track`, so a model that leaks a control block
-/// fails; elsewhere it is a zero-sized marker that costs nothing.
+/// Under loom it holds loom's `Track`, so a model that leaks the allocation
+/// fails, and a cell that each reference reads as it lets go
+/// ([`Self::let_go`]) and the free writes (the drop), so loom checks that
+/// every reference's last use happens-before the free: a counting protocol
+/// whose free is not ordered after some holder's release (a Relaxed load
+/// where an Acquire is needed, O5′, C13) fails the model. Elsewhere it is
+/// a zero-sized marker that costs nothing.
 #[cfg(weakrefs_loom)]
-pub(crate) type LeakCheck = loom::alloc::Track<()>;
+#[derive(Debug)]
+pub(crate) struct LeakCheck {
+    _track: loom::alloc::Track<()>,
+    last_use: loom::cell::UnsafeCell<()>,
+}
 
-/// Zero-sized stand-in for loom's leak tracker in ordinary builds.
+#[cfg(weakrefs_loom)]
+impl LeakCheck {
+    pub(crate) fn new(_: ()) -> Self {
+        LeakCheck {
+            _track: loom::alloc::Track::new(()),
+            last_use: loom::cell::UnsafeCell::new(()),
+        }
+    }
+
+    /// A reference to the allocation is let go: its last use.
+    pub(crate) fn let_go(&self) {
+        self.last_use.with(|_| ());
+    }
+}
+
+#[cfg(weakrefs_loom)]
+impl Drop for LeakCheck {
+    /// The free: loom checks it against every `let_go`.
+    fn drop(&mut self) {
+        self.last_use.with_mut(|_| ());
+    }
+}
+
+/// Zero-sized stand-in for loom's detector in ordinary builds.
 #[cfg(not(weakrefs_loom))]
 #[derive(Debug)]
 pub(crate) struct LeakCheck(());
@@ -233,6 +267,10 @@ impl LeakCheck {
     pub(crate) fn new(_: ()) -> Self {
         LeakCheck(())
     }
+
+    /// Nothing outside loom.
+    #[inline(always)]
+    pub(crate) fn let_go(&self) {}
 }
 
 /// Thread-local storage that loom can see.

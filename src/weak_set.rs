@@ -436,7 +436,7 @@ where
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(weakrefs_loom)))]
 mod tests {
     use super::*;
 

@@ -421,6 +421,8 @@ impl Clone for EntryRef {
 
 impl Drop for EntryRef {
     fn drop(&mut self) {
+        // Under loom: this reference's last use, which the free must follow.
+        self.leak_check.let_go();
         // The last reference frees without a read-modify-write (C13): a
         // reference is made only from another that outlives the making
         // (`clone`; `clone_link` from a link the list still owns;
