@@ -508,7 +508,9 @@ impl<T: ?Sized> Drop for AfterDeath<T> {
         if !callbacks.is_empty() {
             crate::callbacks::global().on_death(callbacks);
         }
-        drop(Weak::from_block(self.0));
+        // Most likely the last weak reference: no `Weak` was made, or
+        // none is left (O5′).
+        Weak::drop_expecting_last(Weak::from_block(self.0));
     }
 }
 

@@ -284,14 +284,30 @@ impl<T: ?Sized> Clone for Weak<T> {
     }
 }
 
-impl<T: ?Sized> Drop for Weak<T> {
+impl<T: ?Sized> Weak<T> {
+    /// Drops `this`, which is most likely its block's last weak reference
+    /// (`Header::decrement_weak_expecting_last`, O5′): the implicit weak of
+    /// a dying value, or a collection entry's `Weak` (see [`EntryWeak`]).
     #[inline]
-    fn drop(&mut self) {
+    pub(crate) fn drop_expecting_last(this: Self) {
+        let mut this = std::mem::ManuallyDrop::new(this);
+        this.release(true);
+    }
+
+    /// Lets go of this reference; `expecting_last` picks the release that
+    /// tries a load first.
+    #[inline]
+    fn release(&mut self, expecting_last: bool) {
         let Some(block) = self.block else { return };
         // SAFETY: see `header`: our weak count keeps the block live until the
         // decrement below.
         let header = unsafe { ControlBlock::header(block) };
-        if header.decrement_weak() {
+        let last = if expecting_last {
+            header.decrement_weak_expecting_last()
+        } else {
+            header.decrement_weak()
+        };
+        if last {
             // Ours was the last weak reference: our decrement took the
             // count to zero and executed the Acquire fence (O5), or our
             // Acquire load found it ours alone (O5′). The implicit weak (or a never-shared
@@ -302,6 +318,44 @@ impl<T: ?Sized> Drop for Weak<T> {
             // SAFETY: as just said.
             unsafe { ControlBlock::deallocate(block) };
         }
+    }
+}
+
+impl<T: ?Sized> Drop for Weak<T> {
+    #[inline]
+    fn drop(&mut self) {
+        self.release(false);
+    }
+}
+
+/// The `Weak` of a collection entry (a `WeakValueMap` entry's value, a
+/// `WeakKeyMap` entry's key, a `WeakSet` member). An entry is dropped once
+/// it left its collection, most often because its object died, and then
+/// this is the block's last reference: its drop tries a load before the
+/// decrement (O5′), and usually frees without a read-modify-write.
+#[repr(transparent)]
+pub(crate) struct EntryWeak<T: ?Sized>(std::mem::ManuallyDrop<Weak<T>>);
+
+impl<T: ?Sized> EntryWeak<T> {
+    pub(crate) fn new(weak: Weak<T>) -> Self {
+        EntryWeak(std::mem::ManuallyDrop::new(weak))
+    }
+}
+
+impl<T: ?Sized> std::ops::Deref for EntryWeak<T> {
+    type Target = Weak<T>;
+
+    #[inline]
+    fn deref(&self) -> &Weak<T> {
+        &self.0
+    }
+}
+
+impl<T: ?Sized> Drop for EntryWeak<T> {
+    #[inline]
+    fn drop(&mut self) {
+        // SAFETY: taken once, here; the field is not used again.
+        Weak::drop_expecting_last(unsafe { std::mem::ManuallyDrop::take(&mut self.0) });
     }
 }
 

@@ -17,14 +17,14 @@ use crate::raw::collection::{self, Collection, HookAnchor, Watching};
 use crate::raw::single_flight::{self, Flight, Flights, Joined, Settle};
 use crate::raw::table::{Relocatable, ShardedTable, Sided, WritePin};
 use crate::strong::Strong;
-use crate::weak::Weak;
+use crate::weak::{EntryWeak, Weak};
 
 /// One entry: immutable once published (SAFETY.md, sections 7 and 8).
 /// The value lives in the hook's node, the entry's one allocation: a
 /// rebuild moves the item (two pointers) and never the value, which
 /// readers may be borrowing (K1).
 struct Item<K: ?Sized, V> {
-    key: Weak<K>,
+    key: EntryWeak<K>,
     /// The death callback that removes this item (M4), holding the value;
     /// detached when the item is removed any other way (M5).
     hook: Hook<V>,
@@ -305,7 +305,7 @@ where
     /// callback that will remove exactly this item (M4).
     fn new_item(&self, hash: u64, key: &Strong<K>, value: V) -> Item<K, V> {
         Item {
-            key: Strong::downgrade(key),
+            key: EntryWeak::new(Strong::downgrade(key)),
             hook: collection::remove_on_death(&self.core, hash, key, value),
         }
     }

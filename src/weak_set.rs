@@ -8,14 +8,14 @@ use crate::identity::IdentityState;
 use crate::raw::collection::{self, Collection, HookAnchor, Watching};
 use crate::raw::table::{Relocatable, ShardedTable, Sided, WritePin};
 use crate::strong::Strong;
-use crate::weak::Weak;
+use crate::weak::{EntryWeak, Weak};
 
 /// One member: immutable once published (SAFETY.md, section 7). Its
 /// `Weak` alone, what lookups and iterations read: the hook sits in the
 /// slot's side, beside the item, so a scan of the set reads one pointer a
 /// member (two for an unsized member's fat one), not two.
 struct Member<T: ?Sized> {
-    object: Weak<T>,
+    object: EntryWeak<T>,
 }
 
 /// The death callback that removes a member (M4), in its slot's side;
@@ -219,7 +219,7 @@ where
         // one that counts, and a new member (the common case) would pay for
         // a pin for nothing.
         let member = Member {
-            object: Strong::downgrade(object),
+            object: EntryWeak::new(Strong::downgrade(object)),
         };
         let hook = MemberHook(collection::remove_on_death(&self.core, hash, object, ()));
         let pin = WritePin::lazy();

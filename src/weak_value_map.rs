@@ -16,7 +16,7 @@ use crate::raw::single_flight::{self, Flight, Flights, Joined, Settle};
 use crate::raw::table::{Relocatable, ShardWriter, ShardedTable, Sided, SlotMark, WritePin};
 use crate::raw::tier::Tier;
 use crate::strong::Strong;
-use crate::weak::Weak;
+use crate::weak::{EntryWeak, Weak};
 
 /// One entry, inline in its slot: a lookup reads its control byte, the key and the
 /// value's pointer from the slot, then the value's control block. A
@@ -26,7 +26,7 @@ use crate::weak::Weak;
 /// lookups probe: 16 bytes an entry there for a word-sized key, not 24.
 struct Item<K, V: ?Sized> {
     key: K,
-    value: Weak<V>,
+    value: EntryWeak<V>,
 }
 
 impl<K, V: ?Sized> Item<K, V> {
@@ -687,7 +687,7 @@ where
     fn new_item(&self, hash: u64, key: K, value: &Strong<V>) -> (Item<K, V>, EntryHook) {
         let item = Item {
             key,
-            value: Strong::downgrade(value),
+            value: EntryWeak::new(Strong::downgrade(value)),
         };
         let hook = collection::remove_on_death(&self.core, hash, value, ());
         (item, EntryHook(hook))
