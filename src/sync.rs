@@ -248,6 +248,13 @@ impl LeakCheck {
     }
 }
 
+// The cell is a probe, not state: a panic can leave nothing in it broken,
+// so handles stay unwind-safe under loom as they are outside it.
+#[cfg(weakrefs_loom)]
+impl std::panic::UnwindSafe for LeakCheck {}
+#[cfg(weakrefs_loom)]
+impl std::panic::RefUnwindSafe for LeakCheck {}
+
 #[cfg(weakrefs_loom)]
 impl Drop for LeakCheck {
     /// The free: loom checks it against every `let_go`.
