@@ -5,7 +5,7 @@ use std::hash::BuildHasher;
 
 use crate::callbacks::Hook;
 use crate::identity::IdentityState;
-use crate::raw::collection::{self, Collection, HookAnchor, Watching};
+use crate::raw::collection::{self, Collection, EntryHook, HookAnchor, Watching};
 use crate::raw::table::{Relocatable, ShardedTable, Sided, WritePin};
 use crate::strong::Strong;
 use crate::weak::{EntryWeak, Weak};
@@ -18,20 +18,8 @@ struct Member<T: ?Sized> {
     object: EntryWeak<T>,
 }
 
-/// The death callback that removes a member (M4), in its slot's side;
-/// detached when the member is removed any other way (M5), or when the set
-/// drops it.
-struct MemberHook(Hook);
-
-impl Drop for MemberHook {
-    fn drop(&mut self) {
-        // Removal paths detach eagerly; this covers the set being dropped.
-        self.0.detach();
-    }
-}
-
 impl<T: ?Sized> Sided for Member<T> {
-    type Side = MemberHook;
+    type Side = EntryHook;
 }
 
 // The object's block address is unique among the members of a set (one
@@ -50,7 +38,7 @@ unsafe impl<T: ?Sized> Relocatable for Member<T> {
     /// Nothing: a member moves whole.
     type LeftBehind = ();
 
-    fn identity(&self, _: &MemberHook) -> usize {
+    fn identity(&self, _: &EntryHook) -> usize {
         self.object.identity()
     }
 
@@ -73,7 +61,7 @@ impl<T: ?Sized + Send + Sync + 'static> Watching for Member<T> {
 
     type Payload = ();
 
-    fn hook<'a>(&'a self, side: &'a MemberHook) -> &'a Hook {
+    fn hook<'a>(&'a self, side: &'a EntryHook) -> &'a Hook {
         &side.0
     }
 }
@@ -221,7 +209,7 @@ where
         let member = Member {
             object: EntryWeak::new(Strong::downgrade(object)),
         };
-        let hook = MemberHook(collection::remove_on_death(&self.core, hash, object, ()));
+        let hook = EntryHook(collection::remove_on_death(&self.core, hash, object, ()));
         let pin = WritePin::lazy();
         let mut writer = self.core.table.write(hash, &pin);
         match writer.insert_unless(hash, (member, hook), |member| member.object.names(object)) {
@@ -502,6 +490,6 @@ mod tests {
         let word = std::mem::size_of::<usize>();
         assert_eq!(std::mem::size_of::<Member<u64>>(), word);
         assert_eq!(std::mem::size_of::<Member<str>>(), 2 * word);
-        assert_eq!(std::mem::size_of::<MemberHook>(), word);
+        assert_eq!(std::mem::size_of::<EntryHook>(), word);
     }
 }

@@ -10,7 +10,7 @@ use std::ptr;
 use std::sync::Arc;
 
 use crate::callbacks::Hook;
-use crate::raw::collection::{self, Collection, HookAnchor, Watching};
+use crate::raw::collection::{self, Collection, EntryHook, HookAnchor, Watching};
 use crate::raw::counters::Counters;
 use crate::raw::single_flight::{self, Flight, Flights, Joined, Settle};
 use crate::raw::table::{Relocatable, ShardWriter, ShardedTable, Sided, SlotMark, WritePin};
@@ -32,21 +32,6 @@ struct Item<K, V: ?Sized> {
 impl<K, V: ?Sized> Item<K, V> {
     fn key(&self) -> &K {
         &self.key
-    }
-}
-
-/// An entry's death callback, which removes the entry (M4); detached when
-/// the entry is removed any other way (M5), and when it is dropped (which
-/// covers the map being dropped: after the value's death the callback is
-/// claimed and detaching is a no-op). Its node is the entry's one
-/// allocation, and its address the entry's identity. The table keeps it
-/// beside the item, where writers and the keep-warm tier find it and
-/// lookups never look.
-struct EntryHook(Hook);
-
-impl Drop for EntryHook {
-    fn drop(&mut self) {
-        self.0.detach();
     }
 }
 

@@ -212,11 +212,11 @@ impl<H: 'static, P: 'static, C: Callback> Node<H, P, C> {
         let node = entry.cast::<Self>().as_ptr();
         // The closure is still present iff the state is ALIVE: a claimant
         // always runs it before letting go of its reference. Relaxed
-        // suffices for the load, as we are alone.
-        // SAFETY: the last reference is gone, and its fence ran or its
-        // Acquire load found it the last (C13): we own
-        // the node, which `leak` wrote whole into a block of this layout.
-        // A hook's payload is `ManuallyDrop`: its entry dropped it.
+        // suffices for the load, as we are alone. A hook's payload is
+        // `ManuallyDrop`: its entry dropped it.
+        // SAFETY: the last reference is gone, after its fence or Acquire
+        // load (C13): we own the node, which `leak` wrote whole into a
+        // block of this layout.
         unsafe {
             let header = node.cast::<Entry>();
             if (*header).state.load(Ordering::Relaxed) == ALIVE {

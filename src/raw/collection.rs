@@ -173,6 +173,22 @@ impl<C: Send + Sync + 'static> CoreRef<C> {
     }
 }
 
+/// An entry's death callback, kept in its slot's side (a `WeakValueMap`
+/// entry's, a `WeakSet` member's), which removes the entry (M4); detached
+/// when the entry is removed any other way (M5), and when it is dropped
+/// (which covers the collection being dropped: after the object's death
+/// the callback is claimed and detaching is a no-op). Its node is the
+/// entry's one allocation, and its address the entry's identity. The
+/// table keeps it beside the item, where writers (and a map's keep-warm
+/// tier) find it and lookups never look.
+pub(crate) struct EntryHook(pub(crate) Hook);
+
+impl Drop for EntryHook {
+    fn drop(&mut self) {
+        self.0.detach();
+    }
+}
+
 /// Registers on `object` the hook that removes from `core`'s table the
 /// entry filed under `hash` that holds this very hook, and only that one:
 /// a newer entry under the same key has a hook of its own and survives
