@@ -452,14 +452,16 @@ pub mod internals {
     //!    to the finalizer thread instead (`Executor::post`, M10); a
     //!    listener's notice runs after the unlock and the unpin.
     //! 5. Dropping the `ShardWriter` unlocks the shard and hands what it
-    //!    unlinked to the epoch under its `WritePin`
-    //!    (`Retired::defer`, `Pinned::defer`, I7, M9);
+    //!    unlinked to the epoch under its `WritePin` (`defer_item_drop`
+    //!    for the one entry a death removes; `Retired::defer` when a write
+    //!    lets go of more; `Pinned::defer`, I7, M9);
     //!    from the finalizer thread (`Executor::post`) if the entry's drop
     //!    runs user code (`Relocatable::DROP_RUNS_USER_CODE`, M10). Once no
     //!    reader pinned before the unlink is left, the deferred function
     //!    drops the entry (its side, the `Hook`; then its key and `Weak`), or moves it out
     //!    and posts its drop to the finalizer thread if that runs user
-    //!    code, then calls `free_slot` and `release`. The hook's node and,
+    //!    code, then calls `free_slot` and `release`
+    //!    (`drop_in_place_and_free`). The hook's node and,
     //!    with the last weak reference, the dead value's control block go
     //!    back to that thread's `block_cache`.
     //! 6. A posted job, or the user callbacks of step 3, go through

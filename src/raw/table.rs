@@ -1208,6 +1208,15 @@ struct Garbage<I: Relocatable> {
     abandoned: Vec<I::LeftBehind>,
 }
 
+impl<I: Relocatable> Garbage<I> {
+    /// Nothing but removed items (if any): no table replaced, nothing a
+    /// panic left behind.
+    #[inline]
+    fn only_items(&self) -> bool {
+        self.tables.is_empty() && self.unpublished.is_none() && self.abandoned.is_empty()
+    }
+}
+
 impl<I: Relocatable> Default for Garbage<I> {
     fn default() -> Self {
         Garbage {
@@ -1755,6 +1764,20 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
 impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
     fn drop(&mut self) {
         drop(self.state.take());
+        // The common case of a removal apart: one item unlinked, whose drop
+        // runs none of the user's code, and nothing else (a death's removal,
+        // most replacements). The general path below moves the writer's
+        // lists into a `Retired` and looks up the executor, which cost that
+        // case about as much as handing the item to the epoch does.
+        if !I::DROP_RUNS_USER_CODE && self.garbage.only_items() && self.garbage.items.rest.is_empty() {
+            if let Some((table, index)) = self.garbage.items.first.take() {
+                let pinned = self.pin.pinned(|| self.table.pin());
+                // SAFETY: unlinked under the mutex just released, with the
+                // table reference the writer took for it (as below).
+                unsafe { defer_item_drop(pinned, table, index) };
+            }
+            return;
+        }
         let pending = &self.garbage;
         if pending.items.is_empty()
             && pending.tables.is_empty()
@@ -1881,14 +1904,7 @@ impl<I: Relocatable + Send + Sync + 'static> Retired<I> {
                             catch_and_report("a removed entry's destructor", || drop(item));
                         });
                     } else {
-                        // Our own types only; a panic (none is expected)
-                        // must neither skip the release nor unwind into the
-                        // collecting thread.
-                        catch_and_report("a removed entry's destructor", || {
-                            (*table).drop_whole(index);
-                        });
-                        free_slot(&*table, index);
-                        release(table);
+                        drop_in_place_and_free(table, index);
                     }
                 });
             }
@@ -1900,6 +1916,65 @@ impl<I: Relocatable + Send + Sync + 'static> Retired<I> {
             // (our 1); `retire`'s 1 and 2 as just said.
             unsafe { pinned.defer(move || retire(table, without, executor)) };
         }
+    }
+}
+
+/// Hands the drop of the item a writer unlinked from slot `index` of
+/// `table` to the epoch: once no reader can see it, it is dropped in place,
+/// its slot freed for reuse and the table reference released (M2).
+///
+/// # Safety
+///
+/// 1. The item's drop runs none of the user's code
+///    (`!I::DROP_RUNS_USER_CODE`).
+/// 2. It was unlinked under the shard's mutex, which is released: no reader
+///    that pins from now on can reach it.
+/// 3. The caller owns one reference to `table`, taken for this item, which
+///    it hands to the deferred function.
+#[inline]
+unsafe fn defer_item_drop<I: Relocatable + Send + Sync + 'static>(
+    pinned: &Pinned,
+    table: *const Table<I>,
+    index: usize,
+) {
+    debug_assert!(!I::DROP_RUNS_USER_CODE);
+    // `I: Send` lets the function run anywhere; the table is kept
+    // allocated by the reference it owns (3).
+    struct Slot<I: Relocatable>(*const Table<I>, usize);
+    // SAFETY: as just said.
+    unsafe impl<I: Relocatable + Send> Send for Slot<I> {}
+    let slot = Slot(table, index);
+    let drop_item = move || {
+        let slot = slot;
+        // SAFETY: by 2 and 3, ours to drop once, when no reader can see it.
+        unsafe { drop_in_place_and_free(slot.0, slot.1) }
+    };
+    // SAFETY: unreachable by any reader that pins from now on (2); the slot
+    // stays valid until the function runs (3).
+    unsafe { pinned.defer(drop_item) };
+}
+
+/// Drops the unlinked item of slot `index` in place, frees the slot and
+/// releases the caller's reference to `table`: what a removed item's
+/// deferred function does, once no reader can see the item, when its drop
+/// runs none of the user's code.
+///
+/// # Safety
+///
+/// 1. The item was unlinked and no reader can see it any more; it is
+///    dropped once, here.
+/// 2. The caller owns one reference to `table`, which this releases.
+unsafe fn drop_in_place_and_free<I: Relocatable>(table: *const Table<I>, index: usize) {
+    // Our own types only; a panic (none is expected) must neither skip the
+    // release nor unwind into the collecting thread.
+    catch_and_report("a removed entry's destructor", || {
+        // SAFETY: by 1 and 2 (the reference keeps the table allocated).
+        unsafe { (*table).drop_whole(index) };
+    });
+    // SAFETY: as above.
+    unsafe {
+        free_slot(&*table, index);
+        release(table);
     }
 }
 
