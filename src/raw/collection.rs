@@ -253,9 +253,13 @@ where
                 Some(pinned) => WritePin::held(pinned),
                 None => WritePin::lazy(),
             };
+            // The writer is borrowed, and dropped (unlocked) in place at the
+            // end of the statement: moving it into a closure or a function
+            // copies it whole, on every death.
             let removal = core
                 .table()
                 .try_write(hash, &pin)
+                .as_mut()
                 .map(|writer| remove_holding(&*core, writer, hash, hook.identity()));
             // Unpinned before the collection's notice (a removal listener,
             // user code) runs: it must not hold reclamation back.
@@ -281,8 +285,9 @@ where
                 } else {
                     Some(core.table().write(hash, &pin))
                 };
-                let notice =
-                    writer.and_then(|writer| remove_holding(&*core, writer, hash, hook.identity()));
+                let notice = writer.and_then(|mut writer| {
+                    remove_holding(&*core, &mut writer, hash, hook.identity())
+                });
                 drop(pin);
                 if let Some(notice) = notice {
                     notice();
@@ -299,12 +304,13 @@ where
 }
 
 /// Removes, under `writer`, the entry filed under `hash` whose hook is
-/// `hook`; its drop follows once no reader can see it (M2). Returns what
-/// the collection makes of the removal (`Collection::died`), for the
-/// caller to run after the unlock and once it no longer holds a pin.
+/// `hook`; its drop follows once no reader can see it and the writer is
+/// dropped (M2). Returns what the collection makes of the removal
+/// (`Collection::died`), for the caller to run after the unlock and once
+/// it no longer holds a pin.
 fn remove_holding<C, I>(
     core: &C,
-    mut writer: ShardWriter<'_, I>,
+    writer: &mut ShardWriter<'_, I>,
     hash: u64,
     hook: usize,
 ) -> Option<Box<dyn FnOnce() + Send>>

@@ -130,6 +130,15 @@ const DROP_PENDING: u32 = 0;
 /// (`free_slot`): the slot may be filled again (M2).
 const DROPPED: u32 = 1;
 
+/// What a shard's reference to its current table weighs in the table's
+/// `refs`: more than the drops a shard can issue between folds, far
+/// below overflow (M9).
+const SHARD_REF: usize = usize::MAX / 4;
+
+/// Drops a shard issues for its table before folding their count into the
+/// table's `refs` (M9). Two under loom, so that models fold.
+const FOLD_EVERY: usize = if cfg!(weakrefs_loom) { 2 } else { 1 << 16 };
+
 /// `0x0101…01`: a one in each byte of a word.
 const ONES: usize = usize::MAX / 0xFF;
 /// The bits of a word that hold its group's control bytes (all of them but
@@ -430,9 +439,11 @@ struct Table<I: Sided> {
     /// rebuilds the table ([`usable`] of its slots), kept so that a write
     /// need not work it out.
     usable: usize,
-    /// One for being a shard's current table, plus one per removed item
-    /// whose deferred drop has not run yet. On its own cache line: writers
-    /// change it, readers only read the rest.
+    /// The shard's reference while the table is current, worth
+    /// `SHARD_REF`, less one per deferred drop of a removed item that has
+    /// run, plus the drops the shard has folded in; once the shard's
+    /// reference is released, the drops still pending (M9). On its own
+    /// cache line: deferred drops change it, readers only read the rest.
     refs: CachePadded<AtomicUsize>,
 }
 
@@ -447,7 +458,7 @@ impl<I: Sided> Table<I> {
             slots: Slots::new(count, marked),
             homes: (0..count).map(|_| AtomicU32::new(0)).collect(),
             usable: usable(count),
-            refs: CachePadded::new(AtomicUsize::new(1)),
+            refs: CachePadded::new(AtomicUsize::new(SHARD_REF)),
         })
     }
 
@@ -665,21 +676,24 @@ impl<I: Sided> Table<I> {
     }
 }
 
-/// Releases one reference to `table`, freeing it with the last.
+/// Releases `weight` of `table`'s references (M9): one for a deferred
+/// drop that has run, or the shard's reference less the drops it issued
+/// and did not fold in. Frees the table with the last.
 ///
 /// # Safety
 ///
-/// 1. The caller owns one of the table's references.
-/// 2. No full slot's item is still owned by the table: the items were
-///    moved to a newer table, dropped (or moved out) by deferred functions,
-///    or dropped by `ShardedTable::drop`.
-unsafe fn release<I: Sided>(table: *const Table<I>) {
-    // SAFETY: by 1 the table is alive while we hold a reference.
+/// 1. The caller owns what it releases, and does not use the table after.
+/// 2. No full slot's item is still owned by the table once the last
+///    release runs: the items were moved to a newer table, dropped (or
+///    moved out) by deferred functions, or dropped by
+///    `ShardedTable::drop`.
+unsafe fn release<I: Sided>(table: *const Table<I>, weight: usize) {
+    // SAFETY: by 1 the table is alive while we hold the weight we release.
     let refs = unsafe { &(*table).refs };
     // Release: orders our use of the table (a deferred drop of one of its
     // items) before the free below, on whichever thread frees it.
-    if refs.fetch_sub(1, Ordering::Release) == 1 {
-        // Acquire: pairs with the Release decrements of the other holders.
+    if refs.fetch_sub(weight, Ordering::Release) == weight {
+        // Acquire: pairs with the Release subtractions of the other holders.
         acquire_fence!(refs);
         // SAFETY: the last reference; allocated by `Box` in `with_slots`.
         // By 2, freeing the slots (`MaybeUninit`) drops no item.
@@ -692,11 +706,14 @@ struct ShardState {
     /// Slots of the current table that are not empty (full or tombstones):
     /// a dropped tombstone is filled again without counting anew.
     used: usize,
+    /// Deferred drops of the current table's removed items issued since
+    /// the last fold into its `refs` (M9).
+    issued: usize,
 }
 
 /// One shard: its current table, its writers' mutex, its item count.
 struct Shard<I: Sided> {
-    /// Never null; owns one reference to the table.
+    /// Never null; owns the shard's reference to the table (M9).
     table: AtomicPtr<Table<I>>,
     writer: Mutex<ShardState>,
     /// Items in the table. Written under the mutex, read without it.
@@ -788,7 +805,7 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
                 .map(|_| {
                     CachePadded::new(Shard {
                         table: AtomicPtr::new(Box::into_raw(Table::with_slots(slots, marked))),
-                        writer: Mutex::new(ShardState { used: 0 }),
+                        writer: Mutex::new(ShardState { used: 0, issued: 0 }),
                         len: AtomicUsize::new(0),
                     })
                 })
@@ -1008,10 +1025,12 @@ impl<I: Sided> Drop for ShardedTable<I> {
         for shard in self.shards.iter() {
             // Relaxed: exclusive access.
             let table = shard.table.swap(ptr::null_mut(), Ordering::Relaxed);
+            // Exclusive access: uncontended, and final (M9).
+            let issued = shard.writer.lock().issued;
             // Exclusive access; the current table owns its full slots' items
             // and sides (tombstones' belong to deferred drops).
             // SAFETY: as just said; we drop each once before giving up the
-            // shard's reference.
+            // shard's reference, less the drops it issued (M9).
             unsafe {
                 // Relaxed: exclusive access to the full slots. (Deferred
                 // drops of this table's tombstones may still be freeing
@@ -1022,7 +1041,7 @@ impl<I: Sided> Drop for ShardedTable<I> {
                         first_panic.get_or_insert(payload);
                     }
                 });
-                release(table);
+                release(table, SHARD_REF - issued);
             }
         }
         if let Some(payload) = first_panic {
@@ -1191,29 +1210,47 @@ impl<T> Few<T> {
 
 /// What a write unlinked, released after the shard's mutex is released.
 struct Garbage<I: Relocatable> {
-    /// Removed items: (their table, their slot). Each holds a table
-    /// reference, taken at removal.
+    /// Removed items: (their table, their slot). Each holds the drop its
+    /// removal issued, a reference to the table (M9).
     items: Few<(*const Table<I>, usize)>,
-    /// Replaced tables, each with the shard's reference to it and the slot
-    /// of the item its rebuild left out (whose drop is one of `items`). A
-    /// plain `Vec`, which a rebuild reserves room in first: rebuilds are
-    /// rare, and a writer small enough to move without a `memcpy` call
-    /// costs every write less.
-    tables: Vec<(*const Table<I>, Option<usize>)>,
     /// An item, with its side, that a panic kept from being published;
     /// dropped after the unlock.
     unpublished: Option<(I, I::Side)>,
+    /// What only a rebuild leaves, boxed by the first rebuild of the
+    /// write: rebuilds are rare, and every other write then makes, checks
+    /// and drops a writer five words smaller.
+    rebuilt: Option<Box<Rebuilt<I>>>,
+}
+
+/// What a writer's rebuilds let go of (see [`Garbage`]).
+struct Rebuilt<I: Relocatable> {
+    /// Replaced tables, each with the shard's reference to it, the slot of
+    /// the item its rebuild left out (whose drop is one of the garbage's
+    /// `items`) and the drops issued for its items that the shard's
+    /// release leaves out (M9); room for the next one is reserved before
+    /// the rebuild's first change.
+    tables: Vec<(*const Table<I>, Option<usize>, usize)>,
     /// What the copies of a rebuild that a panic abandoned made afresh;
     /// dropped after the unlock.
     abandoned: Vec<I::LeftBehind>,
 }
 
 impl<I: Relocatable> Garbage<I> {
-    /// Nothing but removed items (if any): no table replaced, nothing a
-    /// panic left behind.
+    /// Nothing but removed items (if any): no rebuild, nothing a panic
+    /// left behind.
     #[inline]
     fn only_items(&self) -> bool {
-        self.tables.is_empty() && self.unpublished.is_none() && self.abandoned.is_empty()
+        self.rebuilt.is_none() && self.unpublished.is_none()
+    }
+
+    /// Where rebuilds record what they let go of; allocated at the first.
+    fn rebuilt(&mut self) -> &mut Rebuilt<I> {
+        self.rebuilt.get_or_insert_with(|| {
+            Box::new(Rebuilt {
+                tables: Vec::new(),
+                abandoned: Vec::new(),
+            })
+        })
     }
 }
 
@@ -1221,9 +1258,8 @@ impl<I: Relocatable> Default for Garbage<I> {
     fn default() -> Self {
         Garbage {
             items: Few::new(),
-            tables: Vec::new(),
             unpublished: None,
-            abandoned: Vec::new(),
+            rebuilt: None,
         }
     }
 }
@@ -1317,8 +1353,9 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
     /// uses it no longer than that, unless this thread is pinned for `'g`
     /// (then a table replaced after the unlock is freed only once it
     /// unpins, I7), or it passes it only to [`Self::lend`], whose promises
-    /// keep what it lends readable for `'g` (the table reference the unlink
-    /// took, and the pin the writer takes before handing anything on, M9).
+    /// keep what it lends readable for `'g` (the drop the unlink issued,
+    /// which keeps the table allocated until it runs, and the pin the
+    /// writer takes before handing anything on, M9).
     /// The `'g` in the signature is for those cases, not a promise.
     unsafe fn current_table(&self) -> &'g Table<I> {
         // SAFETY: as the caller promises.
@@ -1571,9 +1608,7 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
         let table = unsafe { self.current_table() };
         let table_ptr = self.current_table_ptr();
         self.garbage.items.reserve_one();
-        // Relaxed: a new reference taken while we hold one (the shard's), as
-        // `Arc::clone` does; `release` orders the free.
-        table.refs.fetch_add(1, Ordering::Relaxed);
+        self.issue_drop(table);
         // Relaxed (M2): the drop queued below stores `DROPPED` after this,
         // ordered by the epoch, and writers read the entry of tombstones
         // only, under the mutex, so none reads an older `DROPPED` there.
@@ -1587,6 +1622,21 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
         table.set_control(index, full, TOMBSTONE, Ordering::Release);
         self.garbage.items.push((table_ptr, index));
         self.add_len(-1);
+    }
+
+    /// Counts one more deferred drop of an item of `table`, the current
+    /// table, whose deferred function will release one of its references
+    /// (M9): no reference is taken now, but every `FOLD_EVERY` drops, in
+    /// one addition.
+    fn issue_drop(&mut self, table: &Table<I>) {
+        let state = self.state.as_mut().expect("locked until dropped");
+        state.issued += 1;
+        if state.issued == FOLD_EVERY {
+            // Relaxed: references taken while we hold the shard's, as
+            // `Arc::clone` does; `release` orders the free.
+            table.refs.fetch_add(FOLD_EVERY, Ordering::Relaxed);
+            state.issued = 0;
+        }
     }
 
     /// Removes every item `keep` rejects, under the lock. Returns them and
@@ -1629,7 +1679,7 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
     #[inline(never)]
     fn rebuild(&mut self, new: Box<Table<I>>, incoming: Option<u64>, without: Option<usize>) {
         // Room to record the old table, before the first change.
-        self.garbage.tables.reserve(1);
+        self.garbage.rebuilt().tables.reserve(1);
         // SAFETY: used while this writer lives.
         let old = unsafe { self.current_table() };
         let old_ptr = self.current_table_ptr();
@@ -1691,7 +1741,8 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
                 let mut copies = Vec::new();
                 // Relaxed: the new table is ours alone.
                 new.each_full(Ordering::Relaxed, |index, _| copies.push(index));
-                self.garbage.abandoned.reserve_exact(copies.len());
+                let abandoned = &mut self.garbage.rebuilt().abandoned;
+                abandoned.reserve_exact(copies.len());
                 for index in copies {
                     // Dropped after the unlock.
                     let left = new.slots.slot(index).with(|item| {
@@ -1699,7 +1750,7 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
                         // old table drops whole (1); unseen (2).
                         unsafe { I::take_left_behind((*item).as_ptr()) }
                     });
-                    self.garbage.abandoned.push(left);
+                    abandoned.push(left);
                 }
                 // Freeing the slots (`MaybeUninit`) drops nothing more: the
                 // sides copied there are the originals' to drop.
@@ -1722,21 +1773,27 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
             new.homes[target].store(hash as u32, Ordering::Relaxed);
             new.set_control(target, EMPTY, control_of(hash), Ordering::Relaxed);
         }
+        if let Some(index) = without {
+            // As in `unlink`, but the slot stays full in the old table: its
+            // readers may still find the item until the new table reaches
+            // them. Issued while the old table is still current (M9).
+            self.issue_drop(old);
+            self.garbage.items.push((old_ptr, index));
+        }
+        // The shard's reference to the old table, released after the unlock
+        // together with what its relocated items left behind, less the
+        // drops issued for the old table's items, final now that it stops
+        // being current: the new table starts counting afresh (M9).
+        let issued = std::mem::take(&mut self.state.as_mut().expect("locked until dropped").issued);
+        self.garbage
+            .rebuilt()
+            .tables
+            .push((old_ptr, without, issued));
         // Release (M3): publishes the new table, its slots and their items
         // to readers' Acquire loads of the table pointer.
         self.shard
             .table
             .store(Box::into_raw(new), Ordering::Release);
-        // The shard's reference to the old table, released after the unlock
-        // together with what its relocated items left behind.
-        self.garbage.tables.push((old_ptr, without));
-        if let Some(index) = without {
-            // As in `unlink`, but the slot stays full in the old table: its
-            // readers may still find the item until the new table reaches
-            // them.
-            old.refs.fetch_add(1, Ordering::Relaxed);
-            self.garbage.items.push((old_ptr, index));
-        }
         let added = usize::from(incoming.is_some());
         *self.used() = items + added;
         self.add_len(added as isize - isize::from(without.is_some()));
@@ -1769,36 +1826,40 @@ impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
         // most replacements). The general path below moves the writer's
         // lists into a `Retired` and looks up the executor, which cost that
         // case about as much as handing the item to the epoch does.
-        if !I::DROP_RUNS_USER_CODE && self.garbage.only_items() && self.garbage.items.rest.is_empty() {
+        if !I::DROP_RUNS_USER_CODE
+            && self.garbage.only_items()
+            && self.garbage.items.rest.is_empty()
+        {
             if let Some((table, index)) = self.garbage.items.first.take() {
                 let pinned = self.pin.pinned(|| self.table.pin());
                 // SAFETY: unlinked under the mutex just released, with the
-                // table reference the writer took for it (as below).
+                // drop the writer issued for it (as below).
                 unsafe { defer_item_drop(pinned, table, index) };
             }
             return;
         }
-        let pending = &self.garbage;
-        if pending.items.is_empty()
-            && pending.tables.is_empty()
-            && pending.unpublished.is_none()
-            && pending.abandoned.is_empty()
-        {
+        let garbage = &mut self.garbage;
+        if garbage.items.is_empty() && garbage.only_items() {
             // Most writes (an insert into a free slot) let go of nothing.
             return;
         }
-        // Field by field: the whole is large, and moving it costs a copy.
-        let garbage = &mut self.garbage;
+        let (tables, abandoned) = match garbage.rebuilt.take() {
+            Some(rebuilt) => {
+                let Rebuilt { tables, abandoned } = *rebuilt;
+                (tables, abandoned)
+            }
+            None => (Vec::new(), Vec::new()),
+        };
         // After the unlock: user code, dropped here only on a panic's way
         // out (a failed `Eq` or `Clone`), where a panic escaping a drop
         // would abort: each key on its own.
-        if garbage.unpublished.is_some() || !garbage.abandoned.is_empty() {
+        if garbage.unpublished.is_some() || !abandoned.is_empty() {
             let what = "an unpublished entry's destructor";
             let unpublished = garbage.unpublished.take();
             catch_and_report(what, || drop(unpublished));
-            drop_each_and_report(what, std::mem::take(&mut garbage.abandoned));
+            drop_each_and_report(what, abandoned);
         }
-        if garbage.items.is_empty() && garbage.tables.is_empty() {
+        if garbage.items.is_empty() && tables.is_empty() {
             return;
         }
         // Looked up now, not when the functions run: they may run while the
@@ -1806,7 +1867,7 @@ impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
         let executor = Executor::global();
         let retired = Retired {
             items: std::mem::replace(&mut garbage.items, Few::new()),
-            tables: std::mem::take(&mut garbage.tables),
+            tables,
         };
         // Not under loom: a model's collector runs everything it holds when
         // the model ends, and a posted job would run after that collector
@@ -1837,7 +1898,7 @@ impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
                 let pinned = Reclaimer::global().pin();
                 // SAFETY: `Retired::defer`'s conditions held when the
                 // writer made it, and nothing since has touched what it
-                // names (its functions own their table references).
+                // names (its functions own their tables' references).
                 unsafe { retired.defer(&pinned, executor) };
                 drop(pinned);
                 if !executor.has_queued_work() {
@@ -1851,17 +1912,19 @@ impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
         } else {
             let pinned = self.pin.pinned(|| self.table.pin());
             // SAFETY: unlinked and replaced under the mutex just released,
-            // each with the table reference the writer took for it.
+            // each with the drop the writer issued for it, or the shard's
+            // reference (M9).
             unsafe { retired.defer(pinned, executor) };
         }
     }
 }
 
-/// What a writer unlinked (items) and replaced (tables), each owning one
-/// reference to its table, to be handed to the epoch.
+/// What a writer unlinked (items), each owning the drop the writer issued
+/// for it, and replaced (tables), each with the shard's reference and the
+/// drops issued for its items, to be handed to the epoch (M9).
 struct Retired<I: Relocatable> {
     items: Few<(*const Table<I>, usize)>,
-    tables: Vec<(*const Table<I>, Option<usize>)>,
+    tables: Vec<(*const Table<I>, Option<usize>, usize)>,
 }
 
 // SAFETY: the pointers name tables kept allocated by the references these
@@ -1878,14 +1941,17 @@ impl<I: Relocatable + Send + Sync + 'static> Retired<I> {
     /// 1. Each item was unlinked, and each table replaced, under its
     ///    shard's mutex, which is released: no reader that pins from now
     ///    on can reach them.
-    /// 2. Each entry owns one reference to its table; each table's full
-    ///    slots but its `without` hold relocated originals.
+    /// 2. Each item owns one issued drop of its table, and each table its
+    ///    shard's reference, less the drops issued for its items (M9);
+    ///    each table's full slots but its `without` hold relocated
+    ///    originals.
     unsafe fn defer(self, pinned: &Pinned, executor: Executor) {
         for (table, index) in self.items.into_iter() {
-            // The deferred function owns one reference to its table, which
+            // The deferred function owns one issued drop of its table, which
             // keeps the slot allocated until it runs; it drops the item
             // once (or moves it out once, for the finalizer thread to
-            // drop), frees the slot for reuse, then releases the reference.
+            // drop), frees the slot for reuse, then releases the drop's
+            // reference (M9).
             // `I: Send` lets it run anywhere.
             // SAFETY: unlinked, so no reader that pins from now on can reach
             // it (`defer`'s 2, our 1); the slot stays valid until it runs
@@ -1899,7 +1965,7 @@ impl<I: Relocatable + Send + Sync + 'static> Retired<I> {
                         // (M10). The slot is never read again.
                         let item = (*table).take_whole(index);
                         free_slot(&*table, index);
-                        release(table);
+                        release(table, 1);
                         executor.post(move || {
                             catch_and_report("a removed entry's destructor", || drop(item));
                         });
@@ -1909,19 +1975,21 @@ impl<I: Relocatable + Send + Sync + 'static> Retired<I> {
                 });
             }
         }
-        for (table, without) in self.tables {
-            // The function owns the shard's reference, and the table's full
-            // slots but `without` hold relocated originals (our 2).
+        for (table, without, issued) in self.tables {
+            // The function owns the shard's reference, less the drops
+            // issued, and the table's full slots but `without` hold
+            // relocated originals (our 2).
             // SAFETY: replaced, so no reader that pins from now on reaches it
             // (our 1); `retire`'s 1 and 2 as just said.
-            unsafe { pinned.defer(move || retire(table, without, executor)) };
+            unsafe { pinned.defer(move || retire(table, without, issued, executor)) };
         }
     }
 }
 
 /// Hands the drop of the item a writer unlinked from slot `index` of
 /// `table` to the epoch: once no reader can see it, it is dropped in place,
-/// its slot freed for reuse and the table reference released (M2).
+/// its slot freed for reuse and its issued drop's reference to the table
+/// released (M2, M9).
 ///
 /// # Safety
 ///
@@ -1929,8 +1997,8 @@ impl<I: Relocatable + Send + Sync + 'static> Retired<I> {
 ///    (`!I::DROP_RUNS_USER_CODE`).
 /// 2. It was unlinked under the shard's mutex, which is released: no reader
 ///    that pins from now on can reach it.
-/// 3. The caller owns one reference to `table`, taken for this item, which
-///    it hands to the deferred function.
+/// 3. The caller owns the drop issued for this item, one reference to
+///    `table` (M9), which it hands to the deferred function.
 #[inline]
 unsafe fn defer_item_drop<I: Relocatable + Send + Sync + 'static>(
     pinned: &Pinned,
@@ -1955,7 +2023,7 @@ unsafe fn defer_item_drop<I: Relocatable + Send + Sync + 'static>(
 }
 
 /// Drops the unlinked item of slot `index` in place, frees the slot and
-/// releases the caller's reference to `table`: what a removed item's
+/// releases the reference of its issued drop to `table` (M9): what a removed item's
 /// deferred function does, once no reader can see the item, when its drop
 /// runs none of the user's code.
 ///
@@ -1963,7 +2031,8 @@ unsafe fn defer_item_drop<I: Relocatable + Send + Sync + 'static>(
 ///
 /// 1. The item was unlinked and no reader can see it any more; it is
 ///    dropped once, here.
-/// 2. The caller owns one reference to `table`, which this releases.
+/// 2. The caller owns the item's issued drop, one reference to `table`,
+///    which this releases.
 unsafe fn drop_in_place_and_free<I: Relocatable>(table: *const Table<I>, index: usize) {
     // Our own types only; a panic (none is expected) must neither skip the
     // release nor unwind into the collecting thread.
@@ -1974,7 +2043,7 @@ unsafe fn drop_in_place_and_free<I: Relocatable>(table: *const Table<I>, index: 
     // SAFETY: as above.
     unsafe {
         free_slot(&*table, index);
-        release(table);
+        release(table, 1);
     }
 }
 
@@ -2005,11 +2074,13 @@ fn free_slot<I: Sided>(table: &Table<I>, index: usize) {
 /// # Safety
 ///
 /// 1. The caller owns the shard's reference to `table`, which a rebuild
-///    replaced, and no reader can reach it any more.
+///    replaced, less the `issued` drops of its items (M9), and no reader
+///    can reach it any more.
 /// 2. Every full slot but `without` holds an item the rebuild relocated.
 unsafe fn retire<I: Relocatable>(
     table: *const Table<I>,
     without: Option<usize>,
+    issued: usize,
     executor: Executor,
 ) {
     if std::mem::needs_drop::<I::LeftBehind>() {
@@ -2036,10 +2107,11 @@ unsafe fn retire<I: Relocatable>(
             drop_each_and_report("a relocated entry's destructor", left);
         }
     }
-    // SAFETY: the shard's reference (1); what the table's full slots still
-    // owned was just taken, or is dropped by a deferred function of its
-    // own (`without`), so releasing it drops no item (`release`'s 2).
-    unsafe { release(table) }
+    // SAFETY: the shard's reference, less the drops issued (1); what the
+    // table's full slots still owned was just taken, or is dropped by a
+    // deferred function of its own (`without`), so releasing it drops no
+    // item (`release`'s 2).
+    unsafe { release(table, SHARD_REF - issued) }
 }
 
 /// The slot of the first item in `hash`'s probe sequence that `matches`
