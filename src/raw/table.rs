@@ -1370,8 +1370,13 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
         self.shard.table.load(Ordering::Relaxed)
     }
 
+    /// The shard's writer-side state, under the lock this writer holds.
+    fn state(&mut self) -> &mut ShardState {
+        self.state.as_mut().expect("locked until dropped")
+    }
+
     fn used(&mut self) -> &mut usize {
-        &mut self.state.as_mut().expect("locked until dropped").used
+        &mut self.state().used
     }
 
     /// The items whose control bytes match `hash`'s (dead ones included),
@@ -1629,7 +1634,7 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
     /// (M9): no reference is taken now, but every `FOLD_EVERY` drops, in
     /// one addition.
     fn issue_drop(&mut self, table: &Table<I>) {
-        let state = self.state.as_mut().expect("locked until dropped");
+        let state = self.state();
         state.issued += 1;
         if state.issued == FOLD_EVERY {
             // Relaxed: references taken while we hold the shard's, as
@@ -1784,7 +1789,7 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
         // together with what its relocated items left behind, less the
         // drops issued for the old table's items, final now that it stops
         // being current: the new table starts counting afresh (M9).
-        let issued = std::mem::take(&mut self.state.as_mut().expect("locked until dropped").issued);
+        let issued = std::mem::take(&mut self.state().issued);
         self.garbage
             .rebuilt()
             .tables
@@ -1947,31 +1952,30 @@ impl<I: Relocatable + Send + Sync + 'static> Retired<I> {
     ///    originals.
     unsafe fn defer(self, pinned: &Pinned, executor: Executor) {
         for (table, index) in self.items.into_iter() {
+            if !I::DROP_RUNS_USER_CODE {
+                // SAFETY: unlinked (our 1), owning its issued drop (our 2).
+                unsafe { defer_item_drop(pinned, table, index) };
+                continue;
+            }
             // The deferred function owns one issued drop of its table, which
-            // keeps the slot allocated until it runs; it drops the item
-            // once (or moves it out once, for the finalizer thread to
-            // drop), frees the slot for reuse, then releases the drop's
-            // reference (M9).
-            // `I: Send` lets it run anywhere.
+            // keeps the slot allocated until it runs; it moves the item out
+            // once (the slot is never read again), frees the slot for reuse,
+            // releases the drop's reference
+            // (M9), and leaves the item's drop to the finalizer thread: this
+            // function runs wherever garbage is collected, which may be
+            // inside a lookup or under a shard lock (M10). `I: Send` lets it
+            // run anywhere.
             // SAFETY: unlinked, so no reader that pins from now on can reach
             // it (`defer`'s 2, our 1); the slot stays valid until it runs
             // (1, our 2).
             unsafe {
                 pinned.defer(move || {
-                    if I::DROP_RUNS_USER_CODE {
-                        // Moved out, and dropped on the finalizer thread:
-                        // this function runs wherever garbage is collected,
-                        // which may be inside a lookup or under a shard lock
-                        // (M10). The slot is never read again.
-                        let item = (*table).take_whole(index);
-                        free_slot(&*table, index);
-                        release(table, 1);
-                        executor.post(move || {
-                            catch_and_report("a removed entry's destructor", || drop(item));
-                        });
-                    } else {
-                        drop_in_place_and_free(table, index);
-                    }
+                    let item = (*table).take_whole(index);
+                    free_slot(&*table, index);
+                    release(table, 1);
+                    executor.post(move || {
+                        catch_and_report("a removed entry's destructor", || drop(item));
+                    });
                 });
             }
         }
@@ -2107,10 +2111,8 @@ unsafe fn retire<I: Relocatable>(
             drop_each_and_report("a relocated entry's destructor", left);
         }
     }
-    // SAFETY: the shard's reference, less the drops issued (1); what the
-    // table's full slots still owned was just taken, or is dropped by a
-    // deferred function of its own (`without`), so releasing it drops no
-    // item (`release`'s 2).
+    // SAFETY: ours is the shard's reference less the drops issued (1); the
+    // full slots own nothing now (taken above, or `without`'s own drop).
     unsafe { release(table, SHARD_REF - issued) }
 }
 
