@@ -141,7 +141,7 @@ impl Finalizer {
             return false;
         }
         // SAFETY: we won the claim just now; this is its one run.
-        global().run_callback(|| unsafe { self.entry.run_claimed() });
+        global().run_callback(|| unsafe { self.entry.run_claimed(None) });
         true
     }
 

@@ -44,6 +44,7 @@ use std::mem::ManuallyDrop;
 use std::ptr::{self, NonNull};
 
 use crate::block_cache;
+use crate::reclaim::Pinned;
 use crate::sync::{
     acquire_fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU8, LeakCheck, Ordering, UnsafeCell,
 };
@@ -67,8 +68,9 @@ const MAX_REFS: u32 = i32::MAX as u32;
 
 /// What a node does with its closure, per node type.
 struct EntryVTable {
-    /// Moves the closure out and calls it.
-    call: unsafe fn(NonNull<Entry>),
+    /// Moves the closure out and calls it, lending it the caller's pin, if
+    /// any.
+    call: unsafe fn(NonNull<Entry>, Option<&Pinned>),
     /// Moves the closure out and drops it.
     discard: unsafe fn(NonNull<Entry>),
     /// Drops the closure if still present, then frees the node.
@@ -105,36 +107,37 @@ struct Listed {
 /// A closure a node can run, given the node.
 trait Callback: Send + 'static {
     /// Runs the closure. `entry` is the node, kept allocated by the
-    /// caller's reference for the duration of the call.
-    fn run(self, entry: NonNull<Entry>);
+    /// caller's reference for the duration of the call; `pinned`, the
+    /// caller's pin, if it holds one (the dying thread does, for hooks).
+    fn run(self, entry: NonNull<Entry>, pinned: Option<&Pinned>);
 }
 
 /// The closure of a listed node: called with nothing.
 struct Plain<F>(F);
 
 impl<F: FnOnce() + Send + 'static> Callback for Plain<F> {
-    fn run(self, _: NonNull<Entry>) {
+    fn run(self, _: NonNull<Entry>, _: Option<&Pinned>) {
         (self.0)()
     }
 }
 
 /// The closure of a hook with payload `P`: called with the hook it was
-/// registered as.
+/// registered as, and the dying thread's pin.
 struct Hooked<F, P>(F, PhantomData<fn(P)>);
 
 impl<F, P> Callback for Hooked<F, P>
 where
-    F: FnOnce(&Hook<P>) + Send + 'static,
+    F: FnOnce(&Hook<P>, Option<&Pinned>) + Send + 'static,
     P: 'static,
 {
-    fn run(self, entry: NonNull<Entry>) {
+    fn run(self, entry: NonNull<Entry>, pinned: Option<&Pinned>) {
         // Borrowed, not owned: the caller's reference keeps the node
         // allocated during the call, and `ManuallyDrop` leaves its count.
         let hook = ManuallyDrop::new(Hook {
             entry: EntryRef(entry),
             payload: PhantomData,
         });
-        (self.0)(&hook)
+        (self.0)(&hook, pinned)
     }
 }
 
@@ -197,10 +200,10 @@ impl<H: 'static, P: 'static, C: Callback> Node<H, P, C> {
         }
     }
 
-    unsafe fn call(entry: NonNull<Entry>) {
+    unsafe fn call(entry: NonNull<Entry>, pinned: Option<&Pinned>) {
         // SAFETY: the vtable contract is `take`'s (callers: `run_claimed`).
         let callback = unsafe { Self::take(entry) };
-        callback.run(entry);
+        callback.run(entry, pinned);
     }
 
     unsafe fn discard(entry: NonNull<Entry>) {
@@ -329,7 +332,7 @@ impl EntryRef {
     pub(crate) fn new_hook<P, F>(payload: P, callback: F) -> (Hook<P>, EntryRef)
     where
         P: Send + Sync + 'static,
-        F: FnOnce(&Hook<P>) + Send + 'static,
+        F: FnOnce(&Hook<P>, Option<&Pinned>) + Send + 'static,
     {
         let [hook, in_list] = Node {
             head: Entry::new::<Entry, ManuallyDrop<P>, Hooked<F, P>>(2, false, HOOK),
@@ -346,16 +349,18 @@ impl EntryRef {
         )
     }
 
-    /// Moves the closure out and calls it.
+    /// Moves the closure out and calls it, lending a hook's closure
+    /// `pinned` (the dying thread's pin, M14), so that it need not pin
+    /// again; a listed entry's closure ignores it.
     ///
     /// # Safety
     ///
     /// 1. The caller won [`Entry::claim`] for this entry and calls this once
     ///    for that win.
-    pub(crate) unsafe fn run_claimed(&self) {
+    pub(crate) unsafe fn run_claimed(&self, pinned: Option<&Pinned>) {
         // SAFETY: the vtable was built for this node's closure type; 1 is
         // `take`'s precondition 2.
-        unsafe { (self.vtable.call)(self.0) }
+        unsafe { (self.vtable.call)(self.0, pinned) }
     }
 
     /// The node's address: unique among live entries, since the node stays
@@ -605,7 +610,7 @@ mod tests {
     #[test]
     fn a_collection_hook_is_its_closure_plus_three_words() {
         let (core, hash) = (Arc::new(()), 7u64);
-        let callback = move |_: &Hook| drop((core, hash));
+        let callback = move |_: &Hook, _: Option<&Pinned>| drop((core, hash));
         assert_eq!(size_of::<Entry>(), 3 * size_of::<usize>());
         assert_eq!(node_size::<(), _>(&callback), 5 * size_of::<usize>());
         assert_eq!(node_size::<u64, _>(&callback), 6 * size_of::<usize>());
@@ -617,7 +622,7 @@ mod tests {
         let kept = Arc::new(Mutex::new(None));
         let (hook, in_list) = EntryRef::new_hook((), {
             let (seen, kept) = (seen.clone(), kept.clone());
-            move |me: &Hook| {
+            move |me: &Hook, _: Option<&Pinned>| {
                 seen.store(me.identity(), std::sync::atomic::Ordering::SeqCst);
                 *kept.lock().unwrap() = Some(me.keep());
             }
@@ -625,7 +630,7 @@ mod tests {
         assert!(in_list.on_dying_thread());
         assert!(in_list.claim());
         // SAFETY: claimed just now; run once.
-        unsafe { in_list.run_claimed() };
+        unsafe { in_list.run_claimed(None) };
         let identity = hook.identity();
         assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), identity);
         drop((hook, in_list));
@@ -640,7 +645,7 @@ mod tests {
         let token = Arc::new(());
         let (hook, in_list) = EntryRef::new_hook((), {
             let (runs, token) = (runs.clone(), token.clone());
-            move |_: &Hook| {
+            move |_: &Hook, _: Option<&Pinned>| {
                 runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 drop(token);
             }
@@ -656,7 +661,8 @@ mod tests {
     #[test]
     fn a_payload_stays_put_until_its_entry_drops_it_once() {
         let token = Arc::new(());
-        let (hook, in_list) = EntryRef::new_hook(token.clone(), |_: &Hook<Arc<()>>| {});
+        let (hook, in_list) =
+            EntryRef::new_hook(token.clone(), |_: &Hook<Arc<()>>, _: Option<&Pinned>| {});
         let kept = hook.keep();
         assert!(std::ptr::eq(hook.payload(), kept.payload()));
         assert_eq!(Arc::strong_count(&token), 2);
@@ -766,7 +772,8 @@ mod block_cache_tests {
             let mut held = Vec::new();
             for round in 0..3 {
                 for _ in 0..70 {
-                    let (hook, in_list) = EntryRef::new_hook(make(), |_: &Hook<P>| {});
+                    let (hook, in_list) =
+                        EntryRef::new_hook(make(), |_: &Hook<P>, _: Option<&Pinned>| {});
                     let address = hook.payload() as *const P as usize;
                     assert_eq!(address % std::mem::align_of::<P>(), 0, "aligned");
                     held.push((hook, in_list));

@@ -40,6 +40,7 @@ use std::marker::PhantomData;
 use std::ptr;
 
 use super::entry::{Entry, EntryRef, Hook};
+use crate::reclaim::Pinned;
 use crate::sync::{yield_now, AtomicPtr, AtomicUsize, Ordering};
 
 /// Pushes between compactions, at least. Shrinks under loom so the models
@@ -139,7 +140,7 @@ impl ObjectCallbacks {
     pub(crate) fn register_hook<P, F>(&self, payload: P, callback: F) -> Hook<P>
     where
         P: Send + Sync + 'static,
-        F: FnOnce(&Hook<P>) + Send + 'static,
+        F: FnOnce(&Hook<P>, Option<&Pinned>) + Send + 'static,
     {
         let (hook, in_list) = EntryRef::new_hook(payload, callback);
         self.push(in_list);

@@ -239,7 +239,7 @@ mod tests {
     fn run(batch: *mut Entry) {
         // SAFETY: a batch of one, claimed by `job` and ours after the take;
         // this is its one run.
-        unsafe { EntryRef::from_link(batch).run_claimed() };
+        unsafe { EntryRef::from_link(batch).run_claimed(None) };
     }
 
     #[test]

@@ -209,7 +209,7 @@ impl Runtime {
         // Pinned from before the first hook's claim until every claimed
         // hook has run: a hook names its collection by an uncounted
         // address, which the epoch keeps valid only for a thread pinned
-        // since before it claimed the hook (M14). A hook's own pin nests.
+        // since before it claimed the hook (M14). Each hook is lent it.
         // (`None` inside: under loom, during the collector's teardown.)
         let mut pinned = None;
         while !node.is_null() {
@@ -263,9 +263,11 @@ impl Runtime {
             here = entry.object_next.load(Ordering::Relaxed);
             // C14: short, non-blocking, no user code; a panic (none is
             // expected) is reported, never unwound into the dropping code.
+            // Lent our pin: the hook's removal hands what it unlinks to the
+            // epoch under it, without pinning again.
             // SAFETY: claimed just now by us, and run once for that claim.
             crate::panics::catch_and_report("a collection's removal callback", || unsafe {
-                entry.run_claimed()
+                entry.run_claimed(pinned.as_ref().and_then(Option::as_ref))
             });
         }
         drop(pinned);
@@ -402,7 +404,7 @@ impl Runtime {
             node = entry.object_next.load(Ordering::Relaxed);
             // SAFETY: by 1 the entry was claimed for running, and this is
             // the one run for that claim.
-            self.run_callback(|| unsafe { entry.run_claimed() });
+            self.run_callback(|| unsafe { entry.run_claimed(None) });
             count += 1;
         }
         count
@@ -531,7 +533,7 @@ impl Runtime {
         for entry in self.registry.alive_entries() {
             if entry.atexit() && entry.claim() {
                 // SAFETY: we won the claim just now; this is its one run.
-                self.run_callback(|| unsafe { entry.run_claimed() });
+                self.run_callback(|| unsafe { entry.run_claimed(None) });
             }
         }
         *self.shutdown_done.lock() = true;

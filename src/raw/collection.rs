@@ -225,7 +225,7 @@ where
 {
     let collection = CoreRef::new(core, core.anchor());
     let list = Strong::callback_list(object);
-    list.register_hook(payload, move |hook: &Hook<I::Payload>| {
+    list.register_hook(payload, move |hook: &Hook<_>, death| {
         // SAFETY: a hook runs only on the thread whose `on_death` claimed
         // it, pinned since before the claim, inside that pin (C14, M14).
         let Some(core) = (unsafe { collection.upgrade() }) else {
@@ -240,18 +240,19 @@ where
         // waiting for the lock.
         let here = !core.hears_deaths() || executor.is_closed();
         let removed_here = here && {
-            // Pinned before the lock, and lent to the writer, which hands
-            // the removed entry to the epoch under it: a removal is what
-            // nearly always happens here, and `try_write` never waits, so
-            // this is the one pin the removal would take anyway, without a
-            // lazy pin's bookkeeping. Not if the entry's drop runs user
-            // code: that writer posts it to the finalizer thread and, as
-            // `remove_holding` borrows nothing past the unlock, pins not at
-            // all.
-            let pinned = (!I::DROP_RUNS_USER_CODE).then(|| core.table().pin());
-            let pin = match &pinned {
-                Some(pinned) => WritePin::held(pinned),
-                None => WritePin::lazy(),
+            // The dying thread's pin, lent to the writer, which hands the
+            // removed entry to the epoch under it: a removal is what nearly
+            // always happens here, and `try_write` never waits, so the pin
+            // is needed, and `on_death` holds one already (tables reclaim
+            // through the process-wide collector, which it pins). Not if
+            // the entry's drop runs user code: that writer posts it to the
+            // finalizer thread and, as `remove_holding` borrows nothing
+            // past the unlock, needs no pin. (None to lend under loom once
+            // its collector is torn down: the writer then pins if it must,
+            // as a lazy pin does.)
+            let pin = match death {
+                Some(pinned) if !I::DROP_RUNS_USER_CODE => WritePin::held(pinned),
+                _ => WritePin::lazy(),
             };
             // The writer is borrowed, and dropped (unlocked) in place at the
             // end of the statement: moving it into a closure or a function
@@ -261,10 +262,7 @@ where
                 .try_write(hash, &pin)
                 .as_mut()
                 .map(|writer| remove_holding(&*core, writer, hash, hook.identity()));
-            // Unpinned before the collection's notice (a removal listener,
-            // user code) runs: it must not hold reclamation back.
             drop(pin);
-            drop(pinned);
             match removal {
                 Some(notice) => {
                     notice.into_iter().for_each(|notice| notice());
