@@ -16,6 +16,7 @@ use crate::raw::single_flight::{self, Flight, Flights, Joined, Settle};
 use crate::raw::table::{Relocatable, ShardWriter, ShardedTable, Sided, SlotMark, WritePin};
 use crate::raw::tier::Tier;
 use crate::strong::Strong;
+use crate::sync::AtomicU64;
 use crate::weak::{EntryWeak, Weak};
 
 /// One entry, inline in its slot: a lookup reads its control byte, the key and the
@@ -447,9 +448,10 @@ where
     /// costs no lock and no read-modify-write once it is marked, and, until
     /// the CLOCK hand next passes it, reads nothing beyond the entry's slot
     /// and one word all readers share; admitting a value takes the tier's
-    /// lock and its shard's. While the tier has
+    /// lock and its shard's (a found value tries only if both are free:
+    /// a read never waits). While the tier has
     /// room, every inserted, loaded or found value enters. Once it is
-    /// full, each inserted or loaded value, and one time in eight a found
+    /// full, each inserted or loaded value, and one time in 64 a found
     /// value it does not hold, is weighed against the value the CLOCK hand
     /// would evict, as TinyLFU weighs them: a sketch of 4-bit counters (8
     /// to 16 bytes a position, 2 KiB at least) remembers about how often each key's hash
@@ -755,14 +757,8 @@ where
         value: &Strong<V>,
     ) -> Option<Strong<V>> {
         let tier = self.core.tier.as_ref()?;
-        let mut candidates = writer.candidates(hash);
-        while let Some((item, mark)) = candidates.next_marked() {
-            if item.identity(mark.side()) == identity {
-                // A map with a tier has marks.
-                return tier.admit(identity, hash, mark.get()?, value.clone());
-            }
-        }
-        None
+        let mark = Self::entry_mark(writer, hash, identity)?;
+        tier.admit(identity, hash, mark, value.clone())
     }
 
     /// A hit on `item` (whose slot's mark is `mark`) for the keep-warm
@@ -786,6 +782,9 @@ where
         self.keep_slow(hash, identity(), value)
     }
 
+    /// The found value's try to enter the tier: under its shard's lock
+    /// and the tier's, each only if free (a read never waits for a hint;
+    /// see `Tier::try_admit`).
     #[cold]
     #[inline(never)]
     fn keep_slow(&self, hash: u64, identity: usize, value: &Strong<V>) -> Option<Strong<V>> {
@@ -794,11 +793,29 @@ where
         // the epoch, and our caller's pin need not be threaded through the
         // lookup path to get here.
         let pin = WritePin::lazy();
-        let writer = self.core.table.write(hash, &pin);
-        let evicted = self.keep_locked(&writer, hash, identity, value);
+        let writer = self.core.table.try_write(hash, &pin)?;
+        let tier = self.core.tier.as_ref()?;
+        let evicted = Self::entry_mark(&writer, hash, identity)
+            .and_then(|mark| tier.try_admit(identity, hash, mark, value.clone()));
         drop(writer);
         drop(pin);
         evicted
+    }
+
+    /// The mark of the entry named `identity` under `hash`, if the
+    /// caller's writer finds it in a map with a tier (which keeps marks).
+    fn entry_mark<'w>(
+        writer: &'w ShardWriter<'_, Item<K, V>>,
+        hash: u64,
+        identity: usize,
+    ) -> Option<&'w AtomicU64> {
+        let mut candidates = writer.candidates(hash);
+        while let Some((item, mark)) = candidates.next_marked() {
+            if item.identity(mark.side()) == identity {
+                return mark.get();
+            }
+        }
+        None
     }
 
     /// The live value under `key`, found lock-free; with a keep-warm tier,
