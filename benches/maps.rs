@@ -11,7 +11,11 @@
 //!
 //! Groups: `read_hit/{uniform,skewed}/{1,2}_thread` (100k live keys, every
 //! read hits); `read_hit_by_size/{1000..1000000}_keys` (this crate,
-//! `dashmap` and `scc_hash_index`, 1 thread, uniform); `single_flight_hot_key/*`; and
+//! `dashmap` and `scc_hash_index`, 1 thread, uniform);
+//! `read_cost/{keep_recent_all,keep_recent_tenth,stats}/{1000,100000}_keys/{1,2}_thread`
+//! (what a keep-warm tier and statistics cost reads: the map with the
+//! option, `weakrefs`, against the same map without, `without`);
+//! `single_flight_hot_key/*`; and
 //! `churn` (insert a fresh value, then it dies), where the baselines clean
 //! up with a periodic `retain` and this crate with its death callbacks.
 //! `cargo bench --bench maps`.
@@ -314,6 +318,87 @@ fn read_hits_by_size(c: &mut Criterion) {
     }
 }
 
+/// What the map's options cost its reads: uniform read hits on a map with
+/// a keep-warm tier as large as the key set (every hit lands on a held,
+/// marked value) and a tenth of it (most hits land on values the tier
+/// does not hold, of which one in 64 tries to enter), against the same
+/// map without a tier; and on a map that counts its statistics (the
+/// default) against one built with `record_stats(false)`. Each case's
+/// `weakrefs` row is the map with the option, its `without` row the map
+/// without it, measured in the same run.
+fn read_costs(c: &mut Criterion) {
+    fn filled(
+        map: weakrefs::WeakValueMap<u64, u64>,
+        values: &[weakrefs::Strong<u64>],
+    ) -> Box<dyn ReadMap> {
+        for v in values {
+            map.insert(**v, v);
+        }
+        Box::new(Ours {
+            map,
+            _values: values.to_vec(),
+        })
+    }
+    for keys in [1_000u64, 100_000] {
+        let values: Vec<_> = (0..keys).map(weakrefs::Strong::new).collect();
+        let tier = |kept: u64| {
+            weakrefs::WeakValueMap::builder()
+                .keep_recent(kept as usize)
+                .build()
+        };
+        let cases: [(&str, [Box<dyn ReadMap>; 2]); 3] = [
+            (
+                "keep_recent_all",
+                [
+                    filled(tier(keys), &values),
+                    filled(weakrefs::WeakValueMap::new(), &values),
+                ],
+            ),
+            (
+                "keep_recent_tenth",
+                [
+                    filled(tier(keys / 10), &values),
+                    filled(weakrefs::WeakValueMap::new(), &values),
+                ],
+            ),
+            (
+                "stats",
+                [
+                    filled(weakrefs::WeakValueMap::new(), &values),
+                    filled(
+                        weakrefs::WeakValueMap::builder()
+                            .record_stats(false)
+                            .build(),
+                        &values,
+                    ),
+                ],
+            ),
+        ];
+        for (option, maps) in &cases {
+            // Warm: a tier's marks are stamped and its positions given out,
+            // as in a map that has been read for a while.
+            for map in maps {
+                for key in 0..keys {
+                    assert!(map.hit(key));
+                }
+            }
+            for threads in thread_counts() {
+                let mut group =
+                    c.benchmark_group(format!("read_cost/{option}/{keys}_keys/{threads}_thread"));
+                group.throughput(Throughput::Elements(threads as u64));
+                for (name, map) in ["weakrefs", "without"].iter().zip(maps) {
+                    group.bench_function(*name, |b| {
+                        b.iter_custom(|iters| {
+                            reads_on_threads(map.as_ref(), keys, false, threads, iters)
+                        })
+                    });
+                }
+                group.finish();
+            }
+        }
+    }
+}
+
 /// Insert a fresh value under one of 1024 keys, then drop it: the
 /// baselines run `retain` every 1024 operations to clear dead entries.
 fn churn(c: &mut Criterion) {
@@ -417,5 +502,12 @@ fn on_each_thread(threads: usize, iters: u64, op: impl Fn() + Sync) -> Duration 
     })
 }
 
-criterion_group!(benches, read_hits, read_hits_by_size, churn, single_flight);
+criterion_group!(
+    benches,
+    read_hits,
+    read_hits_by_size,
+    read_costs,
+    churn,
+    single_flight
+);
 criterion_main!(benches);

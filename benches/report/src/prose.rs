@@ -90,6 +90,33 @@ pub const SECTIONS: &[Section] = &[
               fits, both pay memory latency per lookup and draw closer again.",
     },
     Section {
+        id: "map_read_costs",
+        title: "WeakValueMap reads with a keep-warm tier or statistics",
+        bench: "maps",
+        prefixes: &["read_cost/"],
+        unit: "million lookups per second (each upgraded to a strong handle), all threads",
+        what: "What a map's options cost its reads: uniform read hits at 1 000 and 100 000 \
+               live keys, the `weakrefs` row on a map with the option, the `without` row on \
+               the same map without it, in the same run. `keep recent all`: a keep-warm tier \
+               (`keep_recent`) as large as the key set, so every hit lands on a value the tier \
+               holds; `keep recent tenth`: a tier a tenth of the key set, so most hits land on \
+               values it does not hold; `stats`: statistics counted (the default) against a map \
+               built with `record_stats(false)`. A ratio within 5% of 1 is the cost the map \
+               promises for the tier on held values and for statistics.",
+        why: "A hit on a value the tier holds reads the mark beside its item (on the item's \
+              line, unless the 24-byte slot straddles two) and one word all readers share; \
+              until the tier's CLOCK hand next passes the value's position it writes nothing. \
+              The slots a lookup probes are a word larger than without a tier, so a map \
+              larger than the caches misses them more often. A hit on a value the tier does \
+              not hold tries to enter it one time in 64: it takes its shard's lock and the \
+              tier's, each only if free, counts the value in the frequency sketch and moves \
+              the hand, and the next hit on each held value the hand passed takes the \
+              slower way (a fence and one or two read-modify-writes); on two threads those \
+              tries move the tier's lines between the cores. Statistics are counted in \
+              per-thread stripes of counters: a plain load and store per lookup, on a line \
+              the thread owns.",
+    },
+    Section {
         id: "map_churn",
         title: "WeakValueMap churn: insert, then the value dies",
         bench: "maps",
