@@ -440,17 +440,23 @@ pub mod internals {
     //!    (`EntryRef::run_claimed`, C14); the rest form one batch for
     //!    `Runtime::dispatch`.
     //! 4. The map's hook is the closure `raw::collection::remove_on_death`
-    //!    registered (`ObjectCallbacks::register_hook`). It upgrades the
-    //!    map's core through its uncounted address (`CoreRef`, valid while
-    //!    the dying thread stays pinned, M14), pins unless the entry's drop runs user
-    //!    code (then the writer's `WritePin` is a lazy one), and, if the
-    //!    shard's lock is free (`ShardedTable::try_write`), calls
-    //!    `remove_holding`: `ShardWriter::remove_locked` finds the entry
+    //!    registered (`ObjectCallbacks::register_hook`). It reaches the
+    //!    entry's shard through its uncounted address (`HookShard`, valid
+    //!    while the dying thread stays pinned, M14), borrows the dying
+    //!    thread's pin unless the entry's drop runs user code (then the
+    //!    writer's `WritePin` is a lazy one), and, if the shard's lock is
+    //!    free and the shard open (`Shard::try_write`; a closed one means
+    //!    the map is gone), calls `remove_holding`, which counts the death
+    //!    in the shard (`Shard::count_death`): `ShardWriter::remove_locked` finds the entry
     //!    whose hook is this very hook (M4), borrowing it under the lock
     //!    only, and `unlink` turns its slot into a tombstone (M2). A busy
-    //!    shard, or a map with a removal listener, posts the same removal
-    //!    to the finalizer thread instead (`Executor::post`, M10); a
-    //!    listener's notice runs after the unlock and the unpin.
+    //!    shard, or a map with a removal listener, takes the slower way
+    //!    (`slow_death`, through the shard's `HookTarget`): it upgrades the
+    //!    map's core through its uncounted address (`CoreRef`, M14), tries
+    //!    the lock once more if nothing must hear of the removal (or after
+    //!    `shutdown`), and otherwise posts the same removal to the
+    //!    finalizer thread (`Executor::post`, M10), never after `shutdown`;
+    //!    a listener's notice runs there after the unlock.
     //! 5. Dropping the `ShardWriter` unlocks the shard and hands what it
     //!    unlinked to the epoch under its `WritePin` (`defer_item_drop`
     //!    for the one entry a death removes; `Retired::defer` when a write

@@ -146,6 +146,11 @@ impl<T: ?Sized> Weak<T> {
         Weak { block: Some(block) }
     }
 
+    /// The block this handle names, if any.
+    pub(crate) fn block(&self) -> Option<NonNull<ControlBlock<T>>> {
+        self.block
+    }
+
     #[inline(always)]
     fn header(&self) -> Option<&Header> {
         self.block.map(|block| {

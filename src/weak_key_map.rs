@@ -13,7 +13,7 @@ use std::hash::BuildHasher;
 
 use crate::callbacks::Hook;
 use crate::identity::IdentityState;
-use crate::raw::collection::{self, Collection, HookAnchor, Watching};
+use crate::raw::collection::{self, Collection, Watching};
 use crate::raw::single_flight::{self, Flight, Flights, Joined, Settle};
 use crate::raw::table::{Relocatable, ShardedTable, Sided, WritePin};
 use crate::strong::Strong;
@@ -106,16 +106,13 @@ where
     }
 }
 
-/// The shared core; death callbacks name it by an uncounted address (M4,
-/// M14).
+/// The shared core; death callbacks reach their shard of its table, and
+/// on their slower way the core itself, by uncounted addresses (M4, M14).
 struct MapCore<K: ?Sized, V, S> {
     hasher: S,
     table: ShardedTable<Item<K, V>>,
     /// Loads in flight, per shard; locked after the shard's writer (K3).
     loads: Flights<Weak<K>, V>,
-    /// Keeps the core's block for its hooks (M14). Last: dropped after
-    /// the table has detached them.
-    anchor: HookAnchor<Self>,
 }
 
 impl<K, V, S> Collection<Item<K, V>> for MapCore<K, V, S>
@@ -126,10 +123,6 @@ where
 {
     fn table(&self) -> &ShardedTable<Item<K, V>> {
         &self.table
-    }
-
-    fn anchor(&self) -> &HookAnchor<Self> {
-        &self.anchor
     }
 }
 
@@ -285,14 +278,15 @@ where
     /// assert!(map.is_empty());
     /// ```
     pub fn with_capacity_and_hasher(capacity: usize, hasher: S) -> Self {
-        let table = ShardedTable::with_capacity(capacity, false);
-        let loads = Flights::new(table.shard_len());
         WeakKeyMap {
-            core: Strong::new_cyclic(|core| MapCore {
-                hasher,
-                table,
-                loads,
-                anchor: HookAnchor::new(core),
+            core: Strong::new_cyclic(|core| {
+                let hooks = collection::hooks::<_, Item<K, V>>(core, false);
+                let table = ShardedTable::with_capacity(capacity, false, hooks);
+                MapCore {
+                    hasher,
+                    loads: Flights::new(table.shard_len()),
+                    table,
+                }
             }),
         }
     }

@@ -5,7 +5,7 @@ use std::hash::BuildHasher;
 
 use crate::callbacks::Hook;
 use crate::identity::IdentityState;
-use crate::raw::collection::{self, Collection, EntryHook, HookAnchor, Watching};
+use crate::raw::collection::{self, Collection, EntryHook, Watching};
 use crate::raw::table::{Relocatable, ShardedTable, Sided, WritePin};
 use crate::strong::Strong;
 use crate::weak::{EntryWeak, Weak};
@@ -66,14 +66,11 @@ impl<T: ?Sized + Send + Sync + 'static> Watching for Member<T> {
     }
 }
 
-/// The shared core; removal callbacks name it by an uncounted address
-/// (M4, M14).
+/// The shared core; removal callbacks reach their shard of its table, and
+/// on their slower way the core itself, by uncounted addresses (M4, M14).
 struct SetCore<T: ?Sized, S> {
     hasher: S,
     table: ShardedTable<Member<T>>,
-    /// Keeps the core's block for its hooks (M14). Last: dropped after
-    /// the table has detached them.
-    anchor: HookAnchor<Self>,
 }
 
 impl<T: ?Sized + Send + Sync + 'static, S: Send + Sync + 'static> Collection<Member<T>>
@@ -81,10 +78,6 @@ impl<T: ?Sized + Send + Sync + 'static, S: Send + Sync + 'static> Collection<Mem
 {
     fn table(&self) -> &ShardedTable<Member<T>> {
         &self.table
-    }
-
-    fn anchor(&self) -> &HookAnchor<Self> {
-        &self.anchor
     }
 }
 
@@ -178,10 +171,12 @@ where
     /// ```
     pub fn with_capacity_and_hasher(capacity: usize, hasher: S) -> Self {
         WeakSet {
-            core: Strong::new_cyclic(|core| SetCore {
-                hasher,
-                table: ShardedTable::with_capacity(capacity, false),
-                anchor: HookAnchor::new(core),
+            core: Strong::new_cyclic(|core| {
+                let hooks = collection::hooks::<_, Member<T>>(core, false);
+                SetCore {
+                    hasher,
+                    table: ShardedTable::with_capacity(capacity, false, hooks),
+                }
             }),
         }
     }

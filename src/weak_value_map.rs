@@ -10,7 +10,7 @@ use std::ptr;
 use std::sync::Arc;
 
 use crate::callbacks::Hook;
-use crate::raw::collection::{self, Collection, EntryHook, HookAnchor, Watching};
+use crate::raw::collection::{self, Collection, EntryHook, Watching};
 use crate::raw::counters::Counters;
 use crate::raw::single_flight::{self, Flight, Flights, Joined, Settle};
 use crate::raw::table::{Relocatable, ShardWriter, ShardedTable, Sided, SlotMark, WritePin};
@@ -180,15 +180,15 @@ pub struct MapStats {
 /// that waited on the lookup's outcome would make the next lookup wait for
 /// this one's value to arrive from memory (measured: 10% of a read at
 /// 100 000 keys), where one made up front waits for nothing. The
-/// `get_or_insert_with` family counts its hits as `HITS`.
+/// `get_or_insert_with` family counts its hits as `HITS`. Deaths are
+/// counted by the table's shards (`ShardedTable::deaths`).
 const HITS: usize = 0;
 const MISSES: usize = 1;
 const LOADS: usize = 2;
 const JOINED: usize = 3;
 const LOAD_FAILURES: usize = 4;
-const DIED: usize = 5;
-const GETS: usize = 6;
-const COUNTERS: usize = 7;
+const GETS: usize = 5;
+const COUNTERS: usize = 6;
 
 /// Counts a load as it starts, and as failed if it unwinds.
 struct LoadCount<'a>(&'a Counters<COUNTERS>);
@@ -216,8 +216,9 @@ impl Drop for LoadCount<'_> {
     }
 }
 
-/// The shared core; death callbacks name it by an uncounted address, so
-/// they never keep a map alive, and do nothing once it is gone (M4, M14).
+/// The shared core; death callbacks reach their shard of its table, and
+/// on their slower way the core itself, by uncounted addresses, so they
+/// never keep a map alive, and do nothing once it is gone (M4, M14).
 struct MapCore<K, V: ?Sized, S> {
     hasher: S,
     table: ShardedTable<Item<K, V>>,
@@ -225,13 +226,13 @@ struct MapCore<K, V: ?Sized, S> {
     loads: Flights<K, Strong<V>>,
     /// Told of every entry that leaves the map, outside any shard lock.
     listener: Option<Listener<K>>,
-    /// What `stats` reports.
+    /// What `stats` reports, but for deaths, which the table's shards
+    /// count under their locks (a death's removal reaches its shard only).
     counters: Counters<COUNTERS>,
+    /// `stats` reports anything (`record_stats`).
+    record_stats: bool,
     /// The keep-warm tier (`keep_recent`), if any (M13).
     tier: Option<Tier<V>>,
-    /// Keeps the core's block for its hooks (M14). Last: dropped after
-    /// the table has detached them.
-    anchor: HookAnchor<Self>,
 }
 
 impl<K, V, S> Collection<Item<K, V>> for MapCore<K, V, S>
@@ -244,16 +245,11 @@ where
         &self.table
     }
 
-    fn anchor(&self) -> &HookAnchor<Self> {
-        &self.anchor
-    }
-
     fn hears_deaths(&self) -> bool {
         self.listener.is_some()
     }
 
     fn died(&self, item: &Item<K, V>) -> Option<Box<dyn FnOnce() + Send>> {
-        self.counters.bump(DIED);
         let listener = self.listener.clone()?;
         // Under the lock, on the finalizer thread: `Clone` may run there.
         let key = item.key().clone();
@@ -645,22 +641,25 @@ where
         keep_recent: usize,
         record_stats: bool,
     ) -> Self {
-        // A mark per slot for the keep-warm tier's positions (M13).
-        let table = ShardedTable::with_capacity(capacity, keep_recent > 0);
-        let loads = Flights::new(table.shard_len());
         WeakValueMap {
-            core: Strong::new_cyclic(|core| MapCore {
-                hasher,
-                table,
-                loads,
-                listener,
-                counters: if record_stats {
-                    Counters::new()
-                } else {
-                    Counters::disabled()
-                },
-                tier: (keep_recent > 0).then(|| Tier::new(keep_recent)),
-                anchor: HookAnchor::new(core),
+            core: Strong::new_cyclic(|core| {
+                let hears_deaths = listener.is_some();
+                let hooks = collection::hooks::<_, Item<K, V>>(core, hears_deaths);
+                // A mark per slot for the keep-warm tier's positions (M13).
+                let table = ShardedTable::with_capacity(capacity, keep_recent > 0, hooks);
+                MapCore {
+                    hasher,
+                    loads: Flights::new(table.shard_len()),
+                    table,
+                    listener,
+                    counters: if record_stats {
+                        Counters::new()
+                    } else {
+                        Counters::disabled()
+                    },
+                    record_stats,
+                    tier: (keep_recent > 0).then(|| Tier::new(keep_recent)),
+                }
             }),
         }
     }
@@ -1511,7 +1510,12 @@ where
     /// assert_eq!((stats.misses, stats.loads, stats.load_failures), (1, 1, 1));
     /// ```
     pub fn stats(&self) -> MapStats {
-        let [hits, misses, loads, joined, load_failures, died, gets] = self.core.counters.sum();
+        let [hits, misses, loads, joined, load_failures, gets] = self.core.counters.sum();
+        let died = if self.core.record_stats {
+            self.core.table.deaths()
+        } else {
+            0
+        };
         MapStats {
             // A `get` still running counts as a hit until its miss is
             // counted; saturating, since the sum's Relaxed loads may see a

@@ -366,14 +366,16 @@ fn set_inserts_of_one_object_race_and_add_it_once() {
 }
 
 /// `WeakSet`, M14: the set dropped on one thread while a member dies on
-/// another. The member's hook names the set's core by an uncounted address,
-/// kept valid by the core's anchor, which the set's drop releases through
-/// the epoch; the dying thread is pinned from before its claim of the hook
-/// to after its run, so the release never runs before the hook has
-/// upgraded (the anchor's loom probe fails the model if it does, or if the
-/// two race). A second set's inserts and removals push the epoch on
-/// meanwhile, so that the release can run during the race. (It fails
-/// without `on_death`'s pin.)
+/// another. The member's hook names its shard by an uncounted address, and
+/// on the slower way the set's core by another; the set's drop closes the
+/// shards under their locks and releases them, with the core's anchor,
+/// through the epoch. The dying thread is pinned from before its claim of
+/// the hook to after its run, so the release never runs before the hook
+/// is done with them (the table's loom probe fails the model if it does,
+/// or if the two race). A second set's inserts and removals push the epoch
+/// on meanwhile, so that the release can run during the race. (It fails
+/// without `on_death`'s pin, and with the release run at once instead of
+/// deferred.)
 #[test]
 fn a_set_dropped_racing_a_member_death_never_reads_its_freed_core() {
     loom::model(|| {

@@ -2,13 +2,14 @@
 //! entry when the object it watches dies, and iterate, retain, clear and
 //! purge shard by shard (SAFETY.md, section 7: M4, M5, M8, M14).
 
+use std::marker::PhantomData;
 use std::mem::ManuallyDrop;
 use std::ptr::NonNull;
 
 use crate::callbacks::{Executor, Hook};
 use crate::control::ControlBlock;
-use crate::raw::table::{Relocatable, ShardWriter, ShardedTable, Sided, WritePin};
-use crate::reclaim::Reclaimer;
+use crate::raw::table::{HookWrite, Relocatable, ShardWriter, ShardedTable, Sided, WritePin};
+use crate::reclaim::Pinned;
 use crate::strong::Strong;
 use crate::weak::Weak;
 
@@ -29,15 +30,12 @@ pub(crate) trait Watching: Relocatable + Send + Sync + 'static {
     fn hook<'a>(&'a self, side: &'a Self::Side) -> &'a Hook<Self::Payload>;
 }
 
-/// A collection's shared core: what its removal callbacks reach through an
-/// uncounted [`CoreRef`], so that they never keep it alive (M4, M14).
+/// A collection's shared core: what its removal callbacks reach, when they
+/// need more than their shard, through an uncounted [`CoreRef`], so that
+/// they never keep it alive (M4, M14).
 pub(crate) trait Collection<I: Sided>: Sized + Send + Sync + 'static {
+    /// The core's table, made with the core's [`Hooks`].
     fn table(&self) -> &ShardedTable<I>;
-
-    /// The core's weak reference to itself, which keeps its block
-    /// allocated for its hooks (M14). Its field must come after the
-    /// table's, so that the table has detached every hook before it drops.
-    fn anchor(&self) -> &HookAnchor<Self>;
 
     /// True if the collection hears of each entry a death removes (a
     /// removal listener): such removals then run on the finalizer thread,
@@ -56,71 +54,53 @@ pub(crate) trait Collection<I: Sided>: Sized + Send + Sync + 'static {
     }
 }
 
-/// The one weak reference a collection's core holds to its own block,
-/// which lets its hooks name the core by address ([`CoreRef`]) without a
-/// count of their own (M14). Dropped with the core, after the core's table
-/// (a later field), it releases the reference through the epoch rather
-/// than at once, so a dying thread that claimed a hook before the table
-/// could detach it, and is still pinned since, finds the block allocated.
-pub(crate) struct HookAnchor<C> {
-    core: ManuallyDrop<Weak<C>>,
-    #[cfg(weakrefs_loom)]
-    released: Released,
-}
+/// The one weak reference a collection's core holds to its own block
+/// (type-erased), which lets its hooks name the core by address
+/// ([`CoreRef`]) without a count of their own (M14). The core's table
+/// keeps it and releases it through the epoch, with its shards, once it
+/// has closed every shard and detached every hook still attached
+/// (`ShardedTable::drop`): a dying thread that claimed a hook before the
+/// table could detach it, and is still pinned since, finds the block
+/// allocated.
+pub(crate) struct HookAnchor(#[allow(dead_code)] Box<dyn Send + Sync>);
 
-/// Under loom, a flag that the anchor's deferred release sets and every
-/// upgrade through a [`CoreRef`] reads first: a model then fails on an
-/// upgrade that the release precedes (an assertion) or races (loom's check
-/// of the cell's accesses), either of which would read a freed block
-/// (M14). Shared through a `std` `Arc`, whose count loom need not explore.
+/// Under loom, a flag that the table's deferred release of its shards and
+/// anchor sets, and every hook reads first (`HookShard::get`, and
+/// `CoreRef::upgrade` on the slower way): a model then fails on a read
+/// that the release precedes (an assertion) or races (loom's check of the
+/// cell's accesses), either of which would read freed memory (M14).
+/// Shared through a `std` `Arc`, whose count loom need not explore.
 #[cfg(weakrefs_loom)]
-type Released = std::sync::Arc<ReleasedFlag>;
+pub(crate) type Released = std::sync::Arc<ReleasedFlag>;
 
 #[cfg(weakrefs_loom)]
-struct ReleasedFlag(crate::sync::UnsafeCell<bool>);
+pub(crate) struct ReleasedFlag(crate::sync::UnsafeCell<bool>);
 
 // SAFETY: loom checks every access to the cell for races (`Released`).
 #[cfg(weakrefs_loom)]
 unsafe impl Sync for ReleasedFlag {}
 
-impl<C> HookAnchor<C> {
-    /// The anchor of the core being built in `Strong::new_cyclic`, whose
-    /// `Weak` is `core`.
-    pub(crate) fn new(core: &Weak<C>) -> Self {
-        HookAnchor {
-            core: ManuallyDrop::new(core.clone()),
-            #[cfg(weakrefs_loom)]
-            released: Released::new(ReleasedFlag(crate::sync::UnsafeCell::new(false))),
-        }
+#[cfg(weakrefs_loom)]
+impl ReleasedFlag {
+    /// A flag not set yet.
+    pub(crate) fn new() -> Released {
+        Released::new(ReleasedFlag(crate::sync::UnsafeCell::new(false)))
     }
 
-    /// The block this anchor keeps: the core's own.
-    fn names(&self, core: &Strong<C>) -> bool {
-        self.core.names(core)
+    /// Sets the flag: what it guards is about to be freed.
+    pub(crate) fn set(&self) {
+        // SAFETY: loom checks this write against every `check`'s read.
+        self.0.with_mut(|released| unsafe { *released = true });
     }
-}
 
-impl<C> Drop for HookAnchor<C> {
-    fn drop(&mut self) {
-        // SAFETY: taken once, here; the field is not used again.
-        let anchor = unsafe { ManuallyDrop::take(&mut self.core) };
-        #[cfg(weakrefs_loom)]
-        let released = self.released.clone();
-        let release = move || {
-            #[cfg(weakrefs_loom)]
-            // SAFETY: loom checks this write against every upgrade's read.
-            released.0.with_mut(|released| unsafe { *released = true });
-            drop(anchor);
-        };
-        // Dropping this `Weak` touches the block's counts and, if it is the
-        // last, frees the block, never the value (the core being dropped
-        // now): any thread, any time, or at exit never will do. No thread
-        // that pins from now on can reach the block through a hook: the
-        // table, dropped before this field, detached every hook still
-        // attached, and one the detach found claimed was claimed by a
-        // thread pinned since before the claim (M14).
-        // SAFETY: `Pinned::defer`'s 1 and 2, as just said.
-        unsafe { Reclaimer::retire_globally(release) };
+    /// Fails the model if what the flag guards has been freed, or may be
+    /// freed racing this read. `what` names it.
+    pub(crate) fn check(&self, what: &str) {
+        self.0.with(|released| {
+            // SAFETY: loom checks this read against the `set`'s write.
+            let released = unsafe { *released };
+            assert!(!released, "a hook reached {what}");
+        });
     }
 }
 
@@ -139,13 +119,12 @@ unsafe impl<C: Send + Sync + 'static> Send for CoreRef<C> {}
 unsafe impl<C: Send + Sync + 'static> Sync for CoreRef<C> {}
 
 impl<C: Send + Sync + 'static> CoreRef<C> {
-    /// The address of `core`, whose anchor is `anchor`.
-    fn new(core: &Strong<C>, anchor: &HookAnchor<C>) -> Self {
-        debug_assert!(anchor.names(core), "a core anchors itself");
+    /// The core `target` names: `target` is from `hook_target::<C, _>`.
+    fn from_target<I>(target: &HookTarget<I>) -> Self {
         CoreRef {
-            block: Strong::block(core),
+            block: target.core.cast(),
             #[cfg(weakrefs_loom)]
-            released: anchor.released.clone(),
+            released: target.released.clone(),
         }
     }
 
@@ -153,21 +132,18 @@ impl<C: Send + Sync + 'static> CoreRef<C> {
     ///
     /// # Safety
     ///
-    /// 1. The calling thread claimed the hook that holds `self` while
-    ///    pinned (`Reclaimer::global`), and is pinned still (M14). (Under
-    ///    loom, during the collector's teardown, it is not pinned: no other
-    ///    thread is left, and every core dropped by then has detached its
-    ///    hooks before its anchor went.)
+    /// 1. The calling thread claimed the hook whose shard's target `self`
+    ///    comes from while pinned (`Reclaimer::global`), and is pinned
+    ///    still (M14). (Under loom, during the collector's teardown, it is
+    ///    not pinned: no other thread is left, and every table dropped by
+    ///    then has detached its hooks before its anchor went.)
     #[inline]
     unsafe fn upgrade(&self) -> Option<Strong<C>> {
         #[cfg(weakrefs_loom)]
-        self.released.0.with(|released| {
-            // SAFETY: loom checks this read against the release's write.
-            let released = unsafe { *released };
-            assert!(!released, "a hook reached its core's freed block");
-        });
+        self.released.check("its core's freed block");
         // By 1 the core's anchor, which keeps the block allocated, was not
-        // retired before the pin, or not yet at all (M14). `ManuallyDrop`:
+        // retired (with the table's shards) before the pin, or not yet at
+        // all (M14). `ManuallyDrop`:
         // this `Weak` borrows the anchor's count and gives nothing back.
         ManuallyDrop::new(Weak::from_block(self.block)).upgrade()
     }
@@ -194,10 +170,10 @@ impl Drop for EntryHook {
 /// a newer entry under the same key has a hook of its own and survives
 /// (M4). The hook's address names the entry: it is reserved while the
 /// entry holds the hook, and the hook runs with a borrowed handle to
-/// itself, so the callback needs no handle to `object`. It names the core
-/// by an uncounted [`CoreRef`] (M14) and does nothing once the collection
-/// is gone. The hook
-/// keeps `payload` in place for the entry (see `Hook::payload`).
+/// itself, so the callback needs no handle to `object`. It names the
+/// entry's shard by an uncounted address (M14), and does nothing once the
+/// collection has closed it. The hook keeps `payload` in place for the
+/// entry (see `Hook::payload`).
 ///
 /// The callback runs on the thread that drops the object's last `Strong`
 /// (C14, M10), which must not block or run user code there:
@@ -223,103 +199,223 @@ where
     C: Collection<I>,
     I: Watching,
 {
-    let collection = CoreRef::new(core, core.anchor());
+    let shard = core.table().shard_for_hook(hash);
     let list = Strong::callback_list(object);
     list.register_hook(payload, move |hook: &Hook<_>, death| {
         // SAFETY: a hook runs only on the thread whose `on_death` claimed
         // it, pinned since before the claim, inside that pin (C14, M14).
-        let Some(core) = (unsafe { collection.upgrade() }) else {
-            return;
-        };
-        // Looked up here rather than captured: the closure lives in every
-        // entry's hook, which stays five words (the core's address and the
-        // hash).
-        let executor = Executor::global();
-        // Here, if the shard is free and nothing must hear of it; after
-        // `shutdown` there is nowhere else, so here in any case, but never
-        // waiting for the lock.
-        let here = !core.hears_deaths() || executor.is_closed();
-        let removed_here = here && {
+        let shard = unsafe { shard.get() };
+        let target = shard.target();
+        if !target.hears_deaths {
             // The dying thread's pin, lent to the writer, which hands the
             // removed entry to the epoch under it: a removal is what nearly
             // always happens here, and `try_write` never waits, so the pin
             // is needed, and `on_death` holds one already (tables reclaim
             // through the process-wide collector, which it pins). Not if
             // the entry's drop runs user code: that writer posts it to the
-            // finalizer thread and, as `remove_holding` borrows nothing
-            // past the unlock, needs no pin. (None to lend under loom once
-            // its collector is torn down: the writer then pins if it must,
-            // as a lazy pin does.)
+            // finalizer thread and, as the removal borrows nothing past the
+            // unlock, needs no pin. (None to lend under loom once its
+            // collector is torn down: the writer then pins if it must, as a
+            // lazy pin does.)
             let pin = match death {
                 Some(pinned) if !I::DROP_RUNS_USER_CODE => WritePin::held(pinned),
                 _ => WritePin::lazy(),
             };
-            // The writer is borrowed, and dropped (unlocked) in place at the
-            // end of the statement: moving it into a closure or a function
-            // copies it whole, on every death.
-            let removal = core
-                .table()
-                .try_write(hash, &pin)
-                .as_mut()
-                .map(|writer| remove_holding(&*core, writer, hash, hook.identity()));
-            drop(pin);
-            match removal {
-                Some(notice) => {
-                    notice.into_iter().for_each(|notice| notice());
+            // Here, with no count on the core: the shard's lock is what
+            // keeps the table's owner from dropping it meanwhile, and a
+            // closed shard has nothing left to remove (M14). The writer is
+            // borrowed, and dropped (unlocked) in place at the end of the
+            // statement: moving it into a closure or a function copies it
+            // whole, on every death.
+            let done = match &mut shard.try_write(&pin) {
+                HookWrite::Open(writer) => {
+                    remove_holding(writer, hash, hook.identity());
                     true
                 }
-                None => false,
+                HookWrite::Closed => true,
+                HookWrite::Busy => false,
+            };
+            drop(pin);
+            if done {
+                return;
             }
-        };
-        if !removed_here && !executor.is_closed() {
-            let hook = hook.keep();
-            executor.post(move || {
-                // Inline if shutdown closed the queue meanwhile: then this
-                // runs where the death happened, and must not wait. Pinned
-                // only once the lock is ours (`write` may wait for it).
-                let pin = WritePin::lazy();
-                let writer = if Executor::global().is_closed() {
-                    core.table().try_write(hash, &pin)
-                } else {
-                    Some(core.table().write(hash, &pin))
-                };
-                let notice = writer.and_then(|mut writer| {
-                    remove_holding(&*core, &mut writer, hash, hook.identity())
-                });
-                drop(pin);
-                if let Some(notice) = notice {
-                    notice();
-                }
-            });
-            return;
         }
-        // The collection may have been dropped meanwhile: if ours is the
-        // last handle, its drop goes to the finalizer thread.
-        if let Some(last) = Strong::drop_unless_last(core) {
-            executor.post(move || drop(last));
-        }
+        // SAFETY: `target` is the collection's (`hook_target`), whose block
+        // its anchor keeps allocated for as long as we stay pinned (M14);
+        // `hook` is borrowed for the call.
+        unsafe { (target.slow)(target, hash, NonNull::from(hook).cast(), death) }
     })
 }
 
-/// Removes, under `writer`, the entry filed under `hash` whose hook is
-/// `hook`; its drop follows once no reader can see it and the writer is
-/// dropped (M2). Returns what the collection makes of the removal
-/// (`Collection::died`), for the caller to run after the unlock and once
-/// it no longer holds a pin.
-fn remove_holding<C, I>(
-    core: &C,
-    writer: &mut ShardWriter<'_, I>,
-    hash: u64,
-    hook: usize,
-) -> Option<Box<dyn FnOnce() + Send>>
+/// What a collection's death callbacks need of it beyond their shard
+/// (M14): whether it hears of deaths, and the way to a counted handle to
+/// its core, for the removals that cannot be done on the dying thread at
+/// once. Made with the collection ([`hook_target`]), kept in each of its
+/// shards, never changed.
+pub(crate) struct HookTarget<I> {
+    /// The core's block (a `ControlBlock<C>`), type-erased.
+    core: NonNull<()>,
+    /// `slow_death::<C, I>`: what a death's removal does with a counted
+    /// handle to the core.
+    slow: unsafe fn(&HookTarget<I>, u64, NonNull<()>, Option<&Pinned>),
+    /// The collection hears of each entry a death removes.
+    hears_deaths: bool,
+    /// Under loom, the table's flag ([`Released`]).
+    #[cfg(weakrefs_loom)]
+    released: Released,
+    /// For the items of a table of `I` only: `slow` was made for them.
+    _items: PhantomData<fn() -> I>,
+}
+
+impl<I> Clone for HookTarget<I> {
+    fn clone(&self) -> Self {
+        HookTarget {
+            core: self.core,
+            slow: self.slow,
+            hears_deaths: self.hears_deaths,
+            #[cfg(weakrefs_loom)]
+            released: self.released.clone(),
+            _items: PhantomData,
+        }
+    }
+}
+
+// SAFETY: an address and a function, read only; the address is used only
+// by `slow_death`, which hands out a `Strong<C>` (`C: Send + Sync`) on
+// whichever thread runs the hook.
+unsafe impl<I> Send for HookTarget<I> {}
+// SAFETY: as for `Send`.
+unsafe impl<I> Sync for HookTarget<I> {}
+
+/// What the hooks of the collection being built in `Strong::new_cyclic`
+/// reach its core by (M14), for its table to keep: `core` is that call's
+/// `Weak`, whose block the anchor keeps allocated.
+pub(crate) fn hooks<C, I>(core: &Weak<C>, hears_deaths: bool) -> Hooks<I>
 where
     C: Collection<I>,
     I: Watching,
 {
+    #[cfg(weakrefs_loom)]
+    let released = ReleasedFlag::new();
+    Hooks {
+        target: HookTarget {
+            core: core
+                .block()
+                .expect("`new_cyclic`'s `Weak` names the block")
+                .cast(),
+            slow: slow_death::<C, I>,
+            hears_deaths,
+            #[cfg(weakrefs_loom)]
+            released: released.clone(),
+            _items: PhantomData,
+        },
+        anchor: HookAnchor(Box::new(core.clone())),
+        #[cfg(weakrefs_loom)]
+        released,
+    }
+}
+
+/// A collection's hooks' way to its core, which its table keeps: the
+/// target each shard holds, and the anchor released with the shards.
+pub(crate) struct Hooks<I> {
+    pub(crate) target: HookTarget<I>,
+    pub(crate) anchor: HookAnchor,
+    /// Under loom, the flag the release sets ([`Released`]).
+    #[cfg(weakrefs_loom)]
+    pub(crate) released: Released,
+}
+
+/// A death's removal that takes a counted handle to the collection's core:
+/// where the collection hears of deaths (a removal listener), or the
+/// shard was busy, or after `shutdown`.
+///
+/// # Safety
+///
+/// 1. The calling thread runs the hook `hook` (a `&Hook<I::Payload>`,
+///    borrowed for the call), which it claimed while pinned, and is pinned
+///    still (M14); `target` is from [`hook_target::<C, I>`].
+unsafe fn slow_death<C, I>(
+    target: &HookTarget<I>,
+    hash: u64,
+    hook: NonNull<()>,
+    death: Option<&Pinned>,
+) where
+    C: Collection<I>,
+    I: Watching,
+{
+    // SAFETY: as the caller promises.
+    let hook = unsafe { hook.cast::<Hook<I::Payload>>().as_ref() };
+    let collection = CoreRef::<C>::from_target(target);
+    // SAFETY: the caller's 1 (M14).
+    let Some(core) = (unsafe { collection.upgrade() }) else {
+        return;
+    };
+    let executor = Executor::global();
+    // Here, if nothing must hear of it; after `shutdown` there is nowhere
+    // else, so here in any case, but never waiting for the lock.
+    let here = !core.hears_deaths() || executor.is_closed();
+    let removed_here = here && {
+        // As in `remove_on_death`.
+        let pin = match death {
+            Some(pinned) if !I::DROP_RUNS_USER_CODE => WritePin::held(pinned),
+            _ => WritePin::lazy(),
+        };
+        let removal = core.table().try_write(hash, &pin).as_mut().map(|writer| {
+            remove_holding(writer, hash, hook.identity()).and_then(|item| core.died(item))
+        });
+        drop(pin);
+        match removal {
+            Some(notice) => {
+                notice.into_iter().for_each(|notice| notice());
+                true
+            }
+            None => false,
+        }
+    };
+    if !removed_here && !executor.is_closed() {
+        let hook = hook.keep();
+        executor.post(move || {
+            // Inline if shutdown closed the queue meanwhile: then this
+            // runs where the death happened, and must not wait. Pinned
+            // only once the lock is ours (`write` may wait for it).
+            let pin = WritePin::lazy();
+            let writer = if Executor::global().is_closed() {
+                core.table().try_write(hash, &pin)
+            } else {
+                Some(core.table().write(hash, &pin))
+            };
+            let notice = writer.and_then(|mut writer| {
+                remove_holding(&mut writer, hash, hook.identity()).and_then(|item| core.died(item))
+            });
+            drop(pin);
+            if let Some(notice) = notice {
+                notice();
+            }
+        });
+        return;
+    }
+    // The collection may have been dropped meanwhile: if ours is the
+    // last handle, its drop goes to the finalizer thread.
+    if let Some(last) = Strong::drop_unless_last(core) {
+        executor.post(move || drop(last));
+    }
+}
+
+/// Removes, under `writer`, the entry filed under `hash` whose hook is
+/// `hook`, and counts the death; its drop follows once no reader can see
+/// it and the writer is dropped (M2). Returns the removed item, for the
+/// collection to make of it what it will (`Collection::died`) under the
+/// lock.
+fn remove_holding<'w, I: Watching>(
+    writer: &'w mut ShardWriter<'_, I>,
+    hash: u64,
+    hook: usize,
+) -> Option<&'w I> {
+    let shard = writer.shard();
     // Used under the lock only: borrowed from the writer, not lent.
-    writer
-        .remove_locked(hash, |item, side| item.hook(side).identity() == hook)
-        .and_then(|(item, _)| core.died(item))
+    let (item, _) = writer.remove_locked(hash, |item, side| item.hook(side).identity() == hook)?;
+    shard.count_death();
+    Some(item)
 }
 
 /// Iterates `table` shard by shard, snapshotting one shard at a time
@@ -478,7 +574,7 @@ pub(crate) fn purge<I: Watching, T>(
 /// entry's deferred drop: the object may be dying (its count at zero, its
 /// callbacks not yet run, which is what `purge` looks for), and a hook
 /// still attached when the collection drops could be claimed after the
-/// core's anchor is released (M5, M14).
+/// table's shards and the core's anchor are released (M5, M14).
 fn remove_where<I: Watching, T>(
     table: &ShardedTable<I>,
     mut doomed: impl FnMut(&I) -> bool,

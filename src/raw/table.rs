@@ -60,10 +60,13 @@ use std::cell::OnceCell;
 use std::marker::PhantomData;
 use std::mem::MaybeUninit;
 use std::panic::{self, AssertUnwindSafe};
-use std::ptr;
+use std::ptr::{self, NonNull};
 
 use crate::callbacks::Executor;
 use crate::panics::{catch_and_report, drop_each_and_report};
+#[cfg(weakrefs_loom)]
+use crate::raw::collection::Released;
+use crate::raw::collection::{HookAnchor, HookTarget, Hooks};
 use crate::reclaim::{Pinned, Reclaimer};
 use crate::sync::{
     acquire_fence, prefetch, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, CachePadded, Mutex,
@@ -709,34 +712,61 @@ struct ShardState {
     /// Deferred drops of the current table's removed items issued since
     /// the last fold into its `refs` (M9).
     issued: usize,
+    /// The table's owner has let go of it: its table is gone (null) and
+    /// no writer may start (M14; set by `ShardedTable::drop` alone).
+    closed: bool,
 }
 
 /// One shard: its current table, its writers' mutex, its item count.
-struct Shard<I: Sided> {
-    /// Never null; owns the shard's reference to the table (M9).
+pub(crate) struct Shard<I: Sided> {
+    /// Null once closed (`ShardState::closed`); until then never null, and
+    /// owns the shard's reference to the table (M9).
     table: AtomicPtr<Table<I>>,
     writer: Mutex<ShardState>,
     /// Items in the table. Written under the mutex, read without it.
     len: AtomicUsize,
+    /// Entries a death removed from this shard. Written under the mutex
+    /// (a load and a store), read without it.
+    deaths: AtomicU64,
+    /// The tables keep a mark per slot (`MarkedSlot`): a copy of the
+    /// table-wide flag, for writers that reach the shard alone.
+    marked: bool,
+    /// The collection's (a clone in each shard, so that a hook needs only
+    /// its shard's address).
+    target: HookTarget<I>,
 }
 
 /// Items of one collection, sharded; see the module docs.
 pub(crate) struct ShardedTable<I: Sided> {
     /// Each on its own cache line: a write to one shard's mutex and count
     /// must not invalidate the table pointer readers of its neighbours load.
-    shards: Box<[CachePadded<Shard<I>>]>,
+    /// Allocated by `Box`, freed through the epoch once the table is
+    /// dropped (`Drop`): a dying thread's hook may still be locking one of
+    /// them (M14). A raw pointer, not a `Box`: hooks reach the shards
+    /// without a borrow of this table, while it is being dropped too.
+    shards: NonNull<[CachePadded<Shard<I>>]>,
     /// `64 - log2(shards)`: the hash's top bits pick the shard.
     shard_shift: u32,
-    /// The tables keep a mark per slot (`MarkedSlot`).
-    marked: bool,
     reclaimer: Reclaimer,
+    /// The core's weak reference to its own block, released with the
+    /// shards (M14); `None` once `Drop` has taken it.
+    anchor: Option<HookAnchor>,
+    /// Under loom, set when the shards and the anchor are released: every
+    /// hook checks it ([`HookShard::get`], `CoreRef::upgrade`), so that a
+    /// model fails if one reaches them after, or racing, their release
+    /// (M14).
+    #[cfg(weakrefs_loom)]
+    released: Released,
     _items: PhantomData<I>,
 }
 
 // The table owns its items and their sides (`Send`, to drop them anywhere)
 // and hands out references to them to any thread (`Sync`; a side is both by
 // `Sided`'s bound).
-// SAFETY: as just said; the rest is atomics, mutexes and epoch pointers.
+// SAFETY: as just said; the rest is atomics, mutexes, epoch pointers, the
+// shards' allocation (owned, reached through `&self` only as shared
+// references) and each shard's `HookTarget` (an address and a function,
+// read only).
 unsafe impl<I: Sided + Send + Sync> Send for ShardedTable<I> {}
 // SAFETY: as for `Send`.
 unsafe impl<I: Sided + Send + Sync> Sync for ShardedTable<I> {}
@@ -785,7 +815,7 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
     /// A table with room for about `capacity` items before any shard
     /// rebuilds, with a mark beside each item if `marked` (see
     /// [`Candidates::next_marked`]).
-    pub(crate) fn with_capacity(capacity: usize, marked: bool) -> Self {
+    pub(crate) fn with_capacity(capacity: usize, marked: bool, hooks: Hooks<I>) -> Self {
         let shards = shard_count();
         debug_assert!(shards >= 2 && shards.is_power_of_two());
         // Hashes spread items over the shards unevenly, by about the square
@@ -800,18 +830,29 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
         };
         // Full at 7/8, plus one slot: no rebuild before `per_shard` items.
         let slots = (per_shard.saturating_mul(8) / 7 + 2).max(MIN_SLOTS);
-        ShardedTable {
-            shards: (0..shards)
-                .map(|_| {
-                    CachePadded::new(Shard {
-                        table: AtomicPtr::new(Box::into_raw(Table::with_slots(slots, marked))),
-                        writer: Mutex::new(ShardState { used: 0, issued: 0 }),
-                        len: AtomicUsize::new(0),
-                    })
+        let array: Box<[CachePadded<Shard<I>>]> = (0..shards)
+            .map(|_| {
+                CachePadded::new(Shard {
+                    table: AtomicPtr::new(Box::into_raw(Table::with_slots(slots, marked))),
+                    writer: Mutex::new(ShardState {
+                        used: 0,
+                        issued: 0,
+                        closed: false,
+                    }),
+                    len: AtomicUsize::new(0),
+                    deaths: AtomicU64::new(0),
+                    marked,
+                    target: hooks.target.clone(),
                 })
-                .collect(),
+            })
+            .collect();
+        ShardedTable {
+            // SAFETY: `Box::into_raw` is never null.
+            shards: unsafe { NonNull::new_unchecked(Box::into_raw(array)) },
             shard_shift: 64 - shards.trailing_zeros(),
-            marked,
+            anchor: Some(hooks.anchor),
+            #[cfg(weakrefs_loom)]
+            released: hooks.released,
             reclaimer: Reclaimer::global(),
             _items: PhantomData,
         }
@@ -823,13 +864,23 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
         self.reclaimer.pin()
     }
 
+    /// The shard `hash` belongs to, as a death callback keeps it: by
+    /// address, without a count (M14).
+    pub(crate) fn shard_for_hook(&self, hash: u64) -> HookShard<I> {
+        HookShard {
+            shard: NonNull::from(&*self.shards()[self.shard_index(hash)]),
+            #[cfg(weakrefs_loom)]
+            released: self.released.clone(),
+        }
+    }
+
     /// The table a pinned reader of shard `index` uses.
     #[inline]
     fn table_for_read<'g>(&self, index: usize, _pinned: &'g Pinned) -> &'g Table<I> {
         // Acquire (M1, M3): pairs with the Release store or swap that
         // published the table (construction, `rebuild`), so its slots, and
         // the items a rebuild copied into them, are initialised.
-        let table = self.shards[index].table.load(Ordering::Acquire);
+        let table = self.shards()[index].table.load(Ordering::Acquire);
         // SAFETY: a table is released by its shard only through an
         // epoch-deferred function queued after it was replaced, and we are
         // pinned for 'g (I7, M3); a shard's table is never null.
@@ -940,7 +991,7 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
         hash: u64,
         pin: &'g WritePin<'_>,
     ) -> Option<ShardWriter<'g, I>> {
-        let shard = &self.shards[self.shard_index(hash)];
+        let shard = &self.shards()[self.shard_index(hash)];
         let state = shard.writer.try_lock()?;
         Some(self.writer(shard, state, pin))
     }
@@ -951,7 +1002,7 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
         index: usize,
         pin: &'g WritePin<'_>,
     ) -> ShardWriter<'g, I> {
-        let shard = &self.shards[index];
+        let shard = &self.shards()[index];
         let state = shard.writer.lock();
         self.writer(shard, state, pin)
     }
@@ -962,21 +1013,22 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
         state: MutexGuard<'g, ShardState>,
         pin: &'g WritePin<'_>,
     ) -> ShardWriter<'g, I> {
-        ShardWriter {
-            table: self,
-            shard,
-            state: Some(state),
-            garbage: Garbage::default(),
-            pin,
-            lent: false,
-        }
+        ShardWriter::new(shard, state, pin)
     }
 }
 
 impl<I: Sided> ShardedTable<I> {
+    /// The shards.
+    #[inline(always)]
+    fn shards(&self) -> &[CachePadded<Shard<I>>] {
+        // SAFETY: allocated at construction and freed only after our drop
+        // (`Drop`); nothing takes `&mut` to them.
+        unsafe { self.shards.as_ref() }
+    }
+
     /// Total items (live or dead-but-not-yet-removed) across shards.
     pub(crate) fn len(&self) -> usize {
-        self.shards
+        self.shards()
             .iter()
             // Relaxed: a count; exact once writers are quiet.
             .map(|shard| shard.len.load(Ordering::Relaxed))
@@ -990,21 +1042,30 @@ impl<I: Sided> ShardedTable<I> {
         I: Relocatable + Send + Sync + 'static,
     {
         let pinned = self.pin();
-        (0..self.shards.len())
+        (0..self.shards().len())
             .map(|index| self.table_for_read(index, &pinned).usable)
+            .sum()
+    }
+
+    /// Entries deaths have removed ([`Shard::count_death`]).
+    pub(crate) fn deaths(&self) -> u64 {
+        self.shards()
+            .iter()
+            // Relaxed: a count; exact once writers are quiet.
+            .map(|shard| shard.deaths.load(Ordering::Relaxed))
             .sum()
     }
 
     /// Number of shards (for iteration).
     pub(crate) fn shard_len(&self) -> usize {
-        self.shards.len()
+        self.shards().len()
     }
 
     /// Items in shard `index` (live or dead-but-not-yet-removed), as a
     /// hint: writers may change it at any moment.
     pub(crate) fn shard_items(&self, index: usize) -> usize {
         // Relaxed: a count, for sizing a snapshot's buffer.
-        self.shards[index].len.load(Ordering::Relaxed)
+        self.shards()[index].len.load(Ordering::Relaxed)
     }
 
     /// The shard `hash` belongs to: its top bits.
@@ -1017,24 +1078,35 @@ impl<I: Sided> ShardedTable<I> {
 impl<I: Sided> Drop for ShardedTable<I> {
     fn drop(&mut self) {
         // `&mut self`: no reader or writer is using our tables any more,
-        // since both borrow the `ShardedTable`; retired tables and pending
-        // drops are owned by their deferred functions. A destructor that
-        // panics does not stop the others: the first panic is resumed once
-        // every item is dropped and every table released.
+        // since both borrow the `ShardedTable`, but for a dying thread's
+        // hook, which reaches its shard without a borrow (M14): each shard
+        // is closed under its mutex, so such a hook either removed its
+        // entry before we lock, or finds the shard closed and does nothing.
+        // Retired tables and pending drops are owned by their deferred
+        // functions. A destructor that panics does not stop the others:
+        // the first panic is resumed once every item is dropped and every
+        // table released.
         let mut first_panic = None;
-        for shard in self.shards.iter() {
-            // Relaxed: exclusive access.
-            let table = shard.table.swap(ptr::null_mut(), Ordering::Relaxed);
-            // Exclusive access: uncontended, and final (M9).
-            let issued = shard.writer.lock().issued;
-            // Exclusive access; the current table owns its full slots' items
-            // and sides (tombstones' belong to deferred drops).
+        for shard in self.shards() {
+            let (table, issued) = {
+                let mut state = shard.writer.lock();
+                state.closed = true;
+                // Relaxed: the mutex orders it before any later writer,
+                // which finds the shard closed and reads nothing else.
+                (
+                    shard.table.swap(ptr::null_mut(), Ordering::Relaxed),
+                    state.issued,
+                )
+            };
+            // Ours alone now: no writer starts on a closed shard; the
+            // current table owns its full slots' items and sides
+            // (tombstones' belong to deferred drops).
             // SAFETY: as just said; we drop each once before giving up the
             // shard's reference, less the drops it issued (M9).
             unsafe {
-                // Relaxed: exclusive access to the full slots. (Deferred
-                // drops of this table's tombstones may still be freeing
-                // theirs, writing only their `homes` entries.)
+                // Relaxed: the mutex ordered every writer's changes before
+                // us. (Deferred drops of this table's tombstones may still
+                // be freeing theirs, writing only their `homes` entries.)
                 (*table).each_full(Ordering::Relaxed, |index, _| {
                     let drop_item = || (*table).drop_whole(index);
                     if let Err(payload) = panic::catch_unwind(AssertUnwindSafe(drop_item)) {
@@ -1044,11 +1116,45 @@ impl<I: Sided> Drop for ShardedTable<I> {
                 release(table, SHARD_REF - issued);
             }
         }
+        let shards = SendShards(self.shards);
+        let anchor = self.anchor.take();
+        #[cfg(weakrefs_loom)]
+        let released = self.released.clone();
+        let free = move || {
+            #[cfg(weakrefs_loom)]
+            released.set();
+            let SendShards(shards) = shards;
+            // SAFETY: allocated by `Box` at construction, freed once, here:
+            // every shard is closed and its table released.
+            drop(unsafe { Box::from_raw(shards.as_ptr()) });
+            drop(anchor);
+        };
+        // Unlinked: no hook can reach a shard, nor the core's block, any
+        // more but one claimed by a thread pinned since before the claim,
+        // and the claim preceded the detach that the items' drops above
+        // attempted on it (M14). Freeing runs no user code (mutexes,
+        // atomics, addresses), nor does dropping the anchor, a `Weak` to a
+        // core whose value is being dropped now: it touches the block's
+        // counts and, if it is the last, frees the block, never the value.
+        // One retirement for both: a second, for the anchor alone, made a
+        // loom model (`a_set_dropped_racing_a_member_death_never_reads_its_freed_core`)
+        // report itself nondeterministic, for a reason in the epoch's
+        // loom build not yet understood.
+        // SAFETY: `Pinned::defer`'s 1 and 2, as just said.
+        unsafe { Reclaimer::retire_globally(free) };
         if let Some(payload) = first_panic {
             panic::resume_unwind(payload);
         }
     }
 }
+
+/// The shards' allocation, handed to the epoch by `ShardedTable::drop`.
+struct SendShards<I: Sided>(NonNull<[CachePadded<Shard<I>>]>);
+
+// SAFETY: owned, and only freed through it (on whichever thread runs the
+// epoch's deferred functions); a shard holds atomics, a mutex and an
+// address read only, all of which may be dropped anywhere.
+unsafe impl<I: Sided> Send for SendShards<I> {}
 
 /// The items of one probe sequence whose control bytes match, group by
 /// group.
@@ -1324,14 +1430,15 @@ impl<'p> WritePin<'p> {
 /// handed to the epoch when the writer is dropped, after the mutex is
 /// released, under the pin the writer borrows for `'g` (M9).
 ///
-/// One lifetime, `'g`, for the table, the lock and the pin: what the writer
-/// lends (`remove`, `upsert`, `retain_all`) is readable for as long as the
-/// pin lives, which the borrow of a [`WritePin`] bounds, and no longer than
-/// the table, which the writer borrows too. The lock is released earlier,
+/// One lifetime, `'g`, for the shard, the lock and the pin: what the
+/// writer lends (`remove`, `upsert`, `retain_all`) is readable for as long
+/// as the pin lives, which the borrow of a [`WritePin`] bounds, and no
+/// longer than the shard, which the writer borrows too (a writer made from
+/// a `ShardedTable` borrows the table for `'g` as well; a death's hook's
+/// borrows only the shard, which the epoch keeps, M14). The lock is released earlier,
 /// when the writer is dropped; a second lifetime for it would bound nothing
 /// a caller can observe, since the writer itself ends the lock.
 pub(crate) struct ShardWriter<'g, I: Relocatable + Send + Sync + 'static> {
-    table: &'g ShardedTable<I>,
     shard: &'g Shard<I>,
     state: Option<MutexGuard<'g, ShardState>>,
     garbage: Garbage<I>,
@@ -1342,7 +1449,95 @@ pub(crate) struct ShardWriter<'g, I: Relocatable + Send + Sync + 'static> {
     lent: bool,
 }
 
+/// A shard as a collection's death callback holds it: its address, with
+/// no count on anything (M14).
+pub(crate) struct HookShard<I: Sided> {
+    shard: NonNull<Shard<I>>,
+    /// Under loom, the table's flag (`ShardedTable::released`).
+    #[cfg(weakrefs_loom)]
+    released: Released,
+}
+
+// SAFETY: an address, read only through `get`, on whichever thread runs
+// the hook; a shard is shared as `&Shard` (atomics, a mutex, and what
+// `ShardedTable`'s `Sync` covers).
+unsafe impl<I: Sided + Send + Sync> Send for HookShard<I> {}
+
+impl<I: Sided> HookShard<I> {
+    /// The shard.
+    ///
+    /// # Safety
+    ///
+    /// 1. The calling thread claimed the hook that holds `self` while
+    ///    pinned, and is pinned still, for `'a` (M14): the shards are freed
+    ///    through the epoch, only after the table's drop has detached (or
+    ///    found claimed) every hook still attached. (Under loom, during
+    ///    the collector's teardown, it is not pinned: no other thread is
+    ///    left, and every table dropped by then has detached its hooks.)
+    #[inline]
+    pub(crate) unsafe fn get<'a>(&self) -> &'a Shard<I> {
+        #[cfg(weakrefs_loom)]
+        self.released.check("its table's freed shards");
+        // SAFETY: as the caller promises.
+        unsafe { self.shard.as_ref() }
+    }
+}
+
+impl<I: Relocatable + Send + Sync + 'static> Shard<I> {
+    /// What the shard's hooks need of their collection beyond the shard.
+    #[inline]
+    pub(crate) fn target(&self) -> &HookTarget<I> {
+        &self.target
+    }
+
+    /// Counts an entry a death removed. The caller holds the shard's lock
+    /// (a writer of it): the count's only writers do.
+    pub(crate) fn count_death(&self) {
+        // Relaxed load and store: written under the mutex alone; readers
+        // only sum.
+        let deaths = &self.deaths;
+        deaths.store(deaths.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+    }
+
+    /// Locks the shard for a death's removal if nobody holds its lock,
+    /// this thread included: never blocks. A closed shard (its table's
+    /// owner is gone or going, M14) gives no writer.
+    #[inline]
+    pub(crate) fn try_write<'g>(&'g self, pin: &'g WritePin<'_>) -> HookWrite<'g, I> {
+        match self.writer.try_lock() {
+            None => HookWrite::Busy,
+            Some(state) if state.closed => HookWrite::Closed,
+            Some(state) => HookWrite::Open(ShardWriter::new(self, state, pin)),
+        }
+    }
+}
+
+/// What [`Shard::try_write`] found.
+pub(crate) enum HookWrite<'g, I: Relocatable + Send + Sync + 'static> {
+    /// The shard's writer, locked.
+    Open(ShardWriter<'g, I>),
+    /// Another writer holds the lock.
+    Busy,
+    /// The table's owner has let go of it: there is nothing to remove.
+    Closed,
+}
+
 impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
+    fn new(shard: &'g Shard<I>, state: MutexGuard<'g, ShardState>, pin: &'g WritePin<'_>) -> Self {
+        ShardWriter {
+            shard,
+            state: Some(state),
+            garbage: Garbage::default(),
+            pin,
+            lent: false,
+        }
+    }
+
+    /// The shard this writer holds locked.
+    pub(crate) fn shard(&self) -> &'g Shard<I> {
+        self.shard
+    }
+
     /// The shard's table.
     ///
     /// # Safety
@@ -1458,7 +1653,9 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
     /// slot: a writer fills only empty slots and free tombstones, which
     /// only that drop frees (M2), a rebuild copies only
     /// full ones, and `ShardedTable::drop`, which drops the full slots of
-    /// current tables, waits for the `'g` borrow of the table.
+    /// current tables, waits for the `'g` borrow of the table, or, for a
+    /// death's hook's writer, which borrows only its shard, for its unlock,
+    /// and takes the table then (M14).
     ///
     /// # Safety
     ///
@@ -1528,7 +1725,7 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
             let items = self.shard.len.load(Ordering::Relaxed);
             let live = items + 1 - usize::from(old.is_some());
             let slots = rebuilt_size(table.slots.len(), *self.used(), items, live);
-            let new = Table::with_slots(slots, self.table.marked);
+            let new = Table::with_slots(slots, self.shard.marked);
             self.rebuild(new, Some(hash), old);
         } else {
             let item = self.garbage.unpublished.take().expect("parked");
@@ -1818,7 +2015,7 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
         if table.slots.len() <= wanted.saturating_mul(factor) || table.slots.len() <= MIN_SLOTS {
             return;
         }
-        let new = Table::with_slots(wanted, self.table.marked);
+        let new = Table::with_slots(wanted, self.shard.marked);
         self.rebuild(new, None, None);
     }
 }
@@ -1836,7 +2033,7 @@ impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
             && self.garbage.items.rest.is_empty()
         {
             if let Some((table, index)) = self.garbage.items.first.take() {
-                let pinned = self.pin.pinned(|| self.table.pin());
+                let pinned = self.pin.pinned(|| Reclaimer::global().pin());
                 // SAFETY: unlinked under the mutex just released, with the
                 // drop the writer issued for it (as below).
                 unsafe { defer_item_drop(pinned, table, index) };
@@ -1889,7 +2086,7 @@ impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
         // deferred elsewhere.
         if user_code {
             if self.lent {
-                self.pin.pinned(|| self.table.pin());
+                self.pin.pinned(|| Reclaimer::global().pin());
             }
             // Deferred from the finalizer thread, which hands its retired
             // functions over whenever it goes idle: deferred here, they
@@ -1915,7 +2112,7 @@ impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
                 }
             });
         } else {
-            let pinned = self.pin.pinned(|| self.table.pin());
+            let pinned = self.pin.pinned(|| Reclaimer::global().pin());
             // SAFETY: unlinked and replaced under the mutex just released,
             // each with the drop the writer issued for it, or the shard's
             // reference (M9).
