@@ -14,7 +14,7 @@ use crate::raw::collection::{self, Collection, EntryHook, Watching};
 use crate::raw::counters::Counters;
 use crate::raw::single_flight::{self, Flight, Flights, Joined, Settle};
 use crate::raw::table::{Relocatable, ShardWriter, ShardedTable, Sided, SlotMark, WritePin};
-use crate::raw::tier::Tier;
+use crate::raw::tier::{Candidate, Tier};
 use crate::strong::Strong;
 use crate::sync::AtomicU64;
 use crate::weak::{EntryWeak, Weak};
@@ -794,8 +794,14 @@ where
         let pin = WritePin::lazy();
         let writer = self.core.table.try_write(hash, &pin)?;
         let tier = self.core.tier.as_ref()?;
-        let evicted = Self::entry_mark(&writer, hash, identity)
-            .and_then(|mark| tier.try_admit(identity, hash, mark, value.clone()));
+        let evicted = Self::entry_mark(&writer, hash, identity).and_then(|mark| {
+            tier.try_admit(Candidate {
+                identity,
+                hash,
+                mark,
+                value: value.clone(),
+            })
+        });
         drop(writer);
         drop(pin);
         evicted

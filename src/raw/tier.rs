@@ -180,13 +180,13 @@ struct Ring<V: ?Sized> {
     sketch: FrequencySketch,
 }
 
-/// An entry offered to the tier under the mutex: its identity, its key's
-/// hash, its slot's mark and its value.
-struct Candidate<'m, V: ?Sized> {
-    identity: usize,
-    hash: u64,
-    mark: &'m AtomicU64,
-    value: Strong<V>,
+/// An entry offered to the tier: its identity, its key's hash, its slot's
+/// mark and its value.
+pub(crate) struct Candidate<'m, V: ?Sized> {
+    pub(crate) identity: usize,
+    pub(crate) hash: u64,
+    pub(crate) mark: &'m AtomicU64,
+    pub(crate) value: Strong<V>,
 }
 
 /// The keep-warm tier; see the module docs.
@@ -378,7 +378,13 @@ impl<V: ?Sized> Tier<V> {
         mark: &AtomicU64,
         value: Strong<V>,
     ) -> Option<Strong<V>> {
-        self.admit_under(self.ring.lock(), identity, hash, mark, value)
+        let candidate = Candidate {
+            identity,
+            hash,
+            mark,
+            value,
+        };
+        self.admit_under(self.ring.lock(), candidate)
     }
 
     /// [`Self::admit`] for a found value ([`Self::admits_found`]), which
@@ -388,16 +394,10 @@ impl<V: ?Sized> Tier<V> {
     /// every thread's admissions share (reads on two threads with a tier a
     /// tenth of the keys ran at a third of the speed of reads without one
     /// when hits waited here).
-    pub(crate) fn try_admit(
-        &self,
-        identity: usize,
-        hash: u64,
-        mark: &AtomicU64,
-        value: Strong<V>,
-    ) -> Option<Strong<V>> {
+    pub(crate) fn try_admit(&self, candidate: Candidate<'_, V>) -> Option<Strong<V>> {
         match self.ring.try_lock() {
-            Some(ring) => self.admit_under(ring, identity, hash, mark, value),
-            None => Some(value),
+            Some(ring) => self.admit_under(ring, candidate),
+            None => Some(candidate.value),
         }
     }
 
@@ -405,32 +405,26 @@ impl<V: ?Sized> Tier<V> {
     fn admit_under(
         &self,
         mut ring: MutexGuard<'_, Ring<V>>,
-        identity: usize,
-        hash: u64,
-        mark: &AtomicU64,
-        value: Strong<V>,
+        candidate: Candidate<'_, V>,
     ) -> Option<Strong<V>> {
+        let hash = candidate.hash;
         ring.sketch.increment(hash);
-        if let Some(&at) = ring.position_of.get(&identity) {
+        if let Some(&at) = ring.position_of.get(&candidate.identity) {
             // Held already: a racing hit admitted it first, or the caller
             // read its mark in a table a rebuild had just replaced.
             debug_assert!(ring.values[at as usize]
                 .as_ref()
-                .is_some_and(|held| Strong::ptr_eq(held, &value)));
+                .is_some_and(|held| Strong::ptr_eq(held, &candidate.value)));
             // Relaxed: as in `touch`.
             // Relaxed: the generation is written under the mutex alone.
             let generation = self.positions[at as usize].load(Ordering::Relaxed) >> 1;
-            mark.store(mark_of(at, generation), Ordering::Relaxed);
+            candidate
+                .mark
+                .store(mark_of(at, generation), Ordering::Relaxed);
             self.positions[at as usize].fetch_or(REFERENCED, Ordering::Relaxed);
             drop(ring);
-            return Some(value);
+            return Some(candidate.value);
         }
-        let candidate = Candidate {
-            identity,
-            hash,
-            mark,
-            value,
-        };
         match ring.free.pop() {
             Some(at) => {
                 if ring.free.is_empty() {
