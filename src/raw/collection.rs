@@ -62,7 +62,10 @@ pub(crate) trait Collection<I: Sided>: Sized + Send + Sync + 'static {
 /// (`ShardedTable::drop`): a dying thread that claimed a hook before the
 /// table could detach it, and is still pinned since, finds the block
 /// allocated.
-pub(crate) struct HookAnchor(#[allow(dead_code)] Box<dyn Send + Sync>);
+pub(crate) struct HookAnchor(
+    // Held for its drop alone.
+    #[allow(dead_code)] Box<dyn Send + Sync>,
+);
 
 /// Under loom, a flag that the table's deferred release of its shards and
 /// anchor sets, and every hook reads first (`HookShard::get`, and
@@ -119,7 +122,7 @@ unsafe impl<C: Send + Sync + 'static> Send for CoreRef<C> {}
 unsafe impl<C: Send + Sync + 'static> Sync for CoreRef<C> {}
 
 impl<C: Send + Sync + 'static> CoreRef<C> {
-    /// The core `target` names: `target` is from `hook_target::<C, _>`.
+    /// The core `target` names: `target` is from `hooks::<C, _>`.
     fn from_target<I>(target: &HookTarget<I>) -> Self {
         CoreRef {
             block: target.core.cast(),
@@ -240,7 +243,7 @@ where
                 return;
             }
         }
-        // SAFETY: `target` is the collection's (`hook_target`), whose block
+        // SAFETY: `target` is the collection's (`hooks`), whose block
         // its anchor keeps allocated for as long as we stay pinned (M14);
         // `hook` is borrowed for the call.
         unsafe { (target.slow)(target, hash, NonNull::from(hook).cast(), death) }
@@ -250,7 +253,7 @@ where
 /// What a collection's death callbacks need of it beyond their shard
 /// (M14): whether it hears of deaths, and the way to a counted handle to
 /// its core, for the removals that cannot be done on the dying thread at
-/// once. Made with the collection ([`hook_target`]), kept in each of its
+/// once. Made with the collection ([`hooks`]), kept in each of its
 /// shards, never changed.
 pub(crate) struct HookTarget<I> {
     /// The core's block (a `ControlBlock<C>`), type-erased.
@@ -333,7 +336,7 @@ pub(crate) struct Hooks<I> {
 ///
 /// 1. The calling thread runs the hook `hook` (a `&Hook<I::Payload>`,
 ///    borrowed for the call), which it claimed while pinned, and is pinned
-///    still (M14); `target` is from [`hook_target::<C, I>`].
+///    still (M14); `target` is from [`hooks::<C, I>`].
 unsafe fn slow_death<C, I>(
     target: &HookTarget<I>,
     hash: u64,
