@@ -229,8 +229,6 @@ struct MapCore<K, V: ?Sized, S> {
     /// What `stats` reports, but for deaths, which the table's shards
     /// count under their locks (a death's removal reaches its shard only).
     counters: Counters<COUNTERS>,
-    /// `stats` reports anything (`record_stats`).
-    record_stats: bool,
     /// The keep-warm tier (`keep_recent`), if any (M13).
     tier: Option<Tier<V>>,
 }
@@ -243,10 +241,6 @@ where
 {
     fn table(&self) -> &ShardedTable<Item<K, V>> {
         &self.table
-    }
-
-    fn hears_deaths(&self) -> bool {
-        self.listener.is_some()
     }
 
     fn died(&self, item: &Item<K, V>) -> Option<Box<dyn FnOnce() + Send>> {
@@ -657,7 +651,6 @@ where
                     } else {
                         Counters::disabled()
                     },
-                    record_stats,
                     tier: (keep_recent > 0).then(|| Tier::new(keep_recent)),
                 }
             }),
@@ -1517,7 +1510,7 @@ where
     /// ```
     pub fn stats(&self) -> MapStats {
         let [hits, misses, loads, joined, load_failures, gets] = self.core.counters.sum();
-        let died = if self.core.record_stats {
+        let died = if self.core.counters.enabled() {
             self.core.table.deaths()
         } else {
             0

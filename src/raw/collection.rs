@@ -37,13 +37,6 @@ pub(crate) trait Collection<I: Sided>: Sized + Send + Sync + 'static {
     /// The core's table, made with the core's [`Hooks`].
     fn table(&self) -> &ShardedTable<I>;
 
-    /// True if the collection hears of each entry a death removes (a
-    /// removal listener): such removals then run on the finalizer thread,
-    /// where the listener may run, instead of on the dying thread.
-    fn hears_deaths(&self) -> bool {
-        false
-    }
-
     /// Called under the shard's lock for an entry its value's death just
     /// removed; what it returns runs after the unlock, on the finalizer
     /// thread (or where the death is handled after `shutdown`). It may run
@@ -261,7 +254,9 @@ pub(crate) struct HookTarget<I> {
     /// `slow_death::<C, I>`: what a death's removal does with a counted
     /// handle to the core.
     slow: unsafe fn(&HookTarget<I>, u64, NonNull<()>, Option<&Pinned>),
-    /// The collection hears of each entry a death removes.
+    /// The collection hears of each entry a death removes (a removal
+    /// listener): such removals then run on the finalizer thread, where
+    /// the listener may run, instead of on the dying thread.
     hears_deaths: bool,
     /// Under loom, the table's flag ([`Released`]).
     #[cfg(weakrefs_loom)]
@@ -356,7 +351,7 @@ unsafe fn slow_death<C, I>(
     let executor = Executor::global();
     // Here, if nothing must hear of it; after `shutdown` there is nowhere
     // else, so here in any case, but never waiting for the lock.
-    let here = !core.hears_deaths() || executor.is_closed();
+    let here = !target.hears_deaths || executor.is_closed();
     let removed_here = here && {
         // As in `remove_on_death`.
         let pin = match death {

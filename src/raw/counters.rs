@@ -77,6 +77,11 @@ impl<const N: usize> Counters<N> {
         }
     }
 
+    /// False for [`Self::disabled`] counters.
+    pub(crate) fn enabled(&self) -> bool {
+        self.overflow.is_some()
+    }
+
     /// Adds one to counter `which` (`< N`).
     #[inline]
     pub(crate) fn bump(&self, which: usize) {

@@ -415,6 +415,12 @@ impl<I: Sided> Slots<I> {
         }
     }
 
+    /// The slots keep a mark each (`MarkedSlot`): a table rebuilt from
+    /// these keeps them too.
+    fn marked(&self) -> bool {
+        matches!(self.items, Items::Marked(_))
+    }
+
     /// The mark of slot `index`, if the slots keep marks.
     #[inline(always)]
     fn mark(&self, index: usize) -> Option<&AtomicU64> {
@@ -728,9 +734,6 @@ pub(crate) struct Shard<I: Sided> {
     /// Entries a death removed from this shard. Written under the mutex
     /// (a load and a store), read without it.
     deaths: AtomicU64,
-    /// The tables keep a mark per slot (`MarkedSlot`): a copy of the
-    /// table-wide flag, for writers that reach the shard alone.
-    marked: bool,
     /// The collection's (a clone in each shard, so that a hook needs only
     /// its shard's address).
     target: HookTarget<I>,
@@ -747,7 +750,6 @@ pub(crate) struct ShardedTable<I: Sided> {
     shards: NonNull<[CachePadded<Shard<I>>]>,
     /// `64 - log2(shards)`: the hash's top bits pick the shard.
     shard_shift: u32,
-    reclaimer: Reclaimer,
     /// The core's weak reference to its own block, released with the
     /// shards (M14); `None` once `Drop` has taken it.
     anchor: Option<HookAnchor>,
@@ -760,13 +762,12 @@ pub(crate) struct ShardedTable<I: Sided> {
     _items: PhantomData<I>,
 }
 
-// The table owns its items and their sides (`Send`, to drop them anywhere)
-// and hands out references to them to any thread (`Sync`; a side is both by
-// `Sided`'s bound).
-// SAFETY: as just said; the rest is atomics, mutexes, epoch pointers, the
-// shards' allocation (owned, reached through `&self` only as shared
-// references) and each shard's `HookTarget` (an address and a function,
-// read only).
+// SAFETY: the table owns its items and their sides (`Send`, to drop them
+// anywhere) and hands out references to them to any thread (`Sync`; a side
+// is both by `Sided`'s bound); the rest is atomics, mutexes, epoch
+// pointers, the shards' allocation (owned, reached through `&self` only as
+// shared references) and each shard's `HookTarget` (an address and a
+// function, read only).
 unsafe impl<I: Sided + Send + Sync> Send for ShardedTable<I> {}
 // SAFETY: as for `Send`.
 unsafe impl<I: Sided + Send + Sync> Sync for ShardedTable<I> {}
@@ -841,7 +842,6 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
                     }),
                     len: AtomicUsize::new(0),
                     deaths: AtomicU64::new(0),
-                    marked,
                     target: hooks.target.clone(),
                 })
             })
@@ -853,15 +853,17 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
             anchor: Some(hooks.anchor),
             #[cfg(weakrefs_loom)]
             released: hooks.released,
-            reclaimer: Reclaimer::global(),
             _items: PhantomData,
         }
     }
 
-    /// Pins the current thread for reads (M1).
+    /// Pins the current thread for reads (M1). Every table reclaims
+    /// through the process-wide collector, the one a dying thread pins
+    /// before it runs a death's hooks, which lend that pin to their
+    /// writers (M14).
     #[inline]
     pub(crate) fn pin(&self) -> Pinned {
-        self.reclaimer.pin()
+        Reclaimer::global().pin()
     }
 
     /// The shard `hash` belongs to, as a death callback keeps it: by
@@ -1725,7 +1727,7 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
             let items = self.shard.len.load(Ordering::Relaxed);
             let live = items + 1 - usize::from(old.is_some());
             let slots = rebuilt_size(table.slots.len(), *self.used(), items, live);
-            let new = Table::with_slots(slots, self.shard.marked);
+            let new = Table::with_slots(slots, table.slots.marked());
             self.rebuild(new, Some(hash), old);
         } else {
             let item = self.garbage.unpublished.take().expect("parked");
@@ -2015,7 +2017,7 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
         if table.slots.len() <= wanted.saturating_mul(factor) || table.slots.len() <= MIN_SLOTS {
             return;
         }
-        let new = Table::with_slots(wanted, self.shard.marked);
+        let new = Table::with_slots(wanted, table.slots.marked());
         self.rebuild(new, None, None);
     }
 }
