@@ -42,8 +42,8 @@
 use std::alloc::{self, Layout};
 use std::ptr::NonNull;
 
-/// The largest size cached: a hook with a closure of two words and a
-/// payload of up to three fits.
+/// The largest size cached: a hook with a payload of up to three words
+/// fits (six words: header, vtable, payload, removal).
 #[cfg_attr(weakrefs_loom, allow(dead_code))]
 const LARGEST: usize = 64;
 

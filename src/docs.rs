@@ -439,10 +439,13 @@ pub mod internals {
     //!    (`Entry::on_dying_thread`) run at once, on this thread
     //!    (`EntryRef::run_claimed`, C14); the rest form one batch for
     //!    `Runtime::dispatch`.
-    //! 4. The map's hook is the closure `raw::collection::remove_on_death`
-    //!    registered (`ObjectCallbacks::register_hook`). It reaches the
-    //!    entry's shard through its uncounted address (`HookShard`, valid
-    //!    while the dying thread stays pinned, M14), borrows the dying
+    //! 4. The map's hook is the `Removal` that
+    //!    `raw::collection::remove_on_death` registered
+    //!    (`ObjectCallbacks::register_hook`): the address of the site that
+    //!    heads the entry's shard, and the entry's hash. Its run calls the
+    //!    site's function, `raw::collection::death_at_shard`, which reaches
+    //!    the shard through that uncounted address (valid while the dying
+    //!    thread stays pinned, M14), borrows the dying
     //!    thread's pin unless the entry's drop runs user code (then the
     //!    writer's `WritePin` is a lazy one), and, if the shard's lock is
     //!    free and the shard open (`Shard::try_write`; a closed one means

@@ -292,3 +292,43 @@ pub(crate) use loom::thread_local;
 /// execution (the process-wide collector and runtime under loom).
 #[cfg(weakrefs_loom)]
 pub(crate) use loom::lazy_static;
+
+/// Under loom, a flag that a collection table's deferred release of its
+/// shards and anchor sets, and every hook reads first (`Removal`'s run, and
+/// `CoreRef::upgrade` on the slower way): a model then fails on a read
+/// that the release precedes (an assertion) or races (loom's check of the
+/// cell's accesses), either of which would read freed memory (M14).
+/// Shared through a `std` `Arc`, whose count loom need not explore.
+#[cfg(weakrefs_loom)]
+pub(crate) type Released = std::sync::Arc<ReleasedFlag>;
+
+#[cfg(weakrefs_loom)]
+pub(crate) struct ReleasedFlag(UnsafeCell<bool>);
+
+// SAFETY: loom checks every access to the cell for races (`Released`).
+#[cfg(weakrefs_loom)]
+unsafe impl Sync for ReleasedFlag {}
+
+#[cfg(weakrefs_loom)]
+impl ReleasedFlag {
+    /// A flag not set yet.
+    pub(crate) fn new() -> Released {
+        Released::new(ReleasedFlag(UnsafeCell::new(false)))
+    }
+
+    /// Sets the flag: what it guards is about to be freed.
+    pub(crate) fn set(&self) {
+        // SAFETY: loom checks this write against every `check`'s read.
+        self.0.with_mut(|released| unsafe { *released = true });
+    }
+
+    /// Fails the model if what the flag guards has been freed, or may be
+    /// freed racing this read. `what` names it.
+    pub(crate) fn check(&self, what: &str) {
+        self.0.with(|released| {
+            // SAFETY: loom checks this read against the `set`'s write.
+            let released = unsafe { *released };
+            assert!(!released, "a hook reached {what}");
+        });
+    }
+}

@@ -12,28 +12,34 @@
 //! `detach` drops it, the others run it.
 //!
 //! **Layout.** Every node starts with the type-erased header `Entry`
-//! (`repr(C)`, three words: the count and state, the link in its object's
-//! list, the vtable). Two kinds of node follow it:
+//! (`repr(C)`, two words: the count, state and kind; the link in its
+//! object's list). Three kinds of node follow it:
 //!
-//! * a *listed* node (`finalize` registrations and posted jobs) adds the
-//!   links that only such nodes use, the registry's and the queue's, then
-//!   the closure: `Node<Listed, (), Plain<F>>`;
+//! * a *listed* node (`finalize` registrations and posted jobs):
+//!   `Node<Listed, (), Plain<F>>`, whose head adds the node's vtable and
+//!   the links that only such nodes use, the registry's and the queue's,
+//!   before the closure;
 //! * a *hook* (a collection's removal callback, which is never in the
-//!   registry and never queued: it runs on the dying thread, C14) has a
-//!   payload and the closure right after the header:
-//!   `Node<Entry, ManuallyDrop<P>, Hooked<F, P>>`, five words for a closure
-//!   of two and no payload. A hook's closure receives the hook itself,
-//!   whose address names the collection entry it removes, so it need not
-//!   hold a handle to the object. The payload is what the entry keeps
-//!   where it never moves (a `WeakKeyMap`'s value): readers borrow it
-//!   through the entry's `Hook`, and the entry drops it, once, when it is
-//!   dropped itself (the node may outlive it in its object's list).
+//!   registry and never queued: it runs on the dying thread, C14):
+//!   `Node<Entry, (), Removal>`, four words. Its closure is the same for
+//!   every collection, a [`Removal`]: the address of the [`HookSite`] (the
+//!   entry's shard) that removes the entry, and the key (hash) the entry
+//!   is filed under; so its kind implies its vtable, and it stores none.
+//!   The removal receives the hook itself, whose address names the
+//!   collection entry it removes, so it need not hold a handle to the
+//!   object;
+//! * a hook with a *payload*, what the entry keeps where it never moves (a
+//!   `WeakKeyMap`'s value): `Node<Vtabled, ManuallyDrop<P>, Removal>`, the
+//!   header, the vtable (the node's layout depends on `P`), the payload,
+//!   then the removal. Readers borrow the payload through the entry's
+//!   `Hook`, and the entry drops it, once, when it is dropped itself (the
+//!   node may outlive it in its object's list).
 //!
 //! Lists and handles hold thin `NonNull<Entry>` pointers that keep the
 //! provenance of the whole node (they all come from the one allocation,
-//! `leak`'s, from `block_cache`);
-//! the links past the header and the closure are reached only from such a
-//! pointer, never from a `&Entry` (C13). One allocation per registration,
+//! `leak`'s, from `block_cache`); the vtable, the links past the header
+//! and the closure are reached only from such a pointer, never from a
+//! `&Entry` (C13). One allocation per registration,
 //! and the node starts with its owners (handle, object list and, for
 //! `finalize`, the registry) counted, so registering costs no
 //! reference-count RMW.
@@ -55,14 +61,18 @@ const CLAIMED: u8 = 2;
 
 /// A node with the registry's and the queue's links (`Listed`).
 const LISTED: u8 = 0;
-/// A collection's removal callback: the header alone, run on the dying
-/// thread (C14).
+/// A collection's removal callback with nothing to keep: the header and a
+/// [`Removal`], run on the dying thread (C14). Its vtable is
+/// `BARE_HOOK`, implied by the kind, not stored.
 const HOOK: u8 = 1;
+/// A collection's removal callback that keeps a payload: a `Vtabled`
+/// head, the payload, a [`Removal`]; run as a `HOOK` is.
+const PAYLOAD_HOOK: u8 = 2;
 
 /// References above this abort, as for the handles (I5). A node's owners
 /// are the lists, the queue, the `Finalizer` handles and, for a hook, the
-/// collection entry's `Hook` and the clones `Hook::keep` makes for posted
-/// removals: more than two billion of them exist only if handles are
+/// collection entry's `Hook` and the clones a hook's removal makes for
+/// posted removals: more than two billion of them exist only if handles are
 /// leaked with `mem::forget`.
 const MAX_REFS: u32 = i32::MAX as u32;
 
@@ -77,6 +87,9 @@ struct EntryVTable {
     free: unsafe fn(NonNull<Entry>),
 }
 
+/// The vtable of every `HOOK` node.
+const BARE_HOOK: &EntryVTable = &Node::<Entry, (), Removal>::VTABLE;
+
 /// The type-erased header every node starts with.
 #[repr(C)]
 pub(crate) struct Entry {
@@ -85,19 +98,27 @@ pub(crate) struct Entry {
     /// Run by `shutdown()` if still alive (Python's `finalize.atexit`).
     /// Meaningful for listed nodes only.
     atexit: AtomicBool,
-    /// `LISTED` or `HOOK`, set at construction, never changed.
+    /// `LISTED`, `HOOK` or `PAYLOAD_HOOK`, set at construction, never
+    /// changed.
     kind: u8,
     /// Link in the object's callback list, then in its death batch.
     pub(crate) object_next: AtomicPtr<Entry>,
-    vtable: &'static EntryVTable,
     leak_check: LeakCheck,
 }
 
-/// The header of a listed node: `Entry`, then the links that only
-/// `finalize` registrations and posted jobs use.
+/// The head of a node whose kind does not imply its vtable: `Entry`, then
+/// the vtable (`call`, `discard`, `free` for this node type).
+#[repr(C)]
+struct Vtabled {
+    entry: Entry,
+    vtable: &'static EntryVTable,
+}
+
+/// The head of a listed node: `Entry` and the vtable, then the links that
+/// only `finalize` registrations and posted jobs use.
 #[repr(C)]
 struct Listed {
-    entry: Entry,
+    head: Vtabled,
     /// Link in the runtime's registry of all entries (for `shutdown`).
     registry_next: AtomicPtr<Entry>,
     /// Link between death batches in the runtime's queue (batch heads only).
@@ -109,56 +130,95 @@ trait Callback: Send + 'static {
     /// Runs the closure. `entry` is the node, kept allocated by the
     /// caller's reference for the duration of the call; `pinned`, the
     /// caller's pin, if it holds one (the dying thread does, for hooks).
-    fn run(self, entry: NonNull<Entry>, pinned: Option<&Pinned>);
+    ///
+    /// # Safety
+    ///
+    /// 1. The caller won the claim of `entry` (C1) and runs it once for
+    ///    that win; for a hook, on a thread pinned since before the claim,
+    ///    and still (C14, M14).
+    unsafe fn run(self, entry: NonNull<Entry>, pinned: Option<&Pinned>);
 }
 
 /// The closure of a listed node: called with nothing.
 struct Plain<F>(F);
 
 impl<F: FnOnce() + Send + 'static> Callback for Plain<F> {
-    fn run(self, _: NonNull<Entry>, _: Option<&Pinned>) {
+    unsafe fn run(self, _: NonNull<Entry>, _: Option<&Pinned>) {
         (self.0)()
     }
 }
 
-/// The closure of a hook with payload `P`: called with the hook it was
-/// registered as, and the dying thread's pin.
-struct Hooked<F, P>(F, PhantomData<fn(P)>);
+/// Where a hook's removal is carried out: the first field of what the
+/// hook names (a collection's shard, `repr(C)`), so that the site's
+/// address is that structure's, and `run` reaches the rest from it.
+#[derive(Clone, Copy)]
+pub(crate) struct HookSite {
+    run: HookRun,
+}
 
-impl<F, P> Callback for Hooked<F, P>
-where
-    F: FnOnce(&Hook<P>, Option<&Pinned>) + Send + 'static,
-    P: 'static,
-{
-    fn run(self, entry: NonNull<Entry>, pinned: Option<&Pinned>) {
-        // Borrowed, not owned: the caller's reference keeps the node
-        // allocated during the call, and `ManuallyDrop` leaves its count.
-        let hook = ManuallyDrop::new(Hook {
-            entry: EntryRef(entry),
-            payload: PhantomData,
-        });
-        (self.0)(&hook, pinned)
+/// What a [`HookSite`] does for a death: removes the entry filed under
+/// the key whose hook is the given one.
+///
+/// # Safety
+///
+/// 1. The site pointer is a `Removal`'s, with the provenance of the whole
+///    structure the site is the first field of, and the calling thread
+///    claimed the hook (the `EntryRef`, borrowed for the call) while
+///    pinned, and is pinned still (C14, M14): what the site names was
+///    alive at the claim and is freed only through the epoch. (Under
+///    loom, during the collector's teardown, it is not pinned: no other
+///    thread is left, and every table dropped by then has detached its
+///    hooks.)
+pub(crate) type HookRun = unsafe fn(NonNull<HookSite>, u64, &EntryRef, Option<&Pinned>);
+
+impl HookSite {
+    /// A site whose deaths `run` handles.
+    pub(crate) const fn new(run: HookRun) -> HookSite {
+        HookSite { run }
     }
 }
 
-/// A node: a header (`Entry` or `Listed`, both starting with `Entry`), a
-/// payload (`()` for listed nodes), then the closure. The closure is
-/// present exactly while the state is `ALIVE`, and between a claim and its
-/// one `run_claimed`.
+/// A hook's closure, the same for every collection: the site that removes
+/// its entry and the key the entry is filed under (its hash), two words.
+pub(crate) struct Removal {
+    /// The site, by address, with no count on anything (M14); its
+    /// provenance is that of the whole structure it heads.
+    pub(crate) site: NonNull<HookSite>,
+    pub(crate) key: u64,
+    /// Under loom, the flag the site's deferred release sets, checked
+    /// before the site is reached (M14).
+    #[cfg(weakrefs_loom)]
+    pub(crate) released: crate::sync::Released,
+}
+
+// SAFETY: an address and a key; the site is reached only by the thread
+// that runs the hook, under `HookRun`'s contract, and is shared as `&`
+// (atomics and a mutex, M14).
+unsafe impl Send for Removal {}
+
+impl Callback for Removal {
+    unsafe fn run(self, entry: NonNull<Entry>, pinned: Option<&Pinned>) {
+        #[cfg(weakrefs_loom)]
+        self.released.check("its table's freed shards");
+        // Borrowed, not owned: the caller's reference keeps the node
+        // allocated during the call, and `ManuallyDrop` leaves its count.
+        let hook = ManuallyDrop::new(EntryRef(entry));
+        // SAFETY: the caller's 1 is `HookRun`'s: this hook was claimed by
+        // this thread while pinned, and `site` is the one it was made
+        // with, from the whole structure's pointer.
+        unsafe { (self.site.as_ref().run)(self.site, self.key, &hook, pinned) }
+    }
+}
+
+/// A node: a head (`Entry`, or `Vtabled` or `Listed`, which start with
+/// it), a payload (`()` but for a `PAYLOAD_HOOK`), then the closure. The
+/// closure is present exactly while the state is `ALIVE`, and between a
+/// claim and its one `run_claimed`.
 #[repr(C)]
 struct Node<H, P, C> {
     head: H,
     payload: P,
     callback: UnsafeCell<ManuallyDrop<C>>,
-}
-
-/// The first two fields of a `Node<H, P, _>`, at the same offsets (both
-/// `repr(C)`, whose field offsets depend only on the fields before): how
-/// a `Hook<P>`, which does not know its closure's type, finds its payload.
-#[repr(C)]
-struct Prefix<H, P> {
-    head: H,
-    payload: P,
 }
 
 impl<H: 'static, P: 'static, C: Callback> Node<H, P, C> {
@@ -201,9 +261,9 @@ impl<H: 'static, P: 'static, C: Callback> Node<H, P, C> {
     }
 
     unsafe fn call(entry: NonNull<Entry>, pinned: Option<&Pinned>) {
-        // SAFETY: the vtable contract is `take`'s (callers: `run_claimed`).
-        let callback = unsafe { Self::take(entry) };
-        callback.run(entry, pinned);
+        // SAFETY: the vtable contract is `take`'s and `run`'s (callers:
+        // `run_claimed`).
+        unsafe { Self::take(entry).run(entry, pinned) }
     }
 
     unsafe fn discard(entry: NonNull<Entry>) {
@@ -234,14 +294,13 @@ impl<H: 'static, P: 'static, C: Callback> Node<H, P, C> {
 }
 
 impl Entry {
-    fn new<H: 'static, P: 'static, C: Callback>(refs: u32, atexit: bool, kind: u8) -> Entry {
+    fn new(refs: u32, atexit: bool, kind: u8) -> Entry {
         Entry {
             refs: AtomicU32::new(refs),
             state: AtomicU8::new(ALIVE),
             atexit: AtomicBool::new(atexit),
             kind,
             object_next: AtomicPtr::new(ptr::null_mut()),
-            vtable: &Node::<H, P, C>::VTABLE,
             leak_check: LeakCheck::new(()),
         }
     }
@@ -315,7 +374,10 @@ impl EntryRef {
     {
         Node {
             head: Listed {
-                entry: Entry::new::<Listed, (), Plain<F>>(OWNERS as u32, atexit, LISTED),
+                head: Vtabled {
+                    entry: Entry::new(OWNERS as u32, atexit, LISTED),
+                    vtable: &Node::<Listed, (), Plain<F>>::VTABLE,
+                },
                 registry_next: AtomicPtr::new(ptr::null_mut()),
                 queue_next: AtomicPtr::new(ptr::null_mut()),
             },
@@ -325,21 +387,37 @@ impl EntryRef {
         .leak()
     }
 
-    /// A new alive hook holding `payload` and `callback`, returned as its
-    /// two owners: the collection's entry and the object's list. Its
-    /// object's death runs it on the dying thread (C14), passing it the
-    /// hook.
-    pub(crate) fn new_hook<P, F>(payload: P, callback: F) -> (Hook<P>, EntryRef)
+    /// A new alive hook that carries out `removal` at its object's
+    /// death, holding `payload` in place, returned as its two owners: the
+    /// collection's entry and the object's list. Its object's death runs
+    /// it on the dying thread (C14), passing it the hook. Without a
+    /// payload (`P` of size zero with nothing to drop) it is a `HOOK`, four
+    /// words; else a `PAYLOAD_HOOK`.
+    pub(crate) fn new_hook<P>(payload: P, removal: Removal) -> (Hook<P>, EntryRef)
     where
         P: Send + Sync + 'static,
-        F: FnOnce(&Hook<P>, Option<&Pinned>) + Send + 'static,
     {
-        let [hook, in_list] = Node {
-            head: Entry::new::<Entry, ManuallyDrop<P>, Hooked<F, P>>(2, false, HOOK),
-            payload: ManuallyDrop::new(payload),
-            callback: UnsafeCell::new(ManuallyDrop::new(Hooked(callback, PhantomData))),
-        }
-        .leak();
+        let [hook, in_list] = if is_bare::<P>() {
+            // Nothing to keep: `payload` is a value of no bytes whose drop
+            // does nothing, and `Hook::payload` makes one of its own.
+            drop(payload);
+            Node {
+                head: Entry::new(2, false, HOOK),
+                payload: (),
+                callback: UnsafeCell::new(ManuallyDrop::new(removal)),
+            }
+            .leak()
+        } else {
+            Node {
+                head: Vtabled {
+                    entry: Entry::new(2, false, PAYLOAD_HOOK),
+                    vtable: &Node::<Vtabled, ManuallyDrop<P>, Removal>::VTABLE,
+                },
+                payload: ManuallyDrop::new(payload),
+                callback: UnsafeCell::new(ManuallyDrop::new(removal)),
+            }
+            .leak()
+        };
         (
             Hook {
                 entry: hook,
@@ -349,7 +427,7 @@ impl EntryRef {
         )
     }
 
-    /// Moves the closure out and calls it, lending a hook's closure
+    /// Moves the closure out and calls it, lending a hook's removal
     /// `pinned` (the dying thread's pin, M14), so that it need not pin
     /// again; a listed entry's closure ignores it.
     ///
@@ -357,10 +435,26 @@ impl EntryRef {
     ///
     /// 1. The caller won [`Entry::claim`] for this entry and calls this once
     ///    for that win.
+    /// 2. For a hook ([`Entry::on_dying_thread`]), the calling thread has
+    ///    been pinned since before that claim and is pinned still (M14).
     pub(crate) unsafe fn run_claimed(&self, pinned: Option<&Pinned>) {
         // SAFETY: the vtable was built for this node's closure type; 1 is
-        // `take`'s precondition 2.
-        unsafe { (self.vtable.call)(self.0, pinned) }
+        // `take`'s precondition 2, and 1 and 2 are `Callback::run`'s.
+        unsafe { (self.vtable().call)(self.0, pinned) }
+    }
+
+    /// The node's vtable: implied by a `HOOK`'s kind, stored in the head
+    /// of every other node.
+    #[inline]
+    fn vtable(&self) -> &'static EntryVTable {
+        if self.kind == HOOK {
+            return BARE_HOOK;
+        }
+        // Every other kind's head starts with a `Vtabled` (`repr(C)`), read
+        // through the whole node's pointer, never a `&Entry` (C13), inside
+        // the node our reference keeps allocated.
+        // SAFETY: as just said; the vtable is immutable once written.
+        unsafe { (*self.0.cast::<Vtabled>().as_ptr()).vtable }
     }
 
     /// The node's address: unique among live entries, since the node stays
@@ -375,7 +469,7 @@ impl EntryRef {
             return false;
         }
         // SAFETY: we won the state CAS just now (C1).
-        unsafe { (self.vtable.discard)(self.0) };
+        unsafe { (self.vtable().discard)(self.0) };
         true
     }
 
@@ -430,9 +524,9 @@ impl Drop for EntryRef {
         self.leak_check.let_go();
         // The last reference frees without a read-modify-write (C13): a
         // reference is made only from another that outlives the making
-        // (`clone`; `clone_link` from a link the list still owns;
-        // `Hook::keep` through the handle a hook's run borrows from the
-        // dying thread's reference), so once ours is the only one, none
+        // (`clone`; `clone_link` from a link the list still owns; `clone`
+        // of the handle a hook's removal borrows from the dying thread's
+        // reference, `Removal::run`), so once ours is the only one, none
         // can appear. This is the drop of a map entry's hook after its
         // object's death released the list's reference. Acquire: pairs
         // with every other reference's Release decrement, as the fence
@@ -447,7 +541,7 @@ impl Drop for EntryRef {
             acquire_fence!(self.refs);
         }
         // SAFETY: ours was the last reference; the vtable matches the node.
-        unsafe { (self.vtable.free)(self.0) }
+        unsafe { (self.vtable().free)(self.0) }
     }
 }
 
@@ -461,7 +555,7 @@ impl Entry {
 
     /// True for a hook, which its object's death runs on the dying thread.
     pub(crate) fn on_dying_thread(&self) -> bool {
-        self.kind == HOOK
+        self.kind != LISTED
     }
 
     pub(crate) fn atexit(&self) -> bool {
@@ -543,28 +637,24 @@ impl<P> Hook<P> {
         self.entry.detach()
     }
 
-    /// A second handle, which keeps the hook's address reserved (for work
-    /// that finishes the removal later, elsewhere).
-    pub(crate) fn keep(&self) -> Hook<P> {
-        Hook {
-            entry: self.entry.clone(),
-            payload: PhantomData,
-        }
-    }
-
     /// A pointer to the payload, with the provenance of the whole node.
     fn payload_ptr(&self) -> *mut P {
-        let prefix = self
+        if is_bare::<P>() {
+            // A `HOOK` keeps no payload: any aligned address holds a value
+            // of no bytes, and dropping it does nothing.
+            return NonNull::dangling().as_ptr();
+        }
+        let node = self
             .entry
             .0
             .as_ptr()
-            .cast::<Prefix<Entry, ManuallyDrop<P>>>();
-        // A hook is a `Node<Entry, ManuallyDrop<P>, _>` (`new_hook`,
-        // and `P` is ours by type), whose first two fields sit where
-        // `Prefix`'s do; `addr_of_mut!` projects without reading, inside
-        // the live node (our reference).
+            .cast::<Node<Vtabled, ManuallyDrop<P>, Removal>>();
+        // A hook with a payload is a `PAYLOAD_HOOK`, a `Node<Vtabled,
+        // ManuallyDrop<P>, Removal>` (`new_hook`; `P` is ours by type);
+        // `addr_of_mut!` projects without reading, inside the live node
+        // (our reference).
         // SAFETY: as just said.
-        unsafe { ptr::addr_of_mut!((*prefix).payload).cast::<P>() }
+        unsafe { ptr::addr_of_mut!((*node).payload).cast::<P>() }
     }
 
     /// The payload, until [`drop_payload`](Self::drop_payload).
@@ -590,6 +680,12 @@ impl<P> Hook<P> {
     }
 }
 
+/// Whether a hook keeping a `P` keeps nothing: a `HOOK`, without vtable or
+/// payload.
+const fn is_bare<P>() -> bool {
+    std::mem::size_of::<P>() == 0 && !std::mem::needs_drop::<P>()
+}
+
 impl<P> std::fmt::Debug for Hook<P> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_tuple("Hook").field(&self.entry).finish()
@@ -597,73 +693,130 @@ impl<P> std::fmt::Debug for Hook<P> {
 }
 
 #[cfg(all(test, not(weakrefs_loom)))]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use std::mem::size_of;
-    use std::sync::atomic::AtomicUsize;
     use std::sync::{Arc, Mutex};
 
-    fn node_size<P, F>(_: &F) -> usize {
-        size_of::<Node<Entry, ManuallyDrop<P>, Hooked<F, P>>>()
+    /// A site that records each run: the key and the hook's address, and
+    /// a second handle to the hook, as a posted removal keeps one.
+    #[repr(C)]
+    pub(crate) struct TestSite {
+        site: HookSite,
+        runs: Mutex<Vec<(u64, usize, bool)>>,
+        kept: Mutex<Vec<EntryRef>>,
     }
 
-    #[test]
-    fn a_collection_hook_is_its_closure_plus_three_words() {
-        let (core, hash) = (Arc::new(()), 7u64);
-        let callback = move |_: &Hook, _: Option<&Pinned>| drop((core, hash));
-        assert_eq!(size_of::<Entry>(), 3 * size_of::<usize>());
-        assert_eq!(node_size::<(), _>(&callback), 5 * size_of::<usize>());
-        assert_eq!(node_size::<u64, _>(&callback), 6 * size_of::<usize>());
-    }
+    impl TestSite {
+        pub(crate) fn new() -> Box<TestSite> {
+            Box::new(TestSite {
+                site: HookSite::new(TestSite::record),
+                runs: Mutex::new(Vec::new()),
+                kept: Mutex::new(Vec::new()),
+            })
+        }
 
-    #[test]
-    fn a_hook_runs_with_itself_and_a_kept_handle_reserves_its_address() {
-        let seen = Arc::new(AtomicUsize::new(0));
-        let kept = Arc::new(Mutex::new(None));
-        let (hook, in_list) = EntryRef::new_hook((), {
-            let (seen, kept) = (seen.clone(), kept.clone());
-            move |me: &Hook, _: Option<&Pinned>| {
-                seen.store(me.identity(), std::sync::atomic::Ordering::SeqCst);
-                *kept.lock().unwrap() = Some(me.keep());
+        /// # Safety
+        ///
+        /// As `HookRun`.
+        unsafe fn record(site: NonNull<HookSite>, key: u64, hook: &EntryRef, p: Option<&Pinned>) {
+            // SAFETY: every removal in these tests is `removal`'s, from a
+            // `TestSite` the test keeps alive past the run.
+            let site = unsafe { site.cast::<TestSite>().as_ref() };
+            site.runs
+                .lock()
+                .unwrap()
+                .push((key, hook.address(), p.is_some()));
+            site.kept.lock().unwrap().push(hook.clone());
+        }
+
+        /// A removal at this site for `key`.
+        pub(crate) fn removal(&self, key: u64) -> Removal {
+            Removal {
+                site: NonNull::from(self).cast(),
+                key,
             }
-        });
-        assert!(in_list.on_dying_thread());
-        assert!(in_list.claim());
-        // SAFETY: claimed just now; run once.
-        unsafe { in_list.run_claimed(None) };
-        let identity = hook.identity();
-        assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), identity);
-        drop((hook, in_list));
-        let kept = kept.lock().unwrap().take().expect("the hook kept itself");
-        assert_eq!(kept.identity(), identity);
-        assert_eq!(kept.entry.ref_count(), 1);
+        }
+
+        fn runs(&self) -> Vec<(u64, usize, bool)> {
+            self.runs.lock().unwrap().clone()
+        }
     }
 
     #[test]
-    fn a_detached_hook_drops_its_closure_unrun() {
-        let runs = Arc::new(AtomicUsize::new(0));
-        let token = Arc::new(());
-        let (hook, in_list) = EntryRef::new_hook((), {
-            let (runs, token) = (runs.clone(), token.clone());
-            move |_: &Hook, _: Option<&Pinned>| {
-                runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                drop(token);
-            }
-        });
+    fn a_hook_is_four_words_and_a_payload_adds_its_vtable_and_itself() {
+        let word = size_of::<usize>();
+        assert_eq!(size_of::<Entry>(), 2 * word);
+        assert_eq!(size_of::<Node<Entry, (), Removal>>(), 4 * word);
+        assert_eq!(
+            size_of::<Node<Vtabled, ManuallyDrop<u64>, Removal>>(),
+            6 * word
+        );
+        assert!(is_bare::<()>() && is_bare::<[u64; 0]>());
+        assert!(!is_bare::<u8>() && !is_bare::<Vec<u8>>());
+        let site = TestSite::new();
+        let (hook, in_list) = EntryRef::new_hook((), site.removal(1));
+        assert_eq!(in_list.kind, HOOK);
+        let (with_payload, listed) = EntryRef::new_hook(7u64, site.removal(2));
+        assert_eq!(listed.kind, PAYLOAD_HOOK);
+        assert_eq!(*with_payload.payload(), 7);
+        assert!(hook.detach() && with_payload.detach());
+    }
+
+    #[test]
+    fn a_hook_runs_its_removal_with_its_key_itself_and_the_pin() {
+        let site = TestSite::new();
+        for payload in [None, Some(5u64)] {
+            let key = u64::from(payload.is_some()) + 40;
+            let (hook, in_list) = match payload {
+                None => {
+                    let (hook, in_list) = EntryRef::new_hook((), site.removal(key));
+                    (hook.entry, in_list)
+                }
+                Some(value) => {
+                    let (hook, in_list) = EntryRef::new_hook(value, site.removal(key));
+                    assert_eq!(*hook.payload(), value);
+                    (hook.entry, in_list)
+                }
+            };
+            assert!(in_list.on_dying_thread());
+            assert!(in_list.claim());
+            let pinned = crate::reclaim::Reclaimer::global().pin();
+            // SAFETY: claimed just now, while pinned; run once.
+            unsafe { in_list.run_claimed(Some(&pinned)) };
+            drop(pinned);
+            assert_eq!(site.runs().last(), Some(&(key, hook.address(), true)));
+            assert!(!hook.detach(), "run, so settled");
+            let identity = hook.address();
+            drop((hook, in_list));
+            // The removal's second handle kept the address reserved.
+            let kept = site.kept.lock().unwrap().pop().expect("kept");
+            assert_eq!(kept.address(), identity);
+            assert_eq!(kept.ref_count(), 1);
+        }
+        assert_eq!(site.runs().len(), 2);
+    }
+
+    #[test]
+    fn a_detached_hook_never_runs() {
+        let site = TestSite::new();
+        let (hook, in_list) = EntryRef::new_hook((), site.removal(3));
         assert!(hook.detach());
         assert!(!hook.detach());
-        assert_eq!(Arc::strong_count(&token), 1, "detach dropped the closure");
         assert!(!in_list.claim());
         drop((hook, in_list));
-        assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert!(site.runs().is_empty());
     }
 
     #[test]
     fn a_payload_stays_put_until_its_entry_drops_it_once() {
         let token = Arc::new(());
-        let (hook, in_list) =
-            EntryRef::new_hook(token.clone(), |_: &Hook<Arc<()>>, _: Option<&Pinned>| {});
-        let kept = hook.keep();
+        let site = TestSite::new();
+        let (hook, in_list) = EntryRef::new_hook(token.clone(), site.removal(9));
+        let kept = Hook::<Arc<()>> {
+            entry: hook.entry.clone(),
+            payload: PhantomData,
+        };
         assert!(std::ptr::eq(hook.payload(), kept.payload()));
         assert_eq!(Arc::strong_count(&token), 2);
         assert!(hook.detach());
@@ -769,11 +922,11 @@ mod block_cache_tests {
         #[repr(align(32))]
         struct Align32(#[allow(dead_code)] u8);
         fn rounds<P: Send + Sync + 'static>(make: impl Fn() -> P) {
+            let site = super::tests::TestSite::new();
             let mut held = Vec::new();
             for round in 0..3 {
                 for _ in 0..70 {
-                    let (hook, in_list) =
-                        EntryRef::new_hook(make(), |_: &Hook<P>, _: Option<&Pinned>| {});
+                    let (hook, in_list) = EntryRef::new_hook(make(), site.removal(0));
                     let address = hook.payload() as *const P as usize;
                     assert_eq!(address % std::mem::align_of::<P>(), 0, "aligned");
                     held.push((hook, in_list));

@@ -39,8 +39,7 @@
 use std::marker::PhantomData;
 use std::ptr;
 
-use super::entry::{Entry, EntryRef, Hook};
-use crate::reclaim::Pinned;
+use super::entry::{Entry, EntryRef, Hook, Removal};
 use crate::sync::{yield_now, AtomicPtr, AtomicUsize, Ordering};
 
 /// Pushes between compactions, at least. Shrinks under loom so the models
@@ -129,20 +128,20 @@ impl ObjectCallbacks {
     /// Registers a collection's removal callback on this object's list as
     /// a hook: kept out of the registry (`shutdown` never runs it, and
     /// registering costs no push on the process-wide registry), and run by
-    /// the object's death at once, on the dying thread, not queued (C14),
-    /// with the hook itself as its argument. The hook keeps `payload` in
-    /// place until the entry drops it (`Hook::drop_payload`). It must be
-    /// short, never block, and run none of its own user code (its writer's
-    /// pin may collect other epoch garbage, as any lookup's does). Work it
-    /// posts (and any posted job) is counted towards the registry's next
+    /// the object's death at once, on the dying thread, not queued (C14):
+    /// `removal`'s site then removes its entry, given the hook itself. The
+    /// hook keeps `payload` in place until the entry drops it
+    /// (`Hook::drop_payload`). The site's removal must be short, never
+    /// block, and run none of its own user code (its writer's pin may
+    /// collect other epoch garbage, as any lookup's does). Work it posts
+    /// (and any posted job) is counted towards the registry's next
     /// compaction when it runs (a trigger, C5): at worst an early scan of
     /// the registry.
-    pub(crate) fn register_hook<P, F>(&self, payload: P, callback: F) -> Hook<P>
+    pub(crate) fn register_hook<P>(&self, payload: P, removal: Removal) -> Hook<P>
     where
         P: Send + Sync + 'static,
-        F: FnOnce(&Hook<P>, Option<&Pinned>) + Send + 'static,
     {
-        let (hook, in_list) = EntryRef::new_hook(payload, callback);
+        let (hook, in_list) = EntryRef::new_hook(payload, removal);
         self.push(in_list);
         hook
     }

@@ -6,11 +6,15 @@ use std::marker::PhantomData;
 use std::mem::ManuallyDrop;
 use std::ptr::NonNull;
 
-use crate::callbacks::{Executor, Hook};
+use crate::callbacks::{EntryRef, Executor, Hook, HookSite};
 use crate::control::ControlBlock;
-use crate::raw::table::{HookWrite, Relocatable, ShardWriter, ShardedTable, Sided, WritePin};
+use crate::raw::table::{
+    HookWrite, Relocatable, Shard, ShardWriter, ShardedTable, Sided, WritePin,
+};
 use crate::reclaim::Pinned;
 use crate::strong::Strong;
+#[cfg(weakrefs_loom)]
+use crate::sync::{Released, ReleasedFlag};
 use crate::weak::Weak;
 
 /// An entry that watches one object weakly and goes when it dies.
@@ -59,46 +63,6 @@ pub(crate) struct HookAnchor(
     // Held for its drop alone.
     #[allow(dead_code)] Box<dyn Send + Sync>,
 );
-
-/// Under loom, a flag that the table's deferred release of its shards and
-/// anchor sets, and every hook reads first (`HookShard::get`, and
-/// `CoreRef::upgrade` on the slower way): a model then fails on a read
-/// that the release precedes (an assertion) or races (loom's check of the
-/// cell's accesses), either of which would read freed memory (M14).
-/// Shared through a `std` `Arc`, whose count loom need not explore.
-#[cfg(weakrefs_loom)]
-pub(crate) type Released = std::sync::Arc<ReleasedFlag>;
-
-#[cfg(weakrefs_loom)]
-pub(crate) struct ReleasedFlag(crate::sync::UnsafeCell<bool>);
-
-// SAFETY: loom checks every access to the cell for races (`Released`).
-#[cfg(weakrefs_loom)]
-unsafe impl Sync for ReleasedFlag {}
-
-#[cfg(weakrefs_loom)]
-impl ReleasedFlag {
-    /// A flag not set yet.
-    pub(crate) fn new() -> Released {
-        Released::new(ReleasedFlag(crate::sync::UnsafeCell::new(false)))
-    }
-
-    /// Sets the flag: what it guards is about to be freed.
-    pub(crate) fn set(&self) {
-        // SAFETY: loom checks this write against every `check`'s read.
-        self.0.with_mut(|released| unsafe { *released = true });
-    }
-
-    /// Fails the model if what the flag guards has been freed, or may be
-    /// freed racing this read. `what` names it.
-    pub(crate) fn check(&self, what: &str) {
-        self.0.with(|released| {
-            // SAFETY: loom checks this read against the `set`'s write.
-            let released = unsafe { *released };
-            assert!(!released, "a hook reached {what}");
-        });
-    }
-}
 
 /// A hook's name for its collection's core: the address of the core's
 /// block, without a count (M14).
@@ -195,65 +159,87 @@ where
     C: Collection<I>,
     I: Watching,
 {
-    let shard = core.table().shard_for_hook(hash);
-    let list = Strong::callback_list(object);
-    list.register_hook(payload, move |hook: &Hook<_>, death| {
-        // SAFETY: a hook runs only on the thread whose `on_death` claimed
-        // it, pinned since before the claim, inside that pin (C14, M14).
-        let shard = unsafe { shard.get() };
-        let target = shard.target();
-        if !target.hears_deaths {
-            // The dying thread's pin, lent to the writer, which hands the
-            // removed entry to the epoch under it: a removal is what nearly
-            // always happens here, and `try_write` never waits, so the pin
-            // is needed, and `on_death` holds one already (tables reclaim
-            // through the process-wide collector, which it pins). Not if
-            // the entry's drop runs user code: that writer posts it to the
-            // finalizer thread and, as the removal borrows nothing past the
-            // unlock, needs no pin. (None to lend under loom once its
-            // collector is torn down: the writer then pins if it must, as a
-            // lazy pin does.)
-            let pin = match death {
-                Some(pinned) if !I::DROP_RUNS_USER_CODE => WritePin::held(pinned),
-                _ => WritePin::lazy(),
-            };
-            // Here, with no count on the core: the shard's lock is what
-            // keeps the table's owner from dropping it meanwhile, and a
-            // closed shard has nothing left to remove (M14). The writer is
-            // borrowed, and dropped (unlocked) in place at the end of the
-            // statement: moving it into a closure or a function copies it
-            // whole, on every death.
-            let done = match &mut shard.try_write(&pin) {
-                HookWrite::Open(writer) => {
-                    remove_holding(writer, hash, hook.identity());
-                    true
-                }
-                HookWrite::Closed => true,
-                HookWrite::Busy => false,
-            };
-            drop(pin);
-            if done {
-                return;
+    let removal = core.table().removal_for_hook(hash);
+    Strong::callback_list(object).register_hook(payload, removal)
+}
+
+/// What a death does at a shard of a table of `I` (its [`HookSite`], at
+/// the head of the shard's [`HookTarget`]): removes the entry filed under
+/// `hash` whose hook is `hook`, on the dying thread, as
+/// [`remove_on_death`] describes.
+///
+/// # Safety
+///
+/// As `callbacks::entry::HookRun`: `site` is a `Removal`'s, made by the
+/// table for the shard it heads, and the calling thread claimed `hook`
+/// while pinned, and is pinned still (C14, M14).
+unsafe fn death_at_shard<I: Watching>(
+    site: NonNull<HookSite>,
+    hash: u64,
+    hook: &EntryRef,
+    death: Option<&Pinned>,
+) {
+    // SAFETY: the site heads the shard's target, which heads the shard
+    // (`repr(C)` both), and the pointer carries the whole shard's
+    // provenance (`ShardedTable::removal_for_hook`); the shard is one of a
+    // table of `I` (this function is the site its target was made with,
+    // `hooks::<_, I>`), and the epoch keeps it allocated while we stay
+    // pinned (M14).
+    let shard = unsafe { site.cast::<Shard<I>>().as_ref() };
+    let target = shard.target();
+    if !target.hears_deaths {
+        // The dying thread's pin, lent to the writer, which hands the
+        // removed entry to the epoch under it: a removal is what nearly
+        // always happens here, and `try_write` never waits, so the pin is
+        // needed, and `on_death` holds one already (tables reclaim through
+        // the process-wide collector, which it pins). Not if the entry's
+        // drop runs user code: that writer posts it to the finalizer
+        // thread and, as the removal borrows nothing past the unlock,
+        // needs no pin. (None to lend under loom once its collector is
+        // torn down: the writer then pins if it must, as a lazy pin does.)
+        let pin = match death {
+            Some(pinned) if !I::DROP_RUNS_USER_CODE => WritePin::held(pinned),
+            _ => WritePin::lazy(),
+        };
+        // Here, with no count on the core: the shard's lock is what keeps
+        // the table's owner from dropping it meanwhile, and a closed shard
+        // has nothing left to remove (M14). The writer is borrowed, and
+        // dropped (unlocked) in place at the end of the statement: moving
+        // it into a closure or a function copies it whole, on every death.
+        let done = match &mut shard.try_write(&pin) {
+            HookWrite::Open(writer) => {
+                remove_holding(writer, hash, hook.address());
+                true
             }
+            HookWrite::Closed => true,
+            HookWrite::Busy => false,
+        };
+        drop(pin);
+        if done {
+            return;
         }
-        // SAFETY: `target` is the collection's (`hooks`), whose block
-        // its anchor keeps allocated for as long as we stay pinned (M14);
-        // `hook` is borrowed for the call.
-        unsafe { (target.slow)(target, hash, NonNull::from(hook).cast(), death) }
-    })
+    }
+    // SAFETY: `target` is the collection's (`hooks`), whose block its
+    // anchor keeps allocated for as long as we stay pinned (M14); `hook`
+    // is borrowed for the call.
+    unsafe { (target.slow)(target, hash, hook, death) }
 }
 
 /// What a collection's death callbacks need of it beyond their shard
 /// (M14): whether it hears of deaths, and the way to a counted handle to
 /// its core, for the removals that cannot be done on the dying thread at
 /// once. Made with the collection ([`hooks`]), kept in each of its
-/// shards, never changed.
+/// shards, never changed. It heads the shard (`repr(C)`, as the shard),
+/// and the site its hooks name heads it.
+#[repr(C)]
 pub(crate) struct HookTarget<I> {
+    /// `death_at_shard::<I>`: what a death does at the shard, first.
+    site: HookSite,
     /// The core's block (a `ControlBlock<C>`), type-erased.
     core: NonNull<()>,
     /// `slow_death::<C, I>`: what a death's removal does with a counted
     /// handle to the core.
-    slow: unsafe fn(&HookTarget<I>, u64, NonNull<()>, Option<&Pinned>),
+    slow: unsafe fn(&HookTarget<I>, u64, &EntryRef, Option<&Pinned>),
     /// The collection hears of each entry a death removes (a removal
     /// listener): such removals then run on the finalizer thread, where
     /// the listener may run, instead of on the dying thread.
@@ -268,6 +254,7 @@ pub(crate) struct HookTarget<I> {
 impl<I> Clone for HookTarget<I> {
     fn clone(&self) -> Self {
         HookTarget {
+            site: self.site,
             core: self.core,
             slow: self.slow,
             hears_deaths: self.hears_deaths,
@@ -297,6 +284,7 @@ where
     let released = ReleasedFlag::new();
     Hooks {
         target: HookTarget {
+            site: HookSite::new(death_at_shard::<I>),
             core: core
                 .block()
                 .expect("`new_cyclic`'s `Weak` names the block")
@@ -329,20 +317,18 @@ pub(crate) struct Hooks<I> {
 ///
 /// # Safety
 ///
-/// 1. The calling thread runs the hook `hook` (a `&Hook<I::Payload>`,
-///    borrowed for the call), which it claimed while pinned, and is pinned
-///    still (M14); `target` is from [`hooks::<C, I>`].
+/// 1. The calling thread runs the hook `hook` (borrowed for the call),
+///    which it claimed while pinned, and is pinned still (M14); `target`
+///    is from [`hooks::<C, I>`].
 unsafe fn slow_death<C, I>(
     target: &HookTarget<I>,
     hash: u64,
-    hook: NonNull<()>,
+    hook: &EntryRef,
     death: Option<&Pinned>,
 ) where
     C: Collection<I>,
     I: Watching,
 {
-    // SAFETY: as the caller promises.
-    let hook = unsafe { hook.cast::<Hook<I::Payload>>().as_ref() };
     let collection = CoreRef::<C>::from_target(target);
     // SAFETY: the caller's 1 (M14).
     let Some(core) = (unsafe { collection.upgrade() }) else {
@@ -359,7 +345,7 @@ unsafe fn slow_death<C, I>(
             _ => WritePin::lazy(),
         };
         let removal = core.table().try_write(hash, &pin).as_mut().map(|writer| {
-            remove_holding(writer, hash, hook.identity()).and_then(|item| core.died(item))
+            remove_holding(writer, hash, hook.address()).and_then(|item| core.died(item))
         });
         drop(pin);
         match removal {
@@ -371,7 +357,9 @@ unsafe fn slow_death<C, I>(
         }
     };
     if !removed_here && !executor.is_closed() {
-        let hook = hook.keep();
+        // A second handle to the hook keeps its address, the entry's
+        // identity, reserved until the posted removal has run.
+        let hook = hook.clone();
         executor.post(move || {
             // Inline if shutdown closed the queue meanwhile: then this
             // runs where the death happened, and must not wait. Pinned
@@ -383,7 +371,7 @@ unsafe fn slow_death<C, I>(
                 Some(core.table().write(hash, &pin))
             };
             let notice = writer.and_then(|mut writer| {
-                remove_holding(&mut writer, hash, hook.identity()).and_then(|item| core.died(item))
+                remove_holding(&mut writer, hash, hook.address()).and_then(|item| core.died(item))
             });
             drop(pin);
             if let Some(notice) = notice {

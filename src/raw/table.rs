@@ -62,12 +62,12 @@ use std::mem::MaybeUninit;
 use std::panic::{self, AssertUnwindSafe};
 use std::ptr::{self, NonNull};
 
-use crate::callbacks::Executor;
+use crate::callbacks::{Executor, Removal};
 use crate::panics::{catch_and_report, drop_each_and_report};
-#[cfg(weakrefs_loom)]
-use crate::raw::collection::Released;
 use crate::raw::collection::{HookAnchor, HookTarget, Hooks};
 use crate::reclaim::{Pinned, Reclaimer};
+#[cfg(weakrefs_loom)]
+use crate::sync::Released;
 use crate::sync::{
     acquire_fence, prefetch, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, CachePadded, Mutex,
     MutexGuard, Ordering, UnsafeCell,
@@ -724,7 +724,13 @@ struct ShardState {
 }
 
 /// One shard: its current table, its writers' mutex, its item count.
+/// `repr(C)`: its hooks name it by the site that heads its target.
+#[repr(C)]
 pub(crate) struct Shard<I: Sided> {
+    /// The collection's (a clone in each shard, so that a hook needs only
+    /// its shard's address), first: its `HookSite` heads it, and is the
+    /// shard's address as its hooks hold it (M14).
+    target: HookTarget<I>,
     /// Null once closed (`ShardState::closed`); until then never null, and
     /// owns the shard's reference to the table (M9).
     table: AtomicPtr<Table<I>>,
@@ -734,9 +740,6 @@ pub(crate) struct Shard<I: Sided> {
     /// Entries a death removed from this shard. Written under the mutex
     /// (a load and a store), read without it.
     deaths: AtomicU64,
-    /// The collection's (a clone in each shard, so that a hook needs only
-    /// its shard's address).
-    target: HookTarget<I>,
 }
 
 /// Items of one collection, sharded; see the module docs.
@@ -754,7 +757,7 @@ pub(crate) struct ShardedTable<I: Sided> {
     /// shards (M14); `None` once `Drop` has taken it.
     anchor: Option<HookAnchor>,
     /// Under loom, set when the shards and the anchor are released: every
-    /// hook checks it ([`HookShard::get`], `CoreRef::upgrade`), so that a
+    /// hook checks it (`Removal`'s run, `CoreRef::upgrade`), so that a
     /// model fails if one reaches them after, or racing, their release
     /// (M14).
     #[cfg(weakrefs_loom)]
@@ -834,6 +837,7 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
         let array: Box<[CachePadded<Shard<I>>]> = (0..shards)
             .map(|_| {
                 CachePadded::new(Shard {
+                    target: hooks.target.clone(),
                     table: AtomicPtr::new(Box::into_raw(Table::with_slots(slots, marked))),
                     writer: Mutex::new(ShardState {
                         used: 0,
@@ -842,7 +846,6 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
                     }),
                     len: AtomicUsize::new(0),
                     deaths: AtomicU64::new(0),
-                    target: hooks.target.clone(),
                 })
             })
             .collect();
@@ -866,11 +869,14 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
         Reclaimer::global().pin()
     }
 
-    /// The shard `hash` belongs to, as a death callback keeps it: by
-    /// address, without a count (M14).
-    pub(crate) fn shard_for_hook(&self, hash: u64) -> HookShard<I> {
-        HookShard {
-            shard: NonNull::from(&*self.shards()[self.shard_index(hash)]),
+    /// The removal a death callback for an entry filed under `hash`
+    /// carries out: at the site that heads its shard, named by address,
+    /// without a count (M14). The address comes from a reference to the
+    /// whole shard, so `death_at_shard` may read all of it.
+    pub(crate) fn removal_for_hook(&self, hash: u64) -> Removal {
+        Removal {
+            site: NonNull::from(&*self.shards()[self.shard_index(hash)]).cast(),
+            key: hash,
             #[cfg(weakrefs_loom)]
             released: self.released.clone(),
         }
@@ -1449,40 +1455,6 @@ pub(crate) struct ShardWriter<'g, I: Relocatable + Send + Sync + 'static> {
     /// taken before the removals are handed on, wherever they are
     /// deferred.
     lent: bool,
-}
-
-/// A shard as a collection's death callback holds it: its address, with
-/// no count on anything (M14).
-pub(crate) struct HookShard<I: Sided> {
-    shard: NonNull<Shard<I>>,
-    /// Under loom, the table's flag (`ShardedTable::released`).
-    #[cfg(weakrefs_loom)]
-    released: Released,
-}
-
-// SAFETY: an address, read only through `get`, on whichever thread runs
-// the hook; a shard is shared as `&Shard` (atomics, a mutex, and what
-// `ShardedTable`'s `Sync` covers).
-unsafe impl<I: Sided + Send + Sync> Send for HookShard<I> {}
-
-impl<I: Sided> HookShard<I> {
-    /// The shard.
-    ///
-    /// # Safety
-    ///
-    /// 1. The calling thread claimed the hook that holds `self` while
-    ///    pinned, and is pinned still, for `'a` (M14): the shards are freed
-    ///    through the epoch, only after the table's drop has detached (or
-    ///    found claimed) every hook still attached. (Under loom, during
-    ///    the collector's teardown, it is not pinned: no other thread is
-    ///    left, and every table dropped by then has detached its hooks.)
-    #[inline]
-    pub(crate) unsafe fn get<'a>(&self) -> &'a Shard<I> {
-        #[cfg(weakrefs_loom)]
-        self.released.check("its table's freed shards");
-        // SAFETY: as the caller promises.
-        unsafe { self.shard.as_ref() }
-    }
 }
 
 impl<I: Relocatable + Send + Sync + 'static> Shard<I> {
