@@ -43,7 +43,7 @@ use std::alloc::{self, Layout};
 use std::ptr::NonNull;
 
 /// The largest size cached: a hook with a payload of up to three words
-/// fits (six words: header, vtable, payload, removal).
+/// fits (eight words: header, vtable, payload, removal).
 #[cfg_attr(weakrefs_loom, allow(dead_code))]
 const LARGEST: usize = 64;
 

@@ -417,8 +417,10 @@ pub mod internals {
     //! | | `raw::tier`, `raw::counters` | `WeakValueMap`'s keep-warm tier; striped statistics counters |
     //! | faces | `finalizer`, `weak_value_map`, `weak_key_map`, `weak_set`, `weak_method`, `par_iter`, `error` | the public API and its docs; thin over the layers below |
     //!
-    //! `raw/` imports from `callbacks` only `Executor` and `Hook` (and
-    //! reaches an object's `ObjectCallbacks` through `Strong`); it never
+    //! `raw/` imports from `callbacks` only `Executor`, `Hook` and what a
+    //! hook's removal is made of (`Removal`, `HookSite`, and the
+    //! `EntryRef` a removal is run with); it reaches an object's
+    //! `ObjectCallbacks` through `Strong`; it never
     //! imports `finalizer` or `Runtime`. `reclaim` imports nothing above
     //! `sync`.
     //!

@@ -135,7 +135,8 @@ trait Callback: Send + 'static {
     ///
     /// 1. The caller won the claim of `entry` (C1) and runs it once for
     ///    that win; for a hook, on a thread pinned since before the claim,
-    ///    and still (C14, M14).
+    ///    and still (C14, M14; but for loom's teardown, as
+    ///    `EntryRef::run_claimed` says).
     unsafe fn run(self, entry: NonNull<Entry>, pinned: Option<&Pinned>);
 }
 
@@ -161,7 +162,8 @@ pub(crate) struct HookSite {
 ///
 /// # Safety
 ///
-/// 1. The site pointer is a `Removal`'s, with the provenance of the whole
+/// 1. The site pointer is a `Removal`'s, made (`Removal::new`) for a site
+///    whose function is this one, with the provenance of the whole
 ///    structure the site is the first field of, and the calling thread
 ///    claimed the hook (the `EntryRef`, borrowed for the call) while
 ///    pinned, and is pinned still (C14, M14): what the site names was
@@ -172,7 +174,8 @@ pub(crate) struct HookSite {
 pub(crate) type HookRun = unsafe fn(NonNull<HookSite>, u64, &EntryRef, Option<&Pinned>);
 
 impl HookSite {
-    /// A site whose deaths `run` handles.
+    /// A site whose deaths `run` handles. Only a [`Removal`] made with
+    /// [`Removal::new`] ever calls it.
     pub(crate) const fn new(run: HookRun) -> HookSite {
         HookSite { run }
     }
@@ -183,17 +186,47 @@ impl HookSite {
 pub(crate) struct Removal {
     /// The site, by address, with no count on anything (M14); its
     /// provenance is that of the whole structure it heads.
-    pub(crate) site: NonNull<HookSite>,
-    pub(crate) key: u64,
+    site: NonNull<HookSite>,
+    key: u64,
     /// Under loom, the flag the site's deferred release sets, checked
     /// before the site is reached (M14).
     #[cfg(weakrefs_loom)]
-    pub(crate) released: crate::sync::Released,
+    released: crate::sync::Released,
+}
+
+impl Removal {
+    /// The removal a hook carries out at `site` for the entry filed under
+    /// `key`.
+    ///
+    /// # Safety
+    ///
+    /// 1. `site` is the first field of a `repr(C)` structure of the type
+    ///    its `run` expects, and was derived from a reference to that
+    ///    whole structure.
+    /// 2. The structure stays allocated until every hook made with this
+    ///    removal has been detached, or claimed by a thread that stays
+    ///    pinned, since before the claim, through the run (M14): what
+    ///    `HookRun` promises its callee.
+    pub(crate) unsafe fn new(
+        site: NonNull<HookSite>,
+        key: u64,
+        #[cfg(weakrefs_loom)] released: crate::sync::Released,
+    ) -> Removal {
+        Removal {
+            site,
+            key,
+            #[cfg(weakrefs_loom)]
+            released,
+        }
+    }
 }
 
 // SAFETY: an address and a key; the site is reached only by the thread
-// that runs the hook, under `HookRun`'s contract, and is shared as `&`
-// (atomics and a mutex, M14).
+// that runs the hook, under `HookRun`'s contract (which `Removal::new`'s
+// caller promised), and is shared as `&` (atomics and a mutex, M14).
+// What crosses threads is the site's structure, a collection's shard,
+// which `death_at_shard`'s bound (`I: Watching`, so `Send + Sync`) and
+// `ShardedTable`'s `Sync` cover.
 unsafe impl Send for Removal {}
 
 impl Callback for Removal {
@@ -437,6 +470,9 @@ impl EntryRef {
     ///    for that win.
     /// 2. For a hook ([`Entry::on_dying_thread`]), the calling thread has
     ///    been pinned since before that claim and is pinned still (M14).
+    ///    (Under loom, during the collector's teardown, `pinned` is `None`
+    ///    and nothing is pinned: no other thread is left, and every table
+    ///    dropped by then has detached its hooks.)
     pub(crate) unsafe fn run_claimed(&self, pinned: Option<&Pinned>) {
         // SAFETY: the vtable was built for this node's closure type; 1 is
         // `take`'s precondition 2, and 1 and 2 are `Callback::run`'s.
@@ -626,8 +662,8 @@ unsafe impl<P: Send + Sync> Sync for Hook<P> {}
 
 impl<P> Hook<P> {
     /// Names the hook: its node's address, unique among live hooks and
-    /// reserved while this handle (or a clone from [`keep`](Self::keep))
-    /// lives.
+    /// reserved while this handle (or a clone of its `EntryRef`, as a
+    /// posted removal keeps, `slow_death`) lives.
     pub(crate) fn identity(&self) -> usize {
         self.entry.address()
     }
@@ -644,6 +680,7 @@ impl<P> Hook<P> {
             // of no bytes, and dropping it does nothing.
             return NonNull::dangling().as_ptr();
         }
+        debug_assert_eq!(self.entry.kind, PAYLOAD_HOOK);
         let node = self
             .entry
             .0
@@ -732,10 +769,10 @@ pub(super) mod tests {
 
         /// A removal at this site for `key`.
         pub(crate) fn removal(&self, key: u64) -> Removal {
-            Removal {
-                site: NonNull::from(self).cast(),
-                key,
-            }
+            // SAFETY: the site heads this `TestSite` (`repr(C)`), the
+            // pointer comes from a reference to all of it, and every test
+            // keeps it until its hooks are settled and dropped.
+            unsafe { Removal::new(NonNull::from(self).cast(), key) }
         }
 
         fn runs(&self) -> Vec<(u64, usize, bool)> {
@@ -780,8 +817,8 @@ pub(super) mod tests {
                 }
             };
             assert!(in_list.on_dying_thread());
-            assert!(in_list.claim());
             let pinned = crate::reclaim::Reclaimer::global().pin();
+            assert!(in_list.claim());
             // SAFETY: claimed just now, while pinned; run once.
             unsafe { in_list.run_claimed(Some(&pinned)) };
             drop(pinned);

@@ -265,7 +265,8 @@ impl Runtime {
             // expected) is reported, never unwound into the dropping code.
             // Lent our pin: the hook's removal hands what it unlinks to the
             // epoch under it, without pinning again.
-            // SAFETY: claimed just now by us, and run once for that claim.
+            // SAFETY: claimed just now by us, and run once for that claim
+            // (1), pinned since before the first hook's claim (2).
             crate::panics::catch_and_report("a collection's removal callback", || unsafe {
                 entry.run_claimed(pinned.as_ref().and_then(Option::as_ref))
             });

@@ -265,7 +265,7 @@ impl<I> Clone for HookTarget<I> {
     }
 }
 
-// SAFETY: an address and a function, read only; the address is used only
+// SAFETY: an address and two functions, read only; the address is used only
 // by `slow_death`, which hands out a `Strong<C>` (`C: Send + Sync`) on
 // whichever thread runs the hook.
 unsafe impl<I> Send for HookTarget<I> {}
@@ -280,6 +280,9 @@ where
     C: Collection<I>,
     I: Watching,
 {
+    // The site heads the target, as `repr(C)` promises: checked where
+    // the site is made.
+    const { assert!(std::mem::offset_of!(HookTarget<I>, site) == 0) };
     #[cfg(weakrefs_loom)]
     let released = ReleasedFlag::new();
     Hooks {

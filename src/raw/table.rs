@@ -874,11 +874,23 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
     /// without a count (M14). The address comes from a reference to the
     /// whole shard, so `death_at_shard` may read all of it.
     pub(crate) fn removal_for_hook(&self, hash: u64) -> Removal {
-        Removal {
-            site: NonNull::from(&*self.shards()[self.shard_index(hash)]).cast(),
-            key: hash,
-            #[cfg(weakrefs_loom)]
-            released: self.released.clone(),
+        // The target heads the shard, as `repr(C)` promises: checked where
+        // it is relied on.
+        const { assert!(std::mem::offset_of!(Shard<I>, target) == 0) };
+        let shard = NonNull::from(&*self.shards()[self.shard_index(hash)]);
+        // SAFETY: the site heads the shard's target, which heads the shard
+        // (`repr(C)` both), and its function, `death_at_shard::<I>`
+        // (`hooks`), expects a `Shard<I>`; the pointer comes from a
+        // reference to the whole shard. The shards are freed only through
+        // the epoch, after the table's drop has detached every hook still
+        // attached (M14).
+        unsafe {
+            Removal::new(
+                shard.cast(),
+                hash,
+                #[cfg(weakrefs_loom)]
+                self.released.clone(),
+            )
         }
     }
 
