@@ -221,12 +221,13 @@ impl Removal {
     }
 }
 
-// SAFETY: an address and a key; the site is reached only by the thread
-// that runs the hook, under `HookRun`'s contract (which `Removal::new`'s
-// caller promised), and is shared as `&` (atomics and a mutex, M14).
-// What crosses threads is the site's structure, a collection's shard,
-// which `death_at_shard`'s bound (`I: Watching`, so `Send + Sync`) and
+// An address and a key. The site is reached only by the thread that runs
+// the hook, under `HookRun`'s contract (which `Removal::new`'s caller
+// promised), and is shared as `&` (atomics and a mutex, M14): what crosses
+// threads is the site's structure, a collection's shard, which
+// `death_at_shard`'s bound (`I: Watching`, so `Send + Sync`) and
 // `ShardedTable`'s `Sync` cover.
+// SAFETY: as just said.
 unsafe impl Send for Removal {}
 
 impl Callback for Removal {

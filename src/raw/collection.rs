@@ -45,7 +45,10 @@ pub(crate) trait Collection<I: Sided>: Sized + Send + Sync + 'static {
     /// removed; what it returns runs after the unlock, on the finalizer
     /// thread (or where the death is handled after `shutdown`). It may run
     /// the collection's own user code (a key's `Clone`), never the dying
-    /// thread's.
+    /// thread's. A collection whose hooks do not hear of deaths
+    /// (`hooks(_, false)`) must return `None` here: most of its deaths are
+    /// removed on the dying thread (`death_at_shard`), which never calls
+    /// this.
     fn died(&self, _item: &I) -> Option<Box<dyn FnOnce() + Send>> {
         None
     }
@@ -179,28 +182,16 @@ unsafe fn death_at_shard<I: Watching>(
     hook: &EntryRef,
     death: Option<&Pinned>,
 ) {
-    // SAFETY: the site heads the shard's target, which heads the shard
-    // (`repr(C)` both), and the pointer carries the whole shard's
-    // provenance (`ShardedTable::removal_for_hook`); the shard is one of a
-    // table of `I` (this function is the site its target was made with,
-    // `hooks::<_, I>`), and the epoch keeps it allocated while we stay
-    // pinned (M14).
+    // The site heads the shard's target, which heads the shard (`repr(C)`
+    // both), and the pointer carries the whole shard's provenance
+    // (`ShardedTable::removal_for_hook`); the shard is one of a table of
+    // `I` (this function is the site its target was made with, `hooks::<_,
+    // I>`), and the epoch keeps it allocated while we stay pinned (M14).
+    // SAFETY: as just said.
     let shard = unsafe { site.cast::<Shard<I>>().as_ref() };
     let target = shard.target();
     if !target.hears_deaths {
-        // The dying thread's pin, lent to the writer, which hands the
-        // removed entry to the epoch under it: a removal is what nearly
-        // always happens here, and `try_write` never waits, so the pin is
-        // needed, and `on_death` holds one already (tables reclaim through
-        // the process-wide collector, which it pins). Not if the entry's
-        // drop runs user code: that writer posts it to the finalizer
-        // thread and, as the removal borrows nothing past the unlock,
-        // needs no pin. (None to lend under loom once its collector is
-        // torn down: the writer then pins if it must, as a lazy pin does.)
-        let pin = match death {
-            Some(pinned) if !I::DROP_RUNS_USER_CODE => WritePin::held(pinned),
-            _ => WritePin::lazy(),
-        };
+        let pin = death_pin::<I>(death);
         // Here, with no count on the core: the shard's lock is what keeps
         // the table's owner from dropping it meanwhile, and a closed shard
         // has nothing left to remove (M14). The writer is borrowed, and
@@ -274,7 +265,10 @@ unsafe impl<I> Sync for HookTarget<I> {}
 
 /// What the hooks of the collection being built in `Strong::new_cyclic`
 /// reach its core by (M14), for its table to keep: `core` is that call's
-/// `Weak`, whose block the anchor keeps allocated.
+/// `Weak`, whose block the anchor keeps allocated. `hears_deaths`: the
+/// collection hears of each entry a death removes (its
+/// [`Collection::died`] may return something), so its deaths take the
+/// slower way, where `died` is called.
 pub(crate) fn hooks<C, I>(core: &Weak<C>, hears_deaths: bool) -> Hooks<I>
 where
     C: Collection<I>,
@@ -342,11 +336,7 @@ unsafe fn slow_death<C, I>(
     // else, so here in any case, but never waiting for the lock.
     let here = !target.hears_deaths || executor.is_closed();
     let removed_here = here && {
-        // As in `remove_on_death`.
-        let pin = match death {
-            Some(pinned) if !I::DROP_RUNS_USER_CODE => WritePin::held(pinned),
-            _ => WritePin::lazy(),
-        };
+        let pin = death_pin::<I>(death);
         let removal = core.table().try_write(hash, &pin).as_mut().map(|writer| {
             remove_holding(writer, hash, hook.address()).and_then(|item| core.died(item))
         });
@@ -387,6 +377,22 @@ unsafe fn slow_death<C, I>(
     // last handle, its drop goes to the finalizer thread.
     if let Some(last) = Strong::drop_unless_last(core) {
         executor.post(move || drop(last));
+    }
+}
+
+/// The pin a death's writer on the dying thread uses: the dying thread's
+/// own, `death`, lent, since the writer hands the removed entry to the
+/// epoch under it (a removal is what nearly always happens, and
+/// `try_write` never waits, so the pin is needed, and `on_death` holds one
+/// already: tables reclaim through the process-wide collector, which it
+/// pins). A lazy one if the entry's drop runs user code: that writer posts
+/// it to the finalizer thread and, as the removal borrows nothing past the
+/// unlock, needs no pin; or if there is none to lend (under loom once its
+/// collector is torn down: the writer then pins if it must).
+fn death_pin<'p, I: Watching>(death: Option<&'p Pinned>) -> WritePin<'p> {
+    match death {
+        Some(pinned) if !I::DROP_RUNS_USER_CODE => WritePin::held(pinned),
+        _ => WritePin::lazy(),
     }
 }
 

@@ -765,12 +765,12 @@ pub(crate) struct ShardedTable<I: Sided> {
     _items: PhantomData<I>,
 }
 
-// SAFETY: the table owns its items and their sides (`Send`, to drop them
-// anywhere) and hands out references to them to any thread (`Sync`; a side
-// is both by `Sided`'s bound); the rest is atomics, mutexes, epoch
-// pointers, the shards' allocation (owned, reached through `&self` only as
-// shared references) and each shard's `HookTarget` (an address and a
-// function, read only).
+// The table owns its items and their sides (`Send`, to drop them anywhere)
+// and hands out references to them to any thread (`Sync`; a side is both
+// by `Sided`'s bound). The rest is atomics, mutexes, epoch pointers, the
+// shards' allocation (owned, reached through `&self` only as shared
+// references) and each shard's `HookTarget` (read only, its own `Send`).
+// SAFETY: as just said.
 unsafe impl<I: Sided + Send + Sync> Send for ShardedTable<I> {}
 // SAFETY: as for `Send`.
 unsafe impl<I: Sided + Send + Sync> Sync for ShardedTable<I> {}
@@ -878,12 +878,13 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
         // it is relied on.
         const { assert!(std::mem::offset_of!(Shard<I>, target) == 0) };
         let shard = NonNull::from(&*self.shards()[self.shard_index(hash)]);
-        // SAFETY: the site heads the shard's target, which heads the shard
+        // The site heads the shard's target, which heads the shard
         // (`repr(C)` both), and its function, `death_at_shard::<I>`
         // (`hooks`), expects a `Shard<I>`; the pointer comes from a
         // reference to the whole shard. The shards are freed only through
         // the epoch, after the table's drop has detached every hook still
         // attached (M14).
+        // SAFETY: `Removal::new`'s 1 and 2, as just said.
         unsafe {
             Removal::new(
                 shard.cast(),
@@ -1013,7 +1014,7 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
     ) -> Option<ShardWriter<'g, I>> {
         let shard = &self.shards()[self.shard_index(hash)];
         let state = shard.writer.try_lock()?;
-        Some(self.writer(shard, state, pin))
+        Some(ShardWriter::new(shard, state, pin))
     }
 
     /// Locks shard `index` for writing. `pin` as for [`Self::write`].
@@ -1024,15 +1025,6 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
     ) -> ShardWriter<'g, I> {
         let shard = &self.shards()[index];
         let state = shard.writer.lock();
-        self.writer(shard, state, pin)
-    }
-
-    fn writer<'g>(
-        &'g self,
-        shard: &'g Shard<I>,
-        state: MutexGuard<'g, ShardState>,
-        pin: &'g WritePin<'_>,
-    ) -> ShardWriter<'g, I> {
         ShardWriter::new(shard, state, pin)
     }
 }
@@ -1455,9 +1447,10 @@ impl<'p> WritePin<'p> {
 /// as the pin lives, which the borrow of a [`WritePin`] bounds, and no
 /// longer than the shard, which the writer borrows too (a writer made from
 /// a `ShardedTable` borrows the table for `'g` as well; a death's hook's
-/// borrows only the shard, which the epoch keeps, M14). The lock is released earlier,
-/// when the writer is dropped; a second lifetime for it would bound nothing
-/// a caller can observe, since the writer itself ends the lock.
+/// borrows only the shard, which the epoch keeps, M14). The lock is
+/// released earlier, when the writer is dropped; a second lifetime for it
+/// would bound nothing a caller can observe, since the writer itself ends
+/// the lock.
 pub(crate) struct ShardWriter<'g, I: Relocatable + Send + Sync + 'static> {
     shard: &'g Shard<I>,
     state: Option<MutexGuard<'g, ShardState>>,

@@ -415,9 +415,9 @@ impl<V: ?Sized> Tier<V> {
             debug_assert!(ring.values[at as usize]
                 .as_ref()
                 .is_some_and(|held| Strong::ptr_eq(held, &candidate.value)));
-            // Relaxed: as in `touch`.
             // Relaxed: the generation is written under the mutex alone.
             let generation = self.positions[at as usize].load(Ordering::Relaxed) >> 1;
+            // Relaxed, both: hints for readers, as in `touch`.
             candidate
                 .mark
                 .store(mark_of(at, generation), Ordering::Relaxed);
