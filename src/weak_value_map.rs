@@ -441,7 +441,7 @@ where
     /// lock and its shard's (a found value tries only if both are free:
     /// a read never waits). While the tier has
     /// room, every inserted, loaded or found value enters. Once it is
-    /// full, each inserted or loaded value, and one time in 64 a found
+    /// full, each inserted or loaded value, and one time in 1024 a found
     /// value it does not hold, is weighed against the value the CLOCK hand
     /// would evict, as TinyLFU weighs them: a sketch of 4-bit counters (8
     /// to 16 bytes a position, 2 KiB at least) remembers about how often each key's hash

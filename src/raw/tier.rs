@@ -217,19 +217,28 @@ pub(crate) struct Tier<V: ?Sized> {
 /// hold seldom take its locks, while a value found often tries soon
 /// enough, and then the frequency filter decides ([`admits_over`]). Each
 /// try costs more than the read (two locks, the sketch, a pass of the
-/// hand, which also makes the held values' stamps stale): with one in
-/// eight, and tries that waited for the locks, reads with a tier a tenth
-/// of the keys ran at 0.64-0.71x (1 000 keys) and 0.58-0.69x (100 000
-/// keys) of reads without a tier on one thread, 0.33-0.35x and 0.34-0.35x
-/// on two; with one in 64, and tries that never wait
-/// ([`Tier::try_admit`]), at 0.90x and 0.70-0.74x, 0.63-0.67x and
-/// 0.62-0.66x (`map_ab`, `keep_recent` case, two alternated runs of each
-/// build, 2-core machine). The demo's keep-warm cache built 21% of its
-/// requests' objects either way. Rarer tries count found values less often in the
-/// sketch, against the hand's count of hits on held values, so under
-/// uniform hits on many more values than the tier holds the filter keeps
-/// what it holds more often: none of them is wanted more than the rest.
-const FOUND_ADMITS_ONE_IN: u32 = 64;
+/// hand, which also makes the held values' stamps stale), and on two
+/// threads it moves those lines from core to core. Measured with
+/// `map_ab`'s `keep_recent` case (reads with a tier a tenth of the keys
+/// against reads without a tier, uniform keys, 2-core machine):
+///
+/// | one try in | tries wait for the locks | 1 000 keys, 1 / 2 threads | 100 000 keys, 1 / 2 threads |
+/// |---|---|---|---|
+/// | 8 | yes | 0.64-0.71x / 0.33-0.35x | 0.58-0.69x / 0.34-0.35x |
+/// | 64 | no ([`Tier::try_admit`]) | 0.85-0.86x / 0.61x | 0.71-0.76x / 0.64-0.66x |
+/// | 1024 | no | 0.91x / 0.78-0.81x | 0.76-0.79x / 0.80-0.82x |
+///
+/// (the first row from an earlier build; the other two from three runs
+/// at 64 and two at 1024, alternated, on one day). The demo's keep-warm
+/// cache built 21% of its requests' objects at each of these rates (20.6
+/// and 20.9 per 100 requests at 64 and 1024, one run each), since loads
+/// and inserts, which try every time, bring the hot set in. A found value
+/// the tier does not hold is alive, held by someone; one wanted again and
+/// again still tries within about a thousand hits, and faces the filter.
+/// Rarer tries count found values less often in the sketch, and the hand,
+/// whose passes come with the tries, counts hits on held values less
+/// often too, so the filter weighs the two as before.
+const FOUND_ADMITS_ONE_IN: u32 = 1024;
 
 impl<V: ?Sized> Tier<V> {
     /// A tier of `capacity` positions (at least one, at most

@@ -108,7 +108,7 @@ pub const SECTIONS: &[Section] = &[
               until the tier's CLOCK hand next passes the value's position it writes nothing. \
               The slots a lookup probes are a word larger than without a tier, so a map \
               larger than the caches misses them more often. A hit on a value the tier does \
-              not hold tries to enter it one time in 64: it takes its shard's lock and the \
+              not hold tries to enter it one time in 1024: it takes its shard's lock and the \
               tier's, each only if free, counts the value in the frequency sketch and moves \
               the hand, and the next hit on each held value the hand passed takes the \
               slower way (a fence and one or two read-modify-writes); on two threads those \
