@@ -1,6 +1,7 @@
 //! Catching and reporting panics in user code that runs where nobody can
-//! receive them: death callbacks on the finalizer thread, and destructors
-//! of removed keys and values run by epoch-deferred functions.
+//! receive them (death callbacks on the finalizer thread, destructors of
+//! removed keys and values run by epoch-deferred functions), and keeping
+//! the first of several where each step must run (`FirstPanic`).
 
 use std::any::Any;
 use std::io::Write;
@@ -25,6 +26,38 @@ pub(crate) fn catch_and_report(what: &str, f: impl FnOnce()) -> bool {
 pub(crate) fn drop_each_and_report<T>(what: &str, items: impl IntoIterator<Item = T>) {
     for item in items {
         catch_and_report(what, || drop(item));
+    }
+}
+
+/// The first panic of several steps that must all run, each caught as it
+/// happens, resumed once they have: one step's panic neither skips the
+/// rest nor, with a second during its unwinding, aborts the process. Later
+/// panics are reported on stderr (only one can be resumed).
+#[derive(Default)]
+pub(crate) struct FirstPanic(Option<Box<dyn Any + Send>>);
+
+impl FirstPanic {
+    /// Runs `step`, keeping its panic if it is the first.
+    pub(crate) fn run(&mut self, what: &str, step: impl FnOnce()) {
+        if let Err(payload) = panic::catch_unwind(AssertUnwindSafe(step)) {
+            match self.0 {
+                None => self.0 = Some(payload),
+                Some(_) => report(what, payload),
+            }
+        }
+    }
+
+    /// Resumes the first panic, if any; reports it instead if this thread
+    /// is unwinding already (a destructor's step), where resuming would
+    /// abort.
+    pub(crate) fn resume(self, what: &str) {
+        if let Some(payload) = self.0 {
+            if std::thread::panicking() {
+                report(what, payload);
+            } else {
+                panic::resume_unwind(payload);
+            }
+        }
     }
 }
 

@@ -1,15 +1,19 @@
 //! `WeakValueMap`: a concurrent map whose values are held weakly.
 
+use std::any::Any;
 use std::borrow::Borrow;
 use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::future::Future;
 use std::hash::{BuildHasher, Hash};
 use std::marker::PhantomData;
+use std::mem::ManuallyDrop;
+use std::panic::{self, AssertUnwindSafe};
 use std::ptr;
 use std::sync::Arc;
 
 use crate::callbacks::Hook;
+use crate::panics::FirstPanic;
 use crate::raw::collection::{self, Collection, EntryHook, Watching};
 use crate::raw::counters::Counters;
 use crate::raw::single_flight::{self, Flight, Flights, Joined, Settle};
@@ -130,9 +134,67 @@ pub enum RemovalCause {
     Cleared,
 }
 
-/// What a write's keep-warm tier let go of (a replaced entry's value,
-/// an evicted one), dropped after the unlock.
-type Released<V> = [Option<Strong<V>>; 2];
+/// What a write lets go of (values the keep-warm tier held, a replaced
+/// entry's value), dropped after the unlock: each on its own, so that a
+/// destructor that panics (user code: any may be the last handle) neither
+/// skips the others nor, with a second panic during the first's
+/// unwinding, aborts the process. The first panic is resumed once all are
+/// dropped (reported instead if the thread is unwinding already).
+#[must_use = "dropped after the unlock"]
+struct Released<V: ?Sized>(ManuallyDrop<[Option<Strong<V>>; 3]>);
+
+impl<V: ?Sized> Released<V> {
+    fn none() -> Self {
+        // `ManuallyDrop`: `drop` empties it, so that a write that lets go
+        // of nothing pays for no drop glue.
+        Released(ManuallyDrop::new([None, None, None]))
+    }
+
+    /// Adds `value`, if any. At most three: a write lets go of a replaced
+    /// value and, in the tier, of its entry's value and an evicted one.
+    fn add(&mut self, value: Option<Strong<V>>) {
+        if let Some(value) = value {
+            let free = self.0.iter_mut().find(|slot| slot.is_none());
+            *free.expect("a write lets go of three values at most") = Some(value);
+        }
+    }
+
+    fn of(value: Option<Strong<V>>) -> Self {
+        let mut released = Released::none();
+        released.add(value);
+        released
+    }
+}
+
+impl<V: ?Sized> Released<V> {
+    /// The drop of a `Released` that holds something.
+    #[inline(never)]
+    fn drop_each(&mut self) {
+        let mut panics = FirstPanic::default();
+        for slot in self.0.iter_mut() {
+            let value = slot.take();
+            panics.run("a released value's destructor", || drop(value));
+        }
+        panics.resume("a released value's destructor");
+    }
+}
+
+impl<V: ?Sized> Drop for Released<V> {
+    #[inline(always)]
+    fn drop(&mut self) {
+        // Most writes let go of nothing.
+        if self.0.iter().any(Option::is_some) {
+            self.drop_each();
+        }
+    }
+}
+
+/// What a removal tells the listener, taken under the shard's lock: `None`
+/// if nobody listens, else the key's clone, or the panic of the key's
+/// `Clone` making it, caught there so that the removal's other steps
+/// (detaching, letting the tier go) still run, and resumed by
+/// `MapCore::report` once the caller has unlocked.
+type Notice<K> = Option<Result<K, Box<dyn Any + Send>>>;
 
 /// A map's removal listener.
 type Listener<K> = Arc<dyn Fn(&K, RemovalCause) + Send + Sync>;
@@ -246,8 +308,12 @@ where
     fn died(&self, item: &Item<K, V>) -> Option<Box<dyn FnOnce() + Send>> {
         let listener = self.listener.clone()?;
         // Under the lock, on the finalizer thread: `Clone` may run there.
-        let key = item.key().clone();
-        Some(Box::new(move || listener(&key, RemovalCause::Died)))
+        // Its panic, caught, is resumed by the job, whose runner reports it.
+        let key = self.notice(item)?;
+        Some(Box::new(move || {
+            let key = key.unwrap_or_else(|payload| panic::resume_unwind(payload));
+            listener(&key, RemovalCause::Died);
+        }))
     }
 }
 
@@ -259,16 +325,23 @@ impl<K: Clone, V: ?Sized, S> MapCore<K, V, S> {
         self.tier.as_ref()?.forget(hook.0.identity())
     }
 
-    /// The key to report an entry's removal with, if anyone listens:
-    /// cloned under the lock, reported after it.
-    fn notice(&self, item: &Item<K, V>) -> Option<K> {
-        self.listener.as_ref().map(|_| item.key().clone())
+    /// What to report an entry's removal with, if anyone listens: the key,
+    /// cloned under the lock, reported after it ([`Notice`]). Never
+    /// panics.
+    fn notice(&self, item: &Item<K, V>) -> Notice<K> {
+        self.listener.as_ref()?;
+        Some(panic::catch_unwind(AssertUnwindSafe(|| item.key().clone())))
     }
 
-    /// Tells the listener that `key`'s entry left, for `cause`. Outside any
-    /// shard lock.
-    fn report(&self, key: Option<K>, cause: RemovalCause) {
-        if let (Some(listener), Some(key)) = (&self.listener, key) {
+    /// Tells the listener that `notice`'s entry left, for `cause`, or
+    /// resumes the panic of the `Clone` that failed to make its key.
+    /// Outside any shard lock.
+    fn report(&self, notice: Notice<K>, cause: RemovalCause) {
+        let Some(notice) = notice else {
+            return;
+        };
+        let key = notice.unwrap_or_else(|payload| panic::resume_unwind(payload));
+        if let Some(listener) = &self.listener {
             listener(&key, cause);
         }
     }
@@ -697,8 +770,10 @@ where
             self.publish_locked(&mut writer, hash, item, value)
         };
         drop(pin);
-        drop(released);
+        // Reported first: if the listener panics, what the write let go
+        // of is still dropped, each on its own, during the unwinding.
         self.core.report(notice, RemovalCause::Replaced);
+        drop(released);
         // Dropped (by the caller) after the shard is unlocked: it may be the
         // last handle.
         previous
@@ -716,25 +791,24 @@ where
         hash: u64,
         item: (Item<K, V>, EntryHook),
         value: &Strong<V>,
-    ) -> (Option<Strong<V>>, Option<K>, Released<V>) {
+    ) -> (Option<Strong<V>>, Notice<K>, Released<V>) {
         let identity = item.0.identity(&item.1);
         let replaced = writer.upsert(hash, item, |old, new| old.key() == new.key());
-        let (previous, notice, forgotten) = match replaced {
-            None => (None, None, None),
+        let mut released = Released::none();
+        let (previous, notice) = match replaced {
+            None => (None, None),
             Some((replaced, hook)) => {
                 // Detached only once the replacement is published: a
                 // panicking `Eq` in `upsert` leaves every entry and its
-                // callback as they were (M5).
+                // callback as they were (M5). Nothing from here on
+                // panics: the key's `Clone` is caught (`notice`).
                 hook.0.detach();
-                (
-                    replaced.value.upgrade(),
-                    self.core.notice(replaced),
-                    self.core.forget(hook),
-                )
+                released.add(self.core.forget(hook));
+                (replaced.value.upgrade(), self.core.notice(replaced))
             }
         };
-        let evicted = self.keep_locked(writer, hash, identity, value);
-        (previous, notice, [forgotten, evicted])
+        released.add(self.keep_locked(writer, hash, identity, value));
+        (previous, notice, released)
     }
 
     /// Lets the keep-warm tier hold `value`, the value of the entry named
@@ -875,12 +949,13 @@ where
         }
         let item = self.new_item(hash, key, value);
         // Replaces a dead entry at most: nothing upgrades a dead value.
-        let (replaced, notice, released) = self.publish_locked(&mut writer, hash, item, value);
+        let (replaced, notice, mut released) = self.publish_locked(&mut writer, hash, item, value);
         drop(writer);
         drop(pin);
         debug_assert!(replaced.is_none(), "a live entry was checked for");
-        drop((replaced, released));
+        released.add(replaced);
         self.core.report(notice, RemovalCause::Replaced);
+        drop(released);
         Ok(())
     }
 
@@ -930,18 +1005,20 @@ where
             return None;
         }
         let removed = writer.remove(hash, |item, side| item.identity(side) == identity);
-        let (notice, forgotten) = match removed {
+        let (notice, released) = match removed {
             Some((removed, hook)) => {
-                // Detached after the removal is published (M5).
+                // Detached after the removal is published (M5); the tier
+                // lets go, and then the key is cloned, caught (`notice`).
                 hook.0.detach();
-                (self.core.notice(removed), self.core.forget(hook))
+                let released = Released::of(self.core.forget(hook));
+                (self.core.notice(removed), released)
             }
-            None => (None, None),
+            None => (None, Released::none()),
         };
         drop(writer);
         drop(pin);
-        drop(forgotten);
         self.core.report(notice, RemovalCause::Removed);
+        drop(released);
         Some(live)
     }
 
@@ -1063,14 +1140,15 @@ where
         let pin = WritePin::lazy();
         let mut writer = self.core.table.write(hash, &pin);
         let (removed, hook) = writer.remove(hash, |item, _| item.key().borrow() == key)?;
-        // As in `publish_locked`: detached after the removal is published.
+        // As in `publish_locked`: detached after the removal is published;
+        // nothing from here on panics.
         hook.0.detach();
+        let released = Released::of(self.core.forget(hook));
         let (value, notice) = (removed.value.upgrade(), self.core.notice(removed));
-        let forgotten = self.core.forget(hook);
         drop(writer);
         drop(pin);
-        drop(forgotten);
         self.core.report(notice, RemovalCause::Removed);
+        drop(released);
         // Dropped by the caller, after the unlock: it may be the last handle.
         value
     }
@@ -1341,7 +1419,7 @@ where
         let mut outcome = None;
         let mut replaced = None;
         let mut notice = None;
-        let mut released = [None, None];
+        let mut released = Released::none();
         if let (Some(value), Some(wanted)) = (&value, &key) {
             let existing = writer
                 .candidates(hash)
@@ -1368,10 +1446,10 @@ where
         settle.outcome.clone_from(&outcome);
         drop(key);
         drop(settle);
-        drop(replaced);
+        released.add(replaced);
+        self.core.report(notice, RemovalCause::Replaced);
         drop(released);
         drop(value);
-        self.core.report(notice, RemovalCause::Replaced);
         outcome
     }
 
@@ -1488,9 +1566,10 @@ where
             // entry is readable, its identity not reused, and no hit can
             // admit it again (M13).
             |item, hook| {
-                drop(self.core.forget(hook));
+                let released = Released::of(self.core.forget(hook));
                 self.core
                     .report(self.core.notice(item), RemovalCause::Removed);
+                drop(released);
             },
         );
     }
@@ -1543,7 +1622,8 @@ where
     /// Rebuilds each shard's table at the size its live entries need, if it
     /// is larger: gives back the memory of a past peak. Keys are cloned
     /// into the smaller tables (as in any rebuild); a panicking `Clone`
-    /// leaves that shard as it was and goes on.
+    /// leaves that shard as it was, the other shards are still rebuilt,
+    /// and then the panic reaches the caller.
     ///
     /// ```
     /// use weakrefs::{Strong, WeakValueMap};
@@ -1579,11 +1659,15 @@ where
     pub fn clear(&self) {
         collection::clear(
             &self.core.table,
-            // Under the shard lock; the tier's value is dropped after it.
-            |item, hook| Some((self.core.notice(item), self.core.forget(hook))),
-            |(key, forgotten)| {
-                drop(forgotten);
-                self.core.report(key, RemovalCause::Cleared);
+            // Under the shard lock, where nothing panics (`notice`); the
+            // tier's value is dropped after it.
+            |item, hook| {
+                let released = Released::of(self.core.forget(hook));
+                Some((self.core.notice(item), released))
+            },
+            |(notice, released)| {
+                self.core.report(notice, RemovalCause::Cleared);
+                drop(released);
             },
         );
     }
@@ -1606,7 +1690,7 @@ where
         collection::purge(
             &self.core.table,
             |item, _| self.core.notice(item),
-            |key| self.core.report(Some(key), RemovalCause::Died),
+            |notice| self.core.report(Some(notice), RemovalCause::Died),
         )
     }
 }

@@ -1835,3 +1835,271 @@ fn a_purged_entry_of_a_dying_value_never_reaches_its_dropped_map() {
     flush();
     drop(finalizer);
 }
+
+/// Values held only by a map's keep-warm tier, counting their drops; with
+/// `panics`, their destructors panic (after counting).
+struct Held {
+    drops: Arc<AtomicUsize>,
+    panics: bool,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.drops.fetch_add(1, Ordering::SeqCst);
+        if self.panics {
+            panic!("value destructor failure (expected by this test)");
+        }
+    }
+}
+
+/// A map with a tier and a listener whose keys all share one shard (so
+/// that a `clear` or `retain` meets all of them in one pass), holding
+/// `count` values that only its tier holds.
+fn tiered_map(
+    keys: &'static Keys,
+    count: u32,
+    panics: bool,
+    heard: &Arc<std::sync::Mutex<Vec<(u32, RemovalCause)>>>,
+    listener_panics: &Arc<AtomicBool>,
+) -> (WeakValueMap<Key, Held, OneBucket>, Arc<AtomicUsize>) {
+    let (heard, listener_panics) = (heard.clone(), listener_panics.clone());
+    let map = WeakValueMap::builder()
+        .hasher(OneBucket)
+        .keep_recent(8)
+        .on_remove(move |key: &Key, cause| {
+            heard.lock().unwrap().push((key.id(), cause));
+            if listener_panics.swap(false, Ordering::SeqCst) {
+                panic!("listener failure (expected by this test)");
+            }
+        })
+        .build();
+    let drops = Arc::new(AtomicUsize::new(0));
+    for id in 0..count {
+        let drops = drops.clone();
+        map.insert(keys.key(id), &Strong::new(Held { drops, panics }));
+    }
+    assert_eq!(
+        drops.load(Ordering::SeqCst),
+        0,
+        "the tier holds every value"
+    );
+    (map, drops)
+}
+
+/// An entry that leaves the map leaves its keep-warm tier too (API.md),
+/// even when the key's `Clone`, which makes the listener's copy under the
+/// shard's lock, panics: the tier still lets go of the value (here the
+/// last handle, so it is dropped), and the panic reaches the caller once
+/// the lock is released. Before, the panic skipped the tier's step, which
+/// went on holding a value whose entry had left, and naming it by the
+/// address of a hook that could be reused by a later entry.
+#[test]
+fn a_panicking_key_clone_as_an_entry_leaves_still_lets_the_tier_go() {
+    static KEYS: Keys = Keys::new();
+    let heard = Arc::default();
+    let quiet = Arc::new(AtomicBool::new(false));
+    type Exit = fn(&WeakValueMap<Key, Held, OneBucket>, &'static Keys);
+    let exits: [(&str, Exit, usize); 4] = [
+        ("remove", |map, _| drop(map.remove(&0)), 1),
+        (
+            "remove_if",
+            |map, _| drop(map.remove_if(&0, |_, _| true)),
+            1,
+        ),
+        (
+            "a replacing insert",
+            |map, keys| {
+                let drops = Arc::new(AtomicUsize::new(0));
+                let newer = Strong::new(Held {
+                    drops,
+                    panics: false,
+                });
+                drop(map.insert(keys.key(0), &newer));
+            },
+            1,
+        ),
+        ("clear", |map, _| map.clear(), 3),
+    ];
+    for (exit, leave, gone) in exits {
+        let (map, drops) = tiered_map(&KEYS, 3, false, &heard, &quiet);
+        KEYS.panic_in_clone_after(Some(0));
+        let outcome = catch_unwind(AssertUnwindSafe(|| leave(&map, &KEYS)));
+        KEYS.panic_in_clone_after(None);
+        assert!(
+            outcome.is_err(),
+            "{exit}: the key's Clone panic reaches the caller"
+        );
+        flush();
+        assert_eq!(
+            drops.load(Ordering::SeqCst),
+            gone,
+            "{exit}: the tier let go of each value whose entry left"
+        );
+        assert_eq!(
+            map.len(),
+            3 - gone + usize::from(exit == "a replacing insert")
+        );
+        // The map goes on working, and its tier with it.
+        map.clear();
+        flush();
+        assert_eq!(
+            drops.load(Ordering::SeqCst),
+            3,
+            "{exit}: and of the rest at clear"
+        );
+        assert!(heard
+            .lock()
+            .unwrap()
+            .iter()
+            .all(|&(_, cause)| cause == RemovalCause::Cleared));
+        heard.lock().unwrap().clear();
+    }
+    drop(heard);
+    assert_dropped(&KEYS);
+}
+
+/// `on_remove` runs once for every entry that leaves the map (API.md),
+/// even after it panics for one of them: a `clear` or `retain` reports
+/// every entry it removed and lets the tier go of every one of them, then
+/// resumes the listener's panic. Before, the first panic skipped the rest.
+#[test]
+fn a_panicking_listener_never_silences_the_other_removals() {
+    static KEYS: Keys = Keys::new();
+    let heard = Arc::default();
+    let listener_panics = Arc::new(AtomicBool::new(false));
+    type Exit = fn(&WeakValueMap<Key, Held, OneBucket>);
+    let exits: [(&str, Exit, RemovalCause); 2] = [
+        ("clear", |map| map.clear(), RemovalCause::Cleared),
+        (
+            "retain",
+            |map| map.retain(|_, _| false),
+            RemovalCause::Removed,
+        ),
+    ];
+    for (exit, leave, cause) in exits {
+        let (map, drops) = tiered_map(&KEYS, 4, false, &heard, &listener_panics);
+        listener_panics.store(true, Ordering::SeqCst);
+        let outcome = catch_unwind(AssertUnwindSafe(|| leave(&map)));
+        assert!(
+            outcome.is_err(),
+            "{exit}: the listener's panic reaches the caller"
+        );
+        let mut ids: Vec<_> = heard.lock().unwrap().drain(..).collect();
+        ids.sort_by_key(|&(id, _)| id);
+        assert_eq!(
+            ids,
+            (0..4).map(|id| (id, cause)).collect::<Vec<_>>(),
+            "{exit}"
+        );
+        flush();
+        assert_eq!(map.len(), 0, "{exit}");
+        assert_eq!(
+            drops.load(Ordering::SeqCst),
+            4,
+            "{exit}: the tier let go of all"
+        );
+    }
+    drop(heard);
+    assert_dropped(&KEYS);
+}
+
+/// Values whose destructors panic, two of them held by the tier alone:
+/// `clear`, `retain` and the map's drop let go of each on its own, so the
+/// second panic never lands during the first's unwinding (which aborts
+/// the process, as dropping a `Vec` of them would); the first reaches the
+/// caller once both are dropped.
+#[test]
+fn two_panicking_value_destructors_never_abort_the_process() {
+    static KEYS: Keys = Keys::new();
+    let (heard, quiet) = (Arc::default(), Arc::new(AtomicBool::new(false)));
+    type Exit = fn(WeakValueMap<Key, Held, OneBucket>);
+    let exits: [(&str, Exit); 3] = [
+        ("clear", |map| map.clear()),
+        ("retain", |map| map.retain(|_, _| false)),
+        ("the map's drop", drop),
+    ];
+    for (exit, leave) in exits {
+        let (map, drops) = tiered_map(&KEYS, 2, true, &heard, &quiet);
+        let outcome = catch_unwind(AssertUnwindSafe(|| leave(map)));
+        assert!(
+            outcome.is_err(),
+            "{exit}: the first panic reaches the caller"
+        );
+        assert_eq!(
+            drops.load(Ordering::SeqCst),
+            2,
+            "{exit}: both values dropped"
+        );
+    }
+    drop(heard);
+    assert_dropped(&KEYS);
+}
+
+/// `shrink_to_fit` rebuilds every shard it can: a key whose `Clone`
+/// panics leaves its own shard as it was, the other shards are still
+/// rebuilt smaller, and the panic then reaches the caller.
+#[test]
+fn shrink_to_fit_goes_on_past_a_panicking_clone() {
+    /// Equal and hashed as its id; its `Clone` panics for the id in
+    /// `POISONED`.
+    #[derive(PartialEq, Eq, Hash)]
+    struct Poisonable(u32);
+    static POISONED: AtomicUsize = AtomicUsize::new(usize::MAX);
+    impl Clone for Poisonable {
+        fn clone(&self) -> Self {
+            if self.0 as usize == POISONED.load(Ordering::SeqCst) {
+                panic!("Clone failure (expected by this test)");
+            }
+            Poisonable(self.0)
+        }
+    }
+    /// Puts an id's low six bits on top, where the shard index is taken:
+    /// id 0 is in the first shard `shrink_to_fit` rebuilds.
+    #[derive(Clone, Default)]
+    struct LowBitsOnTop;
+    #[derive(Default)]
+    struct LowBitsOnTopHasher(u64);
+    impl std::hash::Hasher for LowBitsOnTopHasher {
+        fn finish(&self) -> u64 {
+            self.0.rotate_right(6)
+        }
+        fn write(&mut self, bytes: &[u8]) {
+            for &byte in bytes.iter().rev() {
+                self.0 = self.0 << 8 | u64::from(byte);
+            }
+        }
+    }
+    impl std::hash::BuildHasher for LowBitsOnTop {
+        type Hasher = LowBitsOnTopHasher;
+        fn build_hasher(&self) -> LowBitsOnTopHasher {
+            LowBitsOnTopHasher::default()
+        }
+    }
+    let (count, kept) = if cfg!(miri) { (400, 16) } else { (8000, 200) };
+    let map = WeakValueMap::with_hasher(LowBitsOnTop);
+    let mut values: Vec<_> = (0..count).map(Strong::new).collect();
+    for value in &values {
+        map.insert(Poisonable(**value), value);
+    }
+    values.truncate(kept);
+    flush();
+    assert_eq!(map.len(), kept);
+    let peak = map.capacity();
+    POISONED.store(0, Ordering::SeqCst);
+    let outcome = catch_unwind(AssertUnwindSafe(|| map.shrink_to_fit()));
+    POISONED.store(usize::MAX, Ordering::SeqCst);
+    assert!(outcome.is_err(), "the Clone panic reaches the caller");
+    let after = map.capacity();
+    assert!(
+        after < peak / 2,
+        "the other shards were rebuilt smaller: {peak} -> {after}"
+    );
+    for value in &values {
+        assert_eq!(map.get(&Poisonable(**value)).as_deref(), Some(&**value));
+    }
+    map.shrink_to_fit();
+    assert!(
+        map.capacity() < after,
+        "and the poisoned shard, once it can"
+    );
+}

@@ -8,6 +8,7 @@ use std::ptr::NonNull;
 
 use crate::callbacks::{EntryRef, Executor, Hook, HookSite};
 use crate::control::ControlBlock;
+use crate::panics::{drop_each_and_report, FirstPanic};
 use crate::raw::table::{
     HookWrite, Relocatable, Shard, ShardWriter, ShardedTable, Sided, WritePin,
 };
@@ -343,7 +344,9 @@ unsafe fn slow_death<C, I>(
         drop(pin);
         match removal {
             Some(notice) => {
-                notice.into_iter().for_each(|notice| notice());
+                // Posted: after `shutdown` it runs here all the same, with
+                // its panic caught and counted as any callback's.
+                notice.into_iter().for_each(|notice| executor.post(notice));
                 true
             }
             None => false,
@@ -507,31 +510,51 @@ fn fill_snapshot<I, T>(
 
 /// Keeps the entries whose object is alive and for which `keep` returns
 /// true; removes the others, detaching their callbacks. `keep` runs once
-/// per live entry, without any lock (M8). The objects upgraded to call it
-/// are dropped after each shard's lock: they may be the last handles.
+/// per live entry, without any lock (M8); a panic there ends the call
+/// (what earlier shards removed stays removed). The objects upgraded to
+/// call it are dropped after each shard's lock: they may be the last
+/// handles. Every removed entry is detached and passed to `removed`, even
+/// after one of those calls, or an object's destructor, panics: the first
+/// such panic is resumed once every shard is done (M5: a removed entry's
+/// callback must not outlive the collection attached).
 pub(crate) fn retain_live<I: Watching>(
     table: &ShardedTable<I>,
     mut keep: impl FnMut(&I, &I::Target) -> bool,
     mut removed: impl FnMut(&I, &I::Side),
 ) {
+    let mut panics = FirstPanic::default();
     for shard in 0..table.shard_len() {
-        let mut held = Vec::new();
+        let mut held = DropEach(Vec::new());
         table.retain_shard(
             shard,
             |item| match item.watched().upgrade() {
                 Some(object) => {
                     let kept = keep(item, &object);
-                    held.push(object);
+                    held.0.push(object);
                     kept
                 }
                 None => false,
             },
             |item, side| {
                 item.hook(side).detach();
-                removed(item, side);
+                panics.run("a removed entry's report", || removed(item, side));
             },
         );
-        drop(held);
+        for object in held.0.drain(..) {
+            panics.run("an object's destructor", || drop(object));
+        }
+    }
+    panics.resume("a removed entry's report");
+}
+
+/// Drops each of its items on its own if it is dropped with any left
+/// (while a panic unwinds past it), reporting their panics: a second
+/// panic during the unwinding would abort the process.
+struct DropEach<T>(Vec<T>);
+
+impl<T> Drop for DropEach<T> {
+    fn drop(&mut self) {
+        drop_each_and_report("an object's destructor", self.0.drain(..));
     }
 }
 
@@ -569,37 +592,54 @@ pub(crate) fn purge<I: Watching, T>(
 /// entry's deferred drop: the object may be dying (its count at zero, its
 /// callbacks not yet run, which is what `purge` looks for), and a hook
 /// still attached when the collection drops could be claimed after the
-/// table's shards and the core's anchor are released (M5, M14).
+/// table's shards and the core's anchor are released (M5, M14). So a
+/// panic in `noted` (which should not panic) or `after` (a listener, a
+/// destructor) skips nothing: each is caught, every entry is detached and
+/// every notice passed on, every shard is done, and then the first panic
+/// is resumed.
 fn remove_where<I: Watching, T>(
     table: &ShardedTable<I>,
     mut doomed: impl FnMut(&I) -> bool,
     mut noted: impl FnMut(&I, &I::Side) -> Option<T>,
     mut after: impl FnMut(T),
 ) -> usize {
-    (0..table.shard_len())
+    let mut panics = FirstPanic::default();
+    let removed = (0..table.shard_len())
         .map(|shard| {
-            let mut notices = Vec::new();
+            let mut notices = DropEach(Vec::new());
             let removed = table.retain_locked(
                 shard,
                 |item| !doomed(item),
                 |item, side| {
                     item.hook(side).detach();
-                    notices.extend(noted(item, side));
+                    panics.run("a removed entry's notice", || {
+                        notices.0.extend(noted(item, side));
+                    });
                 },
             );
-            notices.into_iter().for_each(&mut after);
-            shrink_shard(table, shard, OVERSIZED);
+            for notice in notices.0.drain(..) {
+                panics.run("a removed entry's report", || after(notice));
+            }
+            // A key's `Clone` in the rebuild may panic: the table is
+            // then left as it was, and the other shards are still done.
+            panics.run("a table's shrink", || shrink_shard(table, shard, OVERSIZED));
             removed
         })
-        .sum()
+        .sum();
+    panics.resume("a removed entry's report");
+    removed
 }
 
 /// Rebuilds every shard's table that is more than `factor` times larger
-/// than its live items need.
+/// than its live items need. A rebuild whose user code (a key's `Clone`)
+/// panics leaves its shard as it was; the others are still rebuilt, and
+/// then the first panic is resumed.
 pub(crate) fn shrink<I: Watching>(table: &ShardedTable<I>, factor: usize) {
+    let mut panics = FirstPanic::default();
     for shard in 0..table.shard_len() {
-        shrink_shard(table, shard, factor);
+        panics.run("a table's shrink", || shrink_shard(table, shard, factor));
     }
+    panics.resume("a table's shrink");
 }
 
 fn shrink_shard<I: Watching>(table: &ShardedTable<I>, shard: usize, factor: usize) {

@@ -180,6 +180,22 @@ struct Ring<V: ?Sized> {
     sketch: FrequencySketch,
 }
 
+impl<V: ?Sized> Drop for Ring<V> {
+    /// Drops the values held one at a time (user destructors: any may be
+    /// the last handle): a panic in one neither skips the others nor,
+    /// with a second during its unwinding, aborts the process. The first
+    /// is resumed once all are dropped (reported if the map's drop is
+    /// unwinding already).
+    fn drop(&mut self) {
+        let mut panics = crate::panics::FirstPanic::default();
+        for value in self.values.iter_mut() {
+            let value = value.take();
+            panics.run("a value's destructor", || drop(value));
+        }
+        panics.resume("a value's destructor");
+    }
+}
+
 /// An entry offered to the tier: its identity, its key's hash, its slot's
 /// mark and its value.
 pub(crate) struct Candidate<'m, V: ?Sized> {
