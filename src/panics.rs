@@ -32,31 +32,53 @@ pub(crate) fn drop_each_and_report<T>(what: &str, items: impl IntoIterator<Item 
 /// The first panic of several steps that must all run, each caught as it
 /// happens, resumed once they have: one step's panic neither skips the
 /// rest nor, with a second during its unwinding, aborts the process. Later
-/// panics are reported on stderr (only one can be resumed).
+/// panics are reported on stderr (only one can be resumed), as is the
+/// first if this is dropped without `resume` (a panic elsewhere unwinds
+/// past it).
 #[derive(Default)]
-pub(crate) struct FirstPanic(Option<Box<dyn Any + Send>>);
+pub(crate) struct FirstPanic(Option<(&'static str, Box<dyn Any + Send>)>);
 
 impl FirstPanic {
-    /// Runs `step`, keeping its panic if it is the first.
-    pub(crate) fn run(&mut self, what: &str, step: impl FnOnce()) {
+    /// Runs `step` (`what`, for a report), keeping its panic if it is the
+    /// first.
+    pub(crate) fn run(&mut self, what: &'static str, step: impl FnOnce()) {
         if let Err(payload) = panic::catch_unwind(AssertUnwindSafe(step)) {
-            match self.0 {
-                None => self.0 = Some(payload),
-                Some(_) => report(what, payload),
-            }
+            self.keep(what, payload);
         }
+    }
+
+    /// Keeps `payload`, a panic of `what` caught elsewhere, if it is the
+    /// first; else reports it.
+    pub(crate) fn keep(&mut self, what: &'static str, payload: Box<dyn Any + Send>) {
+        match self.0 {
+            None => self.0 = Some((what, payload)),
+            Some(_) => report(what, payload),
+        }
+    }
+
+    /// True if no step has panicked.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.0.is_none()
     }
 
     /// Resumes the first panic, if any; reports it instead if this thread
     /// is unwinding already (a destructor's step), where resuming would
     /// abort.
-    pub(crate) fn resume(self, what: &str) {
-        if let Some(payload) = self.0 {
+    pub(crate) fn resume(mut self) {
+        if let Some((what, payload)) = self.0.take() {
             if std::thread::panicking() {
                 report(what, payload);
             } else {
                 panic::resume_unwind(payload);
             }
+        }
+    }
+}
+
+impl Drop for FirstPanic {
+    fn drop(&mut self) {
+        if let Some((what, payload)) = self.0.take() {
+            report(what, payload);
         }
     }
 }

@@ -141,22 +141,28 @@ pub enum RemovalCause {
 /// unwinding, aborts the process. The first panic is resumed once all are
 /// dropped (reported instead if the thread is unwinding already).
 #[must_use = "dropped after the unlock"]
-struct Released<V: ?Sized>(ManuallyDrop<[Option<Strong<V>>; 3]>);
+struct Released<V: ?Sized>(ManuallyDrop<[Option<Strong<V>>; 4]>);
 
 impl<V: ?Sized> Released<V> {
     fn none() -> Self {
         // `ManuallyDrop`: `drop` empties it, so that a write that lets go
         // of nothing pays for no drop glue.
-        Released(ManuallyDrop::new([None, None, None]))
+        Released(ManuallyDrop::new([None, None, None, None]))
     }
 
-    /// Adds `value`, if any. At most three: a write lets go of a replaced
-    /// value and, in the tier, of its entry's value and an evicted one.
+    /// Adds `value`, if any. At most four: a write lets go of a replaced
+    /// value and, in the tier, of its entry's value and an evicted one,
+    /// and a load of the value it was given.
     fn add(&mut self, value: Option<Strong<V>>) {
         if let Some(value) = value {
             let free = self.0.iter_mut().find(|slot| slot.is_none());
-            *free.expect("a write lets go of three values at most") = Some(value);
+            *free.expect("a write lets go of four values at most") = Some(value);
         }
+    }
+
+    #[inline(always)]
+    fn is_empty(&self) -> bool {
+        self.0.iter().all(Option::is_none)
     }
 
     fn of(value: Option<Strong<V>>) -> Self {
@@ -175,7 +181,7 @@ impl<V: ?Sized> Released<V> {
             let value = slot.take();
             panics.run("a released value's destructor", || drop(value));
         }
-        panics.resume("a released value's destructor");
+        panics.resume();
     }
 }
 
@@ -183,7 +189,7 @@ impl<V: ?Sized> Drop for Released<V> {
     #[inline(always)]
     fn drop(&mut self) {
         // Most writes let go of nothing.
-        if self.0.iter().any(Option::is_some) {
+        if !self.is_empty() {
             self.drop_each();
         }
     }
@@ -198,6 +204,20 @@ type Notice<K> = Option<Result<K, Box<dyn Any + Send>>>;
 
 /// A map's removal listener.
 type Listener<K> = Arc<dyn Fn(&K, RemovalCause) + Send + Sync>;
+
+/// Calls `listener` with `key` and `cause`, then drops the key; if the
+/// listener panics, the key is dropped before the panic is resumed, so
+/// that a key whose destructor panics too cannot abort the process by
+/// panicking during that unwinding.
+fn tell<K>(listener: &Listener<K>, key: K, cause: RemovalCause) {
+    let heard = panic::catch_unwind(AssertUnwindSafe(|| listener(&key, cause)));
+    let mut panics = FirstPanic::default();
+    if let Err(payload) = heard {
+        panics.keep("a removal listener", payload);
+    }
+    panics.run("a key's destructor", || drop(key));
+    panics.resume();
+}
 
 /// What a [`WeakValueMap`] has counted since it was made
 /// ([`WeakValueMap::stats`]). Each thread counts on a cache line of its
@@ -312,7 +332,7 @@ where
         let key = self.notice(item)?;
         Some(Box::new(move || {
             let key = key.unwrap_or_else(|payload| panic::resume_unwind(payload));
-            listener(&key, RemovalCause::Died);
+            tell(&listener, key, RemovalCause::Died);
         }))
     }
 }
@@ -342,7 +362,7 @@ impl<K: Clone, V: ?Sized, S> MapCore<K, V, S> {
         };
         let key = notice.unwrap_or_else(|payload| panic::resume_unwind(payload));
         if let Some(listener) = &self.listener {
-            listener(&key, cause);
+            tell(listener, key, cause);
         }
     }
 }
@@ -611,10 +631,16 @@ where
     /// and with a listener their removal runs there too rather than on the
     /// dying thread; the others in the thread that removed them, before
     /// that call returns. Entries still in the map when it is dropped are
-    /// not reported. `f` gets a clone of the key (made under the lock) and
-    /// may use the map. A panic in `f` reaches the caller of the method
-    /// that removed the entry, after the removal (on the finalizer thread
-    /// it is caught and reported, as a callback's is).
+    /// not reported. `f` gets a clone of the key (made under the lock, but
+    /// for [`retain`](WeakValueMap::retain)'s, made after it) and may use
+    /// the map. A panic in `f` reaches the caller of the method that
+    /// removed the entry, after the removal (on the finalizer thread it is
+    /// caught and reported, as a callback's is); so does a panic in the
+    /// key's `Clone` making that copy, in place of that one call of `f`.
+    /// A method that removes many entries ([`clear`](WeakValueMap::clear),
+    /// [`retain`](WeakValueMap::retain), [`purge`](WeakValueMap::purge))
+    /// still removes and reports every other one, then passes on the first
+    /// panic; later ones are reported on stderr.
     ///
     /// ```
     /// use std::sync::atomic::{AtomicUsize, Ordering};
@@ -770,13 +796,49 @@ where
             self.publish_locked(&mut writer, hash, item, value)
         };
         drop(pin);
-        // Reported first: if the listener panics, what the write let go
-        // of is still dropped, each on its own, during the unwinding.
-        self.core.report(notice, RemovalCause::Replaced);
-        drop(released);
         // Dropped (by the caller) after the shard is unlocked: it may be the
         // last handle.
-        previous
+        self.settle(notice, RemovalCause::Replaced, released, previous)
+    }
+
+    /// The end of a write, after the unlock: reports `notice` for `cause`,
+    /// lets go of `released`, and returns `value`. Each step runs even if
+    /// one panics (the listener, a key's `Clone` resumed, a destructor);
+    /// `value` is then let go of too, each value dropped on its own, and
+    /// the first panic resumed: a second panic during its unwinding would
+    /// abort the process.
+    fn settle(
+        &self,
+        notice: Notice<K>,
+        cause: RemovalCause,
+        released: Released<V>,
+        value: Option<Strong<V>>,
+    ) -> Option<Strong<V>> {
+        // Most writes have nobody to tell and nothing to let go of.
+        if notice.is_none() && released.is_empty() {
+            return value;
+        }
+        self.settle_each(notice, cause, released, value)
+    }
+
+    /// [`Self::settle`]'s steps, each caught.
+    #[inline(never)]
+    fn settle_each(
+        &self,
+        notice: Notice<K>,
+        cause: RemovalCause,
+        released: Released<V>,
+        value: Option<Strong<V>>,
+    ) -> Option<Strong<V>> {
+        let mut panics = FirstPanic::default();
+        panics.run("a removal listener", || self.core.report(notice, cause));
+        panics.run("a released value's destructor", || drop(released));
+        if panics.is_empty() {
+            return value;
+        }
+        panics.run("a value's destructor", || drop(value));
+        panics.resume();
+        None
     }
 
     /// Publishes `item`, whose value is `value`, under a writer the
@@ -954,8 +1016,7 @@ where
         drop(pin);
         debug_assert!(replaced.is_none(), "a live entry was checked for");
         released.add(replaced);
-        self.core.report(notice, RemovalCause::Replaced);
-        drop(released);
+        self.settle(notice, RemovalCause::Replaced, released, None);
         Ok(())
     }
 
@@ -1017,9 +1078,7 @@ where
         };
         drop(writer);
         drop(pin);
-        self.core.report(notice, RemovalCause::Removed);
-        drop(released);
-        Some(live)
+        self.settle(notice, RemovalCause::Removed, released, Some(live))
     }
 
     /// The key and value of `key`'s entry, if its value is alive: the key
@@ -1147,10 +1206,8 @@ where
         let (value, notice) = (removed.value.upgrade(), self.core.notice(removed));
         drop(writer);
         drop(pin);
-        self.core.report(notice, RemovalCause::Removed);
-        drop(released);
         // Dropped by the caller, after the unlock: it may be the last handle.
-        value
+        self.settle(notice, RemovalCause::Removed, released, value)
     }
 
     /// The value under `key`, or the one `init` builds, inserted. Single
@@ -1405,9 +1462,13 @@ where
     ) -> Option<Strong<V>> {
         let mut settle = Settle::new(load);
         let hash = load.hash();
-        // Declared before the writer so that, on unwinding, it is dropped
-        // after the unlock.
+        // Declared before the writer so that, on unwinding, they are
+        // dropped after the unlock.
         let mut key: Option<K>;
+        let mut outcome = None;
+        let mut replaced = None;
+        let mut notice = None;
+        let mut released = Released::none();
         // Withdraw the load under the shard's writer lock, so that no caller
         // can find neither the load nor the item (M6).
         let pin = WritePin::lazy();
@@ -1416,10 +1477,6 @@ where
             .core
             .loads
             .withdraw(self.core.table.shard_index(hash), load);
-        let mut outcome = None;
-        let mut replaced = None;
-        let mut notice = None;
-        let mut released = Released::none();
         if let (Some(value), Some(wanted)) = (&value, &key) {
             let existing = writer
                 .candidates(hash)
@@ -1447,10 +1504,8 @@ where
         drop(key);
         drop(settle);
         released.add(replaced);
-        self.core.report(notice, RemovalCause::Replaced);
-        drop(released);
-        drop(value);
-        outcome
+        released.add(value);
+        self.settle(notice, RemovalCause::Replaced, released, outcome)
     }
 
     /// Number of entries not yet removed: exact after

@@ -2103,3 +2103,56 @@ fn shrink_to_fit_goes_on_past_a_panicking_clone() {
         "and the poisoned shard, once it can"
     );
 }
+
+/// A listener that panics while the value a call returns, or the key's
+/// clone it was given, is the last handle of something whose destructor
+/// panics too: the call drops it before resuming the listener's panic,
+/// never during that unwinding (which would abort the process).
+#[test]
+fn a_panicking_listener_never_aborts_with_a_panicking_destructor() {
+    static KEYS: Keys = Keys::new();
+    let heard = Arc::default();
+    let listener_panics = Arc::new(AtomicBool::new(false));
+    type Exit = fn(&WeakValueMap<Key, Held, OneBucket>, &'static Keys);
+    let exits: [(&str, Exit); 3] = [
+        // The returned value, upgraded from the entry, outlives the tier's
+        // handle: it is the last.
+        ("remove_if", |map, _| drop(map.remove_if(&0, |_, _| true))),
+        ("a replacing insert", |map, keys| {
+            let drops = Arc::new(AtomicUsize::new(0));
+            let newer = Strong::new(Held {
+                drops,
+                panics: false,
+            });
+            drop(map.insert(keys.key(0), &newer));
+        }),
+        // The listener's clone of the key panics as it is dropped.
+        ("remove", |map, keys| {
+            keys.panic_in_drop(true);
+            drop(map.remove(&0));
+        }),
+    ];
+    for (exit, leave) in exits {
+        let (map, drops) = tiered_map(&KEYS, 1, exit != "remove", &heard, &listener_panics);
+        listener_panics.store(true, Ordering::SeqCst);
+        let outcome = catch_unwind(AssertUnwindSafe(|| leave(&map, &KEYS)));
+        KEYS.panic_in_drop(false);
+        assert!(
+            outcome.is_err(),
+            "{exit}: the listener's panic reaches the caller"
+        );
+        assert_eq!(
+            drops.load(Ordering::SeqCst),
+            1,
+            "{exit}: the value dropped once"
+        );
+        assert_eq!(
+            heard.lock().unwrap().drain(..).count(),
+            1,
+            "{exit}: heard once"
+        );
+        drop(map);
+    }
+    drop(heard);
+    assert_dropped(&KEYS);
+}

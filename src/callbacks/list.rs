@@ -137,6 +137,7 @@ impl ObjectCallbacks {
     /// (and any posted job) is counted towards the registry's next
     /// compaction when it runs (a trigger, C5): at worst an early scan of
     /// the registry.
+    #[inline]
     pub(crate) fn register_hook<P>(&self, payload: P, removal: Removal) -> Hook<P>
     where
         P: Send + Sync + 'static,

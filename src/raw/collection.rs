@@ -529,9 +529,10 @@ pub(crate) fn retain_live<I: Watching>(
             shard,
             |item| match item.watched().upgrade() {
                 Some(object) => {
-                    let kept = keep(item, &object);
+                    // Held first: if `keep` panics, the unwinding drops it
+                    // with the others, each on its own (`DropEach`).
                     held.0.push(object);
-                    kept
+                    keep(item, held.0.last().expect("just pushed"))
                 }
                 None => false,
             },
@@ -544,7 +545,7 @@ pub(crate) fn retain_live<I: Watching>(
             panics.run("an object's destructor", || drop(object));
         }
     }
-    panics.resume("a removed entry's report");
+    panics.resume();
 }
 
 /// Drops each of its items on its own if it is dropped with any left
@@ -626,7 +627,7 @@ fn remove_where<I: Watching, T>(
             removed
         })
         .sum();
-    panics.resume("a removed entry's report");
+    panics.resume();
     removed
 }
 
@@ -639,7 +640,7 @@ pub(crate) fn shrink<I: Watching>(table: &ShardedTable<I>, factor: usize) {
     for shard in 0..table.shard_len() {
         panics.run("a table's shrink", || shrink_shard(table, shard, factor));
     }
-    panics.resume("a table's shrink");
+    panics.resume();
 }
 
 fn shrink_shard<I: Watching>(table: &ShardedTable<I>, shard: usize, factor: usize) {

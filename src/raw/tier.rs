@@ -192,7 +192,7 @@ impl<V: ?Sized> Drop for Ring<V> {
             let value = value.take();
             panics.run("a value's destructor", || drop(value));
         }
-        panics.resume("a value's destructor");
+        panics.resume();
     }
 }
 
