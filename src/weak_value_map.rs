@@ -818,15 +818,14 @@ where
         if notice.is_none() && released.is_empty() {
             return value;
         }
-        self.settle_each(notice, cause, released, value)
+        self.settle_each((notice, cause), released, value)
     }
 
     /// [`Self::settle`]'s steps, each caught.
     #[inline(never)]
     fn settle_each(
         &self,
-        notice: Notice<K>,
-        cause: RemovalCause,
+        (notice, cause): (Notice<K>, RemovalCause),
         released: Released<V>,
         value: Option<Strong<V>>,
     ) -> Option<Strong<V>> {

@@ -1886,6 +1886,14 @@ fn tiered_map(
     (map, drops)
 }
 
+/// Checks what an exit from a `tiered_map` did: its panic reached the
+/// caller, and `dropped` of its values were dropped.
+fn assert_exit(exit: &str, outcome: thread::Result<()>, drops: &AtomicUsize, dropped: usize) {
+    assert!(outcome.is_err(), "{exit}: the panic reaches the caller");
+    let actual = drops.load(Ordering::SeqCst);
+    assert_eq!(actual, dropped, "{exit}: values dropped");
+}
+
 /// An entry that leaves the map leaves its keep-warm tier too (API.md),
 /// even when the key's `Clone`, which makes the listener's copy under the
 /// shard's lock, panics: the tier still lets go of the value (here the
@@ -1925,16 +1933,9 @@ fn a_panicking_key_clone_as_an_entry_leaves_still_lets_the_tier_go() {
         KEYS.panic_in_clone_after(Some(0));
         let outcome = catch_unwind(AssertUnwindSafe(|| leave(&map, &KEYS)));
         KEYS.panic_in_clone_after(None);
-        assert!(
-            outcome.is_err(),
-            "{exit}: the key's Clone panic reaches the caller"
-        );
         flush();
-        assert_eq!(
-            drops.load(Ordering::SeqCst),
-            gone,
-            "{exit}: the tier let go of each value whose entry left"
-        );
+        // The tier let go of each value whose entry left.
+        assert_exit(exit, outcome, &drops, gone);
         assert_eq!(
             map.len(),
             3 - gone + usize::from(exit == "a replacing insert")
@@ -1980,10 +1981,6 @@ fn a_panicking_listener_never_silences_the_other_removals() {
         let (map, drops) = tiered_map(&KEYS, 4, false, &heard, &listener_panics);
         listener_panics.store(true, Ordering::SeqCst);
         let outcome = catch_unwind(AssertUnwindSafe(|| leave(&map)));
-        assert!(
-            outcome.is_err(),
-            "{exit}: the listener's panic reaches the caller"
-        );
         let mut ids: Vec<_> = heard.lock().unwrap().drain(..).collect();
         ids.sort_by_key(|&(id, _)| id);
         assert_eq!(
@@ -1993,11 +1990,8 @@ fn a_panicking_listener_never_silences_the_other_removals() {
         );
         flush();
         assert_eq!(map.len(), 0, "{exit}");
-        assert_eq!(
-            drops.load(Ordering::SeqCst),
-            4,
-            "{exit}: the tier let go of all"
-        );
+        // The listener's panic reached the caller; the tier let go of all.
+        assert_exit(exit, outcome, &drops, 4);
     }
     drop(heard);
     assert_dropped(&KEYS);
@@ -2021,15 +2015,8 @@ fn two_panicking_value_destructors_never_abort_the_process() {
     for (exit, leave) in exits {
         let (map, drops) = tiered_map(&KEYS, 2, true, &heard, &quiet);
         let outcome = catch_unwind(AssertUnwindSafe(|| leave(map)));
-        assert!(
-            outcome.is_err(),
-            "{exit}: the first panic reaches the caller"
-        );
-        assert_eq!(
-            drops.load(Ordering::SeqCst),
-            2,
-            "{exit}: both values dropped"
-        );
+        // The first panic reaches the caller once both values are dropped.
+        assert_exit(exit, outcome, &drops, 2);
     }
     drop(heard);
     assert_dropped(&KEYS);
@@ -2137,15 +2124,7 @@ fn a_panicking_listener_never_aborts_with_a_panicking_destructor() {
         listener_panics.store(true, Ordering::SeqCst);
         let outcome = catch_unwind(AssertUnwindSafe(|| leave(&map, &KEYS)));
         KEYS.panic_in_drop(false);
-        assert!(
-            outcome.is_err(),
-            "{exit}: the listener's panic reaches the caller"
-        );
-        assert_eq!(
-            drops.load(Ordering::SeqCst),
-            1,
-            "{exit}: the value dropped once"
-        );
+        assert_exit(exit, outcome, &drops, 1);
         assert_eq!(
             heard.lock().unwrap().drain(..).count(),
             1,
