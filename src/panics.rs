@@ -29,6 +29,18 @@ pub(crate) fn drop_each_and_report<T>(what: &str, items: impl IntoIterator<Item 
     }
 }
 
+/// Drops each of `items` on its own (`what`, for a report), then resumes
+/// the first panic among their destructors, if any: one destructor's
+/// panic neither skips the others nor, with a second during its
+/// unwinding, aborts the process (`FirstPanic`).
+pub(crate) fn drop_each_then_resume<T>(what: &'static str, items: impl IntoIterator<Item = T>) {
+    let mut panics = FirstPanic::default();
+    for item in items {
+        panics.run(what, || drop(item));
+    }
+    panics.resume();
+}
+
 /// The first panic of several steps that must all run, each caught as it
 /// happens, resumed once they have: one step's panic neither skips the
 /// rest nor, with a second during its unwinding, aborts the process. Later
@@ -47,9 +59,9 @@ impl FirstPanic {
         }
     }
 
-    /// Keeps `payload`, a panic of `what` caught elsewhere, if it is the
-    /// first; else reports it.
-    pub(crate) fn keep(&mut self, what: &'static str, payload: Box<dyn Any + Send>) {
+    /// Keeps `payload`, a panic of `what`, if it is the first; else
+    /// reports it.
+    fn keep(&mut self, what: &'static str, payload: Box<dyn Any + Send>) {
         match self.0 {
             None => self.0 = Some((what, payload)),
             Some(_) => report(what, payload),

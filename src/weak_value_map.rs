@@ -13,7 +13,7 @@ use std::ptr;
 use std::sync::Arc;
 
 use crate::callbacks::Hook;
-use crate::panics::FirstPanic;
+use crate::panics::{drop_each_then_resume, FirstPanic};
 use crate::raw::collection::{self, Collection, EntryHook, Watching};
 use crate::raw::counters::Counters;
 use crate::raw::single_flight::{self, Flight, Flights, Joined, Settle};
@@ -170,18 +170,12 @@ impl<V: ?Sized> Released<V> {
         released.add(value);
         released
     }
-}
 
-impl<V: ?Sized> Released<V> {
     /// The drop of a `Released` that holds something.
     #[inline(never)]
     fn drop_each(&mut self) {
-        let mut panics = FirstPanic::default();
-        for slot in self.0.iter_mut() {
-            let value = slot.take();
-            panics.run("a released value's destructor", || drop(value));
-        }
-        panics.resume();
+        let values = self.0.iter_mut().map(Option::take);
+        drop_each_then_resume("a released value's destructor", values);
     }
 }
 
@@ -205,16 +199,15 @@ type Notice<K> = Option<Result<K, Box<dyn Any + Send>>>;
 /// A map's removal listener.
 type Listener<K> = Arc<dyn Fn(&K, RemovalCause) + Send + Sync>;
 
-/// Calls `listener` with `key` and `cause`, then drops the key; if the
-/// listener panics, the key is dropped before the panic is resumed, so
-/// that a key whose destructor panics too cannot abort the process by
-/// panicking during that unwinding.
-fn tell<K>(listener: &Listener<K>, key: K, cause: RemovalCause) {
-    let heard = panic::catch_unwind(AssertUnwindSafe(|| listener(&key, cause)));
+/// Calls `listener` with the key a [`Notice`] made and `cause`, then
+/// drops the key; if the listener panics, the key is dropped before the
+/// panic is resumed, so that a key whose destructor panics too cannot
+/// abort the process by panicking during that unwinding. If the key's
+/// `Clone` panicked instead, resumes that panic.
+fn tell<K>(listener: &Listener<K>, key: Result<K, Box<dyn Any + Send>>, cause: RemovalCause) {
+    let key = key.unwrap_or_else(|payload| panic::resume_unwind(payload));
     let mut panics = FirstPanic::default();
-    if let Err(payload) = heard {
-        panics.keep("a removal listener", payload);
-    }
+    panics.run("a removal listener", || listener(&key, cause));
     panics.run("a key's destructor", || drop(key));
     panics.resume();
 }
@@ -330,10 +323,7 @@ where
         // Under the lock, on the finalizer thread: `Clone` may run there.
         // Its panic, caught, is resumed by the job, whose runner reports it.
         let key = self.notice(item)?;
-        Some(Box::new(move || {
-            let key = key.unwrap_or_else(|payload| panic::resume_unwind(payload));
-            tell(&listener, key, RemovalCause::Died);
-        }))
+        Some(Box::new(move || tell(&listener, key, RemovalCause::Died)))
     }
 }
 
@@ -357,11 +347,7 @@ impl<K: Clone, V: ?Sized, S> MapCore<K, V, S> {
     /// resumes the panic of the `Clone` that failed to make its key.
     /// Outside any shard lock.
     fn report(&self, notice: Notice<K>, cause: RemovalCause) {
-        let Some(notice) = notice else {
-            return;
-        };
-        let key = notice.unwrap_or_else(|payload| panic::resume_unwind(payload));
-        if let Some(listener) = &self.listener {
+        if let (Some(listener), Some(key)) = (&self.listener, notice) {
             tell(listener, key, cause);
         }
     }
@@ -1621,9 +1607,8 @@ where
             // admit it again (M13).
             |item, hook| {
                 let released = Released::of(self.core.forget(hook));
-                self.core
-                    .report(self.core.notice(item), RemovalCause::Removed);
-                drop(released);
+                let notice = self.core.notice(item);
+                self.settle(notice, RemovalCause::Removed, released, None);
             },
         );
     }
@@ -1720,8 +1705,7 @@ where
                 Some((self.core.notice(item), released))
             },
             |(notice, released)| {
-                self.core.report(notice, RemovalCause::Cleared);
-                drop(released);
+                self.settle(notice, RemovalCause::Cleared, released, None);
             },
         );
     }

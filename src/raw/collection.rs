@@ -8,7 +8,7 @@ use std::ptr::NonNull;
 
 use crate::callbacks::{EntryRef, Executor, Hook, HookSite};
 use crate::control::ControlBlock;
-use crate::panics::{drop_each_and_report, FirstPanic};
+use crate::panics::{drop_each_and_report, drop_each_then_resume, FirstPanic};
 use crate::raw::table::{
     HookWrite, Relocatable, Shard, ShardWriter, ShardedTable, Sided, WritePin,
 };
@@ -541,9 +541,10 @@ pub(crate) fn retain_live<I: Watching>(
                 panics.run("a removed entry's report", || removed(item, side));
             },
         );
-        for object in held.0.drain(..) {
-            panics.run("an object's destructor", || drop(object));
-        }
+        let objects = held.0.drain(..);
+        panics.run("an object's destructor", || {
+            drop_each_then_resume("an object's destructor", objects);
+        });
     }
     panics.resume();
 }

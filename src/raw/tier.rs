@@ -187,12 +187,8 @@ impl<V: ?Sized> Drop for Ring<V> {
     /// is resumed once all are dropped (reported if the map's drop is
     /// unwinding already).
     fn drop(&mut self) {
-        let mut panics = crate::panics::FirstPanic::default();
-        for value in self.values.iter_mut() {
-            let value = value.take();
-            panics.run("a value's destructor", || drop(value));
-        }
-        panics.resume();
+        let values = self.values.iter_mut().map(Option::take);
+        crate::panics::drop_each_then_resume("a value's destructor", values);
     }
 }
 
