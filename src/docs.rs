@@ -399,7 +399,7 @@ pub mod internals {
     //! | layer | modules | job |
     //! | --- | --- | --- |
     //! | shim | `sync` | the one place that names atomics, fences, `UnsafeCell`, thread-locals, mutexes and loom; `Mutex` without poisoning; `lazy_static` under loom |
-    //! | | `marks` | what this thread is inside of (`Mark::Callback`, `Mark::Draining`, `Mark::Loading`): the one thread-local stack the re-entrancy checks use |
+    //! | | `marks` | what this thread is inside of (`Mark::Callback`, `Mark::Draining`, and the `Loading` frames of the loads it runs): the one thread-local the re-entrancy checks use |
     //! | | `panics` | catch and report a panic where nobody can receive it |
     //! | | `block_cache` | where callback nodes and handles' control blocks are allocated: a per-thread cache of up to 128 freed blocks a size (8 to 64 bytes) in front of the global allocator, so that what the epoch frees in batches is reused, not spilled to the allocator's slow paths (C16) |
     //! | reclamation | `reclaim` | the one module that talks to crossbeam-epoch: `Reclaimer`, `Pinned::defer`, bounded garbage, pushing garbage through at `flush`; under loom, the process's collector and what must outlive it |

@@ -202,6 +202,11 @@ impl fmt::Debug for Finalizer {
 /// [`Finalizer::call`]) it runs what is queued on the calling thread until
 /// the queue is empty.
 ///
+/// Nor may it be called from a map's single-flight `init` (or its
+/// `Drop`): it waits for the queued callbacks, and one that asks the map
+/// for the key being loaded (a listener that reloads what died, say)
+/// waits for that `init`, so neither ever finishes.
+///
 /// ```
 /// use std::sync::atomic::{AtomicBool, Ordering};
 /// use std::sync::Arc;

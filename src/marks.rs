@@ -11,14 +11,18 @@
 //!
 //! Marks nest: a callback may run inside a drain inside another callback.
 //! They are per thread (loom's thread-locals under loom, so every model
-//! thread has its own), and a thread whose thread-locals are being torn
-//! down has no marks: entering one then does nothing, and no mark is found.
+//! thread has its own), and they hold nothing that needs dropping: the
+//! thread-local has no destructor to run at thread exit, so marks keep
+//! working inside other thread-locals' destructors, which may drop the
+//! last handle to an object, run its hooks, or load a key.
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
+use std::ptr;
 
 use crate::sync::thread_local;
 
-/// One piece of work this thread is inside of.
+/// One piece of work that nests without naming anything: a count of each
+/// is all a thread keeps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Mark {
     /// A death callback (or a posted job) is running on this thread
@@ -31,51 +35,72 @@ pub(crate) enum Mark {
     /// next, so chains of callbacks that flush never nest on the stack
     /// (SAFETY.md, C15).
     Draining,
-    /// This thread is running the `init` of the single-flight load at
-    /// address `load` (a blocking `init`, or one poll of an async one);
-    /// `blocking` if its leader blocks the thread (SAFETY.md, M6).
-    Loading { load: usize, blocking: bool },
 }
 
-/// One thread's marks. `Callback` and `Draining` only nest and are never
-/// told apart by anything but their kind, so each is a count: entering
-/// one, which every death callback does, costs what a counter did. Loads
-/// carry an address and are searched, so they are kept in a list.
+/// This thread is running the `init` of the single-flight load at
+/// address `load` (a blocking `init`, or one poll of an async one);
+/// `blocking` if its leader blocks the thread (SAFETY.md, M6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Loading {
+    pub(crate) load: usize,
+    pub(crate) blocking: bool,
+}
+
+/// A `Loading` mark, on the stack of the [`loading`] call that put it on
+/// the thread, linked to the one it nests in.
+struct Frame {
+    loading: Loading,
+    /// The next outer frame, null for none.
+    outer: *const Frame,
+}
+
+/// One thread's marks: plain cells, no destructor.
 struct Marks {
     callbacks: Cell<usize>,
     draining: Cell<usize>,
-    /// `Loading` marks, innermost last.
-    loads: RefCell<Vec<Mark>>,
+    /// The innermost `Loading` frame, null for none.
+    loads: Cell<*const Frame>,
 }
 
 impl Marks {
-    fn count(&self, mark: Mark) -> Option<&Cell<usize>> {
+    fn count(&self, mark: Mark) -> &Cell<usize> {
         match mark {
-            Mark::Callback => Some(&self.callbacks),
-            Mark::Draining => Some(&self.draining),
-            Mark::Loading { .. } => None,
+            Mark::Callback => &self.callbacks,
+            Mark::Draining => &self.draining,
         }
     }
 }
 
+#[cfg(not(weakrefs_loom))]
 thread_local! {
-    /// This thread's marks.
-    // loom's `thread_local!` takes no `const` initialiser.
-    #[allow(clippy::missing_const_for_thread_local)]
+    /// This thread's marks. A constant initialiser and nothing to drop: a
+    /// thread-local with no destructor, which nothing tears down.
+    static MARKS: Marks = const {
+        Marks {
+            callbacks: Cell::new(0),
+            draining: Cell::new(0),
+            loads: Cell::new(ptr::null()),
+        }
+    };
+}
+
+#[cfg(weakrefs_loom)]
+thread_local! {
+    /// This thread's marks (loom's `thread_local!` takes no `const`
+    /// initialiser).
     static MARKS: Marks = Marks {
         callbacks: Cell::new(0),
         draining: Cell::new(0),
-        loads: RefCell::new(Vec::new()),
+        loads: Cell::new(ptr::null()),
     };
 }
 
 /// Puts `mark` on this thread until the returned guard drops.
 #[inline]
 pub(crate) fn enter(mark: Mark) -> Entered {
-    // During thread-local teardown: no marks, so nothing to undo either.
-    let _ = MARKS.try_with(|marks| match marks.count(mark) {
-        Some(count) => count.set(count.get() + 1),
-        None => marks.loads.borrow_mut().push(mark),
+    MARKS.with(|marks| {
+        let count = marks.count(mark);
+        count.set(count.get() + 1);
     });
     Entered(mark)
 }
@@ -83,23 +108,7 @@ pub(crate) fn enter(mark: Mark) -> Entered {
 /// True if this thread is inside `mark`.
 #[inline]
 pub(crate) fn is_inside(mark: Mark) -> bool {
-    MARKS
-        .try_with(|marks| match marks.count(mark) {
-            Some(count) => count.get() > 0,
-            None => marks.loads.borrow().contains(&mark),
-        })
-        .unwrap_or(false)
-}
-
-/// True if this thread is inside a mark that `matches`.
-pub(crate) fn any(matches: impl Fn(Mark) -> bool) -> bool {
-    MARKS
-        .try_with(|marks| {
-            (marks.callbacks.get() > 0 && matches(Mark::Callback))
-                || (marks.draining.get() > 0 && matches(Mark::Draining))
-                || marks.loads.borrow().iter().any(|&mark| matches(mark))
-        })
-        .unwrap_or(false)
+    MARKS.with(|marks| marks.count(mark).get() > 0)
 }
 
 /// Takes its mark off this thread when dropped.
@@ -110,18 +119,46 @@ pub(crate) struct Entered(Mark);
 impl Drop for Entered {
     #[inline]
     fn drop(&mut self) {
-        let _ = MARKS.try_with(|marks| match marks.count(self.0) {
-            Some(count) => count.set(count.get() - 1),
-            None => {
-                let mut loads = marks.loads.borrow_mut();
-                // The innermost equal mark: guards drop in the reverse
-                // order of their `enter`, so this is the last one.
-                if let Some(index) = loads.iter().rposition(|&mark| mark == self.0) {
-                    loads.remove(index);
-                }
-            }
+        MARKS.with(|marks| {
+            let count = marks.count(self.0);
+            count.set(count.get() - 1);
         });
     }
+}
+
+/// Runs `body` with `loading` on this thread, taken off as `body` returns
+/// or unwinds.
+pub(crate) fn loading<R>(loading: Loading, body: impl FnOnce() -> R) -> R {
+    /// Puts the frame's outer one back as innermost when dropped.
+    struct Pop(*const Frame);
+    impl Drop for Pop {
+        fn drop(&mut self) {
+            MARKS.with(|marks| marks.loads.set(self.0));
+        }
+    }
+    let outer = MARKS.with(|marks| marks.loads.get());
+    let frame = Frame { loading, outer };
+    MARKS.with(|marks| marks.loads.set(&frame));
+    let _pop = Pop(outer);
+    body()
+}
+
+/// True if this thread is running a load that `matches`.
+pub(crate) fn any_loading(matches: impl Fn(Loading) -> bool) -> bool {
+    let mut frame = MARKS.with(|marks| marks.loads.get());
+    while !frame.is_null() {
+        // A frame on the list lives on the stack of a `loading` call of
+        // this thread that has not returned: it takes its frame off the
+        // list before it returns or unwinds, innermost first, and only this
+        // thread reads the list.
+        // SAFETY: as just said.
+        let Frame { loading, outer } = unsafe { &*frame };
+        if matches(*loading) {
+            return true;
+        }
+        frame = *outer;
+    }
+    false
 }
 
 #[cfg(all(test, not(weakrefs_loom)))]
@@ -150,18 +187,43 @@ mod tests {
     }
 
     #[test]
+    fn loads_nest_and_are_found_while_they_run() {
+        let outer = Loading {
+            load: 1,
+            blocking: true,
+        };
+        let inner = Loading {
+            load: 2,
+            blocking: false,
+        };
+        loading(outer, || {
+            loading(inner, || {
+                assert!(any_loading(|load| load == outer) && any_loading(|load| load == inner));
+            });
+            assert!(any_loading(|load| load == outer) && !any_loading(|load| load == inner));
+        });
+        assert!(!any_loading(|_| true));
+    }
+
+    #[test]
     fn a_mark_is_undone_by_a_panic_and_is_per_thread() {
         let outcome = std::panic::catch_unwind(|| {
-            let _loading = enter(Mark::Loading {
+            let _callback = enter(Mark::Callback);
+            let loading_now = Loading {
                 load: 8,
                 blocking: true,
-            });
-            std::thread::spawn(|| assert!(!any(|mark| matches!(mark, Mark::Loading { .. }))))
+            };
+            loading(loading_now, || {
+                assert!(any_loading(|load| load == loading_now));
+                std::thread::spawn(|| {
+                    assert!(!any_loading(|_| true) && !is_inside(Mark::Callback))
+                })
                 .join()
                 .unwrap();
-            panic!("unwinds through the guard (expected by this test)");
+                panic!("unwinds through the guards (expected by this test)");
+            })
         });
         assert!(outcome.is_err());
-        assert!(!any(|mark| matches!(mark, Mark::Loading { .. })));
+        assert!(!any_loading(|_| true) && !is_inside(Mark::Callback));
     }
 }

@@ -73,6 +73,25 @@ impl FirstPanic {
         self.0.is_none()
     }
 
+    /// Hands `kept`, a call's result, back to its caller once the steps
+    /// that let go of the call's leftovers have run: if none panicked.
+    /// Else `kept` is dropped too (`what`, for a report), on its own, and
+    /// the first panic resumed: a result left as a local of the unwinding
+    /// frame would be dropped during that unwinding, and a second panic
+    /// from its destructor would abort the process. On a thread unwinding
+    /// already, where resuming would abort too, the panic is reported and
+    /// `kept` handed back.
+    pub(crate) fn hand_back<R>(mut self, what: &'static str, kept: R) -> R {
+        if self.is_empty() || std::thread::panicking() {
+            // Reports a panic, if any, as it drops.
+            drop(self);
+            return kept;
+        }
+        self.run(what, || drop(kept));
+        self.resume();
+        unreachable!("a step panicked, and `resume` resumed it")
+    }
+
     /// Resumes the first panic, if any; reports it instead if this thread
     /// is unwinding already (a destructor's step), where resuming would
     /// abort.

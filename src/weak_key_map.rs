@@ -13,6 +13,7 @@ use std::hash::BuildHasher;
 
 use crate::callbacks::Hook;
 use crate::identity::IdentityState;
+use crate::panics::FirstPanic;
 use crate::raw::collection::{self, Collection, Watching};
 use crate::raw::single_flight::{self, Flight, Flights, Joined, Settle};
 use crate::raw::table::{Relocatable, ShardedTable, Sided, WritePin};
@@ -449,7 +450,10 @@ where
     /// code, prefer the `_async` variant: this call blocks its thread while
     /// it waits, and if an async caller leads the load on that same thread
     /// (a current-thread runtime, or every worker blocked so), it waits
-    /// forever.
+    /// forever. Loads must not wait for each other either: an `init` that
+    /// asks for a key whose `init`, on another thread, asks for this one
+    /// waits forever, as two locks taken in opposite orders do, and an
+    /// `init` must not call [`flush`](crate::flush) (see there).
     ///
     /// ```
     /// use weakrefs::{Strong, WeakKeyMap};
@@ -472,8 +476,7 @@ where
                 Ok(value) => break value,
                 Err(Joined::Wait(load)) => {
                     if let Some(value) = load.wait() {
-                        drop(load);
-                        break value;
+                        break single_flight::let_go(load, value);
                     }
                     // The leader failed: try again (perhaps as the leader).
                 }
@@ -491,10 +494,11 @@ where
                 }
             }
         };
-        // An unused `init` goes before the value is handed back: if its
-        // destructor panics, the value, a local here, is dropped with it.
-        drop(init);
-        value
+        // An unused `init` goes before the value is handed back (see
+        // `FirstPanic::hand_back`).
+        let mut panics = FirstPanic::default();
+        panics.run("an unused init's destructor", || drop(init));
+        panics.hand_back("a loaded value's destructor", value)
     }
 
     /// [`get_or_insert_with`](Self::get_or_insert_with) for async code:
@@ -533,8 +537,7 @@ where
                 Ok(value) => break value,
                 Err(Joined::Wait(load)) => {
                     if let Some(value) = load.wait_async().await {
-                        drop(load);
-                        break value;
+                        break single_flight::let_go(load, value);
                     }
                     // The leader failed or was dropped: try again.
                 }
@@ -556,8 +559,9 @@ where
             }
         };
         // As in `get_or_insert_with`: leftovers first.
-        drop(init);
-        value
+        let mut panics = FirstPanic::default();
+        panics.run("an unused init's destructor", || drop(init));
+        panics.hand_back("a loaded value's destructor", value)
     }
 
     /// A new value with its two clones, for the waiters and the leader,

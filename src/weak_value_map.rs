@@ -4,11 +4,12 @@ use std::any::Any;
 use std::borrow::Borrow;
 use std::collections::hash_map::RandomState;
 use std::fmt;
-use std::future::Future;
+use std::future::{poll_fn, Future};
 use std::hash::{BuildHasher, Hash};
 use std::marker::PhantomData;
 use std::mem::ManuallyDrop;
 use std::panic::{self, AssertUnwindSafe};
+use std::pin::pin;
 use std::ptr;
 use std::sync::Arc;
 
@@ -265,29 +266,51 @@ const LOAD_FAILURES: usize = 4;
 const GETS: usize = 5;
 const COUNTERS: usize = 6;
 
-/// Counts a load as it starts, and as failed if it unwinds.
-struct LoadCount<'a>(&'a Counters<COUNTERS>);
-
-impl<'a> LoadCount<'a> {
-    fn start(counters: &'a Counters<COUNTERS>) -> Self {
-        counters.bump(LOADS);
-        LoadCount(counters)
+/// Runs a load's `init`, counting its failure: an error it returns, or a
+/// panic out of it. Only `init`'s own: a panic later in the same call (a
+/// listener, an evicted value's destructor) fails no load, and an `init`
+/// that returns normally while its thread unwinds from an unrelated panic
+/// (a load made by a destructor) has not failed either.
+fn count_failure<T, E>(
+    counters: &Counters<COUNTERS>,
+    init: impl FnOnce() -> Result<T, E>,
+) -> Result<T, E> {
+    let unwinding = FailedIfDropped(counters);
+    let made = init();
+    std::mem::forget(unwinding);
+    if made.is_err() {
+        counters.bump(LOAD_FAILURES);
     }
-
-    /// Ends the count with the load's outcome.
-    fn end<T, E>(self, outcome: &Result<T, E>) {
-        if outcome.is_err() {
-            self.0.bump(LOAD_FAILURES);
-        }
-    }
+    made
 }
 
-impl Drop for LoadCount<'_> {
+/// [`count_failure`] for an async `init`: a panic out of one of its polls
+/// counts, its future dropped between polls (a cancelled leader) does not.
+async fn count_failure_async<T, E>(
+    counters: &Counters<COUNTERS>,
+    init: impl Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    let mut init = pin!(init);
+    let made = poll_fn(|cx| {
+        let unwinding = FailedIfDropped(counters);
+        let poll = init.as_mut().poll(cx);
+        std::mem::forget(unwinding);
+        poll
+    })
+    .await;
+    if made.is_err() {
+        counters.bump(LOAD_FAILURES);
+    }
+    made
+}
+
+/// Counts a failed load when dropped: forgotten once `init` (or one poll
+/// of it) returns, so dropped only by a panic unwinding out of it.
+struct FailedIfDropped<'a>(&'a Counters<COUNTERS>);
+
+impl Drop for FailedIfDropped<'_> {
     fn drop(&mut self) {
-        // Unwinding out of `init` (a dropped future is no failure).
-        if std::thread::panicking() {
-            self.0.bump(LOAD_FAILURES);
-        }
+        self.0.bump(LOAD_FAILURES);
     }
 }
 
@@ -1205,7 +1228,10 @@ where
     /// code, prefer the `_async` variant: this call blocks its thread while
     /// it waits, and if an async caller leads the load on that same thread
     /// (a current-thread runtime, or every worker blocked so), it waits
-    /// forever.
+    /// forever. Loads must not wait for each other either: an `init` that
+    /// asks for a key whose `init`, on another thread, asks for this one
+    /// waits forever, as two locks taken in opposite orders do, and an
+    /// `init` must not call [`flush`](crate::flush) (see there).
     ///
     /// ```
     /// use weakrefs::{Strong, WeakValueMap};
@@ -1255,32 +1281,29 @@ where
                 }
                 Err(Joined::Wait(load)) => {
                     if let Some(value) = load.wait() {
-                        drop(load);
                         self.core.counters.bump(JOINED);
-                        break Ok(value);
+                        break Ok(single_flight::let_go(load, value));
                     }
                     // The leader failed: try again (perhaps as the leader).
                 }
                 Err(Joined::Lead(load)) => {
                     let init = init.take().expect("a caller leads once, then returns");
-                    let count = LoadCount::start(&self.core.counters);
-                    let outcome = single_flight::lead(
+                    self.core.counters.bump(LOADS);
+                    break single_flight::lead(
                         load,
-                        || init().map(Strong::new),
+                        || count_failure(&self.core.counters, init).map(Strong::new),
                         |load, value| self.finish_load(load, value),
                     );
-                    count.end(&outcome);
-                    break outcome;
                 }
             }
         };
         // The caller's leftovers (a key a live value made unneeded, an
-        // unused `init`) go before the value is handed back: if a
-        // destructor panics, the value, a local here, is dropped too rather
-        // than stranded in a return under way.
-        drop(key);
-        drop(init);
-        outcome
+        // unused `init`) go before the value is handed back, each on its
+        // own (`FirstPanic::hand_back`).
+        let mut panics = FirstPanic::default();
+        panics.run("an unneeded key's destructor", || drop(key));
+        panics.run("an unused init's destructor", || drop(init));
+        panics.hand_back("a load's outcome's destructor", outcome)
     }
 
     /// [`get_or_insert_with`](Self::get_or_insert_with) for async code:
@@ -1364,30 +1387,32 @@ where
                 }
                 Err(Joined::Wait(load)) => {
                     if let Some(value) = load.wait_async().await {
-                        drop(load);
                         self.core.counters.bump(JOINED);
-                        break Ok(value);
+                        break Ok(single_flight::let_go(load, value));
                     }
                     // The leader failed or was dropped: try again.
                 }
                 Err(Joined::Lead(load)) => {
                     let init = init.take().expect("a caller leads once, then returns");
-                    let count = LoadCount::start(&self.core.counters);
-                    let outcome = single_flight::lead_async(
+                    self.core.counters.bump(LOADS);
+                    break single_flight::lead_async(
                         load,
-                        async { init().await.map(Strong::new) },
+                        async {
+                            count_failure_async(&self.core.counters, init())
+                                .await
+                                .map(Strong::new)
+                        },
                         |load, value| self.finish_load(load, value),
                     )
                     .await;
-                    count.end(&outcome);
-                    break outcome;
                 }
             }
         };
         // As in `try_get_or_insert_with`: leftovers first.
-        drop(key);
-        drop(init);
-        outcome
+        let mut panics = FirstPanic::default();
+        panics.run("an unneeded key's destructor", || drop(key));
+        panics.run("an unused init's destructor", || drop(init));
+        panics.hand_back("a load's outcome's destructor", outcome)
     }
 
     /// A live value under `key` (lock-free, then under the shard's lock),

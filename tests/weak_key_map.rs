@@ -226,6 +226,53 @@ fn a_panicking_init_fails_alone() {
     assert_eq!(map.get_or_insert_with(&key, || 5), 5);
 }
 
+/// A value whose every copy panics as it drops: the load makes copies for
+/// the map, its waiters and its caller, and letting go of the load drops
+/// one while the caller's is a local. That panic reaches the caller with
+/// its own copy dropped first, on its own: it used to be dropped during
+/// the unwinding, where its second panic aborted the process. The entry
+/// is published either way.
+#[test]
+fn a_value_whose_every_copy_panics_as_it_drops_never_aborts_a_load() {
+    use std::future::Future as _;
+
+    struct Bomb(Arc<AtomicUsize>);
+    impl Clone for Bomb {
+        fn clone(&self) -> Self {
+            Bomb(self.0.clone())
+        }
+    }
+    impl Drop for Bomb {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            panic!("a value's destructor (expected by this test)");
+        }
+    }
+    let drops = Arc::new(AtomicUsize::new(0));
+    let map: WeakKeyMap<u32, Bomb> = WeakKeyMap::new();
+    let (blocking, polled) = (Strong::new(1), Strong::new(2));
+    let loaded = catch_unwind(AssertUnwindSafe(|| {
+        std::mem::forget(map.get_or_insert_with(&blocking, || Bomb(drops.clone())));
+    }));
+    assert!(loaded.is_err(), "the panic reaches the caller");
+    let loaded = catch_unwind(AssertUnwindSafe(|| {
+        let mut load =
+            std::pin::pin!(map.get_or_insert_with_async(&polled, || async { Bomb(drops.clone()) }));
+        let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+        if let std::task::Poll::Ready(value) = load.as_mut().poll(&mut context) {
+            std::mem::forget(value);
+        }
+    }));
+    assert!(loaded.is_err(), "the panic reaches the async caller");
+    // Per load, the waiters' copy and the caller's, each dropped once.
+    assert_eq!(drops.load(Ordering::SeqCst), 4);
+    assert!(map.contains_key(&blocking) && map.contains_key(&polled));
+    // The map's own copies go with their keys (their panics reported).
+    drop((blocking, polled));
+    flush();
+    assert_eq!(map.len(), 0);
+}
+
 /// An `init` asking for its own key panics instead of waiting for itself.
 #[test]
 fn a_recursive_load_of_the_same_key_panics_instead_of_deadlocking() {

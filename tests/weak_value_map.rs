@@ -1394,6 +1394,110 @@ fn stats_count_every_outcome_once() {
     assert_eq!(map.len(), 0);
 }
 
+/// A load counts as failed for its own `init` only: one made by a
+/// destructor during an unrelated panic counts as it ends (it was counted
+/// failed whenever the thread was unwinding, the `Err` twice), and a panic
+/// after a load is published (here the destructor of a value it evicts
+/// from the tier) fails no load.
+#[test]
+fn a_load_counts_as_failed_for_its_own_init_only() {
+    use std::future::Future as _;
+
+    struct LoadsOnDrop(Arc<WeakValueMap<u32, u32>>);
+    impl Drop for LoadsOnDrop {
+        fn drop(&mut self) {
+            assert_eq!(*self.0.get_or_insert_with(1, || 10), 10);
+            assert!(self
+                .0
+                .try_get_or_insert_with(2, || Err::<u32, _>("no"))
+                .is_err());
+            let mut load = std::pin::pin!(self.0.get_or_insert_with_async(3, || async { 30 }));
+            let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+            match load.as_mut().poll(&mut context) {
+                std::task::Poll::Ready(value) => assert_eq!(*value, 30),
+                std::task::Poll::Pending => panic!("an init that never waits is ready at once"),
+            }
+        }
+    }
+    let map = Arc::new(WeakValueMap::new());
+    let unwound = catch_unwind(AssertUnwindSafe(|| {
+        let _loads = LoadsOnDrop(map.clone());
+        panic!("an unrelated panic (expected by this test)");
+    }));
+    assert!(unwound.is_err());
+    let stats = map.stats();
+    assert_eq!((stats.loads, stats.load_failures), (3, 1), "{stats:?}");
+
+    struct Fragile(bool);
+    impl Drop for Fragile {
+        fn drop(&mut self) {
+            if self.0 {
+                panic!("an evicted value's destructor (expected by this test)");
+            }
+        }
+    }
+    let map = WeakValueMap::builder().keep_recent(1).build();
+    drop(map.get_or_insert_with(1, || Fragile(true)));
+    // Key 2's value takes the tier's one place: key 1's goes, and panics.
+    let evicting = catch_unwind(AssertUnwindSafe(|| {
+        map.get_or_insert_with(2, || Fragile(false))
+    }));
+    assert!(
+        evicting.is_err(),
+        "the destructor's panic reaches the caller"
+    );
+    assert!(map.get(&1).is_none() && map.get(&2).is_some());
+    let stats = map.stats();
+    assert_eq!((stats.loads, stats.load_failures), (2, 0), "{stats:?}");
+}
+
+/// Marks put at thread exit: a load whose `init` asks for its own key
+/// panics with a message, even from a thread-local's destructor that runs
+/// after the crate's own thread-locals are gone (the marks lived in one,
+/// so such a load found no mark and waited for itself forever).
+#[test]
+fn a_load_asking_for_its_own_key_at_thread_exit_still_panics() {
+    static MAP: OnceLock<WeakValueMap<u32, u32>> = OnceLock::new();
+    static TOLD: std::sync::Mutex<Option<mpsc::Sender<String>>> = std::sync::Mutex::new(None);
+    struct AtExit;
+    impl Drop for AtExit {
+        fn drop(&mut self) {
+            let map = MAP.get().expect("made first");
+            let nested = catch_unwind(AssertUnwindSafe(|| {
+                map.get_or_insert_with(1, || *map.get_or_insert_with(1, || 0))
+            }));
+            let message = match nested {
+                Ok(_) => "the load returned".to_string(),
+                Err(payload) => payload
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .unwrap_or_default(),
+            };
+            let told = TOLD.lock().unwrap().clone().expect("set first");
+            told.send(message).unwrap();
+        }
+    }
+    thread_local! {
+        static AT_EXIT: AtExit = const { AtExit };
+    }
+    MAP.get_or_init(WeakValueMap::new);
+    let (tell, heard) = mpsc::channel();
+    *TOLD.lock().unwrap() = Some(tell);
+    let exiting = thread::spawn(|| {
+        // Ours first, the crate's after: its thread-locals that have
+        // destructors are torn down before ours.
+        AT_EXIT.with(|_| ());
+        assert_eq!(*MAP.get().unwrap().get_or_insert_with(2, || 2), 2);
+    });
+    // Not joined first: a load that waits for itself never lets the thread
+    // exit. A minute turns that hang into a failure.
+    let message = heard
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the nested load returns or panics");
+    assert!(message.contains("would wait for itself"), "{message}");
+    exiting.join().unwrap();
+}
+
 #[test]
 fn a_map_that_records_no_stats_counts_nothing_and_works_the_same() {
     let map = WeakValueMap::builder().record_stats(false).build();

@@ -22,17 +22,15 @@ use std::task::{Poll, Waker};
 use crate::strong::Strong;
 use std::pin::pin;
 
-use crate::marks::{self, Mark};
-use crate::panics::catch_and_report;
+use crate::marks::{self, Loading};
+use crate::panics::{catch_and_report, FirstPanic};
 use crate::sync::{Condvar, Mutex, MutexGuard};
 
-/// Marks `load` as running on this thread (`init`, or one poll of an async
-/// `init`) until the guard drops.
-fn running<Q, R>(load: &Flight<Q, R>, blocking: bool) -> marks::Entered {
-    marks::enter(Mark::Loading {
-        load: load as *const Flight<Q, R> as usize,
-        blocking,
-    })
+/// Runs `body` (`init`, or one poll of an async `init`) with `load`
+/// marked as running on this thread.
+fn running<Q, R, T>(load: &Flight<Q, R>, blocking: bool, body: impl FnOnce() -> T) -> T {
+    let load = load as *const Flight<Q, R> as usize;
+    marks::loading(Loading { load, blocking }, body)
 }
 
 /// True if a caller on this thread that waits for `load` (blocking the
@@ -43,10 +41,7 @@ fn running<Q, R>(load: &Flight<Q, R>, blocking: bool) -> marks::Entered {
 /// an async `init` is left alone: a `select!` may finish by another branch.
 fn waits_for_itself<Q, R>(load: &Flight<Q, R>, blocking: bool) -> bool {
     let address = load as *const Flight<Q, R> as usize;
-    marks::any(|mark| {
-        matches!(mark, Mark::Loading { load, blocking: led_blocking }
-            if load == address && (blocking || led_blocking))
-    })
+    marks::any_loading(|running| running.load == address && (blocking || running.blocking))
 }
 
 /// The loads in flight of every shard of one map, each list locked after
@@ -301,6 +296,17 @@ impl<Q, R> Drop for Waiting<'_, Q, R> {
     }
 }
 
+/// Lets go of a load a waiter joined and hands back `value`, what the
+/// load gave it: if ours is the load's last handle, its drop drops the
+/// load's key and its copy of the outcome (user code), and a panic there
+/// must not leave `value` to be dropped during the unwinding
+/// (`FirstPanic::hand_back`).
+pub(crate) fn let_go<Q, R, T>(load: Strong<Flight<Q, R>>, value: T) -> T {
+    let mut panics = FirstPanic::default();
+    panics.run("a joined load's destructor", || drop(load));
+    panics.hand_back("a loaded value's destructor", value)
+}
+
 /// Settles a load when dropped: `Done` with the outcome set, else `Failed`
 /// (also when a panic unwinds through the settling), and wakes every
 /// waiter, so none is stranded.
@@ -367,10 +373,13 @@ impl<'f, Q, R, T, F: Fn(&Strong<Flight<Q, R>>, Option<T>) -> Option<R>> FailOnDr
         let load = self.load.take().expect("armed until here");
         let outcome =
             (self.finish)(&load, Some(made)).expect("a successful load settles with an outcome");
-        // Before the outcome is handed back: a panic as the load goes then
-        // drops the outcome, a local here, instead of stranding it.
-        drop(load);
-        outcome
+        // Before the outcome is handed back. If ours is the load's last
+        // handle, its drop drops the load's key and its copy of the
+        // outcome (user code); a panic there drops the outcome too, on its
+        // own, rather than during the unwinding.
+        let mut panics = FirstPanic::default();
+        panics.run("a finished load's destructor", || drop(load));
+        panics.hand_back("a loaded value's destructor", outcome)
     }
 }
 
@@ -395,18 +404,16 @@ pub(crate) fn lead<Q, R, T, E>(
     finish: impl Fn(&Strong<Flight<Q, R>>, Option<T>) -> Option<R>,
 ) -> Result<R, E> {
     let guard = FailOnDrop::arm(load, &finish);
-    let made = {
-        let _running = running(guard.load(), true);
-        init()
-    };
+    let made = running(guard.load(), true, init);
     match made {
         Ok(made) => Ok(guard.finish(made)),
         Err(error) => {
             // Failed before the error is handed back: settling drops the
-            // load's key (user code), and a panic there must drop `error`,
-            // a local here, rather than strand it in a return under way.
-            drop(guard);
-            Err(error)
+            // load's key (user code), and a panic there drops `error` too,
+            // on its own, rather than during the unwinding.
+            let mut panics = FirstPanic::default();
+            panics.run("a failed load's destructor", || drop(guard));
+            Err(panics.hand_back("a load's error's destructor", error))
         }
     }
 }
@@ -420,17 +427,14 @@ pub(crate) async fn lead_async<Q, R, T, E>(
 ) -> Result<R, E> {
     let guard = FailOnDrop::arm(load, &finish);
     let mut init = pin!(init);
-    let made = poll_fn(|cx| {
-        let _running = running(guard.load(), false);
-        init.as_mut().poll(cx)
-    })
-    .await;
+    let made = poll_fn(|cx| running(guard.load(), false, || init.as_mut().poll(cx))).await;
     match made {
         Ok(made) => Ok(guard.finish(made)),
         Err(error) => {
             // As in `lead`.
-            drop(guard);
-            Err(error)
+            let mut panics = FirstPanic::default();
+            panics.run("a failed load's destructor", || drop(guard));
+            Err(panics.hand_back("a load's error's destructor", error))
         }
     }
 }
