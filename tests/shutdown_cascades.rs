@@ -76,3 +76,28 @@ fn a_weak_key_map_cascade_after_shutdown_does_not_nest() {
     });
     assert_eq!(left, 0, "the cascade stopped");
 }
+
+/// The same chain, dropped at thread exit by a thread-local's destructor
+/// that runs after the crate's own thread-locals with destructors have
+/// gone: the loop's list no longer lives in one of them (it did, and there
+/// each link nested, overflowing the stack after about 1400 links).
+#[test]
+fn a_chain_a_thread_local_drops_at_thread_exit_does_not_nest() {
+    use std::cell::RefCell;
+
+    thread_local! {
+        static HEAD: RefCell<Option<Strong<usize>>> = const { RefCell::new(None) };
+    }
+    shut_down();
+    let ran = Arc::new(AtomicUsize::new(0));
+    let head = callback_chain(LINKS, false, &ran);
+    on_small_stack(move || {
+        // Ours first; then one inline callback sets up the crate's
+        // thread-locals, which thread exit tears down before ours.
+        HEAD.with(|slot| *slot.borrow_mut() = Some(head));
+        let object = Strong::new(0);
+        weakrefs::finalize(&object, || {});
+        drop(object);
+    });
+    assert_eq!(ran.load(Ordering::SeqCst), LINKS);
+}

@@ -35,16 +35,26 @@ use crate::sync::{
     fence, thread_local, AtomicBool, AtomicU64, AtomicUsize, CachePadded, Condvar, Mutex, Ordering,
 };
 
-thread_local! {
-    /// After `shutdown`, the chains this thread must still run inline:
-    /// `Some` while an inline delivery loop runs on this thread, which
-    /// takes the chains that arise inside it (a callback dropping the last
-    /// handle of another object) in order, instead of running them nested
-    /// on the stack (C15).
-    // loom's `thread_local!` takes no `const` initialiser.
-    #[allow(clippy::missing_const_for_thread_local)]
-    static INLINE: std::cell::RefCell<Option<std::collections::VecDeque<(*mut Entry, u64)>>> =
-        std::cell::RefCell::new(None);
+/// The chains an inline delivery loop on this thread has still to run
+/// (`Runtime::run_inline`).
+type Later = std::collections::VecDeque<(*mut Entry, u64)>;
+
+#[cfg(not(weakrefs_loom))]
+crate::sync::thread_local! {
+    /// After `shutdown`, the list of the inline delivery loop running on
+    /// this thread, null while none runs: the loop owns it, on its stack,
+    /// and takes the chains that arise inside it (a callback dropping the
+    /// last handle of another object) in order, instead of running them
+    /// nested on the stack (C15). A plain cell, so the thread-local has no
+    /// destructor: nothing tears it down at thread exit, and chains that
+    /// other thread-locals' destructors set off do not nest either.
+    static INLINE: std::cell::Cell<*mut Later> = const { std::cell::Cell::new(ptr::null_mut()) };
+}
+
+#[cfg(weakrefs_loom)]
+crate::sync::thread_local! {
+    /// As above (loom's `thread_local!` takes no `const` initialiser).
+    static INLINE: std::cell::Cell<*mut Later> = std::cell::Cell::new(ptr::null_mut());
 }
 
 /// Process-wide counters, as `weakrefs::stats()` reports them. Producers
@@ -304,43 +314,38 @@ impl Runtime {
     /// 1. `batch` heads a chain of `count` entries this thread claimed,
     ///    each owning one reference, not run yet, counted in `pending`.
     unsafe fn run_inline(&self, batch: *mut Entry, count: u64) {
-        let queued = INLINE
-            .try_with(|inline| match inline.borrow_mut().as_mut() {
-                Some(later) => {
-                    later.push_back((batch, count));
-                    true
-                }
-                None => false,
-            })
-            // During thread-local teardown: no loop to hand it to.
-            .unwrap_or(false);
-        if queued {
+        let running = INLINE.with(std::cell::Cell::get);
+        if !running.is_null() {
+            // The list of a loop further up this thread's stack, which
+            // holds no reference to it while it runs a chain (this call is
+            // inside one), and clears the cell before the list goes.
+            // SAFETY: as just said; only this thread reaches it.
+            unsafe { (*running).push_back((batch, count)) };
             return;
         }
-        let looping = INLINE
-            .try_with(|inline| *inline.borrow_mut() = Some(Default::default()))
-            .is_ok();
+        /// Clears the cell when the loop ends, unwinding included, before
+        /// its list goes.
+        struct Ends;
+        impl Drop for Ends {
+            fn drop(&mut self) {
+                INLINE.with(|inline| inline.set(ptr::null_mut()));
+            }
+        }
+        let mut later = Later::new();
+        // Reached through this pointer alone from here on, by this loop and
+        // by the calls nested in its chains.
+        let later_ptr: *mut Later = &mut later;
+        INLINE.with(|inline| inline.set(later_ptr));
+        let _ends = Ends;
         let mut next = Some((batch, count));
         while let Some((batch, count)) = next {
             // SAFETY: by 1 for the first; the others were handed over by
             // calls whose own 1 held, and each is taken off the list once.
             unsafe { self.run_chain(batch) };
             self.finish_pending(count);
-            next = if looping {
-                INLINE.with(|inline| {
-                    let mut inline = inline.borrow_mut();
-                    let later = inline.as_mut().expect("set above, until the loop ends");
-                    match later.pop_front() {
-                        Some((batch, count)) => Some((batch, count)),
-                        None => {
-                            *inline = None;
-                            None
-                        }
-                    }
-                })
-            } else {
-                None
-            };
+            // Our list, on our stack; no chain runs meanwhile.
+            // SAFETY: as just said.
+            next = unsafe { (*later_ptr).pop_front() };
         }
     }
 
