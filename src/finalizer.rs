@@ -202,6 +202,10 @@ impl fmt::Debug for Finalizer {
 /// [`Finalizer::call`]) it runs what is queued on the calling thread until
 /// the queue is empty.
 ///
+/// On a rayon worker thread (the `rayon` feature) it runs the pool's
+/// pending work while it waits, so a callback that uses the pool (a
+/// `par_iter`) still finishes when every worker is flushing.
+///
 /// Nor may it be called from a map's single-flight `init` (or its
 /// `Drop`): it waits for the queued callbacks, and one that asks the map
 /// for the key being loaded (a listener that reloads what died, say)

@@ -78,6 +78,19 @@ impl Condvar {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// [`Self::wait`], for at most `timeout`.
+    #[cfg(all(feature = "rayon", not(weakrefs_loom)))]
+    pub(crate) fn wait_timeout<'a, T>(
+        &self,
+        guard: MutexGuard<'a, T>,
+        timeout: std::time::Duration,
+    ) -> MutexGuard<'a, T> {
+        match self.0.wait_timeout(guard, timeout) {
+            Ok((guard, _)) => guard,
+            Err(poisoned) => poisoned.into_inner().0,
+        }
+    }
+
     pub(crate) fn notify_all(&self) {
         self.0.notify_all();
     }

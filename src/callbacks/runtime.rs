@@ -32,7 +32,8 @@ use crate::reclaim::Reclaimer;
 #[cfg(any(test, not(weakrefs_loom)))]
 use crate::sync::Parker;
 use crate::sync::{
-    fence, thread_local, AtomicBool, AtomicU64, AtomicUsize, CachePadded, Condvar, Mutex, Ordering,
+    fence, thread_local, AtomicBool, AtomicU64, AtomicUsize, CachePadded, Condvar, Mutex,
+    MutexGuard, Ordering,
 };
 
 /// The chains an inline delivery loop on this thread has still to run
@@ -479,7 +480,7 @@ impl Runtime {
                 worker_gone = true;
                 break;
             }
-            idle = self.became_idle.wait(idle);
+            idle = self.wait_for_idle(idle);
         }
         // Relaxed: only the count matters; we hold the mutex.
         self.flush_waiters.fetch_sub(1, Ordering::Relaxed);
@@ -487,6 +488,29 @@ impl Runtime {
         if worker_gone {
             self.drain();
         }
+    }
+
+    /// Waits for `became_idle` once, as `flush` does, `idle` locked again
+    /// on return. On a rayon worker thread (the `rayon` feature), where a
+    /// queued callback may itself be waiting for the pool (a `par_iter` in
+    /// it, on the finalizer thread), it runs the pool's pending work
+    /// instead, and waits at most a millisecond at a time when there is
+    /// none: every worker blocked in `flush` would starve that callback,
+    /// and the flush with it (a hostile-use review found them deadlocked).
+    fn wait_for_idle<'a>(&'a self, idle: MutexGuard<'a, ()>) -> MutexGuard<'a, ()> {
+        #[cfg(all(feature = "rayon", not(weakrefs_loom)))]
+        if rayon::current_thread_index().is_some() {
+            drop(idle);
+            let ran = rayon::yield_now() == Some(rayon::Yield::Executed);
+            let idle = self.idle.lock();
+            if ran || self.queue.is_idle() {
+                return idle;
+            }
+            return self
+                .became_idle
+                .wait_timeout(idle, std::time::Duration::from_millis(1));
+        }
+        self.became_idle.wait(idle)
     }
 
     /// [`flush`](Self::flush), then epoch collection until the work it
