@@ -92,7 +92,13 @@ impl<T: ?Sized + Send + Sync + 'static, S: Send + Sync + 'static> Collection<Mem
 /// its entry is gone). Reads ([`contains`](Self::contains), iteration)
 /// take no lock and never block; writes lock one shard at a time. The
 /// removal of a dead member runs as a death callback, so
-/// [`len`](Self::len) is exact after [`flush`](crate::flush).
+/// [`len`](Self::len) is exact after [`flush`](crate::flush). After
+/// [`shutdown`](crate::shutdown) there is no finalizer thread to hand a
+/// removal to: a member that dies while another thread holds its shard's
+/// lock keeps its entry, invisible to iteration and
+/// [`contains`](Self::contains) but counted by `len`, until
+/// [`purge`](Self::purge), [`retain`](Self::retain) or
+/// [`clear`](Self::clear), as in the maps.
 ///
 /// Members may be unsized: a `WeakSet<dyn Listener>` holds listeners of
 /// mixed types, each as the `Strong<dyn Listener>` it lives in (see
