@@ -73,6 +73,15 @@ impl FirstPanic {
         self.0.is_none()
     }
 
+    /// Drops `item` as a step (`what`, for a report). A type without drop
+    /// glue runs no code as it drops: nothing to catch, and nothing paid.
+    #[inline]
+    pub(crate) fn drop_step<T>(&mut self, what: &'static str, item: T) {
+        if std::mem::needs_drop::<T>() {
+            self.run(what, || drop(item));
+        }
+    }
+
     /// Hands `kept`, a call's result, back to its caller once the steps
     /// that let go of the call's leftovers have run: if none panicked.
     /// Else `kept` is dropped too (`what`, for a report), on its own, and
@@ -81,13 +90,26 @@ impl FirstPanic {
     /// from its destructor would abort the process. On a thread unwinding
     /// already, where resuming would abort too, the panic is reported and
     /// `kept` handed back.
-    pub(crate) fn hand_back<R>(mut self, what: &'static str, kept: R) -> R {
-        if self.is_empty() || std::thread::panicking() {
-            // Reports a panic, if any, as it drops.
+    #[inline]
+    pub(crate) fn hand_back<R>(self, what: &'static str, kept: R) -> R {
+        if self.is_empty() {
+            // Empty: its drop would do nothing, but is not free.
+            std::mem::forget(self);
+            return kept;
+        }
+        self.hand_back_after_panic(what, kept)
+    }
+
+    /// [`Self::hand_back`] once a step has panicked.
+    #[cold]
+    #[inline(never)]
+    fn hand_back_after_panic<R>(mut self, what: &'static str, kept: R) -> R {
+        if std::thread::panicking() {
+            // Reports the panic as it drops.
             drop(self);
             return kept;
         }
-        self.run(what, || drop(kept));
+        self.drop_step(what, kept);
         self.resume();
         unreachable!("a step panicked, and `resume` resumed it")
     }
@@ -107,6 +129,7 @@ impl FirstPanic {
 }
 
 impl Drop for FirstPanic {
+    #[inline]
     fn drop(&mut self) {
         if let Some((what, payload)) = self.0.take() {
             report(what, payload);
@@ -116,6 +139,7 @@ impl Drop for FirstPanic {
 
 /// Reports a caught panic on stderr and drops its payload, whose own
 /// `Drop` (user code too) may not unwind from here either.
+#[cold]
 pub(crate) fn report(what: &str, payload: Box<dyn Any + Send>) {
     let message = payload
         .downcast_ref::<&str>()

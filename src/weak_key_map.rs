@@ -497,7 +497,7 @@ where
         // An unused `init` goes before the value is handed back (see
         // `FirstPanic::hand_back`).
         let mut panics = FirstPanic::default();
-        panics.run("an unused init's destructor", || drop(init));
+        panics.drop_step("an unused init's destructor", init);
         panics.hand_back("a loaded value's destructor", value)
     }
 
@@ -560,7 +560,7 @@ where
         };
         // As in `get_or_insert_with`: leftovers first.
         let mut panics = FirstPanic::default();
-        panics.run("an unused init's destructor", || drop(init));
+        panics.drop_step("an unused init's destructor", init);
         panics.hand_back("a loaded value's destructor", value)
     }
 

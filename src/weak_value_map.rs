@@ -209,7 +209,7 @@ fn tell<K>(listener: &Listener<K>, key: Result<K, Box<dyn Any + Send>>, cause: R
     let key = key.unwrap_or_else(|payload| panic::resume_unwind(payload));
     let mut panics = FirstPanic::default();
     panics.run("a removal listener", || listener(&key, cause));
-    panics.run("a key's destructor", || drop(key));
+    panics.drop_step("a key's destructor", key);
     panics.resume();
 }
 
@@ -840,11 +840,11 @@ where
     ) -> Option<Strong<V>> {
         let mut panics = FirstPanic::default();
         panics.run("a removal listener", || self.core.report(notice, cause));
-        panics.run("a released value's destructor", || drop(released));
+        panics.drop_step("a released value's destructor", released);
         if panics.is_empty() {
             return value;
         }
-        panics.run("a value's destructor", || drop(value));
+        panics.drop_step("a value's destructor", value);
         panics.resume();
         None
     }
@@ -1301,8 +1301,8 @@ where
         // unused `init`) go before the value is handed back, each on its
         // own (`FirstPanic::hand_back`).
         let mut panics = FirstPanic::default();
-        panics.run("an unneeded key's destructor", || drop(key));
-        panics.run("an unused init's destructor", || drop(init));
+        panics.drop_step("an unneeded key's destructor", key);
+        panics.drop_step("an unused init's destructor", init);
         panics.hand_back("a load's outcome's destructor", outcome)
     }
 
@@ -1410,8 +1410,8 @@ where
         };
         // As in `try_get_or_insert_with`: leftovers first.
         let mut panics = FirstPanic::default();
-        panics.run("an unneeded key's destructor", || drop(key));
-        panics.run("an unused init's destructor", || drop(init));
+        panics.drop_step("an unneeded key's destructor", key);
+        panics.drop_step("an unused init's destructor", init);
         panics.hand_back("a load's outcome's destructor", outcome)
     }
 

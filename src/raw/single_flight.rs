@@ -303,7 +303,7 @@ impl<Q, R> Drop for Waiting<'_, Q, R> {
 /// (`FirstPanic::hand_back`).
 pub(crate) fn let_go<Q, R, T>(load: Strong<Flight<Q, R>>, value: T) -> T {
     let mut panics = FirstPanic::default();
-    panics.run("a joined load's destructor", || drop(load));
+    panics.drop_step("a joined load's destructor", load);
     panics.hand_back("a loaded value's destructor", value)
 }
 
@@ -378,7 +378,7 @@ impl<'f, Q, R, T, F: Fn(&Strong<Flight<Q, R>>, Option<T>) -> Option<R>> FailOnDr
         // outcome (user code); a panic there drops the outcome too, on its
         // own, rather than during the unwinding.
         let mut panics = FirstPanic::default();
-        panics.run("a finished load's destructor", || drop(load));
+        panics.drop_step("a finished load's destructor", load);
         panics.hand_back("a loaded value's destructor", outcome)
     }
 }
@@ -412,7 +412,7 @@ pub(crate) fn lead<Q, R, T, E>(
             // load's key (user code), and a panic there drops `error` too,
             // on its own, rather than during the unwinding.
             let mut panics = FirstPanic::default();
-            panics.run("a failed load's destructor", || drop(guard));
+            panics.drop_step("a failed load's destructor", guard);
             Err(panics.hand_back("a load's error's destructor", error))
         }
     }
@@ -433,7 +433,7 @@ pub(crate) async fn lead_async<Q, R, T, E>(
         Err(error) => {
             // As in `lead`.
             let mut panics = FirstPanic::default();
-            panics.run("a failed load's destructor", || drop(guard));
+            panics.drop_step("a failed load's destructor", guard);
             Err(panics.hand_back("a load's error's destructor", error))
         }
     }
