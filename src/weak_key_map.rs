@@ -453,7 +453,12 @@ where
     /// forever. Loads must not wait for each other either: an `init` that
     /// asks for a key whose `init`, on another thread, asks for this one
     /// waits forever, as two locks taken in opposite orders do, and an
-    /// `init` must not call [`flush`](crate::flush) (see there).
+    /// `init` must not call [`flush`](crate::flush) (see there). A
+    /// destructor that panics as the call lets go of what it no longer
+    /// needs (an unused `init`, a copy of the value, the load's key) has
+    /// its panic reach the caller once everything is let go of, the value
+    /// dropped too; on a thread that is unwinding already, it is reported
+    /// on stderr instead and the value returned.
     ///
     /// ```
     /// use weakrefs::{Strong, WeakKeyMap};
@@ -471,12 +476,16 @@ where
         V: Clone,
     {
         let mut init = Some(init);
+        // What the call lets go of before it hands its value back.
+        let mut panics = FirstPanic::default();
         let value = loop {
             match self.find_or_join(key, true) {
                 Ok(value) => break value,
                 Err(Joined::Wait(load)) => {
                     if let Some(value) = load.wait() {
-                        break single_flight::let_go(load, value);
+                        // Its last handle drops the waiters' copy.
+                        panics.drop_step("a joined load's destructor", load);
+                        break value;
                     }
                     // The leader failed: try again (perhaps as the leader).
                 }
@@ -496,7 +505,6 @@ where
         };
         // An unused `init` goes before the value is handed back (see
         // `FirstPanic::hand_back`).
-        let mut panics = FirstPanic::default();
         panics.drop_step("an unused init's destructor", init);
         panics.hand_back("a loaded value's destructor", value)
     }
@@ -532,12 +540,16 @@ where
         Fut: Future<Output = V>,
     {
         let mut init = Some(init);
+        // As in `get_or_insert_with`.
+        let mut panics = FirstPanic::default();
         let value = loop {
             match self.find_or_join(key, false) {
                 Ok(value) => break value,
                 Err(Joined::Wait(load)) => {
                     if let Some(value) = load.wait_async().await {
-                        break single_flight::let_go(load, value);
+                        // Its last handle drops the waiters' copy.
+                        panics.drop_step("a joined load's destructor", load);
+                        break value;
                     }
                     // The leader failed or was dropped: try again.
                 }
@@ -559,7 +571,6 @@ where
             }
         };
         // As in `get_or_insert_with`: leftovers first.
-        let mut panics = FirstPanic::default();
         panics.drop_step("an unused init's destructor", init);
         panics.hand_back("a loaded value's destructor", value)
     }
@@ -670,12 +681,15 @@ where
         drop(pin);
         drop(pinned);
         settle.outcome = Some(adopted.clone());
-        // User code, outside the pin and before the outcome is handed back
-        // (a panic then drops `adopted`, a local): our unused copies, then
+        // User code, outside the pin and before the outcome is handed back,
+        // each on its own (`FirstPanic::hand_back`): our unused copies, then
         // the waiters' wakers.
-        drop((value, shared, ours));
-        drop(settle);
-        Some(adopted)
+        let mut panics = FirstPanic::default();
+        panics.drop_step("an unused value's destructor", value);
+        panics.drop_step("an unused value's destructor", shared);
+        panics.drop_step("an unused value's destructor", ours);
+        panics.drop_step("a settled load's destructor", settle);
+        Some(panics.hand_back("an adopted value's destructor", adopted))
     }
 
     /// Number of entries not yet removed: exact after
@@ -709,7 +723,11 @@ where
 
     /// Live entries: each key's `Strong` with a clone of its value. Weakly
     /// consistent: never yields a dead key or panics while other threads
-    /// change the map; it may or may not see those changes.
+    /// change the map; it may or may not see those changes. A key left
+    /// alone is yielded once; one whose value another thread replaces as
+    /// the iteration passes may be yielded with either value, with both,
+    /// or, rarely, not at all (a replacement is written to a free slot
+    /// before the old one goes).
     ///
     /// ```
     /// use weakrefs::{Strong, WeakKeyMap};

@@ -13,7 +13,7 @@ use std::pin::pin;
 use std::ptr;
 use std::sync::Arc;
 
-use crate::callbacks::Hook;
+use crate::callbacks::{Executor, Hook};
 use crate::panics::{drop_each_then_resume, FirstPanic};
 use crate::raw::collection::{self, Collection, EntryHook, Watching};
 use crate::raw::counters::Counters;
@@ -247,7 +247,8 @@ pub struct MapStats {
     pub joined: u64,
     /// Loads whose `init` returned `Err` or panicked.
     pub load_failures: u64,
-    /// Entries removed by their value's death callback.
+    /// Entries removed because their value died: by its death callback,
+    /// or by [`purge`](WeakValueMap::purge) before the callback could.
     pub died: u64,
 }
 
@@ -284,12 +285,19 @@ fn count_failure<T, E>(
     made
 }
 
-/// [`count_failure`] for an async `init`: a panic out of one of its polls
-/// counts, its future dropped between polls (a cancelled leader) does not.
-async fn count_failure_async<T, E>(
+/// [`count_failure`] for an async `init`: a panic out of the closure that
+/// makes its future, or out of one of the future's polls, counts; the
+/// future dropped between polls (a cancelled leader) does not.
+async fn count_failure_async<T, E, Fut>(
     counters: &Counters<COUNTERS>,
-    init: impl Future<Output = Result<T, E>>,
-) -> Result<T, E> {
+    init: impl FnOnce() -> Fut,
+) -> Result<T, E>
+where
+    Fut: Future<Output = Result<T, E>>,
+{
+    let unwinding = FailedIfDropped(counters);
+    let init = init();
+    std::mem::forget(unwinding);
     let mut init = pin!(init);
     let made = poll_fn(|cx| {
         let unwinding = FailedIfDropped(counters);
@@ -555,7 +563,8 @@ where
     /// not push out hot values that nobody happens to hold at that moment,
     /// while a value wanted again and again soon gets in. The bound is
     /// exact: the tier never holds more than `n`, and once `n` values have
-    /// entered it holds `n`. Evicting a value only drops the map's hold: a
+    /// entered it holds `n`. It counts entries: a value filed under two
+    /// keys takes two of its places. Evicting a value only drops the map's hold: a
     /// value some caller holds stays in the map and is still found. An
     /// entry that leaves the map (removed, replaced, cleared) leaves the
     /// tier too; a value in the tier cannot die. The evicted value is
@@ -1231,7 +1240,12 @@ where
     /// forever. Loads must not wait for each other either: an `init` that
     /// asks for a key whose `init`, on another thread, asks for this one
     /// waits forever, as two locks taken in opposite orders do, and an
-    /// `init` must not call [`flush`](crate::flush) (see there).
+    /// `init` must not call [`flush`](crate::flush) (see there). A
+    /// destructor that panics as the call lets go of what it no longer
+    /// needs (an unused `init`, a copy of the value, the load's key) has
+    /// its panic reach the caller once everything is let go of, the value
+    /// dropped too; on a thread that is unwinding already, it is reported
+    /// on stderr instead and the value returned.
     ///
     /// ```
     /// use weakrefs::{Strong, WeakValueMap};
@@ -1273,6 +1287,8 @@ where
         let hash = self.hash(&key);
         let mut key = Some(key);
         let mut init = Some(init);
+        // What the call lets go of before it hands its outcome back.
+        let mut panics = FirstPanic::default();
         let outcome = loop {
             match self.find_or_join(hash, &mut key, true) {
                 Ok(value) => {
@@ -1282,7 +1298,9 @@ where
                 Err(Joined::Wait(load)) => {
                     if let Some(value) = load.wait() {
                         self.core.counters.bump(JOINED);
-                        break Ok(single_flight::let_go(load, value));
+                        // Its last handle drops the load's key.
+                        panics.drop_step("a joined load's destructor", load);
+                        break Ok(value);
                     }
                     // The leader failed: try again (perhaps as the leader).
                 }
@@ -1300,7 +1318,6 @@ where
         // The caller's leftovers (a key a live value made unneeded, an
         // unused `init`) go before the value is handed back, each on its
         // own (`FirstPanic::hand_back`).
-        let mut panics = FirstPanic::default();
         panics.drop_step("an unneeded key's destructor", key);
         panics.drop_step("an unused init's destructor", init);
         panics.hand_back("a load's outcome's destructor", outcome)
@@ -1379,6 +1396,8 @@ where
         let hash = self.hash(&key);
         let mut key = Some(key);
         let mut init = Some(init);
+        // As in `try_get_or_insert_with`.
+        let mut panics = FirstPanic::default();
         let outcome = loop {
             match self.find_or_join(hash, &mut key, false) {
                 Ok(value) => {
@@ -1388,7 +1407,9 @@ where
                 Err(Joined::Wait(load)) => {
                     if let Some(value) = load.wait_async().await {
                         self.core.counters.bump(JOINED);
-                        break Ok(single_flight::let_go(load, value));
+                        // Its last handle drops the load's key.
+                        panics.drop_step("a joined load's destructor", load);
+                        break Ok(value);
                     }
                     // The leader failed or was dropped: try again.
                 }
@@ -1398,7 +1419,7 @@ where
                     break single_flight::lead_async(
                         load,
                         async {
-                            count_failure_async(&self.core.counters, init())
+                            count_failure_async(&self.core.counters, init)
                                 .await
                                 .map(Strong::new)
                         },
@@ -1409,7 +1430,6 @@ where
             }
         };
         // As in `try_get_or_insert_with`: leftovers first.
-        let mut panics = FirstPanic::default();
         panics.drop_step("an unneeded key's destructor", key);
         panics.drop_step("an unused init's destructor", init);
         panics.hand_back("a load's outcome's destructor", outcome)
@@ -1549,7 +1569,10 @@ where
 
     /// Live entries, with cloned keys. Weakly consistent: never yields a
     /// dead value or panics while other threads change the map; it may or
-    /// may not see those changes.
+    /// may not see those changes. A key left alone is yielded once; one
+    /// whose value another thread replaces as the iteration passes may be
+    /// yielded with either value, with both, or, rarely, not at all (a
+    /// replacement is written to a free slot before the old one goes).
     ///
     /// ```
     /// use weakrefs::{Strong, WeakValueMap};
@@ -1736,7 +1759,10 @@ where
     }
 
     /// Removes the entries whose values are dead now, without waiting for
-    /// their death callbacks; returns how many.
+    /// their death callbacks; returns how many. Each counts in
+    /// [`stats`](Self::stats)' `died`, and is heard as
+    /// [`Died`](RemovalCause::Died) on the finalizer thread, as if its
+    /// callback had removed it.
     ///
     /// ```
     /// use weakrefs::{Strong, WeakValueMap};
@@ -1752,8 +1778,10 @@ where
     pub fn purge(&self) -> usize {
         collection::purge(
             &self.core.table,
-            |item, _| self.core.notice(item),
-            |notice| self.core.report(Some(notice), RemovalCause::Died),
+            // The job a death's removal makes, under the lock: a listener's
+            // copy of the key (its `Clone`'s panic, caught, goes with it).
+            |item, _| self.core.died(item),
+            |job| Executor::global().post(job),
         )
     }
 }

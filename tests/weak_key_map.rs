@@ -273,6 +273,94 @@ fn a_value_whose_every_copy_panics_as_it_drops_never_aborts_a_load() {
     assert_eq!(map.len(), 0);
 }
 
+/// The same values on the other ways out of a load. A waiter whose handle
+/// is the load's last drops the waiters' copy, and used to resume that
+/// panic at once, while its unused `init` (holding a copy too) was still a
+/// local: dropped during the unwinding, it aborted the process. A load
+/// whose `init` inserted the key itself adopts that value and drops its
+/// own three copies, which it did as one tuple: a second panic, an abort.
+#[test]
+fn every_way_out_of_a_load_lets_go_of_panicking_copies_one_by_one() {
+    use std::future::Future as _;
+    use std::mem::ManuallyDrop;
+    use std::sync::mpsc;
+    use std::task::{Context, Poll, Waker};
+
+    struct Bomb(Arc<AtomicUsize>);
+    impl Clone for Bomb {
+        fn clone(&self) -> Self {
+            Bomb(self.0.clone())
+        }
+    }
+    impl Drop for Bomb {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            panic!("a value's destructor (expected by this test)");
+        }
+    }
+    let drops = Arc::new(AtomicUsize::new(0));
+    // Never dropped by this thread: a failed assertion would drop them
+    // while unwinding, and their panics would abort the test binary.
+    let bomb = ManuallyDrop::new(Bomb(drops.clone()));
+    let map: ManuallyDrop<Arc<WeakKeyMap<u32, Bomb>>> = ManuallyDrop::new(Arc::default());
+    let key = Strong::new(1);
+    let (leading, led) = mpsc::channel();
+    let (go, wait) = mpsc::channel::<()>();
+    let leader = {
+        let (map, key, bomb) = (Arc::clone(&map), key.clone(), Bomb::clone(&bomb));
+        thread::spawn(move || {
+            let value = map.get_or_insert_with(&key, || {
+                leading.send(()).unwrap();
+                wait.recv().unwrap();
+                bomb
+            });
+            std::mem::forget(value);
+        })
+    };
+    led.recv().unwrap();
+    // An async waiter, polled by hand: pending means it joined the load.
+    let unused = Bomb::clone(&bomb);
+    let mut waiter = Box::pin(map.get_or_insert_with_async(&key, move || async move { unused }));
+    let mut context = Context::from_waker(Waker::noop());
+    assert!(waiter.as_mut().poll(&mut context).is_pending(), "joined");
+    go.send(()).unwrap();
+    // The leader's handle is not the last: the waiter holds one.
+    leader.join().expect("the leader gets its value");
+    let waited = catch_unwind(AssertUnwindSafe(|| {
+        if let Poll::Ready(value) = waiter.as_mut().poll(&mut context) {
+            std::mem::forget(value);
+        }
+    }));
+    let dropped = drops.load(Ordering::SeqCst);
+    assert!(
+        waited.is_err(),
+        "the waiters' copy's panic reaches the waiter"
+    );
+    // The waiters' copy, the waiter's unused `init`'s and its own value.
+    assert_eq!(dropped, 3);
+
+    let adopting: ManuallyDrop<WeakKeyMap<u32, Bomb>> = ManuallyDrop::default();
+    let adopted = Strong::new(2);
+    let before = drops.load(Ordering::SeqCst);
+    let loaded = catch_unwind(AssertUnwindSafe(|| {
+        std::mem::forget(adopting.get_or_insert_with(&adopted, || {
+            assert!(
+                !adopting.insert(&adopted, Bomb::clone(&bomb)),
+                "a new entry"
+            );
+            Bomb::clone(&bomb)
+        }));
+    }));
+    let dropped = drops.load(Ordering::SeqCst) - before;
+    assert!(
+        loaded.is_err(),
+        "the unused copies' panic reaches the caller"
+    );
+    // The three unused copies, the caller's clone of the adopted value and
+    // the waiters' one, which the load's last handle held.
+    assert_eq!(dropped, 5);
+}
+
 /// An `init` asking for its own key panics instead of waiting for itself.
 #[test]
 fn a_recursive_load_of_the_same_key_panics_instead_of_deadlocking() {

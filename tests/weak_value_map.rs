@@ -1419,6 +1419,21 @@ fn a_load_counts_as_failed_for_its_own_init_only() {
             }
         }
     }
+    let map: Arc<WeakValueMap<u32, u32>> = Arc::new(WeakValueMap::new());
+    // A panic in the closure that makes an async `init`'s future fails
+    // its load too.
+    let making = catch_unwind(AssertUnwindSafe(|| {
+        let mut load = std::pin::pin!(map.try_get_or_insert_with_async(4, || {
+            panic!("making the future (expected by this test)");
+            #[allow(unreachable_code)]
+            std::future::ready(Ok::<u32, ()>(40))
+        }));
+        let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+        let _ = load.as_mut().poll(&mut context);
+    }));
+    assert!(making.is_err());
+    let stats = map.stats();
+    assert_eq!((stats.loads, stats.load_failures), (1, 1), "{stats:?}");
     let map = Arc::new(WeakValueMap::new());
     let unwound = catch_unwind(AssertUnwindSafe(|| {
         let _loads = LoadsOnDrop(map.clone());
@@ -1496,6 +1511,50 @@ fn a_load_asking_for_its_own_key_at_thread_exit_still_panics() {
         .expect("the nested load returns or panics");
     assert!(message.contains("would wait for itself"), "{message}");
     exiting.join().unwrap();
+}
+
+/// `purge` removes a dead entry before its death callback can, as that
+/// callback would have: counted in `died`, and heard as `Died` on the
+/// finalizer thread (it was heard on the caller's thread, and not counted).
+/// The finalizer thread is held in a callback meanwhile, so the death's
+/// own removal (which a listener sends there) waits behind it.
+#[test]
+fn purge_removes_a_dead_entry_as_its_death_would_have() {
+    let heard = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let map = {
+        let heard = heard.clone();
+        WeakValueMap::builder()
+            .on_remove(move |key: &u32, cause| {
+                let thread = thread::current().name().map(str::to_owned);
+                heard.lock().unwrap().push((*key, cause, thread));
+            })
+            .build()
+    };
+    let (held, hold) = mpsc::channel::<()>();
+    let (holding, release) = mpsc::channel::<()>();
+    let blocker = Strong::new(());
+    weakrefs::finalize(&blocker, move || {
+        held.send(()).unwrap();
+        release.recv().unwrap();
+    });
+    drop(blocker);
+    hold.recv().unwrap();
+    let value = Strong::new(7);
+    map.insert(1, &value);
+    drop(value);
+    assert_eq!(map.purge(), 1);
+    assert!(
+        heard.lock().unwrap().is_empty(),
+        "heard on the finalizer thread"
+    );
+    holding.send(()).unwrap();
+    flush();
+    let heard = heard.lock().unwrap();
+    assert_eq!(heard.len(), 1, "{heard:?}");
+    assert_eq!(heard[0].0, 1);
+    assert_eq!(heard[0].1, RemovalCause::Died);
+    assert_ne!(heard[0].2, thread::current().name().map(str::to_owned));
+    assert_eq!(map.stats().died, 1);
 }
 
 #[test]

@@ -573,18 +573,19 @@ pub(crate) fn clear<I: Watching, T>(
     noted: impl FnMut(&I, &I::Side) -> Option<T>,
     after: impl FnMut(T),
 ) {
-    remove_where(table, |_| true, noted, after);
+    remove_where(table, |_| true, noted, after, false);
 }
 
 /// Removes the entries whose objects are dead now, without waiting for
-/// their callbacks, and shrinks tables left far larger than needed.
+/// their callbacks, counting each as a death (the callback, which would
+/// have, finds nothing), and shrinks tables left far larger than needed.
 /// Returns how many it removed. `noted` and `after` as for [`clear`].
 pub(crate) fn purge<I: Watching, T>(
     table: &ShardedTable<I>,
     noted: impl FnMut(&I, &I::Side) -> Option<T>,
     after: impl FnMut(T),
 ) -> usize {
-    remove_where(table, |item| !item.watched().is_alive(), noted, after)
+    remove_where(table, |item| !item.watched().is_alive(), noted, after, true)
 }
 
 /// Removes, shard by shard under each shard's lock, the entries `doomed`
@@ -604,6 +605,7 @@ fn remove_where<I: Watching, T>(
     mut doomed: impl FnMut(&I) -> bool,
     mut noted: impl FnMut(&I, &I::Side) -> Option<T>,
     mut after: impl FnMut(T),
+    deaths: bool,
 ) -> usize {
     let mut panics = FirstPanic::default();
     let removed = (0..table.shard_len())
@@ -618,6 +620,7 @@ fn remove_where<I: Watching, T>(
                         notices.0.extend(noted(item, side));
                     });
                 },
+                deaths,
             );
             for notice in notices.0.drain(..) {
                 panics.run("a removed entry's report", || after(notice));

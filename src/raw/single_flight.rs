@@ -296,17 +296,6 @@ impl<Q, R> Drop for Waiting<'_, Q, R> {
     }
 }
 
-/// Lets go of a load a waiter joined and hands back `value`, what the
-/// load gave it: if ours is the load's last handle, its drop drops the
-/// load's key and its copy of the outcome (user code), and a panic there
-/// must not leave `value` to be dropped during the unwinding
-/// (`FirstPanic::hand_back`).
-pub(crate) fn let_go<Q, R, T>(load: Strong<Flight<Q, R>>, value: T) -> T {
-    let mut panics = FirstPanic::default();
-    panics.drop_step("a joined load's destructor", load);
-    panics.hand_back("a loaded value's destructor", value)
-}
-
 /// Settles a load when dropped: `Done` with the outcome set, else `Failed`
 /// (also when a panic unwinds through the settling), and wakes every
 /// waiter, so none is stranded.
@@ -371,15 +360,26 @@ impl<'f, Q, R, T, F: Fn(&Strong<Flight<Q, R>>, Option<T>) -> Option<R>> FailOnDr
     /// Disarms the guard and settles the load with what `init` made.
     fn finish(mut self, made: T) -> R {
         let load = self.load.take().expect("armed until here");
-        let outcome =
-            (self.finish)(&load, Some(made)).expect("a successful load settles with an outcome");
-        // Before the outcome is handed back. If ours is the load's last
-        // handle, its drop drops the load's key and its copy of the
-        // outcome (user code); a panic there drops the outcome too, on its
-        // own, rather than during the unwinding.
+        // Publishing runs user code (a listener, the destructor of a value
+        // the tier lets go of, a copy the load does not need), and so does
+        // our handle's drop if it is the load's last (the load's key and
+        // its copy of the outcome): each a step on its own, the outcome
+        // dropped too if one panicked, the first panic resumed once our
+        // handle is gone (`FirstPanic::hand_back`), never during an
+        // unwinding that would drop it.
         let mut panics = FirstPanic::default();
+        let mut outcome = None;
+        panics.run("a load's publication", || {
+            outcome = (self.finish)(&load, Some(made));
+        });
         panics.drop_step("a finished load's destructor", load);
-        panics.hand_back("a loaded value's destructor", outcome)
+        match outcome {
+            Some(outcome) => panics.hand_back("a loaded value's destructor", outcome),
+            None => {
+                panics.resume();
+                unreachable!("a successful load settles with an outcome")
+            }
+        }
     }
 }
 

@@ -983,16 +983,23 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
     /// Removes from shard `index`, under its lock, every item `keep`
     /// rejects, and passes each removed item to `on_remove`, under the
     /// lock (it may clone a key, the one user code allowed under a shard
-    /// lock, and nothing more). Returns how many it removed.
+    /// lock, and nothing more). Counts them as deaths if `deaths` (the
+    /// dead entries `purge` removes before their callbacks can). Returns
+    /// how many it removed.
     pub(crate) fn retain_locked(
         &self,
         index: usize,
         keep: impl FnMut(&I) -> bool,
         mut on_remove: impl FnMut(&I, &I::Side),
+        deaths: bool,
     ) -> usize {
         let pin = WritePin::lazy();
         let mut writer = self.write_shard(index, &pin);
         let removed = writer.retain_all(keep);
+        if deaths {
+            let shard = writer.shard();
+            removed.iter().for_each(|_| shard.count_death());
+        }
         removed
             .iter()
             .for_each(|&(item, side)| on_remove(item, side));
