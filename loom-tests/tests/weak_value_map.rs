@@ -152,6 +152,34 @@ fn a_read_racing_a_replacement_finds_old_or_new() {
     });
 }
 
+/// M8: an iteration racing the replacement of a key's value in the same
+/// group sees the key once, with the old value or the new one: both
+/// control bytes change in one store of the group's word. (They changed in
+/// two, and an iteration between them yielded the key twice.)
+#[test]
+fn an_iteration_racing_a_replacement_in_the_group_yields_the_key_once() {
+    loom::model(|| {
+        let map = Arc::new(WeakValueMap::with_capacity_and_hasher(
+            4,
+            Default::default(),
+        ));
+        let (old, new) = (Strong::new(1u8), Strong::new(2u8));
+        map.insert(0u8, &old);
+        let reader = {
+            let map = map.clone();
+            thread::spawn(move || {
+                map.iter()
+                    .map(|(key, value)| (key, *value))
+                    .collect::<Vec<_>>()
+            })
+        };
+        map.insert(0u8, &new);
+        let seen = reader.join().unwrap();
+        assert!(seen == [(0, 1)] || seen == [(0, 2)], "saw {seen:?}");
+        drop((old, new));
+    });
+}
+
 /// A key whose hash is its id, so that small ids share a shard, and whose
 /// copy in the map is tracked: loom fails the model if one is never
 /// dropped.

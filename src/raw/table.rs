@@ -522,6 +522,23 @@ impl<I: Sided> Table<I> {
         word.store(before ^ flip, order);
     }
 
+    /// [`Self::set_control`] of two slots of one group, `(index, old,
+    /// new)` each, in one store of the word: a reader sees both changes or
+    /// neither.
+    fn set_controls(&self, first: (usize, u8, u8), second: (usize, u8, u8), order: Ordering) {
+        debug_assert_eq!(first.0 / GROUP, second.0 / GROUP, "one group");
+        debug_assert_ne!(first.0, second.0);
+        let word = &self.control[first.0 / GROUP];
+        // Relaxed: as in `set_control`.
+        let before = word.load(Ordering::Relaxed);
+        let mut flip = 0;
+        for (index, old, new) in [first, second] {
+            debug_assert_eq!(bytes::byte(before, index % GROUP), old, "slot {index}");
+            flip |= usize::from(old ^ new) << (8 * (index % GROUP));
+        }
+        word.store(before ^ flip, order);
+    }
+
     /// Calls `f` with the index and control byte of every full slot, its
     /// group's word loaded with `order`.
     fn each_full(&self, order: Ordering, mut f: impl FnMut(usize, u8)) {
@@ -1715,10 +1732,20 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
             self.rebuild(new, Some(hash), old);
         } else {
             let item = self.garbage.unpublished.take().expect("parked");
-            self.fill(table, index, fresh, hash, item);
-            // The old item goes only once the new one is visible (M2).
-            if let Some(old) = old {
-                self.unlink(old);
+            match old {
+                // Both changes in one store: a reader sees the old item or
+                // the new one, never both and never neither (M2, M8).
+                Some(old) if old / GROUP == index / GROUP => {
+                    self.replace_in_group(table, index, fresh, hash, item, old);
+                }
+                old => {
+                    self.fill(table, index, fresh, hash, item);
+                    // The old item goes only once the new one is visible
+                    // (M2).
+                    if let Some(old) = old {
+                        self.unlink(old);
+                    }
+                }
             }
         }
     }
@@ -1754,20 +1781,7 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
     /// `table`, `EMPTY` if `fresh`, else a dropped tombstone, and publishes
     /// it under `hash`.
     fn fill(&mut self, table: &Table<I>, index: usize, fresh: bool, hash: u64, item: (I, I::Side)) {
-        // A dropped tombstone's previous item was dropped by a deferred
-        // function that no reader which saw it outlived, and whose writes
-        // `vacancy`'s Acquire load of `DROPPED` ordered before ours (M2).
-        // SAFETY: empty or a dropped tombstone, under the mutex: no reader
-        // reads such a slot (it checks the control byte first) and no
-        // other writer runs (1); what it held was dropped or moved out (2).
-        unsafe { table.write(index, item) };
-        // Relaxed: published with the control byte below.
-        table.homes[index].store(hash as u32, Ordering::Relaxed);
-        if let Some(mark) = table.mark(index) {
-            // Relaxed: published with the control byte below; a new item
-            // starts unmarked (M13).
-            mark.store(0, Ordering::Relaxed);
-        }
+        Self::write_item(table, index, hash, item);
         // Release (M1, M2): publishes the item to readers' Acquire loads of
         // the control word.
         let vacant = if fresh { EMPTY } else { TOMBSTONE };
@@ -1776,6 +1790,64 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
             *self.used() += 1;
         }
         self.add_len(1);
+    }
+
+    /// Writes `item` into slot `index`, `EMPTY` if `fresh`, else a dropped
+    /// tombstone, with its home and a fresh mark, all for the control byte
+    /// to publish.
+    fn write_item(table: &Table<I>, index: usize, hash: u64, item: (I, I::Side)) {
+        // A dropped tombstone's previous item was dropped by a deferred
+        // function that no reader which saw it outlived, and whose writes
+        // `vacancy`'s Acquire load of `DROPPED` ordered before ours (M2).
+        // SAFETY: empty or a dropped tombstone, under the mutex: no reader
+        // reads such a slot (it checks the control byte first) and no
+        // other writer runs (1); what it held was dropped or moved out (2).
+        unsafe { table.write(index, item) };
+        // Relaxed: published with the control byte.
+        table.homes[index].store(hash as u32, Ordering::Relaxed);
+        if let Some(mark) = table.mark(index) {
+            // Relaxed: published with the control byte; a new item starts
+            // unmarked (M13).
+            mark.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// [`Self::fill`] of slot `index` and [`Self::unlink`] of `old`, a full
+    /// slot of the same group, with both control bytes changed in one
+    /// Release store of the group's word: a reader's Acquire load sees the
+    /// old item full (and reads it, its drop deferred as `unlink`'s is) or
+    /// the new one published and the old slot a tombstone, never both and
+    /// never neither (M2, M8).
+    fn replace_in_group(
+        &mut self,
+        table: &Table<I>,
+        index: usize,
+        fresh: bool,
+        hash: u64,
+        item: (I, I::Side),
+        old: usize,
+    ) {
+        Self::write_item(table, index, hash, item);
+        let table_ptr = self.current_table_ptr();
+        self.garbage.items.reserve_one();
+        self.issue_drop(table);
+        // Relaxed: as in `unlink`.
+        table.homes[old].store(DROP_PENDING, Ordering::Relaxed);
+        let full = table.control_byte(old);
+        debug_assert!(is_full(full));
+        let vacant = if fresh { EMPTY } else { TOMBSTONE };
+        // Release (M1, M2): publishes the new item, and the old slot's
+        // tombstone, together.
+        table.set_controls(
+            (index, vacant, control_of(hash)),
+            (old, full, TOMBSTONE),
+            Ordering::Release,
+        );
+        self.garbage.items.push((table_ptr, old));
+        if fresh {
+            *self.used() += 1;
+        }
+        // One item in and one out: the shard's count stays.
     }
 
     /// Adds `delta` to the shard's item count.
