@@ -226,6 +226,22 @@ fn a_panicking_init_fails_alone() {
     assert_eq!(map.get_or_insert_with(&key, || 5), 5);
 }
 
+/// A value whose every copy panics as it drops, counting its drops.
+struct Bomb(Arc<AtomicUsize>);
+
+impl Clone for Bomb {
+    fn clone(&self) -> Self {
+        Bomb(self.0.clone())
+    }
+}
+
+impl Drop for Bomb {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        panic!("a value's destructor (expected by this test)");
+    }
+}
+
 /// A value whose every copy panics as it drops: the load makes copies for
 /// the map, its waiters and its caller, and letting go of the load drops
 /// one while the caller's is a local. That panic reaches the caller with
@@ -235,19 +251,6 @@ fn a_panicking_init_fails_alone() {
 #[test]
 fn a_value_whose_every_copy_panics_as_it_drops_never_aborts_a_load() {
     use std::future::Future as _;
-
-    struct Bomb(Arc<AtomicUsize>);
-    impl Clone for Bomb {
-        fn clone(&self) -> Self {
-            Bomb(self.0.clone())
-        }
-    }
-    impl Drop for Bomb {
-        fn drop(&mut self) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-            panic!("a value's destructor (expected by this test)");
-        }
-    }
     let drops = Arc::new(AtomicUsize::new(0));
     let map: WeakKeyMap<u32, Bomb> = WeakKeyMap::new();
     let (blocking, polled) = (Strong::new(1), Strong::new(2));
@@ -286,18 +289,6 @@ fn every_way_out_of_a_load_lets_go_of_panicking_copies_one_by_one() {
     use std::sync::mpsc;
     use std::task::{Context, Poll, Waker};
 
-    struct Bomb(Arc<AtomicUsize>);
-    impl Clone for Bomb {
-        fn clone(&self) -> Self {
-            Bomb(self.0.clone())
-        }
-    }
-    impl Drop for Bomb {
-        fn drop(&mut self) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-            panic!("a value's destructor (expected by this test)");
-        }
-    }
     let drops = Arc::new(AtomicUsize::new(0));
     // Never dropped by this thread: a failed assertion would drop them
     // while unwinding, and their panics would abort the test binary.

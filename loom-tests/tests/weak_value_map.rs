@@ -133,23 +133,31 @@ fn a_failing_leader_lets_the_waiter_lead() {
 #[test]
 fn a_read_racing_a_replacement_finds_old_or_new() {
     loom::model(|| {
-        // Room for the replacement without a rebuild: it fills an empty
-        // slot, then turns the old one into a tombstone.
-        let map = Arc::new(WeakValueMap::with_capacity_and_hasher(
-            4,
-            Default::default(),
-        ));
-        let (old, new) = (Strong::new(1u8), Strong::new(2u8));
-        map.insert(0u8, &old);
-        let reader = {
-            let map = map.clone();
-            thread::spawn(move || map.get(&0).map(|v| *v))
-        };
-        map.insert(0u8, &new);
-        let seen = reader.join().unwrap();
+        let seen = race_a_replacement(|map| map.get(&0).map(|v| *v));
         assert!(seen == Some(1) || seen == Some(2), "saw {seen:?}");
-        drop((old, new));
     });
+}
+
+/// Key 0's value 1 replaced by value 2 while another thread runs `read`,
+/// whose result it returns. Room for the replacement without a rebuild:
+/// it fills a free slot of the old item's group.
+fn race_a_replacement<R: Send + 'static>(
+    read: impl FnOnce(&WeakValueMap<u8, u8>) -> R + Send + 'static,
+) -> R {
+    let map = Arc::new(WeakValueMap::with_capacity_and_hasher(
+        4,
+        Default::default(),
+    ));
+    let (old, new) = (Strong::new(1u8), Strong::new(2u8));
+    map.insert(0u8, &old);
+    let reader = {
+        let map = map.clone();
+        thread::spawn(move || read(&map))
+    };
+    map.insert(0u8, &new);
+    let seen = reader.join().unwrap();
+    drop((old, new));
+    seen
 }
 
 /// M8: an iteration racing the replacement of a key's value in the same
@@ -159,24 +167,12 @@ fn a_read_racing_a_replacement_finds_old_or_new() {
 #[test]
 fn an_iteration_racing_a_replacement_in_the_group_yields_the_key_once() {
     loom::model(|| {
-        let map = Arc::new(WeakValueMap::with_capacity_and_hasher(
-            4,
-            Default::default(),
-        ));
-        let (old, new) = (Strong::new(1u8), Strong::new(2u8));
-        map.insert(0u8, &old);
-        let reader = {
-            let map = map.clone();
-            thread::spawn(move || {
-                map.iter()
-                    .map(|(key, value)| (key, *value))
-                    .collect::<Vec<_>>()
-            })
-        };
-        map.insert(0u8, &new);
-        let seen = reader.join().unwrap();
+        let seen = race_a_replacement(|map| {
+            map.iter()
+                .map(|(key, value)| (key, *value))
+                .collect::<Vec<_>>()
+        });
         assert!(seen == [(0, 1)] || seen == [(0, 2)], "saw {seen:?}");
-        drop((old, new));
     });
 }
 

@@ -1828,13 +1828,7 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
         old: usize,
     ) {
         Self::write_item(table, index, hash, item);
-        let table_ptr = self.current_table_ptr();
-        self.garbage.items.reserve_one();
-        self.issue_drop(table);
-        // Relaxed: as in `unlink`.
-        table.homes[old].store(DROP_PENDING, Ordering::Relaxed);
-        let full = table.control_byte(old);
-        debug_assert!(is_full(full));
+        let full = self.retire_slot(table, old);
         let vacant = if fresh { EMPTY } else { TOMBSTONE };
         // Release (M1, M2): publishes the new item, and the old slot's
         // tombstone, together.
@@ -1843,7 +1837,6 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
             (old, full, TOMBSTONE),
             Ordering::Release,
         );
-        self.garbage.items.push((table_ptr, old));
         if fresh {
             *self.used() += 1;
         }
@@ -1866,22 +1859,31 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
     fn unlink(&mut self, index: usize) {
         // SAFETY: used while this writer lives.
         let table = unsafe { self.current_table() };
-        let table_ptr = self.current_table_ptr();
-        self.garbage.items.reserve_one();
-        self.issue_drop(table);
-        // Relaxed (M2): the drop queued below stores `DROPPED` after this,
-        // ordered by the epoch, and writers read the entry of tombstones
-        // only, under the mutex, so none reads an older `DROPPED` there.
-        table.homes[index].store(DROP_PENDING, Ordering::Relaxed);
+        let full = self.retire_slot(table, index);
         // Release (M2): a reader that sees the tombstone goes on along the
         // probe sequence and must find what we published before it, notably
         // the item that replaces this one. (A reader that saw the item
         // before is protected by the epoch: the item's drop is deferred.)
+        table.set_control(index, full, TOMBSTONE, Ordering::Release);
+        self.add_len(-1);
+    }
+
+    /// What an unlink of full slot `index` of `table`, the current table,
+    /// does before the store that makes it a tombstone: issues and records
+    /// its item's drop for after the unlock, and marks its `homes` entry
+    /// pending. Returns the slot's control byte, for that store.
+    fn retire_slot(&mut self, table: &Table<I>, index: usize) -> u8 {
+        let table_ptr = self.current_table_ptr();
+        self.garbage.items.reserve_one();
+        self.issue_drop(table);
+        // Relaxed (M2): the drop queued here stores `DROPPED` after this,
+        // ordered by the epoch, and writers read the entry of tombstones
+        // only, under the mutex, so none reads an older `DROPPED` there.
+        table.homes[index].store(DROP_PENDING, Ordering::Relaxed);
+        self.garbage.items.push((table_ptr, index));
         let full = table.control_byte(index);
         debug_assert!(is_full(full));
-        table.set_control(index, full, TOMBSTONE, Ordering::Release);
-        self.garbage.items.push((table_ptr, index));
-        self.add_len(-1);
+        full
     }
 
     /// Counts one more deferred drop of an item of `table`, the current
