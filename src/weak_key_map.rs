@@ -725,9 +725,9 @@ where
     /// consistent: never yields a dead key or panics while other threads
     /// change the map; it may or may not see those changes. A key left
     /// alone is yielded once; one whose value another thread replaces as
-    /// the iteration passes may be yielded with either value, with both,
-    /// or, rarely, not at all (a replacement is written to a free slot
-    /// before the old one goes).
+    /// the iteration passes is yielded with either value, or, if its group
+    /// has no free slot, with both or, rarely, not at all (the replacement
+    /// is then written to a later group before the old slot goes).
     ///
     /// ```
     /// use weakrefs::{Strong, WeakKeyMap};

@@ -656,9 +656,11 @@ where
     /// caught and reported, as a callback's is); so does a panic in the
     /// key's `Clone` making that copy, in place of that one call of `f`.
     /// A method that removes many entries ([`clear`](WeakValueMap::clear),
-    /// [`retain`](WeakValueMap::retain), [`purge`](WeakValueMap::purge))
-    /// still removes and reports every other one, then passes on the first
-    /// panic; later ones are reported on stderr.
+    /// [`retain`](WeakValueMap::retain)) still removes and reports every
+    /// other one, then passes on the first panic; later ones are reported
+    /// on stderr. [`purge`](WeakValueMap::purge) removes dead entries as
+    /// their deaths would have, so it hears them as deaths are heard, on
+    /// the finalizer thread, where a panic is caught and reported.
     ///
     /// ```
     /// use std::sync::atomic::{AtomicUsize, Ordering};
@@ -1298,7 +1300,8 @@ where
                 Err(Joined::Wait(load)) => {
                     if let Some(value) = load.wait() {
                         self.core.counters.bump(JOINED);
-                        // Its last handle drops the load's key.
+                        // Its last handle drops the waiters' copy of the
+                        // value (the leader took the key out).
                         panics.drop_step("a joined load's destructor", load);
                         break Ok(value);
                     }
@@ -1407,7 +1410,8 @@ where
                 Err(Joined::Wait(load)) => {
                     if let Some(value) = load.wait_async().await {
                         self.core.counters.bump(JOINED);
-                        // Its last handle drops the load's key.
+                        // Its last handle drops the waiters' copy of the
+                        // value (the leader took the key out).
                         panics.drop_step("a joined load's destructor", load);
                         break Ok(value);
                     }
@@ -1531,11 +1535,16 @@ where
         // Settle before the key's destructor: a panic there must not turn a
         // published value into a failed load.
         settle.outcome.clone_from(&outcome);
-        drop(key);
-        drop(settle);
+        // Each a step (`FirstPanic::hand_back`): this also runs while an
+        // `init` that panicked unwinds (`FailOnDrop`), where a key's
+        // destructor that panicked as a plain drop aborted the process.
+        let mut panics = FirstPanic::default();
+        panics.drop_step("a load's key's destructor", key);
+        panics.drop_step("a settled load's destructor", settle);
         released.add(replaced);
         released.add(value);
-        self.settle(notice, RemovalCause::Replaced, released, outcome)
+        let outcome = self.settle(notice, RemovalCause::Replaced, released, outcome);
+        panics.hand_back("a load's outcome's destructor", outcome)
     }
 
     /// Number of entries not yet removed: exact after
@@ -1570,9 +1579,10 @@ where
     /// Live entries, with cloned keys. Weakly consistent: never yields a
     /// dead value or panics while other threads change the map; it may or
     /// may not see those changes. A key left alone is yielded once; one
-    /// whose value another thread replaces as the iteration passes may be
-    /// yielded with either value, with both, or, rarely, not at all (a
-    /// replacement is written to a free slot before the old one goes).
+    /// whose value another thread replaces as the iteration passes is
+    /// yielded with either value, or, if its group has no free slot, with
+    /// both or, rarely, not at all (the replacement is then written to a
+    /// later group before the old slot goes).
     ///
     /// ```
     /// use weakrefs::{Strong, WeakValueMap};

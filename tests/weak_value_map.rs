@@ -1557,6 +1557,32 @@ fn purge_removes_a_dead_entry_as_its_death_would_have() {
     assert_eq!(map.stats().died, 1);
 }
 
+/// A load whose `init` panics drops the load's key while that panic
+/// unwinds: a key whose destructor panics too had it resumed there, a
+/// second panic, and the process aborted. It is now caught and reported,
+/// and the `init`'s panic reaches the caller.
+#[test]
+fn a_key_that_panics_as_it_drops_in_a_load_whose_init_panics_never_aborts() {
+    #[derive(Clone, PartialEq, Eq, Hash)]
+    struct Key(u32);
+    impl Drop for Key {
+        fn drop(&mut self) {
+            panic!("a key's destructor (expected by this test)");
+        }
+    }
+    let map: WeakValueMap<Key, u32> = WeakValueMap::new();
+    let loaded = catch_unwind(AssertUnwindSafe(|| {
+        map.get_or_insert_with(Key(1), || panic!("an init (expected by this test)"))
+    }));
+    let message = *loaded
+        .expect_err("the init's panic")
+        .downcast::<&str>()
+        .unwrap();
+    assert_eq!(message, "an init (expected by this test)");
+    assert!(map.is_empty());
+    assert_eq!(map.stats().load_failures, 1);
+}
+
 #[test]
 fn a_map_that_records_no_stats_counts_nothing_and_works_the_same() {
     let map = WeakValueMap::builder().record_stats(false).build();
