@@ -276,13 +276,7 @@ fn count_failure<T, E>(
     counters: &Counters<COUNTERS>,
     init: impl FnOnce() -> Result<T, E>,
 ) -> Result<T, E> {
-    let unwinding = FailedIfDropped(counters);
-    let made = init();
-    std::mem::forget(unwinding);
-    if made.is_err() {
-        counters.bump(LOAD_FAILURES);
-    }
-    made
+    count_if_err(counters, failed_if_it_panics(counters, init))
 }
 
 /// [`count_failure`] for an async `init`: a panic out of the closure that
@@ -295,17 +289,21 @@ async fn count_failure_async<T, E, Fut>(
 where
     Fut: Future<Output = Result<T, E>>,
 {
+    let mut init = pin!(failed_if_it_panics(counters, init));
+    let made = poll_fn(|cx| failed_if_it_panics(counters, || init.as_mut().poll(cx))).await;
+    count_if_err(counters, made)
+}
+
+/// Runs `step` of a load's `init`, counting a failed load if it panics.
+fn failed_if_it_panics<R>(counters: &Counters<COUNTERS>, step: impl FnOnce() -> R) -> R {
     let unwinding = FailedIfDropped(counters);
-    let init = init();
+    let done = step();
     std::mem::forget(unwinding);
-    let mut init = pin!(init);
-    let made = poll_fn(|cx| {
-        let unwinding = FailedIfDropped(counters);
-        let poll = init.as_mut().poll(cx);
-        std::mem::forget(unwinding);
-        poll
-    })
-    .await;
+    done
+}
+
+/// Counts a failed load if `made` is an error.
+fn count_if_err<T, E>(counters: &Counters<COUNTERS>, made: Result<T, E>) -> Result<T, E> {
     if made.is_err() {
         counters.bump(LOAD_FAILURES);
     }

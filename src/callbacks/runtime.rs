@@ -41,7 +41,7 @@ use crate::sync::{
 type Later = std::collections::VecDeque<(*mut Entry, u64)>;
 
 #[cfg(not(weakrefs_loom))]
-crate::sync::thread_local! {
+thread_local! {
     /// After `shutdown`, the list of the inline delivery loop running on
     /// this thread, null while none runs: the loop owns it, on its stack,
     /// and takes the chains that arise inside it (a callback dropping the
@@ -53,7 +53,7 @@ crate::sync::thread_local! {
 }
 
 #[cfg(weakrefs_loom)]
-crate::sync::thread_local! {
+thread_local! {
     /// As above (loom's `thread_local!` takes no `const` initialiser).
     static INLINE: std::cell::Cell<*mut Later> = std::cell::Cell::new(ptr::null_mut());
 }

@@ -383,6 +383,18 @@ impl<'f, Q, R, T, F: Fn(&Strong<Flight<Q, R>>, Option<T>) -> Option<R>> FailOnDr
     }
 }
 
+impl<Q, R, T, F: Fn(&Strong<Flight<Q, R>>, Option<T>) -> Option<R>> FailOnDrop<'_, Q, R, T, F> {
+    /// Settles the load as failed before `error`, what `init` returned, is
+    /// handed back: settling drops the load's key (user code), and a panic
+    /// there drops `error` too, on its own, rather than during the
+    /// unwinding (`FirstPanic::hand_back`).
+    fn fail<E>(self, error: E) -> E {
+        let mut panics = FirstPanic::default();
+        panics.drop_step("a failed load's destructor", self);
+        panics.hand_back("a load's error's destructor", error)
+    }
+}
+
 impl<Q, R, T, F: Fn(&Strong<Flight<Q, R>>, Option<T>) -> Option<R>> Drop
     for FailOnDrop<'_, Q, R, T, F>
 {
@@ -407,14 +419,7 @@ pub(crate) fn lead<Q, R, T, E>(
     let made = running(guard.load(), true, init);
     match made {
         Ok(made) => Ok(guard.finish(made)),
-        Err(error) => {
-            // Failed before the error is handed back: settling drops the
-            // load's key (user code), and a panic there drops `error` too,
-            // on its own, rather than during the unwinding.
-            let mut panics = FirstPanic::default();
-            panics.drop_step("a failed load's destructor", guard);
-            Err(panics.hand_back("a load's error's destructor", error))
-        }
+        Err(error) => Err(guard.fail(error)),
     }
 }
 
@@ -430,12 +435,7 @@ pub(crate) async fn lead_async<Q, R, T, E>(
     let made = poll_fn(|cx| running(guard.load(), false, || init.as_mut().poll(cx))).await;
     match made {
         Ok(made) => Ok(guard.finish(made)),
-        Err(error) => {
-            // As in `lead`.
-            let mut panics = FirstPanic::default();
-            panics.drop_step("a failed load's destructor", guard);
-            Err(panics.hand_back("a load's error's destructor", error))
-        }
+        Err(error) => Err(guard.fail(error)),
     }
 }
 
