@@ -292,8 +292,9 @@ where
         }
     }
 
+    #[inline(always)]
     fn hash(&self, key: &Strong<K>) -> u64 {
-        self.core.hasher.hash_one(Strong::identity(key))
+        crate::raw::hash_one(&self.core.hasher, &Strong::identity(key))
     }
 
     /// Makes the item for `value` under `key`, registering the death

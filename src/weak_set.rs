@@ -187,8 +187,9 @@ where
         }
     }
 
+    #[inline(always)]
     fn hash(&self, object: &Strong<T>) -> u64 {
-        self.core.hasher.hash_one(Strong::identity(object))
+        crate::raw::hash_one(&self.core.hasher, &Strong::identity(object))
     }
 
     /// Adds `object`, held weakly. Returns true if it was not a member.

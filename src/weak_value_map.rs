@@ -774,8 +774,9 @@ where
         }
     }
 
+    #[inline(always)]
     fn hash<Q: Hash + ?Sized>(&self, key: &Q) -> u64 {
-        self.core.hasher.hash_one(key)
+        crate::raw::hash_one(&self.core.hasher, key)
     }
 
     /// Makes the item for `value` under `key`, registering the death
