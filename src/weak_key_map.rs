@@ -724,11 +724,13 @@ where
 
     /// Live entries: each key's `Strong` with a clone of its value. Weakly
     /// consistent: never yields a dead key or panics while other threads
-    /// change the map; it may or may not see those changes. A key left
-    /// alone is yielded once; one whose value another thread replaces as
-    /// the iteration passes is yielded with either value, or, if its group
-    /// has no free slot, with both or, rarely, not at all (the replacement
-    /// is then written to a later group before the old slot goes).
+    /// change the map; it may or may not see those changes. A key present
+    /// throughout is yielded once, with its old value or its new one if
+    /// another thread replaces it meanwhile. (The iteration scans a shard
+    /// again, up to eight times, when such a replacement changed it in two
+    /// steps as it passed; a thread replacing keys of one shard faster
+    /// than that could make it keep a scan that shows a key twice or not
+    /// at all, but it never waits for a writer.)
     ///
     /// ```
     /// use weakrefs::{Strong, WeakKeyMap};

@@ -1577,11 +1577,13 @@ where
 
     /// Live entries, with cloned keys. Weakly consistent: never yields a
     /// dead value or panics while other threads change the map; it may or
-    /// may not see those changes. A key left alone is yielded once; one
-    /// whose value another thread replaces as the iteration passes is
-    /// yielded with either value, or, if its group has no free slot, with
-    /// both or, rarely, not at all (the replacement is then written to a
-    /// later group before the old slot goes).
+    /// may not see those changes. A key present throughout is yielded once,
+    /// with its old value or its new one if another thread replaces it
+    /// meanwhile. (The iteration scans a shard again, up to eight times,
+    /// when such a replacement changed it in two steps as it passed; a
+    /// thread replacing keys of one shard faster than that could make it
+    /// keep a scan that shows a key twice or not at all, but it never
+    /// waits for a writer.)
     ///
     /// ```
     /// use weakrefs::{Strong, WeakValueMap};
@@ -1871,6 +1873,81 @@ mod tests {
         Strong::callback_list(value).node_count()
     }
 
+    /// Hashes a `u64` to itself: small keys share a shard and a home group.
+    #[derive(Default)]
+    struct Itself(u64);
+
+    impl std::hash::Hasher for Itself {
+        fn finish(&self) -> u64 {
+            self.0
+        }
+        fn write(&mut self, _: &[u8]) {
+            unreachable!("only u64 keys")
+        }
+        fn write_u64(&mut self, value: u64) {
+            self.0 = value;
+        }
+    }
+
+    /// A replacement whose old item's group is full goes to a later group,
+    /// in two stores: a move, which the shard's `moves` count brackets for
+    /// iterations to see (M8). One whose group has room is a single store,
+    /// and no move.
+    #[test]
+    fn a_replacement_into_a_later_group_counts_as_a_move() {
+        let map: WeakValueMap<u64, u64, std::hash::BuildHasherDefault<Itself>> =
+            WeakValueMap::with_hasher(Default::default());
+        // A group is a word's bytes: eight keys fill key 0's home group.
+        let values: Vec<_> = (0..10).map(Strong::new).collect();
+        for key in 0..8 {
+            map.insert(key, &values[key as usize]);
+        }
+        let shard = map.core.table.shard_index(map.hash(&0u64));
+        assert_eq!(map.core.table.shard_index(map.hash(&7u64)), shard);
+        assert_eq!(map.core.table.moves_for_test(shard), 0);
+        map.insert(0, &values[8]);
+        assert_eq!(map.core.table.moves_for_test(shard), 2);
+        // Key 0 now lives in the later group, which has room: in place.
+        map.insert(0, &values[9]);
+        assert_eq!(map.core.table.moves_for_test(shard), 2);
+        let mut seen: Vec<_> = map.iter().map(|(key, value)| (key, *value)).collect();
+        seen.sort_unstable();
+        let expected: Vec<_> = (0..8)
+            .map(|key| (key, if key == 0 { 9 } else { key }))
+            .collect();
+        assert_eq!(seen, expected);
+    }
+
+    /// An iteration never waits for a writer (M8): with every shard's
+    /// `moves` count left odd, as by a writer stopped in the middle of a
+    /// move, each shard's scan is spoiled, and after its last retry the
+    /// iteration keeps what it saw. Nothing moved, so every key is there,
+    /// once.
+    #[test]
+    fn an_iteration_never_waits_for_a_writer_stopped_in_a_move() {
+        let map = Arc::new(WeakValueMap::new());
+        let values: Vec<_> = (0..100u32).map(Strong::new).collect();
+        for (key, value) in values.iter().enumerate() {
+            map.insert(key as u32, value);
+        }
+        map.core.table.stall_moves_for_test();
+        let (done, finished) = std::sync::mpsc::channel();
+        let iterating = {
+            let map = Arc::clone(&map);
+            std::thread::spawn(move || {
+                let mut keys: Vec<_> = map.keys().collect();
+                keys.sort_unstable();
+                let _ = done.send(());
+                keys
+            })
+        };
+        finished
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("an iteration waited on a stalled move");
+        let keys = iterating.join().unwrap();
+        assert_eq!(keys, (0..100).collect::<Vec<_>>());
+    }
+
     /// Every way an entry leaves the map but by its value's death detaches
     /// its hook, which lives in the entry's slot side: a value inserted and
     /// taken out again thousands of times keeps a bounded callback list.
@@ -2106,5 +2183,104 @@ mod tests {
             live_hooks_on(failed).is_empty(),
             "the parked entry's side was never dropped: its hook still watches the value"
         );
+    }
+}
+
+/// M8's sequence lock, modelled where the map's iteration meets the
+/// table: a scan of a shard racing a move, the replacement of a key's
+/// value in a later group than its old item's (whose group has no free
+/// slot), made in two stores. The scan may straddle them, and see both
+/// items or neither; `scan_shard` must then say so. (How many scans an
+/// iteration makes before it keeps a spoiled one is policy, not protocol:
+/// a writer paused in the middle of a move spoils every scan until it goes
+/// on, and a reader that does not wait for it keeps the last.)
+#[cfg(all(test, weakrefs_loom))]
+mod loom_models {
+    use super::*;
+    use loom::sync::Arc;
+    use loom::thread;
+
+    /// Hashes a `u64` to itself, so that the keys' shard and home group
+    /// are chosen by the model.
+    #[derive(Default)]
+    struct Itself(u64);
+
+    impl std::hash::Hasher for Itself {
+        fn finish(&self) -> u64 {
+            self.0
+        }
+        fn write(&mut self, _: &[u8]) {
+            unreachable!("only u64 keys")
+        }
+        fn write_u64(&mut self, value: u64) {
+            self.0 = value;
+        }
+    }
+
+    type Map = WeakValueMap<u64, u8, std::hash::BuildHasherDefault<Itself>>;
+
+    /// Keys `keys`, with values 1 and 3, filling their home group (two
+    /// slots under loom) of a two-group table; the first key's value
+    /// replaced by 2 while another thread scans the shard. Returns whether
+    /// the scan was whole, and the entries it saw, sorted.
+    fn race_a_move(keys: [u64; 2]) -> (bool, Vec<(u64, u8)>) {
+        // A capacity of 4 gives each shard two groups of two slots.
+        let map: Arc<Map> = Arc::new(WeakValueMap::with_capacity_and_hasher(
+            4,
+            Default::default(),
+        ));
+        let (old, other, new) = (Strong::new(1u8), Strong::new(3u8), Strong::new(2u8));
+        map.insert(keys[0], &old);
+        map.insert(keys[1], &other);
+        let shard = map.core.table.shard_index(map.hash(&keys[0]));
+        assert_eq!(map.core.table.shard_index(map.hash(&keys[1])), shard);
+        let reader = {
+            let map = Arc::clone(&map);
+            thread::spawn(move || {
+                let mut seen = Vec::new();
+                let whole = map.core.table.scan_shard(shard, |item| {
+                    // Every value is alive until the model's end.
+                    seen.push((*item.key(), *item.value.upgrade().expect("alive")));
+                });
+                seen.sort_unstable();
+                (whole, seen)
+            })
+        };
+        map.insert(keys[0], &new);
+        let scanned = reader.join().unwrap();
+        drop((old, other, new));
+        scanned
+    }
+
+    /// Both keys' home is group 0 of two: the move goes to group 1, which
+    /// the scan reads after the old slot, so a straddling scan sees both.
+    #[test]
+    fn a_scan_that_saw_a_moved_key_twice_is_not_whole() {
+        loom::model(|| {
+            let (whole, seen) = race_a_move([0, 1]);
+            if whole {
+                assert!(
+                    seen == [(0, 1), (1, 3)] || seen == [(0, 2), (1, 3)],
+                    "saw {seen:?}"
+                );
+            }
+        });
+    }
+
+    /// The home group is the last (the hash's low half at least 2^31): the
+    /// search for a vacancy wraps to group 0, which the scan reads before
+    /// the old slot, so a straddling scan sees neither.
+    #[test]
+    fn a_scan_that_missed_a_key_moved_past_the_end_is_not_whole() {
+        loom::model(|| {
+            let (a, b) = (1 << 31, (1 << 31) + 1);
+            let (whole, seen) = race_a_move([a, b]);
+            if whole {
+                assert!(
+                    seen == [(a, 1), (b, 3)] || seen == [(a, 2), (b, 3)],
+                    "saw {seen:?}"
+                );
+            }
+        });
     }
 }

@@ -489,9 +489,16 @@ where
     batch
 }
 
+/// Scans of one shard a snapshot makes while moves spoil them, at most
+/// (M8): a reader never waits for a writer, so one that keeps moving keys
+/// of the shard as fast as it is scanned gets the last scan as it is.
+const MOVE_RETRIES: usize = 8;
+
 /// Appends to `batch` what `project` makes of shard `shard`'s items, under
 /// one short pin, with room reserved first for the items the shard counts
 /// (an upgrade per item is what a snapshot costs, not the buffer's growth).
+/// A scan that a move overlapped may show the moved key twice or not at
+/// all: what it made is dropped and the shard scanned again (M8).
 fn fill_snapshot<I, T>(
     table: &ShardedTable<I>,
     shard: usize,
@@ -500,12 +507,21 @@ fn fill_snapshot<I, T>(
 ) where
     I: Watching,
 {
-    batch.reserve(table.shard_items(shard));
-    table.for_each_in_shard(shard, |item| {
-        if let Some(projected) = project(item) {
-            batch.push(projected);
+    let start = batch.len();
+    for scan in 0..=MOVE_RETRIES {
+        batch.reserve(table.shard_items(shard));
+        let whole = table.scan_shard(shard, |item| {
+            if let Some(projected) = project(item) {
+                batch.push(projected);
+            }
+        });
+        if whole || scan == MOVE_RETRIES {
+            return;
         }
-    });
+        // Unpinned: the values may be last handles, whose drop removes
+        // their entries. Each on its own, as user code (keys, values).
+        drop_each_then_resume("a discarded snapshot's entry", batch.drain(start..));
+    }
 }
 
 /// Keeps the entries whose object is alive and for which `keep` returns

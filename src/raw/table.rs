@@ -757,6 +757,11 @@ pub(crate) struct Shard<I: Sided> {
     /// Entries a death removed from this shard. Written under the mutex
     /// (a load and a store), read without it.
     deaths: AtomicU64,
+    /// Twice the moves made in this shard's tables, plus one while one is
+    /// under way: a sequence lock's count, for snapshots (M8). A move is a
+    /// replacement written to a later group than its old item's, which
+    /// readers see change in two stores. Written under the mutex only.
+    moves: AtomicU64,
 }
 
 /// Items of one collection, sharded; see the module docs.
@@ -863,6 +868,7 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
                     }),
                     len: AtomicUsize::new(0),
                     deaths: AtomicU64::new(0),
+                    moves: AtomicU64::new(0),
                 })
             })
             .collect();
@@ -932,20 +938,28 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
         Candidates::new(self.table_for_read(self.shard_index(hash), pinned), hash)
     }
 
-    /// Calls `f` on every item of shard `index`, as seen now (M8).
-    pub(crate) fn for_each_in_shard(&self, index: usize, f: impl FnMut(&I)) {
+    /// Calls `f` on every item of shard `index`, as seen now. Returns false
+    /// if a move (a replacement written to a later group) overlapped the
+    /// scan, which may then have shown its key twice or not at all: the
+    /// caller discards what `f` made of it and scans again (M8).
+    pub(crate) fn scan_shard(&self, index: usize, f: impl FnMut(&I)) -> bool {
+        let shard = &self.shards()[index];
+        // Acquire (M8): pairs with the Release store that ended the last
+        // move, so a scan from an even count sees every earlier move whole.
+        let before = shard.moves.load(Ordering::Acquire);
         let pinned = self.pin();
-        self.for_each_in_shard_pinned(index, &pinned, f);
-    }
-
-    /// As [`Self::for_each_in_shard`], under the caller's pin.
-    fn for_each_in_shard_pinned<'g>(&self, index: usize, pinned: &'g Pinned, f: impl FnMut(&'g I)) {
-        let table = self.table_for_read(index, pinned);
+        let table = self.table_for_read(index, &pinned);
         // Acquire (M1): pairs with the Release stores of the control words
-        // that published the items (M2).
-        // SAFETY: pinned for 'g, and a removed item is dropped only by an
-        // epoch-deferred function (I7).
+        // that published the items (M2), and orders a move's odd count,
+        // which precedes them, before the load below (M8).
+        // SAFETY: pinned while `f` runs, and a removed item is dropped only
+        // by an epoch-deferred function (I7).
         unsafe { table.each_full_item(Ordering::Acquire, f) };
+        drop(pinned);
+        // Relaxed (M8): after the Acquire loads above, which order the odd
+        // count of any move whose store the scan read before this load.
+        let after = shard.moves.load(Ordering::Relaxed);
+        before == after && before % 2 == 0
     }
 
     /// Removes from shard `index` the items `keep` rejects, deciding
@@ -968,9 +982,9 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
         let pin = WritePin::held(&pinned);
         let table = self.table_for_read(index, &pinned);
         let mut doomed = Vec::new();
-        // Acquire (M1): as in `for_each_in_shard_pinned`.
+        // Acquire (M1): as in `scan_shard`.
         table.each_full(Ordering::Acquire, |slot, control| {
-            // SAFETY: as in `for_each_in_shard_pinned`.
+            // SAFETY: as in `scan_shard`.
             let item = unsafe { table.item(slot) };
             if !keep(item) {
                 // SAFETY: as for the item.
@@ -1738,14 +1752,8 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
                 Some(old) if old / GROUP == index / GROUP => {
                     self.replace_in_group(table, index, fresh, hash, item, old);
                 }
-                old => {
-                    self.fill(table, index, fresh, hash, item);
-                    // The old item goes only once the new one is visible
-                    // (M2).
-                    if let Some(old) = old {
-                        self.unlink(old);
-                    }
-                }
+                Some(old) => self.move_item(table, index, fresh, hash, item, old),
+                None => self.fill(table, index, fresh, hash, item),
             }
         }
     }
@@ -1852,6 +1860,34 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
             len.load(Ordering::Relaxed).wrapping_add_signed(delta),
             Ordering::Relaxed,
         );
+    }
+
+    /// Replaces the item of slot `old` of the current `table` by `item`,
+    /// written to slot `index` of a later group: a move, which readers see
+    /// as two stores of two words, so it is bracketed by the shard's
+    /// `moves` count for snapshots to check (M8).
+    fn move_item(
+        &mut self,
+        table: &Table<I>,
+        index: usize,
+        fresh: bool,
+        hash: u64,
+        item: (I, I::Side),
+        old: usize,
+    ) {
+        let shard = self.shard;
+        let moves = &shard.moves;
+        // Relaxed, the load: written under the mutex we hold. Relaxed,
+        // the odd store: the Release stores of the control words below
+        // carry it to a scan that reads either (M8).
+        let count = moves.load(Ordering::Relaxed);
+        moves.store(count + 1, Ordering::Relaxed);
+        self.fill(table, index, fresh, hash, item);
+        // The old item goes only once the new one is visible (M2).
+        self.unlink(old);
+        // Release (M8): pairs with a scan's first Acquire load of the
+        // count, so a scan that starts from it sees the move whole.
+        moves.store(count + 2, Ordering::Release);
     }
 
     /// Turns slot `index` of the current table into a tombstone and queues
@@ -2441,6 +2477,23 @@ fn vacancy<I: Sided>(table: &Table<I>, start: usize) -> (usize, bool) {
         group = table.next(group);
     }
     unreachable!("a table is rebuilt before its last empty slot fills")
+}
+
+/// What tests of the collections see of M8's bookkeeping.
+#[cfg(all(test, not(weakrefs_loom)))]
+impl<I: Sided> ShardedTable<I> {
+    /// Shard `index`'s `moves` count.
+    pub(crate) fn moves_for_test(&self, index: usize) -> u64 {
+        self.shards()[index].moves.load(Ordering::Relaxed)
+    }
+
+    /// Leaves every shard's `moves` count odd, as a writer stopped in the
+    /// middle of a move would.
+    pub(crate) fn stall_moves_for_test(&self) {
+        for shard in self.shards() {
+            shard.moves.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 #[cfg(all(test, not(weakrefs_loom)))]
