@@ -728,9 +728,11 @@ where
     /// throughout is yielded once, with its old value or its new one if
     /// another thread replaces it meanwhile. (The iteration scans a shard
     /// again, up to eight times, when such a replacement changed it in two
-    /// steps as it passed; a thread replacing keys of one shard faster
-    /// than that could make it keep a scan that shows a key twice or not
-    /// at all, but it never waits for a writer.)
+    /// steps as it passed, so values' `Clone` may run more than once, and
+    /// a discarded copy's drop runs inside `next`. It never waits for a
+    /// writer: against one descheduled between those two steps, or
+    /// replacing keys of one shard faster than that, it keeps a scan that
+    /// may show a key twice or not at all.)
     ///
     /// ```
     /// use weakrefs::{Strong, WeakKeyMap};

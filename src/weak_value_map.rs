@@ -1580,10 +1580,12 @@ where
     /// may not see those changes. A key present throughout is yielded once,
     /// with its old value or its new one if another thread replaces it
     /// meanwhile. (The iteration scans a shard again, up to eight times,
-    /// when such a replacement changed it in two steps as it passed; a
-    /// thread replacing keys of one shard faster than that could make it
-    /// keep a scan that shows a key twice or not at all, but it never
-    /// waits for a writer.)
+    /// when such a replacement changed it in two steps as it passed, so
+    /// keys' `Clone` may run more than once, and a discarded value's drop,
+    /// if another thread let go of it meanwhile, runs inside `next`. It
+    /// never waits for a writer: against one descheduled between those
+    /// two steps, or replacing keys of one shard faster than that, it
+    /// keeps a scan that may show a key twice or not at all.)
     ///
     /// ```
     /// use weakrefs::{Strong, WeakValueMap};
@@ -1897,7 +1899,8 @@ mod tests {
     fn a_replacement_into_a_later_group_counts_as_a_move() {
         let map: WeakValueMap<u64, u64, std::hash::BuildHasherDefault<Itself>> =
             WeakValueMap::with_hasher(Default::default());
-        // A group is a word's bytes: eight keys fill key 0's home group.
+        // A group is a word's bytes: eight keys fill key 0's home group (or
+        // more than one, where a word has fewer).
         let values: Vec<_> = (0..10).map(Strong::new).collect();
         for key in 0..8 {
             map.insert(key, &values[key as usize]);
@@ -2238,7 +2241,7 @@ mod loom_models {
             let map = Arc::clone(&map);
             thread::spawn(move || {
                 let mut seen = Vec::new();
-                let whole = map.core.table.scan_shard(shard, |item| {
+                let whole = map.core.table.scan_shard(shard, false, |item| {
                     // Every value is alive until the model's end.
                     seen.push((*item.key(), *item.value.upgrade().expect("alive")));
                 });
@@ -2269,7 +2272,8 @@ mod loom_models {
 
     /// The home group is the last (the hash's low half at least 2^31): the
     /// search for a vacancy wraps to group 0, which the scan reads before
-    /// the old slot, so a straddling scan sees neither.
+    /// the old slot, so a straddling scan sees neither (or both, if it
+    /// reads group 0 after the fill and the old slot before the tombstone).
     #[test]
     fn a_scan_that_missed_a_key_moved_past_the_end_is_not_whole() {
         loom::model(|| {

@@ -14,6 +14,7 @@ use crate::raw::table::{
 };
 use crate::reclaim::Pinned;
 use crate::strong::Strong;
+use crate::sync::yield_now;
 #[cfg(weakrefs_loom)]
 use crate::sync::{Released, ReleasedFlag};
 use crate::weak::Weak;
@@ -489,9 +490,11 @@ where
     batch
 }
 
-/// Scans of one shard a snapshot makes while moves spoil them, at most
-/// (M8): a reader never waits for a writer, so one that keeps moving keys
-/// of the shard as fast as it is scanned gets the last scan as it is.
+/// Scans of one shard a snapshot tries again while moves spoil them, at
+/// most (M8): a reader never waits for a writer, so against one paused in
+/// the middle of a move, or one moving keys of the shard as fast as it is
+/// scanned, it keeps the last scan as it is. (The docs of the collections'
+/// `iter` say "up to eight times".)
 const MOVE_RETRIES: usize = 8;
 
 /// Appends to `batch` what `project` makes of shard `shard`'s items, under
@@ -509,18 +512,22 @@ fn fill_snapshot<I, T>(
 {
     let start = batch.len();
     for scan in 0..=MOVE_RETRIES {
+        let last = scan == MOVE_RETRIES;
         batch.reserve(table.shard_items(shard));
-        let whole = table.scan_shard(shard, |item| {
+        let whole = table.scan_shard(shard, last, |item| {
             if let Some(projected) = project(item) {
                 batch.push(projected);
             }
         });
-        if whole || scan == MOVE_RETRIES {
+        if whole || last {
             return;
         }
         // Unpinned: the values may be last handles, whose drop removes
         // their entries. Each on its own, as user code (keys, values).
         drop_each_then_resume("a discarded snapshot's entry", batch.drain(start..));
+        // A writer descheduled in the middle of a move spoils every scan
+        // until it runs again: let it, if it waits for this processor.
+        yield_now();
     }
 }
 

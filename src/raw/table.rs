@@ -941,12 +941,17 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
     /// Calls `f` on every item of shard `index`, as seen now. Returns false
     /// if a move (a replacement written to a later group) overlapped the
     /// scan, which may then have shown its key twice or not at all: the
-    /// caller discards what `f` made of it and scans again (M8).
-    pub(crate) fn scan_shard(&self, index: usize, f: impl FnMut(&I)) -> bool {
+    /// caller discards what `f` made of it and scans again (M8). With a
+    /// move under way as it starts, the scan is spoiled already, and is
+    /// skipped (`f` never called) unless this is the caller's `last` try.
+    pub(crate) fn scan_shard(&self, index: usize, last: bool, f: impl FnMut(&I)) -> bool {
         let shard = &self.shards()[index];
         // Acquire (M8): pairs with the Release store that ended the last
         // move, so a scan from an even count sees every earlier move whole.
         let before = shard.moves.load(Ordering::Acquire);
+        if before % 2 == 1 && !last {
+            return false;
+        }
         let pinned = self.pin();
         let table = self.table_for_read(index, &pinned);
         // Acquire (M1): pairs with the Release stores of the control words
