@@ -1875,22 +1875,6 @@ mod tests {
         Strong::callback_list(value).node_count()
     }
 
-    /// Hashes a `u64` to itself: small keys share a shard and a home group.
-    #[derive(Default)]
-    struct Itself(u64);
-
-    impl std::hash::Hasher for Itself {
-        fn finish(&self) -> u64 {
-            self.0
-        }
-        fn write(&mut self, _: &[u8]) {
-            unreachable!("only u64 keys")
-        }
-        fn write_u64(&mut self, value: u64) {
-            self.0 = value;
-        }
-    }
-
     /// A replacement whose old item's group is full goes to a later group,
     /// in two stores: a move, which the shard's `moves` count brackets for
     /// iterations to see (M8). One whose group has room is a single store,
@@ -2203,23 +2187,6 @@ mod loom_models {
     use loom::sync::Arc;
     use loom::thread;
 
-    /// Hashes a `u64` to itself, so that the keys' shard and home group
-    /// are chosen by the model.
-    #[derive(Default)]
-    struct Itself(u64);
-
-    impl std::hash::Hasher for Itself {
-        fn finish(&self) -> u64 {
-            self.0
-        }
-        fn write(&mut self, _: &[u8]) {
-            unreachable!("only u64 keys")
-        }
-        fn write_u64(&mut self, value: u64) {
-            self.0 = value;
-        }
-    }
-
     type Map = WeakValueMap<u64, u8, std::hash::BuildHasherDefault<Itself>>;
 
     /// Keys `keys`, with values 1 and 3, filling their home group (two
@@ -2286,5 +2253,24 @@ mod loom_models {
                 );
             }
         });
+    }
+}
+
+/// Hashes a `u64` to itself, so that tests and models choose the shard
+/// and home group of their keys: small keys share both.
+#[cfg(test)]
+#[derive(Default)]
+struct Itself(u64);
+
+#[cfg(test)]
+impl std::hash::Hasher for Itself {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, _: &[u8]) {
+        unreachable!("only u64 keys")
+    }
+    fn write_u64(&mut self, value: u64) {
+        self.0 = value;
     }
 }

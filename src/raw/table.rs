@@ -1752,12 +1752,7 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
         } else {
             let item = self.garbage.unpublished.take().expect("parked");
             match old {
-                // Both changes in one store: a reader sees the old item or
-                // the new one, never both and never neither (M2, M8).
-                Some(old) if old / GROUP == index / GROUP => {
-                    self.replace_in_group(table, index, fresh, hash, item, old);
-                }
-                Some(old) => self.move_item(table, index, fresh, hash, item, old),
+                Some(old) => self.replace(table, index, fresh, hash, item, old),
                 None => self.fill(table, index, fresh, hash, item),
             }
         }
@@ -1825,13 +1820,18 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
         }
     }
 
-    /// [`Self::fill`] of slot `index` and [`Self::unlink`] of `old`, a full
-    /// slot of the same group, with both control bytes changed in one
-    /// Release store of the group's word: a reader's Acquire load sees the
-    /// old item full (and reads it, its drop deferred as `unlink`'s is) or
-    /// the new one published and the old slot a tombstone, never both and
-    /// never neither (M2, M8).
-    fn replace_in_group(
+    /// Replaces the item of slot `old` of the current `table` by `item`,
+    /// written to slot `index`, `EMPTY` if `fresh`, else a dropped
+    /// tombstone, in `old`'s group or a later one (M2).
+    ///
+    /// In `old`'s group, both control bytes change in one Release store of
+    /// the group's word: a reader's Acquire load sees the old item full
+    /// (and reads it, its drop deferred as `unlink`'s is) or the new one
+    /// published and the old slot a tombstone, never both and never
+    /// neither (M2, M8). In a later group, a *move*: [`Self::fill`], then
+    /// [`Self::unlink`], two stores of two words, bracketed by the shard's
+    /// `moves` count for snapshots to check (M8).
+    fn replace(
         &mut self,
         table: &Table<I>,
         index: usize,
@@ -1840,6 +1840,22 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
         item: (I, I::Side),
         old: usize,
     ) {
+        if old / GROUP != index / GROUP {
+            let shard = self.shard;
+            let moves = &shard.moves;
+            // Relaxed, the load: written under the mutex we hold. Relaxed,
+            // the odd store: the Release stores of the control words below
+            // carry it to a scan that reads either (M8).
+            let count = moves.load(Ordering::Relaxed);
+            moves.store(count + 1, Ordering::Relaxed);
+            self.fill(table, index, fresh, hash, item);
+            // The old item goes only once the new one is visible (M2).
+            self.unlink(old);
+            // Release (M8): pairs with a scan's first Acquire load of the
+            // count, so a scan that starts from it sees the move whole.
+            moves.store(count + 2, Ordering::Release);
+            return;
+        }
         Self::write_item(table, index, hash, item);
         let full = self.retire_slot(table, old);
         let vacant = if fresh { EMPTY } else { TOMBSTONE };
@@ -1865,34 +1881,6 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
             len.load(Ordering::Relaxed).wrapping_add_signed(delta),
             Ordering::Relaxed,
         );
-    }
-
-    /// Replaces the item of slot `old` of the current `table` by `item`,
-    /// written to slot `index` of a later group: a move, which readers see
-    /// as two stores of two words, so it is bracketed by the shard's
-    /// `moves` count for snapshots to check (M8).
-    fn move_item(
-        &mut self,
-        table: &Table<I>,
-        index: usize,
-        fresh: bool,
-        hash: u64,
-        item: (I, I::Side),
-        old: usize,
-    ) {
-        let shard = self.shard;
-        let moves = &shard.moves;
-        // Relaxed, the load: written under the mutex we hold. Relaxed,
-        // the odd store: the Release stores of the control words below
-        // carry it to a scan that reads either (M8).
-        let count = moves.load(Ordering::Relaxed);
-        moves.store(count + 1, Ordering::Relaxed);
-        self.fill(table, index, fresh, hash, item);
-        // The old item goes only once the new one is visible (M2).
-        self.unlink(old);
-        // Release (M8): pairs with a scan's first Acquire load of the
-        // count, so a scan that starts from it sees the move whole.
-        moves.store(count + 2, Ordering::Release);
     }
 
     /// Turns slot `index` of the current table into a tombstone and queues
