@@ -729,7 +729,8 @@ where
     /// another thread replaces it meanwhile. (The iteration scans a shard
     /// again, up to eight times, when such a replacement changed it in two
     /// steps as it passed, so values' `Clone` may run more than once, and
-    /// a discarded copy's drop runs inside `next`. It never waits for a
+    /// a discarded copy's drop runs inside `next`, which passes on its
+    /// panic with no entry lost to the iteration. It never waits for a
     /// writer: against one descheduled between those two steps, or
     /// replacing keys of one shard faster than that, it keeps a scan that
     /// may show a key twice or not at all.)

@@ -1582,7 +1582,8 @@ where
     /// meanwhile. (The iteration scans a shard again, up to eight times,
     /// when such a replacement changed it in two steps as it passed, so
     /// keys' `Clone` may run more than once, and a discarded value's drop,
-    /// if another thread let go of it meanwhile, runs inside `next`. It
+    /// if another thread let go of it meanwhile, runs inside `next`, which
+    /// passes on its panic with no entry lost to the iteration. It
     /// never waits for a writer: against one descheduled between those
     /// two steps, or replacing keys of one shard faster than that, it
     /// keeps a scan that may show a key twice or not at all.)

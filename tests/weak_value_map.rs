@@ -9,7 +9,7 @@ use std::collections::HashSet;
 use std::hash::BuildHasherDefault;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Barrier, OnceLock};
+use std::sync::{mpsc, Arc, Barrier, Mutex, OnceLock};
 use std::thread;
 
 use weakrefs::{flush, RemovalCause, Strong, WeakValueMap};
@@ -2323,4 +2323,120 @@ fn a_panicking_listener_never_aborts_with_a_panicking_destructor() {
     }
     drop(heard);
     assert_dropped(&KEYS);
+}
+
+/// A value whose destructor panics once its test arms it.
+struct Grenade(&'static AtomicBool);
+
+impl Drop for Grenade {
+    fn drop(&mut self) {
+        if self.0.load(Ordering::SeqCst) {
+            panic!("a value's destructor (expected by this test)");
+        }
+    }
+}
+
+/// An iteration dropped while a panic unwinds past it (here the caller's
+/// loop body's) drops the entries it snapshotted but never yielded each on
+/// its own: one may hold the last handle of a value whose destructor
+/// panics. It dropped them as a `Vec`, whole, and that second panic during
+/// the unwinding aborted the process.
+#[test]
+fn an_iteration_dropped_while_a_panic_unwinds_drops_each_unyielded_entry_alone() {
+    static ARMED: AtomicBool = AtomicBool::new(false);
+    // One shard: the whole map is one snapshot.
+    let map: WeakValueMap<u32, Grenade, OneBucket> = WeakValueMap::with_hasher(OneBucket);
+    let values: Vec<_> = (0..4).map(|_| Strong::new(Grenade(&ARMED))).collect();
+    for (key, value) in values.iter().enumerate() {
+        map.insert(key as u32, value);
+    }
+    let mut iteration = map.iter();
+    let first = iteration.next().expect("four entries");
+    // The snapshot holds the last handles of the other three.
+    drop(values);
+    ARMED.store(true, Ordering::SeqCst);
+    let unwound = catch_unwind(AssertUnwindSafe(move || {
+        let _iteration = iteration;
+        panic!("a loop body (expected by this test)");
+    }));
+    ARMED.store(false, Ordering::SeqCst);
+    let message = *unwound
+        .expect_err("the body's panic")
+        .downcast::<&str>()
+        .unwrap();
+    assert_eq!(message, "a loop body (expected by this test)");
+    drop(first);
+    flush();
+    assert!(map.is_empty(), "{} entries left", map.len());
+}
+
+/// A key whose `Clone` runs its test's trap once armed, on key 5.
+#[derive(PartialEq, Eq, Hash)]
+struct Tripwire(u32);
+
+static TRIPPED: AtomicBool = AtomicBool::new(true);
+static TRAP: OnceLock<Box<dyn Fn() + Send + Sync>> = OnceLock::new();
+
+impl Clone for Tripwire {
+    fn clone(&self) -> Self {
+        if self.0 == 5 && !TRIPPED.swap(true, Ordering::SeqCst) {
+            (TRAP.get().expect("set before arming"))();
+        }
+        Tripwire(self.0)
+    }
+}
+
+/// A snapshot that a move spoiled is dropped and its shard scanned again
+/// (M8). A destructor that panics as the discarded entries drop (here the
+/// last handle of a value whose destructor panics) has its panic reach
+/// `next` once the shard's new snapshot is made, so an iteration that goes
+/// on still yields every entry of the shard. It reached `next` at once,
+/// with the shard left unscanned: the rest of the iteration lost every
+/// entry of it.
+#[test]
+fn a_panic_as_a_spoiled_snapshot_drops_loses_no_entry() {
+    static ARMED: AtomicBool = AtomicBool::new(false);
+    static MAP: OnceLock<WeakValueMap<Tripwire, Grenade, OneBucket>> = OnceLock::new();
+    static VICTIM: Mutex<Option<Strong<Grenade>>> = Mutex::new(None);
+    static FRESH: Mutex<Vec<Strong<Grenade>>> = Mutex::new(Vec::new());
+    // One shard and one home group for every key: 40 fill five groups,
+    // and key 1, in the first, moves when replaced.
+    let map = MAP.get_or_init(|| WeakValueMap::with_hasher(OneBucket));
+    let mut values: Vec<_> = (0..40).map(|_| Strong::new(Grenade(&ARMED))).collect();
+    for (key, value) in values.iter().enumerate() {
+        map.insert(Tripwire(key as u32), value);
+    }
+    assert!(TRAP
+        .set(Box::new(|| {
+            // Scanned already, so in the snapshot: it now holds the last
+            // handle of value 0.
+            drop(VICTIM.lock().unwrap().take());
+            ARMED.store(true, Ordering::SeqCst);
+            // A replacement into a later group spoils the scan.
+            let fresh = Strong::new(Grenade(&ARMED));
+            map.insert(Tripwire(1), &fresh);
+            FRESH.lock().unwrap().push(fresh);
+        }))
+        .is_ok());
+    *VICTIM.lock().unwrap() = Some(values.remove(0));
+    TRIPPED.store(false, Ordering::SeqCst);
+    let mut iteration = map.iter();
+    let (mut seen, mut panics) = (Vec::new(), 0);
+    loop {
+        match catch_unwind(AssertUnwindSafe(|| iteration.next())) {
+            Ok(Some((key, _))) => seen.push(key.0),
+            Ok(None) => break,
+            Err(_) => panics += 1,
+        }
+    }
+    drop(iteration);
+    ARMED.store(false, Ordering::SeqCst);
+    assert!(TRIPPED.load(Ordering::SeqCst), "the trap never ran");
+    assert_eq!(panics, 1);
+    seen.sort_unstable();
+    // Key 0 left with its value; every other key once.
+    assert_eq!(seen, (1..40).collect::<Vec<_>>());
+    drop((values, FRESH.lock().unwrap().split_off(0)));
+    flush();
+    assert!(map.is_empty(), "{} entries left", map.len());
 }

@@ -475,6 +475,18 @@ where
     }
 }
 
+/// Drops what was snapshotted but never yielded each on its own: a value
+/// may be a last handle whose destructor panics, and an iteration dropped
+/// while a panic unwinds (the caller's loop body's, or a key's `Clone`
+/// in `next`) would abort on a second panic from dropping a `Vec` whole.
+/// Then such panics are reported; otherwise the first is resumed once
+/// every entry is dropped.
+impl<I: Sided, T, P> Drop for Snapshots<'_, I, T, P> {
+    fn drop(&mut self) {
+        drop_each_then_resume("an unyielded entry's destructor", self.batch.drain(..));
+    }
+}
+
 /// What `project` makes of shard `shard`'s items, under one short pin.
 #[cfg(feature = "rayon")]
 pub(crate) fn shard_snapshot<I, T>(
@@ -485,9 +497,10 @@ pub(crate) fn shard_snapshot<I, T>(
 where
     I: Watching,
 {
-    let mut batch = Vec::new();
-    fill_snapshot(table, shard, &mut project, &mut batch);
-    batch
+    // If `project` panics, what it made is dropped each on its own.
+    let mut batch = DropEach::new("an unyielded entry's destructor");
+    fill_snapshot(table, shard, &mut project, &mut batch.items);
+    std::mem::take(&mut batch.items)
 }
 
 /// Scans of one shard a snapshot tries again while moves spoil them, at
@@ -511,6 +524,11 @@ fn fill_snapshot<I, T>(
     I: Watching,
 {
     let start = batch.len();
+    // A discarded entry's destructor may panic (user code: a key, or a
+    // value whose last handle it was): the panic waits until the shard's
+    // snapshot is made, so that the caller, if it goes on iterating, loses
+    // no entry of the shard.
+    let mut panics = FirstPanic::default();
     for scan in 0..=MOVE_RETRIES {
         let last = scan == MOVE_RETRIES;
         batch.reserve(table.shard_items(shard));
@@ -520,15 +538,18 @@ fn fill_snapshot<I, T>(
             }
         });
         if whole || last {
-            return;
+            break;
         }
         // Unpinned: the values may be last handles, whose drop removes
         // their entries. Each on its own, as user code (keys, values).
-        drop_each_then_resume("a discarded snapshot's entry", batch.drain(start..));
+        for discarded in batch.drain(start..) {
+            panics.drop_step("a discarded snapshot's entry", discarded);
+        }
         // A writer descheduled in the middle of a move spoils every scan
         // until it runs again: let it, if it waits for this processor.
         yield_now();
     }
+    panics.resume();
 }
 
 /// Keeps the entries whose object is alive and for which `keep` returns
@@ -547,15 +568,15 @@ pub(crate) fn retain_live<I: Watching>(
 ) {
     let mut panics = FirstPanic::default();
     for shard in 0..table.shard_len() {
-        let mut held = DropEach(Vec::new());
+        let mut held = DropEach::new("an object's destructor");
         table.retain_shard(
             shard,
             |item| match item.watched().upgrade() {
                 Some(object) => {
                     // Held first: if `keep` panics, the unwinding drops it
                     // with the others, each on its own (`DropEach`).
-                    held.0.push(object);
-                    keep(item, held.0.last().expect("just pushed"))
+                    held.items.push(object);
+                    keep(item, held.items.last().expect("just pushed"))
                 }
                 None => false,
             },
@@ -564,7 +585,7 @@ pub(crate) fn retain_live<I: Watching>(
                 panics.run("a removed entry's report", || removed(item, side));
             },
         );
-        let objects = held.0.drain(..);
+        let objects = held.items.drain(..);
         panics.run("an object's destructor", || {
             drop_each_then_resume("an object's destructor", objects);
         });
@@ -573,13 +594,25 @@ pub(crate) fn retain_live<I: Watching>(
 }
 
 /// Drops each of its items on its own if it is dropped with any left
-/// (while a panic unwinds past it), reporting their panics: a second
-/// panic during the unwinding would abort the process.
-struct DropEach<T>(Vec<T>);
+/// (while a panic unwinds past it), reporting their panics as `what`'s: a
+/// second panic during the unwinding would abort the process.
+struct DropEach<T> {
+    what: &'static str,
+    items: Vec<T>,
+}
+
+impl<T> DropEach<T> {
+    fn new(what: &'static str) -> Self {
+        DropEach {
+            what,
+            items: Vec::new(),
+        }
+    }
+}
 
 impl<T> Drop for DropEach<T> {
     fn drop(&mut self) {
-        drop_each_and_report("an object's destructor", self.0.drain(..));
+        drop_each_and_report(self.what, self.items.drain(..));
     }
 }
 
@@ -633,19 +666,19 @@ fn remove_where<I: Watching, T>(
     let mut panics = FirstPanic::default();
     let removed = (0..table.shard_len())
         .map(|shard| {
-            let mut notices = DropEach(Vec::new());
+            let mut notices = DropEach::new("a removed entry's notice's destructor");
             let removed = table.retain_locked(
                 shard,
                 |item| !doomed(item),
                 |item, side| {
                     item.hook(side).detach();
                     panics.run("a removed entry's notice", || {
-                        notices.0.extend(noted(item, side));
+                        notices.items.extend(noted(item, side));
                     });
                 },
                 deaths,
             );
-            for notice in notices.0.drain(..) {
+            for notice in notices.items.drain(..) {
                 panics.run("a removed entry's report", || after(notice));
             }
             // A key's `Clone` in the rebuild may panic: the table is
