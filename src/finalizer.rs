@@ -101,7 +101,11 @@ impl Finalizer {
 
     /// Cancels the callback, dropping it unrun in this thread. Returns true
     /// if it was alive, false if it had already run, been claimed or been
-    /// detached.
+    /// detached. The node that held it (a few dozen bytes) stays in the
+    /// object's callback list until the list is next compacted, after
+    /// about as many new registrations on the object as the list kept at
+    /// its last compaction, or until the object dies: an object that lives
+    /// on after N registrations were detached keeps about that many nodes.
     ///
     /// ```
     /// let obj = weakrefs::Strong::new(());

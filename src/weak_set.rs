@@ -104,6 +104,14 @@ impl<T: ?Sized + Send + Sync + 'static, S: Send + Sync + 'static> Collection<Mem
 /// mixed types, each as the `Strong<dyn Listener>` it lives in (see
 /// [`unsize!`](crate::unsize)).
 ///
+/// Each membership registers a death callback on its member (one small
+/// allocation), detached at once when the member leaves any other way (or
+/// the set is dropped) but kept in the member's callback list until that
+/// list is next compacted (after about as many new registrations as it
+/// kept then) or the member dies: an object that lives on after leaving N
+/// sets keeps a few dozen bytes for each, as in
+/// [`WeakValueMap`](crate::WeakValueMap).
+///
 /// # Examples
 ///
 /// An observer registry that never keeps an observer alive:

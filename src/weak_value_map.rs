@@ -425,6 +425,17 @@ impl<K: Clone, V: ?Sized, S> MapCore<K, V, S> {
 /// `get_or_insert_with` family, whose `init` returns the value itself,
 /// needs a sized one.
 ///
+/// Each entry registers its death callback on its value: one 32-byte
+/// allocation. An entry that leaves any other way (removed, replaced,
+/// cleared, the map dropped) detaches it at once, but the detached node
+/// stays in the value's callback list until that list is next compacted,
+/// after about as many new registrations on the value as the list kept
+/// at its last compaction, or until the value dies. A value that lives on
+/// after N entries naming it have left keeps about 32 × N bytes for it
+/// (bounded: a later peak reuses the room, and churn on one value stays
+/// flat); [`shrink_to_fit`](Self::shrink_to_fit) gives back table memory
+/// only.
+///
 /// # Examples
 ///
 /// A cache of decoded images shared by worker threads; each image lives as
@@ -1721,7 +1732,9 @@ where
     }
 
     /// Rebuilds each shard's table at the size its live entries need, if it
-    /// is larger: gives back the memory of a past peak. Keys are cloned
+    /// is larger: gives back the table memory of a past peak (not the
+    /// detached callbacks that values which live on keep; see the type's
+    /// docs). Keys are cloned
     /// into the smaller tables (as in any rebuild); a panicking `Clone`
     /// leaves that shard as it was, the other shards are still rebuilt,
     /// and then the panic reaches the caller.
