@@ -167,8 +167,9 @@ where
 /// callback, with the value inline, so a lookup reaches the value in one
 /// step. A removed (or replaced) entry's value is dropped on time, but
 /// that allocation stays registered on the key object until the key's
-/// callback list is next compacted (after some more registrations on the
-/// key) or the key dies, holding `size_of::<V>()` bytes. For a large `V`
+/// callback list is next compacted (which `remove` and replacing inserts
+/// count towards; `clear`, `retain` and the map's drop do not) or the key
+/// dies, holding `size_of::<V>()` bytes. For a large `V`
 /// whose long-lived keys lose their entries, store `Box<V>` to give the
 /// bytes back at once.
 ///
@@ -330,6 +331,9 @@ where
         };
         // Detached once the replacement is published (M5).
         replaced.hook.detach();
+        drop(writer);
+        drop(pin);
+        Strong::callback_list(key).note_detached();
         true
     }
 
@@ -437,6 +441,9 @@ where
         };
         // Detached once the removal is published (M5).
         removed.hook.detach();
+        drop(writer);
+        drop(pin);
+        Strong::callback_list(key).note_detached();
         true
     }
 

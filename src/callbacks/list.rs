@@ -146,6 +146,27 @@ impl ObjectCallbacks {
         self.push(in_list);
         hook
     }
+
+    /// Counts a hook just detached from this object's list (its entry left
+    /// a collection other than by the object's death) towards the next
+    /// compaction, if the last one kept more than a few entries: else a
+    /// long-lived object keeps the detached nodes of a past peak of entries
+    /// until as many new registrations arrive or it dies (C5). A list that
+    /// kept few costs one Relaxed load. The caller holds a `Strong` to the
+    /// object, so a compaction this starts happens-before its death (C6).
+    ///
+    /// Each detach counts twice: a compaction then falls due once half of
+    /// what the last one kept has gone, so as the entries of a past peak
+    /// all leave, each compaction finds at least half of what it walks
+    /// gone, and they run until the list is down to a few nodes (counted
+    /// once, the last half of the entries could leave with none due).
+    #[inline]
+    pub(crate) fn note_detached(&self) {
+        // Relaxed: a hint, as `note_settled`'s trigger is (C5′).
+        if kept_of(self.state.load(Ordering::Relaxed)) > COMPACT_MIN {
+            self.note_settled(2);
+        }
+    }
 }
 
 /// A lock-free stack of entries, newest first; see the module docs. Two
