@@ -274,8 +274,9 @@ impl<T: ?Sized> Strong<T> {
         }
     }
 
-    /// The object's callback list (in the control block), for `finalize`.
-    /// The reference lives as long as this handle.
+    /// The object's callback list (in the control block), for `finalize`,
+    /// the collections' hooks and their removals' `note_detached`. The
+    /// reference lives as long as this handle (C6).
     pub(crate) fn callback_list(this: &Self) -> &crate::callbacks::ObjectCallbacks {
         this.header().callback_list()
     }

@@ -526,6 +526,15 @@ mod tests {
         for map in &maps[SETS / 2..] {
             // A replacement detaches the replaced entry's hook.
             assert!(map.insert(&object, 2));
+        }
+        // Replacements pile nothing up either (each pushes a new hook,
+        // which counts as work, and detaches the old one).
+        let listed = Strong::callback_list(&object).node_count();
+        assert!(
+            listed < SETS * 3 / 2,
+            "{listed} hooks listed after the replacements"
+        );
+        for map in &maps[SETS / 2..] {
             assert!(map.remove(&object));
         }
         let left = Strong::callback_list(&object).node_count();

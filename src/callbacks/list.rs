@@ -17,13 +17,17 @@
 //!   pass, so compaction never races a pusher's CAS.
 //! * **Take all** (an object's list at its death, or a list being dropped):
 //!   load the head and store null, with no read-modify-write. Death
-//!   excludes both pushes and compaction, since both run inside
-//!   `finalize`, which holds a `Strong` (C6); a drop has `&mut`.
+//!   excludes both pushes and compaction, since both run while their
+//!   thread holds a `Strong` to the object (C6); a drop has `&mut`.
 //!
 //! A compaction runs once the work since the last one (pushes, plus
-//! entries the consumer reports settled) exceeds both a small constant and
-//! the number of entries the last one kept, so it costs O(1) amortised per
-//! push. (While nothing is kept, the constant is offset by up to itself, by
+//! entries the consumer reports settled, plus two for each hook a
+//! collection's removal detaches from an object's list while no
+//! compaction is due, `note_detached`) exceeds both a small constant and
+//! the number of entries the last one kept, up to `DUE_CAP`, so it costs
+//! O(1) amortised per push or detach (past `DUE_CAP` kept, as on 32-bit
+//! targets with a large list, a compaction comes every `DUE_CAP` of work
+//! and walks the whole list). (While nothing is kept, the constant is offset by up to itself, by
 //! the list's address, so that objects registered in lockstep do not all
 //! compact on the same push.) A compactor can be descheduled mid-walk
 //! while others keep pushing, so a pusher that finds the list four times
@@ -160,10 +164,17 @@ impl ObjectCallbacks {
     /// all leave, each compaction finds at least half of what it walks
     /// gone, and they run until the list is down to a few nodes (counted
     /// once, the last half of the entries could leave with none due).
+    ///
+    /// Counted only while no compaction is due, so detaches never take the
+    /// work far past `due`: the pushers' backpressure (four times `due`)
+    /// stays theirs to reach. A trigger lost to a compactor already walking
+    /// (this `try_lock` fails, and that walk subtracts only the work it
+    /// saw) waits for the next push or detach.
     #[inline]
     pub(crate) fn note_detached(&self) {
         // Relaxed: a hint, as `note_settled`'s trigger is (C5′).
-        if kept_of(self.state.load(Ordering::Relaxed)) > COMPACT_MIN {
+        let state = self.state.load(Ordering::Relaxed);
+        if kept_of(state) > COMPACT_MIN && work_of(state) <= self.due(state) {
             self.note_settled(2);
         }
     }
@@ -298,8 +309,10 @@ impl<L: Link> EntryList<L> {
         }
     }
 
-    /// Records `count` entries settled by the consumer (they ran), and
-    /// compacts if that makes a compaction due. Never waits.
+    /// Records `count` units of work that free nodes at the next compaction
+    /// (entries the registry's consumer settled, or hooks detached from an
+    /// object's list), and compacts if that makes a compaction due and no
+    /// one else is compacting. Never waits.
     pub(crate) fn note_settled(&self, count: usize) {
         // Relaxed (C5′): a trigger. A CAS loop rather than an add: `count`
         // can be large, and the work count saturates below its field's top.

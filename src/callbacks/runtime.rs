@@ -208,8 +208,8 @@ impl Runtime {
     /// The object owning `list` has died (its value is gone): claim its
     /// alive callbacks and deliver them, newest first.
     pub(crate) fn on_death(&self, list: &ObjectCallbacks) {
-        // SAFETY: the object is dead, so no `finalize` can run on it: no
-        // push or compaction races with this (C6).
+        // SAFETY: the object is dead, so no thread holds a `Strong` to it:
+        // no push or compaction races with this (C6).
         let mut node = unsafe { list.take_all() };
         let (mut head, mut tail, mut count) =
             (ptr::null_mut::<Entry>(), ptr::null_mut::<Entry>(), 0);
