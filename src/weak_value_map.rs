@@ -2026,7 +2026,7 @@ mod tests {
     #[test]
     fn a_value_keeps_no_detached_hooks_of_a_past_peak() {
         // Fewer under Miri, where each insert takes milliseconds.
-        const PEAK: u32 = if cfg!(miri) { 200 } else { 1_000 };
+        const PEAK: u32 = if cfg!(miri) { 100 } else { 1_000 };
         let value = Strong::new(7u32);
         let other = Strong::new(8u32);
         let paths: [Path<'_>; 3] = [
