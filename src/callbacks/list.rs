@@ -27,11 +27,12 @@
 //! the number of entries the last one kept, up to `DUE_CAP`, so it costs
 //! O(1) amortised per push or detach (past `DUE_CAP` kept, as on 32-bit
 //! targets with a large list, a compaction comes every `DUE_CAP` of work
-//! and walks the whole list). (While nothing is kept, the constant is offset by up to itself, by
-//! the list's address, so that objects registered in lockstep do not all
-//! compact on the same push.) A compactor can be descheduled mid-walk
-//! while others keep pushing, so a pusher that finds the list four times
-//! overdue yields until it can compact itself (backpressure). The list
+//! and walks the whole list). (While nothing is kept, the constant is
+//! offset by up to itself, by the list's address, so that objects
+//! registered in lockstep do not all compact on the same push.) A
+//! compactor can be descheduled mid-walk while others keep pushing, so a
+//! pusher that finds the list four times overdue yields until it can
+//! compact itself (backpressure). The list
 //! therefore never holds more than what the last compaction kept plus
 //! four times the larger of that and the constant (twice the constant
 //! while nothing is kept), plus the pushes not yet counted (fewer than
