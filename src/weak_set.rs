@@ -257,7 +257,7 @@ where
                 hook.0.detach();
                 drop(writer);
                 drop(pin);
-                Strong::callback_list(object).note_detached();
+                collection::note_detached(object);
                 true
             }
             None => false,

@@ -109,16 +109,6 @@ where
 /// is published, and hands its waiters the value.
 type Load<K, V> = Flight<K, Strong<V>>;
 
-/// Counts the hook of an entry that has just left the map towards the
-/// next compaction of its value's callback list, after the unlock, while
-/// `value` (that entry's value, if alive) is held (`note_detached`).
-#[inline]
-fn note_departed<V: ?Sized>(value: Option<&Strong<V>>) {
-    if let Some(value) = value {
-        Strong::callback_list(value).note_detached();
-    }
-}
-
 /// Why an entry left a [`WeakValueMap`], as its removal listener
 /// ([`WeakValueMapBuilder::on_remove`]) hears it. The cause is what removed
 /// the entry: one whose value had died, but that an insert replaced (or a
@@ -837,7 +827,9 @@ where
             self.publish_locked(&mut writer, hash, item, value)
         };
         drop(pin);
-        note_departed(previous.as_ref());
+        if let Some(previous) = &previous {
+            collection::note_detached(previous);
+        }
         // Dropped (by the caller) after the shard is unlocked: it may be the
         // last handle.
         self.settle(notice, RemovalCause::Replaced, released, previous)
@@ -1119,7 +1111,7 @@ where
         };
         drop(writer);
         drop(pin);
-        note_departed(Some(&live));
+        collection::note_detached(&live);
         self.settle(notice, RemovalCause::Removed, released, Some(live))
     }
 
@@ -1248,7 +1240,9 @@ where
         let (value, notice) = (removed.value.upgrade(), self.core.notice(removed));
         drop(writer);
         drop(pin);
-        note_departed(value.as_ref());
+        if let Some(value) = &value {
+            collection::note_detached(value);
+        }
         // Dropped by the caller, after the unlock: it may be the last handle.
         self.settle(notice, RemovalCause::Removed, released, value)
     }

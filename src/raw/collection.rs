@@ -168,6 +168,17 @@ where
     Strong::callback_list(object).register_hook(payload, removal)
 }
 
+/// Counts the hook that a removal (`remove`, `remove_if`, a replacing
+/// insert) has just detached from `object`'s callback list towards that
+/// list's next compaction (`ObjectCallbacks::note_detached`, C5): else an
+/// object that lives on keeps the detached nodes of the entries it had at
+/// a past peak. Called after the shard's lock is released, with `object`
+/// held: a compaction this starts then happens-before its death (C6).
+#[inline]
+pub(crate) fn note_detached<T: ?Sized>(object: &Strong<T>) {
+    Strong::callback_list(object).note_detached();
+}
+
 /// What a death does at a shard of a table of `I` (its [`HookSite`], at
 /// the head of the shard's [`HookTarget`]): removes the entry filed under
 /// `hash` whose hook is `hook`, on the dying thread, as
