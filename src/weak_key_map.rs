@@ -1,9 +1,10 @@
 //! `WeakKeyMap`: a concurrent map whose keys are held weakly, by identity.
 //!
-//! Its values live out of line, in each entry's death hook (the entry's
-//! one allocation), so that they never move while readers borrow them in
-//! place: a lookup is a pin and a probe, and
-//! `with` runs its closure on the value under that pin. A removed value is
+//! Its keys' `Weak`s and its values live out of line, in each entry's
+//! death hook (the entry's one allocation), so that values never move
+//! while readers borrow them in place and a table slot is one word: a
+//! lookup is a pin, a probe and a read of the entry's node, and `with`
+//! runs its closure on the value under that pin. A removed value is
 //! dropped, like any removed item, once no reader can see it (SAFETY.md,
 //! section 8).
 
@@ -21,19 +22,33 @@ use crate::strong::Strong;
 use crate::weak::{EntryWeak, Weak};
 
 /// One entry: immutable once published (SAFETY.md, sections 7 and 8).
-/// The value lives in the hook's node, the entry's one allocation: a
-/// rebuild moves the item (two pointers) and never the value, which
-/// readers may be borrowing (K1).
+/// Its key and value live in the hook's node, the entry's one allocation:
+/// a rebuild moves the item (one pointer) and never the value, which
+/// readers may be borrowing (K1), and a lookup's probe reads one word a
+/// slot, so the slots of a large map stay in the caches while the nodes
+/// do not: a hit misses once, on its node, where its key and value sit
+/// side by side.
 struct Item<K: ?Sized, V> {
+    /// The death callback that removes this item (M4), holding the key
+    /// and the value; detached when the item is removed any other way
+    /// (M5).
+    hook: Hook<Held<K, V>>,
+}
+
+/// What an entry's hook keeps: the key's `Weak` (which keeps the key's
+/// address reserved while the entry exists), then the value.
+struct Held<K: ?Sized, V> {
     key: EntryWeak<K>,
-    /// The death callback that removes this item (M4), holding the value;
-    /// detached when the item is removed any other way (M5).
-    hook: Hook<V>,
+    value: V,
 }
 
 impl<K: ?Sized, V> Item<K, V> {
+    fn key(&self) -> &EntryWeak<K> {
+        &self.hook.payload().key
+    }
+
     fn value(&self) -> &V {
-        self.hook.payload()
+        &self.hook.payload().value
     }
 }
 
@@ -44,17 +59,19 @@ impl<K: ?Sized, V> Drop for Item<K, V> {
         // no-op.
         self.hook.detach();
         // An item is dropped whole once (M3: a relocated original
-        // never is), after every reader that could borrow its value has
-        // unpinned (K1), or with the map (`&mut`), or unpublished; no other
-        // handle to the hook reads the payload (the posted removal only
-        // names it).
+        // never is), after every reader that could borrow its key or
+        // value has unpinned (K1), or with the map (`&mut`), or
+        // unpublished; no other handle to the hook reads the payload (the
+        // posted removal only names it). The key's `Weak` goes first, and
+        // goes even if the value's destructor panics (drop glue drops the
+        // remaining fields while unwinding).
         // SAFETY: as just said.
         unsafe { self.hook.drop_payload() };
     }
 }
 
-/// Nothing beside an item: it is two pointers, inline (lookups read the
-/// hook, whose node holds the value).
+/// Nothing beside an item: it is one pointer, inline (lookups read the
+/// hook, whose node holds the key and the value).
 impl<K: ?Sized, V> Sided for Item<K, V> {
     type Side = ();
 }
@@ -63,16 +80,16 @@ impl<K: ?Sized, V> Sided for Item<K, V> {
 // keeps allocated until the item is dropped, after every thread that saw
 // it has unpinned: unique among live items (a replacement under the same
 // key is another item) and unchanged by bitwise moves.
-// The value lives in that node.
-// SAFETY: both fields are pointers (`Weak`, `Hook`), never written through
-// `&Item`, and a relocation moves the item whole (1, 2); its identity is as
+// The key and the value live in that node.
+// SAFETY: the item is one pointer (`Hook`), never written through
+// `&Item`, and a relocation moves it whole (1, 2); its identity is as
 // just said (3).
 unsafe impl<K: ?Sized, V> Relocatable for Item<K, V> {
     /// The value's destructor is user code; the rest is ours (a `Weak`
     /// never drops its object's value).
     const DROP_RUNS_USER_CODE: bool = std::mem::needs_drop::<V>();
 
-    /// Nothing: an item moves whole; its value stays in its hook.
+    /// Nothing: an item moves whole; its key and value stay in its hook.
     type LeftBehind = ();
 
     fn identity(&self, _: &()) -> usize {
@@ -80,7 +97,7 @@ unsafe impl<K: ?Sized, V> Relocatable for Item<K, V> {
     }
 
     unsafe fn relocate(&self) -> Self {
-        // SAFETY: two pointers, which nothing writes through `&Item` (1);
+        // SAFETY: one pointer, which nothing writes through `&Item` (1);
         // the caller drops one of the two copies whole (`relocate`'s 1),
         // so each is owned once.
         unsafe { std::ptr::read(self) }
@@ -97,12 +114,12 @@ where
     type Target = K;
 
     fn watched(&self) -> &Weak<K> {
-        &self.key
+        self.key()
     }
 
-    type Payload = V;
+    type Payload = Held<K, V>;
 
-    fn hook(&self, _: &()) -> &Hook<V> {
+    fn hook(&self, _: &()) -> &Hook<Held<K, V>> {
         &self.hook
     }
 }
@@ -301,9 +318,12 @@ where
     /// Makes the item for `value` under `key`, registering the death
     /// callback that will remove exactly this item (M4).
     fn new_item(&self, hash: u64, key: &Strong<K>, value: V) -> Item<K, V> {
-        Item {
+        let held = Held {
             key: EntryWeak::new(Strong::downgrade(key)),
-            hook: collection::remove_on_death(&self.core, hash, key, value),
+            value,
+        };
+        Item {
+            hook: collection::remove_on_death(&self.core, hash, key, held),
         }
     }
 
@@ -325,7 +345,7 @@ where
         let item = self.new_item(hash, key, value);
         let pin = WritePin::lazy();
         let mut writer = self.core.table.write(hash, &pin);
-        let Some((replaced, ())) = writer.upsert(hash, (item, ()), |old, _| old.key.names(key))
+        let Some((replaced, ())) = writer.upsert(hash, (item, ()), |old, _| old.key().names(key))
         else {
             return false;
         };
@@ -333,7 +353,7 @@ where
         replaced.hook.detach();
         drop(writer);
         drop(pin);
-        Strong::callback_list(key).note_detached();
+        collection::note_detached(key);
         true
     }
 
@@ -347,7 +367,7 @@ where
             .core
             .table
             .candidates(hash, &pinned)
-            .find(|item| item.key.names(key))?;
+            .find(|item| item.key().names(key))?;
         let result = f(item.value());
         drop(pinned);
         Some(result)
@@ -407,14 +427,15 @@ where
     pub fn contains_key(&self, key: &Strong<K>) -> bool {
         let hash = self.hash(key);
         let pinned = self.core.table.pin();
-        // The item alone answers: no need to reach the value's node (a
-        // cache miss at scale). An entry being removed right now may or may
-        // not be seen, as with any read racing a write.
+        // The key is compared in the entry's node, beside the value: the
+        // same read as `with`'s, but for the value. An entry being removed
+        // right now may or may not be seen, as with any read racing a
+        // write.
         let found = self
             .core
             .table
             .candidates(hash, &pinned)
-            .any(|item| item.key.names(key));
+            .any(|item| item.key().names(key));
         found
     }
 
@@ -436,14 +457,14 @@ where
         let hash = self.hash(key);
         let pin = WritePin::lazy();
         let mut writer = self.core.table.write(hash, &pin);
-        let Some((removed, ())) = writer.remove(hash, |item, ()| item.key.names(key)) else {
+        let Some((removed, ())) = writer.remove(hash, |item, ()| item.key().names(key)) else {
             return false;
         };
         // Detached once the removal is published (M5).
         removed.hook.detach();
         drop(writer);
         drop(pin);
-        Strong::callback_list(key).note_detached();
+        collection::note_detached(key);
         true
     }
 
@@ -461,7 +482,8 @@ where
     /// forever. Loads must not wait for each other either: an `init` that
     /// asks for a key whose `init`, on another thread, asks for this one
     /// waits forever, as two locks taken in opposite orders do, and an
-    /// `init` must not call [`flush`](crate::flush) (see there). A
+    /// `init` must not call [`flush`](crate::flush) or
+    /// [`shutdown`](crate::shutdown) (see `flush`). A
     /// destructor that panics as the call lets go of what it no longer
     /// needs (an unused `init`, a copy of the value, the load's key) has
     /// its panic reach the caller once everything is let go of, the value
@@ -615,7 +637,7 @@ where
         let writer = self.core.table.write(hash, &pin);
         let found = writer
             .candidates_pinned(hash, &pinned)
-            .find(|item| item.key.names(key))
+            .find(|item| item.key().names(key))
             .map(Item::value);
         if let Some(found) = found {
             drop(writer);
@@ -668,7 +690,7 @@ where
         let (value, shared, ours) = made?;
         let existing = writer
             .candidates_pinned(hash, &pinned)
-            .find(|item| item.key.names(key))
+            .find(|item| item.key().names(key))
             .map(Item::value);
         let Some(existing) = existing else {
             let item = self.new_item(hash, key, value);
@@ -758,7 +780,7 @@ where
         V: Clone,
     {
         collection::snapshots(&self.core.table, |item| {
-            let key = item.key.upgrade()?;
+            let key = item.key().upgrade()?;
             Some((key, item.value().clone()))
         })
     }
@@ -774,7 +796,7 @@ where
     /// assert_eq!(map.keys().map(|k| *k).collect::<Vec<_>>(), ["only"]);
     /// ```
     pub fn keys(&self) -> impl Iterator<Item = Strong<K>> + '_ {
-        collection::snapshots(&self.core.table, |item| item.key.upgrade())
+        collection::snapshots(&self.core.table, |item| item.key().upgrade())
     }
 
     /// Keeps only the live entries for which `f` returns true; removes the
@@ -884,7 +906,7 @@ where
         let table = &self.core.table;
         crate::ParIter::new(table.shard_len(), move |shard| {
             collection::shard_snapshot(table, shard, |item: &Item<K, V>| {
-                let key = item.key.upgrade()?;
+                let key = item.key().upgrade()?;
                 Some((key, item.value().clone()))
             })
         })

@@ -480,6 +480,28 @@ fn insert_remove_churn_leaves_nothing_behind() {
     weakrefs_settle(|| Strong::weak_count(&key) == 0);
 }
 
+/// An entry whose value panics as it drops still lets go of its key's
+/// `Weak`, which the entry keeps beside the value: removed, replaced or
+/// dropped with the map, it leaves the key's block no extra reference.
+#[test]
+fn a_value_that_panics_as_it_drops_still_lets_go_of_its_key() {
+    let drops = Arc::new(AtomicUsize::new(0));
+    let key = Strong::new(7u32);
+    let map = WeakKeyMap::new();
+    map.insert(&key, Bomb(drops.clone()));
+    assert_eq!(Strong::weak_count(&key), 1, "the entry's `Weak`");
+    assert!(map.insert(&key, Bomb(drops.clone())), "replaced");
+    assert!(map.remove(&key));
+    flush();
+    weakrefs_settle(|| drops.load(Ordering::SeqCst) == 2);
+    weakrefs_settle(|| Strong::weak_count(&key) == 0);
+    map.insert(&key, Bomb(drops.clone()));
+    let dropped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(map)));
+    assert!(dropped.is_err(), "the value's panic reaches the map's drop");
+    assert_eq!(drops.load(Ordering::SeqCst), 3);
+    assert_eq!(Strong::weak_count(&key), 0);
+}
+
 /// Dropping the map while its keys live on, then the keys, is sound; the
 /// values go with the map.
 #[test]
