@@ -213,7 +213,11 @@ impl fmt::Debug for Finalizer {
 /// Nor may it be called from a map's single-flight `init` (or its
 /// `Drop`): it waits for the queued callbacks, and one that asks the map
 /// for the key being loaded (a listener that reloads what died, say)
-/// waits for that `init`, so neither ever finishes.
+/// waits for that `init`, so neither ever finishes. Nor from code a map
+/// runs while it holds a shard's lock (a key's `Eq` or `Clone`,
+/// `WeakValueMap::remove_if`'s predicate): a death in that shard queues
+/// a removal that waits for the lock. [`shutdown`] waits for the
+/// finalizer thread too, and the same holds for it.
 ///
 /// ```
 /// use std::sync::atomic::{AtomicBool, Ordering};
@@ -247,7 +251,10 @@ pub fn flush() {
 ///
 /// A call made while another thread's `shutdown` is running waits for it
 /// to finish, so returning always means the atexit pass is over; a call
-/// from inside a callback returns at once.
+/// from inside a callback returns at once. It waits for the finalizer
+/// thread to stop, so it must not be called where [`flush`] must not
+/// (see there): inside a map's single-flight `init`, or under a map's
+/// shard lock.
 ///
 /// ```
 /// // In the last lines of `main`:

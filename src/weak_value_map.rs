@@ -390,7 +390,10 @@ impl<K: Clone, V: ?Sized, S> MapCore<K, V, S> {
 /// iteration) take no lock and never block. Writes lock one shard at a
 /// time and never block readers. Keys' `Eq` (and `Borrow`, with the
 /// borrowed form's `Eq`, in [`remove`](Self::remove)) and `Clone` run
-/// while a shard is locked and must not use the same map; `Hash` runs
+/// while a shard is locked and must not use the same map, nor call
+/// [`flush`](crate::flush) or [`shutdown`](crate::shutdown): a value of
+/// that shard dying meanwhile has its entry's removal wait for the lock on
+/// the finalizer thread, and those calls wait for that thread. `Hash` runs
 /// before locking.
 ///
 /// Keys are stored inline, where lookups probe. When a shard's table grows
@@ -1047,7 +1050,10 @@ where
         let (replaced, notice, mut released) = self.publish_locked(&mut writer, hash, item, value);
         drop(writer);
         drop(pin);
-        debug_assert!(replaced.is_none(), "a live entry was checked for");
+        // Nothing live was found above, but a key whose `Eq` answers
+        // differently from one call to the next (user code) may still have
+        // matched a live entry here: it left the map, replaced, and its
+        // value is handed back and reported like any other.
         released.add(replaced);
         self.settle(notice, RemovalCause::Replaced, released, None);
         Ok(())
@@ -1057,7 +1063,9 @@ where
     /// returns the value. Atomic with respect to other writers of the key:
     /// `f` runs under the shard's lock, so an entry inserted after the
     /// caller looked is judged by `f` itself, never removed unseen. `f`
-    /// must not use this map (like `Eq`, it runs under the lock).
+    /// must not use this map, nor call [`flush`](crate::flush) or
+    /// [`shutdown`](crate::shutdown): like `Eq`, it runs under the lock
+    /// (see the [type's docs](WeakValueMap)).
     ///
     /// ```
     /// use weakrefs::{Strong, WeakValueMap};
@@ -1260,7 +1268,8 @@ where
     /// forever. Loads must not wait for each other either: an `init` that
     /// asks for a key whose `init`, on another thread, asks for this one
     /// waits forever, as two locks taken in opposite orders do, and an
-    /// `init` must not call [`flush`](crate::flush) (see there). A
+    /// `init` must not call [`flush`](crate::flush) or
+    /// [`shutdown`](crate::shutdown) (see `flush`). A
     /// destructor that panics as the call lets go of what it no longer
     /// needs (an unused `init`, a copy of the value, the load's key) has
     /// its panic reach the caller once everything is let go of, the value

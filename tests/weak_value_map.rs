@@ -2440,3 +2440,43 @@ fn a_panic_as_a_spoiled_snapshot_drops_loses_no_entry() {
     flush();
     assert!(map.is_empty(), "{} entries left", map.len());
 }
+
+/// A key whose `Eq` says "different" to `try_insert`'s check for a live
+/// entry and then "equal" when the entry is published: the live entry is
+/// replaced, not kept, and its removal is reported once, as `Replaced`.
+/// (A debug assertion used to panic there, after the publication and
+/// before the report, which the unwinding then lost.)
+#[test]
+fn try_insert_with_a_key_whose_eq_changes_its_mind_reports_the_replacement() {
+    /// Equal on every second call only.
+    #[derive(Clone, Debug)]
+    struct Fickle(u32, Arc<AtomicUsize>);
+    impl PartialEq for Fickle {
+        fn eq(&self, other: &Self) -> bool {
+            self.0 == other.0 && self.1.fetch_add(1, Ordering::SeqCst) % 2 == 1
+        }
+    }
+    impl Eq for Fickle {}
+    impl std::hash::Hash for Fickle {
+        fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+            self.0.hash(state);
+        }
+    }
+    let calls = Arc::new(AtomicUsize::new(0));
+    let reported = Arc::new(Mutex::new(Vec::new()));
+    let log = reported.clone();
+    let map = WeakValueMap::builder()
+        .on_remove(move |key: &Fickle, cause| log.lock().unwrap().push((key.0, cause)))
+        .build();
+    let (first, second) = (Strong::new(1), Strong::new(2));
+    map.insert(Fickle(7, calls.clone()), &first);
+    calls.store(0, Ordering::SeqCst);
+    let inserted = catch_unwind(AssertUnwindSafe(|| {
+        map.try_insert(Fickle(7, calls.clone()), &second)
+    }));
+    assert!(inserted.is_ok(), "no panic on an inconsistent `Eq`");
+    assert!(inserted.unwrap().is_ok(), "the check saw no live entry");
+    flush();
+    assert_eq!(*reported.lock().unwrap(), [(7, RemovalCause::Replaced)]);
+    assert_eq!(map.len(), 1);
+}
