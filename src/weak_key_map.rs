@@ -62,9 +62,9 @@ impl<K: ?Sized, V> Drop for Item<K, V> {
         // never is), after every reader that could borrow its key or
         // value has unpinned (K1), or with the map (`&mut`), or
         // unpublished; no other handle to the hook reads the payload (the
-        // posted removal only names it). The key's `Weak` goes first, and
-        // goes even if the value's destructor panics (drop glue drops the
-        // remaining fields while unwinding).
+        // posted removal only names it). The key's `Weak` is declared
+        // first, so it goes before the value's destructor runs, which may
+        // panic (drop glue would drop it while unwinding otherwise).
         // SAFETY: as just said.
         unsafe { self.hook.drop_payload() };
     }
@@ -186,9 +186,9 @@ where
 /// that allocation stays registered on the key object until the key's
 /// callback list is next compacted (which `remove` and replacing inserts
 /// count towards; `clear`, `retain` and the map's drop do not) or the key
-/// dies, holding `size_of::<V>()` bytes. For a large `V`
-/// whose long-lived keys lose their entries, store `Box<V>` to give the
-/// bytes back at once.
+/// dies, holding the bytes of the value and of the key's `Weak`. For a
+/// large `V` whose long-lived keys lose their entries, store `Box<V>` to
+/// give the bytes back at once.
 ///
 /// # Reference cycles
 ///

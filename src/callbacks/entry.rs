@@ -29,7 +29,7 @@
 //!   collection entry it removes, so it need not hold a handle to the
 //!   object;
 //! * a hook with a *payload*, what the entry keeps where it never moves (a
-//!   `WeakKeyMap`'s value): `Node<Vtabled, ManuallyDrop<P>, Removal>`, the
+//!   `WeakKeyMap`'s key `Weak` and value): `Node<Vtabled, ManuallyDrop<P>, Removal>`, the
 //!   header, the vtable (the node's layout depends on `P`), the payload,
 //!   then the removal. Readers borrow the payload through the entry's
 //!   `Hook`, and the entry drops it, once, when it is dropped itself (the
