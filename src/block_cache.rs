@@ -30,8 +30,9 @@
 //!   destructor) goes straight to the global allocator.
 //!
 //! * **Bounds.** At most `KEEP` blocks a class a thread: 128 blocks of 8
-//!   to 64 bytes, about 36 KiB a thread in the worst case, 5 KiB for the
-//!   common 40-byte class (a hook node, or the block of a `Strong<u64>`).
+//!   to 72 bytes, about 45 KiB a thread in the worst case, 4 and 5 KiB
+//!   for the common 32- and 40-byte classes (a collection entry's hook
+//!   node; the block of a `Strong<u64>`).
 //!
 //! Blocks are allocated plainly under loom (the cache has no concurrency
 //! to model, and loom tracks its own allocations) and under Miri: a
@@ -42,10 +43,11 @@
 use std::alloc::{self, Layout};
 use std::ptr::NonNull;
 
-/// The largest size cached: a hook with a payload of up to three words
-/// fits (eight words: header, vtable, payload, removal).
+/// The largest size cached: a `WeakKeyMap` entry's hook of a sized key
+/// and a value of up to three words (a `String`, a `Vec`) fits: nine
+/// words (header, vtable, the key's `Weak`, the value, removal).
 #[cfg_attr(weakrefs_loom, allow(dead_code))]
-const LARGEST: usize = 64;
+const LARGEST: usize = 72;
 
 /// Size classes: 8, 16, ..., `LARGEST` bytes.
 #[cfg_attr(weakrefs_loom, allow(dead_code))]
@@ -259,7 +261,7 @@ mod tests {
         // check sees it).
         for layout in [
             Layout::from_size_align(40, 16).unwrap(),
-            Layout::from_size_align(72, 8).unwrap(),
+            Layout::from_size_align(LARGEST + 8, 8).unwrap(),
             Layout::from_size_align(12, 4).unwrap(),
         ] {
             assert_eq!(class_of(layout), None, "{layout:?}");
