@@ -215,9 +215,10 @@ impl fmt::Debug for Finalizer {
 /// for the key being loaded (a listener that reloads what died, say)
 /// waits for that `init`, so neither ever finishes. Nor from code a map
 /// runs while it holds a shard's lock (a key's `Eq` or `Clone`,
-/// `WeakValueMap::remove_if`'s predicate): a death in that shard queues
-/// a removal that waits for the lock. [`shutdown`] waits for the
-/// finalizer thread too, and the same holds for it.
+/// `WeakValueMap::remove_if`'s predicate, where it panics instead): a
+/// death in that shard queues a removal that waits for the lock.
+/// [`shutdown`] waits for the finalizer thread too, and the same holds
+/// for it.
 ///
 /// ```
 /// use std::sync::atomic::{AtomicBool, Ordering};
@@ -232,7 +233,22 @@ impl fmt::Debug for Finalizer {
 /// assert!(ran.load(Ordering::SeqCst));
 /// ```
 pub fn flush() {
+    refuse_under_a_shard_lock("flush");
     global().flush_with_garbage();
+}
+
+/// Panics if this thread is running `WeakValueMap::remove_if`'s predicate,
+/// under a shard's lock: `what` (`flush`, `shutdown`) would wait for the
+/// finalizer thread, which may be waiting for that lock to remove an entry
+/// of a value that died meanwhile.
+#[track_caller]
+fn refuse_under_a_shard_lock(what: &str) {
+    if crate::marks::is_inside(crate::marks::Mark::Locked) {
+        panic!(
+            "weakrefs::{what} called inside WeakValueMap::remove_if's predicate, \
+             which runs under a shard's lock: it would wait for itself"
+        );
+    }
 }
 
 /// Drains the callback queue, runs every still-registered callback whose
@@ -261,6 +277,7 @@ pub fn flush() {
 /// weakrefs::shutdown();
 /// ```
 pub fn shutdown() {
+    refuse_under_a_shard_lock("shutdown");
     global().shutdown()
 }
 

@@ -35,6 +35,11 @@ pub(crate) enum Mark {
     /// next, so chains of callbacks that flush never nest on the stack
     /// (SAFETY.md, C15).
     Draining,
+    /// This thread holds a map's shard lock while it runs user code that
+    /// is allowed to do more than compare (`WeakValueMap::remove_if`'s
+    /// predicate): a `flush` or `shutdown` there would wait for a removal
+    /// that waits for that lock, so they panic instead.
+    Locked,
 }
 
 /// This thread is running the `init` of the single-flight load at
@@ -58,6 +63,7 @@ struct Frame {
 struct Marks {
     callbacks: Cell<usize>,
     draining: Cell<usize>,
+    locked: Cell<usize>,
     /// The innermost `Loading` frame, null for none.
     loads: Cell<*const Frame>,
 }
@@ -67,6 +73,7 @@ impl Marks {
         match mark {
             Mark::Callback => &self.callbacks,
             Mark::Draining => &self.draining,
+            Mark::Locked => &self.locked,
         }
     }
 }
@@ -79,6 +86,7 @@ thread_local! {
         Marks {
             callbacks: Cell::new(0),
             draining: Cell::new(0),
+            locked: Cell::new(0),
             loads: Cell::new(ptr::null()),
         }
     };
@@ -91,6 +99,7 @@ thread_local! {
     static MARKS: Marks = Marks {
         callbacks: Cell::new(0),
         draining: Cell::new(0),
+        locked: Cell::new(0),
         loads: Cell::new(ptr::null()),
     };
 }

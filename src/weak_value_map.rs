@@ -14,6 +14,7 @@ use std::ptr;
 use std::sync::Arc;
 
 use crate::callbacks::{Executor, Hook};
+use crate::marks::{self, Mark};
 use crate::panics::{drop_each_then_resume, FirstPanic};
 use crate::raw::collection::{self, Collection, EntryHook, Watching};
 use crate::raw::counters::Counters;
@@ -1063,9 +1064,10 @@ where
     /// returns the value. Atomic with respect to other writers of the key:
     /// `f` runs under the shard's lock, so an entry inserted after the
     /// caller looked is judged by `f` itself, never removed unseen. `f`
-    /// must not use this map, nor call [`flush`](crate::flush) or
-    /// [`shutdown`](crate::shutdown): like `Eq`, it runs under the lock
-    /// (see the [type's docs](WeakValueMap)).
+    /// must not use this map (like `Eq`, it runs under the lock; see the
+    /// [type's docs](WeakValueMap)); a [`flush`](crate::flush) or
+    /// [`shutdown`](crate::shutdown) there panics, as it would wait for
+    /// that lock.
     ///
     /// ```
     /// use weakrefs::{Strong, WeakValueMap};
@@ -1099,7 +1101,10 @@ where
         };
         let identity = found.identity(mark.side());
         live = found.value.upgrade()?;
-        if !f(found.key(), &live) {
+        let locked = marks::enter(Mark::Locked);
+        let remove = f(found.key(), &live);
+        drop(locked);
+        if !remove {
             drop(writer);
             drop(pin);
             // After the unlock: it may be the last handle.

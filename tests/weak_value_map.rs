@@ -2480,3 +2480,38 @@ fn try_insert_with_a_key_whose_eq_changes_its_mind_reports_the_replacement() {
     assert_eq!(*reported.lock().unwrap(), [(7, RemovalCause::Replaced)]);
     assert_eq!(map.len(), 1);
 }
+
+/// `flush` inside `remove_if`'s predicate, after values of the locked
+/// shard died there: their removals wait for the lock the predicate runs
+/// under, and `flush` waits for them. It used to hang; it panics with a
+/// message now, the lock is released by the unwinding, and the deaths are
+/// heard.
+#[test]
+fn flush_inside_remove_if_panics_instead_of_waiting_for_itself() {
+    let (done, finished) = mpsc::channel();
+    thread::spawn(move || {
+        let map = WeakValueMap::new();
+        let kept = Strong::new(0u32);
+        map.insert(0u32, &kept);
+        let others: Vec<_> = (1..64u32).map(Strong::new).collect();
+        for other in &others {
+            map.insert(**other, other);
+        }
+        let mut others = Some(others);
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            map.remove_if(&0, |_, _| {
+                drop(others.take()); // some die in key 0's shard
+                flush();
+                false
+            })
+        }));
+        let message = outcome.expect_err("flush panics").downcast::<String>().unwrap();
+        flush();
+        done.send((message, map.len(), map.get(&0).is_some())).unwrap();
+    });
+    let (message, len, found) = finished
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("flush inside remove_if's predicate waited for itself");
+    assert!(message.contains("remove_if"), "{message}");
+    assert_eq!((len, found), (1, true), "the deaths were heard, the entry kept");
+}
