@@ -67,7 +67,14 @@ pub const SECTIONS: &[Section] = &[
               map's reads are bound by memory: the tag word's line, the item's and the value's \
               control block, \
               which in this crate also holds the callback list and so is larger than \
-              `Arc`'s.",
+              `Arc`'s: for a `u64` value, a 40-byte block in a 48-byte allocator chunk, \
+              against `Arc`'s 24 bytes in a 32-byte one. That alone accounts for the gap \
+              at 100 000 keys: in a standalone loop on this machine (1 thread, five \
+              interleaved runs), `DashMap` read 0.84x as fast over `Arc<[u64; 3]>` values \
+              (a 48-byte chunk) as over `Arc<u64>`, level with this crate. Closing it takes \
+              a 16-byte header: two 32-bit counts and the callback list's head, with the \
+              list's compaction state allocated apart once an object has callbacks enough \
+              to compact.",
     },
     Section {
         id: "map_read_sizes",
