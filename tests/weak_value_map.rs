@@ -2505,13 +2505,21 @@ fn flush_inside_remove_if_panics_instead_of_waiting_for_itself() {
                 false
             })
         }));
-        let message = outcome.expect_err("flush panics").downcast::<String>().unwrap();
+        let message = outcome
+            .expect_err("flush panics")
+            .downcast::<String>()
+            .unwrap();
         flush();
-        done.send((message, map.len(), map.get(&0).is_some())).unwrap();
+        done.send((message, map.len(), map.get(&0).is_some()))
+            .unwrap();
     });
     let (message, len, found) = finished
         .recv_timeout(std::time::Duration::from_secs(60))
         .expect("flush inside remove_if's predicate waited for itself");
     assert!(message.contains("remove_if"), "{message}");
-    assert_eq!((len, found), (1, true), "the deaths were heard, the entry kept");
+    assert_eq!(
+        (len, found),
+        (1, true),
+        "the deaths were heard, the entry kept"
+    );
 }

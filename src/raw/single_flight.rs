@@ -93,16 +93,23 @@ impl Wakers {
                 };
                 (slot, replaced)
             }
-            None => match self.free.pop() {
-                Some(slot) => {
-                    self.slots[slot] = Some(waker.clone());
-                    (slot, None)
+            None => {
+                // Cloned first: the clone is the executor's code and may
+                // panic, which must not take a free slot with it (the
+                // slots would then never all be free, nor their memory
+                // given back, until the load settles).
+                let waker = Some(waker.clone());
+                match self.free.pop() {
+                    Some(slot) => {
+                        self.slots[slot] = waker;
+                        (slot, None)
+                    }
+                    None => {
+                        self.slots.push(waker);
+                        (self.slots.len() - 1, None)
+                    }
                 }
-                None => {
-                    self.slots.push(Some(waker.clone()));
-                    (self.slots.len() - 1, None)
-                }
-            },
+            }
         }
     }
 
@@ -490,5 +497,43 @@ mod loom_models {
             let settled = load.state.lock();
             assert!(settled.wakers.slots.is_empty());
         });
+    }
+}
+
+#[cfg(all(test, not(weakrefs_loom)))]
+mod tests {
+    use super::*;
+    use std::panic::{catch_unwind, AssertUnwindSafe};
+    use std::task::{RawWaker, RawWakerVTable};
+
+    /// A waker whose `clone` panics; waking or dropping it does nothing.
+    fn waker_whose_clone_panics() -> Waker {
+        unsafe fn clone(_: *const ()) -> RawWaker {
+            panic!("a waker's clone (expected by this test)")
+        }
+        unsafe fn ignore(_: *const ()) {}
+        const VTABLE: RawWakerVTable = RawWakerVTable::new(clone, ignore, ignore, ignore);
+        // SAFETY: no function of the vtable reads the data pointer, and
+        // none has a contract to break: any data pointer will do.
+        unsafe { Waker::from_raw(RawWaker::new(std::ptr::null(), &VTABLE)) }
+    }
+
+    /// A waiter whose waker panics as it is cloned takes no free slot
+    /// with it: once every waiter has gone, the slots' memory is given
+    /// back.
+    #[test]
+    fn a_waker_whose_clone_panics_takes_no_slot() {
+        let mut wakers = Wakers::default();
+        let (first, _) = wakers.register(None, Waker::noop());
+        let (second, _) = wakers.register(None, Waker::noop());
+        drop(wakers.unregister(second));
+        let panicking = waker_whose_clone_panics();
+        let registered = catch_unwind(AssertUnwindSafe(|| wakers.register(None, &panicking)));
+        assert!(registered.is_err());
+        drop(wakers.unregister(first));
+        assert!(
+            wakers.slots.is_empty() && wakers.free.is_empty(),
+            "memory given back"
+        );
     }
 }
