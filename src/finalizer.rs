@@ -193,8 +193,11 @@ impl fmt::Debug for Finalizer {
 /// advance it, so that entries removed from the collections usually have
 /// their keys and values dropped by the time it returns; not always: a
 /// thread that stays pinned (inside a lookup or a `with` closure) holds
-/// that back, and a cascade (a removed value that held the last handle to
-/// another key) may still be under way on the finalizer thread.
+/// that back, a cascade (a removed value that held the last handle to
+/// another key) may still be under way on the finalizer thread, and
+/// memory that other threads retired (the finalizer thread's removals, a
+/// thread that has just exited) may wait for the epoch to move on again.
+/// A test that counts drops calls it until the count settles.
 ///
 /// It waits for a quiet moment: while other threads keep objects dying,
 /// it returns once the finalizer thread catches up. It does not wait for
