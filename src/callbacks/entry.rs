@@ -29,11 +29,12 @@
 //!   collection entry it removes, so it need not hold a handle to the
 //!   object;
 //! * a hook with a *payload*, what the entry keeps where it never moves (a
-//!   `WeakKeyMap`'s key `Weak` and value): `Node<Vtabled, ManuallyDrop<P>, Removal>`, the
-//!   header, the vtable (the node's layout depends on `P`), the payload,
-//!   then the removal. Readers borrow the payload through the entry's
-//!   `Hook`, and the entry drops it, once, when it is dropped itself (the
-//!   node may outlive it in its object's list).
+//!   `WeakKeyMap`'s key `Weak` and value):
+//!   `Node<Vtabled, ManuallyDrop<P>, Removal>`, the header, the vtable
+//!   (the node's layout depends on `P`), the payload, then the removal.
+//!   Readers borrow the payload through the entry's `Hook`, and the entry
+//!   drops it, once, when it is dropped itself (the node may outlive it in
+//!   its object's list).
 //!
 //! Lists and handles hold thin `NonNull<Entry>` pointers that keep the
 //! provenance of the whole node (they all come from the one allocation,
