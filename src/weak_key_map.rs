@@ -184,11 +184,11 @@ where
 /// callback, with the value inline, so a lookup reaches the value in one
 /// step. A removed (or replaced) entry's value is dropped on time, but
 /// that allocation stays registered on the key object until the key's
-/// callback list is next compacted (which `remove` and replacing inserts
-/// count towards; `clear`, `retain` and the map's drop do not) or the key
-/// dies, holding the bytes of the value and of the key's `Weak`. For a
-/// large `V` whose long-lived keys lose their entries, store `Box<V>` to
-/// give the bytes back at once.
+/// callback list is next compacted (which `remove`, `retain` and
+/// replacing inserts count towards; `clear` and the map's drop do not) or
+/// the key dies, holding the bytes of the value and of the key's `Weak`.
+/// For a large `V` whose long-lived keys lose their entries, store
+/// `Box<V>` to give the bytes back at once.
 ///
 /// # Reference cycles
 ///

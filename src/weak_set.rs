@@ -106,10 +106,10 @@ impl<T: ?Sized + Send + Sync + 'static, S: Send + Sync + 'static> Collection<Mem
 ///
 /// Each membership registers a death callback on its member (one small
 /// allocation), detached at once when the member leaves any other way.
-/// [`remove`](Self::remove) counts towards the next compaction of the
-/// member's callback list, which frees detached nodes; a member that
-/// leaves through [`clear`](Self::clear), [`retain`](Self::retain) or the
-/// set's drop leaves its node (a few dozen bytes) until the object gets
+/// [`remove`](Self::remove) and [`retain`](Self::retain) count towards
+/// the next compaction of the member's callback list, which frees
+/// detached nodes; a member that leaves through [`clear`](Self::clear) or
+/// the set's drop leaves its node (a few dozen bytes) until the object gets
 /// about as many new registrations as its list kept, or dies, as in
 /// [`WeakValueMap`](crate::WeakValueMap).
 ///

@@ -433,12 +433,12 @@ impl<K: Clone, V: ?Sized, S> MapCore<K, V, S> {
 /// allocation. An entry that leaves any other way detaches it at once;
 /// the detached node leaves the value's callback list at the list's next
 /// compaction, or when the value dies. [`remove`](Self::remove),
-/// [`remove_if`](Self::remove_if) and replacing inserts count towards that
-/// compaction, so a value that outlives a peak of entries naming it gets
-/// its memory back as they leave; entries that leave through
-/// [`clear`](Self::clear), [`retain`](Self::retain) or the map's drop
-/// leave their nodes (32 bytes each) until the value gets about as many
-/// new registrations as its list kept, or dies.
+/// [`remove_if`](Self::remove_if), [`retain`](Self::retain) and replacing
+/// inserts count towards that compaction, so a value that outlives a peak
+/// of entries naming it gets its memory back as they leave; entries that
+/// leave through [`clear`](Self::clear) or the map's drop leave their
+/// nodes (32 bytes each) until the value gets about as many new
+/// registrations as its list kept, or dies.
 /// [`shrink_to_fit`](Self::shrink_to_fit) gives back table memory only.
 ///
 /// # Examples
@@ -2037,7 +2037,7 @@ mod tests {
         const PEAK: u32 = if cfg!(miri) { 100 } else { 1_000 };
         let value = Strong::new(7u32);
         let other = Strong::new(8u32);
-        let paths: [Path<'_>; 3] = [
+        let paths: [Path<'_>; 4] = [
             ("remove", &|map, key| assert!(map.remove(&key).is_some())),
             ("remove_if", &|map, key| {
                 assert!(map.remove_if(&key, |_, _| true).is_some());
@@ -2045,6 +2045,7 @@ mod tests {
             ("replacing insert", &|map, key| {
                 assert!(map.insert(key, &other).is_some());
             }),
+            ("retain", &|map, key| map.retain(|&kept, _| kept != key)),
         ];
         for (name, leave) in paths {
             let map = WeakValueMap::new();

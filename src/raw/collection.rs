@@ -169,7 +169,7 @@ where
 }
 
 /// Counts the hook that a removal (`remove`, `remove_if`, a replacing
-/// insert) has just detached from `object`'s callback list towards that
+/// insert, `retain`) has just detached from `object`'s callback list towards that
 /// list's next compaction (`ObjectCallbacks::note_detached`, C5): else an
 /// object that lives on keeps the detached nodes of the entries it had at
 /// a past peak. Called after the shard's lock is released, with `object`
@@ -593,6 +593,12 @@ pub(crate) fn retain_live<I: Watching>(
             },
             |item, side| {
                 item.hook(side).detach();
+                // Counted as `remove` counts it. The object, if alive, is
+                // held in `held` too: this upgrade's drop is never its
+                // last (C6: held while it counts).
+                if let Some(object) = item.watched().upgrade() {
+                    note_detached(&object);
+                }
                 panics.run("a removed entry's report", || removed(item, side));
             },
         );
