@@ -31,8 +31,8 @@
 //!
 //! * **Bounds.** At most `KEEP` blocks a class a thread: 128 blocks of 8
 //!   to 72 bytes, about 45 KiB a thread in the worst case, 4 and 5 KiB
-//!   for the common 32- and 40-byte classes (a collection entry's hook
-//!   node; the block of a `Strong<u64>`).
+//!   for the common 24- and 32-byte classes (the block of a
+//!   `Strong<u64>`; a collection entry's hook node).
 //!
 //! Blocks are allocated plainly under loom (the cache has no concurrency
 //! to model, and loom tracks its own allocations) and under Miri: a

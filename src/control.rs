@@ -11,7 +11,10 @@
 //! `ControlBlock<str>`, `ControlBlock<[T]>`). Once the value is gone, its
 //! place holds the allocation's layout, so freeing never asks a dead value
 //! its size (SAFETY.md, section 9, U1–U4), and the header holds only what
-//! every live object needs: two counts and the callback list (two words).
+//! every live object needs: two 32-bit counts and the callback list's
+//! word, two words in all on 64-bit targets, as `Arc`'s header is (the
+//! list's compaction state lives in an allocation of its own, made only
+//! for an object registered with more than a few times: C17).
 //!
 //! The protocol (SAFETY.md, invariants I1–I6):
 //!
@@ -34,24 +37,27 @@ use std::mem::ManuallyDrop;
 use std::ptr::{self, NonNull};
 
 use crate::callbacks::ObjectCallbacks;
-use crate::sync::{acquire_fence, spin_loop, AtomicUsize, LeakCheck, Ordering};
+use crate::sync::{acquire_fence, spin_loop, AtomicU32, LeakCheck, Ordering};
 
-/// Counts above this abort the process (I5). Half the address space: no
-/// program can hold this many handles without leaking them with
-/// `mem::forget`, and stopping there leaves `isize::MAX` of headroom for
-/// the increments other threads make before they see the overflow.
-const MAX_REFCOUNT: usize = isize::MAX as usize;
+/// Counts above this abort the process (I5): `i32::MAX`, the limit std's
+/// `Arc` has on 32-bit targets, on every target. Two billion handles to
+/// one object take 16 GiB of `Strong`s alone, so only handles leaked with
+/// `mem::forget` reach it, and stopping there leaves two billion
+/// increments of headroom for the threads that race past it before they
+/// see the overflow. The counts are 32 bits so that the header is two
+/// words, as small as `Arc`'s, with the callback list's word in it.
+const MAX_REFCOUNT: u32 = i32::MAX as u32;
 
 /// The value `weak` holds while `Strong::get_mut` checks uniqueness (I6).
-const WEAK_LOCKED: usize = usize::MAX;
+const WEAK_LOCKED: u32 = u32::MAX;
 
 /// The type-independent part of a control block. `Weak` handles reach the
 /// counts through `&Header` only, never through a reference that covers the
 /// value, which may already be dropped (I4).
 #[repr(C)]
 pub(crate) struct Header {
-    strong: AtomicUsize,
-    weak: AtomicUsize,
+    strong: AtomicU32,
+    weak: AtomicU32,
     /// This object's death-callback list (two words), emptied at death.
     callbacks: ObjectCallbacks,
     leak_check: LeakCheck,
@@ -115,10 +121,10 @@ impl BlockLayout {
 impl Header {
     /// A header with `strong` strong handles and one weak reference (the
     /// implicit weak, or `new_cyclic`'s `Weak`).
-    fn new(strong: usize) -> Self {
+    fn new(strong: u32) -> Self {
         Header {
-            strong: AtomicUsize::new(strong),
-            weak: AtomicUsize::new(1),
+            strong: AtomicU32::new(strong),
+            weak: AtomicU32::new(1),
             callbacks: ObjectCallbacks::new(),
             leak_check: LeakCheck::new(()),
         }
@@ -452,7 +458,7 @@ unsafe fn write_layout<T: ?Sized>(this: NonNull<ControlBlock<T>>, value_layout: 
 /// handle's last weak reference freed on this thread (C16). Inlined, so
 /// that for a sized value the layout is a constant.
 #[inline]
-fn allocate_raw(value_layout: Layout, strong: usize) -> NonNull<u8> {
+fn allocate_raw(value_layout: Layout, strong: u32) -> NonNull<u8> {
     let layout = block_layout(value_layout);
     let memory = crate::block_cache::allocate(layout);
     // SAFETY: the block is ours alone (fresh, or out of this thread's
@@ -505,7 +511,7 @@ impl Header {
     #[inline]
     pub(crate) fn strong(&self) -> usize {
         // Relaxed (O8): a statistic; no memory access depends on it.
-        self.strong.load(Ordering::Relaxed)
+        self.strong.load(Ordering::Relaxed) as usize
     }
 
     /// Number of `Weak` handles: the weak count less the implicit weak held
@@ -522,7 +528,7 @@ impl Header {
             // `get_mut` only locks when it sees no `Weak` handle at all.
             0
         } else {
-            weak - 1
+            (weak - 1) as usize
         }
     }
 
@@ -788,14 +794,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_block_is_a_four_word_header_and_at_least_a_word_for_its_value() {
+    fn a_block_is_two_counts_a_word_and_at_least_a_word_for_its_value() {
         let word = std::mem::size_of::<usize>();
-        assert_eq!(std::mem::size_of::<Header>(), 4 * word);
-        // Two counts and the callback list (two words): the layout is kept
-        // where the value was, once it is gone (U2).
-        assert_eq!(block_layout(Layout::new::<u64>()).size(), 4 * word + 8);
-        assert_eq!(block_layout(Layout::new::<u8>()).size(), 5 * word);
-        assert_eq!(block_layout(Layout::new::<()>()).size(), 5 * word);
+        // Two 32-bit counts and the callback list's word: 16 bytes on
+        // 64-bit targets, as `Arc`'s header; the layout is kept where the
+        // value was, once it is gone (U2).
+        assert_eq!(std::mem::size_of::<Header>(), 8 + word);
+        assert_eq!(block_layout(Layout::new::<u64>()).size(), 8 + word + 8);
+        assert_eq!(block_layout(Layout::new::<u8>()).size(), 8 + 2 * word);
+        assert_eq!(block_layout(Layout::new::<()>()).size(), 8 + 2 * word);
         let over_aligned = Layout::from_size_align(1, 128).unwrap();
         let block = block_layout(over_aligned);
         assert_eq!((block.size(), block.align()), (256, 128));

@@ -1,6 +1,9 @@
 //! `EntryList`: a lock-free stack of callback entries with one compactor at
-//! a time. It serves as each object's callback list and as the runtime's
-//! registry of all entries.
+//! a time. It serves as the runtime's registry of all entries and, once an
+//! object has had more than a few registrations, as that object's callback
+//! list; before that, the object's list is *inline*, a stack in one word
+//! of its control block's header with no compaction state
+//! ([`ObjectCallbacks`], SAFETY.md, C17).
 //!
 //! * **Push** (any number of threads at once): link the new node to the
 //!   head read, CAS the head. A pusher never dereferences a node already in
@@ -45,7 +48,7 @@ use std::marker::PhantomData;
 use std::ptr;
 
 use super::entry::{Entry, EntryRef, Hook, Removal};
-use crate::sync::{yield_now, AtomicPtr, AtomicUsize, Ordering};
+use crate::sync::{yield_now, AtomicPtr, AtomicUsize, LeakCheck, Ordering};
 
 /// Pushes between compactions, at least. Shrinks under loom so the models
 /// reach the compaction path. Small: a list that holds few live entries
@@ -126,10 +129,158 @@ impl Link for RegistryLink {
     }
 }
 
-/// An object's callback list, embedded in its control block's header.
-pub(crate) type ObjectCallbacks = EntryList<ObjectLink>;
+/// An object's callback list: one word in its control block's header
+/// (SAFETY.md, C12, C17).
+///
+/// * **Inline** while the object has had at most [`INLINE_MAX`] pushes:
+///   the word is the head of the stack, its low bits counting the pushes
+///   so far (null and zero while none). An inline list keeps no
+///   compaction state and never compacts: it holds at most `INLINE_MAX`
+///   nodes, settled or not, until the death takes them. Most objects stay
+///   inline for life (a value in one map or two), so a control block's
+///   header is two counts and this word, as small as `Arc`'s.
+/// * **Anchored**, for good, from the push that would take it past
+///   `INLINE_MAX` (or the first walk a test makes): the word is the
+///   address of an [`Anchor`], an `EntryList` of its own allocation that
+///   holds the stack and its compaction state, tagged [`ANCHORED`]. One
+///   CAS moves the inline stack into the anchor, so every push is in
+///   exactly one of the two; every later operation is the anchor's own.
+///   The anchor lives until the death takes the list (`take_all`), which
+///   no push, compaction or walk can race (C6).
+pub(crate) struct ObjectCallbacks {
+    word: AtomicPtr<Entry>,
+}
+
+/// Where an anchored list lives: the list, and under loom a tracker, so
+/// that a model which leaks an anchor fails.
+struct Anchor {
+    list: EntryList<ObjectLink>,
+    _leak_check: LeakCheck,
+}
+
+/// The word's tag bits: those a node's alignment, and an anchor's, leave
+/// clear (three on 64-bit targets, two on 32-bit ones).
+const TAG_MASK: usize = std::mem::align_of::<Entry>() - 1;
+
+/// The tag of an anchored list's word.
+const ANCHORED: usize = TAG_MASK;
+
+/// Pushes an inline list takes before the next anchors it: six on 64-bit
+/// targets, two on 32-bit ones; one under loom, so that a model anchors
+/// on its second push.
+pub(super) const INLINE_MAX: usize = if cfg!(weakrefs_loom) { 1 } else { TAG_MASK - 1 };
+
+const _: () = assert!(
+    TAG_MASK >= 3
+        && std::mem::align_of::<Anchor>() > TAG_MASK
+        && std::mem::align_of::<Entry>() > TAG_MASK,
+    "nodes and anchors leave the tag's bits clear, and the tag has room \
+     for a count and ANCHORED"
+);
 
 impl ObjectCallbacks {
+    /// An empty inline list.
+    pub(crate) fn new() -> Self {
+        ObjectCallbacks {
+            word: AtomicPtr::new(ptr::null_mut()),
+        }
+    }
+
+    /// Adds `entry` at the head (newest first); an anchored list then
+    /// compacts if due.
+    pub(crate) fn push(&self, entry: EntryRef) {
+        let node = entry.into_link();
+        // SAFETY: `node` is ours until a CAS publishes it, and the list's
+        // reference keeps it alive after; every node has an object link.
+        let link = unsafe { ObjectLink::next(node) };
+        // Acquire (C17): pairs with the anchoring CAS's Release, so a
+        // pusher that finds the list anchored sees the anchor's fields.
+        let mut word = self.word.load(Ordering::Acquire);
+        loop {
+            let pushes = word.addr() & TAG_MASK;
+            if pushes >= INLINE_MAX {
+                // Anchored, or full: this push goes to the anchor.
+                // SAFETY: `node` came from `into_link` just now and goes
+                // to the anchor's list alone.
+                unsafe { self.anchor(word).list.push_link(node) };
+                return;
+            }
+            // Relaxed: published by the Release CAS below.
+            link.store(untagged(word), Ordering::Relaxed);
+            // Release (C4, C17): publishes the node's fields to whoever
+            // loads the word with Acquire (the dying thread, an anchoring
+            // push, which hands them on to the anchor's readers).
+            // Acquire on failure: the word may now be anchored.
+            match self.word.compare_exchange_weak(
+                word,
+                node.map_addr(|addr| addr | (pushes + 1)),
+                Ordering::Release,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return,
+                Err(actual) => word = actual,
+            }
+        }
+    }
+
+    /// The anchor, which this call installs if `word`, the last value the
+    /// caller loaded (with Acquire), is inline: a new anchor takes the
+    /// inline stack and counts its pushes as work, and one CAS of the word
+    /// publishes it (C17). The word of an inline list only ever grows a
+    /// node and a push at a time until it is anchored, and no death races
+    /// a push (C6), so a CAS that finds the word unchanged moves exactly
+    /// the stack that is there: no node is lost or moved twice.
+    fn anchor(&self, mut word: *mut Entry) -> &Anchor {
+        // Made at most once a call, kept across failed CASes.
+        let mut fresh: *mut Anchor = ptr::null_mut();
+        loop {
+            if word.addr() & TAG_MASK == ANCHORED {
+                if !fresh.is_null() {
+                    // SAFETY: made below by `Box::into_raw` and never
+                    // published: ours alone.
+                    let unused = unsafe { Box::from_raw(fresh) };
+                    // Relaxed: never shared. Its stack is not its own.
+                    unused.list.head.store(ptr::null_mut(), Ordering::Relaxed);
+                }
+                // SAFETY: an anchored word points at an anchor that lives
+                // until the death takes the list, which cannot race the
+                // caller (C6, C17); the caller's Acquire load of the word
+                // (or the failed CAS's, below) saw its fields.
+                return unsafe { &*untagged(word).cast::<Anchor>() };
+            }
+            if fresh.is_null() {
+                fresh = Box::into_raw(Box::new(Anchor {
+                    list: EntryList::new(),
+                    _leak_check: LeakCheck::new(()),
+                }));
+            }
+            // SAFETY: ours alone until the CAS below publishes it.
+            let list = unsafe { &(*fresh).list };
+            // Relaxed: published by the Release CAS below.
+            list.head.store(untagged(word), Ordering::Relaxed);
+            list.state
+                .store((word.addr() & TAG_MASK) << WORK_SHIFT, Ordering::Relaxed);
+            // Release (C17): publishes the anchor's fields, and hands on
+            // the inline pushes' nodes, whose Release CASes this one reads
+            // (a release sequence), to whoever loads the word with Acquire.
+            // Acquire on failure: to read the anchor another push put there.
+            match self.word.compare_exchange(
+                word,
+                fresh.cast::<Entry>().map_addr(|addr| addr | ANCHORED),
+                Ordering::Release,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    // SAFETY: published just now; it lives as the list does.
+                    let anchor = unsafe { &*fresh };
+                    anchor.list.compact_if_due();
+                    return anchor;
+                }
+                Err(actual) => word = actual,
+            }
+        }
+    }
+
     /// Registers a collection's removal callback on this object's list as
     /// a hook: kept out of the registry (`shutdown` never runs it, and
     /// registering costs no push on the process-wide registry), and run by
@@ -171,8 +322,98 @@ impl ObjectCallbacks {
     /// stays theirs to reach. A trigger lost to a compactor already walking
     /// (this `try_lock` fails, and that walk subtracts only the work it
     /// saw) waits for the next push or detach.
+    ///
+    /// An inline list never compacts, and holds few nodes: nothing to count.
     #[inline]
     pub(crate) fn note_detached(&self) {
+        // Acquire (C17): as in `push`, to read an anchor's state.
+        let word = self.word.load(Ordering::Acquire);
+        if word.addr() & TAG_MASK == ANCHORED {
+            // SAFETY: as in `anchor`: the caller holds a `Strong` (C6).
+            let anchor = unsafe { &*untagged(word).cast::<Anchor>() };
+            anchor.list.note_detached();
+        }
+    }
+
+    /// True when no entry is linked and no anchor made (a snapshot): an
+    /// anchored list counts as not empty, for its death must free the
+    /// anchor (its stack is empty only if a test's walk anchored an empty
+    /// list, since a compaction never unlinks the head).
+    pub(crate) fn is_empty(&self) -> bool {
+        // Acquire (C4, C17): pairs with the pushes' and the anchoring's
+        // Release CASes.
+        self.word.load(Ordering::Acquire).is_null()
+    }
+
+    /// Removes and returns every node, newest first, as a chain through
+    /// the object links whose references the caller now owns, and frees
+    /// the anchor, if any. The list is inline and empty afterwards.
+    ///
+    /// # Safety
+    ///
+    /// 1. No push, compaction or walk runs concurrently (the object's
+    ///    death: C6).
+    pub(crate) unsafe fn take_all(&self) -> *mut Entry {
+        // Acquire (C4, C17): pairs with the pushes' and the anchoring's
+        // Release CASes. By 1 nothing writes the word meanwhile: a load
+        // and a store take it, with no read-modify-write (C6).
+        let word = self.word.load(Ordering::Acquire);
+        // Relaxed: by 1, as `EntryList::take_all`'s store of its head.
+        self.word.store(ptr::null_mut(), Ordering::Relaxed);
+        if word.addr() & TAG_MASK != ANCHORED {
+            return untagged(word);
+        }
+        // SAFETY: the anchor was made by `Box::into_raw` (`anchor`) and is
+        // freed only here, once: the word no longer names it.
+        let anchor = unsafe { Box::from_raw(untagged(word).cast::<Anchor>()) };
+        // SAFETY: by 1.
+        unsafe { anchor.list.take_all() }
+    }
+
+    /// The entries still alive, newest first (tests): the anchor's, which
+    /// this anchors if the list is inline, so that nothing is freed while
+    /// the walk goes on.
+    #[cfg(test)]
+    pub(crate) fn alive_entries(&self) -> Vec<EntryRef> {
+        // Acquire (C17): as in `push`.
+        self.anchor(self.word.load(Ordering::Acquire))
+            .list
+            .alive_entries()
+    }
+}
+
+impl Drop for ObjectCallbacks {
+    fn drop(&mut self) {
+        // SAFETY: `&mut self`: no push, compaction or walk can run.
+        let mut node = unsafe { self.take_all() };
+        while !node.is_null() {
+            // SAFETY: every node taken owns one reference, now ours.
+            let entry = unsafe { EntryRef::from_link(node) };
+            // Relaxed: ours alone.
+            node = entry.object_next.load(Ordering::Relaxed);
+            drop(entry);
+        }
+    }
+}
+
+impl std::fmt::Debug for ObjectCallbacks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectCallbacks").finish_non_exhaustive()
+    }
+}
+
+/// The address an inline list's head or an anchored list's anchor is at:
+/// the word, its tag masked off.
+#[inline(always)]
+fn untagged(word: *mut Entry) -> *mut Entry {
+    word.map_addr(|addr| addr & !TAG_MASK)
+}
+
+impl EntryList<ObjectLink> {
+    /// [`ObjectCallbacks::note_detached`] for an anchored list: counts
+    /// the detach if the last compaction kept more than a few entries.
+    #[inline]
+    fn note_detached(&self) {
         // Relaxed: a hint, as `note_settled`'s trigger is (C5′).
         let state = self.state.load(Ordering::Relaxed);
         if kept_of(state) > COMPACT_MIN && work_of(state) <= self.due(state) {
@@ -182,7 +423,8 @@ impl ObjectCallbacks {
 }
 
 /// A lock-free stack of entries, newest first; see the module docs. Two
-/// words, so an object's list lives in its control block's header.
+/// words: an object's list keeps one in its anchor ([`ObjectCallbacks`]),
+/// and the runtime's registry is one.
 pub(crate) struct EntryList<L: Link> {
     head: AtomicPtr<Entry>,
     /// The compaction state, packed: bit 0 is the `compacting` flag, the
@@ -235,10 +477,20 @@ impl<L: Link> EntryList<L> {
 
     /// Adds `entry` at the head (newest first), then compacts if due.
     pub(crate) fn push(&self, entry: EntryRef) {
-        let node = entry.into_link();
+        // SAFETY: a link just made from an owned reference, of `L`'s kind
+        // (the caller pushes only such nodes).
+        unsafe { self.push_link(entry.into_link()) }
+    }
+
+    /// [`Self::push`] of a reference already turned into a link.
+    ///
+    /// # Safety
+    ///
+    /// 1. `node` came from [`EntryRef::into_link`], is a node of `L`'s
+    ///    kind, and its reference goes to this list alone.
+    unsafe fn push_link(&self, node: *mut Entry) {
         // SAFETY: `node` is ours until the CAS publishes it, and the list's
-        // reference keeps it alive after; it is of `L`'s kind (the caller
-        // pushes only such nodes).
+        // reference keeps it alive after; it is of `L`'s kind (1).
         let link = unsafe { L::next(node) };
         // Relaxed: the value only seeds the CAS.
         let mut head = self.head.load(Ordering::Relaxed);
@@ -307,6 +559,19 @@ impl<L: Link> EntryList<L> {
         } else if work > 4 * due {
             let guard = self.lock();
             self.compact(&guard);
+        }
+    }
+
+    /// Compacts if the work counted so far makes a compaction due and no
+    /// one else is compacting: a new anchor's first step, for the inline
+    /// pushes it took over (C17).
+    fn compact_if_due(&self) {
+        // Relaxed: a trigger, as in `note_settled`.
+        let state = self.state.load(Ordering::Relaxed);
+        if work_of(state) > self.due(state) {
+            if let Some(guard) = self.try_lock() {
+                self.compact(&guard);
+            }
         }
     }
 
@@ -455,12 +720,6 @@ impl<L: Link> EntryList<L> {
         kept
     }
 
-    /// True when no entry is linked (a snapshot).
-    pub(crate) fn is_empty(&self) -> bool {
-        // Acquire (C4): pairs with the pushes' Release CAS.
-        node_of(self.head.load(Ordering::Acquire)).is_null()
-    }
-
     /// Removes and returns every node, newest first, as a chain through
     /// `L`'s link whose references the caller now owns.
     ///
@@ -521,6 +780,24 @@ impl<L: Link> EntryList<L> {
             node = unsafe { L::next(node) }.load(Ordering::Relaxed);
         }
         count
+    }
+}
+
+#[cfg(all(test, not(weakrefs_loom)))]
+impl ObjectCallbacks {
+    /// Nodes in the list, settled or not (tests only): the anchor's, which
+    /// this anchors if the list is inline.
+    pub(crate) fn node_count(&self) -> usize {
+        // Acquire (C17): as in `push`.
+        self.anchor(self.word.load(Ordering::Acquire))
+            .list
+            .node_count()
+    }
+
+    /// True if the list is anchored (tests only).
+    pub(crate) fn is_anchored(&self) -> bool {
+        // Relaxed: a snapshot, read by the thread that pushed.
+        self.word.load(Ordering::Relaxed).addr() & TAG_MASK == ANCHORED
     }
 }
 
@@ -592,6 +869,50 @@ mod loom_models {
                 "a compaction subtracted a push whose node it never walked"
             );
             drop((first, second));
+        });
+    }
+
+    /// C17: two pushes race onto an inline list that holds one node (loom
+    /// anchors on the second push), so both try to anchor it, while the
+    /// first node's entry detaches (so that the anchor's compaction, due
+    /// at once under loom, may free it): one anchor wins, the other is
+    /// freed unused, and the death (`take_all`) finds every node still
+    /// linked, the two alive ones among them, and frees the anchor.
+    /// Loom's tracker in each node and in the anchor fails a model that
+    /// leaks one, and its cells a free that races a use.
+    #[test]
+    fn anchoring_races_a_push_and_the_death_takes_both() {
+        loom::model(|| {
+            let list = Arc::new(ObjectCallbacks::new());
+            let [first, in_list] = EntryRef::new_with_owners::<2, _>(|| {}, false);
+            list.push(in_list);
+            let pusher = {
+                let list = list.clone();
+                loom::thread::spawn(move || {
+                    let [second, in_list] = EntryRef::new_with_owners::<2, _>(|| {}, false);
+                    list.push(in_list);
+                    second
+                })
+            };
+            assert!(first.detach());
+            let [third, in_list] = EntryRef::new_with_owners::<2, _>(|| {}, false);
+            list.push(in_list);
+            let second = pusher.join().unwrap();
+            // SAFETY: the threads are joined: nothing races the death.
+            let mut node = unsafe { list.take_all() };
+            let (mut taken, mut alive) = (0, 0);
+            while !node.is_null() {
+                // SAFETY: the chain's references are ours.
+                let entry = unsafe { EntryRef::from_link(node) };
+                // Relaxed: ours alone.
+                node = entry.object_next.load(Ordering::Relaxed);
+                taken += 1;
+                alive += usize::from(entry.is_alive());
+            }
+            assert_eq!(alive, 2, "a push was lost to the anchoring");
+            assert!(taken <= 3, "a node was linked twice");
+            assert!(list.is_empty());
+            drop((first, second, third));
         });
     }
 }

@@ -883,6 +883,50 @@ mod tests {
         assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 7);
     }
 
+    /// C17: an object's list stays inline, with no anchor, for its first
+    /// `INLINE_MAX` pushes, and keeps what they pushed (it never
+    /// compacts); the next push anchors it, and from then on compactions
+    /// free detached entries, the inline ones included; the death takes
+    /// every entry and runs the live ones.
+    #[test]
+    fn an_object_list_anchors_past_its_inline_pushes_and_compacts_there() {
+        let runtime = Runtime::inline();
+        let list = ObjectCallbacks::new();
+        let runs = StdArc::new(AtomicUsize::new(0));
+        let counting = || {
+            let runs = runs.clone();
+            Box::new(move || {
+                runs.fetch_add(1, Ordering::Relaxed);
+            })
+        };
+        let first = runtime.register(&list, counting());
+        let detached: Vec<_> = (1..super::super::list::INLINE_MAX)
+            .map(|_| {
+                let entry = runtime.register(&list, counting());
+                assert!(entry.detach());
+                entry
+            })
+            .collect();
+        assert!(!list.is_anchored(), "anchored within its inline pushes");
+        for entry in &detached {
+            assert!(entry.ref_count() >= 2, "an inline list let go of a node");
+        }
+        let anchoring = runtime.register(&list, counting());
+        assert!(list.is_anchored(), "not anchored past its inline pushes");
+        for _ in 0..1000 {
+            runtime.register(&list, counting()).detach();
+        }
+        assert!(list.node_count() <= 40, "the anchored list grew");
+        for entry in &detached {
+            assert_eq!(entry.ref_count(), 1, "a detached inline entry was kept");
+        }
+        assert!(first.is_alive() && anchoring.is_alive());
+        runtime.on_death(&list);
+        assert_eq!(runtime.drain(), 2);
+        assert_eq!(runs.load(Ordering::Relaxed), 2);
+        assert!(list.is_empty());
+    }
+
     #[test]
     fn register_detach_churn_leaves_lists_bounded() {
         let runtime = Runtime::inline();
