@@ -168,6 +168,43 @@ fn a_panicking_destructor_does_not_lose_callbacks() {
     assert!(ran.load(Ordering::SeqCst));
 }
 
+/// A callback that panics with a payload whose `Drop` flushes: the payload
+/// is dropped on the thread that ran the callback, still inside it, so that
+/// `flush` returns at once instead of waiting for the queue the callback
+/// keeps busy (the finalizer thread hung for good, and every later
+/// callback with it).
+#[test]
+fn a_panic_payload_that_flushes_as_it_drops_does_not_hang_the_finalizer() {
+    struct FlushOnDrop(Arc<AtomicBool>);
+    impl Drop for FlushOnDrop {
+        fn drop(&mut self) {
+            flush();
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+    let dropped = Arc::new(AtomicBool::new(false));
+    let payload_dropped = dropped.clone();
+    finishes_within(DEADLOCK, move || {
+        let obj = Strong::new(1u32);
+        finalize(&obj, move || {
+            std::panic::panic_any(FlushOnDrop(payload_dropped));
+        });
+        drop(obj);
+        flush();
+    });
+    assert!(
+        dropped.load(Ordering::SeqCst),
+        "the payload was not dropped"
+    );
+    let ran = Arc::new(AtomicBool::new(false));
+    let later = Strong::new(2u32);
+    let flag = ran.clone();
+    finalize(&later, move || flag.store(true, Ordering::SeqCst));
+    drop(later);
+    finishes_within(DEADLOCK, flush);
+    assert!(ran.load(Ordering::SeqCst), "a later callback did not run");
+}
+
 #[test]
 fn a_panicking_callback_is_counted_and_the_thread_goes_on() {
     let before = stats();

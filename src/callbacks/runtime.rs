@@ -417,12 +417,14 @@ impl Runtime {
         count
     }
 
-    /// Runs one callback, catching and reporting a panic.
+    /// Runs one callback, catching and reporting a panic. The mark covers
+    /// the report too, which drops the panic's payload: the payload is the
+    /// callback's own, and a `flush` in its `Drop` would otherwise wait
+    /// for the queue this very callback keeps busy, on the finalizer
+    /// thread for good.
     pub(crate) fn run_callback(&self, callback: impl FnOnce()) {
-        let outcome = {
-            let _callback = marks::enter(Mark::Callback);
-            panic::catch_unwind(AssertUnwindSafe(callback))
-        };
+        let _callback = marks::enter(Mark::Callback);
+        let outcome = panic::catch_unwind(AssertUnwindSafe(callback));
         // Relaxed: statistics.
         self.counters.run.fetch_add(1, Ordering::Relaxed);
         if let Err(payload) = outcome {
