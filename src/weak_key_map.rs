@@ -261,6 +261,13 @@ where
     /// An empty map with room for about `capacity` entries before any
     /// shard grows.
     ///
+    /// # Panics
+    ///
+    /// If the tables for `capacity` entries would not fit in the address
+    /// space (more than `isize::MAX` bytes: "capacity overflow"), as
+    /// `HashMap::with_capacity` does. A size that fits but that the
+    /// allocator cannot give aborts the process, as for any collection.
+    ///
     /// ```
     /// let map: weakrefs::WeakKeyMap<String, u32> = weakrefs::WeakKeyMap::with_capacity(1_000);
     /// assert_eq!(map.len(), 0);
@@ -289,6 +296,11 @@ where
 
     /// An empty map with room for about `capacity` entries, hashing key
     /// addresses with `hasher`.
+    ///
+    /// # Panics
+    ///
+    /// As `with_capacity`: if the tables for `capacity` entries
+    /// would not fit in the address space.
     ///
     /// ```
     /// use std::collections::hash_map::RandomState;

@@ -150,6 +150,13 @@ impl<T: ?Sized + Send + Sync + 'static> WeakSet<T, IdentityState> {
     /// An empty set with room for about `capacity` members before any
     /// shard grows.
     ///
+    /// # Panics
+    ///
+    /// If the tables for `capacity` entries would not fit in the address
+    /// space (more than `isize::MAX` bytes: "capacity overflow"), as
+    /// `HashMap::with_capacity` does. A size that fits but that the
+    /// allocator cannot give aborts the process, as for any collection.
+    ///
     /// ```
     /// let set: weakrefs::WeakSet<u32> = weakrefs::WeakSet::with_capacity(1_000);
     /// assert!(set.is_empty());
@@ -177,6 +184,11 @@ where
 
     /// An empty set with room for about `capacity` members, hashing member
     /// addresses with `hasher`.
+    ///
+    /// # Panics
+    ///
+    /// As `with_capacity`: if the tables for `capacity` entries
+    /// would not fit in the address space.
     ///
     /// ```
     /// use std::collections::hash_map::RandomState;

@@ -481,6 +481,13 @@ where
     /// An empty map with room for about `capacity` entries before any
     /// shard grows.
     ///
+    /// # Panics
+    ///
+    /// If the tables for `capacity` entries would not fit in the address
+    /// space (more than `isize::MAX` bytes: "capacity overflow"), as
+    /// `HashMap::with_capacity` does. A size that fits but that the
+    /// allocator cannot give aborts the process, as for any collection.
+    ///
     /// ```
     /// let map: weakrefs::WeakValueMap<u32, String> = weakrefs::WeakValueMap::with_capacity(10_000);
     /// assert_eq!(map.len(), 0);
@@ -542,6 +549,12 @@ where
 {
     /// Room for about `n` entries before any shard grows (0 by default).
     ///
+    /// # Panics
+    ///
+    /// [`build`](Self::build) panics if the tables for `n` entries would
+    /// not fit in the address space, as
+    /// [`WeakValueMap::with_capacity`] does.
+    ///
     /// ```
     /// let map = weakrefs::WeakValueMap::<u64, u64>::builder().capacity(500).build();
     /// assert!(map.capacity() >= 500);
@@ -583,6 +596,13 @@ where
     /// entry that leaves the map (removed, replaced, cleared) leaves the
     /// tier too; a value in the tier cannot die. The evicted value is
     /// dropped by the thread whose access evicted it, outside every lock.
+    ///
+    /// The tier's `n` positions are allocated when the map is built, about
+    /// 42 bytes each with the sketch (414 MiB for ten million), not as
+    /// values enter: size `n` to what the map should keep, not as a way to
+    /// say "unbounded". It is capped at `u32::MAX - 1`; a tier the
+    /// allocator cannot give aborts the process, as a `Vec` of that
+    /// capacity would.
     ///
     /// ```
     /// use weakrefs::{Strong, WeakValueMap};
@@ -750,6 +770,11 @@ where
 
     /// An empty map with room for about `capacity` entries, hashing keys
     /// with `hasher`.
+    ///
+    /// # Panics
+    ///
+    /// As `with_capacity`: if the tables for `capacity` entries
+    /// would not fit in the address space.
     ///
     /// ```
     /// use std::collections::hash_map::RandomState;

@@ -2523,3 +2523,40 @@ fn flush_inside_remove_if_panics_instead_of_waiting_for_itself() {
         "the deaths were heard, the entry kept"
     );
 }
+
+/// A capacity whose tables could not be addressed panics with "capacity
+/// overflow", as `HashMap::with_capacity` does, on every collection and
+/// the builder: a panic the caller can catch, where the allocator's
+/// refusal of the size aborted the process.
+#[test]
+fn an_impossible_capacity_panics_instead_of_aborting() {
+    fn overflows(build: impl FnOnce()) -> bool {
+        let outcome = catch_unwind(AssertUnwindSafe(build));
+        let payload = outcome.expect_err("an impossible capacity was accepted");
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        message.contains("capacity overflow")
+    }
+    assert!(overflows(|| drop(WeakValueMap::<u64, u64>::with_capacity(
+        usize::MAX
+    ))));
+    assert!(overflows(|| drop(
+        WeakValueMap::<u64, u64>::builder()
+            .capacity(usize::MAX)
+            .build()
+    )));
+    assert!(overflows(|| drop(
+        weakrefs::WeakKeyMap::<u64, u64>::with_capacity(usize::MAX)
+    )));
+    assert!(overflows(|| drop(weakrefs::WeakSet::<u64>::with_capacity(
+        usize::MAX
+    ))));
+    // The maps still work afterwards.
+    let value = Strong::new(1u64);
+    let map = WeakValueMap::with_capacity(16);
+    map.insert(1u64, &value);
+    assert_eq!(map.get(&1).as_deref(), Some(&1));
+}

@@ -856,6 +856,25 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
         };
         // Full at 7/8, plus one slot: no rebuild before `per_shard` items.
         let slots = (per_shard.saturating_mul(8) / 7 + 2).max(MIN_SLOTS);
+        // A capacity whose tables could not be addressed panics, as
+        // `HashMap::with_capacity`'s does, rather than asking the allocator
+        // for a size it must refuse, which aborts the process.
+        let slot_bytes = std::mem::size_of::<Slot<I>>()
+            + std::mem::size_of::<Slot<I::Side>>()
+            + std::mem::size_of::<AtomicU32>()
+            + if marked {
+                std::mem::size_of::<AtomicU64>()
+            } else {
+                0
+            }
+            + 1;
+        if slots
+            .checked_mul(slot_bytes)
+            .and_then(|bytes| bytes.checked_mul(shards))
+            .is_none_or(|bytes| bytes > isize::MAX as usize)
+        {
+            panic!("capacity overflow: tables for {capacity} entries exceed the address space");
+        }
         let array: Box<[CachePadded<Shard<I>>]> = (0..shards)
             .map(|_| {
                 CachePadded::new(Shard {
