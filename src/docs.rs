@@ -211,9 +211,29 @@ pub mod from_arc {
     //!   [`Strong::ptr_eq`](crate::Strong::ptr_eq) for identity.
     //! * **`Weak::as_ptr`, `into_raw` and `from_raw` are for sized values.**
     //!   A `Weak` that names no object keeps no pointer metadata.
-    //! * **Drop check.** A `Weak<&'a T>` must be dropped while `'a` lives;
-    //!   std's `Weak` is exempt through the unstable `#[may_dangle]`
-    //!   (SAFETY.md, section 9, says what a stable equivalent would cost).
+    //! * **Drop check.** A `Strong<&'a T>` or a `Weak<&'a T>` must be
+    //!   dropped while `'a` lives; std's `Arc` and `Weak` are exempt through
+    //!   the unstable `#[may_dangle]` (SAFETY.md, section 9, says what a
+    //!   stable equivalent would cost).
+    //! * **`unsize!` of a `Weak` upgrades it** for the moment of the
+    //!   coercion, to read the value's metadata, where `Arc`'s coercion
+    //!   touches no count: meanwhile `strong_count` counts one more, and a
+    //!   [`Strong::try_unwrap`](crate::Strong::try_unwrap) or
+    //!   [`Strong::into_inner`](crate::Strong::into_inner) racing it on
+    //!   another thread can find a second `Strong` (then `into_inner`
+    //!   returns `None` and the value is dropped by the converting thread).
+    //! * **Entries removed from a collection count as `Weak`s for an epoch.**
+    //!   A removed entry lets go of its weak reference once no reader can
+    //!   still see it, not at the removal. Until then
+    //!   [`Strong::weak_count`](crate::Strong::weak_count) counts it,
+    //!   [`Strong::get_mut`](crate::Strong::get_mut) returns `None`, and
+    //!   [`Strong::make_mut`](crate::Strong::make_mut) moves the value to a
+    //!   new object as if a `Weak` were left (so its death callbacks run).
+    //!   [`flush`](crate::flush) settles it, unless another thread stays
+    //!   pinned.
+    //! * **32-bit counts.** More than `i32::MAX` handles to one object abort
+    //!   the process, the limit `Arc` has on 32-bit targets (`isize::MAX`
+    //!   on 64-bit ones): it keeps the header at 16 bytes, as `Arc`'s.
     //! * **`make_mut` and death callbacks.** When only `Weak`s share the
     //!   object, `make_mut` moves the value to a new object and leaves the
     //!   `Weak`s dead, as `Arc::make_mut` does; here that old object dies,
