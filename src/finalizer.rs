@@ -197,7 +197,10 @@ impl fmt::Debug for Finalizer {
 /// another key) may still be under way on the finalizer thread, and
 /// memory that other threads retired (the finalizer thread's removals, a
 /// thread that has just exited) may wait for the epoch to move on again.
-/// A test that counts drops calls it until the count settles.
+/// A test that counts drops calls it until the count settles. A burst of
+/// removals (an object filed under a million keys dying, a `retain` that
+/// empties a large map) is pushed through whole, as long as each step of
+/// collection still frees something.
 ///
 /// It waits for a quiet moment: while other threads keep objects dying,
 /// it returns once the finalizer thread catches up. It does not wait for

@@ -58,6 +58,33 @@ pub(crate) fn hand_over_garbage() {
     }
 }
 
+#[cfg(not(weakrefs_loom))]
+thread_local! {
+    /// Deferred functions this thread has run: a collection step runs them
+    /// on the thread that collects, so [`push_garbage_through`] sees by it
+    /// whether its steps still free anything. A constant initialiser and
+    /// nothing to drop, so it costs a deferred function one increment.
+    static RAN_HERE: Cell<u64> = const { Cell::new(0) };
+}
+
+/// Counts one deferred function run on this thread (a no-op during
+/// thread-local teardown, where nothing reads the count again).
+#[cfg(not(weakrefs_loom))]
+#[inline(always)]
+fn note_ran_here() {
+    let _ = RAN_HERE.try_with(|ran| ran.set(ran.get() + 1));
+}
+
+/// Collection steps one [`push_garbage_through`] takes at most while they
+/// run functions of ours, and again after them: each runs up to eight
+/// bags, of `FLUSH_EVERY` functions or more, so at least four million
+/// deferred drops (the burst of an object filed under a million keys
+/// dying, four times over) go in one call, at about a tenth of a
+/// microsecond a step with nothing to run; other threads' endless
+/// retirements cannot keep it from returning.
+#[cfg(not(weakrefs_loom))]
+const MAX_STEPS: usize = 1 << 14;
+
 /// Set once anything has been retired in this process: a hint, outside
 /// the crate's protocols (and a `static`, which loom's atomics cannot be).
 #[cfg(not(weakrefs_loom))]
@@ -67,9 +94,14 @@ static RETIRED_ANYWHERE: crate::sync::AtomicBool = crate::sync::AtomicBool::new(
 /// global epoch far enough to run it: what this thread removed is then
 /// dropped (or, for user destructors, queued for the finalizer thread)
 /// before this returns, unless another thread is pinned meanwhile. Never
-/// blocks: a few collection steps, each of which advances the epoch only
-/// if every pinned thread has caught up.
-pub(crate) fn push_garbage_through() {
+/// blocks: collection steps, each of which advances the epoch only if
+/// every pinned thread has caught up. Returns how many deferred functions
+/// the steps ran (none under loom, where this does nothing).
+pub(crate) fn push_garbage_through() -> u64 {
+    #[cfg(weakrefs_loom)]
+    {
+        0
+    }
     #[cfg(not(weakrefs_loom))]
     {
         // Relaxed: a hint. A process whose collections never retired
@@ -77,15 +109,45 @@ pub(crate) fn push_garbage_through() {
         // (a program that uses only handles and callbacks never touches the
         // epoch collector).
         if !RETIRED_ANYWHERE.load(crate::sync::Ordering::Relaxed) {
-            return;
+            return 0;
         }
         hand_over_garbage();
         // An epoch ends only once every thread pinned in it has unpinned;
         // a bag sealed in epoch `e` is freed from epoch `e + 2` on, so
-        // three steps suffice when no other thread is pinned.
-        for _ in 0..3 {
+        // three steps free what is queued when no other thread is pinned,
+        // up to a step's share (eight bags). A burst of removals queues
+        // thousands of bags: step on while steps run something here, and
+        // stop after three in a row that ran nothing (the queue is empty,
+        // or another thread's pin holds the epoch back). Between idle
+        // steps, yield: a thread descheduled while pinned (on a busy
+        // machine, often the finalizer thread) then gets to unpin.
+        let ran = || RAN_HERE.try_with(Cell::get).unwrap_or(0);
+        let start = ran();
+        let mut idle = 0;
+        for _ in 0..MAX_STEPS {
+            let before = ran();
+            Reclaimer::global().pin().flush();
+            idle = if ran() == before { idle + 1 } else { 0 };
+            if idle == 3 {
+                break;
+            }
+            if idle > 0 {
+                std::thread::yield_now();
+            }
+        }
+        // Each bag a step runs leaves its queue node to a deferred destroy
+        // of crossbeam's own, which `RAN_HERE` does not count, and those
+        // destroys go round the queue in bags of their own, eight to a
+        // step. A bag of ours holds `FLUSH_EVERY` functions, so about one
+        // step for every 2048 functions run clears those nodes, a few more
+        // the bags that held their destroys: give them one for every 512,
+        // and the yields above a moment to bring any pinned thread along.
+        let run = ran() - start;
+        let tail = usize::try_from(run / 512).unwrap_or(MAX_STEPS);
+        for _ in 0..tail.min(MAX_STEPS) {
             Reclaimer::global().pin().flush();
         }
+        run
     }
 }
 
@@ -318,10 +380,17 @@ impl Pinned {
     /// 2. What `f` frees has been unlinked: no thread that pins after this
     ///    call can reach it.
     pub(crate) unsafe fn defer(&self, f: impl FnOnce()) {
+        // The count captures nothing: the function keeps its size, and
+        // crossbeam stores it inline as before (three words at most).
+        let counted = move || {
+            f();
+            #[cfg(not(weakrefs_loom))]
+            note_ran_here();
+        };
         // SAFETY: precondition 1 is crossbeam's own for `defer_unchecked`
         // (the closure's validity wherever and whenever it runs); 2 makes
         // waiting for the threads pinned now enough (I7).
-        unsafe { self.guard.defer_unchecked(f) };
+        unsafe { self.guard.defer_unchecked(counted) };
         self.count_retirement();
     }
 

@@ -1781,7 +1781,10 @@ where
     /// Rebuilds each shard's table at the size its live entries need, if it
     /// is larger: gives back the table memory of a past peak (not the
     /// detached callbacks that values which live on may keep; see the
-    /// type's docs). Keys are cloned
+    /// type's docs). The old tables, and the entries removed from them,
+    /// are then pushed through the epoch as [`flush`](crate::flush) does,
+    /// so their memory is back by the time this returns unless another
+    /// thread is pinned meanwhile. Keys are cloned
     /// into the smaller tables (as in any rebuild); a panicking `Clone`
     /// leaves that shard as it was, the other shards are still rebuilt,
     /// and then the panic reaches the caller.

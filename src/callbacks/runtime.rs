@@ -374,6 +374,9 @@ impl Runtime {
         // (C15); undone on the way out, as the outermost loop left it.
         let _draining = marks::enter(Mark::Draining);
         let mut ran = 0;
+        // The last batch's count, held back until what the batches retired
+        // has been pushed through (below).
+        let mut unfinished = None;
         for batch in taken {
             // SAFETY: a queued chain of claimed entries, ours after the take.
             let count = unsafe { self.run_chain(batch) };
@@ -383,7 +386,24 @@ impl Runtime {
             self.counters
                 .finished_from_queue
                 .fetch_add(count, Ordering::Relaxed);
-            self.finish_pending(count);
+            if let Some(previous) = unfinished.replace(count) {
+                self.finish_pending(previous);
+            }
+        }
+        if let Some(last) = unfinished {
+            // The queue's last work for now: push what its callbacks and
+            // jobs retired on this thread (a map's removed entries, whose
+            // destructors come back as jobs) through the epoch while that
+            // work still counts as pending, so that a `flush` waiting for it
+            // also waits for those drops, instead of returning just before
+            // this thread, going idle, hands them over.
+            #[cfg(not(weakrefs_loom))]
+            if !self.queue.has_queued_work() {
+                crate::panics::catch_and_report("an epoch collection step", || {
+                    crate::reclaim::push_own_garbage_through();
+                });
+            }
+            self.finish_pending(last);
         }
         if ran > 0 {
             // The entries just run are settled: count them towards the
@@ -520,7 +540,8 @@ impl Runtime {
     /// queued callbacks, are dropped once no reader can see them (epoch
     /// reclamation), their destructors on the finalizer thread, where they
     /// may remove further entries (a value that held the last handle to
-    /// another key). Pushes that along until a round queues nothing new;
+    /// another key). Pushes that along until a round queues nothing new
+    /// and its collection steps run nothing;
     /// bounded, so that other threads' endless activity cannot keep this
     /// from returning. (The finalizer thread pushes its own garbage through
     /// whenever it goes idle, so a cascade completes without any `flush`;
@@ -531,9 +552,9 @@ impl Runtime {
         self.flush();
         for _ in 0..FLUSH_ROUNDS {
             let queued = self.stats().queued;
-            crate::reclaim::push_garbage_through();
+            let ran = crate::reclaim::push_garbage_through();
             self.flush();
-            if self.stats().queued == queued {
+            if ran == 0 && self.stats().queued == queued {
                 break;
             }
         }

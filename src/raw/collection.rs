@@ -717,6 +717,10 @@ pub(crate) fn shrink<I: Watching>(table: &ShardedTable<I>, factor: usize) {
     for shard in 0..table.shard_len() {
         panics.run("a table's shrink", || shrink_shard(table, shard, factor));
     }
+    // The replaced tables, and the removed entries that keep them (M9),
+    // are freed by the epoch: push them through now, so that the memory
+    // comes back by the time this returns unless another thread is pinned.
+    crate::reclaim::push_garbage_through();
     panics.resume();
 }
 
