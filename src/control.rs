@@ -14,7 +14,7 @@
 //! every live object needs: two 32-bit counts and the callback list's
 //! word, two words in all on 64-bit targets, as `Arc`'s header is (the
 //! list's compaction state lives in an allocation of its own, made only
-//! for an object registered with more than a few times: C17).
+//! for an object with more than a few registrations: C17).
 //!
 //! The protocol (SAFETY.md, invariants I1–I6):
 //!
@@ -58,7 +58,8 @@ const WEAK_LOCKED: u32 = u32::MAX;
 pub(crate) struct Header {
     strong: AtomicU32,
     weak: AtomicU32,
-    /// This object's death-callback list (two words), emptied at death.
+    /// This object's death-callback list (one word: C17), emptied at
+    /// death.
     callbacks: ObjectCallbacks,
     leak_check: LeakCheck,
 }
@@ -800,7 +801,15 @@ mod tests {
         // 64-bit targets, as `Arc`'s header; the layout is kept where the
         // value was, once it is gone (U2).
         assert_eq!(std::mem::size_of::<Header>(), 8 + word);
-        assert_eq!(block_layout(Layout::new::<u64>()).size(), 8 + word + 8);
+        // The value's place starts at the header's end, rounded up to the
+        // value's alignment (a `u64` is 8-aligned on some 32-bit targets,
+        // 4-aligned on others).
+        let after = |align: usize| (8 + word).next_multiple_of(align);
+        let u64_align = std::mem::align_of::<u64>();
+        assert_eq!(
+            block_layout(Layout::new::<u64>()).size(),
+            (after(u64_align) + 8).next_multiple_of(u64_align.max(word))
+        );
         assert_eq!(block_layout(Layout::new::<u8>()).size(), 8 + 2 * word);
         assert_eq!(block_layout(Layout::new::<()>()).size(), 8 + 2 * word);
         let over_aligned = Layout::from_size_align(1, 128).unwrap();

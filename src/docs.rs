@@ -454,7 +454,8 @@ pub mod internals {
     //!    `Strong::drop_slow` drops the value (`ControlBlock::drop_value`).
     //! 2. `AfterDeath::drop` finds the object's `ObjectCallbacks` non-empty
     //!    and calls `Runtime::on_death` on `callbacks::global()`.
-    //! 3. `on_death` takes the whole list (`EntryList::take_all`; no
+    //! 3. `on_death` takes the whole list (`ObjectCallbacks::take_all`, which
+    //!    frees the list's anchor if it has one; no
     //!    registration can race a death, C6), pins the epoch before the
     //!    first hook it meets (M14), claims each alive entry
     //!    (`Entry::claim`, C1) and sorts them: hooks

@@ -910,9 +910,96 @@ mod loom_models {
                 alive += usize::from(entry.is_alive());
             }
             assert_eq!(alive, 2, "a push was lost to the anchoring");
-            assert!(taken <= 3, "a node was linked twice");
+            assert!(taken <= 3, "the death took a node that was never pushed");
             assert!(list.is_empty());
             drop((first, second, third));
+        });
+    }
+
+    /// C17: three pushes onto an empty list: one lands inline, and the two
+    /// others race to anchor it (loom anchors on the second push); the
+    /// death takes all three, alive. Fails when the anchoring CAS, or a
+    /// push's first load of the word, is Relaxed.
+    #[test]
+    fn three_pushes_onto_an_empty_list_all_reach_the_death() {
+        loom::model(|| {
+            let list = Arc::new(ObjectCallbacks::new());
+            let spawn = |list: Arc<ObjectCallbacks>| {
+                loom::thread::spawn(move || {
+                    let [mine, in_list] = EntryRef::new_with_owners::<2, _>(|| {}, false);
+                    list.push(in_list);
+                    mine
+                })
+            };
+            let (a, b) = (spawn(list.clone()), spawn(list.clone()));
+            let [mine, in_list] = EntryRef::new_with_owners::<2, _>(|| {}, false);
+            list.push(in_list);
+            let (a, b) = (a.join().unwrap(), b.join().unwrap());
+            // SAFETY: the threads are joined: nothing races the death.
+            let mut node = unsafe { list.take_all() };
+            let mut taken = 0;
+            while !node.is_null() {
+                // SAFETY: the chain's references are ours.
+                let entry = unsafe { EntryRef::from_link(node) };
+                // Relaxed: ours alone.
+                node = entry.object_next.load(Ordering::Relaxed);
+                assert!(entry.is_alive());
+                taken += 1;
+            }
+            assert_eq!(taken, 3, "a push was lost to the anchoring");
+            assert!(list.is_empty());
+            drop((mine, a, b));
+        });
+    }
+
+    /// C17 with C5: on an anchored list, a push (which may compact) races
+    /// a detach and its `note_detached` on another thread and one on this
+    /// thread; the death takes the two live nodes, and loom checks every
+    /// free against every use.
+    #[test]
+    fn an_anchored_push_races_detaches_and_compaction() {
+        loom::model(|| {
+            let list = Arc::new(ObjectCallbacks::new());
+            let [first, in_list] = EntryRef::new_with_owners::<2, _>(|| {}, false);
+            list.push(in_list);
+            let [second, in_list] = EntryRef::new_with_owners::<2, _>(|| {}, false);
+            // Anchors the list (loom's `INLINE_MAX` is one).
+            list.push(in_list);
+            let [third, in_list] = EntryRef::new_with_owners::<2, _>(|| {}, false);
+            list.push(in_list);
+            let pusher = {
+                let list = list.clone();
+                loom::thread::spawn(move || {
+                    let [fourth, in_list] = EntryRef::new_with_owners::<2, _>(|| {}, false);
+                    list.push(in_list);
+                    fourth
+                })
+            };
+            let detacher = {
+                let list = list.clone();
+                loom::thread::spawn(move || {
+                    assert!(second.detach());
+                    list.note_detached();
+                    second
+                })
+            };
+            assert!(first.detach());
+            list.note_detached();
+            let (fourth, second) = (pusher.join().unwrap(), detacher.join().unwrap());
+            // SAFETY: the threads are joined: nothing races the death.
+            let mut node = unsafe { list.take_all() };
+            let (mut taken, mut alive) = (0, 0);
+            while !node.is_null() {
+                // SAFETY: the chain's references are ours.
+                let entry = unsafe { EntryRef::from_link(node) };
+                // Relaxed: ours alone.
+                node = entry.object_next.load(Ordering::Relaxed);
+                taken += 1;
+                alive += usize::from(entry.is_alive());
+            }
+            assert_eq!(alive, 2, "a live entry was lost");
+            assert!(taken <= 4, "the death took a node that was never pushed");
+            drop((first, second, third, fourth));
         });
     }
 }
