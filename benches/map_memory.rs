@@ -39,7 +39,13 @@ fn per_entry(build: impl FnOnce() -> Box<dyn std::any::Any>) -> (f64, f64) {
 }
 
 fn main() {
+    // Values of their own for each of this crate's maps: a value that was
+    // in the first map keeps that map's dropped entry's node on its list
+    // (an object's first few registrations are never compacted), which the
+    // second map's registrations would otherwise find, or not, depending on
+    // the order of the rows.
     let strong: Vec<_> = (0..ENTRIES).map(weakrefs::Strong::new).collect();
+    let more_strong: Vec<_> = (0..ENTRIES).map(weakrefs::Strong::new).collect();
     let arcs: Vec<_> = (0..ENTRIES).map(Arc::new).collect();
     let rows = [
         (
@@ -56,7 +62,7 @@ fn main() {
             "weakrefs::WeakValueMap (with_capacity)",
             per_entry(|| {
                 let map = weakrefs::WeakValueMap::with_capacity(ENTRIES as usize);
-                for v in &strong {
+                for v in &more_strong {
                     map.insert(**v, v);
                 }
                 Box::new(map)

@@ -267,8 +267,8 @@ pub const MEMORY_PER_ENTRY_WHY: &str = "\
 pub const CHURN_MEMORY: &str = "\
     Objects (64-byte payloads) arrive under new keys and stay alive until 1000 newer ones have \
     arrived; the chart samples each map's entries and the heap bytes in use since it was \
-    created, which include the 1000 live objects (this crate's blocks are 16 bytes larger than \
-    `Arc`'s). `DashMap` sweeps with `retain` every 10 000 operations, sampled just before each \
+    created, which include the 1000 live objects (this crate's blocks are the size of \
+    `Arc`'s: a 16-byte header). `DashMap` sweeps with `retain` every 10 000 operations, sampled just before each \
     sweep; weak-table clears expired entries when it would otherwise grow. At the end every \
     object is dropped, `flush()` is called and crossbeam-epoch's garbage is collected; the \
     baselines get no extra sweep. Heap bytes, not the resident set: the resident set is one \
