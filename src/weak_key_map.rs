@@ -186,9 +186,13 @@ where
 /// that allocation stays registered on the key object until the key's
 /// callback list is next compacted (which `remove`, `retain` and
 /// replacing inserts count towards; `clear` and the map's drop do not) or
-/// the key dies, holding the bytes of the value and of the key's `Weak`.
-/// For a large `V` whose long-lived keys lose their entries, store
-/// `Box<V>` to give the bytes back at once.
+/// the key dies, holding the bytes of the value and of the key's `Weak`
+/// (a key object's first six registrations are never compacted: they stay
+/// until it dies). For a large `V` whose long-lived keys lose their
+/// entries, store `Box<V>` to give the bytes back at once.
+///
+/// An empty map is not free: it has four shards per CPU (at least 4, at
+/// most 256), each with a small table, about 5 KiB in all on two CPUs.
 ///
 /// # Reference cycles
 ///

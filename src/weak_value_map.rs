@@ -432,14 +432,21 @@ impl<K: Clone, V: ?Sized, S> MapCore<K, V, S> {
 /// Each entry registers its death callback on its value: one 32-byte
 /// allocation. An entry that leaves any other way detaches it at once;
 /// the detached node leaves the value's callback list at the list's next
-/// compaction, or when the value dies. [`remove`](Self::remove),
+/// compaction, or when the value dies. A value's first six registrations
+/// live inline in its header, where nothing compacts: a value filed under
+/// six entries or fewer in its whole life keeps their detached nodes
+/// until it dies. Past that, [`remove`](Self::remove),
 /// [`remove_if`](Self::remove_if), [`retain`](Self::retain) and replacing
-/// inserts count towards that compaction, so a value that outlives a peak
+/// inserts count towards the compaction, so a value that outlives a peak
 /// of entries naming it gets its memory back as they leave; entries that
 /// leave through [`clear`](Self::clear) or the map's drop leave their
 /// nodes (32 bytes each) until the value gets about as many new
 /// registrations as its list kept, or dies.
 /// [`shrink_to_fit`](Self::shrink_to_fit) gives back table memory only.
+///
+/// An empty map is not free: it has four shards per CPU (at least 4, at
+/// most 256), each with a small table, about 8 KiB in all on two CPUs.
+/// Prefer one map over many small ones (one per object, say).
 ///
 /// # Examples
 ///
