@@ -373,7 +373,7 @@ impl ObjectCallbacks {
     /// The entries still alive, newest first (tests): the anchor's, which
     /// this anchors if the list is inline, so that nothing is freed while
     /// the walk goes on.
-    #[cfg(test)]
+    #[cfg(all(test, not(weakrefs_loom)))]
     pub(crate) fn alive_entries(&self) -> Vec<EntryRef> {
         // Acquire (C17): as in `push`.
         self.anchor(self.word.load(Ordering::Acquire))
@@ -872,6 +872,24 @@ mod loom_models {
         });
     }
 
+    /// The object's death, once the model's threads are joined: takes
+    /// every node (freeing the anchor) and gives back the list's
+    /// references. Returns how many nodes it took, and how many alive.
+    fn the_death(list: &ObjectCallbacks) -> (usize, usize) {
+        // SAFETY: the caller joined every other thread: nothing races it.
+        let mut node = unsafe { list.take_all() };
+        let (mut taken, mut alive) = (0, 0);
+        while !node.is_null() {
+            // SAFETY: the chain's references are ours.
+            let entry = unsafe { EntryRef::from_link(node) };
+            // Relaxed: ours alone.
+            node = entry.object_next.load(Ordering::Relaxed);
+            taken += 1;
+            alive += usize::from(entry.is_alive());
+        }
+        (taken, alive)
+    }
+
     /// C17: two pushes race onto an inline list that holds one node (loom
     /// anchors on the second push), so both try to anchor it, while the
     /// first node's entry detaches (so that the anchor's compaction, due
@@ -898,17 +916,7 @@ mod loom_models {
             let [third, in_list] = EntryRef::new_with_owners::<2, _>(|| {}, false);
             list.push(in_list);
             let second = pusher.join().unwrap();
-            // SAFETY: the threads are joined: nothing races the death.
-            let mut node = unsafe { list.take_all() };
-            let (mut taken, mut alive) = (0, 0);
-            while !node.is_null() {
-                // SAFETY: the chain's references are ours.
-                let entry = unsafe { EntryRef::from_link(node) };
-                // Relaxed: ours alone.
-                node = entry.object_next.load(Ordering::Relaxed);
-                taken += 1;
-                alive += usize::from(entry.is_alive());
-            }
+            let (taken, alive) = the_death(&list);
             assert_eq!(alive, 2, "a push was lost to the anchoring");
             assert!(taken <= 3, "the death took a node that was never pushed");
             assert!(list.is_empty());
@@ -935,18 +943,8 @@ mod loom_models {
             let [mine, in_list] = EntryRef::new_with_owners::<2, _>(|| {}, false);
             list.push(in_list);
             let (a, b) = (a.join().unwrap(), b.join().unwrap());
-            // SAFETY: the threads are joined: nothing races the death.
-            let mut node = unsafe { list.take_all() };
-            let mut taken = 0;
-            while !node.is_null() {
-                // SAFETY: the chain's references are ours.
-                let entry = unsafe { EntryRef::from_link(node) };
-                // Relaxed: ours alone.
-                node = entry.object_next.load(Ordering::Relaxed);
-                assert!(entry.is_alive());
-                taken += 1;
-            }
-            assert_eq!(taken, 3, "a push was lost to the anchoring");
+            let (taken, alive) = the_death(&list);
+            assert_eq!((taken, alive), (3, 3), "a push was lost to the anchoring");
             assert!(list.is_empty());
             drop((mine, a, b));
         });
@@ -986,17 +984,7 @@ mod loom_models {
             assert!(first.detach());
             list.note_detached();
             let (fourth, second) = (pusher.join().unwrap(), detacher.join().unwrap());
-            // SAFETY: the threads are joined: nothing races the death.
-            let mut node = unsafe { list.take_all() };
-            let (mut taken, mut alive) = (0, 0);
-            while !node.is_null() {
-                // SAFETY: the chain's references are ours.
-                let entry = unsafe { EntryRef::from_link(node) };
-                // Relaxed: ours alone.
-                node = entry.object_next.load(Ordering::Relaxed);
-                taken += 1;
-                alive += usize::from(entry.is_alive());
-            }
+            let (taken, alive) = the_death(&list);
             assert_eq!(alive, 2, "a live entry was lost");
             assert!(taken <= 4, "the death took a node that was never pushed");
             drop((first, second, third, fourth));
