@@ -140,8 +140,7 @@ pub(crate) fn push_garbage_through() -> u64 {
         // destroys go round the queue in bags of their own, eight to a
         // step. A bag of ours holds `FLUSH_EVERY` functions, so about one
         // step for every 2048 functions run clears those nodes, a few more
-        // the bags that held their destroys: give them one for every 512,
-        // and the yields above a moment to bring any pinned thread along.
+        // the bags that held their destroys: give them one for every 512.
         let run = ran() - start;
         let tail = usize::try_from(run / 512).unwrap_or(MAX_STEPS);
         for _ in 0..tail.min(MAX_STEPS) {

@@ -70,7 +70,7 @@ impl FrequencySketch {
     }
 
     /// A sketch like `new(capacity)`'s, halved every `period` increments.
-    #[cfg(test)]
+    #[cfg(all(test, not(weakrefs_loom)))]
     pub(crate) fn with_period(capacity: usize, period: usize) -> Self {
         FrequencySketch {
             period,
