@@ -79,8 +79,7 @@ fn note_ran_here() {
 /// run functions of ours, and again after them: each runs up to eight
 /// bags, of `FLUSH_EVERY` functions or more, so at least four million
 /// deferred drops (the burst of an object filed under a million keys
-/// dying, four times over) go in one call, at about a tenth of a
-/// microsecond a step with nothing to run; other threads' endless
+/// dying, four times over) go in one call, while other threads' endless
 /// retirements cannot keep it from returning.
 #[cfg(not(weakrefs_loom))]
 const MAX_STEPS: usize = 1 << 14;
