@@ -605,7 +605,7 @@ where
     /// dropped by the thread whose access evicted it, outside every lock.
     ///
     /// The tier's `n` positions are allocated when the map is built, about
-    /// 42 bytes each with the sketch (414 MiB for ten million), not as
+    /// 42 bytes each with the sketch (405 MiB for ten million), not as
     /// values enter: size `n` to what the map should keep, not as a way to
     /// say "unbounded". It is capped at `u32::MAX - 1`; a tier the
     /// allocator cannot give aborts the process, as a `Vec` of that
