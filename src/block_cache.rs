@@ -30,9 +30,9 @@
 //!   destructor) goes straight to the global allocator.
 //!
 //! * **Bounds.** At most `KEEP` blocks a class a thread: 128 blocks of 8
-//!   to 72 bytes, about 45 KiB a thread in the worst case, 4 and 5 KiB
-//!   for the common 24- and 32-byte classes (the block of a
-//!   `Strong<u64>`; a collection entry's hook node).
+//!   to 72 bytes, about 45 KiB a thread in the worst case, 3 KiB for
+//!   the common 24-byte class (the block of a `Strong<u64>`, and a
+//!   collection entry's hook node).
 //!
 //! Blocks are allocated plainly under loom (the cache has no concurrency
 //! to model, and loom tracks its own allocations) and under Miri: a

@@ -7,8 +7,8 @@
 //! multiply (the full 128-bit product of two words, its halves XORed
 //! together) per word written, and one more in `finish`. A folded multiply
 //! makes every output bit depend on every input bit; the second one spreads
-//! the first's weaker low bits, so the shard (top bits), home group (low 32
-//! bits) and control byte (bits 32 to 38) the table takes from one hash
+//! the first's weaker low bits, so the shard (top bits), home group (bits
+//! 4 to 31) and control byte (bits 4 to 10) the table takes from one hash
 //! are each well mixed on their own (`tests::every_bit_range_is_spread`).
 
 use std::collections::hash_map::RandomState;
@@ -281,12 +281,12 @@ mod tests {
             .map(|a| state.hash_one(*a as usize))
             .collect();
         // What the table takes: the shard (top bits, up to 256 shards), the
-        // control byte (bits 32 to 38), the home group (low 32 bits, scaled:
-        // their top bits pick it), and the lowest bits, which a table
-        // keyed by `hash % groups` would use.
+        // control byte (bits 4 to 10), the home group (bits 4 to 31,
+        // scaled: their top bits pick it), and the lowest bits, which a
+        // table keyed by `hash % groups` would use.
         assert_spread(&hashes, 64 - 4, 4, "shard of 16");
         assert_spread(&hashes, 64 - 7, 7, "shard of 128");
-        assert_spread(&hashes, 32, 7, "control byte");
+        assert_spread(&hashes, 4, 7, "control byte");
         assert_spread(&hashes, 32 - 6, 6, "home group");
         assert_spread(&hashes, 0, 7, "lowest bits");
         // And every 7-bit window, and every single bit.

@@ -429,8 +429,8 @@ impl<K: Clone, V: ?Sized, S> MapCore<K, V, S> {
 /// `get_or_insert_with` family, whose `init` returns the value itself,
 /// needs a sized one.
 ///
-/// Each entry registers its death callback on its value: one 32-byte
-/// allocation. An entry that leaves any other way detaches it at once;
+/// Each entry registers its death callback on its value: one 24-byte
+/// allocation (three words; 16 bytes on 32-bit targets). An entry that leaves any other way detaches it at once;
 /// the detached node leaves the value's callback list at the list's next
 /// compaction, or when the value dies. A value's first six registrations
 /// live inline in its header, where nothing compacts: a value filed under
@@ -440,7 +440,7 @@ impl<K: Clone, V: ?Sized, S> MapCore<K, V, S> {
 /// inserts count towards the compaction, so a value that outlives a peak
 /// of entries naming it gets its memory back as they leave; entries that
 /// leave through [`clear`](Self::clear) or the map's drop leave their
-/// nodes (32 bytes each) until the value gets about as many new
+/// nodes (24 bytes each) until the value gets about as many new
 /// registrations as its list kept, or dies.
 /// [`shrink_to_fit`](Self::shrink_to_fit) gives back table memory only.
 ///

@@ -12,8 +12,9 @@
 //! `detach` drops it, the others run it.
 //!
 //! **Layout.** Every node starts with the type-erased header `Entry`
-//! (`repr(C)`, two words: the count, state and kind; the link in its
-//! object's list). Three kinds of node follow it:
+//! (`repr(C)`, two words: the count; the status, which packs the state,
+//! the kind and, for a hook, the key its entry is filed under; the link in
+//! its object's list). Three kinds of node follow it:
 //!
 //! * a *listed* node (`finalize` registrations and posted jobs):
 //!   `Node<Listed, (), Plain<F>>`, whose head adds the node's vtable and
@@ -21,16 +22,17 @@
 //!   before the closure;
 //! * a *hook* (a collection's removal callback, which is never in the
 //!   registry and never queued: it runs on the dying thread, C14):
-//!   `Node<Entry, (), Removal>`, four words. Its closure is the same for
+//!   `Node<Entry, (), AtSite>`, three words. Its closure is the same for
 //!   every collection, a [`Removal`]: the address of the [`HookSite`] (the
-//!   entry's shard) that removes the entry, and the key (hash) the entry
-//!   is filed under; so its kind implies its vtable, and it stores none.
+//!   entry's shard) that removes the entry; the key (the bits of its hash
+//!   the shard files it by, [`KEY_BITS`]) rides in the header's status
+//!   word. So its kind implies its vtable, and it stores none.
 //!   The removal receives the hook itself, whose address names the
 //!   collection entry it removes, so it need not hold a handle to the
 //!   object;
 //! * a hook with a *payload*, what the entry keeps where it never moves (a
 //!   `WeakKeyMap`'s key `Weak` and value):
-//!   `Node<Vtabled, ManuallyDrop<P>, Removal>`, the header, the vtable
+//!   `Node<Vtabled, ManuallyDrop<P>, AtSite>`, the header, the vtable
 //!   (the node's layout depends on `P`), the payload, then the removal.
 //!   Readers borrow the payload through the entry's `Hook`, and the entry
 //!   drops it, once, when it is dropped itself (the node may outlive it in
@@ -52,23 +54,38 @@ use std::ptr::{self, NonNull};
 
 use crate::block_cache;
 use crate::reclaim::Pinned;
-use crate::sync::{
-    acquire_fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU8, LeakCheck, Ordering, UnsafeCell,
-};
+use crate::sync::{acquire_fence, AtomicPtr, AtomicU32, LeakCheck, Ordering, UnsafeCell};
 
-const ALIVE: u8 = 0;
-const DETACHED: u8 = 1;
-const CLAIMED: u8 = 2;
+// The status word of a node's header (`Entry::status`): the state in bits
+// 0-1, the kind in bits 2-3, and in the bits above them a listed node's
+// `atexit` flag or a hook's key.
 
+/// The state's bits.
+const STATE: u32 = 0b11;
+const ALIVE: u32 = 0;
+const DETACHED: u32 = 1;
+const CLAIMED: u32 = 2;
+
+/// The kind's bits, set at construction, never changed.
+const KIND: u32 = 0b11 << 2;
 /// A node with the registry's and the queue's links (`Listed`).
-const LISTED: u8 = 0;
+const LISTED: u32 = 0;
 /// A collection's removal callback with nothing to keep: the header and a
 /// [`Removal`], run on the dying thread (C14). Its vtable is
 /// `BARE_HOOK`, implied by the kind, not stored.
-const HOOK: u8 = 1;
+const HOOK: u32 = 1 << 2;
 /// A collection's removal callback that keeps a payload: a `Vtabled`
 /// head, the payload, a [`Removal`]; run as a `HOOK` is.
-const PAYLOAD_HOOK: u8 = 2;
+const PAYLOAD_HOOK: u32 = 2 << 2;
+
+/// A listed node's `atexit` flag (Python's `finalize.atexit`).
+const ATEXIT: u32 = 1 << 4;
+
+/// The bits of a hook's key its status word keeps: all but the state's and
+/// the kind's. A collection files its entries by these bits of their
+/// hashes alone (home group and control byte), so that the key a hook
+/// keeps is all its removal needs to probe for its entry.
+pub(crate) const KEY_BITS: u32 = !(STATE | KIND);
 
 /// References above this abort, as for the handles (I5). A node's owners
 /// are the lists, the queue, the `Finalizer` handles and, for a hook, the
@@ -89,19 +106,18 @@ struct EntryVTable {
 }
 
 /// The vtable of every `HOOK` node.
-const BARE_HOOK: &EntryVTable = &Node::<Entry, (), Removal>::VTABLE;
+const BARE_HOOK: &EntryVTable = &Node::<Entry, (), AtSite>::VTABLE;
 
 /// The type-erased header every node starts with.
 #[repr(C)]
 pub(crate) struct Entry {
     refs: AtomicU32,
-    state: AtomicU8,
-    /// Run by `shutdown()` if still alive (Python's `finalize.atexit`).
-    /// Meaningful for listed nodes only.
-    atexit: AtomicBool,
-    /// `LISTED`, `HOOK` or `PAYLOAD_HOOK`, set at construction, never
-    /// changed.
-    kind: u8,
+    /// The state (`ALIVE`, `DETACHED`, `CLAIMED`, C1), the kind
+    /// (`LISTED`, `HOOK` or `PAYLOAD_HOOK`, never changed) and, above
+    /// them, a listed node's `ATEXIT` flag (run by `shutdown()` if still
+    /// alive, C3) or a hook's key (`KEY_BITS`, never changed), in one
+    /// word, so that a hook is three words.
+    status: AtomicU32,
     /// Link in the object's callback list, then in its death batch.
     pub(crate) object_next: AtomicPtr<Entry>,
     leak_check: LeakCheck,
@@ -182,13 +198,20 @@ impl HookSite {
     }
 }
 
-/// A hook's closure, the same for every collection: the site that removes
-/// its entry and the key the entry is filed under (its hash), two words.
+/// What a hook carries out at its object's death, the same for every
+/// collection: the site that removes its entry, and the key the entry is
+/// filed under. A hook keeps the key's [`KEY_BITS`] in its header's
+/// status word and the rest as its closure, an [`AtSite`], one word.
 pub(crate) struct Removal {
+    at: AtSite,
+    key: u32,
+}
+
+/// A hook's closure: the site that removes its entry.
+struct AtSite {
     /// The site, by address, with no count on anything (M14); its
     /// provenance is that of the whole structure it heads.
     site: NonNull<HookSite>,
-    key: u64,
     /// Under loom, the flag the site's deferred release sets, checked
     /// before the site is reached (M14).
     #[cfg(weakrefs_loom)]
@@ -197,7 +220,8 @@ pub(crate) struct Removal {
 
 impl Removal {
     /// The removal a hook carries out at `site` for the entry filed under
-    /// `key`.
+    /// `key`, of which the hook keeps [`KEY_BITS`] alone: the site's
+    /// function receives those bits, the others clear.
     ///
     /// # Safety
     ///
@@ -210,38 +234,41 @@ impl Removal {
     ///    `HookRun` promises its callee.
     pub(crate) unsafe fn new(
         site: NonNull<HookSite>,
-        key: u64,
+        key: u32,
         #[cfg(weakrefs_loom)] released: crate::sync::Released,
     ) -> Removal {
         Removal {
-            site,
-            key,
-            #[cfg(weakrefs_loom)]
-            released,
+            at: AtSite {
+                site,
+                #[cfg(weakrefs_loom)]
+                released,
+            },
+            key: key & KEY_BITS,
         }
     }
 }
 
-// An address and a key. The site is reached only by the thread that runs
+// An address. The site is reached only by the thread that runs
 // the hook, under `HookRun`'s contract (which `Removal::new`'s caller
 // promised), and is shared as `&` (atomics and a mutex, M14): what crosses
 // threads is the site's structure, a collection's shard, which
 // `death_at_shard`'s bound (`I: Watching`, so `Send + Sync`) and
 // `ShardedTable`'s `Sync` cover.
 // SAFETY: as just said.
-unsafe impl Send for Removal {}
+unsafe impl Send for AtSite {}
 
-impl Callback for Removal {
+impl Callback for AtSite {
     unsafe fn run(self, entry: NonNull<Entry>, pinned: Option<&Pinned>) {
         #[cfg(weakrefs_loom)]
         self.released.check("its table's freed shards");
         // Borrowed, not owned: the caller's reference keeps the node
         // allocated during the call, and `ManuallyDrop` leaves its count.
         let hook = ManuallyDrop::new(EntryRef(entry));
+        let key = u64::from(hook.key());
         // SAFETY: the caller's 1 is `HookRun`'s: this hook was claimed by
         // this thread while pinned, and `site` is the one it was made
         // with, from the whole structure's pointer.
-        unsafe { (self.site.as_ref().run)(self.site, self.key, &hook, pinned) }
+        unsafe { (self.site.as_ref().run)(self.site, key, &hook, pinned) }
     }
 }
 
@@ -317,7 +344,7 @@ impl<H: 'static, P: 'static, C: Callback> Node<H, P, C> {
         // block of this layout.
         unsafe {
             let header = node.cast::<Entry>();
-            if (*header).state.load(Ordering::Relaxed) == ALIVE {
+            if (*header).status.load(Ordering::Relaxed) & STATE == ALIVE {
                 (*node)
                     .callback
                     .with_mut(|cell| ManuallyDrop::drop(&mut *cell));
@@ -329,15 +356,32 @@ impl<H: 'static, P: 'static, C: Callback> Node<H, P, C> {
 }
 
 impl Entry {
-    fn new(refs: u32, atexit: bool, kind: u8) -> Entry {
+    /// An alive header counting `refs` owners, of kind `kind`, whose
+    /// status keeps `above` (a listed node's `ATEXIT` flag or a hook's
+    /// key, bits of `KEY_BITS` only) above the state and the kind.
+    fn new(refs: u32, kind: u32, above: u32) -> Entry {
+        debug_assert!(kind & !KIND == 0 && above & !KEY_BITS == 0);
         Entry {
             refs: AtomicU32::new(refs),
-            state: AtomicU8::new(ALIVE),
-            atexit: AtomicBool::new(atexit),
-            kind,
+            status: AtomicU32::new(above | kind | ALIVE),
             object_next: AtomicPtr::new(ptr::null_mut()),
             leak_check: LeakCheck::new(()),
         }
+    }
+
+    /// The node's kind. Relaxed: set at construction, which happens before
+    /// any use of the node through the reference or link that reached it,
+    /// and never changed (every store keeps the bits).
+    #[inline]
+    fn kind(&self) -> u32 {
+        self.status.load(Ordering::Relaxed) & KIND
+    }
+
+    /// A hook's key: the `KEY_BITS` of the hash its entry is filed under.
+    /// Relaxed, as `kind`.
+    fn key(&self) -> u32 {
+        debug_assert!(self.kind() != LISTED, "a listed node has no key");
+        self.status.load(Ordering::Relaxed) & KEY_BITS
     }
 
     /// The listed header of the node at `entry`.
@@ -354,7 +398,7 @@ impl Entry {
         // covers header and links only, never the closure.
         // SAFETY: as just said.
         unsafe {
-            assert_eq!((*entry).kind, LISTED, "a hook has no registry link");
+            assert_eq!((*entry).kind(), LISTED, "a hook has no registry link");
             &*entry.cast::<Listed>()
         }
     }
@@ -410,7 +454,7 @@ impl EntryRef {
         Node {
             head: Listed {
                 head: Vtabled {
-                    entry: Entry::new(OWNERS as u32, atexit, LISTED),
+                    entry: Entry::new(OWNERS as u32, LISTED, if atexit { ATEXIT } else { 0 }),
                     vtable: &Node::<Listed, (), Plain<F>>::VTABLE,
                 },
                 registry_next: AtomicPtr::new(ptr::null_mut()),
@@ -426,30 +470,31 @@ impl EntryRef {
     /// death, holding `payload` in place, returned as its two owners: the
     /// collection's entry and the object's list. Its object's death runs
     /// it on the dying thread (C14), passing it the hook. Without a
-    /// payload (`P` of size zero with nothing to drop) it is a `HOOK`, four
-    /// words; else a `PAYLOAD_HOOK`.
+    /// payload (`P` of size zero with nothing to drop) it is a `HOOK`,
+    /// three words; else a `PAYLOAD_HOOK`.
     pub(crate) fn new_hook<P>(payload: P, removal: Removal) -> (Hook<P>, EntryRef)
     where
         P: Send + Sync + 'static,
     {
+        let Removal { at, key } = removal;
         let [hook, in_list] = if is_bare::<P>() {
             // Nothing to keep: `payload` is a value of no bytes whose drop
             // does nothing, and `Hook::payload` makes one of its own.
             drop(payload);
             Node {
-                head: Entry::new(2, false, HOOK),
+                head: Entry::new(2, HOOK, key),
                 payload: (),
-                callback: UnsafeCell::new(ManuallyDrop::new(removal)),
+                callback: UnsafeCell::new(ManuallyDrop::new(at)),
             }
             .leak()
         } else {
             Node {
                 head: Vtabled {
-                    entry: Entry::new(2, false, PAYLOAD_HOOK),
-                    vtable: &Node::<Vtabled, ManuallyDrop<P>, Removal>::VTABLE,
+                    entry: Entry::new(2, PAYLOAD_HOOK, key),
+                    vtable: &Node::<Vtabled, ManuallyDrop<P>, AtSite>::VTABLE,
                 },
                 payload: ManuallyDrop::new(payload),
-                callback: UnsafeCell::new(ManuallyDrop::new(removal)),
+                callback: UnsafeCell::new(ManuallyDrop::new(at)),
             }
             .leak()
         };
@@ -485,7 +530,7 @@ impl EntryRef {
     /// of every other node.
     #[inline]
     fn vtable(&self) -> &'static EntryVTable {
-        if self.kind == HOOK {
+        if self.kind() == HOOK {
             return BARE_HOOK;
         }
         // Every other kind's head starts with a `Vtabled` (`repr(C)`), read
@@ -588,25 +633,35 @@ impl Entry {
     pub(crate) fn is_alive(&self) -> bool {
         // Acquire (C2): pairs with the AcqRel claim, so a thread that sees
         // the entry settled also sees what the claimant did before it.
-        self.state.load(Ordering::Acquire) == ALIVE
+        self.status.load(Ordering::Acquire) & STATE == ALIVE
     }
 
     /// True for a hook, which its object's death runs on the dying thread.
     pub(crate) fn on_dying_thread(&self) -> bool {
-        self.kind != LISTED
+        self.kind() != LISTED
     }
 
+    /// A listed node's `atexit` flag.
     pub(crate) fn atexit(&self) -> bool {
         // Relaxed (C3): a preference flag; `shutdown` reads it once.
-        self.atexit.load(Ordering::Relaxed)
+        let status = self.status.load(Ordering::Relaxed);
+        status & KIND == LISTED && status & ATEXIT != 0
     }
 
+    /// Sets a listed node's `atexit` flag.
     pub(crate) fn set_atexit(&self, run_at_exit: bool) {
-        // Relaxed (C3): as above.
-        self.atexit.store(run_at_exit, Ordering::Relaxed);
+        debug_assert_eq!(self.kind(), LISTED, "a hook is never run at exit");
+        // Relaxed (C3): as above. An RMW on the status word, which keeps
+        // the state a concurrent `settle` may be setting; a `settle`
+        // whose CAS it makes fail tries again (C1).
+        if run_at_exit {
+            self.status.fetch_or(ATEXIT, Ordering::Relaxed);
+        } else {
+            self.status.fetch_and(!ATEXIT, Ordering::Relaxed);
+        }
     }
 
-    fn settle(&self, to: u8) -> bool {
+    fn settle(&self, to: u32) -> bool {
         // AcqRel (C1): the modification order of `state` makes exactly one
         // CAS from ALIVE succeed. Acquire orders the winner's take of the
         // closure after the node's construction even when the winner
@@ -621,12 +676,26 @@ impl Entry {
         // instruction too: the common case of an entry whose removal its
         // death's callback made, detached by the entry's drop. Acquire, as
         // the failing CAS's load (M14).
-        if self.state.load(Ordering::Acquire) != ALIVE {
-            return false;
+        //
+        // The CAS keeps the bits above the state. Only a listed node's
+        // `set_atexit` changes them meanwhile, and a CAS that fails for it
+        // alone, still finding `ALIVE`, tries again: each retry follows a
+        // flag change, and a hook's bits never change.
+        let mut status = self.status.load(Ordering::Acquire);
+        loop {
+            if status & STATE != ALIVE {
+                return false;
+            }
+            match self.status.compare_exchange(
+                status,
+                status & !STATE | to,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(now) => status = now,
+            }
         }
-        self.state
-            .compare_exchange(ALIVE, to, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
     }
 
     /// Wins the right to run the callback. The winner must then call
@@ -682,14 +751,14 @@ impl<P> Hook<P> {
             // of no bytes, and dropping it does nothing.
             return NonNull::dangling().as_ptr();
         }
-        debug_assert_eq!(self.entry.kind, PAYLOAD_HOOK);
+        debug_assert_eq!(self.entry.kind(), PAYLOAD_HOOK);
         let node = self
             .entry
             .0
             .as_ptr()
-            .cast::<Node<Vtabled, ManuallyDrop<P>, Removal>>();
+            .cast::<Node<Vtabled, ManuallyDrop<P>, AtSite>>();
         // A hook with a payload is a `PAYLOAD_HOOK`, a `Node<Vtabled,
-        // ManuallyDrop<P>, Removal>` (`new_hook`; `P` is ours by type);
+        // ManuallyDrop<P>, AtSite>` (`new_hook`; `P` is ours by type);
         // `addr_of_mut!` projects without reading, inside the live node
         // (our reference).
         // SAFETY: as just said.
@@ -770,7 +839,7 @@ pub(super) mod tests {
         }
 
         /// A removal at this site for `key`.
-        pub(crate) fn removal(&self, key: u64) -> Removal {
+        pub(crate) fn removal(&self, key: u32) -> Removal {
             // SAFETY: the site heads this `TestSite` (`repr(C)`), the
             // pointer comes from a reference to all of it, and every test
             // keeps it until its hooks are settled and dropped.
@@ -783,21 +852,24 @@ pub(super) mod tests {
     }
 
     #[test]
-    fn a_hook_is_four_words_and_a_payload_adds_its_vtable_and_itself() {
+    fn a_hook_is_three_words_and_a_payload_adds_its_vtable_and_itself() {
         let word = size_of::<usize>();
-        assert_eq!(size_of::<Entry>(), 2 * word);
-        assert_eq!(size_of::<Node<Entry, (), Removal>>(), 4 * word);
+        assert_eq!(size_of::<Entry>(), 4 + 4 + word);
         assert_eq!(
-            size_of::<Node<Vtabled, ManuallyDrop<u64>, Removal>>(),
-            6 * word
+            size_of::<Node<Entry, (), AtSite>>(),
+            size_of::<Entry>() + word
+        );
+        assert_eq!(
+            size_of::<Node<Vtabled, ManuallyDrop<usize>, AtSite>>(),
+            size_of::<Entry>() + 3 * word
         );
         assert!(is_bare::<()>() && is_bare::<[u64; 0]>());
         assert!(!is_bare::<u8>() && !is_bare::<Vec<u8>>());
         let site = TestSite::new();
         let (hook, in_list) = EntryRef::new_hook((), site.removal(1));
-        assert_eq!(in_list.kind, HOOK);
+        assert_eq!(in_list.kind(), HOOK);
         let (with_payload, listed) = EntryRef::new_hook(7u64, site.removal(2));
-        assert_eq!(listed.kind, PAYLOAD_HOOK);
+        assert_eq!(listed.kind(), PAYLOAD_HOOK);
         assert_eq!(*with_payload.payload(), 7);
         assert!(hook.detach() && with_payload.detach());
     }
@@ -841,7 +913,9 @@ pub(super) mod tests {
         fn a_hook_runs_its_removal_with_its_key_itself_and_the_pin() {
             let site = TestSite::new();
             for payload in [None, Some(5u64)] {
-                let key = u64::from(payload.is_some()) + 40;
+                // Low bits set, which the status word keeps for the state
+                // and the kind: the removal receives the key without them.
+                let key = (0xFFFF_FFF0 - (u32::from(payload.is_some()) << 4)) | 0xF;
                 let (hook, in_list) = match payload {
                     None => {
                         let (hook, in_list) = EntryRef::new_hook((), site.removal(key));
@@ -859,7 +933,9 @@ pub(super) mod tests {
                 // SAFETY: claimed just now, while pinned; run once.
                 unsafe { in_list.run_claimed(Some(&pinned)) };
                 drop(pinned);
-                assert_eq!(site.runs().last(), Some(&(key, hook.address(), true)));
+                let filed = u64::from(key & KEY_BITS);
+                assert_eq!(filed, u64::from(key) & !0xF);
+                assert_eq!(site.runs().last(), Some(&(filed, hook.address(), true)));
                 assert!(!hook.detach(), "run, so settled");
                 let identity = hook.address();
                 drop((hook, in_list));
@@ -1011,5 +1087,78 @@ mod block_cache_tests {
         })
         .join()
         .expect("no panic");
+    }
+}
+
+/// C1 and C3 on the one status word: a claim and a detach race a listed
+/// node's `atexit` changes, whose RMWs make the state's CAS fail while the
+/// state is still `ALIVE`. Exactly one of the two settles the node, the
+/// flag keeps its last setting, and a hook's key survives its claim.
+#[cfg(all(test, weakrefs_loom))]
+mod loom_models {
+    use super::*;
+    use loom::sync::Arc;
+
+    #[test]
+    fn a_claim_and_a_detach_racing_atexit_changes_settle_once_and_keep_the_flag() {
+        loom::model(|| {
+            let [handle, listed] = EntryRef::new_with_owners::<2, _>(|| {}, true);
+            let handle = Arc::new(handle);
+            let flagger = {
+                let handle = handle.clone();
+                loom::thread::spawn(move || {
+                    handle.set_atexit(false);
+                    handle.set_atexit(true);
+                })
+            };
+            let claimer = loom::thread::spawn(move || {
+                let won = listed.claim();
+                if won {
+                    // SAFETY: claimed just now; a listed node's closure
+                    // takes no pin.
+                    unsafe { listed.run_claimed(None) };
+                }
+                won
+            });
+            let detached = handle.detach();
+            let claimed = claimer.join().unwrap();
+            flagger.join().unwrap();
+            assert!(claimed != detached, "exactly one settles the node");
+            assert!(!handle.is_alive());
+            assert!(handle.atexit(), "the flag keeps its last setting");
+        });
+    }
+
+    #[test]
+    fn a_hook_keeps_its_key_through_a_claim_racing_a_detach() {
+        loom::model(|| {
+            let site = Box::new(HookSite::new(|_, _, _, _| {}));
+            let key = 0xABCD_EF5A;
+            // SAFETY: the site is a lone `HookSite` (its run reads nothing
+            // past it), kept until the hooks are dropped below.
+            let removal = unsafe {
+                Removal::new(
+                    NonNull::from(&*site),
+                    key,
+                    crate::sync::ReleasedFlag::new(),
+                )
+            };
+            let (hook, in_list) = EntryRef::new_hook((), removal);
+            let claimer = loom::thread::spawn(move || {
+                let won = in_list.claim();
+                if won {
+                    // SAFETY: claimed just now; the site's run takes no pin.
+                    unsafe { in_list.run_claimed(None) };
+                }
+                (won, in_list.key())
+            });
+            let detached = hook.detach();
+            let (claimed, seen) = claimer.join().unwrap();
+            assert!(claimed != detached, "exactly one settles the hook");
+            assert_eq!(seen, key & KEY_BITS);
+            assert_eq!(hook.entry.key(), key & KEY_BITS);
+            drop(hook);
+            drop(site);
+        });
     }
 }

@@ -14,7 +14,7 @@ mod queue;
 mod runtime;
 mod worker;
 
-pub(crate) use entry::{EntryRef, Hook, HookSite, Removal};
+pub(crate) use entry::{EntryRef, Hook, HookSite, Removal, KEY_BITS};
 pub(crate) use executor::Executor;
 pub(crate) use global::global;
 pub(crate) use list::ObjectCallbacks;

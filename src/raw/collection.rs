@@ -181,8 +181,8 @@ pub(crate) fn note_detached<T: ?Sized>(object: &Strong<T>) {
 
 /// What a death does at a shard of a table of `I` (its [`HookSite`], at
 /// the head of the shard's [`HookTarget`]): removes the entry filed under
-/// `hash` whose hook is `hook`, on the dying thread, as
-/// [`remove_on_death`] describes.
+/// `hash` (its filed bits, all a hook keeps) whose hook is `hook`, on the
+/// dying thread, as [`remove_on_death`] describes.
 ///
 /// # Safety
 ///
@@ -226,7 +226,7 @@ unsafe fn death_at_shard<I: Watching>(
     // SAFETY: `target` is the collection's (`hooks`), whose block its
     // anchor keeps allocated for as long as we stay pinned (M14); `hook`
     // is borrowed for the call.
-    unsafe { (target.slow)(target, hash, hook, death) }
+    unsafe { (target.slow)(target, shard.index(), hash, hook, death) }
 }
 
 /// What a collection's death callbacks need of it beyond their shard
@@ -243,7 +243,7 @@ pub(crate) struct HookTarget<I> {
     core: NonNull<()>,
     /// `slow_death::<C, I>`: what a death's removal does with a counted
     /// handle to the core.
-    slow: unsafe fn(&HookTarget<I>, u64, &EntryRef, Option<&Pinned>),
+    slow: unsafe fn(&HookTarget<I>, usize, u64, &EntryRef, Option<&Pinned>),
     /// The collection hears of each entry a death removes (a removal
     /// listener): such removals then run on the finalizer thread, where
     /// the listener may run, instead of on the dying thread.
@@ -323,7 +323,8 @@ pub(crate) struct Hooks<I> {
 
 /// A death's removal that takes a counted handle to the collection's core:
 /// where the collection hears of deaths (a removal listener), or the
-/// shard was busy, or after `shutdown`.
+/// shard was busy, or after `shutdown`. The entry is `hook`'s, filed under
+/// `hash` (its filed bits) in the shard of index `shard`.
 ///
 /// # Safety
 ///
@@ -332,6 +333,7 @@ pub(crate) struct Hooks<I> {
 ///    is from [`hooks::<C, I>`].
 unsafe fn slow_death<C, I>(
     target: &HookTarget<I>,
+    shard: usize,
     hash: u64,
     hook: &EntryRef,
     death: Option<&Pinned>,
@@ -350,9 +352,13 @@ unsafe fn slow_death<C, I>(
     let here = !target.hears_deaths || executor.is_closed();
     let removed_here = here && {
         let pin = death_pin::<I>(death);
-        let removal = core.table().try_write(hash, &pin).as_mut().map(|writer| {
-            remove_holding(writer, hash, hook.address()).and_then(|item| core.died(item))
-        });
+        let removal = core
+            .table()
+            .try_write_shard(shard, &pin)
+            .as_mut()
+            .map(|writer| {
+                remove_holding(writer, hash, hook.address()).and_then(|item| core.died(item))
+            });
         drop(pin);
         match removal {
             Some(notice) => {
@@ -374,9 +380,9 @@ unsafe fn slow_death<C, I>(
             // only once the lock is ours (`write` may wait for it).
             let pin = WritePin::lazy();
             let writer = if Executor::global().is_closed() {
-                core.table().try_write(hash, &pin)
+                core.table().try_write_shard(shard, &pin)
             } else {
-                Some(core.table().write(hash, &pin))
+                Some(core.table().write_shard(shard, &pin))
             };
             let notice = writer.and_then(|mut writer| {
                 remove_holding(&mut writer, hash, hook.address()).and_then(|item| core.died(item))

@@ -45,7 +45,8 @@
 //! * **Rebuilds** happen when filling an empty slot would take the table
 //!   past 7/8 full (tombstones count): a table sized for
 //!   twice the live items receives *relocated* copies of them, each placed
-//!   by the low 32 bits of its hash, which the table keeps beside the
+//!   by its hash's filed bits (`FILED`: the low 32 but four, which is all
+//!   a hook keeps of its entry's hash), which the table keeps beside the
 //!   items for writers (`Table::homes`: a control byte keeps only seven
 //!   bits), and is published whole. A relocation clones what code may write through a
 //!   shared reference (a user's key, whose `Eq` readers may be running) and
@@ -62,7 +63,7 @@ use std::mem::MaybeUninit;
 use std::panic::{self, AssertUnwindSafe};
 use std::ptr::{self, NonNull};
 
-use crate::callbacks::{Executor, Removal};
+use crate::callbacks::{Executor, Removal, KEY_BITS};
 use crate::panics::{catch_and_report, drop_each_and_report};
 use crate::raw::collection::{HookAnchor, HookTarget, Hooks};
 use crate::reclaim::{Pinned, Reclaimer};
@@ -154,12 +155,29 @@ const GROUP_BITS: usize = if GROUP == std::mem::size_of::<usize>() {
 /// The top bit of each control byte of a group.
 const TOPS: usize = (ONES << 7) & GROUP_BITS;
 
-/// The control byte of a full slot for `hash`: seven bits the home group
-/// (the low 32) and the shard (the top ones) do not use. Top bit clear,
-/// which no other control byte has. It filters candidates; keys decide.
+/// The bits of a hash a shard files an item by: its home group (all of
+/// them, `Table::home`) and its control byte (seven, `control_of`), the
+/// low 32 bits less the few a hook's header keeps for itself. A hook keeps
+/// exactly these bits of its entry's hash (`Removal::new`), which is all
+/// the probe for its entry needs; the shard is its site.
+const FILED: u32 = KEY_BITS;
+
+/// The bits of `hash` its item is filed by ([`FILED`]).
+#[inline(always)]
+fn filed(hash: u64) -> u32 {
+    hash as u32 & FILED
+}
+
+/// The control byte of a full slot for `hash`: the seven lowest of its
+/// filed bits. The home group is scaled from all of them and so depends
+/// mostly on the top ones: the two are independent until a shard has
+/// 2^21 groups, some hundred million items over a 2-core machine's eight
+/// shards (and then the control byte filters with fewer bits, and keys
+/// decide all the same). Top bit clear, which no other control byte has.
+/// It filters candidates; keys decide.
 #[inline(always)]
 fn control_of(hash: u64) -> u8 {
-    (hash >> 32) as u8 & 0x7F
+    (filed(hash) >> FILED.trailing_zeros()) as u8 & 0x7F
 }
 
 /// True for the control byte of a full slot.
@@ -437,9 +455,9 @@ struct Table<I: Sided> {
     /// of word `g` is the control byte of slot `g * GROUP + i`.
     control: Box<[AtomicUsize]>,
     slots: Slots<I>,
-    /// The low 32 bits of each full slot's hash, which place its item in a
-    /// table of any size (the home group), as its control byte, seven other
-    /// bits, cannot. Written with the item, before its control byte is
+    /// The filed bits of each full slot's hash (`FILED`), which place its
+    /// item in a table of any size (the home group), as its control byte,
+    /// seven of them, cannot. Written with the item, before its control byte is
     /// published; read by writers and by `retain_shard`, never by lookups.
     /// A tombstone's holds `DROP_PENDING` or `DROPPED` instead, the one
     /// word of the slot that its deferred drop writes (M2).
@@ -475,12 +493,12 @@ impl<I: Sided> Table<I> {
         self.control.len()
     }
 
-    /// The group `hash`'s probe sequence starts at: the low 32 bits scaled
+    /// The group `hash`'s probe sequence starts at: its filed bits scaled
     /// to the table (any number of groups, not only a power of two); the
-    /// shard used the high bits, the control byte the middle ones.
+    /// shard used the high bits.
     #[inline(always)]
     fn home(&self, hash: u64) -> usize {
-        ((u128::from(hash as u32) * self.groups() as u128) >> 32) as usize
+        ((u128::from(filed(hash)) * self.groups() as u128) >> 32) as usize
     }
 
     /// The group after `group`, wrapping around.
@@ -539,15 +557,15 @@ impl<I: Sided> Table<I> {
         word.store(before ^ flip, order);
     }
 
-    /// Calls `f` with the index and control byte of every full slot, its
-    /// group's word loaded with `order`.
-    fn each_full(&self, order: Ordering, mut f: impl FnMut(usize, u8)) {
+    /// Calls `f` with the index of every full slot, its group's word
+    /// loaded with `order`.
+    fn each_full(&self, order: Ordering, mut f: impl FnMut(usize)) {
         for group in 0..self.groups() {
             let word = self.word(group, order);
             let mut full = bytes::full(word);
             while full != 0 {
                 let slot = bytes::slot_in_group(full);
-                f(group * GROUP + slot, bytes::byte(word, slot));
+                f(group * GROUP + slot);
                 full &= full - 1;
             }
         }
@@ -597,17 +615,16 @@ impl<I: Sided> Table<I> {
         }
     }
 
-    /// What a probe for the item of slot `index`, whose control byte is
-    /// `control`, needs of its hash: the home group's bits and the control
-    /// byte's, the rest zero (the shard is this one). Relaxed: for a writer
+    /// What a probe for the item of slot `index` needs of its hash: its
+    /// filed bits, the rest zero (the shard is this one). Relaxed: for a writer
     /// under the mutex, or a reader pinned since it saw the slot full,
     /// whose item's home, written before its publication, changes only
     /// once the item is removed (`DROP_PENDING`, then `DROPPED`, then a
     /// refill's hash): such a reader then probes with a wrong hash, finds
     /// nothing with the item's identity, and leaves the slot alone, as it
     /// must (`retain_shard`).
-    fn hash_of(&self, index: usize, control: u8) -> u64 {
-        u64::from(control) << 32 | u64::from(self.homes[index].load(Ordering::Relaxed))
+    fn hash_of(&self, index: usize) -> u64 {
+        u64::from(self.homes[index].load(Ordering::Relaxed))
     }
 
     /// The mark of slot `index`, if the table keeps marks.
@@ -762,6 +779,11 @@ pub(crate) struct Shard<I: Sided> {
     /// replacement written to a later group than its old item's, which
     /// readers see change in two stores. Written under the mutex only.
     moves: AtomicU64,
+    /// This shard's place among its table's: a hook knows its shard by
+    /// address and its entry's hash by the filed bits alone, not the top
+    /// ones that pick the shard, so a removal that must find the shard
+    /// again through the collection (`slow_death`) takes its index.
+    index: usize,
 }
 
 /// Items of one collection, sharded; see the module docs.
@@ -876,7 +898,7 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
             panic!("capacity overflow: tables for {capacity} entries exceed the address space");
         }
         let array: Box<[CachePadded<Shard<I>>]> = (0..shards)
-            .map(|_| {
+            .map(|index| {
                 CachePadded::new(Shard {
                     target: hooks.target.clone(),
                     table: AtomicPtr::new(Box::into_raw(Table::with_slots(slots, marked))),
@@ -888,6 +910,7 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
                     len: AtomicUsize::new(0),
                     deaths: AtomicU64::new(0),
                     moves: AtomicU64::new(0),
+                    index,
                 })
             })
             .collect();
@@ -930,7 +953,7 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
         unsafe {
             Removal::new(
                 shard.cast(),
-                hash,
+                hash as u32,
                 #[cfg(weakrefs_loom)]
                 self.released.clone(),
             )
@@ -1007,13 +1030,13 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
         let table = self.table_for_read(index, &pinned);
         let mut doomed = Vec::new();
         // Acquire (M1): as in `scan_shard`.
-        table.each_full(Ordering::Acquire, |slot, control| {
+        table.each_full(Ordering::Acquire, |slot| {
             // SAFETY: as in `scan_shard`.
             let item = unsafe { table.item(slot) };
             if !keep(item) {
                 // SAFETY: as for the item.
                 let identity = item.identity(unsafe { table.side(slot) });
-                doomed.push((table.hash_of(slot, control), identity));
+                doomed.push((table.hash_of(slot), identity));
             }
         });
         if doomed.is_empty() {
@@ -1074,7 +1097,17 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
         hash: u64,
         pin: &'g WritePin<'_>,
     ) -> Option<ShardWriter<'g, I>> {
-        let shard = &self.shards()[self.shard_index(hash)];
+        self.try_write_shard(self.shard_index(hash), pin)
+    }
+
+    /// Locks shard `index` for writing if nobody holds its lock, this
+    /// thread included: never blocks. `pin` as for [`Self::write`].
+    pub(crate) fn try_write_shard<'g>(
+        &'g self,
+        index: usize,
+        pin: &'g WritePin<'_>,
+    ) -> Option<ShardWriter<'g, I>> {
+        let shard = &self.shards()[index];
         let state = shard.writer.try_lock()?;
         Some(ShardWriter::new(shard, state, pin))
     }
@@ -1181,7 +1214,7 @@ impl<I: Sided> Drop for ShardedTable<I> {
                 // Relaxed: the mutex ordered every writer's changes before
                 // us. (Deferred drops of this table's tombstones may still
                 // be freeing theirs, writing only their `homes` entries.)
-                (*table).each_full(Ordering::Relaxed, |index, _| {
+                (*table).each_full(Ordering::Relaxed, |index| {
                     let drop_item = || (*table).drop_whole(index);
                     if let Err(payload) = panic::catch_unwind(AssertUnwindSafe(drop_item)) {
                         first_panic.get_or_insert(payload);
@@ -1531,6 +1564,12 @@ impl<I: Relocatable + Send + Sync + 'static> Shard<I> {
         &self.target
     }
 
+    /// This shard's place among its table's.
+    #[inline]
+    pub(crate) fn index(&self) -> usize {
+        self.index
+    }
+
     /// Counts an entry a death removed. The caller holds the shard's lock
     /// (a writer of it): the count's only writers do.
     pub(crate) fn count_death(&self) {
@@ -1831,7 +1870,7 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
         // other writer runs (1); what it held was dropped or moved out (2).
         unsafe { table.write(index, item) };
         // Relaxed: published with the control byte.
-        table.homes[index].store(hash as u32, Ordering::Relaxed);
+        table.homes[index].store(filed(hash), Ordering::Relaxed);
         if let Some(mark) = table.mark(index) {
             // Relaxed: published with the control byte; a new item starts
             // unmarked (M13).
@@ -2006,7 +2045,7 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
                     if Some(index) == without {
                         continue;
                     }
-                    let hash = old.hash_of(index, bytes::byte(word, slot));
+                    let hash = old.hash_of(index);
                     // Found first: from `relocate` on, nothing but
                     // `relocate` itself may panic, since dropping the copy
                     // whole would drop pointers the original still owns.
@@ -2030,7 +2069,7 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
                     unsafe { new.write(target, (copy, side)) };
                     // Relaxed, both: published by the table's Release store
                     // below.
-                    new.homes[target].store(hash as u32, Ordering::Relaxed);
+                    new.homes[target].store(filed(hash), Ordering::Relaxed);
                     new.set_control(target, EMPTY, control_of(hash), Ordering::Relaxed);
                     if let (Some(from), Some(to)) = (old.mark(index), new.mark(target)) {
                         // Relaxed, both: marks are stored under the shard
@@ -2050,7 +2089,7 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
             Err(payload) => {
                 let mut copies = Vec::new();
                 // Relaxed: the new table is ours alone.
-                new.each_full(Ordering::Relaxed, |index, _| copies.push(index));
+                new.each_full(Ordering::Relaxed, |index| copies.push(index));
                 let abandoned = &mut self.garbage.rebuilt().abandoned;
                 abandoned.reserve_exact(copies.len());
                 for index in copies {
@@ -2080,7 +2119,7 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
             // SAFETY: empty and unpublished (1), never written (2).
             unsafe { new.write(target, item) };
             // Relaxed, both: published by the table's Release store below.
-            new.homes[target].store(hash as u32, Ordering::Relaxed);
+            new.homes[target].store(filed(hash), Ordering::Relaxed);
             new.set_control(target, EMPTY, control_of(hash), Ordering::Relaxed);
         }
         if let Some(index) = without {
@@ -2399,7 +2438,7 @@ unsafe fn retire<I: Relocatable>(
         // Relaxed: written before the table was retired, which the epoch
         // orders before this function; nothing changes a retired table's
         // control words (deferred drops write only `homes`).
-        old.each_full(Ordering::Relaxed, |index, _| {
+        old.each_full(Ordering::Relaxed, |index| {
             if Some(index) != without {
                 left.push(old.slots.slot(index).with(|item| {
                     // SAFETY: a relocated original (2) whose copy the new

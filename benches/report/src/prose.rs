@@ -256,10 +256,12 @@ pub const MEMORY_PER_ENTRY: &str = "\
 /// What explains the memory-per-entry table.
 pub const MEMORY_PER_ENTRY_WHY: &str = "\
     Each entry of this crate's map is a 16-byte item (key and the value's `Weak`) with its \
-    8-byte callback handle, a one-byte tag and the low four bytes of its hash beside it, in a \
-    table kept at most 7/8 full, plus one allocation: the death \
-    callback registered on its value (the node that removes the entry when the value dies, 32 \
-    bytes). `DashMap`, `HashMap` and `scc` keep the key and the `Weak` inline in their \
+    8-byte callback handle, a one-byte tag and four bytes of its hash beside it, in a table \
+    kept at most 7/8 full (and, grown from empty, at least half full after each rebuild), plus \
+    one allocation: the death callback registered on its value (the node that removes the \
+    entry when the value dies, 24 bytes: its count, a status word that also keeps the bits of \
+    the entry's hash its removal probes by, the link in the value's list, and the address of \
+    the entry's shard). `DashMap`, `HashMap` and `scc` keep the key and the `Weak` inline in their \
     buckets, papaya allocates one entry per key, and none registers anything: they find out \
     about dead values only when someone looks.";
 
