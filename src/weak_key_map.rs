@@ -96,6 +96,14 @@ unsafe impl<K: ?Sized, V> Relocatable for Item<K, V> {
         self.hook.identity()
     }
 
+    fn filed(&self, _: &()) -> u32 {
+        self.hook.key()
+    }
+
+    fn prefetch_filed(&self, _: &()) {
+        self.hook.prefetch();
+    }
+
     unsafe fn relocate(&self) -> Self {
         // SAFETY: one pointer, which nothing writes through `&Item` (1);
         // the caller drops one of the two copies whole (`relocate`'s 1),

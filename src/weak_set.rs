@@ -42,6 +42,14 @@ unsafe impl<T: ?Sized> Relocatable for Member<T> {
         self.object.identity()
     }
 
+    fn filed(&self, side: &EntryHook) -> u32 {
+        side.0.key()
+    }
+
+    fn prefetch_filed(&self, side: &EntryHook) {
+        side.0.prefetch();
+    }
+
     unsafe fn relocate(&self) -> Self {
         // SAFETY: a pointer, which nothing writes through `&Member`
         // (1); the caller drops one of the two copies whole (`relocate`'s

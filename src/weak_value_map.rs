@@ -69,6 +69,14 @@ unsafe impl<K: Clone + Send + 'static, V: ?Sized> Relocatable for Item<K, V> {
         side.0.identity()
     }
 
+    fn filed(&self, side: &EntryHook) -> u32 {
+        side.0.key()
+    }
+
+    fn prefetch_filed(&self, side: &EntryHook) {
+        side.0.prefetch();
+    }
+
     unsafe fn relocate(&self) -> Self {
         // First, since it may panic: then nothing is copied.
         let key = self.key.clone();
@@ -430,7 +438,7 @@ impl<K: Clone, V: ?Sized, S> MapCore<K, V, S> {
 /// needs a sized one.
 ///
 /// Each entry registers its death callback on its value: one 24-byte
-/// allocation (three words; 16 bytes on 32-bit targets). An entry that leaves any other way detaches it at once;
+/// allocation (16 bytes on 32-bit targets). An entry that leaves any other way detaches it at once;
 /// the detached node leaves the value's callback list at the list's next
 /// compaction, or when the value dies. A value's first six registrations
 /// live inline in its header, where nothing compacts: a value filed under
@@ -764,6 +772,11 @@ where
     S: BuildHasher + Send + Sync + 'static,
 {
     /// An empty map that hashes keys with `hasher`.
+    ///
+    /// The map picks a key's shard by the top bits of its hash and files
+    /// it within the shard by bits 4 to 31, so a hasher should spread its
+    /// output over both, as std's and the common fast hashers do: keys
+    /// whose hashes differ only in other bits share a probe sequence.
     ///
     /// ```
     /// use std::collections::hash_map::RandomState;

@@ -340,13 +340,13 @@ fn slot_reuse_races_a_reader_that_saw_the_old_entry() {
             thread::spawn(move || map.get(&TrackedKey::new(0)).map(|v| *v))
         };
         map.remove(&TrackedKey::new(0));
-        // Key 2's control byte is key 0's (bits 32 to 38 of the hash, zero
+        // Key 2's control byte is key 0's (bits 4 to 10 of the hash, zero
         // for both), and so is its home group: a refill of the freed slot is
         // an item with the very byte the reader may have seen. The epoch's
-        // deferred frees of those slots (each a Release store of `DROPPED`
-        // in the slot's `homes` entry) may run in the reader's pin, racing
-        // the fills, which may reuse a slot only after an Acquire load of
-        // that entry (a Relaxed store or load there fails this model).
+        // deferred frees of those slots (each a Release RMW setting the
+        // slot's bit in its group's `freed` byte) may run in the reader's
+        // pin, racing the fills, which may reuse a slot only after an
+        // Acquire load of that byte (a Relaxed RMW there fails this model).
         for _ in 0..2 {
             map.insert(TrackedKey::new(2), &values[1]);
             map.remove(&TrackedKey::new(2));

@@ -12,9 +12,10 @@
 //! `detach` drops it, the others run it.
 //!
 //! **Layout.** Every node starts with the type-erased header `Entry`
-//! (`repr(C)`, two words: the count; the status, which packs the state,
-//! the kind and, for a hook, the key its entry is filed under; the link in
-//! its object's list). Three kinds of node follow it:
+//! (`repr(C)`, 8 bytes and a word: the 32-bit count; the 32-bit status,
+//! which packs the state, the kind and, for a hook, the key its entry is
+//! filed under; the link in its object's list). Three kinds of node follow
+//! it:
 //!
 //! * a *listed* node (`finalize` registrations and posted jobs):
 //!   `Node<Listed, (), Plain<F>>`, whose head adds the node's vtable and
@@ -22,7 +23,8 @@
 //!   before the closure;
 //! * a *hook* (a collection's removal callback, which is never in the
 //!   registry and never queued: it runs on the dying thread, C14):
-//!   `Node<Entry, (), AtSite>`, three words. Its closure is the same for
+//!   `Node<Entry, (), AtSite>`, 8 bytes and two words (24 bytes on 64-bit
+//!   targets, 16 on 32-bit ones). Its closure is the same for
 //!   every collection, a [`Removal`]: the address of the [`HookSite`] (the
 //!   entry's shard) that removes the entry; the key (the bits of its hash
 //!   the shard files it by, [`KEY_BITS`]) rides in the header's status
@@ -116,8 +118,15 @@ pub(crate) struct Entry {
     /// (`LISTED`, `HOOK` or `PAYLOAD_HOOK`, never changed) and, above
     /// them, a listed node's `ATEXIT` flag (run by `shutdown()` if still
     /// alive, C3) or a hook's key (`KEY_BITS`, never changed), in one
-    /// word, so that a hook is three words.
+    /// 32-bit word, so that a hook is 8 bytes and two words.
     status: AtomicU32,
+    /// Under loom, the kind again, read plainly: loom makes each atomic
+    /// access a point where it may switch threads, and the kind, read on
+    /// every run, detach and free, never changes, so reading it from
+    /// `status` only multiplied the interleavings (past the branch limit
+    /// of a model of slot reuse).
+    #[cfg(weakrefs_loom)]
+    loom_kind: u32,
     /// Link in the object's callback list, then in its death batch.
     pub(crate) object_next: AtomicPtr<Entry>,
     leak_check: LeakCheck,
@@ -364,6 +373,8 @@ impl Entry {
         Entry {
             refs: AtomicU32::new(refs),
             status: AtomicU32::new(above | kind | ALIVE),
+            #[cfg(weakrefs_loom)]
+            loom_kind: kind,
             object_next: AtomicPtr::new(ptr::null_mut()),
             leak_check: LeakCheck::new(()),
         }
@@ -374,11 +385,15 @@ impl Entry {
     /// and never changed (every store keeps the bits).
     #[inline]
     fn kind(&self) -> u32 {
-        self.status.load(Ordering::Relaxed) & KIND
+        #[cfg(weakrefs_loom)]
+        return self.loom_kind;
+        #[cfg(not(weakrefs_loom))]
+        return self.status.load(Ordering::Relaxed) & KIND;
     }
 
     /// A hook's key: the `KEY_BITS` of the hash its entry is filed under.
     /// Relaxed, as `kind`.
+    #[inline]
     fn key(&self) -> u32 {
         debug_assert!(self.kind() != LISTED, "a listed node has no key");
         self.status.load(Ordering::Relaxed) & KEY_BITS
@@ -471,7 +486,7 @@ impl EntryRef {
     /// collection's entry and the object's list. Its object's death runs
     /// it on the dying thread (C14), passing it the hook. Without a
     /// payload (`P` of size zero with nothing to drop) it is a `HOOK`,
-    /// three words; else a `PAYLOAD_HOOK`.
+    /// 8 bytes and two words; else a `PAYLOAD_HOOK`.
     pub(crate) fn new_hook<P>(payload: P, removal: Removal) -> (Hook<P>, EntryRef)
     where
         P: Send + Sync + 'static,
@@ -648,9 +663,13 @@ impl Entry {
         status & KIND == LISTED && status & ATEXIT != 0
     }
 
-    /// Sets a listed node's `atexit` flag.
+    /// Sets a listed node's `atexit` flag; a hook has none (its bits
+    /// there are its key), and is left as it is.
     pub(crate) fn set_atexit(&self, run_at_exit: bool) {
         debug_assert_eq!(self.kind(), LISTED, "a hook is never run at exit");
+        if self.kind() != LISTED {
+            return;
+        }
         // Relaxed (C3): as above. An RMW on the status word, which keeps
         // the state a concurrent `settle` may be setting; a `settle`
         // whose CAS it makes fail tries again (C1).
@@ -732,6 +751,19 @@ unsafe impl<P: Send + Sync> Send for Hook<P> {}
 unsafe impl<P: Send + Sync> Sync for Hook<P> {}
 
 impl<P> Hook<P> {
+    /// The key its entry is filed under: the [`KEY_BITS`] of its hash.
+    #[inline]
+    pub(crate) fn key(&self) -> u32 {
+        self.entry.key()
+    }
+
+    /// Asks the processor to fetch the node's header, where [`key`](Self::key)
+    /// reads (a hint).
+    #[inline(always)]
+    pub(crate) fn prefetch(&self) {
+        crate::sync::prefetch(self.entry.0.as_ptr());
+    }
+
     /// Names the hook: its node's address, unique among live hooks and
     /// reserved while this handle (or a clone of its `EntryRef`, as a
     /// posted removal keeps, `slow_death`) lives.
@@ -862,6 +894,12 @@ pub(super) mod tests {
         assert_eq!(
             size_of::<Node<Vtabled, ManuallyDrop<usize>, AtSite>>(),
             size_of::<Entry>() + 3 * word
+        );
+        // A `WeakKeyMap<u64, u64>` entry's: the key's `Weak` and the value.
+        #[cfg(target_pointer_width = "64")]
+        assert_eq!(
+            size_of::<Node<Vtabled, ManuallyDrop<[u64; 2]>, AtSite>>(),
+            48
         );
         assert!(is_bare::<()>() && is_bare::<[u64; 0]>());
         assert!(!is_bare::<u8>() && !is_bare::<Vec<u8>>());
@@ -1129,16 +1167,37 @@ mod loom_models {
         });
     }
 
+    /// A site that records the key its run receives.
+    #[repr(C)]
+    struct KeySite {
+        site: HookSite,
+        seen: crate::sync::AtomicU64,
+    }
+
+    /// # Safety
+    ///
+    /// As `HookRun`: `site` heads a `KeySite` the model keeps alive.
+    unsafe fn record_key(site: NonNull<HookSite>, key: u64, _: &EntryRef, _: Option<&Pinned>) {
+        // SAFETY: as just said.
+        let site = unsafe { site.cast::<KeySite>().as_ref() };
+        // Relaxed: read once the running thread is joined.
+        site.seen.store(key, Ordering::Relaxed);
+    }
+
     #[test]
     fn a_hook_keeps_its_key_through_a_claim_racing_a_detach() {
         loom::model(|| {
-            let site = Box::new(HookSite::new(|_, _, _, _| {}));
+            let site = Box::new(KeySite {
+                site: HookSite::new(record_key),
+                seen: crate::sync::AtomicU64::new(u64::MAX),
+            });
             let key = 0xABCD_EF5A;
-            // SAFETY: the site is a lone `HookSite` (its run reads nothing
-            // past it), kept until the hooks are dropped below.
+            // SAFETY: the site heads a `KeySite` (`repr(C)`), the pointer
+            // comes from a reference to all of it, and the model keeps it
+            // until the hooks are dropped below.
             let removal = unsafe {
                 Removal::new(
-                    NonNull::from(&*site),
+                    NonNull::from(&*site).cast(),
                     key,
                     crate::sync::ReleasedFlag::new(),
                 )
@@ -1157,6 +1216,13 @@ mod loom_models {
             assert!(claimed != detached, "exactly one settles the hook");
             assert_eq!(seen, key & KEY_BITS);
             assert_eq!(hook.entry.key(), key & KEY_BITS);
+            // Relaxed: the claimer is joined.
+            let received = site.seen.load(Ordering::Relaxed);
+            if claimed {
+                assert_eq!(received, u64::from(key & KEY_BITS), "the run got the key");
+            } else {
+                assert_eq!(received, u64::MAX, "a detached hook never runs");
+            }
             drop(hook);
             drop(site);
         });

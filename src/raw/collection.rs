@@ -180,9 +180,11 @@ pub(crate) fn note_detached<T: ?Sized>(object: &Strong<T>) {
 }
 
 /// What a death does at a shard of a table of `I` (its [`HookSite`], at
-/// the head of the shard's [`HookTarget`]): removes the entry filed under
-/// `hash` (its filed bits, all a hook keeps) whose hook is `hook`, on the
-/// dying thread, as [`remove_on_death`] describes.
+/// the head of the shard's [`HookTarget`]): removes the entry whose hook
+/// is `hook`, filed under `key` (the filed bits of its hash, all a hook
+/// keeps: probing needs no more, but the shard is this one, not the one
+/// `key`'s top bits, all clear, would pick), on the dying thread, as
+/// [`remove_on_death`] describes.
 ///
 /// # Safety
 ///
@@ -191,7 +193,7 @@ pub(crate) fn note_detached<T: ?Sized>(object: &Strong<T>) {
 /// while pinned, and is pinned still (C14, M14).
 unsafe fn death_at_shard<I: Watching>(
     site: NonNull<HookSite>,
-    hash: u64,
+    key: u64,
     hook: &EntryRef,
     death: Option<&Pinned>,
 ) {
@@ -202,6 +204,10 @@ unsafe fn death_at_shard<I: Watching>(
     // I>`), and the epoch keeps it allocated while we stay pinned (M14).
     // SAFETY: as just said.
     let shard = unsafe { site.cast::<Shard<I>>().as_ref() };
+    debug_assert!(
+        key <= u64::from(u32::MAX),
+        "a hook's key, its filed bits alone"
+    );
     let target = shard.target();
     if !target.hears_deaths {
         let pin = death_pin::<I>(death);
@@ -212,7 +218,7 @@ unsafe fn death_at_shard<I: Watching>(
         // it into a closure or a function copies it whole, on every death.
         let done = match &mut shard.try_write(&pin) {
             HookWrite::Open(writer) => {
-                remove_holding(writer, hash, hook.address());
+                remove_holding(writer, key, hook.address());
                 true
             }
             HookWrite::Closed => true,
@@ -226,7 +232,7 @@ unsafe fn death_at_shard<I: Watching>(
     // SAFETY: `target` is the collection's (`hooks`), whose block its
     // anchor keeps allocated for as long as we stay pinned (M14); `hook`
     // is borrowed for the call.
-    unsafe { (target.slow)(target, shard.index(), hash, hook, death) }
+    unsafe { (target.slow)(target, shard.index(), key, hook, death) }
 }
 
 /// What a collection's death callbacks need of it beyond their shard
@@ -324,7 +330,7 @@ pub(crate) struct Hooks<I> {
 /// A death's removal that takes a counted handle to the collection's core:
 /// where the collection hears of deaths (a removal listener), or the
 /// shard was busy, or after `shutdown`. The entry is `hook`'s, filed under
-/// `hash` (its filed bits) in the shard of index `shard`.
+/// `key` (its hash's filed bits) in the shard of index `shard`.
 ///
 /// # Safety
 ///
@@ -334,7 +340,7 @@ pub(crate) struct Hooks<I> {
 unsafe fn slow_death<C, I>(
     target: &HookTarget<I>,
     shard: usize,
-    hash: u64,
+    key: u64,
     hook: &EntryRef,
     death: Option<&Pinned>,
 ) where
@@ -357,7 +363,7 @@ unsafe fn slow_death<C, I>(
             .try_write_shard(shard, &pin)
             .as_mut()
             .map(|writer| {
-                remove_holding(writer, hash, hook.address()).and_then(|item| core.died(item))
+                remove_holding(writer, key, hook.address()).and_then(|item| core.died(item))
             });
         drop(pin);
         match removal {
@@ -385,7 +391,7 @@ unsafe fn slow_death<C, I>(
                 Some(core.table().write_shard(shard, &pin))
             };
             let notice = writer.and_then(|mut writer| {
-                remove_holding(&mut writer, hash, hook.address()).and_then(|item| core.died(item))
+                remove_holding(&mut writer, key, hook.address()).and_then(|item| core.died(item))
             });
             drop(pin);
             if let Some(notice) = notice {

@@ -17,7 +17,7 @@
 //! seven bits of the hash, is published with a Release store of the
 //! group's word) to *tombstone*, which is *free* (a writer may fill it
 //! again) once the removed item's deferred drop has run past every reader
-//! that could see it and marked it so in the slot's `homes` entry; never
+//! that could see it and marked it so in the slot's `freed` bit; never
 //! back to empty, so probe sequences never break. Readers
 //! never race a write of the item they read, and an item's bytes stay
 //! where they are until no reader can see them (M1, M2).
@@ -39,16 +39,16 @@
 //!   epoch-deferred function once no reader can see it, in place, or, if
 //!   its drop runs user code, moved out and dropped on the finalizer thread
 //!   (M10), and its slot is then freed for reuse: the function marks the
-//!   tombstone dropped in its `homes` entry, which only writers read. A
+//!   tombstone dropped in its `freed` bit, which only writers read. A
 //!   count of such pending drops keeps the table's memory alive until they
 //!   have run.
 //! * **Rebuilds** happen when filling an empty slot would take the table
 //!   past 7/8 full (tombstones count): a table sized for
 //!   twice the live items receives *relocated* copies of them, each placed
-//!   by its hash's filed bits (`FILED`: the low 32 but four, which is all
-//!   a hook keeps of its entry's hash), which the table keeps beside the
-//!   items for writers (`Table::homes`: a control byte keeps only seven
-//!   bits), and is published whole. A relocation clones what code may write through a
+//!   by its hash's filed bits (`FILED`: the low 32 but four), which the
+//!   item's hook keeps (`Relocatable::filed`: every collection's entry
+//!   has one, and a hook's removal needs those bits anyway), so the table
+//!   keeps no hash of its own, and is published whole. A relocation clones what code may write through a
 //!   shared reference (a user's key, whose `Eq` readers may be running) and
 //!   copies only the item's own pointers, and its side, bitwise
 //!   ([`Relocatable`]). Readers
@@ -70,7 +70,7 @@ use crate::reclaim::{Pinned, Reclaimer};
 #[cfg(weakrefs_loom)]
 use crate::sync::Released;
 use crate::sync::{
-    acquire_fence, prefetch, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, CachePadded, Mutex,
+    acquire_fence, prefetch, AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, CachePadded, Mutex,
     MutexGuard, Ordering, UnsafeCell,
 };
 
@@ -113,6 +113,10 @@ const CHURN_FLOOR: usize = if cfg!(weakrefs_loom) { 4 } else { 64 };
 /// `rebuilt_size`).
 const CHURN_CEILING: usize = if cfg!(weakrefs_loom) { 4 } else { 256 };
 
+/// Groups ahead of the one it relocates whose hooks a rebuild prefetches
+/// (`Relocatable::prefetch_filed`): sixteen items on 64-bit targets.
+const REBUILD_AHEAD: usize = 2;
+
 /// Groups from which a lookup prefetches its home group's items (see
 /// `Slots::prefetch_group`): 4096 slots, 64 KiB of 16-byte items a shard,
 /// half a MiB over the eight shards of a 2-core machine.
@@ -122,17 +126,13 @@ const PREFETCH_GROUPS: usize = 4096 / GROUP;
 /// Top two bits set: only it has both.
 const EMPTY: u8 = 0xFF;
 /// The control byte of a slot whose item was removed. Its drop is pending
-/// past every reader that may have seen it, or has run, which its `homes`
-/// entry says (`DROP_PENDING`, `DROPPED`): only then may a writer fill
-/// the slot again (M2).
+/// past every reader that may have seen it, or has run, which its bit in
+/// `Table::freed` says (clear, set): only then may a writer fill the slot
+/// again (M2).
 const TOMBSTONE: u8 = 0x80;
 
-/// A tombstone's `homes` entry while its item's drop is pending: stored
-/// by the writer that unlinks the item, before it queues the drop.
-const DROP_PENDING: u32 = 0;
-/// A tombstone's `homes` entry once its item's deferred drop has run
-/// (`free_slot`): the slot may be filled again (M2).
-const DROPPED: u32 = 1;
+// A group's slots have one bit each in a byte of `Table::freed`.
+const _: () = assert!(GROUP <= 8);
 
 /// What a shard's reference to its current table weighs in the table's
 /// `refs`: more than the drops a shard can issue between folds, far
@@ -171,8 +171,8 @@ fn filed(hash: u64) -> u32 {
 /// The control byte of a full slot for `hash`: the seven lowest of its
 /// filed bits. The home group is scaled from all of them and so depends
 /// mostly on the top ones: the two are independent until a shard has
-/// 2^21 groups, some hundred million items over a 2-core machine's eight
-/// shards (and then the control byte filters with fewer bits, and keys
+/// about 2^21 groups, some hundred million items over a 2-core machine's
+/// eight shards (and then the control byte filters with fewer bits, and keys
 /// decide all the same). Top bit clear, which no other control byte has.
 /// It filters candidates; keys decide.
 #[inline(always)]
@@ -275,6 +275,23 @@ pub(crate) unsafe trait Relocatable: Sided + Sized {
 
     /// Names this item (whose slot keeps `side`) across rebuilds.
     fn identity(&self, side: &Self::Side) -> usize;
+
+    /// The filed bits ([`FILED`]) of the hash this item (whose slot keeps
+    /// `side`) was filed under: what places it in a table of any size. Its
+    /// hook keeps them (`Hook::key`); a wrong answer would lose the item
+    /// from its probe sequence (never memory safety: the item stays owned
+    /// by its slot and is dropped with the table).
+    fn filed(&self, side: &Self::Side) -> u32;
+
+    /// Asks the processor to fetch what [`filed`](Relocatable::filed)
+    /// will read (the hook's node): a rebuild asks a few groups ahead, so
+    /// that reading the filed bits of each item, one node of its own
+    /// apiece, does not wait on memory each time. A hint: nothing by
+    /// default.
+    #[inline(always)]
+    fn prefetch_filed(&self, side: &Self::Side) {
+        let _ = side;
+    }
 
     /// The copy of this item a rebuild puts in the new table. May run user
     /// code (`Clone`) and so panic; nothing is copied then.
@@ -455,13 +472,14 @@ struct Table<I: Sided> {
     /// of word `g` is the control byte of slot `g * GROUP + i`.
     control: Box<[AtomicUsize]>,
     slots: Slots<I>,
-    /// The filed bits of each full slot's hash (`FILED`), which place its
-    /// item in a table of any size (the home group), as its control byte,
-    /// seven of them, cannot. Written with the item, before its control byte is
-    /// published; read by writers and by `retain_shard`, never by lookups.
-    /// A tombstone's holds `DROP_PENDING` or `DROPPED` instead, the one
-    /// word of the slot that its deferred drop writes (M2).
-    homes: Box<[AtomicU32]>,
+    /// One byte per group, a bit per slot (bit `i` of byte `g` for slot
+    /// `g * GROUP + i`): set for a tombstone whose item's deferred drop
+    /// has run (`free_slot`), so that a writer may fill it again (M2);
+    /// clear for every other slot. The one field of a slot that its
+    /// deferred drop writes, with an RMW, as drops of the group's other
+    /// slots may race it; writers read it, and clear a bit as they fill
+    /// its slot, under the mutex. Lookups never read it.
+    freed: Box<[AtomicU8]>,
     /// How many slots may be non-empty before filling an empty one
     /// rebuilds the table ([`usable`] of its slots), kept so that a write
     /// need not work it out.
@@ -483,7 +501,7 @@ impl<I: Sided> Table<I> {
         Box::new(Table {
             control: (0..groups).map(|_| AtomicUsize::new(usize::MAX)).collect(),
             slots: Slots::new(count, marked),
-            homes: (0..count).map(|_| AtomicU32::new(0)).collect(),
+            freed: (0..groups).map(|_| AtomicU8::new(0)).collect(),
             usable: usable(count),
             refs: CachePadded::new(AtomicUsize::new(SHARD_REF)),
         })
@@ -615,16 +633,10 @@ impl<I: Sided> Table<I> {
         }
     }
 
-    /// What a probe for the item of slot `index` needs of its hash: its
-    /// filed bits, the rest zero (the shard is this one). Relaxed: for a writer
-    /// under the mutex, or a reader pinned since it saw the slot full,
-    /// whose item's home, written before its publication, changes only
-    /// once the item is removed (`DROP_PENDING`, then `DROPPED`, then a
-    /// refill's hash): such a reader then probes with a wrong hash, finds
-    /// nothing with the item's identity, and leaves the slot alone, as it
-    /// must (`retain_shard`).
-    fn hash_of(&self, index: usize) -> u64 {
-        u64::from(self.homes[index].load(Ordering::Relaxed))
+    /// The bit of slot `index` in its group's `freed` byte, and the byte.
+    #[inline(always)]
+    fn freed_bit(&self, index: usize) -> (&AtomicU8, u8) {
+        (&self.freed[index / GROUP], 1 << (index % GROUP))
     }
 
     /// The mark of slot `index`, if the table keeps marks.
@@ -883,13 +895,13 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
         // for a size it must refuse, which aborts the process.
         let slot_bytes = std::mem::size_of::<Slot<I>>()
             + std::mem::size_of::<Slot<I::Side>>()
-            + std::mem::size_of::<AtomicU32>()
             + if marked {
                 std::mem::size_of::<AtomicU64>()
             } else {
                 0
             }
-            + 1;
+            // The control byte, and the `freed` bit rounded up to a byte.
+            + 2;
         if slots
             .checked_mul(slot_bytes)
             .and_then(|bytes| bytes.checked_mul(shards))
@@ -1035,8 +1047,8 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
             let item = unsafe { table.item(slot) };
             if !keep(item) {
                 // SAFETY: as for the item.
-                let identity = item.identity(unsafe { table.side(slot) });
-                doomed.push((table.hash_of(slot), identity));
+                let side = unsafe { table.side(slot) };
+                doomed.push((u64::from(item.filed(side)), item.identity(side)));
             }
         });
         if doomed.is_empty() {
@@ -1213,7 +1225,7 @@ impl<I: Sided> Drop for ShardedTable<I> {
             unsafe {
                 // Relaxed: the mutex ordered every writer's changes before
                 // us. (Deferred drops of this table's tombstones may still
-                // be freeing theirs, writing only their `homes` entries.)
+                // be freeing theirs, writing only their `freed` bits.)
                 (*table).each_full(Ordering::Relaxed, |index| {
                     let drop_item = || (*table).drop_whole(index);
                     if let Err(payload) = panic::catch_unwind(AssertUnwindSafe(drop_item)) {
@@ -1847,7 +1859,7 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
     /// `table`, `EMPTY` if `fresh`, else a dropped tombstone, and publishes
     /// it under `hash`.
     fn fill(&mut self, table: &Table<I>, index: usize, fresh: bool, hash: u64, item: (I, I::Side)) {
-        Self::write_item(table, index, hash, item);
+        Self::write_item(table, index, fresh, item);
         // Release (M1, M2): publishes the item to readers' Acquire loads of
         // the control word.
         let vacant = if fresh { EMPTY } else { TOMBSTONE };
@@ -1859,18 +1871,26 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
     }
 
     /// Writes `item` into slot `index`, `EMPTY` if `fresh`, else a dropped
-    /// tombstone, with its home and a fresh mark, all for the control byte
-    /// to publish.
-    fn write_item(table: &Table<I>, index: usize, hash: u64, item: (I, I::Side)) {
+    /// tombstone (whose `freed` bit it clears), with a fresh mark, all for
+    /// the control byte to publish.
+    fn write_item(table: &Table<I>, index: usize, fresh: bool, item: (I, I::Side)) {
         // A dropped tombstone's previous item was dropped by a deferred
         // function that no reader which saw it outlived, and whose writes
-        // `vacancy`'s Acquire load of `DROPPED` ordered before ours (M2).
+        // `vacancy`'s Acquire load of its `freed` bit ordered before ours
+        // (M2).
         // SAFETY: empty or a dropped tombstone, under the mutex: no reader
         // reads such a slot (it checks the control byte first) and no
         // other writer runs (1); what it held was dropped or moved out (2).
         unsafe { table.write(index, item) };
-        // Relaxed: published with the control byte.
-        table.homes[index].store(filed(hash), Ordering::Relaxed);
+        if !fresh {
+            let (freed, bit) = table.freed_bit(index);
+            // Relaxed (M2): the bit is read by writers alone, under the
+            // mutex, and set again only by the drop of this slot's next
+            // item, which is issued after this (an unlink under the mutex,
+            // then the epoch); an RMW, as other slots' drops may be
+            // setting theirs in the same byte.
+            freed.fetch_and(!bit, Ordering::Relaxed);
+        }
         if let Some(mark) = table.mark(index) {
             // Relaxed: published with the control byte; a new item starts
             // unmarked (M13).
@@ -1914,7 +1934,7 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
             moves.store(count + 2, Ordering::Release);
             return;
         }
-        Self::write_item(table, index, hash, item);
+        Self::write_item(table, index, fresh, item);
         let full = self.retire_slot(table, old);
         let vacant = if fresh { EMPTY } else { TOMBSTONE };
         // Release (M1, M2): publishes the new item, and the old slot's
@@ -1957,16 +1977,18 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
 
     /// What an unlink of full slot `index` of `table`, the current table,
     /// does before the store that makes it a tombstone: issues and records
-    /// its item's drop for after the unlock, and marks its `homes` entry
-    /// pending. Returns the slot's control byte, for that store.
+    /// its item's drop for after the unlock. Returns the slot's control
+    /// byte, for that store. The slot's `freed` bit is clear, as for every
+    /// full slot: its drop is pending until `free_slot` sets it.
     fn retire_slot(&mut self, table: &Table<I>, index: usize) -> u8 {
         let table_ptr = self.current_table_ptr();
         self.garbage.items.reserve_one();
         self.issue_drop(table);
-        // Relaxed (M2): the drop queued here stores `DROPPED` after this,
-        // ordered by the epoch, and writers read the entry of tombstones
-        // only, under the mutex, so none reads an older `DROPPED` there.
-        table.homes[index].store(DROP_PENDING, Ordering::Relaxed);
+        debug_assert!({
+            // Relaxed: a check; the bit of a full slot is ours to change.
+            let (freed, bit) = table.freed_bit(index);
+            freed.load(Ordering::Relaxed) & bit == 0
+        });
         self.garbage.items.push((table_ptr, index));
         let full = table.control_byte(index);
         debug_assert!(is_full(full));
@@ -2035,6 +2057,19 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
         let relocated = panic::catch_unwind(AssertUnwindSafe(|| {
             let mut items = 0;
             for group in 0..old.groups() {
+                // The hooks of a group a few ahead, whose filed bits we
+                // read then: one node each, wherever it was allocated.
+                let ahead = group + REBUILD_AHEAD;
+                if ahead < old.groups() {
+                    // Relaxed: writers are ordered by the mutex.
+                    let mut full = bytes::full(old.word(ahead, Ordering::Relaxed));
+                    while full != 0 {
+                        let index = ahead * GROUP + bytes::slot_in_group(full);
+                        full &= full - 1;
+                        // SAFETY: full (1), under the mutex (2).
+                        unsafe { old.item(index).prefetch_filed(old.side(index)) };
+                    }
+                }
                 // Relaxed: writers are ordered by the mutex.
                 let word = old.word(group, Ordering::Relaxed);
                 let mut full = bytes::full(word);
@@ -2045,7 +2080,10 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
                     if Some(index) == without {
                         continue;
                     }
-                    let hash = old.hash_of(index);
+                    // The filed bits, from the item's hook (`Relocatable`),
+                    // all that placing it needs.
+                    // SAFETY: full (1), under the mutex (2).
+                    let hash = unsafe { u64::from(old.item(index).filed(old.side(index))) };
                     // Found first: from `relocate` on, nothing but
                     // `relocate` itself may panic, since dropping the copy
                     // whole would drop pointers the original still owns.
@@ -2069,7 +2107,6 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
                     unsafe { new.write(target, (copy, side)) };
                     // Relaxed, both: published by the table's Release store
                     // below.
-                    new.homes[target].store(filed(hash), Ordering::Relaxed);
                     new.set_control(target, EMPTY, control_of(hash), Ordering::Relaxed);
                     if let (Some(from), Some(to)) = (old.mark(index), new.mark(target)) {
                         // Relaxed, both: marks are stored under the shard
@@ -2119,7 +2156,6 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
             // SAFETY: empty and unpublished (1), never written (2).
             unsafe { new.write(target, item) };
             // Relaxed, both: published by the table's Release store below.
-            new.homes[target].store(filed(hash), Ordering::Relaxed);
             new.set_control(target, EMPTY, control_of(hash), Ordering::Relaxed);
         }
         if let Some(index) = without {
@@ -2397,7 +2433,7 @@ unsafe fn drop_in_place_and_free<I: Relocatable>(table: *const Table<I>, index: 
 
 /// Marks slot `index` of `table`, whose removed item has just been
 /// dropped or moved out, a dropped tombstone, which a writer may fill
-/// again (M2). Writes only the slot's `homes` entry: the control word is
+/// again (M2). Writes only the slot's `freed` bit: the control word is
 /// the writers' alone.
 fn free_slot<I: Sided>(table: &Table<I>, index: usize) {
     debug_assert!(
@@ -2413,7 +2449,8 @@ fn free_slot<I: Sided>(table: &Table<I>, index: usize) {
     // retired table (a tombstone, or the full slot of the item a rebuild
     // left out, dropped whole) nothing is filled again; the store is then
     // harmless.
-    table.homes[index].store(DROPPED, Ordering::Release);
+    let (freed, bit) = table.freed_bit(index);
+    freed.fetch_or(bit, Ordering::Release);
 }
 
 /// Drops what the relocated items of a replaced table left behind (their
@@ -2437,7 +2474,7 @@ unsafe fn retire<I: Relocatable>(
         let old = unsafe { &*table };
         // Relaxed: written before the table was retired, which the epoch
         // orders before this function; nothing changes a retired table's
-        // control words (deferred drops write only `homes`).
+        // control words (deferred drops write only `freed` bits).
         old.each_full(Ordering::Relaxed, |index| {
             if Some(index) != without {
                 left.push(old.slots.slot(index).with(|item| {
@@ -2511,15 +2548,21 @@ fn vacancy<I: Sided>(table: &Table<I>, start: usize) -> (usize, bool) {
         // Relaxed: only writers change control bytes, and the mutex we hold
         // orders every earlier writer's stores before this load.
         let word = table.word(group, Ordering::Relaxed);
-        let mut tombstones = bytes::tombstones(word);
-        while tombstones != 0 {
-            let index = group * GROUP + bytes::slot_in_group(tombstones);
-            // Acquire (M2): pairs with `free_slot`'s Release store, so our
-            // fill writes after the deferred drop of the slot's item.
-            if table.homes[index].load(Ordering::Acquire) == DROPPED {
-                return (index, false);
+        let tombstones = bytes::tombstones(word);
+        if tombstones != 0 {
+            // Acquire (M2): pairs with `free_slot`'s Release RMW of the bit
+            // we take (through the RMWs of the byte after it, a release
+            // sequence), so our fill writes after the deferred drop of the
+            // slot's item.
+            let freed = table.freed[group].load(Ordering::Acquire);
+            let mut tombstones = tombstones;
+            while tombstones != 0 {
+                let slot = bytes::slot_in_group(tombstones);
+                if freed & 1 << slot != 0 {
+                    return (group * GROUP + slot, false);
+                }
+                tombstones &= tombstones - 1;
             }
-            tombstones &= tombstones - 1;
         }
         let empty = bytes::empty(word);
         if empty != 0 {
@@ -2652,14 +2695,13 @@ mod tests {
         for index in 0..3 {
             table.set_control(index, EMPTY, 0x11, Ordering::Relaxed);
             table.set_control(index, 0x11, TOMBSTONE, Ordering::Relaxed);
-            table.homes[index].store(DROP_PENDING, Ordering::Relaxed);
         }
         // Pending drops everywhere: the first empty slot, past them.
         assert_eq!(vacancy(&table, 0), (3, true));
         // A dropped tombstone comes before any empty slot of its group.
-        table.homes[2].store(DROPPED, Ordering::Relaxed);
+        free_slot(&table, 2);
         assert_eq!(vacancy(&table, 0), (2, false));
-        table.homes[1].store(DROPPED, Ordering::Relaxed);
+        free_slot(&table, 1);
         assert_eq!(vacancy(&table, 0), (1, false));
     }
 

@@ -196,7 +196,7 @@ pub const SECTIONS: &[Section] = &[
               word: the address of the entry's node, its one allocation, which holds the key's \
               `Weak` and the value. A value never moves while readers borrow it in place (a \
               `Mutex` inside is the common case), so a rebuild moves the address, not the \
-              node. At 100 000 keys the slots stay in the caches and the nodes, 64 bytes \
+              node. At 100 000 keys the slots stay in the caches and the nodes, 48 bytes \
               each, do not: a hit misses once, on its node, where `DashMap`'s value sits \
               inline in a bucket array a third that size (callgrind, with a 2 MiB last-level \
               cache like this machine's L2: 1.75 misses a lookup against 0.35). Closing the \
@@ -256,12 +256,13 @@ pub const MEMORY_PER_ENTRY: &str = "\
 /// What explains the memory-per-entry table.
 pub const MEMORY_PER_ENTRY_WHY: &str = "\
     Each entry of this crate's map is a 16-byte item (key and the value's `Weak`) with its \
-    8-byte callback handle, a one-byte tag and four bytes of its hash beside it, in a table \
-    kept at most 7/8 full (and, grown from empty, at least half full after each rebuild), plus \
-    one allocation: the death callback registered on its value (the node that removes the \
-    entry when the value dies, 24 bytes: its count, a status word that also keeps the bits of \
-    the entry's hash its removal probes by, the link in the value's list, and the address of \
-    the entry's shard). `DashMap`, `HashMap` and `scc` keep the key and the `Weak` inline in their \
+    8-byte callback handle and a one-byte tag beside it (and a bit that says when a removed \
+    entry's slot may be reused), in a table kept at most 7/8 full (and, grown from empty, at \
+    least half full after each rebuild), plus one allocation: the death callback registered \
+    on its value (the node that removes the entry when the value dies, 24 bytes: its count, a \
+    status word that also keeps the bits of the entry's hash the table files it by, which its \
+    removal probes by and a rebuild places it by, the link in the value's list, and the \
+    address of the entry's shard). `DashMap`, `HashMap` and `scc` keep the key and the `Weak` inline in their \
     buckets, papaya allocates one entry per key, and none registers anything: they find out \
     about dead values only when someone looks.";
 
