@@ -475,7 +475,8 @@ struct Table<I: Sided> {
     /// One byte per group, a bit per slot (bit `i` of byte `g` for slot
     /// `g * GROUP + i`): set for a tombstone whose item's deferred drop
     /// has run (`free_slot`), so that a writer may fill it again (M2);
-    /// clear for every other slot. The one field of a slot that its
+    /// clear for every other slot of a current table (a retired table's
+    /// slot that a rebuild left out stays full and gets its bit too). The one field of a slot that its
     /// deferred drop writes, with an RMW, as drops of the group's other
     /// slots may race it; writers read it, and clear a bit as they fill
     /// its slot, under the mutex. Lookups never read it.
@@ -1025,8 +1026,8 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
     /// without the lock: `keep` runs while the thread is pinned but holds no
     /// lock, then the rejected items still present are removed under the
     /// lock, each passed to `on_remove` after the unlock, under the same pin
-    /// (M8, M9). Items are named by their hash (as the table keeps it) and
-    /// identity, which a rebuild in between does not change; one replaced
+    /// (M8, M9). Items are named by the filed bits their hook keeps
+    /// (`Relocatable::filed`) and identity, which a rebuild in between does not change; one replaced
     /// or removed meanwhile is left alone. Returns how many it removed.
     pub(crate) fn retain_shard(
         &self,
@@ -2447,7 +2448,7 @@ fn free_slot<I: Sided>(table: &Table<I>, index: usize) {
     // Release (M2): pairs with the Acquire load in `vacancy`, so the writer
     // that fills the slot again writes after our drop's last access. In a
     // retired table (a tombstone, or the full slot of the item a rebuild
-    // left out, dropped whole) nothing is filled again; the store is then
+    // left out, dropped whole) nothing is filled again; the RMW is then
     // harmless.
     let (freed, bit) = table.freed_bit(index);
     freed.fetch_or(bit, Ordering::Release);

@@ -90,7 +90,7 @@ pub const SECTIONS: &[Section] = &[
               against `DashMap`'s locked one (a read lock and unlock, a probe, an upgrade), about \
               the same number of atomic operations. As the map grows, its footprint decides: \
               per entry this crate keeps a 16-byte item where lookups probe, its 8-byte \
-              callback handle, a tag byte and four bytes of its hash beside it, at up to 7/8 \
+              callback handle, a tag byte and a reuse bit beside it, at up to 7/8 \
               load (key inline), and a \
               control block per value, against `DashMap`'s 16-byte inline bucket and `Arc`'s \
               smaller block, so this crate's working set outgrows the caches first. Once neither \
