@@ -197,11 +197,13 @@ pub const SECTIONS: &[Section] = &[
               `Weak` and the value. A value never moves while readers borrow it in place (a \
               `Mutex` inside is the common case), so a rebuild moves the address, not the \
               node. At 100 000 keys the slots stay in the caches and the nodes, 48 bytes \
-              each, do not: a hit misses once, on its node, where `DashMap`'s value sits \
-              inline in a bucket array a third that size (callgrind, with a 2 MiB last-level \
-              cache like this machine's L2: 1.75 misses a lookup against 0.35). Closing the \
-              gap takes the values packed where they still never move: key-and-value \
-              records in an arena per shard, reused once no reader can see them. Nothing \
+              each, do not: a hit misses on its node, where `DashMap`'s value sits inline \
+              in its bucket array (callgrind, with a 2 MiB last-level cache like this \
+              machine's L2, when the node was 56 bytes: 1.75 misses a lookup against 0.35). \
+              On one thread that has cost from nothing to a quarter of `DashMap`'s rate \
+              across runs on this machine; removing it takes the values packed where they \
+              still never move: key-and-value records in an arena per shard, reused once no \
+              reader can see them. Nothing \
               else: the read writes nothing shared (`insert` and `remove` return whether \
               they displaced a value, and a displaced value is dropped once no reader can \
               see it). Churn pays for a callback node per entry, where the \
