@@ -438,8 +438,9 @@ pub mod internals {
     //! | faces | `finalizer`, `weak_value_map`, `weak_key_map`, `weak_set`, `weak_method`, `par_iter`, `error` | the public API and its docs; thin over the layers below |
     //!
     //! `raw/` imports from `callbacks` only `Executor`, `Hook` and what a
-    //! hook's removal is made of (`Removal`, `HookSite`, and the
-    //! `EntryRef` a removal is run with); it reaches an object's
+    //! hook's removal is made of (`Removal`, `HookSite`, `KEY_BITS`, the
+    //! bits of a hash a hook keeps, and the `EntryRef` a removal is run
+    //! with); it reaches an object's
     //! `ObjectCallbacks` through `Strong`; it never
     //! imports `finalizer` or `Runtime`. `reclaim` imports nothing above
     //! `sync`.
@@ -465,7 +466,9 @@ pub mod internals {
     //! 4. The map's hook is the `Removal` that
     //!    `raw::collection::remove_on_death` registered
     //!    (`ObjectCallbacks::register_hook`): the address of the site that
-    //!    heads the entry's shard, and the entry's hash. Its run calls the
+    //!    heads the entry's shard, and the entry's key, the bits of its hash
+    //!    the shard files it by, kept in the hook's status word. Its run
+    //!    calls the
     //!    site's function, `raw::collection::death_at_shard`, which reaches
     //!    the shard through that uncounted address (valid while the dying
     //!    thread stays pinned, M14), borrows the dying
