@@ -55,8 +55,9 @@ unsafe impl<T> RefCnt for Strong<T> {
 // (`TAG`, arc-swap 1.9.4 on; a cold review showed a `Strong` slot's writer
 // paying a `Weak` slot reader's debt with the wrong count without it):
 // the value's address is at least 4-aligned (it follows the header's
-// two 32-bit counts and its word), so bit 0 is free. `Weak::new()` handles, which name no object,
-// map to null, which owns no count, as arc-swap's own `Weak` impl does.
+// two 32-bit counts and its word), so bit 0 is free. `Weak::new()`
+// handles, which name no object, map to null, which owns no count, as
+// arc-swap's own `Weak` impl does.
 #[cfg_attr(docsrs, doc(cfg(feature = "arc-swap")))]
 // SAFETY: as just argued; nothing here panics (SAFETY.md, section 4).
 unsafe impl<T> RefCnt for Weak<T> {

@@ -195,8 +195,8 @@ where
 /// callback list is next compacted (which `remove`, `retain` and
 /// replacing inserts count towards; `clear` and the map's drop do not) or
 /// the key dies, holding the bytes of the value and of the key's `Weak`
-/// (a key object's first six registrations are never compacted: they stay
-/// until it dies). For a large `V` whose long-lived keys lose their
+/// (a key object's first six registrations, two on 32-bit targets, are
+/// never compacted: they stay until it dies). For a large `V` whose long-lived keys lose their
 /// entries, store `Box<V>` to give the bytes back at once.
 ///
 /// An empty map is not free: it has four shards per CPU (at least 4, at

@@ -119,7 +119,8 @@ impl<T: ?Sized + Send + Sync + 'static, S: Send + Sync + 'static> Collection<Mem
 /// detached nodes; a member that leaves through [`clear`](Self::clear) or
 /// the set's drop leaves its node (a few dozen bytes) until the object gets
 /// about as many new registrations as its list kept, or dies, and an
-/// object's first six registrations stay until it dies, as in
+/// object's first six registrations (two on 32-bit targets) stay until it
+/// dies, as in
 /// [`WeakValueMap`](crate::WeakValueMap).
 ///
 /// An empty set is not free: it has four shards per CPU (at least 4, at

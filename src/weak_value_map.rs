@@ -438,12 +438,13 @@ impl<K: Clone, V: ?Sized, S> MapCore<K, V, S> {
 /// needs a sized one.
 ///
 /// Each entry registers its death callback on its value: one 24-byte
-/// allocation (16 bytes on 32-bit targets). An entry that leaves any other way detaches it at once;
-/// the detached node leaves the value's callback list at the list's next
-/// compaction, or when the value dies. A value's first six registrations
-/// live inline in its header, where nothing compacts: a value filed under
-/// six entries or fewer in its whole life keeps their detached nodes
-/// until it dies. Past that, [`remove`](Self::remove),
+/// allocation (16 bytes on 32-bit targets). An entry that leaves any
+/// other way detaches it at once; the detached node leaves the value's
+/// callback list at the list's next compaction, or when the value dies. A
+/// value's first six registrations (two on 32-bit targets) live inline in
+/// its header, where nothing compacts: a value filed under that many
+/// entries or fewer in its whole life keeps their detached nodes until it
+/// dies. Past that, [`remove`](Self::remove),
 /// [`remove_if`](Self::remove_if), [`retain`](Self::retain) and replacing
 /// inserts count towards the compaction, so a value that outlives a peak
 /// of entries naming it gets its memory back as they leave; entries that

@@ -242,10 +242,11 @@ impl ObjectCallbacks {
                     // Relaxed: never shared. Its stack is not its own.
                     unused.list.head.store(ptr::null_mut(), Ordering::Relaxed);
                 }
-                // SAFETY: an anchored word points at an anchor that lives
-                // until the death takes the list, which cannot race the
-                // caller (C6, C17); the caller's Acquire load of the word
-                // (or the failed CAS's, below) saw its fields.
+                // An anchored word points at an anchor that lives until the
+                // death takes the list, which cannot race the caller (C6,
+                // C17); the caller's Acquire load of the word (or the
+                // failed CAS's, below) saw its fields.
+                // SAFETY: as just said.
                 return unsafe { &*untagged(word).cast::<Anchor>() };
             }
             if fresh.is_null() {
