@@ -63,6 +63,14 @@ pub mod from_python {
     //!   object, so a request never pays for clean-up. A panicking callback
     //!   is caught, counted in [`stats()`](crate::stats) and reported on
     //!   stderr. After [`shutdown()`](crate::shutdown) they run inline.
+    //!   One thread runs them all, so threads that queue work faster than
+    //!   it runs it (deaths with slow callbacks, or keys of a `WeakKeyMap`
+    //!   whose values have destructors) wait for it to catch up once more
+    //!   than 32 768 are pending, at the end of their next map write or
+    //!   death, for at most 10 ms in which it finishes nothing: the queue
+    //!   stays bounded, and a thread holding a lock a callback needs is
+    //!   held up, never deadlocked ([`Stats::backlog_waits`](crate::Stats::backlog_waits)
+    //!   counts the waits).
     //! * **Iteration never fails on concurrent change** (Python raises
     //!   `RuntimeError: dictionary changed size during iteration`): it is
     //!   weakly consistent, never yields a dead entry, and may or may not
@@ -427,6 +435,7 @@ pub mod internals {
     //! | | `callbacks::list` | `EntryList`: the lock-free stack of entries with one compactor; `ObjectCallbacks` (an object's list, in its control block) and `register_hook` |
     //! | | `callbacks::queue` | `BatchQueue`: the Treiber stack of death batches, `pending`, the closed marker; `Taken` |
     //! | | `callbacks::worker` | `Worker`: the `weakrefs-finalizer` thread, its start, spin-then-park loop, wake-up and stop |
+    //! | | `callbacks::backlog` | backpressure: the bound past which a producer owes a wait, and when a wait gives up (C18) |
     //! | | `callbacks::runtime` | `Runtime`: registration, `on_death`, `drain`, `flush`, `shutdown`, [`Stats`](crate::Stats) |
     //! | | `callbacks::global` | the process's `Runtime` and the thread it spawns; its loom twin |
     //! | | `callbacks::executor` | `Executor`: the one handle `raw/` holds to the runtime ("run this on the finalizer thread") |
@@ -508,6 +517,11 @@ pub mod internals {
     //!    a waiting `flush` (C11). After `shutdown` the push is refused and
     //!    `run_inline` runs the chain on the dying thread, never nested
     //!    (C9, C15).
+    //! 7. A push that left more than the bound pending makes the dying
+    //!    thread owe a wait (`backlog::note_push`); `on_death` ends at a
+    //!    safe point (`Runtime::settle_backlog`), where it waits for the
+    //!    worker to catch up (C18). The collections' public writes end at
+    //!    one too (`SafePoint`).
     //!
     //! ## Where each protocol is model-checked
     //!

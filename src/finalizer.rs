@@ -21,6 +21,12 @@ use crate::strong::Strong;
 /// keep the object alive forever (reference counting cannot free cycles).
 /// Capture what the clean-up needs instead, or a [`Weak`](crate::Weak).
 ///
+/// Deaths are handed over without waiting, with one exception that bounds
+/// memory: a thread whose deaths leave more than 32 768 callbacks queued
+/// waits, before its drop returns, until the finalizer thread has brought
+/// that down to half, or has finished nothing for 10 ms
+/// ([`Stats::backlog_waits`] counts these waits).
+///
 /// Registration is lock-free with one exception that bounds memory: a
 /// registration that finds the object's list (or the process-wide registry)
 /// four times overdue for compaction while another thread is compacting it

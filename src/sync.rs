@@ -79,7 +79,7 @@ impl Condvar {
     }
 
     /// [`Self::wait`], for at most `timeout`.
-    #[cfg(all(feature = "rayon", not(weakrefs_loom)))]
+    #[cfg(not(weakrefs_loom))]
     pub(crate) fn wait_timeout<'a, T>(
         &self,
         guard: MutexGuard<'a, T>,

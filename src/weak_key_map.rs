@@ -12,7 +12,7 @@ use std::fmt;
 use std::future::Future;
 use std::hash::BuildHasher;
 
-use crate::callbacks::Hook;
+use crate::callbacks::{Hook, SafePoint};
 use crate::identity::IdentityState;
 use crate::panics::FirstPanic;
 use crate::raw::collection::{self, Collection, Watching};
@@ -365,6 +365,8 @@ where
     /// assert_eq!(map.get(&key), Some(20));
     /// ```
     pub fn insert(&self, key: &Strong<K>, value: V) -> bool {
+        // A safe point (SAFETY.md, C18): dropped last.
+        let _safe_point = SafePoint;
         let hash = self.hash(key);
         let item = self.new_item(hash, key, value);
         let pin = WritePin::lazy();
@@ -478,6 +480,8 @@ where
     /// assert_eq!(map.get(&key), None);
     /// ```
     pub fn remove(&self, key: &Strong<K>) -> bool {
+        // A safe point (SAFETY.md, C18): dropped last.
+        let _safe_point = SafePoint;
         let hash = self.hash(key);
         let pin = WritePin::lazy();
         let mut writer = self.core.table.write(hash, &pin);
@@ -544,6 +548,9 @@ where
                     // The leader failed: try again (perhaps as the leader).
                 }
                 Err(Joined::Lead(load)) => {
+                    // A safe point (SAFETY.md, C18) once the load is over;
+                    // a hit is none, which keeps hits free of it.
+                    let _safe_point = SafePoint;
                     let init = init.take().expect("a caller leads once, then returns");
                     let made = single_flight::lead(
                         load,
@@ -840,6 +847,8 @@ where
     /// assert_eq!(map.len(), 2);
     /// ```
     pub fn retain<F: FnMut(&K, &V) -> bool>(&self, mut f: F) {
+        // A safe point (SAFETY.md, C18): dropped last.
+        let _safe_point = SafePoint;
         collection::retain_live(
             &self.core.table,
             |item, key| f(key, item.value()),
@@ -859,6 +868,8 @@ where
     /// assert!(map.is_empty());
     /// ```
     pub fn clear(&self) {
+        // A safe point (SAFETY.md, C18): dropped last.
+        let _safe_point = SafePoint;
         collection::clear(&self.core.table, |_, _| None::<()>, |()| {});
     }
 
@@ -876,6 +887,8 @@ where
     /// assert!(map.is_empty());
     /// ```
     pub fn purge(&self) -> usize {
+        // A safe point (SAFETY.md, C18): dropped last.
+        let _safe_point = SafePoint;
         collection::purge(&self.core.table, |_, _| None::<()>, |()| {})
     }
 }

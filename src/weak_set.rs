@@ -3,7 +3,7 @@
 use std::fmt;
 use std::hash::BuildHasher;
 
-use crate::callbacks::Hook;
+use crate::callbacks::{Hook, SafePoint};
 use crate::identity::IdentityState;
 use crate::raw::collection::{self, Collection, EntryHook, Watching};
 use crate::raw::table::{Relocatable, ShardedTable, Sided, WritePin};
@@ -239,6 +239,8 @@ where
     /// assert!(set.insert(&Strong::new(1))); // an equal value, another object
     /// ```
     pub fn insert(&self, object: &Strong<T>) -> bool {
+        // A safe point (SAFETY.md, C18): dropped last.
+        let _safe_point = SafePoint;
         let hash = self.hash(object);
         // No lock-free check first: the check under the lock below is the
         // one that counts, and a new member (the common case) would pay for
@@ -274,6 +276,8 @@ where
     /// assert!(!set.remove(&obj));
     /// ```
     pub fn remove(&self, object: &Strong<T>) -> bool {
+        // A safe point (SAFETY.md, C18): dropped last.
+        let _safe_point = SafePoint;
         let hash = self.hash(object);
         let pin = WritePin::lazy();
         let mut writer = self.core.table.write(hash, &pin);
@@ -378,6 +382,8 @@ where
     /// assert_eq!(set.len(), 2);
     /// ```
     pub fn retain<F: FnMut(&T) -> bool>(&self, mut f: F) {
+        // A safe point (SAFETY.md, C18): dropped last.
+        let _safe_point = SafePoint;
         collection::retain_live(&self.core.table, |_, object| f(object), |_, _| {});
     }
 
@@ -393,6 +399,8 @@ where
     /// assert!(set.is_empty());
     /// ```
     pub fn clear(&self) {
+        // A safe point (SAFETY.md, C18): dropped last.
+        let _safe_point = SafePoint;
         collection::clear(&self.core.table, |_, _| None::<()>, |()| {});
     }
 
@@ -410,6 +418,8 @@ where
     /// assert!(set.is_empty());
     /// ```
     pub fn purge(&self) -> usize {
+        // A safe point (SAFETY.md, C18): dropped last.
+        let _safe_point = SafePoint;
         collection::purge(&self.core.table, |_, _| None::<()>, |()| {})
     }
 }

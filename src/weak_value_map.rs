@@ -13,7 +13,7 @@ use std::pin::pin;
 use std::ptr;
 use std::sync::Arc;
 
-use crate::callbacks::{Executor, Hook};
+use crate::callbacks::{Executor, Hook, SafePoint};
 use crate::marks::{self, Mark};
 use crate::panics::{drop_each_then_resume, FirstPanic};
 use crate::raw::collection::{self, Collection, EntryHook, Watching};
@@ -866,6 +866,8 @@ where
     /// assert_eq!(map.get(&1).as_deref(), Some(&"b"));
     /// ```
     pub fn insert(&self, key: K, value: &Strong<V>) -> Option<Strong<V>> {
+        // A safe point (SAFETY.md, C18): dropped last.
+        let _safe_point = SafePoint;
         let hash = self.hash(&key);
         let item = self.new_item(hash, key, value);
         let pin = WritePin::lazy();
@@ -1077,6 +1079,8 @@ where
     /// assert_eq!(map.get(&1).as_deref(), Some(&"second"));
     /// ```
     pub fn try_insert(&self, key: K, value: &Strong<V>) -> Result<(), Strong<V>> {
+        // A safe point (SAFETY.md, C18): dropped last.
+        let _safe_point = SafePoint;
         let hash = self.hash(&key);
         let pin = WritePin::lazy();
         let mut writer = self.core.table.write(hash, &pin);
@@ -1131,6 +1135,8 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
+        // A safe point (SAFETY.md, C18): dropped last.
+        let _safe_point = SafePoint;
         let hash = self.hash(key);
         // Declared before the writer, so that if `f` panics the unwinding
         // unlocks first and drops the value after: it may be the last
@@ -1288,6 +1294,8 @@ where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
+        // A safe point (SAFETY.md, C18): dropped last.
+        let _safe_point = SafePoint;
         let hash = self.hash(key);
         let pin = WritePin::lazy();
         let mut writer = self.core.table.write(hash, &pin);
@@ -1386,6 +1394,9 @@ where
                     // The leader failed: try again (perhaps as the leader).
                 }
                 Err(Joined::Lead(load)) => {
+                    // A safe point (SAFETY.md, C18) once the load is over;
+                    // a hit is none, which keeps hits free of it.
+                    let _safe_point = SafePoint;
                     let init = init.take().expect("a caller leads once, then returns");
                     self.core.counters.bump(LOADS);
                     break single_flight::lead(
@@ -1740,6 +1751,8 @@ where
     /// assert_eq!(map.len(), 3);
     /// ```
     pub fn retain<F: FnMut(&K, &V) -> bool>(&self, mut f: F) {
+        // A safe point (SAFETY.md, C18): dropped last.
+        let _safe_point = SafePoint;
         collection::retain_live(
             &self.core.table,
             |item, value| f(item.key(), value),
@@ -1842,6 +1855,8 @@ where
     /// assert_eq!(*v, 1); // the value itself is untouched
     /// ```
     pub fn clear(&self) {
+        // A safe point (SAFETY.md, C18): dropped last.
+        let _safe_point = SafePoint;
         collection::clear(
             &self.core.table,
             // Under the shard lock, where nothing panics (`notice`); the
@@ -1874,6 +1889,8 @@ where
     /// assert!(map.is_empty());
     /// ```
     pub fn purge(&self) -> usize {
+        // A safe point (SAFETY.md, C18): dropped last.
+        let _safe_point = SafePoint;
         collection::purge(
             &self.core.table,
             // The job a death's removal makes, under the lock: a listener's

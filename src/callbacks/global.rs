@@ -7,6 +7,8 @@
 //! models stay finite) and lives as long as one model execution, beside
 //! the epoch collector it must outlive (`reclaim::outlives_collector`).
 
+#[cfg(not(weakrefs_loom))]
+use super::backlog::Backlog;
 use super::runtime::Runtime;
 #[cfg(not(weakrefs_loom))]
 use super::worker::WorkerMode;
@@ -16,7 +18,9 @@ use super::worker::WorkerMode;
 #[inline]
 pub(crate) fn global() -> &'static Runtime {
     static GLOBAL: std::sync::OnceLock<Runtime> = std::sync::OnceLock::new();
-    GLOBAL.get_or_init(|| Runtime::build(WorkerMode::Spawn(spawn_worker)))
+    GLOBAL.get_or_init(|| {
+        Runtime::build(WorkerMode::Spawn(spawn_worker)).with_backlog(Backlog::GLOBAL)
+    })
 }
 
 /// Starts the worker thread over the global runtime.

@@ -1,11 +1,14 @@
 //! Death-callback machinery: entries and their exactly-once state machine
 //! (`entry`), the lock-free lists that hold them (`list`), the queue of
 //! death batches (`queue`), the finalizer thread that drains it (`worker`),
+//! the bound that holds producers back when it falls behind (`backlog`),
 //! the runtime that delivers deaths, flushes and shuts down (`runtime`),
 //! the process-wide runtime (`global`), and the one handle the
 //! collections' machinery uses to run work on the finalizer thread
 //! (`executor`). The public face is `crate::finalizer`.
 
+#[cfg(not(weakrefs_loom))]
+mod backlog;
 mod entry;
 mod executor;
 mod global;
@@ -15,7 +18,7 @@ mod runtime;
 mod worker;
 
 pub(crate) use entry::{EntryRef, Hook, HookSite, Removal, KEY_BITS};
-pub(crate) use executor::Executor;
+pub(crate) use executor::{Executor, SafePoint};
 pub(crate) use global::global;
 pub(crate) use list::ObjectCallbacks;
 pub use runtime::Stats;

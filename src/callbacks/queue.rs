@@ -52,9 +52,10 @@ impl BatchQueue {
     }
 
     /// Counts the `count` callbacks of the chain at `batch` as pending and
-    /// pushes the chain as one batch. Returns false if `shutdown` has
-    /// closed the queue: the chain is not queued, and the caller runs it
-    /// and then [`finish`](Self::finish)es its `count` (C9).
+    /// pushes the chain as one batch. Returns how many were pending just
+    /// after the count (a snapshot, for backpressure, C18), or `None` if
+    /// `shutdown` has closed the queue: the chain is not queued, and the
+    /// caller runs it and then [`finish`](Self::finish)es its `count` (C9).
     ///
     /// # Safety
     ///
@@ -62,10 +63,10 @@ impl BatchQueue {
     ///    caller owns (hooks run on the dying thread and are never queued,
     ///    C14).
     #[must_use = "a refused batch must be run by the caller"]
-    pub(super) unsafe fn push(&self, batch: *mut Entry, count: u64) -> bool {
+    pub(super) unsafe fn push(&self, batch: *mut Entry, count: u64) -> Option<u64> {
         // Relaxed: sequenced before the push, whose Release the consumer
         // acquires before it subtracts, so `pending` never underflows (C11).
-        self.pending.fetch_add(count, Ordering::Relaxed);
+        let pending = self.pending.fetch_add(count, Ordering::Relaxed) + count;
         // SAFETY: `batch` is a claimed listed node we own (1).
         let link = unsafe { Entry::queue_next(batch) };
         // Relaxed: the value only seeds the CAS.
@@ -74,7 +75,7 @@ impl BatchQueue {
             if head == closed() {
                 // Shutdown has closed the queue (C9): the caller runs the
                 // chain, in the dying thread, and takes back our `pending`.
-                return false;
+                return None;
             }
             // Relaxed: published by the CAS.
             link.store(head, Ordering::Relaxed);
@@ -85,7 +86,7 @@ impl BatchQueue {
                 .head
                 .compare_exchange_weak(head, batch, Ordering::Release, Ordering::Relaxed)
             {
-                Ok(_) => return true,
+                Ok(_) => return Some(pending),
                 Err(actual) => head = actual,
             }
         }
@@ -250,7 +251,7 @@ mod tests {
         let jobs = [job(), job(), job()];
         for &batch in &jobs {
             // SAFETY: a claimed listed entry we own.
-            assert!(unsafe { queue.push(batch, 1) });
+            assert!(unsafe { queue.push(batch, 1) }.is_some());
         }
         assert!(queue.has_queued_work());
         assert_eq!(queue.pending(), 3);
@@ -269,7 +270,7 @@ mod tests {
         let queue = BatchQueue::new();
         let early = job();
         // SAFETY: a claimed listed entry we own.
-        assert!(unsafe { queue.push(early, 1) });
+        assert!(unsafe { queue.push(early, 1) }.is_some());
         let taken: Vec<_> = queue.close().collect();
         assert_eq!(taken, [early]);
         assert!(queue.is_closed());
@@ -277,7 +278,8 @@ mod tests {
         assert!(queue.take().is_none(), "the marker stays");
         let late = job();
         // SAFETY: as above.
-        assert!(!unsafe { queue.push(late, 1) }, "refused after closing");
+        let refused = unsafe { queue.push(late, 1) }.is_none();
+        assert!(refused, "refused after closing");
         assert_eq!(
             queue.pending(),
             2,

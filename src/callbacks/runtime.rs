@@ -23,6 +23,8 @@
 use std::panic::{self, AssertUnwindSafe};
 use std::ptr;
 
+#[cfg(not(weakrefs_loom))]
+use super::backlog::{self, Backlog};
 use super::entry::{Entry, EntryRef};
 use super::list::{EntryList, ObjectCallbacks, RegistryLink};
 use super::queue::{BatchQueue, Taken};
@@ -69,6 +71,8 @@ struct Counters {
     finished_from_queue: CachePadded<AtomicU64>,
     run: AtomicU64,
     panicked: AtomicU64,
+    /// Waits at a safe point for the worker to catch up (C18).
+    backlog_waits: AtomicU64,
 }
 
 /// Counters of the death-callback runtime since start, as
@@ -103,6 +107,16 @@ pub struct Stats {
     pub panicked: u64,
     /// Callbacks queued but not yet finished.
     pub pending: u64,
+    /// Times a thread that had queued work faster than the finalizer
+    /// thread runs it waited for that thread to catch up, at the end of a
+    /// collection's write or of a death. A thread waits once more than
+    /// 32 768 callbacks are pending, until half that many are, and never
+    /// longer than 10 ms in which the finalizer thread finishes nothing:
+    /// the bound keeps a flood of deaths from growing the queue, and the
+    /// memory it holds, without end. A count that keeps rising says the
+    /// finalizer thread is the bottleneck (slow callbacks or destructors
+    /// of removed `WeakKeyMap` values).
+    pub backlog_waits: u64,
 }
 
 /// The callback runtime. `global()` is the one `finalize` uses; tests and
@@ -128,6 +142,10 @@ pub(crate) struct Runtime {
     /// `flush` calls waiting on `became_idle`; the consumer skips the
     /// mutex and the wake-up system call when there are none (C11).
     flush_waiters: AtomicUsize,
+    /// The bound past which producers wait for the worker (C18); none for
+    /// runtimes without one.
+    #[cfg(not(weakrefs_loom))]
+    backlog: Option<Backlog>,
 }
 
 impl Runtime {
@@ -162,7 +180,16 @@ impl Runtime {
             flush_waiters: AtomicUsize::new(0),
             shutdown_done: Mutex::new(false),
             shutdown_finished: Condvar::new(),
+            #[cfg(not(weakrefs_loom))]
+            backlog: None,
         }
+    }
+
+    /// This runtime with producers held to `backlog` (C18).
+    #[cfg(not(weakrefs_loom))]
+    pub(super) fn with_backlog(mut self, backlog: Backlog) -> Self {
+        self.backlog = Some(backlog);
+        self
     }
 
     /// Registers `callback` on the object whose list is `list`.
@@ -286,6 +313,8 @@ impl Runtime {
         if count > 0 {
             self.dispatch(head, count);
         }
+        // A safe point (C18): the hooks' writers are gone, the pin too.
+        self.settle_backlog();
     }
 
     /// Hands a chain of `count` claimed entries to the worker, or runs it
@@ -293,8 +322,12 @@ impl Runtime {
     fn dispatch(&self, batch: *mut Entry, count: u64) {
         // SAFETY: `batch` heads a chain of `count` claimed listed entries
         // we own (`on_death`, `post`; hooks are never dispatched, C14).
-        if unsafe { self.queue.push(batch, count) } {
+        if let Some(pending) = unsafe { self.queue.push(batch, count) } {
             self.worker.wake(|| self.wake_flushers());
+            #[cfg(not(weakrefs_loom))]
+            backlog::note_push(self.address(), self.backlog, pending);
+            #[cfg(weakrefs_loom)]
+            let _ = pending;
         } else {
             // Shutdown has closed the queue (C9): run the chain here, in
             // the dying thread, and take back our `pending`.
@@ -347,6 +380,68 @@ impl Runtime {
             // Our list, on our stack; no chain runs meanwhile.
             // SAFETY: as just said.
             next = unsafe { (*later_ptr).pop_front() };
+        }
+    }
+
+    /// This runtime's address: what the backlog's thread-locals name it by.
+    #[cfg(not(weakrefs_loom))]
+    fn address(&self) -> usize {
+        ptr::from_ref(self).addr()
+    }
+
+    /// A safe point (C18): if this thread has pushed past the backlog's
+    /// bound since its last one, waits until the worker has brought the
+    /// queue down to half of it, or has finished nothing for the backlog's
+    /// patience. The caller holds none of the crate's locks or pins.
+    #[inline]
+    pub(crate) fn settle_backlog(&self) {
+        #[cfg(not(weakrefs_loom))]
+        if backlog::owes() {
+            self.wait_for_backlog();
+        }
+    }
+
+    #[cfg(not(weakrefs_loom))]
+    #[cold]
+    #[inline(never)]
+    fn wait_for_backlog(&self) {
+        if !backlog::take_debt(self.address()) {
+            return;
+        }
+        let Some(bound) = self.backlog else { return };
+        if !backlog::may_wait() || self.worker.is_absent() || self.is_closed() {
+            return;
+        }
+        let finished = || {
+            // Relaxed: only whether it moves matters; nothing is read
+            // through it.
+            self.counters.finished_from_queue.load(Ordering::Relaxed)
+        };
+        let mut seen = finished();
+        if backlog::still_stalled(self.address(), seen) {
+            return;
+        }
+        if self.queue.pending() <= bound.low() {
+            return;
+        }
+        // Relaxed: statistics.
+        self.counters.backlog_waits.fetch_add(1, Ordering::Relaxed);
+        let mut still = 0;
+        let mut idle = self.idle.lock();
+        while self.queue.pending() > bound.low() {
+            // Woken early only when the queue empties under a `flush`;
+            // otherwise the slice runs out and we look again.
+            idle = self.became_idle.wait_timeout(idle, backlog::SLICE);
+            let now = finished();
+            if now != seen {
+                (seen, still) = (now, 0);
+                continue;
+            }
+            still += 1;
+            if still >= bound.patience {
+                backlog::gave_up(self.address(), seen);
+                break;
+            }
         }
     }
 
@@ -630,6 +725,7 @@ impl Runtime {
             run: load(&self.counters.run),
             panicked: load(&self.counters.panicked),
             pending,
+            backlog_waits: load(&self.counters.backlog_waits),
         }
     }
 }
@@ -670,7 +766,8 @@ mod tests {
                 queued: 2,
                 run: 0,
                 panicked: 0,
-                pending: 2
+                pending: 2,
+                backlog_waits: 0,
             }
         );
         assert_eq!(runtime.drain(), 2);
@@ -681,7 +778,8 @@ mod tests {
                 queued: 2,
                 run: 2,
                 panicked: 0,
-                pending: 0
+                pending: 0,
+                backlog_waits: 0,
             }
         );
     }

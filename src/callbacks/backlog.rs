@@ -1,0 +1,250 @@
+//! Backpressure on the callback queue: a thread that queues work faster
+//! than the finalizer thread runs it waits, at its next safe point, for
+//! the finalizer to catch up (SAFETY.md, C18).
+//!
+//! One finalizer thread runs what every other thread queues. Threads that
+//! kill keys of a `WeakKeyMap` whose values have destructors, or objects
+//! with slow death callbacks, can queue work faster than that thread runs
+//! it; without a bound the queue, and the entries and values it keeps,
+//! grow without end (a hostile-use hunt measured 1.6 GB in five seconds,
+//! two threads on two cores). So:
+//!
+//! * **Owing.** A push that leaves more than [`Backlog::high`] callbacks
+//!   pending records, on the pushing thread, that it owes the runtime a
+//!   wait ([`note_push`]): one thread-local store, and nothing at all
+//!   below the bound.
+//! * **Settling.** At a safe point, the exit of a collection's write or of
+//!   a death's delivery, a thread that owes waits until at most half the
+//!   bound is pending ([`Runtime::settle_backlog`]). A safe point holds
+//!   none of the crate's locks. It is not one on the finalizer thread or
+//!   inside any callback, a single-flight load, a `remove_if` predicate, or
+//!   an unwinding panic (that thread's wait could be what the queue waits
+//!   for); the debt is then dropped.
+//! * **Never for good.** The waiting thread may hold a lock of its own
+//!   that a queued callback needs, so it stops waiting once the finalizer
+//!   has finished nothing for [`Backlog::patience`] slices of a
+//!   millisecond, and does not wait again until the finalizer has
+//!   finished something since (it may be what stalls it). Backpressure
+//!   bounds the queue while the finalizer makes progress; it never turns
+//!   a stall into a deadlock.
+//!
+//! Under loom nothing here runs: a time-out is not something a model can
+//! explore, and the bound is a liveness property, not a memory-safety one.
+
+use std::cell::Cell;
+use std::time::Duration;
+
+use crate::marks::{self, Mark};
+use crate::sync::thread_local;
+
+/// How much may be pending before producers wait, and how long a wait
+/// without progress lasts.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Backlog {
+    /// A push that leaves more than this pending makes its thread owe a
+    /// wait, which lasts until at most half of it is pending.
+    pub(super) high: u64,
+    /// Slices of [`SLICE`] in which the finalizer finishes nothing, after
+    /// which a wait gives up.
+    pub(super) patience: u32,
+}
+
+impl Backlog {
+    /// The process-wide runtime's: about 5-10 MB of queued entries and
+    /// values at most while the finalizer keeps up (measured at roughly
+    /// 280 bytes per pending `WeakKeyMap` removal with a small value), and
+    /// 10 ms without progress before a waiting thread gives up.
+    pub(super) const GLOBAL: Backlog = Backlog {
+        high: 1 << 15,
+        patience: 10,
+    };
+
+    /// What the wait waits for: at most this many pending.
+    pub(super) fn low(self) -> u64 {
+        self.high / 2
+    }
+}
+
+/// One slice of a wait: the waiting thread looks at the queue again after
+/// each.
+pub(super) const SLICE: Duration = Duration::from_millis(1);
+
+thread_local! {
+    /// The runtime (its address, compared, never read through) this thread
+    /// has pushed past its bound since its last safe point; zero for none.
+    static OWED: Cell<usize> = const { Cell::new(0) };
+    /// The runtime and the count of its finished batches when this thread
+    /// last gave up waiting for it: it does not wait for that runtime
+    /// again until the count has moved.
+    static GAVE_UP: Cell<(usize, u64)> = const { Cell::new((0, 0)) };
+}
+
+/// After a push that left `pending` callbacks queued and unfinished on
+/// `runtime`: owe it a wait if that is past the bound.
+#[inline]
+pub(super) fn note_push(runtime: usize, backlog: Option<Backlog>, pending: u64) {
+    if let Some(backlog) = backlog {
+        if pending > backlog.high {
+            OWED.with(|owed| owed.set(runtime));
+        }
+    }
+}
+
+/// True if this thread owes some runtime a wait: the fast path of a safe
+/// point, one thread-local load.
+#[inline(always)]
+pub(super) fn owes() -> bool {
+    OWED.with(Cell::get) != 0
+}
+
+/// True if this thread owes `runtime` a wait; the debt is taken off the
+/// thread either way.
+pub(super) fn take_debt(runtime: usize) -> bool {
+    OWED.with(|owed| {
+        let owes = owed.get() == runtime;
+        if owes {
+            owed.set(0);
+        }
+        owes
+    })
+}
+
+/// True if this thread may wait here: it runs no callback and no drain,
+/// holds no shard lock for user code, runs no single-flight load, and is
+/// not unwinding.
+pub(super) fn may_wait() -> bool {
+    !marks::is_inside(Mark::Callback)
+        && !marks::is_inside(Mark::Draining)
+        && !marks::is_inside(Mark::Locked)
+        && !marks::any_loading(|_| true)
+        && !std::thread::panicking()
+}
+
+/// True if this thread gave up waiting for `runtime` when it had finished
+/// `finished` batches, and it has finished none since: it may be stalled
+/// on something this thread holds.
+pub(super) fn still_stalled(runtime: usize, finished: u64) -> bool {
+    GAVE_UP.with(Cell::get) == (runtime, finished)
+}
+
+/// Records that this thread gave up waiting for `runtime` when it had
+/// finished `finished` batches.
+pub(super) fn gave_up(runtime: usize, finished: u64) {
+    GAVE_UP.with(|gave_up| gave_up.set((runtime, finished)));
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{mpsc, Arc};
+    use std::thread;
+    use std::time::Duration;
+
+    use super::super::runtime::Runtime;
+    use super::Backlog;
+
+    /// A runtime held to `backlog`, with its worker loop on a thread.
+    fn with_worker(backlog: Backlog) -> (Arc<Runtime>, thread::JoinHandle<()>) {
+        let runtime = Arc::new(Runtime::external().with_backlog(backlog));
+        let parker = runtime.take_parker();
+        let worker = {
+            let runtime = runtime.clone();
+            thread::spawn(move || runtime.worker_loop(parker))
+        };
+        (runtime, worker)
+    }
+
+    /// Runs `body` on a thread of its own and returns what it returns;
+    /// fails the test instead of hanging it if it never does.
+    fn within_a_minute<R: Send + 'static>(body: impl FnOnce() -> R + Send + 'static) -> R {
+        let (done, finished) = mpsc::channel();
+        let _runner = thread::spawn(move || done.send(body()).unwrap());
+        finished
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the producer still waits after a minute")
+    }
+
+    /// A producer that posts jobs far slower to run than to post, settling
+    /// after each, never sees more than the bound pending: each push past
+    /// it is followed by a wait down to half of it. Without the wait the
+    /// producer runs thousands ahead.
+    #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "2 560 jobs of 20 000 spins and millisecond waits: minutes under Miri, and no unsafe code here"
+    )]
+    fn a_producer_past_the_bound_waits_for_the_worker() {
+        const HIGH: u64 = 64;
+        let backlog = Backlog {
+            high: HIGH,
+            patience: u32::MAX,
+        };
+        let (runtime, worker) = with_worker(backlog);
+        let runs = Arc::new(AtomicUsize::new(0));
+        let most = {
+            let (runtime, runs) = (runtime.clone(), runs.clone());
+            within_a_minute(move || {
+                let mut most = 0;
+                for _ in 0..HIGH * 40 {
+                    let runs = runs.clone();
+                    runtime.post(move || {
+                        // Slow next to a post: about 20 µs of work.
+                        let mut spin = 0u64;
+                        for i in 0..20_000u64 {
+                            spin = std::hint::black_box(spin.wrapping_add(i));
+                        }
+                        runs.fetch_add(1, Ordering::Relaxed);
+                    });
+                    runtime.settle_backlog();
+                    most = most.max(runtime.stats().pending);
+                }
+                most
+            })
+        };
+        assert!(most <= HIGH, "{most} pending after a settle, bound {HIGH}");
+        runtime.flush();
+        assert_eq!(runs.load(Ordering::Relaxed) as u64, HIGH * 40);
+        runtime.shutdown();
+        worker.join().unwrap();
+    }
+
+    /// A worker stalled on something the producer holds (here: a channel
+    /// the producer sends on only after its posts) holds a settling
+    /// producer up for the patience once, not for good, and not again
+    /// while it has finished nothing since; nothing is lost.
+    #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "millisecond waits on a stalled thread: no unsafe code here for Miri to check"
+    )]
+    fn a_stalled_worker_holds_a_producer_up_once_not_for_good() {
+        const HIGH: u64 = 8;
+        let backlog = Backlog {
+            high: HIGH,
+            patience: 2,
+        };
+        let (runtime, worker) = with_worker(backlog);
+        let (release, stalled) = mpsc::channel::<()>();
+        runtime.post(move || stalled.recv().unwrap());
+        let runs = Arc::new(AtomicUsize::new(0));
+        {
+            let (runtime, runs) = (runtime.clone(), runs.clone());
+            within_a_minute(move || {
+                for _ in 0..HIGH * 100 {
+                    let runs = runs.clone();
+                    runtime.post(move || {
+                        runs.fetch_add(1, Ordering::Relaxed);
+                    });
+                    runtime.settle_backlog();
+                }
+                assert_eq!(runs.load(Ordering::Relaxed), 0, "the worker is stalled");
+                release.send(()).unwrap();
+            });
+        }
+        runtime.flush();
+        assert_eq!(runs.load(Ordering::Relaxed) as u64, HIGH * 100);
+        assert_eq!(runtime.stats().pending, 0);
+        runtime.shutdown();
+        worker.join().unwrap();
+    }
+}
