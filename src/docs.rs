@@ -500,7 +500,8 @@ pub mod internals {
     //!    for the one entry a death removes; `Retired::defer` when a write
     //!    lets go of more; `Pinned::defer`, I7, M9);
     //!    from the finalizer thread (`Executor::post`) if the entry's drop
-    //!    runs user code (`Relocatable::DROP_RUNS_USER_CODE`, M10). Once no
+    //!    runs user code (`Relocatable::drop_runs_user_code`, `plain_drop`,
+    //!    M10). Once no
     //!    reader pinned before the unlink is left, the deferred function
     //!    drops the entry (its side, the `Hook`; then its key and `Weak`), or moves it out
     //!    and posts its drop to the finalizer thread if that runs user

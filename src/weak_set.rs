@@ -33,7 +33,10 @@ impl<T: ?Sized> Sided for Member<T> {
 // just said (3); the side as just said (4).
 unsafe impl<T: ?Sized> Relocatable for Member<T> {
     /// A `Weak`: no user code (a `Weak` never drops its object's value).
-    const DROP_RUNS_USER_CODE: bool = false;
+    #[inline(always)]
+    fn drop_runs_user_code() -> bool {
+        false
+    }
 
     /// Nothing: a member moves whole.
     type LeftBehind = ();

@@ -18,6 +18,7 @@ use crate::marks::{self, Mark};
 use crate::panics::{drop_each_then_resume, FirstPanic};
 use crate::raw::collection::{self, Collection, EntryHook, Watching};
 use crate::raw::counters::Counters;
+use crate::raw::plain_drop;
 use crate::raw::single_flight::{self, Flight, Flights, Joined, Settle};
 use crate::raw::table::{Relocatable, ShardWriter, ShardedTable, Sided, SlotMark, WritePin};
 use crate::raw::tier::{Candidate, Tier};
@@ -58,9 +59,12 @@ impl<K, V: ?Sized> Sided for Item<K, V> {
 // SAFETY: only the `Weak`, a pointer never written through `&Item`, is
 // copied bitwise (1); the key as said (2); the identity (3); the side (4).
 unsafe impl<K: Clone + Send + 'static, V: ?Sized> Relocatable for Item<K, V> {
-    /// The key's destructor is user code; the rest (the `Weak`) is
+    /// The key's destructor may be user code; the rest (the `Weak`) is
     /// ours.
-    const DROP_RUNS_USER_CODE: bool = std::mem::needs_drop::<K>();
+    #[inline(always)]
+    fn drop_runs_user_code() -> bool {
+        plain_drop::runs_user_code::<K>()
+    }
 
     /// The key a relocation cloned from.
     type LeftBehind = K;
@@ -414,7 +418,12 @@ impl<K: Clone, V: ?Sized, S> MapCore<K, V, S> {
 /// panics makes the insert that grew the table panic and leaves the map as
 /// it was (the next insert that grows that shard tries again).
 /// A removed entry's key is dropped on the finalizer thread once no reader
-/// can still see it; keys still in the map when it goes are dropped by
+/// can still see it, unless its drop only frees memory (`String`,
+/// `Box<str>`, `Arc<str>`, `Vec<u8>`, `PathBuf` and the like, or a type
+/// without a destructor): then it is freed wherever the epoch frees it,
+/// as the table's other memory is, which keeps the finalizer thread out of
+/// churn of string-keyed maps. Keys still in the map when it goes are
+/// dropped by
 /// whoever drops its last handle, never by a dying value's thread. A
 /// value's death removes its entry on the dying thread when the shard's
 /// lock is free, else on the finalizer thread. After
@@ -2203,8 +2212,24 @@ mod tests {
     /// the function its writer deferred (`Table::drop_whole`).
     #[test]
     fn a_removed_entry_drops_its_side() {
-        const { assert!(!<Item<u32, u32> as Relocatable>::DROP_RUNS_USER_CODE) };
+        assert!(!<Item<u32, u32> as Relocatable>::drop_runs_user_code());
         every_exit_drops_the_side(|id| id);
+    }
+
+    /// Keys whose destructor only frees memory (`plain_drop`): dropped in
+    /// place, as keys without one.
+    #[test]
+    fn a_removed_entry_whose_key_only_frees_memory_drops_its_side() {
+        assert!(!<Item<String, u32> as Relocatable>::drop_runs_user_code());
+        every_exit_drops_the_side(|id| id.to_string());
+    }
+
+    /// A key with a destructor of its own.
+    #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+    struct Named(u32);
+
+    impl Drop for Named {
+        fn drop(&mut self) {}
     }
 
     /// Keys with destructors (user code): a removed entry is moved out
@@ -2212,8 +2237,8 @@ mod tests {
     /// its side with it.
     #[test]
     fn a_removed_entry_whose_key_runs_user_code_drops_its_side() {
-        const { assert!(<Item<String, u32> as Relocatable>::DROP_RUNS_USER_CODE) };
-        every_exit_drops_the_side(|id| id.to_string());
+        assert!(<Item<Named, u32> as Relocatable>::drop_runs_user_code());
+        every_exit_drops_the_side(Named);
     }
 
     /// A key whose `Eq` or `Clone` panics if the key says so. Every key

@@ -418,7 +418,7 @@ unsafe fn slow_death<C, I>(
 /// collector is torn down: the writer then pins if it must).
 fn death_pin<'p, I: Watching>(death: Option<&'p Pinned>) -> WritePin<'p> {
     match death {
-        Some(pinned) if !I::DROP_RUNS_USER_CODE => WritePin::held(pinned),
+        Some(pinned) if !I::drop_runs_user_code() => WritePin::held(pinned),
         _ => WritePin::lazy(),
     }
 }

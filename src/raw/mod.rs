@@ -1,11 +1,13 @@
 //! Machinery under the collections' public faces: the sharded,
 //! epoch-protected table they share (`table`), what the collections do
-//! alike on top of it (`collection`), the maps' single-flight loads
+//! alike on top of it (`collection`), which keys and values drop without
+//! user code (`plain_drop`), the maps' single-flight loads
 //! (`single_flight`), and `WeakValueMap`'s keep-warm tier (`tier`) with
 //! the frequency sketch its admission consults (`sketch`).
 
 pub(crate) mod collection;
 pub(crate) mod counters;
+pub(crate) mod plain_drop;
 pub(crate) mod single_flight;
 pub(crate) mod sketch;
 pub(crate) mod table;

@@ -262,11 +262,13 @@ mod bytes {
 ///    rebuild moves it bitwise, with readers of the old table still able
 ///    to read it, and dropping it runs no user code.
 pub(crate) unsafe trait Relocatable: Sided + Sized {
-    /// True if dropping an item may run user code (a key's destructor).
-    /// Such an item is not dropped where epoch garbage happens to be
-    /// collected (inside any lookup, or under another shard's lock): it is
-    /// handed to the finalizer thread (M10).
-    const DROP_RUNS_USER_CODE: bool;
+    /// True if dropping an item may run user code (a key's destructor;
+    /// [`plain_drop`](super::plain_drop) tells the standard types that only
+    /// free memory apart). Such an item is not dropped where epoch garbage
+    /// happens to be collected (inside any lookup, or under another shard's
+    /// lock): it is handed to the finalizer thread (M10). A constant once
+    /// inlined.
+    fn drop_runs_user_code() -> bool;
 
     /// What a relocated item leaves behind in the old table: the fields
     /// its relocation made afresh (a cloned key), dropped once no reader
@@ -2212,7 +2214,7 @@ impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
         // most replacements). The general path below moves the writer's
         // lists into a `Retired` and looks up the executor, which cost that
         // case about as much as handing the item to the epoch does.
-        if !I::DROP_RUNS_USER_CODE
+        if !I::drop_runs_user_code()
             && self.garbage.only_items()
             && self.garbage.items.rest.is_empty()
         {
@@ -2259,7 +2261,7 @@ impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
         // the model ends, and a posted job would run after that collector
         // is gone (the runtime is torn down after it).
         let user_code = cfg!(not(weakrefs_loom))
-            && (I::DROP_RUNS_USER_CODE
+            && (I::drop_runs_user_code()
                 || (!retired.tables.is_empty() && std::mem::needs_drop::<I::LeftBehind>()));
         // Pinned before anything is handed on, and until the `'g` borrow of
         // the pin ends: what `lend` lent stays readable until then, since
@@ -2333,7 +2335,7 @@ impl<I: Relocatable + Send + Sync + 'static> Retired<I> {
     ///    originals.
     unsafe fn defer(self, pinned: &Pinned, executor: Executor) {
         for (table, index) in self.items.into_iter() {
-            if !I::DROP_RUNS_USER_CODE {
+            if !I::drop_runs_user_code() {
                 // SAFETY: unlinked (our 1), owning its issued drop (our 2).
                 unsafe { defer_item_drop(pinned, table, index) };
                 continue;
@@ -2379,7 +2381,7 @@ impl<I: Relocatable + Send + Sync + 'static> Retired<I> {
 /// # Safety
 ///
 /// 1. The item's drop runs none of the user's code
-///    (`!I::DROP_RUNS_USER_CODE`).
+///    (`!I::drop_runs_user_code()`).
 /// 2. It was unlinked under the shard's mutex, which is released: no reader
 ///    that pins from now on can reach it.
 /// 3. The caller owns the drop issued for this item, one reference to
@@ -2390,7 +2392,7 @@ unsafe fn defer_item_drop<I: Relocatable + Send + Sync + 'static>(
     table: *const Table<I>,
     index: usize,
 ) {
-    debug_assert!(!I::DROP_RUNS_USER_CODE);
+    debug_assert!(!I::drop_runs_user_code());
     // `I: Send` lets the function run anywhere; the table is kept
     // allocated by the reference it owns (3).
     struct Slot<I: Relocatable>(*const Table<I>, usize);
@@ -2485,7 +2487,7 @@ unsafe fn retire<I: Relocatable>(
                 }));
             }
         });
-        if I::DROP_RUNS_USER_CODE {
+        if I::drop_runs_user_code() {
             // User destructors: on the finalizer thread, as for removed
             // items (M10).
             executor.post(move || drop_each_and_report("a relocated entry's destructor", left));
