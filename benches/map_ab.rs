@@ -31,12 +31,15 @@
 //! * `churn`, one thread: insert a fresh value under one of 1 024 keys, then
 //!   drop it. This crate removes each dead entry at its death; `DashMap`
 //!   sweeps with `retain` every 1 024 inserts and, separately, every
-//!   65 536.
+//!   65 536. `churn_string`: the same with `String` keys (each insert
+//!   clones one of 1 024 prepared strings), the common cache key, whose
+//!   removed copies are freed by the epoch like `u64` keys.
 //!
 //! `cargo bench --bench map_ab`; the median ratios print as a table, and as
 //! tab-separated rows in `map_ab.tsv` when `WEAKREFS_BENCH_OUT` names a
 //! directory. `WEAKREFS_AB_CASES=read,churn` (a comma-separated list of
-//! case names: `read`, `key_map_with`, `keep_recent`, `stats`, `churn`)
+//! case names: `read`, `key_map_with`, `keep_recent`, `stats`, `churn`,
+//! `churn_string`)
 //! runs only those cases.
 
 use std::collections::HashMap;
@@ -276,11 +279,14 @@ fn variant_case(
 /// 1 024 keys.
 const CHURN_OPS: u64 = 1 << 17;
 
-fn churn_ours(map: &weakrefs::WeakValueMap<u64, u64>) -> f64 {
+fn churn_ours<K>(map: &weakrefs::WeakValueMap<K, u64>, key: impl Fn(u64) -> K) -> f64
+where
+    K: std::hash::Hash + Eq + Clone + Send + Sync + 'static,
+{
     let began = Instant::now();
     for i in 0..CHURN_OPS {
         let value = weakrefs::Strong::new(i);
-        map.insert(i % 1024, &value);
+        map.insert(key(i % 1024), &value);
     }
     weakrefs::flush();
     let rate = CHURN_OPS as f64 / began.elapsed().as_secs_f64();
@@ -288,11 +294,14 @@ fn churn_ours(map: &weakrefs::WeakValueMap<u64, u64>) -> f64 {
     rate
 }
 
-fn churn_dash(map: &DashMap<u64, StdWeak<u64>>, sweep_every: u64) -> f64 {
+fn churn_dash<K>(map: &DashMap<K, StdWeak<u64>>, sweep_every: u64, key: impl Fn(u64) -> K) -> f64
+where
+    K: std::hash::Hash + Eq + Clone,
+{
     let began = Instant::now();
     for i in 0..CHURN_OPS {
         let value = Arc::new(i);
-        map.insert(i % 1024, Arc::downgrade(&value));
+        map.insert(key(i % 1024), Arc::downgrade(&value));
         if (i + 1) % sweep_every == 0 {
             map.retain(|_, weak| weak.strong_count() > 0);
         }
@@ -399,11 +408,24 @@ fn main() {
         let dash = DashMap::new();
         let names = ["weakrefs", "dashmap_retain_1024", "dashmap_retain_65536"];
         let rates = interleaved(names.len(), rounds, |which| match which {
-            0 => churn_ours(&ours),
-            1 => churn_dash(&dash, 1024),
-            _ => churn_dash(&dash, 65_536),
+            0 => churn_ours(&ours, |i| i),
+            1 => churn_dash(&dash, 1024, |i| i),
+            _ => churn_dash(&dash, 65_536, |i| i),
         });
         table.extend(rows("churn/1_thread", &names, &rates));
+    }
+    if wanted("churn_string") {
+        let keys: Vec<String> = (0..1024).map(|i| format!("/objects/{i:04}")).collect();
+        let key = |i: u64| keys[i as usize].clone();
+        let ours = weakrefs::WeakValueMap::new();
+        let dash = DashMap::new();
+        let names = ["weakrefs", "dashmap_retain_1024", "dashmap_retain_65536"];
+        let rates = interleaved(names.len(), rounds, |which| match which {
+            0 => churn_ours(&ours, key),
+            1 => churn_dash(&dash, 1024, key),
+            _ => churn_dash(&dash, 65_536, key),
+        });
+        table.extend(rows("churn_string/1_thread", &names, &rates));
     }
 
     println!(

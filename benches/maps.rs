@@ -16,8 +16,9 @@
 //! (what a keep-warm tier and statistics cost reads: the map with the
 //! option, `weakrefs`, against the same map without, `without`);
 //! `single_flight_hot_key/*`; and
-//! `churn` (insert a fresh value, then it dies), where the baselines clean
-//! up with a periodic `retain` and this crate with its death callbacks.
+//! `churn/{u64,string}_keys` (insert a fresh value, then it dies), where
+//! the baselines clean up with a periodic `retain` and this crate with its
+//! death callbacks.
 //! `cargo bench --bench maps`.
 
 use std::collections::HashMap;
@@ -401,37 +402,48 @@ fn read_costs(c: &mut Criterion) {
 
 /// Insert a fresh value under one of 1024 keys, then drop it: the
 /// baselines run `retain` every 1024 operations to clear dead entries.
+/// Once with `u64` keys and once with `String` keys (each insert clones
+/// one of 1024 prepared strings, on every side), the common cache key.
 fn churn(c: &mut Criterion) {
-    let mut group: BenchmarkGroup<'_, WallTime> = c.benchmark_group("churn");
+    churn_with(c, "churn/u64_keys", |i| i);
+    let names: Vec<String> = (0..1024).map(|i| format!("/objects/{i:04}")).collect();
+    churn_with(c, "churn/string_keys", |i| names[i as usize].clone());
+}
+
+fn churn_with<K>(c: &mut Criterion, group: &str, key: impl Fn(u64) -> K)
+where
+    K: std::hash::Hash + Eq + Clone + Send + Sync + 'static,
+{
+    let mut group: BenchmarkGroup<'_, WallTime> = c.benchmark_group(group);
     const BATCH: u64 = 1024;
     group.throughput(Throughput::Elements(BATCH));
-    let ours: weakrefs::WeakValueMap<u64, u64> = weakrefs::WeakValueMap::new();
+    let ours: weakrefs::WeakValueMap<K, u64> = weakrefs::WeakValueMap::new();
     group.bench_function("weakrefs", |b| {
         b.iter(|| {
             for i in 0..BATCH {
                 let value = weakrefs::Strong::new(i);
-                ours.insert(i, &value);
+                ours.insert(key(i), &value);
             }
             weakrefs::flush();
         })
     });
     assert_eq!(ours.len(), 0, "dead entries left after flush");
-    let dash: DashMap<u64, StdWeak<u64>> = DashMap::new();
+    let dash: DashMap<K, StdWeak<u64>> = DashMap::new();
     group.bench_function("dashmap_retain", |b| {
         b.iter(|| {
             for i in 0..BATCH {
                 let value = Arc::new(i);
-                dash.insert(i, Arc::downgrade(&value));
+                dash.insert(key(i), Arc::downgrade(&value));
             }
             dash.retain(|_, weak| weak.strong_count() > 0);
         })
     });
-    let table: RwLock<weak_table::WeakValueHashMap<u64, StdWeak<u64>>> = RwLock::default();
+    let table: RwLock<weak_table::WeakValueHashMap<K, StdWeak<u64>>> = RwLock::default();
     group.bench_function("rwlock_weak_table", |b| {
         b.iter(|| {
             for i in 0..BATCH {
                 let value = Arc::new(i);
-                table.write().unwrap().insert(i, value);
+                table.write().unwrap().insert(key(i), value);
             }
             table.write().unwrap().remove_expired();
         })

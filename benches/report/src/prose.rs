@@ -129,17 +129,20 @@ pub const SECTIONS: &[Section] = &[
         bench: "maps",
         prefixes: &["churn"],
         unit: "million inserts per second (batches of 1024 values that die)",
-        what: "1024 fresh values are inserted under 1024 keys and dropped. This crate removes \
-               each dead entry by its death callback and calls `flush()` after each batch; \
-               `DashMap` sweeps with `retain` after each batch, and weak-table runs \
-               `remove_expired` after each batch.",
+        what: "1024 fresh values are inserted under 1024 keys and dropped, with `u64` keys \
+               and with `String` keys (each insert clones one of 1024 prepared strings, on \
+               every side). This crate removes each dead entry by its death callback and calls \
+               `flush()` after each batch; `DashMap` sweeps with `retain` after each batch, and \
+               weak-table runs `remove_expired` after each batch.",
         why: "Each insert here allocates a callback node and links it onto the value; each death runs that callback on the dying thread, which \
               takes the shard's lock, unlinks the entry and retires it to the epoch collector. \
               The baselines allocate nothing per insert once their tables have grown and do no \
               work at death: dead entries stay, payload allocation and all, until the next sweep, \
               which here comes after every 1024 inserts and visits only 1024 entries. Exact, \
               automatic removal is what the extra work buys; the churn memory section below \
-              shows what the sweeps leave when they are further apart.",
+              shows what the sweeps leave when they are further apart. A removed `String` key \
+              is freed by the epoch collector, like a `u64` one: only keys whose destructor may \
+              run user code go to the finalizer thread.",
     },
     Section {
         id: "single_flight",
