@@ -67,8 +67,9 @@ pub mod from_python {
     //!   it runs it (deaths with slow callbacks, or keys of a `WeakKeyMap`
     //!   whose values have destructors) wait for it to catch up once more
     //!   than 32 768 are pending, at the end of their next map write or
-    //!   death, for at most 10 ms in which it finishes nothing: the queue
-    //!   stays bounded, and a thread holding a lock a callback needs is
+    //!   death: for the work queued ahead of them, 100 ms at most, and 10
+    //!   ms at most in which it finishes nothing. The queue stays bounded,
+    //!   reads never wait, and a thread holding a lock a callback needs is
     //!   held up, never deadlocked ([`Stats::backlog_waits`](crate::Stats::backlog_waits)
     //!   counts the waits).
     //! * **Iteration never fails on concurrent change** (Python raises

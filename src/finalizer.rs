@@ -23,8 +23,9 @@ use crate::strong::Strong;
 ///
 /// Deaths are handed over without waiting, with one exception that bounds
 /// memory: a thread whose deaths leave more than 32 768 callbacks queued
-/// waits, before its drop returns, until the finalizer thread has brought
-/// that down to half, or has finished nothing for 10 ms
+/// waits, before its drop returns, for the finalizer thread to run those
+/// queued ahead of it down to half that many, for 100 ms at most, and
+/// gives up after 10 ms in which it finishes nothing
 /// ([`Stats::backlog_waits`] counts these waits).
 ///
 /// Registration is lock-free with one exception that bounds memory: a
@@ -152,6 +153,9 @@ impl Finalizer {
         }
         // SAFETY: we won the claim just now; this is its one run.
         global().run_callback(|| unsafe { self.entry.run_claimed(None) });
+        // A safe point (SAFETY.md, C18): deaths inside the callback kept
+        // their debt for here.
+        global().settle_backlog();
         true
     }
 

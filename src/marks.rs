@@ -40,6 +40,16 @@ pub(crate) enum Mark {
     /// predicate): a `flush` or `shutdown` there would wait for a removal
     /// that waits for that lock, so they panic instead.
     Locked,
+    /// This thread is inside a read (a `get` dropping a value the
+    /// keep-warm tier let go of), which never waits: a death there keeps
+    /// its backlog debt for the thread's next safe point (SAFETY.md, C18).
+    /// (Under loom there is no backlog.)
+    #[cfg_attr(weakrefs_loom, allow(dead_code))]
+    Reading,
+    /// This thread is the finalizer thread, for as long as its loop runs:
+    /// it never waits for its own backlog (C18).
+    #[cfg_attr(weakrefs_loom, allow(dead_code))]
+    Finalizer,
 }
 
 /// This thread is running the `init` of the single-flight load at
@@ -64,6 +74,8 @@ struct Marks {
     callbacks: Cell<usize>,
     draining: Cell<usize>,
     locked: Cell<usize>,
+    reading: Cell<usize>,
+    finalizer: Cell<usize>,
     /// The innermost `Loading` frame, null for none.
     loads: Cell<*const Frame>,
 }
@@ -74,6 +86,8 @@ impl Marks {
             Mark::Callback => &self.callbacks,
             Mark::Draining => &self.draining,
             Mark::Locked => &self.locked,
+            Mark::Reading => &self.reading,
+            Mark::Finalizer => &self.finalizer,
         }
     }
 }
@@ -87,6 +101,8 @@ thread_local! {
             callbacks: Cell::new(0),
             draining: Cell::new(0),
             locked: Cell::new(0),
+            reading: Cell::new(0),
+            finalizer: Cell::new(0),
             loads: Cell::new(ptr::null()),
         }
     };
@@ -100,6 +116,8 @@ thread_local! {
         callbacks: Cell::new(0),
         draining: Cell::new(0),
         locked: Cell::new(0),
+        reading: Cell::new(0),
+        finalizer: Cell::new(0),
         loads: Cell::new(ptr::null()),
     };
 }

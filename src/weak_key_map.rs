@@ -16,7 +16,6 @@ use crate::callbacks::{Hook, SafePoint};
 use crate::identity::IdentityState;
 use crate::panics::FirstPanic;
 use crate::raw::collection::{self, Collection, Watching};
-use crate::raw::plain_drop;
 use crate::raw::single_flight::{self, Flight, Flights, Joined, Settle};
 use crate::raw::table::{Relocatable, ShardedTable, Sided, WritePin};
 use crate::strong::Strong;
@@ -85,12 +84,17 @@ impl<K: ?Sized, V> Sided for Item<K, V> {
 // SAFETY: the item is one pointer (`Hook`), never written through
 // `&Item`, and a relocation moves it whole (1, 2); its identity is as
 // just said (3).
-unsafe impl<K: ?Sized, V: 'static> Relocatable for Item<K, V> {
+unsafe impl<K: ?Sized, V> Relocatable for Item<K, V> {
     /// The value's destructor may be user code; the rest is ours (a
-    /// `Weak` never drops its object's value).
+    /// `Weak` never drops its object's value). Values whose drop only
+    /// frees memory take this way too, unlike `WeakValueMap`'s keys: a
+    /// value may be large (a decoded buffer), and what a thread hands the
+    /// epoch stays in its own bag until it retires more or exits, which
+    /// an idle thread never does, and `flush` cannot reach; the finalizer
+    /// thread pushes its garbage through whenever it goes idle.
     #[inline(always)]
     fn drop_runs_user_code() -> bool {
-        plain_drop::runs_user_code::<V>()
+        std::mem::needs_drop::<V>()
     }
 
     /// Nothing: an item moves whole; its key and value stay in its hook.
@@ -182,9 +186,7 @@ where
 /// that any thread retires meanwhile): keep them short.
 ///
 /// Removed values are dropped on the finalizer thread once no reader can
-/// see them, unless their drop only frees memory (`String`, `Vec<u8>` and
-/// the like, or a type without a destructor: then wherever the epoch
-/// frees them), so by the next [`flush`](crate::flush) that follows a
+/// see them (so by the next [`flush`](crate::flush) that follows a
 /// collection of the epoch garbage), except those still in the map when it
 /// is dropped, which go with it. After
 /// [`shutdown`](crate::shutdown) there is no finalizer thread: a removed

@@ -422,8 +422,11 @@ impl<K: Clone, V: ?Sized, S> MapCore<K, V, S> {
 /// `Box<str>`, `Arc<str>`, `Vec<u8>`, `PathBuf` and the like, or a type
 /// without a destructor): then it is freed wherever the epoch frees it,
 /// as the table's other memory is, which keeps the finalizer thread out of
-/// churn of string-keyed maps. Keys still in the map when it goes are
-/// dropped by
+/// churn of string-keyed maps. (A thread hands what it removed to the
+/// epoch 32 entries at a time, or when it exits: one that goes idle right
+/// after a removal keeps up to 31 such entries, keys and all, until it
+/// next writes or exits, and [`flush`](crate::flush) cannot reach them.)
+/// Keys still in the map when it goes are dropped by
 /// whoever drops its last handle, never by a dying value's thread. A
 /// value's death removes its entry on the dying thread when the shard's
 /// lock is free, else on the finalizer thread. After
@@ -1067,7 +1070,10 @@ where
         // being reused meanwhile.
         let released = self.keep(hash, item, mark, &value);
         drop(pinned);
-        drop(released);
+        if let Some(released) = released {
+            // Perhaps a death, which must not wait here (C18).
+            crate::callbacks::reading(|| drop(released));
+        }
         Some(value)
     }
 

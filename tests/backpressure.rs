@@ -10,6 +10,10 @@ use std::time::Duration;
 
 use weakrefs::{finalize, flush, stats, Strong, WeakKeyMap};
 
+/// One test at a time: they share the process's finalizer thread, and the
+/// first stalls it.
+static SERIAL: Mutex<()> = Mutex::new(());
+
 /// Past the process-wide bound (32 768 pending) with room to spare: each
 /// key's death queues one job, the drop of its value.
 const DEATHS: usize = 40_000;
@@ -38,15 +42,20 @@ fn within_a_minute(body: impl FnOnce() + Send + 'static) {
 }
 
 /// A thread that holds a lock a queued callback needs, and meanwhile kills
-/// keys far past the bound, waits for the finalizer at most once (it
-/// finishes nothing, stalled on that lock) and is never deadlocked; once
-/// the lock goes, every value is dropped and nothing is left pending.
+/// keys far past the bound, waits for the finalizer exactly once (it
+/// finishes nothing, stalled on that lock, so the wait gives up and no
+/// other begins until it moves) and is never deadlocked; once the lock
+/// goes, every value is dropped and nothing is left pending.
 #[test]
 #[cfg_attr(
     miri,
     ignore = "40 000 deaths and millisecond waits: minutes under Miri, and no unsafe code of its own"
 )]
 fn a_producer_holding_a_lock_the_finalizer_needs_is_held_up_not_deadlocked() {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    flush();
     let lock = Arc::new(Mutex::new(()));
     let drops = Arc::new(AtomicUsize::new(0));
     let waits_before = stats().backlog_waits;
@@ -76,9 +85,10 @@ fn a_producer_holding_a_lock_the_finalizer_needs_is_held_up_not_deadlocked() {
     );
     let after = stats();
     assert_eq!(after.pending, 0);
-    assert!(
-        after.backlog_waits > waits_before,
-        "{DEATHS} queued drops past the bound and no wait"
+    assert_eq!(
+        after.backlog_waits - waits_before,
+        1,
+        "{DEATHS} queued drops past the bound: one wait, given up"
     );
 }
 
@@ -90,6 +100,9 @@ fn a_producer_holding_a_lock_the_finalizer_needs_is_held_up_not_deadlocked() {
     ignore = "80 000 deaths and millisecond waits: minutes under Miri, and no unsafe code of its own"
 )]
 fn threads_flooding_the_finalizer_finish_and_lose_nothing() {
+    let _serial = SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let drops = Arc::new(AtomicUsize::new(0));
     let map: Arc<WeakKeyMap<usize, Counted>> = Arc::new(WeakKeyMap::new());
     let threads: Vec<_> = (0..2)

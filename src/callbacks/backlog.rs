@@ -13,20 +13,22 @@
 //!   pending records, on the pushing thread, that it owes the runtime a
 //!   wait ([`note_push`]): one thread-local store, and nothing at all
 //!   below the bound.
-//! * **Settling.** At a safe point, the exit of a collection's write or of
-//!   a death's delivery, a thread that owes waits until at most half the
-//!   bound is pending ([`Runtime::settle_backlog`]). A safe point holds
-//!   none of the crate's locks. It is not one on the finalizer thread or
-//!   inside any callback, a single-flight load, a `remove_if` predicate, or
-//!   an unwinding panic (that thread's wait could be what the queue waits
-//!   for); the debt is then dropped.
-//! * **Never for good.** The waiting thread may hold a lock of its own
-//!   that a queued callback needs, so it stops waiting once the finalizer
-//!   has finished nothing for [`Backlog::patience`] slices of a
+//! * **Settling.** At a safe point (the exit of a collection's write, of a
+//!   death's delivery, of `Finalizer::call`), a thread that owes waits for
+//!   the work queued ahead of it, down to half the bound
+//!   ([`Runtime::settle_backlog`]). A safe point holds none of the crate's
+//!   locks. Inside a callback, a single-flight load, a `remove_if`
+//!   predicate, a read or an unwinding panic the thread may not wait, and
+//!   keeps the debt for the safe point that ends that scope ([`MayWait`]);
+//!   on the finalizer thread the debt is dropped.
+//! * **Never for good, never long.** The waiting thread may hold a lock of
+//!   its own that a queued callback needs, so it stops waiting once the
+//!   finalizer has finished nothing for [`Backlog::patience`] slices of a
 //!   millisecond, and does not wait again until the finalizer has
-//!   finished something since (it may be what stalls it). Backpressure
-//!   bounds the queue while the finalizer makes progress; it never turns
-//!   a stall into a deadlock.
+//!   finished something since (it may be what stalls it); and it waits
+//!   [`Backlog::longest`] slices at most in any case. Backpressure bounds
+//!   the queue while the finalizer makes progress; it never turns a stall
+//!   into a deadlock.
 //!
 //! Under loom nothing here runs: a time-out is not something a model can
 //! explore, and the bound is a liveness property, not a memory-safety one.
@@ -38,28 +40,32 @@ use crate::marks::{self, Mark};
 use crate::sync::thread_local;
 
 /// How much may be pending before producers wait, and how long a wait
-/// without progress lasts.
+/// lasts.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Backlog {
     /// A push that leaves more than this pending makes its thread owe a
-    /// wait, which lasts until at most half of it is pending.
+    /// wait, for the work queued ahead of it down to half of this.
     pub(super) high: u64,
     /// Slices of [`SLICE`] in which the finalizer finishes nothing, after
     /// which a wait gives up.
     pub(super) patience: u32,
+    /// Slices one wait lasts at most, progress or not.
+    pub(super) longest: u32,
 }
 
 impl Backlog {
     /// The process-wide runtime's: about 5-10 MB of queued entries and
     /// values at most while the finalizer keeps up (measured at roughly
-    /// 280 bytes per pending `WeakKeyMap` removal with a small value), and
-    /// 10 ms without progress before a waiting thread gives up.
+    /// 280 bytes per pending `WeakKeyMap` removal with a small value);
+    /// 10 ms without progress before a waiting thread gives up, and 100 ms
+    /// at most in any case.
     pub(super) const GLOBAL: Backlog = Backlog {
         high: 1 << 15,
         patience: 10,
+        longest: 100,
     };
 
-    /// What the wait waits for: at most this many pending.
+    /// What a wait waits for: the work ahead of it down to this many.
     pub(super) fn low(self) -> u64 {
         self.high / 2
     }
@@ -109,15 +115,42 @@ pub(super) fn take_debt(runtime: usize) -> bool {
     })
 }
 
-/// True if this thread may wait here: it runs no callback and no drain,
-/// holds no shard lock for user code, runs no single-flight load, and is
-/// not unwinding.
-pub(super) fn may_wait() -> bool {
-    !marks::is_inside(Mark::Callback)
-        && !marks::is_inside(Mark::Draining)
-        && !marks::is_inside(Mark::Locked)
-        && !marks::any_loading(|_| true)
-        && !std::thread::panicking()
+/// Whether this thread may wait at this safe point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum MayWait {
+    /// It is at a safe point of its own.
+    Now,
+    /// It is inside something that must not wait (a callback run by
+    /// `Finalizer::call`, a single-flight load, a `remove_if` predicate, a
+    /// read, an unwinding panic): the debt stays for the safe point that
+    /// ends it (the load's, the write's, the next one).
+    Later,
+    /// It is the finalizer thread, or drains the queue itself: it is what
+    /// the others wait for, and never waits for its own backlog.
+    Never,
+}
+
+/// Whether this thread may wait here ([`MayWait`]).
+pub(super) fn may_wait() -> MayWait {
+    if marks::is_inside(Mark::Finalizer) || marks::is_inside(Mark::Draining) {
+        MayWait::Never
+    } else if marks::is_inside(Mark::Callback)
+        || marks::is_inside(Mark::Locked)
+        || marks::is_inside(Mark::Reading)
+        || marks::any_loading(|_| true)
+        || std::thread::panicking()
+    {
+        MayWait::Later
+    } else {
+        MayWait::Now
+    }
+}
+
+/// Runs `read`, a read's drop of what it let go of, where a death must not
+/// wait: its debt waits for the thread's next safe point.
+pub(crate) fn reading<R>(read: impl FnOnce() -> R) -> R {
+    let _reading = marks::enter(Mark::Reading);
+    read()
 }
 
 /// True if this thread gave up waiting for `runtime` when it had finished
@@ -135,13 +168,14 @@ pub(super) fn gave_up(runtime: usize, finished: u64) {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::{mpsc, Arc};
     use std::thread;
     use std::time::Duration;
 
     use super::super::runtime::Runtime;
     use super::Backlog;
+    use crate::marks::{self, Mark};
 
     /// A runtime held to `backlog`, with its worker loop on a thread.
     fn with_worker(backlog: Backlog) -> (Arc<Runtime>, thread::JoinHandle<()>) {
@@ -178,6 +212,7 @@ mod tests {
         let backlog = Backlog {
             high: HIGH,
             patience: u32::MAX,
+            longest: u32::MAX,
         };
         let (runtime, worker) = with_worker(backlog);
         let runs = Arc::new(AtomicUsize::new(0));
@@ -222,6 +257,7 @@ mod tests {
         let backlog = Backlog {
             high: HIGH,
             patience: 2,
+            longest: u32::MAX,
         };
         let (runtime, worker) = with_worker(backlog);
         let (release, stalled) = mpsc::channel::<()>();
@@ -241,9 +277,100 @@ mod tests {
                 release.send(()).unwrap();
             });
         }
+        assert_eq!(runtime.stats().backlog_waits, 1, "one wait, given up");
         runtime.flush();
         assert_eq!(runs.load(Ordering::Relaxed) as u64, HIGH * 100);
         assert_eq!(runtime.stats().pending, 0);
+        runtime.shutdown();
+        worker.join().unwrap();
+    }
+
+    /// A thread that pushes past the bound waits for the work queued ahead
+    /// of it, not for the queue to fall to half the bound: work that keeps
+    /// the queue full and never reaches a safe point (here, jobs that each
+    /// queue their successor before they finish, so the queue never holds
+    /// fewer than twice the bound) does not hold it up for as long as that
+    /// lasts. Waiting for the queue to fall, it would never return (the
+    /// watchdog fails the test).
+    #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "thousands of jobs and millisecond waits: no unsafe code here for Miri to check"
+    )]
+    fn a_wait_is_for_the_work_ahead_not_for_the_queue_to_fall() {
+        const HIGH: u64 = 64;
+        let backlog = Backlog {
+            high: HIGH,
+            patience: u32::MAX,
+            longest: u32::MAX,
+        };
+        let (runtime, worker) = with_worker(backlog);
+        let flooding = Arc::new(AtomicBool::new(true));
+        for _ in 0..2 * HIGH {
+            queue_successor(&runtime, &flooding);
+        }
+        let waits = {
+            let runtime = runtime.clone();
+            within_a_minute(move || {
+                runtime.post(|| {});
+                runtime.settle_backlog();
+                runtime.stats().backlog_waits
+            })
+        };
+        flooding.store(false, Ordering::Relaxed);
+        assert_eq!(waits, 1, "the push past the bound waited");
+        runtime.flush();
+        runtime.shutdown();
+        worker.join().unwrap();
+    }
+
+    /// Queues a job that, while `flooding`, queues its successor.
+    fn queue_successor(runtime: &Arc<Runtime>, flooding: &Arc<AtomicBool>) {
+        let (next, flooding) = (runtime.clone(), flooding.clone());
+        runtime.post(move || {
+            if flooding.load(Ordering::Relaxed) {
+                queue_successor(&next, &flooding);
+            }
+        });
+    }
+
+    /// A push past the bound inside a callback (or a load, or a read)
+    /// waits at the thread's next safe point outside it, not there, and
+    /// not never.
+    #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "millisecond waits on a stalled thread: no unsafe code here for Miri to check"
+    )]
+    fn a_debt_made_where_waiting_is_not_allowed_is_settled_outside() {
+        const HIGH: u64 = 8;
+        let backlog = Backlog {
+            high: HIGH,
+            patience: 2,
+            longest: u32::MAX,
+        };
+        let (runtime, worker) = with_worker(backlog);
+        let (release, stalled) = mpsc::channel::<()>();
+        runtime.post(move || stalled.recv().unwrap());
+        {
+            let runtime = runtime.clone();
+            within_a_minute(move || {
+                {
+                    let _inside = marks::enter(Mark::Callback);
+                    for _ in 0..HIGH * 2 {
+                        runtime.post(|| {});
+                    }
+                    runtime.settle_backlog();
+                    assert_eq!(runtime.stats().backlog_waits, 0, "no wait inside");
+                    assert!(super::owes(), "the debt is kept");
+                }
+                runtime.settle_backlog();
+                assert_eq!(runtime.stats().backlog_waits, 1, "the wait outside");
+                assert!(!super::owes());
+                release.send(()).unwrap();
+            });
+        }
+        runtime.flush();
         runtime.shutdown();
         worker.join().unwrap();
     }

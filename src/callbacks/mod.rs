@@ -22,3 +22,15 @@ pub(crate) use executor::{Executor, SafePoint};
 pub(crate) use global::global;
 pub(crate) use list::ObjectCallbacks;
 pub use runtime::Stats;
+
+/// Runs `read`, a read's drop of handles it let go of (values the
+/// keep-warm tier evicted), where a death must not wait for the backlog:
+/// reads never block, so its debt waits for the thread's next safe point
+/// (SAFETY.md, C18).
+#[inline]
+pub(crate) fn reading<R>(read: impl FnOnce() -> R) -> R {
+    #[cfg(not(weakrefs_loom))]
+    return backlog::reading(read);
+    #[cfg(weakrefs_loom)]
+    read()
+}

@@ -109,10 +109,12 @@ pub struct Stats {
     pub pending: u64,
     /// Times a thread that had queued work faster than the finalizer
     /// thread runs it waited for that thread to catch up, at the end of a
-    /// collection's write or of a death. A thread waits once more than
-    /// 32 768 callbacks are pending, until half that many are, and never
-    /// longer than 10 ms in which the finalizer thread finishes nothing:
-    /// the bound keeps a flood of deaths from growing the queue, and the
+    /// collection's write, of a death or of `Finalizer::call`. A thread
+    /// whose push leaves more than 32 768 callbacks pending waits for the
+    /// work queued ahead of it, down to half that many, for 100 ms at most,
+    /// and gives up after 10 ms in which the finalizer thread finishes
+    /// nothing (it might be waiting for a lock the waiting thread holds).
+    /// The bound keeps a flood of deaths from growing the queue, and the
     /// memory it holds, without end. A count that keeps rising says the
     /// finalizer thread is the bottleneck (slow callbacks or destructors
     /// of removed `WeakKeyMap` values).
@@ -390,9 +392,11 @@ impl Runtime {
     }
 
     /// A safe point (C18): if this thread has pushed past the backlog's
-    /// bound since its last one, waits until the worker has brought the
-    /// queue down to half of it, or has finished nothing for the backlog's
-    /// patience. The caller holds none of the crate's locks or pins.
+    /// bound since its last one, waits for the worker to run the work
+    /// queued ahead of it down to half the bound, unless it finishes
+    /// nothing for the backlog's patience, and for the backlog's longest
+    /// wait at most; inside a scope that must not wait, keeps the debt for
+    /// the scope's end. The caller holds none of the crate's locks.
     #[inline]
     pub(crate) fn settle_backlog(&self) {
         #[cfg(not(weakrefs_loom))]
@@ -405,42 +409,60 @@ impl Runtime {
     #[cold]
     #[inline(never)]
     fn wait_for_backlog(&self) {
-        if !backlog::take_debt(self.address()) {
+        let runtime = self.address();
+        match backlog::may_wait() {
+            // Kept for this thread's next safe point, outside what it is in.
+            backlog::MayWait::Later => return,
+            // The finalizer thread: nobody to wait for but itself.
+            backlog::MayWait::Never => {
+                backlog::take_debt(runtime);
+                return;
+            }
+            backlog::MayWait::Now => {}
+        }
+        if !backlog::take_debt(runtime) {
             return;
         }
         let Some(bound) = self.backlog else { return };
-        if !backlog::may_wait() || self.worker.is_absent() || self.is_closed() {
+        if self.worker.is_absent() || self.is_closed() {
+            return;
+        }
+        let pending = self.queue.pending();
+        if pending <= bound.low() {
             return;
         }
         let finished = || {
-            // Relaxed: only whether it moves matters; nothing is read
+            // Relaxed: only how far it has moved matters; nothing is read
             // through it.
             self.counters.finished_from_queue.load(Ordering::Relaxed)
         };
-        let mut seen = finished();
-        if backlog::still_stalled(self.address(), seen) {
+        let start = finished();
+        if backlog::still_stalled(runtime, start) {
             return;
         }
-        if self.queue.pending() <= bound.low() {
-            return;
-        }
+        // The work queued ahead of us, down to half the bound: ours to wait
+        // for, and no more (others may keep the queue full meanwhile).
+        let target = start + (pending - bound.low());
         // Relaxed: statistics.
         self.counters.backlog_waits.fetch_add(1, Ordering::Relaxed);
-        let mut still = 0;
+        let (mut seen, mut still) = (start, 0);
         let mut idle = self.idle.lock();
-        while self.queue.pending() > bound.low() {
+        for _ in 0..bound.longest {
             // Woken early only when the queue empties under a `flush`;
             // otherwise the slice runs out and we look again.
             idle = self.became_idle.wait_timeout(idle, backlog::SLICE);
             let now = finished();
+            if now >= target || self.queue.pending() <= bound.low() {
+                return;
+            }
             if now != seen {
                 (seen, still) = (now, 0);
                 continue;
             }
             still += 1;
             if still >= bound.patience {
-                backlog::gave_up(self.address(), seen);
-                break;
+                backlog::gave_up(runtime, seen);
+                return;
             }
         }
     }
@@ -705,6 +727,9 @@ impl Runtime {
     /// The worker's loop: drain, then park until a producer unparks.
     #[cfg(any(test, not(weakrefs_loom)))]
     pub(super) fn worker_loop(&self, parker: Parker) {
+        // For the loop's whole life, its idle steps included: this thread
+        // never waits for its own backlog (C18).
+        let _finalizer = marks::enter(Mark::Finalizer);
         self.worker.run(
             parker,
             &self.queue,

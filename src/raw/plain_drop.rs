@@ -1,4 +1,4 @@
-//! Which key and value types drop without running the user's code.
+//! Which keys drop without running the user's code.
 //!
 //! A removed entry is dropped where the epoch frees it: inside whatever
 //! lookup next collects garbage, on any thread, perhaps inside a user's
@@ -15,6 +15,13 @@
 //! global allocator, which every write here calls anyway): the strings,
 //! paths and byte buffers that most caches are keyed by. [`runs_user_code`]
 //! says false for those, and for types without drop glue.
+//!
+//! `WeakValueMap`'s keys use it; `WeakKeyMap`'s values do not. What a
+//! thread hands the epoch waits in its own bag until it hands over more
+//! (32 functions) or exits, and `flush` cannot reach another thread's bag:
+//! an idle thread would keep up to 31 removed values, and a value may be
+//! a large buffer, where a key is a name. The finalizer thread pushes its
+//! garbage through whenever it goes idle.
 
 use std::any::TypeId;
 use std::borrow::Cow;
