@@ -68,9 +68,11 @@ pub mod from_python {
     //!   whose values have destructors) wait for it to catch up once more
     //!   than 32 768 are pending, at the end of their next map write or
     //!   death: for the work queued ahead of them, 100 ms at most, and 10
-    //!   ms at most in which it finishes nothing. The queue stays bounded,
-    //!   reads never wait, and a thread holding a lock a callback needs is
-    //!   held up, never deadlocked ([`Stats::backlog_waits`](crate::Stats::backlog_waits)
+    //!   ms at most in which it finishes nothing. The queue stays bounded
+    //!   against threads that write or drop handles; reads never wait (so
+    //!   deaths a read sets off, such as values a keep-warm tier lets go
+    //!   of, are not held back); and a thread holding a lock a callback
+    //!   needs is held up, never deadlocked ([`Stats::backlog_waits`](crate::Stats::backlog_waits)
     //!   counts the waits).
     //! * **Iteration never fails on concurrent change** (Python raises
     //!   `RuntimeError: dictionary changed size during iteration`): it is

@@ -22,11 +22,11 @@ use crate::strong::Strong;
 /// Capture what the clean-up needs instead, or a [`Weak`](crate::Weak).
 ///
 /// Deaths are handed over without waiting, with one exception that bounds
-/// memory: a thread whose deaths leave more than 32 768 callbacks queued
-/// waits, before its drop returns, for the finalizer thread to run those
-/// queued ahead of it down to half that many, for 100 ms at most, and
-/// gives up after 10 ms in which it finishes nothing
-/// ([`Stats::backlog_waits`] counts these waits).
+/// memory: a death that leaves more than 32 768 callbacks queued,
+/// process-wide, makes its drop wait for the finalizer thread to run
+/// those queued ahead of it down to half that many, for 100 ms at most,
+/// giving up after 10 ms in which it finishes nothing (see [`Strong`] for
+/// where it waits instead; [`Stats::backlog_waits`] counts these waits).
 ///
 /// Registration is lock-free with one exception that bounds memory: a
 /// registration that finds the object's list (or the process-wide registry)

@@ -18,11 +18,14 @@ use crate::weak::Weak;
 ///
 /// The value is dropped in the thread that drops the last `Strong`, at that
 /// moment, exactly as with `Arc`. Its death callbacks are handed to the
-/// finalizer thread; a thread whose deaths have queued more than 32 768
-/// callbacks that thread has not run yet waits for it to run those ahead of
-/// it, for at most 100 ms (10 ms if it makes no progress), before the drop
-/// returns, so that a flood of deaths cannot grow the queue without end
-/// ([`Stats::backlog_waits`](crate::Stats::backlog_waits)). Comparison, ordering, hashing and
+/// finalizer thread. When that leaves more than 32 768 callbacks queued,
+/// process-wide, and not yet run, the drop waits before it returns for the
+/// finalizer thread to run those queued ahead of it, for at most 100 ms
+/// (10 ms if it makes no progress), so that a flood of deaths cannot grow
+/// the queue without end; inside a callback, a load's `init`, a read or a
+/// `remove_if` predicate it does not wait, and the end of that scope does
+/// instead ([`Stats::backlog_waits`](crate::Stats::backlog_waits)).
+/// Comparison, ordering, hashing and
 /// formatting delegate to the value, as for `Arc`; use [`Strong::ptr_eq`]
 /// for identity. Unlike `Arc`, `==` calls `T::eq` even for two handles to
 /// one object when `T: Eq` (`Arc` skips it through specialization, which

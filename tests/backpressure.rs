@@ -36,9 +36,13 @@ fn within_a_minute(body: impl FnOnce() + Send + 'static) {
         body();
         done.send(()).unwrap();
     });
-    finished
-        .recv_timeout(Duration::from_secs(60))
-        .expect("still running after a minute: a wait for the finalizer never ended");
+    match finished.recv_timeout(Duration::from_secs(60)) {
+        Ok(()) => {}
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            panic!("still running after a minute: a wait for the finalizer never ended")
+        }
+        Err(mpsc::RecvTimeoutError::Disconnected) => panic!("the producing thread panicked"),
+    }
 }
 
 /// A thread that holds a lock a queued callback needs, and meanwhile kills

@@ -109,13 +109,17 @@ pub struct Stats {
     pub pending: u64,
     /// Times a thread that had queued work faster than the finalizer
     /// thread runs it waited for that thread to catch up, at the end of a
-    /// collection's write, of a death or of `Finalizer::call`. A thread
-    /// whose push leaves more than 32 768 callbacks pending waits for the
-    /// work queued ahead of it, down to half that many, for 100 ms at most,
-    /// and gives up after 10 ms in which the finalizer thread finishes
-    /// nothing (it might be waiting for a lock the waiting thread holds).
-    /// The bound keeps a flood of deaths from growing the queue, and the
-    /// memory it holds, without end. A count that keeps rising says the
+    /// collection's write, of a single-flight load it ran, of a death or
+    /// of `Finalizer::call`. A thread whose push leaves more than 32 768
+    /// callbacks pending waits for the work queued ahead of it, down to
+    /// half that many, for 100 ms at most, and gives up after 10 ms in
+    /// which the finalizer thread finishes nothing (it might be waiting
+    /// for a lock the waiting thread holds). The bound keeps a flood of
+    /// deaths from growing the queue, and the memory it holds, without
+    /// end. Reads never wait: deaths a read sets off (values a keep-warm
+    /// tier lets go of in a `get`, last handles in a dropped iterator)
+    /// wait at the thread's next write or death, and a thread that only
+    /// reads is not held back. A count that keeps rising says the
     /// finalizer thread is the bottleneck (slow callbacks or destructors
     /// of removed `WeakKeyMap` values).
     pub backlog_waits: u64,

@@ -506,7 +506,11 @@ where
 /// every entry is dropped.
 impl<I: Sided, T, P> Drop for Snapshots<'_, I, T, P> {
     fn drop(&mut self) {
-        drop_each_then_resume("an unyielded entry's destructor", self.batch.drain(..));
+        // The end of a read: deaths here never wait for the backlog (C18).
+        let batch = &mut self.batch;
+        crate::callbacks::reading(|| {
+            drop_each_then_resume("an unyielded entry's destructor", batch.drain(..));
+        });
     }
 }
 
@@ -564,10 +568,13 @@ fn fill_snapshot<I, T>(
             break;
         }
         // Unpinned: the values may be last handles, whose drop removes
-        // their entries. Each on its own, as user code (keys, values).
-        for discarded in batch.drain(start..) {
-            panics.drop_step("a discarded snapshot's entry", discarded);
-        }
+        // their entries. Each on its own, as user code (keys, values). A
+        // read: their deaths never wait for the backlog (C18).
+        crate::callbacks::reading(|| {
+            for discarded in batch.drain(start..) {
+                panics.drop_step("a discarded snapshot's entry", discarded);
+            }
+        });
         // A writer descheduled in the middle of a move spoils every scan
         // until it runs again: let it, if it waits for this processor.
         yield_now();
