@@ -1853,6 +1853,8 @@ where
     /// assert!(map.capacity() < peak / 4);
     /// ```
     pub fn shrink_to_fit(&self) {
+        // A safe point (SAFETY.md, C18): dropped last.
+        let _safe_point = SafePoint;
         collection::shrink(&self.core.table, 1);
     }
 

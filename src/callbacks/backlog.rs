@@ -172,8 +172,16 @@ mod tests {
     use super::Backlog;
     use crate::marks::{self, Mark};
 
-    /// A runtime held to `backlog`, with its worker loop on a thread.
-    fn with_worker(backlog: Backlog) -> (Arc<Runtime>, thread::JoinHandle<()>) {
+    /// A runtime whose producers owe a wait past `high` pending, which
+    /// gives up after `patience` slices without progress (never, for
+    /// `u32::MAX`) and lasts as long as it must; its worker loop runs on a
+    /// thread of its own.
+    fn with_worker(high: u64, patience: u32) -> (Arc<Runtime>, thread::JoinHandle<()>) {
+        let backlog = Backlog {
+            high,
+            patience,
+            longest: u32::MAX,
+        };
         let runtime = Arc::new(Runtime::external().with_backlog(backlog));
         let parker = runtime.take_parker();
         let worker = {
@@ -181,6 +189,13 @@ mod tests {
             thread::spawn(move || runtime.worker_loop(parker))
         };
         (runtime, worker)
+    }
+
+    /// Runs what is queued, shuts `runtime` down and joins its worker.
+    fn stop(runtime: &Runtime, worker: thread::JoinHandle<()>) {
+        runtime.flush();
+        runtime.shutdown();
+        worker.join().unwrap();
     }
 
     /// Runs `body` on a thread of its own and returns what it returns;
@@ -208,12 +223,7 @@ mod tests {
     )]
     fn a_producer_past_the_bound_waits_for_the_worker() {
         const HIGH: u64 = 64;
-        let backlog = Backlog {
-            high: HIGH,
-            patience: u32::MAX,
-            longest: u32::MAX,
-        };
-        let (runtime, worker) = with_worker(backlog);
+        let (runtime, worker) = with_worker(HIGH, u32::MAX);
         let runs = Arc::new(AtomicUsize::new(0));
         let most = {
             let (runtime, runs) = (runtime.clone(), runs.clone());
@@ -238,8 +248,7 @@ mod tests {
         assert!(most <= HIGH, "{most} pending after a settle, bound {HIGH}");
         runtime.flush();
         assert_eq!(runs.load(Ordering::Relaxed) as u64, HIGH * 40);
-        runtime.shutdown();
-        worker.join().unwrap();
+        stop(&runtime, worker);
     }
 
     /// A worker stalled on something the producer holds (here: a channel
@@ -253,12 +262,7 @@ mod tests {
     )]
     fn a_stalled_worker_holds_a_producer_up_once_not_for_good() {
         const HIGH: u64 = 8;
-        let backlog = Backlog {
-            high: HIGH,
-            patience: 2,
-            longest: u32::MAX,
-        };
-        let (runtime, worker) = with_worker(backlog);
+        let (runtime, worker) = with_worker(HIGH, 2);
         let (release, stalled) = mpsc::channel::<()>();
         runtime.post(move || stalled.recv().unwrap());
         let runs = Arc::new(AtomicUsize::new(0));
@@ -280,8 +284,7 @@ mod tests {
         runtime.flush();
         assert_eq!(runs.load(Ordering::Relaxed) as u64, HIGH * 100);
         assert_eq!(runtime.stats().pending, 0);
-        runtime.shutdown();
-        worker.join().unwrap();
+        stop(&runtime, worker);
     }
 
     /// A thread that pushes past the bound waits for the work queued ahead
@@ -298,12 +301,7 @@ mod tests {
     )]
     fn a_wait_is_for_the_work_ahead_not_for_the_queue_to_fall() {
         const HIGH: u64 = 64;
-        let backlog = Backlog {
-            high: HIGH,
-            patience: u32::MAX,
-            longest: u32::MAX,
-        };
-        let (runtime, worker) = with_worker(backlog);
+        let (runtime, worker) = with_worker(HIGH, u32::MAX);
         let flooding = Arc::new(AtomicBool::new(true));
         for _ in 0..2 * HIGH {
             queue_successor(&runtime, &flooding);
@@ -318,9 +316,7 @@ mod tests {
         };
         flooding.store(false, Ordering::Relaxed);
         assert_eq!(waits, 1, "the push past the bound waited");
-        runtime.flush();
-        runtime.shutdown();
-        worker.join().unwrap();
+        stop(&runtime, worker);
     }
 
     /// Queues a job that, while `flooding`, queues its successor.
@@ -343,12 +339,7 @@ mod tests {
     )]
     fn a_debt_made_where_waiting_is_not_allowed_is_settled_outside() {
         const HIGH: u64 = 8;
-        let backlog = Backlog {
-            high: HIGH,
-            patience: 2,
-            longest: u32::MAX,
-        };
-        let (runtime, worker) = with_worker(backlog);
+        let (runtime, worker) = with_worker(HIGH, 2);
         let (release, stalled) = mpsc::channel::<()>();
         runtime.post(move || stalled.recv().unwrap());
         {
@@ -377,8 +368,6 @@ mod tests {
                 release.send(()).unwrap();
             });
         }
-        runtime.flush();
-        runtime.shutdown();
-        worker.join().unwrap();
+        stop(&runtime, worker);
     }
 }
