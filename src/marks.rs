@@ -43,8 +43,6 @@ pub(crate) enum Mark {
     /// This thread is inside a read (a `get` dropping a value the
     /// keep-warm tier let go of), which never waits: a death there keeps
     /// its backlog debt for the thread's next safe point (SAFETY.md, C18).
-    /// (Under loom there is no backlog.)
-    #[cfg_attr(weakrefs_loom, allow(dead_code))]
     Reading,
     /// This thread is the finalizer thread, for as long as its loop runs:
     /// it never waits for its own backlog (C18).

@@ -109,24 +109,23 @@ fn threads_flooding_the_finalizer_finish_and_lose_nothing() {
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     let drops = Arc::new(AtomicUsize::new(0));
     let map: Arc<WeakKeyMap<usize, Counted>> = Arc::new(WeakKeyMap::new());
-    let threads: Vec<_> = (0..2)
-        .map(|t| {
-            let (map, drops) = (map.clone(), drops.clone());
-            thread::spawn(move || {
-                for i in 0..DEATHS {
-                    let key = Strong::new(t * DEATHS + i);
-                    map.insert(&key, Counted(drops.clone()));
-                }
-            })
-        })
-        .collect();
-    let (joined, done) = mpsc::channel();
-    thread::spawn(move || {
-        threads.into_iter().for_each(|t| t.join().unwrap());
-        joined.send(()).unwrap();
-    });
-    done.recv_timeout(Duration::from_secs(60))
-        .expect("the flooding threads still run after a minute");
+    {
+        let (map, drops) = (map.clone(), drops.clone());
+        within_a_minute(move || {
+            let threads: Vec<_> = (0..2)
+                .map(|t| {
+                    let (map, drops) = (map.clone(), drops.clone());
+                    thread::spawn(move || {
+                        for i in 0..DEATHS {
+                            let key = Strong::new(t * DEATHS + i);
+                            map.insert(&key, Counted(drops.clone()));
+                        }
+                    })
+                })
+                .collect();
+            threads.into_iter().for_each(|t| t.join().unwrap());
+        });
+    }
     flush();
     assert_eq!(drops.load(Ordering::Relaxed), 2 * DEATHS);
     assert!(map.is_empty());

@@ -141,13 +141,6 @@ pub(super) fn may_wait() -> MayWait {
     }
 }
 
-/// Runs `read`, a read's drop of what it let go of, where a death must not
-/// wait: its debt waits for the thread's next safe point.
-pub(crate) fn reading<R>(read: impl FnOnce() -> R) -> R {
-    let _reading = marks::enter(Mark::Reading);
-    read()
-}
-
 /// True if this thread gave up waiting for `runtime` when it had finished
 /// `finished` batches, and it has finished none since: it may be stalled
 /// on something this thread holds.

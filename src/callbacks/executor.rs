@@ -38,16 +38,6 @@ impl Executor {
         self.runtime.post(job)
     }
 
-    /// A safe point (SAFETY.md, C18), at the exit of a collection's public
-    /// write: if this thread has queued work past the backlog's bound, it
-    /// waits here for the finalizer thread to catch up. The caller holds
-    /// none of the crate's locks or pins.
-    #[cfg(not(weakrefs_loom))]
-    #[inline]
-    pub(crate) fn settle_backlog(self) {
-        self.runtime.settle_backlog()
-    }
-
     /// True if work is queued that the finalizer thread has not taken yet:
     /// a hint (the queue may change at once), for work that batches itself.
     #[inline]
@@ -67,7 +57,7 @@ impl Executor {
 /// A safe point at the end of a scope (SAFETY.md, C18): declared first in
 /// a collection's public write, it is dropped last, after the writer and
 /// its pin, and then settles this thread's backlog debt
-/// ([`Executor::settle_backlog`]).
+/// (`Runtime::settle_backlog`).
 #[derive(Debug)]
 pub(crate) struct SafePoint;
 
@@ -77,7 +67,7 @@ impl Drop for SafePoint {
         // The thread-local first: the runtime only for a thread that owes.
         #[cfg(not(weakrefs_loom))]
         if super::backlog::owes() {
-            Executor::global().settle_backlog();
+            global().settle_backlog();
         }
     }
 }

@@ -29,8 +29,6 @@ pub use runtime::Stats;
 /// (SAFETY.md, C18).
 #[inline]
 pub(crate) fn reading<R>(read: impl FnOnce() -> R) -> R {
-    #[cfg(not(weakrefs_loom))]
-    return backlog::reading(read);
-    #[cfg(weakrefs_loom)]
+    let _reading = crate::marks::enter(crate::marks::Mark::Reading);
     read()
 }

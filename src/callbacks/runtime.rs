@@ -413,18 +413,15 @@ impl Runtime {
     #[cold]
     #[inline(never)]
     fn wait_for_backlog(&self) {
+        let may_wait = backlog::may_wait();
+        // `Later`: kept for the safe point that ends what this thread is
+        // in. `Never`: the finalizer thread has nobody to wait for but
+        // itself, and drops it.
         let runtime = self.address();
-        match backlog::may_wait() {
-            // Kept for this thread's next safe point, outside what it is in.
-            backlog::MayWait::Later => return,
-            // The finalizer thread: nobody to wait for but itself.
-            backlog::MayWait::Never => {
-                backlog::take_debt(runtime);
-                return;
-            }
-            backlog::MayWait::Now => {}
-        }
-        if !backlog::take_debt(runtime) {
+        if may_wait == backlog::MayWait::Later
+            || !backlog::take_debt(runtime)
+            || may_wait == backlog::MayWait::Never
+        {
             return;
         }
         let Some(bound) = self.backlog else { return };

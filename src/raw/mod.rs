@@ -1,7 +1,7 @@
 //! Machinery under the collections' public faces: the sharded,
 //! epoch-protected table they share (`table`), what the collections do
-//! alike on top of it (`collection`), which keys and values drop without
-//! user code (`plain_drop`), the maps' single-flight loads
+//! alike on top of it (`collection`), which keys drop without user code
+//! (`plain_drop`), the maps' single-flight loads
 //! (`single_flight`), and `WeakValueMap`'s keep-warm tier (`tier`) with
 //! the frequency sketch its admission consults (`sketch`).
 
