@@ -4,7 +4,10 @@
 //!
 //! * `side_table/lookup/{1,2}_thread`: 100k live keys, uniform lookups
 //!   that read a `u64` out of the value (`WeakKeyMap::with`, against
-//!   `DashMap::get`; `WeakKeyMap::get` is `with` plus a clone);
+//!   `DashMap::get`; `WeakKeyMap::get` is `with` plus a clone), and the
+//!   same `DashMap` with each value boxed (`dashmap_boxed_value`): the
+//!   control for the one pointer a `WeakKeyMap` lookup follows that an
+//!   inline value spares `DashMap`;
 //! * `side_table/churn_1024`: 1024 objects each get an entry and then go
 //!   away; the baseline removes each entry by hand as its object is
 //!   dropped, this crate relies on the death callbacks and `flush`.
@@ -44,6 +47,14 @@ fn lookups(c: &mut Criterion) {
     for key in &theirs {
         dash.insert(address(key), **key);
     }
+    // The control: the same side table with each value in an allocation
+    // of its own, as `WeakKeyMap` keeps it (in the entry's node, where it
+    // never moves while a reader borrows it). A lookup then follows one
+    // pointer more, into memory that outgrows the caches at 100k keys.
+    let boxed: DashMap<usize, Box<u64>> = DashMap::with_capacity(KEYS);
+    for key in &theirs {
+        boxed.insert(address(key), Box::new(**key));
+    }
     for threads in thread_counts() {
         let mut group = c.benchmark_group(format!("side_table/lookup/{threads}_thread"));
         group.throughput(Throughput::Elements(threads as u64));
@@ -61,6 +72,9 @@ fn lookups(c: &mut Criterion) {
         });
         group.bench_function("dashmap", |b| {
             b.iter_custom(|iters| run(&|i| *dash.get(&address(&theirs[i])).unwrap(), iters))
+        });
+        group.bench_function("dashmap_boxed_value", |b| {
+            b.iter_custom(|iters| run(&|i| **boxed.get(&address(&theirs[i])).unwrap(), iters))
         });
         group.finish();
     }

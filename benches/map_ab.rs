@@ -18,7 +18,8 @@
 //! * `key_map_with` at 100 000 live keys, on each thread count:
 //!   `WeakKeyMap::with` reading a `u64` out of the value, against
 //!   `DashMap<usize, u64>` keyed by the object's address (the hand-rolled
-//!   side table).
+//!   side table), and the same with each value boxed, the control for the
+//!   pointer a `WeakKeyMap` lookup follows to its entry's node.
 //! * `keep_recent` at 1 000 and 100 000 live keys, on each thread count:
 //!   `get` plus upgrade on a map with a keep-warm tier against the same
 //!   map without one (the tier's cost on reads), with a tier as large as
@@ -324,6 +325,12 @@ fn key_map_case(rounds: usize, threads: usize) -> Vec<Row> {
     for key in &their_keys {
         dash.insert(Arc::as_ptr(key) as usize, **key);
     }
+    // The control: values boxed, one pointer more a lookup, as
+    // `WeakKeyMap` keeps them (see `benches/key_maps.rs`).
+    let boxed: DashMap<usize, Box<u64>> = DashMap::new();
+    for key in &their_keys {
+        boxed.insert(Arc::as_ptr(key) as usize, Box::new(**key));
+    }
     let run = |look: &(dyn Fn(usize) -> u64 + Sync)| {
         let span = on_threads(threads, |t| {
             let mut stream = KeyStream::new(KEYS as u64, false, t);
@@ -334,11 +341,16 @@ fn key_map_case(rounds: usize, threads: usize) -> Vec<Row> {
         });
         (READS * threads as u64) as f64 / span.as_secs_f64()
     };
-    let names = ["weakrefs", "dashmap_by_address"];
+    let names = ["weakrefs", "dashmap_by_address", "dashmap_boxed_value"];
     let rates = interleaved(names.len(), rounds, |which| match which {
         0 => run(&|i| ours.with(&ours_keys[i], |v| *v).expect("present")),
-        _ => run(&|i| {
+        1 => run(&|i| {
             *dash
+                .get(&(Arc::as_ptr(&their_keys[i]) as usize))
+                .expect("present")
+        }),
+        _ => run(&|i| {
+            **boxed
                 .get(&(Arc::as_ptr(&their_keys[i]) as usize))
                 .expect("present")
         }),

@@ -194,7 +194,9 @@ pub const SECTIONS: &[Section] = &[
         what: "Lookups on 100 000 live keys that read a `u64` out of the value \
                (`WeakKeyMap::with`; `get` is the same read plus a clone), and churn: 1024 objects each \
                get an entry and go away. Against `DashMap<usize, V>` keyed by the object's \
-               address, whose entries the object's owner removes by hand as it drops.",
+               address, whose entries the object's owner removes by hand as it drops, and, \
+               for lookups, the same `DashMap` with each value boxed (`dashmap_boxed_value`), \
+               the control for where this crate keeps a value.",
         why: "A lookup pins the epoch, probes a group's tags and the matching slot, one \
               word: the address of the entry's node, its one allocation, which holds the key's \
               `Weak` and the value. A value never moves while readers borrow it in place (a \
@@ -203,8 +205,13 @@ pub const SECTIONS: &[Section] = &[
               each, do not: a hit misses on its node, where `DashMap`'s value sits inline \
               in its bucket array (callgrind, with a 2 MiB last-level cache like this \
               machine's L2, when the node was 56 bytes: 1.75 misses a lookup against 0.35). \
-              On one thread that has cost from nothing to a quarter of `DashMap`'s rate \
-              across runs on this machine; removing it takes the values packed where they \
+              On one thread that has cost from nothing to more than half of `DashMap`'s \
+              rate across runs on this machine, as the heap's layout changes from run to run \
+              (`cargo bench --bench map_ab`, `key_map_with`: 0.37x to 0.95x in one session). \
+              The boxed `DashMap` follows the same one pointer more, and measures at or \
+              below this crate's lookup in most runs (its column in the table): the pointer \
+              is most of the cost, not the rest of the read. Removing it takes the values \
+              packed where they \
               still never move: key-and-value records in an arena per shard, reused once no \
               reader can see them. Nothing \
               else: the read writes nothing shared (`insert` and `remove` return whether \
