@@ -18,8 +18,10 @@
 //! * `key_map_with` at 100 000 live keys, on each thread count:
 //!   `WeakKeyMap::with` reading a `u64` out of the value, against
 //!   `DashMap<usize, u64>` keyed by the object's address (the hand-rolled
-//!   side table), and the same with each value boxed, the control for the
-//!   pointer a `WeakKeyMap` lookup follows to its entry's node.
+//!   side table), and two controls for the pointer a `WeakKeyMap` lookup
+//!   follows to its entry's node: the same map with each value boxed, and
+//!   with each value a reference into one dense, shuffled array of
+//!   16-byte records.
 //! * `keep_recent` at 1 000 and 100 000 live keys, on each thread count:
 //!   `get` plus upgrade on a map with a keep-warm tier against the same
 //!   map without one (the tier's cost on reads), with a tier as large as
@@ -325,11 +327,27 @@ fn key_map_case(rounds: usize, threads: usize) -> Vec<Row> {
     for key in &their_keys {
         dash.insert(Arc::as_ptr(key) as usize, **key);
     }
-    // The control: values boxed, one pointer more a lookup, as
-    // `WeakKeyMap` keeps them (see `benches/key_maps.rs`).
+    // The controls: values boxed, one pointer more a lookup, as
+    // `WeakKeyMap` keeps them (see `benches/key_maps.rs`); and the same
+    // pointer into one dense array of 16-byte records in shuffled order,
+    // as an arena of values that never move would pack them: whether
+    // the pointer costs, or the scattered memory it leads to.
     let boxed: DashMap<usize, Box<u64>> = DashMap::new();
     for key in &their_keys {
         boxed.insert(Arc::as_ptr(key) as usize, Box::new(**key));
+    }
+    let mut records: Vec<[u64; 2]> = (0..KEYS as u64).map(|key| [key, key]).collect();
+    let mut shuffle = KeyStream::new(KEYS as u64, false, 1000);
+    for i in (1..KEYS).rev() {
+        // Not uniform (a draw below `KEYS`, folded), which a layout need not be.
+        records.swap(i, shuffle.next() as usize % (i + 1));
+    }
+    let dense: DashMap<usize, &[u64; 2]> = DashMap::new();
+    for record in &records {
+        dense.insert(
+            Arc::as_ptr(&their_keys[record[0] as usize]) as usize,
+            record,
+        );
     }
     let run = |look: &(dyn Fn(usize) -> u64 + Sync)| {
         let span = on_threads(threads, |t| {
@@ -341,7 +359,12 @@ fn key_map_case(rounds: usize, threads: usize) -> Vec<Row> {
         });
         (READS * threads as u64) as f64 / span.as_secs_f64()
     };
-    let names = ["weakrefs", "dashmap_by_address", "dashmap_boxed_value"];
+    let names = [
+        "weakrefs",
+        "dashmap_by_address",
+        "dashmap_boxed_value",
+        "dashmap_dense_records",
+    ];
     let rates = interleaved(names.len(), rounds, |which| match which {
         0 => run(&|i| ours.with(&ours_keys[i], |v| *v).expect("present")),
         1 => run(&|i| {
@@ -349,10 +372,15 @@ fn key_map_case(rounds: usize, threads: usize) -> Vec<Row> {
                 .get(&(Arc::as_ptr(&their_keys[i]) as usize))
                 .expect("present")
         }),
-        _ => run(&|i| {
+        2 => run(&|i| {
             **boxed
                 .get(&(Arc::as_ptr(&their_keys[i]) as usize))
                 .expect("present")
+        }),
+        _ => run(&|i| {
+            dense
+                .get(&(Arc::as_ptr(&their_keys[i]) as usize))
+                .expect("present")[1]
         }),
     });
     rows(

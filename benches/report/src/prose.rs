@@ -210,10 +210,12 @@ pub const SECTIONS: &[Section] = &[
               (`cargo bench --bench map_ab`, `key_map_with`: 0.37x to 0.95x in one session). \
               The boxed `DashMap` follows the same one pointer more, and measures at or \
               below this crate's lookup in most runs (its column in the table): the pointer \
-              is most of the cost, not the rest of the read. Removing it takes the values \
-              packed where they \
-              still never move: key-and-value records in an arena per shard, reused once no \
-              reader can see them. Nothing \
+              is most of the cost, not the rest of the read. Packing the values where they \
+              would still never move would not remove it: in `map_ab`, the same pointer into \
+              one dense array of 16-byte records (`dashmap_dense_records`) measures within a \
+              few percent of the boxed value. Only a value inline in its slot spares the \
+              pointer, and a slot's contents move when its table is rebuilt, which a value \
+              borrowed in place must not. Nothing \
               else: the read writes nothing shared (`insert` and `remove` return whether \
               they displaced a value, and a displaced value is dropped once no reader can \
               see it). Churn pays for a callback node per entry, where the \
