@@ -211,9 +211,10 @@ pub const SECTIONS: &[Section] = &[
               The boxed `DashMap` follows the same one pointer more, and measures at or \
               below this crate's lookup in most runs (its column in the table): the pointer \
               is most of the cost, not the rest of the read. Packing the values where they \
-              would still never move would not remove it: in `map_ab`, the same pointer into \
-              one dense array of 16-byte records (`dashmap_dense_records`) measures within a \
-              few percent of the boxed value. Only a value inline in its slot spares the \
+              would still never move would win back only part of it: in `map_ab`, the same \
+              pointer into one dense array of 16-byte records (`dashmap_dense_records`) \
+              measured closer to the boxed value than to the inline one in all five runs of \
+              the session that added it. Only a value inline in its slot spares the \
               pointer, and a slot's contents move when its table is rebuilt, which a value \
               borrowed in place must not. Nothing \
               else: the read writes nothing shared (`insert` and `remove` return whether \
