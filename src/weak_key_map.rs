@@ -587,6 +587,12 @@ where
     /// message if that request would block, but one that awaits its own key
     /// waits for itself forever.
     ///
+    /// Dropping a future is cancellation; forgetting one (`std::mem::forget`
+    /// of a future already polled) is not. A forgotten leader leaves its
+    /// load unfinished, and later callers for that key wait for it forever,
+    /// as they would for a forgotten lock guard; a forgotten waiter keeps
+    /// the load's outcome, a copy of the value, alive for good.
+    ///
     /// ```
     /// use weakrefs::{Strong, WeakKeyMap};
     ///
@@ -802,6 +808,14 @@ where
     /// writer: against one descheduled between those two steps, or
     /// replacing keys of one shard faster than that, it keeps a scan that
     /// may show a key twice or not at all.)
+    ///
+    /// The iterator snapshots one shard at a time, and holds a `Strong` to
+    /// each key (and a clone of each value) of the current shard's
+    /// snapshot until it yields it or is dropped ([`keys`](Self::keys)
+    /// too): a key object whose last other handle goes meanwhile dies only
+    /// then, and its entry leaves the map then. Keep iterators
+    /// short-lived; one forgotten with `std::mem::forget` keeps those keys
+    /// alive for good.
     ///
     /// ```
     /// use weakrefs::{Strong, WeakKeyMap};

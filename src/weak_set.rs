@@ -354,6 +354,13 @@ where
     /// panics while other threads change the set; it may or may not see
     /// those changes.
     ///
+    /// The iterator snapshots one shard at a time, and holds a `Strong` to
+    /// each member of the current shard's snapshot until it yields it or
+    /// is dropped: a member whose last other handle goes meanwhile dies
+    /// only then (its callbacks run, and it leaves the set, once the
+    /// iterator lets go). Keep iterators short-lived; one forgotten with
+    /// `std::mem::forget` keeps those members alive for good.
+    ///
     /// ```
     /// use weakrefs::{Strong, WeakSet};
     ///

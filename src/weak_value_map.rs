@@ -1444,6 +1444,12 @@ where
     /// key waits for itself forever: a `select!` over it might finish by
     /// another branch, so it is not refused.
     ///
+    /// Dropping a future is cancellation; forgetting one (`std::mem::forget`
+    /// of a future already polled) is not. A forgotten leader leaves its
+    /// load unfinished, and later callers for that key wait for it forever,
+    /// as they would for a forgotten lock guard; a forgotten waiter keeps
+    /// the load's outcome, a `Strong` to the value, alive for good.
+    ///
     /// ```
     /// use weakrefs::{Strong, WeakValueMap};
     ///
@@ -1692,6 +1698,14 @@ where
     /// never waits for a writer: against one descheduled between those
     /// two steps, or replacing keys of one shard faster than that, it
     /// keeps a scan that may show a key twice or not at all.)
+    ///
+    /// The iterator snapshots one shard at a time, and holds a `Strong` to
+    /// each value of the current shard's snapshot until it yields it or is
+    /// dropped ([`values`](Self::values) too; [`keys`](Self::keys) holds
+    /// keys only): a value whose last other handle goes meanwhile dies only
+    /// then, and its entry leaves the map then. Keep iterators
+    /// short-lived; one forgotten with `std::mem::forget` keeps those
+    /// values alive for good.
     ///
     /// ```
     /// use weakrefs::{Strong, WeakValueMap};
