@@ -703,3 +703,26 @@ fn keys_may_be_trait_objects_and_strs() {
     assert_eq!(notes.get(&name), Some("slow"));
     assert_eq!(notes.iter().map(|(k, _)| k.len()).sum::<usize>(), 9);
 }
+
+/// An iterator holds a `Strong` to each key of the shard it has
+/// snapshotted until it yields it or is dropped (the docs of `iter`): a
+/// key object whose last other handle goes meanwhile keeps its entry, and
+/// the entry leaves once the iterator lets go.
+#[test]
+fn an_iterator_holds_its_snapshot_until_dropped() {
+    let count = if cfg!(miri) { 64 } else { 1000 };
+    let map = WeakKeyMap::new();
+    let keys: Vec<_> = (0..count).map(Strong::new).collect();
+    for key in &keys {
+        map.insert(key, **key);
+    }
+    let mut iteration = map.iter();
+    drop(iteration.next().expect("a live entry"));
+    let held = iteration.size_hint().0;
+    drop(keys);
+    flush();
+    assert_eq!(map.len(), held, "entries whose keys the iterator holds");
+    drop(iteration);
+    flush();
+    assert!(map.is_empty(), "{} entries left", map.len());
+}

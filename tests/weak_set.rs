@@ -416,3 +416,34 @@ fn a_purged_dying_member_never_reaches_its_dropped_set() {
     wake_purger.send(()).unwrap();
     purger.join().unwrap();
 }
+
+/// An iterator holds a `Strong` to each member of the shard it has
+/// snapshotted until it yields it or is dropped (the docs of `iter`): a
+/// member whose last other handle goes meanwhile stays, with its callback
+/// unrun, and dies once the iterator lets go.
+#[test]
+fn an_iterator_holds_its_snapshot_until_dropped() {
+    let count = if cfg!(miri) { 64 } else { 1000 };
+    let set = WeakSet::new();
+    let ran = Arc::new(AtomicUsize::new(0));
+    let members: Vec<_> = (0..count).map(Strong::new).collect();
+    for member in &members {
+        set.insert(member);
+        let ran = ran.clone();
+        // Dropping the `Finalizer` leaves the callback registered.
+        drop(weakrefs::finalize(member, move || {
+            ran.fetch_add(1, Ordering::SeqCst);
+        }));
+    }
+    let mut iteration = set.iter();
+    drop(iteration.next().expect("a live member"));
+    let held = iteration.size_hint().0;
+    drop(members);
+    flush();
+    assert_eq!(set.len(), held, "members the iterator holds");
+    assert_eq!(ran.load(Ordering::SeqCst), count - held);
+    drop(iteration);
+    flush();
+    assert!(set.is_empty(), "{} members left", set.len());
+    assert_eq!(ran.load(Ordering::SeqCst), count);
+}

@@ -2560,3 +2560,26 @@ fn an_impossible_capacity_panics_instead_of_aborting() {
     map.insert(1u64, &value);
     assert_eq!(map.get(&1).as_deref(), Some(&1));
 }
+
+/// An iterator holds a `Strong` to each value of the shard it has
+/// snapshotted until it yields it or is dropped (the docs of `iter`): a
+/// value whose last other handle goes meanwhile stays in the map, and
+/// leaves once the iterator lets go.
+#[test]
+fn an_iterator_holds_its_snapshot_until_dropped() {
+    let count = if cfg!(miri) { 64 } else { 1000 };
+    let map = WeakValueMap::new();
+    let values: Vec<_> = (0..count).map(Strong::new).collect();
+    for (key, value) in values.iter().enumerate() {
+        map.insert(key, value);
+    }
+    let mut iteration = map.iter();
+    drop(iteration.next().expect("a live entry"));
+    let held = iteration.size_hint().0;
+    drop(values);
+    flush();
+    assert_eq!(map.len(), held, "entries whose values the iterator holds");
+    drop(iteration);
+    flush();
+    assert!(map.is_empty(), "{} entries left", map.len());
+}
