@@ -4,6 +4,8 @@
 
 #[path = "support/settle.rs"]
 mod settle;
+#[path = "support/snapshot.rs"]
+mod snapshot;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -716,13 +718,5 @@ fn an_iterator_holds_its_snapshot_until_dropped() {
     for key in &keys {
         map.insert(key, **key);
     }
-    let mut iteration = map.iter();
-    drop(iteration.next().expect("a live entry"));
-    let held = iteration.size_hint().0;
-    drop(keys);
-    flush();
-    assert_eq!(map.len(), held, "entries whose keys the iterator holds");
-    drop(iteration);
-    flush();
-    assert!(map.is_empty(), "{} entries left", map.len());
+    snapshot::held_until_dropped(map.iter(), keys, count, || map.len(), None);
 }

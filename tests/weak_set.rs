@@ -3,6 +3,8 @@
 
 #[path = "support/settle.rs"]
 mod settle;
+#[path = "support/snapshot.rs"]
+mod snapshot;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -435,15 +437,5 @@ fn an_iterator_holds_its_snapshot_until_dropped() {
             ran.fetch_add(1, Ordering::SeqCst);
         }));
     }
-    let mut iteration = set.iter();
-    drop(iteration.next().expect("a live member"));
-    let held = iteration.size_hint().0;
-    drop(members);
-    flush();
-    assert_eq!(set.len(), held, "members the iterator holds");
-    assert_eq!(ran.load(Ordering::SeqCst), count - held);
-    drop(iteration);
-    flush();
-    assert!(set.is_empty(), "{} members left", set.len());
-    assert_eq!(ran.load(Ordering::SeqCst), count);
+    snapshot::held_until_dropped(set.iter(), members, count, || set.len(), Some(&ran));
 }

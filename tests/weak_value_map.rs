@@ -3,6 +3,8 @@
 
 #[path = "support/settle.rs"]
 mod settle;
+#[path = "support/snapshot.rs"]
+mod snapshot;
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashSet;
@@ -2573,13 +2575,5 @@ fn an_iterator_holds_its_snapshot_until_dropped() {
     for (key, value) in values.iter().enumerate() {
         map.insert(key, value);
     }
-    let mut iteration = map.iter();
-    drop(iteration.next().expect("a live entry"));
-    let held = iteration.size_hint().0;
-    drop(values);
-    flush();
-    assert_eq!(map.len(), held, "entries whose values the iterator holds");
-    drop(iteration);
-    flush();
-    assert!(map.is_empty(), "{} entries left", map.len());
+    snapshot::held_until_dropped(map.iter(), values, count, || map.len(), None);
 }
