@@ -47,7 +47,7 @@ fn values_a_thread_removed_are_freed_by_flush_while_it_idles() {
     flush();
     let before = LIVE.load(Ordering::Relaxed);
     let (removed, done) = mpsc::channel();
-    let (_finish, idle) = mpsc::channel::<()>();
+    let (finish, idle) = mpsc::channel::<()>();
     let worker = thread::spawn(move || {
         for i in 0..VALUES as u64 {
             let key = Strong::new(i);
@@ -73,6 +73,6 @@ fn values_a_thread_removed_are_freed_by_flush_while_it_idles() {
         live < SIZE as isize,
         "{live} bytes still allocated after the removed values' flushes: an idle thread keeps them"
     );
-    drop(_finish);
+    drop(finish);
     worker.join().unwrap();
 }

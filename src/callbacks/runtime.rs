@@ -414,14 +414,15 @@ impl Runtime {
     #[inline(never)]
     fn wait_for_backlog(&self) {
         let may_wait = backlog::may_wait();
-        // `Later`: kept for the safe point that ends what this thread is
-        // in. `Never`: the finalizer thread has nobody to wait for but
-        // itself, and drops it.
+        if may_wait == backlog::MayWait::Later {
+            // The debt is kept for the safe point that ends what this
+            // thread is in.
+            return;
+        }
+        // Taken off the thread now: settled below, or, on the finalizer
+        // thread (`Never`, nobody to wait for but itself), dropped.
         let runtime = self.address();
-        if may_wait == backlog::MayWait::Later
-            || !backlog::take_debt(runtime)
-            || may_wait == backlog::MayWait::Never
-        {
+        if !backlog::take_debt(runtime) || may_wait == backlog::MayWait::Never {
             return;
         }
         let Some(bound) = self.backlog else { return };
