@@ -222,9 +222,15 @@ impl fmt::Debug for Finalizer {
 /// [`Finalizer::call`]) it runs what is queued on the calling thread until
 /// the queue is empty.
 ///
-/// On a rayon worker thread (the `rayon` feature) it runs the pool's
-/// pending work while it waits, so a callback that uses the pool (a
-/// `par_iter`) still finishes when every worker is flushing.
+/// With the `rayon` feature, the finalizer thread is the one worker of a
+/// rayon pool of its own: a callback's parallel work (a `par_iter` over a
+/// collection) runs there, on that thread, so it finishes even while every
+/// worker of the global pool is blocked in `flush`, and what a callback
+/// hands to `rayon::spawn` runs on that thread after the callback's batch.
+/// On a worker of any pool, `flush` blocks that worker, as any blocking
+/// call does: a callback that waits for work on a pool of the user's own
+/// (`ThreadPool::install`) whose workers are all flushing never finishes,
+/// and neither do they.
 ///
 /// Nor may it be called from a map's single-flight `init` (or its
 /// `Drop`): it waits for the queued callbacks, and one that asks the map

@@ -29,7 +29,11 @@ fn spawn_worker(parker: crate::sync::Parker) -> Option<std::thread::JoinHandle<(
     use std::io::Write;
     let spawned = std::thread::Builder::new()
         .name("weakrefs-finalizer".into())
-        .spawn(move || global().worker_loop(parker));
+        .spawn(move || {
+            #[cfg(feature = "rayon")]
+            let _pool = rayon_pool_of_its_own();
+            global().worker_loop(parker)
+        });
     match spawned {
         Ok(handle) => Some(handle),
         Err(error) => {
@@ -43,6 +47,29 @@ fn spawn_worker(parker: crate::sync::Parker) -> Option<std::thread::JoinHandle<(
             None
         }
     }
+}
+
+/// With the `rayon` feature, makes the calling thread (the finalizer
+/// thread, before its loop) the one worker of a rayon pool of its own, for
+/// as long as the returned handle lives. A death callback's parallel work
+/// (a `par_iter` over a collection, a `join`) then runs on this pool, so on
+/// this thread, and never waits for a worker of the global pool: those may
+/// all be blocked in `flush`, waiting for that very callback. What a
+/// callback hands the pool to run later (`rayon::spawn`) runs on this
+/// thread after the batch (`Runtime::worker_loop`); a panic there is
+/// reported, as a callback's is. `None` if rayon refuses (it never does
+/// for a thread of ours, which is in no pool): the callbacks then use the
+/// global pool.
+#[cfg(all(feature = "rayon", not(weakrefs_loom)))]
+fn rayon_pool_of_its_own() -> Option<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(1)
+        .use_current_thread()
+        .panic_handler(|payload| {
+            crate::panics::report("a rayon job spawned by a death callback", payload);
+        })
+        .build()
+        .ok()
 }
 
 /// The process-wide runtime of the current loom execution: one without a

@@ -632,25 +632,15 @@ impl Runtime {
     }
 
     /// Waits for `became_idle` once, as `flush` does, `idle` locked again
-    /// on return. On a rayon worker thread (the `rayon` feature), where a
-    /// queued callback may itself be waiting for the pool (a `par_iter` in
-    /// it, on the finalizer thread), it runs the pool's pending work
-    /// instead, and waits at most a millisecond at a time when there is
-    /// none: every worker blocked in `flush` would starve that callback,
-    /// and the flush with it (a hostile-use review found them deadlocked).
+    /// on return. A plain wait, on a rayon worker thread too (the `rayon`
+    /// feature): a callback's own parallel work runs on the finalizer
+    /// thread's pool (`global::rayon_pool_of_its_own`), never on the
+    /// worker waiting here. Running the pool's pending work instead, as
+    /// this once did, nested each stolen job's own `flush` on the waiting
+    /// worker's stack, without bound (a stack overflow), and could bury
+    /// beneath it the part of the callback's `par_iter` that the flush was
+    /// waiting for (a deadlock).
     fn wait_for_idle<'a>(&'a self, idle: MutexGuard<'a, ()>) -> MutexGuard<'a, ()> {
-        #[cfg(all(feature = "rayon", not(weakrefs_loom)))]
-        if rayon::current_thread_index().is_some() {
-            drop(idle);
-            let ran = rayon::yield_now() == Some(rayon::Yield::Executed);
-            let idle = self.idle.lock();
-            if ran || self.queue.is_idle() {
-                return idle;
-            }
-            return self
-                .became_idle
-                .wait_timeout(idle, std::time::Duration::from_millis(1));
-        }
         self.became_idle.wait(idle)
     }
 
@@ -737,6 +727,8 @@ impl Runtime {
             &self.queue,
             || {
                 self.drain();
+                #[cfg(all(feature = "rayon", not(weakrefs_loom)))]
+                run_spawned_pool_work();
             },
             || self.mark_worker_failed(),
         );
@@ -755,6 +747,22 @@ impl Runtime {
             backlog_waits: load(&self.counters.backlog_waits),
         }
     }
+}
+
+/// Runs what the callbacks just drained handed the finalizer thread's own
+/// rayon pool to run later (`rayon::spawn` in a callback; see
+/// `global::rayon_pool_of_its_own`), and what that work hands it in turn,
+/// on this thread, until the pool has nothing pending. Marked as a
+/// callback: a `flush` in such work drains the queue on this thread, as
+/// in a callback, instead of waiting for this very thread. Nothing on a
+/// thread in no pool of its own (a test's external worker).
+#[cfg(all(feature = "rayon", not(weakrefs_loom)))]
+fn run_spawned_pool_work() {
+    if rayon::current_thread_index().is_none() {
+        return;
+    }
+    let _callback = marks::enter(Mark::Callback);
+    while rayon::yield_now() == Some(rayon::Yield::Executed) {}
 }
 
 impl Drop for Runtime {
