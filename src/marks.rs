@@ -74,6 +74,8 @@ struct Marks {
     locked: Cell<usize>,
     reading: Cell<usize>,
     finalizer: Cell<usize>,
+    /// The innermost `Held` frame (`locked`), null for none.
+    holding: Cell<*const Held>,
     /// The innermost `Loading` frame, null for none.
     loads: Cell<*const Frame>,
 }
@@ -101,6 +103,7 @@ thread_local! {
             locked: Cell::new(0),
             reading: Cell::new(0),
             finalizer: Cell::new(0),
+            holding: Cell::new(ptr::null()),
             loads: Cell::new(ptr::null()),
         }
     };
@@ -116,6 +119,7 @@ thread_local! {
         locked: Cell::new(0),
         reading: Cell::new(0),
         finalizer: Cell::new(0),
+        holding: Cell::new(ptr::null()),
         loads: Cell::new(ptr::null()),
     };
 }
@@ -149,6 +153,56 @@ impl Drop for Entered {
             count.set(count.get() - 1);
         });
     }
+}
+
+/// A shard whose lock this thread holds while it runs code that may do
+/// more than compare, on the stack of the [`locked`] call that put it on
+/// the thread, linked to the one it nests in.
+struct Held {
+    /// The shard's address.
+    shard: usize,
+    /// The next outer frame, null for none.
+    outer: *const Held,
+}
+
+/// Runs `body` with [`Mark::Locked`] on this thread, naming the shard
+/// whose lock it holds (its address, `shard`), taken off as `body` returns
+/// or unwinds: a write to that shard from `body` would wait for itself
+/// ([`holds_locked`]).
+pub(crate) fn locked<R>(shard: usize, body: impl FnOnce() -> R) -> R {
+    /// Puts the frame's outer one back as innermost when dropped.
+    struct Pop(*const Held);
+    impl Drop for Pop {
+        fn drop(&mut self) {
+            MARKS.with(|marks| marks.holding.set(self.0));
+        }
+    }
+    let _locked = enter(Mark::Locked);
+    let outer = MARKS.with(|marks| marks.holding.get());
+    let frame = Held { shard, outer };
+    MARKS.with(|marks| marks.holding.set(&frame));
+    let _pop = Pop(outer);
+    body()
+}
+
+/// True if this thread holds the lock of the shard at address `shard`
+/// while it runs code that may do more than compare ([`locked`]), in any
+/// of the frames that nest.
+#[cold]
+#[cfg_attr(weakrefs_loom, allow(dead_code))]
+pub(crate) fn holds_locked(shard: usize) -> bool {
+    let mut frame = MARKS.with(|marks| marks.holding.get());
+    while !frame.is_null() {
+        // A frame on the list lives on the stack of a `locked` call of
+        // this thread that has not returned (as for `any_loading`).
+        // SAFETY: as just said.
+        let Held { shard: held, outer } = unsafe { &*frame };
+        if *held == shard {
+            return true;
+        }
+        frame = *outer;
+    }
+    false
 }
 
 /// Runs `body` with `loading` on this thread, taken off as `body` returns
@@ -209,6 +263,20 @@ mod tests {
             );
         }
         assert!(!is_inside(Mark::Callback));
+    }
+
+    #[test]
+    fn a_locked_mark_names_its_shards_while_it_runs_and_nests() {
+        assert!(!holds_locked(0x100));
+        locked(0x100, || {
+            assert!(holds_locked(0x100) && !holds_locked(0x200));
+            assert!(is_inside(Mark::Locked));
+            locked(0x200, || {
+                assert!(holds_locked(0x200) && holds_locked(0x100));
+            });
+            assert!(holds_locked(0x100) && !holds_locked(0x200));
+        });
+        assert!(!holds_locked(0x100) && !is_inside(Mark::Locked));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::ptr;
 use std::sync::Arc;
 
 use crate::callbacks::{Executor, Hook, SafePoint};
-use crate::marks::{self, Mark};
+use crate::marks;
 use crate::panics::{drop_each_then_resume, FirstPanic};
 use crate::raw::collection::{self, Collection, EntryHook, Watching};
 use crate::raw::counters::Counters;
@@ -1132,7 +1132,9 @@ where
     /// must not use this map (like `Eq`, it runs under the lock; see the
     /// [type's docs](WeakValueMap)); a [`flush`](crate::flush) or
     /// [`shutdown`](crate::shutdown) there panics, as it would wait for
-    /// that lock.
+    /// that lock, and so does a write to this map that finds the lock `f`
+    /// holds taken (one of a key in the same shard, such as `key` itself).
+    /// Reads work there as anywhere.
     ///
     /// ```
     /// use weakrefs::{Strong, WeakValueMap};
@@ -1168,9 +1170,7 @@ where
         };
         let identity = found.identity(mark.side());
         live = found.value.upgrade()?;
-        let locked = marks::enter(Mark::Locked);
-        let remove = f(found.key(), &live);
-        drop(locked);
+        let remove = marks::locked(writer.shard_address(), || f(found.key(), &live));
         if !remove {
             drop(writer);
             drop(pin);

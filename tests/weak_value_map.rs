@@ -1876,6 +1876,46 @@ fn a_panicking_remove_if_drops_the_last_handle_after_unlocking() {
     assert!(finished);
 }
 
+/// A write to the map from `remove_if`'s predicate, to the shard whose
+/// lock the predicate runs under, would wait for itself: it panics with a
+/// message that says so, the predicate's panic reaches the caller, and the
+/// map is left as it was. Writes to another map, and reads of this one,
+/// work there.
+#[test]
+fn a_write_from_remove_ifs_predicate_to_its_own_shard_panics_instead_of_hanging() {
+    let outcome = within_deadlock_limit("remove_if's predicate wrote its own shard", || {
+        // Every key in one shard.
+        let map: WeakValueMap<u32, u32, OneBucket> = WeakValueMap::with_hasher(OneBucket);
+        let other: WeakValueMap<u32, u32> = WeakValueMap::new();
+        let (one, two) = (Strong::new(1), Strong::new(2));
+        map.insert(1, &one);
+        let panicked = catch_unwind(AssertUnwindSafe(|| {
+            map.remove_if(&1, |_, _| {
+                other.insert(2, &two);
+                assert!(map.get(&1).is_some());
+                map.insert(2, &two);
+                true
+            })
+        }));
+        let message = panicked
+            .expect_err("the write panicked")
+            .downcast::<&str>()
+            .map(|message| message.to_string())
+            .unwrap_or_default();
+        assert!(
+            message.contains("inside its own remove_if predicate"),
+            "{message}"
+        );
+        // Nothing changed, and the shard is free again.
+        assert_eq!(map.len(), 1);
+        assert!(map.get(&1).is_some() && map.get(&2).is_none());
+        assert!(other.get(&2).is_some());
+        map.insert(2, &two);
+        map.get(&2).is_some()
+    });
+    assert!(outcome);
+}
+
 /// As `a_panicking_clone_during_a_rebuild_leaves_the_map_intact`, but the
 /// rebuild's `Clone` panics only after three copies were made, so that the
 /// abandoned copies (and the sides copied beside them) exist, and must be

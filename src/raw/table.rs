@@ -1134,8 +1134,36 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
         pin: &'g WritePin<'_>,
     ) -> ShardWriter<'g, I> {
         let shard = &self.shards()[index];
+        // Not under loom: one more step a write, in every model, for a
+        // check of user code's misuse.
+        #[cfg(not(weakrefs_loom))]
+        let state = match shard.writer.try_lock() {
+            Some(state) => state,
+            None => {
+                refuse_own_lock(shard);
+                shard.writer.lock()
+            }
+        };
+        #[cfg(weakrefs_loom)]
         let state = shard.writer.lock();
         ShardWriter::new(shard, state, pin)
+    }
+}
+
+/// Panics if this thread holds `shard`'s lock while it runs code that may
+/// do more than compare (`WeakValueMap::remove_if`'s predicate): a write
+/// there to the same shard would wait for itself for ever. Asked only
+/// once the lock was found taken.
+#[cfg(not(weakrefs_loom))]
+#[cold]
+#[inline(never)]
+#[track_caller]
+fn refuse_own_lock<I: Sided>(shard: &Shard<I>) {
+    if crate::marks::holds_locked(std::ptr::from_ref(shard) as usize) {
+        panic!(
+            "weakrefs: a write to a WeakValueMap inside its own remove_if predicate, \
+             to the shard whose lock that predicate runs under: it would wait for itself"
+        );
     }
 }
 
@@ -1658,6 +1686,12 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
     fn current_table_ptr(&self) -> *mut Table<I> {
         // Relaxed: writers are ordered by the mutex.
         self.shard.table.load(Ordering::Relaxed)
+    }
+
+    /// The address of the shard this writer holds the lock of: what
+    /// `marks::enter_locked` names it by.
+    pub(crate) fn shard_address(&self) -> usize {
+        std::ptr::from_ref(self.shard) as usize
     }
 
     /// The shard's writer-side state, under the lock this writer holds.
