@@ -193,8 +193,10 @@ where
 /// value is dropped wherever epoch garbage is collected, which may be
 /// inside another map operation (so its destructor must not use a map
 /// then), and a dead key whose shard was busy keeps its entry, invisible
-/// to lookups but counted by `len`, until [`purge`](Self::purge),
-/// [`retain`](Self::retain) or [`clear`](Self::clear).
+/// to lookups but counted by `len`, until the next
+/// [`flush`](crate::flush), which removes it, waiting for the lock (or
+/// [`purge`](Self::purge), [`retain`](Self::retain) or
+/// [`clear`](Self::clear)).
 ///
 /// Each entry is one allocation, which also holds the entry's death
 /// callback, with the value inline, so a lookup reaches the value in one

@@ -107,9 +107,10 @@ impl<T: ?Sized + Send + Sync + 'static, S: Send + Sync + 'static> Collection<Mem
 /// [`shutdown`](crate::shutdown) there is no finalizer thread to hand a
 /// removal to: a member that dies while another thread holds its shard's
 /// lock keeps its entry, invisible to iteration and
-/// [`contains`](Self::contains) but counted by `len`, until
+/// [`contains`](Self::contains) but counted by `len`, until the next
+/// `flush`, which removes it, waiting for the lock (or
 /// [`purge`](Self::purge), [`retain`](Self::retain) or
-/// [`clear`](Self::clear), as in the maps.
+/// [`clear`](Self::clear)), as in the maps.
 ///
 /// Members may be unsized: a `WeakSet<dyn Listener>` holds listeners of
 /// mixed types, each as the `Strong<dyn Listener>` it lives in (see

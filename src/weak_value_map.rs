@@ -434,8 +434,9 @@ impl<K: Clone, V: ?Sized, S> MapCore<K, V, S> {
 /// key is dropped wherever that is noticed, which may be inside another map
 /// operation (so a key's destructor must not use a map after shutdown), the
 /// map may be dropped by a dying value's thread, and a dead entry whose
-/// shard was busy stays, invisible to lookups, until
-/// [`purge`](Self::purge). [`retain`](Self::retain)'s predicate runs
+/// shard was busy stays, invisible to lookups, until the next
+/// [`flush`](crate::flush), which removes it, waiting for the lock (or
+/// [`purge`](Self::purge)). [`retain`](Self::retain)'s predicate runs
 /// unlocked, once per entry, but keeps the thread pinned while it runs
 /// (which holds back the freeing of memory that any thread retires
 /// meanwhile: keep it short). The removal of a dead entry runs as a

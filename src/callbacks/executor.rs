@@ -45,6 +45,18 @@ impl Executor {
         self.runtime.has_queued_work()
     }
 
+    /// Keeps `removal`, a death's removal after `shutdown` whose shard was
+    /// busy, for later deaths to try again and the next `flush` to make
+    /// (SAFETY.md, C19).
+    pub(crate) fn park(self, removal: super::runtime::Parked) {
+        self.runtime.park(removal);
+    }
+
+    /// Tries the parked removals again, never waiting for a lock.
+    pub(crate) fn try_parked(self) {
+        self.runtime.run_parked(false);
+    }
+
     /// True once `shutdown` has closed the queue: from then on posted work
     /// runs inline, where it arises. A caller with work that may block
     /// checks this first; a post racing the closing still runs inline (C9).

@@ -21,6 +21,7 @@ pub(crate) use entry::{EntryRef, Hook, HookSite, Removal, KEY_BITS};
 pub(crate) use executor::{Executor, SafePoint};
 pub(crate) use global::global;
 pub(crate) use list::ObjectCallbacks;
+pub(crate) use runtime::Parked;
 pub use runtime::Stats;
 
 /// Runs `read`, a read's drop of handles it let go of (values the

@@ -152,6 +152,29 @@ pub(crate) struct Runtime {
     /// runtimes without one.
     #[cfg(not(weakrefs_loom))]
     backlog: Option<Backlog>,
+    /// Removals a death could not make after `shutdown`, its shard being
+    /// busy, with no finalizer thread left to wait for the lock: tried
+    /// again by later such deaths, and made, waiting for the lock, by the
+    /// next `flush` (C19).
+    parked: Mutex<Vec<Parked>>,
+}
+
+/// A removal parked after `shutdown` (`Runtime::park`): given whether it
+/// may wait for its shard's lock, it removes its entry and returns true,
+/// or, not allowed to wait and finding the lock taken, returns false and
+/// changes nothing.
+pub(crate) struct Parked(Box<dyn FnMut(bool) -> bool + Send>);
+
+impl Parked {
+    pub(crate) fn new(removal: impl FnMut(bool) -> bool + Send + 'static) -> Self {
+        Parked(Box::new(removal))
+    }
+}
+
+impl std::fmt::Debug for Parked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Parked")
+    }
 }
 
 impl Runtime {
@@ -188,6 +211,7 @@ impl Runtime {
             shutdown_finished: Condvar::new(),
             #[cfg(not(weakrefs_loom))]
             backlog: None,
+            parked: Mutex::new(Vec::new()),
         }
     }
 
@@ -236,6 +260,35 @@ impl Runtime {
     /// checks this first; a post racing the closing still runs inline (C9).
     pub(super) fn is_closed(&self) -> bool {
         self.queue.is_closed()
+    }
+
+    /// Keeps `removal` for later (C19): a death's removal after `shutdown`
+    /// whose shard was busy.
+    pub(super) fn park(&self, removal: Parked) {
+        self.parked.lock().push(removal);
+    }
+
+    /// Runs the parked removals (C19), waiting for their shards' locks if
+    /// `wait`, else only those whose locks are free, keeping the rest.
+    /// Taken out of the list first: a removal reports to its listener and
+    /// may drop the last handle to its collection, and both may run code
+    /// that parks more.
+    /// Waiting, it goes on until none is left, those parked meanwhile (by
+    /// deaths their listeners caused) included.
+    pub(super) fn run_parked(&self, wait: bool) {
+        loop {
+            let mut parked = std::mem::take(&mut *self.parked.lock());
+            if parked.is_empty() {
+                return;
+            }
+            parked.retain_mut(|removal| !(removal.0)(wait));
+            if !wait {
+                if !parked.is_empty() {
+                    self.parked.lock().append(&mut parked);
+                }
+                return;
+            }
+        }
     }
 
     /// The object owning `list` has died (its value is gone): claim its
@@ -593,6 +646,12 @@ impl Runtime {
     /// queue on this thread instead of waiting (waiting would deadlock on
     /// the callback that is calling it).
     pub(super) fn flush(&self) {
+        if self.is_closed() {
+            // Waiting for the parked removals' locks, unless inside code
+            // that may hold one: a callback (run inline now, maybe where a
+            // map dropped a value under its lock) or a predicate under one.
+            self.run_parked(!marks::is_inside(Mark::Callback) && !marks::is_inside(Mark::Locked));
+        }
         let in_callback = marks::is_inside(Mark::Callback);
         if in_callback && marks::is_inside(Mark::Draining) {
             // The drain loop running this callback runs what is queued

@@ -6,7 +6,7 @@ use std::marker::PhantomData;
 use std::mem::ManuallyDrop;
 use std::ptr::NonNull;
 
-use crate::callbacks::{EntryRef, Executor, Hook, HookSite};
+use crate::callbacks::{EntryRef, Executor, Hook, HookSite, Parked};
 use crate::control::ControlBlock;
 use crate::panics::{drop_each_and_report, drop_each_then_resume, FirstPanic};
 use crate::raw::table::{
@@ -382,29 +382,84 @@ unsafe fn slow_death<C, I>(
         let hook = hook.clone();
         executor.post(move || {
             // Inline if shutdown closed the queue meanwhile: then this
-            // runs where the death happened, and must not wait. Pinned
-            // only once the lock is ours (`write` may wait for it).
-            let pin = WritePin::lazy();
-            let writer = if Executor::global().is_closed() {
-                core.table().try_write_shard(shard, &pin)
-            } else {
-                Some(core.table().write_shard(shard, &pin))
-            };
-            let notice = writer.and_then(|mut writer| {
-                remove_holding(&mut writer, key, hook.address()).and_then(|item| core.died(item))
-            });
-            drop(pin);
-            if let Some(notice) = notice {
-                notice();
+            // runs where the death happened, and must not wait; parked if
+            // the lock is taken (C19).
+            let executor = Executor::global();
+            if !remove_at(&core, shard, key, &hook, !executor.is_closed()) {
+                executor.park(parked_removal(Strong::downgrade(&core), shard, key, hook));
             }
         });
         return;
+    }
+    if !removed_here {
+        // After `shutdown`, the shard busy: parked (C19), holding the
+        // core only weakly, so that a collection dropped meanwhile goes.
+        executor.park(parked_removal(
+            Strong::downgrade(&core),
+            shard,
+            key,
+            hook.clone(),
+        ));
+    }
+    if executor.is_closed() {
+        // Deaths after `shutdown` try the parked removals again, so that
+        // shards busy for a moment leave none waiting for long.
+        executor.try_parked();
     }
     // The collection may have been dropped meanwhile: if ours is the
     // last handle, its drop goes to the finalizer thread.
     if let Some(last) = Strong::drop_unless_last(core) {
         executor.post(move || drop(last));
     }
+}
+
+/// Removes the entry of `hook` (filed under `key`) from shard `shard` of
+/// `core`'s table, waiting for the shard's lock if `wait`, and reports the
+/// removal to `core`'s listener, if any. False if not allowed to wait and
+/// the lock is taken: then nothing changed.
+fn remove_at<C, I>(core: &Strong<C>, shard: usize, key: u64, hook: &EntryRef, wait: bool) -> bool
+where
+    C: Collection<I>,
+    I: Watching,
+{
+    // Pinned only once the lock is ours (`write` may wait for it).
+    let pin = WritePin::lazy();
+    let writer = if wait {
+        Some(core.table().write_shard(shard, &pin))
+    } else {
+        core.table().try_write_shard(shard, &pin)
+    };
+    let Some(notice) = writer.map(|mut writer| {
+        remove_holding(&mut writer, key, hook.address()).and_then(|item| core.died(item))
+    }) else {
+        return false;
+    };
+    drop(pin);
+    if let Some(notice) = notice {
+        notice();
+    }
+    true
+}
+
+/// A death's removal after `shutdown` whose shard was busy, parked (C19):
+/// it holds the collection's core weakly (if the collection is gone, there
+/// is nothing left to remove) and a second handle to the hook, which keeps
+/// the hook's address, the entry's identity, reserved until it has run.
+fn parked_removal<C, I>(core: Weak<C>, shard: usize, key: u64, hook: EntryRef) -> Parked
+where
+    C: Collection<I>,
+    I: Watching,
+{
+    Parked::new(move |wait| match core.upgrade() {
+        Some(core) => {
+            let removed = remove_at(&core, shard, key, &hook, wait);
+            // Maybe the last handle to the collection: its drop runs here,
+            // as any work posted after `shutdown` does.
+            drop(core);
+            removed
+        }
+        None => true,
+    })
 }
 
 /// The pin a death's writer on the dying thread uses: the dying thread's
