@@ -222,6 +222,12 @@ impl fmt::Debug for Finalizer {
 /// [`Finalizer::call`]) it runs what is queued on the calling thread until
 /// the queue is empty.
 ///
+/// After [`shutdown`] there is no finalizer thread: a collection entry
+/// whose value died while another thread held its shard's lock was left
+/// for later, and `flush` removes it now, waiting for that lock, and runs
+/// its removal listener on the calling thread (only trying, inside a
+/// callback). So `len()` is exact after `flush()` then too.
+///
 /// With the `rayon` feature, the finalizer thread is the one worker of a
 /// rayon pool of its own: a callback's parallel work (a `par_iter` over a
 /// collection) runs there, on that thread, so it finishes even while every

@@ -36,7 +36,8 @@ fn shutdown_leaves_live_entries_and_later_deaths_remove_theirs_inline() {
     // write): with no finalizer thread to hand the removal to, it must not
     // wait for that lock. Its removal is parked, and the next `flush`
     // makes it, once the lock is free: `len` is exact after it. A second
-    // such death is left to `purge`.
+    // such death is made by `purge`, or by a death of the other test's
+    // (deaths try parked removals): gone either way.
     let (done, finished) = mpsc::channel();
     thread::spawn(move || {
         let map: WeakValueMap<DroppingKey, u32, OneShard> = WeakValueMap::with_hasher(OneShard);
@@ -65,7 +66,8 @@ fn shutdown_leaves_live_entries_and_later_deaths_remove_theirs_inline() {
         (2, 1),
         "flush made the parked removal"
     );
-    assert_eq!((purged, len), (1, 2));
+    assert!(purged <= 1, "purged {purged}");
+    assert_eq!(len, 2, "the second dead entry is gone");
 }
 
 /// After `shutdown`, values die on one thread while another keeps writing

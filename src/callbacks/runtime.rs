@@ -156,7 +156,20 @@ pub(crate) struct Runtime {
     /// busy, with no finalizer thread left to wait for the lock: tried
     /// again by later such deaths, and made, waiting for the lock, by the
     /// next `flush` (C19).
-    parked: Mutex<Vec<Parked>>,
+    parked: Mutex<ParkedRemovals>,
+    /// Notified when a run of parked removals ends (C19).
+    parked_done: Condvar,
+    /// How many removals are parked (a hint, kept under `parked`'s mutex):
+    /// a death with none to try skips the mutex.
+    parked_hint: AtomicUsize,
+}
+
+/// The parked removals, and how many threads are running some they took
+/// out of the list (C19).
+#[derive(Debug, Default)]
+struct ParkedRemovals {
+    list: Vec<Parked>,
+    running: usize,
 }
 
 /// A removal parked after `shutdown` (`Runtime::park`): given whether it
@@ -211,7 +224,9 @@ impl Runtime {
             shutdown_finished: Condvar::new(),
             #[cfg(not(weakrefs_loom))]
             backlog: None,
-            parked: Mutex::new(Vec::new()),
+            parked: Mutex::new(ParkedRemovals::default()),
+            parked_done: Condvar::new(),
+            parked_hint: AtomicUsize::new(0),
         }
     }
 
@@ -265,27 +280,56 @@ impl Runtime {
     /// Keeps `removal` for later (C19): a death's removal after `shutdown`
     /// whose shard was busy.
     pub(super) fn park(&self, removal: Parked) {
-        self.parked.lock().push(removal);
+        let mut parked = self.parked.lock();
+        parked.list.push(removal);
+        // Relaxed: a hint, written under the mutex.
+        self.parked_hint.store(parked.list.len(), Ordering::Relaxed);
     }
 
     /// Runs the parked removals (C19), waiting for their shards' locks if
     /// `wait`, else only those whose locks are free, keeping the rest.
-    /// Taken out of the list first: a removal reports to its listener and
-    /// may drop the last handle to its collection, and both may run code
-    /// that parks more.
+    /// Taken out of the list first, and run outside its mutex: a removal
+    /// reports to its listener and may drop the last handle to its
+    /// collection, and either may park more. Each runs as a callback does
+    /// (`Mark::Callback`, so a `flush` in its listener only tries, and its
+    /// panic caught and reported, the removal then counted done).
+    ///
     /// Waiting, it goes on until none is left, those parked meanwhile (by
-    /// deaths their listeners caused) included.
+    /// deaths their listeners caused) included, and none is being run by
+    /// another thread, which may give back some it could not make.
     pub(super) fn run_parked(&self, wait: bool) {
+        if !wait && self.parked_hint.load(Ordering::Relaxed) == 0 {
+            // Relaxed: a hint; a removal parked meanwhile is tried by the
+            // next death or made by the next `flush`, which locks.
+            return;
+        }
+        let mut parked = self.parked.lock();
         loop {
-            let mut parked = std::mem::take(&mut *self.parked.lock());
-            if parked.is_empty() {
-                return;
-            }
-            parked.retain_mut(|removal| !(removal.0)(wait));
-            if !wait {
-                if !parked.is_empty() {
-                    self.parked.lock().append(&mut parked);
+            let mut taken = std::mem::take(&mut parked.list);
+            // Relaxed: a hint, written under the mutex.
+            self.parked_hint.store(0, Ordering::Relaxed);
+            if taken.is_empty() {
+                if !wait || parked.running == 0 {
+                    return;
                 }
+                parked = self.parked_done.wait(parked);
+                continue;
+            }
+            parked.running += 1;
+            drop(parked);
+            taken.retain_mut(|removal| {
+                let _callback = marks::enter(Mark::Callback);
+                let mut done = true;
+                crate::panics::catch_and_report("a parked removal", || done = (removal.0)(wait));
+                !done
+            });
+            parked = self.parked.lock();
+            parked.running -= 1;
+            parked.list.append(&mut taken);
+            // Relaxed: a hint, written under the mutex.
+            self.parked_hint.store(parked.list.len(), Ordering::Relaxed);
+            self.parked_done.notify_all();
+            if !wait {
                 return;
             }
         }

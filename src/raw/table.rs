@@ -1689,7 +1689,7 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
     }
 
     /// The address of the shard this writer holds the lock of: what
-    /// `marks::enter_locked` names it by.
+    /// `marks::locked` names it by.
     pub(crate) fn shard_address(&self) -> usize {
         std::ptr::from_ref(self.shard) as usize
     }
