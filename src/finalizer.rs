@@ -228,15 +228,20 @@ impl fmt::Debug for Finalizer {
 /// its removal listener on the calling thread (only trying, inside a
 /// callback). So `len()` is exact after `flush()` then too.
 ///
-/// With the `rayon` feature, the finalizer thread is the one worker of a
-/// rayon pool of its own: a callback's parallel work (a `par_iter` over a
-/// collection) runs there, on that thread, so it finishes even while every
-/// worker of the global pool is blocked in `flush`, and what a callback
-/// hands to `rayon::spawn` runs on that thread after the callback's batch.
-/// On a worker of any pool, `flush` blocks that worker, as any blocking
-/// call does: a callback that waits for work on a pool of the user's own
-/// (`ThreadPool::install`) whose workers are all flushing never finishes,
-/// and neither do they.
+/// With the `rayon` feature, the finalizer thread belongs to a rayon pool
+/// of its own, with one more thread: a callback's parallel work (a
+/// `par_iter` over a collection) runs there, so it finishes even while
+/// every worker of the global pool is blocked in `flush`, and what a
+/// callback hands to `rayon::spawn` runs beside it, so the callback may
+/// wait for it. That work is part of the callback: a `flush` in it
+/// returns at once, as in the callback itself. On a worker of another
+/// pool, `flush` runs that pool's pending work while it waits (callbacks
+/// run elsewhere than on the finalizer thread, by [`Finalizer::call`] or
+/// [`shutdown`], do their parallel work there); only the outermost
+/// `flush` on a thread's stack does, so flushes in that work never pile
+/// up. A callback that waits for work on a pool whose workers are all
+/// blocked otherwise (in a nested `flush`, or on a lock) still waits for
+/// ever, as it would for any thread pool that never gets to it.
 ///
 /// Nor may it be called from a map's single-flight `init` (or its
 /// `Drop`): it waits for the queued callbacks, and one that asks the map

@@ -141,9 +141,10 @@ thread_local! {
 /// flushes. A flushing worker that ran the pool's pending work nested the
 /// next item's `flush` on its stack, and that one the next: hundreds deep
 /// for a thousand items, a stack overflow and an abort for twenty
-/// thousand. A flush now only waits, so none nests in another.
+/// thousand. Only the outermost `flush` on a stack runs pool work now, so
+/// at most one more nests in it.
 #[test]
-fn flushes_in_a_parallel_loop_never_nest_on_a_workers_stack() {
+fn flushes_in_a_parallel_loop_nest_at_most_once_on_a_workers_stack() {
     eight_workers();
     const ITEMS: u64 = 4000;
     let deepest = Arc::new(AtomicUsize::new(0));
@@ -166,37 +167,75 @@ fn flushes_in_a_parallel_loop_never_nest_on_a_workers_stack() {
             FLUSHING.with(|flushing| flushing.set(flushing.get() - 1));
         });
     });
-    assert_eq!(deepest.load(Ordering::SeqCst), 1, "flushes nested");
+    let deepest = deepest.load(Ordering::SeqCst);
+    assert!((1..=2).contains(&deepest), "flushes nested {deepest} deep");
     assert_eq!(ran.load(Ordering::SeqCst), ITEMS as usize);
 }
 
-/// What a callback hands `rayon::spawn` runs on the finalizer thread (the
-/// one worker of its pool) after the callback's batch, and a `flush` in it
-/// drains there rather than waiting for its own thread.
+/// A callback may hand work to `rayon::spawn` and wait for it: the work
+/// runs on the finalizer's pool, beside the finalizer thread.
 #[test]
-fn work_a_callback_spawns_runs_on_the_finalizer_thread() {
+fn a_callback_may_wait_for_work_it_spawned() {
     eight_workers();
     let (sent, received) = mpsc::channel();
     let object = Strong::new(());
     let sent = Mutex::new(sent);
     finalize(&object, move || {
-        let sent = sent.lock().unwrap().clone();
+        let (result, finished) = mpsc::channel();
         rayon::spawn(move || {
-            let later = Strong::new(());
-            let (inner_sent, inner_received) = mpsc::channel();
-            finalize(&later, move || inner_sent.send(()).unwrap());
-            drop(later);
-            flush();
             let name = thread::current().name().map(str::to_owned);
-            sent.send((name, inner_received.try_recv().is_ok()))
-                .unwrap();
+            result.send(name).unwrap();
         });
+        // Bounded, so that a regression fails the test instead of wedging
+        // the finalizer thread for the rest of the binary.
+        let name = finished.recv_timeout(Duration::from_secs(60)).ok();
+        sent.lock().unwrap().send(name).unwrap();
     });
-    drop(object);
-    flush();
-    let (name, inner_ran) = received
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the spawned work runs");
-    assert_eq!(name.as_deref(), Some("weakrefs-finalizer"));
-    assert!(inner_ran, "its flush ran the callback it queued");
+    within(
+        Duration::from_secs(120),
+        "a callback's spawned work",
+        move || {
+            drop(object);
+            flush();
+        },
+    );
+    let name = received.recv().unwrap().expect("the spawned work ran");
+    assert!(
+        name.as_deref()
+            .is_some_and(|name| name.starts_with("weakrefs-finalizer")),
+        "ran on {name:?}"
+    );
+}
+
+/// A callback's parallel work may flush: on either thread of the
+/// finalizer's pool that `flush` is part of the callback, and returns at
+/// once rather than wait for it.
+#[test]
+fn a_callbacks_parallel_work_may_flush() {
+    eight_workers();
+    let visited = Arc::new(AtomicUsize::new(0));
+    let counted = visited.clone();
+    within(
+        Duration::from_secs(120),
+        "flushes in a callback's par_iter",
+        move || {
+            let set = Arc::new(WeakSet::new());
+            let members: Vec<_> = (0..256u64).map(Strong::new).collect();
+            for member in &members {
+                set.insert(member);
+            }
+            let object = Strong::new(());
+            let (set_in_callback, counted) = (set.clone(), counted.clone());
+            finalize(&object, move || {
+                set_in_callback.par_iter().for_each(|_| {
+                    flush();
+                    counted.fetch_add(1, Ordering::SeqCst);
+                });
+            });
+            drop(object);
+            flush();
+            drop(members);
+        },
+    );
+    assert_eq!(visited.load(Ordering::SeqCst), 256);
 }

@@ -77,7 +77,7 @@ const LISTED: u32 = 0;
 /// `BARE_HOOK`, implied by the kind, not stored.
 const HOOK: u32 = 1 << 2;
 /// A collection's removal callback that keeps a payload: a `Vtabled`
-/// head, the payload, a [`Removal`]; run as a `HOOK` is.
+/// head, a [`Removal`], the payload; run as a `HOOK` is.
 const PAYLOAD_HOOK: u32 = 2 << 2;
 
 /// A listed node's `atexit` flag (Python's `finalize.atexit`).

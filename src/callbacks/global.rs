@@ -50,21 +50,34 @@ fn spawn_worker(parker: crate::sync::Parker) -> Option<std::thread::JoinHandle<(
 }
 
 /// With the `rayon` feature, makes the calling thread (the finalizer
-/// thread, before its loop) the one worker of a rayon pool of its own, for
-/// as long as the returned handle lives. A death callback's parallel work
-/// (a `par_iter` over a collection, a `join`) then runs on this pool, so on
-/// this thread, and never waits for a worker of the global pool: those may
-/// all be blocked in `flush`, waiting for that very callback. What a
-/// callback hands the pool to run later (`rayon::spawn`) runs on this
-/// thread after the batch (`Runtime::worker_loop`); a panic there is
-/// reported, as a callback's is. `None` if rayon refuses (it never does
-/// for a thread of ours, which is in no pool): the callbacks then use the
-/// global pool.
+/// thread, before its loop) worker 0 of a rayon pool of its own, for as
+/// long as the returned handle lives, beside one more worker the pool
+/// starts, `weakrefs-finalizer-pool`. A death callback's parallel work (a
+/// `par_iter` over a collection, a `join`) then runs on this pool, and
+/// never waits for a worker of the global pool: those may all be blocked
+/// in `flush`, waiting for that very callback. What a callback hands to
+/// `rayon::spawn` runs on the other worker, so a callback may wait for it.
+/// All of it is the callback's work: the other worker carries the marks
+/// of a callback run by the drain for its whole life (`Mark::Callback`,
+/// `Mark::Draining`), as the finalizer thread carries them while it runs
+/// one, so a `flush` there returns at once rather than wait for the
+/// callback it is part of. A panic in spawned work is reported, as a
+/// callback's is. `None` if rayon refuses (it never does for a thread of
+/// ours, which is in no pool): the callbacks then use the global pool.
 #[cfg(all(feature = "rayon", not(weakrefs_loom)))]
 fn rayon_pool_of_its_own() -> Option<rayon::ThreadPool> {
+    use crate::marks::{self, Mark};
     rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
+        .num_threads(2)
         .use_current_thread()
+        .thread_name(|_| "weakrefs-finalizer-pool".into())
+        // Not on the finalizer thread (rayon runs no handler for the
+        // thread that builds the pool): on the worker it starts, for its
+        // life, which the marks, holding nothing, outlast harmlessly.
+        .start_handler(|_| {
+            std::mem::forget(marks::enter(Mark::Callback));
+            std::mem::forget(marks::enter(Mark::Draining));
+        })
         .panic_handler(|payload| {
             crate::panics::report("a rayon job spawned by a death callback", payload);
         })

@@ -172,6 +172,14 @@ struct ParkedRemovals {
     running: usize,
 }
 
+#[cfg(all(feature = "rayon", not(weakrefs_loom)))]
+std::thread_local! {
+    /// This thread is running rayon work from inside a `flush`'s wait
+    /// (`Runtime::wait_for_idle`): a `flush` in that work waits without
+    /// running more.
+    static HELPING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// A removal parked after `shutdown` (`Runtime::park`): given whether it
 /// may wait for its shard's lock, it removes its entry and returns true,
 /// or, not allowed to wait and finding the lock taken, returns false and
@@ -735,15 +743,40 @@ impl Runtime {
     }
 
     /// Waits for `became_idle` once, as `flush` does, `idle` locked again
-    /// on return. A plain wait, on a rayon worker thread too (the `rayon`
-    /// feature): a callback's own parallel work runs on the finalizer
-    /// thread's pool (`global::rayon_pool_of_its_own`), never on the
-    /// worker waiting here. Running the pool's pending work instead, as
-    /// this once did, nested each stolen job's own `flush` on the waiting
-    /// worker's stack, without bound (a stack overflow), and could bury
-    /// beneath it the part of the callback's `par_iter` that the flush was
-    /// waiting for (a deadlock).
+    /// on return. On a rayon worker thread outside the finalizer's own pool
+    /// (the `rayon` feature), it runs the pool's pending work instead, and
+    /// waits at most a millisecond at a time when there is none: a callback
+    /// run on another thread than the finalizer's (by `Finalizer::call`'s
+    /// `flush`, or by `shutdown`) does its parallel work on that pool, and
+    /// workers that all slept here would never run it. Only the outermost
+    /// `flush` on a thread's stack runs pool work: each job it runs may
+    /// flush in turn, and one that ran more nested without bound (a stack
+    /// overflow; a hostile-use hunt found one). The callbacks the
+    /// finalizer thread runs do their parallel work on its own pool
+    /// (`global::rayon_pool_of_its_own`), never waiting for these workers.
     fn wait_for_idle<'a>(&'a self, idle: MutexGuard<'a, ()>) -> MutexGuard<'a, ()> {
+        #[cfg(all(feature = "rayon", not(weakrefs_loom)))]
+        if rayon::current_thread_index().is_some() && !HELPING.with(std::cell::Cell::get) {
+            drop(idle);
+            HELPING.with(|helping| helping.set(true));
+            /// Clears `HELPING` as the job returns or unwinds.
+            struct Helped;
+            impl Drop for Helped {
+                fn drop(&mut self) {
+                    HELPING.with(|helping| helping.set(false));
+                }
+            }
+            let helped = Helped;
+            let ran = rayon::yield_now() == Some(rayon::Yield::Executed);
+            drop(helped);
+            let idle = self.idle.lock();
+            if ran || self.queue.is_idle() {
+                return idle;
+            }
+            return self
+                .became_idle
+                .wait_timeout(idle, std::time::Duration::from_millis(1));
+        }
         self.became_idle.wait(idle)
     }
 
@@ -830,8 +863,6 @@ impl Runtime {
             &self.queue,
             || {
                 self.drain();
-                #[cfg(all(feature = "rayon", not(weakrefs_loom)))]
-                run_spawned_pool_work();
             },
             || self.mark_worker_failed(),
         );
@@ -850,22 +881,6 @@ impl Runtime {
             backlog_waits: load(&self.counters.backlog_waits),
         }
     }
-}
-
-/// Runs what the callbacks just drained handed the finalizer thread's own
-/// rayon pool to run later (`rayon::spawn` in a callback; see
-/// `global::rayon_pool_of_its_own`), and what that work hands it in turn,
-/// on this thread, until the pool has nothing pending. Marked as a
-/// callback: a `flush` in such work drains the queue on this thread, as
-/// in a callback, instead of waiting for this very thread. Nothing on a
-/// thread in no pool of its own (a test's external worker).
-#[cfg(all(feature = "rayon", not(weakrefs_loom)))]
-fn run_spawned_pool_work() {
-    if rayon::current_thread_index().is_none() {
-        return;
-    }
-    let _callback = marks::enter(Mark::Callback);
-    while rayon::yield_now() == Some(rayon::Yield::Executed) {}
 }
 
 impl Drop for Runtime {
