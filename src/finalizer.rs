@@ -232,16 +232,20 @@ impl fmt::Debug for Finalizer {
 /// of its own, with one more thread: a callback's parallel work (a
 /// `par_iter` over a collection) runs there, so it finishes even while
 /// every worker of the global pool is blocked in `flush`, and what a
-/// callback hands to `rayon::spawn` runs beside it, so the callback may
-/// wait for it. That work is part of the callback: a `flush` in it
-/// returns at once, as in the callback itself. On a worker of another
-/// pool, `flush` runs that pool's pending work while it waits (callbacks
-/// run elsewhere than on the finalizer thread, by [`Finalizer::call`] or
-/// [`shutdown`], do their parallel work there); only the outermost
-/// `flush` on a thread's stack does, so flushes in that work never pile
-/// up. A callback that waits for work on a pool whose workers are all
-/// blocked otherwise (in a nested `flush`, or on a lock) still waits for
-/// ever, as it would for any thread pool that never gets to it.
+/// callback hands to `rayon::spawn` runs on that one other thread, so the
+/// callback may wait for it (but not for spawned work that itself waits
+/// for more spawned work, nor for spawned work that calls `shutdown`).
+/// That work is part of the callback: a `flush` in it returns at once,
+/// as in the callback itself, without running anything. On a worker of
+/// another pool, `flush` runs that pool's pending work while it waits,
+/// for the callbacks that run elsewhere than on the finalizer thread (by
+/// [`Finalizer::call`]'s `flush`, or by [`shutdown`]) and do their
+/// parallel work there; only the outermost `flush` on a thread's stack
+/// does, so flushes in that work never pile up on the stack. Such a
+/// callback still waits for ever if every worker of that pool is in a
+/// nested `flush` (or blocked otherwise): one whose parallel work may meet
+/// workers that all flush from inside work they run should not be run
+/// that way.
 ///
 /// Nor may it be called from a map's single-flight `init` (or its
 /// `Drop`): it waits for the queued callbacks, and one that asks the map

@@ -743,8 +743,10 @@ impl Runtime {
     }
 
     /// Waits for `became_idle` once, as `flush` does, `idle` locked again
-    /// on return. On a rayon worker thread outside the finalizer's own pool
-    /// (the `rayon` feature), it runs the pool's pending work instead, and
+    /// on return. On a rayon worker thread (the `rayon` feature; never one
+    /// of the finalizer's own pool here, whose threads carry callback marks
+    /// wherever they could flush, and return before waiting), it runs the
+    /// pool's pending work instead, and
     /// waits at most a millisecond at a time when there is none: a callback
     /// run on another thread than the finalizer's (by `Finalizer::call`'s
     /// `flush`, or by `shutdown`) does its parallel work on that pool, and
