@@ -2,11 +2,15 @@
 //! shutdown is process-wide (and Miri runs it with the map tests, which
 //! need crossbeam-epoch's relaxations).
 
-use std::hash::{BuildHasher, Hash, Hasher};
+#[path = "support/one_shard.rs"]
+mod one_shard;
+
+use std::hash::{Hash, Hasher};
 use std::sync::{mpsc, Mutex};
 use std::thread;
 use std::time::Duration;
 
+use one_shard::OneShard;
 use weakrefs::{shutdown, Strong, WeakSet, WeakValueMap};
 
 /// The collections' removal callbacks are not `atexit` finalizers:
@@ -128,23 +132,4 @@ impl Hash for DroppingKey {
     fn hash<H: Hasher>(&self, state: &mut H) {
         self.0.hash(state);
     }
-}
-
-/// Every key in one shard and one probe sequence.
-struct OneShard;
-
-impl BuildHasher for OneShard {
-    type Hasher = ZeroHasher;
-    fn build_hasher(&self) -> ZeroHasher {
-        ZeroHasher
-    }
-}
-
-struct ZeroHasher;
-
-impl Hasher for ZeroHasher {
-    fn finish(&self) -> u64 {
-        0
-    }
-    fn write(&mut self, _: &[u8]) {}
 }

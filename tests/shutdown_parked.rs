@@ -3,33 +3,17 @@
 //! of its own: shutdown is process-wide, and the keys here share one
 //! static. Each case found by a review of the parking, which failed it.
 
-use std::hash::{BuildHasher, Hash, Hasher};
+#[path = "support/one_shard.rs"]
+mod one_shard;
+
+use std::hash::{Hash, Hasher};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{mpsc, Mutex};
 use std::thread;
 use std::time::Duration;
 
+use one_shard::OneShard;
 use weakrefs::{flush, shutdown, RemovalCause, Strong, WeakValueMap};
-
-/// Every key in one shard and one probe sequence.
-#[derive(Clone, Default)]
-struct OneShard;
-
-impl BuildHasher for OneShard {
-    type Hasher = ZeroHasher;
-    fn build_hasher(&self) -> ZeroHasher {
-        ZeroHasher
-    }
-}
-
-struct ZeroHasher;
-
-impl Hasher for ZeroHasher {
-    fn finish(&self) -> u64 {
-        0
-    }
-    fn write(&mut self, _: &[u8]) {}
-}
 
 /// The value the next key comparison drops.
 static VICTIM: Mutex<Option<Strong<u32>>> = Mutex::new(None);
