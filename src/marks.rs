@@ -38,7 +38,9 @@ pub(crate) enum Mark {
     /// This thread holds a map's shard lock while it runs user code that
     /// is allowed to do more than compare (`WeakValueMap::remove_if`'s
     /// predicate): a `flush` or `shutdown` there would wait for a removal
-    /// that waits for that lock, so they panic instead.
+    /// that waits for that lock, so they panic instead. Put on only by
+    /// [`locked`], which names the shard: a thread is inside it while it
+    /// has a `Held` frame, and keeps no count of it.
     Locked,
     /// This thread is inside a read (a `get` dropping a value the
     /// keep-warm tier let go of), which never waits: a death there keeps
@@ -71,7 +73,6 @@ struct Frame {
 struct Marks {
     callbacks: Cell<usize>,
     draining: Cell<usize>,
-    locked: Cell<usize>,
     reading: Cell<usize>,
     finalizer: Cell<usize>,
     /// The innermost `Held` frame (`locked`), null for none.
@@ -81,13 +82,15 @@ struct Marks {
 }
 
 impl Marks {
+    /// The count of a mark put on by [`enter`] (`Locked` is not: its
+    /// frames say whether the thread is inside it).
     fn count(&self, mark: Mark) -> &Cell<usize> {
         match mark {
             Mark::Callback => &self.callbacks,
             Mark::Draining => &self.draining,
-            Mark::Locked => &self.locked,
             Mark::Reading => &self.reading,
             Mark::Finalizer => &self.finalizer,
+            Mark::Locked => unreachable!("`Locked` is put on by `locked` alone"),
         }
     }
 }
@@ -100,7 +103,6 @@ thread_local! {
         Marks {
             callbacks: Cell::new(0),
             draining: Cell::new(0),
-            locked: Cell::new(0),
             reading: Cell::new(0),
             finalizer: Cell::new(0),
             holding: Cell::new(ptr::null()),
@@ -116,7 +118,6 @@ thread_local! {
     static MARKS: Marks = Marks {
         callbacks: Cell::new(0),
         draining: Cell::new(0),
-        locked: Cell::new(0),
         reading: Cell::new(0),
         finalizer: Cell::new(0),
         holding: Cell::new(ptr::null()),
@@ -137,7 +138,10 @@ pub(crate) fn enter(mark: Mark) -> Entered {
 /// True if this thread is inside `mark`.
 #[inline]
 pub(crate) fn is_inside(mark: Mark) -> bool {
-    MARKS.with(|marks| marks.count(mark).get() > 0)
+    MARKS.with(|marks| match mark {
+        Mark::Locked => !marks.holding.get().is_null(),
+        _ => marks.count(mark).get() > 0,
+    })
 }
 
 /// Takes its mark off this thread when dropped.
@@ -177,7 +181,6 @@ pub(crate) fn locked<R>(shard: usize, body: impl FnOnce() -> R) -> R {
             MARKS.with(|marks| marks.holding.set(self.0));
         }
     }
-    let _locked = enter(Mark::Locked);
     let outer = MARKS.with(|marks| marks.holding.get());
     let frame = Held { shard, outer };
     MARKS.with(|marks| marks.holding.set(&frame));
