@@ -1921,12 +1921,19 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
         unsafe { table.write(index, item) };
         if !fresh {
             let (freed, bit) = table.freed_bit(index);
-            // Relaxed (M2): the bit is read by writers alone, under the
-            // mutex, and set again only by the drop of this slot's next
-            // item, which is issued after this (an unlink under the mutex,
-            // then the epoch); an RMW, as other slots' drops may be
-            // setting theirs in the same byte.
-            freed.fetch_and(!bit, Ordering::Relaxed);
+            // A load and a store, not an RMW (M2): a locked instruction on
+            // every refill was one insert in churn paid for. A drop that
+            // sets its slot's bit in this byte between the two is lost:
+            // that tombstone stays pending, skipped until a rebuild, which
+            // is safe and rare. Acquire: pairs with the drops' Release RMWs
+            // of the bits we carry over, so a writer that later reads them
+            // from our store fills those slots after their drops (the
+            // mutex orders us before it). Relaxed, the store: read by
+            // writers alone, under the mutex; the bit is set again only by
+            // the drop of this slot's next item, issued after this (an
+            // unlink under the mutex, then the epoch).
+            let byte = freed.load(Ordering::Acquire);
+            freed.store(byte & !bit, Ordering::Relaxed);
         }
         if let Some(mark) = table.mark(index) {
             // Relaxed: published with the control byte; a new item starts
@@ -2589,8 +2596,9 @@ fn vacancy<I: Sided>(table: &Table<I>, start: usize) -> (usize, bool) {
         if tombstones != 0 {
             // Acquire (M2): pairs with `free_slot`'s Release RMW of the bit
             // we take (through the RMWs of the byte after it, a release
-            // sequence), so our fill writes after the deferred drop of the
-            // slot's item.
+            // sequence, or through the earlier writer whose Acquire load
+            // carried the bit into its store), so our fill writes after the
+            // deferred drop of the slot's item.
             let freed = table.freed[group].load(Ordering::Acquire);
             let mut tombstones = tombstones;
             while tombstones != 0 {
