@@ -4,12 +4,19 @@
 //! ```text
 //!            detach()                call() / death / shutdown()
 //!  DETACHED <──────── ALIVE ───────────────────────────────────> CLAIMED
+//!                                                                   │
+//!                                   a hook's removal of its entry   │
+//!                                                                   v
+//!                                                                FOLDED
 //! ```
 //!
 //! Every path out of `ALIVE` is a compare-exchange, so exactly one of
 //! `detach`, `call`, the object's death and `shutdown` wins (SAFETY.md, C1).
 //! The winner, and only the winner, moves the closure out of its cell:
-//! `detach` drops it, the others run it.
+//! `detach` drops it, the others run it. A hook whose run removed its
+//! entry on the dying thread is then `FOLDED` by that thread: the object
+//! list's reference, which the thread forgets, is released by the entry's
+//! `Hook` as it drops, with its own, in one step (C13).
 //!
 //! **Layout.** Every node starts with the type-erased header `Entry`
 //! (`repr(C)`, 8 bytes and a word: the 32-bit count; the 32-bit status,
@@ -67,6 +74,10 @@ const STATE: u32 = 0b11;
 const ALIVE: u32 = 0;
 const DETACHED: u32 = 1;
 const CLAIMED: u32 = 2;
+/// A claimed hook whose run removed its entry on the dying thread, which
+/// then handed the entry's `Hook` the object list's reference instead of
+/// releasing it (C13): the `Hook` releases both as it drops.
+const FOLDED: u32 = 3;
 
 /// The kind's bits, set at construction, never changed.
 const KIND: u32 = 0b11 << 2;
@@ -523,7 +534,7 @@ impl EntryRef {
         };
         (
             Hook {
-                entry: hook,
+                entry: ManuallyDrop::new(hook),
                 payload: PhantomData,
             },
             in_list,
@@ -624,8 +635,56 @@ impl Clone for EntryRef {
     }
 }
 
-impl Drop for EntryRef {
-    fn drop(&mut self) {
+impl EntryRef {
+    /// Lets go of the object list's reference to a hook whose run folded
+    /// it into its entry's `Hook` (C13), which releases it: no count
+    /// changes here. Gives back the reference of any other entry.
+    pub(crate) fn forget_if_folded(self) -> Option<EntryRef> {
+        // Relaxed: `fold` ran on this thread, or not at all.
+        if self.status.load(Ordering::Relaxed) & STATE != FOLDED {
+            return Some(self);
+        }
+        // Under loom: this reference's last use, which the free must
+        // follow (the caller is still pinned, so the entry's drop, whose
+        // epoch-deferred function frees the node, follows this).
+        self.leak_check.let_go();
+        std::mem::forget(self);
+        None
+    }
+
+    /// Hands the object list's reference, which the calling (dying)
+    /// thread holds and will forget (`forget_if_folded`), to the entry
+    /// whose removal this claimed hook has just made (C13).
+    ///
+    /// # Safety
+    ///
+    /// 1. The caller claimed this hook and is running it, holding the
+    ///    object list's reference, and passes that reference to
+    ///    `forget_if_folded` after the run, still pinned as it was for
+    ///    the claim (M14).
+    /// 2. The run has just unlinked, under its shard's lock, the entry
+    ///    whose `Hook` is this node's, and handed its drop to the epoch
+    ///    under the caller's pin: that drop, after the caller unpins,
+    ///    releases both references.
+    pub(crate) unsafe fn fold(&self) {
+        // Relaxed, the load: the claim was ours, and nothing else writes
+        // a claimed hook's status (a hook has no `ATEXIT`).
+        let status = self.status.load(Ordering::Relaxed);
+        debug_assert_eq!(status & STATE, CLAIMED);
+        debug_assert_ne!(status & KIND, LISTED);
+        // Release (C1, M14): a plain store now follows the claim's CAS in
+        // the word's modification order, so a losing `settle`, whose
+        // Acquire load may read it, synchronises with it and so still sees
+        // the claim and the claimer's pin before it. The entry's drop
+        // reads it after the epoch (or the finalizer's queue, M10) ordered
+        // it after us.
+        self.status
+            .store(status & !STATE | FOLDED, Ordering::Release);
+    }
+
+    /// Releases `weight` references, all ours: one, or two for a `Hook`
+    /// whose hook folded the object list's reference into it.
+    fn release(&self, weight: u32) {
         // Under loom: this reference's last use, which the free must follow.
         self.leak_check.let_go();
         // The last reference frees without a read-modify-write (C13): a
@@ -634,12 +693,12 @@ impl Drop for EntryRef {
         // of the handle a hook's removal borrows from the dying thread's
         // reference, `Removal::run`), so once ours is the only one, none
         // can appear. This is the drop of a map entry's hook after its
-        // object's death released the list's reference. Acquire: pairs
-        // with every other reference's Release decrement, as the fence
-        // below.
-        if self.refs.load(Ordering::Acquire) != 1 {
+        // object's death released the list's reference, or folded it into
+        // the entry's (`weight` 2). Acquire: pairs with every other
+        // reference's Release decrement, as the fence below.
+        if self.refs.load(Ordering::Acquire) != weight {
             // Release (C13): our uses of the node happen-before its free.
-            if self.refs.fetch_sub(1, Ordering::Release) != 1 {
+            if self.refs.fetch_sub(weight, Ordering::Release) != weight {
                 return;
             }
             // Acquire (C13): pairs with every other reference's Release
@@ -648,6 +707,12 @@ impl Drop for EntryRef {
         }
         // SAFETY: ours was the last reference; the vtable matches the node.
         unsafe { (self.vtable().free)(self.0) }
+    }
+}
+
+impl Drop for EntryRef {
+    fn drop(&mut self) {
+        self.release(1);
     }
 }
 
@@ -747,8 +812,23 @@ impl std::fmt::Debug for EntryRef {
 /// hook's address names the entry (M4), and its payload `P` is what the
 /// entry keeps where it never moves.
 pub(crate) struct Hook<P = ()> {
-    entry: EntryRef,
+    /// Released by our `Drop`, with the object list's reference too if
+    /// the hook's run folded that in (C13).
+    entry: ManuallyDrop<EntryRef>,
     payload: PhantomData<P>,
+}
+
+impl<P> Drop for Hook<P> {
+    fn drop(&mut self) {
+        // Relaxed: a `fold` happened before this drop, which the entry's
+        // unlinking writer handed to the epoch (or the finalizer, M10)
+        // after it; a hook not folded by then never will be, as its entry
+        // is gone.
+        let folded = self.entry.status.load(Ordering::Relaxed) & STATE == FOLDED;
+        // `ManuallyDrop`: this releases our reference, and the field
+        // drops nothing after.
+        self.entry.release(if folded { 2 } else { 1 });
+    }
 }
 
 // SAFETY: a `Hook` shares its payload between the threads holding its
@@ -770,6 +850,14 @@ impl<P> Hook<P> {
     #[inline(always)]
     pub(crate) fn prefetch(&self) {
         crate::sync::prefetch(self.entry.0.as_ptr());
+    }
+
+    /// The entry's reference, with no `Drop` of ours (tests).
+    #[cfg(all(test, not(weakrefs_loom)))]
+    pub(crate) fn into_entry(self) -> EntryRef {
+        let this = ManuallyDrop::new(self);
+        // SAFETY: read once, from a hook whose drop will never run.
+        unsafe { ptr::read(&*this.entry) }
     }
 
     /// Names the hook: its node's address, unique among live hooks and
@@ -938,6 +1026,46 @@ pub(super) mod tests {
         assert!(site.runs().is_empty());
     }
 
+    /// C13's fold: the object list's reference handed to the entry's
+    /// `Hook`, which releases both. Run 1 of `.ci/miri` (leak check) fails
+    /// if the `Hook` releases one, and a count left at 1 shows it here.
+    #[test]
+    fn a_folded_hook_is_freed_by_its_entry_alone() {
+        let token = Arc::new(());
+        let site = TestSite::new();
+        for payload in [false, true] {
+            let (hook, in_list) = if payload {
+                let (hook, in_list) = EntryRef::new_hook(token.clone(), site.removal(5));
+                // SAFETY: once; the payload is not used after.
+                unsafe { hook.drop_payload() };
+                (hook.into_entry(), in_list)
+            } else {
+                let (hook, in_list) = EntryRef::new_hook((), site.removal(5));
+                (hook.into_entry(), in_list)
+            };
+            let hook = Hook::<()> {
+                entry: ManuallyDrop::new(hook),
+                payload: PhantomData,
+            };
+            assert!(in_list.claim());
+            // The run itself is left out: its closure is an address,
+            // with nothing to drop. SAFETY: no other thread; the list's
+            // reference is forgotten below, and the entry's `Hook` is the
+            // only other owner (1, 2).
+            unsafe { in_list.fold() };
+            assert!(!hook.detach(), "a folded hook stays settled");
+            assert!(!in_list.is_alive());
+            assert_eq!(in_list.ref_count(), 2);
+            let kept = EntryRef::clone(&hook.entry);
+            assert!(in_list.forget_if_folded().is_none());
+            drop(hook);
+            assert_eq!(kept.ref_count(), 1, "the hook released both of its");
+            drop(kept);
+        }
+        assert_eq!(Arc::strong_count(&token), 1);
+        assert!(site.runs().is_empty());
+    }
+
     #[test]
     fn a_payload_stays_put_until_its_entry_drops_it_once() {
         let token = Arc::new(());
@@ -972,12 +1100,12 @@ pub(super) mod tests {
                 let (hook, in_list) = match payload {
                     None => {
                         let (hook, in_list) = EntryRef::new_hook((), site.removal(key));
-                        (hook.entry, in_list)
+                        (hook.into_entry(), in_list)
                     }
                     Some(value) => {
                         let (hook, in_list) = EntryRef::new_hook(value, site.removal(key));
                         assert_eq!(*hook.payload(), value);
-                        (hook.entry, in_list)
+                        (hook.into_entry(), in_list)
                     }
                 };
                 assert!(in_list.on_dying_thread());

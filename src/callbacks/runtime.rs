@@ -419,6 +419,11 @@ impl Runtime {
             crate::panics::catch_and_report("a collection's removal callback", || unsafe {
                 entry.run_claimed(pinned.as_ref().and_then(Option::as_ref))
             });
+            // A run that removed its entry here folded the list's reference
+            // into the entry's, which releases both (C13): one locked
+            // decrement a death no longer pays. We are still pinned, so
+            // that release (deferred past our pin) comes after this.
+            drop(entry.forget_if_folded());
         }
         drop(pinned);
         if count > 0 {

@@ -218,7 +218,21 @@ unsafe fn death_at_shard<I: Watching>(
         // it into a closure or a function copies it whole, on every death.
         let done = match &mut shard.try_write(&pin) {
             HookWrite::Open(writer) => {
-                remove_holding(writer, key, hook.address());
+                let removed = remove_holding(writer, key, hook.address()).is_some();
+                // Only when the writer defers under the dying thread's pin
+                // (`death_pin`): the entry's drop then follows that thread's
+                // unpin, so its `forget_if_folded` comes first. (A drop
+                // that runs user code goes through the finalizer thread,
+                // M10, which may defer it after that unpin.)
+                if removed && death.is_some() && !I::drop_runs_user_code() {
+                    // SAFETY: `hook` is the list's reference, which
+                    // `on_death` lent us and, still pinned as it was for
+                    // the claim (`death`), passes to `forget_if_folded`
+                    // after this run (1); we just unlinked the entry whose
+                    // `Hook` is this node's, and the writer hands its drop
+                    // to the epoch under that pin as it drops, below (2).
+                    unsafe { hook.fold() };
+                }
                 true
             }
             HookWrite::Closed => true,
