@@ -125,7 +125,8 @@ const BARE_HOOK: &EntryVTable = &Node::<Entry, (), AtSite>::VTABLE;
 #[repr(C)]
 pub(crate) struct Entry {
     refs: AtomicU32,
-    /// The state (`ALIVE`, `DETACHED`, `CLAIMED`, C1), the kind
+    /// The state (`ALIVE`, `DETACHED`, `CLAIMED`, C1, or a hook's
+    /// `FOLDED`, C13), the kind
     /// (`LISTED`, `HOOK` or `PAYLOAD_HOOK`, never changed) and, above
     /// them, a listed node's `ATEXIT` flag (run by `shutdown()` if still
     /// alive, C3) or a hook's key (`KEY_BITS`, never changed), in one
@@ -821,9 +822,9 @@ pub(crate) struct Hook<P = ()> {
 impl<P> Drop for Hook<P> {
     fn drop(&mut self) {
         // Relaxed: a `fold` happened before this drop, which the entry's
-        // unlinking writer handed to the epoch (or the finalizer, M10)
-        // after it; a hook not folded by then never will be, as its entry
-        // is gone.
+        // unlinking writer handed to the epoch after it, under the dying
+        // thread's pin; a hook not folded by then never will be, as its
+        // entry is gone.
         let folded = self.entry.status.load(Ordering::Relaxed) & STATE == FOLDED;
         // `ManuallyDrop`: this releases our reference, and the field
         // drops nothing after.

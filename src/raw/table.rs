@@ -475,13 +475,15 @@ struct Table<I: Sided> {
     control: Box<[AtomicUsize]>,
     slots: Slots<I>,
     /// One byte per group, a bit per slot (bit `i` of byte `g` for slot
-    /// `g * GROUP + i`): set for a tombstone whose item's deferred drop
-    /// has run (`free_slot`), so that a writer may fill it again (M2);
-    /// clear for every other slot of a current table (a retired table's
-    /// slot that a rebuild left out stays full and gets its bit too). The one field of a slot that its
-    /// deferred drop writes, with an RMW, as drops of the group's other
-    /// slots may race it; writers read it, and clear a bit as they fill
-    /// its slot, under the mutex. Lookups never read it.
+    /// `g * GROUP + i`): set only for a tombstone whose item's deferred
+    /// drop has run (`free_slot`), so that a writer may fill it again
+    /// (M2); clear for every other slot of a current table (a retired
+    /// table's slot that a rebuild left out stays full and gets its bit
+    /// too), and, rarely, for such a tombstone too, whose set a refill's
+    /// clear lost. The one field of a slot that its deferred drop writes,
+    /// with an RMW, as drops of the group's other slots may race it;
+    /// writers read it, and clear a bit as they fill its slot, under the
+    /// mutex, with a load and a store. Lookups never read it.
     freed: Box<[AtomicU8]>,
     /// How many slots may be non-empty before filling an empty one
     /// rebuilds the table ([`usable`] of its slots), kept so that a write
