@@ -138,7 +138,15 @@ pub const SECTIONS: &[Section] = &[
               takes the shard's lock, unlinks the entry and retires it to the epoch collector. \
               The baselines allocate nothing per insert once their tables have grown and do no \
               work at death: dead entries stay, payload allocation and all, until the next sweep, \
-              which here comes after every 1024 inserts and visits only 1024 entries. Exact, \
+              which here comes after every 1024 inserts and visits only 1024 entries. Most of \
+              the time goes to locked instructions, on both sides: a sampling profile of a \
+              one-thread `u64` churn (`perf`, cpu-clock, 2026-12-07) puts 56% of this crate's \
+              samples and 68% of `DashMap`'s just after one. This crate pays twelve per insert \
+              and death: the value's weak count, the node's link onto the value, the shard's \
+              lock and unlock; at the death the value's two counts, the callback's claim, the \
+              epoch pin, the shard's lock and unlock; then the deferred drop's weak count and \
+              the bit that frees the slot for reuse. `DashMap` with `retain` pays six, and runs \
+              455 instructions an insert and death to this crate's 1391 (callgrind). Exact, \
               automatic removal is what the extra work buys; the churn memory section below \
               shows what the sweeps leave when they are further apart. A removed `String` key \
               is freed by the epoch collector, like a `u64` one: only keys whose destructor may \
