@@ -677,8 +677,7 @@ impl EntryRef {
         // the word's modification order, so a losing `settle`, whose
         // Acquire load may read it, synchronises with it and so still sees
         // the claim and the claimer's pin before it. The entry's drop
-        // reads it after the epoch (or the finalizer's queue, M10) ordered
-        // it after us.
+        // reads it after the epoch ordered it after us (precondition 2).
         self.status
             .store(status & !STATE | FOLDED, Ordering::Release);
     }
@@ -1049,10 +1048,10 @@ pub(super) mod tests {
                 payload: PhantomData,
             };
             assert!(in_list.claim());
-            // The run itself is left out: its closure is an address,
-            // with nothing to drop. SAFETY: no other thread; the list's
-            // reference is forgotten below, and the entry's `Hook` is the
-            // only other owner (1, 2).
+            // The run itself is left out: its closure is an address, with
+            // nothing to drop.
+            // SAFETY: no other thread; the list's reference is forgotten
+            // below, and the entry's `Hook` releases both (1, 2).
             unsafe { in_list.fold() };
             assert!(!hook.detach(), "a folded hook stays settled");
             assert!(!in_list.is_alive());

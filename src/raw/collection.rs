@@ -220,17 +220,16 @@ unsafe fn death_at_shard<I: Watching>(
             HookWrite::Open(writer) => {
                 let removed = remove_holding(writer, key, hook.address()).is_some();
                 // Only when the writer defers under the dying thread's pin
-                // (`death_pin`): the entry's drop then follows that thread's
-                // unpin, so its `forget_if_folded` comes first. (A drop
-                // that runs user code goes through the finalizer thread,
-                // M10, which may defer it after that unpin.)
-                if removed && death.is_some() && !I::drop_runs_user_code() {
-                    // SAFETY: `hook` is the list's reference, which
-                    // `on_death` lent us and, still pinned as it was for
-                    // the claim (`death`), passes to `forget_if_folded`
-                    // after this run (1); we just unlinked the entry whose
-                    // `Hook` is this node's, and the writer hands its drop
-                    // to the epoch under that pin as it drops, below (2).
+                // (`death_pin` lends it unless the drop runs user code,
+                // which goes through the finalizer thread, M10): the
+                // entry's drop then follows that thread's unpin, and so
+                // its `forget_if_folded`. `hook` is the list's reference,
+                // which `on_death` lent us and passes to that after this
+                // run, still pinned as it was for the claim.
+                if removed && pin.is_held() {
+                    // SAFETY: as just said (1); we unlinked the entry whose
+                    // `Hook` is this node's, and the writer defers its drop
+                    // under that pin as it drops, below (2).
                     unsafe { hook.fold() };
                 }
                 true

@@ -1561,6 +1561,14 @@ impl<'p> WritePin<'p> {
         }
     }
 
+    /// True if the writer hands what it unlinks to the epoch under the
+    /// caller's pin ([`Self::held`]), so that it runs only after the
+    /// caller unpins.
+    #[inline]
+    pub(crate) fn is_held(&self) -> bool {
+        self.held.is_some()
+    }
+
     /// The pin, taken now with `pin` if there is none yet. It lasts until
     /// `self` is dropped.
     #[inline]
