@@ -62,6 +62,31 @@ fn get_races_remove_and_death() {
     });
 }
 
+/// C20: a value's death racing `remove` of its entry, beside an entry of
+/// another value. The death runs its hook unclaimed and claims it only if
+/// it finds the entry under the shard's lock; otherwise the removal took
+/// the entry and detaches the hook. Either way the entry goes once, the
+/// other stays, and every hook and entry is freed (loom's leak tracker).
+/// (If the removal upgrades the value first, the death comes with the
+/// drop of what it returned, on this thread, after it.)
+#[test]
+fn a_death_races_the_removal_of_its_entry() {
+    loom::model(|| {
+        let map = Arc::new(WeakValueMap::default());
+        let value = Strong::new(7u8);
+        let other = Strong::new(8u8);
+        map.insert(0u8, &value);
+        map.insert(1u8, &other);
+        let dying = thread::spawn(move || drop(value));
+        drop(map.remove(&0));
+        dying.join().unwrap();
+        flush();
+        assert!(map.get(&0).is_none());
+        assert_eq!(map.get(&1).as_deref(), Some(&8));
+        assert_eq!(map.len(), 1);
+    });
+}
+
 /// M3: a read racing the growth of its shard finds the item that was
 /// there before.
 #[test]
@@ -393,9 +418,10 @@ fn set_inserts_of_one_object_race_and_add_it_once() {
 /// another. The member's hook names its shard by an uncounted address, and
 /// on the slower way the set's core by another; the set's drop closes the
 /// shards under their locks and releases them, with the core's anchor,
-/// through the epoch. The dying thread is pinned from before its claim of
-/// the hook to after its run, so the release never runs before the hook
-/// is done with them (the table's loom probe fails the model if it does,
+/// through the epoch. The dying thread is pinned from before its load of
+/// the hook's state to after its run, and runs the hook only if that load
+/// finds it alive, so the release never runs before the hook is done with
+/// them (C20; the table's loom probe fails the model if it does,
 /// or if the two race). A second set's inserts and removals push the epoch
 /// on meanwhile, so that the release can run during the race. (It fails
 /// without `on_death`'s pin, and with the release run at once instead of

@@ -2,21 +2,26 @@
 //! closure inline, and the state machine that runs it at most once.
 //!
 //! ```text
-//!            detach()                call() / death / shutdown()
-//!  DETACHED <──────── ALIVE ───────────────────────────────────> CLAIMED
-//!                                                                   │
-//!                                   a hook's removal of its entry   │
-//!                                                                   v
-//!                                                                FOLDED
+//!            detach()          call() / death / shutdown() / a hook's removal
+//!  DETACHED <──────── ALIVE ─────────────────────────────────────────────> CLAIMED
+//!                                                                             │
+//!                                  a hook's removal of its entry, folding     │
+//!                                                                             v
+//!                                                                          FOLDED
 //! ```
 //!
-//! Every path out of `ALIVE` is a compare-exchange, so exactly one of
-//! `detach`, `call`, the object's death and `shutdown` wins (SAFETY.md, C1).
-//! The winner, and only the winner, moves the closure out of its cell:
-//! `detach` drops it, the others run it. A hook whose run removed its
-//! entry on the dying thread is then `FOLDED` by that thread: the object
-//! list's reference, which the thread forgets, is released by the entry's
-//! `Hook` as it drops, with its own, in one step (C13).
+//! Every path out of `ALIVE` but one is a compare-exchange, so exactly one
+//! of `detach`, `call`, the object's death and `shutdown` wins (SAFETY.md,
+//! C1). The winner, and only the winner, moves the closure out of its
+//! cell: `detach` drops it, the others run it. The exception is a hook,
+//! which its death runs without a claim of its own: the run claims it with
+//! a plain store, under its entry's shard lock, when it finds the entry
+//! there (C20), and a hook's closure, plain data, stays in its cell for
+//! the node's life, read in place by the run and dropped by the free. A
+//! hook whose run removed its entry on the dying thread is then `FOLDED`
+//! by that thread: the object list's reference, which the thread forgets,
+//! is released by the entry's `Hook` as it drops, with its own, in one step
+//! (C13).
 //!
 //! **Layout.** Every node starts with the type-erased header `Entry`
 //! (`repr(C)`, 8 bytes and a word: the 32-bit count; the 32-bit status,
@@ -165,25 +170,47 @@ struct Listed {
 
 /// A closure a node can run, given the node.
 trait Callback: Send + 'static {
-    /// Runs the closure. `entry` is the node, kept allocated by the
-    /// caller's reference for the duration of the call; `pinned`, the
-    /// caller's pin, if it holds one (the dying thread does, for hooks).
+    /// Whether the closure stays in its cell for the node's whole life:
+    /// run in place, never discarded, dropped by `free` alone. A hook's
+    /// does (C20): its death runs it without winning a claim, so a detach
+    /// may race the run, and neither may move it. Any other closure is
+    /// present while the state is `ALIVE`, and the state machine's winner
+    /// moves it out (C1).
+    const STAYS: bool;
+
+    /// Runs the closure in `cell`, moving it out unless it [`STAYS`].
+    /// `entry` is the node, kept allocated by the caller's reference for
+    /// the duration of the call; `pinned`, the caller's pin, if it holds
+    /// one (the dying thread does, for hooks).
     ///
     /// # Safety
     ///
-    /// 1. The caller won the claim of `entry` (C1) and runs it once for
-    ///    that win; for a hook, on a thread pinned since before the claim,
-    ///    and still (C14, M14; but for loom's teardown, as
-    ///    `EntryRef::run_claimed` says).
-    unsafe fn run(self, entry: NonNull<Entry>, pinned: Option<&Pinned>);
+    /// 1. `cell` is `entry`'s, and holds the closure.
+    /// 2. Unless the closure [`STAYS`], the caller won the claim of
+    ///    `entry` (C1) and runs it once for that win. A hook's is run by
+    ///    its object's death, on a thread pinned since before it found
+    ///    the hook alive, and still (C20, M14; but for loom's teardown,
+    ///    as `EntryRef::run_claimed` says), or by a test's claim.
+    ///
+    /// [`STAYS`]: Callback::STAYS
+    unsafe fn run(
+        cell: &UnsafeCell<ManuallyDrop<Self>>,
+        entry: NonNull<Entry>,
+        pinned: Option<&Pinned>,
+    ) where
+        Self: Sized;
 }
 
 /// The closure of a listed node: called with nothing.
 struct Plain<F>(F);
 
 impl<F: FnOnce() + Send + 'static> Callback for Plain<F> {
-    unsafe fn run(self, _: NonNull<Entry>, _: Option<&Pinned>) {
-        (self.0)()
+    const STAYS: bool = false;
+
+    unsafe fn run(cell: &UnsafeCell<ManuallyDrop<Self>>, _: NonNull<Entry>, _: Option<&Pinned>) {
+        // SAFETY: present (1), and ours alone to move out, once (2).
+        let Plain(f) = cell.with_mut(|cell| unsafe { ManuallyDrop::take(&mut *cell) });
+        f()
     }
 }
 
@@ -203,9 +230,10 @@ pub(crate) struct HookSite {
 /// 1. The site pointer is a `Removal`'s, made (`Removal::new`) for a site
 ///    whose function is this one, with the provenance of the whole
 ///    structure the site is the first field of, and the calling thread
-///    claimed the hook (the `EntryRef`, borrowed for the call) while
-///    pinned, and is pinned still (C14, M14): what the site names was
-///    alive at the claim and is freed only through the epoch. (Under
+///    found the hook (the `EntryRef`, borrowed for the call) alive after
+///    it pinned, and is pinned still (C14, C20, M14): what the site names
+///    was alive then and is freed only through the epoch, after the
+///    hook's detach. (Under
 ///    loom, during the collector's teardown, it is not pinned: no other
 ///    thread is left, and every table dropped by then has detached its
 ///    hooks.)
@@ -250,9 +278,9 @@ impl Removal {
     ///    its `run` expects, and was derived from a reference to that
     ///    whole structure.
     /// 2. The structure stays allocated until every hook made with this
-    ///    removal has been detached, or claimed by a thread that stays
-    ///    pinned, since before the claim, through the run (M14): what
-    ///    `HookRun` promises its callee.
+    ///    removal has been detached, and then for as long as a thread that
+    ///    found one alive while pinned stays pinned (M14): what `HookRun`
+    ///    promises its callee.
     pub(crate) unsafe fn new(
         site: NonNull<HookSite>,
         key: u32,
@@ -279,24 +307,39 @@ impl Removal {
 unsafe impl Send for AtSite {}
 
 impl Callback for AtSite {
-    unsafe fn run(self, entry: NonNull<Entry>, pinned: Option<&Pinned>) {
-        #[cfg(weakrefs_loom)]
-        self.released.check("its table's freed shards");
+    /// Plain data (an address; under loom, a flag's handle too), read in
+    /// place by a run that may race a detach (C20): neither writes it.
+    const STAYS: bool = true;
+
+    unsafe fn run(
+        cell: &UnsafeCell<ManuallyDrop<Self>>,
+        entry: NonNull<Entry>,
+        pinned: Option<&Pinned>,
+    ) {
+        let site = cell.with(|at| {
+            // SAFETY: present for the node's life (1, `STAYS`), and written
+            // only by the free, after every reference, ours included.
+            let at = unsafe { &**at };
+            #[cfg(weakrefs_loom)]
+            at.released.check("its table's freed shards");
+            at.site
+        });
         // Borrowed, not owned: the caller's reference keeps the node
         // allocated during the call, and `ManuallyDrop` leaves its count.
         let hook = ManuallyDrop::new(EntryRef(entry));
         let key = u64::from(hook.key());
-        // SAFETY: the caller's 1 is `HookRun`'s: this hook was claimed by
-        // this thread while pinned, and `site` is the one it was made
-        // with, from the whole structure's pointer.
-        unsafe { (self.site.as_ref().run)(self.site, key, &hook, pinned) }
+        // SAFETY: the caller's 2 is `HookRun`'s: this thread found the hook
+        // alive while pinned (or a test claimed it), and `site` is the one
+        // it was made with, from the whole structure's pointer.
+        unsafe { (site.as_ref().run)(site, key, &hook, pinned) }
     }
 }
 
 /// A node: a head (`Entry`, or `Vtabled` or `Listed`, which start with
-/// it), the closure, then a payload (`()` but for a `PAYLOAD_HOOK`). The
-/// closure is present exactly while the state is `ALIVE`, and between a
-/// claim and its one `run_claimed`.
+/// it), the closure, then a payload (`()` but for a `PAYLOAD_HOOK`). A
+/// listed node's closure is present exactly while the state is `ALIVE`,
+/// and between a claim and its one `run_claimed`; a hook's, for the
+/// node's whole life (C20).
 ///
 /// The payload comes last so that, in a `PAYLOAD_HOOK` on a 64-bit
 /// target, it starts 32 bytes in, a multiple of 16: in a node the
@@ -337,43 +380,50 @@ impl<H: 'static, P: 'static, C: Callback> Node<H, P, C> {
     /// # Safety
     ///
     /// 1. `entry` points at a `Node<H, P, C>` (its vtable is this one)
-    ///    with the provenance of the whole node.
-    /// 2. The caller won the state CAS and has not taken the closure yet.
-    unsafe fn take(entry: NonNull<Entry>) -> C {
+    ///    with the provenance of the whole node, and the caller's
+    ///    reference keeps it allocated.
+    unsafe fn call(entry: NonNull<Entry>, pinned: Option<&Pinned>) {
         let node = entry.cast::<Self>().as_ptr();
-        // SAFETY: by 1 the cast is valid (`repr(C)`, header first) and in
-        // bounds; by 2 the closure is present and we are its only user
-        // (C1), so moving it out once is sound.
-        unsafe {
+        // By 1 the cast is valid (`repr(C)`, header first) and in bounds,
+        // for as long as the call; the rest is `run`'s contract (callers:
+        // `run_claimed`, whose caller promises it).
+        // SAFETY: as just said.
+        unsafe { C::run(&(*node).callback, entry, pinned) }
+    }
+
+    /// # Safety
+    ///
+    /// As for [`Self::call`], and the caller won the state CAS, to
+    /// `DETACHED` (C1).
+    unsafe fn discard(entry: NonNull<Entry>) {
+        if C::STAYS {
+            // A hook's: left for the free (C20).
+            return;
+        }
+        let node = entry.cast::<Self>().as_ptr();
+        // By 1 the cast is valid; the closure is present and ours alone
+        // to move out, once (C1).
+        // SAFETY: as just said.
+        drop(unsafe {
             (*node)
                 .callback
                 .with_mut(|cell| ManuallyDrop::take(&mut *cell))
-        }
-    }
-
-    unsafe fn call(entry: NonNull<Entry>, pinned: Option<&Pinned>) {
-        // SAFETY: the vtable contract is `take`'s and `run`'s (callers:
-        // `run_claimed`).
-        unsafe { Self::take(entry).run(entry, pinned) }
-    }
-
-    unsafe fn discard(entry: NonNull<Entry>) {
-        // SAFETY: as for `call` (caller: `detach`).
-        drop(unsafe { Self::take(entry) });
+        });
     }
 
     unsafe fn free(entry: NonNull<Entry>) {
         let node = entry.cast::<Self>().as_ptr();
-        // The closure is still present iff the state is ALIVE: a claimant
-        // always runs it before letting go of its reference. Relaxed
-        // suffices for the load, as we are alone. A hook's payload is
-        // `ManuallyDrop`: its entry dropped it.
+        // The closure is still present if it stays (a hook's, C20), or
+        // else iff the state is ALIVE: a claimant always runs it before
+        // letting go of its reference. Relaxed suffices for the load, as
+        // we are alone. A hook's payload is `ManuallyDrop`: its entry
+        // dropped it.
         // SAFETY: the last reference is gone, after its fence or Acquire
         // load (C13): we own the node, which `leak` wrote whole into a
         // block of this layout.
         unsafe {
             let header = node.cast::<Entry>();
-            if (*header).status.load(Ordering::Relaxed) & STATE == ALIVE {
+            if C::STAYS || (*header).status.load(Ordering::Relaxed) & STATE == ALIVE {
                 (*node)
                     .callback
                     .with_mut(|cell| ManuallyDrop::drop(&mut *cell));
@@ -466,10 +516,13 @@ impl Entry {
 pub(crate) struct EntryRef(NonNull<Entry>);
 
 // SAFETY: the closure is `Send`, and only the state machine's winner ever
-// reaches it (C1); every other field of the node is atomic or immutable.
+// reaches it (C1), but for a hook's, plain data that stays in place and is
+// only read until the free (C20); every other field of the node is atomic
+// or immutable.
 unsafe impl Send for EntryRef {}
 // SAFETY: as for `Send`: sharing `&EntryRef` lets threads race only on the
-// atomic state, whose CAS admits one winner.
+// atomic state, whose CAS admits one winner, and on reads of a hook's
+// closure.
 unsafe impl Sync for EntryRef {}
 
 impl EntryRef {
@@ -542,22 +595,27 @@ impl EntryRef {
         )
     }
 
-    /// Moves the closure out and calls it, lending a hook's removal
-    /// `pinned` (the dying thread's pin, M14), so that it need not pin
-    /// again; a listed entry's closure ignores it.
+    /// Calls the closure (moved out, unless it is a hook's, which stays,
+    /// C20), lending a hook's removal `pinned` (the dying thread's pin,
+    /// M14), so that it need not pin again; a listed entry's closure
+    /// ignores it.
     ///
     /// # Safety
     ///
-    /// 1. The caller won [`Entry::claim`] for this entry and calls this once
-    ///    for that win.
-    /// 2. For a hook ([`Entry::on_dying_thread`]), the calling thread has
-    ///    been pinned since before that claim and is pinned still (M14).
-    ///    (Under loom, during the collector's teardown, `pinned` is `None`
-    ///    and nothing is pinned: no other thread is left, and every table
-    ///    dropped by then has detached its hooks.)
+    /// 1. For a listed entry, the caller won [`Entry::claim`] for it and
+    ///    calls this once for that win. For a hook
+    ///    ([`Entry::on_dying_thread`]), the caller is its object's death,
+    ///    which found it alive ([`Entry::is_alive`]) after it pinned and
+    ///    calls this once (C20), or won [`Entry::claim`] for it (tests).
+    /// 2. For a hook, the calling thread has been pinned since before that
+    ///    load or claim and is pinned still (M14). (Under loom, during the
+    ///    collector's teardown, `pinned` is `None` and nothing is pinned:
+    ///    no other thread is left, and every table dropped by then has
+    ///    detached its hooks.)
     pub(crate) unsafe fn run_claimed(&self, pinned: Option<&Pinned>) {
-        // SAFETY: the vtable was built for this node's closure type; 1 is
-        // `take`'s precondition 2, and 1 and 2 are `Callback::run`'s.
+        // SAFETY: the vtable was built for this node's closure type, and
+        // our reference keeps the node (`call`'s 1); 1 and 2 are
+        // `Callback::run`'s 2.
         unsafe { (self.vtable().call)(self.0, pinned) }
     }
 
@@ -659,12 +717,13 @@ impl EntryRef {
     ///
     /// # Safety
     ///
-    /// 1. The caller claimed this hook and is running it, holding the
-    ///    object list's reference, and passes that reference to
-    ///    `forget_if_folded` after the run, still pinned as it was for
-    ///    the claim (M14).
-    /// 2. The run has just unlinked, under its shard's lock, the entry
-    ///    whose `Hook` is this node's, and handed its drop to the epoch
+    /// 1. The caller is this hook's death, running it, holding the object
+    ///    list's reference, and passes that reference to
+    ///    `forget_if_folded` after the run, still pinned as it was when it
+    ///    found the hook alive (C20, M14).
+    /// 2. The run has just claimed the hook and unlinked, under its
+    ///    shard's lock, the entry whose `Hook` is this node's
+    ///    ([`Entry::claim_by_removal`]), and handed its drop to the epoch
     ///    under the caller's pin: that drop, after the caller unpins,
     ///    releases both references.
     pub(crate) unsafe fn fold(&self) {
@@ -673,11 +732,9 @@ impl EntryRef {
         let status = self.status.load(Ordering::Relaxed);
         debug_assert_eq!(status & STATE, CLAIMED);
         debug_assert_ne!(status & KIND, LISTED);
-        // Release (C1, M14): a plain store now follows the claim's CAS in
-        // the word's modification order, so a losing `settle`, whose
-        // Acquire load may read it, synchronises with it and so still sees
-        // the claim and the claimer's pin before it. The entry's drop
-        // reads it after the epoch ordered it after us (precondition 2).
+        // Release, as the claim's store (C20), which this follows under
+        // the same lock. The entry's drop reads it after the epoch ordered
+        // it after us (precondition 2).
         self.status
             .store(status & !STATE | FOLDED, Ordering::Release);
     }
@@ -717,7 +774,9 @@ impl Drop for EntryRef {
 }
 
 impl Entry {
-    /// Neither run, claimed to run, nor detached.
+    /// Neither run, claimed to run, nor detached. (A hook that its death
+    /// ran without finding its entry stays alive, until whoever removed
+    /// the entry detaches it: it is on no list by then, C20.)
     pub(crate) fn is_alive(&self) -> bool {
         // Acquire (C2): pairs with the AcqRel claim, so a thread that sees
         // the entry settled also sees what the claimant did before it.
@@ -759,15 +818,13 @@ impl Entry {
         // closure after the node's construction even when the winner
         // reached it through a `Finalizer` handed over by the user; Release
         // pairs with `is_alive`'s Acquire (C2), and with a losing CAS's
-        // Acquire: a collection's drop whose detach finds a hook claimed
-        // sees the claim, and the claimer's pin before it, happen before
-        // it retires the core's anchor (M14).
+        // Acquire.
         //
         // An entry that has left `ALIVE` never returns, so a load that sees
         // it settled answers without the CAS, whose failure is a locked
         // instruction too: the common case of an entry whose removal its
         // death's callback made, detached by the entry's drop. Acquire, as
-        // the failing CAS's load (M14).
+        // the failing CAS's load.
         //
         // The CAS keeps the bits above the state. Only a listed node's
         // `set_atexit` changes them meanwhile, and a CAS that fails for it
@@ -792,9 +849,27 @@ impl Entry {
 
     /// Wins the right to run the callback. The winner must then call
     /// [`EntryRef::run_claimed`] exactly once, before it lets go of its
-    /// reference.
+    /// reference. A death does not claim its hooks this way (C20).
     pub(crate) fn claim(&self) -> bool {
         self.settle(CLAIMED)
+    }
+
+    /// Claims a hook whose death's removal has found its entry in the
+    /// table and is unlinking it, under the shard's lock (C20): a plain
+    /// store, not a CAS, as nothing else writes the status meanwhile. Every
+    /// detach of a hook follows its entry's leaving the table, which takes
+    /// that lock, and the entry's own drop follows this unlink.
+    pub(crate) fn claim_by_removal(&self) {
+        // Relaxed: the kind and key bits never change, and the state is
+        // `ALIVE` until this store (C20).
+        let status = self.status.load(Ordering::Relaxed);
+        debug_assert_eq!(status & STATE, ALIVE, "a hook in its table is alive");
+        debug_assert_ne!(self.kind(), LISTED);
+        // Release (C20): pairs with the Acquire load of the entry's drop's
+        // `settle`, which the epoch orders after us anyway, as for the CAS
+        // of any other claim (C1, C2).
+        self.status
+            .store(status & !STATE | CLAIMED, Ordering::Release);
     }
 }
 
@@ -870,6 +945,12 @@ impl<P> Hook<P> {
     /// Cancels the callback if it has not run; true if it was alive.
     pub(crate) fn detach(&self) -> bool {
         self.entry.detach()
+    }
+
+    /// Claims the hook as its death's removal unlinks its entry, under the
+    /// shard's lock ([`Entry::claim_by_removal`], C20).
+    pub(crate) fn claim_by_removal(&self) {
+        self.entry.claim_by_removal();
     }
 
     /// A pointer to the payload, with the provenance of the whole node.
@@ -1047,7 +1128,9 @@ pub(super) mod tests {
                 entry: ManuallyDrop::new(hook),
                 payload: PhantomData,
             };
-            assert!(in_list.claim());
+            // As a death's removal claims it, finding its entry (C20).
+            in_list.claim_by_removal();
+            assert!(!hook.detach(), "a claimed hook stays settled");
             // The run itself is left out: its closure is an address, with
             // nothing to drop.
             // SAFETY: no other thread; the list's reference is forgotten

@@ -355,10 +355,10 @@ impl Runtime {
         // Claimed collection callbacks, chained through `object_next` and
         // run below on this thread (C14).
         let mut here = ptr::null_mut::<Entry>();
-        // Pinned from before the first hook's claim until every claimed
-        // hook has run: a hook names its collection by an uncounted
+        // Pinned from before the first hook's load until every hook found
+        // alive has run: a hook names its collection by an uncounted
         // address, which the epoch keeps valid only for a thread pinned
-        // since before it claimed the hook (M14). Each hook is lent it.
+        // since before it found the hook alive (M14). Each hook is lent it.
         // (`None` inside: under loom, during the collector's teardown.)
         let mut pinned = None;
         while !node.is_null() {
@@ -367,16 +367,22 @@ impl Runtime {
             let entry = unsafe { &*current };
             // Relaxed: the chain is ours alone now (C6).
             node = entry.object_next.load(Ordering::Relaxed);
-            if entry.on_dying_thread() && pinned.is_none() {
+            let hook = entry.on_dying_thread();
+            if hook && pinned.is_none() {
                 pinned = Some(Reclaimer::pin_global_unless_torn_down());
             }
-            if entry.claim() {
-                if entry.on_dying_thread() {
-                    // Relaxed: ours alone.
-                    entry.object_next.store(here, Ordering::Relaxed);
-                    here = current;
-                    continue;
-                }
+            // A hook is not claimed here, but run if alive: its run claims
+            // it, with a plain store, if it finds its entry under the
+            // shard's lock, and leaves it to whoever removed the entry
+            // otherwise (C20). A claim's CAS was a locked instruction on
+            // every death of a collection's entry.
+            if hook && entry.is_alive() {
+                // Relaxed: ours alone.
+                entry.object_next.store(here, Ordering::Relaxed);
+                here = current;
+                continue;
+            }
+            if !hook && entry.claim() {
                 // Relaxed: still ours alone; published by the queue push.
                 entry.object_next.store(ptr::null_mut(), Ordering::Relaxed);
                 if tail.is_null() {
@@ -405,8 +411,8 @@ impl Runtime {
         // thread then finds the dead entries gone (as when all ran there,
         // newest first, and the map's were registered after the user's).
         while !here.is_null() {
-            // SAFETY: the list's reference to a node we claimed (`take_all`),
-            // given back when `entry` drops.
+            // SAFETY: the list's reference to a hook we found alive
+            // (`take_all`), given back when `entry` drops.
             let entry = unsafe { EntryRef::from_link(here) };
             // Relaxed: ours alone.
             here = entry.object_next.load(Ordering::Relaxed);
@@ -414,8 +420,9 @@ impl Runtime {
             // expected) is reported, never unwound into the dropping code.
             // Lent our pin: the hook's removal hands what it unlinks to the
             // epoch under it, without pinning again.
-            // SAFETY: claimed just now by us, and run once for that claim
-            // (1), pinned since before the first hook's claim (2).
+            // SAFETY: the object's death, which found the hook alive and
+            // runs it once (1), pinned since before the first hook's load
+            // (2).
             crate::panics::catch_and_report("a collection's removal callback", || unsafe {
                 entry.run_claimed(pinned.as_ref().and_then(Option::as_ref))
             });

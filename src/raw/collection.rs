@@ -61,9 +61,9 @@ pub(crate) trait Collection<I: Sided>: Sized + Send + Sync + 'static {
 /// ([`CoreRef`]) without a count of their own (M14). The core's table
 /// keeps it and releases it through the epoch, with its shards, once it
 /// has closed every shard and detached every hook still attached
-/// (`ShardedTable::drop`): a dying thread that claimed a hook before the
-/// table could detach it, and is still pinned since, finds the block
-/// allocated.
+/// (`ShardedTable::drop`): a dying thread that found a hook alive, having
+/// pinned before the table detached it, and is still pinned since, finds
+/// the block allocated.
 pub(crate) struct HookAnchor(
     // Held for its drop alone.
     #[allow(dead_code)] Box<dyn Send + Sync>,
@@ -97,9 +97,9 @@ impl<C: Send + Sync + 'static> CoreRef<C> {
     ///
     /// # Safety
     ///
-    /// 1. The calling thread claimed the hook whose shard's target `self`
-    ///    comes from while pinned (`Reclaimer::global`), and is pinned
-    ///    still (M14). (Under loom, during the collector's teardown, it is
+    /// 1. The calling thread found the hook whose shard's target `self`
+    ///    comes from alive after it pinned (`Reclaimer::global`), and is
+    ///    pinned still (C20, M14). (Under loom, during the collector's teardown, it is
     ///    not pinned: no other thread is left, and every table dropped by
     ///    then has detached its hooks before its anchor went.)
     #[inline]
@@ -189,8 +189,8 @@ pub(crate) fn note_detached<T: ?Sized>(object: &Strong<T>) {
 /// # Safety
 ///
 /// As `callbacks::entry::HookRun`: `site` is a `Removal`'s, made by the
-/// table for the shard it heads, and the calling thread claimed `hook`
-/// while pinned, and is pinned still (C14, M14).
+/// table for the shard it heads, and the calling thread found `hook` alive
+/// after it pinned, and is pinned still (C14, C20, M14).
 unsafe fn death_at_shard<I: Watching>(
     site: NonNull<HookSite>,
     key: u64,
@@ -225,7 +225,7 @@ unsafe fn death_at_shard<I: Watching>(
                 // entry's drop then follows that thread's unpin, and so
                 // its `forget_if_folded`. `hook` is the list's reference,
                 // which `on_death` lent us and passes to that after this
-                // run, still pinned as it was for the claim.
+                // run, still pinned as it was when it found the hook alive.
                 if removed && pin.is_held() {
                     // SAFETY: as just said (1); we unlinked the entry whose
                     // `Hook` is this node's, and the writer defers its drop
@@ -348,7 +348,8 @@ pub(crate) struct Hooks<I> {
 /// # Safety
 ///
 /// 1. The calling thread runs the hook `hook` (borrowed for the call),
-///    which it claimed while pinned, and is pinned still (M14); `target`
+///    which it found alive after it pinned, and is pinned still (C20,
+///    M14); `target`
 ///    is from [`hooks::<C, I>`].
 unsafe fn slow_death<C, I>(
     target: &HookTarget<I>,
@@ -503,7 +504,12 @@ fn remove_holding<'w, I: Watching>(
 ) -> Option<&'w I> {
     let shard = writer.shard();
     // Used under the lock only: borrowed from the writer, not lent.
-    let (item, _) = writer.remove_locked(hash, |item, side| item.hook(side).identity() == hook)?;
+    let (item, side) =
+        writer.remove_locked(hash, |item, side| item.hook(side).identity() == hook)?;
+    // Found in the table, under the lock: the hook is ours to claim, with
+    // a store (C20). Its death ran it unclaimed, and nothing else settles
+    // a hook before its entry leaves the table, which we are doing.
+    item.hook(side).claim_by_removal();
     shard.count_death();
     Some(item)
 }
@@ -754,8 +760,9 @@ pub(crate) fn purge<I: Watching, T>(
 /// `after` as for [`clear`]. The detach happens under the lock, not in the
 /// entry's deferred drop: the object may be dying (its count at zero, its
 /// callbacks not yet run, which is what `purge` looks for), and a hook
-/// still attached when the collection drops could be claimed after the
-/// table's shards and the core's anchor are released (M5, M14). So a
+/// still attached when the collection drops could be found alive, and run,
+/// after the table's shards and the core's anchor are released (M5, M14).
+/// So a
 /// panic in `noted` (which should not panic) or `after` (a listener, a
 /// destructor) skips nothing: each is caught, every entry is detached and
 /// every notice passed on, every shard is done, and then the first panic

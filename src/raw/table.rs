@@ -1281,10 +1281,15 @@ impl<I: Sided> Drop for ShardedTable<I> {
             drop(unsafe { Box::from_raw(shards.as_ptr()) });
             drop(anchor);
         };
-        // Unlinked: no hook can reach a shard, nor the core's block, any
-        // more but one claimed by a thread pinned since before the claim,
-        // and the claim preceded the detach that the items' drops above
-        // attempted on it (M14). Freeing runs no user code (mutexes,
+        // Unlinked: every hook whose entry was in the table is detached,
+        // above, or was by whoever removed it before our drop began, so no
+        // hook can reach a shard, nor the core's block, any more but one
+        // that a dying thread found alive after it pinned: its load read
+        // the status before that detach, and so its pin's SeqCst fence
+        // precedes this one in the single total order, and the retirement
+        // below waits for that thread to unpin (M14, C20). SeqCst: the
+        // fence that argument names, here rather than left to the epoch's
+        // internals. Freeing runs no user code (mutexes,
         // atomics, addresses), nor does dropping the anchor, a `Weak` to a
         // core whose value is being dropped now: it touches the block's
         // counts and, if it is the last, frees the block, never the value.
@@ -1292,6 +1297,7 @@ impl<I: Sided> Drop for ShardedTable<I> {
         // loom model (`a_set_dropped_racing_a_member_death_never_reads_its_freed_core`)
         // report itself nondeterministic, for a reason in the epoch's
         // loom build not yet understood.
+        crate::sync::fence(Ordering::SeqCst);
         // SAFETY: `Pinned::defer`'s 1 and 2, as just said.
         unsafe { Reclaimer::retire_globally(free) };
         if let Some(payload) = first_panic {
