@@ -710,15 +710,30 @@ impl Header {
         }
     }
 
+    /// The weak count as stored (tests).
+    #[cfg(test)]
+    pub(crate) fn stored_weak_count(&self) -> u32 {
+        // Relaxed: a test's look, after its synchronisation.
+        self.weak.load(Ordering::Relaxed)
+    }
+
     /// Releases one weak reference (a `Weak` or the implicit one). Returns
     /// true when it was the last: the caller must free the allocation.
     #[inline]
     pub(crate) fn decrement_weak(&self) -> bool {
+        self.release_weak(1)
+    }
+
+    /// Releases `refs` weak references, all the caller's: one, or two for
+    /// a collection entry its object's death handed the implicit weak
+    /// (C21). Returns true when they were the last.
+    #[inline]
+    fn release_weak(&self, refs: u32) -> bool {
         // Under loom: this reference's last use, which the free must follow.
         self.leak_check.let_go();
         // Release: this handle's reads of the counts happen-before the free
         // (O5).
-        if self.weak.fetch_sub(1, Ordering::Release) != 1 {
+        if self.weak.fetch_sub(refs, Ordering::Release) != refs {
             return false;
         }
         // Acquire: pairs with every other weak reference's Release
@@ -741,16 +756,21 @@ impl Header {
     /// second transfer of its line (two threads downgrading one object and
     /// dropping the `Weak`s ran 52-64 ns an operation without it and 59-103
     /// with it, on the 2-core machine).
+    ///
+    /// `refs` are the caller's references: one, or two for a collection
+    /// entry its object's death handed the implicit weak (C21), whose last
+    /// release the same rule lets free without an RMW: with both ours,
+    /// no `Strong` is left to make another.
     #[inline]
-    pub(crate) fn decrement_weak_expecting_last(&self) -> bool {
+    pub(crate) fn decrement_weak_expecting_last(&self, refs: u32) -> bool {
         // Acquire: pairs with every other weak reference's Release
         // decrement, as `decrement_weak`'s fence does.
-        if self.weak.load(Ordering::Acquire) == 1 {
+        if self.weak.load(Ordering::Acquire) == refs {
             // Under loom: this reference's last use, before the free.
             self.leak_check.let_go();
             return true;
         }
-        self.decrement_weak()
+        self.release_weak(refs)
     }
 
     /// `Strong::get_mut`'s check: true when the caller's strong handle is

@@ -513,9 +513,14 @@ impl<T: ?Sized> Drop for AfterDeath<T> {
         let header = unsafe { ControlBlock::header(self.0) };
         let callbacks = header.callback_list();
         // No registration can race with the death (C6), so an empty list
-        // stays empty: objects without callbacks skip the runtime.
-        if !callbacks.is_empty() {
-            crate::callbacks::global().on_death(callbacks);
+        // stays empty: objects without callbacks skip the runtime. The
+        // implicit weak is offered to an entry whose removal the death
+        // makes: the entry then releases it with its own (C21), and we
+        // touch the block no more (the runtime's last use of it was the
+        // list's `take_all`, before the removal handed the entry's drop
+        // to the epoch).
+        if !callbacks.is_empty() && crate::callbacks::global().on_death(callbacks, true) {
+            return;
         }
         // Most likely the last weak reference: no `Weak` was made, or
         // none is left (O5′).

@@ -279,6 +279,15 @@ impl<T: ?Sized> Weak<T> {
     }
 }
 
+impl<T: ?Sized> Weak<T> {
+    /// The block's weak count as stored, the implicit weak included, even
+    /// once the object is dead (tests).
+    #[cfg(test)]
+    pub(crate) fn stored_weak_count(&self) -> u32 {
+        self.header().map_or(0, Header::stored_weak_count)
+    }
+}
+
 impl<T: ?Sized> Clone for Weak<T> {
     /// Another handle to the same object.
     fn clone(&self) -> Self {
@@ -295,22 +304,30 @@ impl<T: ?Sized> Weak<T> {
     /// a dying value, or a collection entry's `Weak` (see [`EntryWeak`]).
     #[inline]
     pub(crate) fn drop_expecting_last(this: Self) {
-        let mut this = std::mem::ManuallyDrop::new(this);
-        this.release(true);
+        Weak::drop_expecting_last_with(this, 1);
     }
 
-    /// Lets go of this reference; `expecting_last` picks the release that
-    /// tries a load first.
+    /// [`Self::drop_expecting_last`], releasing `refs` references that
+    /// `this` stands for: its own, and its object's implicit weak if the
+    /// object's death handed it to the collection entry that holds `this`
+    /// (`refs` 2, C21).
     #[inline]
-    fn release(&mut self, expecting_last: bool) {
+    pub(crate) fn drop_expecting_last_with(this: Self, refs: u32) {
+        let mut this = std::mem::ManuallyDrop::new(this);
+        this.release(Some(refs));
+    }
+
+    /// Lets go of this reference: `expecting_last` picks the release that
+    /// tries a load first, of that many references.
+    #[inline]
+    fn release(&mut self, expecting_last: Option<u32>) {
         let Some(block) = self.block else { return };
         // SAFETY: see `header`: our weak count keeps the block live until the
         // decrement below.
         let header = unsafe { ControlBlock::header(block) };
-        let last = if expecting_last {
-            header.decrement_weak_expecting_last()
-        } else {
-            header.decrement_weak()
+        let last = match expecting_last {
+            Some(refs) => header.decrement_weak_expecting_last(refs),
+            None => header.decrement_weak(),
         };
         if last {
             // Ours was the last weak reference: our decrement took the
@@ -329,7 +346,7 @@ impl<T: ?Sized> Weak<T> {
 impl<T: ?Sized> Drop for Weak<T> {
     #[inline]
     fn drop(&mut self) {
-        self.release(false);
+        self.release(None);
     }
 }
 
@@ -353,6 +370,19 @@ impl<T: ?Sized> std::ops::Deref for EntryWeak<T> {
     #[inline]
     fn deref(&self) -> &Weak<T> {
         &self.0
+    }
+}
+
+impl<T: ?Sized> EntryWeak<T> {
+    /// Drops this entry's `Weak`, which stands for `refs` references: its
+    /// own, and its object's implicit weak if the object's death handed it
+    /// to the entry (`refs` 2, C21): what the entry's hook says
+    /// (`Hook::watched_refs`).
+    #[inline]
+    pub(crate) fn release(self, refs: u32) {
+        let mut this = std::mem::ManuallyDrop::new(self);
+        // SAFETY: taken once, here; `this` is not dropped.
+        Weak::drop_expecting_last_with(unsafe { std::mem::ManuallyDrop::take(&mut this.0) }, refs);
     }
 }
 

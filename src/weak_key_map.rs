@@ -55,18 +55,24 @@ impl<K: ?Sized, V> Item<K, V> {
 impl<K: ?Sized, V> Drop for Item<K, V> {
     fn drop(&mut self) {
         // Removal paths detach eagerly; this covers the map being dropped.
-        // After the key's death the callback is claimed and this is a
-        // no-op.
+        // A hook whose death's removal found this entry is claimed, and
+        // this is a no-op; any other is settled here (C20).
         self.hook.detach();
         // An item is dropped whole once (M3: a relocated original
         // never is), after every reader that could borrow its key or
         // value has unpinned (K1), or with the map (`&mut`), or
         // unpublished; no other handle to the hook reads the payload (the
-        // posted removal only names it). The key's `Weak` is declared
-        // first, so it goes before the value's destructor runs, which may
-        // panic (drop glue would drop it while unwinding otherwise).
-        // SAFETY: as just said.
-        unsafe { self.hook.drop_payload() };
+        // posted removal only names it). The key's `Weak` goes first, for
+        // the references the hook says it stands for (C21), before the
+        // value's destructor runs, which may panic.
+        let held = self.hook.payload_ptr();
+        let refs = self.hook.watched_refs();
+        // SAFETY: as just said: each field moved out or dropped in place
+        // once, through the whole node's pointer.
+        unsafe {
+            std::ptr::read(std::ptr::addr_of!((*held).key)).release(refs);
+            std::ptr::drop_in_place(std::ptr::addr_of_mut!((*held).value));
+        }
     }
 }
 

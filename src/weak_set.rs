@@ -20,6 +20,21 @@ struct Member<T: ?Sized> {
 
 impl<T: ?Sized> Sided for Member<T> {
     type Side = EntryHook;
+
+    /// The hook, then the member's `Weak`, for the references the hook
+    /// says it stands for (C21).
+    #[inline]
+    unsafe fn drop_with_side(member: *mut Self, side: *mut EntryHook) {
+        // Read before the hook goes, and its node with it.
+        // SAFETY: initialised (the caller's 1).
+        let refs = unsafe { (*side).0.watched_refs() };
+        // SAFETY: owned, dropped or moved out once, not used after (the
+        // caller's 1).
+        unsafe {
+            std::ptr::drop_in_place(side);
+            std::ptr::read(std::ptr::addr_of!((*member).object)).release(refs);
+        }
+    }
 }
 
 // The object's block address is unique among the members of a set (one

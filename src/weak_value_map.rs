@@ -45,6 +45,23 @@ impl<K, V: ?Sized> Item<K, V> {
 
 impl<K, V: ?Sized> Sided for Item<K, V> {
     type Side = EntryHook;
+
+    /// The hook, then the value's `Weak`, for the references the hook
+    /// says it stands for (C21), then the key, whose drop may be user
+    /// code and panic.
+    #[inline]
+    unsafe fn drop_with_side(item: *mut Self, side: *mut EntryHook) {
+        // Read before the hook goes, and its node with it.
+        // SAFETY: initialised (the caller's 1).
+        let refs = unsafe { (*side).0.watched_refs() };
+        // SAFETY: owned, each field dropped or moved out once, and none
+        // used after (the caller's 1).
+        unsafe {
+            ptr::drop_in_place(side);
+            ptr::read(ptr::addr_of!((*item).value)).release(refs);
+            ptr::drop_in_place(ptr::addr_of_mut!((*item).key));
+        }
+    }
 }
 
 // Each item registers its own callback, whose node the `Hook` in its
@@ -2181,6 +2198,54 @@ mod tests {
             "{exit}: the entry's side was never dropped ({} owners of its hook)",
             hook.ref_count()
         );
+    }
+
+    /// C21: a value whose death removes its entries on the dying thread
+    /// (their shards free) hands its implicit weak to the first of them,
+    /// whose drop releases it with its own `Weak`. Held by a third `Weak`
+    /// (ours), the count comes down to exactly 1 once the entries are
+    /// dropped: a handed weak released twice, or never, would leave 0 or
+    /// 2 (Miri, run 4, sees the block freed once, after our `Weak`). Each
+    /// collection's entry drop in turn, then all three, each many times
+    /// over (twice under Miri): the hook's status word keeps its key, from
+    /// a random hash, until the fold, and a key bit read as the
+    /// hand-over's once released the implicit weak a second time.
+    #[test]
+    fn a_dying_value_hands_its_implicit_weak_to_one_entry_it_removes() {
+        let cases = [
+            (true, false, false),
+            (false, true, false),
+            (false, false, true),
+            (true, true, true),
+        ];
+        let rounds = if cfg!(miri) { 2 } else { 32 };
+        for (in_map, in_set, as_key) in cases.into_iter().cycle().take(4 * rounds) {
+            let map = WeakValueMap::new();
+            let set = crate::WeakSet::new();
+            let keyed = crate::WeakKeyMap::new();
+            let value = Strong::new(5u32);
+            let ours = Strong::downgrade(&value);
+            if in_map {
+                map.insert(1u32, &value);
+            }
+            if in_set {
+                set.insert(&value);
+            }
+            if as_key {
+                keyed.insert(&value, 7u64);
+            }
+            let entries = u32::from(in_map) + u32::from(in_set) + u32::from(as_key);
+            // The implicit weak, ours, and one an entry.
+            assert_eq!(ours.stored_weak_count(), 2 + entries);
+            drop(value);
+            assert!(map.is_empty() && set.is_empty() && keyed.is_empty());
+            let released = settle::until(|| ours.stored_weak_count() == 1, crate::flush);
+            assert!(
+                released,
+                "{entries} entries left the weak count at {}",
+                ours.stored_weak_count()
+            );
+        }
     }
 
     /// One way an entry (under `key`, holding `value`) leaves its map;

@@ -99,6 +99,12 @@ const PAYLOAD_HOOK: u32 = 2 << 2;
 /// A listed node's `atexit` flag (Python's `finalize.atexit`).
 const ATEXIT: u32 = 1 << 4;
 
+/// In a `FOLDED` hook, whose key bits the fold cleared (its entry has left
+/// its table for good, and nothing reads them any more), the same bit
+/// says that the entry also holds its object's implicit weak reference,
+/// handed to it by the death, and releases it with its own (C21).
+const WEAK_HANDED: u32 = 1 << 4;
+
 /// The bits of a hook's key its status word keeps: all but the state's and
 /// the kind's. A collection files its entries by these bits of their
 /// hashes alone (home group and control byte), so that the key a hook
@@ -112,12 +118,14 @@ pub(crate) const KEY_BITS: u32 = !(STATE | KIND);
 /// leaked with `mem::forget`.
 const MAX_REFS: u32 = i32::MAX as u32;
 
-/// What a node does with its closure, per node type.
+/// What a node does with its closure, per node type. (A hook's closure
+/// stays in place for the node's life, C20: `call` reads it, `discard`
+/// leaves it, `free` drops it.)
 struct EntryVTable {
-    /// Moves the closure out and calls it, lending it the caller's pin, if
-    /// any.
+    /// Moves the closure out (unless it stays) and calls it, lending it the
+    /// caller's pin, if any.
     call: unsafe fn(NonNull<Entry>, Option<&Pinned>),
-    /// Moves the closure out and drops it.
+    /// Moves the closure out and drops it (a hook's: nothing).
     discard: unsafe fn(NonNull<Entry>),
     /// Drops the closure if still present, then frees the node.
     free: unsafe fn(NonNull<Entry>),
@@ -278,8 +286,9 @@ impl Removal {
     ///    its `run` expects, and was derived from a reference to that
     ///    whole structure.
     /// 2. The structure stays allocated until every hook made with this
-    ///    removal has been detached, and then for as long as a thread that
-    ///    found one alive while pinned stays pinned (M14): what `HookRun`
+    ///    removal has been detached, or claimed by its removal under the
+    ///    shard's lock (C20), and then for as long as a thread that found
+    ///    one alive while pinned stays pinned (M14): what `HookRun`
     ///    promises its callee.
     pub(crate) unsafe fn new(
         site: NonNull<HookSite>,
@@ -466,6 +475,10 @@ impl Entry {
     #[inline]
     fn key(&self) -> u32 {
         debug_assert!(self.kind() != LISTED, "a listed node has no key");
+        debug_assert!(
+            self.status.load(Ordering::Relaxed) & STATE != FOLDED,
+            "a folded hook's key is gone (C21)"
+        );
         self.status.load(Ordering::Relaxed) & KEY_BITS
     }
 
@@ -698,10 +711,22 @@ impl EntryRef {
     /// Lets go of the object list's reference to a hook whose run folded
     /// it into its entry's `Hook` (C13), which releases it: no count
     /// changes here. Gives back the reference of any other entry.
-    pub(crate) fn forget_if_folded(self) -> Option<EntryRef> {
+    ///
+    /// If `implicit_weak` is set (the dying object's implicit weak
+    /// reference is still the caller's) and the hook folded, hands that
+    /// reference to the entry too and clears the flag: the entry's drop
+    /// releases it with its own `Weak`, in one step (C21).
+    pub(crate) fn forget_if_folded(self, implicit_weak: &mut bool) -> Option<EntryRef> {
         // Relaxed: `fold` ran on this thread, or not at all.
-        if self.status.load(Ordering::Relaxed) & STATE != FOLDED {
+        let status = self.status.load(Ordering::Relaxed);
+        if status & STATE != FOLDED {
             return Some(self);
+        }
+        if std::mem::take(implicit_weak) {
+            // Relaxed: read by the entry's drop, which the epoch runs after
+            // the caller unpins, as for the fold (C13, C21), which cleared
+            // the key bits.
+            self.status.store(status | WEAK_HANDED, Ordering::Relaxed);
         }
         // Under loom: this reference's last use, which the free must
         // follow (the caller is still pinned, so the entry's drop, whose
@@ -734,9 +759,10 @@ impl EntryRef {
         debug_assert_ne!(status & KIND, LISTED);
         // Release, as the claim's store (C20), which this follows under
         // the same lock. The entry's drop reads it after the epoch ordered
-        // it after us (precondition 2).
-        self.status
-            .store(status & !STATE | FOLDED, Ordering::Release);
+        // it after us (precondition 2). The key bits go: nothing reads a
+        // removed entry's key, and clear they leave `WEAK_HANDED` unset
+        // until `forget_if_folded` sets it (C21).
+        self.status.store(status & KIND | FOLDED, Ordering::Release);
     }
 
     /// Releases `weight` references, all ours: one, or two for a `Hook`
@@ -942,9 +968,29 @@ impl<P> Hook<P> {
         self.entry.address()
     }
 
-    /// Cancels the callback if it has not run; true if it was alive.
+    /// Settles the hook as detached if it is still alive; true if it
+    /// was. A death that found it alive just before may still run it: its
+    /// entry has left the table by then (every detacher unlinks first), so
+    /// that run finds nothing and writes nothing (C20).
     pub(crate) fn detach(&self) -> bool {
         self.entry.detach()
+    }
+
+    /// How many weak references to its object the entry's `Weak` stands
+    /// for: its own, and the object's implicit weak if the death that
+    /// removed the entry handed it over (2, C21). Read by the entry's
+    /// drop, before this hook is dropped.
+    #[inline]
+    pub(crate) fn watched_refs(&self) -> u32 {
+        // Relaxed: the hand-over happened before the entry's drop, which
+        // the epoch ran after the dying thread unpinned (C21); any other
+        // hook's state is not `FOLDED` with the bit.
+        let status = self.entry.status.load(Ordering::Relaxed);
+        if status & STATE == FOLDED && status & WEAK_HANDED != 0 {
+            2
+        } else {
+            1
+        }
     }
 
     /// Claims the hook as its death's removal unlinks its entry, under the
@@ -953,8 +999,12 @@ impl<P> Hook<P> {
         self.entry.claim_by_removal();
     }
 
-    /// A pointer to the payload, with the provenance of the whole node.
-    fn payload_ptr(&self) -> *mut P {
+    /// A pointer to the payload, with the provenance of the whole node:
+    /// what the entry drops, in parts, as it drops (a `WeakKeyMap`
+    /// entry's key `Weak`, for what the hook says it stands for, C21, then
+    /// its value), once no handle's [`payload`](Self::payload) is used any
+    /// more. The node's free never drops it (`ManuallyDrop`).
+    pub(crate) fn payload_ptr(&self) -> *mut P {
         if is_bare::<P>() {
             // A `HOOK` keeps no payload: any aligned address holds a value
             // of no bytes, and dropping it does nothing.
@@ -974,11 +1024,12 @@ impl<P> Hook<P> {
         unsafe { ptr::addr_of_mut!((*node).payload).cast::<P>() }
     }
 
-    /// The payload, until [`drop_payload`](Self::drop_payload).
+    /// The payload, until its entry drops it.
     pub(crate) fn payload(&self) -> &P {
-        // SAFETY: initialised by `new_hook`, and alive: whoever calls
-        // `drop_payload` promises that no handle's `payload` is used from
-        // then on. Only shared references are made until then.
+        // SAFETY: initialised by `new_hook`, and alive: whoever drops it
+        // (the entry, through `payload_ptr`) does so once no handle's
+        // `payload` is used any more. Only shared references are made
+        // until then.
         unsafe { &*self.payload_ptr() }
     }
 
@@ -986,9 +1037,11 @@ impl<P> Hook<P> {
     ///
     /// # Safety
     ///
-    /// 1. Called once per hook, over all its handles.
+    /// 1. Called once per hook, over all its handles, and the payload is
+    ///    not dropped in parts instead ([`payload_ptr`](Self::payload_ptr)).
     /// 2. No reference from [`payload`](Self::payload) of any handle is
     ///    alive, and `payload` is never called again.
+    #[cfg(test)]
     pub(crate) unsafe fn drop_payload(&self) {
         // SAFETY: initialised, dropped once (1), and unborrowed (2); the
         // pointer carries the whole node's provenance (from `leak`),
@@ -1140,7 +1193,11 @@ pub(super) mod tests {
             assert!(!in_list.is_alive());
             assert_eq!(in_list.ref_count(), 2);
             let kept = EntryRef::clone(&hook.entry);
-            assert!(in_list.forget_if_folded().is_none());
+            assert_eq!(hook.watched_refs(), 1, "no hand-over yet (C21)");
+            let mut implicit_weak = true;
+            assert!(in_list.forget_if_folded(&mut implicit_weak).is_none());
+            assert!(!implicit_weak, "the folded hook's entry took it (C21)");
+            assert_eq!(hook.watched_refs(), 2);
             drop(hook);
             assert_eq!(kept.ref_count(), 1, "the hook released both of its");
             drop(kept);

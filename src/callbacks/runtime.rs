@@ -4,9 +4,10 @@
 //! [`queue`](super::queue), the thread that drains it
 //! [`worker`](super::worker).
 //!
-//! * **Death.** The dying thread claims every alive entry of the object's
-//!   list (C1), runs the collections' hooks there and then (C14), and
-//!   pushes the rest as one batch; a posted job is a batch of one.
+//! * **Death.** The dying thread claims every alive listed entry of the
+//!   object's list (C1), runs the collections' hooks it finds alive there
+//!   and then, each claimed by its own removal (C14, C20), and pushes the
+//!   rest as one batch; a posted job is a batch of one.
 //! * **Drain.** A consumer (the worker, a `flush` without one, `shutdown`)
 //!   takes every batch at once and runs them oldest death first (C7),
 //!   marked as draining so that a `flush` inside a callback never nests a
@@ -344,16 +345,24 @@ impl Runtime {
     }
 
     /// The object owning `list` has died (its value is gone): claim its
-    /// alive callbacks and deliver them, newest first.
-    pub(crate) fn on_death(&self, list: &ObjectCallbacks) {
+    /// alive listed callbacks and deliver them, newest first, after running
+    /// the alive hooks here (C14, C20).
+    ///
+    /// `implicit_weak`: the caller holds the object's implicit weak
+    /// reference and offers it to the first entry whose removal a hook
+    /// folds here (C21). Returns true if an entry took it: its drop
+    /// releases it, and the caller must not.
+    pub(crate) fn on_death(&self, list: &ObjectCallbacks, implicit_weak: bool) -> bool {
+        // Still the caller's to release.
+        let mut kept = implicit_weak;
         // SAFETY: the object is dead, so no thread holds a `Strong` to it:
         // no push or compaction races with this (C6).
         let mut node = unsafe { list.take_all() };
         let (mut head, mut tail, mut count) =
             (ptr::null_mut::<Entry>(), ptr::null_mut::<Entry>(), 0);
         let mut settled = 0;
-        // Claimed collection callbacks, chained through `object_next` and
-        // run below on this thread (C14).
+        // Collection callbacks found alive, chained through `object_next`
+        // and run below on this thread (C14, C20).
         let mut here = ptr::null_mut::<Entry>();
         // Pinned from before the first hook's load until every hook found
         // alive has run: a hook names its collection by an uncounted
@@ -428,9 +437,11 @@ impl Runtime {
             });
             // A run that removed its entry here folded the list's reference
             // into the entry's, which releases both (C13): one locked
-            // decrement a death no longer pays. We are still pinned, so
-            // that release (deferred past our pin) comes after this.
-            drop(entry.forget_if_folded());
+            // decrement a death no longer pays. The first such entry takes
+            // the object's implicit weak too, which it releases with its
+            // own `Weak` (C21): another. We are still pinned, so those
+            // releases (deferred past our pin) come after this.
+            drop(entry.forget_if_folded(&mut kept));
         }
         drop(pinned);
         if count > 0 {
@@ -438,6 +449,7 @@ impl Runtime {
         }
         // A safe point (C18): the hooks' writers are gone, the pin too.
         self.settle_backlog();
+        implicit_weak && !kept
     }
 
     /// Hands a chain of `count` claimed entries to the worker, or runs it
@@ -925,7 +937,7 @@ mod tests {
         let second = runtime.register(&list, logger(&log, 2));
         let _third = runtime.register(&list, logger(&log, 3));
         assert!(second.detach());
-        runtime.on_death(&list);
+        runtime.on_death(&list, false);
         assert!(log.lock().unwrap().is_empty(), "ran before the drain");
         assert_eq!(
             runtime.stats(),
@@ -958,7 +970,7 @@ mod tests {
         for tag in 0..5 {
             let list = ObjectCallbacks::new();
             runtime.register(&list, logger(&log, tag));
-            runtime.on_death(&list);
+            runtime.on_death(&list, false);
         }
         runtime.flush();
         assert_eq!(*log.lock().unwrap(), [0, 1, 2, 3, 4]);
@@ -982,9 +994,9 @@ mod tests {
         runtime.shutdown(); // idempotent
         assert_eq!(log.lock().unwrap().len(), 3);
         // After shutdown a death runs its callbacks at once, inline.
-        runtime.on_death(&second_list);
+        runtime.on_death(&second_list, false);
         assert_eq!(*log.lock().unwrap(), [3, 2, 1, 4]);
-        runtime.on_death(&first_list);
+        runtime.on_death(&first_list, false);
         assert_eq!(log.lock().unwrap().len(), 4, "shutdown's runs never repeat");
         assert_eq!(runtime.stats().queued, 0, "nothing was queued");
     }
@@ -1028,7 +1040,7 @@ mod tests {
         );
         assert!(runtime.registry.node_count() <= bound, "registry grew");
         assert!(live.iter().all(|entry| entry.is_alive()));
-        runtime.on_death(&list);
+        runtime.on_death(&list, false);
         assert_eq!(runtime.drain(), 64);
     }
 
@@ -1077,7 +1089,7 @@ mod tests {
             .collect();
         assert!(runtime.registry.node_count() >= count);
         for list in lists {
-            runtime.on_death(&list);
+            runtime.on_death(&list, false);
         }
         assert_eq!(runtime.drain(), count as u64);
         assert!(
@@ -1116,7 +1128,7 @@ mod tests {
         runtime.register(&list, move || {
             counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         });
-        runtime.on_death(&list);
+        runtime.on_death(&list, false);
         drop(runtime);
         assert_eq!(ran.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
@@ -1139,7 +1151,7 @@ mod tests {
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| detached.detach()));
         assert!(outcome.is_err());
         assert!(!detached.is_alive());
-        runtime.on_death(&list);
+        runtime.on_death(&list, false);
         assert_eq!(runtime.drain(), 1);
         assert_eq!(
             runtime.stats().panicked,
@@ -1166,7 +1178,7 @@ mod tests {
         });
         fn zero_sized() {}
         runtime.register(&list, zero_sized);
-        runtime.on_death(&list);
+        runtime.on_death(&list, false);
         assert_eq!(runtime.drain(), 2);
         assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 7);
     }
@@ -1209,7 +1221,7 @@ mod tests {
             assert_eq!(entry.ref_count(), 1, "a detached inline entry was kept");
         }
         assert!(first.is_alive() && anchoring.is_alive());
-        runtime.on_death(&list);
+        runtime.on_death(&list, false);
         assert_eq!(runtime.drain(), 2);
         assert_eq!(runs.load(Ordering::Relaxed), 2);
         assert!(list.is_empty());
@@ -1238,7 +1250,7 @@ mod tests {
             runtime.register(&list, Box::new(|| {})).detach();
         }
         assert_eq!(probe.ref_count(), 1, "a list kept a detached entry");
-        runtime.on_death(&list);
+        runtime.on_death(&list, false);
         assert_eq!(runtime.drain(), 1);
     }
 }
@@ -1274,7 +1286,7 @@ pub(super) mod loom_models {
     pub(in crate::callbacks) fn die_with_one_callback(runtime: &Runtime, runs: &Arc<AtomicUsize>) {
         let list = ObjectCallbacks::new();
         runtime.register(&list, counting(runs));
-        runtime.on_death(&list);
+        runtime.on_death(&list, false);
     }
 
     /// `flush` racing a death on another thread: when both are done and a
@@ -1320,7 +1332,7 @@ pub(super) mod loom_models {
             runtime.shutdown();
             assert_eq!(runs.load(Ordering::SeqCst), 1);
             assert_eq!(other.join().unwrap(), 1);
-            runtime.on_death(&list);
+            runtime.on_death(&list, false);
             assert_eq!(runs.load(Ordering::SeqCst), 1);
         });
     }
@@ -1350,7 +1362,7 @@ pub(super) mod loom_models {
             detacher.join().unwrap();
             let fourth = pusher.join().unwrap();
             let list = Arc::try_unwrap(list).expect("threads joined");
-            runtime.on_death(&list);
+            runtime.on_death(&list, false);
             runtime.flush();
             assert_eq!(runs.load(Ordering::SeqCst), 2);
             assert!(!third.is_alive() && !fourth.is_alive());
@@ -1373,7 +1385,7 @@ pub(super) mod loom_models {
             runtime.shutdown();
             let late = registrar.join().unwrap();
             let list = Arc::try_unwrap(list).expect("threads joined");
-            runtime.on_death(&list);
+            runtime.on_death(&list, false);
             assert_eq!(runs.load(Ordering::SeqCst), 1);
             assert!(!late.is_alive());
         });
@@ -1391,7 +1403,7 @@ pub(super) mod loom_models {
             runtime.register(&list, counting(&runs)).set_atexit(atexit);
             let dying = {
                 let runtime = runtime.clone();
-                thread::spawn(move || runtime.on_death(&list))
+                thread::spawn(move || runtime.on_death(&list, false))
             };
             runtime.shutdown();
             dying.join().unwrap();

@@ -117,8 +117,10 @@ impl<C: Send + Sync + 'static> CoreRef<C> {
 /// An entry's death callback, kept in its slot's side (a `WeakValueMap`
 /// entry's, a `WeakSet` member's), which removes the entry (M4); detached
 /// when the entry is removed any other way (M5), and when it is dropped
-/// (which covers the collection being dropped: after the object's death
-/// the callback is claimed and detaching is a no-op). Its node is the
+/// (which covers the collection being dropped: a hook whose death's
+/// removal found its entry is claimed, and detaching it is a no-op; one
+/// whose removal found nothing, was posted or parked, is settled here,
+/// C20). Its node is the
 /// entry's one allocation, and its address the entry's identity. The
 /// table keeps it beside the item, where writers (and a map's keep-warm
 /// tier) find it and lookups never look.

@@ -326,6 +326,29 @@ pub(crate) trait Sided {
     /// `()` for items that keep everything inline. Moved bitwise by a
     /// rebuild (`Relocatable`'s 4), and dropped with its item.
     type Side: Send + Sync + 'static;
+
+    /// Drops an item and its side in place, as a slot's drop does: the
+    /// side first (our own code, which does not panic), then the item
+    /// (whose drop may be user code, and may panic: the side is gone by
+    /// then either way). A collection entry overrides it to read its
+    /// hook first: its `Weak` may stand for its object's implicit weak
+    /// too (C21).
+    ///
+    /// # Safety
+    ///
+    /// 1. Both point at initialised values the caller owns, dropped once
+    ///    here and not used after.
+    #[inline]
+    unsafe fn drop_with_side(item: *mut Self, side: *mut Self::Side)
+    where
+        Self: Sized,
+    {
+        // SAFETY: the caller's 1.
+        unsafe {
+            ptr::drop_in_place(side);
+            ptr::drop_in_place(item);
+        }
+    }
 }
 
 /// One slot: once its control byte says full, an item (or its side).
@@ -702,9 +725,10 @@ impl<I: Sided> Table<I> {
         side_cell.with_mut(|cell| unsafe { (*cell).write(side) });
     }
 
-    /// Drops slot `index`'s item and its side in place: the side first (our
-    /// own code, which does not panic), then the item (whose drop may be
-    /// user code, and may panic: the side is gone by then either way).
+    /// Drops slot `index`'s item and its side in place
+    /// ([`Sided::drop_with_side`]: the side first, our own code, which does
+    /// not panic, then the item, whose drop may be user code, and may
+    /// panic: the side is gone by then either way).
     ///
     /// # Safety
     ///
@@ -714,10 +738,12 @@ impl<I: Sided> Table<I> {
     /// 2. It is dropped once; the slot is not read again until written.
     unsafe fn drop_whole(&self, index: usize) {
         let (item_cell, side_cell) = (self.slots.slot(index), self.slots.side(index));
-        // SAFETY: initialised and owned (1), dropped once (2).
-        side_cell.with_mut(|side| unsafe { (*side).assume_init_drop() });
-        // SAFETY: as above.
-        item_cell.with_mut(|item| unsafe { (*item).assume_init_drop() });
+        item_cell.with_mut(|item| {
+            side_cell.with_mut(|side| {
+                // SAFETY: initialised and owned (1), dropped once (2).
+                unsafe { I::drop_with_side((*item).as_mut_ptr(), (*side).as_mut_ptr()) }
+            })
+        });
     }
 
     /// Moves slot `index`'s item and side out.
