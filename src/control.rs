@@ -376,7 +376,8 @@ impl<T: ?Sized> ControlBlock<T> {
         }
         // By 2 the layout word was written at the value's offset
         // (a multiple of a word: U1), and the Acquire of 1 orders that
-        // write (made before the implicit weak's Release decrement, O5)
+        // write (made before the implicit weak's Release decrement, O5, or
+        // before the epoch ran the drop of the entry it was handed to, C21)
         // before this read.
         // SAFETY: as just said.
         let layout = unsafe { Self::value_ptr(this).cast::<BlockLayout>().read() }.get();

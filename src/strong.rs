@@ -502,25 +502,30 @@ impl<T> Strong<T> {
 /// What follows an object's death, once its value is gone (dropped, or
 /// moved out by `try_unwrap`) and the layout word written in its place
 /// (`drop_value`, `value_gone`; SAFETY.md, U2): hand its callbacks to the
-/// runtime, then release the implicit weak reference. A drop guard, so that a panicking
-/// `T::drop` loses neither.
+/// runtime, then release the implicit weak reference, unless the runtime
+/// handed it to an entry its death removed (C21). A drop guard, so that a
+/// panicking `T::drop` loses neither.
 struct AfterDeath<T: ?Sized>(NonNull<ControlBlock<T>>);
 
 impl<T: ?Sized> Drop for AfterDeath<T> {
     fn drop(&mut self) {
-        // SAFETY: the implicit weak reference, released below, keeps the
-        // block allocated until then.
+        // SAFETY: the implicit weak reference, released below or handed
+        // to an entry, keeps the block allocated until then.
         let header = unsafe { ControlBlock::header(self.0) };
         let callbacks = header.callback_list();
         // No registration can race with the death (C6), so an empty list
         // stays empty: objects without callbacks skip the runtime. The
         // implicit weak is offered to an entry whose removal the death
         // makes: the entry then releases it with its own (C21), and we
-        // touch the block no more (the runtime's last use of it was the
-        // list's `take_all`, before the removal handed the entry's drop
-        // to the epoch).
-        if !callbacks.is_empty() && crate::callbacks::global().on_death(callbacks, true) {
-            return;
+        // touch the block no more. Taken here, the callbacks reach the
+        // runtime without a reference into the block, which that entry's
+        // drop may free while the runtime still runs.
+        if !callbacks.is_empty() {
+            // SAFETY: the object is dead (C6).
+            let dead = unsafe { crate::callbacks::Dead::take(callbacks) };
+            if crate::callbacks::global().on_death(dead, true) {
+                return;
+            }
         }
         // Most likely the last weak reference: no `Weak` was made, or
         // none is left (O5′).

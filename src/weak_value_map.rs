@@ -2205,7 +2205,8 @@ mod tests {
     /// whose drop releases it with its own `Weak`. Held by a third `Weak`
     /// (ours), the count comes down to exactly 1 once the entries are
     /// dropped: a handed weak released twice, or never, would leave 0 or
-    /// 2 (Miri, run 4, sees the block freed once, after our `Weak`). Each
+    /// 2 (Miri, run 4, sees the block freed once, after our `Weak`), and
+    /// exactly one of the entries takes it. Each
     /// collection's entry drop in turn, then all three, each many times
     /// over (twice under Miri): the hook's status word keeps its key, from
     /// a random hash, until the fold, and a key bit read as the
@@ -2237,7 +2238,16 @@ mod tests {
             let entries = u32::from(in_map) + u32::from(in_set) + u32::from(as_key);
             // The implicit weak, ours, and one an entry.
             assert_eq!(ours.stored_weak_count(), 2 + entries);
+            let hooks = live_hooks_on(&value);
             drop(value);
+            // Removed on this thread, each shard free: every entry folds,
+            // and one takes the implicit weak.
+            let took = hooks
+                .iter()
+                .filter(|hook| hook.took_implicit_weak())
+                .count();
+            assert_eq!(took, 1, "{entries} entries folded");
+            drop(hooks);
             assert!(map.is_empty() && set.is_empty() && keyed.is_empty());
             let released = settle::until(|| ours.stored_weak_count() == 1, crate::flush);
             assert!(
@@ -2246,6 +2256,41 @@ mod tests {
                 ours.stored_weak_count()
             );
         }
+    }
+
+    /// C21: a value that dies while `retain_shard`'s lock-free scan looks
+    /// at its entry (the last `Strong` dropped inside `keep`): the death
+    /// removes and folds the entry, clearing its hook's key, which the scan
+    /// then reads; the removal under the lock finds nothing, and the other
+    /// entry stays. (A debug assertion on reading a folded hook's key
+    /// failed here.)
+    #[test]
+    fn a_death_inside_retains_scan_leaves_the_rest() {
+        let map = WeakValueMap::new();
+        let staying = Strong::new(2u32);
+        let mut dying = Some(Strong::new(1u32));
+        map.insert(1u32, dying.as_ref().expect("alive"));
+        map.insert(2u32, &staying);
+        let table = &map.core.table;
+        let mut removed = 0;
+        for shard in 0..table.shard_len() {
+            removed += table.retain_shard(
+                shard,
+                |item| {
+                    if item.key == 1 {
+                        drop(dying.take());
+                        false
+                    } else {
+                        true
+                    }
+                },
+                |_, _| {},
+            );
+        }
+        assert!(dying.is_none(), "the scan met the dying entry");
+        assert_eq!(removed, 0, "its death removed it first");
+        assert_eq!(map.len(), 1);
+        assert_eq!(map.get(&2).as_deref(), Some(&2));
     }
 
     /// One way an entry (under `key`, holding `value`) leaves its map;

@@ -100,9 +100,13 @@ const PAYLOAD_HOOK: u32 = 2 << 2;
 const ATEXIT: u32 = 1 << 4;
 
 /// In a `FOLDED` hook, whose key bits the fold cleared (its entry has left
-/// its table for good, and nothing reads them any more), the same bit
-/// says that the entry also holds its object's implicit weak reference,
-/// handed to it by the death, and releases it with its own (C21).
+/// its table for good: no writer looks it up by them any more), the same
+/// bit says that the entry also holds its object's implicit weak
+/// reference, handed to it by the death, and releases it with its own
+/// (C21). A lock-free scan that read the key of an entry just removed
+/// (`retain`'s) may read cleared bits: it looks the entry up under the
+/// lock by identity too, and finds nothing, as for any entry removed
+/// meanwhile.
 const WEAK_HANDED: u32 = 1 << 4;
 
 /// The bits of a hook's key its status word keeps: all but the state's and
@@ -475,10 +479,6 @@ impl Entry {
     #[inline]
     fn key(&self) -> u32 {
         debug_assert!(self.kind() != LISTED, "a listed node has no key");
-        debug_assert!(
-            self.status.load(Ordering::Relaxed) & STATE != FOLDED,
-            "a folded hook's key is gone (C21)"
-        );
         self.status.load(Ordering::Relaxed) & KEY_BITS
     }
 
@@ -662,6 +662,15 @@ impl EntryRef {
         true
     }
 
+    /// Whether this hook's entry took its object's implicit weak (C21;
+    /// tests only).
+    #[cfg(all(test, not(weakrefs_loom)))]
+    pub(crate) fn took_implicit_weak(&self) -> bool {
+        // Relaxed: the test's look, after the death on its thread.
+        let status = self.status.load(Ordering::Relaxed);
+        status & STATE == FOLDED && status & WEAK_HANDED != 0
+    }
+
     /// References to this entry, ours included (tests only).
     #[cfg(all(test, not(weakrefs_loom)))]
     pub(crate) fn ref_count(&self) -> usize {
@@ -759,9 +768,11 @@ impl EntryRef {
         debug_assert_ne!(status & KIND, LISTED);
         // Release, as the claim's store (C20), which this follows under
         // the same lock. The entry's drop reads it after the epoch ordered
-        // it after us (precondition 2). The key bits go: nothing reads a
-        // removed entry's key, and clear they leave `WEAK_HANDED` unset
-        // until `forget_if_folded` sets it (C21).
+        // it after us (precondition 2). The key bits go: no writer looks a
+        // removed entry up by them any more (a lock-free scan that read
+        // them finds nothing under the lock, as for any removed entry), and
+        // clear they leave `WEAK_HANDED` unset until `forget_if_folded`
+        // sets it (C21).
         self.status.store(status & KIND | FOLDED, Ordering::Release);
     }
 
@@ -855,7 +866,8 @@ impl Entry {
         // The CAS keeps the bits above the state. Only a listed node's
         // `set_atexit` changes them meanwhile, and a CAS that fails for it
         // alone, still finding `ALIVE`, tries again: each retry follows a
-        // flag change, and a hook's bits never change.
+        // flag change, and a hook's bits change only once it is settled
+        // (its fold and hand-over, C21), when no CAS succeeds any more.
         let mut status = self.status.load(Ordering::Acquire);
         loop {
             if status & STATE != ALIVE {
@@ -886,8 +898,9 @@ impl Entry {
     /// detach of a hook follows its entry's leaving the table, which takes
     /// that lock, and the entry's own drop follows this unlink.
     pub(crate) fn claim_by_removal(&self) {
-        // Relaxed: the kind and key bits never change, and the state is
-        // `ALIVE` until this store (C20).
+        // Relaxed: the kind and key bits do not change before the fold,
+        // which follows this, and the state is `ALIVE` until this store
+        // (C20).
         let status = self.status.load(Ordering::Relaxed);
         debug_assert_eq!(status & STATE, ALIVE, "a hook in its table is alive");
         debug_assert_ne!(self.kind(), LISTED);

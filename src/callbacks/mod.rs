@@ -21,8 +21,8 @@ pub(crate) use entry::{EntryRef, Hook, HookSite, Removal, KEY_BITS};
 pub(crate) use executor::{Executor, SafePoint};
 pub(crate) use global::global;
 pub(crate) use list::ObjectCallbacks;
-pub(crate) use runtime::Parked;
 pub use runtime::Stats;
+pub(crate) use runtime::{Dead, Parked};
 
 /// Runs `read`, a read's drop of handles it let go of (values the
 /// keep-warm tier evicted), where a death must not wait for the backlog:

@@ -126,6 +126,25 @@ pub struct Stats {
     pub backlog_waits: u64,
 }
 
+/// A dead object's callbacks, taken from its list: a chain through
+/// `object_next` whose references this owns, for [`Runtime::on_death`]. It
+/// holds no reference to the object's block, which an entry that takes the
+/// implicit weak may free while `on_death` still runs (C21).
+pub(crate) struct Dead(*mut Entry);
+
+impl Dead {
+    /// Takes `list`'s callbacks, leaving it empty.
+    ///
+    /// # Safety
+    ///
+    /// 1. `list`'s object is dead, so no thread holds a `Strong` to it: no
+    ///    push, compaction or walk runs on it, now or later (C6).
+    pub(crate) unsafe fn take(list: &ObjectCallbacks) -> Dead {
+        // SAFETY: the caller's 1 is `take_all`'s.
+        Dead(unsafe { list.take_all() })
+    }
+}
+
 /// The callback runtime. `global()` is the one `finalize` uses; tests and
 /// loom models build their own with `Runtime::inline` or
 /// `Runtime::external`, which never spawn a thread: they drive `drain` (or
@@ -344,20 +363,28 @@ impl Runtime {
         }
     }
 
-    /// The object owning `list` has died (its value is gone): claim its
-    /// alive listed callbacks and deliver them, newest first, after running
-    /// the alive hooks here (C14, C20).
+    /// [`Self::on_death`] of a list that belongs to no object, which the
+    /// caller keeps (tests).
+    #[cfg(test)]
+    pub(crate) fn on_death_of(&self, list: &ObjectCallbacks) {
+        // SAFETY: the test's list, which nothing else pushes to or walks.
+        let dead = unsafe { Dead::take(list) };
+        self.on_death(dead, false);
+    }
+
+    /// An object has died (its value is gone), and `dead` holds its
+    /// callbacks: claim the alive listed ones and deliver them, newest
+    /// first, after running the alive hooks here (C14, C20).
     ///
     /// `implicit_weak`: the caller holds the object's implicit weak
     /// reference and offers it to the first entry whose removal a hook
     /// folds here (C21). Returns true if an entry took it: its drop
-    /// releases it, and the caller must not.
-    pub(crate) fn on_death(&self, list: &ObjectCallbacks, implicit_weak: bool) -> bool {
+    /// releases it, and the caller must not. Nothing here refers to the
+    /// object's block, which that drop may free while this runs.
+    pub(crate) fn on_death(&self, dead: Dead, implicit_weak: bool) -> bool {
         // Still the caller's to release.
         let mut kept = implicit_weak;
-        // SAFETY: the object is dead, so no thread holds a `Strong` to it:
-        // no push or compaction races with this (C6).
-        let mut node = unsafe { list.take_all() };
+        let mut node = dead.0;
         let (mut head, mut tail, mut count) =
             (ptr::null_mut::<Entry>(), ptr::null_mut::<Entry>(), 0);
         let mut settled = 0;
@@ -937,7 +964,7 @@ mod tests {
         let second = runtime.register(&list, logger(&log, 2));
         let _third = runtime.register(&list, logger(&log, 3));
         assert!(second.detach());
-        runtime.on_death(&list, false);
+        runtime.on_death_of(&list);
         assert!(log.lock().unwrap().is_empty(), "ran before the drain");
         assert_eq!(
             runtime.stats(),
@@ -970,7 +997,7 @@ mod tests {
         for tag in 0..5 {
             let list = ObjectCallbacks::new();
             runtime.register(&list, logger(&log, tag));
-            runtime.on_death(&list, false);
+            runtime.on_death_of(&list);
         }
         runtime.flush();
         assert_eq!(*log.lock().unwrap(), [0, 1, 2, 3, 4]);
@@ -994,9 +1021,9 @@ mod tests {
         runtime.shutdown(); // idempotent
         assert_eq!(log.lock().unwrap().len(), 3);
         // After shutdown a death runs its callbacks at once, inline.
-        runtime.on_death(&second_list, false);
+        runtime.on_death_of(&second_list);
         assert_eq!(*log.lock().unwrap(), [3, 2, 1, 4]);
-        runtime.on_death(&first_list, false);
+        runtime.on_death_of(&first_list);
         assert_eq!(log.lock().unwrap().len(), 4, "shutdown's runs never repeat");
         assert_eq!(runtime.stats().queued, 0, "nothing was queued");
     }
@@ -1040,7 +1067,7 @@ mod tests {
         );
         assert!(runtime.registry.node_count() <= bound, "registry grew");
         assert!(live.iter().all(|entry| entry.is_alive()));
-        runtime.on_death(&list, false);
+        runtime.on_death_of(&list);
         assert_eq!(runtime.drain(), 64);
     }
 
@@ -1089,7 +1116,7 @@ mod tests {
             .collect();
         assert!(runtime.registry.node_count() >= count);
         for list in lists {
-            runtime.on_death(&list, false);
+            runtime.on_death_of(&list);
         }
         assert_eq!(runtime.drain(), count as u64);
         assert!(
@@ -1128,7 +1155,7 @@ mod tests {
         runtime.register(&list, move || {
             counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         });
-        runtime.on_death(&list, false);
+        runtime.on_death_of(&list);
         drop(runtime);
         assert_eq!(ran.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
@@ -1151,7 +1178,7 @@ mod tests {
         let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| detached.detach()));
         assert!(outcome.is_err());
         assert!(!detached.is_alive());
-        runtime.on_death(&list, false);
+        runtime.on_death_of(&list);
         assert_eq!(runtime.drain(), 1);
         assert_eq!(
             runtime.stats().panicked,
@@ -1178,7 +1205,7 @@ mod tests {
         });
         fn zero_sized() {}
         runtime.register(&list, zero_sized);
-        runtime.on_death(&list, false);
+        runtime.on_death_of(&list);
         assert_eq!(runtime.drain(), 2);
         assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 7);
     }
@@ -1221,7 +1248,7 @@ mod tests {
             assert_eq!(entry.ref_count(), 1, "a detached inline entry was kept");
         }
         assert!(first.is_alive() && anchoring.is_alive());
-        runtime.on_death(&list, false);
+        runtime.on_death_of(&list);
         assert_eq!(runtime.drain(), 2);
         assert_eq!(runs.load(Ordering::Relaxed), 2);
         assert!(list.is_empty());
@@ -1250,7 +1277,7 @@ mod tests {
             runtime.register(&list, Box::new(|| {})).detach();
         }
         assert_eq!(probe.ref_count(), 1, "a list kept a detached entry");
-        runtime.on_death(&list, false);
+        runtime.on_death_of(&list);
         assert_eq!(runtime.drain(), 1);
     }
 }
@@ -1286,7 +1313,7 @@ pub(super) mod loom_models {
     pub(in crate::callbacks) fn die_with_one_callback(runtime: &Runtime, runs: &Arc<AtomicUsize>) {
         let list = ObjectCallbacks::new();
         runtime.register(&list, counting(runs));
-        runtime.on_death(&list, false);
+        runtime.on_death_of(&list);
     }
 
     /// `flush` racing a death on another thread: when both are done and a
@@ -1332,7 +1359,7 @@ pub(super) mod loom_models {
             runtime.shutdown();
             assert_eq!(runs.load(Ordering::SeqCst), 1);
             assert_eq!(other.join().unwrap(), 1);
-            runtime.on_death(&list, false);
+            runtime.on_death_of(&list);
             assert_eq!(runs.load(Ordering::SeqCst), 1);
         });
     }
@@ -1362,7 +1389,7 @@ pub(super) mod loom_models {
             detacher.join().unwrap();
             let fourth = pusher.join().unwrap();
             let list = Arc::try_unwrap(list).expect("threads joined");
-            runtime.on_death(&list, false);
+            runtime.on_death_of(&list);
             runtime.flush();
             assert_eq!(runs.load(Ordering::SeqCst), 2);
             assert!(!third.is_alive() && !fourth.is_alive());
@@ -1385,7 +1412,7 @@ pub(super) mod loom_models {
             runtime.shutdown();
             let late = registrar.join().unwrap();
             let list = Arc::try_unwrap(list).expect("threads joined");
-            runtime.on_death(&list, false);
+            runtime.on_death_of(&list);
             assert_eq!(runs.load(Ordering::SeqCst), 1);
             assert!(!late.is_alive());
         });
@@ -1403,7 +1430,7 @@ pub(super) mod loom_models {
             runtime.register(&list, counting(&runs)).set_atexit(atexit);
             let dying = {
                 let runtime = runtime.clone();
-                thread::spawn(move || runtime.on_death(&list, false))
+                thread::spawn(move || runtime.on_death_of(&list))
             };
             runtime.shutdown();
             dying.join().unwrap();

@@ -257,7 +257,7 @@ mod tests {
                                 runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                             }),
                         );
-                        runtime.on_death(&list, false);
+                        runtime.on_death_of(&list);
                     }
                 });
             }
