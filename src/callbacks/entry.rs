@@ -528,10 +528,11 @@ impl Entry {
 /// An owned reference to an entry (the crate's `Arc<Entry>`).
 pub(crate) struct EntryRef(NonNull<Entry>);
 
-// SAFETY: the closure is `Send`, and only the state machine's winner ever
-// reaches it (C1), but for a hook's, plain data that stays in place and is
-// only read until the free (C20); every other field of the node is atomic
-// or immutable.
+// The closure is `Send`, and only the state machine's winner ever reaches
+// it (C1), but for a hook's, plain data that stays in place and is only
+// read until the free (C20); every other field of the node is atomic or
+// immutable.
+// SAFETY: as just said.
 unsafe impl Send for EntryRef {}
 // SAFETY: as for `Send`: sharing `&EntryRef` lets threads race only on the
 // atomic state, whose CAS admits one winner, and on reads of a hook's
@@ -1039,10 +1040,10 @@ impl<P> Hook<P> {
 
     /// The payload, until its entry drops it.
     pub(crate) fn payload(&self) -> &P {
-        // SAFETY: initialised by `new_hook`, and alive: whoever drops it
-        // (the entry, through `payload_ptr`) does so once no handle's
-        // `payload` is used any more. Only shared references are made
-        // until then.
+        // Initialised by `new_hook`, and alive: whoever drops it (the
+        // entry, through `payload_ptr`) does so once no handle's `payload`
+        // is used any more. Only shared references are made until then.
+        // SAFETY: as just said.
         unsafe { &*self.payload_ptr() }
     }
 
