@@ -22,6 +22,10 @@ pub(crate) use loom::sync::atomic::{
 
 pub(crate) use lock::MutexGuard;
 
+/// Loom has no compiler fence; the only user, the shard lock's asymmetric
+/// barrier, is never chosen under loom.
+pub(crate) use std::sync::atomic::compiler_fence;
+
 /// A mutex whose lock ignores poisoning, as tokio's `loom/std/mutex.rs`
 /// does. Every critical section in the crate either runs no user code or
 /// leaves its data consistent before any point that can panic (a shard's

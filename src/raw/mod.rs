@@ -2,12 +2,14 @@
 //! epoch-protected table they share (`table`), what the collections do
 //! alike on top of it (`collection`), which keys drop without user code
 //! (`plain_drop`), the maps' single-flight loads
-//! (`single_flight`), and `WeakValueMap`'s keep-warm tier (`tier`) with
-//! the frequency sketch its admission consults (`sketch`).
+//! (`single_flight`), `WeakValueMap`'s keep-warm tier (`tier`) with
+//! the frequency sketch its admission consults (`sketch`), and the lock
+//! each shard's writers take (`shard_lock`).
 
 pub(crate) mod collection;
 pub(crate) mod counters;
 pub(crate) mod plain_drop;
+pub(crate) mod shard_lock;
 pub(crate) mod single_flight;
 pub(crate) mod sketch;
 pub(crate) mod table;

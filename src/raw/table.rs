@@ -66,12 +66,13 @@ use std::ptr::{self, NonNull};
 use crate::callbacks::{Executor, Removal, KEY_BITS};
 use crate::panics::{catch_and_report, drop_each_and_report};
 use crate::raw::collection::{HookAnchor, HookTarget, Hooks};
+use crate::raw::shard_lock::{ShardGuard, ShardLock};
 use crate::reclaim::{Pinned, Reclaimer};
 #[cfg(weakrefs_loom)]
 use crate::sync::Released;
 use crate::sync::{
-    acquire_fence, prefetch, AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, CachePadded, Mutex,
-    MutexGuard, Ordering, UnsafeCell,
+    acquire_fence, prefetch, AtomicPtr, AtomicU64, AtomicU8, AtomicUsize, CachePadded, Ordering,
+    UnsafeCell,
 };
 
 /// Shards per table: about four per CPU, a power of two. Two under loom.
@@ -811,7 +812,7 @@ pub(crate) struct Shard<I: Sided> {
     /// Null once closed (`ShardState::closed`); until then never null, and
     /// owns the shard's reference to the table (M9).
     table: AtomicPtr<Table<I>>,
-    writer: Mutex<ShardState>,
+    writer: ShardLock<ShardState>,
     /// Items in the table. Written under the mutex, read without it.
     len: AtomicUsize,
     /// Entries a death removed from this shard. Written under the mutex
@@ -945,7 +946,7 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
                 CachePadded::new(Shard {
                     target: hooks.target.clone(),
                     table: AtomicPtr::new(Box::into_raw(Table::with_slots(slots, marked))),
-                    writer: Mutex::new(ShardState {
+                    writer: ShardLock::new(ShardState {
                         used: 0,
                         issued: 0,
                         closed: false,
@@ -1633,7 +1634,7 @@ impl<'p> WritePin<'p> {
 /// the lock.
 pub(crate) struct ShardWriter<'g, I: Relocatable + Send + Sync + 'static> {
     shard: &'g Shard<I>,
-    state: Option<MutexGuard<'g, ShardState>>,
+    state: Option<ShardGuard<'g, ShardState>>,
     garbage: Garbage<I>,
     pin: &'g WritePin<'g>,
     /// Something removed was lent for `'g` (`lend`): the pin must be
@@ -1688,7 +1689,7 @@ pub(crate) enum HookWrite<'g, I: Relocatable + Send + Sync + 'static> {
 }
 
 impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
-    fn new(shard: &'g Shard<I>, state: MutexGuard<'g, ShardState>, pin: &'g WritePin<'_>) -> Self {
+    fn new(shard: &'g Shard<I>, state: ShardGuard<'g, ShardState>, pin: &'g WritePin<'_>) -> Self {
         ShardWriter {
             shard,
             state: Some(state),
