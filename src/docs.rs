@@ -446,6 +446,7 @@ pub mod internals {
     //! | machinery | `raw::table` | `ShardedTable`: sharded open-addressing tables under epoch reclamation, one writer per shard |
     //! | | `raw::collection` | what the collections do alike on top of it: `remove_on_death`, iteration, `retain`, `clear`, `purge` |
     //! | | `raw::single_flight` | `Flights`: single-flight loads shared by both maps |
+    //! | | `raw::shard_lock` | `ShardLock`: a shard's writer lock, released by a plain store (section 10) |
     //! | | `raw::tier`, `raw::counters` | `WeakValueMap`'s keep-warm tier; striped statistics counters |
     //! | faces | `finalizer`, `weak_value_map`, `weak_key_map`, `weak_set`, `weak_method`, `par_iter`, `error` | the public API and its docs; thin over the layers below |
     //!
@@ -551,6 +552,7 @@ pub mod internals {
     //! | shard table: removal, reads, growth, rebuilds, slot reuse, the tier (section 7) | `insert_races_death_of_the_previous_value`, `get_races_remove_and_death`, `read_races_growth` and the others in that file | `loom-tests/tests/weak_value_map.rs` |
     //! | single flight (M6) | `single_flight_leader_races_waiter`, `a_failing_leader_lets_the_waiter_lead` | `loom-tests/tests/weak_value_map.rs` |
     //! | async waiter dropped while the load settles (M6) | `a_dropped_waiter_races_the_settling` | `src/raw/single_flight.rs` |
+    //! | the shard lock: exclusion, no lost wake-up (L1, L2) | `two_lockers_never_overlap`, `a_waiter_is_never_left_asleep`, `two_waiters_are_both_woken` | `src/raw/shard_lock.rs` |
     //! | values borrowed in place (section 8) | `a_removal_racing_with_never_drops_a_borrowed_value` and the other six | `loom-tests/tests/weak_key_map.rs` |
     //!
     //! Models build their own `Runtime` (`Runtime::inline`,

@@ -24,6 +24,7 @@ pub(crate) use lock::MutexGuard;
 
 /// Loom has no compiler fence; the only user, the shard lock's asymmetric
 /// barrier, is never chosen under loom.
+#[cfg(any(all(target_os = "linux", not(weakrefs_loom)), all(weakrefs_loom, test)))]
 pub(crate) use std::sync::atomic::compiler_fence;
 
 /// A mutex whose lock ignores poisoning, as tokio's `loom/std/mutex.rs`
@@ -98,6 +99,12 @@ impl Condvar {
     pub(crate) fn notify_all(&self) {
         self.0.notify_all();
     }
+
+    /// Wakes one waiter (the shard lock's loom model of a futex).
+    #[cfg(all(weakrefs_loom, test))]
+    pub(crate) fn notify_one(&self) {
+        self.0.notify_one();
+    }
 }
 
 /// Parking for the finalizer thread: crossbeam-utils switches it to loom's
@@ -160,8 +167,8 @@ macro_rules! acquire_fence {
 }
 pub(crate) use acquire_fence;
 
-/// Hint for a short busy wait (the only spin in the crate is
-/// `Strong::get_mut`'s few-instruction weak-count lock).
+/// Hint for a short busy wait (`Strong::get_mut`'s few-instruction
+/// weak-count lock, and the shard lock's spins before it sleeps).
 #[inline]
 pub(crate) fn spin_loop() {
     #[cfg(not(weakrefs_loom))]
