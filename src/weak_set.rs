@@ -25,15 +25,9 @@ impl<T: ?Sized> Sided for Member<T> {
     /// says it stands for (C21).
     #[inline]
     unsafe fn drop_with_side(member: *mut Self, side: *mut EntryHook) {
-        // Read before the hook goes, and its node with it.
-        // SAFETY: initialised (the caller's 1).
-        let refs = unsafe { (*side).0.watched_refs() };
-        // SAFETY: owned, dropped or moved out once, not used after (the
+        // SAFETY: owned, each dropped once and not used after (the
         // caller's 1).
-        unsafe {
-            std::ptr::drop_in_place(side);
-            std::ptr::read(std::ptr::addr_of!((*member).object)).release(refs);
-        }
+        unsafe { EntryHook::drop_with_weak(side, std::ptr::addr_of!((*member).object)) }
     }
 }
 

@@ -51,14 +51,10 @@ impl<K, V: ?Sized> Sided for Item<K, V> {
     /// code and panic.
     #[inline]
     unsafe fn drop_with_side(item: *mut Self, side: *mut EntryHook) {
-        // Read before the hook goes, and its node with it.
-        // SAFETY: initialised (the caller's 1).
-        let refs = unsafe { (*side).0.watched_refs() };
-        // SAFETY: owned, each field dropped or moved out once, and none
-        // used after (the caller's 1).
+        // SAFETY: owned, each field dropped once and none used after (the
+        // caller's 1).
         unsafe {
-            ptr::drop_in_place(side);
-            ptr::read(ptr::addr_of!((*item).value)).release(refs);
+            EntryHook::drop_with_weak(side, ptr::addr_of!((*item).value));
             ptr::drop_in_place(ptr::addr_of_mut!((*item).key));
         }
     }

@@ -17,7 +17,7 @@ use crate::strong::Strong;
 use crate::sync::yield_now;
 #[cfg(weakrefs_loom)]
 use crate::sync::{Released, ReleasedFlag};
-use crate::weak::Weak;
+use crate::weak::{EntryWeak, Weak};
 
 /// An entry that watches one object weakly and goes when it dies.
 pub(crate) trait Watching: Relocatable + Send + Sync + 'static {
@@ -129,6 +129,33 @@ pub(crate) struct EntryHook(pub(crate) Hook);
 impl Drop for EntryHook {
     fn drop(&mut self) {
         self.0.detach();
+    }
+}
+
+impl EntryHook {
+    /// Drops an entry's hook, then the entry's `Weak` for the references
+    /// the hook says it stands for (C21): its own, and its object's
+    /// implicit weak if the object's death handed it over. What every
+    /// entry's drop does, the map's before dropping its key.
+    ///
+    /// # Safety
+    ///
+    /// Both are initialised and owned by the caller, each dropped or moved
+    /// out here once and not used after.
+    #[inline]
+    pub(crate) unsafe fn drop_with_weak<T: ?Sized>(
+        hook: *mut EntryHook,
+        weak: *const EntryWeak<T>,
+    ) {
+        // Read before the hook goes, and its node with it.
+        // SAFETY: initialised (the caller's promise).
+        let refs = unsafe { (*hook).0.watched_refs() };
+        // SAFETY: owned, dropped or moved out once, not used after (the
+        // caller's promise).
+        unsafe {
+            std::ptr::drop_in_place(hook);
+            std::ptr::read(weak).release(refs);
+        }
     }
 }
 
