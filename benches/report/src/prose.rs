@@ -140,17 +140,19 @@ pub const SECTIONS: &[Section] = &[
               work at death: dead entries stay, payload allocation and all, until the next sweep, \
               which here comes after every 1024 inserts and visits only 1024 entries. Most of \
               the time goes to locked instructions, on both sides: a sampling profile of a \
-              one-thread `u64` churn (`perf`, cpu-clock, 2026-12-07) puts 50% of this crate's \
-              samples and 67% of `DashMap`'s just after one. This crate pays ten per insert \
+              one-thread `u64` churn (`perf`, cpu-clock, 2026-12-07) puts 39% of this crate's \
+              samples and 67% of `DashMap`'s just after one. This crate pays eight per insert \
               and death: the value's weak count, the node's link onto the value, the shard's \
-              lock and unlock; at the death the value's strong count, the epoch pin, the \
-              shard's lock and unlock; then, in the deferred drop, the table's reference count \
-              and the bit that frees the slot for reuse. (The callback's claim and the release \
-              of the value's implicit weak reference were two more until 2026-12-07: the \
-              removal now claims the callback with a plain store under the shard's lock, and \
-              hands the implicit weak to the entry, whose drop releases both with a load.) \
+              lock; at the death the value's strong count, the epoch pin, the shard's lock; \
+              then, in the deferred drop, the table's reference count and the bit that frees \
+              the slot for reuse. Four more were paid until 2026-12-07: the callback's claim \
+              and the release of the value's implicit weak reference (the removal now claims \
+              the callback with a plain store under the shard's lock, and hands the implicit \
+              weak to the entry, whose drop releases both with a load), and the two unlocks \
+              (on Linux the shard's lock is released with a plain store, and a thread about \
+              to sleep on it pays with a `membarrier` call instead: SAFETY.md, section 10). \
               `DashMap` with `retain` pays six, and runs 452 instructions an insert and death \
-              to this crate's 1408 (callgrind). Exact, \
+              to this crate's 1404 (callgrind). Exact, \
               automatic removal is what the extra work buys; the churn memory section below \
               shows what the sweeps leave when they are further apart. A removed `String` key \
               is freed by the epoch collector, like a `u64` one: only keys whose destructor may \
