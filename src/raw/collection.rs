@@ -135,8 +135,10 @@ impl Drop for EntryHook {
 impl EntryHook {
     /// Drops an entry's hook, then the entry's `Weak` for the references
     /// the hook says it stands for (C21): its own, and its object's
-    /// implicit weak if the object's death handed it over. What every
-    /// entry's drop does, the map's before dropping its key.
+    /// implicit weak if the object's death handed it over: how
+    /// `WeakValueMap`'s and `WeakSet`'s entries drop (the map's before its
+    /// key). `WeakKeyMap`'s hook holds its key, and its item drops both
+    /// in its own `Drop`.
     ///
     /// # Safety
     ///
