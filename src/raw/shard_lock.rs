@@ -69,8 +69,9 @@ mod protocol {
     pub(crate) struct RawLock {
         /// 0 free, 1 held (L1).
         state: AtomicU32,
-        /// Threads in `lock_contended` from their first possible sleep on;
-        /// an unlock that reads it nonzero wakes one (L2).
+        /// Threads that may be asleep on `state`: each counted from just
+        /// before its heavy barrier until it wakes or takes the lock. An
+        /// unlock that reads it nonzero wakes one (L2).
         sleepers: AtomicU32,
         /// Read once, at construction (L3).
         mode: Mode,
