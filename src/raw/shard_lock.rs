@@ -75,8 +75,8 @@ mod protocol {
         sleepers: AtomicU32,
         /// Read once, at construction (L3).
         mode: Mode,
-        /// Under loom, the futex: see `sleep::Futex`.
-        #[cfg(weakrefs_loom)]
+        /// Where waiters sleep on `state`: the kernel's futex (no bytes),
+        /// or under loom its model.
         futex: super::sleep::Futex,
     }
 
@@ -87,7 +87,6 @@ mod protocol {
                 state: AtomicU32::new(0),
                 sleepers: AtomicU32::new(0),
                 mode,
-                #[cfg(weakrefs_loom)]
                 futex: super::sleep::Futex::new(),
             }
         }
@@ -124,7 +123,8 @@ mod protocol {
                 let held = if heavy(self.mode) {
                     let held = self.try_lock();
                     if !held {
-                        self.wait_while_held();
+                        // Sleeps unless `state` no longer reads 1.
+                        self.futex.wait(&self.state, 1);
                     }
                     held
                 } else {
@@ -174,30 +174,8 @@ mod protocol {
             light(self.mode);
             // Relaxed: ordered by the barrier pair (L2).
             if self.sleepers.load(Ordering::Relaxed) != 0 {
-                self.wake_one();
+                self.futex.wake_one(&self.state);
             }
-        }
-
-        /// Sleeps until woken, unless `state` no longer reads 1 (held).
-        #[cfg(not(weakrefs_loom))]
-        fn wait_while_held(&self) {
-            super::sleep::futex_wait(&self.state, 1);
-        }
-
-        #[cfg(not(weakrefs_loom))]
-        #[cold]
-        fn wake_one(&self) {
-            super::sleep::futex_wake_one(&self.state);
-        }
-
-        #[cfg(weakrefs_loom)]
-        fn wait_while_held(&self) {
-            self.futex.wait(&self.state, 1);
-        }
-
-        #[cfg(weakrefs_loom)]
-        fn wake_one(&self) {
-            self.futex.wake_one();
         }
     }
 
@@ -231,43 +209,43 @@ mod protocol {
 /// The system calls (Linux), or under loom a model of the futex.
 #[cfg(any(all(target_os = "linux", not(weakrefs_loom)), all(weakrefs_loom, test)))]
 mod sleep {
-    #[cfg(not(weakrefs_loom))]
     use crate::sync::AtomicU32;
 
     /// `linux/membarrier.h`: not every `libc` release names them.
-    #[cfg(all(not(weakrefs_loom), not(miri)))]
+    #[cfg(not(weakrefs_loom))]
     const MEMBARRIER_CMD_PRIVATE_EXPEDITED: libc::c_int = 1 << 3;
-    #[cfg(all(not(weakrefs_loom), not(miri)))]
+    #[cfg(not(weakrefs_loom))]
     const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED: libc::c_int = 1 << 4;
 
+    /// `membarrier(command, 0, 0)`; false if it failed, and always under
+    /// Miri, which has no such call.
+    #[cfg(not(weakrefs_loom))]
+    fn membarrier_command(command: libc::c_int) -> bool {
+        if cfg!(miri) {
+            return false;
+        }
+        // SAFETY: a system call with integer arguments only; it reads and
+        // writes no memory of ours.
+        let result = unsafe {
+            libc::syscall(
+                libc::SYS_membarrier,
+                command,
+                0 as libc::c_uint,
+                0 as libc::c_int,
+            )
+        };
+        result == 0
+    }
+
     /// Registers the process for private expedited `membarrier`s; false
-    /// where the kernel or a sandbox refuses, under Miri (which has no such
-    /// call), and where `WEAKREFS_NO_MEMBARRIER` is set: a seccomp policy
-    /// that kills a process for a call it does not list, rather than
-    /// failing the call, would otherwise kill it here.
+    /// where the kernel or a sandbox refuses, under Miri, and where
+    /// `WEAKREFS_NO_MEMBARRIER` is set: a seccomp policy that kills a
+    /// process for a call it does not list, rather than failing the call,
+    /// would otherwise kill it here.
     #[cfg(not(weakrefs_loom))]
     pub(super) fn register_membarrier() -> bool {
-        #[cfg(miri)]
-        {
-            false
-        }
-        #[cfg(not(miri))]
-        {
-            if std::env::var_os("WEAKREFS_NO_MEMBARRIER").is_some() {
-                return false;
-            }
-            // SAFETY: a system call with integer arguments only; it reads
-            // and writes no memory of ours.
-            let result = unsafe {
-                libc::syscall(
-                    libc::SYS_membarrier,
-                    MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED,
-                    0 as libc::c_uint,
-                    0 as libc::c_int,
-                )
-            };
-            result == 0
-        }
+        std::env::var_os("WEAKREFS_NO_MEMBARRIER").is_none()
+            && membarrier_command(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED)
     }
 
     /// Makes every running thread of the process pass a full memory
@@ -275,23 +253,7 @@ mod sleep {
     /// successful [`register_membarrier`].
     #[cfg(not(weakrefs_loom))]
     pub(super) fn membarrier() -> bool {
-        #[cfg(miri)]
-        {
-            false
-        }
-        #[cfg(not(miri))]
-        {
-            // SAFETY: as in `register_membarrier`.
-            let result = unsafe {
-                libc::syscall(
-                    libc::SYS_membarrier,
-                    MEMBARRIER_CMD_PRIVATE_EXPEDITED,
-                    0 as libc::c_uint,
-                    0 as libc::c_int,
-                )
-            };
-            result == 0
-        }
+        membarrier_command(MEMBARRIER_CMD_PRIVATE_EXPEDITED)
     }
 
     /// Under loom the asymmetric mode is never chosen.
@@ -300,35 +262,48 @@ mod sleep {
         unreachable!("loom models run the fences mode")
     }
 
-    /// Sleeps while `word` reads `expected`, until woken or interrupted
-    /// (the caller loops).
+    /// The kernel's futex, which needs no state of ours: the word is the
+    /// address it queues sleepers by.
     #[cfg(not(weakrefs_loom))]
-    pub(super) fn futex_wait(word: &AtomicU32, expected: u32) {
-        // SAFETY: `word` is a live, aligned 32-bit atomic for the call; the
-        // kernel reads it atomically and writes nothing. A null timeout
-        // waits without one. Errors (the word changed, a signal) return.
-        unsafe {
-            libc::syscall(
-                libc::SYS_futex,
-                word.as_ptr(),
-                libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
-                expected,
-                std::ptr::null::<libc::timespec>(),
-            );
-        }
-    }
+    #[derive(Debug)]
+    pub(super) struct Futex;
 
-    /// Wakes one thread sleeping in [`futex_wait`] on `word`, if any.
     #[cfg(not(weakrefs_loom))]
-    pub(super) fn futex_wake_one(word: &AtomicU32) {
-        // SAFETY: as in `futex_wait`; a wake reads no memory at `word`.
-        unsafe {
-            libc::syscall(
-                libc::SYS_futex,
-                word.as_ptr(),
-                libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
-                1 as libc::c_int,
-            );
+    impl Futex {
+        pub(super) fn new() -> Self {
+            Futex
+        }
+
+        /// Sleeps while `word` reads `expected`, until woken or
+        /// interrupted (the caller loops).
+        pub(super) fn wait(&self, word: &AtomicU32, expected: u32) {
+            // SAFETY: `word` is a live, aligned 32-bit atomic for the call;
+            // the kernel reads it atomically and writes nothing. A null
+            // timeout waits without one. Errors (the word changed, a
+            // signal) return.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_futex,
+                    word.as_ptr(),
+                    libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+                    expected,
+                    std::ptr::null::<libc::timespec>(),
+                );
+            }
+        }
+
+        /// Wakes one thread sleeping in [`Self::wait`] on `word`, if any.
+        #[cold]
+        pub(super) fn wake_one(&self, word: &AtomicU32) {
+            // SAFETY: as in `wait`; a wake reads no memory at `word`.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_futex,
+                    word.as_ptr(),
+                    libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
+                    1 as libc::c_int,
+                );
+            }
         }
     }
 
@@ -357,7 +332,7 @@ mod sleep {
             }
         }
 
-        pub(super) fn wait(&self, word: &crate::sync::AtomicU32, expected: u32) {
+        pub(super) fn wait(&self, word: &AtomicU32, expected: u32) {
             let parked = self.parked.lock();
             // Relaxed: the kernel's read; the caller's barrier orders it.
             if word.load(crate::sync::Ordering::Relaxed) == expected {
@@ -365,7 +340,7 @@ mod sleep {
             }
         }
 
-        pub(super) fn wake_one(&self) {
+        pub(super) fn wake_one(&self, _word: &AtomicU32) {
             let _parked = self.parked.lock();
             self.wakes.notify_one();
         }
