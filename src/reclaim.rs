@@ -1,31 +1,31 @@
-//! Epoch-based reclamation: the one module that talks to crossbeam-epoch.
+//! Epoch-based reclamation: the one module that retires memory.
 //!
 //! A lock-free reader may hold a pointer to memory that a writer has just
 //! unlinked. The writer must not free that memory until every such reader is
-//! done; it *retires* the memory instead, and crossbeam-epoch frees it once
+//! done; it *retires* the memory instead, and the collector frees it once
 //! every thread that was pinned at retirement time has unpinned (SAFETY.md,
-//! I7).
+//! I7). The collector is the crate's own ([`epoch`], SAFETY.md section 11):
+//! its pin is a plain store, where a classic epoch pin is a locked
+//! instruction, a quarter of a read's time in a map that fits in cache.
 //!
-//! Two things are added on top of crossbeam-epoch:
+//! On top of the collector:
 //!
-//! * **An injectable collector.** [`Reclaimer::global`] uses crossbeam's
-//!   process-wide default collector and its cached per-thread handle (the
-//!   fast path). [`Reclaimer::with_collector`] uses a collector of the
-//!   caller's own, so a loom model or a test gets a fresh, isolated one
-//!   whose garbage it can account for exactly.
-//! * **Bounded garbage.** crossbeam-epoch frees retired memory only when a
-//!   thread happens to collect, which it does every 128 pins; a thread that
-//!   retires faster than that piles garbage up without bound (crossbeam
-//!   issue 566). Every [`FLUSH_EVERY`] retirements on a thread, [`Pinned::defer`]
-//!   flushes that thread's bag and runs a collection step, so garbage in
-//!   flight stays proportional to the number of threads, not to the number
-//!   of retirements.
+//! * **An injectable collector.** [`Reclaimer::global`] uses the
+//!   process-wide collector and its cached per-thread handle (the fast
+//!   path). [`Reclaimer::with_collector`] uses a collector of the caller's
+//!   own, so a loom model or a test gets a fresh, isolated one whose
+//!   garbage it can account for exactly.
+//! * **Bounded garbage.** Every [`FLUSH_EVERY`] retirements on a thread,
+//!   [`Pinned::defer`] seals that thread's bag and runs what has expired,
+//!   so garbage in flight stays proportional to the number of threads, not
+//!   to the number of retirements.
+
+mod epoch;
 
 use std::cell::Cell;
 
-#[cfg(test)]
-use crossbeam_epoch::Shared;
-use crossbeam_epoch::{Collector, Guard};
+pub(crate) use epoch::Collector;
+use epoch::Guard;
 
 use crate::sync::thread_local;
 
@@ -58,31 +58,11 @@ pub(crate) fn hand_over_garbage() {
     }
 }
 
+/// Collection steps one [`push_garbage_through`] takes at most. Each
+/// runs every expired bag, so a handful suffice; the bound keeps other
+/// threads' endless retirements from holding it.
 #[cfg(not(weakrefs_loom))]
-thread_local! {
-    /// Deferred functions this thread has run: a collection step runs them
-    /// on the thread that collects, so [`push_garbage_through`] sees by it
-    /// whether its steps still free anything. A constant initialiser and
-    /// nothing to drop, so it costs a deferred function one increment.
-    static RAN_HERE: Cell<u64> = const { Cell::new(0) };
-}
-
-/// Counts one deferred function run on this thread (a no-op during
-/// thread-local teardown, where nothing reads the count again).
-#[cfg(not(weakrefs_loom))]
-#[inline(always)]
-fn note_ran_here() {
-    let _ = RAN_HERE.try_with(|ran| ran.set(ran.get() + 1));
-}
-
-/// Collection steps one [`push_garbage_through`] takes at most while they
-/// run functions of ours, and again after them: each runs up to eight
-/// bags, of `FLUSH_EVERY` functions or more, so at least four million
-/// deferred drops (the burst of an object filed under a million keys
-/// dying, four times over) go in one call, while other threads' endless
-/// retirements cannot keep it from returning.
-#[cfg(not(weakrefs_loom))]
-const MAX_STEPS: usize = 1 << 14;
+const MAX_STEPS: usize = 1 << 10;
 
 /// Set once anything has been retired in this process: a hint, outside
 /// the crate's protocols (and a `static`, which loom's atomics cannot be).
@@ -112,38 +92,25 @@ pub(crate) fn push_garbage_through() -> u64 {
         }
         hand_over_garbage();
         // An epoch ends only once every thread pinned in it has unpinned;
-        // a bag sealed in epoch `e` is freed from epoch `e + 2` on, so
-        // three steps free what is queued when no other thread is pinned,
-        // up to a step's share (eight bags). A burst of removals queues
-        // thousands of bags: step on while steps run something here, and
-        // stop after three in a row that ran nothing (the queue is empty,
+        // a bag sealed in epoch `e` runs from epoch `e + 3` on (E2), so
+        // three steps that each advance run what is queued when no other
+        // thread is pinned. Step on while steps run something here, and
+        // stop after four in a row that ran nothing (the queue is empty,
         // or another thread's pin holds the epoch back). Between idle
         // steps, yield: a thread descheduled while pinned (on a busy
         // machine, often the finalizer thread) then gets to unpin.
-        let ran = || RAN_HERE.try_with(Cell::get).unwrap_or(0);
-        let start = ran();
+        let mut run = 0;
         let mut idle = 0;
         for _ in 0..MAX_STEPS {
-            let before = ran();
-            Reclaimer::global().pin().flush();
-            idle = if ran() == before { idle + 1 } else { 0 };
-            if idle == 3 {
+            let ran = Reclaimer::global().pin().flush();
+            run += ran as u64;
+            idle = if ran == 0 { idle + 1 } else { 0 };
+            if idle == 4 {
                 break;
             }
             if idle > 0 {
                 std::thread::yield_now();
             }
-        }
-        // Each bag a step runs leaves its queue node to a deferred destroy
-        // of crossbeam's own, which `RAN_HERE` does not count, and those
-        // destroys go round the queue in bags of their own, eight to a
-        // step. A bag of ours holds `FLUSH_EVERY` functions, so about one
-        // step for every 2048 functions run clears those nodes, a few more
-        // the bags that held their destroys: give them one for every 512.
-        let run = ran() - start;
-        let tail = usize::try_from(run / 512).unwrap_or(MAX_STEPS);
-        for _ in 0..tail.min(MAX_STEPS) {
-            Reclaimer::global().pin().flush();
         }
         run
     }
@@ -180,7 +147,7 @@ mod loom_global {
     use std::cell::Cell;
     use std::sync::OnceLock;
 
-    use crossbeam_epoch::Collector;
+    use super::Collector;
 
     struct LoomEpoch {
         // Fields drop in order: the collector, with its pending deferred
@@ -264,12 +231,12 @@ mod loom_global {
 #[cfg(weakrefs_loom)]
 pub(crate) use loom_global::outlives_collector;
 
-/// Where retired memory goes: crossbeam's global collector or one of the
+/// Where retired memory goes: the process-wide collector or one of the
 /// caller's own.
 #[derive(Debug, Default)]
 pub(crate) struct Reclaimer {
-    /// `None`: crossbeam-epoch's default collector, pinned through its
-    /// cached thread-local handle.
+    /// `None`: the process-wide collector, pinned through its cached
+    /// thread-local handle.
     own: Option<Collector>,
 }
 
@@ -321,13 +288,13 @@ impl Reclaimer {
     pub(crate) fn pin(&self) -> Pinned {
         let guard = match &self.own {
             #[cfg(not(weakrefs_loom))]
-            None => crossbeam_epoch::pin(),
+            None => epoch::pin(),
             // Under loom, the crate's own collector, which the models' lazy
             // statics drop in a fixed order (`loom_global`).
             #[cfg(weakrefs_loom)]
             None => loom_global::collector().register().pin(),
             // Registering per pin is slow, but this path serves tests and
-            // models only. The guard keeps its participant alive after the
+            // models only. The guard keeps its registration alive after the
             // handle is dropped.
             Some(collector) => collector.register().pin(),
         };
@@ -342,32 +309,6 @@ pub(crate) struct Pinned {
 }
 
 impl Pinned {
-    /// The crossbeam guard, for `Atomic::load` and friends (tests).
-    #[cfg(test)]
-    #[inline]
-    pub(crate) fn guard(&self) -> &Guard {
-        &self.guard
-    }
-
-    /// Hands `ptr` to the collector, which drops and frees it once no thread
-    /// pinned now can still read it: [`Self::defer`] with a drop, so the
-    /// tests of this wrapper exercise the path the collections use.
-    ///
-    /// # Safety
-    ///
-    /// 1. `ptr` points at a live heap object allocated by crossbeam's `Owned`
-    ///    (or `Box`), and has been unlinked: no thread that pins after this
-    ///    call can reach it.
-    /// 2. It is retired once.
-    #[cfg(test)]
-    pub(crate) unsafe fn retire<T: Send + 'static>(&self, ptr: Shared<'_, T>) {
-        let raw = ptr.as_raw().cast_mut();
-        // SAFETY: by 2 the object is freed once, by the function; by 1 it is
-        // an `Owned` allocation that only threads pinned now can still reach
-        // (`defer`'s 2), and it stays valid until the function runs (1).
-        unsafe { self.defer(move || drop(crossbeam_epoch::Owned::from_raw(raw))) };
-    }
-
     /// Runs `f` once no thread pinned now can still read what it frees.
     ///
     /// # Safety
@@ -378,17 +319,8 @@ impl Pinned {
     /// 2. What `f` frees has been unlinked: no thread that pins after this
     ///    call can reach it.
     pub(crate) unsafe fn defer(&self, f: impl FnOnce()) {
-        // The count captures nothing: the function keeps its size, and
-        // crossbeam stores it inline as before (three words at most).
-        let counted = move || {
-            f();
-            #[cfg(not(weakrefs_loom))]
-            note_ran_here();
-        };
-        // SAFETY: precondition 1 is crossbeam's own for `defer_unchecked`
-        // (the closure's validity wherever and whenever it runs); 2 makes
-        // waiting for the threads pinned now enough (I7).
-        unsafe { self.guard.defer_unchecked(counted) };
+        // SAFETY: the caller's preconditions are the collector's.
+        unsafe { self.guard.defer(f) };
         self.count_retirement();
     }
 
@@ -414,27 +346,28 @@ impl Pinned {
             })
             .unwrap_or(true);
         if due {
-            self.flush();
+            self.guard.seal();
         }
     }
 
-    /// Moves this thread's retired memory to the global queue and runs a
-    /// collection step, freeing whatever no pinned thread can still read.
-    /// Never a function deferred while this thread has been pinned (under
-    /// this guard or an outer one): its bag is sealed with the global epoch
-    /// of the moment, freed only two epochs later, and the global epoch
-    /// moves at most one past this thread's while it stays pinned, which
-    /// writers' loans rely on (SAFETY.md, M9).
-    pub(crate) fn flush(&self) {
-        self.guard.flush();
+    /// Moves this thread's retired memory to the global queue, tries to
+    /// advance the epoch and runs whatever no pinned thread can still read;
+    /// returns how many deferred functions ran. Never a function deferred
+    /// while this thread has been pinned (under this guard or an outer
+    /// one): its bag is sealed with the global epoch of the moment, run
+    /// only three epochs later, and the global epoch moves at most one past
+    /// this thread's while it stays pinned, which writers' loans rely on
+    /// (SAFETY.md, M9, E3).
+    pub(crate) fn flush(&self) -> usize {
+        self.guard.flush()
     }
 }
 
 #[cfg(all(test, not(weakrefs_loom)))]
 mod tests {
     use super::*;
-    use crossbeam_epoch::{Atomic, Owned};
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::ptr;
+    use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
     use std::sync::Arc;
 
     /// Counts drops, so a test can see what was freed.
@@ -445,28 +378,54 @@ mod tests {
         }
     }
 
+    /// A shared slot readers load under a pin.
+    struct Slot(AtomicPtr<Tracked>);
+
+    impl Slot {
+        fn new(drops: &Arc<AtomicUsize>) -> Self {
+            Slot(AtomicPtr::new(Box::into_raw(Box::new(Tracked(
+                drops.clone(),
+            )))))
+        }
+
+        /// Replaces the value and retires the old one under `pinned`.
+        fn replace(&self, value: Option<Tracked>, pinned: &Pinned) {
+            let new = value.map_or(ptr::null_mut(), |value| Box::into_raw(Box::new(value)));
+            let old = self.0.swap(new, Ordering::AcqRel);
+            let old = SendPtr(old);
+            // SAFETY: unlinked by the swap, retired once; a `Tracked` may
+            // drop on any thread.
+            unsafe {
+                pinned.defer(move || {
+                    let old = old;
+                    drop(Box::from_raw(old.0));
+                })
+            };
+        }
+    }
+
+    struct SendPtr(*mut Tracked);
+    // SAFETY: a `Tracked` is `Send`; the pointer is owned by the function.
+    unsafe impl Send for SendPtr {}
+
     #[test]
     fn retired_memory_is_freed_once_no_reader_is_pinned() {
         let reclaimer = Reclaimer::with_collector(Collector::new());
         let drops = Arc::new(AtomicUsize::new(0));
-        let slot = Atomic::new(Tracked(drops.clone()));
+        let slot = Slot::new(&drops);
         let count = if cfg!(miri) { 20 } else { 1000 };
         for _ in 0..count {
             let pinned = reclaimer.pin();
-            let old = slot.swap(
-                Owned::new(Tracked(drops.clone())),
-                Ordering::AcqRel,
-                pinned.guard(),
-            );
-            // SAFETY: `old` was unlinked by the swap and is retired once.
-            unsafe { pinned.retire(old) };
+            slot.replace(Some(Tracked(drops.clone())), &pinned);
         }
         for _ in 0..16 {
             reclaimer.pin().flush();
         }
         assert_eq!(drops.load(Ordering::Relaxed), count);
-        // SAFETY: the slot is ours alone now; take back its last value.
-        drop(unsafe { slot.into_owned() });
+        slot.replace(None, &reclaimer.pin());
+        for _ in 0..16 {
+            reclaimer.pin().flush();
+        }
         assert_eq!(drops.load(Ordering::Relaxed), count + 1);
     }
 
@@ -474,54 +433,118 @@ mod tests {
     fn a_pinned_reader_keeps_retired_memory_alive() {
         let reclaimer = Reclaimer::with_collector(Collector::new());
         let drops = Arc::new(AtomicUsize::new(0));
-        let slot = Atomic::new(Tracked(drops.clone()));
+        let slot = Slot::new(&drops);
         let reader = reclaimer.pin();
-        let seen = slot.load(Ordering::Acquire, reader.guard());
-        {
-            let writer = reclaimer.pin();
-            let old = slot.swap(
-                Owned::new(Tracked(drops.clone())),
-                Ordering::AcqRel,
-                writer.guard(),
-            );
-            // SAFETY: unlinked by the swap, retired once.
-            unsafe { writer.retire(old) };
-        }
+        let seen = slot.0.load(Ordering::Acquire);
+        slot.replace(Some(Tracked(drops.clone())), &reclaimer.pin());
         for _ in 0..16 {
             reclaimer.pin().flush();
         }
         // The reader is still pinned: what it loaded must not be freed.
         assert_eq!(drops.load(Ordering::Relaxed), 0);
         // SAFETY: `reader` is pinned, so `seen` is still allocated.
-        assert!(Arc::ptr_eq(&unsafe { seen.deref() }.0, &drops));
+        assert!(Arc::ptr_eq(&unsafe { &*seen }.0, &drops));
         drop(reader);
         for _ in 0..16 {
             reclaimer.pin().flush();
         }
         assert_eq!(drops.load(Ordering::Relaxed), 1);
-        // SAFETY: the slot is ours alone now.
-        drop(unsafe { slot.into_owned() });
+        slot.replace(None, &reclaimer.pin());
+        for _ in 0..16 {
+            reclaimer.pin().flush();
+        }
+        assert_eq!(drops.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn nothing_deferred_under_a_pin_runs_before_it_ends() {
+        // M9: a writer's loans stay readable for as long as its pin, forced
+        // flushes included.
+        let reclaimer = Reclaimer::with_collector(Collector::new());
+        let drops = Arc::new(AtomicUsize::new(0));
+        let slot = Slot::new(&drops);
+        let pinned = reclaimer.pin();
+        slot.replace(Some(Tracked(drops.clone())), &pinned);
+        for _ in 0..16 {
+            pinned.flush();
+            reclaimer.pin().flush();
+        }
+        assert_eq!(drops.load(Ordering::Relaxed), 0);
+        drop(pinned);
+        for _ in 0..4 {
+            reclaimer.pin().flush();
+        }
+        assert_eq!(drops.load(Ordering::Relaxed), 1);
+        slot.replace(None, &reclaimer.pin());
+    }
+
+    #[test]
+    fn both_barrier_modes_reclaim() {
+        let mut modes = vec![epoch::Barriers::Fences];
+        if Collector::new().barriers() == epoch::Barriers::Asymmetric {
+            modes.push(epoch::Barriers::Asymmetric);
+        }
+        for mode in modes {
+            let reclaimer = Reclaimer::with_collector(Collector::with_barriers(mode));
+            let drops = Arc::new(AtomicUsize::new(0));
+            let slot = Slot::new(&drops);
+            let reader = reclaimer.pin();
+            slot.replace(Some(Tracked(drops.clone())), &reclaimer.pin());
+            for _ in 0..8 {
+                reclaimer.pin().flush();
+            }
+            assert_eq!(drops.load(Ordering::Relaxed), 0, "{mode:?}");
+            drop(reader);
+            for _ in 0..4 {
+                reclaimer.pin().flush();
+            }
+            assert_eq!(drops.load(Ordering::Relaxed), 1, "{mode:?}");
+            slot.replace(None, &reclaimer.pin());
+        }
+    }
+
+    #[test]
+    fn a_dropped_collector_runs_what_is_left() {
+        let drops = Arc::new(AtomicUsize::new(0));
+        {
+            let reclaimer = Reclaimer::with_collector(Collector::new());
+            let slot = Slot::new(&drops);
+            slot.replace(Some(Tracked(drops.clone())), &reclaimer.pin());
+            slot.replace(None, &reclaimer.pin());
+        }
+        assert_eq!(drops.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn a_large_function_is_boxed_and_still_runs_once() {
+        let reclaimer = Reclaimer::with_collector(Collector::new());
+        let drops = Arc::new(AtomicUsize::new(0));
+        let big = [drops.clone(), drops.clone(), drops.clone(), drops.clone()];
+        let counted = drops.clone();
+        // SAFETY: frees nothing shared; `Arc`s may drop on any thread.
+        unsafe {
+            reclaimer.pin().defer(move || {
+                counted.fetch_add(big.len(), Ordering::Relaxed);
+            })
+        };
+        for _ in 0..4 {
+            reclaimer.pin().flush();
+        }
+        assert_eq!(drops.load(Ordering::Relaxed), 4);
+        assert_eq!(Arc::strong_count(&drops), 1);
     }
 
     #[test]
     fn garbage_stays_bounded_when_a_thread_only_retires() {
         // The global collector, as the collections use it: one thread
-        // retiring without pause must not pile up garbage (crossbeam #566).
+        // retiring without pause must not pile up garbage.
         let reclaimer = Reclaimer::global();
         let drops = Arc::new(AtomicUsize::new(0));
-        let slot = Atomic::new(Tracked(drops.clone()));
+        let slot = Slot::new(&drops);
         let count = if cfg!(miri) { 600 } else { 200_000 };
         let mut worst_backlog = 0;
         for retired in 1..=count {
-            let pinned = reclaimer.pin();
-            let old = slot.swap(
-                Owned::new(Tracked(drops.clone())),
-                Ordering::AcqRel,
-                pinned.guard(),
-            );
-            // SAFETY: unlinked by the swap, retired once.
-            unsafe { pinned.retire(old) };
-            drop(pinned);
+            slot.replace(Some(Tracked(drops.clone())), &reclaimer.pin());
             worst_backlog = worst_backlog.max(retired - drops.load(Ordering::Relaxed));
         }
         // Other tests share the global collector, and one of their threads
@@ -531,23 +554,18 @@ mod tests {
         // that follows `count`); a quarter of it tells the two apart.
         let bound = if cfg!(miri) { 400 } else { count / 4 };
         assert!(worst_backlog <= bound, "backlog reached {worst_backlog}");
-        let pinned = reclaimer.pin();
-        let last = slot.swap(Shared::null(), Ordering::AcqRel, pinned.guard());
-        // SAFETY: unlinked by the swap (no other thread knows the slot),
-        // retired once.
-        unsafe { pinned.retire(last) };
+        slot.replace(None, &reclaimer.pin());
     }
 }
 
-/// Loom model (SAFETY.md, I7): a reader pinned before a writer unlinks and
-/// retires a node may still read it; the node's destructor, which writes the
-/// memory, is ordered after that read. Run by `.ci/loom`.
+/// Loom model (SAFETY.md, I7, E1-E4): a reader pinned before a writer
+/// unlinks and retires a node may still read it; the node's destructor,
+/// which writes the memory, is ordered after that read. Run by `.ci/loom`.
 #[cfg(all(test, weakrefs_loom))]
 mod loom_models {
     use super::*;
-    use crossbeam_epoch::{Atomic, Owned};
     use loom::cell::UnsafeCell;
-    use loom::sync::atomic::Ordering;
+    use loom::sync::atomic::{AtomicPtr, Ordering};
     use loom::sync::Arc;
     use loom::thread;
 
@@ -567,38 +585,51 @@ mod loom_models {
         }
     }
 
+    struct SendPtr(*mut Node);
+    // SAFETY: the node is owned by the function that frees it.
+    unsafe impl Send for SendPtr {}
+
+    fn replace(slot: &AtomicPtr<Node>, new: *mut Node, pinned: &Pinned) {
+        let old = SendPtr(slot.swap(new, Ordering::AcqRel));
+        // SAFETY: unlinked by the swap, retired once.
+        unsafe {
+            pinned.defer(move || {
+                let old = old;
+                drop(Box::from_raw(old.0));
+            })
+        };
+        for _ in 0..3 {
+            pinned.flush();
+        }
+    }
+
     #[test]
     fn retired_node_outlives_pinned_reader() {
         loom::model(|| {
             let reclaimer = Arc::new(Reclaimer::with_collector(Collector::new()));
-            let slot = Arc::new(Atomic::new(Node(UnsafeCell::new(1))));
+            let first = Box::into_raw(Box::new(Node(UnsafeCell::new(1))));
+            let slot = Arc::new(AtomicPtr::new(first));
             let reader = {
                 let reclaimer = reclaimer.clone();
                 let slot = slot.clone();
                 thread::spawn(move || {
                     let pinned = reclaimer.pin();
-                    let node = slot.load(Ordering::Acquire, pinned.guard());
-                    // SAFETY: loaded under `pinned`; never null here.
-                    unsafe { node.deref() }.read()
+                    let node = slot.load(Ordering::Acquire);
+                    let seen = {
+                        // SAFETY: loaded under `pinned`; never null here.
+                        unsafe { &*node }.read()
+                    };
+                    pinned.flush();
+                    seen
                 })
             };
             for value in [2, 3] {
-                let pinned = reclaimer.pin();
-                let new = Owned::new(Node(UnsafeCell::new(value)));
-                let old = slot.swap(new, Ordering::AcqRel, pinned.guard());
-                // SAFETY: unlinked by the swap, retired once.
-                unsafe { pinned.retire(old) };
+                let new = Box::into_raw(Box::new(Node(UnsafeCell::new(value))));
+                replace(&slot, new, &reclaimer.pin());
             }
             let seen = reader.join().unwrap();
             assert!((1..=3).contains(&seen));
-            let pinned = reclaimer.pin();
-            let last = slot.swap(
-                crossbeam_epoch::Shared::null(),
-                Ordering::AcqRel,
-                pinned.guard(),
-            );
-            // SAFETY: unlinked by the swap, retired once.
-            unsafe { pinned.retire(last) };
+            replace(&slot, std::ptr::null_mut(), &reclaimer.pin());
         });
     }
 }

@@ -22,9 +22,9 @@ pub(crate) use loom::sync::atomic::{
 
 pub(crate) use lock::MutexGuard;
 
-/// Loom has no compiler fence; the only user, the shard lock's asymmetric
-/// barrier, is never chosen under loom.
-#[cfg(any(all(target_os = "linux", not(weakrefs_loom)), all(weakrefs_loom, test)))]
+/// Loom has no compiler fence; its users, the light sides of the shard
+/// lock's and the epoch collector's asymmetric pairs, are never chosen
+/// under loom.
 pub(crate) use std::sync::atomic::compiler_fence;
 
 /// A mutex whose lock ignores poisoning, as tokio's `loom/std/mutex.rs`

@@ -44,11 +44,11 @@ pub fn live_allocations() -> isize {
     LIVE_ALLOCATIONS.load(Ordering::Relaxed)
 }
 
-/// Lets crossbeam-epoch free what has been retired (old tables, removed
-/// items): with no other thread pinned, a few pin-and-flush rounds advance
-/// the epoch and collect everything retired so far.
+/// Lets the crate's epoch collector free what has been retired (old
+/// tables, removed items): `weakrefs::flush` pushes this thread's garbage
+/// through, advancing the epoch while no other thread is pinned.
 pub fn settle_epoch_garbage() {
-    for _ in 0..16 {
-        crossbeam_epoch::pin().flush();
+    for _ in 0..4 {
+        weakrefs::flush();
     }
 }

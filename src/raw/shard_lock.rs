@@ -22,7 +22,7 @@
 //! [`Mutex`]: crate::sync::Mutex
 
 #[cfg(all(target_os = "linux", not(weakrefs_loom)))]
-pub(crate) use linux::{ShardGuard, ShardLock};
+pub(crate) use linux::{asymmetric_barriers, process_barrier, ShardGuard, ShardLock};
 
 /// The crate's mutex, where there is no futex to build on, and under loom,
 /// where the table's models keep the state space they were written for.
@@ -367,6 +367,18 @@ mod linux {
                 Mode::Fences
             }
         })
+    }
+
+    /// Whether the process has registered for `membarrier`: the epoch
+    /// collector's pins use the same asymmetric pair (SAFETY.md, E1).
+    pub(crate) fn asymmetric_barriers() -> bool {
+        mode() == Mode::Asymmetric
+    }
+
+    /// Makes every running thread of the process pass a full barrier;
+    /// false if the call failed. Only where [`asymmetric_barriers`].
+    pub(crate) fn process_barrier() -> bool {
+        super::sleep::membarrier()
     }
 
     /// A mutex over `T` on [`RawLock`]; no poisoning, as the crate's
