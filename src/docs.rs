@@ -433,7 +433,7 @@ pub mod internals {
     //! | | `marks` | what this thread is inside of (`Mark::Callback`, `Mark::Draining`, and the `Loading` frames of the loads it runs): the one thread-local the re-entrancy checks use |
     //! | | `panics` | catch and report a panic where nobody can receive it |
     //! | | `block_cache` | where callback nodes and handles' control blocks are allocated: a per-thread cache of up to 128 freed blocks a size (8 to 72 bytes) in front of the global allocator, so that what the epoch frees in batches is reused, not spilled to the allocator's slow paths (C16) |
-    //! | reclamation | `reclaim` | the one module that talks to crossbeam-epoch: `Reclaimer`, `Pinned::defer`, bounded garbage, pushing garbage through at `flush`; under loom, the process's collector and what must outlive it |
+    //! | reclamation | `reclaim` | the one module that retires memory: `Reclaimer`, `Pinned::defer`, bounded garbage, pushing garbage through at `flush`; under loom, the process's collector and what must outlive it; `reclaim::epoch`, the collector itself, whose readers pin without a locked instruction (SAFETY.md, section 11) |
     //! | callbacks | `callbacks::entry` | one callback node and its exactly-once state machine (`Entry`, `EntryRef`, `Hook`); a collection hook's `Removal` and the `HookSite` it names |
     //! | | `callbacks::list` | `EntryList`: the lock-free stack of entries with one compactor; `ObjectCallbacks` (an object's list, in its control block) and `register_hook` |
     //! | | `callbacks::queue` | `BatchQueue`: the Treiber stack of death batches, `pending`, the closed marker; `Taken` |

@@ -551,9 +551,9 @@ mod tests {
         }
     }
 
-    /// Tests that pin the epoch: Miri runs them with crossbeam's
-    /// relaxations (`.ci/miri`'s third run, which takes `pinned::`), not
-    /// under strict provenance.
+    /// Tests that pin the process-wide epoch: Miri runs them without its
+    /// leak check (`.ci/miri`'s third run, which takes `pinned::`), since
+    /// they leave the finalizer thread parked.
     mod pinned {
         use super::*;
 

@@ -1,6 +1,6 @@
 //! `shutdown()` and the collections: a test binary of its own, since
 //! shutdown is process-wide (and Miri runs it with the map tests, which
-//! need crossbeam-epoch's relaxations).
+//! leave the finalizer thread parked).
 
 #[path = "support/one_shard.rs"]
 mod one_shard;

@@ -424,8 +424,8 @@ fn removing_the_key_being_read_does_not_wait_for_itself() {
 }
 
 /// Runs epoch collections until `done` holds: values removed without being
-/// taken back are dropped once no reader can still see them, which
-/// crossbeam-epoch decides when threads pin.
+/// taken back are dropped once no reader can still see them, which the
+/// crate's epoch collector decides as threads retire and flush.
 fn weakrefs_settle(done: impl Fn() -> bool) {
     let scratch = WeakKeyMap::new();
     let key = Strong::new(());

@@ -1238,9 +1238,9 @@ pub(super) mod tests {
         drop((hook, kept, in_list));
         assert_eq!(Arc::strong_count(&token), 1, "the free drops it no more");
     }
-    /// Tests that pin the epoch: crossbeam-epoch is run under Miri only
-    /// with permissive provenance (run 3 of `.ci/miri`, which selects
-    /// them by this module's name).
+    /// Tests that pin the process-wide epoch: Miri runs them without its
+    /// leak check (run 3 of `.ci/miri`, which selects them by this
+    /// module's name).
     mod pinned {
         use super::*;
 

@@ -1312,11 +1312,10 @@ impl<I: Sided> Drop for ShardedTable<I> {
         // above, or was by whoever removed it before our drop began, so no
         // hook can reach a shard, nor the core's block, any more but one
         // that a dying thread found alive after it pinned: its load read
-        // the status before that detach, and so its pin's SeqCst fence
-        // precedes this one in the single total order, and the retirement
-        // below waits for that thread to unpin (M14, C20). SeqCst: the
-        // fence that argument names, here rather than left to the epoch's
-        // internals. Freeing runs no user code (mutexes,
+        // the status before that detach, which happens before this fence
+        // and the seal of the retirement below, so the retirement waits
+        // for that thread to unpin (M14, C20, E2). SeqCst: the fence that
+        // argument names, here as well as in the collector's seal. Freeing runs no user code (mutexes,
         // atomics, addresses), nor does dropping the anchor, a `Weak` to a
         // core whose value is being dropped now: it touches the block's
         // counts and, if it is the last, frees the block, never the value.
@@ -1815,11 +1814,11 @@ impl<'g, I: Relocatable + Send + Sync + 'static> ShardWriter<'g, I> {
     ///
     /// Why they outlive the writer (M9): the writer hands their drop to the
     /// epoch only as it is dropped, through `self.pin`, which it pins first
-    /// if it is not pinned yet, and which stays pinned for `'g`; crossbeam
-    /// runs a deferred function only after every thread pinned when it was
-    /// deferred has unpinned, this one included, forced flushes too (a bag
-    /// sealed while we are pinned is at most one epoch behind the global
-    /// epoch until we unpin: `Pinned::flush`, I7). The function also owns
+    /// if it is not pinned yet, and which stays pinned for `'g`; the
+    /// collector runs a deferred function only after every thread pinned
+    /// when it was deferred has unpinned, this one included, forced
+    /// flushes too (a bag sealed while we are pinned runs only after we
+    /// unpin: `Pinned::flush`, I7, E3). The function also owns
     /// the reference that keeps `table` allocated (`release`), even if a
     /// rebuild by this writer retired it. Until then, nothing writes the
     /// slot: a writer fills only empty slots and free tombstones, which

@@ -280,7 +280,7 @@ pub fn reading_it(noise: f64) -> String {
 pub const MEMORY_PER_ENTRY: &str = "\
     Heap bytes and allocations each map holds per live entry, 100 000 `u64` keys, every map \
     grown from empty except the `with_capacity` row, values not counted. Counted by a global \
-    allocator wrapper after crossbeam-epoch has freed what growth retired; the bytes are those \
+    allocator wrapper after the epoch collector has freed what growth retired; the bytes are those \
     asked for, and each allocation costs 8 to 16 bytes more in glibc's headers and rounding. \
     papaya reclaims through its own scheme, which that settling does not drive, so its row may \
     include garbage of its growth. Measured by `cargo bench --bench map_memory`.";
@@ -305,7 +305,7 @@ pub const CHURN_MEMORY: &str = "\
     created, which include the 1000 live objects (this crate's blocks are the size of \
     `Arc`'s: a 16-byte header). `DashMap` sweeps with `retain` every 10 000 operations, sampled just before each \
     sweep; weak-table clears expired entries when it would otherwise grow. At the end every \
-    object is dropped, `flush()` is called and crossbeam-epoch's garbage is collected; the \
+    object is dropped, `flush()` is called and the epoch collector's garbage is collected; the \
     baselines get no extra sweep. Heap bytes, not the resident set: the resident set is one \
     figure for the whole process, and the allocator keeps pages it was given, so it cannot \
     tell one map's run from the next. Measured by `cargo bench --bench churn_memory`.";
