@@ -53,7 +53,8 @@ pub const SECTIONS: &[Section] = &[
                `scc::HashIndex<..>` and `scc::HashMap<..>`, and an unsynchronised \
                `std::collections::HashMap<..>` read in place (`std_hashmap_unsync`, the floor: \
                no lock, no pin).",
-        why: "A read pins the epoch (one compare-and-swap), hashes the key, loads the word of \
+        why: "A read pins the epoch (on Linux, for a thread that only reads, a plain store: \
+              SAFETY.md, section 11), hashes the key, loads the word of \
               one-byte tags of its home group of eight slots, compares the key of each slot \
               whose tag matches seven bits of its hash (16-byte items: key and the value's \
               `Weak`, in a table kept at most 7/8 full; the entry's callback handle sits in \
@@ -62,7 +63,8 @@ pub const SECTIONS: &[Section] = &[
               table rebuild clones \
               them into the new table rather than copying bytes a reader's `Eq` may be \
               writing (SAFETY.md, M3). `DashMap` takes a read lock instead of the pin (two \
-              atomic operations) and probes 16-byte buckets; `scc::HashIndex` pins too and \
+              atomic operations) and probes 16-byte buckets; `scc::HashIndex` pins with an \
+              atomic swap and \
               probes buckets of 16-byte entries behind a metadata word. At 100 000 keys every \
               map's reads are bound by memory: the tag word's line, the item's and the value's \
               control block. This crate's header is as small as `Arc`'s, 16 bytes: two \
@@ -86,15 +88,15 @@ pub const SECTIONS: &[Section] = &[
                against `DashMap<u64, std::sync::Weak<u64>>` and `scc::HashIndex<..>`: from maps \
                that fit in the core's caches to maps that do not fit in any.",
         why: "This separates the two costs of a read. Where the maps fit in cache, the work per \
-              read decides, and most of it is locked instructions: at 1 000 keys a sampling \
-              profile (`perf`, cpu-clock, 2026-12-07) puts a quarter of this crate's read on the \
-              epoch pin's compare-and-swap, a fifth on the upgrade's, and a quarter on the drop \
-              of the returned handle. `scc::HashIndex` pays the same three (its pin is an atomic \
-              swap), `DashMap` four (a read lock and unlock in place of the pin). A read on a \
-              thread already pinned, whose pin only nests, ran 22% faster at 1 000 keys, 6% at \
-              10 000 and 1% at 100 000 (one thread, interleaved with the plain read in one \
-              process): the pin is what keeps this crate level with `scc::HashIndex` rather \
-              than ahead where the map fits in cache. As the map outgrows the caches, memory \
+              read decides, and most of it is locked instructions. Until 2026-12-07 this \
+              crate's read paid three, as `scc::HashIndex`'s does (its pin is an atomic \
+              swap): a sampling profile (`perf`, cpu-clock) at 1 000 keys put a quarter of the \
+              read on crossbeam-epoch's pin, a compare-and-swap, a fifth on the upgrade's and a \
+              quarter on the drop of the returned handle. The crate's own epoch collector now \
+              lets a thread that only reads pin with a plain store (the thread that advances the \
+              epoch pays a `membarrier` instead: SAFETY.md, section 11), so a read pays two, the \
+              upgrade and the drop; `DashMap` pays four (a read lock and unlock in place of the \
+              pin). As the map outgrows the caches, memory \
               decides: a hit touches the tag word's line, the item's (which large tables \
               prefetch alongside the tag word's) and the value's control block, so at \
               1 000 000 keys this crate leads.",
@@ -146,7 +148,8 @@ pub const SECTIONS: &[Section] = &[
               one-thread `u64` churn (`perf`, cpu-clock, 2026-12-07) puts 39% of this crate's \
               samples and 67% of `DashMap`'s just after one. This crate pays eight per insert \
               and death: the value's weak count, the node's link onto the value, the shard's \
-              lock; at the death the value's strong count, the epoch pin, the shard's lock; \
+              lock; at the death the value's strong count, the epoch pin (a thread that retires \
+              memory pins with a SeqCst fence), the shard's lock; \
               then, in the deferred drop, the table's reference count and the bit that frees \
               the slot for reuse. Four more were paid until 2026-12-07: the callback's claim \
               and the release of the value's implicit weak reference (the removal now claims \
@@ -154,8 +157,9 @@ pub const SECTIONS: &[Section] = &[
               weak to the entry, whose drop releases both with a load), and the two unlocks \
               (on Linux the shard's lock is released with a plain store, and a thread about \
               to sleep on it pays with a `membarrier` call instead: SAFETY.md, section 10). \
-              `DashMap` with `retain` pays six, and runs 452 instructions an insert and death \
-              to this crate's 1404 (callgrind). Exact, \
+              `DashMap` with `retain` pays six, and runs 470 instructions an insert and death \
+              to this crate's 1348 (callgrind, 131 072 inserts under 1 024 keys, 2026-12-07). \
+              Exact, \
               automatic removal is what the extra work buys; the churn memory section below \
               shows what the sweeps leave when they are further apart. A removed `String` key \
               is freed by the epoch collector, like a `u64` one: only keys whose destructor may \
