@@ -3,10 +3,11 @@
 //! A lock-free reader may hold a pointer to memory that a writer has just
 //! unlinked. The writer must not free that memory until every such reader is
 //! done; it *retires* the memory instead, and the collector frees it once
-//! every thread that was pinned at retirement time has unpinned (SAFETY.md,
-//! I7). The collector is the crate's own ([`epoch`], SAFETY.md section 11):
-//! its pin is a plain store, where a classic epoch pin is a locked
-//! instruction, a quarter of a read's time in a map that fits in cache.
+//! every thread that could still have reached it, pinned, has unpinned
+//! (SAFETY.md, I7, E2). The collector is the crate's own ([`epoch`],
+//! SAFETY.md section 11): a reading thread's pin is a plain store, where a
+//! classic epoch pin is a locked instruction, a quarter of a read's time
+//! in a map that fits in cache.
 //!
 //! On top of the collector:
 //!
@@ -282,8 +283,9 @@ impl Reclaimer {
         Some(Reclaimer::global().pin())
     }
 
-    /// Pins the current thread: memory retired by anyone after this call is
-    /// not freed before the returned guard is dropped.
+    /// Pins the current thread: a pointer loaded under the returned guard
+    /// from a structure that still linked it stays valid until the guard is
+    /// dropped (SAFETY.md, E2).
     #[inline]
     pub(crate) fn pin(&self) -> Pinned {
         let guard = match &self.own {

@@ -17,8 +17,10 @@
 //! the pair, a `membarrier` system call that makes every running thread of
 //! the process pass a full barrier (the shard lock's asymmetric pair,
 //! section 10). The price is one more epoch of delay (three instead of
-//! two) and a system call per advance, which a thread attempts once every
-//! few bags it seals, spaced by what its last call cost. Where the process
+//! two) and a system call for each advance made while some thread's pins
+//! are light; a thread attempts an advance once every few bags it seals,
+//! spaced by what its last call cost. Threads that retire memory pin with
+//! a SeqCst fence, so their own advances need no system call. Where the process
 //! may not use `membarrier` (Miri, loom, a refusing kernel or sandbox),
 //! both sides are SeqCst fences.
 
