@@ -225,24 +225,34 @@ impl Global {
         }
     }
 
+    /// The records in the list as its head reads now.
+    fn records(&self) -> impl Iterator<Item = &Record> {
+        // Acquire: pairs with the Release push of each record, so its
+        // fields and `next` are read as written.
+        let mut cursor = self.records.load(Ordering::Acquire);
+        std::iter::from_fn(move || {
+            let record = NonNull::new(cursor)?;
+            // SAFETY: records live as long as the collector (E5), which
+            // `&self` borrows.
+            let record = unsafe { record.as_ref() };
+            cursor = record.next;
+            Some(record)
+        })
+    }
+
     /// Takes a free record, or adds one to the list.
     fn take_record(&self) -> NonNull<Record> {
-        // Acquire: pairs with the Release push of each record, so its
-        // `next` is read as written.
-        let mut cursor = self.records.load(Ordering::Acquire);
-        while let Some(record) = NonNull::new(cursor) {
-            // SAFETY: records live as long as the collector (E5).
-            let r = unsafe { record.as_ref() };
+        for record in self.records() {
             // Acquire: pairs with the Release of the last owner's giving
             // it back, after its last unpin.
-            if !r.taken.load(Ordering::Relaxed)
-                && r.taken
+            if !record.taken.load(Ordering::Relaxed)
+                && record
+                    .taken
                     .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
                     .is_ok()
             {
-                return record;
+                return NonNull::from(record);
             }
-            cursor = r.next;
         }
         let record = Box::into_raw(Box::new(Record {
             state: CachePadded::new(AtomicUsize::new(0)),
@@ -273,20 +283,11 @@ impl Global {
     /// Whether any record's pins are light, so that an advance needs the
     /// process-wide barrier (E1).
     fn any_light(&self) -> bool {
-        // Acquire: as in `take_record`.
-        let mut cursor = self.records.load(Ordering::Acquire);
-        while let Some(record) = NonNull::new(cursor) {
-            // SAFETY: records live as long as the collector (E5).
-            let r = unsafe { record.as_ref() };
-            // Acquire: pairs with the Release of a switch back to fenced
-            // pins, so the state scan that follows reads the record's pin
-            // made before it, or a later value (E1).
-            if r.light.load(Ordering::Acquire) {
-                return true;
-            }
-            cursor = r.next;
-        }
-        false
+        // Acquire: pairs with the Release of a switch back to fenced pins
+        // (or a give-back), so the state scan that follows reads the
+        // record's pin made before it, or a later value (E1).
+        self.records()
+            .any(|record| record.light.load(Ordering::Acquire))
     }
 
     /// Seals `items` with the epoch of the moment and pushes them on the
@@ -354,19 +355,14 @@ impl Global {
                 return cost;
             }
         }
-        // Acquire: as in `take_record`.
-        let mut cursor = self.records.load(Ordering::Acquire);
-        while let Some(record) = NonNull::new(cursor) {
-            // SAFETY: records live as long as the collector (E5).
-            let r = unsafe { record.as_ref() };
+        for record in self.records() {
             // Acquire: pairs with the Release of the record's last pin or
             // unpin, so whatever its thread read before that happens
             // before the functions this advance lets run (E4).
-            let state = r.state.load(Ordering::Acquire);
+            let state = record.state.load(Ordering::Acquire);
             if state & PINNED != 0 && state & !PINNED != epoch {
                 return cost;
             }
-            cursor = r.next;
         }
         // Release: pairs with the Acquire loads of the epoch by later
         // advances and collections (E3, E4). A failure means a racing
