@@ -277,10 +277,10 @@ mod sleep {
         /// Sleeps while `word` reads `expected`, until woken or
         /// interrupted (the caller loops).
         pub(super) fn wait(&self, word: &AtomicU32, expected: u32) {
+            // A null timeout waits without one; errors (the word changed,
+            // a signal) return, and the caller loops.
             // SAFETY: `word` is a live, aligned 32-bit atomic for the call;
-            // the kernel reads it atomically and writes nothing. A null
-            // timeout waits without one. Errors (the word changed, a
-            // signal) return.
+            // the kernel reads it atomically and writes nothing.
             unsafe {
                 libc::syscall(
                     libc::SYS_futex,
