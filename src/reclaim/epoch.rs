@@ -187,6 +187,25 @@ struct SealedBag {
     next: *mut SealedBag,
 }
 
+impl SealedBag {
+    /// Runs the bag's functions, frees it, and returns the next bag.
+    ///
+    /// # Safety
+    ///
+    /// `bag` came from `Box::into_raw` in [`Global::seal`] and is the
+    /// caller's alone: taken off the stack, expired or left by a dropped
+    /// collector.
+    unsafe fn run(bag: *mut SealedBag, ran: &mut usize) -> *mut SealedBag {
+        // SAFETY: the caller's.
+        let bag = unsafe { Box::from_raw(bag) };
+        for item in bag.items {
+            item.run();
+            *ran += 1;
+        }
+        bag.next
+    }
+}
+
 /// A collector: the global epoch, the records and the garbage.
 pub(crate) struct Global {
     /// The epoch, in steps of [`STEP`].
@@ -391,15 +410,17 @@ impl Global {
         // Acquire: pairs with the Release of the advance that wrote it
         // (E4). Read after the bags were taken, so no bag is newer.
         let now = self.epoch.load(Ordering::Acquire);
+        // The taken chain splits in two: bags still waiting, pushed back
+        // as one chain (first, last), and expired ones, run after.
         let mut kept: (*mut SealedBag, *mut SealedBag) = (ptr::null_mut(), ptr::null_mut());
-        let mut due = Vec::new();
+        let mut due: *mut SealedBag = ptr::null_mut();
         while !list.is_null() {
             // SAFETY: the taken chain is ours alone.
             let bag = unsafe { &mut *list };
             list = bag.next;
             if now.wrapping_sub(bag.epoch) >= self.barriers.expiry() * STEP {
-                // SAFETY: from `Box::into_raw` in `seal`, unlinked above.
-                due.push(unsafe { Box::from_raw(bag) });
+                bag.next = due;
+                due = bag;
             } else {
                 bag.next = kept.0;
                 if kept.1.is_null() {
@@ -416,11 +437,9 @@ impl Global {
         // Run them only now, with the stack whole again: a function may
         // defer, seal and collect itself.
         let mut ran = 0;
-        for bag in due {
-            for item in bag.items {
-                item.run();
-                ran += 1;
-            }
+        while !due.is_null() {
+            // SAFETY: the due chain is ours alone, and expired (E2).
+            due = unsafe { SealedBag::run(due, &mut ran) };
         }
         ran
     }
@@ -432,13 +451,10 @@ impl Drop for Global {
         // pinned, and every bag may run.
         // Acquire: as in `collect`.
         let mut list = self.garbage.swap(ptr::null_mut(), Ordering::Acquire);
+        let mut ran = 0;
         while !list.is_null() {
             // SAFETY: the stack's bags are ours alone now.
-            let bag = unsafe { Box::from_raw(list) };
-            list = bag.next;
-            for item in bag.items {
-                item.run();
-            }
+            list = unsafe { SealedBag::run(list, &mut ran) };
         }
         // Acquire: as in `take_record`.
         let mut cursor = self.records.swap(ptr::null_mut(), Ordering::Acquire);
@@ -469,8 +485,6 @@ struct Local {
     /// The epoch this thread last collected at: until it moves, nothing
     /// new has expired.
     collected_at: Cell<usize>,
-    /// Whether this thread's pins are light (its record's `light`).
-    light: Cell<bool>,
     /// Pins since this thread last deferred anything.
     quiet_pins: Cell<u32>,
 }
@@ -585,7 +599,6 @@ impl Collector {
             seals: Cell::new(0),
             seals_per_advance: Cell::new(1),
             collected_at: Cell::new(usize::MAX),
-            light: Cell::new(false),
             quiet_pins: Cell::new(0),
         });
         Handle {
@@ -603,8 +616,9 @@ pub(crate) struct Handle {
 }
 
 impl Handle {
-    /// Pins the thread (E1): what anyone retires from now on is not run
-    /// before the guard, and every guard nested in it, is dropped.
+    /// Pins the thread (E1): a pointer loaded under the guard, and every
+    /// guard nested in it, from a structure that still linked it stays
+    /// valid until the outermost guard is dropped (E2).
     #[inline]
     pub(crate) fn pin(&self) -> Guard {
         // SAFETY: the handle keeps its `Local` alive.
@@ -612,12 +626,8 @@ impl Handle {
         let pins = local.pins.get();
         local.pins.set(pins + 1);
         if pins == 0 {
-            if local.light.get() {
-                local.show_pinned();
-                // Only the compiler could move the loads before the
-                // store; the processor's reordering is what the advance's
-                // `membarrier` undoes (E1).
-                crate::sync::compiler_fence(Ordering::SeqCst);
+            if local.is_light() {
+                local.light_pin();
             } else {
                 local.fenced_pin();
             }
@@ -627,6 +637,22 @@ impl Handle {
 }
 
 impl Local {
+    /// Whether this thread's pins are light. Relaxed: only this thread
+    /// writes its record's flag.
+    #[inline(always)]
+    fn is_light(&self) -> bool {
+        self.record().light.load(Ordering::Relaxed)
+    }
+
+    /// A light pin: the state store, then only a compiler fence. Only the
+    /// compiler could move the loads before the store; the processor's
+    /// reordering is what the advance's `membarrier` undoes (E1).
+    #[inline(always)]
+    fn light_pin(&self) {
+        self.show_pinned();
+        crate::sync::compiler_fence(Ordering::SeqCst);
+    }
+
     /// Stores the epoch, pinned, into the record.
     #[inline(always)]
     fn show_pinned(&self) {
@@ -651,9 +677,7 @@ impl Local {
             // from here on see everything before that fence (E1).
             self.record().light.store(true, Ordering::Relaxed);
             fence(Ordering::SeqCst);
-            self.light.set(true);
-            self.show_pinned();
-            crate::sync::compiler_fence(Ordering::SeqCst);
+            self.light_pin();
         } else {
             self.show_pinned();
             // SeqCst: the pin's side of the pair with the advance's fence.
@@ -704,12 +728,11 @@ impl Guard {
         let local = self.local();
         local.bag.borrow_mut().push(Deferred::new(f));
         local.quiet_pins.set(0);
-        if local.light.get() {
+        if local.is_light() {
             // A thread that retires pins with fences again, so that the
             // advances it needs cost no `membarrier`. Release: an advance
             // that reads this reads the current pin's state too (E1).
             local.record().light.store(false, Ordering::Release);
-            local.light.set(false);
         }
     }
 
@@ -792,7 +815,7 @@ mod tests {
         /// Whether this thread's pins are light now.
         fn is_light(&self) -> bool {
             // SAFETY: the handle keeps its `Local` alive.
-            unsafe { self.local.as_ref() }.light.get()
+            unsafe { self.local.as_ref() }.is_light()
         }
     }
 
