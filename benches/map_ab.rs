@@ -37,12 +37,17 @@
 //!   65 536. `churn_string`: the same with `String` keys (each insert
 //!   clones one of 1 024 prepared strings), the common cache key, whose
 //!   removed copies are freed by the epoch like `u64` keys.
+//!   `churn_fresh`: the same with a `u64` key never used before on every
+//!   insert (session ids, request ids), where the dead entries a sweep
+//!   leaves accumulate instead of being overwritten by the next insert of
+//!   their key: between sweeps every 65 536 inserts, `DashMap` grows to
+//!   65 536 entries, each keeping its dead value's allocation.
 //!
 //! `cargo bench --bench map_ab`; the median ratios print as a table, and as
 //! tab-separated rows in `map_ab.tsv` when `WEAKREFS_BENCH_OUT` names a
 //! directory. `WEAKREFS_AB_CASES=read,churn` (a comma-separated list of
 //! case names: `read`, `key_map_with`, `keep_recent`, `stats`, `churn`,
-//! `churn_string`)
+//! `churn_string`, `churn_fresh`)
 //! runs only those cases.
 
 use std::collections::HashMap;
@@ -278,8 +283,8 @@ fn variant_case(
     rows(case, &names, &rates)
 }
 
-/// Churn: `OPS` inserts of a fresh value that dies at once, under one of
-/// 1 024 keys.
+/// Churn: `OPS` inserts of a fresh value that dies at once, the `i`th
+/// under `key(i)`.
 const CHURN_OPS: u64 = 1 << 17;
 
 fn churn_ours<K>(map: &weakrefs::WeakValueMap<K, u64>, key: impl Fn(u64) -> K) -> f64
@@ -289,7 +294,7 @@ where
     let began = Instant::now();
     for i in 0..CHURN_OPS {
         let value = weakrefs::Strong::new(i);
-        map.insert(key(i % 1024), &value);
+        map.insert(key(i), &value);
     }
     weakrefs::flush();
     let rate = CHURN_OPS as f64 / began.elapsed().as_secs_f64();
@@ -304,7 +309,7 @@ where
     let began = Instant::now();
     for i in 0..CHURN_OPS {
         let value = Arc::new(i);
-        map.insert(key(i % 1024), Arc::downgrade(&value));
+        map.insert(key(i), Arc::downgrade(&value));
         if (i + 1) % sweep_every == 0 {
             map.retain(|_, weak| weak.strong_count() > 0);
         }
@@ -448,15 +453,33 @@ fn main() {
         let dash = DashMap::new();
         let names = ["weakrefs", "dashmap_retain_1024", "dashmap_retain_65536"];
         let rates = interleaved(names.len(), rounds, |which| match which {
-            0 => churn_ours(&ours, |i| i),
-            1 => churn_dash(&dash, 1024, |i| i),
-            _ => churn_dash(&dash, 65_536, |i| i),
+            0 => churn_ours(&ours, |i| i % 1024),
+            1 => churn_dash(&dash, 1024, |i| i % 1024),
+            _ => churn_dash(&dash, 65_536, |i| i % 1024),
         });
         table.extend(rows("churn/1_thread", &names, &rates));
     }
+    if wanted("churn_fresh") {
+        let ours = weakrefs::WeakValueMap::new();
+        let dash = [DashMap::new(), DashMap::new()];
+        // Every run's keys are new to every map.
+        let mut next = 0;
+        let names = ["weakrefs", "dashmap_retain_1024", "dashmap_retain_65536"];
+        let rates = interleaved(names.len(), rounds, |which| {
+            let base = next;
+            next += CHURN_OPS;
+            let key = move |i| base + i;
+            match which {
+                0 => churn_ours(&ours, key),
+                1 => churn_dash(&dash[0], 1024, key),
+                _ => churn_dash(&dash[1], 65_536, key),
+            }
+        });
+        table.extend(rows("churn_fresh/1_thread", &names, &rates));
+    }
     if wanted("churn_string") {
         let keys: Vec<String> = (0..1024).map(|i| format!("/objects/{i:04}")).collect();
-        let key = |i: u64| keys[i as usize].clone();
+        let key = |i: u64| keys[(i % 1024) as usize].clone();
         let ours = weakrefs::WeakValueMap::new();
         let dash = DashMap::new();
         let names = ["weakrefs", "dashmap_retain_1024", "dashmap_retain_65536"];

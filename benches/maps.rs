@@ -16,9 +16,9 @@
 //! (what a keep-warm tier and statistics cost reads: the map with the
 //! option, `weakrefs`, against the same map without, `without`);
 //! `single_flight_hot_key/*`; and
-//! `churn/{u64,string}_keys` (insert a fresh value, then it dies), where
-//! the baselines clean up with a periodic `retain` and this crate with its
-//! death callbacks.
+//! `churn/{u64,string,fresh_u64}_keys` (insert a fresh value, then it
+//! dies), where the baselines clean up with a periodic `retain` and this
+//! crate with its death callbacks.
 //! `cargo bench --bench maps`.
 
 use std::collections::HashMap;
@@ -400,51 +400,75 @@ fn read_costs(c: &mut Criterion) {
     }
 }
 
-/// Insert a fresh value under one of 1024 keys, then drop it: the
-/// baselines run `retain` every 1024 operations to clear dead entries.
-/// Once with `u64` keys and once with `String` keys (each insert clones
-/// one of 1024 prepared strings, on every side), the common cache key.
+/// Insert a fresh value, then drop it, in batches of 1024: under one of
+/// 1024 keys, the `n`th value under key `n % 1024`, with `u64` keys and
+/// with `String` keys (each insert clones one of 1024 prepared strings, on
+/// every side), the common cache key; and under a `u64` key never used
+/// before (session or request ids), where what a sweep has not removed
+/// yet accumulates. The baselines run `retain` after every batch
+/// (`dashmap_retain`, `rwlock_weak_table`) and, separately, after every
+/// 64 batches (`dashmap_retain_64k`: 65 536 inserts).
 fn churn(c: &mut Criterion) {
-    churn_with(c, "churn/u64_keys", |i| i);
-    let names: Vec<String> = (0..1024).map(|i| format!("/objects/{i:04}")).collect();
-    churn_with(c, "churn/string_keys", |i| names[i as usize].clone());
+    churn_with(c, "churn/u64_keys", |n| n % BATCH);
+    let names: Vec<String> = (0..BATCH).map(|i| format!("/objects/{i:04}")).collect();
+    churn_with(c, "churn/string_keys", |n| {
+        names[(n % BATCH) as usize].clone()
+    });
+    churn_with(c, "churn/fresh_u64_keys", |n| n);
 }
 
+/// Values a churn batch inserts, each dying at once.
+const BATCH: u64 = 1024;
+
+/// One churn group: the `n`th insert into each map (counted across
+/// batches) goes under `key(n)`.
 fn churn_with<K>(c: &mut Criterion, group: &str, key: impl Fn(u64) -> K)
 where
     K: std::hash::Hash + Eq + Clone + Send + Sync + 'static,
 {
     let mut group: BenchmarkGroup<'_, WallTime> = c.benchmark_group(group);
-    const BATCH: u64 = 1024;
     group.throughput(Throughput::Elements(BATCH));
     let ours: weakrefs::WeakValueMap<K, u64> = weakrefs::WeakValueMap::new();
+    let mut next = 0;
     group.bench_function("weakrefs", |b| {
         b.iter(|| {
-            for i in 0..BATCH {
-                let value = weakrefs::Strong::new(i);
-                ours.insert(key(i), &value);
+            for n in next..next + BATCH {
+                let value = weakrefs::Strong::new(n);
+                ours.insert(key(n), &value);
             }
+            next += BATCH;
             weakrefs::flush();
         })
     });
     assert_eq!(ours.len(), 0, "dead entries left after flush");
-    let dash: DashMap<K, StdWeak<u64>> = DashMap::new();
-    group.bench_function("dashmap_retain", |b| {
-        b.iter(|| {
-            for i in 0..BATCH {
-                let value = Arc::new(i);
-                dash.insert(key(i), Arc::downgrade(&value));
-            }
-            dash.retain(|_, weak| weak.strong_count() > 0);
-        })
-    });
+    for (name, sweep_every) in [
+        ("dashmap_retain", BATCH),
+        ("dashmap_retain_64k", 64 * BATCH),
+    ] {
+        let dash: DashMap<K, StdWeak<u64>> = DashMap::new();
+        let mut next = 0;
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                for n in next..next + BATCH {
+                    let value = Arc::new(n);
+                    dash.insert(key(n), Arc::downgrade(&value));
+                }
+                next += BATCH;
+                if next % sweep_every == 0 {
+                    dash.retain(|_, weak| weak.strong_count() > 0);
+                }
+            })
+        });
+    }
     let table: RwLock<weak_table::WeakValueHashMap<K, StdWeak<u64>>> = RwLock::default();
+    let mut next = 0;
     group.bench_function("rwlock_weak_table", |b| {
         b.iter(|| {
-            for i in 0..BATCH {
-                let value = Arc::new(i);
-                table.write().unwrap().insert(key(i), value);
+            for n in next..next + BATCH {
+                let value = Arc::new(n);
+                table.write().unwrap().insert(key(n), value);
             }
+            next += BATCH;
             table.write().unwrap().remove_expired();
         })
     });
