@@ -318,6 +318,31 @@ where
     CHURN_OPS as f64 / began.elapsed().as_secs_f64()
 }
 
+/// One churn case: this crate against `DashMap` swept every 1 024 and
+/// every 65 536 inserts, each with a map of its own. Insert `n` of a map
+/// (counted across its runs) goes under `key(n)`: runs continue the count,
+/// so keys that `key` never repeats stay new to every map.
+fn churn_case<K>(case: &str, rounds: usize, key: impl Fn(u64) -> K) -> Vec<Row>
+where
+    K: std::hash::Hash + Eq + Clone + Send + Sync + 'static,
+{
+    let ours = weakrefs::WeakValueMap::new();
+    let dash = [DashMap::new(), DashMap::new()];
+    let mut next = 0;
+    let names = ["weakrefs", "dashmap_retain_1024", "dashmap_retain_65536"];
+    let rates = interleaved(names.len(), rounds, |which| {
+        let base = next;
+        next += CHURN_OPS;
+        let key = |i| key(base + i);
+        match which {
+            0 => churn_ours(&ours, key),
+            1 => churn_dash(&dash[0], 1024, key),
+            _ => churn_dash(&dash[1], 65_536, key),
+        }
+    });
+    rows(case, &names, &rates)
+}
+
 /// `WeakKeyMap::with` against a `DashMap` side table keyed by address.
 fn key_map_case(rounds: usize, threads: usize) -> Vec<Row> {
     const KEYS: usize = 100_000;
@@ -449,46 +474,16 @@ fn main() {
         }
     }
     if wanted("churn") {
-        let ours = weakrefs::WeakValueMap::new();
-        let dash = DashMap::new();
-        let names = ["weakrefs", "dashmap_retain_1024", "dashmap_retain_65536"];
-        let rates = interleaved(names.len(), rounds, |which| match which {
-            0 => churn_ours(&ours, |i| i % 1024),
-            1 => churn_dash(&dash, 1024, |i| i % 1024),
-            _ => churn_dash(&dash, 65_536, |i| i % 1024),
-        });
-        table.extend(rows("churn/1_thread", &names, &rates));
+        table.extend(churn_case("churn/1_thread", rounds, |n| n % 1024));
     }
     if wanted("churn_fresh") {
-        let ours = weakrefs::WeakValueMap::new();
-        let dash = [DashMap::new(), DashMap::new()];
-        // Every run's keys are new to every map.
-        let mut next = 0;
-        let names = ["weakrefs", "dashmap_retain_1024", "dashmap_retain_65536"];
-        let rates = interleaved(names.len(), rounds, |which| {
-            let base = next;
-            next += CHURN_OPS;
-            let key = move |i| base + i;
-            match which {
-                0 => churn_ours(&ours, key),
-                1 => churn_dash(&dash[0], 1024, key),
-                _ => churn_dash(&dash[1], 65_536, key),
-            }
-        });
-        table.extend(rows("churn_fresh/1_thread", &names, &rates));
+        table.extend(churn_case("churn_fresh/1_thread", rounds, |n| n));
     }
     if wanted("churn_string") {
         let keys: Vec<String> = (0..1024).map(|i| format!("/objects/{i:04}")).collect();
-        let key = |i: u64| keys[(i % 1024) as usize].clone();
-        let ours = weakrefs::WeakValueMap::new();
-        let dash = DashMap::new();
-        let names = ["weakrefs", "dashmap_retain_1024", "dashmap_retain_65536"];
-        let rates = interleaved(names.len(), rounds, |which| match which {
-            0 => churn_ours(&ours, key),
-            1 => churn_dash(&dash, 1024, key),
-            _ => churn_dash(&dash, 65_536, key),
-        });
-        table.extend(rows("churn_string/1_thread", &names, &rates));
+        table.extend(churn_case("churn_string/1_thread", rounds, |n| {
+            keys[(n % 1024) as usize].clone()
+        }));
     }
 
     println!(
