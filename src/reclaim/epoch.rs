@@ -206,6 +206,48 @@ impl SealedBag {
     }
 }
 
+/// A node of one of the collector's push-only stacks (the records, the
+/// garbage), linked through its `next` field.
+trait Linked {
+    fn next(&mut self) -> &mut *mut Self;
+}
+
+impl Linked for Record {
+    fn next(&mut self) -> &mut *mut Self {
+        &mut self.next
+    }
+}
+
+impl Linked for SealedBag {
+    fn next(&mut self) -> &mut *mut Self {
+        &mut self.next
+    }
+}
+
+/// Pushes the chain `first ..= last` on the lock-free stack headed by
+/// `stack`, publishing what the caller wrote to its nodes before: a
+/// Release compare-exchange, for the Acquire load or swap that takes it.
+///
+/// # Safety
+///
+/// The chain is the caller's alone, linked through `next` from `first` to
+/// `last`, and each node stays allocated once pushed for as long as the
+/// stack can reach it.
+unsafe fn push_chain<T: Linked>(stack: &AtomicPtr<T>, first: *mut T, last: *mut T) {
+    // Relaxed: the compare-exchange below publishes.
+    let mut head = stack.load(Ordering::Relaxed);
+    loop {
+        // SAFETY: the chain is still ours (precondition): unpublished.
+        *unsafe { (*last).next() } = head;
+        // Release: publishes the chain's fields (see above). Relaxed on
+        // failure: the value read only seeds the next attempt.
+        match stack.compare_exchange_weak(head, first, Ordering::Release, Ordering::Relaxed) {
+            Ok(_) => return,
+            Err(now) => head = now,
+        }
+    }
+}
+
 /// A collector: the global epoch, the records and the garbage.
 pub(crate) struct Global {
     /// The epoch, in steps of [`STEP`].
@@ -279,24 +321,12 @@ impl Global {
             taken: AtomicBool::new(true),
             next: ptr::null_mut(),
         }));
-        // Relaxed: the CAS below publishes.
-        let mut head = self.records.load(Ordering::Relaxed);
-        loop {
-            // SAFETY: not yet published: ours alone.
-            unsafe { (*record).next = head };
-            // Release: publishes the record's fields to the scans and
-            // takers that load it (Acquire).
-            match self.records.compare_exchange_weak(
-                head,
-                record,
-                Ordering::Release,
-                Ordering::Relaxed,
-            ) {
-                // SAFETY: from `Box::into_raw`, never null.
-                Ok(_) => return unsafe { NonNull::new_unchecked(record) },
-                Err(now) => head = now,
-            }
-        }
+        // Its Release publishes the record's fields to the scans and
+        // takers that load it (Acquire).
+        // SAFETY: not yet published: ours alone, linked to nothing.
+        unsafe { push_chain(&self.records, record, record) };
+        // SAFETY: from `Box::into_raw`, never null.
+        unsafe { NonNull::new_unchecked(record) }
     }
 
     /// Whether any record's pins are light, so that an advance needs the
@@ -335,23 +365,10 @@ impl Global {
     /// The chain is the caller's, linked through `next` from `first` to
     /// `last`.
     unsafe fn push_bags(&self, first: *mut SealedBag, last: *mut SealedBag) {
-        // Relaxed: the CAS below publishes.
-        let mut head = self.garbage.load(Ordering::Relaxed);
-        loop {
-            // SAFETY: the chain is still ours (precondition).
-            unsafe { (*last).next = head };
-            // Release: publishes the bags and their functions' captures to
-            // the collection that takes them (Acquire).
-            match self.garbage.compare_exchange_weak(
-                head,
-                first,
-                Ordering::Release,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => return,
-                Err(now) => head = now,
-            }
-        }
+        // Its Release publishes the bags and their functions' captures to
+        // the collection that takes them (Acquire).
+        // SAFETY: the chain is the caller's (precondition).
+        unsafe { push_chain(&self.garbage, first, last) };
     }
 
     /// Advances the epoch by one if every pinned record shows the current
