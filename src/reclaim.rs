@@ -410,6 +410,14 @@ mod tests {
         }
     }
 
+    /// Pins and flushes enough times for everything retired while no
+    /// reader stayed pinned to have run.
+    fn settle(reclaimer: &Reclaimer) {
+        for _ in 0..16 {
+            reclaimer.pin().flush();
+        }
+    }
+
     struct SendPtr(*mut Tracked);
     // SAFETY: a `Tracked` is `Send`; the pointer is owned by the function.
     unsafe impl Send for SendPtr {}
@@ -424,14 +432,10 @@ mod tests {
             let pinned = reclaimer.pin();
             slot.replace(Some(Tracked(drops.clone())), &pinned);
         }
-        for _ in 0..16 {
-            reclaimer.pin().flush();
-        }
+        settle(&reclaimer);
         assert_eq!(drops.load(Ordering::Relaxed), count);
         slot.replace(None, &reclaimer.pin());
-        for _ in 0..16 {
-            reclaimer.pin().flush();
-        }
+        settle(&reclaimer);
         assert_eq!(drops.load(Ordering::Relaxed), count + 1);
     }
 
@@ -443,22 +447,16 @@ mod tests {
         let reader = reclaimer.pin();
         let seen = slot.0.load(Ordering::Acquire);
         slot.replace(Some(Tracked(drops.clone())), &reclaimer.pin());
-        for _ in 0..16 {
-            reclaimer.pin().flush();
-        }
+        settle(&reclaimer);
         // The reader is still pinned: what it loaded must not be freed.
         assert_eq!(drops.load(Ordering::Relaxed), 0);
         // SAFETY: `reader` is pinned, so `seen` is still allocated.
         assert!(Arc::ptr_eq(&unsafe { &*seen }.0, &drops));
         drop(reader);
-        for _ in 0..16 {
-            reclaimer.pin().flush();
-        }
+        settle(&reclaimer);
         assert_eq!(drops.load(Ordering::Relaxed), 1);
         slot.replace(None, &reclaimer.pin());
-        for _ in 0..16 {
-            reclaimer.pin().flush();
-        }
+        settle(&reclaimer);
         assert_eq!(drops.load(Ordering::Relaxed), 2);
     }
 
