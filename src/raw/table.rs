@@ -1315,10 +1315,11 @@ impl<I: Sided> Drop for ShardedTable<I> {
         // the status before that detach, which happens before this fence
         // and the seal of the retirement below, so the retirement waits
         // for that thread to unpin (M14, C20, E2). SeqCst: the fence that
-        // argument names, here as well as in the collector's seal. Freeing runs no user code (mutexes,
-        // atomics, addresses), nor does dropping the anchor, a `Weak` to a
-        // core whose value is being dropped now: it touches the block's
-        // counts and, if it is the last, frees the block, never the value.
+        // argument names, here as well as in the collector's seal.
+        // Freeing runs no user code (mutexes, atomics, addresses), nor does
+        // dropping the anchor, a `Weak` to a core whose value is being
+        // dropped now: it touches the block's counts and, if it is the
+        // last, frees the block, never the value.
         // One retirement for both: a second, for the anchor alone, made a
         // loom model (`a_set_dropped_racing_a_member_death_never_reads_its_freed_core`)
         // report itself nondeterministic, for a reason in the epoch's
