@@ -45,10 +45,12 @@
 //!
 //! `cargo bench --bench map_ab`; the median ratios print as a table, and as
 //! tab-separated rows in `map_ab.tsv` when `WEAKREFS_BENCH_OUT` names a
-//! directory. `WEAKREFS_AB_CASES=read,churn` (a comma-separated list of
-//! case names: `read`, `key_map_with`, `keep_recent`, `stats`, `churn`,
-//! `churn_string`, `churn_fresh`)
-//! runs only those cases.
+//! directory, each with the peer's role (see `role`) and the round count,
+//! for `cargo bench-report`'s interleaved section. `--quick` runs three
+//! rounds instead of seven. `WEAKREFS_AB_CASES=read,churn` (a
+//! comma-separated list of case names: `read`, `key_map_with`,
+//! `keep_recent`, `stats`, `churn`, `churn_string`, `churn_fresh`) runs
+//! only those cases.
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -216,6 +218,21 @@ struct Row {
     ours: f64,
     theirs: f64,
     ratio: f64,
+}
+
+/// What a peer is to the ratio against it, as the report reads it: an
+/// `alternative` a user would pick instead (a case is judged against the
+/// fastest of them), the unsynchronised `floor` (shown, never an
+/// alternative), a `control` (a peer with one cost added, to show where a
+/// gap comes from), or this crate's same map `without` the option the case
+/// measures (the option's cost).
+fn role(peer: &str) -> &'static str {
+    match peer {
+        "std_hashmap_unsync" => "floor",
+        "dashmap_boxed_value" | "dashmap_dense_records" => "control",
+        "weakrefs_plain" | "weakrefs_no_stats" => "without",
+        _ => "alternative",
+    }
 }
 
 /// The rows for one case: contender 0 is this crate.
@@ -422,13 +439,16 @@ fn key_map_case(rounds: usize, threads: usize) -> Vec<Row> {
 
 fn main() {
     // `cargo bench` passes `--bench`; a test run (`cargo test --benches`)
-    // does not, and gets one quick round.
+    // does not, and gets one quick round. `--quick` (from `cargo
+    // bench-report --quick`) asks for three.
     let benching = std::env::args().any(|arg| arg == "--bench");
+    let quick = std::env::args().any(|arg| arg == "--quick");
     let rounds = match std::env::var("WEAKREFS_AB_ROUNDS") {
         Ok(count) => count
             .parse()
             .unwrap_or_else(|_| panic!("WEAKREFS_AB_ROUNDS: {count:?} is not a count")),
-        Err(_) if benching => 7,
+        Err(_) if benching && !quick => 7,
+        Err(_) if benching => 3,
         Err(_) => 1,
     };
     let cases = std::env::var("WEAKREFS_AB_CASES").ok();
@@ -500,12 +520,20 @@ fn main() {
             row.ratio
         );
     }
-    if let Some(mut out) = out::tsv("map_ab.tsv", "case\tpeer\tours\ttheirs\tratio") {
+    if let Some(mut out) = out::tsv(
+        "map_ab.tsv",
+        "case\tpeer\trole\tours\ttheirs\tratio\trounds",
+    ) {
         for row in &table {
             writeln!(
                 out,
-                "{}\t{}\t{}\t{}\t{}",
-                row.case, row.peer, row.ours, row.theirs, row.ratio
+                "{}\t{}\t{}\t{}\t{}\t{}\t{rounds}",
+                row.case,
+                row.peer,
+                role(row.peer),
+                row.ours,
+                row.theirs,
+                row.ratio
             )
             .expect("write map_ab.tsv");
         }

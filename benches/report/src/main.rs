@@ -1,13 +1,14 @@
 //! `cargo bench-report [--quick] [--threads 1,2,4,8,16] [--no-run]`
 //!
 //! Runs every benchmark comparison of `weakrefs` (criterion, plus the
-//! memory and latency benches) and the cache_server demo (`--tsv`), then
-//! writes `BENCHMARKS.md` at the repository root and its SVG charts under
-//! `benches/charts/`.
+//! interleaved A/B, memory and latency benches) and the cache_server demo
+//! (`--tsv`), then writes `BENCHMARKS.md` at the repository root and its
+//! SVG charts under `benches/charts/`.
 //!
 //! * `--quick`: short criterion measurements and runs (a few minutes on
-//!   2 cores) instead of the full ones (about 15 minutes, build included);
-//!   the demo runs 3 seconds instead of 6.
+//!   2 cores) instead of the full ones (about 16 minutes, build included);
+//!   the demo runs 3 seconds instead of 6, the A/B run three rounds
+//!   instead of seven.
 //! * `--threads LIST`: the thread counts of the multi-threaded benchmarks
 //!   (default `1,2`); more than two counts add thread-scaling charts.
 //! * `--no-run`: regenerate the report from the last run's results
@@ -75,7 +76,7 @@ fn options(args: impl IntoIterator<Item = OsString>) -> Result<Option<Options>, 
 /// The benchmarks, in the order they run: criterion ones take criterion's
 /// flags, the others `--quick`.
 const CRITERION_BENCHES: &[&str] = &["handles", "maps", "key_maps", "sets", "finalizers"];
-const PLAIN_BENCHES: &[&str] = &["map_memory", "churn_memory", "callback_latency"];
+const PLAIN_BENCHES: &[&str] = &["map_ab", "map_memory", "churn_memory", "callback_latency"];
 
 fn criterion_flags(quick: bool) -> &'static [&'static str] {
     if quick {

@@ -52,6 +52,41 @@ pub struct Run {
     pub latency: Vec<(String, Vec<f64>)>,
     /// The cache_server demo's three caches, in the order it ran them.
     pub demo: Vec<DemoCache>,
+    /// The interleaved A/B ratios (`map_ab`), a row per case and peer.
+    pub ab: Vec<AbRow>,
+}
+
+/// One ratio of the interleaved A/B run: a row of `map_ab.tsv`. Every
+/// contender of a case ran once a round, back to back; `ratio` is the
+/// median over the rounds of this crate's rate over the peer's in the
+/// same round, which is not `ours / theirs` (the medians of each side's
+/// rates).
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+pub struct AbRow {
+    /// `read/100000_keys/1_thread`, `churn/1_thread`, ...
+    pub case: String,
+    pub peer: String,
+    /// `alternative`, `floor`, `control` or `without` (benches/map_ab.rs,
+    /// `role`): only alternatives, and this crate's map without the option
+    /// a case measures, are judged against.
+    pub role: String,
+    /// Operations per second: this crate's median over the rounds.
+    #[serde(deserialize_with = "finite")]
+    pub ours: f64,
+    /// The same for the peer.
+    #[serde(deserialize_with = "finite")]
+    pub theirs: f64,
+    #[serde(deserialize_with = "finite")]
+    pub ratio: f64,
+    pub rounds: u32,
+}
+
+impl AbRow {
+    /// Whether the case is judged on this row's ratio (or on another of
+    /// its kind): an alternative, or this crate without the option.
+    pub fn judged(&self) -> bool {
+        matches!(self.role.as_str(), "alternative" | "without")
+    }
 }
 
 /// What one map holds per live entry: a row of `map_memory.tsv`.

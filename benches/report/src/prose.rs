@@ -281,13 +281,44 @@ pub const SECTIONS: &[Section] = &[
 /// is the band around 1 called on a par.
 pub fn reading_it(noise: f64) -> String {
     format!(
-        "criterion medians. A ratio is this crate's best row over the \
+        "the interleaved section first: ratios from the same rounds, robust to the \
+         machine's speed changing, read as that section says. The other sections give \
+         criterion medians. A ratio is this crate's best row over the \
          best alternative's, so above 1 is faster. Ratios within {:.0}% of 1 are called on a \
          par; beyond that, a case is ahead or behind only if the 95% confidence intervals of \
          the two medians do not overlap, else unclear. Those intervals describe one run: this \
          machine is shared with other work, and separate runs have differed by more than them, \
          most on two threads. Read a single row as a measurement, and a pattern across rows \
          and sections as the finding.",
+        noise * 100.0
+    )
+}
+
+/// The interleaved A/B section's heading.
+pub const AB_TITLE: &str = "The collections A/B, interleaved";
+
+/// What the interleaved A/B section measures, and how to read it against
+/// the criterion sections.
+pub fn ab_what(rounds: u32, noise: f64) -> String {
+    format!(
+        "`WeakValueMap` reads at 1 000 and 100 000 live keys (uniform, every read a hit \
+         that upgrades), `WeakKeyMap::with` at 100 000, the read cost of a keep-warm tier and \
+         of statistics, and churn (insert a value under a key, then drop it) under 1 024 \
+         reused `u64` keys, fresh `u64` keys and 1 024 reused `String` keys. Every \
+         contender of a case runs once a round, back to back, in an order that rotates from \
+         round to round, each worker timing itself; a ratio is this crate's rate over the \
+         peer's in the same round, and the table gives the median over {rounds} rounds (the \
+         rates beside it are each side's median). A change in the machine's speed moves the \
+         contenders of a round together, so these ratios hold where the sections below, \
+         measured one benchmark after another, can move by more than their confidence \
+         intervals: where the two disagree on a case, this one is the measurement. A peer is \
+         an *alternative* (what a user would pick instead), the *floor* (an unsynchronised \
+         map read in place: shown, never judged against), a *control* (a peer with one cost \
+         added, to show where a gap comes from) or, for an option's cost, this crate's same \
+         map *without* the option. A case is judged on its lowest ratio against an \
+         alternative or the map without the option, on a par within {:.0}% of 1. What \
+         explains each figure is in the section below that measures the same case. \
+         Measured by `cargo bench --bench map_ab`; rates in million operations per second.",
         noise * 100.0
     )
 }
@@ -352,7 +383,7 @@ pub const LATENCY_WHY: &str = "\
 
 /// How to regenerate the report, in its header.
 pub const TO_REGENERATE: &str = "\
-    `cargo bench-report` (about 15 minutes on 2 cores, build included) or `cargo bench-report \
+    `cargo bench-report` (about 16 minutes on 2 cores, build included) or `cargo bench-report \
     --quick` (about 12 minutes, build included); `--threads 1,2,4,8,16` adds a thread-scaling run. Each section \
     names the bench that measures it alone.";
 

@@ -7,8 +7,10 @@ use std::fmt::Write as _;
 use std::path::Path;
 
 use crate::charts::{self, Bar, BarGroup, BarPanel, Line, Panel};
-use crate::compare::{case_label, cases, implementations, split_count, Case, Verdict, NOISE};
-use crate::model::{is_ours, mib, ChurnRun, Context, DemoCache, Run};
+use crate::compare::{
+    case_label, cases, implementations, split_count, verdict, Case, Verdict, NOISE,
+};
+use crate::model::{is_ours, mib, AbRow, ChurnRun, Context, DemoCache, Run};
 use crate::prose::{self, Section, SECTIONS};
 
 /// A rate for people: millions per second, three significant digits.
@@ -54,6 +56,15 @@ pub fn report(
     let mut body = String::new();
     let mut glance = String::new();
 
+    if let Some(counts) = ab_section(&mut body, &run.ab, &mut losses) {
+        let [ahead, par, behind, unclear] = counts;
+        let _ = writeln!(
+            glance,
+            "| [{}](#{}) | {ahead} | {par} | {behind} | {unclear} |",
+            prose::AB_TITLE,
+            slug(prose::AB_TITLE)
+        );
+    }
     for section in SECTIONS {
         let cases = cases(section, &run.measurements);
         if cases.is_empty() {
@@ -126,6 +137,107 @@ pub fn report(
     latency_section(&mut md, run, charts_dir, charts_link)?;
     demo_section(&mut md, run, charts_dir, charts_link)?;
     Ok(md)
+}
+
+/// The interleaved A/B rows by case, in the order measured.
+fn ab_cases(rows: &[AbRow]) -> Vec<(&str, Vec<&AbRow>)> {
+    let mut cases: Vec<(&str, Vec<&AbRow>)> = Vec::new();
+    for row in rows {
+        match cases.iter_mut().find(|(case, _)| *case == row.case) {
+            Some((_, rows)) => rows.push(row),
+            None => cases.push((&row.case, vec![row])),
+        }
+    }
+    cases
+}
+
+/// The row a case is judged on: of its alternatives (or this crate's map
+/// without the option it measures), the one this crate's ratio is lowest
+/// against.
+fn ab_decider<'a>(rows: &[&'a AbRow]) -> Option<&'a AbRow> {
+    rows.iter()
+        .copied()
+        .filter(|row| row.judged())
+        .min_by(|a, b| a.ratio.total_cmp(&b.ratio))
+}
+
+/// A case of the interleaved run for people: `read/100000_keys/2_thread`
+/// → `reads, 100000 keys, 2 threads`.
+fn ab_label(case: &str) -> String {
+    case.split('/')
+        .map(|part| match part.split_once('_') {
+            Some(("1", "thread")) => "1 thread".to_string(),
+            Some((count, "thread")) => format!("{count} threads"),
+            Some((count, unit)) if count.parse::<u64>().is_ok() => format!("{count} {unit}"),
+            _ => match part {
+                "read" => "reads".to_string(),
+                "key_map_with" => "`WeakKeyMap::with`".to_string(),
+                "stats" => "statistics".to_string(),
+                "churn" => "churn, 1 024 reused `u64` keys".to_string(),
+                "churn_fresh" => "churn, fresh `u64` keys".to_string(),
+                "churn_string" => "churn, 1 024 reused `String` keys".to_string(),
+                _ => match part.strip_prefix("keep_recent_") {
+                    Some(kept) => format!("keep-warm tier of {kept}"),
+                    None => part.replace('_', " "),
+                },
+            },
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Writes the interleaved A/B section, if the run has one, adding a loss
+/// line for each case behind; returns the cases' verdict counts (ahead, on
+/// a par, behind, unclear), as the glance table gives them.
+fn ab_section(md: &mut String, rows: &[AbRow], losses: &mut Vec<String>) -> Option<[usize; 4]> {
+    let cases = ab_cases(rows);
+    let rounds = rows.iter().map(|row| row.rounds).min()?;
+    let _ = writeln!(md, "## {}\n", prose::AB_TITLE);
+    let _ = writeln!(md, "{}\n", prose::ab_what(rounds, NOISE));
+    let _ = writeln!(
+        md,
+        "| case | peer | role | `weakrefs` M/s | peer M/s | ratio | verdict |"
+    );
+    let _ = writeln!(md, "| --- | --- | --- | ---: | ---: | ---: | --- |");
+    let mut counts = [0; 4];
+    for (case, rows) in &cases {
+        let decider = ab_decider(rows);
+        if let Some(decider) = decider {
+            let judged = verdict(decider.ratio, false);
+            counts[judged as usize] += 1;
+            if judged == Verdict::Behind {
+                losses.push(format!(
+                    "- [{}](#{}), {}: {:.2}x `{}`",
+                    prose::AB_TITLE,
+                    slug(prose::AB_TITLE),
+                    ab_label(case),
+                    decider.ratio,
+                    decider.peer
+                ));
+            }
+        }
+        for row in rows {
+            // The deciding row's verdict in words; the others' ratios
+            // stand as figures.
+            let word = if decider.is_some_and(|d| std::ptr::eq(d, *row)) {
+                verdict(row.ratio, false).word()
+            } else {
+                "–"
+            };
+            let _ = writeln!(
+                md,
+                "| {} | `{}` | {} | {} | {} | {:.2}x | {word} |",
+                ab_label(case),
+                row.peer,
+                row.role,
+                millions(row.ours),
+                millions(row.theirs),
+                row.ratio
+            );
+        }
+    }
+    md.push('\n');
+    Some(counts)
 }
 
 fn section_body(
@@ -595,6 +707,20 @@ mod tests {
     use crate::model::test_measurement as m;
     use crate::model::MapMemory;
 
+    /// A row of the interleaved run: this crate at 20 M/s, `ratio` times
+    /// the peer, over seven rounds.
+    fn ab_row(case: &str, peer: &str, role: &str, ratio: f64) -> AbRow {
+        AbRow {
+            case: case.into(),
+            peer: peer.into(),
+            role: role.into(),
+            ours: 20e6,
+            theirs: 20e6 / ratio,
+            ratio,
+            rounds: 7,
+        }
+    }
+
     /// A demo cache that served `rate` requests per second.
     fn demo_cache(kind: &str, cache: &str, rate: f64, peak: u64, gone: u64) -> DemoCache {
         DemoCache {
@@ -608,6 +734,23 @@ mod tests {
             peak_object_bytes: peak,
             object_bytes_clients_gone: gone,
         }
+    }
+
+    #[test]
+    fn interleaved_cases_read_as_words() {
+        assert_eq!(
+            ab_label("read/100000_keys/2_thread"),
+            "reads, 100000 keys, 2 threads"
+        );
+        assert_eq!(
+            ab_label("keep_recent_100/1000_keys/1_thread"),
+            "keep-warm tier of 100, 1000 keys, 1 thread"
+        );
+        assert_eq!(
+            ab_label("churn_fresh/1_thread"),
+            "churn, fresh `u64` keys, 1 thread"
+        );
+        assert_eq!(ab_label("new_case/4_shards"), "new case, 4 shards");
     }
 
     #[test]
@@ -667,6 +810,39 @@ mod tests {
                 demo_cache("weak", "WeakValueMap", 500.0, 100 << 20, 0),
                 demo_cache("keep-warm", "keep_recent(50)", 900.0, 150 << 20, 50 << 20),
             ],
+            ab: vec![
+                ab_row("read/1000_keys/1_thread", "dashmap", "alternative", 1.30),
+                ab_row(
+                    "read/1000_keys/1_thread",
+                    "scc_hash_index",
+                    "alternative",
+                    1.10,
+                ),
+                ab_row(
+                    "read/1000_keys/1_thread",
+                    "std_hashmap_unsync",
+                    "floor",
+                    0.80,
+                ),
+                ab_row(
+                    "key_map_with/100000_keys/1_thread",
+                    "dashmap_by_address",
+                    "alternative",
+                    0.70,
+                ),
+                ab_row(
+                    "key_map_with/100000_keys/1_thread",
+                    "dashmap_boxed_value",
+                    "control",
+                    1.40,
+                ),
+                ab_row(
+                    "stats/1000_keys/1_thread",
+                    "weakrefs_no_stats",
+                    "without",
+                    0.97,
+                ),
+            ],
         };
         let context = Context {
             command: "cargo bench-report --quick".into(),
@@ -676,6 +852,32 @@ mod tests {
             mode: "quick".into(),
         };
         let md = report(&run, &context, &dir, "charts").unwrap();
+        // The interleaved section: judged on the lowest ratio against an
+        // alternative, never the floor or a control.
+        assert!(
+            md.contains("| [The collections A/B, interleaved](#the-collections-ab-interleaved) | 1 | 1 | 1 | 0 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| reads, 1000 keys, 1 thread | `scc_hash_index` | alternative | 20.0 | 18.2 | 1.10x | ahead |"),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| reads, 1000 keys, 1 thread | `dashmap` | alternative | 20.0 | 15.4 | 1.30x | – |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains("](#the-collections-ab-interleaved), `WeakKeyMap::with`, 100000 keys, 1 thread: 0.70x `dashmap_by_address`"),
+            "{md}"
+        );
+        assert!(!md.contains("0.80x `std_hashmap_unsync`"), "{md}");
+        assert!(
+            md.contains("| statistics, 1000 keys, 1 thread | `weakrefs_no_stats` | without | 20.0 | 20.6 | 0.97x | on a par |"),
+            "{md}"
+        );
+        assert!(md.contains("median over 7 rounds"), "{md}");
         assert!(
             md.contains("| uniform, 2 threads | 20.0 | 16.0 | 1.25x `dashmap` | ahead |"),
             "{md}"

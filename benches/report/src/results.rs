@@ -1,6 +1,7 @@
 //! What a run left behind, read into the model: criterion's estimates,
-//! the tab-separated files the memory and latency benchmarks write
-//! (benches/support/out.rs), and the cache_server demo's `--tsv` file.
+//! the tab-separated files the memory, latency and interleaved A/B
+//! benchmarks write (benches/support/out.rs), and the cache_server demo's
+//! `--tsv` file.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -79,6 +80,9 @@ pub fn criterion_dir(home: &Path) -> Result<Vec<Measurement>, String> {
 /// directory beside the benchmarks' files.
 pub const DEMO_TSV: &str = "cache_server.tsv";
 
+/// The file the interleaved A/B run (`map_ab`) writes its ratios to.
+pub const AB_TSV: &str = "map_ab.tsv";
+
 /// Reads what the benchmarks and the demo left in `criterion_home` and
 /// `out`.
 pub fn load(criterion_home: &Path, out: &Path) -> Result<Run, String> {
@@ -86,6 +90,7 @@ pub fn load(criterion_home: &Path, out: &Path) -> Result<Run, String> {
         measurements: criterion_dir(criterion_home)?,
         map_memory: table(out, "map_memory.tsv")?,
         demo: table(out, DEMO_TSV)?,
+        ab: table(out, AB_TSV)?,
         ..Run::default()
     };
     // The samples taken while objects came and went, per map; the one
@@ -207,7 +212,7 @@ fn describe(error: &csv::Error, text: &str, header: &csv::StringRecord) -> Strin
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{is_floor, is_ours, DemoCache, MapMemory};
+    use crate::model::{is_floor, is_ours, AbRow, DemoCache, MapMemory};
 
     const MEDIAN_50NS: &str = r#"{"median":{"point_estimate":50.0,
         "confidence_interval":{"lower_bound":20.0,"upper_bound":100.0}}}"#;
@@ -363,8 +368,27 @@ mod tests {
              weak\tWeakValueMap\t10\t5\t1\t2\t3\t4\t0\n",
         )
         .unwrap();
+        fs::write(
+            out.join(AB_TSV),
+            "case\tpeer\trole\tours\ttheirs\tratio\trounds\n\
+             churn/1_thread\tdashmap_retain_1024\talternative\t7e6\t1.4e7\t0.52\t7\n",
+        )
+        .unwrap();
         let run = load(&dir.join("criterion"), &out).unwrap();
         assert_eq!(run.measurements.len(), 1);
+        assert_eq!(
+            run.ab,
+            [AbRow {
+                case: "churn/1_thread".into(),
+                peer: "dashmap_retain_1024".into(),
+                role: "alternative".into(),
+                ours: 7e6,
+                theirs: 1.4e7,
+                ratio: 0.52,
+                rounds: 7
+            }]
+        );
+        assert!(run.ab[0].judged());
         assert!((run.measurements[0].per_second - 1e6).abs() < 1e-3);
         assert_eq!(
             run.map_memory,
