@@ -712,7 +712,7 @@ impl Header {
     }
 
     /// The weak count as stored (tests).
-    #[cfg(test)]
+    #[cfg(all(test, not(weakrefs_loom)))]
     pub(crate) fn stored_weak_count(&self) -> u32 {
         // Relaxed: a test's look, after its synchronisation.
         self.weak.load(Ordering::Relaxed)

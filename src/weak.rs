@@ -282,7 +282,7 @@ impl<T: ?Sized> Weak<T> {
 impl<T: ?Sized> Weak<T> {
     /// The block's weak count as stored, the implicit weak included, even
     /// once the object is dead (tests).
-    #[cfg(test)]
+    #[cfg(all(test, not(weakrefs_loom)))]
     pub(crate) fn stored_weak_count(&self) -> u32 {
         self.header().map_or(0, Header::stored_weak_count)
     }

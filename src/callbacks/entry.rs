@@ -1055,7 +1055,7 @@ impl<P> Hook<P> {
     ///    not dropped in parts instead ([`payload_ptr`](Self::payload_ptr)).
     /// 2. No reference from [`payload`](Self::payload) of any handle is
     ///    alive, and `payload` is never called again.
-    #[cfg(test)]
+    #[cfg(all(test, not(weakrefs_loom)))]
     pub(crate) unsafe fn drop_payload(&self) {
         // SAFETY: initialised, dropped once (1), and unborrowed (2); the
         // pointer carries the whole node's provenance (from `leak`),
