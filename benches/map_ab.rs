@@ -43,14 +43,20 @@
 //!   their key: between sweeps every 65 536 inserts, `DashMap` grows to
 //!   65 536 entries, each keeping its dead value's allocation.
 //!
+//! * `set_notify` and `set_subscribe`, one thread: `WeakSet` as an observer
+//!   registry against `Mutex<Vec<std::sync::Weak<T>>>`, as `benches/sets.rs`
+//!   measures it: a notification pass over 1 000 live members, each
+//!   upgraded (the list snapshots under its lock), and 1 000 members
+//!   subscribing to a new set (each registering a death callback) or list.
+//!
 //! `cargo bench --bench map_ab`; the median ratios print as a table, and as
 //! tab-separated rows in `map_ab.tsv` when `WEAKREFS_BENCH_OUT` names a
 //! directory, each with the peer's role (see `role`) and the round count,
 //! for `cargo bench-report`'s interleaved section. `--quick` runs three
 //! rounds instead of seven. `WEAKREFS_AB_CASES=read,churn` (a
 //! comma-separated list of case names: `read`, `key_map_with`,
-//! `keep_recent`, `stats`, `churn`, `churn_string`, `churn_fresh`) runs
-//! only those cases.
+//! `keep_recent`, `stats`, `churn`, `churn_string`, `churn_fresh`,
+//! `set_notify`, `set_subscribe`) runs only those cases.
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -437,6 +443,83 @@ fn key_map_case(rounds: usize, threads: usize) -> Vec<Row> {
     )
 }
 
+/// Members of the `WeakSet` cases, as in `benches/sets.rs`.
+const MEMBERS: usize = 1000;
+
+/// `WeakSet` as an observer registry against `Mutex<Vec<Weak>>`, one
+/// thread: a notification pass over `MEMBERS` live members (each
+/// upgraded; the list snapshots under its lock, then notifies outside it,
+/// as observer lists do), and `MEMBERS` subscriptions to a new set or list
+/// (the set registers a death callback per member, the list only pushes).
+/// Rates are members per second.
+fn set_cases(rounds: usize, notify: bool, subscribe: bool) -> Vec<Row> {
+    const NOTIFY_PASSES: usize = 2048;
+    const SUBSCRIBE_SETS: usize = 128;
+    let ours: Vec<_> = (0..MEMBERS).map(weakrefs::Strong::new).collect();
+    let theirs: Vec<_> = (0..MEMBERS).map(Arc::new).collect();
+    let per_second =
+        |members: usize, began: Instant| members as f64 / began.elapsed().as_secs_f64();
+    let names = ["weakrefs", "mutex_vec"];
+    let mut table = Vec::new();
+    if notify {
+        let set = weakrefs::WeakSet::with_capacity(MEMBERS);
+        for member in &ours {
+            set.insert(member);
+        }
+        let list = std::sync::Mutex::new(theirs.iter().map(Arc::downgrade).collect::<Vec<_>>());
+        let rates = interleaved(names.len(), rounds, |which| {
+            let began = Instant::now();
+            for _ in 0..NOTIFY_PASSES {
+                let sum: usize = if which == 0 {
+                    set.iter().map(|member| black_box(*member)).sum()
+                } else {
+                    let snapshot: Vec<Arc<usize>> = list
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .filter_map(StdWeak::upgrade)
+                        .collect();
+                    snapshot.iter().map(|member| black_box(**member)).sum()
+                };
+                assert_eq!(sum, MEMBERS * (MEMBERS - 1) / 2);
+            }
+            per_second(NOTIFY_PASSES * MEMBERS, began)
+        });
+        table.extend(rows(
+            &format!("set_notify/{MEMBERS}_members/1_thread"),
+            &names,
+            &rates,
+        ));
+    }
+    if subscribe {
+        let rates = interleaved(names.len(), rounds, |which| {
+            let began = Instant::now();
+            for _ in 0..SUBSCRIBE_SETS {
+                if which == 0 {
+                    let set = weakrefs::WeakSet::with_capacity(MEMBERS);
+                    for member in &ours {
+                        set.insert(member);
+                    }
+                    assert_eq!(black_box(set).len(), MEMBERS);
+                } else {
+                    let list = std::sync::Mutex::new(Vec::with_capacity(MEMBERS));
+                    for member in &theirs {
+                        list.lock().unwrap().push(Arc::downgrade(member));
+                    }
+                    assert_eq!(black_box(list).into_inner().unwrap().len(), MEMBERS);
+                }
+            }
+            per_second(SUBSCRIBE_SETS * MEMBERS, began)
+        });
+        table.extend(rows(
+            &format!("set_subscribe/{MEMBERS}_members/1_thread"),
+            &names,
+            &rates,
+        ));
+    }
+    table
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; a test run (`cargo test --benches`)
     // does not, and gets one quick round. `--quick` (from `cargo
@@ -504,6 +587,13 @@ fn main() {
         table.extend(churn_case("churn_string/1_thread", rounds, |n| {
             keys[(n % 1024) as usize].clone()
         }));
+    }
+    if wanted("set_notify") || wanted("set_subscribe") {
+        table.extend(set_cases(
+            rounds,
+            wanted("set_notify"),
+            wanted("set_subscribe"),
+        ));
     }
 
     println!(

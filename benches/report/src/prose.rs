@@ -304,7 +304,8 @@ pub fn ab_what(rounds: u32, noise: f64) -> String {
         "`WeakValueMap` reads at 1 000 and 100 000 live keys (uniform, every read a hit \
          that upgrades), `WeakKeyMap::with` at 100 000, the read cost of a keep-warm tier and \
          of statistics, and churn (insert a value under a key, then drop it) under 1 024 \
-         reused `u64` keys, fresh `u64` keys and 1 024 reused `String` keys. Every \
+         reused `u64` keys, fresh `u64` keys and 1 024 reused `String` keys, and a \
+         `WeakSet` of 1 000 members notified and subscribed to. Every \
          contender of a case runs once a round, back to back, in an order that rotates from \
          round to round, each worker timing itself; a ratio is this crate's rate over the \
          peer's in the same round, and the table gives the median over {rounds} rounds (the \

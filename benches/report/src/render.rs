@@ -176,6 +176,8 @@ fn ab_label(case: &str) -> String {
                 "churn" => "churn, 1 024 reused `u64` keys".to_string(),
                 "churn_fresh" => "churn, fresh `u64` keys".to_string(),
                 "churn_string" => "churn, 1 024 reused `String` keys".to_string(),
+                "set_notify" => "`WeakSet` notify".to_string(),
+                "set_subscribe" => "`WeakSet` subscribe".to_string(),
                 _ => match part.strip_prefix("keep_recent_") {
                     Some(kept) => format!("keep-warm tier of {kept}"),
                     None => part.replace('_', " "),
@@ -749,6 +751,10 @@ mod tests {
         assert_eq!(
             ab_label("churn_fresh/1_thread"),
             "churn, fresh `u64` keys, 1 thread"
+        );
+        assert_eq!(
+            ab_label("set_notify/1000_members/1_thread"),
+            "`WeakSet` notify, 1000 members, 1 thread"
         );
         assert_eq!(ab_label("new_case/4_shards"), "new case, 4 shards");
     }
