@@ -234,13 +234,18 @@ pub const SECTIONS: &[Section] = &[
               word: the address of the entry's node, its one allocation, which holds the key's \
               `Weak` and the value. A value never moves while readers borrow it in place (a \
               `Mutex` inside is the common case), so a rebuild moves the address, not the \
-              node. At 100 000 keys the slots stay in the caches and the nodes, 48 bytes \
-              each, do not: a hit misses on its node, where `DashMap`'s value sits inline \
-              in its bucket array (callgrind, with a 2 MiB last-level cache like this \
-              machine's L2, when the node was 56 bytes: 1.75 misses a lookup against 0.35). \
-              On one thread that has cost from nothing to more than half of `DashMap`'s \
-              rate across runs on this machine, as the heap's layout changes from run to run \
-              (`cargo bench --bench map_ab`, `key_map_with`: 0.37x to 0.95x in one session). \
+              node. At 100 000 keys the nodes, 48 bytes each (64 with the allocator's \
+              header), do not stay in the caches: a hit misses on its node, where \
+              `DashMap`'s value sits inline in its bucket array. Callgrind's cache \
+              simulation of a standalone loop of such lookups, with a 1 MiB last level (the \
+              Intel machine's L2 is 1.25 MiB), counts 3.9 first-level and 2.5 last-level \
+              misses a lookup against `DashMap`'s 2.9 and 1.2: the tag word and the slot, \
+              which the lookup loads together (it prefetches the home group's slots as it \
+              loads the tag word), then the node, where `DashMap` loads its control bytes, \
+              then the bucket (and both, the loop's own array of keys). On one thread that has cost from nothing to more than half of \
+              `DashMap`'s rate, as the heap's layout and the machine change from run to run \
+              (the interleaved section has this run's ratio; across sessions it has read \
+              0.37x to 1.05x on one thread, and ahead on two). \
               The boxed `DashMap` follows the same one pointer more, and measures at or \
               below this crate's lookup in most runs (its column in the table): the pointer \
               is most of the cost, not the rest of the read. Packing the values where they \
