@@ -68,6 +68,8 @@ use dashmap::DashMap;
 
 #[path = "support/keys.rs"]
 mod keys;
+#[path = "support/observers.rs"]
+mod observers;
 #[path = "support/out.rs"]
 mod out;
 #[path = "support/threads.rs"]
@@ -462,24 +464,15 @@ fn set_cases(rounds: usize, notify: bool, subscribe: bool) -> Vec<Row> {
     let names = ["weakrefs", "mutex_vec"];
     let mut table = Vec::new();
     if notify {
-        let set = weakrefs::WeakSet::with_capacity(MEMBERS);
-        for member in &ours {
-            set.insert(member);
-        }
-        let list = std::sync::Mutex::new(theirs.iter().map(Arc::downgrade).collect::<Vec<_>>());
+        let set = observers::subscribe_set(&ours);
+        let list = observers::subscribe_list(&theirs);
         let rates = interleaved(names.len(), rounds, |which| {
             let began = Instant::now();
             for _ in 0..NOTIFY_PASSES {
-                let sum: usize = if which == 0 {
-                    set.iter().map(|member| black_box(*member)).sum()
+                let sum = if which == 0 {
+                    observers::notify_set(&set)
                 } else {
-                    let snapshot: Vec<Arc<usize>> = list
-                        .lock()
-                        .unwrap()
-                        .iter()
-                        .filter_map(StdWeak::upgrade)
-                        .collect();
-                    snapshot.iter().map(|member| black_box(**member)).sum()
+                    observers::notify_list(&list)
                 };
                 assert_eq!(sum, MEMBERS * (MEMBERS - 1) / 2);
             }
@@ -496,16 +489,10 @@ fn set_cases(rounds: usize, notify: bool, subscribe: bool) -> Vec<Row> {
             let began = Instant::now();
             for _ in 0..SUBSCRIBE_SETS {
                 if which == 0 {
-                    let set = weakrefs::WeakSet::with_capacity(MEMBERS);
-                    for member in &ours {
-                        set.insert(member);
-                    }
+                    let set = observers::subscribe_set(&ours);
                     assert_eq!(black_box(set).len(), MEMBERS);
                 } else {
-                    let list = std::sync::Mutex::new(Vec::with_capacity(MEMBERS));
-                    for member in &theirs {
-                        list.lock().unwrap().push(Arc::downgrade(member));
-                    }
+                    let list = observers::subscribe_list(&theirs);
                     assert_eq!(black_box(list).into_inner().unwrap().len(), MEMBERS);
                 }
             }

@@ -11,10 +11,12 @@
 //!
 //! `cargo bench --bench sets`.
 
-use std::hint::black_box;
 use std::sync::{Arc, Mutex, Weak as StdWeak};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+
+#[path = "support/observers.rs"]
+mod observers;
 
 const LISTENERS: usize = 1000;
 
@@ -25,50 +27,19 @@ fn observers(c: &mut Criterion) {
     let ours: Vec<_> = (0..LISTENERS).map(weakrefs::Strong::new).collect();
     let theirs: Vec<_> = (0..LISTENERS).map(Arc::new).collect();
     group.bench_function("subscribe_1000/weakrefs", |b| {
-        b.iter(|| {
-            let set = weakrefs::WeakSet::with_capacity(LISTENERS);
-            for listener in &ours {
-                set.insert(listener);
-            }
-            set
-        })
+        b.iter(|| observers::subscribe_set(&ours))
     });
     group.bench_function("subscribe_1000/mutex_vec", |b| {
-        b.iter(|| {
-            let list: Mutex<Vec<StdWeak<usize>>> = Mutex::new(Vec::with_capacity(LISTENERS));
-            for listener in &theirs {
-                list.lock().unwrap().push(Arc::downgrade(listener));
-            }
-            list
-        })
+        b.iter(|| observers::subscribe_list(&theirs))
     });
 
-    let set = weakrefs::WeakSet::with_capacity(LISTENERS);
-    for listener in &ours {
-        set.insert(listener);
-    }
-    let list: Mutex<Vec<StdWeak<usize>>> = Mutex::new(theirs.iter().map(Arc::downgrade).collect());
+    let set = observers::subscribe_set(&ours);
+    let list = observers::subscribe_list(&theirs);
     group.bench_function("notify_1000/weakrefs", |b| {
-        b.iter(|| {
-            set.iter()
-                .map(|listener| black_box(*listener))
-                .sum::<usize>()
-        })
+        b.iter(|| observers::notify_set(&set))
     });
     group.bench_function("notify_1000/mutex_vec", |b| {
-        b.iter(|| {
-            // Snapshot under the lock, notify outside it, as observer lists do.
-            let snapshot: Vec<Arc<usize>> = list
-                .lock()
-                .unwrap()
-                .iter()
-                .filter_map(StdWeak::upgrade)
-                .collect();
-            snapshot
-                .iter()
-                .map(|listener| black_box(**listener))
-                .sum::<usize>()
-        })
+        b.iter(|| observers::notify_list(&list))
     });
 
     let churn_set: weakrefs::WeakSet<usize> = weakrefs::WeakSet::new();
