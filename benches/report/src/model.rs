@@ -66,10 +66,7 @@ pub struct AbRow {
     /// `read/100000_keys/1_thread`, `churn/1_thread`, ...
     pub case: String,
     pub peer: String,
-    /// `alternative`, `floor`, `control` or `without` (benches/map_ab.rs,
-    /// `role`): only alternatives, and this crate's map without the option
-    /// a case measures, are judged against.
-    pub role: String,
+    pub role: Role,
     /// Operations per second: this crate's median over the rounds.
     #[serde(deserialize_with = "finite")]
     pub ours: f64,
@@ -81,11 +78,38 @@ pub struct AbRow {
     pub rounds: u32,
 }
 
+/// What a peer of the interleaved run is to the ratio against it
+/// (benches/map_ab.rs, `role`), as `map_ab.tsv` spells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// What a user would pick instead.
+    Alternative,
+    /// An unsynchronised map read in place: shown, never judged against.
+    Floor,
+    /// A peer with one cost added, to show where a gap comes from.
+    Control,
+    /// This crate's same map without the option the case measures.
+    Without,
+}
+
+impl Role {
+    /// The word the report prints for it.
+    pub fn word(self) -> &'static str {
+        match self {
+            Role::Alternative => "alternative",
+            Role::Floor => "floor",
+            Role::Control => "control",
+            Role::Without => "without",
+        }
+    }
+}
+
 impl AbRow {
     /// Whether the case is judged on this row's ratio (or on another of
     /// its kind): an alternative, or this crate without the option.
     pub fn judged(&self) -> bool {
-        matches!(self.role.as_str(), "alternative" | "without")
+        matches!(self.role, Role::Alternative | Role::Without)
     }
 }
 

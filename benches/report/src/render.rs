@@ -57,13 +57,7 @@ pub fn report(
     let mut glance = String::new();
 
     if let Some(counts) = ab_section(&mut body, &run.ab, &mut losses) {
-        let [ahead, par, behind, unclear] = counts;
-        let _ = writeln!(
-            glance,
-            "| [{}](#{}) | {ahead} | {par} | {behind} | {unclear} |",
-            prose::AB_TITLE,
-            slug(prose::AB_TITLE)
-        );
+        glance_row(&mut glance, prose::AB_TITLE, counts);
     }
     for section in SECTIONS {
         let cases = cases(section, &run.measurements);
@@ -77,23 +71,15 @@ pub fn report(
             };
             counts[verdict as usize] += 1;
             if verdict == Verdict::Behind {
-                losses.push(format!(
-                    "- [{}](#{}), {}: {:.2}x `{}`",
+                losses.push(loss_line(
                     section.title,
-                    slug(section.title),
-                    case_label(section, case.name),
+                    &case_label(section, case.name),
                     ratio,
-                    theirs.implementation
+                    &theirs.implementation,
                 ));
             }
         }
-        let [ahead, par, behind, unclear] = counts;
-        let _ = writeln!(
-            glance,
-            "| [{}](#{}) | {ahead} | {par} | {behind} | {unclear} |",
-            section.title,
-            slug(section.title)
-        );
+        glance_row(&mut glance, section.title, counts);
         section_body(&mut body, section, &cases, charts_dir, charts_link)?;
     }
 
@@ -137,6 +123,25 @@ pub fn report(
     latency_section(&mut md, run, charts_dir, charts_link)?;
     demo_section(&mut md, run, charts_dir, charts_link)?;
     Ok(md)
+}
+
+/// A section's row of the glance table: its cases' verdict counts (ahead,
+/// on a par, behind, unclear).
+fn glance_row(glance: &mut String, title: &str, counts: [usize; 4]) {
+    let [ahead, par, behind, unclear] = counts;
+    let _ = writeln!(
+        glance,
+        "| [{title}](#{}) | {ahead} | {par} | {behind} | {unclear} |",
+        slug(title)
+    );
+}
+
+/// A case behind, as the list of losses gives it.
+fn loss_line(title: &str, case: &str, ratio: f64, theirs: &str) -> String {
+    format!(
+        "- [{title}](#{}), {case}: {ratio:.2}x `{theirs}`",
+        slug(title)
+    )
 }
 
 /// The interleaved A/B rows by case, in the order measured.
@@ -203,35 +208,32 @@ fn ab_section(md: &mut String, rows: &[AbRow], losses: &mut Vec<String>) -> Opti
     let _ = writeln!(md, "| --- | --- | --- | ---: | ---: | ---: | --- |");
     let mut counts = [0; 4];
     for (case, rows) in &cases {
-        let decider = ab_decider(rows);
-        if let Some(decider) = decider {
-            let judged = verdict(decider.ratio, false);
+        // Judged on the ratio alone: the rounds' spread is not kept.
+        let decision = ab_decider(rows).map(|row| (row, verdict(row.ratio, false)));
+        if let Some((row, judged)) = decision {
             counts[judged as usize] += 1;
             if judged == Verdict::Behind {
-                losses.push(format!(
-                    "- [{}](#{}), {}: {:.2}x `{}`",
+                losses.push(loss_line(
                     prose::AB_TITLE,
-                    slug(prose::AB_TITLE),
-                    ab_label(case),
-                    decider.ratio,
-                    decider.peer
+                    &ab_label(case),
+                    row.ratio,
+                    &row.peer,
                 ));
             }
         }
         for row in rows {
             // The deciding row's verdict in words; the others' ratios
             // stand as figures.
-            let word = if decider.is_some_and(|d| std::ptr::eq(d, *row)) {
-                verdict(row.ratio, false).word()
-            } else {
-                "–"
+            let word = match decision {
+                Some((decider, judged)) if std::ptr::eq(decider, *row) => judged.word(),
+                _ => "–",
             };
             let _ = writeln!(
                 md,
                 "| {} | `{}` | {} | {} | {} | {:.2}x | {word} |",
                 ab_label(case),
                 row.peer,
-                row.role,
+                row.role.word(),
                 millions(row.ours),
                 millions(row.theirs),
                 row.ratio
@@ -707,15 +709,15 @@ fn demo_section(
 mod tests {
     use super::*;
     use crate::model::test_measurement as m;
-    use crate::model::MapMemory;
+    use crate::model::{MapMemory, Role};
 
     /// A row of the interleaved run: this crate at 20 M/s, `ratio` times
     /// the peer, over seven rounds.
-    fn ab_row(case: &str, peer: &str, role: &str, ratio: f64) -> AbRow {
+    fn ab_row(case: &str, peer: &str, role: Role, ratio: f64) -> AbRow {
         AbRow {
             case: case.into(),
             peer: peer.into(),
-            role: role.into(),
+            role,
             ours: 20e6,
             theirs: 20e6 / ratio,
             ratio,
@@ -817,35 +819,40 @@ mod tests {
                 demo_cache("keep-warm", "keep_recent(50)", 900.0, 150 << 20, 50 << 20),
             ],
             ab: vec![
-                ab_row("read/1000_keys/1_thread", "dashmap", "alternative", 1.30),
+                ab_row(
+                    "read/1000_keys/1_thread",
+                    "dashmap",
+                    Role::Alternative,
+                    1.30,
+                ),
                 ab_row(
                     "read/1000_keys/1_thread",
                     "scc_hash_index",
-                    "alternative",
+                    Role::Alternative,
                     1.10,
                 ),
                 ab_row(
                     "read/1000_keys/1_thread",
                     "std_hashmap_unsync",
-                    "floor",
+                    Role::Floor,
                     0.80,
                 ),
                 ab_row(
                     "key_map_with/100000_keys/1_thread",
                     "dashmap_by_address",
-                    "alternative",
+                    Role::Alternative,
                     0.70,
                 ),
                 ab_row(
                     "key_map_with/100000_keys/1_thread",
                     "dashmap_boxed_value",
-                    "control",
+                    Role::Control,
                     1.40,
                 ),
                 ab_row(
                     "stats/1000_keys/1_thread",
                     "weakrefs_no_stats",
-                    "without",
+                    Role::Without,
                     0.97,
                 ),
             ],

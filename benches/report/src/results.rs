@@ -212,7 +212,7 @@ fn describe(error: &csv::Error, text: &str, header: &csv::StringRecord) -> Strin
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{is_floor, is_ours, AbRow, DemoCache, MapMemory};
+    use crate::model::{is_floor, is_ours, AbRow, DemoCache, MapMemory, Role};
 
     const MEDIAN_50NS: &str = r#"{"median":{"point_estimate":50.0,
         "confidence_interval":{"lower_bound":20.0,"upper_bound":100.0}}}"#;
@@ -381,7 +381,7 @@ mod tests {
             [AbRow {
                 case: "churn/1_thread".into(),
                 peer: "dashmap_retain_1024".into(),
-                role: "alternative".into(),
+                role: Role::Alternative,
                 ours: 7e6,
                 theirs: 1.4e7,
                 ratio: 0.52,
@@ -389,6 +389,17 @@ mod tests {
             }]
         );
         assert!(run.ab[0].judged());
+        // A role the report does not know is an error that names it, not a
+        // row silently left unjudged.
+        let err = tsv::<AbRow>(
+            "case\tpeer\trole\tours\ttheirs\tratio\trounds\n\
+             churn/1_thread\tdashmap\talternate\t1\t1\t1\t7\n",
+        )
+        .unwrap_err();
+        assert!(
+            err.starts_with("line 2: ") && err.contains("`alternate`"),
+            "{err}"
+        );
         assert!((run.measurements[0].per_second - 1e6).abs() < 1e-3);
         assert_eq!(
             run.map_memory,
