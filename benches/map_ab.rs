@@ -448,63 +448,70 @@ fn key_map_case(rounds: usize, threads: usize) -> Vec<Row> {
 /// Members of the `WeakSet` cases, as in `benches/sets.rs`.
 const MEMBERS: usize = 1000;
 
-/// `WeakSet` as an observer registry against `Mutex<Vec<Weak>>`, one
-/// thread: a notification pass over `MEMBERS` live members (each
-/// upgraded; the list snapshots under its lock, then notifies outside it,
-/// as observer lists do), and `MEMBERS` subscriptions to a new set or list
-/// (the set registers a death callback per member, the list only pushes).
-/// Rates are members per second.
-fn set_cases(rounds: usize, notify: bool, subscribe: bool) -> Vec<Row> {
-    const NOTIFY_PASSES: usize = 2048;
-    const SUBSCRIBE_SETS: usize = 128;
-    let ours: Vec<_> = (0..MEMBERS).map(weakrefs::Strong::new).collect();
-    let theirs: Vec<_> = (0..MEMBERS).map(Arc::new).collect();
-    let per_second =
-        |members: usize, began: Instant| members as f64 / began.elapsed().as_secs_f64();
+/// The members of the `WeakSet` cases: this crate's and the list's.
+fn set_members() -> (Vec<weakrefs::Strong<usize>>, Vec<Arc<usize>>) {
+    (
+        (0..MEMBERS).map(weakrefs::Strong::new).collect(),
+        (0..MEMBERS).map(Arc::new).collect(),
+    )
+}
+
+/// Members per second of `passes` runs of `pass` over `MEMBERS` members.
+fn members_rate(passes: usize, mut pass: impl FnMut()) -> f64 {
+    let began = Instant::now();
+    for _ in 0..passes {
+        pass();
+    }
+    (passes * MEMBERS) as f64 / began.elapsed().as_secs_f64()
+}
+
+/// `WeakSet` notify against `Mutex<Vec<Weak>>`, one thread: a pass over
+/// `MEMBERS` live members, each upgraded (the list snapshots under its
+/// lock, then notifies outside it, as observer lists do).
+fn set_notify_case(rounds: usize) -> Vec<Row> {
+    let (ours, theirs) = set_members();
+    let set = observers::subscribe_set(&ours);
+    let list = observers::subscribe_list(&theirs);
     let names = ["weakrefs", "mutex_vec"];
-    let mut table = Vec::new();
-    if notify {
-        let set = observers::subscribe_set(&ours);
-        let list = observers::subscribe_list(&theirs);
-        let rates = interleaved(names.len(), rounds, |which| {
-            let began = Instant::now();
-            for _ in 0..NOTIFY_PASSES {
-                let sum = if which == 0 {
-                    observers::notify_set(&set)
-                } else {
-                    observers::notify_list(&list)
-                };
-                assert_eq!(sum, MEMBERS * (MEMBERS - 1) / 2);
+    let rates = interleaved(names.len(), rounds, |which| {
+        members_rate(2048, || {
+            let sum = if which == 0 {
+                observers::notify_set(&set)
+            } else {
+                observers::notify_list(&list)
+            };
+            assert_eq!(sum, MEMBERS * (MEMBERS - 1) / 2);
+        })
+    });
+    rows(
+        &format!("set_notify/{MEMBERS}_members/1_thread"),
+        &names,
+        &rates,
+    )
+}
+
+/// `WeakSet` subscribe against `Mutex<Vec<Weak>>`, one thread: `MEMBERS`
+/// members subscribing to a new set (each registering a death callback)
+/// or list (each pushed under the lock), which is then dropped.
+fn set_subscribe_case(rounds: usize) -> Vec<Row> {
+    let (ours, theirs) = set_members();
+    let names = ["weakrefs", "mutex_vec"];
+    let rates = interleaved(names.len(), rounds, |which| {
+        members_rate(128, || {
+            if which == 0 {
+                let set = observers::subscribe_set(&ours);
+                assert_eq!(black_box(set).len(), MEMBERS);
+            } else {
+                let list = observers::subscribe_list(&theirs);
+                assert_eq!(black_box(list).into_inner().unwrap().len(), MEMBERS);
             }
-            per_second(NOTIFY_PASSES * MEMBERS, began)
-        });
-        table.extend(rows(
-            &format!("set_notify/{MEMBERS}_members/1_thread"),
-            &names,
-            &rates,
-        ));
-    }
-    if subscribe {
-        let rates = interleaved(names.len(), rounds, |which| {
-            let began = Instant::now();
-            for _ in 0..SUBSCRIBE_SETS {
-                if which == 0 {
-                    let set = observers::subscribe_set(&ours);
-                    assert_eq!(black_box(set).len(), MEMBERS);
-                } else {
-                    let list = observers::subscribe_list(&theirs);
-                    assert_eq!(black_box(list).into_inner().unwrap().len(), MEMBERS);
-                }
-            }
-            per_second(SUBSCRIBE_SETS * MEMBERS, began)
-        });
-        table.extend(rows(
-            &format!("set_subscribe/{MEMBERS}_members/1_thread"),
-            &names,
-            &rates,
-        ));
-    }
-    table
+        })
+    });
+    rows(
+        &format!("set_subscribe/{MEMBERS}_members/1_thread"),
+        &names,
+        &rates,
+    )
 }
 
 fn main() {
@@ -575,12 +582,11 @@ fn main() {
             keys[(n % 1024) as usize].clone()
         }));
     }
-    if wanted("set_notify") || wanted("set_subscribe") {
-        table.extend(set_cases(
-            rounds,
-            wanted("set_notify"),
-            wanted("set_subscribe"),
-        ));
+    if wanted("set_notify") {
+        table.extend(set_notify_case(rounds));
+    }
+    if wanted("set_subscribe") {
+        table.extend(set_subscribe_case(rounds));
     }
 
     println!(
