@@ -114,17 +114,64 @@ fn position_of(mark: u64) -> usize {
     ((mark >> MARK_SHIFT) as u32 as usize).wrapping_sub(1)
 }
 
+/// The most turns the hand counts before it counts from 1 again
+/// ([`next_turn`]): a pass count (`stamp_at`, the turns plus at most one)
+/// then fits a stamp's 25 bits and is never 0, the stamp of a mark never
+/// stamped.
+const LAST_TURN: u64 = STAMP_MASK - 1;
+
+/// The turn after `turns`, which is 1 to [`LAST_TURN`]: counted from 1
+/// again after the last, so that no pass count is ever 0 (a stamp that
+/// would read as none) and `sweep` stays below 2^57 (`stamp_is_current`).
+/// The pass counts of the turn after the wrap are then no greater than
+/// those of the turn before, so every stamp given before it is stale.
+#[inline]
+fn next_turn(turns: u64) -> u64 {
+    if turns >= LAST_TURN {
+        1
+    } else {
+        turns + 1
+    }
+}
+
 /// The stamp a hit gives a mark naming position `at` once it has found
 /// the position held by that mark's entry and `referenced` set: the
 /// number of times the hand has passed `at` (`sweep` packs the hand's
-/// completed turns above its place in the current one), in 25 bits.
-/// Never 0 for a mark to match: a stamp of 0 is a mark never stamped.
+/// completed turns above its place in the current one), counted from 1
+/// again every [`LAST_TURN`] turns: 1 to `STAMP_MASK`, never 0 (the stamp
+/// of a mark never stamped).
 #[inline]
 fn stamp_at(sweep: u64, at: usize) -> u64 {
     let turns = sweep >> 32;
     let hand = sweep as u32 as usize;
     // Positions before the hand have been passed once more this turn.
-    (turns + u64::from(at < hand)) & STAMP_MASK
+    turns + u64::from(at < hand)
+}
+
+/// Whether `mark`'s stamp is the current pass count of the position it
+/// names in `sweep`, `stamp_at(sweep, position_of(mark))` (0, for a mark
+/// with no position or no stamp, never is): with one subtraction and one
+/// comparison, since every hit on a held value asks it. Above the
+/// generation, a mark holds its stamp `s` over the position plus one,
+/// `s << 32 | (at + 1)`: the value `sweep` takes when the hand passes
+/// `at` for the `s + 1`th time. The stamp is current while the hand has
+/// passed `at` `s` times and not the next: while `sweep` lies in the
+/// 2^32 values just below that one. With `sweep = t << 32 | hand`, and
+/// the difference `d = (s << 32 | (at + 1)) - sweep`:
+///
+/// * `s == t`: `d = at + 1 - hand`, in 1 to 2^32 exactly when `hand <= at`,
+///   when `at` has been passed `t` times;
+/// * `s == t + 1`: `d = 2^32 + at + 1 - hand`, in 1 to 2^32 exactly when
+///   `hand > at` (`hand` being below the ring's length, at most 2^32 - 2),
+///   when `at` has been passed `t + 1` times;
+/// * any other `s`: `d` is above 2^33 - 2^32, or negative (wrapping far
+///   above 2^32 in a `u64`: `sweep` is below 2^57, `t` being at most
+///   [`LAST_TURN`]).
+///
+/// A mark of 0, or one never stamped, has `s = 0`, below every `t`.
+#[inline]
+fn stamp_is_current(mark: u64, sweep: u64) -> bool {
+    (mark >> MARK_SHIFT).wrapping_sub(sweep).wrapping_sub(1) < 1 << 32
 }
 
 /// Hashes an identity (a hook node's address) for `Ring::position_of`:
@@ -172,8 +219,9 @@ struct Ring<V: ?Sized> {
     free: Vec<u32>,
     /// Where the next search for a victim starts.
     hand: usize,
-    /// Turns the hand has completed, from 1 (so that the first turn's
-    /// stamps are not 0, which marks never stamped carry).
+    /// Turns the hand has completed, from 1 to [`LAST_TURN`] and round
+    /// again ([`next_turn`]), so that no stamp is 0, which marks never
+    /// stamped carry.
     turns: u64,
     /// How often each hash was wanted lately: the admission filter's
     /// memory.
@@ -303,6 +351,23 @@ impl<V: ?Sized> Tier<V> {
         // Relaxed, all: hints (see `touch_passed`). A stamp read against a
         // hand that has moved on only sends the hit the slower way.
         let seen = mark.load(Ordering::Relaxed);
+        let sweep = self.sweep.load(Ordering::Relaxed);
+        if stamp_is_current(seen, sweep) {
+            return true;
+        }
+        self.touch_passed(identity, mark, seen, sweep)
+    }
+
+    /// `touch` for a mark (`seen`) not stamped since the hand last passed
+    /// its position, as of `sweep`.
+    #[inline]
+    fn touch_passed(
+        &self,
+        identity: impl FnOnce() -> usize,
+        mark: &AtomicU64,
+        seen: u64,
+        sweep: u64,
+    ) -> bool {
         if seen == 0 {
             // Never given a position (or filled since): not held, and
             // nothing to check. Most hits on a tier smaller than the
@@ -310,25 +375,7 @@ impl<V: ?Sized> Tier<V> {
             return false;
         }
         let at = position_of(seen);
-        let stamp = stamp_at(self.sweep.load(Ordering::Relaxed), at);
-        if seen >> STAMP_SHIFT == stamp && stamp != 0 {
-            return true;
-        }
-        self.touch_passed(identity, mark, seen, at, stamp)
-    }
-
-    /// `touch` for a mark not stamped since the hand last passed its
-    /// position (`seen`, naming position `at`, `stamp` being the current
-    /// one there).
-    #[inline]
-    fn touch_passed(
-        &self,
-        identity: impl FnOnce() -> usize,
-        mark: &AtomicU64,
-        seen: u64,
-        at: usize,
-        stamp: u64,
-    ) -> bool {
+        let stamp = stamp_at(sweep, at);
         // Acquire: pairs with `publish_sweep`'s Release. If the `sweep`
         // that `stamp` comes from was published by a pass, what that pass
         // did (the bit it cleared, the generation and holder an eviction
@@ -362,9 +409,9 @@ impl<V: ?Sized> Tier<V> {
         // A compare-exchange against the very mark read, which changes only
         // its stamp: it never writes back a mark that `admit` (under the
         // locks) or a rebuild's copy has replaced meanwhile; lost, it only
-        // leaves the next hit the slower way. A stamp of 0 (once in 2^25
-        // turns) is never given: it would read as unstamped.
-        if holds && stamp != 0 {
+        // leaves the next hit the slower way.
+        debug_assert!(stamp != 0, "a pass count is never 0 (`next_turn`)");
+        if holds {
             let stamped = seen & !(STAMP_MASK << STAMP_SHIFT) | stamp << STAMP_SHIFT;
             let _ = mark.compare_exchange(seen, stamped, Ordering::Relaxed, Ordering::Relaxed);
         }
@@ -538,7 +585,7 @@ impl<V: ?Sized> Tier<V> {
             let at = ring.hand;
             ring.hand = (at + 1) % self.positions.len();
             if ring.hand == 0 {
-                ring.turns += 1;
+                ring.turns = next_turn(ring.turns);
             }
             let position = &self.positions[at];
             // Relaxed: a hint set by readers; see `touch`. An RMW, as
@@ -881,6 +928,55 @@ mod tests {
     }
 
     #[test]
+    fn turns_count_from_1_again_so_that_no_stamp_is_0() {
+        assert_eq!(next_turn(1), 2);
+        assert_eq!(next_turn(LAST_TURN - 1), LAST_TURN);
+        assert_eq!(next_turn(LAST_TURN), 1);
+        // In the last turn, positions the hand has passed take the largest
+        // stamp a mark holds, and the rest the turn's count.
+        let last = LAST_TURN << 32 | 3;
+        assert_eq!(stamp_at(last, 2), STAMP_MASK);
+        assert_eq!(stamp_at(last, 3), LAST_TURN);
+        // The turn after: every count is below the ones before, and none 0.
+        assert_eq!(stamp_at(1 << 32 | 3, 2), 2);
+        assert_eq!(stamp_at(1 << 32, 0), 1);
+    }
+
+    #[test]
+    fn a_current_stamp_is_told_by_one_comparison() {
+        // Rings of several lengths, up to the longest a tier has; turns,
+        // hands and positions near either end of their ranges; stamps
+        // around each position's pass count: `stamp_is_current` answers as
+        // the comparison with `stamp_at` it stands for.
+        let stamped = |at: usize, stamp: u64| mark_of(at as u32, 5) | stamp << STAMP_SHIFT;
+        for len in [1, 2, 3, 7, u32::MAX as usize - 1] {
+            let mut places: Vec<usize> = [0, 1, 2, len / 2, len.saturating_sub(2), len - 1]
+                .into_iter()
+                .filter(|&at| at < len)
+                .collect();
+            places.dedup();
+            for turns in [1, 2, 3, LAST_TURN - 1, LAST_TURN] {
+                for &hand in &places {
+                    let sweep = turns << 32 | hand as u64;
+                    assert!(!stamp_is_current(0, sweep), "no position");
+                    for &at in &places {
+                        let now = stamp_at(sweep, at);
+                        assert!(!stamp_is_current(mark_of(at as u32, 5), sweep));
+                        for stamp in [1, 2, 3, now - 1, now, now + 1, LAST_TURN, STAMP_MASK] {
+                            let stamp = stamp.min(STAMP_MASK);
+                            assert_eq!(
+                                stamp_is_current(stamped(at, stamp), sweep),
+                                stamp == now,
+                                "ring {len}, turn {turns}, hand {hand}, at {at}, stamp {stamp}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn stamps_count_the_passes_of_each_position() {
         // Two turns done, the hand at 3 of the third: positions before it
         // have been passed once more.
@@ -889,7 +985,6 @@ mod tests {
         assert_eq!(stamp_at(sweep, 2), 3);
         assert_eq!(stamp_at(sweep, 3), 2);
         assert_eq!(stamp_at(sweep, usize::MAX), 2, "no position");
-        assert_eq!(stamp_at((STAMP_MASK + 1) << 32, 5), 0, "wraps to 0");
         let mark = mark_of(41, 9);
         assert_eq!(position_of(mark), 41);
         assert_eq!(position_of(mark | STAMP_MASK << STAMP_SHIFT), 41);
