@@ -124,7 +124,9 @@ const LAST_TURN: u64 = STAMP_MASK - 1;
 /// again after the last, so that no pass count is ever 0 (a stamp that
 /// would read as none) and `sweep` stays below 2^57 (`stamp_is_current`).
 /// The pass counts of the turn after the wrap are then no greater than
-/// those of the turn before, so every stamp given before it is stale.
+/// those of the turn before, so every stamp current before it is stale;
+/// stamps given in the first turns of the count read as current again
+/// when it comes round to them (SAFETY.md, M13: a lost hint).
 #[inline]
 fn next_turn(turns: u64) -> u64 {
     if turns >= LAST_TURN {
@@ -153,11 +155,11 @@ fn stamp_at(sweep: u64, at: usize) -> u64 {
 /// with no position or no stamp, never is): with one subtraction and one
 /// comparison, since every hit on a held value asks it. Above the
 /// generation, a mark holds its stamp `s` over the position plus one,
-/// `s << 32 | (at + 1)`: the value `sweep` takes when the hand passes
-/// `at` for the `s + 1`th time. The stamp is current while the hand has
-/// passed `at` `s` times and not the next: while `sweep` lies in the
-/// 2^32 values just below that one. With `sweep = t << 32 | hand`, and
-/// the difference `d = (s << 32 | (at + 1)) - sweep`:
+/// `s << 32 | (at + 1)`, and the stamp is current while `sweep` lies in
+/// the 2^32 values just below that one. A mark that names no position
+/// is 0 (a stamp is only ever added to a mark with a position): the
+/// proof needs `at + 1 >= 1`. With `sweep = t << 32 | hand`, and the
+/// difference `d = (s << 32 | (at + 1)) - sweep`:
 ///
 /// * `s == t`: `d = at + 1 - hand`, in 1 to 2^32 exactly when `hand <= at`,
 ///   when `at` has been passed `t` times;
@@ -374,6 +376,12 @@ impl<V: ?Sized> Tier<V> {
             // values read come here.
             return false;
         }
+        // What `stamp_is_current`'s proof asks: a mark with a stamp names
+        // a position.
+        debug_assert!(
+            (seen >> MARK_SHIFT) as u32 != 0,
+            "a mark without a position is 0"
+        );
         let at = position_of(seen);
         let stamp = stamp_at(sweep, at);
         // Acquire: pairs with `publish_sweep`'s Release. If the `sweep`
