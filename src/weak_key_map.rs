@@ -8,6 +8,7 @@
 //! dropped, like any removed item, once no reader can see it (SAFETY.md,
 //! section 8).
 
+use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
 use std::hash::BuildHasher;
@@ -80,6 +81,8 @@ impl<K: ?Sized, V> Drop for Item<K, V> {
 /// hook, whose node holds the key and the value).
 impl<K: ?Sized, V> Sided for Item<K, V> {
     type Side = ();
+    type Marks = Infallible;
+    const MARKS: Option<Infallible> = None;
 }
 
 // Each item registers its own callback, whose node the item's `Hook`

@@ -1,5 +1,6 @@
 //! `WeakSet`: a concurrent set whose members are held weakly, by identity.
 
+use std::convert::Infallible;
 use std::fmt;
 use std::hash::BuildHasher;
 
@@ -20,6 +21,8 @@ struct Member<T: ?Sized> {
 
 impl<T: ?Sized> Sided for Member<T> {
     type Side = EntryHook;
+    type Marks = Infallible;
+    const MARKS: Option<Infallible> = None;
 
     /// The hook, then the member's `Weak`, for the references the hook
     /// says it stands for (C21).

@@ -1263,7 +1263,7 @@ pub(super) mod tests {
                     }
                 };
                 assert!(in_list.on_dying_thread());
-                let pinned = crate::reclaim::Reclaimer::global().pin();
+                let pinned = crate::reclaim::Reclaimer::pin_global();
                 assert!(in_list.claim());
                 // SAFETY: claimed just now, while pinned; run once.
                 unsafe { in_list.run_claimed(Some(&pinned)) };

@@ -98,7 +98,7 @@ impl<C: Send + Sync + 'static> CoreRef<C> {
     /// # Safety
     ///
     /// 1. The calling thread found the hook whose shard's target `self`
-    ///    comes from alive after it pinned (`Reclaimer::global`), and is
+    ///    comes from alive after it pinned (`Reclaimer::pin_global`), and is
     ///    pinned still (C20, M14). (Under loom, during the collector's teardown, it is
     ///    not pinned: no other thread is left, and every table dropped by
     ///    then has detached its hooks before its anchor went.)

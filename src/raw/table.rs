@@ -328,6 +328,18 @@ pub(crate) trait Sided {
     /// rebuild (`Relocatable`'s 4), and dropped with its item.
     type Side: Send + Sync + 'static;
 
+    /// What a table of these items needs to keep a mark beside each
+    /// (`MarkedSlot`): `()` for items whose tables may (a `WeakValueMap`'s,
+    /// which may have a keep-warm tier), `Infallible` for the rest. Their
+    /// tables' marked variant then cannot be built, and the compiler drops
+    /// every look at which variant a table has from their lookups and
+    /// scans.
+    type Marks: Copy + Send + Sync + 'static;
+
+    /// The token for a marked table, if these items' tables may keep
+    /// marks.
+    const MARKS: Option<Self::Marks>;
+
     /// Drops an item and its side in place, as a slot's drop does: the
     /// side first (our own code, which does not panic), then the item
     /// (whose drop may be user code, and may panic: the side is gone by
@@ -387,29 +399,34 @@ struct Slots<I: Sided> {
     sides: Box<[Slot<I::Side>]>,
 }
 
-/// The items of a table: plain, or each with its mark.
-enum Items<I> {
+/// The items of a table: plain, or each with its mark (never, for items
+/// whose `Marks` is uninhabited).
+enum Items<I: Sided> {
     Plain(Box<[Slot<I>]>),
-    Marked(Box<[MarkedSlot<I>]>),
+    Marked(Box<[MarkedSlot<I>]>, I::Marks),
 }
 
 impl<I: Sided> Slots<I> {
-    /// `count` empty slots, with marks (zero) if `marked`.
+    /// `count` empty slots, with marks (zero) if `marked`, which only
+    /// items that may keep marks ask for (`Sided::MARKS`).
     fn new(count: usize, marked: bool) -> Self {
         fn empty<T>() -> Slot<T> {
             UnsafeCell::new(MaybeUninit::uninit())
         }
-        let items = if marked {
-            Items::Marked(
+        let items = match I::MARKS {
+            Some(token) if marked => Items::Marked(
                 (0..count)
                     .map(|_| MarkedSlot {
                         item: empty(),
                         mark: AtomicU64::new(0),
                     })
                     .collect(),
-            )
-        } else {
-            Items::Plain((0..count).map(|_| empty()).collect())
+                token,
+            ),
+            _ => {
+                debug_assert!(!marked, "marks asked of items that keep none");
+                Items::Plain((0..count).map(|_| empty()).collect())
+            }
         };
         Slots {
             items,
@@ -427,7 +444,7 @@ impl<I: Sided> Slots<I> {
     fn slot(&self, index: usize) -> &Slot<I> {
         match &self.items {
             Items::Plain(items) => &items[index],
-            Items::Marked(slots) => &slots[index].item,
+            Items::Marked(slots, _) => &slots[index].item,
         }
     }
 
@@ -472,14 +489,14 @@ impl<I: Sided> Slots<I> {
         }
         match &self.items {
             Items::Plain(items) => lines(items, first),
-            Items::Marked(slots) => lines(slots, first),
+            Items::Marked(slots, _) => lines(slots, first),
         }
     }
 
     /// The slots keep a mark each (`MarkedSlot`): a table rebuilt from
     /// these keeps them too.
     fn marked(&self) -> bool {
-        matches!(self.items, Items::Marked(_))
+        matches!(self.items, Items::Marked(..))
     }
 
     /// The mark of slot `index`, if the slots keep marks.
@@ -487,21 +504,49 @@ impl<I: Sided> Slots<I> {
     fn mark(&self, index: usize) -> Option<&AtomicU64> {
         match &self.items {
             Items::Plain(_) => None,
-            Items::Marked(slots) => slots.get(index).map(|slot| &slot.mark),
+            Items::Marked(slots, _) => slots.get(index).map(|slot| &slot.mark),
+        }
+    }
+
+    /// Slot `index`, without a bounds check: for lookups, which run
+    /// millions of times a second and whose instructions, at a size where
+    /// their misses dominate, set how many of them the processor overlaps.
+    ///
+    /// # Safety
+    ///
+    /// `index` is below [`Self::len`].
+    #[inline(always)]
+    unsafe fn slot_unchecked(&self, index: usize) -> &Slot<I> {
+        debug_assert!(index < self.len());
+        // SAFETY: in bounds, by the caller's promise: the items are as many
+        // as the sides (`new`).
+        unsafe {
+            match &self.items {
+                Items::Plain(items) => items.get_unchecked(index),
+                Items::Marked(slots, _) => &slots.get_unchecked(index).item,
+            }
         }
     }
 
     /// Slot `index` and its mark, if the slots keep marks, with one look
-    /// at which kind they are and one bounds check (panics past the end):
-    /// a hit on a map with a keep-warm tier reads both, and finding the
-    /// mark apart cost it a second of each (callgrind, 2026-12-07).
+    /// at which kind they are and no bounds check: a hit on a map with a
+    /// keep-warm tier reads both, and finding the mark apart cost it a
+    /// second look and a bounds check (callgrind, 2026-12-07).
+    ///
+    /// # Safety
+    ///
+    /// As for [`Self::slot_unchecked`].
     #[inline(always)]
-    fn slot_and_mark(&self, index: usize) -> (&Slot<I>, Option<&AtomicU64>) {
-        match &self.items {
-            Items::Plain(items) => (&items[index], None),
-            Items::Marked(slots) => {
-                let slot = &slots[index];
-                (&slot.item, Some(&slot.mark))
+    unsafe fn slot_and_mark_unchecked(&self, index: usize) -> (&Slot<I>, Option<&AtomicU64>) {
+        debug_assert!(index < self.len());
+        // SAFETY: as in `slot_unchecked`.
+        unsafe {
+            match &self.items {
+                Items::Plain(items) => (items.get_unchecked(index), None),
+                Items::Marked(slots, _) => {
+                    let slot = slots.get_unchecked(index);
+                    (&slot.item, Some(&slot.mark))
+                }
             }
         }
     }
@@ -673,7 +718,7 @@ impl<I: Sided> Table<I> {
         debug_assert_eq!(self.slots.len(), self.control.len() * GROUP, "whole groups");
         match &self.slots.items {
             Items::Plain(items) => scan(&self.control, items, |cell| cell, order, f),
-            Items::Marked(slots) => scan(&self.control, slots, |slot| &slot.item, order, f),
+            Items::Marked(slots, _) => scan(&self.control, slots, |slot| &slot.item, order, f),
         }
     }
 
@@ -693,8 +738,10 @@ impl<I: Sided> Table<I> {
     ///
     /// # Safety
     ///
-    /// 1. The caller saw the slot full: loaded its group's word with
-    ///    Acquire (or holds the shard's mutex), and its byte was a full one.
+    /// 1. The caller saw the slot full: loaded the word of its group in
+    ///    this table with Acquire (or holds the shard's mutex), and its
+    ///    byte was a full one. (So `index` names a slot of this table:
+    ///    every group's slots exist, `with_slots`.)
     /// 2. The item is not dropped while the reference lives: the caller is
     ///    pinned, or holds the shard's mutex and keeps the reference no
     ///    longer than its writer, or the reference is one a writer lends
@@ -703,7 +750,8 @@ impl<I: Sided> Table<I> {
     ///    item's drop (M9).
     #[inline(always)]
     unsafe fn item(&self, index: usize) -> &I {
-        let item = self.slots.slot(index).with(|item| item);
+        // SAFETY: in bounds, by 1.
+        let item = unsafe { self.slots.slot_unchecked(index) }.with(|item| item);
         // A slot is written again only after its item's deferred drop (M2).
         // SAFETY: by 1 the item was written before its control byte was
         // published and nothing writes it now; by 2 it is not dropped (nor
@@ -719,7 +767,8 @@ impl<I: Sided> Table<I> {
     /// As for [`Self::item`].
     #[inline(always)]
     unsafe fn item_and_mark(&self, index: usize) -> (&I, Option<&AtomicU64>) {
-        let (slot, mark) = self.slots.slot_and_mark(index);
+        // SAFETY: in bounds, by `item`'s 1.
+        let (slot, mark) = unsafe { self.slots.slot_and_mark_unchecked(index) };
         let item = slot.with(|item| item);
         // SAFETY: as in `item`, by its 1 and 2.
         (unsafe { (*item).assume_init_ref() }, mark)
@@ -1004,7 +1053,7 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
     /// writers (M14).
     #[inline]
     pub(crate) fn pin(&self) -> Pinned {
-        Reclaimer::global().pin()
+        Reclaimer::pin_global()
     }
 
     /// The removal a death callback for an entry filed under `hash`
@@ -1379,8 +1428,10 @@ pub(crate) struct Candidates<'g, I: Sided> {
     group: usize,
     /// Its matching bytes not yet returned (`bytes::matching`).
     matching: usize,
-    /// It has an `EMPTY` slot: no probe sequence through it goes further.
-    last: bool,
+    /// Its control word, for whether it has an `EMPTY` slot, where no
+    /// probe sequence through it goes further: asked only once its
+    /// candidates are spent, which a hit seldom reaches.
+    word: usize,
     /// Groups not loaded yet before every group has been loaded once.
     left: usize,
 }
@@ -1393,7 +1444,7 @@ impl<'g, I: Sided> Candidates<'g, I> {
             control: control_of(hash),
             group: table.home(hash),
             matching: 0,
-            last: false,
+            word: 0,
             left: table.groups() - 1,
         };
         // Only where the table outgrows the caches: in a small one the
@@ -1412,9 +1463,8 @@ impl<'g, I: Sided> Candidates<'g, I> {
         // read, which the shard's mutex ordered after every earlier store
         // of the word, those that published the items of the full bytes we
         // see among them.
-        let word = self.table.word(self.group, Ordering::Acquire);
-        self.matching = bytes::matching(word, self.control);
-        self.last = bytes::empty(word) != 0;
+        self.word = self.table.word(self.group, Ordering::Acquire);
+        self.matching = bytes::matching(self.word, self.control);
     }
 
     /// The slot of the next candidate.
@@ -1426,7 +1476,7 @@ impl<'g, I: Sided> Candidates<'g, I> {
                 self.matching &= self.matching - 1;
                 return Some(index);
             }
-            if self.last || self.left == 0 {
+            if bytes::empty(self.word) != 0 || self.left == 0 {
                 return None;
             }
             self.left -= 1;
@@ -2336,7 +2386,7 @@ impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
             && self.garbage.items.rest.is_empty()
         {
             if let Some((table, index)) = self.garbage.items.first.take() {
-                let pinned = self.pin.pinned(|| Reclaimer::global().pin());
+                let pinned = self.pin.pinned(Reclaimer::pin_global);
                 // SAFETY: unlinked under the mutex just released, with the
                 // drop the writer issued for it (as below).
                 unsafe { defer_item_drop(pinned, table, index) };
@@ -2389,7 +2439,7 @@ impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
         // deferred elsewhere.
         if user_code {
             if self.lent {
-                self.pin.pinned(|| Reclaimer::global().pin());
+                self.pin.pinned(Reclaimer::pin_global);
             }
             // Deferred from the finalizer thread, which hands its retired
             // functions over whenever it goes idle: deferred here, they
@@ -2400,7 +2450,7 @@ impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
             // `WritePin`, pinned just above if we lent anything) delays it
             // past our pin, as M9 requires.
             executor.post(move || {
-                let pinned = Reclaimer::global().pin();
+                let pinned = Reclaimer::pin_global();
                 // SAFETY: `Retired::defer`'s conditions held when the
                 // writer made it, and nothing since has touched what it
                 // names (its functions own their tables' references).
@@ -2415,7 +2465,7 @@ impl<I: Relocatable + Send + Sync + 'static> Drop for ShardWriter<'_, I> {
                 }
             });
         } else {
-            let pinned = self.pin.pinned(|| Reclaimer::global().pin());
+            let pinned = self.pin.pinned(Reclaimer::pin_global);
             // SAFETY: unlinked and replaced under the mutex just released,
             // each with the drop the writer issued for it, or the shard's
             // reference (M9).
@@ -2713,6 +2763,8 @@ impl<I: Sided> ShardedTable<I> {
 
 #[cfg(all(test, not(weakrefs_loom)))]
 mod tests {
+    use std::convert::Infallible;
+
     use super::*;
 
     /// A group's word from its control bytes, slot 0 first.
@@ -2774,6 +2826,8 @@ mod tests {
     /// Plain words as items, for tests of the control bytes alone.
     impl Sided for u64 {
         type Side = ();
+        type Marks = Infallible;
+        const MARKS: Option<Infallible> = None;
     }
 
     #[test]
@@ -2788,10 +2842,12 @@ mod tests {
         // The sides of a marked table are one per slot, apart.
         impl Sided for TwoWords {
             type Side = usize;
+            type Marks = ();
+            const MARKS: Option<()> = Some(());
         }
         let table = Table::<TwoWords>::with_slots(GROUP, true);
         match &table.slots.items {
-            Items::Marked(slots) => assert_eq!(slots.len(), table.slots.sides.len()),
+            Items::Marked(slots, _) => assert_eq!(slots.len(), table.slots.sides.len()),
             Items::Plain(_) => panic!("asked for marks"),
         }
         assert!(table.mark(GROUP - 1).is_some());
