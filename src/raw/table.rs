@@ -1084,11 +1084,17 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
 
     /// The table a pinned reader of shard `index` uses.
     #[inline]
-    fn table_for_read<'g>(&self, index: usize, _pinned: &'g Pinned) -> &'g Table<I> {
+    fn table_for_read<'g>(&self, index: usize, pinned: &'g Pinned) -> &'g Table<I> {
+        Self::shard_table(&self.shards()[index], pinned)
+    }
+
+    /// [`Self::table_for_read`], for a shard already found.
+    #[inline(always)]
+    fn shard_table<'g>(shard: &Shard<I>, _pinned: &'g Pinned) -> &'g Table<I> {
         // Acquire (M1, M3): pairs with the Release store or swap that
         // published the table (construction, `rebuild`), so its slots, and
         // the items a rebuild copied into them, are initialised.
-        let table = self.shards()[index].table.load(Ordering::Acquire);
+        let table = shard.table.load(Ordering::Acquire);
         // SAFETY: a table is released by its shard only through an
         // epoch-deferred function queued after it was replaced, and we are
         // pinned for 'g (I7, M3); a shard's table is never null.
@@ -1099,7 +1105,13 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
     /// Lock-free (M1). Other items may share the byte: callers compare keys.
     #[inline(always)]
     pub(crate) fn candidates<'g>(&self, hash: u64, pinned: &'g Pinned) -> Candidates<'g, I> {
-        Candidates::new(self.table_for_read(self.shard_index(hash), pinned), hash)
+        let index = self.shard_index(hash);
+        debug_assert!(index < self.shards().len());
+        // SAFETY: `hash >> shard_shift` is below 2^(64 - shard_shift), the
+        // shard count (a power of two, `new`): unchecked, as the slots are
+        // (`Table::item`).
+        let shard = unsafe { self.shards().get_unchecked(index) };
+        Candidates::new(Self::shard_table(shard, pinned), hash)
     }
 
     /// Calls `f` on every item of shard `index`, as seen now. Returns false
@@ -1463,7 +1475,11 @@ impl<'g, I: Sided> Candidates<'g, I> {
         // read, which the shard's mutex ordered after every earlier store
         // of the word, those that published the items of the full bytes we
         // see among them.
-        self.word = self.table.word(self.group, Ordering::Acquire);
+        debug_assert!(self.group < self.table.groups());
+        // SAFETY: `group` comes from `home` or `next`, below the group
+        // count: unchecked, as the slots are (`Table::item`).
+        let control = unsafe { self.table.control.get_unchecked(self.group) };
+        self.word = control.load(Ordering::Acquire);
         self.matching = bytes::matching(self.word, self.control);
     }
 
