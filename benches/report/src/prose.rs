@@ -261,7 +261,11 @@ pub const SECTIONS: &[Section] = &[
               pin of its own then costs a counter, about 18 instructions fewer than the \
               outermost pin's) measured 0.91x `DashMap` against 0.82x for the same lookups \
               each pinning on its own, as medians of eight alternated runs of a standalone \
-              loop (100 000 keys, one thread, 2026-12-07). Nothing \
+              loop (100 000 keys, one thread, 2026-12-07). Cutting a lookup from 146 \
+              instructions to 130 that day (callgrind; a pin with no temporary, no bounds or \
+              variant checks on the slots a probe reads) took the same loop from 0.85x to \
+              0.99x (medians of eight alternated runs of each build, the new one ahead in \
+              every pair); it runs 125 now. Nothing \
               else: the read writes nothing shared (`insert` and `remove` return whether \
               they displaced a value, and a displaced value is dropped once no reader can \
               see it). Churn pays for a callback node per entry, where the \
