@@ -1108,8 +1108,9 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
         let index = self.shard_index(hash);
         debug_assert!(index < self.shards().len());
         // SAFETY: `hash >> shard_shift` is below 2^(64 - shard_shift), the
-        // shard count (a power of two, `new`): unchecked, as the slots are
-        // (`Table::item`).
+        // shard count: `with_capacity` builds a power-of-two count of
+        // shards (`shard_count`, at least two) and sets the shift to 64
+        // less its log. Unchecked, as the slots are (`Table::item`).
         let shard = unsafe { self.shards().get_unchecked(index) };
         Candidates::new(Self::shard_table(shard, pinned), hash)
     }
