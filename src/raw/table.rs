@@ -508,38 +508,22 @@ impl<I: Sided> Slots<I> {
         }
     }
 
-    /// Slot `index`, without a bounds check: for lookups, which run
+    /// Slot `index` and its mark, if the slots keep marks, with one look
+    /// at which kind they are and no bounds check: for lookups, which run
     /// millions of times a second and whose instructions, at a size where
     /// their misses dominate, set how many of them the processor overlaps.
+    /// A hit on a map with a keep-warm tier reads both; a caller that
+    /// wants the slot alone drops the mark, which the compiler then never
+    /// computes.
     ///
     /// # Safety
     ///
     /// `index` is below [`Self::len`].
     #[inline(always)]
-    unsafe fn slot_unchecked(&self, index: usize) -> &Slot<I> {
-        debug_assert!(index < self.len());
-        // SAFETY: in bounds, by the caller's promise: the items are as many
-        // as the sides (`new`).
-        unsafe {
-            match &self.items {
-                Items::Plain(items) => items.get_unchecked(index),
-                Items::Marked(slots, _) => &slots.get_unchecked(index).item,
-            }
-        }
-    }
-
-    /// Slot `index` and its mark, if the slots keep marks, with one look
-    /// at which kind they are and no bounds check: a hit on a map with a
-    /// keep-warm tier reads both, and finding the mark apart cost it a
-    /// second look and a bounds check (callgrind, 2026-12-07).
-    ///
-    /// # Safety
-    ///
-    /// As for [`Self::slot_unchecked`].
-    #[inline(always)]
     unsafe fn slot_and_mark_unchecked(&self, index: usize) -> (&Slot<I>, Option<&AtomicU64>) {
         debug_assert!(index < self.len());
-        // SAFETY: as in `slot_unchecked`.
+        // SAFETY: in bounds, by the caller's promise: the items are as
+        // many as the sides (`new`).
         unsafe {
             match &self.items {
                 Items::Plain(items) => (items.get_unchecked(index), None),
@@ -750,13 +734,8 @@ impl<I: Sided> Table<I> {
     ///    item's drop (M9).
     #[inline(always)]
     unsafe fn item(&self, index: usize) -> &I {
-        // SAFETY: in bounds, by 1.
-        let item = unsafe { self.slots.slot_unchecked(index) }.with(|item| item);
-        // A slot is written again only after its item's deferred drop (M2).
-        // SAFETY: by 1 the item was written before its control byte was
-        // published and nothing writes it now; by 2 it is not dropped (nor
-        // its slot refilled) while borrowed.
-        unsafe { (*item).assume_init_ref() }
+        // SAFETY: the caller's 1 and 2.
+        unsafe { self.item_and_mark(index) }.0
     }
 
     /// The item of slot `index` and the slot's mark, if the table keeps
@@ -770,7 +749,10 @@ impl<I: Sided> Table<I> {
         // SAFETY: in bounds, by `item`'s 1.
         let (slot, mark) = unsafe { self.slots.slot_and_mark_unchecked(index) };
         let item = slot.with(|item| item);
-        // SAFETY: as in `item`, by its 1 and 2.
+        // A slot is written again only after its item's deferred drop (M2).
+        // SAFETY: by 1 the item was written before its control byte was
+        // published and nothing writes it now; by 2 it is not dropped (nor
+        // its slot refilled) while borrowed.
         (unsafe { (*item).assume_init_ref() }, mark)
     }
 
@@ -1107,10 +1089,9 @@ impl<I: Relocatable + Send + Sync + 'static> ShardedTable<I> {
     pub(crate) fn candidates<'g>(&self, hash: u64, pinned: &'g Pinned) -> Candidates<'g, I> {
         let index = self.shard_index(hash);
         debug_assert!(index < self.shards().len());
-        // SAFETY: `hash >> shard_shift` is below 2^(64 - shard_shift), the
-        // shard count: `with_capacity` builds a power-of-two count of
-        // shards (`shard_count`, at least two) and sets the shift to 64
-        // less its log. Unchecked, as the slots are (`Table::item`).
+        // `with_capacity` builds a power-of-two count of shards, at least
+        // two, and sets `shard_shift` to 64 less its log.
+        // SAFETY: so `hash >> shard_shift` is below the shard count.
         let shard = unsafe { self.shards().get_unchecked(index) };
         Candidates::new(Self::shard_table(shard, pinned), hash)
     }
