@@ -26,7 +26,9 @@ mod epoch;
 
 use std::cell::Cell;
 
-pub(crate) use epoch::Collector;
+// Named by the tests' own collectors and by loom's process-wide one.
+#[cfg(any(test, weakrefs_loom))]
+use epoch::Collector;
 use epoch::Guard;
 
 use crate::sync::thread_local;
@@ -234,22 +236,20 @@ mod loom_global {
 pub(crate) use loom_global::outlives_collector;
 
 /// Where retired memory goes: the process-wide collector or one of the
-/// caller's own.
+/// caller's own. The collections use its associated functions, which
+/// reach the process-wide collector ([`Self::pin_global`]); a value,
+/// naming a collector, serves tests.
 #[derive(Debug, Default)]
 pub(crate) struct Reclaimer {
     /// `None`: the process-wide collector, pinned through its cached
     /// thread-local handle.
-    // Read by `pin`, which only tests call: the collections pin with
-    // `pin_global`.
-    #[cfg_attr(not(test), allow(dead_code))]
+    #[cfg(test)]
     own: Option<Collector>,
 }
 
 impl Reclaimer {
-    /// The process-wide reclaimer that the public collections use, as a
-    /// value (for tests, but loom models; the collections call
-    /// [`Self::pin_global`]).
-    #[cfg_attr(any(not(test), weakrefs_loom), allow(dead_code))]
+    /// The process-wide reclaimer, as a value (for tests).
+    #[cfg(all(test, not(weakrefs_loom)))]
     pub(crate) const fn global() -> Self {
         Reclaimer { own: None }
     }
@@ -293,7 +293,7 @@ impl Reclaimer {
     /// Pins the current thread: a pointer loaded under the returned guard
     /// from a structure that still linked it stays valid until the guard is
     /// dropped (SAFETY.md, E2).
-    #[cfg_attr(not(test), allow(dead_code))]
+    #[cfg(test)]
     #[inline]
     pub(crate) fn pin(&self) -> Pinned {
         match &self.own {

@@ -82,7 +82,6 @@ impl<K: ?Sized, V> Drop for Item<K, V> {
 impl<K: ?Sized, V> Sided for Item<K, V> {
     type Side = ();
     type Marks = Infallible;
-    const MARKS: Option<Infallible> = None;
 }
 
 // Each item registers its own callback, whose node the item's `Hook`

@@ -22,7 +22,6 @@ struct Member<T: ?Sized> {
 impl<T: ?Sized> Sided for Member<T> {
     type Side = EntryHook;
     type Marks = Infallible;
-    const MARKS: Option<Infallible> = None;
 
     /// The hook, then the member's `Weak`, for the references the hook
     /// says it stands for (C21).

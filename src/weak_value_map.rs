@@ -47,7 +47,6 @@ impl<K, V: ?Sized> Sided for Item<K, V> {
     type Side = EntryHook;
     /// A map with a keep-warm tier marks its slots.
     type Marks = ();
-    const MARKS: Option<()> = Some(());
 
     /// The hook, then the value's `Weak`, for the references the hook
     /// says it stands for (C21), then the key, whose drop may be user

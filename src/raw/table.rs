@@ -58,6 +58,7 @@
 //!   reader can see it (M3).
 
 use std::cell::OnceCell;
+use std::convert::Infallible;
 use std::marker::PhantomData;
 use std::mem::MaybeUninit;
 use std::panic::{self, AssertUnwindSafe};
@@ -334,11 +335,7 @@ pub(crate) trait Sided {
     /// tables' marked variant then cannot be built, and the compiler drops
     /// every look at which variant a table has from their lookups and
     /// scans.
-    type Marks: Copy + Send + Sync + 'static;
-
-    /// The token for a marked table, if these items' tables may keep
-    /// marks.
-    const MARKS: Option<Self::Marks>;
+    type Marks: MarkToken;
 
     /// Drops an item and its side in place, as a slot's drop does: the
     /// side first (our own code, which does not panic), then the item
@@ -362,6 +359,21 @@ pub(crate) trait Sided {
             ptr::drop_in_place(item);
         }
     }
+}
+
+/// The token a marked table is built with ([`Sided::Marks`]): one for
+/// `()`, none for `Infallible`.
+pub(crate) trait MarkToken: Copy + Send + Sync + 'static {
+    /// The token, if there is one.
+    const TOKEN: Option<Self>;
+}
+
+impl MarkToken for () {
+    const TOKEN: Option<()> = Some(());
+}
+
+impl MarkToken for Infallible {
+    const TOKEN: Option<Infallible> = None;
 }
 
 /// One slot: once its control byte says full, an item (or its side).
@@ -408,12 +420,12 @@ enum Items<I: Sided> {
 
 impl<I: Sided> Slots<I> {
     /// `count` empty slots, with marks (zero) if `marked`, which only
-    /// items that may keep marks ask for (`Sided::MARKS`).
+    /// items that may keep marks ask for (`Sided::Marks`).
     fn new(count: usize, marked: bool) -> Self {
         fn empty<T>() -> Slot<T> {
             UnsafeCell::new(MaybeUninit::uninit())
         }
-        let items = match I::MARKS {
+        let items = match I::Marks::TOKEN {
             Some(token) if marked => Items::Marked(
                 (0..count)
                     .map(|_| MarkedSlot {
@@ -2761,8 +2773,6 @@ impl<I: Sided> ShardedTable<I> {
 
 #[cfg(all(test, not(weakrefs_loom)))]
 mod tests {
-    use std::convert::Infallible;
-
     use super::*;
 
     /// A group's word from its control bytes, slot 0 first.
@@ -2825,7 +2835,6 @@ mod tests {
     impl Sided for u64 {
         type Side = ();
         type Marks = Infallible;
-        const MARKS: Option<Infallible> = None;
     }
 
     #[test]
@@ -2841,7 +2850,6 @@ mod tests {
         impl Sided for TwoWords {
             type Side = usize;
             type Marks = ();
-            const MARKS: Option<()> = Some(());
         }
         let table = Table::<TwoWords>::with_slots(GROUP, true);
         match &table.slots.items {
