@@ -1,13 +1,17 @@
-//! Each collection against a model: long runs of random operations on one
-//! thread, every result compared with what a `HashMap` of the live entries
-//! says it must be. A small key space makes the tables reuse slots, grow,
-//! shrink and rebuild over and over, with entries dying between the
-//! writes, as a cache's do; the keys and values count their instances, so
-//! that any one dropped twice, or never, shows at the end. Each run's
-//! operations come from a fixed seed, and a `WeakValueMap`'s keys hash with
-//! a fixed hasher, so a failure there names the step that reproduces it;
-//! `WeakKeyMap` and `WeakSet` file objects by address, which each run
-//! allocates anew.
+//! Each collection against a model: long runs of random operations, every
+//! result compared with what a `HashMap` of the live entries says it must
+//! be. A small key space makes the tables reuse slots, grow, shrink and
+//! rebuild over and over, with entries dying between the writes, as a
+//! cache's do; the keys and values count their instances, so that any one
+//! dropped twice, or never, shows at the end. Each collection runs on one
+//! thread, and on several at once, each on keys of its own in the same
+//! shards, so that every thread's entries move under the others' rebuilds
+//! and land in slots the others' dead entries left.
+//!
+//! Each thread's operations come from a fixed seed, and a `WeakValueMap`'s
+//! keys hash with a fixed hasher, so a failure of a one-thread run there
+//! names the step that reproduces it; `WeakKeyMap` and `WeakSet` file
+//! objects by address, which each run allocates anew.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, DefaultHasher, Hash, Hasher};
@@ -18,12 +22,16 @@ use weakrefs::{flush, RemovalCause, Strong, Weak, WeakKeyMap, WeakSet, WeakValue
 
 /// Operations a run makes (fewer under Miri, which runs them a thousand
 /// times slower).
-const STEPS: usize = if cfg!(miri) { 300 } else { 20_000 };
+const STEPS: usize = if cfg!(miri) { 200 } else { 20_000 };
 
 /// Distinct keys a run uses: few, so that every key comes back often, and
 /// enough that a shard's table has groups past the first to probe (fewer
 /// under Miri, so that its short runs come back to keys too).
 const KEYS: u64 = if cfg!(miri) { 24 } else { 200 };
+
+/// Threads of the runs that share a map (fewer under Miri, which runs
+/// one at a time).
+const THREADS: u64 = if cfg!(miri) { 2 } else { 4 };
 
 /// Steps between full checks (length, iteration, nothing dead left).
 const CHECK_EVERY: usize = 97;
@@ -95,7 +103,7 @@ fn named<T>(handle: Option<&Strong<T>>) -> Option<usize> {
     handle.map(address)
 }
 
-/// How a `WeakValueMap` under test is built.
+/// How a `WeakValueMap` under test is built, and run.
 #[derive(Clone, Copy)]
 struct Build {
     /// With an `on_remove` listener, which also moves deaths' removals to
@@ -104,29 +112,119 @@ struct Build {
     /// The keep-warm tier's bound: values the map keeps alive for a while
     /// after their last other handle goes.
     tier: usize,
+    /// Threads running the model at once, each on keys of its own (the
+    /// keys `t`, `t + threads`, `t + 2 * threads`, … of thread `t`), all
+    /// in the same shards: each one's entries move under the others'
+    /// rebuilds, and its slots are reused after theirs die.
+    threads: u64,
+}
+
+/// The map under test.
+type Map = WeakValueMap<Counted, Counted, BuildHasherDefault<DefaultHasher>>;
+
+/// What the threads of one run share: the map, the live instances of
+/// its keys and values, and what its listener heard of each thread's
+/// keys.
+struct Shared {
+    map: Map,
+    keys: Arc<AtomicI64>,
+    values: Arc<AtomicI64>,
+    heard: Arc<Vec<AtomicU64>>,
+}
+
+impl Shared {
+    fn new(build: Build) -> Self {
+        let heard: Arc<Vec<AtomicU64>> =
+            Arc::new((0..build.threads).map(|_| AtomicU64::new(0)).collect());
+        let mut builder = WeakValueMap::builder()
+            .keep_recent(build.tier)
+            .hasher(BuildHasherDefault::<DefaultHasher>::default());
+        if build.listen {
+            let heard = heard.clone();
+            let threads = build.threads;
+            builder = builder.on_remove(move |key: &Counted, _: RemovalCause| {
+                heard[(key.n % threads) as usize].fetch_add(1, Ordering::SeqCst);
+            });
+        }
+        Shared {
+            map: builder.build(),
+            keys: Arc::new(AtomicI64::new(0)),
+            values: Arc::new(AtomicI64::new(0)),
+            heard,
+        }
+    }
+}
+
+/// Runs `build` from `seed`: the model on each of its threads, then,
+/// once the map is dropped, no key or value left or dropped twice.
+fn weak_value_map_against_the_model(seed: u64, build: Build) {
+    let shared = Shared::new(build);
+    let ends: Vec<(u64, HashMap<u64, Weak<Counted>>)> = std::thread::scope(|scope| {
+        let runs: Vec<_> = (0..build.threads)
+            .map(|thread| {
+                let shared = &shared;
+                scope.spawn(move || weak_value_map_thread(shared, seed + thread, build, thread))
+            })
+            .collect();
+        runs.into_iter().map(|run| run.join().unwrap()).collect()
+    });
+    if build.listen {
+        // Every entry that left was heard, once: checked here, where no
+        // thread holds a value of another's any more (see
+        // `weak_value_map_thread`).
+        flush();
+        for (thread, (mut left, mut entries)) in ends.into_iter().enumerate() {
+            let before = entries.len();
+            entries.retain(|_, entry| entry.upgrade().is_some());
+            left += (before - entries.len()) as u64;
+            let heard = shared.heard[thread].load(Ordering::SeqCst);
+            assert_eq!(
+                heard, left,
+                "seed {seed:#x}, thread {thread}: entries heard leaving"
+            );
+        }
+    }
+    let Shared {
+        map, keys, values, ..
+    } = shared;
+    drop(map);
+    flush();
+    let keys = keys.load(Ordering::SeqCst);
+    assert_eq!(keys, 0, "keys leaked or dropped twice");
+    let values = values.load(Ordering::SeqCst);
+    assert_eq!(values, 0, "values leaked or dropped twice");
 }
 
 /// `WeakValueMap`'s live entries are exactly the model's, after any of
 /// its operations, with values that die at once, die later, or outlive
 /// their entries; with a listener, every entry that leaves is heard once.
+/// Thread `thread` of `build.threads` runs this on its own keys; what it
+/// checks of the map's length and dead entries, which the other threads
+/// change too, and its `clear`, it does only when it runs alone.
 ///
 /// The model keeps the `Weak` of each key's latest value: what the map
 /// must hold for the key is that value if it is alive, which a keep-warm
-/// tier may keep it for a while after the run lets go of it.
-fn weak_value_map_against_the_model(seed: u64, build: Build) {
-    let keys = Arc::new(AtomicI64::new(0));
-    let values = Arc::new(AtomicI64::new(0));
-    let heard = Arc::new(AtomicU64::new(0));
-    let mut builder = WeakValueMap::builder()
-        .keep_recent(build.tier)
-        .hasher(BuildHasherDefault::<DefaultHasher>::default());
-    if build.listen {
-        let heard = heard.clone();
-        builder = builder.on_remove(move |_: &Counted, _: RemovalCause| {
-            heard.fetch_add(1, Ordering::SeqCst);
-        });
-    }
-    let map: WeakValueMap<Counted, Counted, _> = builder.build();
+/// tier may keep it for a while after the run lets go of it, and so may
+/// another thread's iteration (it upgrades every value it meets). So
+/// what each comparison expects is worked out with the values held, and
+/// what the listener heard is compared with what left, as the model has
+/// it, only when no other thread can hold a value of this one's: along
+/// the way when it runs alone, else once every thread is done. Returns
+/// how many entries left the model, and its entries.
+fn weak_value_map_thread(
+    shared: &Shared,
+    seed: u64,
+    build: Build,
+    thread: u64,
+) -> (u64, HashMap<u64, Weak<Counted>>) {
+    let Shared {
+        map,
+        keys,
+        values,
+        heard,
+    } = shared;
+    let heard = &heard[thread as usize];
+    let alone = build.threads == 1;
     let mut rng = Rng(seed);
     // Each key's entry, by the model: its latest value, while no removal
     // took it out, alive or not.
@@ -141,12 +239,12 @@ fn weak_value_map_against_the_model(seed: u64, build: Build) {
     let mut made = 0u64;
     let fresh = |made: &mut u64| {
         *made += 1;
-        Strong::new(Counted::new(*made, &values))
+        Strong::new(Counted::new(*made, values))
     };
     let live = |entries: &HashMap<u64, Weak<Counted>>, k: u64| entries.get(&k)?.upgrade();
     for step in 0..STEPS {
-        let k = rng.below(KEYS);
-        let key = Counted::new(k, &keys);
+        let k = rng.below(KEYS) * build.threads + thread;
+        let key = Counted::new(k, keys);
         let context = format!("seed {seed:#x}, step {step}, key {k}");
         // The handle the run held to the key's value, let go of or kept
         // as a former one, once the key's entry leaves or changes.
@@ -220,7 +318,7 @@ fn weak_value_map_against_the_model(seed: u64, build: Build) {
                 let got = map.get_or_insert_with(key, || {
                     ran = true;
                     made += 1;
-                    Counted::new(made, &values)
+                    Counted::new(made, values)
                 });
                 match expected {
                     Some(expected) => {
@@ -237,14 +335,14 @@ fn weak_value_map_against_the_model(seed: u64, build: Build) {
             }
             9 => {
                 let keep = |key: u64, value: u64| (key + value) % 5 != 0;
-                map.retain(|key, value| keep(key.n, value.n));
+                map.retain(|key, value| key.n % build.threads != thread || keep(key.n, value.n));
                 // Dead entries go too.
                 let before = entries.len();
                 entries.retain(|&key, entry| entry.upgrade().is_some_and(|v| keep(key, v.n)));
                 left += (before - entries.len()) as u64;
                 held.retain(|key, _| entries.contains_key(key));
             }
-            10 if rng.below(20) == 0 => {
+            10 if alone && rng.below(20) == 0 => {
                 map.clear();
                 left += entries.len() as u64;
                 entries.clear();
@@ -263,40 +361,43 @@ fn weak_value_map_against_the_model(seed: u64, build: Build) {
         }
         if step % CHECK_EVERY == 0 {
             flush();
-            // Every death's removal has run: nothing dead is left.
-            assert_eq!(map.purge(), 0, "{context}: a dead entry was left");
+            if alone {
+                // Every death's removal has run: nothing dead is left.
+                assert_eq!(map.purge(), 0, "{context}: a dead entry was left");
+            }
+            // The live values, held while the map is read, so that none
+            // dies between what the map shows and what the model expects.
             let before = entries.len();
-            entries.retain(|_, entry| entry.upgrade().is_some());
+            let mut live_values: Vec<(u64, Strong<Counted>)> = Vec::new();
+            entries.retain(|&key, entry| match entry.upgrade() {
+                Some(value) => {
+                    live_values.push((key, value));
+                    true
+                }
+                None => false,
+            });
             left += (before - entries.len()) as u64;
-            assert_eq!(map.len(), entries.len(), "{context}");
+            if alone {
+                assert_eq!(map.len(), entries.len(), "{context}");
+            }
             let mut seen: Vec<(u64, usize)> = map
                 .iter()
+                .filter(|(key, _)| key.n % build.threads == thread)
                 .map(|(key, value)| (key.n, address(&value)))
                 .collect();
             seen.sort_unstable();
-            let mut expected: Vec<(u64, usize)> = entries
+            let mut expected: Vec<(u64, usize)> = live_values
                 .iter()
-                .filter_map(|(&key, entry)| Some((key, address(&entry.upgrade()?))))
+                .map(|(key, value)| (*key, address(value)))
                 .collect();
             expected.sort_unstable();
             assert_eq!(seen, expected, "{context}");
-            if build.listen {
+            if build.listen && alone {
                 assert_eq!(heard.load(Ordering::SeqCst), left, "{context}");
             }
         }
     }
-    drop((held, former, map));
-    flush();
-    assert_eq!(
-        keys.load(Ordering::SeqCst),
-        0,
-        "keys leaked or dropped twice"
-    );
-    assert_eq!(
-        values.load(Ordering::SeqCst),
-        0,
-        "values leaked or dropped twice"
-    );
+    (left, entries)
 }
 
 #[test]
@@ -304,6 +405,7 @@ fn a_weak_value_map_agrees_with_a_model_of_its_live_entries() {
     let build = Build {
         listen: false,
         tier: 0,
+        threads: 1,
     };
     weak_value_map_against_the_model(0x9E37_79B9_7F4A_7C15, build);
 }
@@ -313,6 +415,7 @@ fn a_weak_value_map_that_hears_removals_agrees_with_the_model_and_hears_each_onc
     let build = Build {
         listen: true,
         tier: 0,
+        threads: 1,
     };
     weak_value_map_against_the_model(0xD1B5_4A32_D192_ED03, build);
 }
@@ -322,128 +425,213 @@ fn a_weak_value_map_with_a_keep_warm_tier_agrees_with_the_model() {
     let build = Build {
         listen: true,
         tier: 16,
+        threads: 1,
     };
     weak_value_map_against_the_model(0x94D0_49BB_1331_11EB, build);
 }
 
-/// `WeakKeyMap`'s entries are exactly the model's, keys dying and coming
-/// back as new objects; its values are each dropped once.
 #[test]
-fn a_weak_key_map_agrees_with_a_model_of_its_live_keys() {
-    let seed = 0x2545_F491_4F6C_DD1D;
+fn threads_on_keys_of_their_own_each_agree_with_their_model_of_one_map() {
+    let build = Build {
+        listen: true,
+        tier: 0,
+        threads: THREADS,
+    };
+    weak_value_map_against_the_model(0xBF58_476D_1CE4_E5B9, build);
+}
+
+#[test]
+fn threads_sharing_a_keep_warm_tier_each_agree_with_their_model_of_one_map() {
+    let build = Build {
+        listen: true,
+        tier: 16,
+        threads: THREADS,
+    };
+    weak_value_map_against_the_model(0x94D0_49BB_1331_11EB, build);
+}
+
+/// Runs `run(thread)` on each of `threads` threads at once.
+fn on_threads(threads: u64, run: impl Fn(u64) + Sync) {
+    std::thread::scope(|scope| {
+        for thread in 0..threads {
+            let run = &run;
+            scope.spawn(move || run(thread));
+        }
+    });
+}
+
+/// `WeakKeyMap`'s entries are exactly the model's, keys dying and coming
+/// back as new objects; its values are each dropped once. Each of
+/// `threads` threads runs the model on key objects of its own (object
+/// `k` of thread `t` holds `k * threads + t`), in one map; what it checks
+/// of the map's length and dead entries, and its `clear`, it does only
+/// when it runs alone.
+fn weak_key_map_against_the_model(seed: u64, threads: u64) {
     let values = Arc::new(AtomicI64::new(0));
     let map: WeakKeyMap<u64, Counted> = WeakKeyMap::new();
-    let mut rng = Rng(seed);
-    // The key objects, one a slot; a slot's object dies and is replaced.
-    let mut objects: Vec<Strong<u64>> = (0..KEYS).map(Strong::new).collect();
-    // The value each slot's current object maps to.
-    let mut model: HashMap<u64, u64> = HashMap::new();
-    let mut made = 0u64;
-    for step in 0..STEPS {
-        let k = rng.below(KEYS);
-        let key = &objects[k as usize];
-        let context = format!("seed {seed:#x}, step {step}, key {k}");
-        match rng.below(10) {
-            0..=2 => {
-                made += 1;
-                let replaced = map.insert(key, Counted::new(made, &values));
-                assert_eq!(replaced, model.insert(k, made).is_some(), "{context}");
-            }
-            // The key dies; a new object takes its slot.
-            3 => {
-                objects[k as usize] = Strong::new(k);
-                model.remove(&k);
-            }
-            4 => assert_eq!(map.remove(key), model.remove(&k).is_some(), "{context}"),
-            5 => {
-                let got = map.get_or_insert_with(key, || {
+    let alone = threads == 1;
+    let mine = |thread: u64| move |key: u64| key % threads == thread;
+    on_threads(threads, |thread| {
+        let mine = mine(thread);
+        let mut rng = Rng(seed + thread);
+        // The key objects, one a slot; a slot's object dies and is
+        // replaced.
+        let object = |k: u64| Strong::new(k * threads + thread);
+        let mut objects: Vec<Strong<u64>> = (0..KEYS).map(object).collect();
+        // The value each slot's current object maps to.
+        let mut model: HashMap<u64, u64> = HashMap::new();
+        let mut made = 0u64;
+        for step in 0..STEPS {
+            let k = rng.below(KEYS);
+            let key = &objects[k as usize];
+            let context = format!("seed {seed:#x}, thread {thread}, step {step}, key {k}");
+            match rng.below(10) {
+                0..=2 => {
                     made += 1;
-                    Counted::new(made, &values)
-                });
-                let expected = *model.entry(k).or_insert(made);
-                assert_eq!(got.n, expected, "{context}");
+                    let replaced = map.insert(key, Counted::new(made, &values));
+                    assert_eq!(replaced, model.insert(k, made).is_some(), "{context}");
+                }
+                // The key dies; a new object takes its slot.
+                3 => {
+                    objects[k as usize] = object(k);
+                    model.remove(&k);
+                }
+                4 => assert_eq!(map.remove(key), model.remove(&k).is_some(), "{context}"),
+                5 => {
+                    let got = map.get_or_insert_with(key, || {
+                        made += 1;
+                        Counted::new(made, &values)
+                    });
+                    let expected = *model.entry(k).or_insert(made);
+                    assert_eq!(got.n, expected, "{context}");
+                }
+                6 => {
+                    let keep = |key: u64, value: u64| (key + value) % 5 != 0;
+                    map.retain(|&key, value| !mine(key) || keep(key / threads, value.n));
+                    model.retain(|&key, &mut value| keep(key, value));
+                }
+                7 if alone && rng.below(20) == 0 => {
+                    map.clear();
+                    model.clear();
+                }
+                _ => {
+                    let got = map.with(key, |value| value.n);
+                    assert_eq!(got, model.get(&k).copied(), "{context}");
+                    assert_eq!(map.contains_key(key), model.contains_key(&k), "{context}");
+                }
             }
-            6 => {
-                let keep = |key: u64, value: u64| (key + value) % 5 != 0;
-                map.retain(|key, value| keep(*key, value.n));
-                model.retain(|&key, &mut value| keep(key, value));
-            }
-            7 if rng.below(20) == 0 => {
-                map.clear();
-                model.clear();
-            }
-            _ => {
-                let got = map.with(key, |value| value.n);
-                assert_eq!(got, model.get(&k).copied(), "{context}");
-                assert_eq!(map.contains_key(key), model.contains_key(&k), "{context}");
+            if step % CHECK_EVERY == 0 {
+                flush();
+                if alone {
+                    assert_eq!(map.purge(), 0, "{context}: a dead entry was left");
+                    assert_eq!(map.len(), model.len(), "{context}");
+                }
+                // Only this thread's current objects: one it let go of
+                // may live on for a while in another thread's snapshot
+                // (an iteration upgrades every key it meets), and keep
+                // its entry as long as it lives.
+                let current = |key: &Strong<u64>| {
+                    mine(**key) && Strong::ptr_eq(key, &objects[(**key / threads) as usize])
+                };
+                let mut seen: Vec<(u64, u64)> = map
+                    .iter()
+                    .filter(|(key, _)| current(key))
+                    .map(|(key, value)| (*key / threads, value.n))
+                    .collect();
+                seen.sort_unstable();
+                let mut expected: Vec<(u64, u64)> = model.iter().map(|(&k, &v)| (k, v)).collect();
+                expected.sort_unstable();
+                assert_eq!(seen, expected, "{context}");
             }
         }
-        if step % CHECK_EVERY == 0 {
-            flush();
-            assert_eq!(map.purge(), 0, "{context}: a dead entry was left");
-            assert_eq!(map.len(), model.len(), "{context}");
-            let mut seen: Vec<(u64, u64)> =
-                map.iter().map(|(key, value)| (*key, value.n)).collect();
-            seen.sort_unstable();
-            let mut expected: Vec<(u64, u64)> = model.iter().map(|(&k, &v)| (k, v)).collect();
-            expected.sort_unstable();
-            assert_eq!(seen, expected, "{context}");
-        }
-    }
-    drop((model, objects, map));
+    });
+    drop(map);
     flush();
-    assert_eq!(
-        values.load(Ordering::SeqCst),
-        0,
-        "values leaked or dropped twice"
-    );
+    let values = values.load(Ordering::SeqCst);
+    assert_eq!(values, 0, "values leaked or dropped twice");
+}
+
+#[test]
+fn a_weak_key_map_agrees_with_a_model_of_its_live_keys() {
+    weak_key_map_against_the_model(0x2545_F491_4F6C_DD1D, 1);
+}
+
+#[test]
+fn threads_with_keys_of_their_own_each_agree_with_their_model_of_one_weak_key_map() {
+    weak_key_map_against_the_model(0x9FB2_1C65_1E98_DF25, THREADS);
 }
 
 /// `WeakSet`'s members are exactly the model's, members dying and new
-/// objects joining.
+/// objects joining. Each of `threads` threads runs the model on objects
+/// of its own, in one set, as for `WeakKeyMap`.
+fn weak_set_against_the_model(seed: u64, threads: u64) {
+    let set: WeakSet<u64> = WeakSet::new();
+    let alone = threads == 1;
+    on_threads(threads, |thread| {
+        let mine = |n: u64| n % threads == thread;
+        let mut rng = Rng(seed + thread);
+        let object = |k: u64| Strong::new(k * threads + thread);
+        let mut objects: Vec<Strong<u64>> = (0..KEYS).map(object).collect();
+        let mut model: HashSet<u64> = HashSet::new();
+        for step in 0..STEPS {
+            let k = rng.below(KEYS);
+            let member = &objects[k as usize];
+            let context = format!("seed {seed:#x}, thread {thread}, step {step}, object {k}");
+            match rng.below(8) {
+                0..=2 => assert_eq!(set.insert(member), model.insert(k), "{context}"),
+                3 => {
+                    objects[k as usize] = object(k);
+                    model.remove(&k);
+                }
+                4 => assert_eq!(set.remove(member), model.remove(&k), "{context}"),
+                // Every other sweep keeps everything, so that the members
+                // it would drop come back between the sweeps that drop
+                // them.
+                5 => {
+                    let keep = |k: u64| k % 3 != 0 || step % 2 == 0;
+                    set.retain(|&n| !mine(n) || keep(n / threads));
+                    model.retain(|&k| keep(k));
+                }
+                6 if alone && rng.below(20) == 0 => {
+                    set.clear();
+                    model.clear();
+                }
+                _ => assert_eq!(set.contains(member), model.contains(&k), "{context}"),
+            }
+            if step % CHECK_EVERY == 0 {
+                flush();
+                if alone {
+                    assert_eq!(set.purge(), 0, "{context}: a dead member was left");
+                    assert_eq!(set.len(), model.len(), "{context}");
+                }
+                // Only this thread's current objects, as for `WeakKeyMap`.
+                let current = |member: &Strong<u64>| {
+                    mine(**member)
+                        && Strong::ptr_eq(member, &objects[(**member / threads) as usize])
+                };
+                let mut seen: Vec<usize> = set
+                    .iter()
+                    .filter(|member| current(member))
+                    .map(|member| address(&member))
+                    .collect();
+                seen.sort_unstable();
+                let mut expected: Vec<usize> = model
+                    .iter()
+                    .map(|&k| address(&objects[k as usize]))
+                    .collect();
+                expected.sort_unstable();
+                assert_eq!(seen, expected, "{context}");
+            }
+        }
+    });
+}
+
 #[test]
 fn a_weak_set_agrees_with_a_model_of_its_live_members() {
-    let seed = 0x5851_F42D_4C95_7F2D;
-    let set: WeakSet<u64> = WeakSet::new();
-    let mut rng = Rng(seed);
-    let mut objects: Vec<Strong<u64>> = (0..KEYS).map(Strong::new).collect();
-    let mut model: HashSet<u64> = HashSet::new();
-    for step in 0..STEPS {
-        let k = rng.below(KEYS);
-        let object = &objects[k as usize];
-        let context = format!("seed {seed:#x}, step {step}, object {k}");
-        match rng.below(8) {
-            0..=2 => assert_eq!(set.insert(object), model.insert(k), "{context}"),
-            3 => {
-                objects[k as usize] = Strong::new(k);
-                model.remove(&k);
-            }
-            4 => assert_eq!(set.remove(object), model.remove(&k), "{context}"),
-            // Every other sweep keeps everything, so that the members it
-            // would drop come back between the sweeps that drop them.
-            5 => {
-                let keep = |n: u64| n % 3 != 0 || step % 2 == 0;
-                set.retain(|&n| keep(n));
-                model.retain(|&n| keep(n));
-            }
-            6 if rng.below(20) == 0 => {
-                set.clear();
-                model.clear();
-            }
-            _ => assert_eq!(set.contains(object), model.contains(&k), "{context}"),
-        }
-        if step % CHECK_EVERY == 0 {
-            flush();
-            assert_eq!(set.purge(), 0, "{context}: a dead member was left");
-            assert_eq!(set.len(), model.len(), "{context}");
-            let mut seen: Vec<usize> = set.iter().map(|member| address(&member)).collect();
-            seen.sort_unstable();
-            let mut expected: Vec<usize> = model
-                .iter()
-                .map(|&k| address(&objects[k as usize]))
-                .collect();
-            expected.sort_unstable();
-            assert_eq!(seen, expected, "{context}");
-        }
-    }
+    weak_set_against_the_model(0x5851_F42D_4C95_7F2D, 1);
+}
+
+#[test]
+fn threads_with_objects_of_their_own_each_agree_with_their_model_of_one_weak_set() {
+    weak_set_against_the_model(0xC2B2_AE3D_27D4_EB4F, THREADS);
 }
