@@ -769,6 +769,12 @@ impl<L: Link> EntryList<L> {
 
 #[cfg(all(test, not(weakrefs_loom)))]
 impl<L: Link> EntryList<L> {
+    /// The work counted towards the next compaction (tests only).
+    pub(crate) fn work(&self) -> usize {
+        // Relaxed: read by the thread that made the work, or after it.
+        work_of(self.state.load(Ordering::Relaxed))
+    }
+
     /// Nodes in the list, settled or not (tests only; not thread-safe
     /// against compaction).
     pub(crate) fn node_count(&self) -> usize {
