@@ -470,12 +470,13 @@ pub mod internals {
     //!    and calls `Runtime::on_death` on `callbacks::global()`.
     //! 3. `on_death` takes the whole list (`ObjectCallbacks::take_all`, which
     //!    frees the list's anchor if it has one; no
-    //!    registration can race a death, C6), pins the epoch before the
-    //!    first hook it meets (M14), claims each alive entry
-    //!    (`Entry::claim`, C1) and sorts them: hooks
-    //!    (`Entry::on_dying_thread`) run at once, on this thread
-    //!    (`EntryRef::run_claimed`, C14); the rest form one batch for
-    //!    `Runtime::dispatch`.
+    //!    registration can race a death, C6), and sorts the entries: a
+    //!    hook (`Entry::on_dying_thread`) it finds alive runs at once, on
+    //!    this thread, unclaimed (`EntryRef::run_claimed`, C14, C20), under
+    //!    a pin of the epoch taken before the load that found it alive
+    //!    (M14; a death that finds every hook settled does not pin); it
+    //!    claims each other alive entry (`Entry::claim`, C1), and those
+    //!    form one batch for `Runtime::dispatch`.
     //! 4. The map's hook is the `Removal` that
     //!    `raw::collection::remove_on_death` registered
     //!    (`ObjectCallbacks::register_hook`): the address of the site that

@@ -12,6 +12,11 @@ use std::panic::{self, AssertUnwindSafe};
 pub(crate) fn catch_and_report(what: &str, f: impl FnOnce()) -> bool {
     match panic::catch_unwind(AssertUnwindSafe(f)) {
         Ok(()) => false,
+        // No loom model panics on purpose: a panic here is the model's
+        // failure (a causality violation, a broken assertion in a probe),
+        // which, reported and swallowed as a user's would be, would let the
+        // model pass.
+        Err(payload) if cfg!(weakrefs_loom) => panic::resume_unwind(payload),
         Err(payload) => {
             report(what, payload);
             true

@@ -418,9 +418,10 @@ fn set_inserts_of_one_object_race_and_add_it_once() {
 /// another. The member's hook names its shard by an uncounted address, and
 /// on the slower way the set's core by another; the set's drop closes the
 /// shards under their locks and releases them, with the core's anchor,
-/// through the epoch. The dying thread is pinned from before its load of
-/// the hook's state to after its run, and runs the hook only if that load
-/// finds it alive, so the release never runs before the hook is done with
+/// through the epoch. The dying thread is pinned from before the load of
+/// the hook's state that lets it run the hook to after its run, and runs
+/// the hook only if that load finds it alive, so the release never runs
+/// before the hook is done with
 /// them (C20; the table's loom probe fails the model if it does,
 /// or if the two race). A second set's inserts and removals push the epoch
 /// on meanwhile, so that the release can run during the race. (It fails

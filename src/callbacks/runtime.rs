@@ -391,11 +391,12 @@ impl Runtime {
         // Collection callbacks found alive, chained through `object_next`
         // and run below on this thread (C14, C20).
         let mut here = ptr::null_mut::<Entry>();
-        // Pinned from before the first hook's load until every hook found
-        // alive has run: a hook names its collection by an uncounted
-        // address, which the epoch keeps valid only for a thread pinned
-        // since before it found the hook alive (M14). Each hook is lent it.
-        // (`None` inside: under loom, during the collector's teardown.)
+        // Pinned from before the load that finds a hook alive until every
+        // hook found alive has run: a hook names its collection by an
+        // uncounted address, which the epoch keeps valid only for a thread
+        // pinned since before it found the hook alive (M14). Each hook is
+        // lent it. (`None` inside: under loom, during the collector's
+        // teardown.)
         let mut pinned = None;
         while !node.is_null() {
             let current = node;
@@ -404,7 +405,14 @@ impl Runtime {
             // Relaxed: the chain is ours alone now (C6).
             node = entry.object_next.load(Ordering::Relaxed);
             let hook = entry.on_dying_thread();
-            if hook && pinned.is_none() {
+            // An unpinned look first: a hook it finds settled stays so (C1)
+            // and is only given back, which needs no pin; one it finds
+            // alive is looked at again below, pinned, and runs only if
+            // that look finds it alive too. A death whose hooks were all
+            // detached (its entries replaced or removed before it) then
+            // pins not at all, where its pin's fence was a locked
+            // instruction.
+            if hook && pinned.is_none() && entry.is_alive() {
                 pinned = Some(Reclaimer::pin_global_unless_torn_down());
             }
             // A hook is not claimed here, but run if alive: its run claims
@@ -464,8 +472,8 @@ impl Runtime {
             // Lent our pin: the hook's removal hands what it unlinks to the
             // epoch under it, without pinning again.
             // SAFETY: the object's death, which found the hook alive and
-            // runs it once (1), pinned since before the first hook's load
-            // (2).
+            // runs it once (1), pinned since before the load that found it
+            // alive (2).
             crate::panics::catch_and_report("a collection's removal callback", || unsafe {
                 entry.run_claimed(pinned.as_ref().and_then(Option::as_ref))
             });
