@@ -20,6 +20,9 @@ use std::sync::Arc;
 
 use weakrefs::{flush, RemovalCause, Strong, Weak, WeakKeyMap, WeakSet, WeakValueMap};
 
+#[path = "support/settle.rs"]
+mod settle;
+
 /// Operations a run makes (fewer under Miri, which runs them a thousand
 /// times slower).
 const STEPS: usize = if cfg!(miri) { 200 } else { 20_000 };
@@ -35,6 +38,19 @@ const THREADS: u64 = if cfg!(miri) { 2 } else { 4 };
 
 /// Steps between full checks (length, iteration, nothing dead left).
 const CHECK_EVERY: usize = 97;
+
+/// Waits until no instance `live` counts is left, then checks that none
+/// was dropped twice: removed entries' keys and values are dropped once no
+/// reader can see them, which the epoch decides as every thread of the
+/// binary pins and unpins (`settle::until`).
+fn settle_to_zero(live: &AtomicI64, what: &str) {
+    settle::until(|| live.load(Ordering::SeqCst) <= 0, flush);
+    let live = live.load(Ordering::SeqCst);
+    assert_eq!(
+        live, 0,
+        "{what} leaked (above zero) or dropped twice (below)"
+    );
+}
 
 /// A xorshift generator: the same operations on every run.
 struct Rng(u64);
@@ -188,11 +204,8 @@ fn weak_value_map_against_the_model(seed: u64, build: Build) {
         map, keys, values, ..
     } = shared;
     drop(map);
-    flush();
-    let keys = keys.load(Ordering::SeqCst);
-    assert_eq!(keys, 0, "keys leaked or dropped twice");
-    let values = values.load(Ordering::SeqCst);
-    assert_eq!(values, 0, "values leaked or dropped twice");
+    settle_to_zero(&keys, "keys");
+    settle_to_zero(&values, "values");
 }
 
 /// `WeakValueMap`'s live entries are exactly the model's, after any of
@@ -546,9 +559,7 @@ fn weak_key_map_against_the_model(seed: u64, threads: u64) {
         }
     });
     drop(map);
-    flush();
-    let values = values.load(Ordering::SeqCst);
-    assert_eq!(values, 0, "values leaked or dropped twice");
+    settle_to_zero(&values, "values");
 }
 
 #[test]
